@@ -1,0 +1,85 @@
+"""WorkerConfig: the one validated configuration of a data-plane worker."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvstore.config import parse_size
+
+
+class WorkerRole(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+    @property
+    def kv_role(self) -> str:
+        """vLLM's connector role: prefill saves (and reuses), decode loads, both does both."""
+        return {
+            WorkerRole.PREFILL: "kv_both",
+            WorkerRole.DECODE: "kv_consumer",
+            WorkerRole.BOTH: "kv_both",
+        }[self]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    role: WorkerRole
+    model_dir: Path
+    store_endpoint: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    kv_cache_bytes: int = 1 << 30
+    max_model_len: int | None = None
+    max_num_seqs: int = 32
+    dtype: str = "bfloat16"
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.model_dir / "config.json").is_file():
+            raise ValueError(f"model directory {self.model_dir} has no config.json")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.kv_cache_bytes < (1 << 30):
+            raise ValueError("kv_cache_bytes must be at least 1GiB (vLLM's CPU backend needs ≥1 GiB)")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError(f"max_model_len must be ≥ 16, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be ≥ 1, got {self.max_num_seqs}")
+        if ":" not in self.store_endpoint:
+            raise ValueError(f"store endpoint must be HOST:PORT, got {self.store_endpoint!r}")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--role", required=True, choices=[r.value for r in WorkerRole])
+        parser.add_argument("--model", dest="model_dir", required=True, help="HF model directory")
+        parser.add_argument("--store", dest="store_endpoint", required=True, help="HOST:PORT")
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=0)
+        parser.add_argument("--kv-cache-size", default="1GiB", help='engine KV cache, e.g. "2GiB"')
+        parser.add_argument("--max-model-len", type=int, default=None)
+        parser.add_argument("--max-num-seqs", type=int, default=32)
+        parser.add_argument("--dtype", default="bfloat16")
+        parser.add_argument("--compile", action="store_true", help="torch.compile (slow start)")
+        parser.add_argument("--no-prefix-caching", action="store_true")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
+        return cls(
+            role=WorkerRole(args.role),
+            model_dir=Path(args.model_dir).resolve(),
+            store_endpoint=args.store_endpoint,
+            host=args.host,
+            port=args.port,
+            kv_cache_bytes=parse_size(args.kv_cache_size),
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            dtype=args.dtype,
+            enforce_eager=not args.compile,
+            enable_prefix_caching=not args.no_prefix_caching,
+        )

@@ -1,0 +1,371 @@
+"""A data-plane worker: one vLLM engine (AsyncLLM) in a role, served over gRPC (strata.v1.Worker).
+
+Lifecycle (every role runs the same fixed sequence; roles differ only in the engine's KV role and in
+which RPCs they accept):
+
+    set_up_runtime -> create_engine -> create_service -> serve (until SIGTERM/SIGINT) -> clean_up
+
+- Prefill (`Prefill` rpc): runs the prompt with max_tokens=1; the StrataConnector saves the prompt's
+  full KV blocks to the store during that step; the reply carries the first token and the block keys.
+- Decode (`Decode` rpc): runs prompt + tokens generated so far; the connector loads the stored blocks
+  into the paged cache instead of recomputing them; tokens stream back as they are produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from dataplane.config import WorkerConfig, WorkerRole
+from kvstore.hashing import model_fingerprint
+from strata_proto import worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger("strata.worker")
+
+_FINISH = {
+    "stop": worker_pb2.FINISH_REASON_STOP,
+    "length": worker_pb2.FINISH_REASON_LENGTH,
+    "abort": worker_pb2.FINISH_REASON_ABORT,
+    "error": worker_pb2.FINISH_REASON_ABORT,
+}
+_ROLE = {
+    WorkerRole.PREFILL: worker_pb2.ROLE_PREFILL,
+    WorkerRole.DECODE: worker_pb2.ROLE_DECODE,
+    WorkerRole.BOTH: worker_pb2.ROLE_BOTH,
+}
+
+
+class WorkerCounters:
+    """The worker's own counters; the KV ones arrive through vLLM's stats pipeline."""
+
+    KV_FIELDS = (
+        "blocks_saved",
+        "blocks_loaded",
+        "bytes_saved",
+        "bytes_loaded",
+        "save_time_s",
+        "load_time_s",
+        "load_failures",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.num_requests = 0
+        self.num_running = 0
+        self.kv_tokens_loaded = 0
+        self.prompt_tokens_computed = 0
+        self.kv: dict[str, float] = dict.fromkeys(self.KV_FIELDS, 0)
+
+    def add_kv(self, data: dict[str, Any]) -> None:
+        with self._lock:
+            for name in self.KV_FIELDS:
+                self.kv[name] += data.get(name, 0)
+
+    def finish_request(self, num_prompt: int, num_cached: int, num_external: int) -> None:
+        with self._lock:
+            self.kv_tokens_loaded += num_external
+            self.prompt_tokens_computed += max(0, num_prompt - num_cached)
+
+
+def _stat_logger_factory(counters: WorkerCounters) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class KVStatsLogger(StatLoggerBase):
+        """Receives the connector's counters from the engine-core process every step."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            data = getattr(scheduler_stats, "kv_connector_stats", None)
+            if data:
+                counters.add_kv(data)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return KVStatsLogger
+
+
+class Worker:
+    """The lifecycle template. Subclass and override a hook to change one step."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.counters = WorkerCounters()
+        self.engine: Any = None
+        self.server: grpc.aio.Server | None = None
+        self.block_size = 0
+        self.max_model_len = 0
+        self.ready = False
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def set_up_runtime(self) -> None:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
+        # Without this vLLM's CPU backend wants 92 % of RAM for its KV cache.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, self.config.kv_cache_bytes >> 30)))
+
+    def engine_args(self) -> Any:
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        cfg = self.config
+        fingerprint = model_fingerprint(cfg.model_dir, cfg.dtype)
+        kv_transfer = KVTransferConfig(
+            kv_connector="StrataConnector",
+            kv_connector_module_path="dataplane.connector",
+            kv_role=cfg.role.kv_role,
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={
+                "store_endpoint": cfg.store_endpoint,
+                "model_fingerprint": fingerprint.hex(),
+            },
+        )
+        return AsyncEngineArgs(
+            model=str(cfg.model_dir),
+            dtype=cfg.dtype,
+            enforce_eager=cfg.enforce_eager,
+            kv_cache_memory_bytes=cfg.kv_cache_bytes,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            seed=cfg.seed,
+            disable_log_stats=False,
+            kv_transfer_config=kv_transfer,
+        )
+
+    def create_engine(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine = AsyncLLM.from_engine_args(
+            self.engine_args(), stat_loggers=[_stat_logger_factory(self.counters)]
+        )
+        vllm_config = self.engine.vllm_config
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+
+    def create_service(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ]
+        )
+        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(self), server)
+        return server
+
+    async def serve(self) -> None:
+        self.server = self.create_service()
+        port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self.server.start()
+        self.ready = True
+        print(
+            f"strata worker ready role={self.config.role.value} "
+            f"listening on {self.config.host}:{port}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        self.ready = False
+        await self.server.stop(grace=5.0)
+
+    def clean_up(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    # -- driver ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.set_up_runtime()
+        try:
+            self.create_engine()
+            asyncio.run(self.serve())
+        finally:
+            self.clean_up()
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def _sampling(self, sp: worker_pb2.SamplingParams, max_tokens: int, kind: Any) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=sp.temperature,
+            top_p=sp.top_p if sp.top_p > 0 else 1.0,
+            seed=sp.seed if sp.HasField("seed") else None,
+            stop=list(sp.stop) or None,
+            stop_token_ids=list(sp.stop_token_ids) or None,
+            ignore_eos=sp.ignore_eos,
+            output_kind=kind,
+        )
+
+    def _prompt(self, token_ids: Any, cache_salt: str) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt_token_ids": list(token_ids)}
+        if cache_salt:
+            prompt["cache_salt"] = cache_salt
+        return prompt
+
+    async def _check(self, context: grpc.aio.ServicerContext, rpc: str, token_ids: Any) -> None:
+        role = self.worker.config.role
+        if rpc == "Prefill" and role is WorkerRole.DECODE:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a decode worker")
+        if rpc == "Decode" and role is WorkerRole.PREFILL:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a prefill worker")
+        if not self.worker.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is not ready")
+        if len(token_ids) == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        if len(token_ids) >= self.worker.max_model_len:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt of {len(token_ids)} tokens does not fit max_model_len "
+                f"{self.worker.max_model_len}",
+            )
+
+    async def Health(self, request: Any, context: Any) -> worker_pb2.HealthResponse:
+        w = self.worker
+        return worker_pb2.HealthResponse(
+            ready=w.ready,
+            role=_ROLE[w.config.role],
+            model=str(w.config.model_dir),
+            block_size=w.block_size,
+            max_model_len=w.max_model_len,
+        )
+
+    async def Stats(self, request: Any, context: Any) -> worker_pb2.StatsResponse:
+        c = self.worker.counters
+        return worker_pb2.StatsResponse(
+            role=_ROLE[self.worker.config.role],
+            num_requests=c.num_requests,
+            num_running=c.num_running,
+            kv_blocks_saved=int(c.kv["blocks_saved"]),
+            kv_blocks_loaded=int(c.kv["blocks_loaded"]),
+            kv_bytes_saved=int(c.kv["bytes_saved"]),
+            kv_bytes_loaded=int(c.kv["bytes_loaded"]),
+            kv_tokens_loaded=c.kv_tokens_loaded,
+            prompt_tokens_computed=c.prompt_tokens_computed,
+            kv_save_time_s=c.kv["save_time_s"],
+            kv_load_time_s=c.kv["load_time_s"],
+            kv_load_failures=int(c.kv["load_failures"]),
+        )
+
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
+        from vllm.sampling_params import RequestOutputKind
+
+        await self._check(context, "Prefill", request.prompt_token_ids)
+        sp = self._sampling(request.sampling, 1, RequestOutputKind.FINAL_ONLY)
+        counters = self.worker.counters
+        counters.num_requests += 1
+        counters.num_running += 1
+        t0 = time.perf_counter()
+        final = None
+        try:
+            async for out in self.worker.engine.generate(
+                self._prompt(request.prompt_token_ids, request.cache_salt), sp, request.request_id
+            ):
+                final = out
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            counters.num_running -= 1
+        if final is None or not final.outputs or not final.outputs[0].token_ids:
+            await context.abort(grpc.StatusCode.INTERNAL, "engine returned no token")
+        assert final is not None
+        comp = final.outputs[0]
+        params = final.kv_transfer_params or {}
+        num_cached = int(final.num_cached_tokens or 0)
+        counters.finish_request(
+            len(request.prompt_token_ids), num_cached, int(params.get("strata_num_external_tokens", 0))
+        )
+        return worker_pb2.PrefillResponse(
+            first_token_id=comp.token_ids[0],
+            first_token_text=comp.text,
+            finish_reason=(
+                worker_pb2.FINISH_REASON_STOP
+                if comp.finish_reason == "stop"
+                else worker_pb2.FINISH_REASON_UNSPECIFIED
+            ),
+            block_keys=[bytes.fromhex(k) for k in params.get("strata_block_keys", [])],
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=num_cached,
+            engine_time_s=time.perf_counter() - t0,
+        )
+
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        from vllm.sampling_params import RequestOutputKind
+
+        await self._check(context, "Decode", request.prompt_token_ids)
+        max_tokens = request.sampling.max_tokens
+        if max_tokens < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be ≥ 1")
+        sp = self._sampling(request.sampling, max_tokens, RequestOutputKind.DELTA)
+        counters = self.worker.counters
+        counters.num_requests += 1
+        counters.num_running += 1
+        try:
+            async for out in self.worker.engine.generate(
+                self._prompt(request.prompt_token_ids, request.cache_salt), sp, request.request_id
+            ):
+                comp = out.outputs[0]
+                chunk = worker_pb2.DecodeChunk(token_ids=comp.token_ids, text=comp.text)
+                if out.finished:
+                    params = out.kv_transfer_params or {}
+                    num_cached = int(out.num_cached_tokens or 0)
+                    num_external = int(params.get("strata_num_external_tokens", 0))
+                    chunk.finish_reason = _FINISH.get(
+                        comp.finish_reason or "", worker_pb2.FINISH_REASON_ABORT
+                    )
+                    chunk.num_cached_tokens = num_cached
+                    chunk.num_external_tokens = num_external
+                    counters.finish_request(len(request.prompt_token_ids), num_cached, num_external)
+                yield chunk
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            counters.num_running -= 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="strata worker", description=__doc__.splitlines()[0])
+    WorkerConfig.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = WorkerConfig.from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    Worker(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

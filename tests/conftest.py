@@ -1,0 +1,46 @@
+"""Shared fixtures and the marker taxonomy.
+
+Markers are declared once, in pyproject.toml ([tool.pytest.ini_options] markers, --strict-markers).
+Each test gets its tier marker from the directory it lives in, so a test can never be left unmarked:
+tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e. `slow` and `gpu` are set by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_TIER_BY_DIR = {"unit": pytest.mark.unit, "integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(REPO_ROOT / "tests")
+        marker = _TIER_BY_DIR.get(rel.parts[0])
+        if marker is not None:
+            item.add_marker(marker)
+        if item.get_closest_marker("gpu") is not None:
+            try:
+                import torch
+
+                has_cuda = torch.cuda.is_available()
+            except Exception:
+                has_cuda = False
+            if not has_cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def model_cache_dir() -> Path:
+    """Prepared models are cached across runs (building them is the slow part of a fresh checkout)."""
+    return Path(os.environ.get("STRATA_CACHE_DIR", REPO_ROOT / ".cache")) / "models"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A tiny seeded Llama (gibberish, deterministic) for fast token-equality tests."""
+    from strata.models import build_tiny_model
+
+    return build_tiny_model(model_cache_dir() / "tiny-llama-seed0", seed=0)

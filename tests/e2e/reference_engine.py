@@ -1,0 +1,53 @@
+"""The single-engine reference for token-equality tests: one plain vLLM engine, no Strata.
+
+Run as a subprocess (vLLM wants a fresh process and a main guard):
+    python tests/e2e/reference_engine.py MODEL_DIR < requests.json > results.json
+Each request is {"kind": "completion", "prompt": str} or {"kind": "chat", "messages": [...]},
+plus "max_tokens" and optional "ignore_eos"; each result is {"token_ids": [...], "text": str}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    model_dir = sys.argv[1]
+    requests = json.load(sys.stdin)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_dir,
+        dtype="bfloat16",
+        enforce_eager=True,
+        kv_cache_memory_bytes=1 << 30,
+        seed=0,
+    )
+    results = []
+    for req in requests:
+        sp = SamplingParams(
+            temperature=0.0,
+            max_tokens=req["max_tokens"],
+            ignore_eos=req.get("ignore_eos", False),
+        )
+        if req["kind"] == "chat":
+            out = llm.chat(req["messages"], sp, use_tqdm=False)[0]
+        else:
+            out = llm.generate(req["prompt"], sp, use_tqdm=False)[0]
+        comp = out.outputs[0]
+        results.append(
+            {
+                "token_ids": list(comp.token_ids),
+                "text": comp.text,
+                "prompt_token_ids": list(out.prompt_token_ids or []),
+            }
+        )
+    sys.stdout.write("\n@@RESULTS@@" + json.dumps(results) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
