@@ -46,7 +46,9 @@ class WorkerConfig:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.kv_cache_bytes < (1 << 30):
-            raise ValueError("kv_cache_bytes must be at least 1GiB (vLLM's CPU backend needs ≥1 GiB)")
+            raise ValueError(
+                "kv_cache_bytes must be at least 1GiB (vLLM's CPU backend needs ≥1 GiB)"
+            )
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError(f"max_model_len must be ≥ 16, got {self.max_model_len}")
         if self.max_num_seqs < 1:

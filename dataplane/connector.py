@@ -1,8 +1,8 @@
-"""StrataConnector: vLLM's KV connector that saves and loads whole KV blocks through the Strata store.
+"""StrataConnector: vLLM's KV connector; saves and loads whole KV blocks through the Strata store.
 
-vLLM builds the connector twice (vllm/distributed/kv_transfer/kv_connector/v1/base.py): once with role
-SCHEDULER inside the engine-core process and once with role WORKER next to the model runner. Only a
-`StrataConnectorMetadata` object crosses from the first to the second, once per engine step.
+vLLM builds the connector twice (vllm/distributed/kv_transfer/kv_connector/v1/base.py): once with
+role SCHEDULER inside the engine-core process and once with role WORKER next to the model runner.
+Only a `StrataConnectorMetadata` object crosses from the first to the second, once per engine step.
 
 Call sequence for one request (prefill role saves, decode role loads; `kv_both` does both):
 
@@ -16,11 +16,11 @@ Call sequence for one request (prefill role saves, decode role loads; `kv_both` 
                          remember (key, block id) pairs to load
   build_connector_meta   every step: loads planned above, and saves of the prompt's full blocks
                          that this step finishes computing (chunked prefill finishes them over
-                         several steps)                ─────▶ start_load_kv: fetch blocks into the
-                                                               paged cache before the forward pass
-                                                               wait_for_save: after the forward pass,
-                                                               gather each finished block from every
-                                                               layer and put it to the store
+                         several steps)
+                                       ─────▶ start_load_kv: fetch blocks into the paged cache
+                                              before the forward pass
+                                              wait_for_save: after the forward pass, gather each
+                                              finished block from every layer, put it to the store
   request_finished       report block keys and the number of loaded tokens as kv_transfer_params
 
 A stored block holds one engine block of every layer: shape [num_layers, *per-layer block shape].
@@ -91,7 +91,7 @@ class ConnectorSettings:
 
 
 def kv_layout_name(vllm_config: VllmConfig) -> str:
-    """Names everything that decides the bytes of a block, so blocks of another layout never match."""
+    """Names all that decides the bytes of a block, so blocks of another layout never match."""
     mc = vllm_config.model_config
     cc = vllm_config.cache_config
     pc = vllm_config.parallel_config
@@ -255,8 +255,13 @@ class StrataConnector(KVConnectorBase_V1):
                 state.pending_load = None
             # Blocks loaded from the store or found in the engine's prefix cache are already there.
             state.num_saved_blocks = new_req.num_computed_tokens // self._block_size
-            self._plan_save(meta, new_req.req_id, state, new_req.num_computed_tokens,
-                            scheduler_output.num_scheduled_tokens.get(new_req.req_id, 0))
+            self._plan_save(
+                meta,
+                new_req.req_id,
+                state,
+                new_req.num_computed_tokens,
+                scheduler_output.num_scheduled_tokens.get(new_req.req_id, 0),
+            )
 
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -272,8 +277,13 @@ class StrataConnector(KVConnectorBase_V1):
                     state.pending_load = None
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
-            self._plan_save(meta, req_id, state, cached.num_computed_tokens[i],
-                            scheduler_output.num_scheduled_tokens.get(req_id, 0))
+            self._plan_save(
+                meta,
+                req_id,
+                state,
+                cached.num_computed_tokens[i],
+                scheduler_output.num_scheduled_tokens.get(req_id, 0),
+            )
         return meta
 
     def _plan_save(
@@ -327,7 +337,10 @@ class StrataConnector(KVConnectorBase_V1):
         first = self._layers[0]
         logger.info(
             "StrataConnector: %d layers, per-layer cache %s %s, layout %s",
-            len(self._layers), tuple(first.shape), first.dtype, self._layout,
+            len(self._layers),
+            tuple(first.shape),
+            first.dtype,
+            self._layout,
         )
 
     def _block_shape(self) -> tuple[int, ...]:

@@ -6,9 +6,10 @@ which RPCs they accept):
     set_up_runtime -> create_engine -> create_service -> serve (until SIGTERM/SIGINT) -> clean_up
 
 - Prefill (`Prefill` rpc): runs the prompt with max_tokens=1; the StrataConnector saves the prompt's
-  full KV blocks to the store during that step; the reply carries the first token and the block keys.
-- Decode (`Decode` rpc): runs prompt + tokens generated so far; the connector loads the stored blocks
-  into the paged cache instead of recomputing them; tokens stream back as they are produced.
+  full KV blocks to the store during that step; the reply carries the first token and the block
+  keys.
+- Decode (`Decode` rpc): runs prompt + tokens generated so far; the connector loads the stored
+  blocks into the paged cache instead of recomputing them; tokens stream back as they are produced.
 """
 
 from __future__ import annotations
@@ -122,7 +123,9 @@ class Worker:
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
         )
         # Without this vLLM's CPU backend wants 92 % of RAM for its KV cache.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, self.config.kv_cache_bytes >> 30)))
+        os.environ.setdefault(
+            "VLLM_CPU_KVCACHE_SPACE", str(max(1, self.config.kv_cache_bytes >> 30))
+        )
 
     def engine_args(self) -> Any:
         from vllm.config import KVTransferConfig
@@ -303,7 +306,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         params = final.kv_transfer_params or {}
         num_cached = int(final.num_cached_tokens or 0)
         counters.finish_request(
-            len(request.prompt_token_ids), num_cached, int(params.get("strata_num_external_tokens", 0))
+            len(request.prompt_token_ids),
+            num_cached,
+            int(params.get("strata_num_external_tokens", 0)),
         )
         return worker_pb2.PrefillResponse(
             first_token_id=comp.token_ids[0],

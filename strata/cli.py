@@ -1,6 +1,6 @@
 """The `strata` command.
 
-    strata serve   [--model DIR] [--host H] [--port P] ...   everything on this host (the default setup)
+    strata serve   [--model DIR] [--host H] [--port P] ...   everything on this host (default setup)
     strata worker  --role {prefill,decode,both} --model DIR --store HOST:PORT ...
     strata store   --port P --arena-size 2GiB ...
     strata gateway --model-dir DIR --prefill HOST:PORT --decode HOST:PORT ...
@@ -38,7 +38,9 @@ def engine_core_sets(num_engines: int) -> list[list[int]]:
 
 
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="HF model directory (default: SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -53,7 +55,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.model:
         model_dir = Path(args.model).resolve()
         if not (model_dir / "config.json").is_file():
-            print(f"strata serve: {model_dir} is not a Hugging Face model directory", file=sys.stderr)
+            print(
+                f"strata serve: {model_dir} is not a Hugging Face model directory", file=sys.stderr
+            )
             return 2
     else:
         from strata.models import prepare_default_model
@@ -71,8 +75,17 @@ def serve(args: argparse.Namespace) -> int:
         sup.start(
             Service(
                 "store",
-                [py, "-m", "kvstore.server", "--host", loopback, "--port", str(store_port),
-                 "--arena-size", args.store_arena_size],
+                [
+                    py,
+                    "-m",
+                    "kvstore.server",
+                    "--host",
+                    loopback,
+                    "--port",
+                    str(store_port),
+                    "--arena-size",
+                    args.store_arena_size,
+                ],
                 r"listening on",
             ),
             args.ready_timeout,
@@ -83,9 +96,23 @@ def serve(args: argparse.Namespace) -> int:
         workers = []
         for role, core_set in zip(("prefill", "decode"), cores, strict=True):
             port = _free_port(loopback)
-            argv = [py, "-m", "dataplane.worker", "--role", role, "--model", str(model_dir),
-                    "--store", store, "--host", loopback, "--port", str(port),
-                    "--kv-cache-size", args.kv_cache_size]
+            argv = [
+                py,
+                "-m",
+                "dataplane.worker",
+                "--role",
+                role,
+                "--model",
+                str(model_dir),
+                "--store",
+                store,
+                "--host",
+                loopback,
+                "--port",
+                str(port),
+                "--kv-cache-size",
+                args.kv_cache_size,
+            ]
             if args.max_model_len:
                 argv += ["--max-model-len", str(args.max_model_len)]
             env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, core_set))}
@@ -100,12 +127,30 @@ def serve(args: argparse.Namespace) -> int:
         sup.start(
             Service(
                 "gateway",
-                [py, "-m", "controlplane.gateway", "--model-dir", str(model_dir),
-                 "--served-model-name", name, "--prefill", endpoints["prefill"],
-                 "--decode", endpoints["decode"], "--host", args.host, "--port", str(args.port)],
+                [
+                    py,
+                    "-m",
+                    "controlplane.gateway",
+                    "--model-dir",
+                    str(model_dir),
+                    "--served-model-name",
+                    name,
+                    "--prefill",
+                    endpoints["prefill"],
+                    "--decode",
+                    endpoints["decode"],
+                    "--host",
+                    args.host,
+                    "--port",
+                    str(args.port),
+                ],
                 r"listening on",
             ),
             args.ready_timeout,
+        )
+        print(
+            f"strata: store={store} prefill={endpoints['prefill']} decode={endpoints['decode']}",
+            flush=True,
         )
         print(f"strata: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
         code = sup.wait()

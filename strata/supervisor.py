@@ -9,6 +9,7 @@ process group (vLLM's engine-core processes included), waits, then SIGKILLs what
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -99,23 +100,17 @@ class Service:
         pgid = proc.pid  # start_new_session: the child leads its own process group
         if proc.poll() is None:
             _killpg(pgid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
         # Whatever is left in the group (the child or its own children) is killed outright.
         _killpg(pgid, signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _killpg(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class Supervisor:

@@ -2,7 +2,8 @@
 
 Markers are declared once, in pyproject.toml ([tool.pytest.ini_options] markers, --strict-markers).
 Each test gets its tier marker from the directory it lives in, so a test can never be left unmarked:
-tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e. `slow` and `gpu` are set by hand.
+tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e. `slow` and `gpu` are set by
+hand.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_TIER_BY_DIR = {"unit": pytest.mark.unit, "integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
+_TIER_BY_DIR = {
+    "unit": pytest.mark.unit,
+    "integration": pytest.mark.integration,
+    "e2e": pytest.mark.e2e,
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,7 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def model_cache_dir() -> Path:
-    """Prepared models are cached across runs (building them is the slow part of a fresh checkout)."""
+    """Prepared models are cached across runs (building them is the slow part of a fresh run)."""
     return Path(os.environ.get("STRATA_CACHE_DIR", REPO_ROOT / ".cache")) / "models"
 
 

@@ -2,7 +2,8 @@
 
 Run as a subprocess (vLLM wants a fresh process and a main guard):
     python tests/e2e/reference_engine.py MODEL_DIR < requests.json > results.json
-Each request is {"kind": "completion", "prompt": str} or {"kind": "chat", "messages": [...]},
+Each request is {"kind": "completion", "prompt": str}, {"kind": "chat", "messages": [...]} or
+{"kind": "tokens", "prompt_token_ids": [...]},
 plus "max_tokens" and optional "ignore_eos"; each result is {"token_ids": [...], "text": str}.
 """
 
@@ -35,6 +36,9 @@ def main() -> None:
         )
         if req["kind"] == "chat":
             out = llm.chat(req["messages"], sp, use_tqdm=False)[0]
+        elif req["kind"] == "tokens":
+            prompt = {"prompt_token_ids": req["prompt_token_ids"]}
+            out = llm.generate(prompt, sp, use_tqdm=False)[0]  # type: ignore[arg-type]
         else:
             out = llm.generate(req["prompt"], sp, use_tqdm=False)[0]
         comp = out.outputs[0]

@@ -1,0 +1,115 @@
+"""Fixtures that run the real thing: `strata serve` (store, vLLM prefill and decode workers,
+gateway) as a subprocess on loopback ports, and a plain single vLLM engine as the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+SERVE_READY_TIMEOUT_S = 600.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StrataServer:
+    """A running `strata serve` and what it printed."""
+
+    proc: subprocess.Popen[str]
+    base_url: str
+    model: str
+    store: str = ""
+    prefill: str = ""
+    decode: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout_s)
+
+
+def start_server(model_dir: Path | None, extra: list[str] | None = None) -> StrataServer:
+    port = free_port()
+    argv = [sys.executable, "-m", "strata", "serve", "--port", str(port)]
+    if model_dir is not None:
+        argv += ["--model", str(model_dir)]
+    argv += extra or []
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    server = StrataServer(proc=proc, base_url=f"http://127.0.0.1:{port}", model="")
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            server.lines.append(line.rstrip("\n"))
+            m = re.search(r"strata: store=(\S+) prefill=(\S+) decode=(\S+)", line)
+            if m:
+                server.store, server.prefill, server.decode = m.groups()
+            m = re.search(r"strata: serving (\S+) on ", line)
+            if m:
+                server.model = m.group(1)
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + SERVE_READY_TIMEOUT_S
+    while not ready.wait(1.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                server.stop(signal.SIGKILL)
+            tail = "\n".join(server.lines[-60:])
+            raise RuntimeError(f"strata serve did not become ready:\n{tail}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir: Path) -> Iterator[StrataServer]:
+    server = start_server(tiny_model_dir)
+    yield server
+    server.stop()
+
+
+def run_reference(model_dir: Path, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Greedy outputs of one plain vLLM engine (no Strata), in a subprocess."""
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "e2e" / "reference_engine.py"), str(model_dir)],
+        input=json.dumps(requests),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    marker = "@@RESULTS@@"
+    if out.returncode != 0 or marker not in out.stdout:
+        raise RuntimeError(f"reference engine failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    results: list[dict[str, Any]] = json.loads(out.stdout.split(marker, 1)[1])
+    return results
