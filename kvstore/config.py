@@ -1,0 +1,187 @@
+"""The store node's one configuration object, and the size/duration parsers it is built with.
+
+``StoreNodeConfig`` is validated on construction, so a node never starts half-configured. The
+command line and the environment are derived from the same field table (``_CLI_FIELDS``): every
+option ``--arena-size`` can also be given as ``STRATA_KVSTORE_ARENA_SIZE``; the command line wins.
+Sizes are written like ``"2GiB"``, ``"512MiB"``, ``"4KiB"`` (binary) or ``"1GB"`` (decimal);
+durations like ``"30s"``, ``"250ms"``, ``"5m"``, ``"24h"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["StoreNodeConfig", "parse_duration", "parse_size"]
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+ENV_PREFIX = "STRATA_KVSTORE_"
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a byte size: ``4096``, ``"4KiB"``, ``"2GiB"``, ``"1.5GB"``; returns whole bytes."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative: {value}")
+        return value
+    match = _NUMBER_UNIT.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (examples: 4096, 64KiB, 2GiB, 1GB)")
+    nbytes = float(match.group(1)) * _SIZE_UNITS[unit]
+    if nbytes != int(nbytes):
+        raise ValueError(f"size {value!r} is not a whole number of bytes")
+    return int(nbytes)
+
+
+def parse_duration(value: str | float) -> float:
+    """Parse a duration in seconds: ``30``, ``"30s"``, ``"250ms"``, ``"5m"``, ``"24h"``."""
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _NUMBER_UNIT.match(value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _DURATION_UNITS:
+            raise ValueError(f"not a duration: {value!r} (examples: 30s, 250ms, 5m, 24h)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[unit]
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative: {value!r}")
+    return seconds
+
+
+def _parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreNodeConfig:
+    """Everything a store node needs; validated in ``__post_init__``.
+
+    Attributes:
+        host: address to listen on (loopback by default: the node has no authentication yet).
+        port: TCP port; 0 picks a free one (the ready line reports which).
+        arena_size_bytes: size of the one preallocated DRAM arena, reserved at start-up.
+        page_size_bytes: allocation unit of the arena; blocks take whole pages.
+        max_block_bytes: largest block (header + payload) a PUT may carry; bigger frames are
+            treated as malformed and close the connection.
+        put_timeout_s: a PUT whose payload has not fully arrived after this long is abandoned:
+            its connection is closed and its space revoked.
+        arena_dir: directory of the arena's backing file; ``/dev/shm`` so that a same-host client
+            can map it for the shared-memory fast path.
+        prefault: touch every arena page at start-up (faulting new memory in is slow here, and
+            reserving it up front turns "out of memory later" into "refuse to start now").
+        log_level: Python logging level name.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7600
+    arena_size_bytes: int = 2 * 1024**3
+    page_size_bytes: int = 4096
+    max_block_bytes: int = 64 * 1024**2
+    put_timeout_s: float = 30.0
+    arena_dir: str = "/dev/shm"
+    prefault: bool = True
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port out of range: {self.port}")
+        page = self.page_size_bytes
+        if page < 64 or page & (page - 1):
+            raise ValueError(f"page_size_bytes must be a power of two >= 64, got {page}")
+        if self.arena_size_bytes < page or self.arena_size_bytes % page:
+            raise ValueError(
+                f"arena_size_bytes ({self.arena_size_bytes}) must be a positive multiple of "
+                f"page_size_bytes ({page})"
+            )
+        if self.max_block_bytes < 64:
+            raise ValueError("max_block_bytes must be at least the 64-byte block header")
+        if self.put_timeout_s <= 0:
+            raise ValueError("put_timeout_s must be positive")
+        if not os.path.isdir(self.arena_dir):
+            raise ValueError(f"arena_dir does not exist: {self.arena_dir}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log_level {self.log_level!r}")
+
+    @classmethod
+    def from_cli(
+        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> StoreNodeConfig:
+        """Build from command-line arguments, with ``STRATA_KVSTORE_*`` variables as defaults."""
+        environ = os.environ if env is None else env
+        parser = argparse.ArgumentParser(
+            prog="python -m kvstore.server", description="Run a Strata KV-cache store node."
+        )
+        defaults = {f.name: f.default for f in fields(cls)}
+        for name, option, _parse, help_text in _CLI_FIELDS:
+            env_name = ENV_PREFIX + option.upper().replace("-", "_")
+            default = environ.get(env_name, defaults[name])
+            parser.add_argument(
+                f"--{option}",
+                dest=name,
+                default=default,
+                help=f"{help_text} (env {env_name}; default {defaults[name]})",
+            )
+        namespace = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        for name, option, parse, _help in _CLI_FIELDS:
+            try:
+                values[name] = parse(getattr(namespace, name))
+            except ValueError as exc:
+                parser.error(f"--{option}: {exc}")
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+
+def _parse_int(value: str | int) -> int:
+    return int(value)
+
+
+def _parse_str(value: str) -> str:
+    return str(value)
+
+
+_CLI_FIELDS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
+    ("host", "host", _parse_str, "address to listen on"),
+    ("port", "port", _parse_int, "TCP port (0 = any free port)"),
+    ("arena_size_bytes", "arena-size", parse_size, "DRAM arena size, e.g. 2GiB"),
+    ("page_size_bytes", "page-size", parse_size, "arena allocation unit, e.g. 4KiB"),
+    ("max_block_bytes", "max-block-size", parse_size, "largest accepted block, e.g. 64MiB"),
+    ("put_timeout_s", "put-timeout", parse_duration, "abandon a PUT after this long, e.g. 30s"),
+    ("arena_dir", "arena-dir", _parse_str, "directory of the arena file"),
+    ("prefault", "prefault", _parse_bool, "touch the whole arena at start-up (true/false)"),
+    ("log_level", "log-level", _parse_str, "logging level"),
+)

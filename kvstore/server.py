@@ -1,0 +1,530 @@
+"""The store node server: the kvstore wire protocol over TCP, on uvloop.
+
+Run it with ``python -m kvstore.server --host 127.0.0.1 --port 7600 --arena-size 2GiB``. It prints
+``kvstore node listening on HOST:PORT`` on stdout once it accepts connections, and stops gracefully
+(exit status 0, arena file removed) on SIGTERM or SIGINT.
+
+Data path
+    Each connection is an ``asyncio.BufferedProtocol``, not a stream reader: asyncio streams copy
+    every chunk into a fresh ``bytes`` and run 2-4x slower here. Small frames are received into one
+    preallocated 256 KiB buffer per connection and parsed in place. A PUT's payload is received
+    *directly into the arena extent* reserved for it (``get_buffer`` returns a view of the extent),
+    so a block crosses from the socket to the arena with the kernel's one copy. A GET writes a view
+    of the arena (``writelines([header, view])``, one ``writev``) -- again no copy in Python.
+
+Leases while sending
+    uvloop keeps a reference to a view it could not send at once and finishes the send later. The
+    GET handler therefore holds the block's read lease until the transport's write buffer is empty;
+    until then eviction and delete cannot free (and a later PUT cannot overwrite) those bytes. The
+    write-buffer high-water mark is 0, so ``pause_writing`` fires whenever a response is not fully
+    handed to the kernel; the connection then also stops reading and parsing (back-pressure: a
+    client that pipelines GETs without reading cannot make the node buffer unboundedly), and
+    ``resume_writing`` releases the held leases and resumes.
+
+Failure handling
+    A malformed frame (see kvstore.protocol) closes only its connection. A connection lost in the
+    middle of a PUT revokes the reservation; one idle in the middle of a PUT for longer than
+    ``put_timeout_s`` is aborted by a reaper so that a stalled writer cannot pin arena space.
+    Leases of a lost connection (including shared-memory leases) are released. An unexpected
+    exception in a handler is logged and closes that connection; the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import uvloop
+
+from kvstore.arena import Arena, remove_stale_arenas
+from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.config import StoreNodeConfig
+from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
+from kvstore.protocol import (
+    FRAME_HEADER_BYTES,
+    KEY_BYTES,
+    LEASE_ID,
+    SHM_LEASE,
+    FrameError,
+    FrameHeader,
+    Op,
+    Status,
+    encode_bitmap,
+    pack_frame_header,
+)
+
+__all__ = ["StoreServer", "main"]
+
+logger = logging.getLogger("kvstore.server")
+
+RECV_BUFFER_BYTES = 256 * 1024
+MAX_SHM_LEASES_PER_CONNECTION = 4096
+_PUT_PREFIX = FRAME_HEADER_BYTES + BLOCK_HEADER_BYTES
+
+
+def _boot_id() -> str:
+    """Identity of this kernel boot (a same-host check for shared-memory clients)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: a frame parser feeding the node, with receive-into-arena for PUT."""
+
+    def __init__(self, server: StoreServer) -> None:
+        self._server = server
+        self._node = server.node
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._buf = bytearray(RECV_BUFFER_BYTES)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unparsed byte in _buf
+        self._end = 0  # one past the last received byte in _buf
+        # Direct-receive mode: the rest of a frame's payload goes straight into _sink.
+        self._sink: memoryview | None = None
+        self._sink_pos = 0
+        self._on_sink_full: Callable[[], None] | None = None
+        # Discard mode: drain a rejected PUT's payload, then answer with _discard_reply.
+        self._discard_left = 0
+        self._discard_reply = b""
+        self._pending: PendingPut | None = None
+        self._payload_started_at: float | None = None
+        self._write_paused = False
+        self._unsent_leases: list[Lease] = []
+        self._shm_leases: dict[int, Lease] = {}
+        self._closed = False
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        # High-water mark 0: pause_writing as soon as a response is not fully handed to the kernel
+        # (see "Leases while sending" in the module docstring).
+        transport.set_write_buffer_limits(high=0, low=0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._peer = str(transport.get_extra_info("peername"))
+        self._server.connections.add(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._sink is not None:
+            return self._sink[self._sink_pos :]
+        if self._discard_left:
+            return self._view[: min(self._discard_left, RECV_BUFFER_BYTES)]
+        if self._end == RECV_BUFFER_BYTES:
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._sink is not None:
+                self._sink_pos += nbytes
+                if self._sink_pos == len(self._sink):
+                    callback = self._on_sink_full
+                    self._sink, self._on_sink_full = None, None
+                    self._payload_started_at = None
+                    assert callback is not None
+                    callback()
+                    self._process()
+            elif self._discard_left:
+                self._discard_left -= nbytes
+                if not self._discard_left:
+                    self._payload_started_at = None
+                    self._write(self._discard_reply)
+                    self._process()
+            else:
+                self._end += nbytes
+                self._process()
+        except FrameError as exc:
+            self.abort(f"malformed frame: {exc}")
+        except Exception:
+            logger.exception("internal error on connection %s; closing it", self._peer)
+            self.abort(None)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._server.connections.discard(self)
+        if self._pending is not None:
+            self._node.revoke(self._pending)
+            self._pending = None
+            logger.info("connection %s lost mid-PUT; reservation revoked", self._peer)
+        self._sink = None
+        for lease in self._unsent_leases:
+            self._node.release(lease)
+        self._unsent_leases.clear()
+        for lease in self._shm_leases.values():
+            self._node.release(lease)
+        self._shm_leases.clear()
+        self._server.connection_closed()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for lease in self._unsent_leases:
+            self._node.release(lease)
+        self._unsent_leases.clear()
+        if self._transport is None or self._closed:
+            return
+        self._transport.resume_reading()
+        try:
+            self._process()
+        except FrameError as exc:
+            self.abort(f"malformed frame: {exc}")
+        except Exception:
+            logger.exception("internal error on connection %s; closing it", self._peer)
+            self.abort(None)
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def abort(self, reason: str | None) -> None:
+        """Drop the connection at once (unsent responses are discarded)."""
+        if reason:
+            logger.warning("closing connection %s: %s", self._peer, reason)
+        if self._transport is not None and not self._closed:
+            self._closed = True
+            self._transport.abort()
+
+    def close(self) -> None:
+        """Close after flushing what has been written (graceful shutdown)."""
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    def payload_age(self, now: float) -> float:
+        """Seconds this connection has been receiving one payload (0 if it is not)."""
+        started = self._payload_started_at
+        return 0.0 if started is None else now - started
+
+    # -- parsing ----------------------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        remaining = self._end - self._start
+        if self._start:
+            self._buf[:remaining] = self._view[self._start : self._end]
+        self._start, self._end = 0, remaining
+
+    def _process(self) -> None:
+        """Handle every complete frame in the buffer; stop at a partial one or when paused."""
+        view = self._view
+        while not self._write_paused and not self._closed:
+            start, avail = self._start, self._end - self._start
+            if avail < FRAME_HEADER_BYTES:
+                break
+            header = FrameHeader.decode(view, start)
+            header.check_request()
+            if header.opcode is Op.PUT:
+                if not self._begin_put(header):
+                    break
+                continue
+            frame_end = start + FRAME_HEADER_BYTES + header.payload_len
+            if frame_end <= self._end:
+                self._start = frame_end
+                self._dispatch(header, view[start + FRAME_HEADER_BYTES : frame_end])
+                continue
+            if FRAME_HEADER_BYTES + header.payload_len > RECV_BUFFER_BYTES:
+                # A large key list: receive the rest of it into a buffer of its own.
+                self._receive_large_frame(header)
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start and RECV_BUFFER_BYTES - self._end < _PUT_PREFIX:
+            self._compact()
+
+    def _receive_large_frame(self, header: FrameHeader) -> None:
+        payload = memoryview(bytearray(header.payload_len))
+        have = self._end - self._start - FRAME_HEADER_BYTES
+        body = self._start + FRAME_HEADER_BYTES
+        payload[:have] = self._view[body : body + have]
+        self._start = self._end = 0
+        self._sink, self._sink_pos = payload, have
+        self._on_sink_full = lambda: self._dispatch(header, payload)
+
+    def _begin_put(self, header: FrameHeader) -> bool:
+        """Start handling a PUT whose frame header is at ``_start``; False if more bytes needed."""
+        start, avail = self._start, self._end - self._start
+        length = header.payload_len
+        if length < BLOCK_HEADER_BYTES:
+            raise FrameError(f"PUT payload of {length} bytes has no block header")
+        if avail < _PUT_PREFIX:
+            return False
+        body = start + FRAME_HEADER_BYTES
+        try:
+            block = BlockHeader.decode(self._view[body : body + BLOCK_HEADER_BYTES])
+        except BlockFormatError as exc:
+            logger.warning("PUT from %s with a bad block header: %s", self._peer, exc)
+            self._reject_put(header, Status.BAD_REQUEST)
+            return True
+        if BLOCK_HEADER_BYTES + block.payload_nbytes != length:
+            self._reject_put(header, Status.BAD_REQUEST)
+            return True
+        if length > self._server.config.max_block_bytes:
+            self._reject_put(header, Status.TOO_LARGE)
+            return True
+        result = self._node.begin_put(block.key, length)
+        if isinstance(result, PutStatus):
+            self._reject_put(header, Status(result))
+            return True
+        have = min(avail - FRAME_HEADER_BYTES, length)
+        result.view[:have] = self._view[body : body + have]
+        self._start = body + have
+        if have == length:
+            self._finish_put(header, block, result)
+            return True
+        # The rest of the block goes straight from the socket into the arena.
+        self._pending = result
+        self._start = self._end = 0
+        self._sink, self._sink_pos = result.view, have
+        self._on_sink_full = lambda: self._finish_put(header, block, result)
+        self._payload_started_at = self._server.loop_time()
+        return True
+
+    def _finish_put(self, header: FrameHeader, block: BlockHeader, pending: PendingPut) -> None:
+        self._pending = None
+        if verify(block, pending.view[BLOCK_HEADER_BYTES:]):
+            self._node.commit(pending)
+            status = Status.OK
+        else:
+            self._node.revoke(pending)
+            logger.warning("PUT from %s failed its checksum; block dropped", self._peer)
+            status = Status.CORRUPT
+        self._write(pack_frame_header(Op.PUT, header.request_id, 0, 0, status))
+
+    def _reject_put(self, header: FrameHeader, status: Status) -> None:
+        """Skip a PUT's payload (now or as it arrives), then answer ``status``."""
+        reply = pack_frame_header(Op.PUT, header.request_id, 0, 0, status)
+        body = self._start + FRAME_HEADER_BYTES
+        have = min(self._end - body, header.payload_len)
+        self._start = body + have
+        left = header.payload_len - have
+        if not left:
+            self._write(reply)
+            return
+        self._start = self._end = 0
+        self._discard_left, self._discard_reply = left, reply
+        self._payload_started_at = self._server.loop_time()
+
+    # -- request handlers -----------------------------------------------------------------------
+
+    def _dispatch(self, header: FrameHeader, payload: memoryview) -> None:
+        op, rid = header.opcode, header.request_id
+        node = self._node
+        if op is Op.GET:
+            self._handle_get(rid, bytes(payload))
+        elif op is Op.MATCH_PREFIX:
+            matched = node.match_prefix(_split_keys(payload))
+            self._write(pack_frame_header(op, rid, matched, 0))
+        elif op is Op.EXISTS:
+            bitmap = encode_bitmap(node.exists(_split_keys(payload)))
+            self._write(pack_frame_header(op, rid, header.count, len(bitmap)) + bitmap)
+        elif op is Op.DELETE:
+            deleted = node.delete(_split_keys(payload))
+            self._write(pack_frame_header(op, rid, deleted, 0))
+        elif op is Op.STATS:
+            self._write_json(op, rid, self._server.stats())
+        elif op is Op.SHM_INFO:
+            self._write_json(op, rid, self._server.shm_info())
+        elif op is Op.GET_SHM:
+            self._handle_get_shm(rid, bytes(payload))
+        elif op is Op.RELEASE:
+            for (lease_id,) in LEASE_ID.iter_unpack(payload):
+                lease = self._shm_leases.pop(lease_id, None)
+                if lease is None:
+                    logger.warning("RELEASE of unknown lease %d from %s", lease_id, self._peer)
+                else:
+                    node.release(lease)
+        else:  # pragma: no cover - check_request admits only the ops above
+            raise FrameError(f"unexpected opcode {op}")
+
+    def _handle_get(self, request_id: int, key: bytes) -> None:
+        lease = self._node.acquire(key)
+        if lease is None:
+            self._write(pack_frame_header(Op.GET, request_id, 0, 0, Status.MISS))
+            return
+        header = pack_frame_header(Op.GET, request_id, 1, lease.nbytes)
+        assert self._transport is not None
+        self._transport.writelines([header, lease.view])
+        if self._transport.get_write_buffer_size():
+            self._unsent_leases.append(lease)  # released by resume_writing / connection_lost
+        else:
+            self._node.release(lease)
+
+    def _handle_get_shm(self, request_id: int, key: bytes) -> None:
+        if len(self._shm_leases) >= MAX_SHM_LEASES_PER_CONNECTION:
+            logger.warning("%s holds too many shared-memory leases", self._peer)
+            self._write(pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.BAD_REQUEST))
+            return
+        lease = self._node.acquire(key)
+        if lease is None:
+            self._write(pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.MISS))
+            return
+        self._shm_leases[lease.lease_id] = lease
+        body = SHM_LEASE.pack(lease.lease_id, lease.offset, lease.nbytes)
+        self._write(pack_frame_header(Op.GET_SHM, request_id, 1, len(body)) + body)
+
+    def _write_json(self, op: Op, request_id: int, value: object) -> None:
+        body = json.dumps(value, sort_keys=True).encode()
+        self._write(pack_frame_header(op, request_id, 0, len(body)) + body)
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.write(data)
+
+
+def _split_keys(payload: memoryview) -> list[bytes]:
+    raw = bytes(payload)
+    return [raw[i : i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
+
+
+class StoreServer:
+    """Owns the listening socket, the connections and the node; start, serve, stop."""
+
+    def __init__(self, config: StoreNodeConfig, node: StoreNode) -> None:
+        self.config = config
+        self.node = node
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._all_closed: asyncio.Event | None = None
+        self._boot_id = _boot_id()
+
+    async def start(self) -> tuple[str, int]:
+        """Listen and return the bound (host, port) -- the port is real even if 0 was asked."""
+        self._loop = asyncio.get_running_loop()
+        self._all_closed = asyncio.Event()
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self._reaper = self._loop.create_task(self._reap_stalled_payloads())
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Stop accepting, let connections flush for up to ``grace_s``, then drop the rest."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        if self.connections and self._all_closed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), grace_s)
+        for conn in list(self.connections):
+            conn.abort("shutting down")
+        if self._server is not None:
+            # After the connections: some loops' wait_closed also waits for them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), grace_s)
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+
+    def loop_time(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def connection_closed(self) -> None:
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    def stats(self) -> dict[str, object]:
+        stats = dataclasses.asdict(self.node.stats())
+        stats["num_connections"] = len(self.connections)
+        return stats
+
+    def shm_info(self) -> dict[str, object]:
+        arena = self.node.arena
+        return {
+            "path": arena.path,
+            "size": arena.size,
+            "device": arena.device,
+            "inode": arena.inode,
+            "boot_id": self._boot_id,
+        }
+
+    async def _reap_stalled_payloads(self) -> None:
+        timeout = self.config.put_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = self.loop_time()
+            for conn in list(self.connections):
+                if conn.payload_age(now) > timeout:
+                    conn.abort(f"payload not received within {timeout:g}s; abandoning it")
+
+
+async def _serve(config: StoreNodeConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    for path in remove_stale_arenas(config.arena_dir):
+        logger.warning("removed the arena file of a node that died: %s", path)
+    arena = Arena(
+        config.arena_size_bytes,
+        config.page_size_bytes,
+        directory=config.arena_dir,
+        prefault=config.prefault,
+    )
+    try:
+        server = StoreServer(config, StoreNode(arena))
+        host, port = await server.start()
+        print(f"kvstore node listening on {host}:{port}", flush=True)
+        logger.info(
+            "arena %s: %d bytes, page %d, max block %d",
+            arena.path,
+            arena.size,
+            config.page_size_bytes,
+            config.max_block_bytes,
+        )
+        await stop.wait()
+        logger.info("stopping")
+        await server.stop()
+    finally:
+        arena.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m kvstore.server``; returns the process exit status."""
+    config = StoreNodeConfig.from_cli(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s kvstore[{os.getpid()}] %(name)s: %(message)s",
+    )
+    try:
+        return int(uvloop.run(_serve(config)))
+    except OSError as exc:
+        logger.error("cannot start the store node: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
