@@ -33,7 +33,6 @@ Configuration comes from `kv_connector_extra_config` (see `ConnectorSettings`).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.logger import init_logger
 
 from kvstore.client import KVStoreClient, KVStoreError, PutStatus
 from kvstore.hashing import block_keys, root_key
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = logging.getLogger("strata.connector")
+logger = init_logger(__name__)  # vLLM's logger: configured in the engine-core process too
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,529 @@
+"""The OpenAI-compatible HTTP gateway: aiohttp on uvloop, in front of prefill and decode workers.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
+Entry point: `python -m controlplane.gateway --model-dir DIR --prefill H:P --decode H:P ...`
+(`main(argv)`). Start-up loads the tokenizer, waits until every worker's Health says ready, then
+prints "strata gateway listening on http://HOST:PORT". SIGTERM/SIGINT stop accepting connections,
+let in-flight requests finish for `shutdown_grace_s`, and exit 0.
+
+Errors: every non-2xx answer is OpenAI's `{"error": {message, type, param, code}}` (see the table
+in docs/design/gateway.md). A streaming request that fails before its first token gets a real
+HTTP status; after the first token the status line is gone, so it gets an error event and
+`data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import uvloop
+from aiohttp import hdrs, web
+
+from controlplane.config import GatewayConfig
+from controlplane.generation import Generation, GenerationDelta, GenerationRequest
+from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
+from controlplane.openai_protocol import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    OpenAIError,
+    RequestLimits,
+    SamplingDefaults,
+    SamplingOptions,
+    check_context_length,
+    parse_chat_completion_request,
+    parse_completion_request,
+)
+from controlplane.pool import StartupError, WorkerPool
+from controlplane.responses import (
+    SSE_DONE,
+    ChatFormatter,
+    CompletionFormatter,
+    StreamFormatter,
+    Usage,
+    dumps,
+    sse_event,
+)
+from controlplane.tokenizer import ModelTokenizer, read_sampling_defaults
+from controlplane.workers import WorkerError, WorkerErrorKind
+
+__all__ = ["Gateway", "GatewayServer", "main", "serve"]
+
+logger = logging.getLogger("controlplane.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+_WORKER_ERROR_STATUS = {
+    WorkerErrorKind.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
+    WorkerErrorKind.OVERLOADED: (503, "server_error", "worker_overloaded"),
+    WorkerErrorKind.TIMEOUT: (504, "server_error", "worker_timeout"),
+    WorkerErrorKind.REJECTED: (400, "invalid_request_error", "worker_rejected_request"),
+    WorkerErrorKind.FAILED: (502, "server_error", "worker_failed"),
+}
+_HTTP_ERROR_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
+
+def worker_error_to_openai(exc: WorkerError) -> OpenAIError:
+    status, error_type, code = _WORKER_ERROR_STATUS[exc.kind]
+    return OpenAIError(str(exc), status=status, type=error_type, code=code)
+
+
+def error_response(exc: OpenAIError) -> web.Response:
+    return web.Response(
+        status=exc.status, text=dumps(exc.to_dict()), content_type="application/json"
+    )
+
+
+def json_response(obj: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=dumps(obj), content_type="application/json")
+
+
+class Gateway:
+    """The HTTP application: request handling over a ready WorkerPool and the model's tokenizer."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        tokenizer: ModelTokenizer,
+        pool: WorkerPool,
+        metrics: GatewayMetrics,
+        sampling_defaults: SamplingDefaults,
+    ) -> None:
+        self._config = config
+        self._tokenizer = tokenizer
+        self._pool = pool
+        self._metrics = metrics
+        self._sampling_defaults = sampling_defaults
+        self._limits = RequestLimits(
+            max_model_len=pool.limits.max_model_len, vocab_size=tokenizer.vocab_size
+        )
+        self._created = int(time.time())
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._metrics_middleware, self._error_middleware],
+            client_max_size=self._config.max_request_body_bytes,
+        )
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics_text)
+        return app
+
+    # -- middlewares --------------------------------------------------------------------------
+
+    @web.middleware
+    async def _metrics_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "unmatched"
+        is_generation = endpoint in _GENERATION_ROUTES
+        start_s = time.monotonic()
+        status = 500
+        if is_generation:
+            self._metrics.requests_in_flight.inc()
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # client closed the connection (nginx's convention)
+            raise
+        finally:
+            self._metrics.requests.labels(endpoint, str(status)).inc()
+            if is_generation:
+                self._metrics.requests_in_flight.dec()
+                if status == 200:
+                    elapsed_s = time.monotonic() - start_s
+                    self._metrics.request_latency.labels(endpoint).observe(elapsed_s)
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OpenAIError as exc:
+            return error_response(exc)
+        except WorkerError as exc:
+            logger.warning("%s %s: %s", request.method, request.path, exc)
+            return error_response(worker_error_to_openai(exc))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(
+                OpenAIError(
+                    f"{exc.reason}: {request.method} {request.path}",
+                    status=exc.status,
+                    code=_HTTP_ERROR_CODES.get(exc.status),
+                )
+            )
+            if hdrs.ALLOW in exc.headers:
+                response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+            return response
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("unexpected error serving %s %s", request.method, request.path)
+            return error_response(
+                OpenAIError(
+                    "Internal server error (logged by the gateway).",
+                    status=500,
+                    type="server_error",
+                    code="internal_error",
+                )
+            )
+
+    # -- simple routes ------------------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {
+            "id": self._config.served_model_name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "strata",
+            "root": str(self._config.model_dir),
+            "max_model_len": self._limits.max_model_len,
+        }
+        return json_response({"object": "list", "data": [model]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        workers = [
+            {
+                "endpoint": s.endpoint,
+                "role": s.role.name.lower(),
+                "ready": s.ready,
+                "detail": s.detail,
+            }
+            for s in self._pool.statuses()
+        ]
+        ready = self._pool.is_ready()
+        return json_response(
+            {"status": "ok" if ready else "unavailable", "workers": workers},
+            status=200 if ready else 503,
+        )
+
+    async def _metrics_text(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._metrics.render())
+        response.headers[hdrs.CONTENT_TYPE] = PROMETHEUS_CONTENT_TYPE
+        return response
+
+    # -- generation routes --------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        arrival_s = time.monotonic()
+        body = await self._read_json(request)
+        parsed = parse_completion_request(
+            body,
+            served_model_name=self._config.served_model_name,
+            limits=self._limits,
+            defaults=self._sampling_defaults,
+        )
+        if isinstance(parsed.prompt, str):
+            prompt_ids = self._tokenizer.encode_prompt(parsed.prompt)
+        else:
+            prompt_ids = list(parsed.prompt)
+        if not prompt_ids:
+            raise OpenAIError("'prompt' tokenizes to no tokens.", param="prompt")
+        formatter = CompletionFormatter(
+            f"cmpl-{uuid.uuid4().hex}",
+            int(time.time()),
+            parsed.model,
+            include_usage=parsed.include_usage,
+            return_token_ids=parsed.return_token_ids,
+            prompt_token_ids=prompt_ids,
+        )
+        generation = self._generation(
+            formatter,
+            prompt_ids,
+            parsed.sampling,
+            parsed.cache_salt,
+            arrival_s,
+            param="prompt",
+            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+        )
+        if parsed.stream:
+            return await self._stream(request, generation, formatter)
+        return await self._complete(generation, formatter)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        arrival_s = time.monotonic()
+        body = await self._read_json(request)
+        parsed = parse_chat_completion_request(
+            body,
+            served_model_name=self._config.served_model_name,
+            limits=self._limits,
+            defaults=self._sampling_defaults,
+        )
+        prompt_ids = self._tokenizer.encode_chat(parsed.messages)
+        formatter = ChatFormatter(
+            f"chatcmpl-{uuid.uuid4().hex}",
+            int(time.time()),
+            parsed.model,
+            include_usage=parsed.include_usage,
+            return_token_ids=parsed.return_token_ids,
+            prompt_token_ids=prompt_ids,
+        )
+        generation = self._generation(
+            formatter, prompt_ids, parsed.sampling, parsed.cache_salt, arrival_s, param="messages"
+        )
+        if parsed.stream:
+            return await self._stream(request, generation, formatter)
+        return await self._complete(generation, formatter)
+
+    async def _read_json(self, request: web.Request) -> Any:
+        # A missing Content-Type is tolerated (curl -d without -H); a wrong one is not.
+        if hdrs.CONTENT_TYPE in request.headers:
+            mime = request.content_type
+            if mime != "application/json" and not mime.endswith("+json"):
+                raise OpenAIError(
+                    f"Content-Type must be application/json, got {mime!r}.",
+                    status=415,
+                    code="unsupported_media_type",
+                )
+        raw = await request.read()
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise OpenAIError(
+                f"The request body is not valid JSON: {exc}", code="invalid_json"
+            ) from None
+
+    def _generation(
+        self,
+        formatter: StreamFormatter,
+        prompt_ids: list[int],
+        sampling: SamplingOptions,
+        cache_salt: str,
+        arrival_s: float,
+        *,
+        param: str,
+        default_max_tokens: int | None = None,
+    ) -> Generation:
+        max_tokens = check_context_length(
+            len(prompt_ids),
+            sampling.max_tokens,
+            self._limits.max_model_len,
+            param=param,
+            default_max_tokens=default_max_tokens,
+        )
+        request = GenerationRequest(
+            request_id=formatter.request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            max_tokens=max_tokens,
+            cache_salt=cache_salt,
+            arrival_s=arrival_s,
+            timeout_s=self._config.request_timeout_s,
+            stop_token_ids=self._tokenizer.eos_token_ids.union(sampling.stop_token_ids),
+        )
+        detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
+        return Generation(request, self._pool, self._metrics, detokenizer)
+
+    async def _complete(self, generation: Generation, formatter: StreamFormatter) -> web.Response:
+        parts: list[str] = []
+        token_ids: list[int] = []
+        async with aclosing(generation.stream()) as deltas:
+            async for delta in deltas:
+                parts.append(delta.text)
+                token_ids += delta.token_ids
+        if generation.finish_reason is None:  # stream() raises rather than end unfinished
+            raise RuntimeError("generation ended without a finish reason")
+        usage = _usage(generation)
+        return json_response(
+            formatter.body("".join(parts), generation.finish_reason, usage, token_ids)
+        )
+
+    async def _stream(
+        self, request: web.Request, generation: Generation, formatter: StreamFormatter
+    ) -> web.StreamResponse:
+        async with aclosing(generation.stream()) as deltas:
+            # Wait for the first token before sending the status line: a request that fails in
+            # prefill still gets a proper 4xx/5xx.
+            first = await anext(deltas)
+            response = web.StreamResponse(
+                headers={
+                    hdrs.CONTENT_TYPE: "text/event-stream",
+                    hdrs.CACHE_CONTROL: "no-cache",
+                    "X-Accel-Buffering": "no",  # tell proxies not to buffer the stream
+                }
+            )
+            await response.prepare(request)
+            try:
+                for chunk in formatter.opening_chunks():
+                    await response.write(sse_event(chunk))
+                await self._write_deltas(response, formatter, first, deltas)
+                if formatter.include_usage:
+                    await response.write(sse_event(formatter.usage_chunk(_usage(generation))))
+            except (OpenAIError, WorkerError) as exc:
+                error = exc if isinstance(exc, OpenAIError) else worker_error_to_openai(exc)
+                logger.warning(
+                    "stream %s failed after its first token: %s", formatter.request_id, exc
+                )
+                await response.write(sse_event(error.to_dict()))
+            except ConnectionResetError:
+                logger.debug("client of %s went away", formatter.request_id)
+                return response
+            await response.write(SSE_DONE)
+            await response.write_eof()
+            return response
+
+    @staticmethod
+    async def _write_deltas(
+        response: web.StreamResponse,
+        formatter: StreamFormatter,
+        first: GenerationDelta,
+        rest: AsyncIterator[GenerationDelta],
+    ) -> None:
+        with_ids = formatter.return_token_ids
+        delta: GenerationDelta | None = first
+        while delta is not None:
+            # Text held back by the stop matcher leaves a delta with tokens but no text: sent
+            # only if the client wants the token ids.
+            if delta.text or delta.finish_reason is not None or (with_ids and delta.token_ids):
+                chunk = formatter.text_chunk(delta.text, delta.finish_reason, delta.token_ids)
+                await response.write(sse_event(chunk))
+            delta = await anext(rest, None)
+
+
+def _usage(generation: Generation) -> Usage:
+    return Usage(
+        prompt_tokens=generation.num_prompt_tokens,
+        completion_tokens=generation.num_completion_tokens,
+        cached_tokens=generation.num_cached_tokens,
+    )
+
+
+class GatewayServer:
+    """Lifecycle of one gateway: load the tokenizer, wait for workers, serve HTTP, shut down."""
+
+    def __init__(self, config: GatewayConfig, *, tokenizer: ModelTokenizer | None = None) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self._tokenizer = tokenizer
+        self._pool: WorkerPool | None = None
+        self._runner: web.AppRunner | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self.url = ""
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The workers (readiness, health checks); only between start() and stop()."""
+        if self._pool is None:
+            raise RuntimeError("GatewayServer.pool used before start() or after stop()")
+        return self._pool
+
+    async def start(self) -> str:
+        """Return the base URL once the workers are ready and the port is bound."""
+        config = self.config
+        if self._tokenizer is None:
+            self._tokenizer = await asyncio.to_thread(
+                ModelTokenizer.from_model_dir, config.model_dir
+            )
+        self._pool = WorkerPool(
+            config.prefill_endpoints,
+            config.decode_endpoints,
+            health_check_timeout_s=config.health_check_timeout_s,
+            metrics=self.metrics,
+        )
+        await self._pool.wait_until_ready(
+            timeout_s=config.worker_startup_timeout_s,
+            poll_interval_s=min(0.5, config.health_check_interval_s),
+        )
+        gateway = Gateway(
+            config,
+            tokenizer=self._tokenizer,
+            pool=self._pool,
+            metrics=self.metrics,
+            sampling_defaults=read_sampling_defaults(config.model_dir),
+        )
+        self._runner = web.AppRunner(
+            gateway.build_app(),
+            handler_cancellation=True,  # a client that disconnects cancels its request's work
+            shutdown_timeout=config.shutdown_grace_s,
+            access_log=None,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, config.host, config.port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://{config.host}:{port}"
+        self._health_task = asyncio.create_task(
+            self._pool.run_health_checks(interval_s=config.health_check_interval_s)
+        )
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (shutdown_grace_s), close the channels."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+            self._health_task = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+async def serve(config: GatewayConfig) -> int:
+    """Run a gateway until SIGTERM/SIGINT; return the process exit status."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    logger.info(
+        "starting: model_dir=%s prefill=%s decode=%s",
+        config.model_dir,
+        ",".join(config.prefill_endpoints),
+        ",".join(config.decode_endpoints),
+    )
+    server = GatewayServer(config)
+    start = asyncio.create_task(server.start())
+    stop_wait = asyncio.create_task(stop_requested.wait())
+    try:
+        await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            logger.info("stop requested during start-up")
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            return 0
+        try:
+            url = start.result()
+        except (StartupError, OSError) as exc:
+            print(f"strata gateway: cannot start: {exc}", file=sys.stderr, flush=True)
+            return 1
+        print(f"strata gateway listening on {url}", flush=True)
+        await stop_wait
+        logger.info("shutting down (grace %g s)", config.shutdown_grace_s)
+        return 0
+    finally:
+        stop_wait.cancel()
+        await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = GatewayConfig.from_argv(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

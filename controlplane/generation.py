@@ -1,0 +1,237 @@
+"""One request's generation, stitched from a prefill worker and a decode worker.
+
+Call sequence (docs/design/gateway.md, "Prefill/decode stitching"):
+  1. Prefill(prompt) on a ready prefill worker -> first token, its text, the saved block keys.
+     The first token is yielded at once (it is the request's TTFT). The request ends here if the
+     prefill finished it (EOS or stop: "stop") or if max_tokens == 1 ("length").
+  2. Decode(prompt + [first token], max_tokens - 1, block keys) on a ready decode worker; its
+     chunks are yielded as they arrive, the last one carries the finish reason.
+  3. The text is the gateway's own: one IncrementalDetokenizer over all generated tokens, as in
+     a single engine (the workers' texts are ignored: a character split over the boundary is
+     lost between their two detokenizers, see detokenizer.py).
+  4. All text goes through one StopStringMatcher, because a stop string can straddle the
+     boundary between the two workers' outputs. A gateway-side match ends the request with
+     "stop" and closes the decode stream, which cancels the decode rpc.
+
+Worker failures surface as WorkerError (after telling the pool, so an unreachable worker is not
+picked again until its health check passes). The caller owns the HTTP side: status codes,
+formatting, and what to do with an error after the first token was sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from controlplane.detokenizer import IncrementalDetokenizer
+from controlplane.metrics import GatewayMetrics
+from controlplane.openai_protocol import SamplingOptions
+from controlplane.pool import WorkerPool
+from controlplane.stop import StopStringMatcher
+from controlplane.workers import (
+    FinishReason,
+    WorkerClient,
+    WorkerError,
+    WorkerErrorKind,
+    WorkerRole,
+    WorkerSampling,
+)
+
+__all__ = ["Generation", "GenerationDelta", "GenerationRequest"]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions
+    max_tokens: int
+    """Resolved token budget (>= 1): the request's max_tokens, or what the context window leaves."""
+    cache_salt: str
+    arrival_s: float
+    """time.monotonic() when the HTTP request arrived (TTFT and the deadline count from here)."""
+    timeout_s: float
+    stop_token_ids: frozenset[int]
+    """EOS and the request's stop_token_ids: a sequence ending with one of them leaves its text
+    out, as vLLM does."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDelta:
+    """New output: text safe to send (stop strings removed), the tokens generated since the
+    previous delta (their text may be partly held back), and the finish on the last delta."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None  # "stop" | "length" on the last delta only
+
+
+class Generation:
+    """Runs one GenerationRequest; `stream()` yields its deltas, counters fill in as it goes."""
+
+    __slots__ = (
+        "_detokenizer",
+        "_metrics",
+        "_pool",
+        "finish_reason",
+        "num_cached_tokens",
+        "num_completion_tokens",
+        "request",
+    )
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        pool: WorkerPool,
+        metrics: GatewayMetrics,
+        detokenizer: IncrementalDetokenizer,
+    ) -> None:
+        self.request = request
+        self._detokenizer = detokenizer
+        self._pool = pool
+        self._metrics = metrics
+        self.num_cached_tokens = 0
+        self.num_completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    async def stream(self) -> AsyncGenerator[GenerationDelta, None]:
+        try:
+            async for delta in self._run():
+                self.num_completion_tokens += len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    self.finish_reason = delta.finish_reason
+                yield delta
+        finally:
+            self._metrics.completion_tokens.inc(self.num_completion_tokens)
+
+    async def _run(self) -> AsyncGenerator[GenerationDelta, None]:
+        req = self.request
+        matcher = StopStringMatcher(req.sampling.stop)
+        prefill_worker = self._pool.pick(WorkerRole.PREFILL)
+        try:
+            prefill = await prefill_worker.prefill(
+                request_id=req.request_id,
+                prompt_token_ids=req.prompt_token_ids,
+                sampling=self._worker_sampling(max_tokens=1),
+                cache_salt=req.cache_salt,
+                timeout_s=self._remaining_s("Prefill", prefill_worker),
+            )
+        except WorkerError as exc:
+            self._pool.report_failure(prefill_worker, exc)
+            raise
+        last_token_s = time.monotonic()
+        self._metrics.time_to_first_token.observe(last_token_s - req.arrival_s)
+        self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
+        self._metrics.cached_prompt_tokens.inc(prefill.num_cached_tokens)
+        self.num_cached_tokens = prefill.num_cached_tokens
+
+        finish = self._check_finish(prefill.finish_reason, prefill_worker, "Prefill")
+        if finish is None and req.max_tokens == 1:
+            finish = "length"
+        first_ids = (prefill.first_token_id,)
+        match = matcher.feed(self._text(first_ids, finish))
+        if match.stopped:
+            if finish is None:
+                self._metrics.gateway_stop_hits.inc()
+            yield GenerationDelta(match.text, first_ids, "stop")
+            return
+        if finish is not None:
+            yield GenerationDelta(match.text + matcher.flush(), first_ids, finish)
+            return
+        yield GenerationDelta(match.text, first_ids, None)
+
+        decode_worker = self._pool.pick(WorkerRole.DECODE)
+        self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
+        stream = decode_worker.decode(
+            request_id=req.request_id,
+            prompt_token_ids=[*req.prompt_token_ids, prefill.first_token_id],
+            sampling=self._worker_sampling(max_tokens=req.max_tokens - 1),
+            cache_salt=req.cache_salt,
+            block_keys=prefill.block_keys,
+            timeout_s=self._remaining_s("Decode", decode_worker),
+        )
+        # The decode worker reports the KV it loaded on its last chunk (worker.proto); take the
+        # largest value seen so that a first-chunk report would count too. A decode the gateway
+        # cuts short (stop string, client gone) never sends its last chunk: not counted.
+        num_external_tokens = 0
+        try:
+            async with aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    num_external_tokens = max(num_external_tokens, chunk.num_external_tokens)
+                    ids = chunk.token_ids
+                    num_tokens = len(ids)
+                    if num_tokens:
+                        now = time.monotonic()
+                        gap_s = (now - last_token_s) / num_tokens
+                        for _ in range(num_tokens):
+                            self._metrics.inter_token_latency.observe(gap_s)
+                        last_token_s = now
+                    finish = self._check_finish(chunk.finish_reason, decode_worker, "Decode")
+                    match = matcher.feed(self._text(ids, finish))
+                    if match.stopped:
+                        if finish is None:  # the worker missed it (it straddles the boundary)
+                            self._metrics.gateway_stop_hits.inc()
+                        yield GenerationDelta(match.text, ids, "stop")
+                        return  # leaving the `async with` cancels the decode rpc
+                    if finish is not None:
+                        yield GenerationDelta(match.text + matcher.flush(), ids, finish)
+                        return
+                    if num_tokens or match.text:
+                        yield GenerationDelta(match.text, ids, None)
+        except WorkerError as exc:
+            self._pool.report_failure(decode_worker, exc)
+            raise
+        finally:
+            self._metrics.kv_transfer_tokens.inc(num_external_tokens)
+        raise WorkerError(
+            WorkerErrorKind.FAILED,
+            decode_worker.endpoint,
+            "Decode",
+            "the stream ended without a finish_reason",
+        )
+
+    def _text(self, token_ids: tuple[int, ...], finish: str | None) -> str:
+        """Text of new tokens; a final stop token's own text is left out (vLLM does the same)."""
+        step = self._detokenizer.step
+        if finish == "stop" and token_ids and token_ids[-1] in self.request.stop_token_ids:
+            token_ids = token_ids[:-1]
+        if len(token_ids) == 1:
+            return step(token_ids[0])
+        return "".join([step(t) for t in token_ids])
+
+    def _worker_sampling(self, *, max_tokens: int) -> WorkerSampling:
+        s = self.request.sampling
+        return WorkerSampling(
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=s.stop,
+            stop_token_ids=s.stop_token_ids,
+            ignore_eos=s.ignore_eos,
+        )
+
+    def _remaining_s(self, rpc: str, worker: WorkerClient) -> float:
+        remaining = self.request.arrival_s + self.request.timeout_s - time.monotonic()
+        if remaining <= 0:
+            raise WorkerError(
+                WorkerErrorKind.TIMEOUT,
+                worker.endpoint,
+                rpc,
+                f"request timeout of {self.request.timeout_s:g} s reached",
+            )
+        return remaining
+
+    @staticmethod
+    def _check_finish(reason: FinishReason | None, worker: WorkerClient, rpc: str) -> str | None:
+        if reason is FinishReason.ABORT:
+            raise WorkerError(
+                WorkerErrorKind.FAILED, worker.endpoint, rpc, "the engine aborted the request"
+            )
+        return None if reason is None else reason.value

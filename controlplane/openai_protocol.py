@@ -1,0 +1,535 @@
+"""OpenAI request parsing and validation: JSON objects in, typed frozen dataclasses out.
+
+Every rejection is an `OpenAIError` carrying the HTTP status and the OpenAI error fields (type,
+param, code), so the HTTP layer turns it into `{"error": {...}}` without knowing why it happened.
+
+Rules follow OpenAI's API, with vLLM's extensions where they matter for serving (`ignore_eos`,
+`stop_token_ids`, `cache_salt`). Unknown fields are ignored (as OpenAI and vLLM do), but fields
+that ask for a feature this server does not implement (logprobs, tools, penalties, ...) are
+rejected with 400 unless they carry their "off" value: silently dropping them would return an
+answer the client did not ask for.
+
+Checks that need the tokenized prompt (context length) live in `check_context_length`, called by
+the gateway after tokenization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = [
+    "COMPLETIONS_DEFAULT_MAX_TOKENS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "OpenAIError",
+    "RequestLimits",
+    "SamplingOptions",
+    "check_context_length",
+    "parse_chat_completion_request",
+    "parse_completion_request",
+]
+
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
+"""OpenAI's (and vLLM's) default for legacy completions; chat fills the context window."""
+
+CHAT_ROLES: Final = frozenset({"system", "developer", "user", "assistant"})
+
+# Field -> the values that mean "feature off", which are accepted and ignored.
+_UNSUPPORTED_COMPLETION: Final[dict[str, tuple[object, ...]]] = {
+    "logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+}
+_UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "prediction": (None,),
+}
+
+
+class OpenAIError(Exception):
+    """A request the server answers with an OpenAI-shaped error body and a non-2xx status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What the served model allows; known once the workers reported their Health."""
+
+    max_model_len: int
+    vocab_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    max_tokens: int | None
+    """Tokens to generate as the client asked; None = not given (see check_context_length)."""
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    prompt: str | tuple[int, ...]
+    """Text to tokenize, or token ids used as they are."""
+    sampling: SamplingOptions
+    stream: bool
+    include_usage: bool
+    cache_salt: str
+    return_token_ids: bool
+    """vLLM's extension: also return prompt and generated token ids."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str | tuple[str, ...]
+    """A string, or the texts of a list of {"type": "text"} parts, in order."""
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCompletionRequest:
+    model: str
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingOptions
+    stream: bool
+    include_usage: bool
+    cache_salt: str
+    return_token_ids: bool
+    """vLLM's extension: also return prompt and generated token ids."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """Defaults for fields the request leaves out (the model's generation_config may set them)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def parse_completion_request(
+    body: object,
+    *,
+    served_model_name: str,
+    limits: RequestLimits,
+    defaults: SamplingDefaults | None = None,
+) -> CompletionRequest:
+    obj = _require_object(body)
+    model = _parse_model(obj, served_model_name)
+    _reject_unsupported(obj, _UNSUPPORTED_COMPLETION)
+    prompt = _parse_prompt(obj, limits)
+    max_tokens = _opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
+    sampling = _parse_sampling(
+        obj, max_tokens=max_tokens, limits=limits, defaults=defaults or SamplingDefaults()
+    )
+    stream, include_usage = _parse_stream(obj)
+    return CompletionRequest(
+        model=model,
+        prompt=prompt,
+        sampling=sampling,
+        stream=stream,
+        include_usage=include_usage,
+        cache_salt=_parse_cache_salt(obj),
+        return_token_ids=_opt_bool(obj, "return_token_ids", default=False),
+    )
+
+
+def parse_chat_completion_request(
+    body: object,
+    *,
+    served_model_name: str,
+    limits: RequestLimits,
+    defaults: SamplingDefaults | None = None,
+) -> ChatCompletionRequest:
+    obj = _require_object(body)
+    model = _parse_model(obj, served_model_name)
+    _reject_unsupported(obj, _UNSUPPORTED_CHAT)
+    messages = _parse_messages(obj)
+    # max_completion_tokens replaced max_tokens in OpenAI's chat API; both are accepted.
+    max_completion_tokens = _opt_int(
+        obj, "max_completion_tokens", minimum=1, maximum=limits.max_model_len
+    )
+    max_tokens = _opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
+    if max_completion_tokens is not None:
+        max_tokens = max_completion_tokens
+    sampling = _parse_sampling(
+        obj, max_tokens=max_tokens, limits=limits, defaults=defaults or SamplingDefaults()
+    )
+    stream, include_usage = _parse_stream(obj)
+    return ChatCompletionRequest(
+        model=model,
+        messages=messages,
+        sampling=sampling,
+        stream=stream,
+        include_usage=include_usage,
+        cache_salt=_parse_cache_salt(obj),
+        return_token_ids=_opt_bool(obj, "return_token_ids", default=False),
+    )
+
+
+def check_context_length(
+    num_prompt_tokens: int,
+    max_tokens: int | None,
+    max_model_len: int,
+    *,
+    param: str,
+    default_max_tokens: int | None = None,
+) -> int:
+    """Return the number of tokens to generate, or raise 400 if the request does not fit.
+
+    `max_tokens=None` (not given) means `default_max_tokens`, or the whole rest of the window if
+    that is None, clamped to what the window leaves (at least one token must fit). Unlike vLLM
+    0.32, which silently clamps an oversized max_tokens, an explicit max_tokens that does not fit
+    is rejected: the client asked for something the server cannot deliver.
+    """
+    if num_prompt_tokens >= max_model_len:
+        raise OpenAIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt contains {num_prompt_tokens} input tokens, which leaves no room for any "
+            f"output tokens. Please reduce the length of the input prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        room = max_model_len - num_prompt_tokens
+        return room if default_max_tokens is None else min(room, default_max_tokens)
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise OpenAIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+            f"input, {max_tokens} in the completion). Please reduce the length of the input "
+            f"or the completion.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Field parsers. Each raises OpenAIError(400, param=<field>) with a message naming the field.
+
+
+def _invalid(param: str, message: str, code: str | None = None) -> OpenAIError:
+    return OpenAIError(message, param=param, code=code)
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _require_object(body: object) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise OpenAIError(
+            f"The request body must be a JSON object, got {_type_name(body)}.",
+            code="invalid_body",
+        )
+    return body
+
+
+def _parse_model(obj: dict[str, Any], served_model_name: str) -> str:
+    model = obj.get("model")
+    if model is None:
+        raise _invalid(
+            "model", "Missing required parameter: 'model'.", "missing_required_parameter"
+        )
+    if not isinstance(model, str):
+        raise _invalid("model", f"'model' must be a string, got {_type_name(model)}.")
+    if model != served_model_name:
+        raise OpenAIError(
+            f"The model '{model}' does not exist. This server serves '{served_model_name}'.",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def _reject_unsupported(obj: dict[str, Any], table: dict[str, tuple[object, ...]]) -> None:
+    for name, off_values in table.items():
+        if name in obj and not any(_is_off_value(obj[name], off) for off in off_values):
+            raise _invalid(
+                name,
+                f"'{name}' is not supported by this server (only its default value is accepted).",
+                "unsupported_parameter",
+            )
+
+
+def _is_off_value(value: object, off: object) -> bool:
+    # Booleans only match booleans: 0 must not pass as False, nor True as 1.
+    if isinstance(value, bool) or isinstance(off, bool):
+        return value is off
+    return value == off
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opt_int(obj: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise _invalid(name, f"'{name}' must be an integer, got {_type_name(value)}.")
+    if not minimum <= value <= maximum:
+        raise _invalid(name, f"'{name}' must be between {minimum} and {maximum}, got {value}.")
+    return int(value)
+
+
+def _opt_float(
+    obj: dict[str, Any],
+    name: str,
+    *,
+    default: float,
+    minimum: float,
+    maximum: float,
+    open_min: bool,
+) -> float:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid(name, f"'{name}' must be a number, got {_type_name(value)}.")
+    number = float(value)
+    too_low = number <= minimum if open_min else number < minimum
+    if not math.isfinite(number) or too_low or number > maximum:
+        bracket = "(" if open_min else "["
+        raise _invalid(
+            name, f"'{name}' must be in {bracket}{minimum:g}, {maximum:g}], got {value}."
+        )
+    return number
+
+
+def _opt_bool(obj: dict[str, Any], name: str, *, default: bool) -> bool:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _invalid(name, f"'{name}' must be a boolean, got {_type_name(value)}.")
+    return value
+
+
+def _parse_sampling(
+    obj: dict[str, Any],
+    *,
+    max_tokens: int | None,
+    limits: RequestLimits,
+    defaults: SamplingDefaults,
+) -> SamplingOptions:
+    n = obj.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise _invalid("n", f"Only n=1 is supported, got {n!r}.", "unsupported_parameter")
+    temperature = _opt_float(
+        obj, "temperature", default=defaults.temperature, minimum=0, maximum=2, open_min=False
+    )
+    top_p = _opt_float(obj, "top_p", default=defaults.top_p, minimum=0, maximum=1, open_min=True)
+    seed = _opt_int(obj, "seed", minimum=_INT64_MIN, maximum=_INT64_MAX)
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=_parse_stop(obj),
+        stop_token_ids=_parse_stop_token_ids(obj, limits),
+        ignore_eos=_opt_bool(obj, "ignore_eos", default=False),
+    )
+
+
+def _parse_stop(obj: dict[str, Any]) -> tuple[str, ...]:
+    value = obj.get("stop")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _invalid("stop", "'stop' must be a string or a list of strings.")
+    if any(s == "" for s in stops):
+        raise _invalid("stop", "'stop' strings must not be empty.")
+    return tuple(dict.fromkeys(stops))
+
+
+def _parse_stop_token_ids(obj: dict[str, Any], limits: RequestLimits) -> tuple[int, ...]:
+    value = obj.get("stop_token_ids")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(_is_int(t) for t in value):
+        raise _invalid("stop_token_ids", "'stop_token_ids' must be a list of integers.")
+    for token_id in value:
+        if not 0 <= token_id < limits.vocab_size:
+            raise _invalid(
+                "stop_token_ids",
+                f"Token id {token_id} in 'stop_token_ids' is out of the vocabulary "
+                f"(size {limits.vocab_size}).",
+            )
+    return tuple(value)
+
+
+def _parse_stream(obj: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _opt_bool(obj, "stream", default=False)
+    options = obj.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise _invalid("stream_options", "'stream_options' must be an object.")
+    if not stream:
+        raise _invalid("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+    include_usage = options.get("include_usage")
+    if include_usage is None:
+        return stream, False
+    if not isinstance(include_usage, bool):
+        raise _invalid("stream_options.include_usage", "'include_usage' must be a boolean.")
+    return stream, include_usage
+
+
+def _parse_cache_salt(obj: dict[str, Any]) -> str:
+    value = obj.get("cache_salt")
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not value:
+        raise _invalid("cache_salt", "'cache_salt' must be a non-empty string.")
+    return value
+
+
+def _parse_prompt(obj: dict[str, Any], limits: RequestLimits) -> str | tuple[int, ...]:
+    if "prompt" not in obj or obj["prompt"] is None:
+        raise _invalid(
+            "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
+        )
+    prompt = obj["prompt"]
+    # A batch of exactly one prompt is the same request as that prompt.
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise _invalid("prompt", "'prompt' must not be empty.")
+        return prompt
+    if not isinstance(prompt, list) or not prompt:
+        raise _invalid(
+            "prompt",
+            "'prompt' must be a non-empty string or a non-empty list of token ids.",
+        )
+    if all(isinstance(p, str | list) for p in prompt):
+        raise _invalid(
+            "prompt",
+            f"Batched prompts ({len(prompt)} prompts) are not supported yet; send one per request.",
+            "unsupported_parameter",
+        )
+    if not all(_is_int(t) for t in prompt):
+        raise _invalid("prompt", "'prompt' as a list must contain only integer token ids.")
+    for token_id in prompt:
+        if not 0 <= token_id < limits.vocab_size:
+            raise _invalid(
+                "prompt",
+                f"Token id {token_id} is out of the vocabulary (size {limits.vocab_size}).",
+            )
+    return tuple(prompt)
+
+
+def _parse_messages(obj: dict[str, Any]) -> tuple[ChatMessage, ...]:
+    if "messages" not in obj or obj["messages"] is None:
+        raise _invalid(
+            "messages", "Missing required parameter: 'messages'.", "missing_required_parameter"
+        )
+    raw = obj["messages"]
+    if not isinstance(raw, list):
+        raise _invalid("messages", f"'messages' must be a list, got {_type_name(raw)}.")
+    if not raw:
+        raise _invalid("messages", "'messages' must contain at least one message.")
+    return tuple(_parse_message(i, m) for i, m in enumerate(raw))
+
+
+def _parse_message(index: int, raw: object) -> ChatMessage:
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise _invalid(where, f"'{where}' must be an object, got {_type_name(raw)}.")
+    role = raw.get("role")
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        raise _invalid(
+            f"{where}.role",
+            f"'{where}.role' must be one of {sorted(CHAT_ROLES)}, got {role!r}.",
+        )
+    if raw.get("tool_calls") or raw.get("function_call"):
+        raise _invalid(
+            f"{where}.tool_calls", "Tool calls are not supported by this server.", "unsupported"
+        )
+    name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise _invalid(f"{where}.name", f"'{where}.name' must be a string.")
+    content = raw.get("content")
+    if content is None:
+        if role != "assistant":
+            raise _invalid(f"{where}.content", f"'{where}.content' is required for role {role}.")
+        content = ""
+    if isinstance(content, str):
+        return ChatMessage(role=role, content=content, name=name)
+    if not isinstance(content, list):
+        raise _invalid(
+            f"{where}.content",
+            f"'{where}.content' must be a string or a list of content parts.",
+        )
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        part_where = f"{where}.content[{j}]"
+        if not isinstance(part, dict):
+            raise _invalid(part_where, f"'{part_where}' must be an object.")
+        if part.get("type") != "text":
+            raise _invalid(
+                f"{part_where}.type",
+                f"Only text content parts are supported, got type {part.get('type')!r}.",
+                "unsupported_content_type",
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _invalid(f"{part_where}.text", f"'{part_where}.text' must be a string.")
+        texts.append(text)
+    return ChatMessage(role=role, content=tuple(texts), name=name)

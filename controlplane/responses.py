@@ -1,0 +1,201 @@
+"""OpenAI response bodies and server-sent-event chunks, as plain dicts and bytes.
+
+Shapes follow OpenAI's API reference (the official `openai` SDK parses them into its types):
+- completions: object "text_completion" for the body and for every stream chunk;
+- chat: "chat.completion" body, "chat.completion.chunk" chunks; the first chunk carries
+  `delta.role = "assistant"` (with empty content), the last one the finish_reason;
+- with `stream_options.include_usage`, every chunk has `"usage": null` and one extra chunk with
+  `"choices": []` and the usage comes just before `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = [
+    "SSE_DONE",
+    "ChatFormatter",
+    "CompletionFormatter",
+    "StreamFormatter",
+    "Usage",
+    "dumps",
+    "sse_event",
+]
+
+SSE_DONE: Final = b"data: [DONE]\n\n"
+
+
+def dumps(obj: object) -> str:
+    """Compact JSON; non-ASCII text is sent as UTF-8, not as \\u escapes."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse_event(obj: object) -> bytes:
+    return b"data: " + dumps(obj).encode() + b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+class StreamFormatter:
+    """Builds the bodies and chunks of one request; subclasses fix the endpoint's shapes.
+
+    With `return_token_ids` (vLLM's extension) the generated token ids go into each choice
+    (`token_ids`: all of them in a body, the new ones in a chunk) and the prompt's ids are sent
+    once (`prompt_token_ids`: in the completions choice, at the top level for chat; in a stream,
+    on the first chunk only), where vLLM puts them.
+    """
+
+    __slots__ = (
+        "_prompt_ids_pending",
+        "created",
+        "include_usage",
+        "model",
+        "prompt_token_ids",
+        "request_id",
+        "return_token_ids",
+    )
+    body_object: str = ""
+    chunk_object: str = ""
+
+    def __init__(
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        *,
+        include_usage: bool,
+        return_token_ids: bool = False,
+        prompt_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.request_id = request_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        self.return_token_ids = return_token_ids
+        self.prompt_token_ids = prompt_token_ids
+        self._prompt_ids_pending = return_token_ids
+
+    def body(
+        self, text: str, finish_reason: str, usage: Usage, token_ids: Sequence[int] = ()
+    ) -> dict[str, Any]:
+        choice = self._body_choice(text, finish_reason)
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        body = {
+            "id": self.request_id,
+            "object": self.body_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage.to_dict(),
+        }
+        self._add_prompt_token_ids(body, choice)
+        return body
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """Chunks sent before the first text (chat: the assistant role)."""
+        return []
+
+    def text_chunk(
+        self, text: str, finish_reason: str | None, token_ids: Sequence[int] = ()
+    ) -> dict[str, Any]:
+        choice = self._chunk_choice(text, finish_reason)
+        if self.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        chunk = self._chunk([choice])
+        self._add_prompt_token_ids(chunk, choice)
+        return chunk
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        chunk = self._chunk([])
+        chunk["usage"] = usage.to_dict()
+        return chunk
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.request_id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _add_prompt_token_ids(self, top: dict[str, Any], choice: dict[str, Any]) -> None:
+        if self._prompt_ids_pending:
+            self._prompt_ids_pending = False
+            self._prompt_ids_holder(top, choice)["prompt_token_ids"] = list(self.prompt_token_ids)
+
+    def _prompt_ids_holder(self, top: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _body_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CompletionFormatter(StreamFormatter):
+    __slots__ = ()
+    body_object = "text_completion"
+    chunk_object = "text_completion"
+
+    def _prompt_ids_holder(self, top: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
+        return choice
+
+    def _body_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+class ChatFormatter(StreamFormatter):
+    __slots__ = ()
+    body_object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        choice = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        chunk = self._chunk([choice])
+        self._add_prompt_token_ids(chunk, choice)
+        return [chunk]
+
+    def _prompt_ids_holder(self, top: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
+        return top
+
+    def _body_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+
+    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        delta = {"content": text} if text or finish_reason is None else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}

@@ -1,0 +1,90 @@
+"""Stop strings applied by the gateway over the whole generated text.
+
+Why the gateway checks at all, when both workers are given the stop strings: each worker only sees
+its own output. The prefill worker produces the first token and the decode worker the rest, so a
+stop string that begins in the first token and ends in the decode output ("Hel" | "lo" with stop
+"ello") is invisible to both. The gateway sees the concatenation.
+
+Hold-back: text is released only when no stop string can still begin inside it. After each piece,
+the longest suffix of the unreleased text that is a proper prefix of some stop string is kept back;
+everything before it is released. A match must therefore start inside the unreleased text (a match
+starting earlier would have had its beginning held back), so searching only that text is complete,
+and released text never needs to be taken back. At the end of a generation that did not stop on a
+string (EOS, length), `flush()` releases what was held back.
+
+A stop is detected as soon as a piece completes one, like the engine's own per-step check; the
+text is cut where the earliest match in the text so far starts, and the stop string is not part
+of the output (OpenAI's and vLLM's default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["StopMatch", "StopStringMatcher"]
+
+
+@dataclass(frozen=True, slots=True)
+class StopMatch:
+    """Result of feeding a piece of text: what may be sent now, and whether a stop string hit."""
+
+    text: str
+    stopped: bool
+
+
+class StopStringMatcher:
+    """Incremental stop-string detection with hold-back; one instance per generated sequence."""
+
+    __slots__ = ("_pending", "_stopped", "_stops")
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        self._stops = stops
+        self._pending = ""
+        self._stopped = False
+
+    @property
+    def held_back(self) -> str:
+        """Text received but not yet released (it might be the start of a stop string)."""
+        return self._pending
+
+    def feed(self, text: str) -> StopMatch:
+        """Add newly generated text; return what can be released and whether generation stops."""
+        if self._stopped:
+            raise RuntimeError("feed() after a stop string matched")
+        if not self._stops:
+            return StopMatch(text, False)
+        pending = self._pending + text
+        cut = self._earliest_match(pending)
+        if cut is not None:
+            self._pending = ""
+            self._stopped = True
+            return StopMatch(pending[:cut], True)
+        hold = self._longest_partial_suffix(pending)
+        release_end = len(pending) - hold
+        self._pending = pending[release_end:]
+        return StopMatch(pending[:release_end], False)
+
+    def flush(self) -> str:
+        """Release the held-back text (the generation ended without a stop string)."""
+        text, self._pending = self._pending, ""
+        return text
+
+    def _earliest_match(self, text: str) -> int | None:
+        best: int | None = None
+        for stop in self._stops:
+            index = text.find(stop)
+            if index != -1 and (best is None or index < best):
+                best = index
+        return best
+
+    def _longest_partial_suffix(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self._stops:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest

@@ -1,0 +1,146 @@
+"""Fixtures: a real gateway on a loopback port in front of two ScriptedWorker test doubles.
+
+Gateway and workers share one uvloop event loop running in a background thread, so tests stay
+plain synchronous functions that talk to the gateway over real sockets (the official `openai`
+SDK, aiohttp, http.client) exactly as an external client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+import pytest
+import uvloop
+from tokenizers import Tokenizer
+
+from controlplane.config import GatewayConfig
+from controlplane.gateway import GatewayServer
+from controlplane.tokenizer import ModelTokenizer
+from strata_proto import worker_pb2
+from tests.integration.controlplane.scripted_worker import Script, ScriptedWorker
+
+T = TypeVar("T")
+
+SERVED_MODEL_NAME = "tiny-scripted"
+MAX_MODEL_LEN = 256
+BLOCK_SIZE = 16
+DEFAULT_TEXT = "Hello world!"
+"""What the scripted workers generate unless a test says otherwise (7 tokens: He|ll|o| w|or|ld|!),
+then EOS."""
+
+
+class LoopThread:
+    """A uvloop event loop in a daemon thread; `run(coro)` blocks until the coroutine is done."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+@dataclass
+class Stack:
+    """One gateway and its two scripted workers."""
+
+    loop: LoopThread
+    script: Script
+    prefill: ScriptedWorker
+    decode: ScriptedWorker
+    server: GatewayServer
+    url: str
+    tokenizer: Tokenizer
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def set_script(self, script: Script) -> None:
+        self.script = self.prefill.script = self.decode.script = script
+
+
+def default_script(tokenizer: Tokenizer) -> Script:
+    return Script(token_ids=tokenizer.encode(DEFAULT_TEXT, add_special_tokens=False).ids)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="session")
+def model_tokenizer(tiny_model_dir: Path) -> ModelTokenizer:
+    return ModelTokenizer.from_model_dir(tiny_model_dir)
+
+
+def start_stack(
+    loop: LoopThread, model_dir: Path, tokenizer: ModelTokenizer, **config_overrides: Any
+) -> Stack:
+    worker_tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    script = default_script(worker_tokenizer)
+    prefill, decode = (
+        ScriptedWorker(
+            role, script, worker_tokenizer, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE
+        )
+        for role in (worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE)
+    )
+    loop.run(prefill.start())
+    loop.run(decode.start())
+    config = GatewayConfig(
+        model_dir=model_dir,
+        served_model_name=SERVED_MODEL_NAME,
+        prefill_endpoints=(prefill.endpoint,),
+        decode_endpoints=(decode.endpoint,),
+        port=0,
+        worker_startup_timeout_s=10.0,
+        shutdown_grace_s=1.0,
+    )
+    server = GatewayServer(replace(config, **config_overrides), tokenizer=tokenizer)
+    url = loop.run(server.start())
+    return Stack(loop, script, prefill, decode, server, url, worker_tokenizer)
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.loop.run(stack.server.stop())
+    stack.loop.run(stack.prefill.stop())
+    stack.loop.run(stack.decode.stop())
+
+
+@pytest.fixture(scope="module")
+def module_stack(
+    loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer
+) -> Iterator[Stack]:
+    stack = start_stack(
+        loop_thread, tiny_model_dir, model_tokenizer, max_request_body_bytes=64 * 1024
+    )
+    yield stack
+    stop_stack(stack)
+
+
+@pytest.fixture
+def stack(module_stack: Stack) -> Stack:
+    """The module's stack with a fresh default script and cleared request records."""
+    module_stack.set_script(default_script(module_stack.tokenizer))
+    for worker in (module_stack.prefill, module_stack.decode):
+        worker.prefill_requests.clear()
+        worker.decode_requests.clear()
+        worker.num_decodes_cancelled = 0
+    return module_stack

@@ -1,0 +1,177 @@
+"""ScriptedWorker: a TEST DOUBLE of a Strata worker for the gateway's integration tests.
+
+It is not a model and not a simulator: it serves the real gRPC contract (worker.proto) over a real
+loopback socket and replays a fixed list of token ids, the same for every prompt. Where the gateway
+can tell the difference it behaves like the vLLM worker (dataplane/worker.py): texts come from the
+model's real tokenizer through an incremental DecodeStream primed with the request's prompt (so a
+character split over the prefill/decode boundary is lost exactly as between two real engines);
+EOS ends the sequence ("stop", the EOS id counted, its text empty); stop strings are checked
+against *its own* output only (a stop string straddling the boundary is missed, as by a real
+worker); the prefill samples exactly one token; decode continues the script after the first token.
+Failures, delays and readiness are set per test; every request and every cancelled decode is
+recorded. Test code only: it never ships in the product.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from strata_proto import worker_pb2, worker_pb2_grpc
+
+EOS_TOKEN_ID = 2
+
+
+@dataclass
+class Script:
+    """What the scripted "model" generates, shared by a prefill and a decode ScriptedWorker."""
+
+    token_ids: list[int] = field(default_factory=list)
+    """Generated in order for any prompt; EOS follows the last one."""
+    decode_chunk_size: int = 1
+    decode_delay_s: float = 0.0
+    """Sleep before each decode chunk (to test cancellation and timeouts)."""
+    prefill_error: grpc.StatusCode | None = None
+    decode_error: grpc.StatusCode | None = None
+    decode_error_after_chunks: int = 0
+    num_cached_tokens: int = 0
+
+    def token(self, index: int) -> int:
+        return self.token_ids[index] if index < len(self.token_ids) else EOS_TOKEN_ID
+
+
+class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
+    """A grpc.aio server replaying `script`; see the module docstring."""
+
+    def __init__(
+        self,
+        role: int,
+        script: Script,
+        tokenizer: Tokenizer,
+        *,
+        max_model_len: int = 256,
+        block_size: int = 16,
+        model: str = "tiny",
+    ) -> None:
+        self.role = role
+        self.script = script
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.model = model
+        self.ready = True
+        self.health_delay_s = 0.0
+        self.prefill_requests: list[worker_pb2.PrefillRequest] = []
+        self.decode_requests: list[worker_pb2.DecodeRequest] = []
+        self.num_decodes_cancelled = 0
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> str:
+        self._server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        await self._server.start()
+        return self.endpoint
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=None)
+            self._server = None
+
+    # -- the contract ----------------------------------------------------------------------
+
+    async def Health(self, request, context):
+        if self.health_delay_s:
+            await asyncio.sleep(self.health_delay_s)
+        return worker_pb2.HealthResponse(
+            ready=self.ready,
+            role=self.role,
+            model=self.model,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+        )
+
+    async def Prefill(self, request, context):
+        self.prefill_requests.append(request)
+        if self.script.prefill_error is not None:
+            await context.abort(self.script.prefill_error, "scripted prefill failure")
+        stream = DecodeStream(ids=list(request.prompt_token_ids), skip_special_tokens=True)
+        token_id = self.script.token(0)
+        text, finish = self._next_output(stream, "", token_id, request.sampling)
+        num_blocks = len(request.prompt_token_ids) // self.block_size
+        return worker_pb2.PrefillResponse(
+            first_token_id=token_id,
+            first_token_text=text,
+            finish_reason=finish,
+            block_keys=[b"block-%d" % i for i in range(num_blocks)],
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=self.script.num_cached_tokens,
+        )
+
+    async def Decode(self, request, context):
+        self.decode_requests.append(request)
+        script = self.script
+        sampling = request.sampling
+        # Primed with prompt + first token, like the decode engine: its text starts after them.
+        stream = DecodeStream(ids=list(request.prompt_token_ids), skip_special_tokens=True)
+        output = ""  # this call's output text: the only text its stop-string check sees
+        num_sent_chars = 0
+        index = 1  # the prefill generated script token 0
+        num_chunks = 0
+        finish = worker_pb2.FINISH_REASON_UNSPECIFIED
+        try:
+            while not finish:
+                if script.decode_delay_s:
+                    await asyncio.sleep(script.decode_delay_s)
+                if (
+                    script.decode_error is not None
+                    and num_chunks >= script.decode_error_after_chunks
+                ):
+                    finish = worker_pb2.FINISH_REASON_ABORT  # ended, but not by the client
+                    await context.abort(script.decode_error, "scripted decode failure")
+                ids: list[int] = []
+                while len(ids) < script.decode_chunk_size and not finish:
+                    token_id = script.token(index)
+                    index += 1
+                    ids.append(token_id)
+                    output, finish = self._next_output(stream, output, token_id, sampling)
+                    if not finish and index - 1 >= sampling.max_tokens:
+                        finish = worker_pb2.FINISH_REASON_LENGTH
+                chunk = worker_pb2.DecodeChunk(
+                    token_ids=ids, text=output[num_sent_chars:], finish_reason=finish
+                )
+                num_sent_chars = max(num_sent_chars, len(output))
+                num_chunks += 1
+                if finish:  # worker.proto: KV accounting comes on the last chunk
+                    num_loaded = len(request.block_keys) * self.block_size
+                    chunk.num_cached_tokens = num_loaded
+                    chunk.num_external_tokens = num_loaded
+                yield chunk
+        finally:
+            # Cancelled while awaiting (CancelledError) or while parked at `yield` (the server
+            # closes the generator): either way the stream ended before its last chunk.
+            if not finish:
+                self.num_decodes_cancelled += 1
+
+    def _next_output(
+        self, stream: DecodeStream, output: str, token_id: int, sampling
+    ) -> tuple[str, int]:
+        """(output text after this token, finish reason), as a vLLM worker computes them."""
+        if token_id == EOS_TOKEN_ID and not sampling.ignore_eos:
+            return output, worker_pb2.FINISH_REASON_STOP
+        if token_id in sampling.stop_token_ids:
+            return output, worker_pb2.FINISH_REASON_STOP
+        candidate = output + (stream.step(self.tokenizer, token_id) or "")
+        hits = [at for at in (candidate.find(stop) for stop in sampling.stop) if at != -1]
+        if hits:
+            return candidate[: min(hits)], worker_pb2.FINISH_REASON_STOP
+        return candidate, worker_pb2.FINISH_REASON_UNSPECIFIED
