@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.strata-dev-installed
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install dev model lint typecheck proto clean-venv
+.PHONY: serve test install dev model lint typecheck proto clean-venv loadtest bench-serving bench-kvstore
 
 serve: install
 	$(VENV)/bin/strata serve $(SERVE_ARGS)
@@ -53,3 +53,14 @@ proto: dev
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Extras (not needed for the two commands above).
+loadtest: dev
+	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u 4 -r 2 -t 30s --host http://127.0.0.1:8000
+
+bench-serving: dev
+	$(PY) benchmarks/bench_serving.py --base-url http://127.0.0.1:8000 \
+	  --model-dir "$$($(PY) -m strata.models prepare-default)" --single-engine
+
+bench-kvstore: dev
+	$(PY) benchmarks/bench_kvstore.py
