@@ -1,4 +1,4 @@
-"""The committed gRPC stubs are exactly what scripts/gen_proto.sh makes from proto/ (reproducible)."""
+"""The committed gRPC stubs are exactly what scripts/gen_proto.sh makes from proto/."""
 
 from __future__ import annotations
 
