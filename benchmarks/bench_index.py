@@ -1,0 +1,185 @@
+"""Throughput and memory of the cluster-wide prefix index, beside this machine's dict limit.
+
+Indexes 1 M blocks as 64-block chains (15,625 ``BlocksStored`` events from 16 holders over the
+three tiers; random 16-byte keys, which is what xxh3_128 keys look like), then measures, three
+runs each (min / median / max):
+
+* insert: ``PrefixIndex.apply`` of all the events into a fresh index (blocks/s);
+* match: ``PrefixIndex.match`` of whole indexed chains (block lookups/s = matches/s × 64), and
+  the same plus the per-holder breakdown (``PrefixMatch.holders``);
+* remove: ``apply`` of a ``BlocksRemoved`` per chain (blocks/s);
+* the machine limit, measured in the same run on the same chains: a plain ``dict`` of the same
+  1 M 16-byte keys and a Python loop of membership tests up to the first miss (the project's
+  machine-limits note: "64-block prefix match against a dict of 1 M hashes: 4.4 M lookups/s");
+* memory per indexed block: ``tracemalloc`` of building the index (numpy reports its arrays to
+  tracemalloc) against building the ``dict[bytes, int]`` the limit uses (keys included: an index
+  must keep them), once each, since they are deterministic.
+
+The machines are shared and noisy, so compare ratios, not absolute numbers.
+
+    .venv/bin/python benchmarks/bench_index.py --quick     # 100 k blocks
+    .venv/bin/python benchmarks/bench_index.py             # 1 M blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from kvstore.events import BlocksRemoved, BlocksStored, Tier  # noqa: E402
+from kvstore.index import ApplyResult, PrefixIndex  # noqa: E402
+
+RUNS = 3
+CHAIN = 64
+NUM_HOLDERS = 16
+
+
+def summarize(samples: Sequence[float], scale: float = 1e6) -> str:
+    values = [s / scale for s in samples]
+    return f"{min(values):6.2f} / {statistics.median(values):6.2f} / {max(values):6.2f}"
+
+
+def make_chains(num_blocks: int, seed: int = 0) -> list[tuple[bytes, ...]]:
+    raw = np.random.default_rng(seed).bytes(16 * num_blocks)
+    keys = [raw[i : i + 16] for i in range(0, len(raw), 16)]
+    return [tuple(keys[i : i + CHAIN]) for i in range(0, num_blocks, CHAIN)]
+
+
+def make_events(chains: Sequence[tuple[bytes, ...]]) -> list[BlocksStored]:
+    events = []
+    for j, chain in enumerate(chains):
+        holder = j % NUM_HOLDERS
+        events.append(BlocksStored(f"holder-{holder:02d}", j // NUM_HOLDERS, Tier(j % 3), chain))
+    return events
+
+
+def build(events: Sequence[BlocksStored]) -> PrefixIndex:
+    index = PrefixIndex()
+    for event in events:
+        index.apply(event)
+    return index
+
+
+def rate(work: Callable[[], int]) -> float:
+    """Units per second of one call of ``work`` (which returns how many units it did)."""
+    gc.collect()
+    started = time.perf_counter()
+    units = work()
+    return units / (time.perf_counter() - started)
+
+
+def match_all(index: PrefixIndex, probes: Sequence[tuple[bytes, ...]], holders: bool) -> int:
+    """Match every probe chain (and compute its holders); returns the block lookups done."""
+    if holders:
+        return sum(index.match(chain).holders[0].depth for chain in probes)
+    return sum(index.match(chain).depth for chain in probes)
+
+
+def dict_prefix_lookups(table: dict[bytes, int], chains: Sequence[tuple[bytes, ...]]) -> int:
+    lookups = 0
+    for chain in chains:
+        for key in chain:
+            lookups += 1
+            if key not in table:
+                break
+    return lookups
+
+
+def traced_bytes(make: Callable[[], object]) -> tuple[int, object]:
+    """Bytes still allocated after ``make()`` (tracemalloc), and what it made."""
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    made = make()
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return after - before, made
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100 k blocks instead of 1 M")
+    args = parser.parse_args()
+    num_blocks = 100_000 if args.quick else 1_000_000
+    num_blocks -= num_blocks % CHAIN
+    chains = make_chains(num_blocks)
+    events = make_events(chains)
+    next_seq = {e.source: e.seq + 1 for e in events}
+    removals = []
+    for e in events:
+        removals.append(BlocksRemoved(e.source, next_seq[e.source], e.tier, e.keys))
+        next_seq[e.source] += 1
+    rng = np.random.default_rng(1)
+    probes = [chains[i] for i in rng.integers(0, len(chains), size=min(5000, len(chains)))]
+    table = {key: i for i, chain in enumerate(chains) for key in chain}
+
+    print(
+        f"prefix index benchmark ({'quick' if args.quick else 'full'}): {num_blocks:,} blocks "
+        f"in {len(chains):,} chains of {CHAIN}, {NUM_HOLDERS} holders, 3 tiers; "
+        f"{len(probes):,} matches per run"
+    )
+    print(f"host: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, numpy {np.__version__}")
+    print(f"{RUNS} runs each, min / median / max\n")
+
+    index = build(events)
+    assert index.match(probes[0]).depth == CHAIN
+
+    def insert_then_remove() -> tuple[float, float]:
+        gc.collect()
+        started = time.perf_counter()
+        fresh = build(events)
+        inserted = time.perf_counter()
+        results = [fresh.apply(event) for event in removals]
+        removed = time.perf_counter()
+        if fresh.num_blocks or set(results) != {ApplyResult.APPLIED}:
+            raise RuntimeError("removals did not empty the index")
+        return num_blocks / (inserted - started), num_blocks / (removed - inserted)
+
+    limit, inserts, matches, matches_holders, removes = [], [], [], [], []
+    for _ in range(RUNS):
+        limit.append(rate(lambda: dict_prefix_lookups(table, probes)))
+        matches.append(rate(lambda: match_all(index, probes, holders=False)))
+        matches_holders.append(rate(lambda: match_all(index, probes, holders=True)))
+        insert_rate, remove_rate = insert_then_remove()
+        inserts.append(insert_rate)
+        removes.append(remove_rate)
+
+    index_bytes, built = traced_bytes(lambda: build(events))
+    assert isinstance(built, PrefixIndex)
+    reported = built.memory_bytes()
+    del built
+    dict_bytes, _ = traced_bytes(
+        lambda: {bytes(bytearray(k)): i for i, c in enumerate(chains) for k in c}
+    )
+
+    width = 44
+    print(f"{'throughput (millions per second)':{width}} {'min / median / max':>24}")
+    print(f"{'machine limit: dict prefix lookups':{width}} {summarize(limit):>24}")
+    print(f"{'index match, block lookups':{width}} {summarize(matches):>24}")
+    print(f"{'index match + holders, block lookups':{width}} {summarize(matches_holders):>24}")
+    print(f"{'index insert (apply BlocksStored), blocks':{width}} {summarize(inserts):>24}")
+    print(f"{'index remove (apply BlocksRemoved), blocks':{width}} {summarize(removes):>24}")
+    ratio = statistics.median(matches) / statistics.median(limit)
+    print(f"\nmatch / dict limit (medians): {ratio:.2f}   goal: >= 1 M block lookups/s")
+    print("\nmemory per indexed block (tracemalloc, after building)")
+    print(f"{'index (PrefixIndex)':{width}} {index_bytes / num_blocks:8.1f} B")
+    print(f"{'index, memory_bytes() estimate':{width}} {reported / num_blocks:8.1f} B")
+    print(f"{'dict[bytes, int] of the same keys':{width}} {dict_bytes / num_blocks:8.1f} B")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Eviction policies on the Mooncake conversation trace, beside Belady's optimum.
+
+Replays the prompt-block stream of ``conversation_trace.jsonl`` (each request's ``hash_ids`` in
+order; 512-token blocks): a block is a *hit* if it is cached when accessed, and is inserted after
+a miss (evicting as the store node does: ``select_victim`` then ``on_remove`` until there is
+room). Caches hold 1 %, 5 % and 20 % of the trace's distinct blocks. For each capacity it prints,
+per policy (every ``kvstore.policy.PolicyKind``):
+
+* **block hit ratio**: hits / accesses;
+* **prefix hit ratio**: the leading hits of each request (blocks 0..i-1 all hit) / accesses. A
+  block is a chain link, and a prefix-caching engine can only use a hit whose predecessors all
+  hit, so this is the ratio that saves prefill;
+* each as a fraction of **Belady's** (offline MIN: on a miss with a full cache, drop whichever of
+  the cached blocks and the new one is next used farthest in the future -- the new one is then
+  not inserted; computed with precomputed next-use positions and a lazy max-heap);
+* the **infinite-cache** bound (every re-access hits; the trace's README says 36.6 %).
+
+One extra row, ``LRU, tail first``, touches each request's blocks from last to first after the
+request (as vLLM frees a finished request's blocks, tail first), so an LRU cache evicts chain
+tails before the heads that make them reachable.
+
+    .venv/bin/python benchmarks/bench_trace_eviction.py [--trace PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from kvstore.policy import EvictionPolicy, LRUPolicy, PolicyKind, make_policy  # noqa: E402
+
+DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
+FRACTIONS = (0.01, 0.05, 0.20)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    hits: int
+    prefix_hits: int
+    seconds: float
+
+
+def load_requests(path: Path) -> list[list[int]]:
+    with path.open() as f:
+        return [json.loads(line)["hash_ids"] for line in f if line.strip()]
+
+
+def replay(
+    policy: EvictionPolicy, capacity: int, requests: Sequence[Sequence[bytes]], tail_first: bool
+) -> Outcome:
+    started = time.perf_counter()
+    cached: set[bytes] = set()
+    hits = prefix_hits = 0
+
+    def anything(key: bytes) -> bool:
+        return True
+
+    for request in requests:
+        leading = True
+        for key in request:
+            if key in cached:
+                policy.on_access(key)
+                hits += 1
+                prefix_hits += leading
+                continue
+            leading = False
+            while len(cached) >= capacity:
+                victim = policy.select_victim(anything)
+                assert victim is not None
+                policy.on_remove(victim)
+                cached.remove(victim)
+            policy.on_insert(key)
+            cached.add(key)
+        if tail_first:
+            for key in reversed(request):
+                policy.on_access(key)
+    return Outcome(hits, prefix_hits, time.perf_counter() - started)
+
+
+def next_uses(stream: Sequence[int]) -> list[int]:
+    """``result[i]``: the position of the next access to ``stream[i]``'s block (len: never)."""
+    never = len(stream)
+    result = [never] * len(stream)
+    last: dict[int, int] = {}
+    for position in range(len(stream) - 1, -1, -1):
+        block = stream[position]
+        result[position] = last.get(block, never)
+        last[block] = position
+    return result
+
+
+def belady(capacity: int, requests: Sequence[Sequence[int]], next_use: Sequence[int]) -> Outcome:
+    """Offline MIN: evict (or do not insert) whatever is next used farthest in the future."""
+    started = time.perf_counter()
+    never = len(next_use)
+    cached: dict[int, int] = {}  # block -> position of its next use
+    farthest: list[tuple[int, int]] = []  # max-heap of (-next use, block); stale entries skipped
+    hits = prefix_hits = 0
+    position = 0
+    for request in requests:
+        leading = True
+        for block in request:
+            upcoming = next_use[position]
+            position += 1
+            if block in cached:
+                hits += 1
+                prefix_hits += leading
+                cached[block] = upcoming
+                heapq.heappush(farthest, (-upcoming, block))
+                continue
+            leading = False
+            if upcoming == never:
+                continue  # never used again: caching it cannot help
+            if len(cached) >= capacity:
+                while cached.get(farthest[0][1]) != -farthest[0][0]:
+                    heapq.heappop(farthest)  # stale: that block was used (or evicted) since
+                if -farthest[0][0] <= upcoming:
+                    continue  # everything cached is needed sooner than this block
+                del cached[heapq.heappop(farthest)[1]]
+            cached[block] = upcoming
+            heapq.heappush(farthest, (-upcoming, block))
+    return Outcome(hits, prefix_hits, time.perf_counter() - started)
+
+
+def infinite(requests: Sequence[Sequence[int]]) -> Outcome:
+    started = time.perf_counter()
+    seen: set[int] = set()
+    hits = prefix_hits = 0
+    for request in requests:
+        leading = True
+        for block in request:
+            if block in seen:
+                hits += 1
+                prefix_hits += leading
+            else:
+                leading = False
+                seen.add(block)
+    return Outcome(hits, prefix_hits, time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="conversation trace")
+    args = parser.parse_args()
+    requests = load_requests(args.trace)
+    stream = [block for request in requests for block in request]
+    distinct = len(set(stream))
+    accesses = len(stream)
+    as_keys = {block: block.to_bytes(16, "big") for block in set(stream)}  # 16-byte block keys
+    key_requests = [[as_keys[block] for block in request] for request in requests]
+    next_use = next_uses(stream)
+
+    print(
+        f"trace: {args.trace.name}: {len(requests):,} requests, {accesses:,} block accesses, "
+        f"{distinct:,} distinct blocks (512 tokens each)"
+    )
+    bound = infinite(requests)
+    print(
+        f"infinite cache: block hit ratio {bound.hits / accesses:.1%}, "
+        f"prefix hit ratio {bound.prefix_hits / accesses:.1%}\n"
+    )
+    runs: list[tuple[str, Callable[[], EvictionPolicy], bool]] = [
+        (kind.name, lambda kind=kind: make_policy(kind), False) for kind in PolicyKind
+    ]
+    runs.append(("LRU, tail first", LRUPolicy, True))
+    header = (
+        f"{'capacity':>17}  {'policy':16} {'block hits':>10} {'of Belady':>9}"
+        f" {'prefix hits':>11} {'of Belady':>9} {'time':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for fraction in FRACTIONS:
+        capacity = max(1, round(fraction * distinct))
+        label = f"{fraction:.0%} = {capacity:,}"
+        best = belady(capacity, requests, next_use)
+        rows = [("Belady (MIN)", best)]
+        for name, build, tail_first in runs:
+            rows.append((name, replay(build(), capacity, key_requests, tail_first)))
+        for name, outcome in rows:
+            print(
+                f"{label:>17}  {name:16} {outcome.hits / accesses:10.1%}"
+                f" {outcome.hits / best.hits:9.1%} {outcome.prefix_hits / accesses:11.1%}"
+                f" {outcome.prefix_hits / best.prefix_hits:9.1%} {outcome.seconds:5.1f}s"
+            )
+            label = ""
+        print()
+    print(
+        f"{'infinite':>17}  {'(bound)':16} {bound.hits / accesses:10.1%} {'':9}"
+        f" {bound.prefix_hits / accesses:11.1%}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
