@@ -48,6 +48,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -59,6 +60,7 @@ from kvstore.block import (
     encode_header,
     verify,
 )
+from kvstore.events import Tier
 from kvstore.node import PutStatus
 from kvstore.protocol import (
     FRAME_HEADER_BYTES,
@@ -79,7 +81,9 @@ __all__ = [
     "KVStoreCorruptError",
     "KVStoreError",
     "KVStoreUnavailable",
+    "PrefixMatch",
     "PutStatus",
+    "Tier",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,6 +109,19 @@ class KVStoreCorruptError(KVStoreError):
 
 class _ConnectionBroken(Exception):
     """Internal: the socket failed; the call may be retried on a new connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    """How much of a key chain a node holds, and where: ``tiers[i]`` is the fastest tier holding
+    key ``i`` of the matched prefix (``depth`` keys)."""
+
+    depth: int
+    tiers: tuple[Tier, ...]
+
+    def num_in(self, tier: Tier) -> int:
+        """Matched blocks whose fastest copy is in ``tier`` (e.g. to price loading them)."""
+        return sum(1 for t in self.tiers if t is tier)
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -264,7 +281,7 @@ class KVStoreClient:
         return self._call(run)
 
     def match_prefix(self, keys: Sequence[bytes]) -> int:
-        """Number of leading keys of a prompt's key chain that the node holds."""
+        """Number of leading keys of a prompt's key chain that the node holds (any tier)."""
         matched = 0
         for chunk in self._key_chunks(keys):
             found = self._keyed(Op.MATCH_PREFIX, chunk)[0]
@@ -273,8 +290,25 @@ class KVStoreClient:
                 break
         return matched
 
+    def match_prefix_tiers(self, keys: Sequence[bytes]) -> PrefixMatch:
+        """:meth:`match_prefix` with the tier of each matched block (DRAM or SSD).
+
+        A node without tier information (an older node) reports every block as DRAM.
+        """
+        tiers: list[Tier] = []
+        for chunk in self._key_chunks(keys):
+            found, body = self._keyed(Op.MATCH_PREFIX, chunk)
+            try:
+                codes = [Tier(code) for code in body] if len(body) == found else None
+            except ValueError:
+                codes = None
+            tiers.extend(codes if codes is not None else [Tier.DRAM] * found)
+            if found < len(chunk):
+                break
+        return PrefixMatch(len(tiers), tuple(tiers))
+
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
-        """Whether each key is stored (committed) on the node."""
+        """Whether each key is stored (committed) on the node, in any tier."""
         present: list[bool] = []
         for chunk in self._key_chunks(keys):
             count, bitmap = self._keyed(Op.EXISTS, chunk)

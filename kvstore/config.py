@@ -4,7 +4,8 @@
 command line and the environment are derived from the same field table (``_CLI_FIELDS``): every
 option ``--arena-size`` can also be given as ``STRATA_KVSTORE_ARENA_SIZE``; the command line wins.
 Sizes are written like ``"2GiB"``, ``"512MiB"``, ``"4KiB"`` (binary) or ``"1GB"`` (decimal);
-durations like ``"30s"``, ``"250ms"``, ``"5m"``, ``"24h"``.
+durations like ``"30s"``, ``"250ms"``, ``"5m"``, ``"24h"``. Boolean options take ``true``/``false``;
+``--no-promote`` is a shorthand for ``--promote false``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ _DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "h": 36
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
 ENV_PREFIX = "STRATA_KVSTORE_"
+SSD_SYNC_MODES = ("data", "full", "none")
+MIN_SSD_SIZE_BYTES = 16 * 1024**2
 
 
 def parse_size(value: str | int) -> int:
@@ -100,6 +103,19 @@ class StoreNodeConfig:
         prefault: touch every arena page at start-up (faulting new memory in is slow here, and
             reserving it up front turns "out of memory later" into "refuse to start now").
         log_level: Python logging level name.
+        ssd_dir: directory of the SSD tier (an lmdb environment); None = no SSD tier, DRAM only.
+        ssd_size_bytes: lmdb map size: the SSD tier's files never grow past it (blocks fill it up
+            to a budget that leaves headroom for lmdb itself; docs/design/kvstore.md §13.7).
+        ssd_ttl_s: an SSD block expires this long after it was written (default 24 h).
+        ssd_sync: durability of SSD commits: ``"data"`` (fdatasync per commit, metadata flushed
+            at the next commit), ``"full"`` (both synced) or ``"none"`` (no sync; a power loss
+            may corrupt the file). A process crash loses nothing committed in any mode.
+        ssd_sweep_interval_s: how often expired SSD blocks are deleted.
+        ssd_read_threads: threads that read the SSD (lmdb releases the GIL; the disk wants depth).
+        high_watermark: fraction of the arena above which cold blocks are spilled to SSD.
+        low_watermark: spilling stops once arena usage is below this fraction.
+        promote: copy a block read from SSD into DRAM (inline, into the arena extent it is read
+            into); if False, SSD hits are served from a transient arena extent.
     """
 
     host: str = "127.0.0.1"
@@ -111,6 +127,15 @@ class StoreNodeConfig:
     arena_dir: str = "/dev/shm"
     prefault: bool = True
     log_level: str = "INFO"
+    ssd_dir: str | None = None
+    ssd_size_bytes: int = 16 * 1024**3
+    ssd_ttl_s: float = 24 * 3600.0
+    ssd_sync: str = "data"
+    ssd_sweep_interval_s: float = 60.0
+    ssd_read_threads: int = 8
+    high_watermark: float = 0.90
+    low_watermark: float = 0.75
+    promote: bool = True
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -133,6 +158,26 @@ class StoreNodeConfig:
             raise ValueError(f"arena_dir does not exist: {self.arena_dir}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"unknown log_level {self.log_level!r}")
+        if self.ssd_dir is not None:
+            if not self.ssd_dir:
+                raise ValueError("ssd_dir must not be empty (None disables the SSD tier)")
+            if os.path.exists(self.ssd_dir) and not os.path.isdir(self.ssd_dir):
+                raise ValueError(f"ssd_dir is not a directory: {self.ssd_dir}")
+        if self.ssd_size_bytes < MIN_SSD_SIZE_BYTES:
+            raise ValueError(f"ssd_size_bytes must be at least {MIN_SSD_SIZE_BYTES} (16 MiB)")
+        if self.ssd_ttl_s <= 0:
+            raise ValueError("ssd_ttl_s must be positive")
+        if self.ssd_sync not in SSD_SYNC_MODES:
+            raise ValueError(f"ssd_sync must be one of {', '.join(SSD_SYNC_MODES)}")
+        if self.ssd_sweep_interval_s <= 0:
+            raise ValueError("ssd_sweep_interval_s must be positive")
+        if not 1 <= self.ssd_read_threads <= 64:
+            raise ValueError("ssd_read_threads must be between 1 and 64")
+        if not 0.0 < self.low_watermark < self.high_watermark <= 1.0:
+            raise ValueError(
+                "watermarks must satisfy 0 < low_watermark < high_watermark <= 1, got "
+                f"low={self.low_watermark} high={self.high_watermark}"
+            )
 
     @classmethod
     def from_cli(
@@ -153,6 +198,13 @@ class StoreNodeConfig:
                 default=default,
                 help=f"{help_text} (env {env_name}; default {defaults[name]})",
             )
+        parser.add_argument(
+            "--no-promote",
+            dest="promote",
+            action="store_const",
+            const="false",
+            help="serve SSD hits without copying them into DRAM (same as --promote false)",
+        )
         namespace = parser.parse_args(argv)
         values: dict[str, Any] = {}
         for name, option, parse, _help in _CLI_FIELDS:
@@ -174,6 +226,17 @@ def _parse_str(value: str) -> str:
     return str(value)
 
 
+def _parse_float(value: str | float) -> float:
+    return float(value)
+
+
+def _parse_optional_dir(value: str | None) -> str | None:
+    """A directory, or None for ``""``/``"none"`` (the option's feature is off)."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    return str(value)
+
+
 _CLI_FIELDS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
     ("host", "host", _parse_str, "address to listen on"),
     ("port", "port", _parse_int, "TCP port (0 = any free port)"),
@@ -184,4 +247,13 @@ _CLI_FIELDS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
     ("arena_dir", "arena-dir", _parse_str, "directory of the arena file"),
     ("prefault", "prefault", _parse_bool, "touch the whole arena at start-up (true/false)"),
     ("log_level", "log-level", _parse_str, "logging level"),
+    ("ssd_dir", "ssd-dir", _parse_optional_dir, "SSD tier directory (lmdb); none = DRAM only"),
+    ("ssd_size_bytes", "ssd-size", parse_size, "SSD tier size (lmdb map size), e.g. 64GiB"),
+    ("ssd_ttl_s", "ssd-ttl", parse_duration, "SSD blocks expire this long after written, e.g. 24h"),
+    ("ssd_sync", "ssd-sync", _parse_str, "SSD commit durability: data, full or none"),
+    ("ssd_sweep_interval_s", "ssd-sweep-interval", parse_duration, "expired-block sweep period"),
+    ("ssd_read_threads", "ssd-read-threads", _parse_int, "threads reading the SSD tier"),
+    ("high_watermark", "high-watermark", _parse_float, "spill DRAM to SSD above this fraction"),
+    ("low_watermark", "low-watermark", _parse_float, "stop spilling below this fraction"),
+    ("promote", "promote", _parse_bool, "copy SSD hits into DRAM (true/false)"),
 )

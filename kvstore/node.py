@@ -16,6 +16,12 @@ is the design of record in docs/design/kvstore.md; in short:
 * **Eviction.** When the arena has no room, the injected :class:`~kvstore.policy.EvictionPolicy`
   proposes victims among committed, unleased blocks until the allocation fits; if none is left the
   put is refused with ``FULL`` (the node never grows past its arena).
+* **Lower tiers** (kvstore.tiers drives these; the node never sees the SSD): a spill pins the
+  coldest block with a lease (:meth:`pin_for_spill`), and :meth:`finish_spill` drops the DRAM copy
+  only after the lower tier has committed it -- unless the block was read meanwhile. A read from a
+  lower tier lands in a reserved extent: :meth:`promote` makes it a DRAM block, :meth:`detach`
+  serves it once from a *transient* extent that never enters the index (``--no-promote``, or a
+  promotion cancelled by DELETE); :meth:`begin_transient` reserves such an extent directly.
 
 Not thread-safe by design: the node belongs to the server's event-loop thread, which makes every
 operation atomic without locks.
@@ -26,7 +32,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvstore.arena import Arena, ArenaStats, Extent
@@ -62,6 +68,7 @@ class _Entry:
     leases: int = 0
     last_access_s: float = 0.0
     unlinked: bool = False  # removed from the index while leased; freed at the last release
+    transient: bool = False  # reserved outside the index (begin_transient); never committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +124,9 @@ class StoreNode:
         self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
         self._clock = clock
         self._entries: dict[bytes, _Entry] = {}
+        self._transient: dict[int, _Entry] = {}  # write_id -> entry filled outside the index
         self._leases: dict[int, _Entry] = {}
+        self._spill_stamps: dict[int, float] = {}  # spill lease id -> last access when pinned
         self._ids = itertools.count(1)
         self._num_writing = 0
         self._stored_bytes = 0
@@ -128,6 +137,11 @@ class StoreNode:
     @property
     def arena(self) -> Arena:
         return self._arena
+
+    def arena_usage(self) -> float:
+        """Fraction of the arena allocated (blocks, reservations and transient extents)."""
+        stats = self._arena.stats()
+        return stats.used_bytes / stats.capacity_bytes
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -173,11 +187,57 @@ class StoreNode:
         entry = self._writing_entry(pending)
         if entry is None:
             return False
-        del self._entries[entry.key]
-        self._num_writing -= 1
-        self._puts_revoked += 1
+        self._forget_writing(entry)
+        if not entry.transient:
+            self._puts_revoked += 1
         self._arena.free(entry.extent)
         return True
+
+    def begin_transient(self, key: bytes, nbytes: int) -> PendingPut | PutStatus:
+        """Reserve an extent outside the index (evicting if needed) to stage a block for one read.
+
+        The staged block is invisible to lookups and never committed: fill it, then :meth:`detach`
+        it (a lease that frees the extent at release) or :meth:`revoke` it. Returns ``FULL`` if
+        no room can be made.
+        """
+        _check_key(key)
+        if nbytes <= 0:
+            raise ValueError(f"block size must be positive, got {nbytes}")
+        extent = self._allocate(nbytes)
+        if extent is None:
+            return PutStatus.FULL
+        write_id = next(self._ids)
+        entry = _Entry(key, extent, nbytes, EntryState.WRITING, write_id, transient=True)
+        self._transient[write_id] = entry
+        return PendingPut(key, nbytes, self._arena.view(extent, nbytes), write_id)
+
+    def promote(self, pending: PendingPut) -> Lease:
+        """Commit a block filled from a lower tier and lease it to the reader that asked for it.
+
+        Like :meth:`commit` then :meth:`acquire`, but counted as neither a put nor a hit (the
+        tier manager counts promotions and lower-tier hits).
+        """
+        entry = self._writing_entry(pending)
+        if entry is None or entry.transient:
+            raise ValueError(f"no pending put {pending.write_id} for key {pending.key.hex()}")
+        entry.state = EntryState.COMMITTED
+        entry.last_access_s = self._clock()
+        self._num_writing -= 1
+        self._stored_bytes += entry.nbytes
+        self._policy.on_insert(entry.key)
+        return self._lease(entry)
+
+    def detach(self, pending: PendingPut) -> Lease:
+        """Turn a filled pending block into a one-off read: leased, out of the index, freed at
+        the last release. For reads from a lower tier that must not (or may no longer) be
+        promoted."""
+        entry = self._writing_entry(pending)
+        if entry is None:
+            raise ValueError(f"no pending put {pending.write_id} for key {pending.key.hex()}")
+        self._forget_writing(entry)
+        entry.state = EntryState.COMMITTED
+        entry.unlinked = True
+        return self._lease(entry)
 
     def put(self, key: bytes, data: bytes | bytearray | memoryview) -> PutStatus:
         """Store ``data`` under ``key`` in one call (begin, copy, commit)."""
@@ -198,19 +258,16 @@ class StoreNode:
             self._misses += 1
             return None
         self._hits += 1
-        entry.leases += 1
         entry.last_access_s = self._clock()
         self._policy.on_access(key)
-        lease_id = next(self._ids)
-        self._leases[lease_id] = entry
-        view = self._arena.view(entry.extent, entry.nbytes)
-        return Lease(lease_id, key, entry.extent.offset, entry.nbytes, view)
+        return self._lease(entry)
 
     def release(self, lease: Lease) -> None:
         """End a read pin. Releasing twice is a bug and raises ValueError."""
         entry = self._leases.pop(lease.lease_id, None)
         if entry is None:
             raise ValueError(f"lease {lease.lease_id} is not held")
+        self._spill_stamps.pop(lease.lease_id, None)
         entry.leases -= 1
         if entry.leases == 0 and entry.unlinked:
             self._arena.free(entry.extent)
@@ -229,6 +286,10 @@ class StoreNode:
         """True if ``key`` is committed. Does not count as an access."""
         entry = self._entries.get(key)
         return entry is not None and entry.state is EntryState.COMMITTED
+
+    def iter_keys(self) -> Iterator[bytes]:
+        """The committed keys now (a snapshot)."""
+        return iter([k for k, e in self._entries.items() if e.state is EntryState.COMMITTED])
 
     def exists(self, keys: Iterable[bytes]) -> list[bool]:
         """``contains`` for each key. Does not count as an access."""
@@ -262,10 +323,58 @@ class StoreNode:
         self._deletes += removed
         return removed
 
+    # -- spilling to a lower tier -------------------------------------------------------------
+
+    def coldest_evictable(self) -> bytes | None:
+        """The block the policy would evict next (committed, unleased), or None. A lookup only."""
+        return self._policy.select_victim(self._can_evict)
+
+    def pin_for_spill(self, key: bytes) -> Lease:
+        """Lease a committed block so that a spill can copy it out; not an access.
+
+        The lease keeps eviction, DELETE and new puts from freeing or reusing its bytes while a
+        writer thread reads them. End it with :meth:`finish_spill`.
+        """
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not EntryState.COMMITTED:
+            raise KeyError(f"no committed block {key.hex()}")
+        lease = self._lease(entry)
+        self._spill_stamps[lease.lease_id] = entry.last_access_s
+        return lease
+
+    def finish_spill(self, lease: Lease, stored: bool) -> bool:
+        """End a spill pin; drop the DRAM copy if the lower tier ``stored`` it. True if dropped.
+
+        The copy stays if the block was read (an access) since it was pinned -- it is hot again
+        and the lower tier's copy will make its next spill free -- or if it was deleted or
+        replaced meanwhile.
+        """
+        entry = self._leases.get(lease.lease_id)
+        stamp = self._spill_stamps.get(lease.lease_id)
+        self.release(lease)
+        if not stored or entry is None or self._entries.get(entry.key) is not entry:
+            return False  # not written, or deleted/replaced meanwhile
+        if entry.last_access_s != stamp:
+            return False  # read since it was pinned: hot again
+        self._unlink(entry)
+        return True
+
+    def drop_copy(self, key: bytes) -> bool:
+        """Remove a committed, unleased block whose data is safe in a lower tier (a clean spill).
+
+        Not counted as an eviction or a delete. False if the block is absent, being written, or
+        leased.
+        """
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not EntryState.COMMITTED or entry.leases:
+            return False
+        self._unlink(entry)
+        return True
+
     def stats(self) -> NodeStats:
         return NodeStats(
             num_blocks=len(self._entries) - self._num_writing,
-            num_writing=self._num_writing,
+            num_writing=self._num_writing + len(self._transient),
             num_leases=len(self._leases),
             stored_bytes=self._stored_bytes,
             arena=self._arena.stats(),
@@ -304,7 +413,25 @@ class StoreNode:
         else:
             self._arena.free(entry.extent)
 
+    def _lease(self, entry: _Entry) -> Lease:
+        entry.leases += 1
+        lease_id = next(self._ids)
+        self._leases[lease_id] = entry
+        view = self._arena.view(entry.extent, entry.nbytes)
+        return Lease(lease_id, entry.key, entry.extent.offset, entry.nbytes, view)
+
+    def _forget_writing(self, entry: _Entry) -> None:
+        """Take a WRITING entry out of the index (or the transient table)."""
+        if entry.transient:
+            del self._transient[entry.write_id]
+        else:
+            del self._entries[entry.key]
+            self._num_writing -= 1
+
     def _writing_entry(self, pending: PendingPut) -> _Entry | None:
+        transient = self._transient.get(pending.write_id)
+        if transient is not None:
+            return transient if transient.key == pending.key else None
         entry = self._entries.get(pending.key)
         if (
             entry is None

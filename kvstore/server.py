@@ -21,6 +21,17 @@ Leases while sending
     client that pipelines GETs without reading cannot make the node buffer unboundedly), and
     ``resume_writing`` releases the held leases and resumes.
 
+SSD tier (docs/design/kvstore.md §13)
+    With ``--ssd-dir`` the node has a second tier, managed by :class:`kvstore.tiers.TierManager`
+    (spill above the high watermark, promotion on a hit, lookups across tiers). A GET that misses
+    DRAM but hits SSD is read on a thread into an arena extent; meanwhile the connection keeps
+    parsing and answering, queuing later responses behind the pending one (``_replies``), so
+    responses stay in request order while several SSD reads run at once. A connection with
+    ``MAX_FETCHES_PER_CONNECTION`` reads or ``MAX_QUEUED_REPLIES`` responses outstanding stops
+    reading its socket until one completes. GET and GET_SHM responses carry the tier that served
+    the block in ``count`` (1 = DRAM, 2 = SSD); MATCH_PREFIX responses carry one byte per matched
+    key, the fastest tier holding it (older clients ignore both).
+
 Failure handling
     A malformed frame (see kvstore.protocol) closes only its connection. A connection lost in the
     middle of a PUT revokes the reservation; one idle in the middle of a PUT for longer than
@@ -34,13 +45,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import uvloop
@@ -48,6 +62,7 @@ import uvloop
 from kvstore.arena import Arena, remove_stale_arenas
 from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.config import StoreNodeConfig
+from kvstore.events import Tier
 from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
 from kvstore.protocol import (
     FRAME_HEADER_BYTES,
@@ -61,6 +76,8 @@ from kvstore.protocol import (
     encode_bitmap,
     pack_frame_header,
 )
+from kvstore.ssd import SSDTier, SSDTierError, tune_malloc_for_lmdb
+from kvstore.tiers import TierManager
 
 __all__ = ["StoreServer", "main"]
 
@@ -68,6 +85,10 @@ logger = logging.getLogger("kvstore.server")
 
 RECV_BUFFER_BYTES = 256 * 1024
 MAX_SHM_LEASES_PER_CONNECTION = 4096
+MAX_FETCHES_PER_CONNECTION = 8
+"""SSD reads one connection may have in flight (the disk wants queue depth)."""
+MAX_QUEUED_REPLIES = 64
+"""Responses one connection may hold back behind pending SSD reads before it stops reading."""
 _PUT_PREFIX = FRAME_HEADER_BYTES + BLOCK_HEADER_BYTES
 
 
@@ -80,12 +101,22 @@ def _boot_id() -> str:
         return ""
 
 
+@dataclass(slots=True)
+class _Reply:
+    """A response waiting for an earlier one (an SSD read) so that order is kept."""
+
+    parts: list[bytes | memoryview]
+    lease: Lease | None = None  # released once the view has been handed to the kernel
+    ready: bool = True
+
+
 class _Connection(asyncio.BufferedProtocol):
     """One client connection: a frame parser feeding the node, with receive-into-arena for PUT."""
 
     def __init__(self, server: StoreServer) -> None:
         self._server = server
         self._node = server.node
+        self._tiers = server.tiers
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
         self._buf = bytearray(RECV_BUFFER_BYTES)
@@ -105,6 +136,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._unsent_leases: list[Lease] = []
         self._shm_leases: dict[int, Lease] = {}
         self._closed = False
+        # Responses held back behind a pending SSD read, in request order.
+        self._replies: deque[_Reply] = deque()
+        self._fetches: set[asyncio.Task[Lease | None]] = set()
+        self._reading = True
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -174,12 +209,16 @@ class _Connection(asyncio.BufferedProtocol):
         for lease in self._shm_leases.values():
             self._node.release(lease)
         self._shm_leases.clear()
+        for reply in self._replies:
+            if reply.lease is not None:
+                self._node.release(reply.lease)
+        self._replies.clear()
+        # SSD reads still in flight release what they bring when they finish (_fetch_done).
         self._server.connection_closed()
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._transport is not None and not self._closed:
-            self._transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -188,14 +227,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._unsent_leases.clear()
         if self._transport is None or self._closed:
             return
-        self._transport.resume_reading()
-        try:
-            self._process()
-        except FrameError as exc:
-            self.abort(f"malformed frame: {exc}")
-        except Exception:
-            logger.exception("internal error on connection %s; closing it", self._peer)
-            self.abort(None)
+        self._flush_replies()
+        self._resume()
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -225,10 +258,38 @@ class _Connection(asyncio.BufferedProtocol):
             self._buf[:remaining] = self._view[self._start : self._end]
         self._start, self._end = 0, remaining
 
+    def _resume(self) -> None:
+        """Parse again after a pause (writes drained, an SSD read finished)."""
+        self._update_reading()
+        try:
+            self._process()
+        except FrameError as exc:
+            self.abort(f"malformed frame: {exc}")
+        except Exception:
+            logger.exception("internal error on connection %s; closing it", self._peer)
+            self.abort(None)
+
+    def _fetch_blocked(self) -> bool:
+        return (
+            len(self._fetches) >= MAX_FETCHES_PER_CONNECTION
+            or len(self._replies) >= MAX_QUEUED_REPLIES
+        )
+
+    def _update_reading(self) -> None:
+        """Read the socket only while we may parse: not write-paused, not at the fetch limit."""
+        if self._transport is None or self._closed:
+            return
+        want = not self._write_paused and not self._fetch_blocked()
+        if want and not self._reading:
+            self._transport.resume_reading()
+        elif not want and self._reading:
+            self._transport.pause_reading()
+        self._reading = want
+
     def _process(self) -> None:
         """Handle every complete frame in the buffer; stop at a partial one or when paused."""
         view = self._view
-        while not self._write_paused and not self._closed:
+        while not self._write_paused and not self._closed and not self._fetch_blocked():
             start, avail = self._start, self._end - self._start
             if avail < FRAME_HEADER_BYTES:
                 break
@@ -251,6 +312,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._start = self._end = 0
         elif self._start and RECV_BUFFER_BYTES - self._end < _PUT_PREFIX:
             self._compact()
+        if self._fetch_blocked():
+            self._update_reading()
 
     def _receive_large_frame(self, header: FrameHeader) -> None:
         payload = memoryview(bytearray(header.payload_len))
@@ -304,6 +367,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pending = None
         if verify(block, pending.view[BLOCK_HEADER_BYTES:]):
             self._node.commit(pending)
+            self._tiers.note_commit()
             status = Status.OK
         else:
             self._node.revoke(pending)
@@ -333,13 +397,13 @@ class _Connection(asyncio.BufferedProtocol):
         if op is Op.GET:
             self._handle_get(rid, bytes(payload))
         elif op is Op.MATCH_PREFIX:
-            matched = node.match_prefix(_split_keys(payload))
-            self._write(pack_frame_header(op, rid, matched, 0))
+            tiers = bytes(self._tiers.match_prefix(_split_keys(payload)))
+            self._write(pack_frame_header(op, rid, len(tiers), len(tiers)) + tiers)
         elif op is Op.EXISTS:
-            bitmap = encode_bitmap(node.exists(_split_keys(payload)))
+            bitmap = encode_bitmap(self._tiers.exists(_split_keys(payload)))
             self._write(pack_frame_header(op, rid, header.count, len(bitmap)) + bitmap)
         elif op is Op.DELETE:
-            deleted = node.delete(_split_keys(payload))
+            deleted = self._tiers.delete(_split_keys(payload))
             self._write(pack_frame_header(op, rid, deleted, 0))
         elif op is Op.STATS:
             self._write_json(op, rid, self._server.stats())
@@ -358,38 +422,103 @@ class _Connection(asyncio.BufferedProtocol):
             raise FrameError(f"unexpected opcode {op}")
 
     def _handle_get(self, request_id: int, key: bytes) -> None:
-        lease = self._node.acquire(key)
-        if lease is None:
-            self._write(pack_frame_header(Op.GET, request_id, 0, 0, Status.MISS))
-            return
-        header = pack_frame_header(Op.GET, request_id, 1, lease.nbytes)
-        assert self._transport is not None
-        self._transport.writelines([header, lease.view])
-        if self._transport.get_write_buffer_size():
-            self._unsent_leases.append(lease)  # released by resume_writing / connection_lost
+        found = self._tiers.acquire(key)
+        if isinstance(found, Lease):
+            self._send(self._block_reply(request_id, found, Tier.DRAM))
+        elif found is Tier.SSD:
+            self._start_fetch(Op.GET, request_id, key)
         else:
-            self._node.release(lease)
+            self._write(pack_frame_header(Op.GET, request_id, 0, 0, Status.MISS))
 
     def _handle_get_shm(self, request_id: int, key: bytes) -> None:
-        if len(self._shm_leases) >= MAX_SHM_LEASES_PER_CONNECTION:
+        if len(self._shm_leases) + len(self._fetches) >= MAX_SHM_LEASES_PER_CONNECTION:
             logger.warning("%s holds too many shared-memory leases", self._peer)
             self._write(pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.BAD_REQUEST))
             return
-        lease = self._node.acquire(key)
-        if lease is None:
+        found = self._tiers.acquire(key)
+        if isinstance(found, Lease):
+            self._write(self._shm_reply(request_id, found, Tier.DRAM))
+        elif found is Tier.SSD:
+            self._start_fetch(Op.GET_SHM, request_id, key)
+        else:
             self._write(pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.MISS))
-            return
+
+    def _block_reply(self, request_id: int, lease: Lease, tier: Tier) -> _Reply:
+        """A GET response written from the arena (a view, no copy) under ``lease``."""
+        header = pack_frame_header(Op.GET, request_id, int(tier), lease.nbytes)
+        return _Reply([header, lease.view], lease)
+
+    def _shm_reply(self, request_id: int, lease: Lease, tier: Tier) -> bytes:
+        """A GET_SHM response; the lease stays held until the client's RELEASE."""
         self._shm_leases[lease.lease_id] = lease
         body = SHM_LEASE.pack(lease.lease_id, lease.offset, lease.nbytes)
-        self._write(pack_frame_header(Op.GET_SHM, request_id, 1, len(body)) + body)
+        return pack_frame_header(Op.GET_SHM, request_id, int(tier), len(body)) + body
+
+    def _start_fetch(self, op: Op, request_id: int, key: bytes) -> None:
+        """Read ``key`` from SSD in the background; its response keeps its place in line."""
+        reply = _Reply([], ready=False)
+        self._replies.append(reply)
+        task = asyncio.get_running_loop().create_task(self._tiers.fetch(key))
+        self._fetches.add(task)
+        task.add_done_callback(functools.partial(self._fetch_done, reply, op, request_id))
+
+    def _fetch_done(
+        self, reply: _Reply, op: Op, request_id: int, task: asyncio.Task[Lease | None]
+    ) -> None:
+        self._fetches.discard(task)
+        lease: Lease | None = None
+        if not task.cancelled():
+            if task.exception() is not None:
+                logger.error("SSD fetch failed", exc_info=task.exception())
+            else:
+                lease = task.result()
+        if self._closed:
+            if lease is not None:
+                self._node.release(lease)
+            return
+        if lease is None:
+            reply.parts = [pack_frame_header(op, request_id, 0, 0, Status.MISS)]
+        elif op is Op.GET:
+            filled = self._block_reply(request_id, lease, Tier.SSD)
+            reply.parts, reply.lease = filled.parts, filled.lease
+        else:
+            reply.parts = [self._shm_reply(request_id, lease, Tier.SSD)]
+        reply.ready = True
+        self._flush_replies()
+        self._resume()
+
+    def _flush_replies(self) -> None:
+        """Write the responses at the head of the line that are ready."""
+        replies = self._replies
+        while replies and replies[0].ready and not self._write_paused and not self._closed:
+            self._transmit(replies.popleft())
+
+    def _send(self, reply: _Reply) -> None:
+        if self._replies:
+            self._replies.append(reply)  # behind a pending SSD read
+            self._flush_replies()
+        else:
+            self._transmit(reply)
+
+    def _transmit(self, reply: _Reply) -> None:
+        if self._transport is None or self._closed:
+            if reply.lease is not None:
+                self._node.release(reply.lease)
+            return
+        self._transport.writelines(reply.parts)
+        if reply.lease is None:
+            return
+        if self._transport.get_write_buffer_size():
+            self._unsent_leases.append(reply.lease)  # released by resume_writing/connection_lost
+        else:
+            self._node.release(reply.lease)
 
     def _write_json(self, op: Op, request_id: int, value: object) -> None:
         body = json.dumps(value, sort_keys=True).encode()
         self._write(pack_frame_header(op, request_id, 0, len(body)) + body)
 
     def _write(self, data: bytes) -> None:
-        if self._transport is not None and not self._closed:
-            self._transport.write(data)
+        self._send(_Reply([data]))
 
 
 def _split_keys(payload: memoryview) -> list[bytes]:
@@ -400,9 +529,12 @@ def _split_keys(payload: memoryview) -> list[bytes]:
 class StoreServer:
     """Owns the listening socket, the connections and the node; start, serve, stop."""
 
-    def __init__(self, config: StoreNodeConfig, node: StoreNode) -> None:
+    def __init__(
+        self, config: StoreNodeConfig, node: StoreNode, tiers: TierManager | None = None
+    ) -> None:
         self.config = config
         self.node = node
+        self.tiers = tiers if tiers is not None else TierManager(node)
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
@@ -422,11 +554,13 @@ class StoreServer:
             backlog=1024,
         )
         self._reaper = self._loop.create_task(self._reap_stalled_payloads())
+        self.tiers.start()
         host, port = self._server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        """Stop accepting, let connections flush for up to ``grace_s``, then drop the rest."""
+        """Stop accepting, let connections flush for up to ``grace_s``, then drop the rest;
+        then stop the tiers' background work and close the SSD tier."""
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -445,6 +579,7 @@ class StoreServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), grace_s)
         await asyncio.sleep(0)  # let connection_lost callbacks run
+        await self.tiers.close()
 
     def loop_time(self) -> float:
         assert self._loop is not None
@@ -457,6 +592,9 @@ class StoreServer:
     def stats(self) -> dict[str, object]:
         stats = dataclasses.asdict(self.node.stats())
         stats["num_connections"] = len(self.connections)
+        stats["tiers"] = dataclasses.asdict(self.tiers.stats())
+        ssd = self.tiers.ssd
+        stats["ssd"] = dataclasses.asdict(ssd.stats()) if ssd is not None else None
         return stats
 
     def shm_info(self) -> dict[str, object]:
@@ -486,29 +624,73 @@ async def _serve(config: StoreNodeConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     for path in remove_stale_arenas(config.arena_dir):
         logger.warning("removed the arena file of a node that died: %s", path)
-    arena = Arena(
-        config.arena_size_bytes,
-        config.page_size_bytes,
-        directory=config.arena_dir,
-        prefault=config.prefault,
-    )
+    ssd = _open_ssd(config)
     try:
-        server = StoreServer(config, StoreNode(arena))
-        host, port = await server.start()
-        print(f"kvstore node listening on {host}:{port}", flush=True)
-        logger.info(
-            "arena %s: %d bytes, page %d, max block %d",
-            arena.path,
-            arena.size,
+        arena = Arena(
+            config.arena_size_bytes,
             config.page_size_bytes,
-            config.max_block_bytes,
+            directory=config.arena_dir,
+            prefault=config.prefault,
         )
-        await stop.wait()
-        logger.info("stopping")
-        await server.stop()
+    except BaseException:
+        if ssd is not None:
+            ssd.close()
+        raise
+    try:
+        node = StoreNode(arena)
+        tiers = TierManager(
+            node,
+            ssd,
+            high_watermark=config.high_watermark,
+            low_watermark=config.low_watermark,
+            promote=config.promote,
+            read_threads=config.ssd_read_threads,
+            sweep_interval_s=config.ssd_sweep_interval_s,
+        )
+        server = StoreServer(config, node, tiers)
+        try:  # stop() also closes the SSD tier, before the arena its threads read from
+            host, port = await server.start()
+            print(f"kvstore node listening on {host}:{port}", flush=True)
+            logger.info(
+                "arena %s: %d bytes, page %d, max block %d",
+                arena.path,
+                arena.size,
+                config.page_size_bytes,
+                config.max_block_bytes,
+            )
+            await stop.wait()
+            logger.info("stopping")
+        finally:
+            await server.stop()
     finally:
         arena.close()
     return 0
+
+
+def _open_ssd(config: StoreNodeConfig) -> SSDTier | None:
+    if config.ssd_dir is None:
+        return None
+    if not tune_malloc_for_lmdb():
+        logger.info("could not tune malloc for lmdb; SSD puts may be slower")
+    ssd = SSDTier(
+        config.ssd_dir,
+        config.ssd_size_bytes,
+        config.ssd_ttl_s,
+        sync=config.ssd_sync,
+        read_threads=config.ssd_read_threads,
+    )
+    stats = ssd.stats()
+    logger.info(
+        "SSD tier %s: %d blocks (%d bytes) recovered; size %d, budget %d, ttl %gs, sync %s",
+        ssd.path,
+        stats.num_blocks,
+        stats.stored_bytes,
+        stats.capacity_bytes,
+        stats.budget_bytes,
+        stats.ttl_s,
+        stats.sync,
+    )
+    return ssd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -521,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(uvloop.run(_serve(config)))
-    except OSError as exc:
+    except (OSError, SSDTierError) as exc:
         logger.error("cannot start the store node: %s", exc)
         return 1
 
