@@ -114,6 +114,9 @@ class StoreNodeConfig:
         ssd_read_threads: threads that read the SSD (lmdb releases the GIL; the disk wants depth).
         high_watermark: fraction of the arena above which cold blocks are spilled to SSD.
         low_watermark: spilling stops once arena usage is below this fraction.
+        write_behind: also copy every block committed to DRAM onto SSD in the background, so
+            the SSD tier holds everything and a restarted node still has it (without it only
+            spilled blocks reach SSD).
         promote: copy a block read from SSD into DRAM (inline, into the arena extent it is read
             into); if False, SSD hits are served from a transient arena extent.
     """
@@ -136,6 +139,7 @@ class StoreNodeConfig:
     high_watermark: float = 0.90
     low_watermark: float = 0.75
     promote: bool = True
+    write_behind: bool = False
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -256,4 +260,5 @@ _CLI_FIELDS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
     ("high_watermark", "high-watermark", _parse_float, "spill DRAM to SSD above this fraction"),
     ("low_watermark", "low-watermark", _parse_float, "stop spilling below this fraction"),
     ("promote", "promote", _parse_bool, "copy SSD hits into DRAM (true/false)"),
+    ("write_behind", "write-behind", _parse_bool, "copy every new block to SSD (true/false)"),
 )

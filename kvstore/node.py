@@ -262,6 +262,14 @@ class StoreNode:
         self._policy.on_access(key)
         return self._lease(entry)
 
+    def pin(self, key: bytes) -> Lease | None:
+        """Lease a committed block for a background copy (write-behind to SSD) without counting
+        an access: a copy made for durability must not make the block look hot."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not EntryState.COMMITTED:
+            return None
+        return self._lease(entry)
+
     def release(self, lease: Lease) -> None:
         """End a read pin. Releasing twice is a bug and raises ValueError."""
         entry = self._leases.pop(lease.lease_id, None)

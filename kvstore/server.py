@@ -367,7 +367,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pending = None
         if verify(block, pending.view[BLOCK_HEADER_BYTES:]):
             self._node.commit(pending)
-            self._tiers.note_commit()
+            self._tiers.note_commit(pending.key)
             status = Status.OK
         else:
             self._node.revoke(pending)
@@ -644,6 +644,7 @@ async def _serve(config: StoreNodeConfig) -> int:
             high_watermark=config.high_watermark,
             low_watermark=config.low_watermark,
             promote=config.promote,
+            write_behind=config.write_behind,
             read_threads=config.ssd_read_threads,
             sweep_interval_s=config.ssd_sweep_interval_s,
         )

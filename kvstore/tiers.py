@@ -12,7 +12,8 @@ Call sequence (the server's view)::
     tiers.start()                           # background spill and TTL sweep tasks
     found = tiers.acquire(key)              # GET: Lease (DRAM), Tier.SSD (fetch it), None (miss)
     lease = await tiers.fetch(key)          # SSD -> arena extent -> verified -> Lease (or None)
-    tiers.note_commit()                     # after each PUT commit: spill if above the watermark
+    tiers.note_commit(key)                  # after each PUT commit: spill above the watermark,
+                                            # queue the block for write-behind
     tiers.match_prefix(keys) / exists(keys) / delete(keys)    # across both tiers
     await tiers.close()                     # stop tasks, drain threads, close the SSD tier
 
@@ -24,6 +25,14 @@ Spill (DRAM -> SSD)
     then drops the DRAM copies (:meth:`StoreNode.finish_spill`), until usage is below
     ``low_watermark``. A block already on SSD with more than half its TTL left is dropped without
     a write (tiers are inclusive: a promoted block keeps its SSD copy).
+
+Write-behind (optional, ``write_behind=True``; on in ``strata serve``)
+    Every block committed to DRAM is also queued for the SSD. A background task takes the queue
+    in batches, pins each block with a lease that does not count as an access, writes the batch in
+    the writer thread (the same thread and order as spills), then releases the leases; the DRAM
+    copy stays. The SSD tier then holds every block, so a node restarted on the same directory
+    (or stopped without a spill) still serves them, and a later spill of a persisted block is a
+    clean drop with no write. Blocks deleted or evicted before their turn are skipped.
 
 Promotion (SSD -> DRAM), inline
     :meth:`fetch` reserves an arena extent for the block (``begin_put``: invisible, unevictable),
@@ -39,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,6 +87,8 @@ class TierStats:
     spills_clean: int
     spill_failures: int
     promotions: int
+    persisted: int
+    persist_failures: int
     ssd_read_no_space: int
     arena_usage: float
     high_watermark: float
@@ -101,6 +113,7 @@ class TierManager:
         promote: bool = True,
         read_threads: int = 8,
         sweep_interval_s: float = 60.0,
+        write_behind: bool = False,
     ) -> None:
         if not 0.0 < low_watermark < high_watermark <= 1.0:
             raise ValueError("need 0 < low_watermark < high_watermark <= 1")
@@ -118,6 +131,10 @@ class TierManager:
         self._promotions: dict[bytes, asyncio.Future[None]] = {}  # key -> done, while promoting
         self._cancelled: set[bytes] = set()  # deleted while their promotion was in flight
         self._reads: set[asyncio.Future[SSDRead]] = set()
+        self._write_behind = write_behind and ssd is not None
+        self._persist_queue: deque[bytes] = deque()
+        self._persist_wanted = asyncio.Event()
+        self._persisted = self._persist_failures = 0
         self._spill_wanted = asyncio.Event()
         self._closing = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -144,6 +161,8 @@ class TierManager:
             loop.create_task(self._spill_loop(), name="kvstore-spill"),
             loop.create_task(self._sweep_loop(), name="kvstore-ssd-sweep"),
         ]
+        if self._write_behind:
+            self._tasks.append(loop.create_task(self._persist_loop(), name="kvstore-persist"))
         self.note_commit()
 
     async def close(self) -> None:
@@ -151,6 +170,7 @@ class TierManager:
         the SSD tier. The arena must stay open until this returns (threads read from it)."""
         self._closing.set()
         self._spill_wanted.set()
+        self._persist_wanted.set()
         for task in self._tasks:
             try:
                 await asyncio.wait_for(task, CLOSE_GRACE_S)
@@ -271,8 +291,12 @@ class TierManager:
 
     # -- spill ------------------------------------------------------------------------------
 
-    def note_commit(self) -> None:
-        """Call after a block is committed to DRAM: wakes the spiller above the high watermark."""
+    def note_commit(self, key: bytes | None = None) -> None:
+        """Call after a block is committed to DRAM: queues it for write-behind and wakes the
+        spiller above the high watermark."""
+        if key is not None and self._write_behind:
+            self._persist_queue.append(key)
+            self._persist_wanted.set()
         if (
             self._ssd is not None
             and not self._spill_wanted.is_set()
@@ -314,6 +338,59 @@ class TierManager:
                 break
         return moved
 
+    async def persist_pending(self) -> int:
+        """Write the queued blocks that are still in DRAM and not yet on SSD (write-behind);
+        returns how many were written. The background task calls this; tests may too."""
+        ssd = self._ssd
+        if ssd is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        written = 0
+        while self._persist_queue:
+            leases: list[Lease] = []
+            batch_bytes = 0
+            while (
+                self._persist_queue
+                and len(leases) < MAX_SPILL_BATCH_BLOCKS
+                and batch_bytes < ssd.max_batch_bytes
+            ):
+                key = self._persist_queue.popleft()
+                if ssd.contains(key):
+                    continue
+                lease = self._node.pin(key)
+                if lease is None:  # deleted, evicted or spilled before its turn
+                    continue
+                leases.append(lease)
+                batch_bytes += lease.nbytes
+            if not leases:
+                continue
+            items = [(lease.key, lease.view) for lease in leases]
+            try:
+                stored = await loop.run_in_executor(self._writer, ssd.put_many, items)
+            except Exception:
+                logger.exception("write-behind of %d blocks failed", len(leases))
+                stored = [False] * len(leases)
+            finally:
+                for lease in leases:
+                    self._node.release(lease)
+            written += stored.count(True)
+            self._persisted += stored.count(True)
+            self._persist_failures += stored.count(False)
+        return written
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await self._persist_wanted.wait()
+            self._persist_wanted.clear()
+            try:
+                await self.persist_pending()
+            except Exception:
+                logger.exception("write-behind task failed; retrying in %gs", SPILL_BACKOFF_S)
+                await self._pause(SPILL_BACKOFF_S)
+                self._persist_wanted.set()
+            if self._closing.is_set():
+                return
+
     async def sweep(self) -> int:
         """Delete expired SSD blocks now (in the writer thread); returns how many."""
         if self._ssd is None:
@@ -339,6 +416,8 @@ class TierManager:
             spills_clean=self._spills_clean,
             spill_failures=self._spill_failures,
             promotions=self._promoted,
+            persisted=self._persisted,
+            persist_failures=self._persist_failures,
             ssd_read_no_space=self._no_space,
             arena_usage=arena.used_bytes / arena.capacity_bytes,
             high_watermark=self._high,

@@ -47,7 +47,15 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-size", default="1GiB", help="per engine")
     p.add_argument("--store-arena-size", default="2GiB")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--cache-dir", default=None, help="where prepared models live")
+    p.add_argument(
+        "--cache-dir", default=None, help="prepared models and the SSD tier (~/.cache/strata)"
+    )
+    p.add_argument(
+        "--kv-ssd-dir", default=None, help="the store's SSD tier (default: CACHE_DIR/kvstore)"
+    )
+    p.add_argument("--kv-ssd-size", default="16GiB", help="SSD tier capacity")
+    p.add_argument("--kv-ssd-ttl", default="24h", help="SSD blocks expire after this")
+    p.add_argument("--no-kv-ssd", action="store_true", help="DRAM-only store (nothing survives)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds per service")
 
 
@@ -64,6 +72,16 @@ def serve(args: argparse.Namespace) -> int:
 
         model_dir = prepare_default_model(Path(args.cache_dir) if args.cache_dir else None)
     name = args.served_model_name or model_dir.name
+    from strata.models import default_cache_dir
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    store_args = ["--arena-size", args.store_arena_size]
+    if not args.no_kv_ssd:
+        ssd_dir = Path(args.kv_ssd_dir) if args.kv_ssd_dir else cache_dir / "kvstore"
+        ssd_dir.mkdir(parents=True, exist_ok=True)
+        # Write-behind: every block also goes to SSD, so a restarted `strata serve` still has it.
+        store_args += ["--ssd-dir", str(ssd_dir), "--ssd-size", args.kv_ssd_size]
+        store_args += ["--ssd-ttl", args.kv_ssd_ttl, "--write-behind", "true"]
     loopback = "127.0.0.1"
     py = sys.executable
     sup = Supervisor()
@@ -83,8 +101,7 @@ def serve(args: argparse.Namespace) -> int:
                     loopback,
                     "--port",
                     str(store_port),
-                    "--arena-size",
-                    args.store_arena_size,
+                    *store_args,
                 ],
                 r"listening on",
             ),

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -48,9 +49,16 @@ class StrataServer:
         return self.proc.wait(timeout_s)
 
 
-def start_server(model_dir: Path | None, extra: list[str] | None = None) -> StrataServer:
+def start_server(
+    model_dir: Path | None, extra: list[str] | None = None, ssd_dir: Path | None = None
+) -> StrataServer:
+    """Start `strata serve`; each server gets its own SSD-tier directory unless one is given
+    (one store node per directory: a second node is refused the lmdb directory lock)."""
     port = free_port()
+    if ssd_dir is None:
+        ssd_dir = Path(tempfile.mkdtemp(prefix="strata-e2e-ssd-"))
     argv = [sys.executable, "-m", "strata", "serve", "--port", str(port)]
+    argv += ["--kv-ssd-dir", str(ssd_dir), "--kv-ssd-size", "1GiB"]
     if model_dir is not None:
         argv += ["--model", str(model_dir)]
     argv += extra or []

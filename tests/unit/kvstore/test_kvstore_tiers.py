@@ -278,3 +278,50 @@ def test_without_ssd_everything_is_dram_only(node: StoreNode) -> None:
         await tiers.close()
 
     run(scenario())
+
+
+# -- write-behind ----------------------------------------------------------------------------
+
+
+def test_write_behind_copies_new_blocks_to_ssd_and_keeps_dram(
+    node: StoreNode, tmp_path: Path
+) -> None:
+    async def scenario() -> tuple[int, list[int], list[int], int]:
+        tiers = make_tiers(node, tmp_path, high_watermark=1.0, low_watermark=0.5, write_behind=True)
+        fill(node, 1, 2, 3)
+        for n in (1, 2, 3):
+            tiers.note_commit(key(n))
+        assert node.delete([key(2)]) == 1  # gone before its turn: skipped
+        written = await tiers.persist_pending()
+        again = await tiers.persist_pending()  # nothing queued twice
+        result = (written, in_dram(node), on_ssd(tiers), again)
+        await tiers.close()
+        return result
+
+    assert run(scenario()) == (2, [1, 3], [1, 3], 0)
+
+
+def test_write_behind_does_not_count_as_an_access(node: StoreNode, tmp_path: Path) -> None:
+    async def scenario() -> list[int]:
+        tiers = make_tiers(node, tmp_path, high_watermark=1.0, low_watermark=0.5, write_behind=True)
+        fill(node, 1, 2)
+        tiers.note_commit(key(1))
+        await tiers.persist_pending()
+        coldest = node.coldest_evictable()
+        await tiers.close()
+        return [int.from_bytes(coldest or b"", "big")]
+
+    assert run(scenario()) == [1]
+
+
+def test_write_behind_off_writes_nothing(node: StoreNode, tmp_path: Path) -> None:
+    async def scenario() -> list[int]:
+        tiers = make_tiers(node, tmp_path, high_watermark=1.0, low_watermark=0.5)
+        fill(node, 1)
+        tiers.note_commit(key(1))
+        await tiers.persist_pending()
+        result = on_ssd(tiers)
+        await tiers.close()
+        return result
+
+    assert run(scenario()) == []
