@@ -40,6 +40,7 @@ _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
 ENV_PREFIX = "STRATA_KVSTORE_"
 SSD_SYNC_MODES = ("data", "full", "none")
+LEAVE_POLICIES = ("drop", "migrate")
 MIN_SSD_SIZE_BYTES = 16 * 1024**2
 
 
@@ -119,6 +120,13 @@ class StoreNodeConfig:
             spilled blocks reach SSD).
         promote: copy a block read from SSD into DRAM (inline, into the arena extent it is read
             into); if False, SSD hits are served from a transient arena extent.
+        node_id: this node's id in the cluster (default ``host:port``, the bound port).
+        metadata: ``redis://HOST:PORT/DB``, ``"embedded"``, or None (standalone; no events).
+        heartbeat_interval_s / heartbeat_timeout_s: liveness (docs/design/kvstore.md §14).
+        leave_policy: on graceful stop, ``"drop"`` the blocks or ``"migrate"`` DRAM to a peer.
+        replicate_on_read: keep a local copy of a block read through from a peer.
+        event_flush_interval_s: KV events of PUT/DELETE are batched for this long.
+        reconcile_interval_s: period of the full diff that catches evictions, spills, expiry.
     """
 
     host: str = "127.0.0.1"
@@ -140,6 +148,14 @@ class StoreNodeConfig:
     low_watermark: float = 0.75
     promote: bool = True
     write_behind: bool = False
+    node_id: str | None = None
+    metadata: str | None = None
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    leave_policy: str = "drop"
+    replicate_on_read: bool = False
+    event_flush_interval_s: float = 0.01
+    reconcile_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -182,6 +198,18 @@ class StoreNodeConfig:
                 "watermarks must satisfy 0 < low_watermark < high_watermark <= 1, got "
                 f"low={self.low_watermark} high={self.high_watermark}"
             )
+        if self.node_id is not None and not 0 < len(self.node_id.encode()) <= 255:
+            raise ValueError("node_id must be 1..255 bytes")
+        if self.metadata is not None and not (
+            self.metadata == "embedded" or self.metadata.startswith(("redis://", "unix://"))
+        ):
+            raise ValueError("metadata must be 'embedded' or a redis:// URL")
+        if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
+            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if self.leave_policy not in LEAVE_POLICIES:
+            raise ValueError(f"leave_policy must be one of {', '.join(LEAVE_POLICIES)}")
+        if self.event_flush_interval_s <= 0 or self.reconcile_interval_s <= 0:
+            raise ValueError("event_flush_interval and reconcile_interval must be positive")
 
     @classmethod
     def from_cli(
@@ -261,4 +289,12 @@ _CLI_FIELDS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
     ("low_watermark", "low-watermark", _parse_float, "stop spilling below this fraction"),
     ("promote", "promote", _parse_bool, "copy SSD hits into DRAM (true/false)"),
     ("write_behind", "write-behind", _parse_bool, "copy every new block to SSD (true/false)"),
+    ("node_id", "node-id", _parse_optional_dir, "node id in the cluster (default host:port)"),
+    ("metadata", "metadata", _parse_optional_dir, "redis://HOST:PORT/DB, embedded, or none"),
+    ("heartbeat_interval_s", "heartbeat-interval", parse_duration, "heartbeat period, e.g. 1s"),
+    ("heartbeat_timeout_s", "heartbeat-timeout", parse_duration, "dead after this, e.g. 5s"),
+    ("leave_policy", "leave-policy", _parse_str, "on graceful stop: drop or migrate"),
+    ("replicate_on_read", "replicate-on-read", _parse_bool, "keep peers' blocks read through"),
+    ("event_flush_interval_s", "event-flush-interval", parse_duration, "KV event batching"),
+    ("reconcile_interval_s", "reconcile-interval", parse_duration, "full tier diff period"),
 )

@@ -52,6 +52,7 @@ import os
 import signal
 import socket
 import sys
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,8 +62,11 @@ import uvloop
 
 from kvstore.arena import Arena, remove_stale_arenas
 from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.cluster import FLAG_NO_FORWARD, ClusterView, PeerFetcher
 from kvstore.config import StoreNodeConfig
 from kvstore.events import Tier
+from kvstore.membership import NodeAgent
+from kvstore.metadata import open_metadata_store
 from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
 from kvstore.protocol import (
     FRAME_HEADER_BYTES,
@@ -139,6 +143,8 @@ class _Connection(asyncio.BufferedProtocol):
         # Responses held back behind a pending SSD read, in request order.
         self._replies: deque[_Reply] = deque()
         self._fetches: set[asyncio.Task[Lease | None]] = set()
+        self._remote: set[asyncio.Future[tuple[bytes, int] | None]] = set()
+        self._no_forward = False  # the frame being dispatched came from a peer
         self._reading = True
 
     # -- asyncio callbacks ----------------------------------------------------------------------
@@ -271,7 +277,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _fetch_blocked(self) -> bool:
         return (
-            len(self._fetches) >= MAX_FETCHES_PER_CONNECTION
+            len(self._fetches) + len(self._remote) >= MAX_FETCHES_PER_CONNECTION
             or len(self._replies) >= MAX_QUEUED_REPLIES
         )
 
@@ -302,6 +308,7 @@ class _Connection(asyncio.BufferedProtocol):
             frame_end = start + FRAME_HEADER_BYTES + header.payload_len
             if frame_end <= self._end:
                 self._start = frame_end
+                self._no_forward = bool(view[start + 7] & FLAG_NO_FORWARD)  # raw flags byte
                 self._dispatch(header, view[start + FRAME_HEADER_BYTES : frame_end])
                 continue
             if FRAME_HEADER_BYTES + header.payload_len > RECV_BUFFER_BYTES:
@@ -368,6 +375,7 @@ class _Connection(asyncio.BufferedProtocol):
         if verify(block, pending.view[BLOCK_HEADER_BYTES:]):
             self._node.commit(pending)
             self._tiers.note_commit(pending.key)
+            self._server.note_changed([block.key])
             status = Status.OK
         else:
             self._node.revoke(pending)
@@ -403,7 +411,9 @@ class _Connection(asyncio.BufferedProtocol):
             bitmap = encode_bitmap(self._tiers.exists(_split_keys(payload)))
             self._write(pack_frame_header(op, rid, header.count, len(bitmap)) + bitmap)
         elif op is Op.DELETE:
-            deleted = self._tiers.delete(_split_keys(payload))
+            keys = _split_keys(payload)
+            deleted = self._tiers.delete(keys)
+            self._server.note_changed(keys)
             self._write(pack_frame_header(op, rid, deleted, 0))
         elif op is Op.STATS:
             self._write_json(op, rid, self._server.stats())
@@ -427,8 +437,42 @@ class _Connection(asyncio.BufferedProtocol):
             self._send(self._block_reply(request_id, found, Tier.DRAM))
         elif found is Tier.SSD:
             self._start_fetch(Op.GET, request_id, key)
+        elif not self._no_forward and self._server.peers_holding(key):
+            self._start_remote_fetch(request_id, key)
         else:
             self._write(pack_frame_header(Op.GET, request_id, 0, 0, Status.MISS))
+
+    def _start_remote_fetch(self, request_id: int, key: bytes) -> None:
+        """Read ``key`` from a peer on a thread (read-through); its response keeps its place."""
+        reply = _Reply([], ready=False)
+        self._replies.append(reply)
+        future = self._server.fetch_remote(key)
+        self._remote.add(future)
+        future.add_done_callback(functools.partial(self._remote_done, reply, request_id))
+
+    def _remote_done(
+        self,
+        reply: _Reply,
+        request_id: int,
+        future: asyncio.Future[tuple[bytes, int] | None],
+    ) -> None:
+        self._remote.discard(future)
+        found: tuple[bytes, int] | None = None
+        if not future.cancelled():
+            if future.exception() is not None:
+                logger.warning("read-through failed: %s", future.exception())
+            else:
+                found = future.result()
+        if self._closed:
+            return
+        if found is None:
+            reply.parts = [pack_frame_header(Op.GET, request_id, 0, 0, Status.MISS)]
+        else:
+            block, tier = found
+            reply.parts = [pack_frame_header(Op.GET, request_id, tier, len(block)), block]
+        reply.ready = True
+        self._flush_replies()
+        self._resume()
 
     def _handle_get_shm(self, request_id: int, key: bytes) -> None:
         if len(self._shm_leases) + len(self._fetches) >= MAX_SHM_LEASES_PER_CONNECTION:
@@ -541,6 +585,10 @@ class StoreServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._all_closed: asyncio.Event | None = None
         self._boot_id = _boot_id()
+        # Distribution (docs/design/kvstore.md §14); all None for a standalone node.
+        self.agent: NodeAgent | None = None
+        self.view: ClusterView | None = None
+        self.fetcher: PeerFetcher | None = None
 
     async def start(self) -> tuple[str, int]:
         """Listen and return the bound (host, port) -- the port is real even if 0 was asked."""
@@ -558,9 +606,116 @@ class StoreServer:
         host, port = self._server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
+    async def join_cluster(self, host: str, port: int) -> None:
+        """Register with the metadata store, start publishing and following the cluster."""
+        config = self.config
+        if config.metadata is None:
+            return
+        loop = asyncio.get_running_loop()
+        store = await loop.run_in_executor(None, open_metadata_store, config.metadata)
+        node_id = config.node_id or f"{host}:{port}"
+        info = {
+            "endpoint": f"{host}:{port}",
+            "pid": os.getpid(),
+            "boot_id": self._boot_id,
+            "arena_path": self.node.arena.path,
+        }
+        self.agent = NodeAgent(
+            store,
+            node_id,
+            info,
+            self.tiers,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            flush_interval_s=config.event_flush_interval_s,
+            reconcile_interval_s=config.reconcile_interval_s,
+        )
+        await self.agent.start()
+        self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
+        await loop.run_in_executor(None, self.view.start)
+        self.fetcher = PeerFetcher()
+        logger.info("joined the cluster as %s (metadata %s)", node_id, config.metadata)
+
+    def note_changed(self, keys: list[bytes]) -> None:
+        if self.agent is not None:
+            self.agent.note_changed(keys)
+
+    def peers_holding(self, key: bytes) -> list[str]:
+        """Endpoints of live peers that hold ``key``, fastest tier first."""
+        if self.view is None or self.agent is None:
+            return []
+        live = self.view.live_nodes()
+        me = self.agent.node_id
+        return [live[n] for n, _tier in self.view.holders(key) if n != me and n in live]
+
+    def fetch_remote(self, key: bytes) -> asyncio.Future[tuple[bytes, int] | None]:
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self._fetch_remote_blocking, key)
+
+    def _fetch_remote_blocking(self, key: bytes) -> tuple[bytes, int] | None:
+        assert self.fetcher is not None
+        for endpoint in self.peers_holding(key):
+            try:
+                found = self.fetcher.get_block(endpoint, key)
+            except OSError as exc:
+                logger.warning("read-through from %s failed: %s", endpoint, exc)
+                continue
+            if found is not None:
+                if self.config.replicate_on_read and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._keep_copy, key, found[0])
+                return found
+        return None
+
+    def _keep_copy(self, key: bytes, block: bytes) -> None:
+        if self.node.put(key, block) is PutStatus.OK:
+            self.tiers.note_commit(key)
+            self.note_changed([key])
+
+    async def leave_cluster(self) -> None:
+        """Graceful leave: migrate DRAM blocks if configured, then clear and deregister."""
+        agent, view = self.agent, self.view
+        if agent is None or view is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.config.leave_policy == "migrate":
+            try:
+                await self._migrate(loop, agent, view)
+            except Exception:
+                logger.exception("migration on leave failed; dropping the rest")
+        await agent.stop()
+        await loop.run_in_executor(None, view.stop)
+        if self.fetcher is not None:
+            self.fetcher.close()
+        self.agent = None
+        self.view = None
+
+    async def _migrate(
+        self, loop: asyncio.AbstractEventLoop, agent: NodeAgent, view: ClusterView
+    ) -> None:
+        peers = {n: e for n, e in view.live_nodes().items() if n != agent.node_id}
+        if not peers or self.fetcher is None:
+            logger.warning("leave-policy migrate: no live peer; dropping DRAM blocks")
+            return
+        target = max(peers, key=lambda n: zlib.crc32(f"{n}/{agent.node_id}".encode()))
+        moved, batch, size = 0, [], 0
+        keys = agent.dram_keys()
+        for i, key in enumerate(keys):
+            block = self.node.get(key)
+            if block is not None:
+                batch.append(block)
+                size += len(block)
+            if batch and (size >= 16 * 1024**2 or i == len(keys) - 1):
+                statuses = await loop.run_in_executor(
+                    None, self.fetcher.put_blocks, peers[target], batch
+                )
+                moved += sum(1 for s in statuses if s in (Status.OK, Status.EXISTS))
+                batch, size = [], 0
+        logger.info("migrated %d of %d DRAM blocks to %s", moved, len(keys), target)
+
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stop accepting, let connections flush for up to ``grace_s``, then drop the rest;
         then stop the tiers' background work and close the SSD tier."""
+        await self.leave_cluster()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -651,6 +806,7 @@ async def _serve(config: StoreNodeConfig) -> int:
         server = StoreServer(config, node, tiers)
         try:  # stop() also closes the SSD tier, before the arena its threads read from
             host, port = await server.start()
+            await server.join_cluster(host, port)
             print(f"kvstore node listening on {host}:{port}", flush=True)
             logger.info(
                 "arena %s: %d bytes, page %d, max block %d",

@@ -1,0 +1,282 @@
+"""ClusterView: a PrefixIndex kept current from the metadata store, plus membership.
+
+See docs/design/kvstore.md §14.3-14.4. A background thread reads the event stream, applies events
+and snapshots in stream order, asks sources for snapshots after a gap, and removes members whose
+heartbeat expired (a crashed node's blocks leave the index within the heartbeat timeout plus one
+poll). :class:`PeerFetcher` reads raw blocks from other store nodes (read-through, migration).
+Imports nothing outside :mod:`kvstore`: the control plane's scheduler can use it as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.events import SourceCleared, Tier, decode_event, decode_snapshot
+from kvstore.hashing import BlockKey
+from kvstore.index import ApplyResult, PrefixIndex, PrefixMatch
+from kvstore.metadata import START, MetadataStore
+from kvstore.protocol import FRAME_HEADER, FRAME_MAGIC, PROTOCOL_VERSION, Op, Status
+
+__all__ = ["FLAG_NO_FORWARD", "ClusterView", "PeerFetcher"]
+
+logger = logging.getLogger("kvstore.cluster")
+
+FLAG_NO_FORWARD: Final = 0x01
+"""Frame flag: a peer's GET; the receiving node must not forward it to another peer."""
+_SNAPSHOT_KIND: Final = 4
+_RESYNC_RETRY_S: Final = 1.0
+
+
+class ClusterView:
+    """Cluster-wide index of blocks by holder and tier, and which nodes are alive.
+
+    Thread-safe: the background thread applies, callers query, under one lock.
+    """
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        *,
+        poll_interval_s: float = 0.1,
+        start_cursor: str = START,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._poll = poll_interval_s
+        self._cursor = start_cursor
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._index = PrefixIndex()
+        self._live: dict[str, str] = {}  # node id -> endpoint
+        self._members_seen: set[str] = set()
+        self._owed: dict[str, float] = {}  # source -> when a snapshot was last requested
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._changed = threading.Condition(self._lock)
+        self.num_applied = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> ClusterView:
+        """Catch up once (synchronously), then follow in a daemon thread."""
+        self.refresh_membership()
+        self.poll_once(block_s=0.001)
+        self._thread = threading.Thread(target=self._run, name="kvstore-cluster-view", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+
+    def __enter__(self) -> ClusterView:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once(self._poll)
+                self.refresh_membership()
+            except Exception:
+                logger.exception("cluster view update failed; retrying")
+                self._stop.wait(self._poll)
+
+    # -- updates ----------------------------------------------------------------------------------
+
+    def poll_once(self, block_s: float) -> int:
+        """Read and apply what the stream has (waiting up to ``block_s``); returns how many."""
+        cursor, messages = self._store.read(self._cursor, block_s)
+        self._cursor = cursor
+        if messages:
+            with self._changed:
+                for message in messages:
+                    self._apply(message)
+                self._changed.notify_all()
+        return len(messages)
+
+    def _apply(self, message: bytes) -> None:
+        try:
+            if len(message) > 1 and message[1] == _SNAPSHOT_KIND:
+                snapshot = decode_snapshot(message)
+                # In stream order a snapshot is the source's state, and later entries are newer.
+                if snapshot.source in self._live or snapshot.source not in self._members_seen:
+                    self._index.resync(snapshot)
+                    self._owed.pop(snapshot.source, None)
+                return
+            event = decode_event(message)
+        except ValueError as exc:
+            logger.warning("dropping a malformed message from the event stream: %s", exc)
+            return
+        # A removed (dead) source is unknown to the index again, which then refuses its
+        # straggling events (GAP, not applied); only a new incarnation (seq 0) comes back.
+        source = event.source
+        result = self._index.apply(event)
+        self.num_applied += 1
+        if result is ApplyResult.GAP and source not in self._owed:
+            self._owed[source] = float("-inf")
+        elif isinstance(event, SourceCleared) and source in self._owed:
+            del self._owed[source]
+
+    def refresh_membership(self) -> None:
+        """Re-read members and heartbeats: drop dead ones, (re)ask owed snapshots."""
+        members = self._store.members()
+        alive = self._store.alive(members)
+        with self._changed:
+            self._members_seen.update(members)
+            self._live = {n: str(members[n].get("endpoint", "")) for n in alive}
+            for source in self._index.sources():
+                if source in self._members_seen and source not in self._live:
+                    self._index.remove_source(source)
+                    self._owed.pop(source, None)
+                    logger.info("node %s is gone; its blocks left the index", source)
+            now = self._clock()
+            due = [s for s, at in self._owed.items() if now - at >= _RESYNC_RETRY_S]
+            for source in due:
+                self._owed[source] = now
+            self._changed.notify_all()
+        for source in due:
+            if source in self._live or source not in self._members_seen:
+                self._store.request_resync(source)
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def match(self, keys: Sequence[BlockKey]) -> PrefixMatch:
+        with self._lock:
+            return self._index.match(keys)
+
+    def holders(self, key: BlockKey) -> list[tuple[str, Tier]]:
+        """Live holders of ``key``, fastest tier first."""
+        with self._lock:
+            match = self._index.match([key])
+            found = match.holders_at(0) if match.depth else ()
+            return sorted(found, key=lambda holder: (holder[1], holder[0]))
+
+    def live_nodes(self) -> dict[str, str]:
+        """Live store nodes: node id -> endpoint."""
+        with self._lock:
+            return dict(self._live)
+
+    def sources(self) -> tuple[str, ...]:
+        with self._lock:
+            return self._index.sources()
+
+    def num_blocks(self) -> int:
+        with self._lock:
+            return self._index.num_blocks
+
+    def wait_for(self, predicate: Callable[[ClusterView], bool], timeout_s: float = 10.0) -> bool:
+        """Wait until ``predicate(self)`` holds (checked after each update); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._changed:
+                self._changed.wait(min(left, 0.05))
+        return True
+
+
+class PeerFetcher:
+    """Raw-block GETs (and PUTs) to other store nodes over pooled blocking sockets; thread-safe."""
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self._timeout = timeout_s
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[socket.socket]] = {}
+
+    def _connect(self, endpoint: str) -> socket.socket:
+        with self._lock:
+            pool = self._idle.get(endpoint)
+            if pool:
+                return pool.pop()
+        host, port = endpoint.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=self._timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _give_back(self, endpoint: str, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.setdefault(endpoint, []).append(sock)
+
+    def get_block(self, endpoint: str, key: BlockKey) -> tuple[bytes, int] | None:
+        """The verified raw block (header + payload) and the tier that served it, or None."""
+        sock = self._connect(endpoint)
+        try:
+            sock.sendall(_frame(Op.GET, 1, 1, len(key), FLAG_NO_FORWARD) + key)
+            status, count, length = _read_header(sock)
+            body = _recv_exact(sock, length)
+        except BaseException:
+            sock.close()
+            raise
+        self._give_back(endpoint, sock)
+        if status != Status.OK:
+            return None
+        try:
+            header = BlockHeader.decode(body[:BLOCK_HEADER_BYTES])
+        except BlockFormatError:
+            return None
+        if header.key != key or not verify(header, memoryview(body)[BLOCK_HEADER_BYTES:]):
+            return None
+        return body, count
+
+    def put_blocks(self, endpoint: str, blocks: Sequence[bytes | memoryview]) -> list[int]:
+        """PUT raw blocks, pipelined; returns one status per block."""
+        sock = self._connect(endpoint)
+        try:
+            for i, block in enumerate(blocks):
+                sock.sendall(_frame(Op.PUT, i + 1, 1, len(block), 0))
+                sock.sendall(block)
+            statuses = []
+            for _ in blocks:
+                status, _count, length = _read_header(sock)
+                _recv_exact(sock, length)
+                statuses.append(status)
+        except BaseException:
+            sock.close()
+            raise
+        self._give_back(endpoint, sock)
+        return statuses
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for pool in pools.values():
+            for sock in pool:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+def _frame(op: Op, request_id: int, count: int, length: int, flags: int) -> bytes:
+    return FRAME_HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, op, 0, flags, request_id, count, length)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        r = sock.recv_into(view[got:])
+        if not r:
+            raise ConnectionError("peer closed the connection")
+        got += r
+    return bytes(buf)
+
+
+def _read_header(sock: socket.socket) -> tuple[int, int, int]:
+    fields: Any = FRAME_HEADER.unpack(_recv_exact(sock, FRAME_HEADER.size))
+    magic, _version, _op, status, _flags, _rid, count, length = fields
+    if magic != FRAME_MAGIC:
+        raise ConnectionError("bad frame from peer")
+    return int(status), int(count), int(length)

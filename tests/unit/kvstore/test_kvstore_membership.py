@@ -1,0 +1,142 @@
+"""ClusterView over an embedded metadata store: events, gaps, resync, expiry by a fake clock."""
+
+from __future__ import annotations
+
+from kvstore.cluster import ClusterView
+from kvstore.events import (
+    BlocksRemoved,
+    BlocksStored,
+    SourceCleared,
+    SourceSnapshot,
+    Tier,
+    encode_event,
+    encode_snapshot,
+)
+from kvstore.metadata import EmbeddedMetadataStore
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def k(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def join(store: EmbeddedMetadataStore, node: str, ttl: float = 5.0) -> None:
+    store.register(node, {"endpoint": f"{node}:1"})
+    store.heartbeat(node, ttl)
+
+
+def sync(view: ClusterView) -> None:
+    view.poll_once(0.001)
+    view.refresh_membership()
+
+
+def test_events_membership_and_crash_expiry() -> None:
+    clock = FakeClock()
+    store = EmbeddedMetadataStore(clock=clock)
+    join(store, "a")
+    join(store, "b")
+    store.publish(
+        [
+            encode_event(SourceCleared("a", 0)),
+            encode_event(BlocksStored("a", 1, Tier.DRAM, (k(1), k(2)))),
+            encode_event(SourceCleared("b", 0)),
+            encode_event(BlocksStored("b", 1, Tier.SSD, (k(1),))),
+        ]
+    )
+    view = ClusterView(store, clock=clock)
+    sync(view)
+    assert view.live_nodes() == {"a": "a:1", "b": "b:1"}
+    assert view.match([k(1), k(2), k(3)]).depth == 2
+    assert view.holders(k(1)) == [("a", Tier.DRAM), ("b", Tier.SSD)]
+    store.publish([encode_event(BlocksRemoved("a", 2, Tier.DRAM, (k(2),)))])
+    sync(view)
+    assert view.match([k(1), k(2)]).depth == 1
+    # b keeps heartbeating, a stops (kill -9): a leaves once its heartbeat expires
+    clock.now += 4.0
+    store.heartbeat("b", 5.0)
+    sync(view)
+    assert "a" in view.live_nodes()
+    clock.now += 1.5
+    sync(view)
+    assert view.live_nodes() == {"b": "b:1"}
+    assert view.holders(k(1)) == [("b", Tier.SSD)]
+    assert view.sources() == ("b",)
+    # a dead member's straggling events do not resurrect it
+    store.publish([encode_event(BlocksStored("a", 3, Tier.DRAM, (k(9),)))])
+    sync(view)
+    assert view.holders(k(9)) == []
+    # a restart (new heartbeat, SourceCleared 0) brings it back
+    join(store, "a")
+    store.publish(
+        [
+            encode_event(SourceCleared("a", 0)),
+            encode_event(BlocksStored("a", 1, Tier.SSD, (k(5),))),
+        ]
+    )
+    sync(view)
+    assert view.holders(k(5)) == [("a", Tier.SSD)]
+
+
+def test_gap_requests_snapshot_and_snapshot_resyncs() -> None:
+    clock = FakeClock()
+    store = EmbeddedMetadataStore(clock=clock)
+    join(store, "a")
+    store.publish(
+        [
+            encode_event(SourceCleared("a", 0)),
+            encode_event(BlocksStored("a", 1, Tier.DRAM, (k(1),))),
+            encode_event(BlocksStored("a", 3, Tier.DRAM, (k(3),))),  # seq 2 was lost
+        ]
+    )
+    view = ClusterView(store, clock=clock)
+    sync(view)
+    assert store.take_resync_request("a")
+    assert not store.take_resync_request("a")
+    clock.now += 1.1  # still owed: asked again
+    sync(view)
+    assert store.take_resync_request("a")
+    snapshot = SourceSnapshot.of("a", 3, {Tier.DRAM: [k(1), k(2), k(3)]})
+    store.publish([encode_snapshot(snapshot)])
+    sync(view)
+    assert view.match([k(1), k(2), k(3)]).depth == 3
+    clock.now += 1.1
+    sync(view)
+    assert not store.take_resync_request("a")  # nothing owed any more
+
+
+def test_graceful_leave_removes_source() -> None:
+    store = EmbeddedMetadataStore()
+    join(store, "a")
+    store.publish(
+        [
+            encode_event(SourceCleared("a", 0)),
+            encode_event(BlocksStored("a", 1, Tier.DRAM, (k(1),))),
+        ]
+    )
+    view = ClusterView(store)
+    sync(view)
+    assert view.num_blocks() == 1
+    store.publish([encode_event(SourceCleared("a", 2))])
+    store.deregister("a")
+    sync(view)
+    assert view.num_blocks() == 0 and view.sources() == () and view.live_nodes() == {}
+
+
+def test_background_thread_follows() -> None:
+    store = EmbeddedMetadataStore()
+    join(store, "a")
+    with ClusterView(store, poll_interval_s=0.02) as view:
+        store.publish(
+            [
+                encode_event(SourceCleared("a", 0)),
+                encode_event(BlocksStored("a", 1, Tier.DRAM, (k(7),))),
+            ]
+        )
+        assert view.wait_for(lambda v: v.holders(k(7)) == [("a", Tier.DRAM)], 5.0)

@@ -1,0 +1,100 @@
+"""MetadataStore: the embedded store fully, the Redis store against a real Valkey server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kvstore.metadata import (
+    START,
+    EmbeddedMetadataStore,
+    MetadataStore,
+    RedisMetadataStore,
+    open_metadata_store,
+)
+from tests.integration.kvstore.valkey_fixture import valkey_url
+
+__all__ = ["valkey_url"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def exercise(store: MetadataStore) -> None:
+    store.register("a", {"endpoint": "127.0.0.1:1"})
+    store.register("b", {"endpoint": "127.0.0.1:2"})
+    assert store.members()["a"] == {"endpoint": "127.0.0.1:1"}
+    assert store.alive(["a", "b"]) == set()
+    store.heartbeat("a", 5.0)
+    assert store.alive(["a", "b"]) == {"a"}
+    store.deregister("a")
+    assert set(store.members()) == {"b"} and store.alive(["a"]) == set()
+    # resync requests are taken once
+    assert not store.take_resync_request("b")
+    store.request_resync("b")
+    assert store.take_resync_request("b") and not store.take_resync_request("b")
+    # the stream: in order, cursor-based, blocking with a timeout
+    cursor, got = store.read(START, 0.01)
+    assert got == []
+    store.publish([b"one", b"two"])
+    store.publish([b"three"])
+    cursor, got = store.read(cursor, 0.01)
+    assert got == [b"one", b"two", b"three"]
+    cursor2, got = store.read(cursor, 0.01)
+    assert got == [] and cursor2 == cursor
+    # a blocked reader wakes up on publish
+    threading.Timer(0.05, store.publish, ([b"four"],)).start()
+    t0 = time.monotonic()
+    cursor, got = store.read(cursor, 2.0)
+    assert got == [b"four"] and time.monotonic() - t0 < 1.5
+    _, got = store.read(START, 0.01, count=2)
+    assert got == [b"one", b"two"]
+
+
+def test_embedded_store_semantics() -> None:
+    exercise(EmbeddedMetadataStore())
+
+
+def test_embedded_heartbeat_expires_by_clock() -> None:
+    clock = FakeClock()
+    store = EmbeddedMetadataStore(clock=clock)
+    store.register("n", {"endpoint": "x:1"})
+    store.heartbeat("n", 5.0)
+    clock.now += 4.9
+    assert store.alive(["n"]) == {"n"}
+    clock.now += 0.2
+    assert store.alive(["n"]) == set()
+    assert "n" in store.members()  # registration stays until the node comes back or leaves
+
+
+def test_embedded_stream_trims_oldest() -> None:
+    store = EmbeddedMetadataStore(maxlen=3)
+    store.publish([bytes([i]) for i in range(5)])
+    cursor, got = store.read(START, 0.01)
+    assert got == [b"\x02", b"\x03", b"\x04"] and cursor == "5"
+
+
+def test_open_metadata_store() -> None:
+    assert open_metadata_store("embedded") is open_metadata_store("embedded")
+    with pytest.raises(ValueError):
+        open_metadata_store("zookeeper://x")
+
+
+def test_redis_store_semantics(valkey_url: str) -> None:
+    store = RedisMetadataStore(valkey_url, prefix="t1")
+    try:
+        assert store.ping()
+        exercise(store)
+        store.heartbeat("n", 0.2)
+        assert store.alive(["n"]) == {"n"}
+        time.sleep(0.35)
+        assert store.alive(["n"]) == set()
+    finally:
+        store.close()
