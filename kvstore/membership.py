@@ -182,13 +182,16 @@ class NodeAgent:
                 announced[key] = bits
             else:
                 del announced[key]
+        # Every addition goes out before any removal: a block that moved between tiers (a spill,
+        # DRAM -> SSD) must never look held by nobody to a reader applying events in between.
+        for tier, _bit in _TIER_BITS:
+            for start in range(0, len(stored[tier]), 4096):
+                chunk = tuple(stored[tier][start : start + 4096])
+                self._emit(BlocksStored(self.node_id, self._next_seq(), tier, chunk))
         for tier, _bit in _TIER_BITS:
             for start in range(0, len(removed[tier]), 4096):
                 chunk = tuple(removed[tier][start : start + 4096])
                 self._emit(BlocksRemoved(self.node_id, self._next_seq(), tier, chunk))
-            for start in range(0, len(stored[tier]), 4096):
-                chunk = tuple(stored[tier][start : start + 4096])
-                self._emit(BlocksStored(self.node_id, self._next_seq(), tier, chunk))
 
     def _next_seq(self) -> int:
         seq = self._seq
