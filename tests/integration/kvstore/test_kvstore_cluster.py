@@ -13,6 +13,7 @@ import pytest
 from kvstore.client import KVStoreClient, PutStatus, Tier
 from kvstore.cluster import ClusterView
 from kvstore.metadata import RedisMetadataStore
+from tests.integration.kvstore.node_args import ssd_args
 from tests.integration.kvstore.valkey_fixture import valkey_url
 
 __all__ = ["valkey_url"]
@@ -50,21 +51,6 @@ def cluster_args(url: str, node_id: str, *extra: str) -> tuple[str, ...]:
         "--prefault",
         "false",
         *extra,
-    )
-
-
-def ssd_args(ssd_dir: Path) -> tuple[str, ...]:
-    return (
-        "--arena-size",
-        "8MiB",
-        "--ssd-dir",
-        str(ssd_dir),
-        "--ssd-size",
-        "64MiB",
-        "--high-watermark",
-        "0.5",
-        "--low-watermark",
-        "0.25",
     )
 
 

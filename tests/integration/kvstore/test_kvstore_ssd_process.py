@@ -14,6 +14,7 @@ import pytest
 
 from kvstore.client import KVStoreClient, PutStatus, Tier
 from kvstore.protocol import FRAME_HEADER, Op, Status, pack_frame_header
+from tests.integration.kvstore.node_args import ssd_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,22 +33,6 @@ def payload(n: int) -> bytes:
     """Deterministic bytes with a prime period, different per block."""
     unit = bytes((i * 131 + n * 17) % 256 for i in range(4093))
     return (unit * (BLOCK_BYTES // len(unit) + 1))[:BLOCK_BYTES]
-
-
-def ssd_args(ssd_dir: Path, *extra: str) -> tuple[str, ...]:
-    return (
-        "--arena-size",
-        "8MiB",
-        "--ssd-dir",
-        str(ssd_dir),
-        "--ssd-size",
-        "64MiB",
-        "--high-watermark",
-        "0.5",
-        "--low-watermark",
-        "0.25",
-        *extra,
-    )
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -1,0 +1,22 @@
+"""Command-line arguments shared by the store-node process tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def ssd_args(ssd_dir: Path, *extra: str) -> tuple[str, ...]:
+    """A small node with an SSD tier: 8 MiB of DRAM spilling above half full, 64 MiB of SSD."""
+    return (
+        "--arena-size",
+        "8MiB",
+        "--ssd-dir",
+        str(ssd_dir),
+        "--ssd-size",
+        "64MiB",
+        "--high-watermark",
+        "0.5",
+        "--low-watermark",
+        "0.25",
+        *extra,
+    )
