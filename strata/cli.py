@@ -5,6 +5,7 @@
     strata store   --port P --arena-size 2GiB ...
     strata gateway --model-dir DIR --prefill HOST:PORT --decode HOST:PORT ...
     strata models  prepare-default | build-tiny OUT
+    strata admin   [--address HOST:PORT] [--token T] list | stats | scale ... (strata/admin_cli.py)
 
 `serve` starts one store node, one prefill worker and one decode worker (each engine pinned to its
 own cores) and the gateway, then waits; Ctrl-C or SIGTERM stops all of them.
@@ -185,10 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_arguments(sub.add_parser("serve", help="serve a model on this host"))
-    for name in ("worker", "store", "gateway", "models"):
+    for name in ("worker", "store", "gateway", "models", "admin"):
         sub.add_parser(name, add_help=False)
-    if argv and argv[0] in ("worker", "store", "gateway", "models"):
+    if argv and argv[0] in ("worker", "store", "gateway", "models", "admin"):
         command, rest = argv[0], argv[1:]
+        if command == "admin":
+            from strata.admin_cli import main as admin_main
+
+            return admin_main(rest)
         if command == "worker":
             from dataplane.worker import main as worker_main
 

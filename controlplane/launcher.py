@@ -1,0 +1,378 @@
+"""LocalProcessLauncher: starts `strata worker` processes on this host for `strata admin scale`.
+
+Implements :class:`~controlplane.instances.Launcher`. Each launch:
+
+1. takes CPU cores for the engine from a :class:`CorePool` (this process's affinity set by default),
+   so that two engines never share a core while there are enough cores;
+2. reserves a free TCP port: a socket bound to ``HOST:0`` with ``SO_REUSEPORT`` is held open while
+   the worker starts. No other process can bind that port meanwhile (a plain ``bind(0)`` never
+   picks it, and an explicit bind fails), yet the worker's gRPC server, which also sets
+   ``SO_REUSEPORT`` (gRPC's default), can. The reservation is dropped once the worker prints its
+   ready line or exits. This closes the race of "find a free port, close it, hope it stays free";
+3. starts ``python -m dataplane.worker --role R --model DIR --store HOST:PORT --host H --port P``
+   with ``VLLM_CPU_OMP_THREADS_BIND`` set to the engine's cores, in its own session (so its whole
+   process group, vLLM's engine-core process included, can be signalled at once) and with
+   ``PR_SET_PDEATHSIG`` = SIGTERM, so even a ``kill -9`` of the gateway takes its workers down;
+4. returns at once with the endpoint; the registry then polls the worker's Health until ready
+   (engine start-up takes ~20 s for the tiny model on CPU).
+
+``stop()`` sends SIGTERM to the worker's process group, waits ``timeout_s``, then SIGKILLs what is
+left and reaps the worker; its cores go back to the pool. ``close()`` stops every worker.
+
+More engines than cores (e.g. 2 prefill + 2 decode on this 2-core machine): with
+``share_cores=True`` (the default) a launch that finds no free core takes the core(s) shared by
+the fewest engines (lowest id first) and logs a warning; pinned engines sharing a core each get a
+fraction of it, so token latency grows roughly with the number of engines on it (measured
+2-core figures: ../shared/notes/vllm-cpu.md). With ``share_cores=False`` such a launch raises
+:class:`~controlplane.instances.InstanceConflict` (FAILED_PRECONDITION on the admin API).
+
+The process-group and ``PR_SET_PDEATHSIG`` handling mirrors ``strata/supervisor.py`` (which
+`strata serve` uses); controlplane may not import the ``strata`` package (controlplane/README.md),
+so the few lines are restated here. PR_SET_PDEATHSIG fires when the *thread* that forked the child
+exits, so :meth:`LocalProcessLauncher.launch` forks from the event loop's own thread, never from a
+short-lived executor thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from controlplane.instances import InstanceConflict, WorkerRole
+
+__all__ = [
+    "CorePool",
+    "LocalLauncherConfig",
+    "LocalProcessLauncher",
+    "LocalWorker",
+]
+
+logger = logging.getLogger(__name__)
+
+READY_LINE = "strata worker ready"
+"""What `strata worker` prints once its gRPC server listens (dataplane/worker.py)."""
+_PR_SET_PDEATHSIG = 1
+_TAIL_LINES = 40
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+# -- cores -----------------------------------------------------------------------------------
+
+
+class CorePool:
+    """Hands out CPU cores to engines: free cores first; when none are left, the cores shared
+    by the fewest engines (or a refusal when sharing is off). One owner: the launcher."""
+
+    def __init__(self, cpus: Iterable[int], *, share_cores: bool) -> None:
+        self._users: dict[int, int] = {cpu: 0 for cpu in sorted(set(cpus))}
+        if not self._users:
+            raise ValueError("the core pool is empty")
+        self.share_cores = share_cores
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        return tuple(self._users)
+
+    def users(self, cpu: int) -> int:
+        """How many engines hold ``cpu`` now."""
+        return self._users[cpu]
+
+    def allocate(self, num_cores: int) -> tuple[int, ...]:
+        """``num_cores`` distinct cores, least-used first (ties: lowest id)."""
+        if not 1 <= num_cores <= len(self._users):
+            raise ValueError(f"num_cores must be in [1, {len(self._users)}], got {num_cores}")
+        chosen = sorted(self._users, key=lambda cpu: (self._users[cpu], cpu))[:num_cores]
+        if any(self._users[cpu] > 0 for cpu in chosen):
+            if not self.share_cores:
+                raise InstanceConflict(
+                    f"no free cores for another engine ({len(self._users)} cores, all taken; "
+                    "the launcher does not share cores)"
+                )
+            logger.warning(
+                "launcher: more engines than cores; cores %s are now shared (%s engines each)",
+                chosen,
+                [self._users[cpu] + 1 for cpu in chosen],
+            )
+        for cpu in chosen:
+            self._users[cpu] += 1
+        return tuple(sorted(chosen))
+
+    def release(self, cores: Iterable[int]) -> None:
+        cores = tuple(cores)
+        for cpu in cores:
+            if self._users.get(cpu, 0) <= 0:
+                raise ValueError(f"core {cpu} is not allocated")
+        for cpu in cores:
+            self._users[cpu] -= 1
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LocalLauncherConfig:
+    """How launched workers are started; validated on construction."""
+
+    model_dir: Path
+    store_endpoint: str
+    """The KV store node the workers' connectors use (HOST:PORT)."""
+    host: str = "127.0.0.1"
+    """Interface the workers listen on (and the host part of their endpoints)."""
+    kv_cache_size: str = "1GiB"
+    max_model_len: int | None = None
+    extra_args: tuple[str, ...] = ()
+    """More `strata worker` arguments, e.g. ("--max-num-seqs", "8", "--kv-metadata", URL)."""
+    cores_per_engine: int = 1
+    cpus: tuple[int, ...] | None = None
+    """The core pool; None = this process's CPU affinity set."""
+    share_cores: bool = True
+    """When no core is free: share the least-used one (True) or refuse the launch (False)."""
+    python: str = sys.executable
+    log_dir: Path | None = None
+    """Each worker's output goes to LOG_DIR/{role}-{port}.log; None = this process's stdout,
+    every line prefixed with ``[{role}-{port}]``."""
+    stop_timeout_s: float = 20.0
+    """SIGTERM → SIGKILL grace used by :meth:`LocalProcessLauncher.close`."""
+
+    def __post_init__(self) -> None:
+        if not (self.model_dir / "config.json").is_file():
+            raise ValueError(f"model directory {self.model_dir} has no config.json")
+        host, sep, port = self.store_endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"store endpoint must be HOST:PORT, got {self.store_endpoint!r}")
+        if self.cores_per_engine < 1:
+            raise ValueError(f"cores_per_engine must be ≥ 1, got {self.cores_per_engine}")
+        if self.cpus is not None and not self.cpus:
+            raise ValueError("cpus must not be empty")
+        if self.stop_timeout_s < 0:
+            raise ValueError(f"stop_timeout_s must be ≥ 0, got {self.stop_timeout_s}")
+
+
+# -- one worker ------------------------------------------------------------------------------
+
+
+def _reserve_port(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(eq=False)
+class LocalWorker:
+    """A `strata worker` process this launcher started (implements LaunchedWorker)."""
+
+    name: str
+    role: WorkerRole
+    endpoint: str
+    cores: tuple[int, ...]
+    proc: subprocess.Popen[bytes]
+    _reservation: socket.socket | None
+    _on_stopped: Callable[[LocalWorker], None]
+    _log: IO[str] | None = None
+    _tail: list[str] = field(default_factory=list)
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopped: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def tail(self) -> tuple[str, ...]:
+        """The worker's last output lines (for error messages)."""
+        return tuple(self._tail)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def printed_ready(self) -> bool:
+        """True once the worker printed its ready line (its gRPC server listens)."""
+        return self._ready.is_set()
+
+    def _release_port(self) -> None:
+        with self._lock:
+            sock, self._reservation = self._reservation, None
+        if sock is not None:
+            sock.close()
+
+    def _pump(self) -> None:
+        """Reads the worker's output (a full pipe would block it), forwards it, watches for
+        the ready line; drops the port reservation once the worker listens or exits."""
+        assert self.proc.stdout is not None
+        try:
+            for raw in iter(self.proc.stdout.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self._tail = [*self._tail[-(_TAIL_LINES - 1) :], line]
+                with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+                    if self._log is not None:
+                        self._log.write(line + "\n")
+                        self._log.flush()
+                    else:
+                        sys.stdout.write(f"[{self.name}] {line}\n")
+                        sys.stdout.flush()
+                if not self._ready.is_set() and READY_LINE in line:
+                    self._ready.set()
+                    self._release_port()
+        finally:
+            self._release_port()
+            self.proc.stdout.close()
+
+    def _stop_blocking(self, timeout_s: float) -> None:
+        pgid = self.proc.pid  # start_new_session: the worker leads its own process group
+        if self.proc.poll() is None:
+            _killpg(pgid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout_s)
+        # Whatever is left in the group (the worker or vLLM's engine core) is killed outright.
+        _killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+    async def stop(self, *, timeout_s: float) -> None:
+        """SIGTERM to the worker's process group, SIGKILL after ``timeout_s``; on return the
+        worker is reaped and its cores are back in the pool. Idempotent."""
+        if self._stopped:
+            return
+        await asyncio.to_thread(self._stop_blocking, timeout_s)
+        self._release_port()
+        if not self._stopped:
+            self._stopped = True
+            if self._log is not None:
+                self._log.close()
+            self._on_stopped(self)
+
+
+# -- the launcher ----------------------------------------------------------------------------
+
+
+class LocalProcessLauncher:
+    """Starts and stops `strata worker` processes on this host (implements Launcher)."""
+
+    def __init__(self, config: LocalLauncherConfig) -> None:
+        self.config = config
+        cpus = config.cpus if config.cpus is not None else tuple(os.sched_getaffinity(0))
+        self.cores = CorePool(cpus, share_cores=config.share_cores)
+        if config.cores_per_engine > len(self.cores.cpus):
+            raise ValueError(
+                f"cores_per_engine={config.cores_per_engine} but the pool has "
+                f"{len(self.cores.cpus)} cores"
+            )
+        self._workers: list[LocalWorker] = []
+        self._closed = False
+
+    @property
+    def workers(self) -> tuple[LocalWorker, ...]:
+        """Workers started and not yet stopped."""
+        return tuple(self._workers)
+
+    def _argv(self, role: WorkerRole, port: int) -> list[str]:
+        cfg = self.config
+        argv = [cfg.python, "-m", "dataplane.worker", "--role", role.name.lower()]
+        argv += ["--model", str(cfg.model_dir), "--store", cfg.store_endpoint]
+        argv += ["--host", cfg.host, "--port", str(port), "--kv-cache-size", cfg.kv_cache_size]
+        if cfg.max_model_len is not None:
+            argv += ["--max-model-len", str(cfg.max_model_len)]
+        return [*argv, *cfg.extra_args]
+
+    async def launch(self, role: WorkerRole) -> LocalWorker:
+        if self._closed:
+            raise InstanceConflict("the launcher is closed")
+        if role is WorkerRole.UNSPECIFIED:
+            raise ValueError("launch needs a role")
+        cfg = self.config
+        cores = self.cores.allocate(cfg.cores_per_engine)
+        reservation: socket.socket | None = None
+        log: IO[str] | None = None
+        try:
+            reservation = _reserve_port(cfg.host)
+            port = int(reservation.getsockname()[1])
+            name = f"{role.name.lower()}-{port}"
+            if cfg.log_dir is not None:
+                cfg.log_dir.mkdir(parents=True, exist_ok=True)
+                log = open(cfg.log_dir / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115
+            env = {
+                **os.environ,
+                "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+                "PYTHONUNBUFFERED": "1",
+            }
+            # Forked from this (the event loop's) thread: PR_SET_PDEATHSIG follows the thread.
+            proc = subprocess.Popen(
+                self._argv(role, port),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except BaseException:
+            self.cores.release(cores)
+            if reservation is not None:
+                reservation.close()
+            if log is not None:
+                log.close()
+            raise
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        worker = LocalWorker(
+            name=name,
+            role=role,
+            endpoint=f"{host}:{port}",
+            cores=cores,
+            proc=proc,
+            _reservation=reservation,
+            _on_stopped=self._forget,
+            _log=log,
+        )
+        threading.Thread(target=worker._pump, name=f"launcher-{name}", daemon=True).start()
+        self._workers.append(worker)
+        logger.info(
+            "launcher: started %s worker pid %d on %s, cores %s",
+            role.name.lower(),
+            proc.pid,
+            worker.endpoint,
+            cores,
+        )
+        return worker
+
+    def _forget(self, worker: LocalWorker) -> None:
+        if worker in self._workers:
+            self._workers.remove(worker)
+            self.cores.release(worker.cores)
+
+    async def close(self) -> None:
+        """Stop every worker this launcher started (in parallel); later launches are refused."""
+        self._closed = True
+        await asyncio.gather(
+            *(w.stop(timeout_s=self.config.stop_timeout_s) for w in list(self._workers))
+        )
