@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 __all__ = [
     "COMPLETIONS_DEFAULT_MAX_TOKENS",
@@ -168,19 +168,8 @@ def parse_completion_request(
     _reject_unsupported(obj, _UNSUPPORTED_COMPLETION)
     prompt = _parse_prompt(obj, limits)
     max_tokens = _opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
-    sampling = _parse_sampling(
-        obj, max_tokens=max_tokens, limits=limits, defaults=defaults or SamplingDefaults()
-    )
-    stream, include_usage = _parse_stream(obj)
-    return CompletionRequest(
-        model=model,
-        prompt=prompt,
-        sampling=sampling,
-        stream=stream,
-        include_usage=include_usage,
-        cache_salt=_parse_cache_salt(obj),
-        return_token_ids=_opt_bool(obj, "return_token_ids", default=False),
-    )
+    common = _parse_common(obj, max_tokens, limits, defaults)
+    return CompletionRequest(model, prompt, *common)
 
 
 def parse_chat_completion_request(
@@ -201,13 +190,31 @@ def parse_chat_completion_request(
     max_tokens = _opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
     if max_completion_tokens is not None:
         max_tokens = max_completion_tokens
+    common = _parse_common(obj, max_tokens, limits, defaults)
+    return ChatCompletionRequest(model, messages, *common)
+
+
+class _CommonFields(NamedTuple):
+    """The fields completions and chat requests share, in their dataclasses' field order."""
+
+    sampling: SamplingOptions
+    stream: bool
+    include_usage: bool
+    cache_salt: str
+    return_token_ids: bool
+
+
+def _parse_common(
+    obj: dict[str, Any],
+    max_tokens: int | None,
+    limits: RequestLimits,
+    defaults: SamplingDefaults | None,
+) -> _CommonFields:
     sampling = _parse_sampling(
         obj, max_tokens=max_tokens, limits=limits, defaults=defaults or SamplingDefaults()
     )
     stream, include_usage = _parse_stream(obj)
-    return ChatCompletionRequest(
-        model=model,
-        messages=messages,
+    return _CommonFields(
         sampling=sampling,
         stream=stream,
         include_usage=include_usage,
