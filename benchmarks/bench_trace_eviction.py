@@ -13,7 +13,13 @@ per policy (every ``kvstore.policy.PolicyKind``):
 * each as a fraction of **Belady's** (offline MIN: on a miss with a full cache, drop whichever of
   the cached blocks and the new one is next used farthest in the future -- the new one is then
   not inserted; computed with precomputed next-use positions and a lazy max-heap);
-* the **infinite-cache** bound (every re-access hits; the trace's README says 36.6 %).
+* the **infinite-cache** bound (every re-access hits; the trace's README says 36.6 %);
+* ``LRU+oracle adm.``: LRU that caches a block only if it will be accessed again -- the offline
+  bound of any admission filter in front of LRU (what is left to Belady is eviction order).
+
+The admission policies (``W_TINYLFU``, ``SECOND_HIT_LRU``: kvstore.policy.AdmittedPolicy) see the
+same events as the others: a hit is ``on_access``, a miss ``on_insert`` after the evictions, and
+their admission decision is taken inside ``select_victim`` (a refused block is the next victim).
 
 One extra row, ``LRU, tail first``, touches each request's blocks from last to first after the
 request (as vLLM frees a finished request's blocks, tail first), so an LRU cache evicts chain
@@ -29,6 +35,7 @@ import heapq
 import json
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +138,38 @@ def belady(capacity: int, requests: Sequence[Sequence[int]], next_use: Sequence[
     return Outcome(hits, prefix_hits, time.perf_counter() - started)
 
 
+def oracle_admission_lru(
+    capacity: int, requests: Sequence[Sequence[int]], next_use: Sequence[int]
+) -> Outcome:
+    """LRU that caches a missed block only if it will be accessed again (an offline bound).
+
+    What a perfect admission filter could give in front of LRU's order: the gap between this
+    row and Belady is eviction order, the gap between an online policy and this row admission.
+    """
+    started = time.perf_counter()
+    never = len(next_use)
+    cached: OrderedDict[int, None] = OrderedDict()
+    hits = prefix_hits = 0
+    position = 0
+    for request in requests:
+        leading = True
+        for block in request:
+            upcoming = next_use[position]
+            position += 1
+            if block in cached:
+                hits += 1
+                prefix_hits += leading
+                cached.move_to_end(block)
+                continue
+            leading = False
+            if upcoming == never:
+                continue
+            if len(cached) >= capacity:
+                cached.popitem(last=False)
+            cached[block] = None
+    return Outcome(hits, prefix_hits, time.perf_counter() - started)
+
+
 def infinite(requests: Sequence[Sequence[int]]) -> Outcome:
     started = time.perf_counter()
     seen: set[int] = set()
@@ -182,7 +221,10 @@ def main() -> int:
         capacity = max(1, round(fraction * distinct))
         label = f"{fraction:.0%} = {capacity:,}"
         best = belady(capacity, requests, next_use)
-        rows = [("Belady (MIN)", best)]
+        rows = [
+            ("Belady (MIN)", best),
+            ("LRU+oracle adm.", oracle_admission_lru(capacity, requests, next_use)),
+        ]
         for name, build, tail_first in runs:
             rows.append((name, replay(build(), capacity, key_requests, tail_first)))
         for name, outcome in rows:

@@ -10,6 +10,7 @@ import pytest
 from kvstore.arena import Arena
 from kvstore.node import PutStatus, StoreNode
 from kvstore.policy import (
+    AdmittedPolicy,
     ARCPolicy,
     EvictionPolicy,
     LRUPolicy,
@@ -89,6 +90,8 @@ def tracked(policy: EvictionPolicy) -> set[bytes]:
         return set(policy._freq)
     if isinstance(policy, ARCPolicy):
         return set(policy._t1) | set(policy._t2)
+    if isinstance(policy, AdmittedPolicy):
+        return set(policy._window) | tracked(policy.main)
     assert isinstance(policy, SIEVEPolicy)
     return set(policy._nodes)
 
@@ -180,6 +183,8 @@ def test_make_policy_builds_each_kind(kind: PolicyKind) -> None:
         PolicyKind.S3_FIFO: S3FIFOPolicy,
         PolicyKind.ARC: ARCPolicy,
         PolicyKind.SIEVE: SIEVEPolicy,
+        PolicyKind.W_TINYLFU: AdmittedPolicy,
+        PolicyKind.SECOND_HIT_LRU: AdmittedPolicy,
     }
     policy = make_policy(kind)
     assert type(policy) is expected[kind]
