@@ -69,6 +69,11 @@ class GatewayConfig:
     max_request_body_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     """On SIGTERM/SIGINT: stop accepting, then give in-flight requests this long to finish."""
+    registry_url: str = ""
+    """Where instance records live: "" = this process; redis://HOST:PORT/DB (or rediss://,
+    unix://) = shared with every gateway using the same URL (high availability)."""
+    drain_timeout_s: float = 60.0
+    """How long scale-down and set-role wait for a drained worker's requests before stopping it."""
 
     def __post_init__(self) -> None:
         if not self.model_dir.is_dir():
@@ -92,11 +97,19 @@ class GatewayConfig:
             "worker_startup_timeout_s",
             "health_check_interval_s",
             "health_check_timeout_s",
+            "drain_timeout_s",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.registry_url and not self.registry_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"registry_url {self.registry_url!r} must be empty (this process) or a "
+                "redis://, rediss:// or unix:// URL"
+            )
         if self.max_request_body_bytes < 1024:
             raise ConfigError(
                 f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"
@@ -122,6 +135,8 @@ class GatewayConfig:
                 health_check_timeout_s=parse_duration_s(args.health_check_timeout),
                 max_request_body_bytes=args.max_request_body_bytes,
                 shutdown_grace_s=parse_duration_s(args.shutdown_grace),
+                registry_url=args.registry,
+                drain_timeout_s=parse_duration_s(args.drain_timeout),
             )
         except ConfigError as exc:
             parser.error(str(exc))  # exits with status 2
@@ -169,4 +184,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-request-body-bytes", type=int, default=_default("max_request_body_bytes")
     )
     parser.add_argument("--shutdown-grace", default=f"{_default('shutdown_grace_s')}s")
+    parser.add_argument(
+        "--registry",
+        default=_default("registry_url"),
+        help="redis://HOST:PORT/DB to share the instance registry with other gateways "
+        "(default: this process only)",
+    )
+    parser.add_argument("--drain-timeout", default=f"{_default('drain_timeout_s')}s")
     return parser

@@ -30,6 +30,7 @@ from aiohttp import hdrs, web
 
 from controlplane.config import GatewayConfig
 from controlplane.generation import Generation, GenerationDelta, GenerationRequest
+from controlplane.instances import AdminBackend, Launcher
 from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
 from controlplane.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -41,7 +42,8 @@ from controlplane.openai_protocol import (
     parse_chat_completion_request,
     parse_completion_request,
 )
-from controlplane.pool import StartupError, WorkerPool
+from controlplane.registry import InstanceRegistry, StartupError
+from controlplane.registry_store import RegistryStoreError, open_registry_store
 from controlplane.responses import (
     SSE_DONE,
     ChatFormatter,
@@ -52,7 +54,7 @@ from controlplane.responses import (
     sse_event,
 )
 from controlplane.tokenizer import ModelTokenizer, read_sampling_defaults
-from controlplane.workers import WorkerError, WorkerErrorKind
+from controlplane.workers import WorkerError, WorkerErrorKind, WorkerRole
 
 __all__ = ["Gateway", "GatewayServer", "main", "serve"]
 
@@ -91,24 +93,24 @@ def json_response(obj: object, status: int = 200) -> web.Response:
 
 
 class Gateway:
-    """The HTTP application: request handling over a ready WorkerPool and the model's tokenizer."""
+    """The HTTP application: request handling over the instance registry and the tokenizer."""
 
     def __init__(
         self,
         config: GatewayConfig,
         *,
         tokenizer: ModelTokenizer,
-        pool: WorkerPool,
+        registry: InstanceRegistry,
         metrics: GatewayMetrics,
         sampling_defaults: SamplingDefaults,
     ) -> None:
         self._config = config
         self._tokenizer = tokenizer
-        self._pool = pool
+        self._registry = registry
         self._metrics = metrics
         self._sampling_defaults = sampling_defaults
         self._limits = RequestLimits(
-            max_model_len=pool.limits.max_model_len, vocab_size=tokenizer.vocab_size
+            max_model_len=registry.limits.max_model_len, vocab_size=tokenizer.vocab_size
         )
         self._created = int(time.time())
 
@@ -203,14 +205,18 @@ class Gateway:
     async def _health(self, request: web.Request) -> web.Response:
         workers = [
             {
-                "endpoint": s.endpoint,
-                "role": s.role.name.lower(),
-                "ready": s.ready,
-                "detail": s.detail,
+                "id": info.id,
+                "endpoint": info.endpoint,
+                "role": info.role.name.lower(),
+                "state": info.state.value,
+                "ready": info.state.value == "ready",
+                "in_flight": info.in_flight,
+                "capacity": info.capacity,
+                "detail": info.detail,
             }
-            for s in self._pool.statuses()
+            for info in self._registry.list_instances()
         ]
-        ready = self._pool.is_ready()
+        ready = self._registry.is_ready()
         return json_response(
             {"status": "ok" if ready else "unavailable", "workers": workers},
             status=200 if ready else 503,
@@ -331,7 +337,7 @@ class Gateway:
             stop_token_ids=self._tokenizer.eos_token_ids.union(sampling.stop_token_ids),
         )
         detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
-        return Generation(request, self._pool, self._metrics, detokenizer)
+        return Generation(request, self._registry, self._metrics, detokenizer)
 
     async def _complete(self, generation: Generation, formatter: StreamFormatter) -> web.Response:
         parts: list[str] = []
@@ -408,23 +414,38 @@ def _usage(generation: Generation) -> Usage:
 
 
 class GatewayServer:
-    """Lifecycle of one gateway: load the tokenizer, wait for workers, serve HTTP, shut down."""
+    """Lifecycle of one gateway: load the tokenizer, register and wait for the configured workers,
+    serve HTTP, shut down. ``launcher`` (optional) lets the registry start workers for `scale`
+    and `set-role`; the server closes it at stop."""
 
-    def __init__(self, config: GatewayConfig, *, tokenizer: ModelTokenizer | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        tokenizer: ModelTokenizer | None = None,
+        launcher: Launcher | None = None,
+    ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
         self._tokenizer = tokenizer
-        self._pool: WorkerPool | None = None
+        self._launcher = launcher
+        self._registry: InstanceRegistry | None = None
         self._runner: web.AppRunner | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.url = ""
 
     @property
-    def pool(self) -> WorkerPool:
-        """The workers (readiness, health checks); only between start() and stop()."""
-        if self._pool is None:
-            raise RuntimeError("GatewayServer.pool used before start() or after stop()")
-        return self._pool
+    def registry(self) -> InstanceRegistry:
+        """The instances (state, load, health checks; the AdminBackend); only between start()
+        and stop()."""
+        if self._registry is None:
+            raise RuntimeError("GatewayServer.registry used before start() or after stop()")
+        return self._registry
+
+    @property
+    def admin_backend(self) -> AdminBackend:
+        """What the admin gRPC service drives (the registry)."""
+        return self.registry
 
     async def start(self) -> str:
         """Return the base URL once the workers are ready and the port is bound."""
@@ -433,20 +454,26 @@ class GatewayServer:
             self._tokenizer = await asyncio.to_thread(
                 ModelTokenizer.from_model_dir, config.model_dir
             )
-        self._pool = WorkerPool(
-            config.prefill_endpoints,
-            config.decode_endpoints,
-            health_check_timeout_s=config.health_check_timeout_s,
+        self._registry = InstanceRegistry(
             metrics=self.metrics,
+            health_check_timeout_s=config.health_check_timeout_s,
+            store=open_registry_store(config.registry_url),
+            launcher=self._launcher,
+            drain_timeout_s=config.drain_timeout_s,
         )
-        await self._pool.wait_until_ready(
+        try:
+            await self._registry.register_configured(WorkerRole.PREFILL, config.prefill_endpoints)
+            await self._registry.register_configured(WorkerRole.DECODE, config.decode_endpoints)
+        except RegistryStoreError as exc:
+            raise StartupError(str(exc)) from None
+        await self._registry.wait_until_ready(
             timeout_s=config.worker_startup_timeout_s,
             poll_interval_s=min(0.5, config.health_check_interval_s),
         )
         gateway = Gateway(
             config,
             tokenizer=self._tokenizer,
-            pool=self._pool,
+            registry=self._registry,
             metrics=self.metrics,
             sampling_defaults=read_sampling_defaults(config.model_dir),
         )
@@ -462,7 +489,7 @@ class GatewayServer:
         port = self._runner.addresses[0][1]
         self.url = f"http://{config.host}:{port}"
         self._health_task = asyncio.create_task(
-            self._pool.run_health_checks(interval_s=config.health_check_interval_s)
+            self._registry.run_health_checks(interval_s=config.health_check_interval_s)
         )
         return self.url
 
@@ -475,9 +502,12 @@ class GatewayServer:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
             self._health_task = None
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        if self._registry is not None:
+            await self._registry.close()
+            self._registry = None
+        if self._launcher is not None:
+            await self._launcher.close()
+            self._launcher = None
 
 
 async def serve(config: GatewayConfig) -> int:
@@ -487,10 +517,11 @@ async def serve(config: GatewayConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     logger.info(
-        "starting: model_dir=%s prefill=%s decode=%s",
+        "starting: model_dir=%s prefill=%s decode=%s registry=%s",
         config.model_dir,
         ",".join(config.prefill_endpoints),
         ",".join(config.decode_endpoints),
+        config.registry_url or "local",
     )
     server = GatewayServer(config)
     start = asyncio.create_task(server.start())

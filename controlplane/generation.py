@@ -1,25 +1,34 @@
-"""One request's generation, stitched from a prefill worker and a decode worker.
+"""One request's generation, stitched from a prefill worker and a decode worker, with failover.
 
-Call sequence (docs/design/gateway.md, "Prefill/decode stitching"):
-  1. Prefill(prompt) on a ready prefill worker -> first token, its text, the saved block keys.
-     The first token is yielded at once (it is the request's TTFT). The request ends here if the
-     prefill finished it (EOS or stop: "stop") or if max_tokens == 1 ("length").
-  2. Decode(prompt + [first token], max_tokens - 1, block keys) on a ready decode worker; its
-     chunks are yielded as they arrive, the last one carries the finish reason.
+Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"):
+  1. Prefill(prompt) on a ready prefill instance -> first token, the saved block keys. An
+     unreachable instance (UNAVAILABLE: dead, restarting) is marked dead and the prefill is
+     retried on the next ready one; nothing was sent to the client yet. The first token is
+     yielded at once (the request's TTFT). The request ends here if the prefill finished it
+     (EOS or stop: "stop") or if max_tokens == 1 ("length").
+  2. Decode(prompt + generated, max_tokens - len(generated)) on a ready decode instance, where
+     `generated` is every token already yielded (at first just the prefill's). If the decode
+     instance becomes unreachable mid-stream it is marked dead and the decode is resumed on the
+     next ready one from prompt + every token yielded so far: the caller's stream goes on with
+     no token missing or repeated (the new worker's connector loads the prompt's blocks from the
+     KV store and recomputes the rest). Only when no decode instance is left does the failure
+     reach the caller.
   3. The text is the gateway's own: one IncrementalDetokenizer over all generated tokens, as in
-     a single engine (the workers' texts are ignored: a character split over the boundary is
-     lost between their two detokenizers, see detokenizer.py).
+     a single engine (the workers' texts are ignored: a character split over a worker boundary
+     is lost between their detokenizers, see detokenizer.py). A resumed decode is one more
+     boundary and needs nothing else.
   4. All text goes through one StopStringMatcher, because a stop string can straddle the
-     boundary between the two workers' outputs. A gateway-side match ends the request with
-     "stop" and closes the decode stream, which cancels the decode rpc.
+     boundary between two workers' outputs. A gateway-side match ends the request with "stop"
+     and closes the decode stream, which cancels the decode rpc.
 
-Worker failures surface as WorkerError (after telling the pool, so an unreachable worker is not
-picked again until its health check passes). The caller owns the HTTP side: status codes,
-formatting, and what to do with an error after the first token was sent.
+Other worker failures (rejected input, engine error, deadline) would fail the same way on
+another worker: they surface as WorkerError at once. The caller owns the HTTP side: status
+codes, formatting, and what to do with an error after the first token was sent.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -28,11 +37,11 @@ from dataclasses import dataclass
 from controlplane.detokenizer import IncrementalDetokenizer
 from controlplane.metrics import GatewayMetrics
 from controlplane.openai_protocol import SamplingOptions
-from controlplane.pool import WorkerPool
+from controlplane.registry import Instance, InstanceRegistry
 from controlplane.stop import StopStringMatcher
 from controlplane.workers import (
     FinishReason,
-    WorkerClient,
+    PrefillResult,
     WorkerError,
     WorkerErrorKind,
     WorkerRole,
@@ -40,6 +49,8 @@ from controlplane.workers import (
 )
 
 __all__ = ["Generation", "GenerationDelta", "GenerationRequest"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +85,7 @@ class Generation:
     __slots__ = (
         "_detokenizer",
         "_metrics",
-        "_pool",
+        "_registry",
         "finish_reason",
         "num_cached_tokens",
         "num_completion_tokens",
@@ -84,13 +95,13 @@ class Generation:
     def __init__(
         self,
         request: GenerationRequest,
-        pool: WorkerPool,
+        registry: InstanceRegistry,
         metrics: GatewayMetrics,
         detokenizer: IncrementalDetokenizer,
     ) -> None:
         self.request = request
         self._detokenizer = detokenizer
-        self._pool = pool
+        self._registry = registry
         self._metrics = metrics
         self.num_cached_tokens = 0
         self.num_completion_tokens = 0
@@ -112,26 +123,16 @@ class Generation:
 
     async def _run(self) -> AsyncGenerator[GenerationDelta, None]:
         req = self.request
+        self._registry.note_request()
         matcher = StopStringMatcher(req.sampling.stop)
-        prefill_worker = self._pool.pick(WorkerRole.PREFILL)
-        try:
-            prefill = await prefill_worker.prefill(
-                request_id=req.request_id,
-                prompt_token_ids=req.prompt_token_ids,
-                sampling=self._worker_sampling(max_tokens=1),
-                cache_salt=req.cache_salt,
-                timeout_s=self._remaining_s("Prefill", prefill_worker),
-            )
-        except WorkerError as exc:
-            self._pool.report_failure(prefill_worker, exc)
-            raise
+        prefill, prefill_instance = await self._prefill()
         last_token_s = time.monotonic()
         self._metrics.time_to_first_token.observe(last_token_s - req.arrival_s)
         self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
         self._metrics.cached_prompt_tokens.inc(prefill.num_cached_tokens)
         self.num_cached_tokens = prefill.num_cached_tokens
 
-        finish = self._check_finish(prefill.finish_reason, prefill_worker, "Prefill")
+        finish = self._check_finish(prefill.finish_reason, prefill_instance.endpoint, "Prefill")
         if finish is None and req.max_tokens == 1:
             finish = "length"
         first_ids = (prefill.first_token_id,)
@@ -146,55 +147,130 @@ class Generation:
             return
         yield GenerationDelta(match.text, first_ids, None)
 
-        decode_worker = self._pool.pick(WorkerRole.DECODE)
         self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
-        stream = decode_worker.decode(
-            request_id=req.request_id,
-            prompt_token_ids=[*req.prompt_token_ids, prefill.first_token_id],
-            sampling=self._worker_sampling(max_tokens=req.max_tokens - 1),
-            cache_salt=req.cache_salt,
-            block_keys=prefill.block_keys,
-            timeout_s=self._remaining_s("Decode", decode_worker),
-        )
+        # Every token the caller has been given: a resumed decode continues after the last one.
+        generated = list(first_ids)
+        failed: set[str] = set()
+        last_error: WorkerError | None = None
         # The decode worker reports the KV it loaded on its last chunk (worker.proto); take the
-        # largest value seen so that a first-chunk report would count too. A decode the gateway
-        # cuts short (stop string, client gone) never sends its last chunk: not counted.
+        # largest value seen per attempt so that a first-chunk report would count too. A decode
+        # the gateway cuts short (stop string, client gone) never sends its last chunk.
         num_external_tokens = 0
         try:
-            async with aclosing(stream) as chunks:
-                async for chunk in chunks:
-                    num_external_tokens = max(num_external_tokens, chunk.num_external_tokens)
-                    ids = chunk.token_ids
-                    num_tokens = len(ids)
-                    if num_tokens:
-                        now = time.monotonic()
-                        gap_s = (now - last_token_s) / num_tokens
-                        for _ in range(num_tokens):
-                            self._metrics.inter_token_latency.observe(gap_s)
-                        last_token_s = now
-                    finish = self._check_finish(chunk.finish_reason, decode_worker, "Decode")
-                    match = matcher.feed(self._text(ids, finish))
-                    if match.stopped:
-                        if finish is None:  # the worker missed it (it straddles the boundary)
-                            self._metrics.gateway_stop_hits.inc()
-                        yield GenerationDelta(match.text, ids, "stop")
-                        return  # leaving the `async with` cancels the decode rpc
-                    if finish is not None:
-                        yield GenerationDelta(match.text + matcher.flush(), ids, finish)
-                        return
-                    if num_tokens or match.text:
-                        yield GenerationDelta(match.text, ids, None)
-        except WorkerError as exc:
-            self._pool.report_failure(decode_worker, exc)
-            raise
+            while True:
+                num_left = req.max_tokens - len(generated)
+                if num_left <= 0:  # the failed worker had sent the last token, not the finish
+                    yield GenerationDelta(matcher.flush(), (), "length")
+                    return
+                instance = self._pick(WorkerRole.DECODE, failed, last_error)
+                if last_error is not None:
+                    self._registry.note_failover(WorkerRole.DECODE)
+                    logger.warning(
+                        "request %s: resuming decode on %s after %d tokens (%s)",
+                        req.request_id,
+                        instance.endpoint,
+                        len(generated),
+                        last_error,
+                    )
+                stream = instance.client.decode(
+                    request_id=req.request_id,
+                    prompt_token_ids=[*req.prompt_token_ids, *generated],
+                    sampling=self._worker_sampling(max_tokens=num_left),
+                    cache_salt=req.cache_salt,
+                    block_keys=prefill.block_keys,
+                    timeout_s=self._remaining_s("Decode", instance.endpoint),
+                )
+                attempt_external_tokens = 0
+                context = len(req.prompt_token_ids) + len(generated)
+                try:
+                    with self._registry.track_decode(instance, context, num_left) as tracker:
+                        async with aclosing(stream) as chunks:
+                            async for chunk in chunks:
+                                attempt_external_tokens = max(
+                                    attempt_external_tokens, chunk.num_external_tokens
+                                )
+                                ids = chunk.token_ids
+                                num_tokens = len(ids)
+                                if num_tokens:
+                                    generated += ids
+                                    tracker.add_tokens(num_tokens)
+                                    now = time.monotonic()
+                                    gap_s = (now - last_token_s) / num_tokens
+                                    for _ in range(num_tokens):
+                                        self._metrics.inter_token_latency.observe(gap_s)
+                                    last_token_s = now
+                                finish = self._check_finish(
+                                    chunk.finish_reason, instance.endpoint, "Decode"
+                                )
+                                match = matcher.feed(self._text(ids, finish))
+                                if match.stopped:
+                                    if finish is None:  # the worker missed it (across workers)
+                                        self._metrics.gateway_stop_hits.inc()
+                                    yield GenerationDelta(match.text, ids, "stop")
+                                    return  # leaving the `async with` cancels the decode rpc
+                                if finish is not None:
+                                    yield GenerationDelta(match.text + matcher.flush(), ids, finish)
+                                    return
+                                if num_tokens or match.text:
+                                    yield GenerationDelta(match.text, ids, None)
+                except WorkerError as exc:
+                    self._registry.report_failure(instance, exc)
+                    if not _can_fail_over(exc):
+                        raise
+                    failed.add(instance.id)
+                    last_error = exc
+                    continue
+                finally:
+                    num_external_tokens += attempt_external_tokens
+                raise WorkerError(
+                    WorkerErrorKind.FAILED,
+                    instance.endpoint,
+                    "Decode",
+                    "the stream ended without a finish_reason",
+                )
         finally:
             self._metrics.kv_transfer_tokens.inc(num_external_tokens)
-        raise WorkerError(
-            WorkerErrorKind.FAILED,
-            decode_worker.endpoint,
-            "Decode",
-            "the stream ended without a finish_reason",
-        )
+
+    async def _prefill(self) -> tuple[PrefillResult, Instance]:
+        """Prefill on a ready prefill instance; on one that is unreachable, on the next one."""
+        req = self.request
+        failed: set[str] = set()
+        last_error: WorkerError | None = None
+        while True:
+            instance = self._pick(WorkerRole.PREFILL, failed, last_error)
+            if last_error is not None:
+                self._registry.note_failover(WorkerRole.PREFILL)
+                logger.warning(
+                    "request %s: retrying prefill on %s (%s)",
+                    req.request_id,
+                    instance.endpoint,
+                    last_error,
+                )
+            try:
+                with self._registry.track_prefill(instance, len(req.prompt_token_ids)):
+                    result = await instance.client.prefill(
+                        request_id=req.request_id,
+                        prompt_token_ids=req.prompt_token_ids,
+                        sampling=self._worker_sampling(max_tokens=1),
+                        cache_salt=req.cache_salt,
+                        timeout_s=self._remaining_s("Prefill", instance.endpoint),
+                    )
+                return result, instance
+            except WorkerError as exc:
+                self._registry.report_failure(instance, exc)
+                if not _can_fail_over(exc):
+                    raise
+                failed.add(instance.id)
+                last_error = exc
+
+    def _pick(self, role: WorkerRole, failed: set[str], last_error: WorkerError | None) -> Instance:
+        """The next instance to try; when none is left after a failure, that failure."""
+        try:
+            return self._registry.pick(role, exclude=failed)
+        except WorkerError:
+            if last_error is not None:
+                raise last_error from None
+            raise
 
     def _text(self, token_ids: tuple[int, ...], finish: str | None) -> str:
         """Text of new tokens; a final stop token's own text is left out (vLLM does the same)."""
@@ -217,21 +293,27 @@ class Generation:
             ignore_eos=s.ignore_eos,
         )
 
-    def _remaining_s(self, rpc: str, worker: WorkerClient) -> float:
+    def _remaining_s(self, rpc: str, endpoint: str) -> float:
         remaining = self.request.arrival_s + self.request.timeout_s - time.monotonic()
         if remaining <= 0:
             raise WorkerError(
                 WorkerErrorKind.TIMEOUT,
-                worker.endpoint,
+                endpoint,
                 rpc,
                 f"request timeout of {self.request.timeout_s:g} s reached",
             )
         return remaining
 
     @staticmethod
-    def _check_finish(reason: FinishReason | None, worker: WorkerClient, rpc: str) -> str | None:
+    def _check_finish(reason: FinishReason | None, endpoint: str, rpc: str) -> str | None:
         if reason is FinishReason.ABORT:
             raise WorkerError(
-                WorkerErrorKind.FAILED, worker.endpoint, rpc, "the engine aborted the request"
+                WorkerErrorKind.FAILED, endpoint, rpc, "the engine aborted the request"
             )
         return None if reason is None else reason.value
+
+
+def _can_fail_over(error: WorkerError) -> bool:
+    """Only an unreachable worker (dead, restarting, not ready) is worth leaving for another: a
+    rejected input, an engine error or the deadline would fail the same way elsewhere."""
+    return error.kind is WorkerErrorKind.UNAVAILABLE

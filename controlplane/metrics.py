@@ -77,6 +77,11 @@ class GatewayMetrics:
         self.worker_errors = Counter(
             p + "worker_errors", "Failed worker calls by rpc and kind", ["rpc", "kind"], registry=r
         )
+        self.failovers = Counter(
+            p + "failovers",
+            "Requests moved to another worker after one failed (prefill retried, decode resumed)",
+            ["role"], registry=r,
+        )  # fmt: skip
         self.worker_ready = Gauge(
             p + "worker_ready", "1 if the worker's last health check said ready",
             ["endpoint", "role"], registry=r,

@@ -37,6 +37,11 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
+    # A dead worker's heartbeats must notice its return within seconds, not gRPC's default
+    # reconnect backoff (up to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
 
@@ -99,6 +104,8 @@ class WorkerHealth:
     model: str
     block_size: int
     max_model_len: int
+    capacity: int
+    """Most sequences the engine runs at once (max_num_seqs); 0 when the worker does not say."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +181,7 @@ class WorkerClient:
             model=reply.model,
             block_size=reply.block_size,
             max_model_len=reply.max_model_len,
+            capacity=reply.capacity,
         )
 
     async def prefill(

@@ -144,3 +144,68 @@ def stack(module_stack: Stack) -> Stack:
         worker.decode_requests.clear()
         worker.num_decodes_cancelled = 0
     return module_stack
+
+
+@dataclass
+class Cluster:
+    """One gateway in front of several scripted prefill and decode workers sharing one script."""
+
+    loop: LoopThread
+    script: Script
+    prefills: list[ScriptedWorker]
+    decodes: list[ScriptedWorker]
+    server: GatewayServer
+    url: str
+    tokenizer: Tokenizer
+
+    @property
+    def workers(self) -> list[ScriptedWorker]:
+        return self.prefills + self.decodes
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+
+def start_workers(
+    loop: LoopThread, script: Script, tokenizer: Tokenizer, role: int, count: int
+) -> list[ScriptedWorker]:
+    workers = [
+        ScriptedWorker(role, script, tokenizer, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE)
+        for _ in range(count)
+    ]
+    for worker in workers:
+        loop.run(worker.start())
+    return workers
+
+
+def start_cluster(
+    loop: LoopThread,
+    model_dir: Path,
+    tokenizer: ModelTokenizer,
+    *,
+    num_prefill: int,
+    num_decode: int,
+    **config_overrides: Any,
+) -> Cluster:
+    worker_tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    script = default_script(worker_tokenizer)
+    prefills = start_workers(loop, script, worker_tokenizer, worker_pb2.ROLE_PREFILL, num_prefill)
+    decodes = start_workers(loop, script, worker_tokenizer, worker_pb2.ROLE_DECODE, num_decode)
+    config = GatewayConfig(
+        model_dir=model_dir,
+        served_model_name=SERVED_MODEL_NAME,
+        prefill_endpoints=tuple(w.endpoint for w in prefills),
+        decode_endpoints=tuple(w.endpoint for w in decodes),
+        port=0,
+        worker_startup_timeout_s=10.0,
+        shutdown_grace_s=1.0,
+    )
+    server = GatewayServer(replace(config, **config_overrides), tokenizer=tokenizer)
+    url = loop.run(server.start())
+    return Cluster(loop, script, prefills, decodes, server, url, worker_tokenizer)
+
+
+def stop_cluster(cluster: Cluster, *extra: ScriptedWorker) -> None:
+    cluster.loop.run(cluster.server.stop())
+    for worker in [*cluster.workers, *extra]:
+        cluster.loop.run(worker.stop())

@@ -7,9 +7,12 @@ model's real tokenizer through an incremental DecodeStream primed with the reque
 character split over the prefill/decode boundary is lost exactly as between two real engines);
 EOS ends the sequence ("stop", the EOS id counted, its text empty); stop strings are checked
 against *its own* output only (a stop string straddling the boundary is missed, as by a real
-worker); the prefill samples exactly one token; decode continues the script after the first token.
-Failures, delays and readiness are set per test; every request and every cancelled decode is
-recorded. Test code only: it never ships in the product.
+worker); the prefill samples exactly one token; decode continues the script after the tokens its
+prompt holds beyond the prefill's prompt (so a decode resumed elsewhere after k tokens continues
+with script token k, as a greedy engine would). Failures, delays and readiness are set per test;
+`Script.die_after_decode_chunks` stops the serving worker's whole server mid-stream, once (what a
+killed worker looks like to the gateway: UNAVAILABLE). Every request and every cancelled decode
+is recorded. Test code only: it never ships in the product.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ class Script:
     decode_error: grpc.StatusCode | None = None
     decode_error_after_chunks: int = 0
     num_cached_tokens: int = 0
+    die_after_decode_chunks: int | None = None
+    """The next decode to send this many chunks (unfinished) stops its worker's server, so that
+    every call to it fails UNAVAILABLE; one-shot (reset when it fires)."""
+    prompt_lengths: dict[str, int] = field(default_factory=dict)
+    """Prompt length of each prefilled request id: where a decode's generated tokens start."""
 
     def token(self, index: int) -> int:
         return self.token_ids[index] if index < len(self.token_ids) else EOS_TOKEN_ID
@@ -69,6 +77,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         self.decode_requests: list[worker_pb2.DecodeRequest] = []
         self.num_decodes_cancelled = 0
         self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Task[None] | None = None
         self.port = 0
 
     @property
@@ -102,6 +111,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
 
     async def Prefill(self, request, context):
         self.prefill_requests.append(request)
+        self.script.prompt_lengths[request.request_id] = len(request.prompt_token_ids)
         if self.script.prefill_error is not None:
             await context.abort(self.script.prefill_error, "scripted prefill failure")
         stream = DecodeStream(ids=list(request.prompt_token_ids), skip_special_tokens=True)
@@ -125,7 +135,10 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         stream = DecodeStream(ids=list(request.prompt_token_ids), skip_special_tokens=True)
         output = ""  # this call's output text: the only text its stop-string check sees
         num_sent_chars = 0
-        index = 1  # the prefill generated script token 0
+        # The prefill generated script token 0; a resumed decode's prompt holds more of them.
+        num_prompt = len(request.prompt_token_ids)
+        start = num_prompt - script.prompt_lengths.get(request.request_id, num_prompt - 1)
+        index = start
         num_chunks = 0
         finish = worker_pb2.FINISH_REASON_UNSPECIFIED
         try:
@@ -144,7 +157,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                     index += 1
                     ids.append(token_id)
                     output, finish = self._next_output(stream, output, token_id, sampling)
-                    if not finish and index - 1 >= sampling.max_tokens:
+                    if not finish and index - start >= sampling.max_tokens:
                         finish = worker_pb2.FINISH_REASON_LENGTH
                 chunk = worker_pb2.DecodeChunk(
                     token_ids=ids, text=output[num_sent_chars:], finish_reason=finish
@@ -156,6 +169,11 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                     chunk.num_cached_tokens = num_loaded
                     chunk.num_external_tokens = num_loaded
                 yield chunk
+                if script.die_after_decode_chunks == num_chunks and not finish:
+                    script.die_after_decode_chunks = None
+                    # Stopping the server cancels this call too: the client sees UNAVAILABLE.
+                    self._stopping = asyncio.get_running_loop().create_task(self.stop())
+                    await asyncio.sleep(3600)
         finally:
             # Cancelled while awaiting (CancelledError) or while parked at `yield` (the server
             # closes the generator): either way the stream ended before its last chunk.

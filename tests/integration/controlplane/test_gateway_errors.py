@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from controlplane.instances import InstanceState
 from controlplane.tokenizer import ModelTokenizer
 from tests.integration.controlplane.conftest import (
     MAX_MODEL_LEN,
@@ -227,16 +228,18 @@ def test_slow_health_answers_are_tolerated_twice(
         health_check_timeout_s=0.05,
     )
     try:
-        pool = stack.server.pool
+        registry = stack.server.registry
         stack.decode.health_delay_s = 0.2
         for _ in range(2):
-            stack.loop.run(pool.check_all())
-            assert pool.is_ready()  # a busy worker is not turned away at once
-        stack.loop.run(pool.check_all())
-        assert not pool.is_ready()
-        assert "timeout" in {s.endpoint: s.detail for s in pool.statuses()}[stack.decode.endpoint]
+            stack.loop.run(registry.check_all())
+            assert registry.is_ready()  # a busy worker is not turned away at once
+        stack.loop.run(registry.check_all())
+        assert not registry.is_ready()
+        decode = {i.endpoint: i for i in registry.list_instances()}[stack.decode.endpoint]
+        assert decode.state is InstanceState.DEAD
+        assert "timeout" in decode.detail
         stack.decode.health_delay_s = 0.0
-        stack.loop.run(pool.check_all())
-        assert pool.is_ready()
+        stack.loop.run(registry.check_all())
+        assert registry.is_ready()
     finally:
         stop_stack(stack)

@@ -1,0 +1,795 @@
+"""The instance registry: every prefill and decode worker this gateway may use, its state, its load.
+
+One owner. The registry alone changes instance state; the gateway reads immutable snapshots
+(`InstanceInfo`, `InstanceView`) and reports what it saw through three calls:
+`report_failure` (a request found the worker failing), the load trackers `track_prefill` /
+`track_decode` (in-flight counters), and `note_failover`.
+
+State, per gateway (controlplane/instances.py draws the diagram):
+
+- **starting**: registered, Health has not said ready yet (a vLLM worker compiles for a minute).
+- **ready**: the last Health said ready, with a role that serves the instance's role and model
+  limits that agree with the gateway's. Only ready instances are picked.
+- **dead**: a request found it unreachable (marked at once, so the next request does not try it),
+  or Health failed: unreachable or "not ready" at once, a timeout only after 3 in a row (a
+  worker busy with a long prefill can answer late). A dead instance comes back to ready when a
+  Health call passes: heartbeats keep going to dead instances.
+- **draining**: an operator drained it (shared through the store, so every gateway stops picking
+  it); requests already on it finish. `remove` waits for them, then forgets it.
+
+Records (id, role, endpoint, draining, launched) live in a `RegistryStore` — this process, or
+Redis when several gateways share one cluster; every gateway polls the store and health-checks
+every instance itself on each round, so the state above is each gateway's own.
+
+Selection: `pick(role, exclude=...)` is round-robin over ready instances of the role (the
+walking skeleton's policy). `snapshot(role)` hands a scheduling policy the ready instances with
+their load; `get(id)` turns the policy's choice back into an instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Collection, Coroutine, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from typing import Any
+
+from controlplane.config import ConfigError, parse_endpoint
+from controlplane.instances import (
+    ClusterStats,
+    InstanceConflict,
+    InstanceInfo,
+    InstanceNotFound,
+    InstanceState,
+    InvalidAdminRequest,
+    LaunchedWorker,
+    Launcher,
+)
+from controlplane.metrics import GatewayMetrics
+from controlplane.registry_store import (
+    InstanceRecord,
+    LocalRegistryStore,
+    RegistryStore,
+    RegistryStoreError,
+)
+from controlplane.workers import (
+    WorkerClient,
+    WorkerError,
+    WorkerErrorKind,
+    WorkerHealth,
+    WorkerRole,
+)
+
+__all__ = [
+    "DecodeTracker",
+    "Instance",
+    "InstanceLoad",
+    "InstanceRegistry",
+    "InstanceView",
+    "ModelLimits",
+    "StartupError",
+]
+
+logger = logging.getLogger(__name__)
+
+_HEALTH_TIMEOUTS_BEFORE_DEAD = 3
+_SERVING_ROLES = (WorkerRole.PREFILL, WorkerRole.DECODE)
+
+
+class StartupError(RuntimeError):
+    """The configured workers did not become usable (timeout, wrong role, disagreeing limits)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """What the configured workers agreed on at start-up; later instances must agree too."""
+
+    max_model_len: int
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceLoad:
+    """What this gateway has running on one instance now. The field names are those of
+    `controlplane.scheduling.types.InstanceLoad`, which a policy is built from."""
+
+    queued_prefill_tokens: int = 0
+    """Prompt tokens of the prefills sent to it and not answered yet."""
+    queued_prefill_requests: int = 0
+    running_decodes: int = 0
+    decode_context_tokens: int = 0
+    """Prompt plus generated tokens of its running decodes (the KV they occupy)."""
+    remaining_decode_tokens: int = 0
+    """Sum over its running decodes of the tokens they may still generate."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """One ready instance as a scheduling policy sees it: the admin snapshot plus its load."""
+
+    info: InstanceInfo
+    load: InstanceLoad
+
+
+class Instance:
+    """One worker as this gateway sees it. Read freely; only the registry writes the fields."""
+
+    __slots__ = (
+        "client",
+        "detail",
+        "draining",
+        "endpoint",
+        "forgotten",
+        "health",
+        "id",
+        "idle",
+        "launched",
+        "num_context_tokens",
+        "num_health_timeouts",
+        "num_prefills",
+        "num_queued_prefill_tokens",
+        "num_remaining_decode_tokens",
+        "num_requests",
+        "num_running_decodes",
+        "role",
+        "state",
+    )
+
+    def __init__(self, record: InstanceRecord) -> None:
+        self.id = record.id
+        self.role = record.role
+        self.endpoint = record.endpoint
+        self.launched = record.launched
+        self.draining = record.draining
+        self.client = WorkerClient(record.endpoint)
+        self.state = InstanceState.DRAINING if record.draining else InstanceState.STARTING
+        self.detail = "not checked yet"
+        self.health: WorkerHealth | None = None
+        self.num_health_timeouts = 0
+        """Consecutive Health calls that timed out while the instance was ready."""
+        self.num_requests = 0
+        """Prefills plus decodes this gateway has on it now (what draining waits for)."""
+        self.num_prefills = 0
+        self.num_queued_prefill_tokens = 0
+        self.num_running_decodes = 0
+        self.num_context_tokens = 0
+        self.num_remaining_decode_tokens = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.forgotten = False
+
+    @property
+    def capacity(self) -> int:
+        return self.health.capacity if self.health is not None else 0
+
+    def record(self) -> InstanceRecord:
+        return InstanceRecord(
+            self.id, self.role, self.endpoint, draining=self.draining, launched=self.launched
+        )
+
+    def info(self) -> InstanceInfo:
+        capacity = self.capacity
+        return InstanceInfo(
+            id=self.id,
+            role=self.role,
+            state=self.state,
+            endpoint=self.endpoint,
+            model=self.health.model if self.health is not None else "",
+            block_size=self.health.block_size if self.health is not None else 0,
+            capacity=capacity,
+            in_flight=self.num_requests,
+            load=self.num_requests / capacity if capacity else 0.0,
+            launched=self.launched,
+            detail=self.detail,
+        )
+
+    def load(self) -> InstanceLoad:
+        return InstanceLoad(
+            queued_prefill_tokens=self.num_queued_prefill_tokens,
+            queued_prefill_requests=self.num_prefills,
+            running_decodes=self.num_running_decodes,
+            decode_context_tokens=self.num_context_tokens,
+            remaining_decode_tokens=self.num_remaining_decode_tokens,
+        )
+
+
+class DecodeTracker:
+    """Moves an instance's decode counters along as its decode streams tokens."""
+
+    __slots__ = ("_instance", "num_context_tokens", "num_remaining_tokens")
+
+    def __init__(self, instance: Instance, num_context_tokens: int, num_remaining_tokens: int):
+        self._instance = instance
+        self.num_context_tokens = num_context_tokens
+        self.num_remaining_tokens = num_remaining_tokens
+
+    def add_tokens(self, num_tokens: int) -> None:
+        num_tokens = min(num_tokens, self.num_remaining_tokens)
+        self.num_context_tokens += num_tokens
+        self.num_remaining_tokens -= num_tokens
+        self._instance.num_context_tokens += num_tokens
+        self._instance.num_remaining_decode_tokens -= num_tokens
+
+
+class InstanceRegistry:
+    """The instances, their state and load; the gateway's `AdminBackend`."""
+
+    def __init__(
+        self,
+        *,
+        metrics: GatewayMetrics,
+        health_check_timeout_s: float,
+        store: RegistryStore | None = None,
+        launcher: Launcher | None = None,
+        drain_timeout_s: float = 60.0,
+        policy_names: Collection[str] = ("round_robin",),
+    ) -> None:
+        self._metrics = metrics
+        self._health_check_timeout_s = health_check_timeout_s
+        self._store: RegistryStore = store if store is not None else LocalRegistryStore()
+        self._launcher = launcher
+        self._drain_timeout_s = drain_timeout_s
+        self._policy_names = tuple(policy_names)
+        self._policy = self._policy_names[0]
+        self._instances: dict[str, Instance] = {}
+        self._configured: set[str] = set()
+        self._launched: dict[str, LaunchedWorker] = {}
+        """Workers this gateway's launcher started, by instance id (it may stop them)."""
+        self._limits: ModelLimits | None = None
+        self._round_robin = {role: itertools.count() for role in _SERVING_ROLES}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._num_requests = 0
+        self._num_failovers = 0
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> ModelLimits:
+        if self._limits is None:
+            raise RuntimeError("InstanceRegistry.limits read before wait_until_ready()")
+        return self._limits
+
+    @property
+    def store_description(self) -> str:
+        return self._store.description
+
+    async def register_configured(self, role: WorkerRole, endpoints: Iterable[str]) -> None:
+        """Register the gateway's configured workers (an endpoint some other gateway already
+        registered keeps its shared record, role included)."""
+        for endpoint in endpoints:
+            record, created = await self._store.register(role, endpoint, launched=False)
+            if not created and record.role is not role:
+                logger.warning(
+                    "%s is configured as %s but registered as %s (%s): using the registry's role",
+                    endpoint,
+                    role.name.lower(),
+                    record.role.name.lower(),
+                    record.id,
+                )
+            self._configured.add(self._adopt(record).id)
+        await self.sync()
+
+    async def wait_until_ready(self, *, timeout_s: float, poll_interval_s: float) -> ModelLimits:
+        """Poll until every configured worker is ready, then fix the model limits."""
+        deadline = time.monotonic() + timeout_s
+        next_log = time.monotonic() + 10.0
+        while True:
+            await self.check_all()
+            self._raise_on_wrong_role()
+            configured = [self._instances[i] for i in self._configured if i in self._instances]
+            if all(m.state is InstanceState.READY for m in configured):
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                raise StartupError(
+                    f"workers not ready after {timeout_s:g} s: {self._describe_not_ready()}"
+                )
+            if now >= next_log:
+                logger.info("waiting for workers: %s", self._describe_not_ready())
+                next_log = now + 10.0
+            await asyncio.sleep(poll_interval_s)
+        self._limits = self._agree_on_limits(configured)
+        logger.info(
+            "workers ready: max_model_len=%d block_size=%d registry=%s",
+            self._limits.max_model_len,
+            self._limits.block_size,
+            self._store.description,
+        )
+        await self.check_all()  # apply the limits to instances that are not configured ones
+        return self._limits
+
+    # -- selection and load -------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        """True when at least one prefill and one decode instance are ready."""
+        return all(
+            any(m.role is role and m.state is InstanceState.READY for m in self._instances.values())
+            for role in _SERVING_ROLES
+        )
+
+    def get(self, instance_id: str) -> Instance:
+        try:
+            return self._instances[instance_id]
+        except KeyError:
+            raise InstanceNotFound(f"no instance {instance_id!r}") from None
+
+    def snapshot(self, role: WorkerRole) -> tuple[InstanceView, ...]:
+        """The ready instances of ``role`` with their load (what a policy chooses from)."""
+        return tuple(
+            InstanceView(m.info(), m.load())
+            for m in self._instances.values()
+            if m.role is role and m.state is InstanceState.READY
+        )
+
+    def pick(self, role: WorkerRole, *, exclude: Collection[str] = ()) -> Instance:
+        """A ready instance of ``role`` not in ``exclude``, round-robin; WorkerError(UNAVAILABLE)
+        when there is none."""
+        ready = [
+            m
+            for m in self._instances.values()
+            if m.role is role and m.state is InstanceState.READY and m.id not in exclude
+        ]
+        if not ready:
+            of_role = [m for m in self._instances.values() if m.role is role]
+            details = "; ".join(f"{m.endpoint}: {m.state.value}, {m.detail}" for m in of_role)
+            raise WorkerError(
+                WorkerErrorKind.UNAVAILABLE,
+                ",".join(m.endpoint for m in of_role),
+                "pick",
+                f"no {role.name.lower()} worker is ready ({details or 'none registered'})",
+            )
+        return ready[next(self._round_robin[role]) % len(ready)]
+
+    @contextmanager
+    def track_prefill(self, instance: Instance, num_prompt_tokens: int) -> Iterator[None]:
+        """Counts one prefill on ``instance`` while the block runs."""
+        self._begin(instance)
+        instance.num_prefills += 1
+        instance.num_queued_prefill_tokens += num_prompt_tokens
+        try:
+            yield
+        finally:
+            instance.num_queued_prefill_tokens -= num_prompt_tokens
+            instance.num_prefills -= 1
+            self._end(instance)
+
+    @contextmanager
+    def track_decode(
+        self, instance: Instance, num_context_tokens: int, num_max_tokens: int
+    ) -> Iterator[DecodeTracker]:
+        """Counts one decode on ``instance`` while the block runs; the tracker moves the tokens
+        it generates from the instance's remaining tokens to its context tokens."""
+        self._begin(instance)
+        instance.num_running_decodes += 1
+        instance.num_context_tokens += num_context_tokens
+        instance.num_remaining_decode_tokens += num_max_tokens
+        tracker = DecodeTracker(instance, num_context_tokens, num_max_tokens)
+        try:
+            yield tracker
+        finally:
+            instance.num_context_tokens -= tracker.num_context_tokens
+            instance.num_remaining_decode_tokens -= tracker.num_remaining_tokens
+            instance.num_running_decodes -= 1
+            self._end(instance)
+
+    def note_request(self) -> None:
+        self._num_requests += 1
+
+    def note_failover(self, role: WorkerRole) -> None:
+        """A request moved to another instance of ``role`` after one failed."""
+        self._num_failovers += 1
+        self._metrics.failovers.labels(role.name.lower()).inc()
+
+    def report_failure(self, instance: Instance, error: WorkerError) -> None:
+        """A request saw ``error`` from ``instance``; unreachable → dead at once."""
+        self._metrics.worker_errors.labels(error.rpc, error.kind.value).inc()
+        if error.kind is WorkerErrorKind.UNAVAILABLE:
+            self._set_state(instance, InstanceState.DEAD, f"unavailable: {error.detail}")
+
+    # -- heartbeats and the shared store ------------------------------------------------------
+
+    async def check_all(self) -> None:
+        """One Health call to every instance, concurrently."""
+        await asyncio.gather(*(self._check(m) for m in list(self._instances.values())))
+
+    async def sync(self) -> None:
+        """Bring the instances in line with the store's records (other gateways' changes)."""
+        known_before = set(self._instances)  # instances added during the load are not stale
+        try:
+            records = await self._store.load()
+        except RegistryStoreError as exc:
+            logger.warning("registry sync failed, keeping the instances known: %s", exc)
+            return
+        for record in records.values():
+            instance = self._instances.get(record.id)
+            if instance is None:
+                self._adopt(record)
+                logger.info(
+                    "instance %s (%s %s) registered", record.id, _name(record.role), record.endpoint
+                )
+                continue
+            if record.role is not instance.role:
+                self._change_role(instance, record.role)
+            if record.draining and not instance.draining:
+                instance.draining = True
+                self._set_state(instance, InstanceState.DRAINING, "draining")
+        for instance in list(self._instances.values()):
+            if instance.id in known_before and instance.id not in records:
+                logger.info("instance %s (%s) was removed", instance.id, instance.endpoint)
+                self._forget(instance, stop_after_s=self._drain_timeout_s)
+
+    async def run_health_checks(self, *, interval_s: float) -> None:
+        """Sync and check forever (the gateway cancels this task at shutdown)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync()
+                await self.check_all()
+            except Exception:  # never let the monitor die silently
+                logger.exception("health check round failed")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(m.client.close() for m in self._instances.values()))
+        self._instances.clear()
+        await self._store.close()
+
+    # -- AdminBackend -------------------------------------------------------------------------
+
+    def list_instances(self) -> Sequence[InstanceInfo]:
+        return [m.info() for m in self._instances.values()]
+
+    async def add_instance(self, role: WorkerRole, endpoint: str) -> InstanceInfo:
+        _check_role(role)
+        try:
+            endpoint = parse_endpoint(endpoint)
+        except ConfigError as exc:
+            raise InvalidAdminRequest(str(exc)) from None
+        for m in self._instances.values():
+            if m.endpoint == endpoint:
+                raise InstanceConflict(f"{endpoint} is already registered as {m.id}")
+        # One Health call now, so that a worker of the wrong kind is refused rather than listed
+        # as dead forever; an unreachable one may still be starting and is accepted.
+        probe = WorkerClient(endpoint)
+        try:
+            health: WorkerHealth | None = await probe.health(timeout_s=self._health_check_timeout_s)
+        except WorkerError:
+            health = None
+        finally:
+            await probe.close()
+        if health is not None:
+            problem = self._health_problem(role, health)
+            if problem is not None:
+                raise InvalidAdminRequest(
+                    f"worker {endpoint} cannot serve {_name(role)}: {problem}"
+                )
+        record, created = await self._store.register(role, endpoint, launched=False)
+        if not created:
+            raise InstanceConflict(f"{endpoint} is already registered as {record.id}")
+        instance = self._adopt(record)
+        if health is not None:
+            self._apply_health(instance, health)
+        logger.info("instance %s (%s %s) added", instance.id, _name(role), endpoint)
+        return instance.info()
+
+    async def drain(self, instance_id: str) -> InstanceInfo:
+        instance = self.get(instance_id)
+        if not instance.draining:
+            instance.draining = True
+            await self._store.update(instance.record())
+            self._set_state(instance, InstanceState.DRAINING, "draining")
+        return instance.info()
+
+    async def remove(self, instance_id: str, *, wait_s: float) -> None:
+        if not wait_s >= 0:
+            raise InvalidAdminRequest(f"wait_s must be >= 0, got {wait_s}")
+        instance = self.get(instance_id)
+        await self.drain(instance_id)
+        await self._wait_idle(instance, wait_s)
+        await self._store.delete(instance.id)
+        self._forget(instance, stop_after_s=0.0)
+
+    async def set_role(self, instance_id: str, role: WorkerRole) -> InstanceInfo:
+        """Change the role an instance serves.
+
+        - a worker started with ``--role both`` (it reports BOTH): switched in place;
+        - a worker this gateway's launcher started: drained (up to the drain timeout), stopped,
+          and a new worker of ``role`` launched; the new instance (new id) is returned;
+        - any other (an external worker, whose role is its own ``--role`` flag, or one another
+          gateway launched): InstanceConflict — the gateway cannot restart a process it does
+          not own.
+        """
+        _check_role(role)
+        instance = self.get(instance_id)
+        if instance.role is role:
+            return instance.info()
+        if instance.health is not None and instance.health.role is WorkerRole.BOTH:
+            await self._store.update(replace(instance.record(), role=role))
+            self._change_role(instance, role)
+            return instance.info()
+        handle = self._launched.get(instance.id)
+        if handle is None or self._launcher is None:
+            raise InstanceConflict(
+                f"instance {instance.id} ({instance.endpoint}) is a {_name(instance.role)} worker "
+                "that this gateway did not launch: its role is fixed by its own --role; start a "
+                f"{_name(role)} worker and `strata admin add` it instead"
+            )
+        await self.drain(instance.id)
+        await self._wait_idle(instance, self._drain_timeout_s)
+        await self._store.delete(instance.id)
+        del self._launched[instance.id]  # stopped here, before its successor takes its cores
+        self._forget(instance, stop_after_s=0.0)
+        await handle.stop(timeout_s=10.0)
+        return await self._launch(role)
+
+    async def scale(self, role: WorkerRole, replicas: int) -> Sequence[InstanceInfo]:
+        """Launch, or drain and stop launched instances, until ``replicas`` of ``role`` are
+        starting or ready. Scaling down stops only workers this gateway launched (starting ones
+        first, then the least loaded); it returns at once, the drained ones stop when their
+        requests are done (or after the drain timeout)."""
+        _check_role(role)
+        if replicas < 0:
+            raise InvalidAdminRequest(f"replicas must be >= 0, got {replicas}")
+        active = [
+            m
+            for m in self._instances.values()
+            if m.role is role and m.state in (InstanceState.STARTING, InstanceState.READY)
+        ]
+        if replicas > len(active):
+            if self._launcher is None:
+                raise InstanceConflict("this gateway has no launcher: it cannot start workers")
+            for _ in range(replicas - len(active)):
+                await self._launch(role)
+        elif replicas < len(active):
+            ours = [m for m in active if m.id in self._launched]
+            ours.sort(key=lambda m: (m.state is InstanceState.READY, m.num_requests))
+            excess = len(active) - replicas
+            if len(ours) < excess:
+                raise InstanceConflict(
+                    f"scaling {_name(role)} to {replicas} would stop {excess} workers but this "
+                    f"gateway launched only {len(ours)} of them; `strata admin remove` the others"
+                )
+            for instance in ours[:excess]:
+                await self.drain(instance.id)
+                self._spawn(self._retire(instance))
+        return [m.info() for m in self._instances.values() if m.role is role]
+
+    def set_policy(self, name: str) -> None:
+        if name not in self._policy_names:
+            raise InvalidAdminRequest(
+                f"unknown policy {name!r}; available: {', '.join(self._policy_names)}"
+            )
+        self._policy = name
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    def stats(self) -> ClusterStats:
+        return ClusterStats(
+            policy=self._policy,
+            instances=tuple(self.list_instances()),
+            requests_total=self._num_requests,
+            requests_failed_over=self._num_failovers,
+        )
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _adopt(self, record: InstanceRecord) -> Instance:
+        """The local instance of ``record``, created if new (idempotent)."""
+        instance = self._instances.get(record.id)
+        if instance is None:
+            instance = Instance(record)
+            self._instances[record.id] = instance
+            self._publish_ready(instance)
+        return instance
+
+    async def _launch(self, role: WorkerRole) -> InstanceInfo:
+        assert self._launcher is not None
+        handle = await self._launcher.launch(role)
+        try:
+            record, created = await self._store.register(role, handle.endpoint, launched=True)
+            if not created:
+                raise InstanceConflict(f"launched {handle.endpoint} is registered as {record.id}")
+        except BaseException:
+            await handle.stop(timeout_s=10.0)
+            raise
+        instance = self._adopt(record)
+        self._launched[instance.id] = handle
+        logger.info("instance %s (%s %s) launched", instance.id, _name(role), handle.endpoint)
+        return instance.info()
+
+    async def _retire(self, instance: Instance) -> None:
+        await self._wait_idle(instance, self._drain_timeout_s)
+        try:
+            await self._store.delete(instance.id)
+        except RegistryStoreError:
+            logger.exception("could not delete %s from the registry", instance.id)
+        self._forget(instance, stop_after_s=0.0)
+
+    def _forget(self, instance: Instance, *, stop_after_s: float) -> None:
+        """Stop using ``instance``: drop it, close its channel once its requests are done, and
+        stop its worker if this gateway launched it (after ``stop_after_s`` at most)."""
+        if self._instances.get(instance.id) is not instance:
+            return
+        del self._instances[instance.id]
+        self._configured.discard(instance.id)
+        instance.forgotten = True
+        self._unpublish_ready(instance)
+        handle = self._launched.pop(instance.id, None)
+        self._spawn(self._close_when_idle(instance, handle, stop_after_s))
+
+    async def _close_when_idle(
+        self, instance: Instance, handle: LaunchedWorker | None, stop_after_s: float
+    ) -> None:
+        if handle is not None:
+            await self._wait_idle(instance, stop_after_s)
+            await handle.stop(timeout_s=10.0)
+        await instance.idle.wait()
+        await instance.client.close()
+
+    @staticmethod
+    async def _wait_idle(instance: Instance, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(instance.idle.wait(), timeout_s)
+        except TimeoutError:
+            logger.warning(
+                "instance %s still has %d requests after %g s",
+                instance.id,
+                instance.num_requests,
+                timeout_s,
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("registry task failed", exc_info=task.exception())
+
+    def _begin(self, instance: Instance) -> None:
+        instance.num_requests += 1
+        instance.idle.clear()
+
+    def _end(self, instance: Instance) -> None:
+        instance.num_requests -= 1
+        if instance.num_requests == 0:
+            instance.idle.set()
+
+    async def _check(self, instance: Instance) -> None:
+        try:
+            health = await instance.client.health(timeout_s=self._health_check_timeout_s)
+        except WorkerError as exc:
+            self._apply_health_error(instance, exc)
+            return
+        self._apply_health(instance, health)
+
+    def _apply_health(self, instance: Instance, health: WorkerHealth) -> None:
+        if instance.forgotten:
+            return
+        instance.num_health_timeouts = 0
+        instance.health = health
+        problem = self._health_problem(instance.role, health)
+        if instance.draining:
+            self._set_state(instance, InstanceState.DRAINING, problem or "draining")
+        elif problem is None:
+            self._set_state(instance, InstanceState.READY, "ready")
+        elif instance.state is InstanceState.STARTING:
+            self._set_state(instance, InstanceState.STARTING, problem)
+        else:
+            self._set_state(instance, InstanceState.DEAD, problem)
+
+    def _apply_health_error(self, instance: Instance, exc: WorkerError) -> None:
+        if instance.forgotten:
+            return
+        detail = f"{exc.kind.value}: {exc.detail}"
+        if instance.state is InstanceState.READY and exc.kind is WorkerErrorKind.TIMEOUT:
+            # A busy engine can answer Health late; unreachable or refusing is decisive at once.
+            instance.num_health_timeouts += 1
+            if instance.num_health_timeouts < _HEALTH_TIMEOUTS_BEFORE_DEAD:
+                return
+        if instance.state in (InstanceState.STARTING, InstanceState.DRAINING):
+            self._set_state(instance, instance.state, detail)
+        else:
+            self._set_state(instance, InstanceState.DEAD, detail)
+
+    def _health_problem(self, role: WorkerRole, health: WorkerHealth) -> str | None:
+        """Why an instance reporting ``health`` cannot serve ``role``; None when it can."""
+        if not health.role.can_serve(role):
+            return f"wrong role: reports {health.role.name}"
+        if not health.ready:
+            return "reports not ready"
+        limits = self._limits
+        if limits is not None:
+            if health.block_size != limits.block_size:
+                return f"block_size {health.block_size} != {limits.block_size} agreed"
+            if health.max_model_len < limits.max_model_len:
+                return f"max_model_len {health.max_model_len} < {limits.max_model_len} agreed"
+        return None
+
+    def _set_state(self, instance: Instance, state: InstanceState, detail: str) -> None:
+        if instance.forgotten:
+            return
+        if instance.draining and state is not InstanceState.DRAINING:
+            state = InstanceState.DRAINING
+        if instance.state is not state:
+            log = logger.info if state is InstanceState.READY else logger.warning
+            log(
+                "instance %s (%s %s): %s → %s: %s",
+                instance.id,
+                instance.role.name.lower(),
+                instance.endpoint,
+                instance.state.value,
+                state.value,
+                detail,
+            )
+        instance.state = state
+        instance.detail = detail
+        self._publish_ready(instance)
+
+    def _change_role(self, instance: Instance, role: WorkerRole) -> None:
+        self._unpublish_ready(instance)
+        logger.info("instance %s now serves %s", instance.id, _name(role))
+        instance.role = role
+        self._publish_ready(instance)
+
+    def _publish_ready(self, instance: Instance) -> None:
+        self._metrics.worker_ready.labels(instance.endpoint, instance.role.name.lower()).set(
+            1 if instance.state is InstanceState.READY else 0
+        )
+
+    def _unpublish_ready(self, instance: Instance) -> None:
+        with suppress(KeyError):
+            self._metrics.worker_ready.remove(instance.endpoint, _name(instance.role))
+
+    def _raise_on_wrong_role(self) -> None:
+        wrong = [
+            self._instances[i]
+            for i in self._configured
+            if i in self._instances and self._instances[i].detail.startswith("wrong role")
+        ]
+        if wrong:
+            raise StartupError(
+                "; ".join(
+                    f"{m.endpoint} configured as {m.role.name.lower()} but {m.detail}"
+                    for m in wrong
+                )
+            )
+
+    def _describe_not_ready(self) -> str:
+        return "; ".join(
+            f"{m.role.name.lower()} {m.endpoint}: {m.detail}"
+            for m in self._instances.values()
+            if m.state is not InstanceState.READY
+        )
+
+    @staticmethod
+    def _agree_on_limits(configured: Sequence[Instance]) -> ModelLimits:
+        healths = [m.health for m in configured if m.health is not None]
+        block_sizes = {h.block_size for h in healths}
+        if len(block_sizes) != 1:
+            raise StartupError(f"workers disagree on block_size: {sorted(block_sizes)}")
+        models = {h.model for h in healths}
+        if len(models) != 1:
+            logger.warning("workers report different model names: %s", sorted(models))
+        max_model_len = min(h.max_model_len for h in healths)
+        if max_model_len < 2:
+            raise StartupError(f"workers report max_model_len {max_model_len}")
+        return ModelLimits(max_model_len=max_model_len, block_size=block_sizes.pop())
+
+
+def _check_role(role: WorkerRole) -> None:
+    if role not in _SERVING_ROLES:
+        raise InvalidAdminRequest(f"role must be prefill or decode, got {role.name.lower()}")
+
+
+def _name(role: WorkerRole) -> str:
+    return role.name.lower()
