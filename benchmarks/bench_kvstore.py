@@ -4,11 +4,14 @@ Starts ``python -m kvstore.server`` on loopback, then measures, three runs each 
 max), in the same process and the same minute:
 
 * machine limits: ``np.copyto`` into a preallocated buffer (memory copy) and a raw blocking-socket
-  loopback transfer received with ``recv_into`` into a preallocated buffer (1 MiB chunks), each
-  measured three times before and three times after the kvstore runs (six samples that bracket
-  them, since other work on the machine comes and goes);
+  loopback transfer received with ``recv_into`` into a preallocated buffer (1 MiB chunks), one
+  run of the matching limit right before every kvstore run (other work on the machine comes and
+  goes; the ratio is the median of kvstore run / the limit run just before it);
 * kvstore: ``put_many`` and ``get_many_into`` (pipelined, the connector's batch calls) for 256 KiB
-  and 2 MiB blocks over TCP, and ``get_many_into`` over the shared-memory path.
+  and 2 MiB blocks over each transport this machine has -- TCP and shared memory (batched leases
+  and reservations; RDMA cannot exist here) -- and ``AsyncKVStoreClient.put`` / ``get`` (one
+  connection, uvloop) over TCP. TCP figures are compared with the raw-socket limit, shared-memory
+  ones with memcpy.
 
 The machines are shared and noisy, so compare the ratios (kvstore / limit), not absolute numbers.
 The node and the client share the machine's cores, as a prefill worker and its local node would.
@@ -29,7 +32,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import uvloop  # noqa: E402
+
+from kvstore.aio_client import AsyncKVStoreClient  # noqa: E402
 from kvstore.client import PIPELINE_WINDOW, KVStoreClient, PutStatus  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
@@ -47,64 +54,96 @@ def summarize(samples: list[float]) -> str:
     return f"{min(samples):6.2f} / {statistics.median(samples):6.2f} / {max(samples):6.2f}"
 
 
-def measure(fn: Callable[[], int]) -> list[float]:
-    """Run ``fn`` (which returns bytes moved) RUNS times after one warm-up; GB/s per run."""
+@dataclass
+class Paired:
+    """Rates of one kvstore measurement and of its limit, each run right before it (GB/s)."""
+
+    rates: list[float] = field(default_factory=list)
+    limit_rates: list[float] = field(default_factory=list)
+
+    def ratio(self) -> float:
+        """Median over the runs of kvstore rate / the limit measured just before it."""
+        return statistics.median(
+            r / lim for r, lim in zip(self.rates, self.limit_rates, strict=True)
+        )
+
+
+def timed(fn: Callable[[], int]) -> float:
+    started = time.perf_counter()
+    nbytes = fn()
+    return nbytes / (time.perf_counter() - started) / 1e9
+
+
+def measure(
+    fn: Callable[[], int], limit: Callable[[], int], prepare: Callable[[], object] | None = None
+) -> Paired:
+    """Run ``fn`` (which returns bytes moved) RUNS times after one warm-up, each run right after
+    a run of ``limit``: on a shared machine the load changes from second to second, and a limit
+    measured minutes apart says little about the run it is compared with. ``prepare`` runs
+    untimed before each run (e.g. deleting the previous run's blocks)."""
+    if prepare is not None:
+        prepare()
     fn()
-    rates = []
+    paired = Paired()
     for _ in range(RUNS):
-        started = time.perf_counter()
-        nbytes = fn()
-        rates.append(nbytes / (time.perf_counter() - started) / 1e9)
-    return rates
+        if prepare is not None:
+            prepare()
+        paired.limit_rates.append(timed(limit))
+        paired.rates.append(timed(fn))
+    return paired
 
 
-def memcpy_limit(nbytes: int) -> list[float]:
-    src = np.ones(nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
-    dst.fill(0)  # fault the pages in: the limit is for preallocated, touched memory
+class MemcpyLimit:
+    """``np.copyto`` between two preallocated, touched buffers of ``nbytes``."""
 
-    def run() -> int:
-        np.copyto(dst, src)
-        return nbytes
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._src = np.ones(nbytes, dtype=np.uint8)
+        self._dst = np.empty_like(self._src)
+        self._dst.fill(0)  # fault the pages in: the limit is for preallocated, touched memory
 
-    return measure(run)
+    def __call__(self) -> int:
+        np.copyto(self._dst, self._src)
+        return self.nbytes
 
 
-def socket_limit(nbytes: int, chunk: int = MIB) -> list[float]:
-    """Loopback TCP with blocking sockets: sendall of a reused buffer, recv_into a reused one."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    payload = memoryview(bytearray(os.urandom(chunk)))
-    go = threading.Semaphore(0)
-    stop = threading.Event()
+class SocketLimit:
+    """Loopback TCP with blocking sockets: sendall of a reused 1 MiB buffer from a thread,
+    ``recv_into`` a reused one."""
 
-    def sender() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            while go.acquire() and not stop.is_set():
-                for _ in range(nbytes // chunk):
-                    conn.sendall(payload)
+    def __init__(self, nbytes: int, chunk: int = MIB) -> None:
+        self.nbytes = (nbytes // chunk) * chunk
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        port = self._listener.getsockname()[1]
+        payload = memoryview(bytearray(os.urandom(chunk)))
+        self._go = threading.Semaphore(0)
+        self._stop = threading.Event()
 
-    thread = threading.Thread(target=sender, daemon=True)
-    thread.start()
-    receiver = socket.create_connection(("127.0.0.1", port))
-    sink = memoryview(bytearray(chunk))
+        def sender() -> None:
+            conn, _ = self._listener.accept()
+            with conn:
+                while self._go.acquire() and not self._stop.is_set():
+                    for _ in range(self.nbytes // chunk):
+                        conn.sendall(payload)
 
-    def run() -> int:
-        go.release()
-        left = (nbytes // chunk) * chunk
+        self._thread = threading.Thread(target=sender, daemon=True)
+        self._thread.start()
+        self._receiver = socket.create_connection(("127.0.0.1", port))
+        self._sink = memoryview(bytearray(chunk))
+
+    def __call__(self) -> int:
+        self._go.release()
+        left = self.nbytes
         while left:
-            left -= receiver.recv_into(sink[: min(chunk, left)])
-        return (nbytes // chunk) * chunk
+            left -= self._receiver.recv_into(self._sink[: min(self._sink.nbytes, left)])
+        return self.nbytes
 
-    try:
-        return measure(run)
-    finally:
-        stop.set()
-        go.release()
-        receiver.close()
-        thread.join(5)
-        listener.close()
+    def close(self) -> None:
+        self._stop.set()
+        self._go.release()
+        self._receiver.close()
+        self._thread.join(5)
+        self._listener.close()
 
 
 def start_node(arena_bytes: int) -> tuple[subprocess.Popen[str], str]:
@@ -134,50 +173,100 @@ def start_node(arena_bytes: int) -> tuple[subprocess.Popen[str], str]:
     return process, line[len(prefix) :].strip()
 
 
-def bench_store(endpoint: str, block_bytes: int, total_bytes: int) -> dict[str, list[float]]:
+def bench_store(
+    endpoint: str, block_bytes: int, total_bytes: int, memcpy: MemcpyLimit, sockets: SocketLimit
+) -> dict[str, Paired]:
     num_blocks = max(1, total_bytes // block_bytes)
     blocks = [bytearray(os.urandom(block_bytes)) for _ in range(min(num_blocks, 8))]
     outs = [bytearray(block_bytes) for _ in range(num_blocks)]
     for out in outs:
         out[::4096] = b"\x00" * len(range(0, block_bytes, 4096))  # fault in: limits are "warm"
     generation = iter(range(1, 1 << 30))
-    results: dict[str, list[float]] = {}
+    results: dict[str, Paired] = {}
+    keys: list[bytes] = []
+
+    def new_keys() -> list[tuple[bytes, bytearray]]:
+        nonlocal keys
+        gen = next(generation)
+        keys = [(gen << 64 | i).to_bytes(16, "big") for i in range(num_blocks)]
+        return [(k, blocks[i % len(blocks)]) for i, k in enumerate(keys)]
+
+    def check_data() -> None:
+        if outs[-1] != blocks[(num_blocks - 1) % len(blocks)]:
+            raise RuntimeError("data mismatch")
+        outs[-1][:1] = b"\xff" if outs[-1][:1] != b"\xff" else b"\x00"  # next run must rewrite
+
     with (
         KVStoreClient(endpoint, use_shm=False) as tcp,
         KVStoreClient(endpoint, use_shm=True) as shm,
     ):
-        keys: list[bytes] = []
+        for name, client in (("tcp", tcp), ("shm", shm)):
+            client.stats()  # connect; picks the transport
+            if client.transport != name:
+                print(f"  ({name} unavailable: {client.skipped_transports})")
+                continue
 
-        def put_run() -> int:
-            nonlocal keys
-            tcp.delete(keys)
-            gen = next(generation)
-            keys = [(gen << 64 | i).to_bytes(16, "big") for i in range(num_blocks)]
-            items = [(k, blocks[i % len(blocks)]) for i, k in enumerate(keys)]
-            statuses = tcp.put_many(items)
-            if any(s is not PutStatus.OK for s in statuses):
-                raise RuntimeError(f"puts not stored: {set(statuses)}")
-            return num_blocks * block_bytes
+            def put_run(client: KVStoreClient = client) -> int:
+                statuses = client.put_many(new_keys())
+                if any(s is not PutStatus.OK for s in statuses):
+                    raise RuntimeError(f"puts not stored: {set(statuses)}")
+                return num_blocks * block_bytes
 
-        results["put"] = measure(put_run)
-
-        def get_run(client: KVStoreClient) -> Callable[[], int]:
-            def run() -> int:
+            def get_run(client: KVStoreClient = client) -> int:
                 sizes = client.get_many_into(keys, outs)
                 if any(size != block_bytes for size in sizes):
                     raise RuntimeError("missing blocks")
+                check_data()
                 return num_blocks * block_bytes
 
-            return run
+            limit = memcpy if name == "shm" else sockets
+            results[f"put {name}"] = measure(put_run, limit, lambda: tcp.delete(keys))
+            results[f"get {name}"] = measure(get_run, limit)
 
-        results["get"] = measure(get_run(tcp))
-        shm.stats()  # connect; maps the arena if the node is local
-        if shm.transport == "shm":
-            results["get shm"] = measure(get_run(shm))
-        if outs[-1] != blocks[(num_blocks - 1) % len(blocks)]:
-            raise RuntimeError("data mismatch")
+        async def async_runs() -> None:
+            async with AsyncKVStoreClient(endpoint) as client:
+
+                async def put_run() -> int:
+                    results = await client.put(new_keys())
+                    if any(r.status is not PutStatus.OK for r in results):
+                        raise RuntimeError("puts not stored")
+                    return num_blocks * block_bytes
+
+                async def get_run() -> int:
+                    got = await client.get(keys, outs)
+                    if any(r.nbytes != block_bytes for r in got):
+                        raise RuntimeError("missing blocks")
+                    check_data()
+                    return num_blocks * block_bytes
+
+                results["put tcp async"] = await measure_async(
+                    put_run, sockets, lambda: client.delete(keys)
+                )
+                results["get tcp async"] = await measure_async(get_run, sockets)
+
+        uvloop.run(async_runs())
         tcp.delete(keys)
     return results
+
+
+async def measure_async(
+    fn: Callable[[], Awaitable[int]],
+    limit: Callable[[], int],
+    prepare: Callable[[], Awaitable[object]] | None = None,
+) -> Paired:
+    """:func:`measure` for a coroutine function."""
+    if prepare is not None:
+        await prepare()
+    await fn()
+    paired = Paired()
+    for _ in range(RUNS):
+        if prepare is not None:
+            await prepare()
+        paired.limit_rates.append(timed(limit))
+        started = time.perf_counter()
+        nbytes = await fn()
+        paired.rates.append(nbytes / (time.perf_counter() - started) / 1e9)
+    return paired
 
 
 def main() -> int:
@@ -189,33 +278,37 @@ def main() -> int:
     mode = "quick" if args.quick else "full"
     print(f"kvstore benchmark ({mode}): {total // MIB} MiB per run; GB/s min / median / max")
     print(f"host: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
-    memcpy = memcpy_limit(total)
-    tcp_limit = socket_limit(total)
-
-    results: dict[tuple[str, int], list[float]] = {}
+    memcpy = MemcpyLimit(total)
+    sockets = SocketLimit(total)
+    results: dict[tuple[str, int], Paired] = {}
     process, endpoint = start_node(2 * total + 64 * MIB)
     try:
         for block_bytes in (256 * KIB, 2 * MIB):
-            for name, samples in bench_store(endpoint, block_bytes, total).items():
-                results[name, block_bytes] = samples
+            for name, paired in bench_store(endpoint, block_bytes, total, memcpy, sockets).items():
+                results[name, block_bytes] = paired
     finally:
         process.send_signal(signal.SIGTERM)
         status = process.wait(30)
-    memcpy += memcpy_limit(total)
-    tcp_limit += socket_limit(total)
+        sockets.close()
 
+    all_memcpy = [r for (n, _), p in results.items() if "shm" in n for r in p.limit_rates]
+    all_tcp = [r for (n, _), p in results.items() if "shm" not in n for r in p.limit_rates]
     print()
-    print(f"machine limits ({len(memcpy)} runs: {RUNS} before and {RUNS} after the kvstore runs):")
-    print(f"  memcpy, np.copyto into a preallocated buffer   {summarize(memcpy)}")
-    print(f"  TCP loopback, blocking sockets + recv_into     {summarize(tcp_limit)}  (1 MiB)")
+    print("machine limits (every run, each measured right before a kvstore run):")
+    print(f"  memcpy, np.copyto into a preallocated buffer   {summarize(all_memcpy)}")
+    print(f"  TCP loopback, blocking sockets + recv_into     {summarize(all_tcp)}  (1 MiB)")
     print()
-    window = f"put_many / get_many_into, {PIPELINE_WINDOW} in flight"
+    window = f"put_many / get_many_into, {PIPELINE_WINDOW} in flight over TCP"
     print(f"kvstore node ({RUNS} runs each after a warm-up; {window}):")
-    for (name, block_bytes), samples in results.items():
-        limit, limit_name = (memcpy, "memcpy") if "shm" in name else (tcp_limit, "TCP")
-        ratio = statistics.median(samples) / statistics.median(limit)
+    print(f"  {'':<22} {'kvstore min / med / max':>24}   {'limit (median)':>14}   ratio")
+    for (name, block_bytes), paired in results.items():
+        limit_name = "memcpy" if "shm" in name else "TCP"
+        limit_median = statistics.median(paired.limit_rates)
         label = f"{name} {block_bytes // KIB} KiB"
-        print(f"  {label:<16} {summarize(samples)}   {ratio:4.0%} of the median {limit_name} limit")
+        print(
+            f"  {label:<22} {summarize(paired.rates)}   {limit_median:6.2f} {limit_name:<7}"
+            f"   {paired.ratio():4.0%}"
+        )
     if status != 0:
         print(f"store node exited with status {status}", file=sys.stderr)
         return 1

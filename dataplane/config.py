@@ -7,7 +7,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvstore.config import parse_size
+from kvstore.config import parse_duration, parse_size
+from kvstore.metadata import parse_metadata_spec
 
 
 class WorkerRole(enum.Enum):
@@ -39,6 +40,16 @@ class WorkerConfig:
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
+    kv_metadata: str | None = None
+    """Metadata store (``kvstore.metadata.open_metadata_store`` spec) that receives this worker's
+    HBM events; None: no events."""
+    instance_id: str | None = None
+    """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
+    kv_heartbeat_interval_s: float = 1.0
+    """With ``kv_metadata``: how often the worker renews its membership (kind ``engine``)."""
+    kv_heartbeat_timeout_s: float = 5.0
+    """With ``kv_metadata``: a worker silent this long is reaped and its HBM entries leave the
+    index (the same defaults as a store node's)."""
 
     def __post_init__(self) -> None:
         if not (self.model_dir / "config.json").is_file():
@@ -55,6 +66,23 @@ class WorkerConfig:
             raise ValueError(f"max_num_seqs must be ≥ 1, got {self.max_num_seqs}")
         if ":" not in self.store_endpoint:
             raise ValueError(f"store endpoint must be HOST:PORT, got {self.store_endpoint!r}")
+        if self.kv_metadata is not None:
+            try:
+                spec = parse_metadata_spec(self.kv_metadata)
+            except ValueError as exc:
+                raise ValueError(f"kv_metadata: {exc}") from None
+            if not spec.shared:
+                raise ValueError(
+                    "kv_metadata must name a metadata store other processes can reach "
+                    f"(redis://HOST:PORT/DB or strata://HOST:PORT), got {self.kv_metadata!r}"
+                )
+        if not 0 < self.kv_heartbeat_interval_s < self.kv_heartbeat_timeout_s:
+            raise ValueError(
+                "need 0 < kv_heartbeat_interval_s < kv_heartbeat_timeout_s, got "
+                f"{self.kv_heartbeat_interval_s} and {self.kv_heartbeat_timeout_s}"
+            )
+        if self.instance_id is not None and not 0 < len(self.instance_id.encode()) <= 255:
+            raise ValueError("instance_id must be 1..255 bytes of UTF-8")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -69,6 +97,25 @@ class WorkerConfig:
         parser.add_argument("--dtype", default="bfloat16")
         parser.add_argument("--compile", action="store_true", help="torch.compile (slow start)")
         parser.add_argument("--no-prefix-caching", action="store_true")
+        parser.add_argument(
+            "--kv-metadata",
+            default=None,
+            help="metadata store for HBM events (redis://HOST:PORT/DB, strata://HOST:PORT); "
+            "default: publish none",
+        )
+        parser.add_argument(
+            "--instance-id", default=None, help="event source id (default: HOST:PORT)"
+        )
+        parser.add_argument(
+            "--kv-heartbeat-interval",
+            default="1s",
+            help="with --kv-metadata: membership heartbeat period, e.g. 1s",
+        )
+        parser.add_argument(
+            "--kv-heartbeat-timeout",
+            default="5s",
+            help="with --kv-metadata: silent this long = dead, HBM entries dropped, e.g. 5s",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
@@ -84,4 +131,8 @@ class WorkerConfig:
             dtype=args.dtype,
             enforce_eager=not args.compile,
             enable_prefix_caching=not args.no_prefix_caching,
+            kv_metadata=args.kv_metadata,
+            instance_id=args.instance_id,
+            kv_heartbeat_interval_s=parse_duration(args.kv_heartbeat_interval),
+            kv_heartbeat_timeout_s=parse_duration(args.kv_heartbeat_timeout),
         )

@@ -21,7 +21,11 @@ Call sequence for one request (prefill role saves, decode role loads; `kv_both` 
                                               before the forward pass
                                               wait_for_save: after the forward pass, gather each
                                               finished block from every layer, put it to the store
-  request_finished       report block keys and the number of loaded tokens as kv_transfer_params
+  update_connector_output
+                         after the step: blocks whose load failed (the worker side's
+                         get_block_ids_with_load_errors) no longer count as loaded
+  request_finished       report block keys, the number of loaded tokens and of tokens whose load
+                         failed (vLLM recomputed them) as kv_transfer_params
 
 A stored block holds one engine block of every layer: shape [num_layers, *per-layer block shape].
 Loading is synchronous (CPU engines gain nothing from layer pipelining); a block that cannot be
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)  # vLLM's logger: configured in the engine-core process too
@@ -161,8 +166,10 @@ class _RequestState:
     block_ids: list[int] = field(default_factory=list)
     num_local_tokens: int = 0  # prefix-cache hit inside the engine, block aligned
     num_external_tokens: int = 0  # tokens loaded from the store
+    num_failed_tokens: int = 0  # tokens planned to load whose load failed (recomputed)
     num_saved_blocks: int = 0  # prompt blocks handed to the worker side for saving
     pending_load: BlockTransfer | None = None
+    inflight_load: list[int] = field(default_factory=list)  # block ids loading this step
 
 
 class StrataConnector(KVConnectorBase_V1):
@@ -252,6 +259,7 @@ class StrataConnector(KVConnectorBase_V1):
             state.block_ids = list(new_req.block_ids[0])
             if state.pending_load is not None:
                 meta.loads.append(state.pending_load)
+                state.inflight_load = list(state.pending_load.block_ids)
                 state.pending_load = None
             # Blocks loaded from the store or found in the engine's prefix cache are already there.
             state.num_saved_blocks = new_req.num_computed_tokens // self._block_size
@@ -274,6 +282,7 @@ class StrataConnector(KVConnectorBase_V1):
                 state.block_ids = list(new_ids[0]) if new_ids is not None else []
                 if state.pending_load is not None:
                     meta.loads.append(state.pending_load)
+                    state.inflight_load = list(state.pending_load.block_ids)
                     state.pending_load = None
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
@@ -311,6 +320,22 @@ class StrataConnector(KVConnectorBase_V1):
         )
         state.num_saved_blocks = done_blocks
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Loads are synchronous, so a failed block was loading in the step just finished: from
+        the first failed block on, the request's planned load was recomputed instead."""
+        invalid = connector_output.invalid_block_ids
+        for state in self._requests.values():
+            if not state.inflight_load:
+                continue
+            loading, state.inflight_load = state.inflight_load, []
+            if not invalid:
+                continue
+            first = next((i for i, b in enumerate(loading) if b in invalid), None)
+            if first is not None:
+                failed = (len(loading) - first) * self._block_size
+                state.num_failed_tokens += failed
+                state.num_external_tokens = max(0, state.num_external_tokens - failed)
+
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
@@ -320,6 +345,7 @@ class StrataConnector(KVConnectorBase_V1):
         params: dict[str, Any] = {
             "strata_block_keys": [k.hex() for k in state.keys],
             "strata_num_external_tokens": state.num_external_tokens,
+            "strata_num_failed_tokens": state.num_failed_tokens,
         }
         # Saves run synchronously inside the step, so the blocks can be freed right away.
         return False, params

@@ -10,6 +10,10 @@ which RPCs they accept):
   keys.
 - Decode (`Decode` rpc): runs prompt + tokens generated so far; the connector loads the stored
   blocks into the paged cache instead of recomputing them; tokens stream back as they are produced.
+
+With a metadata store configured (`--kv-metadata`), the worker also publishes the blocks of its
+engine's prefix cache as kvstore events (`dataplane/hbm_events.py`): source id = its instance id,
+`SourceCleared` when it starts serving and after its engine stopped.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -115,6 +121,10 @@ class Worker:
         self.block_size = 0
         self.max_model_len = 0
         self.ready = False
+        self.instance_id = config.instance_id or ""
+        self.hbm_events: Any = None  # HbmEventPublisher once serving, with kv_metadata set
+        self._kv_events_dir: str | None = None
+        self._fingerprint = b""
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -132,7 +142,7 @@ class Worker:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         cfg = self.config
-        fingerprint = model_fingerprint(cfg.model_dir, cfg.dtype)
+        fingerprint = self._fingerprint = model_fingerprint(cfg.model_dir, cfg.dtype)
         kv_transfer = KVTransferConfig(
             kv_connector="StrataConnector",
             kv_connector_module_path="dataplane.connector",
@@ -154,7 +164,49 @@ class Worker:
             seed=cfg.seed,
             disable_log_stats=False,
             kv_transfer_config=kv_transfer,
+            kv_events_config=self.kv_events_config(),
         )
+
+    def kv_events_config(self) -> Any:
+        """vLLM's own KV cache events, published by the engine core on an ipc socket that the
+        worker follows (see dataplane/hbm_events.py); None without a metadata store."""
+        from vllm.config import KVEventsConfig
+
+        cfg = self.config
+        if cfg.kv_metadata is None or not cfg.enable_prefix_caching:
+            return None
+        if self._kv_events_dir is None:
+            self._kv_events_dir = tempfile.mkdtemp(prefix="strata-kv-events-")
+        return KVEventsConfig(
+            enable_kv_cache_events=True,
+            publisher="zmq",
+            endpoint=f"ipc://{self._kv_events_dir}/events",
+            replay_endpoint=f"ipc://{self._kv_events_dir}/replay",
+            topic="strata",
+        )
+
+    def start_hbm_events(self) -> None:
+        """Start publishing the engine's prefix cache as HBM events (needs the bound port)."""
+        events = self.kv_events_config()
+        if events is None:
+            return
+        from dataplane.connector import kv_layout_name
+        from dataplane.hbm_events import HbmBlockTranslator, HbmEventPublisher
+        from kvstore.hashing import root_key
+        from kvstore.metadata import open_metadata_store
+
+        assert self.config.kv_metadata is not None
+        layout = kv_layout_name(self.engine.vllm_config)
+        fingerprint = self._fingerprint
+
+        def root_for(namespace: str) -> bytes:
+            return root_key(fingerprint, layout, namespace)
+
+        translator = HbmBlockTranslator(self.instance_id, self.block_size, root_for)
+        store = open_metadata_store(self.config.kv_metadata)
+        self.hbm_events = HbmEventPublisher(
+            store, translator, events.endpoint, events.replay_endpoint, topic=events.topic
+        ).start()
 
     def create_engine(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -180,10 +232,12 @@ class Worker:
         self.server = self.create_service()
         port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
+        self.instance_id = self.config.instance_id or f"{self.config.host}:{port}"
+        await asyncio.get_running_loop().run_in_executor(None, self.start_hbm_events)
         self.ready = True
         print(
             f"strata worker ready role={self.config.role.value} "
-            f"listening on {self.config.host}:{port}",
+            f"listening on {self.config.host}:{port} instance={self.instance_id}",
             flush=True,
         )
         stop = asyncio.Event()
@@ -198,6 +252,13 @@ class Worker:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        # After the engine: its last events are in, and the final SourceCleared is the last word.
+        if self.hbm_events is not None:
+            self.hbm_events.close()
+            self.hbm_events = None
+        if self._kv_events_dir is not None:
+            shutil.rmtree(self._kv_events_dir, ignore_errors=True)
+            self._kv_events_dir = None
 
     # -- driver ------------------------------------------------------------------------------
 
@@ -262,6 +323,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             model=str(w.config.model_dir),
             block_size=w.block_size,
             max_model_len=w.max_model_len,
+            capacity=w.config.max_num_seqs,
+            **_kv_identity(w),
         )
 
     async def Stats(self, request: Any, context: Any) -> worker_pb2.StatsResponse:
@@ -307,7 +370,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         assert final is not None
         comp = final.outputs[0]
         params = final.kv_transfer_params or {}
-        num_cached = int(final.num_cached_tokens or 0)
+        num_cached = _num_cached_tokens(final, params)
         counters.finish_request(
             len(request.prompt_token_ids),
             num_cached,
@@ -348,7 +411,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
                 chunk = worker_pb2.DecodeChunk(token_ids=comp.token_ids, text=comp.text)
                 if out.finished:
                     params = out.kv_transfer_params or {}
-                    num_cached = int(out.num_cached_tokens or 0)
+                    num_cached = _num_cached_tokens(out, params)
                     num_external = int(params.get("strata_num_external_tokens", 0))
                     chunk.finish_reason = _FINISH.get(
                         comp.finish_reason or "", worker_pb2.FINISH_REASON_ABORT
@@ -361,6 +424,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             counters.num_running -= 1
+
+
+def _num_cached_tokens(out: Any, params: dict[str, Any]) -> int:
+    """Prompt tokens not computed: vLLM counts a planned load at scheduling time, even when the
+    load then failed and the tokens were recomputed (the connector reports how many)."""
+    num_cached = int(out.num_cached_tokens or 0)
+    return max(0, num_cached - int(params.get("strata_num_failed_tokens", 0)))
+
+
+def _kv_identity(worker: Worker) -> dict[str, Any]:
+    """Health's KV identity: with it the gateway hashes prompts into the connector's block keys
+    and finds this engine's HBM blocks (events of source ``kv_source``) in the prefix index."""
+    if worker.engine is None or not worker.ready:
+        return {}
+    from dataplane.connector import kv_layout_name
+
+    return {
+        "kv_source": worker.instance_id,
+        "model_fingerprint": worker._fingerprint,
+        "kv_layout": kv_layout_name(worker.engine.vllm_config),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

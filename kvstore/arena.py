@@ -34,6 +34,7 @@ Why pages + best-fit free extents (and not size-class slabs)
 from __future__ import annotations
 
 import bisect
+import ctypes
 import fcntl
 import logging
 import mmap
@@ -242,6 +243,7 @@ class Arena:
             raise
         self._fd = fd
         self._view = memoryview(self._mmap)
+        self._address: int | None = None
         self._closed = False
         stat = os.fstat(fd)
         self.device, self.inode = stat.st_dev, stat.st_ino
@@ -253,6 +255,17 @@ class Arena:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def address(self) -> int:
+        """Virtual address of the mapping in this process (to register it for RDMA)."""
+        if self._address is None:
+            anchor = ctypes.c_char.from_buffer(self._mmap)
+            try:
+                self._address = ctypes.addressof(anchor)
+            finally:
+                del anchor  # drop the buffer export so that close() can unmap
+        return self._address
 
     def allocate(self, nbytes: int) -> Extent | None:
         """Reserve space for ``nbytes``; None when no contiguous run is free (caller evicts)."""
@@ -268,6 +281,18 @@ class Arena:
         if not 0 <= length <= extent.size:
             raise ValueError(f"nbytes {length} outside extent of {extent.size} bytes")
         return self._view[extent.offset : extent.offset + length]
+
+    def offset_of(self, view: memoryview) -> int:
+        """Offset in the arena of a writable view obtained from :meth:`view` (e.g. a pending
+        put's), for clients that write the block themselves through shared memory or RDMA."""
+        anchor = ctypes.c_char.from_buffer(view)
+        try:
+            offset = ctypes.addressof(anchor) - self.address
+        finally:
+            del anchor
+        if not 0 <= offset <= self.size - view.nbytes:
+            raise ValueError("view is not inside this arena")
+        return offset
 
     def stats(self) -> ArenaStats:
         return self._allocator.stats()

@@ -3,8 +3,11 @@
 See docs/design/kvstore.md §14.3-14.4. A background thread reads the event stream, applies events
 and snapshots in stream order, asks sources for snapshots after a gap, and removes members whose
 heartbeat expired (a crashed node's blocks leave the index within the heartbeat timeout plus one
-poll). :class:`PeerFetcher` reads raw blocks from other store nodes (read-through, migration).
-Imports nothing outside :mod:`kvstore`: the control plane's scheduler can use it as is.
+poll). Members are store nodes or engines (:class:`~kvstore.metadata.MemberKind`): both are
+sources whose entries leave with their heartbeat, only store nodes are peers
+(:meth:`ClusterView.live_nodes`). :class:`PeerFetcher` reads raw blocks from other store nodes
+(read-through, migration). Imports nothing outside :mod:`kvstore`: the control plane's
+scheduler can use it as is.
 """
 
 from __future__ import annotations
@@ -18,10 +21,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
-from kvstore.events import SourceCleared, Tier, decode_event, decode_snapshot
+from kvstore.events import (
+    SOURCE_GONE_SEQ,
+    SourceCleared,
+    Tier,
+    decode_event,
+    decode_snapshot,
+    encode_event,
+)
 from kvstore.hashing import BlockKey
 from kvstore.index import ApplyResult, PrefixIndex, PrefixMatch
-from kvstore.metadata import START, MetadataStore
+from kvstore.metadata import START, MemberKind, MetadataStore, member_kind
 from kvstore.protocol import FRAME_HEADER, FRAME_MAGIC, PROTOCOL_VERSION, Op, Status
 
 __all__ = ["FLAG_NO_FORWARD", "ClusterView", "PeerFetcher"]
@@ -47,20 +57,23 @@ class ClusterView:
         poll_interval_s: float = 0.1,
         start_cursor: str = START,
         clock: Callable[[], float] = time.monotonic,
+        reap_dead: bool = True,
     ) -> None:
         self._store = store
+        self._reap_dead = reap_dead
         self._poll = poll_interval_s
         self._cursor = start_cursor
         self._clock = clock
         self._lock = threading.Lock()
         self._index = PrefixIndex()
-        self._live: dict[str, str] = {}  # node id -> endpoint
+        self._live: dict[str, tuple[MemberKind | None, str]] = {}  # member -> (kind, endpoint)
         self._members_seen: set[str] = set()
         self._owed: dict[str, float] = {}  # source -> when a snapshot was last requested
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._changed = threading.Condition(self._lock)
         self.num_applied = 0
+        self.num_reaped = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -111,7 +124,15 @@ class ClusterView:
             if len(message) > 1 and message[1] == _SNAPSHOT_KIND:
                 snapshot = decode_snapshot(message)
                 # In stream order a snapshot is the source's state, and later entries are newer.
-                if snapshot.source in self._live or snapshot.source not in self._members_seen:
+                # A dead member's is dropped -- unless the index knows the source again, i.e. a
+                # new incarnation's SourceCleared came first (a member re-registering after it
+                # was reaped while alive publishes both before this view next sees it live).
+                source = snapshot.source
+                if (
+                    source in self._live
+                    or source not in self._members_seen
+                    or self._index.next_seq(source) > 0
+                ):
                     self._index.resync(snapshot)
                     self._owed.pop(snapshot.source, None)
                 return
@@ -122,6 +143,11 @@ class ClusterView:
         # A removed (dead) source is unknown to the index again, which then refuses its
         # straggling events (GAP, not applied); only a new incarnation (seq 0) comes back.
         source = event.source
+        if isinstance(event, SourceCleared) and event.seq == SOURCE_GONE_SEQ:
+            self._index.remove_source(source)  # left, or reaped after a crash: forget it
+            self._owed.pop(source, None)
+            self.num_applied += 1
+            return
         result = self._index.apply(event)
         self.num_applied += 1
         if result is ApplyResult.GAP and source not in self._owed:
@@ -130,12 +156,26 @@ class ClusterView:
             del self._owed[source]
 
     def refresh_membership(self) -> None:
-        """Re-read members and heartbeats: drop dead ones, (re)ask owed snapshots."""
+        """Re-read members and heartbeats: drop dead ones, (re)ask owed snapshots.
+
+        With ``reap_dead`` (the default) a member whose heartbeat expired is also removed from
+        the registry, with its final ``SourceCleared(SOURCE_GONE_SEQ)`` published, by
+        :meth:`MetadataStore.reap` -- atomic and conditional on the incarnation seen here, so
+        whichever participant notices first does it, the others' attempts are no-ops, and a
+        node that restarted meanwhile is left alone.
+        """
         members = self._store.members()
         alive = self._store.alive(members)
+        if self._reap_dead:
+            for node, info in members.items():
+                if node not in alive and self._reap(node, info):
+                    self.num_reaped += 1
+                    logger.info("reaped dead member %s", node)
         with self._changed:
             self._members_seen.update(members)
-            self._live = {n: str(members[n].get("endpoint", "")) for n in alive}
+            self._live = {
+                n: (member_kind(members[n]), str(members[n].get("endpoint", ""))) for n in alive
+            }
             for source in self._index.sources():
                 if source in self._members_seen and source not in self._live:
                     self._index.remove_source(source)
@@ -149,6 +189,13 @@ class ClusterView:
         for source in due:
             if source in self._live or source not in self._members_seen:
                 self._store.request_resync(source)
+
+    def _reap(self, node: str, info: dict[str, Any]) -> bool:
+        try:
+            gone = encode_event(SourceCleared(node, SOURCE_GONE_SEQ))
+        except ValueError:  # not a valid source id: it never published, just unregister it
+            gone = None
+        return self._store.reap(node, info, [gone] if gone is not None else [])
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -164,9 +211,20 @@ class ClusterView:
             return sorted(found, key=lambda holder: (holder[1], holder[0]))
 
     def live_nodes(self) -> dict[str, str]:
-        """Live store nodes: node id -> endpoint."""
+        """Live store nodes (the only members that serve blocks): node id -> endpoint.
+
+        Every choice of a peer to read from or hand blocks to goes through this; engines are
+        members too (:meth:`live_engines`) but never peers."""
+        return self.live_members(MemberKind.STORE)
+
+    def live_engines(self) -> dict[str, str]:
+        """Live engine members (workers publishing their HBM blocks): instance id -> endpoint."""
+        return self.live_members(MemberKind.ENGINE)
+
+    def live_members(self, kind: MemberKind) -> dict[str, str]:
+        """Live members of ``kind``: id -> endpoint (as registered; may be empty)."""
         with self._lock:
-            return dict(self._live)
+            return {n: endpoint for n, (k, endpoint) in self._live.items() if k is kind}
 
     def sources(self) -> tuple[str, ...]:
         with self._lock:

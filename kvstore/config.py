@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kvstore.policy import PolicyKind
+
 __all__ = ["StoreNodeConfig", "parse_duration", "parse_size"]
 
 _SIZE_UNITS = {
@@ -126,7 +128,10 @@ class StoreNodeConfig:
         leave_policy: on graceful stop, ``"drop"`` the blocks or ``"migrate"`` DRAM to a peer.
         replicate_on_read: keep a local copy of a block read through from a peer.
         event_flush_interval_s: KV events of PUT/DELETE are batched for this long.
-        reconcile_interval_s: period of the full diff that catches evictions, spills, expiry.
+        reconcile_interval_s: period of the full tier diff, a safety net behind the exact tier
+            events (docs/design/kvstore.md §14).
+        eviction_policy: the DRAM tier's eviction policy (a :class:`kvstore.policy.PolicyKind`
+            value: lru, s3fifo, arc, sieve, w-tinylfu, second-hit-lru; §12).
     """
 
     host: str = "127.0.0.1"
@@ -155,7 +160,8 @@ class StoreNodeConfig:
     leave_policy: str = "drop"
     replicate_on_read: bool = False
     event_flush_interval_s: float = 0.01
-    reconcile_interval_s: float = 1.0
+    reconcile_interval_s: float = 60.0
+    eviction_policy: str = "lru"
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -210,6 +216,9 @@ class StoreNodeConfig:
             raise ValueError(f"leave_policy must be one of {', '.join(LEAVE_POLICIES)}")
         if self.event_flush_interval_s <= 0 or self.reconcile_interval_s <= 0:
             raise ValueError("event_flush_interval and reconcile_interval must be positive")
+        names = [kind.value for kind in PolicyKind]
+        if self.eviction_policy not in names:
+            raise ValueError(f"eviction_policy must be one of {', '.join(names)}")
 
     @classmethod
     def from_cli(
@@ -297,4 +306,5 @@ _CLI_FIELDS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
     ("replicate_on_read", "replicate-on-read", _parse_bool, "keep peers' blocks read through"),
     ("event_flush_interval_s", "event-flush-interval", parse_duration, "KV event batching"),
     ("reconcile_interval_s", "reconcile-interval", parse_duration, "full tier diff period"),
+    ("eviction_policy", "eviction-policy", _parse_str, "DRAM eviction policy, e.g. lru"),
 )

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, NamedTuple
@@ -38,12 +38,14 @@ __all__ = [
     "EVENT_FORMAT_VERSION",
     "MAX_SOURCE_ID_BYTES",
     "NUM_TIERS",
+    "SOURCE_GONE_SEQ",
     "BlocksRemoved",
     "BlocksStored",
     "KVEvent",
     "SourceCleared",
     "SourceSnapshot",
     "Tier",
+    "TierListener",
     "decode_event",
     "decode_snapshot",
     "encode_event",
@@ -53,6 +55,11 @@ __all__ = [
 EVENT_FORMAT_VERSION: Final = 1
 MAX_SOURCE_ID_BYTES: Final = 255
 _MAX_SEQ: Final = 2**64 - 1
+SOURCE_GONE_SEQ: Final = _MAX_SEQ
+"""``SourceCleared(source, SOURCE_GONE_SEQ)``: the source is gone for good (it left, or it
+crashed and was reaped). To a :class:`~kvstore.index.PrefixIndex` any later event of that
+incarnation is a duplicate; only a new incarnation (``SourceCleared(seq=0)``) brings the source
+back. A :class:`~kvstore.cluster.ClusterView` forgets the source altogether."""
 _MAX_COUNT: Final = 2**32 - 1
 
 
@@ -68,6 +75,12 @@ class Tier(enum.IntEnum):
 
 
 NUM_TIERS: Final = len(Tier)
+
+TierListener = Callable[[BlockKey, Tier, bool], None]
+"""``listener(key, tier, held)``: a store tier reports that ``key`` was added to (``held``) or
+removed from ``tier``, at the moment of the change. Called on whatever thread made the change
+(the event loop for DRAM; SSD writer and reader threads too), possibly under the tier's lock: it
+must be quick and must not call back into the tier."""
 
 
 class _Kind(enum.IntEnum):

@@ -23,6 +23,14 @@ is the design of record in docs/design/kvstore.md; in short:
   serves it once from a *transient* extent that never enters the index (``--no-promote``, or a
   promotion cancelled by DELETE); :meth:`begin_transient` reserves such an extent directly.
 
+**Tier-change notifications.** With a listener (:meth:`set_listener`, a
+:data:`~kvstore.events.TierListener`) the node reports every change of what DRAM holds at the point
+of change: ``(key, Tier.DRAM, True)`` when a block becomes visible (:meth:`commit`,
+:meth:`promote`), ``(key, Tier.DRAM, False)`` when it leaves the index (:meth:`delete`, eviction,
+:meth:`finish_spill`, :meth:`drop_copy`). Reservations, revokes and transient extents never were
+visible, so they report nothing. The store's :class:`~kvstore.membership.NodeAgent` turns these into
+KV events.
+
 Not thread-safe by design: the node belongs to the server's event-loop thread, which makes every
 operation atomic without locks.
 """
@@ -36,6 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvstore.arena import Arena, ArenaStats, Extent
+from kvstore.events import Tier, TierListener
 from kvstore.hashing import BLOCK_KEY_BYTES
 from kvstore.policy import EvictionPolicy, LRUPolicy
 
@@ -133,6 +142,11 @@ class StoreNode:
         self._hits = self._misses = 0
         self._puts = self._puts_exists = self._puts_full = self._puts_revoked = 0
         self._evictions = self._deletes = 0
+        self._listener: TierListener | None = None
+
+    def set_listener(self, listener: TierListener | None) -> None:
+        """Report every block that enters or leaves DRAM to ``listener`` (None: stop)."""
+        self._listener = listener
 
     @property
     def arena(self) -> Arena:
@@ -181,6 +195,8 @@ class StoreNode:
         self._stored_bytes += entry.nbytes
         self._puts += 1
         self._policy.on_insert(entry.key)
+        if self._listener is not None:
+            self._listener(entry.key, Tier.DRAM, True)
 
     def revoke(self, pending: PendingPut) -> bool:
         """Abandon a pending put and free its space; False if it was no longer pending."""
@@ -225,6 +241,8 @@ class StoreNode:
         self._num_writing -= 1
         self._stored_bytes += entry.nbytes
         self._policy.on_insert(entry.key)
+        if self._listener is not None:
+            self._listener(entry.key, Tier.DRAM, True)
         return self._lease(entry)
 
     def detach(self, pending: PendingPut) -> Lease:
@@ -420,6 +438,8 @@ class StoreNode:
             entry.unlinked = True
         else:
             self._arena.free(entry.extent)
+        if self._listener is not None:
+            self._listener(entry.key, Tier.DRAM, False)
 
     def _lease(self, entry: _Entry) -> Lease:
         entry.leases += 1

@@ -32,7 +32,30 @@ STATS         none (0)                             OK + JSON (UTF-8)
 SHM_INFO      none (0)                             OK + JSON describing the arena file
 GET_SHM       key (1)                              OK + (lease_id, offset, nbytes) as <QQQ | MISS
 RELEASE       lease ids as <Q each (n)             no response
+METADATA      a metadata call (0); see               OK + result | BAD_REQUEST + {"error": ...}
+              kvstore.metadata_service             (same layout); the connection stays open
+LEASE_BATCH   keys (n)                             OK, count = n, payload = batch id <Q, then n
+                                                   (offset, nbytes) as <QQ, then n tier bytes
+                                                   (0 miss, 1 DRAM, 2 read from SSD, both
+                                                   leased; 255: on SSD, not read: ask again)
+RELEASE_BATCH batch ids as <Q each (n)             no response
+RESERVE_BATCH n (key, block bytes) as <16sQ (n)     OK, count = n, payload = batch id <Q, then n
+                                                   offsets <Q, then n status bytes (OK reserved,
+                                                   EXISTS, FULL, TOO_LARGE, BAD_REQUEST) | FULL
+                                                   (the whole batch refused: use PUT)
+COMMIT_BATCH  batch id <Q (1)                      OK, count = n, payload = n status bytes (OK
+                                                   committed, CORRUPT: the header the client wrote
+                                                   is not a valid header of that key and length;
+                                                   or the reservation's status)
+RDMA_CONNECT  client's RdmaEndpointInfo (0)        OK + node's RdmaEndpointInfo | UNSUPPORTED +
+                                                   reason (UTF-8)
 ============  ===================================  ================================================
+
+The batch ops (numbered from 16, apart from the metadata ops) are the control half of the
+one-sided transports (kvstore.transport): the client learns where blocks are in the node's arena
+and moves the bytes itself -- a memory copy through the shared mapping, or an RDMA READ/WRITE of
+the registered arena -- so one round trip covers a whole batch. Leases and reservations taken by
+a batch belong to its connection: a closed connection releases and revokes them.
 
 Malformed frames (bad magic or version, unknown opcode, a payload length inconsistent with the
 opcode, or beyond :data:`MAX_FRAME_PAYLOAD`) cannot be resynchronised, so the server closes that
@@ -49,17 +72,22 @@ from dataclasses import dataclass
 from kvstore.hashing import BLOCK_KEY_BYTES
 
 __all__ = [
+    "BATCH_ID",
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
     "FRAME_MAGIC",
     "KEY_BYTES",
     "MAX_FRAME_PAYLOAD",
     "MAX_KEYS_PER_FRAME",
+    "MAX_METADATA_PAYLOAD",
     "PROTOCOL_VERSION",
     "SHM_LEASE",
     "FrameError",
     "FrameHeader",
+    "LeaseBatchReply",
     "Op",
+    "RdmaEndpointInfo",
+    "ReserveBatchReply",
     "Status",
     "decode_bitmap",
     "encode_bitmap",
@@ -80,6 +108,25 @@ MAX_FRAME_PAYLOAD = 1 << 30
 SHM_LEASE = struct.Struct("<QQQ")
 """GET_SHM response payload: lease id, offset of the block in the arena file, block length."""
 LEASE_ID = struct.Struct("<Q")
+MAX_METADATA_PAYLOAD = 64 << 20
+"""Ceiling of a METADATA request or response (a snapshot of ~4 M keys)."""
+BATCH_ID = struct.Struct("<Q")
+"""Batch ids (LEASE_BATCH, RESERVE_BATCH) on the wire."""
+LEASE_SPAN = struct.Struct("<QQ")
+"""One LEASE_BATCH entry: offset of the block (header + payload) in the arena, its length."""
+LEASE_DEFERRED = 0xFF
+"""LEASE_BATCH tier byte: the block is on SSD and was not read in this batch (each batch reads at
+most a few SSD blocks, so that one batch cannot fill the arena with leased blocks); ask again."""
+RESERVE_ITEM = struct.Struct(f"<{BLOCK_KEY_BYTES}sQ")
+"""One RESERVE_BATCH request entry: the key and the block's size (64-byte header + payload). The
+header itself is written by the client into the reserved space, after the payload's checksum is
+known, and checked by the node at COMMIT_BATCH."""
+RESERVE_OFFSET = struct.Struct("<Q")
+"""One RESERVE_BATCH entry: where the client writes the block (header + payload)."""
+RDMA_INFO = struct.Struct("<BBHII16sQQI")
+"""RDMA_CONNECT payload: version, path MTU (IBV_MTU_* enum), LID, QP number, PSN, GID, address
+and length of the registered region, its rkey (48 bytes)."""
+RDMA_INFO_VERSION = 1
 
 
 class Op(enum.IntEnum):
@@ -92,6 +139,14 @@ class Op(enum.IntEnum):
     SHM_INFO = 7
     GET_SHM = 8
     RELEASE = 9
+    METADATA = 10
+    """The node's embedded metadata store (kvstore.metadata_service); payload formats there."""
+    # Transport ops (kvstore.transport), numbered from 16.
+    LEASE_BATCH = 16
+    RELEASE_BATCH = 17
+    RESERVE_BATCH = 18
+    COMMIT_BATCH = 19
+    RDMA_CONNECT = 20
 
 
 class Status(enum.IntEnum):
@@ -104,9 +159,11 @@ class Status(enum.IntEnum):
     TOO_LARGE = 4
     CORRUPT = 5
     BAD_REQUEST = 6
+    UNSUPPORTED = 16
+    """The node cannot serve this transport (RDMA_CONNECT without RDMA); payload: the reason."""
 
 
-KEYED_OPS = frozenset({Op.MATCH_PREFIX, Op.EXISTS, Op.DELETE})
+KEYED_OPS = frozenset({Op.MATCH_PREFIX, Op.EXISTS, Op.DELETE, Op.LEASE_BATCH})
 SINGLE_KEY_OPS = frozenset({Op.GET, Op.GET_SHM})
 EMPTY_OPS = frozenset({Op.STATS, Op.SHM_INFO})
 
@@ -150,8 +207,16 @@ class FrameHeader:
             ok = count == 1 and length == KEY_BYTES
         elif op in KEYED_OPS:
             ok = count <= MAX_KEYS_PER_FRAME and length == count * KEY_BYTES
-        elif op is Op.RELEASE:
+        elif op is Op.METADATA:
+            ok = count == 0 and length <= MAX_METADATA_PAYLOAD
+        elif op is Op.RELEASE or op is Op.RELEASE_BATCH:
             ok = count <= MAX_KEYS_PER_FRAME and length == count * LEASE_ID.size
+        elif op is Op.RESERVE_BATCH:
+            ok = 0 < count <= MAX_KEYS_PER_FRAME and length == count * RESERVE_ITEM.size
+        elif op is Op.COMMIT_BATCH:
+            ok = count == 1 and length == BATCH_ID.size
+        elif op is Op.RDMA_CONNECT:
+            ok = count == 0 and length == RDMA_INFO.size
         else:
             ok = count == 0 and length == 0
         if not ok:
@@ -180,3 +245,115 @@ def decode_bitmap(data: bytes | bytearray | memoryview, count: int) -> list[bool
     if len(data) != (count + 7) // 8:
         raise ValueError(f"bitmap of {len(data)} bytes cannot hold exactly {count} flags")
     return [bool(data[i >> 3] & (1 << (i & 7))) for i in range(count)]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseBatchReply:
+    """A LEASE_BATCH response: per key ``tiers[i]``: 0 miss; 1 (DRAM) or 2 (read from SSD):
+    leased under ``batch_id`` at ``spans[i] = (offset, nbytes)``; :data:`LEASE_DEFERRED`."""
+
+    batch_id: int
+    spans: tuple[tuple[int, int], ...]
+    tiers: bytes
+
+    def encode(self) -> bytes:
+        if len(self.spans) != len(self.tiers):
+            raise ValueError("spans and tiers differ in length")
+        parts = [BATCH_ID.pack(self.batch_id)]
+        parts.extend(LEASE_SPAN.pack(offset, nbytes) for offset, nbytes in self.spans)
+        parts.append(self.tiers)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray | memoryview, count: int) -> LeaseBatchReply:
+        """Parse a response body for ``count`` keys; ValueError if its length is not exact."""
+        expected = BATCH_ID.size + count * (LEASE_SPAN.size + 1)
+        if len(payload) != expected:
+            raise ValueError(f"LEASE_BATCH reply of {len(payload)} bytes for {count} keys")
+        (batch_id,) = BATCH_ID.unpack_from(payload, 0)
+        end = BATCH_ID.size + count * LEASE_SPAN.size
+        spans = tuple(LEASE_SPAN.iter_unpack(payload[BATCH_ID.size : end]))
+        return cls(batch_id, spans, bytes(payload[end:]))
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveBatchReply:
+    """A RESERVE_BATCH response: block ``i`` may be written at ``offsets[i]`` if
+    ``statuses[i] == Status.OK``; otherwise its status is final for this attempt."""
+
+    batch_id: int
+    offsets: tuple[int, ...]
+    statuses: bytes
+
+    def encode(self) -> bytes:
+        if len(self.offsets) != len(self.statuses):
+            raise ValueError("offsets and statuses differ in length")
+        parts = [BATCH_ID.pack(self.batch_id)]
+        parts.extend(RESERVE_OFFSET.pack(offset) for offset in self.offsets)
+        parts.append(self.statuses)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray | memoryview, count: int) -> ReserveBatchReply:
+        expected = BATCH_ID.size + count * (RESERVE_OFFSET.size + 1)
+        if len(payload) != expected:
+            raise ValueError(f"RESERVE_BATCH reply of {len(payload)} bytes for {count} blocks")
+        (batch_id,) = BATCH_ID.unpack_from(payload, 0)
+        end = BATCH_ID.size + count * RESERVE_OFFSET.size
+        offsets = tuple(o for (o,) in RESERVE_OFFSET.iter_unpack(payload[BATCH_ID.size : end]))
+        return cls(batch_id, offsets, bytes(payload[end:]))
+
+
+@dataclass(frozen=True, slots=True)
+class RdmaEndpointInfo:
+    """What one side of an RDMA reliable connection tells the other (RDMA_CONNECT).
+
+    ``qp_num``/``psn``/``lid``/``gid``/``mtu`` connect the two queue pairs (INIT -> RTR -> RTS);
+    ``address``/``length``/``rkey`` name the registered region the peer may access one-sidedly:
+    the node's arena in the reply, the client's staging buffer in the request.
+    """
+
+    qp_num: int
+    psn: int
+    lid: int
+    gid: bytes
+    mtu: int
+    address: int
+    length: int
+    rkey: int
+
+    def __post_init__(self) -> None:
+        if len(self.gid) != 16:
+            raise ValueError(f"an RDMA GID is 16 bytes, got {len(self.gid)}")
+        if not 0 <= self.psn < 1 << 24:
+            raise ValueError(f"PSN must fit in 24 bits, got {self.psn}")
+        if not 0 <= self.qp_num < 1 << 24:
+            raise ValueError(f"QP number must fit in 24 bits, got {self.qp_num}")
+        if not 1 <= self.mtu <= 5:
+            raise ValueError(f"path MTU is an IBV_MTU_* value 1..5, got {self.mtu}")
+        for name in ("lid", "address", "length", "rkey"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+    def encode(self) -> bytes:
+        return RDMA_INFO.pack(
+            RDMA_INFO_VERSION,
+            self.mtu,
+            self.lid,
+            self.qp_num,
+            self.psn,
+            self.gid,
+            self.address,
+            self.length,
+            self.rkey,
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray | memoryview) -> RdmaEndpointInfo:
+        """Parse RDMA_CONNECT bytes; ValueError on a wrong length, version or field."""
+        if len(payload) != RDMA_INFO.size:
+            raise ValueError(f"RDMA endpoint info is {RDMA_INFO.size} bytes, got {len(payload)}")
+        version, mtu, lid, qp_num, psn, gid, address, length, rkey = RDMA_INFO.unpack(payload)
+        if version != RDMA_INFO_VERSION:
+            raise ValueError(f"unsupported RDMA endpoint info version {version}")
+        return cls(qp_num, psn, lid, bytes(gid), mtu, address, length, rkey)

@@ -32,6 +32,18 @@ SSD tier (docs/design/kvstore.md §13)
     the block in ``count`` (1 = DRAM, 2 = SSD); MATCH_PREFIX responses carry one byte per matched
     key, the fastest tier holding it (older clients ignore both).
 
+Transport ops (kvstore.transport, docs/design/kvstore.md §16)
+    ``LEASE_BATCH`` pins a batch of blocks under one batch id and answers where each one is in
+    the arena (SSD blocks are first read into the arena, the reply waiting in line like a GET's);
+    ``RELEASE_BATCH`` unpins them. ``RESERVE_BATCH`` is the first phase of a batch of puts
+    (space reserved, blocks invisible), the client writes the blocks into the arena itself, and
+    ``COMMIT_BATCH`` verifies every block's checksum and header and commits it (or revokes it:
+    ``CORRUPT``). A connection may hold at most ``MAX_SHM_LEASES_PER_CONNECTION`` leases and
+    reserve at most a quarter of the arena at once: a bigger RESERVE_BATCH is refused whole
+    (``FULL``, and the client sends those blocks over TCP, one reservation at a time); an open
+    reservation counts as a payload in flight for the put timeout. ``RDMA_CONNECT`` connects a
+    queue pair to the registered arena (kvstore.rdma) or answers ``UNSUPPORTED`` with the reason.
+
 Failure handling
     A malformed frame (see kvstore.protocol) closes only its connection. A connection lost in the
     middle of a PUT revokes the reservation; one idle in the middle of a PUT for longer than
@@ -46,6 +58,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -67,21 +80,31 @@ from kvstore.config import StoreNodeConfig
 from kvstore.events import Tier
 from kvstore.membership import NodeAgent
 from kvstore.metadata import open_metadata_store
+from kvstore.metadata_service import MetadataService
 from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
+from kvstore.policy import PolicyKind, make_policy
 from kvstore.protocol import (
+    BATCH_ID,
     FRAME_HEADER_BYTES,
     KEY_BYTES,
+    LEASE_DEFERRED,
     LEASE_ID,
+    RESERVE_ITEM,
     SHM_LEASE,
     FrameError,
     FrameHeader,
+    LeaseBatchReply,
     Op,
+    RdmaEndpointInfo,
+    ReserveBatchReply,
     Status,
     encode_bitmap,
     pack_frame_header,
 )
+from kvstore.rdma import RdmaNodeEndpoint
 from kvstore.ssd import SSDTier, SSDTierError, tune_malloc_for_lmdb
 from kvstore.tiers import TierManager
+from kvstore.transport import TransportKind, TransportUnavailable, log_unavailable_once
 
 __all__ = ["StoreServer", "main"]
 
@@ -93,7 +116,35 @@ MAX_FETCHES_PER_CONNECTION = 8
 """SSD reads one connection may have in flight (the disk wants queue depth)."""
 MAX_QUEUED_REPLIES = 64
 """Responses one connection may hold back behind pending SSD reads before it stops reading."""
+MAX_SSD_READS_PER_BATCH = 8
+"""SSD blocks one LEASE_BATCH reads into the arena (the rest are answered LEASE_DEFERRED)."""
+MAX_RESERVED_FRACTION = 0.25
+"""Share of the arena one connection may hold reserved by RESERVE_BATCH at once."""
 _PUT_PREFIX = FRAME_HEADER_BYTES + BLOCK_HEADER_BYTES
+
+
+@dataclass(slots=True)
+class _Reserved:
+    """One block of a RESERVE_BATCH: what was asked for and its reservation (None if refused)."""
+
+    status: Status
+    key: bytes
+    nbytes: int
+    pending: PendingPut | None
+
+
+@dataclass(slots=True)
+class TransferCounters:
+    """What the transport ops moved (STATS ``transfers``): exact counts, for tests and ops."""
+
+    lease_batches: int = 0
+    batch_leased_blocks: int = 0
+    reserve_batches: int = 0
+    reserve_batches_refused: int = 0
+    reserved_blocks: int = 0
+    committed_blocks: int = 0
+    corrupt_blocks: int = 0
+    rdma_connections: int = 0
 
 
 def _boot_id() -> str:
@@ -146,6 +197,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._remote: set[asyncio.Future[tuple[bytes, int] | None]] = set()
         self._no_forward = False  # the frame being dispatched came from a peer
         self._reading = True
+        # Transport ops: leases and reservations held per batch id; the RDMA queue pair.
+        self._batch_ids = itertools.count(1)
+        self._lease_batches: dict[int, list[Lease]] = {}
+        self._num_batch_leases = 0
+        self._put_batches: dict[int, list[_Reserved]] = {}
+        self._reserved_bytes = 0
+        self._reserved_since: float | None = None
+        self._batch_fetches: set[asyncio.Future[list[Lease | None]]] = set()
+        self._rdma: object | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -215,6 +275,18 @@ class _Connection(asyncio.BufferedProtocol):
         for lease in self._shm_leases.values():
             self._node.release(lease)
         self._shm_leases.clear()
+        for leases in self._lease_batches.values():
+            for lease in leases:
+                self._node.release(lease)
+        self._lease_batches.clear()
+        for reserved in self._put_batches.values():
+            for entry in reserved:
+                if entry.pending is not None:
+                    self._node.revoke(entry.pending)
+        self._put_batches.clear()
+        if self._rdma is not None:
+            self._server.drop_rdma(self._rdma)
+            self._rdma = None
         for reply in self._replies:
             if reply.lease is not None:
                 self._node.release(reply.lease)
@@ -254,6 +326,8 @@ class _Connection(asyncio.BufferedProtocol):
     def payload_age(self, now: float) -> float:
         """Seconds this connection has been receiving one payload (0 if it is not)."""
         started = self._payload_started_at
+        if self._reserved_since is not None:  # an open RESERVE_BATCH is a payload in flight
+            started = min(started or now, self._reserved_since)
         return 0.0 if started is None else now - started
 
     # -- parsing ----------------------------------------------------------------------------------
@@ -277,7 +351,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _fetch_blocked(self) -> bool:
         return (
-            len(self._fetches) + len(self._remote) >= MAX_FETCHES_PER_CONNECTION
+            len(self._fetches) + len(self._remote) + len(self._batch_fetches)
+            >= MAX_FETCHES_PER_CONNECTION
             or len(self._replies) >= MAX_QUEUED_REPLIES
         )
 
@@ -428,6 +503,31 @@ class _Connection(asyncio.BufferedProtocol):
                     logger.warning("RELEASE of unknown lease %d from %s", lease_id, self._peer)
                 else:
                     node.release(lease)
+        elif op is Op.LEASE_BATCH:
+            self._handle_lease_batch(rid, _split_keys(payload))
+        elif op is Op.RELEASE_BATCH:
+            self._handle_release_batch(payload)
+        elif op is Op.RESERVE_BATCH:
+            self._handle_reserve_batch(rid, payload)
+        elif op is Op.COMMIT_BATCH:
+            self._handle_commit_batch(rid, BATCH_ID.unpack(payload)[0])
+        elif op is Op.RDMA_CONNECT:
+            self._handle_rdma_connect(rid, payload)
+        elif op is Op.METADATA:  # kvstore.metadata_service; a parked read keeps its place
+            answer = self._server.metadata_service.handle(rid, payload)
+            if isinstance(answer, bytes):
+                self._write(answer)
+            else:
+                parked = _Reply([], ready=False)
+                self._replies.append(parked)
+
+                def answered(future: asyncio.Future[bytes], reply: _Reply = parked) -> None:
+                    reply.parts, reply.ready = [future.result()], True
+                    if not self._closed:
+                        self._flush_replies()
+                        self._resume()
+
+                answer.add_done_callback(answered)
         else:  # pragma: no cover - check_request admits only the ops above
             raise FrameError(f"unexpected opcode {op}")
 
@@ -486,6 +586,197 @@ class _Connection(asyncio.BufferedProtocol):
             self._start_fetch(Op.GET_SHM, request_id, key)
         else:
             self._write(pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.MISS))
+
+    # -- transport ops (batched leases and reservations, RDMA) ---------------------------------
+
+    def _handle_lease_batch(self, request_id: int, keys: list[bytes]) -> None:
+        held = len(self._shm_leases) + self._num_batch_leases
+        if held + len(keys) > MAX_SHM_LEASES_PER_CONNECTION:
+            logger.warning("%s holds too many shared-memory leases", self._peer)
+            self._write(pack_frame_header(Op.LEASE_BATCH, request_id, 0, 0, Status.BAD_REQUEST))
+            return
+        found: list[Lease | None] = []
+        tiers = bytearray(len(keys))
+        on_ssd: list[int] = []
+        for i, key in enumerate(keys):
+            result = self._tiers.acquire(key)
+            if isinstance(result, Lease):
+                found.append(result)
+                tiers[i] = Tier.DRAM
+            else:
+                found.append(None)
+                if result is Tier.SSD and len(on_ssd) < MAX_SSD_READS_PER_BATCH:
+                    on_ssd.append(i)
+                elif result is Tier.SSD:
+                    tiers[i] = LEASE_DEFERRED
+        counters = self._server.transfers
+        counters.lease_batches += 1
+        if not on_ssd:
+            self._write(self._lease_batch_reply(request_id, found, tiers))
+            return
+        # Read the SSD blocks into the arena first; the reply keeps its place in line.
+        reply = _Reply([], ready=False)
+        self._replies.append(reply)
+        fetches = [self._tiers.fetch(keys[i]) for i in on_ssd]
+        gathered = asyncio.gather(*fetches)
+        self._batch_fetches.add(gathered)
+
+        def done(future: asyncio.Future[list[Lease | None]]) -> None:
+            self._batch_fetches.discard(future)
+            leases: list[Lease | None] = [None] * len(on_ssd)
+            if not future.cancelled() and future.exception() is None:
+                leases = future.result()
+            elif not future.cancelled():
+                logger.error("SSD fetch failed", exc_info=future.exception())
+            for i, lease in zip(on_ssd, leases, strict=True):
+                found[i] = lease
+                tiers[i] = Tier.SSD if lease is not None else 0
+            if self._closed:
+                for lease in found:
+                    if lease is not None:
+                        self._node.release(lease)
+                return
+            reply.parts = [self._lease_batch_reply(request_id, found, tiers)]
+            reply.ready = True
+            self._flush_replies()
+            self._resume()
+
+        gathered.add_done_callback(done)
+
+    def _lease_batch_reply(
+        self, request_id: int, found: list[Lease | None], tiers: bytearray
+    ) -> bytes:
+        batch_id = next(self._batch_ids)
+        leases = [lease for lease in found if lease is not None]
+        self._lease_batches[batch_id] = leases
+        self._num_batch_leases += len(leases)
+        self._server.transfers.batch_leased_blocks += len(leases)
+        spans = tuple((0, 0) if f is None else (f.offset, f.nbytes) for f in found)
+        body = LeaseBatchReply(batch_id, spans, bytes(tiers)).encode()
+        return pack_frame_header(Op.LEASE_BATCH, request_id, len(found), len(body)) + body
+
+    def _handle_release_batch(self, payload: memoryview) -> None:
+        for (batch_id,) in BATCH_ID.iter_unpack(payload):
+            leases = self._lease_batches.pop(batch_id, None)
+            if leases is None:
+                logger.warning("RELEASE_BATCH of unknown batch %d from %s", batch_id, self._peer)
+                continue
+            self._num_batch_leases -= len(leases)
+            for lease in leases:
+                self._node.release(lease)
+
+    def _handle_reserve_batch(self, request_id: int, payload: memoryview) -> None:
+        items = list(RESERVE_ITEM.iter_unpack(payload))
+        counters = self._server.transfers
+        counters.reserve_batches += 1
+        wanted = sum(nbytes for _, nbytes in items)
+        limit = int(self._node.arena.size * MAX_RESERVED_FRACTION)
+        if self._reserved_bytes + wanted > limit:
+            counters.reserve_batches_refused += 1
+            self._write(pack_frame_header(Op.RESERVE_BATCH, request_id, 0, 0, Status.FULL))
+            return
+        max_bytes = self._server.config.max_block_bytes
+        arena = self._node.arena
+        reserved: list[_Reserved] = []
+        offsets: list[int] = []
+        for key, nbytes in items:
+            entry = _Reserved(Status.BAD_REQUEST, key, nbytes, None)
+            reserved.append(entry)
+            if nbytes > max_bytes:
+                entry.status = Status.TOO_LARGE
+            elif nbytes >= BLOCK_HEADER_BYTES:
+                result = self._node.begin_put(key, nbytes)
+                if isinstance(result, PutStatus):
+                    entry.status = Status(result)
+                else:
+                    entry.status, entry.pending = Status.OK, result
+                    self._reserved_bytes += nbytes
+                    counters.reserved_blocks += 1
+                    offsets.append(arena.offset_of(result.view))
+                    continue
+            offsets.append(0)
+        batch_id = next(self._batch_ids)
+        self._put_batches[batch_id] = reserved
+        if self._reserved_since is None:
+            self._reserved_since = self._server.loop_time()
+        statuses = bytes(entry.status for entry in reserved)
+        body = ReserveBatchReply(batch_id, tuple(offsets), statuses).encode()
+        self._write(pack_frame_header(Op.RESERVE_BATCH, request_id, len(items), len(body)) + body)
+
+    def _handle_commit_batch(self, request_id: int, batch_id: int) -> None:
+        reserved = self._put_batches.pop(batch_id, None)
+        if reserved is None:
+            logger.warning("COMMIT_BATCH of unknown batch %d from %s", batch_id, self._peer)
+            self._write(pack_frame_header(Op.COMMIT_BATCH, request_id, 0, 0, Status.BAD_REQUEST))
+            return
+        if not self._put_batches:
+            self._reserved_since = None
+        counters = self._server.transfers
+        statuses = bytearray()
+        committed: list[bytes] = []
+        for entry in reserved:
+            pending = entry.pending
+            if pending is None:
+                statuses.append(entry.status)
+                continue
+            self._reserved_bytes -= pending.nbytes
+            if self._written_block_ok(entry, pending):
+                self._node.commit(pending)
+                self._tiers.note_commit(pending.key)
+                committed.append(pending.key)
+                counters.committed_blocks += 1
+                statuses.append(Status.OK)
+            else:
+                self._node.revoke(pending)
+                counters.corrupt_blocks += 1
+                logger.warning("direct PUT from %s wrote a bad block header", self._peer)
+                statuses.append(Status.CORRUPT)
+        if committed:
+            self._server.note_changed(committed)
+        reply = pack_frame_header(Op.COMMIT_BATCH, request_id, len(statuses), len(statuses))
+        self._write(reply + bytes(statuses))
+
+    def _written_block_ok(self, entry: _Reserved, pending: PendingPut) -> bool:
+        """Whether the client wrote a valid block of the reserved key and size.
+
+        The header must be valid for that key and length (readers trust it). The payload's
+        checksum is checked here only if it crossed a network (RDMA WRITE): a shared-memory
+        client maps the arena read-write and could change a block at any time, so checking it at
+        commit would cost a read of every block and promise nothing; every reader verifies it.
+        """
+        view = pending.view
+        try:
+            block = BlockHeader.decode(view[:BLOCK_HEADER_BYTES])
+        except BlockFormatError:
+            return False
+        if block.key != entry.key or BLOCK_HEADER_BYTES + block.payload_nbytes != entry.nbytes:
+            return False
+        return self._rdma is None or verify(block, view[BLOCK_HEADER_BYTES:])
+
+    def _handle_rdma_connect(self, request_id: int, payload: memoryview) -> None:
+        try:
+            client = RdmaEndpointInfo.decode(payload)
+        except ValueError as exc:
+            raise FrameError(f"bad RDMA_CONNECT: {exc}") from None
+        endpoint = self._server.rdma_endpoint()
+        reason = endpoint if isinstance(endpoint, str) else ""
+        if not reason and self._rdma is not None:
+            reason = "this connection already has an RDMA queue pair"
+        if not reason:
+            assert not isinstance(endpoint, str) and endpoint is not None
+            try:
+                self._rdma, info = endpoint.accept(client)
+            except Exception as exc:  # verbs errors: answer, keep the connection (it is TCP)
+                reason = f"cannot connect a queue pair: {exc}"
+            else:
+                self._server.transfers.rdma_connections += 1
+                body = info.encode()
+                self._write(pack_frame_header(Op.RDMA_CONNECT, request_id, 0, len(body)) + body)
+                return
+        text = reason.encode()
+        self._write(
+            pack_frame_header(Op.RDMA_CONNECT, request_id, 0, len(text), Status.UNSUPPORTED) + text
+        )
 
     def _block_reply(self, request_id: int, lease: Lease, tier: Tier) -> _Reply:
         """A GET response written from the arena (a view, no copy) under ``lease``."""
@@ -589,6 +880,24 @@ class StoreServer:
         self.agent: NodeAgent | None = None
         self.view: ClusterView | None = None
         self.fetcher: PeerFetcher | None = None
+        # Op.METADATA: this node's embedded metadata, served to the host (kvstore.metadata_service).
+        self.metadata_service = MetadataService()
+        self.transfers = TransferCounters()
+        self._rdma: RdmaNodeEndpoint | str | None = None  # endpoint, or why there is none
+
+    def rdma_endpoint(self) -> RdmaNodeEndpoint | str:
+        """The arena registered for RDMA (on first use), or the reason RDMA is unavailable."""
+        if self._rdma is None:
+            try:
+                self._rdma = RdmaNodeEndpoint(self.node.arena.address, self.node.arena.size)
+            except TransportUnavailable as exc:
+                self._rdma = str(exc)
+                log_unavailable_once(TransportKind.RDMA, str(exc))
+        return self._rdma
+
+    def drop_rdma(self, handle: object) -> None:
+        if isinstance(self._rdma, RdmaNodeEndpoint):
+            self._rdma.drop(handle)
 
     async def start(self) -> tuple[str, int]:
         """Listen and return the bound (host, port) -- the port is real even if 0 was asked."""
@@ -613,6 +922,7 @@ class StoreServer:
             return
         loop = asyncio.get_running_loop()
         store = await loop.run_in_executor(None, open_metadata_store, config.metadata)
+        self.metadata_service.serve(store)  # only an embedded store is served
         node_id = config.node_id or f"{host}:{port}"
         info = {
             "endpoint": f"{host}:{port}",
@@ -684,6 +994,7 @@ class StoreServer:
                 logger.exception("migration on leave failed; dropping the rest")
         await agent.stop()
         await loop.run_in_executor(None, view.stop)
+        self.metadata_service.close()
         if self.fetcher is not None:
             self.fetcher.close()
         self.agent = None
@@ -747,6 +1058,7 @@ class StoreServer:
     def stats(self) -> dict[str, object]:
         stats = dataclasses.asdict(self.node.stats())
         stats["num_connections"] = len(self.connections)
+        stats["transfers"] = dataclasses.asdict(self.transfers)
         stats["tiers"] = dataclasses.asdict(self.tiers.stats())
         ssd = self.tiers.ssd
         stats["ssd"] = dataclasses.asdict(ssd.stats()) if ssd is not None else None
@@ -792,7 +1104,7 @@ async def _serve(config: StoreNodeConfig) -> int:
             ssd.close()
         raise
     try:
-        node = StoreNode(arena)
+        node = StoreNode(arena, policy=make_policy(PolicyKind(config.eviction_policy)))
         tiers = TierManager(
             node,
             ssd,

@@ -73,6 +73,7 @@ import lmdb
 import numpy as np
 
 from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.events import Tier, TierListener
 from kvstore.hashing import BLOCK_KEY_BYTES
 from kvstore.policy import EvictionPolicy, LRUPolicy
 
@@ -293,6 +294,7 @@ class SSDTier:
         self._evictions = self._expired = self._corrupt = self._deletes = 0
         self._map_full_retries = self._audit_repaired = 0
         self._closed = False
+        self._listener: TierListener | None = None
         self._map_start: int | None = None
         self._prefetch_failures = 0
         self._batch_limit = write_batch_limit(capacity)
@@ -322,6 +324,19 @@ class SSDTier:
             os.close(self._lock_fd)
             raise
         self._recovered = len(self._index)
+
+    def set_listener(self, listener: TierListener | None) -> None:
+        """Report every block that enters or leaves the SSD index to ``listener`` (None: stop).
+
+        Reported at the change, under this tier's lock, on the thread that made it: a committed
+        write (spill, write-behind) on the writer thread; capacity eviction (the writer), TTL
+        sweep (the writer), a failed checksum (a reader thread), :meth:`unindex` (the caller).
+        Blocks recovered at open are not reported (the listener is set afterwards: list them
+        with :meth:`iter_keys`). An expired block is reported when the sweep removes it, though
+        lookups miss from the instant it expires.
+        """
+        with self._lock:
+            self._listener = listener
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -782,18 +797,23 @@ class SSDTier:
             self._delete_quietly(victims)
 
     def _index_locked(self, key: bytes, meta: _Meta) -> None:
-        if key in self._index:
-            self._unindex_locked(key)
+        replaced = key in self._index
+        if replaced:  # a rewrite (TTL refresh): still on SSD, nothing to report
+            self._unindex_locked(key, notify=False)
         self._index[key] = meta
         self._policy.on_insert(key)
         self._used += self.block_cost(meta.nbytes)
         self._stored += meta.nbytes
+        if not replaced and self._listener is not None:
+            self._listener(key, Tier.SSD, True)
 
-    def _unindex_locked(self, key: bytes) -> None:
+    def _unindex_locked(self, key: bytes, notify: bool = True) -> None:
         meta = self._index.pop(key)
         self._policy.on_remove(key)
         self._used -= self.block_cost(meta.nbytes)
         self._stored -= meta.nbytes
+        if notify and self._listener is not None:
+            self._listener(key, Tier.SSD, False)
 
     def _evict_locked(self, excess: int, keep: set[bytes]) -> list[bytes]:
         """Unindex victims in policy order until ``excess`` bytes are freed; return them."""

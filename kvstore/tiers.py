@@ -15,6 +15,7 @@ Call sequence (the server's view)::
     tiers.note_commit(key)                  # after each PUT commit: spill above the watermark,
                                             # queue the block for write-behind
     tiers.match_prefix(keys) / exists(keys) / delete(keys)    # across both tiers
+    tiers.set_listener(fn)                  # fn(key, tier, held) at every change of either tier
     await tiers.close()                     # stop tasks, drain threads, close the SSD tier
 
 Without an SSD tier (``ssd=None``) every call is the DRAM-only behaviour of :class:`StoreNode`.
@@ -54,7 +55,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kvstore.events import Tier
+from kvstore.events import Tier, TierListener
 from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
 from kvstore.ssd import ReadStatus, SSDRead, SSDTier
 
@@ -149,6 +150,17 @@ class TierManager:
     @property
     def ssd(self) -> SSDTier | None:
         return self._ssd
+
+    def set_listener(self, listener: TierListener | None) -> None:
+        """Report every change of where a block lives, in either tier, to ``listener``.
+
+        The node reports DRAM (commit, promotion, delete, eviction, spill), the SSD tier reports
+        SSD (spill and write-behind commits, capacity eviction, TTL sweep, corrupt blocks,
+        delete) -- each at the point of change, SSD ones possibly from the SSD threads.
+        """
+        self._node.set_listener(listener)
+        if self._ssd is not None:
+            self._ssd.set_listener(listener)
 
     # -- lifecycle --------------------------------------------------------------------------
 

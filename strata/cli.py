@@ -7,19 +7,23 @@
     strata models  prepare-default | build-tiny OUT
     strata admin   [--address HOST:PORT] [--token T] list | stats | scale ... (strata/admin_cli.py)
 
-`serve` starts one store node, one prefill worker and one decode worker (each engine pinned to its
-own cores) and the gateway, then waits; Ctrl-C or SIGTERM stops all of them.
+`serve` starts one store node and the gateway; the gateway's launcher starts the workers (one
+prefill and one decode by default, each engine pinned to its own cores) and the gateway serves the
+admin API on loopback (`strata admin`, port 50050 by default). It then waits; Ctrl-C or SIGTERM
+stops all of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import sys
 from pathlib import Path
 
+from controlplane.admin import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
 from strata.supervisor import Service, ServiceError, Supervisor
 
 
@@ -27,6 +31,61 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _admin_port(requested: int | None, host: str) -> int:
+    """The admin port `serve` gives the gateway: ``requested`` (0 = a free one), or by default
+    DEFAULT_ADMIN_PORT (what `strata admin` calls without --address) unless that one is taken
+    (e.g. by another `strata serve`), then a free one."""
+    if requested is not None:
+        return requested if requested else _free_port(host)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds it
+        try:
+            s.bind((host, DEFAULT_ADMIN_PORT))
+            return DEFAULT_ADMIN_PORT
+        except OSError:
+            pass
+    port = _free_port(host)
+    print(
+        f"strata: admin port {DEFAULT_ADMIN_PORT} is taken; using {port} "
+        f"(`strata admin --address {host}:{port} ...`)",
+        flush=True,
+    )
+    return port
+
+
+def _admin_token(cache_dir: Path) -> tuple[str, Path | None]:
+    """(token, file): $STRATA_ADMIN_TOKEN when set (no file), else the token kept in
+    CACHE_DIR/admin-token, created 0600 on first use (strata/admin_token.py)."""
+    from strata.admin_token import default_token_path, load_or_create_token
+
+    env_token = os.environ.get(ADMIN_TOKEN_ENV)
+    if env_token:
+        return env_token, None
+    path = default_token_path(cache_dir)
+    token, _ = load_or_create_token(path)
+    return token, path
+
+
+def _admin_instances(address: str, token: str) -> list[tuple[str, str]]:
+    """(role, endpoint) of every instance the gateway lists, through its admin API."""
+    import grpc
+
+    from controlplane.admin import instance_from_proto, role_name
+    from strata_proto import admin_pb2, admin_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = admin_pb2_grpc.AdminStub(channel).List(
+                admin_pb2.ListRequest(),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=30,
+            )
+    except grpc.RpcError as exc:
+        raise ServiceError(f"the gateway's admin API at {address}: {exc.details()}") from None
+    infos = sorted((instance_from_proto(m) for m in reply.instances), key=lambda i: i.endpoint)
+    return [(role_name(i.role), i.endpoint) for i in infos]
 
 
 def engine_core_sets(num_engines: int) -> list[list[int]]:
@@ -58,9 +117,25 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-ssd-ttl", default="24h", help="SSD blocks expire after this")
     p.add_argument("--no-kv-ssd", action="store_true", help="DRAM-only store (nothing survives)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds per service")
+    p.add_argument("--prefill-workers", type=int, default=1, help="prefill engines at start")
+    p.add_argument("--decode-workers", type=int, default=1, help="decode engines at start")
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help=f"admin API port on 127.0.0.1 (default {DEFAULT_ADMIN_PORT}, or a free port when it "
+        "is taken; 0 = a free port)",
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
+    for flag, count in (
+        ("--prefill-workers", args.prefill_workers),
+        ("--decode-workers", args.decode_workers),
+    ):
+        if not 1 <= count <= 64:
+            print(f"strata serve: {flag} must be in 1..64, got {count}", file=sys.stderr)
+            return 2
     if args.model:
         model_dir = Path(args.model).resolve()
         if not (model_dir / "config.json").is_file():
@@ -76,7 +151,9 @@ def serve(args: argparse.Namespace) -> int:
     from strata.models import default_cache_dir
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    store_args = ["--arena-size", args.store_arena_size]
+    # The store node serves its embedded metadata to this host (strata://): the workers publish
+    # their engines' prefix caches there as HBM events (dataplane/hbm_events.py).
+    store_args = ["--arena-size", args.store_arena_size, "--metadata", "embedded"]
     if not args.no_kv_ssd:
         ssd_dir = Path(args.kv_ssd_dir) if args.kv_ssd_dir else cache_dir / "kvstore"
         ssd_dir.mkdir(parents=True, exist_ok=True)
@@ -109,74 +186,74 @@ def serve(args: argparse.Namespace) -> int:
             args.ready_timeout,
         )
         store = f"{loopback}:{store_port}"
-        cores = engine_core_sets(2)
-        endpoints: dict[str, str] = {}
-        workers = []
-        for role, core_set in zip(("prefill", "decode"), cores, strict=True):
-            port = _free_port(loopback)
-            argv = [
-                py,
-                "-m",
-                "dataplane.worker",
-                "--role",
-                role,
-                "--model",
-                str(model_dir),
-                "--store",
-                store,
-                "--host",
-                loopback,
-                "--port",
-                str(port),
-                "--kv-cache-size",
-                args.kv_cache_size,
-            ]
-            if args.max_model_len:
-                argv += ["--max-model-len", str(args.max_model_len)]
-            env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, core_set))}
-            workers.append(Service(role, argv, r"strata worker ready", env=env))
-            endpoints[role] = f"{loopback}:{port}"
-        # Start both engines at once (startup is the slow part), then wait for both.
-        for w in workers:
-            sup.services.append(w)
-            w.start()
-        for w in workers:
-            w.wait_ready(args.ready_timeout)
+        token, token_file = _admin_token(cache_dir)
+        admin = f"{loopback}:{_admin_port(args.admin_port, loopback)}"
+        num_engines = args.prefill_workers + args.decode_workers
+        cores_per_engine = max(1, len(os.sched_getaffinity(0)) // num_engines)
+        # Options every `strata worker` gets, beyond what the gateway's --launch-* flags say.
+        worker_args: list[str] = []
+        # The gateway's launcher starts the workers (so `strata admin scale` can stop them and
+        # start more); they publish their prefix caches to the store node's embedded metadata
+        # (strata://) as HBM events (dataplane/hbm_events.py).
+        gateway_argv = [
+            py,
+            "-m",
+            "controlplane.gateway",
+            "--model-dir",
+            str(model_dir),
+            "--served-model-name",
+            name,
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--worker-startup-timeout",
+            f"{args.ready_timeout}s",
+            "--admin-host",
+            loopback,
+            "--admin-port",
+            admin.rpartition(":")[2],
+            "--launch-store",
+            store,
+            "--launch-prefill",
+            str(args.prefill_workers),
+            "--launch-decode",
+            str(args.decode_workers),
+            "--launch-kv-metadata",
+            f"strata://{store}",
+            "--launch-kv-cache-size",
+            args.kv_cache_size,
+            "--launch-cores-per-engine",
+            str(cores_per_engine),
+        ]
+        if args.max_model_len:
+            gateway_argv += ["--launch-max-model-len", str(args.max_model_len)]
+        if worker_args:
+            gateway_argv += ["--launch-worker-args", shlex.join(worker_args)]
+        if token_file is not None:
+            gateway_argv += ["--admin-token-file", str(token_file)]
+        # The gateway is ready once every worker is: allow for the engines' start-up.
         sup.start(
-            Service(
-                "gateway",
-                [
-                    py,
-                    "-m",
-                    "controlplane.gateway",
-                    "--model-dir",
-                    str(model_dir),
-                    "--served-model-name",
-                    name,
-                    "--prefill",
-                    endpoints["prefill"],
-                    "--decode",
-                    endpoints["decode"],
-                    "--host",
-                    args.host,
-                    "--port",
-                    str(args.port),
-                ],
-                r"listening on",
-            ),
-            args.ready_timeout,
+            Service("gateway", gateway_argv, r"strata gateway listening on"),
+            args.ready_timeout + 60,
         )
+        instances = _admin_instances(admin, token)
+        endpoints = {
+            role: ",".join(e for r, e in instances if r == role) for role in ("prefill", "decode")
+        }
         print(
             f"strata: store={store} prefill={endpoints['prefill']} decode={endpoints['decode']}",
             flush=True,
         )
+        where = f"in {token_file}" if token_file is not None else f"${ADMIN_TOKEN_ENV}"
+        print(f"strata: admin API on {admin} (token {where}): `strata admin list`", flush=True)
         print(f"strata: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
         code = sup.wait()
     except ServiceError as exc:
         print(f"strata serve: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        sup.stop_all()
+        sup.stop_all(timeout_s=60.0)  # the gateway stops its workers first (20 s grace each)
         print("strata: stopped", flush=True)
     return code
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +16,8 @@ import pytest
 
 from kvstore.client import KVStoreClient, PutStatus, Tier
 from kvstore.cluster import ClusterView
-from kvstore.metadata import RedisMetadataStore
+from kvstore.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
+from kvstore.metadata import START, MetadataStore, RedisMetadataStore, open_metadata_store
 from tests.integration.kvstore.node_args import ssd_args
 from tests.integration.kvstore.valkey_fixture import valkey_url
 
@@ -147,5 +152,191 @@ def test_leave_policy_migrate_hands_dram_blocks_over(
         with KVStoreClient(node_b.endpoint, use_shm=False) as b:
             assert [b.get(k) for k in keys] == [payload(0, n) for n in range(8)]
     finally:
+        view.stop()
+        store.close()
+
+
+def test_a_crashed_node_is_reaped_from_the_registry_and_may_come_back(
+    start_node: NodeFactory, valkey_url: str
+) -> None:
+    exact = ("--reconcile-interval", "1h")  # tier events only: no periodic diff
+    node_a = start_node(*cluster_args(valkey_url, "A", *exact))
+    start_node(*cluster_args(valkey_url, "B", *exact))
+    store = RedisMetadataStore(valkey_url)
+    try:
+        with KVStoreClient(node_a.endpoint, use_shm=False) as a:
+            assert a.put(key(0, 1), payload(0, 1)) is PutStatus.OK
+        with ClusterView(store, poll_interval_s=0.05) as view:
+            assert view.wait_for(lambda v: v.holders(key(0, 1)) == [("A", Tier.DRAM)], 5.0)
+        node_a.stop(signal.SIGKILL)
+        # B's cluster view notices the expired heartbeat and reaps A: registry and stream.
+        deadline = time.monotonic() + 10.0
+        while "A" in store.members():
+            assert time.monotonic() < deadline, "A was never reaped"
+            time.sleep(0.05)
+        _, messages = store.read(START, 0.01, count=100_000)
+        events_of_a = [e for e in map(decode_event, messages) if e.source == "A"]
+        assert events_of_a[-1] == SourceCleared("A", SOURCE_GONE_SEQ)
+        assert events_of_a.count(SourceCleared("A", SOURCE_GONE_SEQ)) == 1  # reaped once
+        # A view started now, replaying the stream from its start, never sees A.
+        with ClusterView(store, poll_interval_s=0.05, reap_dead=False) as late:
+            assert late.wait_for(lambda v: v.sources() == ("B",), 5.0)
+            assert late.holders(key(0, 1)) == [] and set(late.live_nodes()) == {"B"}
+        # A restarted with the same id registers again and publishes a new incarnation.
+        node_a2 = start_node(*cluster_args(valkey_url, "A", *exact))
+        with KVStoreClient(node_a2.endpoint, use_shm=False) as a:
+            assert a.put(key(0, 2), payload(0, 2)) is PutStatus.OK
+        with ClusterView(store, poll_interval_s=0.05) as view:
+            assert view.wait_for(lambda v: v.holders(key(0, 2)) == [("A", Tier.DRAM)], 5.0)
+            assert set(view.live_nodes()) == {"A", "B"}
+        assert "A" in store.members()
+    finally:
+        store.close()
+
+
+# -- engine members: a worker's HBM publisher as a heartbeating member of kind "engine" ----------
+
+ENGINE_ID = "engine-0"
+HBM_CHILD = "tests.integration.dataplane.hbm_member_child"
+HBM_READY_PREFIX = "hbm member ready "  # hbm_member_child.READY_PREFIX (it imports vLLM)
+NUM_HBM_BLOCKS = 3
+
+
+class HbmMember:
+    """A child process running the real HbmEventPublisher (no engine) as member ENGINE_ID.
+
+    Spawned first, it imports vLLM (slow on a busy machine) while the test starts its store
+    nodes; :meth:`join` then hands it the metadata spec and returns the keys it announced in HBM.
+    """
+
+    def __init__(self, events_dir: Path) -> None:
+        repo_root = Path(__file__).resolve().parents[3]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env.get("PYTHONPATH")]))
+        argv = [sys.executable, "-m", HBM_CHILD, ENGINE_ID, str(events_dir), "0.2"]
+        argv += [str(HB_TIMEOUT_S), str(NUM_HBM_BLOCKS)]
+        self.log_path = events_dir / "child.log"
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=repo_root,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+
+    def join(self, metadata: str, timeout_s: float = 150.0) -> list[bytes]:
+        process = self.process
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(metadata + "\n")
+        process.stdin.flush()
+        deadline = time.monotonic() + timeout_s
+        line = ""
+        while not line.startswith(HBM_READY_PREFIX):
+            left = deadline - time.monotonic()
+            assert left > 0 and process.poll() is None, self.log_path.read_text()
+            if select.select([process.stdout], [], [], left)[0]:
+                line = process.stdout.readline()
+        return [bytes.fromhex(h) for h in line[len(HBM_READY_PREFIX) :].strip().split(",")]
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, only its heartbeat stops."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def events_of(store: MetadataStore, source: str) -> list[object]:
+    _, messages = store.read(START, 0.01, count=100_000)
+    return [e for e in map(decode_event, (m for m in messages if m[1] != 4)) if e.source == source]
+
+
+@pytest.mark.timeout(300)  # the child imports vLLM
+def test_a_killed_engine_member_leaves_the_index_and_store_nodes_stay(
+    start_node: NodeFactory, valkey_url: str, tmp_path: Path
+) -> None:
+    engine = HbmMember(tmp_path)
+    node_a = start_node(*cluster_args(valkey_url, "A"))
+    node_b = start_node(*cluster_args(valkey_url, "B"))
+    store = RedisMetadataStore(valkey_url)
+    view = ClusterView(store, poll_interval_s=0.05).start()
+    try:
+        with KVStoreClient(node_a.endpoint, use_shm=False) as a:
+            assert a.put(key(0, 0), payload(0, 0)) is PutStatus.OK
+        hbm_keys = engine.join(valkey_url)
+        assert len(hbm_keys) == NUM_HBM_BLOCKS
+        assert view.wait_for(
+            lambda v: (
+                all(v.holders(k) == [(ENGINE_ID, Tier.HBM)] for k in hbm_keys)
+                and v.holders(key(0, 0)) == [("A", Tier.DRAM)]
+                and v.live_engines() == {ENGINE_ID: "127.0.0.1:1"}
+            ),
+            10.0,
+        )
+        # A member, but never a peer: read-through and migration see only store nodes.
+        assert set(view.live_nodes()) == {"A", "B"}
+        members = store.members()
+        assert (members[ENGINE_ID]["kind"], members["A"]["kind"]) == ("engine", "store")
+        assert members[ENGINE_ID]["pid"] == engine.process.pid
+
+        engine.kill()
+        assert view.wait_for(
+            lambda v: all(v.holders(k) == [] for k in hbm_keys) and not v.live_engines(),
+            HB_TIMEOUT_S + 2.0,
+        )
+        assert ENGINE_ID not in view.sources()
+        assert view.wait_for(lambda v: ENGINE_ID not in store.members(), 5.0)
+        gone = SourceCleared(ENGINE_ID, SOURCE_GONE_SEQ)
+        engine_events = events_of(store, ENGINE_ID)
+        assert engine_events[0] == SourceCleared(ENGINE_ID, 0)
+        assert (engine_events[-1], engine_events.count(gone)) == (gone, 1)  # reaped once
+        # The store nodes are untouched: members, index entries, read-through.
+        assert set(view.live_nodes()) == {"A", "B"}
+        assert view.holders(key(0, 0)) == [("A", Tier.DRAM)]
+        with KVStoreClient(node_b.endpoint, use_shm=False) as b:
+            assert b.get(key(0, 0)) == payload(0, 0)
+    finally:
+        engine.close()
+        view.stop()
+        store.close()
+
+
+@pytest.mark.timeout(300)  # the child imports vLLM
+def test_engine_member_over_a_store_nodes_strata_metadata(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    engine = HbmMember(tmp_path)
+    hb = ("--heartbeat-interval", "0.2s", "--heartbeat-timeout", f"{HB_TIMEOUT_S}s")
+    node = start_node("--metadata", "embedded", "--node-id", "N", *hb, "--prefault", "false")
+    spec = f"strata://{node.endpoint}"
+    store = open_metadata_store(spec)
+    view = ClusterView(store, poll_interval_s=0.05).start()
+    try:
+        with KVStoreClient(node.endpoint, use_shm=False) as client:
+            assert client.put(key(0, 0), payload(0, 0)) is PutStatus.OK
+        hbm_keys = engine.join(spec)
+        assert view.wait_for(
+            lambda v: all(v.holders(k) == [(ENGINE_ID, Tier.HBM)] for k in hbm_keys), 10.0
+        )
+        assert view.wait_for(lambda v: v.live_engines() == {ENGINE_ID: "127.0.0.1:1"}, 5.0)
+        assert view.live_nodes() == {"N": node.endpoint}
+        engine.kill()
+        assert view.wait_for(
+            lambda v: all(v.holders(k) == [] for k in hbm_keys) and not v.live_engines(),
+            HB_TIMEOUT_S + 2.0,
+        )
+        assert view.wait_for(lambda v: set(store.members()) == {"N"}, 5.0)
+        assert view.holders(key(0, 0)) == [("N", Tier.DRAM)]
+        assert view.live_nodes() == {"N": node.endpoint}
+    finally:
+        engine.close()
         view.stop()
         store.close()

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from kvstore.cluster import ClusterView
 from kvstore.events import (
+    SOURCE_GONE_SEQ,
     BlocksRemoved,
     BlocksStored,
     SourceCleared,
     SourceSnapshot,
     Tier,
+    decode_event,
     encode_event,
     encode_snapshot,
 )
-from kvstore.metadata import EmbeddedMetadataStore
+from kvstore.metadata import START, EmbeddedMetadataStore
 
 
 class FakeClock:
@@ -140,3 +142,69 @@ def test_background_thread_follows() -> None:
             ]
         )
         assert view.wait_for(lambda v: v.holders(k(7)) == [("a", Tier.DRAM)], 5.0)
+
+
+def test_dead_member_is_reaped_once_and_a_later_view_never_sees_it() -> None:
+    clock = FakeClock()
+    store = EmbeddedMetadataStore(clock=clock)
+    join(store, "a")
+    join(store, "b", ttl=60.0)
+    store.publish(
+        [
+            encode_event(SourceCleared("a", 0)),
+            encode_event(BlocksStored("a", 1, Tier.DRAM, (k(1),))),
+            encode_event(SourceCleared("b", 0)),
+            encode_event(BlocksStored("b", 1, Tier.DRAM, (k(2),))),
+        ]
+    )
+    first, second = ClusterView(store, clock=clock), ClusterView(store, clock=clock)
+    sync(first)
+    sync(second)
+    assert first.holders(k(1)) == [("a", Tier.DRAM)]
+    clock.now += 5.5  # a crashed: its heartbeat expires
+    sync(first)
+    sync(second)
+    assert (first.num_reaped, second.num_reaped) == (1, 0)  # whoever noticed first
+    assert set(store.members()) == {"b"}
+    _, messages = store.read(START, 0.0)
+    assert decode_event(messages[-1]) == SourceCleared("a", SOURCE_GONE_SEQ)
+    for view in (first, second):
+        sync(view)
+        assert view.sources() == ("b",) and view.holders(k(1)) == []
+    # A view started later, replaying the stream from its start, never sees a.
+    late = ClusterView(store, clock=clock)
+    sync(late)
+    assert late.sources() == ("b",)
+    assert late.match([k(1)]).depth == 0 and late.holders(k(2)) == [("b", Tier.DRAM)]
+
+
+def test_a_stale_sweep_cannot_reap_a_restarted_node() -> None:
+    clock = FakeClock()
+    store = EmbeddedMetadataStore(clock=clock)
+    join(store, "a")
+    clock.now += 6.0  # a died ...
+    stale_members = store.members()  # ... and a sweeper reads the members now
+    assert store.alive(stale_members) == set()
+    # ... but a restarts (heartbeat first, then a new registration) before the sweep acts
+    store.heartbeat("a", 5.0)
+    store.register("a", {"endpoint": "a:2"})
+    assert not store.reap("a", stale_members["a"], [b"x"])
+    # even once the new incarnation dies, the stale sweep's view of a is not the current one
+    clock.now += 6.0
+    assert not store.reap("a", stale_members["a"], [b"x"])
+    assert store.members() == {"a": {"endpoint": "a:2"}}
+    view = ClusterView(store, clock=clock)
+    sync(view)  # a fresh sweep reaps the current (dead) incarnation
+    assert view.num_reaped == 1 and store.members() == {}
+    _, messages = store.read(START, 0.0)
+    assert [decode_event(m) for m in messages] == [SourceCleared("a", SOURCE_GONE_SEQ)]
+
+
+def test_reaping_can_be_turned_off() -> None:
+    clock = FakeClock()
+    store = EmbeddedMetadataStore(clock=clock)
+    join(store, "a")
+    clock.now += 6.0
+    view = ClusterView(store, clock=clock, reap_dead=False)
+    sync(view)
+    assert view.num_reaped == 0 and set(store.members()) == {"a"} and view.live_nodes() == {}

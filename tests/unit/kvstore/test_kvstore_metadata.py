@@ -58,8 +58,31 @@ def exercise(store: MetadataStore) -> None:
     assert got == [b"one", b"two"]
 
 
+def exercise_reap(store: MetadataStore) -> None:
+    """reap: only the incarnation the sweeper saw, only without a heartbeat, exactly once."""
+    cursor, _ = store.read(START, 0.01, count=100_000)
+    assert store.heartbeat("r", 30.0) is False  # not registered (yet)
+    store.register("r", {"endpoint": "e:1", "started_at": 1.5})
+    assert store.heartbeat("r", 30.0) is True
+    seen = store.members()["r"]
+    assert store.reap("r", seen, [b"gone-r"]) is False  # alive: refused
+    store.register("d", {"endpoint": "e:2", "started_at": 1.0})  # never heartbeats: dead
+    stale = store.members()["d"]
+    store.register("d", {"endpoint": "e:2", "started_at": 2.0})  # restarted meanwhile
+    assert store.reap("d", stale, [b"gone-d"]) is False  # another incarnation: refused
+    current = store.members()["d"]
+    store.request_resync("d")
+    assert store.reap("d", current, [b"gone-d", b"bye"]) is True
+    assert store.reap("d", current, [b"gone-d"]) is False  # idempotent: already gone
+    assert "d" not in store.members() and "r" in store.members()
+    assert not store.take_resync_request("d")
+    _, got = store.read(cursor, 0.01)
+    assert got == [b"gone-d", b"bye"]
+
+
 def test_embedded_store_semantics() -> None:
     exercise(EmbeddedMetadataStore())
+    exercise_reap(EmbeddedMetadataStore())
 
 
 def test_embedded_heartbeat_expires_by_clock() -> None:
@@ -92,6 +115,7 @@ def test_redis_store_semantics(valkey_url: str) -> None:
     try:
         assert store.ping()
         exercise(store)
+        exercise_reap(store)
         store.heartbeat("n", 0.2)
         assert store.alive(["n"]) == {"n"}
         time.sleep(0.35)

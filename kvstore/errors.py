@@ -1,0 +1,35 @@
+"""Errors every kvstore client raises (sync :mod:`kvstore.client`, async :mod:`kvstore.aio_client`).
+
+The store is a cache: callers typically treat any :class:`KVStoreError` as a miss and recompute.
+The subclasses say why, for logs and metrics.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KVStoreConnectionLost",
+    "KVStoreCorruptError",
+    "KVStoreError",
+    "KVStoreTimeout",
+    "KVStoreUnavailable",
+]
+
+
+class KVStoreError(Exception):
+    """Base of every error the clients raise."""
+
+
+class KVStoreUnavailable(KVStoreError):
+    """The node cannot be reached or stopped answering; treat as a miss and recompute."""
+
+
+class KVStoreConnectionLost(KVStoreUnavailable):
+    """The connection closed or broke with requests outstanding."""
+
+
+class KVStoreTimeout(KVStoreUnavailable):
+    """No reply within the client's timeout; the connection was dropped (it is out of step)."""
+
+
+class KVStoreCorruptError(KVStoreError):
+    """A block read from the node failed its checksum or is not the block asked for."""

@@ -1,0 +1,154 @@
+"""A store node killed during a transfer: the request falls back to recomputation (issue 3).
+
+One worker (role both, engine prefix cache off, so every request asks the store for its prefix)
+talks to its store node through a fault-injecting TCP proxy. The proxy forwards the store's wire
+protocol frame by frame and, once armed, kills the store node with SIGKILL at the moment the
+worker asks it for block data (GET, GET_SHM or LEASE_BATCH) -- after the lookup said the blocks
+are there, before a byte of them arrived. The decode still returns exactly the greedy tokens of
+an undisturbed run, and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvstore.protocol import FRAME_HEADER, Op
+from strata_proto import worker_pb2
+from tests.e2e.dataplane_processes import Process, decode, start_store, start_worker, stub
+
+pytestmark = pytest.mark.slow
+
+BLOCK_SIZE = 128  # vLLM's CPU block size
+PROMPT = [random.Random(5).randrange(10, 2000) for _ in range(3 * BLOCK_SIZE + 20)]
+OTHER = [random.Random(6).randrange(10, 2000) for _ in range(2 * BLOCK_SIZE + 7)]
+MAX_TOKENS = 16
+_DATA_OPS = {int(Op.GET), int(Op.GET_SHM), int(Op.LEASE_BATCH)}
+
+
+class KillingProxy:
+    """Forwards TCP connections to a store node; once armed, SIGKILLs the node when a client
+    asks it for block data, and drops the connection instead of forwarding the request."""
+
+    def __init__(self, store: Process) -> None:
+        self.store = store
+        host, port = store.endpoint.rsplit(":", 1)
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.armed = threading.Event()
+        self.killed_on: int | None = None  # the opcode that triggered the kill
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._closing = True
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._upstream, timeout=5)
+            except OSError:
+                client.close()  # the node is dead: the client sees a refused transfer
+                continue
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while True:
+                header = _recv_exact(client, FRAME_HEADER.size)
+                _magic, _version, op, _status, _flags, _rid, _count, length = FRAME_HEADER.unpack(
+                    header
+                )
+                payload = _recv_exact(client, length)
+                if op in _DATA_OPS and self.armed.is_set():
+                    self.killed_on = op
+                    self.armed.clear()
+                    self.store.proc.send_signal(signal.SIGKILL)
+                    self.store.proc.wait(30)
+                    break
+                upstream.sendall(header + payload)
+        except (OSError, ConnectionError):
+            pass
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    @staticmethod
+    def _replies(upstream: socket.socket, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(1 << 16):
+                client.sendall(data)
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return bytes(buf)
+
+
+@pytest.fixture
+def store() -> Iterator[Process]:
+    node = start_store()
+    yield node
+    node.stop()
+
+
+def test_store_killed_while_a_decode_loads_its_prefix_falls_back_to_recompute(
+    tiny_model_dir: Path, store: Process
+) -> None:
+    proxy = KillingProxy(store)
+    worker = start_worker(tiny_model_dir, "both", proxy.endpoint, "--no-prefix-caching")
+    try:
+        rpc = stub(worker.endpoint)
+        # Undisturbed: nothing cached anywhere, every token computed; the prompt's blocks are saved.
+        reference, first = decode(rpc, PROMPT, MAX_TOKENS)
+        assert len(reference) == MAX_TOKENS and first.num_external_tokens == 0
+        # The same prompt loads its 3 full blocks from the store (the engine keeps no cache).
+        tokens, loaded = decode(rpc, PROMPT, MAX_TOKENS)
+        assert tokens == reference
+        assert loaded.num_external_tokens == 3 * BLOCK_SIZE
+
+        proxy.armed.set()
+        tokens, last = decode(rpc, PROMPT, MAX_TOKENS)
+        assert proxy.killed_on in _DATA_OPS  # the node died with the transfer in flight
+        assert store.proc.returncode == -signal.SIGKILL
+        assert tokens == reference  # recomputed, token for token
+        assert (last.num_external_tokens, last.num_cached_tokens) == (0, 0)
+        stats = rpc.Stats(worker_pb2.StatsRequest(), timeout=30)
+        assert stats.kv_load_failures == 3
+
+        # The worker stays healthy: with the store gone, requests are computed.
+        assert rpc.Health(worker_pb2.HealthRequest(), timeout=30).ready
+        tokens, last = decode(rpc, PROMPT, MAX_TOKENS)
+        assert tokens == reference
+        assert (last.num_external_tokens, last.num_cached_tokens) == (0, 0)
+        other, _ = decode(rpc, OTHER, MAX_TOKENS)
+        assert len(other) == MAX_TOKENS
+    except grpc.RpcError as exc:
+        pytest.fail(f"worker failed: {exc}\n{worker.tail()}")
+    finally:
+        status = worker.stop()
+        proxy.close()
+    assert status == 0, worker.tail()

@@ -1,0 +1,113 @@
+"""WorkerConfig: the HBM event options are validated where the config is made."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from dataplane.config import WorkerConfig, WorkerRole
+
+
+def make(tmp_path: Path, **kwargs: object) -> WorkerConfig:
+    (tmp_path / "config.json").write_text("{}")
+    return WorkerConfig(
+        role=WorkerRole.BOTH, model_dir=tmp_path, store_endpoint="127.0.0.1:1", **kwargs
+    )  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "spec", ["redis://127.0.0.1:6379/0", "rediss://host:6380/1", "strata://127.0.0.1:7000"]
+)
+def test_reachable_metadata_stores_are_accepted(tmp_path: Path, spec: str) -> None:
+    assert make(tmp_path, kv_metadata=spec).kv_metadata == spec
+
+
+def test_a_metadata_store_other_processes_cannot_reach_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kv_metadata must name a metadata store"):
+        make(tmp_path, kv_metadata="embedded")
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ("", "kv_metadata: metadata spec is empty"),
+        ("127.0.0.1:6379", "kv_metadata: metadata spec '127.0.0.1:6379' has no scheme"),
+        ("http://x", "kv_metadata: unknown metadata scheme 'http://' in 'http://x'"),
+        ("strata://127.0.0.1", "kv_metadata: metadata spec 'strata://127.0.0.1' has no port"),
+        ("strata://:7000", "kv_metadata: metadata spec 'strata://:7000' has no host"),
+        (
+            "strata://h:70000",
+            "kv_metadata: metadata spec 'strata://h:70000' has a bad port '70000'",
+        ),
+        ("strata://h:x1", "kv_metadata: metadata spec 'strata://h:x1' has a bad port 'x1'"),
+        (
+            "redis://h:6379/zero",
+            "kv_metadata: metadata spec 'redis://h:6379/zero' has a bad database",
+        ),
+    ],
+)
+def test_a_malformed_metadata_spec_is_refused_readably(
+    tmp_path: Path, spec: str, error: str
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        make(tmp_path, kv_metadata=spec)
+    assert str(caught.value).startswith(error)
+
+
+def test_a_malformed_metadata_spec_is_a_usage_error_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``strata worker --kv-metadata strata://host`` exits 2 with one readable line before
+    anything starts, not with a traceback once the engine is up."""
+    from dataplane.worker import main
+
+    (tmp_path / "config.json").write_text("{}")
+    argv = ["--role", "both", "--model", str(tmp_path), "--store", "127.0.0.1:1"]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--kv-metadata", "strata://host"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "strata worker: error: kv_metadata: metadata spec 'strata://host' has no port "
+        "(strata://HOST:PORT)"
+    )
+
+
+def test_heartbeat_options(tmp_path: Path) -> None:
+    config = make(tmp_path, kv_heartbeat_interval_s=0.2, kv_heartbeat_timeout_s=1.0)
+    assert (config.kv_heartbeat_interval_s, config.kv_heartbeat_timeout_s) == (0.2, 1.0)
+    with pytest.raises(
+        ValueError, match="need 0 < kv_heartbeat_interval_s < kv_heartbeat_timeout_s"
+    ):
+        make(tmp_path, kv_heartbeat_interval_s=5.0, kv_heartbeat_timeout_s=5.0)
+    with pytest.raises(ValueError, match="need 0 < kv_heartbeat_interval_s"):
+        make(tmp_path, kv_heartbeat_interval_s=0.0)
+
+
+def test_instance_id_length_is_checked(tmp_path: Path) -> None:
+    assert make(tmp_path, instance_id="prefill-0").instance_id == "prefill-0"
+    with pytest.raises(ValueError, match="instance_id"):
+        make(tmp_path, instance_id="")
+    with pytest.raises(ValueError, match="instance_id"):
+        make(tmp_path, instance_id="x" * 256)
+
+
+def test_command_line_options_reach_the_config(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    WorkerConfig.add_arguments(parser)
+    base = ["--role", "decode", "--model", str(tmp_path), "--store", "127.0.0.1:1"]
+    config = WorkerConfig.from_args(parser.parse_args(base))
+    assert (config.kv_metadata, config.instance_id) == (None, None)
+    assert (config.kv_heartbeat_interval_s, config.kv_heartbeat_timeout_s) == (1.0, 5.0)
+    args = parser.parse_args(
+        [*base, "--kv-metadata", "strata://127.0.0.1:9", "--instance-id", "decode-1"]
+    )
+    config = WorkerConfig.from_args(args)
+    assert (config.kv_metadata, config.instance_id) == ("strata://127.0.0.1:9", "decode-1")
+    args = parser.parse_args(
+        [*base, "--kv-heartbeat-interval", "250ms", "--kv-heartbeat-timeout", "2s"]
+    )
+    config = WorkerConfig.from_args(args)
+    assert (config.kv_heartbeat_interval_s, config.kv_heartbeat_timeout_s) == (0.25, 2.0)
