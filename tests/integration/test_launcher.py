@@ -25,50 +25,7 @@ from controlplane.instances import InstanceConflict, WorkerRole
 from controlplane.launcher import LocalLauncherConfig, LocalProcessLauncher, LocalWorker
 from controlplane.workers import WorkerClient, WorkerError
 from tests.conftest import REPO_ROOT
-
-# -- process helpers (as in tests/e2e/test_serve_lifecycle.py) -------------------------------
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        tree.setdefault(int(fields[1]), []).append(int(entry))
-    return tree
-
-
-def descendants(pid: int) -> set[int]:
-    tree = _children()
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_gone(pids: set[int], timeout_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return sorted(p for p in pids if alive(p))
+from tests.proc_tree import descendants, wait_gone
 
 
 def wait_for(predicate: object, timeout_s: float = 10.0) -> None:
