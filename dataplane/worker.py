@@ -123,6 +123,7 @@ class Worker:
         self.ready = False
         self.instance_id = config.instance_id or ""
         self.hbm_events: Any = None  # HbmEventPublisher once serving, with kv_metadata set
+        self.endpoint = ""  # HOST:PORT once the gRPC server is bound
         self._kv_events_dir: str | None = None
         self._fingerprint = b""
 
@@ -205,7 +206,14 @@ class Worker:
         translator = HbmBlockTranslator(self.instance_id, self.block_size, root_for)
         store = open_metadata_store(self.config.kv_metadata)
         self.hbm_events = HbmEventPublisher(
-            store, translator, events.endpoint, events.replay_endpoint, topic=events.topic
+            store,
+            translator,
+            events.endpoint,
+            events.replay_endpoint,
+            topic=events.topic,
+            info={"endpoint": self.endpoint},
+            heartbeat_interval_s=self.config.kv_heartbeat_interval_s,
+            heartbeat_timeout_s=self.config.kv_heartbeat_timeout_s,
         ).start()
 
     def create_engine(self) -> None:
@@ -232,7 +240,8 @@ class Worker:
         self.server = self.create_service()
         port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
-        self.instance_id = self.config.instance_id or f"{self.config.host}:{port}"
+        self.endpoint = f"{self.config.host}:{port}"
+        self.instance_id = self.config.instance_id or self.endpoint
         await asyncio.get_running_loop().run_in_executor(None, self.start_hbm_events)
         self.ready = True
         print(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kvstore.metadata import parse_metadata_spec
 from kvstore.policy import PolicyKind
 
 __all__ = ["StoreNodeConfig", "parse_duration", "parse_size"]
@@ -123,7 +124,8 @@ class StoreNodeConfig:
         promote: copy a block read from SSD into DRAM (inline, into the arena extent it is read
             into); if False, SSD hits are served from a transient arena extent.
         node_id: this node's id in the cluster (default ``host:port``, the bound port).
-        metadata: ``redis://HOST:PORT/DB``, ``"embedded"``, or None (standalone; no events).
+        metadata: ``redis://HOST:PORT/DB``, ``"embedded"``, ``strata://HOST:PORT`` (another
+            node's embedded metadata), or None (standalone; no events).
         heartbeat_interval_s / heartbeat_timeout_s: liveness (docs/design/kvstore.md §14).
         leave_policy: on graceful stop, ``"drop"`` the blocks or ``"migrate"`` DRAM to a peer.
         replicate_on_read: keep a local copy of a block read through from a peer.
@@ -206,10 +208,8 @@ class StoreNodeConfig:
             )
         if self.node_id is not None and not 0 < len(self.node_id.encode()) <= 255:
             raise ValueError("node_id must be 1..255 bytes")
-        if self.metadata is not None and not (
-            self.metadata == "embedded" or self.metadata.startswith(("redis://", "unix://"))
-        ):
-            raise ValueError("metadata must be 'embedded' or a redis:// URL")
+        if self.metadata is not None:
+            parse_metadata_spec(self.metadata)  # raises ValueError saying what is wrong
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.leave_policy not in LEAVE_POLICIES:
