@@ -2,9 +2,11 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
 Entry point: `python -m controlplane.gateway --model-dir DIR --prefill H:P --decode H:P ...`
-(`main(argv)`). Start-up loads the tokenizer, waits until every worker's Health says ready, then
-prints "strata gateway listening on http://HOST:PORT". SIGTERM/SIGINT stop accepting connections,
-let in-flight requests finish for `shutdown_grace_s`, and exit 0.
+(`main(argv)`). Start-up loads the tokenizer, starts the admin API when `--admin-port` is set
+(controlplane/admin.py), launches the `--launch-prefill/--launch-decode` workers, waits until every
+worker's Health says ready, then prints "strata gateway listening on http://HOST:PORT".
+SIGTERM/SIGINT stop accepting connections, let in-flight requests finish for `shutdown_grace_s`,
+stop the launched workers, and exit 0.
 
 Errors: every non-2xx answer is OpenAI's `{"error": {message, type, param, code}}` (see the table
 in docs/design/gateway.md). A streaming request that fails before its first token gets a real
@@ -28,9 +30,11 @@ from typing import Any
 import uvloop
 from aiohttp import hdrs, web
 
-from controlplane.config import GatewayConfig
+from controlplane.admin import AdminConfig, AdminConfigError, AdminServer
+from controlplane.config import ConfigError, GatewayConfig
 from controlplane.generation import Generation, GenerationDelta, GenerationRequest
-from controlplane.instances import AdminBackend, Launcher
+from controlplane.instances import AdminBackend, InstanceConflict, InstanceState, Launcher
+from controlplane.launcher import LocalLauncherConfig, LocalProcessLauncher
 from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
 from controlplane.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -42,6 +46,7 @@ from controlplane.openai_protocol import (
     parse_chat_completion_request,
     parse_completion_request,
 )
+from controlplane.profiling import ProfileSettings
 from controlplane.registry import InstanceRegistry, StartupError
 from controlplane.registry_store import RegistryStoreError, open_registry_store
 from controlplane.responses import (
@@ -53,8 +58,18 @@ from controlplane.responses import (
     dumps,
     sse_event,
 )
+from controlplane.routing import (
+    RejectedRequest,
+    Router,
+    kv_bytes_per_token,
+    parse_slo_headers,
+    rejection_error,
+)
+from controlplane.scheduling import Reject, SchedulingConfig
 from controlplane.tokenizer import ModelTokenizer, read_sampling_defaults
 from controlplane.workers import WorkerError, WorkerErrorKind, WorkerRole
+from kvstore.cluster import ClusterView
+from kvstore.metadata import open_metadata_store
 
 __all__ = ["Gateway", "GatewayServer", "main", "serve"]
 
@@ -83,9 +98,12 @@ def worker_error_to_openai(exc: WorkerError) -> OpenAIError:
 
 
 def error_response(exc: OpenAIError) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=exc.status, text=dumps(exc.to_dict()), content_type="application/json"
     )
+    if isinstance(exc, RejectedRequest) and exc.retry_after_s is not None:
+        response.headers[hdrs.RETRY_AFTER] = str(exc.retry_after_s)
+    return response
 
 
 def json_response(obj: object, status: int = 200) -> web.Response:
@@ -103,10 +121,12 @@ class Gateway:
         registry: InstanceRegistry,
         metrics: GatewayMetrics,
         sampling_defaults: SamplingDefaults,
+        router: Router | None = None,
     ) -> None:
         self._config = config
         self._tokenizer = tokenizer
         self._registry = registry
+        self._router = router if router is not None else Router(registry, None)
         self._metrics = metrics
         self._sampling_defaults = sampling_defaults
         self._limits = RequestLimits(
@@ -253,6 +273,7 @@ class Gateway:
             prompt_token_ids=prompt_ids,
         )
         generation = self._generation(
+            request,
             formatter,
             prompt_ids,
             parsed.sampling,
@@ -284,7 +305,13 @@ class Gateway:
             prompt_token_ids=prompt_ids,
         )
         generation = self._generation(
-            formatter, prompt_ids, parsed.sampling, parsed.cache_salt, arrival_s, param="messages"
+            request,
+            formatter,
+            prompt_ids,
+            parsed.sampling,
+            parsed.cache_salt,
+            arrival_s,
+            param="messages",
         )
         if parsed.stream:
             return await self._stream(request, generation, formatter)
@@ -310,6 +337,7 @@ class Gateway:
 
     def _generation(
         self,
+        http_request: web.Request,
         formatter: StreamFormatter,
         prompt_ids: list[int],
         sampling: SamplingOptions,
@@ -326,6 +354,13 @@ class Gateway:
             param=param,
             default_max_tokens=default_max_tokens,
         )
+        # Scheduling, before any work: the instances, or a refusal (429 / 503).
+        ttft_slo_s, tpot_slo_s = parse_slo_headers(http_request.headers)
+        decision = self._router.decide(
+            prompt_ids, cache_salt, max_tokens, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s
+        )
+        if isinstance(decision, Reject):
+            raise rejection_error(decision, self._registry)
         request = GenerationRequest(
             request_id=formatter.request_id,
             prompt_token_ids=prompt_ids,
@@ -337,7 +372,7 @@ class Gateway:
             stop_token_ids=self._tokenizer.eos_token_ids.union(sampling.stop_token_ids),
         )
         detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
-        return Generation(request, self._registry, self._metrics, detokenizer)
+        return Generation(request, self._registry, self._metrics, detokenizer, decision)
 
     async def _complete(self, generation: Generation, formatter: StreamFormatter) -> web.Response:
         parts: list[str] = []
@@ -414,9 +449,15 @@ def _usage(generation: Generation) -> Usage:
 
 
 class GatewayServer:
-    """Lifecycle of one gateway: load the tokenizer, register and wait for the configured workers,
-    serve HTTP, shut down. ``launcher`` (optional) lets the registry start workers for `scale`
-    and `set-role`; the server closes it at stop."""
+    """Lifecycle of one gateway: load the tokenizer, start the admin API (when
+    ``config.admin_port`` is set), launch the start-up workers (``launch_prefill`` /
+    ``launch_decode``), register the configured workers, wait until all of them are ready, serve
+    HTTP, shut down.
+
+    ``launcher`` (optional) lets the registry start workers for `scale` and `set-role`; without
+    one, a config with ``launch_store`` gets a :class:`LocalProcessLauncher`. The server closes
+    the launcher at stop, which stops every worker it launched. A failed start stops whatever it
+    had started."""
 
     def __init__(
         self,
@@ -425,14 +466,25 @@ class GatewayServer:
         tokenizer: ModelTokenizer | None = None,
         launcher: Launcher | None = None,
     ) -> None:
+        """Raises ConfigError for an admin or launcher setting that cannot work (e.g. the admin
+        API on with no token)."""
         self.config = config
         self.metrics = GatewayMetrics()
         self._tokenizer = tokenizer
+        self._admin_config = _admin_config(config)
+        self._local_launcher: LocalProcessLauncher | None = None
+        if launcher is None and config.launcher_enabled:
+            launcher = self._local_launcher = _local_launcher(config)
         self._launcher = launcher
         self._registry: InstanceRegistry | None = None
+        self._cluster_view: ClusterView | None = None
+        """The prefix index (with config.kv_metadata), following the metadata store."""
+        self._admin: AdminServer | None = None
         self._runner: web.AppRunner | None = None
-        self._health_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.url = ""
+        self.admin_port: int | None = None
+        """The admin API's bound port once started (None while it is off)."""
 
     @property
     def registry(self) -> InstanceRegistry:
@@ -443,39 +495,68 @@ class GatewayServer:
         return self._registry
 
     @property
+    def cluster_view(self) -> ClusterView | None:
+        """The prefix index (with ``config.kv_metadata``; None otherwise or before start())."""
+        return self._cluster_view
+
+    @property
     def admin_backend(self) -> AdminBackend:
         """What the admin gRPC service drives (the registry)."""
         return self.registry
 
     async def start(self) -> str:
         """Return the base URL once the workers are ready and the port is bound."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> str:
         config = self.config
         if self._tokenizer is None:
             self._tokenizer = await asyncio.to_thread(
                 ModelTokenizer.from_model_dir, config.model_dir
             )
-        self._registry = InstanceRegistry(
+        registry = self._registry = InstanceRegistry(
             metrics=self.metrics,
             health_check_timeout_s=config.health_check_timeout_s,
             store=open_registry_store(config.registry_url),
             launcher=self._launcher,
             drain_timeout_s=config.drain_timeout_s,
+            policy=config.policy,
+            scheduling=_scheduling_config(config),
+            profile=ProfileSettings(
+                enabled=config.profile_workers,
+                max_model_len=config.profile_max_model_len,
+                max_batch=config.profile_max_batch,
+                repeats=config.profile_repeats,
+                vocab_size=self._tokenizer.vocab_size,
+            ),
         )
+        if self._admin_config is not None:
+            # Up before the workers are: `strata admin list` shows them starting.
+            self._admin = AdminServer(self._admin_config, registry)
+            try:
+                self.admin_port = await self._admin.start()
+            except AdminConfigError as exc:
+                raise StartupError(str(exc)) from None
         try:
-            await self._registry.register_configured(WorkerRole.PREFILL, config.prefill_endpoints)
-            await self._registry.register_configured(WorkerRole.DECODE, config.decode_endpoints)
+            await self._launch_startup_workers()
+            await registry.register_configured(WorkerRole.PREFILL, config.prefill_endpoints)
+            await registry.register_configured(WorkerRole.DECODE, config.decode_endpoints)
         except RegistryStoreError as exc:
             raise StartupError(str(exc)) from None
-        await self._registry.wait_until_ready(
-            timeout_s=config.worker_startup_timeout_s,
-            poll_interval_s=min(0.5, config.health_check_interval_s),
-        )
+        await self._wait_until_ready()
+        if config.kv_metadata:
+            self._cluster_view = await asyncio.to_thread(_start_cluster_view, config.kv_metadata)
         gateway = Gateway(
             config,
             tokenizer=self._tokenizer,
-            registry=self._registry,
+            registry=registry,
             metrics=self.metrics,
             sampling_defaults=read_sampling_defaults(config.model_dir),
+            router=Router(registry, self._cluster_view),
         )
         self._runner = web.AppRunner(
             gateway.build_app(),
@@ -488,26 +569,158 @@ class GatewayServer:
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://{config.host}:{port}"
-        self._health_task = asyncio.create_task(
-            self._registry.run_health_checks(interval_s=config.health_check_interval_s)
-        )
+        interval_s = config.health_check_interval_s
+        self._tasks.append(asyncio.create_task(registry.run_health_checks(interval_s=interval_s)))
+        if self._admin is not None:
+            self._tasks.append(asyncio.create_task(self._publish_admin_health(self._admin)))
         return self.url
 
+    async def _launch_startup_workers(self) -> None:
+        """Launch ``launch_prefill`` + ``launch_decode`` workers. They are then registered as
+        configured too, so start-up waits for them and agrees the model limits with them, while
+        their records stay ``launched``: `scale` may stop them like any launched worker."""
+        config = self.config
+        registry = self.registry
+        await registry.sync()  # with a shared registry, what other gateways registered
+        for role, count in (
+            (WorkerRole.PREFILL, config.launch_prefill),
+            (WorkerRole.DECODE, config.launch_decode),
+        ):
+            if count == 0:
+                continue
+            before = registry.list_instances()
+            active = [
+                i
+                for i in before
+                if i.role is role and i.state in (InstanceState.STARTING, InstanceState.READY)
+            ]
+            try:
+                infos = await registry.scale(role, len(active) + count)
+            except InstanceConflict as exc:  # e.g. no free core with core sharing off
+                raise StartupError(f"cannot launch {role.name.lower()} workers: {exc}") from None
+            known = {i.id for i in before}
+            await registry.register_configured(
+                role, [i.endpoint for i in infos if i.id not in known]
+            )
+
+    async def _wait_until_ready(self) -> None:
+        """The registry's wait, cut short when a worker this server launched exits (a worker
+        that cannot start would otherwise be waited for until the start-up timeout)."""
+        config = self.config
+        waiting = asyncio.ensure_future(
+            self.registry.wait_until_ready(
+                timeout_s=config.worker_startup_timeout_s,
+                poll_interval_s=min(0.5, config.health_check_interval_s),
+            )
+        )
+        try:
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=0.5)
+                if not waiting.done():
+                    self._raise_if_launched_worker_exited()
+            waiting.result()
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+
+    def _raise_if_launched_worker_exited(self) -> None:
+        if self._local_launcher is None:
+            return
+        for worker in self._local_launcher.workers:
+            if not worker.alive():
+                tail = "\n".join(worker.tail[-20:])
+                raise StartupError(
+                    f"launched worker {worker.name} exited with code {worker.proc.returncode} "
+                    f"before it was ready:\n{tail}"
+                )
+
+    async def _publish_admin_health(self, admin: AdminServer) -> None:
+        """The admin API's health follows the registry: SERVING while at least one prefill and
+        one decode instance are ready."""
+        published: bool | None = None
+        while True:
+            ready = self.registry.is_ready()
+            if ready != published:
+                await admin.set_ready(ready)
+                published = ready
+            await asyncio.sleep(self.config.health_check_interval_s)
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (shutdown_grace_s), close the channels."""
+        """Stop the admin API, stop accepting HTTP, let in-flight requests finish
+        (shutdown_grace_s), close the channels, stop the launched workers. Idempotent."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._admin is not None:
+            # No scaling while shutting down; a call in flight gets a few seconds.
+            await self._admin.stop(grace_s=min(5.0, self.config.shutdown_grace_s))
+            self._admin = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
-            self._health_task = None
         if self._registry is not None:
             await self._registry.close()
             self._registry = None
+        if self._cluster_view is not None:
+            await asyncio.to_thread(self._cluster_view.stop)
+            self._cluster_view = None
         if self._launcher is not None:
             await self._launcher.close()
             self._launcher = None
+
+
+def _scheduling_config(config: GatewayConfig) -> SchedulingConfig:
+    defaults = SchedulingConfig()
+    return SchedulingConfig(
+        local_prefill_threshold_tokens=config.local_prefill_threshold_tokens,
+        conditional_disaggregation=config.conditional_disaggregation,
+        kv_bytes_per_token=kv_bytes_per_token(config.model_dir, defaults.kv_bytes_per_token),
+        default_ttft_slo_s=config.ttft_slo_s,
+        default_tpot_slo_s=config.tpot_slo_s,
+    )
+
+
+def _start_cluster_view(spec: str) -> ClusterView:
+    """The prefix index over the metadata store ``spec`` (blocking: catches up once)."""
+    try:
+        return ClusterView(open_metadata_store(spec)).start()
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot follow the KV metadata at {spec}: {exc}") from None
+
+
+def _admin_config(config: GatewayConfig) -> AdminConfig | None:
+    """The admin API's settings; the token is the config's, else $STRATA_ADMIN_TOKEN."""
+    if config.admin_port is None:
+        return None
+    try:
+        return AdminConfig.resolve(
+            host=config.admin_host, port=config.admin_port, token=config.admin_token or None
+        )
+    except AdminConfigError as exc:
+        raise ConfigError(f"admin API: {exc}") from None
+
+
+def _local_launcher(config: GatewayConfig) -> LocalProcessLauncher:
+    extra = list(config.launch_worker_args)
+    if config.launch_kv_metadata:
+        extra = ["--kv-metadata", config.launch_kv_metadata, *extra]
+    try:
+        return LocalProcessLauncher(
+            LocalLauncherConfig(
+                model_dir=config.model_dir,
+                store_endpoint=config.launch_store,
+                kv_cache_size=config.launch_kv_cache_size,
+                max_model_len=config.launch_max_model_len,
+                extra_args=tuple(extra),
+                cores_per_engine=config.launch_cores_per_engine,
+                cpus=config.launch_cpus,
+                log_dir=config.launch_log_dir,
+            )
+        )
+    except ValueError as exc:
+        raise ConfigError(f"launcher: {exc}") from None
 
 
 async def serve(config: GatewayConfig) -> int:
@@ -517,13 +730,20 @@ async def serve(config: GatewayConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     logger.info(
-        "starting: model_dir=%s prefill=%s decode=%s registry=%s",
+        "starting: model_dir=%s prefill=%s decode=%s launch=%d+%d registry=%s admin=%s",
         config.model_dir,
         ",".join(config.prefill_endpoints),
         ",".join(config.decode_endpoints),
+        config.launch_prefill,
+        config.launch_decode,
         config.registry_url or "local",
+        "off" if config.admin_port is None else f"{config.admin_host}:{config.admin_port}",
     )
-    server = GatewayServer(config)
+    try:
+        server = GatewayServer(config)
+    except ConfigError as exc:
+        print(f"strata gateway: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 2
     start = asyncio.create_task(server.start())
     stop_wait = asyncio.create_task(stop_requested.wait())
     try:

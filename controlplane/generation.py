@@ -1,13 +1,19 @@
 """One request's generation, stitched from a prefill worker and a decode worker, with failover.
 
+The instances come from the scheduler's `Assign` (controlplane/routing.py): prefill on
+`assign.prefill`, decode on `assign.decode`; `assign.prefill is None` is conditional
+disaggregation: the decode instance computes the prompt itself (step 1 is skipped and its first
+token is the request's first).
+
 Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"):
-  1. Prefill(prompt) on a ready prefill instance -> first token, the saved block keys. An
+  1. Prefill(prompt) on the assigned prefill instance -> first token, the saved block keys. An
      unreachable instance (UNAVAILABLE: dead, restarting) is marked dead and the prefill is
-     retried on the next ready one; nothing was sent to the client yet. The first token is
-     yielded at once (the request's TTFT). The request ends here if the prefill finished it
-     (EOS or stop: "stop") or if max_tokens == 1 ("length").
-  2. Decode(prompt + generated, max_tokens - len(generated)) on a ready decode instance, where
-     `generated` is every token already yielded (at first just the prefill's). If the decode
+     retried on the next ready one; when none is left, the decode instance prefills itself
+     (as a local route); nothing was sent to the client yet. The first token is yielded at once
+     (the request's TTFT). The request ends here if the prefill finished it (EOS or stop:
+     "stop") or if max_tokens == 1 ("length").
+  2. Decode(prompt + generated, max_tokens - len(generated)) on the assigned decode instance,
+     where `generated` is every token already yielded (the prefill's, or none). If the decode
      instance becomes unreachable mid-stream it is marked dead and the decode is resumed on the
      next ready one from prompt + every token yielded so far: the caller's stream goes on with
      no token missing or repeated (the new worker's connector loads the prompt's blocks from the
@@ -20,6 +26,9 @@ Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"
   4. All text goes through one StopStringMatcher, because a stop string can straddle the
      boundary between two workers' outputs. A gateway-side match ends the request with "stop"
      and closes the decode stream, which cancels the decode rpc.
+  5. What was observed feeds the scheduler: the prefill's engine time and each decode stream's
+     mean step refit the instances' latency models; the request's TTFT and mean TPOT, against
+     the Assign's predictions, the MAPE gauges (registry.observe_*).
 
 Other worker failures (rejected input, engine error, deadline) would fail the same way on
 another worker: they surface as WorkerError at once. The caller owns the HTTP side: status
@@ -35,9 +44,11 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from controlplane.detokenizer import IncrementalDetokenizer
+from controlplane.instances import InstanceNotFound, InstanceState
 from controlplane.metrics import GatewayMetrics
 from controlplane.openai_protocol import SamplingOptions
 from controlplane.registry import Instance, InstanceRegistry
+from controlplane.scheduling import Assign
 from controlplane.stop import StopStringMatcher
 from controlplane.workers import (
     FinishReason,
@@ -80,10 +91,13 @@ class GenerationDelta:
 
 
 class Generation:
-    """Runs one GenerationRequest; `stream()` yields its deltas, counters fill in as it goes."""
+    """Runs one GenerationRequest on the instances of `assign`; `stream()` yields its deltas,
+    counters fill in as it goes."""
 
     __slots__ = (
+        "_assign",
         "_detokenizer",
+        "_first_token_s",
         "_metrics",
         "_registry",
         "finish_reason",
@@ -98,11 +112,14 @@ class Generation:
         registry: InstanceRegistry,
         metrics: GatewayMetrics,
         detokenizer: IncrementalDetokenizer,
+        assign: Assign,
     ) -> None:
         self.request = request
+        self._assign = assign
         self._detokenizer = detokenizer
         self._registry = registry
         self._metrics = metrics
+        self._first_token_s: float | None = None
         self.num_cached_tokens = 0
         self.num_completion_tokens = 0
         self.finish_reason: str | None = None
@@ -110,6 +127,10 @@ class Generation:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    @property
+    def assign(self) -> Assign:
+        return self._assign
 
     async def stream(self) -> AsyncGenerator[GenerationDelta, None]:
         try:
@@ -121,35 +142,56 @@ class Generation:
         finally:
             self._metrics.completion_tokens.inc(self.num_completion_tokens)
 
+    def _first_token(self, instance: Instance, num_cached_tokens: int) -> float:
+        """Bookkeeping of the request's first token; returns its time."""
+        now = time.monotonic()
+        self._first_token_s = now
+        ttft_s = now - self.request.arrival_s
+        self._metrics.time_to_first_token.observe(ttft_s)
+        self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
+        self._metrics.cached_prompt_tokens.inc(num_cached_tokens)
+        self.num_cached_tokens = num_cached_tokens
+        self._registry.observe_ttft(self._assign, instance, ttft_s)
+        return now
+
+    def _finished(self, instance: Instance, last_token_s: float) -> None:
+        """The request ended normally: its mean TPOT against the prediction."""
+        first = self._first_token_s
+        num_gaps = self.num_completion_tokens - 1
+        if first is not None and num_gaps >= 1 and last_token_s > first:
+            self._registry.observe_tpot(self._assign, instance, (last_token_s - first) / num_gaps)
+
     async def _run(self) -> AsyncGenerator[GenerationDelta, None]:
         req = self.request
         self._registry.note_request()
         matcher = StopStringMatcher(req.sampling.stop)
-        prefill, prefill_instance = await self._prefill()
-        last_token_s = time.monotonic()
-        self._metrics.time_to_first_token.observe(last_token_s - req.arrival_s)
-        self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
-        self._metrics.cached_prompt_tokens.inc(prefill.num_cached_tokens)
-        self.num_cached_tokens = prefill.num_cached_tokens
-
-        finish = self._check_finish(prefill.finish_reason, prefill_instance.endpoint, "Prefill")
-        if finish is None and req.max_tokens == 1:
-            finish = "length"
-        first_ids = (prefill.first_token_id,)
-        match = matcher.feed(self._text(first_ids, finish))
-        if match.stopped:
-            if finish is None:
-                self._metrics.gateway_stop_hits.inc()
-            yield GenerationDelta(match.text, first_ids, "stop")
-            return
-        if finish is not None:
-            yield GenerationDelta(match.text + matcher.flush(), first_ids, finish)
-            return
-        yield GenerationDelta(match.text, first_ids, None)
-
-        self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
         # Every token the caller has been given: a resumed decode continues after the last one.
-        generated = list(first_ids)
+        generated: list[int] = []
+        block_keys: tuple[bytes, ...] = ()
+        last_token_s = 0.0
+        prefilled = await self._prefill() if self._assign.prefill is not None else None
+        if prefilled is not None:
+            prefill, prefill_instance = prefilled
+            last_token_s = self._first_token(prefill_instance, prefill.num_cached_tokens)
+            finish = self._check_finish(prefill.finish_reason, prefill_instance.endpoint, "Prefill")
+            if finish is None and req.max_tokens == 1:
+                finish = "length"
+            first_ids = (prefill.first_token_id,)
+            match = matcher.feed(self._text(first_ids, finish))
+            if match.stopped:
+                if finish is None:
+                    self._metrics.gateway_stop_hits.inc()
+                yield GenerationDelta(match.text, first_ids, "stop")
+                return
+            if finish is not None:
+                yield GenerationDelta(match.text + matcher.flush(), first_ids, finish)
+                return
+            yield GenerationDelta(match.text, first_ids, None)
+            self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
+            generated.append(prefill.first_token_id)
+            block_keys = prefill.block_keys
+
+        local = prefilled is None
         failed: set[str] = set()
         last_error: WorkerError | None = None
         # The decode worker reports the KV it loaded on its last chunk (worker.proto); take the
@@ -162,7 +204,7 @@ class Generation:
                 if num_left <= 0:  # the failed worker had sent the last token, not the finish
                     yield GenerationDelta(matcher.flush(), (), "length")
                     return
-                instance = self._pick(WorkerRole.DECODE, failed, last_error)
+                instance = self._decode_instance(failed, last_error)
                 if last_error is not None:
                     self._registry.note_failover(WorkerRole.DECODE)
                     logger.warning(
@@ -177,13 +219,19 @@ class Generation:
                     prompt_token_ids=[*req.prompt_token_ids, *generated],
                     sampling=self._worker_sampling(max_tokens=num_left),
                     cache_salt=req.cache_salt,
-                    block_keys=prefill.block_keys,
+                    block_keys=block_keys,
                     timeout_s=self._remaining_s("Decode", instance.endpoint),
                 )
                 attempt_external_tokens = 0
                 context = len(req.prompt_token_ids) + len(generated)
+                # A local route's decode computes the prompt first: queued prefill work until
+                # its first tokens (the uncached part, as the scheduler predicted it).
+                prefill_tokens = self._uncached_tokens() if local and not generated else None
+                steps = _StepTimer()
                 try:
-                    with self._registry.track_decode(instance, context, num_left) as tracker:
+                    with self._registry.track_decode(
+                        instance, context, num_left, num_prefill_tokens=prefill_tokens
+                    ) as tracker:
                         async with aclosing(stream) as chunks:
                             async for chunk in chunks:
                                 attempt_external_tokens = max(
@@ -192,24 +240,35 @@ class Generation:
                                 ids = chunk.token_ids
                                 num_tokens = len(ids)
                                 if num_tokens:
+                                    now = time.monotonic()
+                                    if not generated:  # a local route: the first token
+                                        self._first_token(instance, 0)
+                                    else:
+                                        gap_s = (now - last_token_s) / num_tokens
+                                        for _ in range(num_tokens):
+                                            self._metrics.inter_token_latency.observe(gap_s)
+                                    steps.add(now, num_tokens, instance)
                                     generated += ids
                                     tracker.add_tokens(num_tokens)
-                                    now = time.monotonic()
-                                    gap_s = (now - last_token_s) / num_tokens
-                                    for _ in range(num_tokens):
-                                        self._metrics.inter_token_latency.observe(gap_s)
                                     last_token_s = now
                                 finish = self._check_finish(
                                     chunk.finish_reason, instance.endpoint, "Decode"
                                 )
+                                if finish is not None and local:  # reported on the last chunk
+                                    self.num_cached_tokens = min(
+                                        chunk.num_cached_tokens, self.num_prompt_tokens
+                                    )
+                                    self._metrics.cached_prompt_tokens.inc(self.num_cached_tokens)
                                 match = matcher.feed(self._text(ids, finish))
                                 if match.stopped:
                                     if finish is None:  # the worker missed it (across workers)
                                         self._metrics.gateway_stop_hits.inc()
                                     yield GenerationDelta(match.text, ids, "stop")
+                                    self._finished(instance, last_token_s)
                                     return  # leaving the `async with` cancels the decode rpc
                                 if finish is not None:
                                     yield GenerationDelta(match.text + matcher.flush(), ids, finish)
+                                    self._finished(instance, last_token_s)
                                     return
                                 if num_tokens or match.text:
                                     yield GenerationDelta(match.text, ids, None)
@@ -222,6 +281,7 @@ class Generation:
                     continue
                 finally:
                     num_external_tokens += attempt_external_tokens
+                    steps.report(self._registry, instance)
                 raise WorkerError(
                     WorkerErrorKind.FAILED,
                     instance.endpoint,
@@ -231,13 +291,49 @@ class Generation:
         finally:
             self._metrics.kv_transfer_tokens.inc(num_external_tokens)
 
-    async def _prefill(self) -> tuple[PrefillResult, Instance]:
-        """Prefill on a ready prefill instance; on one that is unreachable, on the next one."""
+    def _uncached_tokens(self) -> int:
+        """Prompt tokens the chosen instance computes, as the scheduler predicted."""
+        bs = self._registry.limits.block_size
+        return max(1, self.num_prompt_tokens - bs * self._assign.cached_blocks)
+
+    def _decode_instance(self, failed: set[str], last_error: WorkerError | None) -> Instance:
+        """The assigned decode instance while it is usable, then the next ready one."""
+        instance = self._assigned(self._assign.decode, failed)
+        if instance is not None:
+            return instance
+        return self._pick(WorkerRole.DECODE, failed, last_error)
+
+    def _assigned(self, instance_id: str | None, failed: set[str]) -> Instance | None:
+        if instance_id is None or instance_id in failed:
+            return None
+        try:
+            instance = self._registry.get(instance_id)
+        except InstanceNotFound:
+            return None
+        return instance if instance.state is InstanceState.READY else None
+
+    async def _prefill(self) -> tuple[PrefillResult, Instance] | None:
+        """Prefill on the assigned instance; on one that is unreachable, on the next one. None
+        when no prefill instance is left after a failure: the decode instance prefills itself."""
         req = self.request
         failed: set[str] = set()
         last_error: WorkerError | None = None
+        num_uncached = self._uncached_tokens()
         while True:
-            instance = self._pick(WorkerRole.PREFILL, failed, last_error)
+            instance = self._assigned(self._assign.prefill, failed)
+            if instance is None:
+                try:
+                    instance = self._registry.pick(WorkerRole.PREFILL, exclude=failed)
+                except WorkerError:
+                    if last_error is None:
+                        raise
+                    self._registry.note_failover(WorkerRole.PREFILL)
+                    logger.warning(
+                        "request %s: no prefill worker left (%s); the decode worker prefills",
+                        req.request_id,
+                        last_error,
+                    )
+                    return None
             if last_error is not None:
                 self._registry.note_failover(WorkerRole.PREFILL)
                 logger.warning(
@@ -247,7 +343,7 @@ class Generation:
                     last_error,
                 )
             try:
-                with self._registry.track_prefill(instance, len(req.prompt_token_ids)):
+                with self._registry.track_prefill(instance, num_uncached):
                     result = await instance.client.prefill(
                         request_id=req.request_id,
                         prompt_token_ids=req.prompt_token_ids,
@@ -255,13 +351,18 @@ class Generation:
                         cache_salt=req.cache_salt,
                         timeout_s=self._remaining_s("Prefill", instance.endpoint),
                     )
-                return result, instance
             except WorkerError as exc:
                 self._registry.report_failure(instance, exc)
                 if not _can_fail_over(exc):
                     raise
                 failed.add(instance.id)
                 last_error = exc
+                continue
+            cached = min(result.num_cached_tokens, self.num_prompt_tokens)
+            self._registry.observe_prefill(
+                instance, self.num_prompt_tokens - cached, cached, result.engine_time_s
+            )
+            return result, instance
 
     def _pick(self, role: WorkerRole, failed: set[str], last_error: WorkerError | None) -> Instance:
         """The next instance to try; when none is left after a failure, that failure."""
@@ -311,6 +412,35 @@ class Generation:
                 WorkerErrorKind.FAILED, endpoint, rpc, "the engine aborted the request"
             )
         return None if reason is None else reason.value
+
+
+class _StepTimer:
+    """One decode attempt's mean step time, at its mean batch size and context, for the decode
+    instance's latency model. The first chunk (prefill or KV load, not a step) is left out."""
+
+    __slots__ = ("_batch_sum", "_context_sum", "_last_s", "_num_gaps", "_seconds")
+
+    def __init__(self) -> None:
+        self._last_s: float | None = None
+        self._num_gaps = 0
+        self._seconds = 0.0
+        self._batch_sum = 0.0
+        self._context_sum = 0.0
+
+    def add(self, now: float, num_tokens: int, instance: Instance) -> None:
+        if self._last_s is not None:
+            self._num_gaps += num_tokens
+            self._seconds += now - self._last_s
+            self._batch_sum += instance.num_running_decodes * num_tokens
+            self._context_sum += instance.num_context_tokens * num_tokens
+        self._last_s = now
+
+    def report(self, registry: InstanceRegistry, instance: Instance) -> None:
+        if self._num_gaps >= 2:
+            n = self._num_gaps
+            registry.observe_decode(
+                instance, self._batch_sum / n, self._context_sum / n, self._seconds / n
+            )
 
 
 def _can_fail_over(error: WorkerError) -> bool:

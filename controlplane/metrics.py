@@ -87,6 +87,32 @@ class GatewayMetrics:
             ["endpoint", "role"], registry=r,
         )  # fmt: skip
 
+        self.requests_rejected = Counter(
+            p + "requests_rejected",
+            "Requests refused before any work: 429 (overloaded, slo_unattainable) or 503 "
+            "(no_instance)",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.routes = Counter(
+            p + "routes", "Scheduling decisions by policy and route (disaggregated or local_*)",
+            ["policy", "route"], registry=r,
+        )  # fmt: skip
+        self.predictor_ttft_mape = Gauge(
+            p + "predictor_ttft_mape",
+            "Mean absolute percentage error (fraction) of predicted vs observed TTFT, last 1000",
+            registry=r,
+        )
+        self.predictor_tpot_mape = Gauge(
+            p + "predictor_tpot_mape",
+            "Mean absolute percentage error (fraction) of predicted vs observed time per output "
+            "token, last 1000",
+            registry=r,
+        )
+        self.profiled_instances = Counter(
+            p + "profiled_instances", "Worker profiles run to calibrate latency models",
+            ["role"], registry=r,
+        )  # fmt: skip
+
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)
         return data

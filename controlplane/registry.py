@@ -21,9 +21,13 @@ Records (id, role, endpoint, draining, launched) live in a `RegistryStore` — t
 Redis when several gateways share one cluster; every gateway polls the store and health-checks
 every instance itself on each round, so the state above is each gateway's own.
 
-Selection: `pick(role, exclude=...)` is round-robin over ready instances of the role (the
-walking skeleton's policy). `snapshot(role)` hands a scheduling policy the ready instances with
-their load; `get(id)` turns the policy's choice back into an instance.
+Scheduling (docs/design/scheduling.md): the registry owns one `LatencyPredictor` per instance
+(priors at first; calibrated by a profile of real calls when the instance turns ready,
+controlplane/profiling.py; refitted online from `observe_prefill` / `observe_decode`), the current
+policy (`set_policy`, any of `POLICY_NAMES`) and the cluster-wide `PredictionAccuracy` (MAPE
+gauges, `stats()`). `decide(request)` builds the instances' `InstanceSnapshot`s (state, load,
+predictor) and asks the policy. `pick(role, exclude=...)` (round-robin over ready instances) is
+what failover uses once the policy's choice has failed; `get(id)` turns a choice into an instance.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Collection, Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -49,12 +54,27 @@ from controlplane.instances import (
     Launcher,
 )
 from controlplane.metrics import GatewayMetrics
+from controlplane.profiling import ProfileSettings, plan_for, profile_worker
 from controlplane.registry_store import (
     InstanceRecord,
     LocalRegistryStore,
     RegistryStore,
     RegistryStoreError,
 )
+from controlplane.scheduling import (
+    DEFAULT_POLICY,
+    POLICY_NAMES,
+    Assign,
+    Decision,
+    InstanceSnapshot,
+    LatencyPredictor,
+    PredictionAccuracy,
+    Reject,
+    RequestSnapshot,
+    SchedulingConfig,
+    make_policy,
+)
+from controlplane.scheduling import InstanceLoad as SchedulingLoad
 from controlplane.workers import (
     WorkerClient,
     WorkerError,
@@ -69,6 +89,7 @@ __all__ = [
     "InstanceLoad",
     "InstanceRegistry",
     "InstanceView",
+    "KVIdentity",
     "ModelLimits",
     "StartupError",
 ]
@@ -88,6 +109,15 @@ class ModelLimits:
     """What the configured workers agreed on at start-up; later instances must agree too."""
 
     max_model_len: int
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVIdentity:
+    """What block keys are made of on the workers (their connector's root key inputs)."""
+
+    model_fingerprint: bytes
+    kv_layout: str
     block_size: int
 
 
@@ -134,6 +164,8 @@ class Instance:
         "num_remaining_decode_tokens",
         "num_requests",
         "num_running_decodes",
+        "predictor",
+        "profile_state",
         "role",
         "state",
     )
@@ -160,6 +192,33 @@ class Instance:
         self.idle = asyncio.Event()
         self.idle.set()
         self.forgotten = False
+        self.predictor = LatencyPredictor()
+        """Its latency model (owned by the registry; kept while it is dead, for its return)."""
+        self.profile_state = "not run"
+        """"not run", "running", "done", "skipped" or "failed: ..." (the start-up profile)."""
+
+    @property
+    def kv_source(self) -> str | None:
+        """Source id of its engine's HBM events in the prefix index (None: not reported)."""
+        return self.health.kv_source or None if self.health is not None else None
+
+    def scheduling_snapshot(self) -> InstanceSnapshot:
+        return InstanceSnapshot(
+            id=self.id,
+            role=self.role,
+            state=self.state,
+            predictor=self.predictor,
+            load=SchedulingLoad(
+                queued_prefill_tokens=self.num_queued_prefill_tokens,
+                queued_prefill_requests=self.num_prefills,
+                running_decodes=self.num_running_decodes,
+                decode_context_tokens=self.num_context_tokens,
+                remaining_decode_tokens=self.num_remaining_decode_tokens,
+            ),
+            capacity=self.capacity,
+            host=self.endpoint.rpartition(":")[0],
+            kv_source=self.kv_source,
+        )
 
     @property
     def capacity(self) -> int:
@@ -197,16 +256,43 @@ class Instance:
 
 
 class DecodeTracker:
-    """Moves an instance's decode counters along as its decode streams tokens."""
+    """Moves an instance's decode counters along as its decode streams tokens. A decode that
+    prefills its own prompt (a local route) also counts as a queued prefill until its first
+    tokens arrive."""
 
-    __slots__ = ("_instance", "num_context_tokens", "num_remaining_tokens")
+    __slots__ = (
+        "_instance",
+        "num_context_tokens",
+        "num_pending_prefill_tokens",
+        "num_remaining_tokens",
+        "prefill_pending",
+    )
 
-    def __init__(self, instance: Instance, num_context_tokens: int, num_remaining_tokens: int):
+    def __init__(
+        self,
+        instance: Instance,
+        num_context_tokens: int,
+        num_remaining_tokens: int,
+        num_prefill_tokens: int | None = None,
+    ):
         self._instance = instance
         self.num_context_tokens = num_context_tokens
         self.num_remaining_tokens = num_remaining_tokens
+        self.prefill_pending = num_prefill_tokens is not None
+        self.num_pending_prefill_tokens = num_prefill_tokens or 0
+        if self.prefill_pending:
+            instance.num_prefills += 1
+            instance.num_queued_prefill_tokens += self.num_pending_prefill_tokens
+
+    def end_prefill(self) -> None:
+        """The local prefill is done (first tokens, or the decode ended)."""
+        if self.prefill_pending:
+            self.prefill_pending = False
+            self._instance.num_prefills -= 1
+            self._instance.num_queued_prefill_tokens -= self.num_pending_prefill_tokens
 
     def add_tokens(self, num_tokens: int) -> None:
+        self.end_prefill()
         num_tokens = min(num_tokens, self.num_remaining_tokens)
         self.num_context_tokens += num_tokens
         self.num_remaining_tokens -= num_tokens
@@ -225,7 +311,10 @@ class InstanceRegistry:
         store: RegistryStore | None = None,
         launcher: Launcher | None = None,
         drain_timeout_s: float = 60.0,
-        policy_names: Collection[str] = ("round_robin",),
+        policy_names: Collection[str] = POLICY_NAMES,
+        policy: str | None = None,
+        scheduling: SchedulingConfig | None = None,
+        profile: ProfileSettings | None = None,
     ) -> None:
         self._metrics = metrics
         self._health_check_timeout_s = health_check_timeout_s
@@ -233,7 +322,16 @@ class InstanceRegistry:
         self._launcher = launcher
         self._drain_timeout_s = drain_timeout_s
         self._policy_names = tuple(policy_names)
-        self._policy = self._policy_names[0]
+        if policy is None:
+            policy = (
+                DEFAULT_POLICY if DEFAULT_POLICY in self._policy_names else self._policy_names[0]
+            )
+        self._scheduling = scheduling if scheduling is not None else SchedulingConfig()
+        self._profile = profile if profile is not None else ProfileSettings(enabled=False)
+        self._policy = make_policy(policy, self._scheduling)
+        self._accuracy = PredictionAccuracy()
+        self._num_rejected = 0
+        self._num_profiles = 0
         self._instances: dict[str, Instance] = {}
         self._configured: set[str] = set()
         self._launched: dict[str, LaunchedWorker] = {}
@@ -324,6 +422,66 @@ class InstanceRegistry:
             if m.role is role and m.state is InstanceState.READY
         )
 
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def decide(self, request: RequestSnapshot) -> Decision:
+        """The current policy's choice for ``request`` over every known instance (only ready
+        ones can be chosen); counted in the route / rejection metrics."""
+        instances = [m.scheduling_snapshot() for m in self._instances.values()]
+        decision = self._policy.decide(request, instances)
+        if isinstance(decision, Reject):
+            self._num_rejected += 1
+            self._metrics.requests_rejected.labels(decision.reason.value).inc()
+        else:
+            self._metrics.routes.labels(decision.policy, decision.route.value).inc()
+        return decision
+
+    def engine_sources(self) -> frozenset[str]:
+        """KV source ids of the known engines (holders of HBM blocks in the prefix index)."""
+        return frozenset(s for m in self._instances.values() if (s := m.kv_source) is not None)
+
+    def kv_identity(self) -> KVIdentity | None:
+        """How the workers name KV blocks, from the first ready instance that reports it."""
+        for m in self._instances.values():
+            h = m.health
+            if m.state is InstanceState.READY and h is not None and h.model_fingerprint:
+                return KVIdentity(h.model_fingerprint, h.kv_layout, h.block_size)
+        return None
+
+    def describe_role(self, role: WorkerRole) -> str:
+        """Why no instance of ``role`` can be used (for error messages)."""
+        of_role = [m for m in self._instances.values() if m.role is role]
+        details = "; ".join(f"{m.endpoint}: {m.state.value}, {m.detail}" for m in of_role)
+        return f"no {_name(role)} worker is ready ({details or 'none registered'})"
+
+    def observe_prefill(self, instance: Instance, new: int, cached: int, seconds: float) -> None:
+        """An observed prefill on ``instance`` (engine time): refits its model online."""
+        if new >= 0 and cached >= 0 and math.isfinite(seconds) and seconds > 0:
+            instance.predictor.observe_prefill(new, cached, seconds)
+
+    def observe_decode(
+        self, instance: Instance, batch_size: float, context_tokens: float, step_s: float
+    ) -> None:
+        """Mean decode step of one stream on ``instance`` at its mean batch and context."""
+        if batch_size >= 1 and context_tokens >= 0 and math.isfinite(step_s) and step_s > 0:
+            instance.predictor.observe_decode_step(round(batch_size), round(context_tokens), step_s)
+
+    def observe_ttft(self, assign: Assign, instance: Instance, observed_s: float) -> None:
+        if observed_s > 0:
+            self._accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
+            instance.predictor.accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
+            self._metrics.predictor_ttft_mape.set(self._accuracy.ttft_mape or 0.0)
+
+    def observe_tpot(self, assign: Assign, instance: Instance, observed_s: float) -> None:
+        if observed_s > 0:
+            self._accuracy.observe_tpot(assign.predicted_tpot_s, observed_s)
+            instance.predictor.accuracy.observe_tpot(assign.predicted_tpot_s, observed_s)
+            self._metrics.predictor_tpot_mape.set(self._accuracy.tpot_mape or 0.0)
+
+    @property
+    def accuracy(self) -> PredictionAccuracy:
+        return self._accuracy
+
     def pick(self, role: WorkerRole, *, exclude: Collection[str] = ()) -> Instance:
         """A ready instance of ``role`` not in ``exclude``, round-robin; WorkerError(UNAVAILABLE)
         when there is none."""
@@ -345,7 +503,8 @@ class InstanceRegistry:
 
     @contextmanager
     def track_prefill(self, instance: Instance, num_prompt_tokens: int) -> Iterator[None]:
-        """Counts one prefill on ``instance`` while the block runs."""
+        """Counts one prefill of ``num_prompt_tokens`` uncached tokens on ``instance`` while the
+        block runs."""
         self._begin(instance)
         instance.num_prefills += 1
         instance.num_queued_prefill_tokens += num_prompt_tokens
@@ -358,18 +517,26 @@ class InstanceRegistry:
 
     @contextmanager
     def track_decode(
-        self, instance: Instance, num_context_tokens: int, num_max_tokens: int
+        self,
+        instance: Instance,
+        num_context_tokens: int,
+        num_max_tokens: int,
+        *,
+        num_prefill_tokens: int | None = None,
     ) -> Iterator[DecodeTracker]:
         """Counts one decode on ``instance`` while the block runs; the tracker moves the tokens
-        it generates from the instance's remaining tokens to its context tokens."""
+        it generates from the instance's remaining tokens to its context tokens.
+        ``num_prefill_tokens``: the decode prefills its prompt itself (a local route); these
+        uncached tokens count as queued prefill work until its first tokens."""
         self._begin(instance)
         instance.num_running_decodes += 1
         instance.num_context_tokens += num_context_tokens
         instance.num_remaining_decode_tokens += num_max_tokens
-        tracker = DecodeTracker(instance, num_context_tokens, num_max_tokens)
+        tracker = DecodeTracker(instance, num_context_tokens, num_max_tokens, num_prefill_tokens)
         try:
             yield tracker
         finally:
+            tracker.end_prefill()
             instance.num_context_tokens -= tracker.num_context_tokens
             instance.num_remaining_decode_tokens -= tracker.num_remaining_tokens
             instance.num_running_decodes -= 1
@@ -564,18 +731,30 @@ class InstanceRegistry:
             raise InvalidAdminRequest(
                 f"unknown policy {name!r}; available: {', '.join(self._policy_names)}"
             )
-        self._policy = name
+        if name != self._policy.name:
+            self._policy = make_policy(name, self._scheduling)
+            logger.info("scheduling policy is now %s", name)
 
     @property
     def policy(self) -> str:
-        return self._policy
+        return self._policy.name
 
     def stats(self) -> ClusterStats:
+        instances = list(self._instances.values())
         return ClusterStats(
-            policy=self._policy,
-            instances=tuple(self.list_instances()),
+            policy=self._policy.name,
+            instances=tuple(m.info() for m in instances),
             requests_total=self._num_requests,
+            requests_rejected=self._num_rejected,
             requests_failed_over=self._num_failovers,
+            predictor_ttft_mape=self._accuracy.ttft_mape,
+            predictor_tpot_mape=self._accuracy.tpot_mape,
+            extra={
+                "predictor_ttft_samples": float(self._accuracy.num_ttft),
+                "predictor_tpot_samples": float(self._accuracy.num_tpot),
+                "instances_calibrated": float(sum(m.predictor.calibrated for m in instances)),
+                "profiles_run": float(self._num_profiles),
+            },
         )
 
     # -- internals ----------------------------------------------------------------------------
@@ -682,10 +861,63 @@ class InstanceRegistry:
             self._set_state(instance, InstanceState.DRAINING, problem or "draining")
         elif problem is None:
             self._set_state(instance, InstanceState.READY, "ready")
+            self._maybe_profile(instance)
         elif instance.state is InstanceState.STARTING:
             self._set_state(instance, InstanceState.STARTING, problem)
         else:
             self._set_state(instance, InstanceState.DEAD, problem)
+
+    def _maybe_profile(self, instance: Instance) -> None:
+        """Start the instance's profile the first time it is ready (docs/design/scheduling.md
+        §2.3); until it lands the instance is scheduled with its priors."""
+        if instance.profile_state != "not run":
+            return
+        health = instance.health
+        settings = self._profile
+        if (
+            not settings.enabled
+            or health is None
+            or health.capacity < 1
+            or settings.vocab_size <= 0
+            or health.block_size < 1
+        ):
+            instance.profile_state = "skipped"  # e.g. a worker that does not report its limits
+            return
+        instance.profile_state = "running"
+        self._spawn(self._profile_instance(instance, health))
+
+    async def _profile_instance(self, instance: Instance, health: WorkerHealth) -> None:
+        plan = plan_for(self._profile, health.max_model_len, health.block_size, health.capacity)
+        seed = hash((instance.id, instance.endpoint, time.time_ns()))
+        try:
+            result = await profile_worker(
+                instance.client, instance.role, plan, self._profile, seed=seed
+            )
+            instance.predictor.calibrate(result.prefill, result.decode)
+        except (WorkerError, ValueError) as exc:
+            instance.profile_state = f"failed: {exc}"
+            logger.warning("profile of %s failed, keeping priors: %s", instance.id, exc)
+            return
+        instance.profile_state = "done"
+        self._num_profiles += 1
+        self._metrics.profiled_instances.labels(_name(instance.role)).inc()
+        p, d = instance.predictor.prefill, instance.predictor.decode
+        logger.info(
+            "instance %s profiled in %.1f s (%d prefill, %d decode samples): prefill %.2f ms + "
+            "%.3f us/new + %.3f us/cached + %.4f ns/pair; decode step %.2f ms + %.3f ms/seq + "
+            "%.4f us/token",
+            instance.id,
+            result.seconds,
+            len(result.prefill),
+            len(result.decode),
+            p.fixed_s * 1e3,
+            p.per_new_token_s * 1e6,
+            p.per_cached_token_s * 1e6,
+            p.per_attention_pair_s * 1e9,
+            d.fixed_s * 1e3,
+            d.per_sequence_s * 1e3,
+            d.per_context_token_s * 1e6,
+        )
 
     def _apply_health_error(self, instance: Instance, exc: WorkerError) -> None:
         if instance.forgotten:

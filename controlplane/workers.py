@@ -106,6 +106,12 @@ class WorkerHealth:
     max_model_len: int
     capacity: int
     """Most sequences the engine runs at once (max_num_seqs); 0 when the worker does not say."""
+    kv_source: str = ""
+    """Source id of the engine's HBM events in the prefix index; "" = not said."""
+    model_fingerprint: bytes = b""
+    """kvstore.hashing.model_fingerprint of the engine's weights; b"" = not said."""
+    kv_layout: str = ""
+    """The connector's KV layout name (part of every block key's root); "" = not said."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +188,9 @@ class WorkerClient:
             block_size=reply.block_size,
             max_model_len=reply.max_model_len,
             capacity=reply.capacity,
+            kv_source=reply.kv_source,
+            model_fingerprint=reply.model_fingerprint,
+            kv_layout=reply.kv_layout,
         )
 
     async def prefill(

@@ -10,8 +10,10 @@
       set-role ID --role {prefill,decode,both}
       policy NAME
 
-The token comes from --token or STRATA_ADMIN_TOKEN; the address from --address or
-STRATA_ADMIN_ADDRESS (default 127.0.0.1:50050). `--json` prints machine-readable output.
+The token comes from, in this order: --token, --token-file PATH, STRATA_ADMIN_TOKEN, then the
+file `strata serve` writes (CACHE_DIR/admin-token, CACHE_DIR = $STRATA_CACHE_DIR or
+~/.cache/strata) if it exists. The address comes from --address or STRATA_ADMIN_ADDRESS (default
+127.0.0.1:50050, `strata serve`'s default). `--json` prints machine-readable output.
 
 Exit codes: 0 ok · 1 the server failed (INTERNAL or any other code) · 2 bad arguments (usage, or
 INVALID_ARGUMENT) · 3 not authenticated (missing/wrong token) · 4 unknown instance (NOT_FOUND) ·
@@ -26,8 +28,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,6 +45,7 @@ from controlplane.admin import (
     stats_from_proto,
 )
 from controlplane.instances import ClusterStats, InstanceInfo, InvalidAdminRequest
+from strata.admin_token import TokenFileError, default_token_path, read_token_file
 from strata_proto import admin_pb2, admin_pb2_grpc
 
 ADDRESS_ENV = "STRATA_ADMIN_ADDRESS"
@@ -91,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"the gateway's admin HOST:PORT (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
     )
-    p.add_argument("--token", default=None, help=f"bearer token (default: ${ADMIN_TOKEN_ENV})")
+    p.add_argument("--token", default=None, help="bearer token (visible in `ps`: prefer a file)")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help=f"file holding the token (default: ${ADMIN_TOKEN_ENV}, else {default_token_path()} "
+        "if it exists)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default 300)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -224,6 +234,26 @@ def _run(args: argparse.Namespace, stub: Any, metadata: list[tuple[str, str]]) -
     return [json.dumps(instance_json(info))] if args.json else format_instances([info])
 
 
+def resolve_token(token: str | None, token_file: str | None, environ: Mapping[str, str]) -> str:
+    """--token, else --token-file, else $STRATA_ADMIN_TOKEN, else `strata serve`'s token file
+    if it exists, else "" (no token). Raises TokenFileError for a --token-file that cannot be
+    used."""
+    if token is not None:
+        return token
+    if token_file is not None:
+        return read_token_file(Path(token_file))
+    if environ.get(ADMIN_TOKEN_ENV):
+        return environ[ADMIN_TOKEN_ENV]
+    default = default_token_path()
+    if not default.exists():
+        return ""
+    try:
+        return read_token_file(default)
+    except TokenFileError as exc:  # not asked for: go on without a token (UNAUTHENTICATED)
+        print(f"strata admin: ignoring {exc}", file=sys.stderr)
+        return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -232,7 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_endpoint(address)
     except InvalidAdminRequest as exc:
         parser.error(f"--address: {exc}")
-    token = args.token if args.token is not None else os.environ.get(ADMIN_TOKEN_ENV, "")
+    try:
+        token = resolve_token(args.token, args.token_file, os.environ)
+    except TokenFileError as exc:
+        parser.error(str(exc))
     # With no token the call is still made: a server that allows unauthenticated loopback access
     # answers it, any other answers UNAUTHENTICATED (exit 3).
     metadata = [("authorization", f"Bearer {token}")] if token else []

@@ -136,8 +136,10 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         output = ""  # this call's output text: the only text its stop-string check sees
         num_sent_chars = 0
         # The prefill generated script token 0; a resumed decode's prompt holds more of them.
+        # A decode with no prefill before it (conditional disaggregation) starts at token 0.
         num_prompt = len(request.prompt_token_ids)
-        start = num_prompt - script.prompt_lengths.get(request.request_id, num_prompt - 1)
+        script.prompt_lengths.setdefault(request.request_id, num_prompt)
+        start = num_prompt - script.prompt_lengths[request.request_id]
         index = start
         num_chunks = 0
         finish = worker_pb2.FINISH_REASON_UNSPECIFIED

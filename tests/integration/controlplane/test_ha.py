@@ -90,6 +90,7 @@ def test_two_gateways_share_added_drained_and_removed_instances(
         shutdown_grace_s=1.0,
         health_check_interval_s=3600.0,  # this test runs the sync rounds itself
         registry_url=valkey_url,
+        policy="round_robin",  # the assertions below count requests per decode worker
     )
     a, b = (GatewayServer(replace(config), tokenizer=model_tokenizer) for _ in range(2))
     url_a = loop_thread.run(a.start())
@@ -183,6 +184,7 @@ def test_killing_one_gateway_leaves_the_other_serving_every_worker(
             tiny_model_dir,
             valkey_url,
             *("--prefill", prefill.endpoint, "--decode", decode1.endpoint),
+            *("--policy", "round_robin"),  # requests are counted per decode worker below
         )
         url2 = _listening_url(g2)
         every = {prefill.endpoint: "ready", decode1.endpoint: "ready", decode2.endpoint: "ready"}

@@ -1,0 +1,265 @@
+"""Scaling the decode pool with `strata admin` while a load runs (issue 4, acceptance 2).
+
+`strata serve` with 2 prefill + 2 decode real vLLM workers (the tiny seeded model), started by the
+gateway's launcher, and the admin API on loopback with the token `serve` wrote to
+CACHE_DIR/admin-token (found there by `strata admin`, which gets no token on its command line or
+in its environment). A bounded load — three clients, streaming chat and non-streaming
+completions through the official `openai` SDK — runs for the whole test. With the `strata admin`
+CLI, as a subprocess:
+
+1. `list` shows 4 ready instances (2 prefill, 2 decode);
+2. `scale --role decode --replicas 1`: one decode worker is drained, forgotten and its process
+   stopped;
+3. `scale --role decode --replicas 2`: a new decode worker is launched, becomes ready and serves
+   requests (its own Stats RPC counts them);
+4. every request of the load succeeded, each with exactly the tokens it asked for;
+5. a wrong token exits with 3 (UNAUTHENTICATED).
+
+Engine starts: 4 at start-up + 1 for the scale-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+
+from strata_proto import worker_pb2, worker_pb2_grpc
+from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import StrataServer, free_port, start_server
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 16
+EXIT_UNAUTHENTICATED = 3
+ENGINE_START_TIMEOUT_S = 600.0
+
+
+@dataclass
+class AdminServe:
+    server: StrataServer
+    cache_dir: Path
+    address: str
+
+    def admin(self, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        """`strata admin` as an operator runs it: the token from serve's token file unless one
+        is given."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_ADMIN_")}
+        env["STRATA_CACHE_DIR"] = str(self.cache_dir)
+        argv = [sys.executable, "-m", "strata", "admin", "--address", self.address]
+        if token is not None:
+            argv += ["--token", token]
+        return subprocess.run(
+            [*argv, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    def instances(self) -> list[dict[str, Any]]:
+        result = self.admin("--json", "list")
+        assert result.returncode == 0, result.stderr
+        infos: list[dict[str, Any]] = json.loads(result.stdout)
+        return infos
+
+    def wait_for(
+        self, what: str, condition: Callable[[list[dict[str, Any]]], bool], timeout_s: float
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            infos = self.instances()
+            if condition(infos):
+                return infos
+            if time.monotonic() > deadline:
+                tail = "\n".join(self.server.lines[-60:])
+                raise AssertionError(f"{what}: not within {timeout_s:g} s; {infos}\n{tail}")
+            time.sleep(1.0)
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminServe]:
+    cache_dir = tmp_path_factory.mktemp("admin-scale-cache")
+    admin_port = free_port()
+    extra = ["--cache-dir", str(cache_dir), "--admin-port", str(admin_port)]
+    extra += ["--prefill-workers", "2", "--decode-workers", "2"]
+    extra += ["--store-arena-size", "512MiB"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("STRATA_ADMIN_TOKEN", raising=False)  # serve makes and keeps its own
+        server = start_server(tiny_model_dir, extra)
+    try:
+        yield AdminServe(server, cache_dir, f"127.0.0.1:{admin_port}")
+    finally:
+        assert server.stop(timeout_s=120) == 0, "\n".join(server.lines[-40:])
+
+
+@dataclass
+class Load:
+    """Three clients sending requests one after another until stopped; odd ones stream chat,
+    even ones are plain completions. Every request asks for MAX_TOKENS tokens (ignore_eos)."""
+
+    base_url: str
+    model: str
+    num_clients: int = 3
+    num_ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        for index in range(self.num_clients):
+            thread = threading.Thread(target=self._client, args=(index,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(300)
+
+    def wait_ok(self, num_ok: int, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.num_ok < num_ok and not self.failures:
+            assert time.monotonic() < deadline, f"load: {self.num_ok} < {num_ok} requests done"
+            time.sleep(0.5)
+
+    def _client(self, index: int) -> None:
+        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
+        extra = {"ignore_eos": True}
+        number = index
+        while not self._stop.is_set():
+            number += self.num_clients
+            try:
+                if number % 2:
+                    self._stream_chat(client, number, extra)
+                else:
+                    response = client.completions.create(
+                        model=self.model,
+                        prompt=f"request {number}: the river tower keeps seven cache blocks",
+                        max_tokens=MAX_TOKENS,
+                        extra_body=extra,
+                        timeout=300,
+                    )
+                    assert response.usage is not None
+                    assert response.usage.completion_tokens == MAX_TOKENS
+                    assert response.choices[0].finish_reason == "length"
+            except Exception as exc:  # every failure is reported by the test
+                with self._lock:
+                    self.failures.append(f"request {number}: {exc!r}")
+                continue
+            with self._lock:
+                self.num_ok += 1
+
+    def _stream_chat(self, client: openai.OpenAI, number: int, extra: dict[str, Any]) -> None:
+        stream = client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "user", "content": f"request {number}: name a city"}],
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+            timeout=300,
+        )
+        finish = None
+        usage = None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason is not None:
+                finish = chunk.choices[0].finish_reason
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert finish == "length"
+        assert usage is not None and usage.completion_tokens == MAX_TOKENS
+
+
+def _worker_stats(endpoint: str) -> Any:
+    with grpc.insecure_channel(endpoint) as channel:
+        return worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
+
+
+def _worker_gone(endpoint: str) -> bool:
+    try:
+        _worker_stats(endpoint)
+    except grpc.RpcError as exc:
+        return exc.code() is grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def _decodes(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [i for i in infos if i["role"] == "decode"]
+
+
+def test_scale_decode_down_and_up_under_load(serve: AdminServe) -> None:
+    listed = serve.admin("list")
+    assert listed.returncode == 0, listed.stderr
+    header, *lines = listed.stdout.splitlines()
+    assert header.split() == ["ID", "ROLE", "STATE", "ENDPOINT", "LOAD"]
+    assert sorted(line.split()[1:3] for line in lines) == [
+        ["decode", "ready"],
+        ["decode", "ready"],
+        ["prefill", "ready"],
+        ["prefill", "ready"],
+    ]
+    infos = serve.instances()
+    assert all(i["launched"] for i in infos), infos  # serve's workers are the launcher's
+
+    load = Load(serve.server.base_url, serve.server.model)
+    load.start()
+    try:
+        load.wait_ok(4)
+
+        # Down: one decode worker drained, then forgotten and stopped.
+        scaled = serve.admin("--json", "scale", "--role", "decode", "--replicas", "1")
+        assert scaled.returncode == 0, scaled.stderr
+        draining = [i for i in json.loads(scaled.stdout) if i["state"] == "draining"]
+        assert len(draining) == 1, scaled.stdout
+        retired = draining[0]
+        serve.wait_for(
+            "the drained decode worker forgotten",
+            lambda infos: retired["id"] not in {i["id"] for i in infos},
+            timeout_s=120,
+        )
+        deadline = time.monotonic() + 60
+        while not _worker_gone(retired["endpoint"]):
+            assert time.monotonic() < deadline, f"{retired['endpoint']} still answers"
+            time.sleep(1.0)
+        (kept,) = _decodes(serve.instances())
+        num_ok = load.num_ok
+        load.wait_ok(num_ok + 4)  # served by the one decode worker left
+
+        # Up: a new decode worker launched; it becomes ready and takes traffic.
+        scaled = serve.admin("scale", "--role", "decode", "--replicas", "2")
+        assert scaled.returncode == 0, scaled.stderr
+        infos = serve.wait_for(
+            "the new decode worker ready",
+            lambda infos: (
+                len(_decodes(infos)) == 2 and all(i["state"] == "ready" for i in _decodes(infos))
+            ),
+            timeout_s=ENGINE_START_TIMEOUT_S,
+        )
+        (new,) = [i for i in _decodes(infos) if i["id"] != kept["id"]]
+        assert new["launched"] and new["endpoint"] != retired["endpoint"]
+        deadline = time.monotonic() + 300
+        while _worker_stats(new["endpoint"]).num_requests < 1:
+            assert not load.failures, load.failures
+            assert time.monotonic() < deadline, "the new decode worker got no request"
+            time.sleep(1.0)
+        load.wait_ok(load.num_ok + 2)
+    finally:
+        load.stop()
+    assert load.failures == []
+    assert load.num_ok >= 10
+
+    stats = serve.admin("stats")
+    assert stats.returncode == 0, stats.stderr
+    assert stats.stdout.startswith("policy: ")
+    refused = serve.admin("list", token="wrong-token-0123456789abcdef")
+    assert refused.returncode == EXIT_UNAUTHENTICATED
+    assert "UNAUTHENTICATED" in refused.stderr
