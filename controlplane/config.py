@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from kvstore.metadata import parse_metadata_spec
+
 __all__ = ["ConfigError", "GatewayConfig", "parse_duration_s", "parse_endpoint"]
 
 _DURATION_UNITS_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -178,12 +180,13 @@ class GatewayConfig:
             raise ConfigError(
                 f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}"
             )
-        if self.kv_metadata and not self.kv_metadata.startswith(
-            ("strata://", "redis://", "rediss://", "unix://")
-        ):
-            raise ConfigError(
-                f"kv_metadata {self.kv_metadata!r} must be strata://HOST:PORT or a redis:// URL"
-            )
+        for name in ("kv_metadata", "launch_kv_metadata"):
+            spec = getattr(self, name)
+            if spec:
+                try:
+                    parse_metadata_spec(spec)
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
         for name in ("ttft_slo_s", "tpot_slo_s"):
             slo = getattr(self, name)
             if slo is not None and not slo > 0:

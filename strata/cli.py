@@ -221,6 +221,8 @@ def serve(args: argparse.Namespace) -> int:
             str(args.decode_workers),
             "--launch-kv-metadata",
             f"strata://{store}",
+            "--kv-metadata",
+            f"strata://{store}",
             "--launch-kv-cache-size",
             args.kv_cache_size,
             "--launch-cores-per-engine",
@@ -249,7 +251,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"strata: admin API on {admin} (token {where}): `strata admin list`", flush=True)
         print(f"strata: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
         code = sup.wait()
-    except ServiceError as exc:
+    except (ServiceError, OSError) as exc:  # OSError: e.g. the token file cannot be written
         print(f"strata serve: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
