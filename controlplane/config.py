@@ -56,9 +56,9 @@ class GatewayConfig:
     served_model_name: str
     """The `model` name clients must send and the gateway reports."""
     prefill_endpoints: tuple[str, ...]
-    """gRPC endpoints (HOST:PORT) of prefill workers; requests are spread round-robin."""
+    """gRPC endpoints (HOST:PORT) of prefill workers; the policy picks among them."""
     decode_endpoints: tuple[str, ...]
-    """gRPC endpoints (HOST:PORT) of decode workers; requests are spread round-robin."""
+    """gRPC endpoints (HOST:PORT) of decode workers; the policy picks among them."""
     host: str = "127.0.0.1"
     port: int = 8000
     """HTTP port; 0 picks a free port (the listening line reports the real one)."""

@@ -1,15 +1,17 @@
 """Instance records shared by the registry, the scheduler and the admin API.
 
 An instance is one worker (one vLLM engine) known to the gateway. Its lifecycle
-(docs/design/scheduling.md):
+(docs/design/scheduling.md §7):
 
     starting ──Health ready──▶ ready ──drain──▶ draining ──in-flight done──▶ (removed)
-        │                        │  ▲                │
-        └──────── missed heartbeats / kill ─────────────────────────────▶ dead
-                                 └──┘ heartbeat back (dead → ready)
+                               │  ▲
+     missed heartbeats, or a   ▼  │ Health answers ready again
+     request finds it gone ──▶ dead
 
-The registry is the one owner of these records; everything else reads immutable
-:class:`InstanceInfo` snapshots and changes state only through :class:`AdminBackend`.
+A starting instance whose Health fails stays starting; a draining one stays draining. The
+registry is the one owner of these records and changes states from heartbeats, from requests that
+find a worker unreachable, and from :class:`AdminBackend` calls; everything else reads immutable
+:class:`InstanceInfo` snapshots.
 """
 
 from __future__ import annotations

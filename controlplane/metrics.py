@@ -54,7 +54,7 @@ class GatewayMetrics:
         )  # fmt: skip
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens received", registry=r)
         self.cached_prompt_tokens = Counter(
-            p + "cached_prompt_tokens", "Prompt tokens the prefill worker did not compute",
+            p + "cached_prompt_tokens", "Prompt tokens the worker that prefilled did not compute",
             registry=r,
         )  # fmt: skip
         self.completion_tokens = Counter(

@@ -1,6 +1,6 @@
 """The scheduler's core: latency predictor, policies and admission (pure; no I/O).
 
-Call sequence (docs/design/scheduling.md §6):
+Call sequence (docs/design/scheduling.md §1):
 
 1. The registry keeps one :class:`LatencyPredictor` per instance: priors at first,
    :meth:`LatencyPredictor.calibrate` with the timings of :meth:`ProfilePlan.for_engine` when the
