@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import IO
 
 from controlplane.instances import InstanceConflict, WorkerRole
+from controlplane.processes import die_with_parent, killpg_quietly
 
 __all__ = [
     "CorePool",
@@ -63,21 +63,7 @@ logger = logging.getLogger(__name__)
 
 READY_LINE = "strata worker ready"
 """What `strata worker` prints once its gRPC server listens (dataplane/worker.py)."""
-_PR_SET_PDEATHSIG = 1
 _TAIL_LINES = 40
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 # -- cores -----------------------------------------------------------------------------------
@@ -251,11 +237,11 @@ class LocalWorker:
     def _stop_blocking(self, timeout_s: float) -> None:
         pgid = self.proc.pid  # start_new_session: the worker leads its own process group
         if self.proc.poll() is None:
-            _killpg(pgid, signal.SIGTERM)
+            killpg_quietly(pgid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout_s)
         # Whatever is left in the group (the worker or vLLM's engine core) is killed outright.
-        _killpg(pgid, signal.SIGKILL)
+        killpg_quietly(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
 
@@ -334,7 +320,7 @@ class LocalProcessLauncher:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except BaseException:
             self.cores.release(cores)

@@ -10,7 +10,6 @@ process group (vLLM's engine-core processes included), waits, then SIGKILLs what
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -21,15 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+from controlplane.processes import die_with_parent, killpg_quietly
 
 
 class ServiceError(RuntimeError):
@@ -56,7 +47,7 @@ class Service:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         threading.Thread(target=self._pump, name=f"pump-{self.name}", daemon=True).start()
 
@@ -99,18 +90,13 @@ class Service:
             return
         pgid = proc.pid  # start_new_session: the child leads its own process group
         if proc.poll() is None:
-            _killpg(pgid, signal.SIGTERM)
+            killpg_quietly(pgid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout_s)
         # Whatever is left in the group (the child or its own children) is killed outright.
-        _killpg(pgid, signal.SIGKILL)
+        killpg_quietly(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 class Supervisor:
