@@ -16,6 +16,12 @@ long context or a big batch does not make the profile itself a load test.
   between chunks after each stream's first one, at the mean context over those steps.
 * A prefill-role worker never decodes for the gateway: its decode model keeps the priors (the
   samples given to the fit are the prior's own predictions at the plan's points).
+* **Overheads** that the engine's time leaves out (docs/design/scheduling.md §2.2): on a
+  prefill worker, the rpc's wall time minus ``engine_time_s`` (median over the prefill points)
+  seeds ``ttft_overhead_s``; on a decode worker, each hand-off point ``(tail n, cached c)``
+  runs ``c`` tokens, then ``c + n`` tokens for ``HANDOFF_DECODE_TOKENS`` tokens: the first
+  chunk's wait minus its tokens' share of the later steps (median) seeds ``handoff_s``. Both
+  are lower bounds (no HTTP, no pool load) that the gateway's observations replace.
 
 Synthetic prompts are random token ids (seeded per instance and round) so that they share no
 prefix with real traffic or with each other.
@@ -26,12 +32,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
 from controlplane.scheduling.predictor import (
+    HANDOFF_DECODE_TOKENS,
     PRIOR_DECODE,
     DecodeSample,
     PrefillSample,
@@ -65,6 +73,10 @@ class ProfileResult:
     prefill: tuple[PrefillSample, ...]
     decode: tuple[DecodeSample, ...]
     seconds: float
+    ttft_overhead_s: float | None = None
+    """Median rpc wall time minus engine time of the Prefill calls (prefill role)."""
+    handoff_s: float | None = None
+    """Median hand-off cost beyond the steps (decode role, when the plan has hand-off points)."""
 
 
 def plan_for(
@@ -89,6 +101,7 @@ async def profile_worker(
     profiler = _Profiler(client, settings, seed)
     prefill: list[PrefillSample] = []
     decode: list[DecodeSample] = []
+    handoffs: list[float] = []
     for _ in range(plan.repeats):
         for new, cached in plan.prefill_points:
             if role is WorkerRole.PREFILL:
@@ -101,9 +114,20 @@ async def profile_worker(
             sample = await profiler.decode(batch, context, plan_context(plan))
             if sample is not None:
                 decode.append(sample)
+        for new, cached in plan.handoff_points:
+            extra_s = await profiler.handoff(new, cached)
+            if extra_s is not None:
+                handoffs.append(extra_s)
     if role is WorkerRole.PREFILL or len(decode) < 3:
         decode = [DecodeSample(b, k, PRIOR_DECODE.predict_s(b, k)) for b, k in plan.decode_points]
-    return ProfileResult(tuple(prefill), tuple(decode), time.monotonic() - started)
+    overheads = profiler.rpc_overheads_s
+    return ProfileResult(
+        tuple(prefill),
+        tuple(decode),
+        time.monotonic() - started,
+        ttft_overhead_s=statistics.median(overheads) if overheads else None,
+        handoff_s=statistics.median(handoffs) if handoffs else None,
+    )
 
 
 def plan_context(plan: ProfilePlan) -> int:
@@ -112,7 +136,7 @@ def plan_context(plan: ProfilePlan) -> int:
 
 
 class _Profiler:
-    __slots__ = ("_client", "_count", "_random", "_settings")
+    __slots__ = ("_client", "_count", "_random", "_settings", "rpc_overheads_s")
 
     def __init__(self, client: WorkerClient, settings: ProfileSettings, seed: int) -> None:
         if settings.vocab_size <= _FIRST_TOKEN_ID + 1:
@@ -121,6 +145,8 @@ class _Profiler:
         self._settings = settings
         self._random = random.Random(seed)
         self._count = 0
+        self.rpc_overheads_s: list[float] = []
+        """Wall time minus engine time of each timed Prefill call."""
 
     def _prompt(self, num_tokens: int) -> list[int]:
         randrange = self._random.randrange
@@ -146,9 +172,13 @@ class _Profiler:
         prompt = self._prompt(new + cached)
         if cached:
             await self._run_prefill(prompt[:cached])
+        start = time.monotonic()
         result = await self._run_prefill(prompt)
+        wall_s = time.monotonic() - start
         hit = min(result.num_cached_tokens, len(prompt) - 1)
         seconds = result.engine_time_s
+        if 0.0 < seconds <= wall_s:
+            self.rpc_overheads_s.append(wall_s - seconds)
         return PrefillSample(len(prompt) - hit, hit, seconds if seconds > 0 else 1e-6)
 
     async def _run_prefill(self, prompt: Sequence[int]) -> PrefillResult:
@@ -169,8 +199,25 @@ class _Profiler:
         hit = min(num_cached, len(prompt) - 1)
         return PrefillSample(len(prompt) - hit, hit, max(1e-6, times[0] - start))
 
-    async def _run_decode(self, prompt: Sequence[int], max_tokens: int) -> tuple[list[float], int]:
-        """Chunk arrival times (one per chunk with tokens) and the reported cached tokens."""
+    async def handoff(self, new: int, cached: int) -> float | None:
+        """A decode of ``cached + new`` tokens whose first ``cached`` are cached: first-chunk
+        wait minus its tokens' share of the later steps (None if too few tokens came)."""
+        prompt = self._prompt(new + cached)
+        await self._run_decode(prompt[:cached], 1)
+        counts: list[int] = []
+        start = time.monotonic()
+        times, _ = await self._run_decode(prompt, HANDOFF_DECODE_TOKENS, counts)
+        later = sum(counts[1:])
+        if later < 2:
+            return None
+        step_s = (times[-1] - times[0]) / later
+        return (times[0] - start) - counts[0] * step_s
+
+    async def _run_decode(
+        self, prompt: Sequence[int], max_tokens: int, counts: list[int] | None = None
+    ) -> tuple[list[float], int]:
+        """Chunk arrival times (one per chunk with tokens) and the reported cached tokens;
+        ``counts`` receives each such chunk's number of tokens."""
         times: list[float] = []
         num_cached = 0
         stream = self._client.decode(
@@ -184,6 +231,8 @@ class _Profiler:
         async for chunk in stream:
             if chunk.token_ids:
                 times.append(time.monotonic())
+                if counts is not None:
+                    counts.append(len(chunk.token_ids))
             num_cached = max(num_cached, chunk.num_cached_tokens)
         return times, num_cached
 

@@ -25,9 +25,14 @@ Scheduling (docs/design/scheduling.md): the registry owns one `LatencyPredictor`
 (priors at first; calibrated by a profile of real calls when the instance turns ready,
 controlplane/profiling.py; refitted online from `observe_prefill` / `observe_decode`), the current
 policy (`set_policy`, any of `POLICY_NAMES`) and the cluster-wide `PredictionAccuracy` (MAPE
-gauges, `stats()`). `decide(request)` builds the instances' `InstanceSnapshot`s (state, load,
-predictor) and asks the policy. `pick(role, exclude=...)` (round-robin over ready instances) is
-what failover uses once the policy's choice has failed; `get(id)` turns a choice into an instance.
+gauges, `stats()`). What it feeds the predictors (docs/design/scheduling.md §2.2-2.3): engine
+times of prefills that had their instance to themselves (`track_prefill` tells), each TTFT's
+part beyond its prefill's engine time (`ttft_overhead_s`), each hand-off's first-chunk wait
+beyond its steps (`DecodeTracker`, `handoff_s`), decode step means. `decide(request)` builds the
+instances' `InstanceSnapshot`s (state, load, predictor), asks the policy, and adds the prefill
+instance's `ttft_overhead_s` to an Assign's predicted TTFT (the policy predicts engine time).
+`pick(role, exclude=...)` (round-robin over ready instances) is what failover uses once the
+policy's choice has failed; `get(id)` turns a choice into an instance.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Collection, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any
@@ -156,9 +161,12 @@ class Instance:
         "health",
         "id",
         "idle",
+        "last_prefill_engine_s",
+        "last_prefill_solo",
         "launched",
         "num_context_tokens",
         "num_health_timeouts",
+        "num_prefill_starts",
         "num_prefills",
         "num_queued_prefill_tokens",
         "num_remaining_decode_tokens",
@@ -185,6 +193,13 @@ class Instance:
         self.num_requests = 0
         """Prefills plus decodes this gateway has on it now (what draining waits for)."""
         self.num_prefills = 0
+        self.num_prefill_starts = 0
+        """Prefills ever started on it (tells a prefill whether another overlapped it)."""
+        self.last_prefill_solo = False
+        """The prefill that ended last had the instance to itself (its engine time is a clean
+        sample of the prefill model, not one inflated by sharing steps with others)."""
+        self.last_prefill_engine_s: float | None = None
+        """Engine time of the prefill that ended last, until its TTFT is observed."""
         self.num_queued_prefill_tokens = 0
         self.num_running_decodes = 0
         self.num_context_tokens = 0
@@ -258,10 +273,22 @@ class Instance:
 class DecodeTracker:
     """Moves an instance's decode counters along as its decode streams tokens. A decode that
     prefills its own prompt (a local route) also counts as a queued prefill until its first
-    tokens arrive."""
+    tokens arrive.
+
+    It also times the stream for the latency model: a decode that takes over a request
+    prefilled elsewhere (no local prefill) waits ``w`` for its first chunk of ``j`` tokens,
+    then steps ``s`` apart on average (over the later chunks); ``w - j·s`` is what the hand-off
+    cost beyond the steps (:meth:`handoff_extra_s`, the decode predictor's ``handoff_s``)."""
 
     __slots__ = (
+        "_clock",
+        "_first_chunk_s",
+        "_first_chunk_tokens",
         "_instance",
+        "_last_chunk_s",
+        "_num_later_tokens",
+        "_start_s",
+        "is_handoff",
         "num_context_tokens",
         "num_pending_prefill_tokens",
         "num_remaining_tokens",
@@ -274,15 +301,34 @@ class DecodeTracker:
         num_context_tokens: int,
         num_remaining_tokens: int,
         num_prefill_tokens: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._instance = instance
         self.num_context_tokens = num_context_tokens
         self.num_remaining_tokens = num_remaining_tokens
         self.prefill_pending = num_prefill_tokens is not None
+        self.is_handoff = not self.prefill_pending
         self.num_pending_prefill_tokens = num_prefill_tokens or 0
         if self.prefill_pending:
             instance.num_prefills += 1
+            instance.num_prefill_starts += 1
             instance.num_queued_prefill_tokens += self.num_pending_prefill_tokens
+        self._clock = clock
+        self._start_s = clock()
+        self._first_chunk_s: float | None = None
+        self._first_chunk_tokens = 0
+        self._last_chunk_s = 0.0
+        self._num_later_tokens = 0
+
+    def handoff_extra_s(self) -> float | None:
+        """First-chunk wait minus its tokens' share of the later steps, for a hand-off that
+        streamed at least two tokens after its first chunk; None otherwise."""
+        first = self._first_chunk_s
+        if not self.is_handoff or first is None or self._num_later_tokens < 2:
+            return None
+        step_s = (self._last_chunk_s - first) / self._num_later_tokens
+        return (first - self._start_s) - self._first_chunk_tokens * step_s
 
     def end_prefill(self) -> None:
         """The local prefill is done (first tokens, or the decode ended)."""
@@ -293,6 +339,14 @@ class DecodeTracker:
 
     def add_tokens(self, num_tokens: int) -> None:
         self.end_prefill()
+        if num_tokens > 0:
+            now = self._clock()
+            if self._first_chunk_s is None:
+                self._first_chunk_s = now
+                self._first_chunk_tokens = num_tokens
+            else:
+                self._num_later_tokens += num_tokens
+            self._last_chunk_s = now
         num_tokens = min(num_tokens, self.num_remaining_tokens)
         self.num_context_tokens += num_tokens
         self.num_remaining_tokens -= num_tokens
@@ -315,8 +369,10 @@ class InstanceRegistry:
         policy: str | None = None,
         scheduling: SchedulingConfig | None = None,
         profile: ProfileSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
+        self._clock = clock
         self._health_check_timeout_s = health_check_timeout_s
         self._store: RegistryStore = store if store is not None else LocalRegistryStore()
         self._launcher = launcher
@@ -429,6 +485,14 @@ class InstanceRegistry:
         ones can be chosen); counted in the route / rejection metrics."""
         instances = [m.scheduling_snapshot() for m in self._instances.values()]
         decision = self._policy.decide(request, instances)
+        if isinstance(decision, Assign) and decision.prefill is not None:
+            # The policy's TTFT is engine time (queue + load + prefill); what the client sees
+            # also holds the gateway's work and the rpc (docs/design/scheduling.md §2.2).
+            overhead_s = self._instances[decision.prefill].predictor.ttft_overhead_s
+            if overhead_s > 0.0:
+                decision = replace(
+                    decision, predicted_ttft_s=decision.predicted_ttft_s + overhead_s
+                )
         if isinstance(decision, Reject):
             self._num_rejected += 1
             self._metrics.requests_rejected.labels(decision.reason.value).inc()
@@ -455,9 +519,15 @@ class InstanceRegistry:
         return f"no {_name(role)} worker is ready ({details or 'none registered'})"
 
     def observe_prefill(self, instance: Instance, new: int, cached: int, seconds: float) -> None:
-        """An observed prefill on ``instance`` (engine time): refits its model online."""
+        """An observed prefill on ``instance`` (engine time), called as its `track_prefill`
+        block ends: refits its model online if no other prefill overlapped it (an overlapped
+        one shared engine steps: its time is queueing plus service, which the queue model
+        predicts, not the prefill model); kept for the TTFT that follows (`observe_ttft`)."""
+        solo, instance.last_prefill_solo = instance.last_prefill_solo, False
         if new >= 0 and cached >= 0 and math.isfinite(seconds) and seconds > 0:
-            instance.predictor.observe_prefill(new, cached, seconds)
+            instance.last_prefill_engine_s = seconds
+            if solo:
+                instance.predictor.observe_prefill(new, cached, seconds)
 
     def observe_decode(
         self, instance: Instance, batch_size: float, context_tokens: float, step_s: float
@@ -467,6 +537,12 @@ class InstanceRegistry:
             instance.predictor.observe_decode_step(round(batch_size), round(context_tokens), step_s)
 
     def observe_ttft(self, assign: Assign, instance: Instance, observed_s: float) -> None:
+        """The request's TTFT against its prediction; after a prefill on ``instance`` (the
+        gateway calls this right after that prefill's `observe_prefill`, with no await between)
+        the part beyond the engine time is a sample of the instance's ``ttft_overhead_s``."""
+        engine_s, instance.last_prefill_engine_s = instance.last_prefill_engine_s, None
+        if engine_s is not None and assign.prefill == instance.id and observed_s >= engine_s:
+            instance.predictor.observe_ttft_overhead(observed_s - engine_s)
         if observed_s > 0:
             self._accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
             instance.predictor.accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
@@ -506,6 +582,8 @@ class InstanceRegistry:
         """Counts one prefill of ``num_prompt_tokens`` uncached tokens on ``instance`` while the
         block runs."""
         self._begin(instance)
+        overlapped = instance.num_prefills > 0
+        starts = instance.num_prefill_starts = instance.num_prefill_starts + 1
         instance.num_prefills += 1
         instance.num_queued_prefill_tokens += num_prompt_tokens
         try:
@@ -513,6 +591,8 @@ class InstanceRegistry:
         finally:
             instance.num_queued_prefill_tokens -= num_prompt_tokens
             instance.num_prefills -= 1
+            # Solo: nothing in flight when it started and nothing started since.
+            instance.last_prefill_solo = not overlapped and instance.num_prefill_starts == starts
             self._end(instance)
 
     @contextmanager
@@ -532,10 +612,15 @@ class InstanceRegistry:
         instance.num_running_decodes += 1
         instance.num_context_tokens += num_context_tokens
         instance.num_remaining_decode_tokens += num_max_tokens
-        tracker = DecodeTracker(instance, num_context_tokens, num_max_tokens, num_prefill_tokens)
+        tracker = DecodeTracker(
+            instance, num_context_tokens, num_max_tokens, num_prefill_tokens, clock=self._clock
+        )
         try:
             yield tracker
         finally:
+            extra_s = tracker.handoff_extra_s()
+            if extra_s is not None:
+                instance.predictor.observe_handoff(extra_s)
             tracker.end_prefill()
             instance.num_context_tokens -= tracker.num_context_tokens
             instance.num_remaining_decode_tokens -= tracker.num_remaining_tokens
@@ -893,7 +978,12 @@ class InstanceRegistry:
             result = await profile_worker(
                 instance.client, instance.role, plan, self._profile, seed=seed
             )
-            instance.predictor.calibrate(result.prefill, result.decode)
+            instance.predictor.calibrate(
+                result.prefill,
+                result.decode,
+                ttft_overhead_s=result.ttft_overhead_s,
+                handoff_s=result.handoff_s,
+            )
         except (WorkerError, ValueError) as exc:
             instance.profile_state = f"failed: {exc}"
             logger.warning("profile of %s failed, keeping priors: %s", instance.id, exc)
@@ -905,7 +995,7 @@ class InstanceRegistry:
         logger.info(
             "instance %s profiled in %.1f s (%d prefill, %d decode samples): prefill %.2f ms + "
             "%.3f us/new + %.3f us/cached + %.4f ns/pair; decode step %.2f ms + %.3f ms/seq + "
-            "%.4f us/token",
+            "%.4f us/token; TTFT overhead %.2f ms, hand-off %.2f ms",
             instance.id,
             result.seconds,
             len(result.prefill),
@@ -917,6 +1007,8 @@ class InstanceRegistry:
             d.fixed_s * 1e3,
             d.per_sequence_s * 1e3,
             d.per_context_token_s * 1e6,
+            instance.predictor.ttft_overhead_s * 1e3,
+            instance.predictor.handoff_s * 1e3,
         )
 
     def _apply_health_error(self, instance: Instance, exc: WorkerError) -> None:

@@ -33,6 +33,26 @@ samples plus a bounded window of recent observations (the window alone once it i
 enough shapes to determine every coefficient, so the model follows drift). Its prediction error is
 tracked by :class:`PredictionAccuracy` as a rolling mean absolute percentage error.
 
+**What is compared with what** (the MAPE is of the gateway's view; docs/design/scheduling.md
+§2.2-2.3 has the measurements behind each choice):
+
+* *TTFT* is observed at the gateway: HTTP arrival to first token. The prefill model predicts
+  engine time (the worker's ``engine_time_s``), so the registry adds
+  :attr:`LatencyPredictor.ttft_overhead_s` of the prefill instance: the median of recent
+  ``TTFT - engine_time_s`` (gateway work + rpc), seeded by the profile's rpc overhead.
+* *TPOT* is observed as ``(last token - first token) / (tokens - 1)``; its first gap is the
+  decode instance taking the request over (Decode rpc, KV load, the last partial block
+  recomputed: the pool holds whole blocks). :meth:`LatencyPredictor.transfer_s`, which the
+  policy spreads over ``max_tokens - 1`` gaps, therefore includes
+  :attr:`LatencyPredictor.handoff_s` (median of recent first-gap waits beyond a step).
+* *Level*: engine times move with the regime (a busy neighbour on the same CPU doubled the
+  tiny model's prefill): :attr:`LatencyPredictor.prefill` and ``decode`` are the fits with their
+  fixed cost moved by the weighted median of the last ``LEVEL_WINDOW`` residuals (weights
+  ``1/observed``: the shift that minimises their MAPE). Refits keep the shape (they need many
+  shapes); the level follows the regime within a few requests.
+* Only prefills that had their instance to themselves refit the prefill model (the registry
+  knows): an overlapped one's engine time holds queueing, which the queue term predicts.
+
 Pure computation: no I/O, no clocks, no threads. Each predictor belongs to one thread (the
 gateway's event loop); the registry owns one per instance.
 """
@@ -44,7 +64,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, NamedTuple, TypeVar
 
 import numpy as np
@@ -62,6 +82,7 @@ __all__ = [
     "PrefillCoefficients",
     "PrefillSample",
     "ProfilePlan",
+    "RollingMedian",
     "TransferCoefficients",
     "Transport",
     "attention_pairs",
@@ -303,6 +324,9 @@ def _well_determined(features: FloatArray) -> bool:
 
 # -- profile plan ------------------------------------------------------------------------------
 
+HANDOFF_DECODE_TOKENS: Final = 4
+"""Tokens a profiled hand-off generates: its first chunk, then three steps to time."""
+
 
 @dataclass(frozen=True, slots=True)
 class ProfilePlan:
@@ -313,12 +337,17 @@ class ProfilePlan:
     whose first ``cached`` tokens a previous request has just computed (so they are cached), and
     time the prefill (the worker's ``engine_time_s``). ``decode_points``: ``(batch_size,
     context_tokens)``; run ``batch_size`` sequences of ``context_tokens / batch_size`` tokens each
-    and time the mean step. ``repeats``: how many times to time each point.
+    and time the mean step. ``repeats``: how many times to time each point. ``handoff_points``:
+    ``(new_tokens, cached_tokens)`` of a decode instance taking over a prefilled request: the
+    pool holds whole blocks only, so it computes the last partial block plus the first token
+    (``block_size/2 + 1`` tokens on average) after ``cached`` tokens (see
+    :attr:`LatencyPredictor.handoff_s`).
     """
 
     prefill_points: tuple[tuple[int, int], ...]
     decode_points: tuple[tuple[int, int], ...]
     repeats: int = 2
+    handoff_points: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def for_engine(cls, max_model_len: int, block_size: int, max_num_seqs: int) -> ProfilePlan:
@@ -361,7 +390,13 @@ class ProfilePlan:
         batches.append(max_num_seqs)
         per_sequence = (min(block_size, half), half, limit)
         decode = dict.fromkeys((b, b * s) for b in batches for s in per_sequence)
-        return cls(tuple(sorted(prefill)), tuple(decode))
+        tail = block_size // 2 + 1
+        handoff = dict.fromkeys(
+            (tail, c)
+            for c in (block_size, whole_blocks(half))
+            if c >= block_size and c + tail + HANDOFF_DECODE_TOKENS <= limit
+        )
+        return cls(tuple(sorted(prefill)), tuple(decode), handoff_points=tuple(handoff))
 
 
 # -- accuracy ----------------------------------------------------------------------------------
@@ -413,6 +448,61 @@ def _relative_error(predicted_s: float, observed_s: float) -> float:
     return abs(predicted_s - observed_s) / observed_s
 
 
+# -- overheads ---------------------------------------------------------------------------------
+
+LEVEL_WINDOW: Final = 8
+"""Recent observations whose median residual moves a fit's fixed cost (the level)."""
+LEVEL_MIN_OBSERVATIONS: Final = 4
+
+OVERHEAD_WINDOW: Final = 64
+"""Observations behind :attr:`LatencyPredictor.ttft_overhead_s` and ``handoff_s``."""
+OVERHEAD_MIN_OBSERVATIONS: Final = 8
+"""Observations needed before their median replaces the seed (the profile's measurement)."""
+
+
+class RollingMedian:
+    """Median of the last ``window`` values, clamped at >= 0; the seed stands in until
+    ``min_count`` values were seen (one or two are noise, not an estimate).
+
+    A median, not a mean: these overheads have a long tail (a garbage collection, a context
+    switch on a busy host) that a mean would spread over every prediction, and the median of an
+    additive term is what minimises the absolute error of the sum.
+    """
+
+    __slots__ = ("_min_count", "_seed", "_values")
+
+    def __init__(self, window: int, min_count: int = 1) -> None:
+        if not 1 <= min_count <= window:
+            raise ValueError("need 1 <= min_count <= window")
+        self._values: deque[float] = deque(maxlen=window)
+        self._min_count = min_count
+        self._seed = 0.0
+
+    def seed(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise ValueError(f"seed must be finite, got {value}")
+        self._seed = max(0.0, value)
+
+    def add(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise ValueError(f"observation must be finite, got {value}")
+        self._values.append(value)
+
+    @property
+    def value(self) -> float:
+        values = self._values
+        if len(values) < self._min_count:
+            return self._seed
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        if len(ordered) % 2:
+            return max(0.0, ordered[middle])
+        return max(0.0, (ordered[middle - 1] + ordered[middle]) / 2.0)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 # -- the predictor -----------------------------------------------------------------------------
 
 
@@ -426,16 +516,20 @@ class LatencyPredictor:
         "_accuracy",
         "_calibrated",
         "_decode",
+        "_decode_fit",
         "_decode_profile",
         "_decode_since_fit",
         "_decode_window",
+        "_handoff",
         "_prefill",
+        "_prefill_fit",
         "_prefill_profile",
         "_prefill_since_fit",
         "_prefill_window",
         "_refit_every",
         "_ssd_read",
         "_transfers",
+        "_ttft_overhead",
     )
 
     def __init__(
@@ -453,8 +547,8 @@ class LatencyPredictor:
         missing = set(Transport) - set(transfers)
         if missing:
             raise ValueError(f"no transfer model for {sorted(t.value for t in missing)}")
-        self._prefill = prefill
-        self._decode = decode
+        self._prefill_fit = self._prefill = prefill
+        self._decode_fit = self._decode = decode
         self._transfers = dict(transfers)
         self._ssd_read = ssd_read
         self._refit_every = refit_every
@@ -466,16 +560,45 @@ class LatencyPredictor:
         self._decode_since_fit = 0
         self._calibrated = False
         self._accuracy = PredictionAccuracy()
+        self._ttft_overhead = RollingMedian(OVERHEAD_WINDOW, OVERHEAD_MIN_OBSERVATIONS)
+        self._handoff = RollingMedian(OVERHEAD_WINDOW, OVERHEAD_MIN_OBSERVATIONS)
 
     # -- model state ---------------------------------------------------------------------------
 
     @property
     def prefill(self) -> PrefillCoefficients:
+        """The prefill model in use: the fit with its fixed cost moved by the current level
+        (:meth:`prefill_level_s`)."""
         return self._prefill
 
     @property
     def decode(self) -> DecodeCoefficients:
+        """The decode-step model in use: the fit moved by the current level."""
         return self._decode
+
+    @property
+    def prefill_fit(self) -> PrefillCoefficients:
+        """The last least-squares fit (profile, then refits), before the level correction."""
+        return self._prefill_fit
+
+    @property
+    def decode_fit(self) -> DecodeCoefficients:
+        return self._decode_fit
+
+    def prefill_level_s(self) -> float:
+        """Median of ``observed - fit`` over the last ``LEVEL_WINDOW`` observed prefills (0
+        before ``LEVEL_MIN_OBSERVATIONS``): how far the engine runs from its fit right now."""
+        return _level_s(self._prefill_window, self._prefill_fit.predict_s)
+
+    def decode_level_s(self) -> float:
+        """The same for decode steps."""
+        return _level_s(self._decode_window, self._decode_fit.predict_s)
+
+    def _apply_levels(self) -> None:
+        fit = self._prefill_fit
+        self._prefill = replace(fit, fixed_s=max(0.0, fit.fixed_s + self.prefill_level_s()))
+        step = self._decode_fit
+        self._decode = replace(step, fixed_s=max(0.0, step.fixed_s + self.decode_level_s()))
 
     @property
     def calibrated(self) -> bool:
@@ -490,6 +613,33 @@ class LatencyPredictor:
     @property
     def ssd_read(self) -> TransferCoefficients:
         return self._ssd_read
+
+    @property
+    def num_prefill_observations(self) -> int:
+        """Observed prefills in the refit window (the profile's samples not counted)."""
+        return len(self._prefill_window)
+
+    @property
+    def num_decode_observations(self) -> int:
+        return len(self._decode_window)
+
+    @property
+    def ttft_overhead_s(self) -> float:
+        """What a TTFT on this instance (as its prefill instance) holds beyond the engine's
+        time: the gateway's own work before and after the Prefill rpc and the rpc itself. The
+        median of the last observations (observed TTFT minus the engine time the worker
+        reported), the profile's rpc overhead until there are ``OVERHEAD_MIN_OBSERVATIONS``,
+        0 before both."""
+        return self._ttft_overhead.value
+
+    @property
+    def handoff_s(self) -> float:
+        """What taking over a prefilled request costs this (decode) instance beyond one decode
+        step: the Decode rpc, the connector's load, the last partial block recomputed (the pool
+        holds whole blocks only). The median of the last observations (first chunk's wait
+        minus its tokens' steps), the profile's measurement until there are
+        ``OVERHEAD_MIN_OBSERVATIONS``, 0 before both."""
+        return self._handoff.value
 
     def transfer(self, transport: Transport) -> TransferCoefficients:
         return self._transfers[transport]
@@ -519,26 +669,52 @@ class LatencyPredictor:
         return self._decode.predict_s(batch_size, context_tokens)
 
     def transfer_s(self, transport: Transport, num_bytes: int) -> float:
-        return self._transfers[transport].predict_s(num_bytes)
+        """Handing a request prefilled elsewhere to this instance, ``num_bytes`` of KV away:
+        :attr:`handoff_s` plus the bytes over ``transport``. The policy spreads it over the
+        output's gaps (the first gap pays it; TPOT is their mean)."""
+        return self._handoff.value + self._transfers[transport].predict_s(num_bytes)
 
     def load_s(self, transport: Transport, dram_bytes: int, ssd_bytes: int) -> float:
         """Time to bring cached KV in from the pool: DRAM bytes over ``transport``; SSD bytes are
         read from disk first, then sent the same way."""
-        seconds = self.transfer_s(transport, dram_bytes + ssd_bytes)
+        seconds = self._transfers[transport].predict_s(dram_bytes + ssd_bytes)
         if ssd_bytes > 0:
             seconds += self._ssd_read.predict_s(ssd_bytes)
         return seconds
 
     # -- calibration ---------------------------------------------------------------------------
 
-    def calibrate(self, prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample]) -> None:
+    def calibrate(
+        self,
+        prefill: Sequence[PrefillSample],
+        decode: Sequence[DecodeSample],
+        *,
+        ttft_overhead_s: float | None = None,
+        handoff_s: float | None = None,
+    ) -> None:
         """Fit both models to a profile's timings (see :class:`ProfilePlan`); the samples stay as
-        anchors for online refits until the recent window can stand alone."""
-        prefill_fit = fit_prefill(prefill)
-        decode_fit = fit_decode(decode)
-        self._prefill, self._decode = prefill_fit, decode_fit
+        anchors for online refits until the recent window can stand alone. ``ttft_overhead_s``
+        and ``handoff_s``, when the profile measured them, stand until observations replace
+        them."""
+        self._prefill_fit = fit_prefill(prefill)
+        self._decode_fit = fit_decode(decode)
+        self._apply_levels()
         self._prefill_profile, self._decode_profile = tuple(prefill), tuple(decode)
+        if ttft_overhead_s is not None:
+            self._ttft_overhead.seed(ttft_overhead_s)
+        if handoff_s is not None:
+            self._handoff.seed(handoff_s)
         self._calibrated = True
+
+    def observe_ttft_overhead(self, seconds: float) -> None:
+        """One TTFT minus the engine time of its prefill on this instance (see
+        :attr:`ttft_overhead_s`)."""
+        self._ttft_overhead.add(seconds)
+
+    def observe_handoff(self, seconds: float) -> None:
+        """One take-over's first-chunk wait minus the steps of that chunk's tokens (see
+        :attr:`handoff_s`); may be negative (noise), the estimate is clamped at 0."""
+        self._handoff.add(seconds)
 
     def observe_prefill(self, new_tokens: int, cached_tokens: int, seconds: float) -> None:
         """One observed prefill (engine time, no queueing); refits every ``refit_every``."""
@@ -548,6 +724,8 @@ class LatencyPredictor:
         self._prefill_since_fit += 1
         if self._prefill_since_fit >= self._refit_every:
             self.refit()
+        else:
+            self._apply_levels()
 
     def observe_decode_step(self, batch_size: int, context_tokens: int, seconds: float) -> None:
         """One observed decode step (or a mean over several of the same shape)."""
@@ -557,6 +735,8 @@ class LatencyPredictor:
         self._decode_since_fit += 1
         if self._decode_since_fit >= self._refit_every:
             self.refit()
+        else:
+            self._apply_levels()
 
     def refit(self) -> None:
         """Refit both models from the recent windows (plus the profile anchors when the window
@@ -564,12 +744,33 @@ class LatencyPredictor:
         there is too little data."""
         prefill = _training_set(self._prefill_window, self._prefill_profile, _prefill_features)
         if len(prefill) >= 8:
-            self._prefill = fit_prefill(prefill)
+            self._prefill_fit = fit_prefill(prefill)
         decode = _training_set(self._decode_window, self._decode_profile, _decode_features)
         if len(decode) >= 6:
-            self._decode = fit_decode(decode)
+            self._decode_fit = fit_decode(decode)
         self._prefill_since_fit = 0
         self._decode_since_fit = 0
+        self._apply_levels()
+
+
+def _level_s(window: deque[_Sample], predict_s: Callable[[int, int], float]) -> float:
+    """Weighted median of the recent residuals ``observed - fit``, weights ``1/observed``: the
+    shift ``L`` that minimises ``sum |fit + L - observed| / observed`` (the MAPE of the moved
+    model over these observations)."""
+    if len(window) < LEVEL_MIN_OBSERVATIONS:
+        return 0.0
+    start = max(0, len(window) - LEVEL_WINDOW)
+    weighted = sorted(
+        (s.seconds - predict_s(s[0], s[1]), 1.0 / s.seconds)
+        for s in itertools.islice(window, start, None)
+    )
+    half = sum(weight for _, weight in weighted) / 2.0
+    cumulative = 0.0
+    for residual, weight in weighted:
+        cumulative += weight
+        if cumulative >= half:
+            return residual
+    return weighted[-1][0]  # not reached: the weights sum to 2·half
 
 
 def _training_set(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from controlplane.scheduling.predictor import (
+    OVERHEAD_MIN_OBSERVATIONS,
     PRIOR_DECODE,
     PRIOR_PREFILL,
     PRIOR_TRANSFERS,
@@ -16,6 +17,7 @@ from controlplane.scheduling.predictor import (
     PrefillCoefficients,
     PrefillSample,
     ProfilePlan,
+    RollingMedian,
     TransferCoefficients,
     Transport,
     attention_pairs,
@@ -235,8 +237,11 @@ def test_online_refit_from_observations_alone_recovers_the_coefficients() -> Non
         predictor.observe_prefill(*sample)
     for sample in noisy_decode(TRUE_DECODE, random_decode_points(rng, 256), rng):
         predictor.observe_decode_step(*sample)
-    assert max(relative_errors(predictor.prefill.as_tuple(), TRUE_PREFILL.as_tuple())) < 0.05
-    assert max(relative_errors(predictor.decode.as_tuple(), TRUE_DECODE.as_tuple())) < 0.05
+    assert max(relative_errors(predictor.prefill_fit.as_tuple(), TRUE_PREFILL.as_tuple())) < 0.05
+    assert max(relative_errors(predictor.decode_fit.as_tuple(), TRUE_DECODE.as_tuple())) < 0.05
+    # The level (median of the last residuals) only moves the fixed costs, by noise here.
+    assert predictor.prefill.as_tuple()[1:] == predictor.prefill_fit.as_tuple()[1:]
+    assert predictor.prefill.fixed_s == predictor.prefill_fit.fixed_s + predictor.prefill_level_s()
 
 
 def test_refits_happen_every_refit_every_observations() -> None:
@@ -245,9 +250,11 @@ def test_refits_happen_every_refit_every_observations() -> None:
     samples = noisy_prefill(TRUE_PREFILL, random_prefill_points(rng, 10), rng, noise=0.0)
     for sample in samples[:9]:
         predictor.observe_prefill(*sample)
-    assert predictor.prefill == PRIOR_PREFILL
+    assert predictor.prefill_fit == PRIOR_PREFILL
     predictor.observe_prefill(*samples[9])
-    assert max(relative_errors(predictor.prefill.as_tuple(), TRUE_PREFILL.as_tuple())) < 1e-6
+    assert max(relative_errors(predictor.prefill_fit.as_tuple(), TRUE_PREFILL.as_tuple())) < 1e-6
+    # Noiseless samples of the fitted model: no residual left, the level is 0.
+    assert predictor.prefill_level_s() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_few_narrow_observations_do_not_override_the_profile() -> None:
@@ -304,3 +311,88 @@ def test_prediction_accuracy_refuses_bad_timings() -> None:
         accuracy.observe_tpot(float("inf"), 0.1)
     with pytest.raises(ValueError, match="window must be >= 1"):
         PredictionAccuracy(window=0)
+
+
+# -- overheads outside the engine ------------------------------------------------------------
+
+
+def test_rolling_median_uses_its_seed_until_enough_observations() -> None:
+    median = RollingMedian(window=4, min_count=3)
+    assert median.value == 0.0
+    median.seed(0.005)
+    median.add(0.010)
+    median.add(0.030)
+    assert median.value == 0.005  # two observations: still the seed
+    median.add(0.020)
+    assert median.value == 0.020  # median of 0.010, 0.030, 0.020
+    median.add(0.001)
+    assert median.value == pytest.approx(0.015, rel=1e-12)  # even count: mean of the middle two
+    median.add(0.001)  # the window keeps the last 4: 0.030, 0.020, 0.001, 0.001
+    assert median.value == pytest.approx(0.0105, rel=1e-12)
+    assert len(median) == 4
+
+
+def test_rolling_median_is_clamped_at_zero_and_refuses_bad_values() -> None:
+    median = RollingMedian(window=3)
+    median.seed(-1.0)
+    assert median.value == 0.0
+    median.add(-0.002)  # a hand-off faster than a step: noise around 0
+    assert median.value == 0.0
+    with pytest.raises(ValueError, match="observation must be finite"):
+        median.add(float("inf"))
+    with pytest.raises(ValueError, match="seed must be finite"):
+        median.seed(float("nan"))
+    with pytest.raises(ValueError, match="min_count <= window"):
+        RollingMedian(window=2, min_count=3)
+
+
+def test_handoff_is_part_of_the_transfer_to_a_decode_instance() -> None:
+    predictor = LatencyPredictor()
+    assert predictor.handoff_s == 0.0 and predictor.ttft_overhead_s == 0.0
+    prefill, decode = profile_samples(np.random.default_rng(7))
+    predictor.calibrate(prefill, decode, ttft_overhead_s=0.004, handoff_s=0.012)
+    assert (predictor.ttft_overhead_s, predictor.handoff_s) == (0.004, 0.012)
+    # 0.012 hand-off + 20 us + 1 MB at 10 GB/s
+    assert predictor.transfer_s(Transport.SHM, 10**6) == pytest.approx(0.01212, rel=1e-12)
+    assert predictor.transfer_s(Transport.SHM, 0) == pytest.approx(0.012, rel=1e-12)
+    # Loading from the pool is not a hand-off: the transport alone.
+    assert predictor.load_s(Transport.SHM, 10**6, 0) == pytest.approx(0.00012, rel=1e-12)
+    for i in range(OVERHEAD_MIN_OBSERVATIONS):
+        predictor.observe_handoff(0.020 + 0.001 * i)
+        predictor.observe_ttft_overhead(0.003)
+    # 8 observations 0.020 .. 0.027: median 0.0235 replaces the profile's seed.
+    assert predictor.handoff_s == pytest.approx(0.0235, rel=1e-12)
+    assert predictor.ttft_overhead_s == pytest.approx(0.003, rel=1e-12)
+
+
+def test_profile_plan_has_handoff_points_of_half_a_block_plus_one() -> None:
+    assert ProfilePlan.for_engine(1024, 128, 8).handoff_points == ((65, 128), (65, 512))
+    assert ProfilePlan.for_engine(8192, 16, 64).handoff_points == ((9, 16), (9, 4096))
+    # A context too short for a cached block, a tail and the timed tokens: none.
+    assert ProfilePlan.for_engine(64, 64, 1).handoff_points == ()
+
+
+def test_the_level_moves_the_fixed_cost_by_the_weighted_median_residual() -> None:
+    predictor = LatencyPredictor(decode=DecodeCoefficients(0.010, 0.0, 0.0))
+    for seconds in (0.011, 0.012, 0.030):
+        predictor.observe_decode_step(4, 1000, seconds)
+    assert predictor.decode_level_s() == 0.0  # 3 observations: below LEVEL_MIN_OBSERVATIONS
+    assert predictor.decode == predictor.decode_fit
+    predictor.observe_decode_step(4, 1000, 0.040)
+    # Residuals 1, 2, 20, 30 ms weighted 1/observed (90.9, 83.3, 33.3, 25): half the weight is
+    # reached at 2 ms (the plain median would be 11 ms, pulled by the two slow steps).
+    assert predictor.decode_level_s() == pytest.approx(0.002, rel=1e-9)
+    assert predictor.decode.fixed_s == pytest.approx(0.012, rel=1e-9)
+    assert predictor.decode_step_s(4, 1000) == pytest.approx(0.012, rel=1e-9)
+    # A regime change: the last 8 steps (LEVEL_WINDOW) all take 25 ms: the level follows.
+    for _ in range(8):
+        predictor.observe_decode_step(4, 1000, 0.025)
+    assert predictor.decode_step_s(4, 1000) == pytest.approx(0.025, rel=1e-9)
+
+
+def test_the_level_never_makes_a_fixed_cost_negative() -> None:
+    predictor = LatencyPredictor(prefill=PrefillCoefficients(0.010, 1e-4, 0.0, 0.0))
+    for _ in range(4):
+        predictor.observe_prefill(100, 0, 0.005)  # 15 ms faster than the fit's 20 ms
+    assert predictor.prefill_level_s() == pytest.approx(-0.015, rel=1e-9)
+    assert predictor.prefill == PrefillCoefficients(0.0, 1e-4, 0.0, 0.0)
