@@ -29,8 +29,8 @@ gauges, `stats()`). What it feeds the predictors (docs/design/scheduling.md §2.
 times of prefills that had their instance to themselves (`track_prefill` tells), each TTFT's
 part beyond its prefill's engine time (`ttft_overhead_s`), each hand-off's first-chunk wait
 beyond its steps (`DecodeTracker`, `handoff_s`), decode step means. `decide(request)` builds the
-instances' `InstanceSnapshot`s (state, load, predictor), asks the policy, and adds the prefill
-instance's `ttft_overhead_s` to an Assign's predicted TTFT (the policy predicts engine time).
+instances' `InstanceSnapshot`s (state, load, predictor) and asks the policy (whose TTFT includes
+the instance's `ttft_overhead_s`, so admission sees it too).
 `pick(role, exclude=...)` (round-robin over ready instances) is what failover uses once the
 policy's choice has failed; `get(id)` turns a choice into an instance.
 """
@@ -485,14 +485,6 @@ class InstanceRegistry:
         ones can be chosen); counted in the route / rejection metrics."""
         instances = [m.scheduling_snapshot() for m in self._instances.values()]
         decision = self._policy.decide(request, instances)
-        if isinstance(decision, Assign) and decision.prefill is not None:
-            # The policy's TTFT is engine time (queue + load + prefill); what the client sees
-            # also holds the gateway's work and the rpc (docs/design/scheduling.md §2.2).
-            overhead_s = self._instances[decision.prefill].predictor.ttft_overhead_s
-            if overhead_s > 0.0:
-                decision = replace(
-                    decision, predicted_ttft_s=decision.predicted_ttft_s + overhead_s
-                )
         if isinstance(decision, Reject):
             self._num_rejected += 1
             self._metrics.requests_rejected.labels(decision.reason.value).inc()

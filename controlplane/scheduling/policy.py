@@ -178,7 +178,8 @@ class RequestCosts:
         c = self._block_size * cached
         n = self._prompt - c
         seconds = (
-            p.fixed_s
+            predictor.ttft_overhead_s  # the gateway's work and the rpc, beyond engine time
+            + p.fixed_s
             + p.per_new_token_s * n
             + p.per_cached_token_s * c
             + p.per_attention_pair_s * (n * c + n * (n + 1) * 0.5)
