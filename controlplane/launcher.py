@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import IO
 
 from controlplane.instances import InstanceConflict, WorkerRole
-from controlplane.processes import die_with_parent, killpg_quietly
+from controlplane.processes import killpg_quietly, with_parent_death_signal
 
 __all__ = [
     "CorePool",
@@ -313,14 +313,15 @@ class LocalProcessLauncher:
                 "PYTHONUNBUFFERED": "1",
             }
             # Forked from this (the event loop's) thread: PR_SET_PDEATHSIG follows the thread.
+            argv, preexec_fn = with_parent_death_signal(self._argv(role, port))
             proc = subprocess.Popen(
-                self._argv(role, port),
+                argv,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=preexec_fn,
             )
         except BaseException:
             self.cores.release(cores)

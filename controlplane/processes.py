@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
+from collections.abc import Callable, Sequence
 
-__all__ = ["die_with_parent", "killpg_quietly"]
+__all__ = ["die_with_parent", "killpg_quietly", "with_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -24,6 +26,23 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def with_parent_death_signal(
+    argv: Sequence[str],
+) -> tuple[list[str], Callable[[], None] | None]:
+    """``(argv, preexec_fn)`` for a child that gets SIGTERM when its parent thread dies.
+
+    Prefers util-linux's ``setpriv --pdeathsig`` (it sets PR_SET_PDEATHSIG, then execs the
+    command): no Python code runs in the child between fork and exec, which is unsafe in a
+    process with gRPC threads — the gateway launching workers saw its children hang or lose
+    their gRPC pollers that way. Without setpriv, falls back to :func:`die_with_parent` as a
+    ``preexec_fn``.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
+    return list(argv), die_with_parent
 
 
 def killpg_quietly(pgid: int, sig: int) -> None:

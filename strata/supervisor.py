@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from controlplane.processes import die_with_parent, killpg_quietly
+from controlplane.processes import killpg_quietly, with_parent_death_signal
 
 
 class ServiceError(RuntimeError):
@@ -40,14 +40,15 @@ class Service:
 
     def start(self) -> None:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        argv, preexec_fn = with_parent_death_signal(self.argv)
         self.proc = subprocess.Popen(
-            list(self.argv),
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=preexec_fn,
         )
         threading.Thread(target=self._pump, name=f"pump-{self.name}", daemon=True).start()
 

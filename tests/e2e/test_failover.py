@@ -15,10 +15,12 @@ own cores as `strata serve` does) and a gateway, all separate processes on loopb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,8 +39,9 @@ pytestmark = pytest.mark.slow
 
 READY_TIMEOUT_S = 600.0
 MAX_TOKENS = 600
-# Kill the decode worker once the client holds the prefill's token and the first decode chunk:
-# the client reads the stream behind the gateway, so a later trigger can find the decode finished.
+# Kill the decode worker once the client holds the prefill's token and a first decode chunk. The
+# decode workers are slowed down meanwhile (_Throttle): on a quiet machine the tiny model can
+# finish all its tokens between the client's read and the kill.
 KILL_AFTER_TOKENS = 2
 PROMPT = "the river tower keeps seven cache blocks of memory for the decode engine"
 
@@ -158,10 +161,54 @@ def _failovers(cluster: FailoverCluster) -> float:
     return 0.0
 
 
+class _Throttle:
+    """Slows the live decode workers down with a SIGSTOP / SIGCONT duty cycle (test code only), so
+    that a kill lands mid-stream however fast the engine is; :meth:`stop` lets them run again."""
+
+    STOPPED_S = 0.02
+    RUNNING_S = 0.002
+
+    def __init__(self, services: list[Service]) -> None:
+        self._pgids = [s.proc.pid for s in services if s.proc is not None and s.alive()]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _signal(self, sig: int) -> None:
+        for pgid in self._pgids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self._signal(signal.SIGSTOP)
+            self._done.wait(self.STOPPED_S)
+            self._signal(signal.SIGCONT)
+            self._done.wait(self.RUNNING_S)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self._signal(signal.SIGCONT)
+
+
 def _run_stream(
     cluster: FailoverCluster, kill_after_tokens: int | None
 ) -> tuple[list[int], str, list[dict[str, Any]]]:
     """(token ids, text, error events) of one stream, killing its decode worker on the way."""
+    throttle = _Throttle(list(cluster.decodes.values())) if kill_after_tokens else None
+    try:
+        token_ids, text, errors, done = _read_stream(cluster, kill_after_tokens, throttle)
+    finally:
+        if throttle is not None:
+            throttle.stop()
+    assert done
+    return token_ids, text, errors
+
+
+def _read_stream(
+    cluster: FailoverCluster, kill_after_tokens: int | None, throttle: _Throttle | None
+) -> tuple[list[int], str, list[dict[str, Any]], bool]:
     token_ids: list[int] = []
     text = ""
     errors: list[dict[str, Any]] = []
@@ -180,8 +227,9 @@ def _run_stream(
             if kill_after_tokens is not None and len(token_ids) >= kill_after_tokens:
                 kill_after_tokens = None
                 _kill_9(cluster.decodes[_serving_decode(cluster)])
-    assert done
-    return token_ids, text, errors
+                if throttle is not None:
+                    throttle.stop()  # the resumed decode runs at full speed
+    return token_ids, text, errors, done
 
 
 def test_kill_9_of_the_serving_decode_worker_loses_no_token(cluster: FailoverCluster) -> None:
