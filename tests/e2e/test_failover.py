@@ -4,11 +4,12 @@ One store node, one prefill and two decode workers (the tiny seeded model, each 
 own cores as `strata serve` does) and a gateway, all separate processes on loopback.
 
 1. A greedy streaming request (ignore_eos, 600 tokens) is answered once undisturbed; the same
-   request again, and once it is mid-stream the decode worker serving it (the one the gateway's
-   /health shows with a request in flight) is killed with SIGKILL, engine processes included.
+   request again, with the decode workers frozen (SIGSTOP) so that none can finish early: the one
+   the gateway's /health shows with the request in flight is killed with SIGKILL, engine
+   processes included, and the others thawed.
    The stream completes with exactly the undisturbed run's tokens and text: the gateway resumed
    it on the other decode worker from the prompt plus the tokens already sent.
-2. Then the only decode worker left is killed mid-stream: the client gets an error event and
+2. Then the only decode worker left is killed the same way: the client gets an error event and
    `[DONE]`; the gateway keeps answering (/health 503 with its instance list, a new request an
    OpenAI error).
 """
@@ -34,15 +35,12 @@ import pytest
 from strata.cli import engine_core_sets
 from strata.supervisor import Service
 from tests.e2e.conftest import free_port
+from tests.proc_tree import descendants
 
 pytestmark = pytest.mark.slow
 
 READY_TIMEOUT_S = 600.0
 MAX_TOKENS = 600
-# Kill the decode worker once the client holds the prefill's token and a first decode chunk. The
-# decode workers are slowed down meanwhile (_Throttle): on a quiet machine the tiny model can
-# finish all its tokens between the client's read and the kill.
-KILL_AFTER_TOKENS = 2
 PROMPT = "the river tower keeps seven cache blocks of memory for the decode engine"
 
 
@@ -139,17 +137,13 @@ def _get(cluster: FailoverCluster, path: str) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read())
 
 
-def _serving_decode(cluster: FailoverCluster) -> str:
-    """Endpoint of the decode instance the gateway has a request in flight on."""
-    _, health = _get(cluster, "/health")
-    busy = [w["endpoint"] for w in health["workers"] if w["role"] == "decode" and w["in_flight"]]
-    assert len(busy) == 1, health
-    return str(busy[0])
-
-
 def _kill_9(service: Service) -> None:
     assert service.proc is not None
-    os.killpg(service.proc.pid, signal.SIGKILL)  # the worker and its engine-core processes
+    engine = descendants(service.proc.pid)  # engine core + executor, in or out of its group
+    os.killpg(service.proc.pid, signal.SIGKILL)
+    for pid in engine:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     service.proc.wait(30)
 
 
@@ -161,83 +155,92 @@ def _failovers(cluster: FailoverCluster) -> float:
     return 0.0
 
 
-class _Throttle:
-    """Slows the live decode workers down with a SIGSTOP / SIGCONT duty cycle (test code only), so
-    that a kill lands mid-stream however fast the engine is; :meth:`stop` lets them run again."""
+class _Killer:
+    """Kills the decode worker a stream lands on, deterministically (test code only): freezes
+    every live decode worker (SIGSTOP to each of its processes) before the request, waits until
+    the gateway has the request in flight on one of them, kill -9s that one and lets the others
+    run again. A frozen worker cannot finish early, so the kill always lands mid-request."""
 
-    STOPPED_S = 0.02
-    RUNNING_S = 0.002
-
-    def __init__(self, services: list[Service]) -> None:
-        self._pgids = [s.proc.pid for s in services if s.proc is not None and s.alive()]
-        self._done = threading.Event()
+    def __init__(self, cluster: FailoverCluster) -> None:
+        self._cluster = cluster
+        # Every process of each worker, by pid: vLLM's engine core and its executor are not
+        # always in the worker's process group.
+        self._pids = {
+            endpoint: sorted({s.proc.pid} | descendants(s.proc.pid))
+            for endpoint, s in cluster.decodes.items()
+            if s.proc is not None and s.alive()
+        }
+        self.killed: str | None = None
+        self._signal(signal.SIGSTOP)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _signal(self, sig: int) -> None:
-        for pgid in self._pgids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
+    def _signal(self, sig: int, endpoints: set[str] | None = None) -> None:
+        for endpoint, pids in self._pids.items():
+            if endpoints is None or endpoint in endpoints:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
 
     def _run(self) -> None:
-        while not self._done.is_set():
-            self._signal(signal.SIGSTOP)
-            self._done.wait(self.STOPPED_S)
-            self._signal(signal.SIGCONT)
-            self._done.wait(self.RUNNING_S)
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join(5)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            _, health = _get(self._cluster, "/health")
+            busy = [
+                w["endpoint"]
+                for w in health["workers"]
+                if w["role"] == "decode" and w["in_flight"] and w["endpoint"] in self._pids
+            ]
+            if busy:
+                (endpoint,) = busy
+                _kill_9(self._cluster.decodes[endpoint])
+                self.killed = endpoint
+                self._signal(signal.SIGCONT, set(self._pids) - {endpoint})
+                return
+            time.sleep(0.02)
         self._signal(signal.SIGCONT)
+
+    def join(self) -> None:
+        self._thread.join(150)
+        self._signal(signal.SIGCONT, set(self._pids) - {self.killed or ""})
 
 
 def _run_stream(
-    cluster: FailoverCluster, kill_after_tokens: int | None
+    cluster: FailoverCluster, kill: bool
 ) -> tuple[list[int], str, list[dict[str, Any]]]:
-    """(token ids, text, error events) of one stream, killing its decode worker on the way."""
-    throttle = _Throttle(list(cluster.decodes.values())) if kill_after_tokens else None
-    try:
-        token_ids, text, errors, done = _read_stream(cluster, kill_after_tokens, throttle)
-    finally:
-        if throttle is not None:
-            throttle.stop()
-    assert done
-    return token_ids, text, errors
-
-
-def _read_stream(
-    cluster: FailoverCluster, kill_after_tokens: int | None, throttle: _Throttle | None
-) -> tuple[list[int], str, list[dict[str, Any]], bool]:
+    """(token ids, text, error events) of one stream; ``kill``: kill -9 its decode worker."""
+    killer = _Killer(cluster) if kill else None
     token_ids: list[int] = []
     text = ""
     errors: list[dict[str, Any]] = []
     done = False
-    with _open_stream(cluster) as response:
-        for event in _events(response):
-            if event is None:
-                done = True
-                continue
-            if "error" in event:
-                errors.append(event["error"])
-                continue
-            choice = event["choices"][0]
-            token_ids += choice.get("token_ids") or []
-            text += choice["text"]
-            if kill_after_tokens is not None and len(token_ids) >= kill_after_tokens:
-                kill_after_tokens = None
-                _kill_9(cluster.decodes[_serving_decode(cluster)])
-                if throttle is not None:
-                    throttle.stop()  # the resumed decode runs at full speed
-    return token_ids, text, errors, done
+    try:
+        with _open_stream(cluster) as response:
+            for event in _events(response):
+                if event is None:
+                    done = True
+                    continue
+                if "error" in event:
+                    errors.append(event["error"])
+                    continue
+                choice = event["choices"][0]
+                token_ids += choice.get("token_ids") or []
+                text += choice["text"]
+    finally:
+        if killer is not None:
+            killer.join()
+    assert done
+    if killer is not None:
+        assert killer.killed is not None, "the request never reached a decode worker"
+    return token_ids, text, errors
 
 
 def test_kill_9_of_the_serving_decode_worker_loses_no_token(cluster: FailoverCluster) -> None:
-    expected_ids, expected_text, errors = _run_stream(cluster, kill_after_tokens=None)
+    expected_ids, expected_text, errors = _run_stream(cluster, kill=False)
     assert errors == []
     assert len(expected_ids) == MAX_TOKENS
 
-    ids, text, errors = _run_stream(cluster, kill_after_tokens=KILL_AFTER_TOKENS)
+    ids, text, errors = _run_stream(cluster, kill=True)
     assert errors == []
     assert ids == expected_ids
     assert text == expected_text
@@ -252,8 +255,8 @@ def test_when_no_decode_worker_is_left_the_client_gets_an_error(
 ) -> None:
     live = [s for s in cluster.decodes.values() if s.alive()]
     assert len(live) == 1  # the previous test killed the other one
-    ids, _, errors = _run_stream(cluster, kill_after_tokens=KILL_AFTER_TOKENS)
-    assert KILL_AFTER_TOKENS <= len(ids) < MAX_TOKENS
+    ids, _, errors = _run_stream(cluster, kill=True)
+    assert len(ids) < MAX_TOKENS  # the prefill's token, if any, then the error
     assert [e["code"] for e in errors] == ["worker_unavailable"]
 
     deadline = time.monotonic() + 30
