@@ -19,18 +19,7 @@ from kvstore.events import (
 )
 from kvstore.membership import Membership
 from kvstore.metadata import START, EmbeddedMetadataStore, MemberKind, member_kind
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def k(n: int) -> bytes:
-    return n.to_bytes(16, "big")
+from tests.unit.kvstore.fakes import FakeClock, k
 
 
 def sync(view: ClusterView) -> None:

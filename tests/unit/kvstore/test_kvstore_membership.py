@@ -15,18 +15,7 @@ from kvstore.events import (
     encode_snapshot,
 )
 from kvstore.metadata import START, EmbeddedMetadataStore
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def k(n: int) -> bytes:
-    return n.to_bytes(16, "big")
+from tests.unit.kvstore.fakes import FakeClock, k
 
 
 def join(store: EmbeddedMetadataStore, node: str, ttl: float = 5.0) -> None:

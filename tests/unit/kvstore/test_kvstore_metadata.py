@@ -17,14 +17,7 @@ from kvstore.metadata import (
 from tests.integration.kvstore.valkey_fixture import valkey_url
 
 __all__ = ["valkey_url"]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.kvstore.fakes import FakeClock
 
 
 def exercise(store: MetadataStore) -> None:
@@ -86,7 +79,7 @@ def test_embedded_store_semantics() -> None:
 
 
 def test_embedded_heartbeat_expires_by_clock() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     store = EmbeddedMetadataStore(clock=clock)
     store.register("n", {"endpoint": "x:1"})
     store.heartbeat("n", 5.0)
