@@ -342,8 +342,11 @@ def engine_worker(job_path: Path, out_path: Path) -> None:
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    from dataplane.hardware import resolve_dtype
+
     llm = LLM(
         model=job["model_dir"],
+        dtype=resolve_dtype("auto"),  # the same choice as Strata's workers
         enforce_eager=job["enforce_eager"],
         kv_cache_memory_bytes=job["kv_cache_memory_bytes"],
         max_model_len=job["max_model_len"],

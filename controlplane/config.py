@@ -127,6 +127,12 @@ class GatewayConfig:
     """Longest prompt + output the profile uses (caps its cost on big contexts)."""
     profile_max_batch: int = 8
     profile_repeats: int = 1
+    profile_budget_s: float = 40.0
+    """Wall-clock bound of each worker's start-up profile (waits for client requests included);
+    points that would not fit are skipped (controlplane/profiling.py)."""
+    profile_max_step_s: float = 2.0
+    """Longest predicted call of the profile: longer points are skipped, so no client request
+    waits behind the profile for longer."""
 
     def __post_init__(self) -> None:
         if not self.model_dir.is_dir():
@@ -197,6 +203,8 @@ class GatewayConfig:
             raise ConfigError(
                 "need profile_max_model_len >= 4, profile_max_batch >= 1, profile_repeats >= 1"
             )
+        if not (self.profile_budget_s > 0 and self.profile_max_step_s > 0):
+            raise ConfigError("profile_budget_s and profile_max_step_s must be > 0")
 
     def _check_admin_and_launcher(self) -> None:
         if self.admin_port is not None and not 0 <= self.admin_port <= 65535:
@@ -256,6 +264,8 @@ class GatewayConfig:
                 local_prefill_threshold_tokens=args.local_prefill_threshold,
                 conditional_disaggregation=not args.no_conditional_disaggregation,
                 profile_workers=not args.no_profile,
+                profile_budget_s=parse_duration_s(args.profile_budget),
+                profile_max_step_s=parse_duration_s(args.profile_max_step),
                 admin_host=args.admin_host,
                 admin_port=args.admin_port,
                 admin_token=_read_token_file(args.admin_token_file),
@@ -370,6 +380,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-conditional-disaggregation", action="store_true")
     parser.add_argument(
         "--no-profile", action="store_true", help="do not profile workers as they become ready"
+    )
+    parser.add_argument(
+        "--profile-budget",
+        default=f"{_default('profile_budget_s'):g}s",
+        help="wall-clock bound of each worker's start-up profile, e.g. 40s",
+    )
+    parser.add_argument(
+        "--profile-max-step",
+        default=f"{_default('profile_max_step_s'):g}s",
+        help="longest predicted call of the profile (a client waits at most this behind it)",
     )
     admin = parser.add_argument_group("admin API (`strata admin`)")
     admin.add_argument(

@@ -532,6 +532,8 @@ class GatewayServer:
                 max_batch=config.profile_max_batch,
                 repeats=config.profile_repeats,
                 vocab_size=self._tokenizer.vocab_size,
+                budget_s=config.profile_budget_s,
+                max_step_s=config.profile_max_step_s,
             ),
         )
         if self._admin_config is not None:

@@ -30,18 +30,19 @@ prefix with real traffic or with each other.
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
 from controlplane.scheduling.predictor import (
     HANDOFF_DECODE_TOKENS,
-    PRIOR_DECODE,
     DecodeSample,
+    LatencyPredictor,
     PrefillSample,
     ProfilePlan,
 )
@@ -64,8 +65,18 @@ class ProfileSettings:
     decode_tokens: int = 8
     vocab_size: int = 0
     """Token ids are drawn below this (0 = the profile cannot run: no vocabulary known)."""
-    timeout_s: float = 120.0
+    timeout_s: float = 30.0
     """Deadline of each call of the profile."""
+    budget_s: float = 40.0
+    """Wall-clock bound of the whole profile, waits for client requests included: a point whose
+    predicted time does not fit what is left is skipped, and the profile ends when none fits."""
+    max_step_s: float = 2.0
+    """Longest predicted time of one call of the profile: points with a longer call are skipped,
+    so that a client request never waits behind the profile for longer than that."""
+
+    def __post_init__(self) -> None:
+        if not (self.timeout_s > 0 and self.budget_s > 0 and self.max_step_s > 0):
+            raise ValueError("profile timeout_s, budget_s and max_step_s must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +88,22 @@ class ProfileResult:
     """Median rpc wall time minus engine time of the Prefill calls (prefill role)."""
     handoff_s: float | None = None
     """Median hand-off cost beyond the steps (decode role, when the plan has hand-off points)."""
+    num_skipped: int = 0
+    """Points of the plan not run: predicted too long for a step or for the budget left."""
+    waited_s: float = 0.0
+    """Time spent waiting for client requests to finish before the profile's calls."""
+    measured_prefill: bool = True
+    """False when fewer than 4 prefill points ran: ``prefill`` then holds the base model's
+    predictions at the plan's points, scaled by the median observed/predicted ratio."""
+    measured_decode: bool = True
+    """False when ``decode`` holds the base model's step predictions (scaled by the measured
+    ratio, if any decode point ran), not measurements: a prefill worker, or fewer than 3 decode
+    points ran."""
+
+
+YieldTo = Callable[[float], Awaitable[bool]]
+"""``await yield_to(timeout_s)``: returns once the instance runs no client request (True), or
+False when ``timeout_s`` passed first. Called before every call of the profile."""
 
 
 def plan_for(
@@ -88,6 +115,74 @@ def plan_for(
     return replace(plan, repeats=settings.repeats)
 
 
+class _Kind(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    HANDOFF = "handoff"
+
+
+class _Costs:
+    """Predicted time of each call of a point: the base model (priors or a sibling's profile)
+    times the median ratio observed/predicted of the calls measured so far (per kind: prefill
+    time and decode step time), and a prefill never below the highest time per new token
+    measured, so the bounds hold on a host far slower or faster than the priors assume."""
+
+    def __init__(self, base: LatencyPredictor, decode_tokens: int) -> None:
+        self._prefill = base.prefill_fit
+        self._step = base.decode_fit
+        self._decode_tokens = decode_tokens
+        self._prefill_ratios: list[float] = []
+        self._step_ratios: list[float] = []
+        self._per_new_token_s = 0.0
+        """Highest time per new token measured: a floor under every prefill prediction (the
+        base model's shape can be far off, e.g. priors whose fixed cost hides the per-token
+        cost of a slow host)."""
+
+    def prefill_s(self, new: int, cached: int) -> float:
+        scale = statistics.median(self._prefill_ratios) if self._prefill_ratios else 1.0
+        return max(self._prefill.predict_s(new, cached) * scale, self._per_new_token_s * new)
+
+    def step_s(self, batch: int, context: int) -> float:
+        scale = statistics.median(self._step_ratios) if self._step_ratios else 1.0
+        return self._step.predict_s(batch, context) * scale
+
+    def observe_prefill(self, sample: PrefillSample) -> None:
+        predicted = self._prefill.predict_s(sample.new_tokens, sample.cached_tokens)
+        if predicted > 0:
+            self._prefill_ratios.append(sample.seconds / predicted)
+        if sample.new_tokens > 0:
+            self._per_new_token_s = max(self._per_new_token_s, sample.seconds / sample.new_tokens)
+
+    def observe_step(self, sample: DecodeSample) -> None:
+        predicted = self._step.predict_s(sample.batch_size, sample.context_tokens)
+        if predicted > 0:
+            self._step_ratios.append(sample.seconds / predicted)
+
+    def calls_s(self, kind: _Kind, point: tuple[int, int], context_limit: int) -> list[float]:
+        """Predicted seconds of each call the point makes (see :class:`_Profiler`)."""
+        if kind is _Kind.PREFILL:
+            new, cached = point
+            warm = [self.prefill_s(cached, 0)] if cached else []
+            return [*warm, self.prefill_s(new, cached)]
+        if kind is _Kind.HANDOFF:
+            new, cached = point
+            steps = HANDOFF_DECODE_TOKENS * self.step_s(1, cached + new)
+            return [
+                self.prefill_s(cached, 0) + self.step_s(1, cached),
+                self.prefill_s(new, cached) + steps,
+            ]
+        batch, context = point
+        tokens = self._decode_tokens
+        per_sequence = _per_sequence(batch, context, tokens, context_limit)
+        prefill = batch * self.prefill_s(per_sequence, 0)
+        return [prefill + tokens * self.step_s(batch, batch * (per_sequence + tokens))]
+
+
+def _per_sequence(batch: int, context: int, tokens: int, context_limit: int) -> int:
+    """Prompt tokens of each stream of a decode point."""
+    return max(1, min(context // batch, context_limit - tokens - 1))
+
+
 async def profile_worker(
     client: WorkerClient,
     role: WorkerRole,
@@ -95,38 +190,98 @@ async def profile_worker(
     settings: ProfileSettings,
     *,
     seed: int,
+    base: LatencyPredictor | None = None,
+    yield_to: YieldTo | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ProfileResult:
-    """Time ``plan`` on the worker behind ``client``; raises WorkerError if a call fails."""
-    started = time.monotonic()
-    profiler = _Profiler(client, settings, seed)
+    """Time ``plan`` on the worker behind ``client``, within the settings' bounds.
+
+    Cheapest point first (predicted from ``base``, the instance's current model, scaled by what
+    the calls measured so far); a point with a call predicted above ``max_step_s``, or that would
+    not end within ``budget_s`` of the start, is skipped; before every call ``yield_to`` lets
+    the instance's client requests finish first (its wait counts against the budget). Raises
+    WorkerError if a call fails.
+    """
+    started = clock()
+    deadline = started + settings.budget_s
+    base = base if base is not None else LatencyPredictor()
+    costs = _Costs(base, settings.decode_tokens)
+    profiler = _Profiler(client, settings, seed, clock)
+    context_limit = plan_context(plan)
+    pending: list[tuple[_Kind, tuple[int, int]]] = []
+    for _ in range(plan.repeats):
+        pending += [(_Kind.PREFILL, point) for point in plan.prefill_points]
+        if role is not WorkerRole.PREFILL:
+            pending += [(_Kind.DECODE, point) for point in plan.decode_points]
+            pending += [(_Kind.HANDOFF, point) for point in plan.handoff_points]
     prefill: list[PrefillSample] = []
     decode: list[DecodeSample] = []
     handoffs: list[float] = []
-    for _ in range(plan.repeats):
-        for new, cached in plan.prefill_points:
-            if role is WorkerRole.PREFILL:
-                prefill.append(await profiler.prefill(new, cached))
-            else:
-                prefill.append(await profiler.local_prefill(new, cached))
-        if role is WorkerRole.PREFILL:
-            continue
-        for batch, context in plan.decode_points:
-            sample = await profiler.decode(batch, context, plan_context(plan))
+    waited_s = 0.0
+
+    async def gate() -> bool:
+        nonlocal waited_s
+        if yield_to is None:
+            return True
+        before = clock()
+        ok = await yield_to(max(0.0, deadline - before))
+        waited_s += clock() - before
+        return ok
+
+    while pending:
+        left_s = deadline - clock()
+        best: tuple[float, int] | None = None
+        for index, (kind, point) in enumerate(pending):
+            calls = costs.calls_s(kind, point, context_limit)
+            total = sum(calls)
+            if (
+                max(calls) <= settings.max_step_s
+                and total <= left_s
+                and (best is None or total < best[0])
+            ):
+                best = (total, index)
+        if best is None:
+            break
+        kind, point = pending.pop(best[1])
+        if kind is _Kind.PREFILL:
+            sample = await profiler.prefill_point(role, point, gate)
             if sample is not None:
-                decode.append(sample)
-        for new, cached in plan.handoff_points:
-            extra_s = await profiler.handoff(new, cached)
+                prefill.append(sample)
+                costs.observe_prefill(sample)
+        elif kind is _Kind.DECODE:
+            step = await profiler.decode(*point, context_limit, gate)
+            if step is not None:
+                decode.append(step)
+                costs.observe_step(step)
+        else:
+            extra_s = await profiler.handoff(*point, gate)
             if extra_s is not None:
                 handoffs.append(extra_s)
-    if role is WorkerRole.PREFILL or len(decode) < 3:
-        decode = [DecodeSample(b, k, PRIOR_DECODE.predict_s(b, k)) for b, k in plan.decode_points]
+        if profiler.stopped:
+            break
+    if not prefill:
+        raise ValueError(
+            f"no profile point ran within {settings.budget_s:g} s "
+            f"({'client traffic first' if profiler.stopped else 'every point too long'})"
+        )
+    measured_prefill = len(prefill) >= 4
+    if not measured_prefill:
+        # Too few points for a fit: the base model's shape, at the speed the points measured.
+        prefill = [PrefillSample(n, c, costs.prefill_s(n, c)) for n, c in plan.prefill_points]
+    measured_decode = role is not WorkerRole.PREFILL and len(decode) >= 3
+    if not measured_decode:
+        decode = [DecodeSample(b, k, costs.step_s(b, k)) for b, k in plan.decode_points]
     overheads = profiler.rpc_overheads_s
     return ProfileResult(
         tuple(prefill),
         tuple(decode),
-        time.monotonic() - started,
+        clock() - started,
         ttft_overhead_s=statistics.median(overheads) if overheads else None,
         handoff_s=statistics.median(handoffs) if handoffs else None,
+        num_skipped=len(pending) + profiler.num_interrupted,
+        waited_s=waited_s,
+        measured_prefill=measured_prefill,
+        measured_decode=measured_decode,
     )
 
 
@@ -135,18 +290,50 @@ def plan_context(plan: ProfilePlan) -> int:
     return max(n + c for n, c in plan.prefill_points) + 1
 
 
-class _Profiler:
-    __slots__ = ("_client", "_count", "_random", "_settings", "rpc_overheads_s")
+Gate = Callable[[], Awaitable[bool]]
 
-    def __init__(self, client: WorkerClient, settings: ProfileSettings, seed: int) -> None:
+
+class _Profiler:
+    """Runs the calls of each point; every call first passes the gate (client requests first).
+    A gate that says no stops the profile (:attr:`stopped`): the point is dropped."""
+
+    __slots__ = (
+        "_client",
+        "_clock",
+        "_count",
+        "_random",
+        "_settings",
+        "num_interrupted",
+        "rpc_overheads_s",
+        "stopped",
+    )
+
+    def __init__(
+        self,
+        client: WorkerClient,
+        settings: ProfileSettings,
+        seed: int,
+        clock: Callable[[], float],
+    ) -> None:
         if settings.vocab_size <= _FIRST_TOKEN_ID + 1:
             raise ValueError("the profile needs the vocabulary size")
         self._client = client
         self._settings = settings
         self._random = random.Random(seed)
+        self._clock = clock
         self._count = 0
         self.rpc_overheads_s: list[float] = []
         """Wall time minus engine time of each timed Prefill call."""
+        self.stopped = False
+        self.num_interrupted = 0
+
+    async def _pass(self, gate: Gate) -> bool:
+        if self.stopped or not await gate():
+            if not self.stopped:
+                self.num_interrupted += 1
+            self.stopped = True
+            return False
+        return True
 
     def _prompt(self, num_tokens: int) -> list[int]:
         randrange = self._random.randrange
@@ -168,13 +355,25 @@ class _Profiler:
             ignore_eos=True,
         )
 
-    async def prefill(self, new: int, cached: int) -> PrefillSample:
+    async def prefill_point(
+        self, role: WorkerRole, point: tuple[int, int], gate: Gate
+    ) -> PrefillSample | None:
+        new, cached = point
+        if role is WorkerRole.PREFILL:
+            return await self.prefill(new, cached, gate)
+        return await self.local_prefill(new, cached, gate)
+
+    async def prefill(self, new: int, cached: int, gate: Gate) -> PrefillSample | None:
         prompt = self._prompt(new + cached)
         if cached:
+            if not await self._pass(gate):
+                return None
             await self._run_prefill(prompt[:cached])
-        start = time.monotonic()
+        if not await self._pass(gate):
+            return None
+        start = self._clock()
         result = await self._run_prefill(prompt)
-        wall_s = time.monotonic() - start
+        wall_s = self._clock() - start
         hit = min(result.num_cached_tokens, len(prompt) - 1)
         seconds = result.engine_time_s
         if 0.0 < seconds <= wall_s:
@@ -190,22 +389,32 @@ class _Profiler:
             timeout_s=self._settings.timeout_s,
         )
 
-    async def local_prefill(self, new: int, cached: int) -> PrefillSample:
+    async def local_prefill(self, new: int, cached: int, gate: Gate) -> PrefillSample | None:
         prompt = self._prompt(new + cached)
         if cached:
+            if not await self._pass(gate):
+                return None
             await self._run_decode(prompt[:cached], 1)
-        start = time.monotonic()
+        if not await self._pass(gate):
+            return None
+        start = self._clock()
         times, num_cached = await self._run_decode(prompt, 1)
+        if not times:
+            return None
         hit = min(num_cached, len(prompt) - 1)
         return PrefillSample(len(prompt) - hit, hit, max(1e-6, times[0] - start))
 
-    async def handoff(self, new: int, cached: int) -> float | None:
+    async def handoff(self, new: int, cached: int, gate: Gate) -> float | None:
         """A decode of ``cached + new`` tokens whose first ``cached`` are cached: first-chunk
         wait minus its tokens' share of the later steps (None if too few tokens came)."""
         prompt = self._prompt(new + cached)
+        if not await self._pass(gate):
+            return None
         await self._run_decode(prompt[:cached], 1)
+        if not await self._pass(gate):
+            return None
         counts: list[int] = []
-        start = time.monotonic()
+        start = self._clock()
         times, _ = await self._run_decode(prompt, HANDOFF_DECODE_TOKENS, counts)
         later = sum(counts[1:])
         if later < 2:
@@ -230,16 +439,20 @@ class _Profiler:
         )
         async for chunk in stream:
             if chunk.token_ids:
-                times.append(time.monotonic())
+                times.append(self._clock())
                 if counts is not None:
                     counts.append(len(chunk.token_ids))
             num_cached = max(num_cached, chunk.num_cached_tokens)
         return times, num_cached
 
-    async def decode(self, batch: int, context: int, max_model_len: int) -> DecodeSample | None:
+    async def decode(
+        self, batch: int, context: int, context_limit: int, gate: Gate
+    ) -> DecodeSample | None:
         tokens = self._settings.decode_tokens
-        per_sequence = max(1, min(context // batch, max_model_len - tokens - 1))
+        per_sequence = _per_sequence(batch, context, tokens, context_limit)
         prompts = [self._prompt(per_sequence) for _ in range(batch)]
+        if not await self._pass(gate):
+            return None
         runs = await asyncio.gather(*(self._run_decode(p, tokens) for p in prompts))
         gaps = [b - a for times, _ in runs for a, b in itertools.pairwise(times[1:])]
         mean_gap_s = sum(gaps) / len(gaps) if gaps else 0.0

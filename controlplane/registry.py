@@ -59,7 +59,7 @@ from controlplane.instances import (
     Launcher,
 )
 from controlplane.metrics import GatewayMetrics
-from controlplane.profiling import ProfileSettings, plan_for, profile_worker
+from controlplane.profiling import ProfileSettings, YieldTo, plan_for, profile_worker
 from controlplane.registry_store import (
     InstanceRecord,
     LocalRegistryStore,
@@ -174,6 +174,7 @@ class Instance:
         "num_running_decodes",
         "predictor",
         "profile_state",
+        "profile_task",
         "role",
         "state",
     )
@@ -210,7 +211,11 @@ class Instance:
         self.predictor = LatencyPredictor()
         """Its latency model (owned by the registry; kept while it is dead, for its return)."""
         self.profile_state = "not run"
-        """"not run", "running", "done", "skipped" or "failed: ..." (the start-up profile)."""
+        """"not run", "running", "done", "skipped", "cancelled" or "failed: ..." (the start-up
+        profile)."""
+        self.profile_task: asyncio.Task[None] | None = None
+        """The start-up profile while it runs: control-plane work on the worker that draining
+        cancels and waits for, like a request."""
 
     @property
     def kv_source(self) -> str | None:
@@ -727,7 +732,16 @@ class InstanceRegistry:
             instance.draining = True
             await self._store.update(instance.record())
             self._set_state(instance, InstanceState.DRAINING, "draining")
+        self._cancel_profile(instance)
         return instance.info()
+
+    @staticmethod
+    def _cancel_profile(instance: Instance) -> None:
+        """A drained worker needs no profile: its calls are cancelled (the worker aborts them),
+        and :meth:`_wait_idle` waits until they are gone."""
+        task = instance.profile_task
+        if task is not None and not task.done():
+            task.cancel()
 
     async def remove(self, instance_id: str, *, wait_s: float) -> None:
         if not wait_s >= 0:
@@ -891,20 +905,34 @@ class InstanceRegistry:
 
     @staticmethod
     async def _wait_idle(instance: Instance, timeout_s: float) -> None:
+        """Until nothing of this gateway's runs on ``instance``: client requests and the
+        start-up profile's calls (at most ``timeout_s``)."""
+
+        async def idle() -> None:
+            await instance.idle.wait()
+            task = instance.profile_task
+            if task is not None:
+                await asyncio.wait({task})
+
+        profiling = instance.profile_task is not None and not instance.profile_task.done()
+        if instance.idle.is_set() and not profiling:
+            return
         try:
-            await asyncio.wait_for(instance.idle.wait(), timeout_s)
+            await asyncio.wait_for(idle(), timeout_s)
         except TimeoutError:
             logger.warning(
-                "instance %s still has %d requests after %g s",
+                "instance %s still has %d requests%s after %g s",
                 instance.id,
                 instance.num_requests,
+                " and its profile" if profiling else "",
                 timeout_s,
             )
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -961,14 +989,61 @@ class InstanceRegistry:
             instance.profile_state = "skipped"  # e.g. a worker that does not report its limits
             return
         instance.profile_state = "running"
-        self._spawn(self._profile_instance(instance, health))
+        sibling = self._calibrated_sibling(instance)
+        if sibling is not None:
+            instance.predictor.adopt(sibling.predictor)
+            logger.info(
+                "instance %s starts with the profile of %s (same model and hardware: %s)",
+                instance.id,
+                sibling.id,
+                health.hardware,
+            )
+        instance.profile_task = self._spawn(self._profile_instance(instance, health))
+
+    def _calibrated_sibling(self, instance: Instance) -> Instance | None:
+        """A profiled instance of the same model on the same hardware (same role first)."""
+        health = instance.health
+        if health is None or not health.hardware or not health.model_fingerprint:
+            return None
+        siblings = [
+            m
+            for m in self._instances.values()
+            if m is not instance
+            and m.profile_state == "done"
+            and m.predictor.calibrated
+            and m.health is not None
+            and m.health.hardware == health.hardware
+            and m.health.model_fingerprint == health.model_fingerprint
+        ]
+        siblings.sort(key=lambda m: m.role is not instance.role)
+        return siblings[0] if siblings else None
+
+    def _yield_to(self, instance: Instance) -> YieldTo:
+        """The profile's gate: its next call waits until the instance runs no client request."""
+
+        async def wait(timeout_s: float) -> bool:
+            if instance.idle.is_set():
+                return True
+            try:
+                await asyncio.wait_for(instance.idle.wait(), timeout_s)
+            except TimeoutError:
+                return False
+            return True
+
+        return wait
 
     async def _profile_instance(self, instance: Instance, health: WorkerHealth) -> None:
         plan = plan_for(self._profile, health.max_model_len, health.block_size, health.capacity)
         seed = hash((instance.id, instance.endpoint, time.time_ns()))
         try:
             result = await profile_worker(
-                instance.client, instance.role, plan, self._profile, seed=seed
+                instance.client,
+                instance.role,
+                plan,
+                self._profile,
+                seed=seed,
+                base=instance.predictor,
+                yield_to=self._yield_to(instance),
             )
             instance.predictor.calibrate(
                 result.prefill,
@@ -976,22 +1051,33 @@ class InstanceRegistry:
                 ttft_overhead_s=result.ttft_overhead_s,
                 handoff_s=result.handoff_s,
             )
+        except asyncio.CancelledError:
+            instance.profile_state = "cancelled"
+            logger.info("profile of %s cancelled (drained)", instance.id)
+            raise
         except (WorkerError, ValueError) as exc:
             instance.profile_state = f"failed: {exc}"
-            logger.warning("profile of %s failed, keeping priors: %s", instance.id, exc)
+            kept = "its sibling's profile" if instance.predictor.calibrated else "priors"
+            logger.warning("profile of %s failed, keeping %s: %s", instance.id, kept, exc)
             return
+        finally:
+            instance.profile_task = None
         instance.profile_state = "done"
         self._num_profiles += 1
         self._metrics.profiled_instances.labels(_name(instance.role)).inc()
         p, d = instance.predictor.prefill, instance.predictor.decode
         logger.info(
-            "instance %s profiled in %.1f s (%d prefill, %d decode samples): prefill %.2f ms + "
+            "instance %s profiled in %.1f s (%.1f s waiting for client requests; %d prefill, "
+            "%d decode samples%s; %d points skipped by the bounds): prefill %.2f ms + "
             "%.3f us/new + %.3f us/cached + %.4f ns/pair; decode step %.2f ms + %.3f ms/seq + "
             "%.4f us/token; TTFT overhead %.2f ms, hand-off %.2f ms",
             instance.id,
             result.seconds,
-            len(result.prefill),
-            len(result.decode),
+            result.waited_s,
+            len(result.prefill) if result.measured_prefill else 0,
+            len(result.decode) if result.measured_decode else 0,
+            "" if result.measured_prefill and result.measured_decode else ", the rest scaled",
+            result.num_skipped,
             p.fixed_s * 1e3,
             p.per_new_token_s * 1e6,
             p.per_cached_token_s * 1e6,

@@ -112,6 +112,11 @@ class WorkerHealth:
     """kvstore.hashing.model_fingerprint of the engine's weights; b"" = not said."""
     kv_layout: str = ""
     """The connector's KV layout name (part of every block key's root); "" = not said."""
+    dtype: str = ""
+    """The engine's dtype; "" = not said."""
+    hardware: str = ""
+    """Identity of the engine's compute (device, model, ISA, cores, dtype): engines of one model
+    with equal hardware share a latency profile; "" = not said."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +196,8 @@ class WorkerClient:
             kv_source=reply.kv_source,
             model_fingerprint=reply.model_fingerprint,
             kv_layout=reply.kv_layout,
+            dtype=reply.dtype,
+            hardware=reply.hardware,
         )
 
     async def prefill(

@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataplane.hardware import DTYPES
 from kvstore.config import parse_duration, parse_size
 from kvstore.metadata import parse_metadata_spec
 
@@ -36,7 +37,8 @@ class WorkerConfig:
     kv_cache_bytes: int = 1 << 30
     max_model_len: int | None = None
     max_num_seqs: int = 32
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
+    """The engine's dtype; "auto": what this host computes fast (dataplane/hardware.py)."""
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -62,6 +64,8 @@ class WorkerConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError(f"max_model_len must be ≥ 16, got {self.max_model_len}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be ≥ 1, got {self.max_num_seqs}")
         if ":" not in self.store_endpoint:
@@ -94,7 +98,13 @@ class WorkerConfig:
         parser.add_argument("--kv-cache-size", default="1GiB", help='engine KV cache, e.g. "2GiB"')
         parser.add_argument("--max-model-len", type=int, default=None)
         parser.add_argument("--max-num-seqs", type=int, default=32)
-        parser.add_argument("--dtype", default="bfloat16")
+        parser.add_argument(
+            "--dtype",
+            default="auto",
+            choices=DTYPES,
+            help="engine dtype; auto: bfloat16 on a GPU or a CPU with AVX-512 BF16/AMX, "
+            "float32 on other CPUs",
+        )
         parser.add_argument("--compile", action="store_true", help="torch.compile (slow start)")
         parser.add_argument("--no-prefix-caching", action="store_true")
         parser.add_argument(

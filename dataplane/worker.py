@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from dataplane.config import WorkerConfig, WorkerRole
+from dataplane.hardware import host_compute, resolve_dtype
 from kvstore.hashing import model_fingerprint
 from strata_proto import worker_pb2, worker_pb2_grpc
 
@@ -126,12 +127,22 @@ class Worker:
         self.endpoint = ""  # HOST:PORT once the gRPC server is bound
         self._kv_events_dir: str | None = None
         self._fingerprint = b""
+        self.dtype = resolve_dtype(config.dtype)
+        """The engine's dtype ("auto" resolved for this host)."""
+        self.hardware = host_compute().identity(self.dtype, _num_engine_cores())
 
     # -- hooks -------------------------------------------------------------------------------
 
     def set_up_runtime(self) -> None:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
+        compute = host_compute()
+        logger.info(
+            "engine dtype %s (%s); compute %s",
+            self.dtype,
+            f"--dtype {self.config.dtype}" if self.config.dtype != "auto" else compute.reason,
+            self.hardware,
         )
         # Without this vLLM's CPU backend wants 92 % of RAM for its KV cache.
         os.environ.setdefault(
@@ -143,7 +154,7 @@ class Worker:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         cfg = self.config
-        fingerprint = self._fingerprint = model_fingerprint(cfg.model_dir, cfg.dtype)
+        fingerprint = self._fingerprint = model_fingerprint(cfg.model_dir, self.dtype)
         kv_transfer = KVTransferConfig(
             kv_connector="StrataConnector",
             kv_connector_module_path="dataplane.connector",
@@ -156,7 +167,7 @@ class Worker:
         )
         return AsyncEngineArgs(
             model=str(cfg.model_dir),
-            dtype=cfg.dtype,
+            dtype=self.dtype,
             enforce_eager=cfg.enforce_eager,
             kv_cache_memory_bytes=cfg.kv_cache_bytes,
             max_model_len=cfg.max_model_len,
@@ -333,6 +344,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             block_size=w.block_size,
             max_model_len=w.max_model_len,
             capacity=w.config.max_num_seqs,
+            dtype=w.dtype,
+            hardware=w.hardware,
             **_kv_identity(w),
         )
 
@@ -433,6 +446,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             counters.num_running -= 1
+
+
+def _num_engine_cores() -> int:
+    """The cores the engine computes on: VLLM_CPU_OMP_THREADS_BIND's list (the launcher sets it),
+    else this process's affinity set."""
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+    if bind and bind not in ("auto", "nobind"):
+        cores: set[int] = set()
+        for part in bind.replace("|", ",").split(","):
+            low, _, high = part.partition("-")
+            if low.strip().isdigit():
+                cores.update(range(int(low), int(high or low) + 1))
+        if cores:
+            return len(cores)
+    return len(os.sched_getaffinity(0))
 
 
 def _num_cached_tokens(out: Any, params: dict[str, Any]) -> int:

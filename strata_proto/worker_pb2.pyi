@@ -110,7 +110,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ready", "role", "model", "block_size", "max_model_len", "capacity", "kv_source", "model_fingerprint", "kv_layout")
+    __slots__ = ("ready", "role", "model", "block_size", "max_model_len", "capacity", "kv_source", "model_fingerprint", "kv_layout", "dtype", "hardware")
     READY_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,8 @@ class HealthResponse(_message.Message):
     KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     role: Role
     model: str
@@ -129,7 +131,9 @@ class HealthResponse(_message.Message):
     kv_source: str
     model_fingerprint: bytes
     kv_layout: str
-    def __init__(self, ready: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., capacity: _Optional[int] = ..., kv_source: _Optional[str] = ..., model_fingerprint: _Optional[bytes] = ..., kv_layout: _Optional[str] = ...) -> None: ...
+    dtype: str
+    hardware: str
+    def __init__(self, ready: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., capacity: _Optional[int] = ..., kv_source: _Optional[str] = ..., model_fingerprint: _Optional[bytes] = ..., kv_layout: _Optional[str] = ..., dtype: _Optional[str] = ..., hardware: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

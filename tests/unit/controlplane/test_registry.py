@@ -324,3 +324,56 @@ def test_policy_and_stats() -> None:
         await registry.close()
 
     run(test)
+
+
+def test_drain_cancels_the_profile_and_stops_the_worker_only_after_it_ended() -> None:
+    """A start-up profile is control-plane work on the worker: scaling down cancels it and
+    stops the worker only once its calls are gone (they used to die with EngineDeadError)."""
+
+    async def test() -> None:
+        launcher = LocalLauncher()
+        registry, _ = await make_registry(launcher=launcher, drain_timeout_s=5.0)
+        (info,) = [i for i in await registry.scale(DECODE, 3) if i.launched]
+        instance = registry.get(info.id)
+        events: list[str] = []
+
+        async def profile() -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)  # the cancelled rpc takes a moment to end
+                events.append(f"profile ended, worker stopped: {launcher.handles[0].stopped}")
+                raise
+
+        instance.profile_task = asyncio.create_task(profile())
+        await asyncio.sleep(0)
+        await registry.scale(DECODE, 2)
+        for _ in range(200):
+            if launcher.handles[0].stopped:
+                break
+            await asyncio.sleep(0.01)
+        assert launcher.handles[0].stopped
+        assert events == ["profile ended, worker stopped: False"]
+        await registry.close()
+
+    run(test)
+
+
+def test_an_idle_instance_is_stopped_at_once_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def test() -> None:
+        launcher = LocalLauncher()
+        registry, _ = await make_registry(launcher=launcher, drain_timeout_s=5.0)
+        (info,) = [i for i in await registry.scale(DECODE, 3) if i.launched]
+        await registry.remove(info.id, wait_s=0.0)
+        for _ in range(100):
+            if launcher.handles[0].stopped:
+                break
+            await asyncio.sleep(0.01)
+        assert launcher.handles[0].stopped
+        await registry.close()
+
+    with caplog.at_level("WARNING", logger="controlplane.registry"):
+        run(test)
+    assert not [r for r in caplog.records if "still has" in r.getMessage()]
