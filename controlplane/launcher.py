@@ -24,7 +24,11 @@ More engines than cores (e.g. 2 prefill + 2 decode on this 2-core machine): with
 the fewest engines (lowest id first) and logs a warning; pinned engines sharing a core each get a
 fraction of it, so token latency grows roughly with the number of engines on it (measured
 2-core figures: ../shared/notes/vllm-cpu.md). With ``share_cores=False`` such a launch raises
-:class:`~controlplane.instances.InstanceConflict` (FAILED_PRECONDITION on the admin API).
+:class:`~controlplane.instances.InstanceConflict` (FAILED_PRECONDITION on the admin API). When
+a worker stops and frees a core while another core is still shared, the newest ready engine on
+the shared core moves to the free one: its pinned threads are re-pinned in place
+(:func:`~controlplane.processes.move_pinned_threads`), so no core sits idle while two engines
+share one.
 
 The process-group and ``PR_SET_PDEATHSIG`` handling mirrors ``strata/supervisor.py`` (which
 `strata serve` uses); controlplane may not import the ``strata`` package (controlplane/README.md),
@@ -44,13 +48,17 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from controlplane.instances import InstanceConflict, WorkerRole
-from controlplane.processes import killpg_quietly, with_parent_death_signal
+from controlplane.processes import (
+    killpg_quietly,
+    move_pinned_threads,
+    with_parent_death_signal,
+)
 
 __all__ = [
     "CorePool",
@@ -114,6 +122,28 @@ class CorePool:
                 raise ValueError(f"core {cpu} is not allocated")
         for cpu in cores:
             self._users[cpu] -= 1
+
+    def move(self, old: int, new: int) -> None:
+        """One engine leaves core ``old`` (which it held) for core ``new``."""
+        if self._users.get(old, 0) <= 0:
+            raise ValueError(f"core {old} is not allocated")
+        if new not in self._users:
+            raise ValueError(f"core {new} is not in the pool")
+        self._users[old] -= 1
+        self._users[new] += 1
+
+    def rebalance_move(self, holdings: Sequence[tuple[int, ...]]) -> tuple[int, int, int] | None:
+        """The next move that spreads engines out: ``(engine index, old core, new core)`` for
+        the newest engine (last in ``holdings``, each engine's cores) on a core shared with
+        another engine while some core is free; None when no core is free or none is shared."""
+        free = [cpu for cpu, users in self._users.items() if users == 0]
+        if not free:
+            return None
+        for index in range(len(holdings) - 1, -1, -1):
+            for cpu in holdings[index]:
+                if self._users[cpu] >= 2:
+                    return index, cpu, free[0]
+        return None
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -356,6 +386,32 @@ class LocalProcessLauncher:
         if worker in self._workers:
             self._workers.remove(worker)
             self.cores.release(worker.cores)
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Spread the running engines over the cores again after one left: while a core is
+        free and another is shared, the newest engine on a shared core moves to the free one
+        (its pinned threads are re-pinned in place; nothing restarts)."""
+        while not self._closed:
+            # A worker still starting has not bound its threads yet (it would bind them to the
+            # cores in its environment): only ready ones move.
+            workers = [w for w in self._workers if w.alive() and w.printed_ready()]
+            move = self.cores.rebalance_move([w.cores for w in workers])
+            if move is None:
+                return
+            index, old, new = move
+            worker = workers[index]
+            new_cores = tuple(sorted({*worker.cores} - {old} | {new}))
+            moved = move_pinned_threads(worker.pid, worker.cores, new_cores)
+            self.cores.move(old, new)
+            logger.info(
+                "launcher: %s moved from cores %s to %s (%d pinned threads re-pinned)",
+                worker.name,
+                worker.cores,
+                new_cores,
+                moved,
+            )
+            worker.cores = new_cores
 
     async def close(self) -> None:
         """Stop every worker this launcher started (in parallel); later launches are refused."""

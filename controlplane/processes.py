@@ -12,9 +12,9 @@ import ctypes
 import os
 import shutil
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
-__all__ = ["die_with_parent", "killpg_quietly", "with_parent_death_signal"]
+__all__ = ["die_with_parent", "killpg_quietly", "move_pinned_threads", "with_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -49,3 +49,34 @@ def killpg_quietly(pgid: int, sig: int) -> None:
     """Signal a process group that may already be gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def move_pinned_threads(pid: int, old: Collection[int], new: Collection[int]) -> int:
+    """Re-pin the threads of process ``pid`` and of its descendants whose CPU affinity is exactly
+    ``old`` onto ``new``; returns how many moved.
+
+    An engine's compute threads (vLLM binds its OpenMP threads to VLLM_CPU_OMP_THREADS_BIND) are
+    the ones pinned to its cores; threads with any other affinity (unpinned helpers, the gRPC
+    server) are left alone. OpenMP binds a thread once, when its team starts, and never checks
+    again, so the move holds for the engine's life.
+    """
+    import psutil
+
+    old_set, new_set = set(old), set(new)
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    moved = 0
+    for process in processes:
+        try:
+            threads = process.threads()
+        except psutil.Error:
+            continue
+        for thread in threads:
+            with contextlib.suppress(OSError):  # the thread may be gone by now
+                if os.sched_getaffinity(thread.id) == old_set:
+                    os.sched_setaffinity(thread.id, new_set)
+                    moved += 1
+    return moved

@@ -44,7 +44,7 @@ STAND_IN = """\
 # -m dataplane.worker --role R --model M --store S --host H --port P ...
 echo "argv: $*"
 echo "bind: $VLLM_CPU_OMP_THREADS_BIND"
-{ignore}sleep 600 &
+{ignore}taskset -c "$VLLM_CPU_OMP_THREADS_BIND" sleep 600 &  # pinned like an engine's threads
 child=$!
 {trap}
 {delay}echo "strata worker ready role=$4 listening on ${{10}}:${{12}}"
@@ -110,6 +110,43 @@ def test_launch_passes_role_model_store_port_and_pins_cores(tmp_path: Path) -> N
         finally:
             await launcher.close()
         assert launcher.workers == ()
+        assert [launcher.cores.users(c) for c in (0, 1)] == [0, 0]
+
+    asyncio.run(scenario())
+
+
+def test_a_freed_core_goes_to_an_engine_that_shared_one(tmp_path: Path) -> None:
+    """Three engines on two cores: when the one alone on its core stops, the newest engine on
+    the shared core moves there — its pinned process is re-pinned in place, the unpinned
+    stand-in shell is left alone."""
+    config = stand_in(tmp_path)
+
+    async def scenario() -> None:
+        launcher = LocalProcessLauncher(config)
+        try:
+            workers = [
+                await launcher.launch(role)
+                for role in (WorkerRole.PREFILL, WorkerRole.DECODE, WorkerRole.DECODE)
+            ]
+            for w in workers:
+                await asyncio.to_thread(wait_for, w.printed_ready)
+            pinned = {}
+            for w in workers:
+                (child,) = descendants(w.pid)
+                await asyncio.to_thread(
+                    wait_for, lambda c=child, w=w: os.sched_getaffinity(c) == set(w.cores)
+                )
+                pinned[w.name] = child
+            shell_affinity = os.sched_getaffinity(workers[2].pid)
+            assert [w.cores for w in workers] == [(0,), (1,), (0,)]
+            await workers[1].stop(timeout_s=5)
+            assert [w.cores for w in (workers[0], workers[2])] == [(0,), (1,)]
+            assert [launcher.cores.users(c) for c in (0, 1)] == [1, 1]
+            assert os.sched_getaffinity(pinned[workers[2].name]) == {1}
+            assert os.sched_getaffinity(pinned[workers[0].name]) == {0}
+            assert os.sched_getaffinity(workers[2].pid) == shell_affinity
+        finally:
+            await launcher.close()
         assert [launcher.cores.users(c) for c in (0, 1)] == [0, 0]
 
     asyncio.run(scenario())
