@@ -1,9 +1,12 @@
 """The start-up profile of one worker: real Prefill/Decode calls that calibrate its latency model.
 
 When an instance turns ready the registry runs :func:`profile_worker` in the background (the
-instance is scheduled with the priors until it lands; docs/design/scheduling.md §2.3, §7). The
-points come from :meth:`ProfilePlan.for_engine`, bounded by :class:`ProfileSettings` so that a
-long context or a big batch does not make the profile itself a load test.
+instance is scheduled with a sibling's profile or the priors until it lands;
+docs/design/scheduling.md §2.3, §7). The points come from :meth:`ProfilePlan.for_engine`, bounded
+by :class:`ProfileSettings` so that a long context or a big batch does not make the profile itself
+a load test: cheapest point first, no call predicted above ``max_step_s``, nothing that would end
+after ``budget_s``, and every call waits until the instance runs no client request
+(``yield_to``), so a client waits behind the profile for one call at most.
 
 * **Prefill** points ``(new n, cached c)``: a fresh random prompt of ``c + n`` tokens; when
   ``c > 0`` its first ``c`` tokens are run first, so the engine's prefix cache (or the KV pool)

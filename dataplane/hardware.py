@@ -25,6 +25,7 @@ __all__ = [
     "BF16_CPU_FLAGS",
     "DTYPES",
     "Compute",
+    "choose_compute",
     "cpu_flags",
     "cpu_model_name",
     "host_compute",
@@ -116,12 +117,10 @@ def _cuda_name() -> str | None:
     return str(torch.cuda.get_device_name(0))
 
 
-@functools.cache
-def host_compute() -> Compute:
-    gpu = _cuda_name()
+def choose_compute(gpu: str | None, flags: frozenset[str], cpu_name: str) -> Compute:
+    """The compute of a host with CUDA device ``gpu`` (None: none) and CPU ``flags``."""
     if gpu is not None:
         return Compute("cuda", gpu, "", "bfloat16", "CUDA GPU")
-    flags = cpu_flags()
     isa = _isa_level(flags)
     if flags & BF16_CPU_FLAGS:
         dtype, reason = "bfloat16", f"this CPU has {isa}: bf16 runs on oneDNN"
@@ -131,7 +130,13 @@ def host_compute() -> Compute:
             "this CPU has no AVX-512 BF16 or AMX: vLLM's bf16 linear layers would fall back "
             "to slow kernels (~6x slower prefill than float32)"
         )
-    return Compute("cpu", cpu_model_name(), isa, dtype, reason)
+    return Compute("cpu", cpu_name, isa, dtype, reason)
+
+
+@functools.cache
+def host_compute() -> Compute:
+    """This host's compute (looked up once per process)."""
+    return choose_compute(_cuda_name(), cpu_flags(), cpu_model_name())
 
 
 def resolve_dtype(requested: str) -> str:

@@ -1,0 +1,60 @@
+"""The engine dtype each kind of host gets from `--dtype auto`, and the hardware identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dataplane.config import WorkerConfig, WorkerRole
+from dataplane.hardware import DTYPES, choose_compute, host_compute, resolve_dtype
+
+AVX2_EPYC = frozenset("fpu sse sse2 avx fma avx2 bmi2 sha_ni vaes".split())
+AVX512_BF16 = AVX2_EPYC | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
+AMX = AVX2_EPYC | {"avx512f", "amx_tile", "amx_bf16", "amx_int8"}
+AVX512_ONLY = AVX2_EPYC | {"avx512f", "avx512bw"}
+
+
+@pytest.mark.parametrize(
+    ("gpu", "flags", "device", "isa", "dtype"),
+    [
+        (None, AVX2_EPYC, "cpu", "avx2", "float32"),
+        (None, AVX512_ONLY, "cpu", "avx512", "float32"),
+        (None, AVX512_BF16, "cpu", "avx512_bf16", "bfloat16"),
+        (None, AMX, "cpu", "amx_bf16", "bfloat16"),
+        (None, frozenset(), "cpu", "baseline", "float32"),
+        ("NVIDIA H100 80GB HBM3", AVX2_EPYC, "cuda", "", "bfloat16"),
+    ],
+)
+def test_dtype_follows_what_the_host_computes_fast(
+    gpu: str | None, flags: frozenset[str], device: str, isa: str, dtype: str
+) -> None:
+    compute = choose_compute(gpu, flags, "AMD EPYC")
+    assert (compute.device, compute.isa, compute.dtype) == (device, isa, dtype)
+    assert compute.reason
+
+
+def test_hardware_identity_names_device_model_isa_cores_and_dtype() -> None:
+    cpu = choose_compute(None, AVX2_EPYC, "AMD EPYC")
+    assert cpu.identity("float32", 1) == "cpu/AMD EPYC/avx2/1c/float32"
+    assert cpu.identity("float32", 2) != cpu.identity("float32", 1)
+    gpu = choose_compute("NVIDIA H100 80GB HBM3", AVX2_EPYC, "AMD EPYC")
+    assert gpu.identity("bfloat16", 16) == "cuda/NVIDIA H100 80GB HBM3/bfloat16"
+
+
+def test_auto_resolves_on_this_host_and_explicit_dtypes_pass_through() -> None:
+    assert resolve_dtype("auto") == host_compute().dtype
+    assert host_compute().dtype in ("bfloat16", "float32")
+    for dtype in DTYPES[1:]:
+        assert resolve_dtype(dtype) == dtype
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("int3")
+
+
+def test_worker_config_defaults_to_auto_and_refuses_unknown_dtypes(tmp_path: Path) -> None:
+    model = tmp_path
+    (model / "config.json").write_text("{}")
+    config = WorkerConfig(role=WorkerRole.DECODE, model_dir=model, store_endpoint="h:1")
+    assert config.dtype == "auto"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        WorkerConfig(role=WorkerRole.DECODE, model_dir=model, store_endpoint="h:1", dtype="fp8x")
