@@ -231,7 +231,12 @@ async def profile_worker(
         waited_s += clock() - before
         return ok
 
-    while pending:
+    # The first call of a fresh engine pays one-time costs (lazy initialisation, the KV
+    # connector's first connection): one untimed call first, or it would set the speed
+    # estimate and skip points that fit.
+    smallest = min(n for n, _ in plan.prefill_points)
+    await profiler.prefill_point(role, (smallest, 0), gate)
+    while pending and not profiler.stopped:
         left_s = deadline - clock()
         best: tuple[float, int] | None = None
         for index, (kind, point) in enumerate(pending):
@@ -260,8 +265,6 @@ async def profile_worker(
             extra_s = await profiler.handoff(*point, gate)
             if extra_s is not None:
                 handoffs.append(extra_s)
-        if profiler.stopped:
-            break
     if not prefill:
         raise ValueError(
             f"no profile point ran within {settings.budget_s:g} s "

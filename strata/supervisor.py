@@ -1,7 +1,9 @@
 """Starting and stopping Strata's processes on one host, leaving nothing behind.
 
-Each service is a child process in its own session (so a terminal's Ctrl-C reaches only the
-supervisor, which then stops the children in order) with PR_SET_PDEATHSIG set, so that even a
+Each service is a child process in its own process group (so a terminal's Ctrl-C reaches only the
+supervisor, which then stops the children in order) but in the supervisor's session (so the
+kernel shares cores between Strata's tasks fairly; controlplane/processes.py) with
+PR_SET_PDEATHSIG set, so that even a
 `kill -9` of the supervisor takes its children down. A service counts as started when it prints its
 ready line; its output is echoed with a `[name]` prefix. Stopping sends SIGTERM to the child's whole
 process group (vLLM's engine-core processes included), waits, then SIGKILLs what is left.
@@ -20,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from controlplane.processes import killpg_quietly, with_parent_death_signal
+from controlplane.processes import killpg_quietly, start_child
 
 
 class ServiceError(RuntimeError):
@@ -40,16 +42,7 @@ class Service:
 
     def start(self) -> None:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        argv, preexec_fn = with_parent_death_signal(self.argv)
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            preexec_fn=preexec_fn,
-        )
+        self.proc = start_child(self.argv, env)
         threading.Thread(target=self._pump, name=f"pump-{self.name}", daemon=True).start()
 
     def _pump(self) -> None:
@@ -89,7 +82,7 @@ class Service:
         proc = self.proc
         if proc is None:
             return
-        pgid = proc.pid  # start_new_session: the child leads its own process group
+        pgid = proc.pid  # the child leads its own process group (start_child)
         if proc.poll() is None:
             killpg_quietly(pgid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -180,9 +180,10 @@ def test_every_call_waits_for_the_gate_and_a_closed_gate_ends_the_profile() -> N
         WorkerRole.PREFILL, settings(budget_s=1e6, max_step_s=1e6), yield_to=yield_to
     )
     assert len(opened) == 4  # three calls let through, the fourth gate closed
-    assert len(engine.calls) == 3
-    assert result.num_skipped == len(PLAN.prefill_points) - 3 + 0
-    assert not result.measured_prefill  # 3 points (or fewer: a cached one needs 2 calls)
+    assert len(engine.calls) == 3  # the untimed warm-up call, then the two cheapest points
+    assert [n for _, n in engine.calls] == [BLOCK, BLOCK, 2 * BLOCK]
+    assert result.num_skipped == len(PLAN.prefill_points) - 2
+    assert not result.measured_prefill
 
 
 def test_too_few_points_give_the_base_model_scaled_to_the_measured_speed() -> None:
