@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from controlplane.admin import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
+from dataplane.hardware import DTYPES
 from strata.supervisor import Service, ServiceError, Supervisor
 
 
@@ -117,6 +118,13 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-ssd-ttl", default="24h", help="SSD blocks expire after this")
     p.add_argument("--no-kv-ssd", action="store_true", help="DRAM-only store (nothing survives)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds per service")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="engine dtype; auto: bfloat16 on a GPU or a CPU with AVX-512 BF16/AMX, float32 on "
+        "other CPUs (each worker logs its choice)",
+    )
     p.add_argument("--prefill-workers", type=int, default=1, help="prefill engines at start")
     p.add_argument("--decode-workers", type=int, default=1, help="decode engines at start")
     p.add_argument(
@@ -192,6 +200,8 @@ def serve(args: argparse.Namespace) -> int:
         cores_per_engine = max(1, len(os.sched_getaffinity(0)) // num_engines)
         # Options every `strata worker` gets, beyond what the gateway's --launch-* flags say.
         worker_args: list[str] = []
+        if args.dtype != "auto":
+            worker_args += ["--dtype", args.dtype]
         # The gateway's launcher starts the workers (so `strata admin scale` can stop them and
         # start more); they publish their prefix caches to the store node's embedded metadata
         # (strata://) as HBM events (dataplane/hbm_events.py).

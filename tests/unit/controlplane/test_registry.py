@@ -26,7 +26,13 @@ from controlplane.registry_store import (
     LocalRegistryStore,
     RegistryStoreError,
 )
-from controlplane.workers import WorkerError, WorkerErrorKind, WorkerRole
+from controlplane.workers import (
+    PrefillResult,
+    WorkerError,
+    WorkerErrorKind,
+    WorkerHealth,
+    WorkerRole,
+)
 
 T = TypeVar("T")
 PREFILL, DECODE = WorkerRole.PREFILL, WorkerRole.DECODE
@@ -377,3 +383,64 @@ def test_an_idle_instance_is_stopped_at_once_without_a_warning(
     with caplog.at_level("WARNING", logger="controlplane.registry"):
         run(test)
     assert not [r for r in caplog.records if "still has" in r.getMessage()]
+
+
+class ProfiledWorker:
+    """A WorkerClient double for the start-up profile: ready Health, instant Prefill/Decode
+    calls; records whether a client request of the registry was in flight at each call."""
+
+    def __init__(self, registry: InstanceRegistry, instance_id: str) -> None:
+        self._registry = registry
+        self._id = instance_id
+        self.calls_during_client_requests = 0
+        self.calls = 0
+
+    def _record(self) -> None:
+        self.calls += 1
+        if self._registry.get(self._id).num_requests > 0:
+            self.calls_during_client_requests += 1
+
+    async def health(self, *, timeout_s: float) -> WorkerHealth:
+        return WorkerHealth(
+            True, PREFILL, "m", 16, 256, 4, hardware="cpu/x", model_fingerprint=b"f"
+        )
+
+    async def prefill(self, **kwargs: Any) -> PrefillResult:
+        self._record()
+        await asyncio.sleep(0.001)
+        n = len(kwargs["prompt_token_ids"])
+        return PrefillResult(1, "", None, (), n, 0, 1e-3 + 1e-5 * n)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_the_profile_makes_no_call_while_a_client_request_runs() -> None:
+    async def test() -> None:
+        from controlplane.profiling import ProfileSettings
+
+        store = LocalRegistryStore()
+        registry = InstanceRegistry(
+            metrics=GatewayMetrics(),
+            health_check_timeout_s=1.0,
+            store=store,
+            profile=ProfileSettings(max_model_len=256, max_batch=4, vocab_size=1000),
+        )
+        await registry.register_configured(PREFILL, ["127.0.0.1:10001"])
+        instance = registry.get("w1")
+        worker = ProfiledWorker(registry, "w1")
+        instance.client = worker  # type: ignore[assignment]
+        with registry.track_prefill(instance, 100):  # a client request in flight
+            await registry.check_all()  # ready: the profile starts, and waits
+            await asyncio.sleep(0.2)
+            assert instance.profile_state == "running"
+            assert worker.calls == 0
+        for _ in range(500):
+            if instance.profile_state != "running":
+                break
+            await asyncio.sleep(0.01)
+        assert instance.profile_state == "done"
+        assert worker.calls > 10 and worker.calls_during_client_requests == 0
+        await registry.close()
+
+    run(test)
