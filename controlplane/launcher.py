@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -55,6 +56,7 @@ from typing import IO
 
 from controlplane.instances import InstanceConflict, WorkerRole
 from controlplane.processes import (
+    can_lower_niceness,
     killpg_quietly,
     move_pinned_threads,
     renice_tree,
@@ -175,11 +177,12 @@ class LocalLauncherConfig:
     stop_timeout_s: float = 20.0
     """SIGTERM → SIGKILL grace used by :meth:`LocalProcessLauncher.close`."""
     startup_nice: int = -5
-    """Niceness of a worker until it is ready, then 0: starting an engine is three Python
-    interpreters importing torch and vLLM (~25 s of CPU for the tiny model here), and on a host
-    whose cores serve requests it would otherwise get a third of a core; at -5 it gets about
-    three times a serving task's share for those seconds. 0 = no boost (and where this process
-    may not lower niceness, workers start at its own)."""
+    """Niceness of a worker relative to this process until it is ready, then this process's
+    own: starting an engine is three Python interpreters importing torch and vLLM (~25 s of CPU
+    for the tiny model here), and on a host whose cores serve requests it would otherwise get a
+    third of a core; at -5 it gets about three times a serving task's share for those seconds.
+    0 = no boost (and where this process may not lower niceness, workers start at its own and
+    the launcher says so once)."""
 
     def __post_init__(self) -> None:
         if not (self.model_dir / "config.json").is_file():
@@ -224,7 +227,9 @@ class LocalWorker:
     _reservation: socket.socket | None
     _on_stopped: Callable[[LocalWorker], None]
     _log: IO[str] | None = None
-    _startup_nice: int = 0
+    _serving_nice: int | None = None
+    """Niceness to return to once ready (None: it started at the serving niceness)."""
+    _on_ready: Callable[[], None] | None = None
     _tail: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -268,13 +273,23 @@ class LocalWorker:
                         sys.stdout.write(f"[{self.name}] {line}\n")
                         sys.stdout.flush()
                 if not self._ready.is_set() and READY_LINE in line:
-                    if self._startup_nice:
-                        renice_tree(self.proc.pid, 0)  # serving: an equal share again
                     self._ready.set()
                     self._release_port()
+                    self._became_ready()
         finally:
             self._release_port()
             self.proc.stdout.close()
+
+    def _became_ready(self) -> None:
+        """On the pump thread: back to the serving niceness, then tell the launcher (which may
+        move engines onto cores that freed up while this one started)."""
+        try:
+            if self._serving_nice is not None:
+                renice_tree(self.proc.pid, self._serving_nice)
+            if self._on_ready is not None:
+                self._on_ready()
+        except Exception:  # the pump must go on reading the worker's output
+            logger.exception("launcher: %s: after ready", self.name)
 
     def _stop_blocking(self, timeout_s: float) -> None:
         pgid = self.proc.pid  # the worker leads its own process group (start_child)
@@ -304,6 +319,12 @@ class LocalWorker:
 # -- the launcher ----------------------------------------------------------------------------
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on ``loop``'s thread (from another thread); nothing if it closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
+
+
 class LocalProcessLauncher:
     """Starts and stops `strata worker` processes on this host (implements Launcher)."""
 
@@ -318,6 +339,15 @@ class LocalProcessLauncher:
             )
         self._workers: list[LocalWorker] = []
         self._closed = False
+        self._startup_nice = 0
+        if config.startup_nice < 0 and not can_lower_niceness(-config.startup_nice):
+            logger.warning(
+                "launcher: may not lower niceness by %d (not root, RLIMIT_NICE too low): "
+                "workers start without a priority boost",
+                -config.startup_nice,
+            )
+        else:
+            self._startup_nice = config.startup_nice
 
     @property
     def workers(self) -> tuple[LocalWorker, ...]:
@@ -355,7 +385,7 @@ class LocalProcessLauncher:
                 "PYTHONUNBUFFERED": "1",
             }
             # Forked from this (the event loop's) thread: PR_SET_PDEATHSIG follows the thread.
-            proc = start_child(self._argv(role, port), env, nice=cfg.startup_nice)
+            proc = start_child(self._argv(role, port), env, nice=self._startup_nice)
         except BaseException:
             self.cores.release(cores)
             if reservation is not None:
@@ -373,7 +403,8 @@ class LocalProcessLauncher:
             _reservation=reservation,
             _on_stopped=self._forget,
             _log=log,
-            _startup_nice=cfg.startup_nice,
+            _serving_nice=os.getpriority(os.PRIO_PROCESS, 0) if self._startup_nice else None,
+            _on_ready=functools.partial(_call_soon, asyncio.get_running_loop(), self._rebalance),
         )
         threading.Thread(target=worker._pump, name=f"launcher-{name}", daemon=True).start()
         self._workers.append(worker)
@@ -393,9 +424,10 @@ class LocalProcessLauncher:
             self._rebalance()
 
     def _rebalance(self) -> None:
-        """Spread the running engines over the cores again after one left: while a core is
-        free and another is shared, the newest engine on a shared core moves to the free one
-        (its pinned threads are re-pinned in place; nothing restarts)."""
+        """Spread the running engines over the cores again (after a worker stopped, or became
+        ready): while a core is free and another is shared, the newest ready engine on a shared
+        core moves to the free one (its pinned threads are re-pinned in place; nothing
+        restarts)."""
         while not self._closed:
             # A worker still starting has not bound its threads yet (it would bind them to the
             # cores in its environment): only ready ones move.
@@ -406,7 +438,15 @@ class LocalProcessLauncher:
             index, old, new = move
             worker = workers[index]
             new_cores = tuple(sorted({*worker.cores} - {old} | {new}))
-            moved = move_pinned_threads(worker.pid, worker.cores, new_cores)
+            moved = move_pinned_threads(worker.pid, worker.cores, old, new)
+            if moved == 0:
+                logger.warning(
+                    "launcher: %s: no thread of its engine holds core %d; left on cores %s",
+                    worker.name,
+                    old,
+                    worker.cores,
+                )
+                return
             self.cores.move(old, new)
             logger.info(
                 "launcher: %s moved from cores %s to %s (%d pinned threads re-pinned)",

@@ -24,11 +24,14 @@ import subprocess
 from collections.abc import Callable, Collection, Sequence
 
 __all__ = [
+    "can_lower_niceness",
     "die_with_parent",
     "killpg_quietly",
     "move_pinned_threads",
+    "moved_affinity",
     "renice_tree",
     "start_child",
+    "tree_thread_ids",
     "with_parent_death_signal",
 ]
 
@@ -92,56 +95,75 @@ def killpg_quietly(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def move_pinned_threads(pid: int, old: Collection[int], new: Collection[int]) -> int:
-    """Re-pin the threads of process ``pid`` and of its descendants whose CPU affinity is exactly
-    ``old`` onto ``new``; returns how many moved.
-
-    An engine's compute threads (vLLM binds its OpenMP threads to VLLM_CPU_OMP_THREADS_BIND) are
-    the ones pinned to its cores; threads with any other affinity (unpinned helpers, the gRPC
-    server) are left alone. OpenMP binds a thread once, when its team starts, and never checks
-    again, so the move holds for the engine's life.
-    """
+def tree_thread_ids(pid: int) -> list[int]:
+    """The thread ids of process ``pid`` and of its descendants (those that exist right now;
+    [] when ``pid`` is gone)."""
     import psutil
 
-    old_set, new_set = set(old), set(new)
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0
-    moved = 0
+        return []
+    tids: list[int] = []
     for process in processes:
         try:
-            threads = process.threads()
+            tids += [thread.id for thread in process.threads()]
         except psutil.Error:
             continue
-        for thread in threads:
-            with contextlib.suppress(OSError):  # the thread may be gone by now
-                if os.sched_getaffinity(thread.id) == old_set:
-                    os.sched_setaffinity(thread.id, new_set)
-                    moved += 1
+    return tids
+
+
+def moved_affinity(affinity: Collection[int], old: int, new: int) -> set[int] | None:
+    """A thread pinned within an engine's cores that holds core ``old``, with ``new`` in its
+    place; None for a thread that does not hold ``old`` or is not pinned within the engine's
+    cores (``affinity`` spans more than the engine's cores: an unpinned helper)."""
+    cores = set(affinity)
+    if old not in cores:
+        return None
+    return (cores - {old}) | {new}
+
+
+def move_pinned_threads(pid: int, engine_cores: Collection[int], old: int, new: int) -> int:
+    """Move the engine whose process is ``pid`` off core ``old`` onto core ``new``: every thread
+    of its process tree pinned within ``engine_cores`` that holds ``old`` gets ``new`` instead
+    (vLLM binds each OpenMP thread to one of VLLM_CPU_OMP_THREADS_BIND's cores; the threads a
+    pinned thread starts inherit its affinity). Threads with a wider affinity (unpinned helpers,
+    the gRPC server) are left alone. OpenMP binds a thread once, when its team starts, and never
+    checks again, so the move holds for the engine's life. Returns how many threads moved."""
+    allowed = set(engine_cores)
+    moved = 0
+    for tid in tree_thread_ids(pid):
+        with contextlib.suppress(OSError):  # the thread may be gone by now
+            affinity = os.sched_getaffinity(tid)
+            if not affinity <= allowed:
+                continue
+            target = moved_affinity(affinity, old, new)
+            if target is not None:
+                os.sched_setaffinity(tid, target)
+                moved += 1
     return moved
 
 
 def renice_tree(pid: int, nice: int) -> int:
     """Set every thread of process ``pid`` and of its descendants to niceness ``nice`` (Linux
     keeps a niceness per thread); returns how many threads changed."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
     changed = 0
-    for process in processes:
-        try:
-            threads = process.threads()
-        except psutil.Error:
-            continue
-        for thread in threads:
-            with contextlib.suppress(OSError):
-                if os.getpriority(os.PRIO_PROCESS, thread.id) != nice:
-                    os.setpriority(os.PRIO_PROCESS, thread.id, nice)
-                    changed += 1
+    for tid in tree_thread_ids(pid):
+        with contextlib.suppress(OSError):
+            if os.getpriority(os.PRIO_PROCESS, tid) != nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                changed += 1
     return changed
+
+
+def can_lower_niceness(by: int) -> bool:
+    """Whether this process may start children ``by`` steps below its own niceness (root, or an
+    RLIMIT_NICE that allows it)."""
+    if by <= 0 or os.geteuid() == 0:
+        return True
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    lowest = 20 - soft  # RLIMIT_NICE is 20 - the lowest niceness allowed
+    return os.getpriority(os.PRIO_PROCESS, 0) - by >= lowest

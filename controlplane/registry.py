@@ -665,6 +665,7 @@ class InstanceRegistry:
             if record.draining and not instance.draining:
                 instance.draining = True
                 self._set_state(instance, InstanceState.DRAINING, "draining")
+                self._cancel_profile(instance)
         for instance in list(self._instances.values()):
             if instance.id in known_before and instance.id not in records:
                 logger.info("instance %s (%s) was removed", instance.id, instance.endpoint)
@@ -890,6 +891,7 @@ class InstanceRegistry:
         del self._instances[instance.id]
         self._configured.discard(instance.id)
         instance.forgotten = True
+        self._cancel_profile(instance)
         self._unpublish_ready(instance)
         handle = self._launched.pop(instance.id, None)
         self._spawn(self._close_when_idle(instance, handle, stop_after_s))
@@ -1001,7 +1003,9 @@ class InstanceRegistry:
         instance.profile_task = self._spawn(self._profile_instance(instance, health))
 
     def _calibrated_sibling(self, instance: Instance) -> Instance | None:
-        """A profiled instance of the same model on the same hardware (same role first)."""
+        """A profiled instance of the same role and model on the same hardware (the roles'
+        profiles differ: a prefill worker's decode model is not measured, and a decode
+        worker's prefill samples are times to a first token at the gateway)."""
         health = instance.health
         if health is None or not health.hardware or not health.model_fingerprint:
             return None
@@ -1014,8 +1018,8 @@ class InstanceRegistry:
             and m.health is not None
             and m.health.hardware == health.hardware
             and m.health.model_fingerprint == health.model_fingerprint
+            and m.role is instance.role
         ]
-        siblings.sort(key=lambda m: m.role is not instance.role)
         return siblings[0] if siblings else None
 
     def _yield_to(self, instance: Instance) -> YieldTo:
@@ -1053,7 +1057,7 @@ class InstanceRegistry:
             )
         except asyncio.CancelledError:
             instance.profile_state = "cancelled"
-            logger.info("profile of %s cancelled (drained)", instance.id)
+            logger.info("profile of %s cancelled", instance.id)
             raise
         except (WorkerError, ValueError) as exc:
             instance.profile_state = f"failed: {exc}"

@@ -102,7 +102,7 @@ class WorkerConfig:
             "--dtype",
             default="auto",
             choices=DTYPES,
-            help="engine dtype; auto: bfloat16 on a GPU or a CPU with AVX-512 BF16/AMX, "
+            help="engine dtype; auto: vLLM's on a GPU, bfloat16 on a CPU with AVX-512 BF16/AMX, "
             "float32 on other CPUs",
         )
         parser.add_argument("--compile", action="store_true", help="torch.compile (slow start)")

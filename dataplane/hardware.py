@@ -7,17 +7,18 @@ linear" and a bf16 prefill is ~6x slower than float32 (../shared/notes/vllm-cpu.
 1,000 tokens, one core: 26.5 s in bf16, 4.1 s in float32). So ``--dtype auto`` (the default of
 `strata worker`, hence of `strata serve`) resolves to:
 
-- ``bfloat16`` on a CUDA GPU, and on a CPU whose flags include ``avx512_bf16`` or ``amx_bf16``;
+- on a CUDA GPU, vLLM's own ``auto`` (the checkpoint's dtype, float16 on GPUs without bf16);
+- ``bfloat16`` on a CPU whose flags include ``avx512_bf16`` or ``amx_bf16``;
 - ``float32`` on any other CPU.
 
-The dtype is part of the model fingerprint (kvstore/hashing.py), so engines that chose different
-dtypes never exchange KV blocks: they only miss each other's prefixes.
+The dtype is part of the model fingerprint and the engine's actual dtype part of the KV layout
+(kvstore/hashing.py, dataplane/connector.py), so engines that run different dtypes never
+exchange KV blocks: they only miss each other's prefixes.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class Compute:
     isa: str
     """CPU: widest relevant vector ISA (avx512_bf16, amx_bf16, avx512, avx2, baseline); GPU: ""."""
     dtype: str
-    """The dtype "auto" resolves to here."""
+    """The dtype "auto" resolves to here ("auto" again on a GPU: vLLM's choice)."""
     reason: str
     """Why that dtype (for the log)."""
 
@@ -103,24 +104,39 @@ class Compute:
         return f"cpu/{self.name}/{self.isa}/{num_cores}c/{dtype}"
 
 
+_NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
 def _cuda_name() -> str | None:
-    """The first CUDA device's name, or None (without importing torch when it is not loaded
-    and no NVIDIA device node exists)."""
-    if not Path("/dev/nvidiactl").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        return None
+    """The NVIDIA GPUs' model and count ("NVIDIA H100 80GB HBM3 x8"), or None: read from the
+    driver's /proc files, so that asking never initialises CUDA in this process (vLLM would then
+    have to spawn its engine processes, and this process would hold GPU memory)."""
     try:
-        import torch
-    except ImportError:
+        boards = sorted(_NVIDIA_GPUS.iterdir())
+    except OSError:
         return None
-    if not torch.cuda.is_available():
+    names: list[str] = []
+    for board in boards:
+        try:
+            text = (board / "information").read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model":
+                names.append(value.strip())
+                break
+    if not names:
         return None
-    return str(torch.cuda.get_device_name(0))
+    return f"{names[0]} x{len(names)}"
 
 
 def choose_compute(gpu: str | None, flags: frozenset[str], cpu_name: str) -> Compute:
     """The compute of a host with CUDA device ``gpu`` (None: none) and CPU ``flags``."""
     if gpu is not None:
-        return Compute("cuda", gpu, "", "bfloat16", "CUDA GPU")
+        # vLLM's own "auto": the checkpoint's dtype, or float16 where the GPU has no bf16
+        # (before Ampere). The KV layout in every block key names the dtype the engine chose.
+        return Compute("cuda", gpu, "", "auto", "CUDA GPU: vLLM picks from the checkpoint")
     isa = _isa_level(flags)
     if flags & BF16_CPU_FLAGS:
         dtype, reason = "bfloat16", f"this CPU has {isa}: bf16 runs on oneDNN"

@@ -122,8 +122,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=DTYPES,
-        help="engine dtype; auto: bfloat16 on a GPU or a CPU with AVX-512 BF16/AMX, float32 on "
-        "other CPUs (each worker logs its choice)",
+        help="engine dtype; auto: vLLM's choice on a GPU, bfloat16 on a CPU with AVX-512 BF16/AMX, "
+        "float32 on other CPUs (each worker logs its choice)",
     )
     p.add_argument("--prefill-workers", type=int, default=1, help="prefill engines at start")
     p.add_argument("--decode-workers", type=int, default=1, help="decode engines at start")

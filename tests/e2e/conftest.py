@@ -50,14 +50,21 @@ class StrataServer:
 
 
 def start_server(
-    model_dir: Path | None, extra: list[str] | None = None, ssd_dir: Path | None = None
+    model_dir: Path | None,
+    extra: list[str] | None = None,
+    ssd_dir: Path | None = None,
+    *,
+    cpus: tuple[int, ...] | None = None,
 ) -> StrataServer:
     """Start `strata serve`; each server gets its own SSD-tier directory unless one is given
-    (one store node per directory: a second node is refused the lmdb directory lock)."""
+    (one store node per directory: a second node is refused the lmdb directory lock). ``cpus``:
+    run it on these cores only (`taskset`), the launcher's core pool on any host."""
     port = free_port()
     if ssd_dir is None:
         ssd_dir = Path(tempfile.mkdtemp(prefix="strata-e2e-ssd-"))
     argv = [sys.executable, "-m", "strata", "serve", "--port", str(port)]
+    if cpus is not None:
+        argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
     argv += ["--kv-ssd-dir", str(ssd_dir), "--kv-ssd-size", "1GiB"]
     if model_dir is not None:
         argv += ["--model", str(model_dir)]

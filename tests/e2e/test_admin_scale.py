@@ -111,9 +111,13 @@ def serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     extra = ["--cache-dir", str(cache_dir), "--admin-port", str(admin_port)]
     extra += ["--prefill-workers", "1", "--decode-workers", "1"]
     extra += ["--store-arena-size", "512MiB"]
+    cpus = tuple(sorted(os.sched_getaffinity(0)))[:2]
+    if len(cpus) < 2:
+        pytest.skip("needs 2 cores")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("STRATA_ADMIN_TOKEN", raising=False)  # serve makes and keeps its own
-        server = start_server(tiny_model_dir, extra)
+        # On two cores on any host: one engine per core, then three engines on two.
+        server = start_server(tiny_model_dir, extra, cpus=cpus)
     try:
         yield AdminServe(server, cache_dir, f"127.0.0.1:{admin_port}")
     finally:
@@ -254,7 +258,6 @@ def test_scale_decode_up_and_down_under_load_on_shared_cores(serve: AdminServe) 
     ]
     infos = serve.instances()
     assert all(i["launched"] for i in infos), infos  # serve's workers are the launcher's
-    ncpu = len(os.sched_getaffinity(0))
     (first,) = _decodes(infos)
 
     load = Load(serve.server.base_url, serve.server.model)
@@ -274,9 +277,8 @@ def test_scale_decode_up_and_down_under_load_on_shared_cores(serve: AdminServe) 
         )
         (new,) = [i for i in _decodes(infos) if i["id"] != first["id"]]
         assert new["launched"]
-        if ncpu == 2:
-            engines = [_pinned_cores(i["endpoint"]) for i in infos]
-            assert sum(len(cores) for cores in engines) > len(set().union(*engines)), engines
+        engines = [_pinned_cores(i["endpoint"]) for i in infos]
+        assert sum(len(cores) for cores in engines) > len(set().union(*engines)), engines
         deadline = time.monotonic() + 120
         while _worker_stats(new["endpoint"]).num_requests < 1:
             assert not load.failures, load.failures
@@ -303,15 +305,15 @@ def test_scale_decode_up_and_down_under_load_on_shared_cores(serve: AdminServe) 
         assert len(_decodes(infos)) == 1
         num_ok = load.num_ok
         load.wait_ok(num_ok + 4)  # served by the one decode worker left
-        if ncpu == 2:  # the two engines left compute on separate cores again, once the
-            # retired worker's process has exited (its engine shuts down after its gRPC port)
-            deadline = time.monotonic() + 60
-            while True:
-                engines = [_pinned_cores(i["endpoint"]) for i in infos]
-                if all(len(c) == 1 for c in engines) and engines[0] != engines[1]:
-                    break
-                assert time.monotonic() < deadline, (engines, serve.server.lines[-40:])
-                time.sleep(1.0)
+        # The two engines left compute on separate cores again, once the retired worker's
+        # process has exited (its engine shuts down after its gRPC port).
+        deadline = time.monotonic() + 60
+        while True:
+            engines = [_pinned_cores(i["endpoint"]) for i in infos]
+            if all(len(c) == 1 for c in engines) and engines[0] != engines[1]:
+                break
+            assert time.monotonic() < deadline, (engines, serve.server.lines[-40:])
+            time.sleep(1.0)
     finally:
         load.stop()
     assert load.failures == []

@@ -6,6 +6,7 @@ import pytest
 
 from controlplane.instances import InstanceConflict
 from controlplane.launcher import CorePool
+from controlplane.processes import moved_affinity
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,32 @@ def test_misuse_is_an_error() -> None:
         pool.release((0,))
     with pytest.raises(ValueError, match="not allocated"):
         pool.release((9,))
+
+
+@pytest.mark.parametrize(
+    ("affinity", "old", "new", "expected"),
+    [
+        ({0}, 0, 1, {1}),  # a one-core engine's OpenMP thread
+        ({2}, 2, 5, {5}),  # one OpenMP thread of a 2-core engine on (2, 3)
+        ({3}, 2, 5, None),  # its other thread stays
+        ({2, 3}, 2, 5, {3, 5}),  # a thread that inherited the engine's whole set
+        ({0, 1}, 3, 2, None),  # does not hold the core that is moved
+    ],
+)
+def test_a_moved_engine_thread_swaps_exactly_the_moved_core(
+    affinity: set[int], old: int, new: int, expected: set[int] | None
+) -> None:
+    assert moved_affinity(affinity, old, new) == expected
+
+
+def test_rebalancing_moves_the_newest_engine_off_a_shared_core_onto_a_free_one() -> None:
+    pool = CorePool((0, 1, 2), share_cores=True)
+    holdings = [pool.allocate(1) for _ in range(4)]  # (0,), (1,), (2,), (0,)
+    assert holdings == [(0,), (1,), (2,), (0,)]
+    assert pool.rebalance_move(holdings) is None  # no core is free
+    pool.release(holdings.pop(1))  # core 1 frees up
+    assert pool.rebalance_move(holdings) == (2, 0, 1)  # the newest on core 0 takes it
+    pool.move(0, 1)
+    holdings[2] = (1,)
+    assert [pool.users(c) for c in pool.cpus] == [1, 1, 1]
+    assert pool.rebalance_move(holdings) is None

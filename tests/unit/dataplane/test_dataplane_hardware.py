@@ -23,7 +23,7 @@ AVX512_ONLY = AVX2_EPYC | {"avx512f", "avx512bw"}
         (None, AVX512_BF16, "cpu", "avx512_bf16", "bfloat16"),
         (None, AMX, "cpu", "amx_bf16", "bfloat16"),
         (None, frozenset(), "cpu", "baseline", "float32"),
-        ("NVIDIA H100 80GB HBM3", AVX2_EPYC, "cuda", "", "bfloat16"),
+        ("NVIDIA H100 80GB HBM3 x8", AVX2_EPYC, "cuda", "", "auto"),
     ],
 )
 def test_dtype_follows_what_the_host_computes_fast(
@@ -38,13 +38,20 @@ def test_hardware_identity_names_device_model_isa_cores_and_dtype() -> None:
     cpu = choose_compute(None, AVX2_EPYC, "AMD EPYC")
     assert cpu.identity("float32", 1) == "cpu/AMD EPYC/avx2/1c/float32"
     assert cpu.identity("float32", 2) != cpu.identity("float32", 1)
-    gpu = choose_compute("NVIDIA H100 80GB HBM3", AVX2_EPYC, "AMD EPYC")
-    assert gpu.identity("bfloat16", 16) == "cuda/NVIDIA H100 80GB HBM3/bfloat16"
+    gpu = choose_compute("NVIDIA H100 80GB HBM3 x8", AVX2_EPYC, "AMD EPYC")
+    assert gpu.identity("auto", 16) == "cuda/NVIDIA H100 80GB HBM3 x8/auto"
 
 
-def test_auto_resolves_on_this_host_and_explicit_dtypes_pass_through() -> None:
-    assert resolve_dtype("auto") == host_compute().dtype
-    assert host_compute().dtype in ("bfloat16", "float32")
+def test_auto_on_this_cpu_follows_its_cpuinfo_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].splitlines()[0]
+    fast_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    if host_compute().device == "cpu":
+        assert resolve_dtype("auto") == ("bfloat16" if fast_bf16 else "float32")
+    else:
+        assert resolve_dtype("auto") == "auto"
+
+
+def test_explicit_dtypes_pass_through_and_unknown_ones_are_refused() -> None:
     for dtype in DTYPES[1:]:
         assert resolve_dtype(dtype) == dtype
     with pytest.raises(ValueError, match="dtype must be one of"):
