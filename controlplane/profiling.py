@@ -95,6 +95,8 @@ class ProfileResult:
     """Points of the plan not run: predicted too long for a step or for the budget left."""
     waited_s: float = 0.0
     """Time spent waiting for client requests to finish before the profile's calls."""
+    num_prefill_measured: int = 0
+    """Prefill points that ran and were timed."""
     measured_prefill: bool = True
     """False when fewer than 4 prefill points ran: ``prefill`` then holds the base model's
     predictions at the plan's points, scaled by the median observed/predicted ratio."""
@@ -270,7 +272,8 @@ async def profile_worker(
             f"no profile point ran within {settings.budget_s:g} s "
             f"({'client traffic first' if profiler.stopped else 'every point too long'})"
         )
-    measured_prefill = len(prefill) >= 4
+    num_prefill_measured = len(prefill)
+    measured_prefill = num_prefill_measured >= 4
     if not measured_prefill:
         # Too few points for a fit: the base model's shape, at the speed the points measured.
         prefill = [PrefillSample(n, c, costs.prefill_s(n, c)) for n, c in plan.prefill_points]
@@ -286,6 +289,7 @@ async def profile_worker(
         handoff_s=statistics.median(handoffs) if handoffs else None,
         num_skipped=len(pending) + profiler.num_interrupted,
         waited_s=waited_s,
+        num_prefill_measured=num_prefill_measured,
         measured_prefill=measured_prefill,
         measured_decode=measured_decode,
     )

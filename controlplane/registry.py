@@ -1049,6 +1049,17 @@ class InstanceRegistry:
                 base=instance.predictor,
                 yield_to=self._yield_to(instance),
             )
+            if not result.measured_prefill and instance.predictor.calibrated:
+                # Too few points to fit (a busy host) and a sibling's full profile in use: the
+                # sibling's fit is the better model; the online refits take it from here.
+                instance.profile_state = "done"
+                logger.info(
+                    "instance %s: only %d profile points in %.1f s; keeping its sibling's profile",
+                    instance.id,
+                    result.num_prefill_measured,
+                    result.seconds,
+                )
+                return
             instance.predictor.calibrate(
                 result.prefill,
                 result.decode,

@@ -444,3 +444,46 @@ def test_the_profile_makes_no_call_while_a_client_request_runs() -> None:
         await registry.close()
 
     run(test)
+
+
+class SlowProfiledWorker(ProfiledWorker):
+    """Each call takes 0.3 s of real time: a host too busy for a full profile."""
+
+    async def prefill(self, **kwargs: Any) -> PrefillResult:
+        await asyncio.sleep(0.3)
+        return await super().prefill(**kwargs)
+
+
+def test_a_partial_profile_does_not_replace_a_siblings_full_one() -> None:
+    async def test() -> None:
+        from controlplane.profiling import ProfileSettings
+
+        registry = InstanceRegistry(
+            metrics=GatewayMetrics(),
+            health_check_timeout_s=1.0,
+            store=LocalRegistryStore(),
+            profile=ProfileSettings(max_model_len=256, max_batch=4, vocab_size=1000, budget_s=1.0),
+        )
+
+        async def profiled(instance: Any) -> None:
+            await registry.check_all()
+            for _ in range(300):
+                if instance.profile_state != "running":
+                    return
+                await asyncio.sleep(0.01)
+
+        await registry.register_configured(PREFILL, ["127.0.0.1:10001"])
+        first = registry.get("w1")
+        first.client = ProfiledWorker(registry, "w1")  # type: ignore[assignment]
+        await profiled(first)
+        await registry.register_configured(PREFILL, ["127.0.0.1:10002"])
+        second = registry.get("w2")
+        second.client = SlowProfiledWorker(registry, "w2")  # type: ignore[assignment]
+        await profiled(second)
+        assert first.profile_state == second.profile_state == "done"
+        assert first.predictor.calibrated and second.predictor.calibrated
+        # The second started from the first's profile and kept it: 3 calls in 1 s are too few.
+        assert second.predictor.prefill_fit == first.predictor.prefill_fit
+        await registry.close()
+
+    run(test)
