@@ -1053,6 +1053,8 @@ class InstanceRegistry:
                 # Too few points to fit (a busy host) and a sibling's full profile in use: the
                 # sibling's fit is the better model; the online refits take it from here.
                 instance.profile_state = "done"
+                self._num_profiles += 1
+                self._metrics.profiled_instances.labels(_name(instance.role)).inc()
                 logger.info(
                     "instance %s: only %d profile points in %.1f s; keeping its sibling's profile",
                     instance.id,

@@ -484,6 +484,7 @@ def test_a_partial_profile_does_not_replace_a_siblings_full_one() -> None:
         assert first.predictor.calibrated and second.predictor.calibrated
         # The second started from the first's profile and kept it: 3 calls in 1 s are too few.
         assert second.predictor.prefill_fit == first.predictor.prefill_fit
+        assert registry.stats().extra["profiles_run"] == 2
         await registry.close()
 
     run(test)
