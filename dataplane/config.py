@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataplane.hardware import DTYPES
-from kvstore.config import parse_duration, parse_size
 from kvstore.metadata import parse_metadata_spec
+from strata_common.units import parse_duration, parse_size
 
 
 class WorkerRole(enum.Enum):

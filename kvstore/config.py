@@ -12,70 +12,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from kvstore.metadata import parse_metadata_spec
 from kvstore.policy import PolicyKind
+from strata_common.units import parse_duration, parse_size
 
-__all__ = ["StoreNodeConfig", "parse_duration", "parse_size"]
+__all__ = ["StoreNodeConfig"]
 
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
 ENV_PREFIX = "STRATA_KVSTORE_"
 SSD_SYNC_MODES = ("data", "full", "none")
 LEAVE_POLICIES = ("drop", "migrate")
 MIN_SSD_SIZE_BYTES = 16 * 1024**2
-
-
-def parse_size(value: str | int) -> int:
-    """Parse a byte size: ``4096``, ``"4KiB"``, ``"2GiB"``, ``"1.5GB"``; returns whole bytes."""
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"size must not be negative: {value}")
-        return value
-    match = _NUMBER_UNIT.match(value)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {value!r} (examples: 4096, 64KiB, 2GiB, 1GB)")
-    nbytes = float(match.group(1)) * _SIZE_UNITS[unit]
-    if nbytes != int(nbytes):
-        raise ValueError(f"size {value!r} is not a whole number of bytes")
-    return int(nbytes)
-
-
-def parse_duration(value: str | float) -> float:
-    """Parse a duration in seconds: ``30``, ``"30s"``, ``"250ms"``, ``"5m"``, ``"24h"``."""
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _NUMBER_UNIT.match(value)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _DURATION_UNITS:
-            raise ValueError(f"not a duration: {value!r} (examples: 30s, 250ms, 5m, 24h)")
-        seconds = float(match.group(1)) * _DURATION_UNITS[unit]
-    if seconds < 0:
-        raise ValueError(f"duration must not be negative: {value!r}")
-    return seconds
 
 
 def _parse_bool(value: str | bool) -> bool:

@@ -105,6 +105,7 @@ from kvstore.rdma import RdmaNodeEndpoint
 from kvstore.ssd import SSDTier, SSDTierError, tune_malloc_for_lmdb
 from kvstore.tiers import TierManager
 from kvstore.transport import TransportKind, TransportUnavailable, log_unavailable_once
+from strata_common.host import boot_id
 
 __all__ = ["StoreServer", "main"]
 
@@ -145,15 +146,6 @@ class TransferCounters:
     committed_blocks: int = 0
     corrupt_blocks: int = 0
     rdma_connections: int = 0
-
-
-def _boot_id() -> str:
-    """Identity of this kernel boot (a same-host check for shared-memory clients)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 @dataclass(slots=True)
@@ -875,7 +867,7 @@ class StoreServer:
         self._reaper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._all_closed: asyncio.Event | None = None
-        self._boot_id = _boot_id()
+        self._boot_id = boot_id()
         # Distribution (docs/design/kvstore.md §14); all None for a standalone node.
         self.agent: NodeAgent | None = None
         self.view: ClusterView | None = None

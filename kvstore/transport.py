@@ -40,6 +40,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from strata_common.host import boot_id
+
 __all__ = [
     "DEFAULT_PREFERENCE",
     "RemoteMemory",
@@ -48,7 +50,6 @@ __all__ = [
     "TransportKind",
     "TransportSelection",
     "TransportUnavailable",
-    "boot_id",
     "log_unavailable_once",
     "select_transport",
 ]
@@ -118,15 +119,6 @@ class RemoteMemory(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def boot_id() -> str:
-    """This kernel boot's id ('' if unknown): two processes with equal ids share a host."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 class ShmMemory:

@@ -4,44 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.config import StoreNodeConfig, parse_duration, parse_size
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("4096", 4096),
-        (4096, 4096),
-        ("4KiB", 4096),
-        ("2GiB", 2 * 1024**3),
-        ("512 MiB", 512 * 1024**2),
-        ("1GB", 10**9),
-        ("1.5KiB", 1536),
-        ("64kib", 65536),
-    ],
-)
-def test_parse_size(text: str | int, expected: int) -> None:
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "GiB", "2 potatoes", "-1", "1.3B", "2GiB2"])
-def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_size(text)
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("30s", 30.0), ("30", 30.0), (2.5, 2.5), ("250ms", 0.25), ("5m", 300.0), ("24h", 86400.0)],
-)
-def test_parse_duration(text: str | float, expected: float) -> None:
-    assert parse_duration(text) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("text", ["", "s", "5 years", "-3s"])
-def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(text)
+from kvstore.config import StoreNodeConfig
 
 
 def test_from_cli_with_env_defaults_and_cli_override() -> None:

@@ -1,0 +1,62 @@
+"""The one ``HOST:PORT`` parser: every endpoint on a command line, in a config or a record.
+
+A host is a DNS name, an IPv4 address, or an IPv6 address in brackets (``[::1]:7600``); the
+port is 1..65535 (``allow_zero`` admits 0, "any free port", for addresses to listen on).
+:func:`format_endpoint` writes the same form back, brackets included.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import NamedTuple
+
+__all__ = ["Endpoint", "EndpointError", "format_endpoint", "parse_endpoint"]
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
+
+
+class EndpointError(ValueError):
+    """Not a ``HOST:PORT`` endpoint; the message quotes the text."""
+
+
+class Endpoint(NamedTuple):
+    """A parsed endpoint; ``host`` has no brackets, ``str(endpoint)`` restores them."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_endpoint(self.host, self.port)
+
+
+def parse_endpoint(text: str, *, allow_zero: bool = False) -> Endpoint:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` → :class:`Endpoint`; raises :class:`EndpointError`."""
+    if not isinstance(text, str):
+        raise EndpointError(f"endpoint must be HOST:PORT, got {text!r}")
+    stripped = text.strip()
+    bad = EndpointError(f"endpoint must be HOST:PORT (IPv6 in brackets), got {text!r}")
+    if stripped.startswith("["):
+        host, sep, port_text = stripped[1:].partition("]:")
+        if not sep:
+            raise bad
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise bad
+        except ValueError:
+            raise bad from None
+    else:
+        host, sep, port_text = stripped.rpartition(":")
+        if not sep or not host or ":" in host or not _HOST_NAME.fullmatch(host):
+            raise bad
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise bad
+    port = int(port_text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise EndpointError(f"endpoint port must be in [{0 if allow_zero else 1}, 65535]: {text!r}")
+    return Endpoint(host, port)
+
+
+def format_endpoint(host: str, port: int) -> str:
+    """``("::1", 7600)`` → ``"[::1]:7600"``; other hosts as they are."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

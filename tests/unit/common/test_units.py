@@ -1,0 +1,60 @@
+"""Exact tests of the one size parser and the one duration parser (strata_common.units)."""
+
+from __future__ import annotations
+
+import pytest
+
+from strata_common.units import format_duration, parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4096", 4096),
+        (4096, 4096),
+        ("4KiB", 4096),
+        ("2GiB", 2 * 1024**3),
+        ("512 MiB", 512 * 1024**2),
+        ("1GB", 10**9),
+        ("1.5KiB", 1536),
+        ("64kib", 65536),
+    ],
+)
+def test_parse_size(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "2 potatoes", "-1", "1.3B", "2GiB2", True])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30s", 30.0),
+        ("30", 30.0),
+        (2.5, 2.5),
+        ("250ms", 0.25),
+        (".5s", 0.5),
+        ("100us", 1e-4),
+        ("5m", 300.0),
+        ("24h", 86400.0),
+        ("1d", 86400.0),
+    ],
+)
+def test_parse_duration(text: str | float, expected: float) -> None:
+    assert parse_duration(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["", "s", "5 years", "-3s", -1.0, float("nan"), True])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(30.0, "30s"), (0.25, "250ms"), (0.0, "0s")])
+def test_format_duration_round_trips(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
