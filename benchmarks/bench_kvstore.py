@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import uvloop  # noqa: E402
 
 from kvstore.aio_client import AsyncKVStoreClient  # noqa: E402
-from kvstore.client import PIPELINE_WINDOW, KVStoreClient, PutStatus  # noqa: E402
+from kvstore.client import PIPELINE_WINDOW, KVStoreClient  # noqa: E402
+from kvstore.wire.types import PutStatus  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 RUNS = 3
@@ -227,14 +228,14 @@ def bench_store(
             async with AsyncKVStoreClient(endpoint) as client:
 
                 async def put_run() -> int:
-                    results = await client.put(new_keys())
-                    if any(r.status is not PutStatus.OK for r in results):
+                    statuses = await client.put_many(new_keys())
+                    if any(status is not PutStatus.OK for status in statuses):
                         raise RuntimeError("puts not stored")
                     return num_blocks * block_bytes
 
                 async def get_run() -> int:
-                    got = await client.get(keys, outs)
-                    if any(r.nbytes != block_bytes for r in got):
+                    sizes = await client.get_many_into(keys, outs)
+                    if any(nbytes != block_bytes for nbytes in sizes):
                         raise RuntimeError("missing blocks")
                     check_data()
                     return num_blocks * block_bytes

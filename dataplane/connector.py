@@ -51,8 +51,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
 
-from kvstore.client import KVStoreClient, KVStoreError, PutStatus
+from kvstore.client import KVStoreClient
+from kvstore.errors import KVStoreError
 from kvstore.hashing import block_keys, root_key
+from kvstore.wire.types import PutStatus
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -17,8 +17,11 @@ Pipelining
     connection, since the node answers in request order and each reply is matched to the oldest
     outstanding request. Batch calls split key lists longer than one frame allows.
 
-Results are frozen dataclasses: :class:`MatchResult` (per-tier prefix depths), :class:`GetResult`,
-:class:`PutResult`; ``exists`` returns one bool per key and ``delete`` a count.
+Methods and results are those of the synchronous client, name for name (``put``/``put_many`` ->
+:class:`~kvstore.wire.types.PutStatus`, ``get``/``get_into``/``get_many_into``, ``match_prefix``,
+``match_prefix_tiers`` -> :class:`~kvstore.wire.types.NodeMatch`, ``exists``, ``delete``,
+``stats``); both read replies through :mod:`kvstore.wire.replies`, so the same reply gives the
+same result or error.
 
 Errors (all :class:`~kvstore.errors.KVStoreError`)
     * :class:`~kvstore.errors.KVStoreConnectionLost`: the node closed or reset the connection with
@@ -27,8 +30,8 @@ Errors (all :class:`~kvstore.errors.KVStoreError`)
       ``timeout_s``; the connection is dropped (it is out of step), so other calls outstanding on
       it fail with ``KVStoreConnectionLost``.
     * :class:`~kvstore.errors.KVStoreUnavailable`: the node cannot be reached.
-    * :class:`~kvstore.errors.KVStoreCorruptError`: a block failed its checksum or named another
-      key (the connection stays usable).
+    * :class:`~kvstore.errors.KVStoreCorruptError`: a block failed its checksum, named another
+      key or disagreed with its frame on the length (the connection stays usable).
     * :class:`~kvstore.errors.KVStoreError`: anything else the node refused, or a caller buffer
       too small for a block (that block's result; the connection stays usable).
 """
@@ -37,79 +40,36 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
 
-from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, encode_header, verify
+from kvstore.block import BLOCK_HEADER_BYTES, BlockDType, BlockHeader, encode_header, verify
 from kvstore.errors import (
     KVStoreConnectionLost,
-    KVStoreCorruptError,
     KVStoreError,
     KVStoreTimeout,
     KVStoreUnavailable,
 )
 from kvstore.events import Tier
-from kvstore.node import PutStatus
-from kvstore.protocol import (
+from kvstore.wire import replies, requests
+from kvstore.wire.frame import (
     FRAME_HEADER_BYTES,
-    KEY_BYTES,
-    MAX_KEYS_PER_FRAME,
     FrameError,
     FrameHeader,
     Op,
     Status,
-    decode_bitmap,
-    pack_frame_header,
 )
+from kvstore.wire.types import NodeMatch, PutStatus
+from strata_common.endpoints import parse_endpoint
 
-__all__ = [
-    "AsyncKVStoreClient",
-    "GetResult",
-    "MatchResult",
-    "PutResult",
-]
+__all__ = ["AsyncKVStoreClient"]
 
 _RECV_BUFFER_BYTES = 256 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _Buffer = bytes | bytearray | memoryview
-
-
-@dataclass(frozen=True, slots=True)
-class MatchResult:
-    """How much of one key chain the node holds.
-
-    ``depth_by_tier[t]`` (index with :class:`Tier`) counts the leading keys held in tier ``t``
-    or a faster one, as :class:`kvstore.index.PrefixMatch` does: a store node has no HBM, so
-    ``depth_by_tier[HBM] == 0 <= depth_by_tier[DRAM] <= depth_by_tier[SSD] == depth``.
-    """
-
-    depth: int
-    depth_by_tier: tuple[int, int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class GetResult:
-    """One block of a GET: ``nbytes`` is None on a miss; ``data`` is set only when no caller
-    buffer was given; ``tier`` is where the node found it (DRAM or SSD)."""
-
-    key: bytes
-    nbytes: int | None
-    tier: Tier | None = None
-    data: bytes | None = None
-
-    @property
-    def hit(self) -> bool:
-        return self.nbytes is not None
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    key: bytes
-    status: PutStatus
 
 
 @dataclass(slots=True)
@@ -190,8 +150,10 @@ class _Protocol(asyncio.BufferedProtocol):
             else:
                 self._end += nbytes
                 self._parse()
-        except (FrameError, KVStoreError) as exc:
+        except FrameError as exc:
             self.abort(KVStoreError(f"garbled reply from the node: {exc}"))
+        except KVStoreError as exc:
+            self.abort(exc)
 
     def eof_received(self) -> bool:
         return False
@@ -225,52 +187,46 @@ class _Protocol(asyncio.BufferedProtocol):
             if not self.pending:
                 raise KVStoreError("reply without a request")
             request = self.pending[0]
-            header = FrameHeader.decode(self._view, self._start)
-            if header.request_id != request.request_id or header.opcode is not request.op:
-                raise KVStoreError(
-                    f"reply {header.opcode.name}/{header.request_id} for request "
-                    f"{request.op.name}/{request.request_id}"
-                )
+            header = replies.decode_reply_header(
+                self._view, self._start, request.request_id, request.op
+            )
             body = self._start + FRAME_HEADER_BYTES
             length = header.payload_len
             request.header = header
-            if request.op is Op.GET and header.status == Status.OK:
+            if request.op is Op.GET and header.status != Status.MISS:
+                try:
+                    replies.get_hit(header)
+                except KVStoreError as exc:
+                    request.error = exc
+                    self._start = body
+                    self._receive_into(request, None, length)
+                    continue
                 # The block header first (small: wait for it in the buffer), then the payload.
-                if length < BLOCK_HEADER_BYTES:
-                    raise KVStoreError("GET reply shorter than a block header")
                 if avail < FRAME_HEADER_BYTES + BLOCK_HEADER_BYTES:
                     break
                 self._start = body + BLOCK_HEADER_BYTES
-                self._begin_block(request, length - BLOCK_HEADER_BYTES, body)
+                self._begin_block(request, length, body)
             else:
                 self._start = body
                 request.body = memoryview(bytearray(length))
                 self._receive_into(request, request.body)
 
-    def _begin_block(self, request: _Request, nbytes: int, header_at: int) -> None:
+    def _begin_block(self, request: _Request, length: int, header_at: int) -> None:
+        nbytes = length - BLOCK_HEADER_BYTES
+        raw = self._view[header_at : header_at + BLOCK_HEADER_BYTES]
         try:
-            block = BlockHeader.decode(self._view[header_at : header_at + BLOCK_HEADER_BYTES])
-        except BlockFormatError as exc:
-            request.error = KVStoreCorruptError(f"bad block header from the node: {exc}")
+            block = replies.decode_block_header(raw, length, request.key)
+        except KVStoreError as exc:
+            request.error = exc
             self._receive_into(request, None, nbytes)
             return
-        if block.payload_nbytes != nbytes:
-            raise KVStoreError("block header and frame disagree on the length")
         request.block = block
-        if block.key != request.key:
-            request.error = KVStoreCorruptError(
-                f"asked for {request.key.hex()}, got {block.key.hex()}"
-            )
-            self._receive_into(request, None, nbytes)
-            return
         target = request.target
         if target is None:
             request.body = memoryview(bytearray(nbytes))
             self._receive_into(request, request.body)
         elif nbytes > target.nbytes:
-            request.error = KVStoreError(
-                f"block of {nbytes} bytes does not fit in {target.nbytes} bytes"
-            )
+            request.error = replies.block_too_large(nbytes, target.nbytes)
             self._receive_into(request, None, nbytes)
         else:
             request.body = target[:nbytes]
@@ -301,8 +257,7 @@ class _Protocol(asyncio.BufferedProtocol):
             return
         block, body = request.block, request.body
         if block is not None and body is not None and not verify(block, body):
-            error = KVStoreCorruptError(f"block {request.key.hex()} failed its checksum")
-            future.set_exception(error)
+            future.set_exception(replies.corrupt_block(request.key))
             return
         future.set_result(request)
 
@@ -313,143 +268,117 @@ class AsyncKVStoreClient:
     def __init__(self, endpoint: str, timeout_s: float = 10.0) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
-        host, sep, port = endpoint.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"endpoint must be HOST:PORT, got {endpoint!r}")
+        address = parse_endpoint(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._address = (host.strip("[]"), int(port))
+        self._address = (address.host, address.port)
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
         self._ids = itertools.count(1)
 
     # -- public API -------------------------------------------------------------------------------
 
-    async def match_prefix(self, chains: Sequence[Sequence[bytes]]) -> list[MatchResult]:
-        """Per key chain (a prompt's block keys), the held prefix depth per tier."""
-        requests: list[list[_Keyed]] = []
-        for chain in chains:
-            requests.append(
-                [_Keyed(c, self._keyed(Op.MATCH_PREFIX, c)) for c in _key_chunks(chain)]
-            )
-        replies = await self._await([r.future for chain in requests for r in chain])
-        results, position = [], 0
-        for chain_requests in requests:
-            tiers: list[int] = []
-            complete = True  # every chunk so far matched in full
-            for chunk_request in chain_requests:
-                reply = replies[position]
-                position += 1
-                if complete:
-                    body = _body(reply)
-                    tiers.extend(body)
-                    complete = len(body) == len(chunk_request.keys)
-            depth = len(tiers)
-            in_dram = next((i for i, t in enumerate(tiers) if t != Tier.DRAM), depth)
-            results.append(MatchResult(depth, (0, in_dram, depth)))
-        return results
+    async def put(
+        self,
+        key: bytes,
+        data: _Buffer,
+        *,
+        dtype: BlockDType = BlockDType.RAW,
+        shape: Sequence[int] | None = None,
+    ) -> PutStatus:
+        """Store ``data`` under ``key``: OK, EXISTS (already there; unchanged) or FULL (refused)."""
+        requests.check_key(key)
+        view = requests.as_bytes_view(data)
+        return (await self._put([(key, encode_header(key, view, dtype, shape), view)]))[0]
 
-    async def get(
-        self, keys: Sequence[bytes], outs: Sequence[_Buffer] | None = None
-    ) -> list[GetResult]:
-        """Read blocks, pipelined: into ``outs[i]`` (writable, large enough) or as ``bytes``.
-
-        A block that fails its checksum, names another key or does not fit its buffer raises
-        after every reply of the call has been read (the connection stays usable).
-        """
-        if outs is not None and len(outs) != len(keys):
-            raise ValueError("keys and outs differ in length")
-        targets: list[memoryview | None] = []
-        for i, key in enumerate(keys):
-            _check_key(key)
-            target = None
-            if outs is not None:
-                target = _writable_view(outs[i])
-            targets.append(target)
-        protocol = await self._connection()
-        requests = []
-        for key, target in zip(keys, targets, strict=True):
-            request = self._request(protocol, Op.GET, key=key, target=target)
-            if protocol.transport is not None and protocol.lost is None:
-                frame = pack_frame_header(Op.GET, request.request_id, 1, KEY_BYTES)
-                protocol.transport.write(frame + key)
-            requests.append(request)
-        replies = await self._await(requests)
-        results = []
-        for key, reply in zip(keys, replies, strict=True):
-            header = reply.header
-            assert header is not None
-            if header.status == Status.MISS:
-                results.append(GetResult(key, None))
-                continue
-            if header.status != Status.OK:
-                raise KVStoreError(f"GET failed (status {header.status})")
-            tier = Tier(header.count) if header.count in (Tier.DRAM, Tier.SSD) else Tier.DRAM
-            body = reply.body
-            assert body is not None
-            data = bytes(body) if reply.target is None else None
-            results.append(GetResult(key, body.nbytes, tier, data))
-        return results
-
-    async def put(self, items: Sequence[tuple[bytes, _Buffer]]) -> list[PutResult]:
-        """Store blocks, pipelined; one :class:`PutResult` (OK, EXISTS, FULL) per item.
+    async def put_many(self, items: Sequence[tuple[bytes, _Buffer]]) -> list[PutStatus]:
+        """Store several blocks, pipelined; returns one status per item, in order.
 
         The buffers must stay unchanged until the call returns (they are sent without a copy).
         """
         prepared = []
         for key, data in items:
-            _check_key(key)
-            view = memoryview(data)
-            if not view.contiguous:
-                raise ValueError("block buffers must be contiguous")
-            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            requests.check_key(key)
+            view = requests.as_bytes_view(data)
             prepared.append((key, encode_header(key, view), view))
-        protocol = await self._connection()
-        requests = []
-        for key, block_header, view in prepared:
-            await protocol.wait_writable()
-            request = self._request(protocol, Op.PUT, key=key)
-            requests.append(request)
-            if protocol.transport is None or protocol.lost is not None:
-                continue  # the request already failed
-            length = BLOCK_HEADER_BYTES + view.nbytes
-            frame = pack_frame_header(Op.PUT, request.request_id, 1, length)
-            protocol.transport.writelines([frame, block_header, view])
-        replies = await self._await(requests)
-        results = []
-        for (key, _, _), reply in zip(prepared, replies, strict=True):
-            status = _status(reply)
-            if status in (Status.OK, Status.EXISTS, Status.FULL):
-                results.append(PutResult(key, PutStatus(status)))
-            elif status == Status.CORRUPT:
-                raise KVStoreCorruptError(f"the node received {key.hex()} corrupted")
-            elif status == Status.TOO_LARGE:
-                raise KVStoreError("block is larger than the node's max_block_bytes")
-            else:
-                raise KVStoreError(f"the node rejected the PUT (status {status})")
-        return results
+        return await self._put(prepared)
+
+    async def get(self, key: bytes) -> bytes | None:
+        """Return the block's payload, or None on a miss. Copies once more than :meth:`get_into`."""
+        requests.check_key(key)
+        (reply,) = await self._get([key], [None])
+        return None if reply.body is None else bytes(reply.body)
+
+    async def get_into(self, key: bytes, out: _Buffer) -> int | None:
+        """Receive the block's payload into ``out``; returns its length, or None on a miss."""
+        requests.check_key(key)
+        (reply,) = await self._get([key], [_writable_view(out)])
+        return None if reply.body is None else reply.body.nbytes
+
+    async def get_many_into(
+        self, keys: Sequence[bytes], outs: Sequence[_Buffer]
+    ) -> list[int | None]:
+        """:meth:`get_into` for many blocks, pipelined; one result per key, in order.
+
+        A block that fails its checksum, names another key or does not fit its buffer raises
+        after every reply of the call has been read (the connection stays usable).
+        """
+        if len(outs) != len(keys):
+            raise ValueError("keys and outs differ in length")
+        targets: list[memoryview | None] = []
+        for key, out in zip(keys, outs, strict=True):
+            requests.check_key(key)
+            targets.append(_writable_view(out))
+        return [
+            None if reply.body is None else reply.body.nbytes
+            for reply in await self._get(keys, targets)
+        ]
+
+    async def match_prefix(self, keys: Sequence[bytes]) -> int:
+        """Number of leading keys of a prompt's key chain that the node holds (any tier)."""
+        return (await self.match_prefix_tiers(keys)).depth
+
+    async def match_prefix_tiers(self, keys: Sequence[bytes]) -> NodeMatch:
+        """:meth:`match_prefix` with the tier of each matched block (DRAM or SSD).
+
+        A node without tier information (an older node) reports every block as DRAM.
+        """
+        chunks = requests.key_chunks(keys)
+        replies_ = await self._await([self._keyed(Op.MATCH_PREFIX, c) for c in chunks])
+        tiers: list[Tier] = []
+        for chunk, reply in zip(chunks, replies_, strict=True):
+            assert reply.header is not None
+            found = replies.decode_match_tiers(reply.header, _body(reply))
+            tiers.extend(found)
+            if len(found) < len(chunk):
+                break
+        return NodeMatch(len(tiers), tuple(tiers))
 
     async def exists(self, keys: Sequence[bytes]) -> list[bool]:
-        """Whether each key is held by the node (any tier)."""
-        chunks = _key_chunks(keys)
-        replies = await self._await([self._keyed(Op.EXISTS, c) for c in chunks])
+        """Whether each key is stored (committed) on the node, in any tier."""
+        chunks = requests.key_chunks(keys)
         present: list[bool] = []
-        for reply in replies:
-            present.extend(decode_bitmap(_body(reply), _count(reply)))
+        for reply in await self._await([self._keyed(Op.EXISTS, c) for c in chunks]):
+            assert reply.header is not None
+            present.extend(replies.decode_exists(reply.header, _body(reply)))
         return present
 
     async def delete(self, keys: Sequence[bytes]) -> int:
-        """Remove blocks from every tier; returns how many were held."""
-        replies = await self._await([self._keyed(Op.DELETE, c) for c in _key_chunks(keys)])
-        return sum(_count(reply) for reply in replies)
+        """Remove blocks; returns how many were present."""
+        total = 0
+        for reply in await self._await(
+            [self._keyed(Op.DELETE, c) for c in requests.key_chunks(keys)]
+        ):
+            assert reply.header is not None
+            replies.check_ok(reply.header)
+            total += reply.header.count
+        return total
 
     async def stats(self) -> dict[str, Any]:
-        """The node's counters (the STATS JSON)."""
+        """The node's counters and occupancy (see kvstore.node.NodeStats)."""
         (reply,) = await self._await([self._keyed(Op.STATS, [])])
-        value = json.loads(_body(reply))
-        if not isinstance(value, dict):
-            raise KVStoreError("STATS reply is not a JSON object")
-        return value
+        assert reply.header is not None
+        return replies.decode_json(reply.header, _body(reply))
 
     async def close(self) -> None:
         """Close the connection (outstanding calls fail with KVStoreConnectionLost)."""
@@ -470,6 +399,36 @@ class AsyncKVStoreClient:
         await self.close()
 
     # -- machinery --------------------------------------------------------------------------------
+
+    async def _get(
+        self, keys: Sequence[bytes], targets: Sequence[memoryview | None]
+    ) -> list[_Request]:
+        """GETs, pipelined; each reply's ``body`` is the payload (None for a miss)."""
+        protocol = await self._connection()
+        pending = []
+        for key, target in zip(keys, targets, strict=True):
+            request = self._request(protocol, Op.GET, key=key, target=target)
+            if protocol.transport is not None and protocol.lost is None:
+                protocol.transport.write(requests.get(request.request_id, key))
+            pending.append(request)
+        done: list[_Request] = await self._await(pending)
+        for reply in done:
+            assert reply.header is not None
+            if reply.header.status == Status.MISS:
+                reply.body = None
+        return done
+
+    async def _put(self, prepared: Sequence[tuple[bytes, bytes, memoryview]]) -> list[PutStatus]:
+        protocol = await self._connection()
+        pending = []
+        for key, block_header, view in prepared:
+            await protocol.wait_writable()
+            request = self._request(protocol, Op.PUT, key=key)
+            pending.append(request)
+            if protocol.transport is None or protocol.lost is not None:
+                continue  # the request already failed
+            protocol.transport.writelines(requests.put(request.request_id, block_header, view))
+        return [replies.put_status(_status(reply)) for reply in await self._await(pending)]
 
     async def _connection(self) -> _Protocol:
         protocol = self._protocol
@@ -503,17 +462,15 @@ class AsyncKVStoreClient:
         async def run() -> _Request:
             protocol = await self._connection()
             request = self._request(protocol, op)
-            payload = b"".join(keys)
             if protocol.transport is not None and protocol.lost is None:
-                frame = pack_frame_header(op, request.request_id, len(keys), len(payload))
-                protocol.transport.write(frame + payload)
+                protocol.transport.writelines(requests.keyed(op, request.request_id, keys))
             return cast(_Request, await request.future)
 
         return asyncio.ensure_future(run())
 
-    async def _await(self, requests: Sequence[_Request | asyncio.Future[_Request]]) -> list[Any]:
+    async def _await(self, pending: Sequence[_Request | asyncio.Future[_Request]]) -> list[Any]:
         """Wait for every reply of one call, within the timeout; the first error wins."""
-        futures = [r.future if isinstance(r, _Request) else r for r in requests]
+        futures = [r.future if isinstance(r, _Request) else r for r in pending]
         gathered = asyncio.gather(*futures, return_exceptions=True)
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -534,22 +491,9 @@ class AsyncKVStoreClient:
         return list(outcomes)
 
 
-@dataclass(frozen=True, slots=True)
-class _Keyed:
-    keys: Sequence[bytes]
-    future: asyncio.Future[_Request]
-
-
 def _status(reply: _Request) -> int:
     assert reply.header is not None
     return reply.header.status
-
-
-def _count(reply: _Request) -> int:
-    if _status(reply) != Status.OK:
-        raise KVStoreError(f"{reply.op.name} failed (status {_status(reply)})")
-    assert reply.header is not None
-    return reply.header.count
 
 
 def _body(reply: _Request) -> bytes:
@@ -558,22 +502,8 @@ def _body(reply: _Request) -> bytes:
     return b"" if reply.body is None else bytes(reply.body)
 
 
-def _check_key(key: bytes) -> None:
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(key)}")
-
-
-def _key_chunks(keys: Sequence[bytes]) -> list[Sequence[bytes]]:
-    for key in keys:
-        _check_key(key)
-    return [keys[i : i + MAX_KEYS_PER_FRAME] for i in range(0, len(keys), MAX_KEYS_PER_FRAME)]
-
-
 def _writable_view(buffer: _Buffer) -> memoryview:
-    view = memoryview(buffer)
-    if not view.contiguous:
-        raise ValueError("block buffers must be contiguous")
-    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    view = requests.as_bytes_view(buffer)
     if view.readonly:
         raise ValueError("outs must be writable")
     return view

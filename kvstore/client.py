@@ -45,7 +45,6 @@ Transports (kvstore.transport)
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import socket
 import struct
@@ -62,7 +61,6 @@ from kvstore.block import (
     BLOCK_HEADER_BYTES,
     BLOCK_MAGIC,
     BlockDType,
-    BlockFormatError,
     BlockHeader,
     checksum,
     encode_header,
@@ -76,26 +74,6 @@ from kvstore.errors import (
     KVStoreUnavailable,
 )
 from kvstore.events import Tier
-from kvstore.node import PutStatus
-from kvstore.protocol import (
-    BATCH_ID,
-    FRAME_HEADER_BYTES,
-    KEY_BYTES,
-    LEASE_DEFERRED,
-    LEASE_ID,
-    MAX_KEYS_PER_FRAME,
-    RESERVE_ITEM,
-    SHM_LEASE,
-    FrameError,
-    FrameHeader,
-    LeaseBatchReply,
-    Op,
-    RdmaEndpointInfo,
-    ReserveBatchReply,
-    Status,
-    decode_bitmap,
-    pack_frame_header,
-)
 from kvstore.rdma import RdmaClientMemory, local_rdma
 from kvstore.transport import (
     DEFAULT_PREFERENCE,
@@ -104,21 +82,21 @@ from kvstore.transport import (
     SkippedTransport,
     TransportKind,
     TransportUnavailable,
+    recv_exact,
     select_transport,
 )
+from kvstore.wire import replies, requests
+from kvstore.wire.frame import (
+    FRAME_HEADER_BYTES,
+    FrameHeader,
+    Op,
+    Status,
+)
+from kvstore.wire.messages import LEASE_DEFERRED, SHM_LEASE, RdmaEndpointInfo
+from kvstore.wire.types import NodeMatch, PutStatus
+from strata_common.endpoints import parse_endpoint
 
-__all__ = [
-    "KVStoreClient",
-    "KVStoreConnectionLost",
-    "KVStoreCorruptError",
-    "KVStoreError",
-    "KVStoreTimeout",
-    "KVStoreUnavailable",
-    "PrefixMatch",
-    "PutStatus",
-    "Tier",
-    "TransportKind",
-]
+__all__ = ["KVStoreClient"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,40 +119,8 @@ class _ConnectionBroken(Exception):
     """Internal: the socket failed; the call may be retried on a new connection."""
 
 
-@dataclass(frozen=True, slots=True)
-class PrefixMatch:
-    """How much of a key chain a node holds, and where: ``tiers[i]`` is the fastest tier holding
-    key ``i`` of the matched prefix (``depth`` keys)."""
-
-    depth: int
-    tiers: tuple[Tier, ...]
-
-    def num_in(self, tier: Tier) -> int:
-        """Matched blocks whose fastest copy is in ``tier`` (e.g. to price loading them)."""
-        return sum(1 for t in self.tiers if t is tier)
-
-
-def _parse_endpoint(endpoint: str) -> tuple[str, int]:
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"endpoint must be HOST:PORT, got {endpoint!r}")
-    return host.strip("[]"), int(port)
-
-
-def _as_bytes_view(data: _Buffer) -> memoryview:
-    view = memoryview(data)
-    if not view.contiguous:
-        raise ValueError("block buffers must be contiguous")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
 def _nbytes(view: memoryview | None) -> int | None:
     return None if view is None else view.nbytes
-
-
-def _check_key(key: bytes) -> None:
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(key)}")
 
 
 class KVStoreClient:
@@ -203,7 +149,8 @@ class KVStoreClient:
         """Data paths tried on the last connect and not used, with the reasons."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._address = _parse_endpoint(endpoint)
+        endpoint_ = parse_endpoint(endpoint)
+        self._address = (endpoint_.host, endpoint_.port)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._ids = itertools.count(1)
@@ -226,8 +173,8 @@ class KVStoreClient:
         shape: Sequence[int] | None = None,
     ) -> PutStatus:
         """Store ``data`` under ``key``: OK, EXISTS (already there; unchanged) or FULL (refused)."""
-        _check_key(key)
-        view = _as_bytes_view(data)
+        requests.check_key(key)
+        view = requests.as_bytes_view(data)
         item = _PutItem(key, view, encode_header(key, view, dtype, shape))  # validates the shape
 
         def run(sock: socket.socket) -> PutStatus:
@@ -242,8 +189,8 @@ class KVStoreClient:
         """Store several blocks, pipelined; returns one status per item, in order."""
         prepared = []
         for key, data in items:
-            _check_key(key)
-            prepared.append(_PutItem(key, _as_bytes_view(data)))
+            requests.check_key(key)
+            prepared.append(_PutItem(key, requests.as_bytes_view(data)))
 
         def run(sock: socket.socket) -> list[PutStatus]:
             if self._memory is not None and self._memory.writable:
@@ -254,13 +201,13 @@ class KVStoreClient:
 
     def get(self, key: bytes) -> bytes | None:
         """Return the block's payload, or None on a miss. Copies once more than :meth:`get_into`."""
-        _check_key(key)
+        requests.check_key(key)
 
         def run(sock: socket.socket) -> bytes | None:
             if self._memory is not None:
                 copied = self._lease_get(sock, [key], [None])[0]
                 return None if copied is None else bytes(copied)
-            request_id = self._send(sock, Op.GET, 1, key)
+            request_id = self._send_get(sock, key)
             header = self._read_get_header(sock, key, request_id)
             if header is None:
                 return None
@@ -276,15 +223,15 @@ class KVStoreClient:
         ``out`` must be a writable contiguous buffer at least as large as the block (else
         KVStoreError, connection kept). After an exception its contents are unspecified.
         """
-        _check_key(key)
-        target = _as_bytes_view(out)
+        requests.check_key(key)
+        target = requests.as_bytes_view(out)
         if target.readonly:
             raise ValueError("out must be writable")
 
         def run(sock: socket.socket) -> int | None:
             if self._memory is not None:
                 return _nbytes(self._lease_get(sock, [key], [target])[0])
-            request_id = self._send(sock, Op.GET, 1, key)
+            request_id = self._send_get(sock, key)
             return self._read_get_into(sock, key, request_id, target)
 
         return self._call(run)
@@ -295,8 +242,8 @@ class KVStoreClient:
             raise ValueError("keys and outs differ in length")
         targets = []
         for key, out in zip(keys, outs, strict=True):
-            _check_key(key)
-            target = _as_bytes_view(out)
+            requests.check_key(key)
+            target = requests.as_bytes_view(out)
             if target.readonly:
                 raise ValueError("outs must be writable")
             targets.append(target)
@@ -307,7 +254,7 @@ class KVStoreClient:
             return self._pipeline(
                 sock,
                 len(keys),
-                lambda i: self._send(sock, Op.GET, 1, keys[i]),
+                lambda i: self._send_get(sock, keys[i]),
                 lambda i, rid: self._read_get_into(sock, keys[i], rid, targets[i]),
             )
 
@@ -316,45 +263,40 @@ class KVStoreClient:
     def match_prefix(self, keys: Sequence[bytes]) -> int:
         """Number of leading keys of a prompt's key chain that the node holds (any tier)."""
         matched = 0
-        for chunk in self._key_chunks(keys):
-            found = self._keyed(Op.MATCH_PREFIX, chunk)[0]
+        for chunk in requests.key_chunks(keys):
+            found = self._keyed(Op.MATCH_PREFIX, chunk)[0].count
             matched += found
             if found < len(chunk):
                 break
         return matched
 
-    def match_prefix_tiers(self, keys: Sequence[bytes]) -> PrefixMatch:
+    def match_prefix_tiers(self, keys: Sequence[bytes]) -> NodeMatch:
         """:meth:`match_prefix` with the tier of each matched block (DRAM or SSD).
 
         A node without tier information (an older node) reports every block as DRAM.
         """
         tiers: list[Tier] = []
-        for chunk in self._key_chunks(keys):
-            found, body = self._keyed(Op.MATCH_PREFIX, chunk)
-            try:
-                codes = [Tier(code) for code in body] if len(body) == found else None
-            except ValueError:
-                codes = None
-            tiers.extend(codes if codes is not None else [Tier.DRAM] * found)
-            if found < len(chunk):
+        for chunk in requests.key_chunks(keys):
+            found = replies.decode_match_tiers(*self._keyed(Op.MATCH_PREFIX, chunk))
+            tiers.extend(found)
+            if len(found) < len(chunk):
                 break
-        return PrefixMatch(len(tiers), tuple(tiers))
+        return NodeMatch(len(tiers), tuple(tiers))
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         """Whether each key is stored (committed) on the node, in any tier."""
         present: list[bool] = []
-        for chunk in self._key_chunks(keys):
-            count, bitmap = self._keyed(Op.EXISTS, chunk)
-            present.extend(decode_bitmap(bitmap, count))
+        for chunk in requests.key_chunks(keys):
+            present.extend(replies.decode_exists(*self._keyed(Op.EXISTS, chunk)))
         return present
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Remove blocks; returns how many were present."""
-        return sum(self._keyed(Op.DELETE, chunk)[0] for chunk in self._key_chunks(keys))
+        return sum(self._keyed(Op.DELETE, chunk)[0].count for chunk in requests.key_chunks(keys))
 
     def stats(self) -> dict[str, Any]:
         """The node's counters and occupancy (see kvstore.node.NodeStats)."""
-        return self._json_call(Op.STATS)
+        return self._call(lambda sock: self._json_request(sock, Op.STATS))
 
     def close(self) -> None:
         """Close the connection and unmap the arena. The client can be used again afterwards."""
@@ -460,14 +402,12 @@ class KVStoreClient:
             for _index, request_id in in_flight:
                 header = self._read_header(sock, request_id)
                 if header.opcode is Op.GET_SHM and header.status == Status.OK:
-                    body = bytearray(header.payload_len)
-                    self._recv_exact(sock, memoryview(body))
-                    lease_id = SHM_LEASE.unpack(body)[0]
-                    self._send(sock, Op.RELEASE, 1, LEASE_ID.pack(lease_id))
+                    body = self._recv_body(sock, header)
+                    self._sendall(sock, [requests.release(SHM_LEASE.unpack(body)[0])])
                 elif header.opcode is Op.LEASE_BATCH and header.status == Status.OK:
-                    body = bytearray(header.payload_len)
-                    self._recv_exact(sock, memoryview(body))
-                    self._send(sock, Op.RELEASE_BATCH, 1, body[: BATCH_ID.size])
+                    body = self._recv_body(sock, header)
+                    batch = replies.decode_lease_batch(header, body, header.count)
+                    self._sendall(sock, [requests.release_batch(batch.batch_id)])
                 else:
                     self._skip(sock, header.payload_len)
         except (KVStoreError, _ConnectionBroken, struct.error):
@@ -475,14 +415,15 @@ class KVStoreClient:
 
     # -- framing ----------------------------------------------------------------------------------
 
-    def _send(self, sock: socket.socket, op: Op, count: int, *payload: _Buffer) -> int:
+    def _send_put(self, sock: socket.socket, block_header: bytes, data: memoryview) -> int:
         request_id = next(self._ids) & 0xFFFFFFFF
-        length = sum(memoryview(p).nbytes for p in payload)
-        self._sendall(sock, [pack_frame_header(op, request_id, count, length), *payload])
+        self._sendall(sock, requests.put(request_id, block_header, data))
         return request_id
 
-    def _send_put(self, sock: socket.socket, block_header: bytes, data: memoryview) -> int:
-        return self._send(sock, Op.PUT, 1, block_header, data)
+    def _send_get(self, sock: socket.socket, key: bytes) -> int:
+        request_id = next(self._ids) & 0xFFFFFFFF
+        self._sendall(sock, [requests.get(request_id, key)])
+        return request_id
 
     def _sendall(self, sock: socket.socket, parts: list[_Buffer]) -> None:
         views = [memoryview(p).cast("B") for p in parts]
@@ -502,11 +443,7 @@ class KVStoreClient:
 
     def _recv_exact(self, sock: socket.socket, target: memoryview) -> None:
         try:
-            while target.nbytes:
-                received = sock.recv_into(target)
-                if not received:
-                    raise _ConnectionBroken("connection closed by the node")
-                target = target[received:]
+            recv_exact(sock, target)
         except TimeoutError as exc:
             self._drop_connection()
             raise KVStoreTimeout(
@@ -518,18 +455,19 @@ class KVStoreClient:
     def _read_header(self, sock: socket.socket, request_id: int) -> FrameHeader:
         self._recv_exact(sock, memoryview(self._frame_header))
         try:
-            header = FrameHeader.decode(self._frame_header)
-        except FrameError as exc:
-            self._drop_connection()
-            raise KVStoreError(f"garbled reply from {self.endpoint}: {exc}") from exc
-        if header.request_id != request_id:
-            self._drop_connection()
-            raise KVStoreError(
-                f"reply for request {header.request_id} while waiting for {request_id}"
-            )
-        return header
+            return replies.decode_reply_header(self._frame_header, 0, request_id)
+        except KVStoreError:
+            self._drop_connection()  # out of step: nothing more on it can be trusted
+            raise
+
+    def _recv_body(self, sock: socket.socket, header: FrameHeader) -> bytearray:
+        body = bytearray(header.payload_len)
+        self._recv_exact(sock, memoryview(body))
+        return body
 
     def _skip(self, sock: socket.socket, nbytes: int) -> None:
+        if not nbytes:
+            return
         scratch = memoryview(bytearray(min(nbytes, 1 << 20)))
         while nbytes:
             step = min(nbytes, scratch.nbytes)
@@ -537,40 +475,38 @@ class KVStoreClient:
             nbytes -= step
 
     def _read_put_response(self, sock: socket.socket, request_id: int) -> PutStatus:
-        return _put_status(self._read_header(sock, request_id).status)
+        header = self._read_header(sock, request_id)
+        self._skip(sock, header.payload_len)
+        return replies.put_status(header.status)
 
     def _read_get_header(
         self, sock: socket.socket, key: bytes, request_id: int
     ) -> BlockHeader | None:
         header = self._read_header(sock, request_id)
-        if header.status == Status.MISS:
-            return None
-        if header.status != Status.OK or header.payload_len < BLOCK_HEADER_BYTES:
+        try:
+            hit = replies.get_hit(header)
+        except KVStoreError:
             self._skip(sock, header.payload_len)
-            raise KVStoreError(f"unexpected GET reply (status {header.status})")
+            raise
+        if not hit:
+            self._skip(sock, header.payload_len)
+            return None
         self._recv_exact(sock, memoryview(self._block_header))
         try:
-            block = BlockHeader.decode(self._block_header)
-        except BlockFormatError as exc:
+            return replies.decode_block_header(self._block_header, header.payload_len, key)
+        except KVStoreError:
             self._skip(sock, header.payload_len - BLOCK_HEADER_BYTES)
-            raise KVStoreCorruptError(f"bad block header from the node: {exc}") from exc
-        if block.payload_nbytes != header.payload_len - BLOCK_HEADER_BYTES:
-            self._drop_connection()
-            raise KVStoreCorruptError("block header and frame disagree on the length")
-        if block.key != key:
-            self._skip(sock, block.payload_nbytes)
-            raise KVStoreCorruptError(f"asked for {key.hex()}, got {block.key.hex()}")
-        return block
+            raise
 
     def _recv_payload(self, sock: socket.socket, block: BlockHeader, target: memoryview) -> int:
         nbytes = block.payload_nbytes
         if nbytes > target.nbytes:
             self._skip(sock, nbytes)
-            raise KVStoreError(f"block of {nbytes} bytes does not fit in {target.nbytes} bytes")
+            raise replies.block_too_large(nbytes, target.nbytes)
         payload = target[:nbytes]
         self._recv_exact(sock, payload)
         if not verify(block, payload):
-            raise KVStoreCorruptError(f"block {block.key.hex()} failed its checksum")
+            raise replies.corrupt_block(block.key)
         return nbytes
 
     def _read_get_into(
@@ -579,42 +515,24 @@ class KVStoreClient:
         block = self._read_get_header(sock, key, request_id)
         return None if block is None else self._recv_payload(sock, block, target)
 
-    def _key_chunks(self, keys: Sequence[bytes]) -> list[Sequence[bytes]]:
-        for key in keys:
-            _check_key(key)
-        return [keys[i : i + MAX_KEYS_PER_FRAME] for i in range(0, len(keys), MAX_KEYS_PER_FRAME)]
+    def _keyed(self, op: Op, keys: Sequence[bytes]) -> tuple[FrameHeader, bytearray]:
+        """One MATCH_PREFIX, EXISTS or DELETE round trip: the reply's header and body."""
 
-    def _keyed(self, op: Op, keys: Sequence[bytes]) -> tuple[int, bytes]:
-        payload = b"".join(keys)
-
-        def run(sock: socket.socket) -> tuple[int, bytes]:
-            request_id = self._send(sock, op, len(keys), payload)
+        def run(sock: socket.socket) -> tuple[FrameHeader, bytearray]:
+            request_id = next(self._ids) & 0xFFFFFFFF
+            self._sendall(sock, requests.keyed(op, request_id, keys))
             header = self._read_header(sock, request_id)
-            body = bytearray(header.payload_len)
-            self._recv_exact(sock, memoryview(body))
-            if header.status != Status.OK:
-                raise KVStoreError(f"{op.name} failed (status {header.status})")
-            return header.count, bytes(body)
-
-        return self._call(run)
-
-    def _json_call(self, op: Op) -> dict[str, Any]:
-        def run(sock: socket.socket) -> dict[str, Any]:
-            return self._json_request(sock, op)
+            body = self._recv_body(sock, header)
+            replies.check_ok(header)
+            return header, body
 
         return self._call(run)
 
     def _json_request(self, sock: socket.socket, op: Op) -> dict[str, Any]:
-        request_id = self._send(sock, op, 0)
+        request_id = next(self._ids) & 0xFFFFFFFF
+        self._sendall(sock, [requests.empty(op, request_id)])
         header = self._read_header(sock, request_id)
-        body = bytearray(header.payload_len)
-        self._recv_exact(sock, memoryview(body))
-        if header.status != Status.OK:
-            raise KVStoreError(f"{op.name} failed (status {header.status})")
-        value = json.loads(body)
-        if not isinstance(value, dict):
-            raise KVStoreError(f"{op.name} reply is not a JSON object")
-        return value
+        return replies.decode_json(header, self._recv_body(sock, header))
 
     # -- one-sided transports (shared memory, RDMA) ---------------------------------------------
 
@@ -637,10 +555,10 @@ class KVStoreClient:
             raise TransportUnavailable(probe.reason)
         memory = RdmaClientMemory()
         try:
-            request_id = self._send(sock, Op.RDMA_CONNECT, 0, memory.local_info().encode())
+            request_id = next(self._ids) & 0xFFFFFFFF
+            self._sendall(sock, [requests.rdma_connect(request_id, memory.local_info())])
             header = self._read_header(sock, request_id)
-            body = bytearray(header.payload_len)
-            self._recv_exact(sock, memoryview(body))
+            body = self._recv_body(sock, header)
             if header.status != Status.OK:
                 reason = body.decode(errors="replace") or f"status {header.status}"
                 raise TransportUnavailable(f"the node refused RDMA: {reason}")
@@ -675,10 +593,8 @@ class KVStoreClient:
                 while sent < len(chunks) and len(in_flight) < 2:
                     chunk = chunks[sent]
                     request_id = next(self._ids) & 0xFFFFFFFF
-                    header = pack_frame_header(
-                        Op.LEASE_BATCH, request_id, len(chunk), len(chunk) * KEY_BYTES
-                    )
-                    frames = [*frames, header, *(keys[i] for i in chunk)]
+                    batch = [keys[i] for i in chunk]
+                    frames = [*frames, *requests.keyed(Op.LEASE_BATCH, request_id, batch)]
                     in_flight.append((chunk, request_id))
                     sent += 1
                 if frames:
@@ -713,19 +629,13 @@ class KVStoreClient:
         memory = self._memory
         assert memory is not None
         header = self._read_header(sock, request_id)
-        body = bytearray(header.payload_len)
-        self._recv_exact(sock, memoryview(body))
-        if header.status != Status.OK:
-            raise KVStoreError(f"the node refused LEASE_BATCH (status {header.status})")
+        body = self._recv_body(sock, header)
         try:
-            reply = LeaseBatchReply.decode(body, len(chunk))
-        except ValueError as exc:
-            self._drop_connection()
-            raise KVStoreError(f"garbled LEASE_BATCH reply: {exc}") from exc
-        release: list[_Buffer] = [
-            pack_frame_header(Op.RELEASE_BATCH, 0, 1, BATCH_ID.size),
-            BATCH_ID.pack(reply.batch_id),
-        ]  # RELEASE_BATCH has no reply: its request id is never read
+            reply = replies.decode_lease_batch(header, body, len(chunk))
+        except KVStoreCorruptError:
+            self._drop_connection()  # leases we cannot name: the node drops them with it
+            raise
+        release: list[_Buffer] = [requests.release_batch(reply.batch_id)]
         deferred: list[int] = []
         errors: list[KVStoreError] = []
         try:
@@ -745,9 +655,7 @@ class KVStoreClient:
                 elif target is None:
                     leased.append((i, offset, size, memoryview(bytearray(size))))
                 elif size > target.nbytes:
-                    errors.append(
-                        KVStoreError(f"block of {size} bytes does not fit in {target.nbytes} bytes")
-                    )
+                    errors.append(replies.block_too_large(size, target.nbytes))
                 else:
                     leased.append((i, offset, size, target[:size]))
             try:
@@ -790,7 +698,7 @@ class KVStoreClient:
                 errors.append(KVStoreCorruptError(f"lease for {keys[i].hex()} names another"))
                 continue
             if _copy_and_hash(payload, arena[offset + BLOCK_HEADER_BYTES : end]) != digest:
-                errors.append(KVStoreCorruptError(f"block {keys[i].hex()} failed its checksum"))
+                errors.append(replies.corrupt_block(keys[i]))
             else:
                 results[i] = payload
 
@@ -818,7 +726,7 @@ class KVStoreClient:
             if magic != BLOCK_MAGIC or key != keys[i] or nbytes != size:
                 errors.append(KVStoreCorruptError(f"lease for {keys[i].hex()} names another"))
             elif checksum(payload) != digest:
-                errors.append(KVStoreCorruptError(f"block {keys[i].hex()} failed its checksum"))
+                errors.append(replies.corrupt_block(keys[i]))
             else:
                 results[i] = payload
 
@@ -843,11 +751,9 @@ class KVStoreClient:
             nonlocal next_chunk
             if next_chunk < len(chunks):
                 chunk = chunks[next_chunk]
-                items = b"".join(
-                    RESERVE_ITEM.pack(item.key, BLOCK_HEADER_BYTES + item.view.nbytes)
-                    for item in chunk
-                )
-                rid = self._send(sock, Op.RESERVE_BATCH, len(chunk), items)
+                rid = next(self._ids) & 0xFFFFFFFF
+                blocks = [(item.key, BLOCK_HEADER_BYTES + item.view.nbytes) for item in chunk]
+                self._sendall(sock, [requests.reserve_batch(rid, blocks)])
                 in_flight.append((Op.RESERVE_BATCH, next_chunk, 0, rid))
                 next_chunk += 1
 
@@ -856,8 +762,7 @@ class KVStoreClient:
         while in_flight:
             op, k, _index, request_id = in_flight.popleft()
             header = self._read_header(sock, request_id)
-            body = bytearray(header.payload_len)
-            self._recv_exact(sock, memoryview(body))
+            body = self._recv_body(sock, header)
             if op is Op.PUT:
                 statuses[k].append(header.status)
             elif op is Op.COMMIT_BATCH:
@@ -884,7 +789,7 @@ class KVStoreClient:
         for chunk_statuses in statuses:
             for status in chunk_statuses:
                 try:
-                    results.append(_put_status(status))
+                    results.append(replies.put_status(status))
                 except KVStoreError as exc:
                     errors.append(exc)
         if errors:
@@ -892,7 +797,9 @@ class KVStoreClient:
         return results
 
     def _send_commit(self, sock: socket.socket, batch_id: int) -> int:
-        return self._send(sock, Op.COMMIT_BATCH, 1, BATCH_ID.pack(batch_id))
+        request_id = next(self._ids) & 0xFFFFFFFF
+        self._sendall(sock, [requests.commit_batch(request_id, batch_id)])
+        return request_id
 
     def _write_reserved(self, chunk: Sequence[_PutItem], body: bytearray) -> int:
         """Write a reserved chunk's blocks into the arena; returns its batch id.
@@ -903,10 +810,10 @@ class KVStoreClient:
         memory = self._memory
         assert memory is not None
         try:
-            reply = ReserveBatchReply.decode(body, len(chunk))
-        except ValueError as exc:
-            self._drop_connection()
-            raise KVStoreError(f"garbled RESERVE_BATCH reply: {exc}") from exc
+            reply = replies.decode_reserve_batch(body, len(chunk))
+        except KVStoreCorruptError:
+            self._drop_connection()  # reservations we cannot name: the node revokes them with it
+            raise
         try:
             for j, item in enumerate(chunk):
                 if reply.statuses[j] == Status.OK:
@@ -976,14 +883,3 @@ def _put_chunks(prepared: Sequence[_PutItem]) -> list[Sequence[_PutItem]]:
         chunks.append(prepared[start:end])
         start = end
     return chunks
-
-
-def _put_status(status: int) -> PutStatus:
-    """A PUT's wire status as a result, or the error it stands for."""
-    if status in (Status.OK, Status.EXISTS, Status.FULL):
-        return PutStatus(status)
-    if status == Status.CORRUPT:
-        raise KVStoreCorruptError("the node received a block that failed its checksum")
-    if status == Status.TOO_LARGE:
-        raise KVStoreError("block is larger than the node's max_block_bytes")
-    raise KVStoreError(f"the node rejected the PUT (status {status})")

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.block import BLOCK_HEADER_BYTES, verify
+from kvstore.errors import KVStoreError
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     SourceCleared,
@@ -32,14 +33,15 @@ from kvstore.events import (
 from kvstore.hashing import BlockKey
 from kvstore.index import ApplyResult, PrefixIndex, PrefixMatch
 from kvstore.metadata import START, MemberKind, MetadataStore, member_kind
-from kvstore.protocol import FRAME_HEADER, FRAME_MAGIC, PROTOCOL_VERSION, Op, Status
+from kvstore.transport import recv_exact
+from kvstore.wire import replies, requests
+from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader
+from strata_common.endpoints import parse_endpoint
 
-__all__ = ["FLAG_NO_FORWARD", "ClusterView", "PeerFetcher"]
+__all__ = ["ClusterView", "PeerFetcher"]
 
 logger = logging.getLogger("kvstore.cluster")
 
-FLAG_NO_FORWARD: Final = 0x01
-"""Frame flag: a peer's GET; the receiving node must not forward it to another peer."""
 _SNAPSHOT_KIND: Final = 4
 _RESYNC_RETRY_S: Final = 1.0
 
@@ -259,8 +261,8 @@ class PeerFetcher:
             pool = self._idle.get(endpoint)
             if pool:
                 return pool.pop()
-        host, port = endpoint.rsplit(":", 1)
-        sock = socket.create_connection((host, int(port)), timeout=self._timeout)
+        address = parse_endpoint(endpoint)
+        sock = socket.create_connection((address.host, address.port), timeout=self._timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
@@ -272,35 +274,35 @@ class PeerFetcher:
         """The verified raw block (header + payload) and the tier that served it, or None."""
         sock = self._connect(endpoint)
         try:
-            sock.sendall(_frame(Op.GET, 1, 1, len(key), FLAG_NO_FORWARD) + key)
-            status, count, length = _read_header(sock)
-            body = _recv_exact(sock, length)
+            sock.sendall(requests.get(1, key, from_peer=True))
+            frame = _read_header(sock, 1)
+            body = _recv_body(sock, frame.payload_len)
         except BaseException:
             sock.close()
             raise
         self._give_back(endpoint, sock)
-        if status != Status.OK:
-            return None
         try:
-            header = BlockHeader.decode(body[:BLOCK_HEADER_BYTES])
-        except BlockFormatError:
+            if not replies.get_hit(frame):
+                return None
+            header = replies.decode_block_header(body[:BLOCK_HEADER_BYTES], len(body), key)
+        except KVStoreError:
             return None
-        if header.key != key or not verify(header, memoryview(body)[BLOCK_HEADER_BYTES:]):
+        if not verify(header, memoryview(body)[BLOCK_HEADER_BYTES:]):
             return None
-        return body, count
+        return body, frame.count
 
     def put_blocks(self, endpoint: str, blocks: Sequence[bytes | memoryview]) -> list[int]:
         """PUT raw blocks, pipelined; returns one status per block."""
         sock = self._connect(endpoint)
         try:
             for i, block in enumerate(blocks):
-                sock.sendall(_frame(Op.PUT, i + 1, 1, len(block), 0))
-                sock.sendall(block)
+                for part in requests.put_raw(i + 1, block):
+                    sock.sendall(part)
             statuses = []
-            for _ in blocks:
-                status, _count, length = _read_header(sock)
-                _recv_exact(sock, length)
-                statuses.append(status)
+            for i in range(len(blocks)):
+                header = _read_header(sock, i + 1)
+                _recv_body(sock, header.payload_len)
+                statuses.append(header.status)
         except BaseException:
             sock.close()
             raise
@@ -316,25 +318,16 @@ class PeerFetcher:
                     sock.close()
 
 
-def _frame(op: Op, request_id: int, count: int, length: int, flags: int) -> bytes:
-    return FRAME_HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, op, 0, flags, request_id, count, length)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_body(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        r = sock.recv_into(view[got:])
-        if not r:
-            raise ConnectionError("peer closed the connection")
-        got += r
+    recv_exact(sock, memoryview(buf))
     return bytes(buf)
 
 
-def _read_header(sock: socket.socket) -> tuple[int, int, int]:
-    fields: Any = FRAME_HEADER.unpack(_recv_exact(sock, FRAME_HEADER.size))
-    magic, _version, _op, status, _flags, _rid, count, length = fields
-    if magic != FRAME_MAGIC:
-        raise ConnectionError("bad frame from peer")
-    return int(status), int(count), int(length)
+def _read_header(sock: socket.socket, request_id: int) -> FrameHeader:
+    """The reply to ``request_id``; ConnectionError if the peer answers anything else."""
+    raw = _recv_body(sock, FRAME_HEADER_BYTES)
+    try:
+        return replies.decode_reply_header(raw, 0, request_id)
+    except KVStoreError as exc:
+        raise ConnectionError(f"bad frame from peer: {exc}") from exc

@@ -32,4 +32,6 @@ class KVStoreTimeout(KVStoreUnavailable):
 
 
 class KVStoreCorruptError(KVStoreError):
-    """A block read from the node failed its checksum or is not the block asked for."""
+    """A block read from the node failed its checksum or is not the block asked for, or a reply's
+    body contradicts its frame (a length mismatch, a bitmap or batch reply of the wrong size).
+    Which reply raises which error is decided in one place, :mod:`kvstore.wire.replies`."""

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from kvstore.metadata import START, EmbeddedMetadataStore, MetadataStore
-from kvstore.protocol import (
+from kvstore.wire.frame import (
     FRAME_HEADER_BYTES,
     MAX_METADATA_PAYLOAD,
     FrameError,

@@ -47,19 +47,9 @@ from kvstore.arena import Arena, ArenaStats, Extent
 from kvstore.events import Tier, TierListener
 from kvstore.hashing import BLOCK_KEY_BYTES
 from kvstore.policy import EvictionPolicy, LRUPolicy
+from kvstore.wire.types import PutStatus
 
-__all__ = ["EntryState", "Lease", "NodeStats", "PendingPut", "PutStatus", "StoreNode"]
-
-
-class PutStatus(enum.IntEnum):
-    """Outcome of a put. Values are also the wire status codes (kvstore.protocol)."""
-
-    OK = 0
-    """Stored."""
-    EXISTS = 1
-    """Already stored or being stored under this key; nothing was changed."""
-    FULL = 2
-    """No room even after evicting every evictable block; nothing was stored."""
+__all__ = ["EntryState", "Lease", "NodeStats", "PendingPut", "StoreNode"]
 
 
 class EntryState(enum.Enum):

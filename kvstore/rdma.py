@@ -21,7 +21,7 @@ Design
       registration (a syscall and page pinning) per buffer, more than the copy for KV-sized
       blocks unless buffers are reused -- a registration cache is the obvious next step.
     * Keys and addresses travel over the TCP control channel (RDMA_CONNECT,
-      :class:`kvstore.protocol.RdmaEndpointInfo`); leases and reservations are the same
+      :class:`kvstore.wire.messages.RdmaEndpointInfo`); leases and reservations are the same
       LEASE_BATCH / RESERVE_BATCH / COMMIT_BATCH messages as for shared memory.
 """
 
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, cast
 
-from kvstore.protocol import RdmaEndpointInfo
 from kvstore.transport import TransportKind, TransportUnavailable
+from kvstore.wire.messages import RdmaEndpointInfo
 
 __all__ = [
     "RdmaClientMemory",

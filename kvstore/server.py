@@ -45,7 +45,7 @@ Transport ops (kvstore.transport, docs/design/kvstore.md §16)
     queue pair to the registered arena (kvstore.rdma) or answers ``UNSUPPORTED`` with the reason.
 
 Failure handling
-    A malformed frame (see kvstore.protocol) closes only its connection. A connection lost in the
+    A malformed frame (see kvstore.wire) closes only its connection. A connection lost in the
     middle of a PUT revokes the reservation; one idle in the middle of a PUT for longer than
     ``put_timeout_s`` is aborted by a reaper so that a stalled writer cannot pin arena space.
     Leases of a lost connection (including shared-memory leases) are released. An unexpected
@@ -75,36 +75,40 @@ import uvloop
 
 from kvstore.arena import Arena, remove_stale_arenas
 from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
-from kvstore.cluster import FLAG_NO_FORWARD, ClusterView, PeerFetcher
+from kvstore.cluster import ClusterView, PeerFetcher
 from kvstore.config import StoreNodeConfig
 from kvstore.events import Tier
 from kvstore.membership import NodeAgent
 from kvstore.metadata import open_metadata_store
 from kvstore.metadata_service import MetadataService
-from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
+from kvstore.node import Lease, PendingPut, StoreNode
 from kvstore.policy import PolicyKind, make_policy
-from kvstore.protocol import (
-    BATCH_ID,
-    FRAME_HEADER_BYTES,
-    KEY_BYTES,
-    LEASE_DEFERRED,
-    LEASE_ID,
-    RESERVE_ITEM,
-    SHM_LEASE,
-    FrameError,
-    FrameHeader,
-    LeaseBatchReply,
-    Op,
-    RdmaEndpointInfo,
-    ReserveBatchReply,
-    Status,
-    encode_bitmap,
-    pack_frame_header,
-)
 from kvstore.rdma import RdmaNodeEndpoint
 from kvstore.ssd import SSDTier, SSDTierError, tune_malloc_for_lmdb
 from kvstore.tiers import TierManager
 from kvstore.transport import TransportKind, TransportUnavailable, log_unavailable_once
+from kvstore.wire.frame import (
+    FLAG_NO_FORWARD,
+    FRAME_HEADER_BYTES,
+    KEY_BYTES,
+    FrameError,
+    FrameHeader,
+    Op,
+    Status,
+    pack_frame_header,
+)
+from kvstore.wire.messages import (
+    BATCH_ID,
+    LEASE_DEFERRED,
+    LEASE_ID,
+    RESERVE_ITEM,
+    SHM_LEASE,
+    LeaseBatchReply,
+    RdmaEndpointInfo,
+    ReserveBatchReply,
+    encode_bitmap,
+)
+from kvstore.wire.types import PutStatus
 from strata_common.host import boot_id
 
 __all__ = ["StoreServer", "main"]
@@ -375,7 +379,7 @@ class _Connection(asyncio.BufferedProtocol):
             frame_end = start + FRAME_HEADER_BYTES + header.payload_len
             if frame_end <= self._end:
                 self._start = frame_end
-                self._no_forward = bool(view[start + 7] & FLAG_NO_FORWARD)  # raw flags byte
+                self._no_forward = bool(header.flags & FLAG_NO_FORWARD)
                 self._dispatch(header, view[start + FRAME_HEADER_BYTES : frame_end])
                 continue
             if FRAME_HEADER_BYTES + header.payload_len > RECV_BUFFER_BYTES:

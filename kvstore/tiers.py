@@ -56,8 +56,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvstore.events import Tier, TierListener
-from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
+from kvstore.node import Lease, PendingPut, StoreNode
 from kvstore.ssd import ReadStatus, SSDRead, SSDTier
+from kvstore.wire.types import PutStatus
 
 __all__ = ["MAX_SPILL_BATCH_BLOCKS", "TierManager", "TierStats"]
 

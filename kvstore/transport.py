@@ -1,6 +1,6 @@
 """Transports: how a block's bytes move between a client and a store node, chosen per pair.
 
-Every client talks to its node over one TCP connection (the *control channel*, kvstore.protocol).
+Every client talks to its node over one TCP connection (the *control channel*, kvstore.wire).
 What differs is the *data path*:
 
 ==========  =====================================================  ==============================
@@ -12,7 +12,7 @@ kind        bytes move by                                          chosen when
 ``RDMA``    one-sided RDMA READ / WRITE of the node's registered   both ends have a usable RDMA
             arena into / from the client's registered staging      device (pyverbs) and the node
             buffer (kvstore.rdma)                                  accepts RDMA_CONNECT
-``TCP``     the payload inside the frames (kvstore.protocol)       always (the fallback)
+``TCP``     the payload inside the frames (kvstore.wire)       always (the fallback)
 ==========  =====================================================  ==============================
 
 SHM and RDMA are the same protocol with a different copy engine: a batch of GETs is one
@@ -35,6 +35,7 @@ import enum
 import logging
 import mmap
 import os
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -274,3 +275,15 @@ def select_transport(
             continue
         return TransportSelection(kind, memory, tuple(skipped))
     return TransportSelection(TransportKind.TCP, None, tuple(skipped))
+
+
+def recv_exact(sock: socket.socket, target: memoryview) -> None:
+    """Fill ``target`` from a blocking socket (the one receive loop of every sync kvstore socket).
+
+    Raises :class:`ConnectionError` if the peer closes first; a timeout (:class:`TimeoutError`)
+    or another :class:`OSError` propagates for the caller to map onto its errors."""
+    while target.nbytes:
+        received = sock.recv_into(target)
+        if not received:
+            raise ConnectionError("connection closed by the node")
+        target = target[received:]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.client import KVStoreClient, PutStatus
+from kvstore.client import KVStoreClient
 from kvstore.cluster import ClusterView
 from kvstore.events import BlocksStored, SourceCleared, Tier, decode_event, encode_event
 from kvstore.metadata import START, open_metadata_store
@@ -20,7 +20,8 @@ from kvstore.metadata_service import (
     decode_call,
     encode_call,
 )
-from kvstore.protocol import FRAME_HEADER_BYTES, FrameHeader, Op, Status, pack_frame_header
+from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader, Op, Status, pack_frame_header
+from kvstore.wire.types import PutStatus
 
 pytestmark = pytest.mark.timeout(90)
 

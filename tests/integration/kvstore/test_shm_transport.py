@@ -14,20 +14,19 @@ from typing import Any
 import pytest
 
 from kvstore.block import BLOCK_HEADER_BYTES, encode_header
-from kvstore.client import KVStoreClient, KVStoreCorruptError, PutStatus
-from kvstore.protocol import (
-    BATCH_ID,
-    FRAME_HEADER,
-    RESERVE_ITEM,
-    LeaseBatchReply,
-    Op,
-    RdmaEndpointInfo,
-    ReserveBatchReply,
-    Status,
-    pack_frame_header,
-)
+from kvstore.client import KVStoreClient
+from kvstore.errors import KVStoreCorruptError
 from kvstore.rdma import probe_rdma
 from kvstore.transport import SkippedTransport, TransportKind
+from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
+from kvstore.wire.messages import (
+    BATCH_ID,
+    RESERVE_ITEM,
+    LeaseBatchReply,
+    RdmaEndpointInfo,
+    ReserveBatchReply,
+)
+from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.conftest import NodeFactory, NodeProcess
 
 KIB, MIB = 1024, 1024 * 1024

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvstore.arena import Arena
-from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
+from kvstore.node import Lease, PendingPut, StoreNode
+from kvstore.wire.types import PutStatus
 
 PAGE = 4096
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.arena import Arena
-from kvstore.node import PutStatus, StoreNode
+from kvstore.node import StoreNode
 from kvstore.policy import (
     AdmittedPolicy,
     ARCPolicy,
@@ -19,6 +19,7 @@ from kvstore.policy import (
     SIEVEPolicy,
     make_policy,
 )
+from kvstore.wire.types import PutStatus
 
 
 def _keys(*names: str) -> list[bytes]:

@@ -26,9 +26,10 @@ from kvstore.events import (
 )
 from kvstore.membership import NodeAgent
 from kvstore.metadata import START, EmbeddedMetadataStore
-from kvstore.node import Lease, PutStatus, StoreNode
+from kvstore.node import Lease, StoreNode
 from kvstore.ssd import SSDTier
 from kvstore.tiers import TierManager
+from kvstore.wire.types import PutStatus
 
 PAGE = 4096
 MIB = 1024 * 1024

@@ -12,9 +12,10 @@ import pytest
 from kvstore.arena import Arena
 from kvstore.block import BLOCK_HEADER_BYTES, encode_header
 from kvstore.events import Tier
-from kvstore.node import Lease, PutStatus, StoreNode
+from kvstore.node import Lease, StoreNode
 from kvstore.ssd import SSDTier
 from kvstore.tiers import TierManager
+from kvstore.wire.types import PutStatus
 
 PAGE = 4096
 _T = TypeVar("_T")

@@ -1,5 +1,5 @@
 """Transport selection, RDMA probing and the transport ops' wire encoding (kvstore.transport,
-kvstore.rdma, kvstore.protocol). RDMA itself cannot run on these machines: these tests pin the
+kvstore.rdma, kvstore.wire). RDMA itself cannot run on these machines: these tests pin the
 decisions around it, with fakes standing in for pyverbs."""
 
 from __future__ import annotations
@@ -14,16 +14,6 @@ import pytest
 
 from kvstore import transport
 from kvstore.arena import Arena
-from kvstore.protocol import (
-    FRAME_HEADER_BYTES,
-    FrameError,
-    FrameHeader,
-    LeaseBatchReply,
-    Op,
-    RdmaEndpointInfo,
-    ReserveBatchReply,
-    Status,
-)
 from kvstore.rdma import RdmaProbe, gid_from_text, gid_to_text, probe_rdma
 from kvstore.transport import (
     DEFAULT_PREFERENCE,
@@ -33,6 +23,8 @@ from kvstore.transport import (
     TransportUnavailable,
     select_transport,
 )
+from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameError, FrameHeader, Op, Status
+from kvstore.wire.messages import LeaseBatchReply, RdmaEndpointInfo, ReserveBatchReply
 
 SHM, RDMA, TCP = TransportKind.SHM, TransportKind.RDMA, TransportKind.TCP
 

@@ -1,4 +1,4 @@
-"""Exact tests of the wire protocol's frame header and bitmap (kvstore.protocol)."""
+"""Exact tests of the wire protocol's frame header and bitmap (kvstore.wire)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from kvstore.protocol import (
+from kvstore.wire.frame import (
     FRAME_HEADER_BYTES,
     MAX_FRAME_PAYLOAD,
     MAX_KEYS_PER_FRAME,
@@ -14,10 +14,9 @@ from kvstore.protocol import (
     FrameHeader,
     Op,
     Status,
-    decode_bitmap,
-    encode_bitmap,
     pack_frame_header,
 )
+from kvstore.wire.messages import decode_bitmap, encode_bitmap
 
 
 def test_header_layout() -> None:
@@ -29,7 +28,7 @@ def test_header_layout() -> None:
 
 
 def test_status_values_match_put_status() -> None:
-    from kvstore.node import PutStatus
+    from kvstore.wire.types import PutStatus
 
     for status in PutStatus:
         assert int(Status[status.name]) == int(status)
