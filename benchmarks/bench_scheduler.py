@@ -60,7 +60,8 @@ from controlplane.scheduling import (  # noqa: E402
     cached_prefix,
     make_policy,
 )
-from kvstore.events import BlocksStored, Tier  # noqa: E402
+from kvstore.blocks.tier import Tier  # noqa: E402
+from kvstore.events import BlocksStored  # noqa: E402
 from kvstore.index import PrefixIndex  # noqa: E402
 
 CHAIN = 64

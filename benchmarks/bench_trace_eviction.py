@@ -43,7 +43,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from kvstore.policy import EvictionPolicy, LRUPolicy, PolicyKind, make_policy  # noqa: E402
+from kvstore.policy.base import EvictionPolicy  # noqa: E402
+from kvstore.policy.factory import PolicyKind, make_policy  # noqa: E402
+from kvstore.policy.lru import LRUPolicy  # noqa: E402
 
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
 FRACTIONS = (0.01, 0.05, 0.20)

@@ -8,7 +8,8 @@ Call sequence for one request (prefill role saves, decode role loads; `kv_both` 
 
   scheduler side                                  worker side
   --------------                                  -----------
-  on_new_request         hash the prompt into block keys (kvstore.hashing, namespace = cache_salt)
+  on_new_request         hash the prompt into block keys (kvstore.blocks.hashing,
+                         namespace = cache_salt)
   get_num_new_matched_tokens
                          ask the store how many leading keys it holds (loaders only); leave at least
                          one prompt token to compute, as vLLM requires
@@ -51,9 +52,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
 
+from kvstore.blocks.hashing import block_keys, root_key
 from kvstore.client import KVStoreClient
 from kvstore.errors import KVStoreError
-from kvstore.hashing import block_keys, root_key
 from kvstore.wire.types import PutStatus
 
 if TYPE_CHECKING:

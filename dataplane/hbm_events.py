@@ -19,7 +19,7 @@ Where the events come from, and why from there::
   translation and all metadata-store I/O run in other threads (vLLM's publisher thread, ours).
 - vLLM's events carry everything a Strata key needs (the block's token ids, its parent's vLLM hash,
   the cache salt of a chain's first block), so :class:`HbmBlockTranslator` derives keys with
-  :mod:`kvstore.hashing` exactly as the connector and the gateway do. Rejected: asking the
+  :mod:`kvstore.blocks.hashing` exactly as the connector and the gateway do. Rejected: asking the
   connector's scheduler side for its per-request keys -- it forgets a request when the request
   finishes, which is before that step's events are published, and it only hashes prompts, while
   vLLM also caches blocks of generated tokens (the next turn of a chat reuses them).
@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
+from kvstore.blocks.hashing import BlockKey, block_keys
+from kvstore.blocks.tier import Tier
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
@@ -50,11 +52,9 @@ from kvstore.events import (
     KVEvent,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     encode_event,
     encode_snapshot,
 )
-from kvstore.hashing import BlockKey, block_keys
 from kvstore.membership import Membership
 from kvstore.metadata import MemberKind, MetadataStore
 

@@ -46,14 +46,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
 
-from kvstore.block import BLOCK_HEADER_BYTES, BlockDType, BlockHeader, encode_header, verify
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockDType, BlockHeader, encode_header, verify
+from kvstore.blocks.tier import Tier
 from kvstore.errors import (
     KVStoreConnectionLost,
     KVStoreError,
     KVStoreTimeout,
     KVStoreUnavailable,
 )
-from kvstore.events import Tier
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import (
     FRAME_HEADER_BYTES,

@@ -57,7 +57,7 @@ from typing import Any, TypeVar
 
 import xxhash
 
-from kvstore.block import (
+from kvstore.blocks.format import (
     BLOCK_HEADER_BYTES,
     BLOCK_MAGIC,
     BlockDType,
@@ -66,6 +66,7 @@ from kvstore.block import (
     encode_header,
     verify,
 )
+from kvstore.blocks.tier import Tier
 from kvstore.errors import (
     KVStoreConnectionLost,
     KVStoreCorruptError,
@@ -73,7 +74,6 @@ from kvstore.errors import (
     KVStoreTimeout,
     KVStoreUnavailable,
 )
-from kvstore.events import Tier
 from kvstore.rdma import RdmaClientMemory, local_rdma
 from kvstore.transport import (
     DEFAULT_PREFERENCE,
@@ -106,7 +106,7 @@ LEASE_BATCH_KEYS = 128
 """Keys per LEASE_BATCH round trip on a one-sided transport."""
 _HASH_PIECE_BYTES = 256 * 1024
 _ARENA_HEADER = struct.Struct("<4s4x16sQQ")
-"""Magic, key, payload length and checksum of a block header (kvstore.block's layout)."""
+"""Magic, key, payload length and checksum of a block header (kvstore.blocks.format's layout)."""
 RESERVE_BATCH_BLOCKS = 64
 RESERVE_BATCH_BYTES = 16 * 1024 * 1024
 """Bounds of one RESERVE_BATCH (what one round trip reserves in the node's arena)."""

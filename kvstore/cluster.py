@@ -20,17 +20,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from kvstore.block import BLOCK_HEADER_BYTES, verify
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, verify
+from kvstore.blocks.hashing import BlockKey
+from kvstore.blocks.tier import Tier
 from kvstore.errors import KVStoreError
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     SourceCleared,
-    Tier,
     decode_event,
     decode_snapshot,
     encode_event,
 )
-from kvstore.hashing import BlockKey
 from kvstore.index import ApplyResult, PrefixIndex, PrefixMatch
 from kvstore.metadata import START, MemberKind, MetadataStore, member_kind
 from kvstore.transport import recv_exact

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kvstore.metadata import parse_metadata_spec
-from kvstore.policy import PolicyKind
+from kvstore.policy.factory import PolicyKind
 from strata_common.units import parse_duration, parse_size
 
 __all__ = ["StoreNodeConfig"]

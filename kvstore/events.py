@@ -8,8 +8,8 @@ source starts with ``SourceCleared(seq=0)``, and starts again that way after a r
 the index applies are in docs/design/kvstore.md §11.2.
 
 Events are small frozen, slotted dataclasses, validated on construction (keys are 16-byte
-:data:`~kvstore.hashing.BlockKey` values, the source id is 1..255 bytes of UTF-8), so a malformed
-event fails where it is made, not deep inside the index.
+:data:`~kvstore.blocks.hashing.BlockKey` values, the source id is 1..255 bytes of UTF-8), so a
+malformed event fails where it is made, not deep inside the index.
 
 Wire format, version 1 (little-endian; one message per Redis stream entry or gRPC ``bytes``, so
 there is no outer framing)::
@@ -27,25 +27,23 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
-from kvstore.hashing import BLOCK_KEY_BYTES, BlockKey
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES, BlockKey
+from kvstore.blocks.tier import Tier
 
 __all__ = [
     "EVENT_FORMAT_VERSION",
     "MAX_SOURCE_ID_BYTES",
-    "NUM_TIERS",
     "SOURCE_GONE_SEQ",
     "BlocksRemoved",
     "BlocksStored",
     "KVEvent",
     "SourceCleared",
     "SourceSnapshot",
-    "Tier",
-    "TierListener",
     "decode_event",
     "decode_snapshot",
     "encode_event",
@@ -61,26 +59,6 @@ crashed and was reaped). To a :class:`~kvstore.index.PrefixIndex` any later even
 incarnation is a duplicate; only a new incarnation (``SourceCleared(seq=0)``) brings the source
 back. A :class:`~kvstore.cluster.ClusterView` forgets the source altogether."""
 _MAX_COUNT: Final = 2**32 - 1
-
-
-class Tier(enum.IntEnum):
-    """Where a copy of a block lives, fastest first: compare and iterate by value, never by name."""
-
-    HBM = 0
-    """Resident in an engine's GPU memory (known from the engine's own events)."""
-    DRAM = 1
-    """In a store node's DRAM arena."""
-    SSD = 2
-    """In a store node's SSD tier."""
-
-
-NUM_TIERS: Final = len(Tier)
-
-TierListener = Callable[[BlockKey, Tier, bool], None]
-"""``listener(key, tier, held)``: a store tier reports that ``key`` was added to (``held``) or
-removed from ``tier``, at the moment of the change. Called on whatever thread made the change
-(the event loop for DRAM; SSD writer and reader threads too), possibly under the tier's lock: it
-must be quick and must not call back into the tier."""
 
 
 class _Kind(enum.IntEnum):

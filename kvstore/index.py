@@ -6,9 +6,9 @@ each tier (or faster) reaches, and how much each single holder can serve. The se
 sequence-number rules and the representation are the design of record in docs/design/kvstore.md
 §11; in short:
 
-* **Implicit trie.** A key names its whole prefix (:mod:`kvstore.hashing`), so the set of keys *is*
-  the set of trie nodes and the requester computes children itself; the index is a flat map from
-  key to a per-block record and never stores parent links.
+* **Implicit trie.** A key names its whole prefix (:mod:`kvstore.blocks.hashing`), so the set of
+  keys *is* the set of trie nodes and the requester computes children itself; the index is a flat
+  map from key to a per-block record and never stores parent links.
 * **Compact.** Each block has a dense *slot*: its key as two ``uint64`` and, per tier, a bitmask of
   holders (holder ids are interned into small integers; the mask word widens 8 → 16 → 32 → 64 bits
   and then to several words as holders are added). Key → slot is an open-addressing table of
@@ -35,16 +35,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from kvstore.events import (
-    NUM_TIERS,
-    BlocksRemoved,
-    BlocksStored,
-    KVEvent,
-    SourceCleared,
-    SourceSnapshot,
-    Tier,
-)
-from kvstore.hashing import BLOCK_KEY_BYTES, BlockKey
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES, BlockKey
+from kvstore.blocks.tier import NUM_TIERS, Tier
+from kvstore.events import BlocksRemoved, BlocksStored, KVEvent, SourceCleared, SourceSnapshot
 
 __all__ = ["ApplyResult", "HolderMatch", "IndexStats", "PrefixIndex", "PrefixMatch"]
 

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
+from kvstore.blocks.tier import Tier
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
@@ -43,7 +44,6 @@ from kvstore.events import (
     KVEvent,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     encode_event,
     encode_snapshot,
 )

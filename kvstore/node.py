@@ -44,9 +44,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvstore.arena import Arena, ArenaStats, Extent
-from kvstore.events import Tier, TierListener
-from kvstore.hashing import BLOCK_KEY_BYTES
-from kvstore.policy import EvictionPolicy, LRUPolicy
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES
+from kvstore.blocks.tier import Tier, TierListener
+from kvstore.policy.base import EvictionPolicy
+from kvstore.policy.lru import LRUPolicy
 from kvstore.wire.types import PutStatus
 
 __all__ = ["EntryState", "Lease", "NodeStats", "PendingPut", "StoreNode"]

@@ -72,10 +72,11 @@ from types import TracebackType
 import lmdb
 import numpy as np
 
-from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
-from kvstore.events import Tier, TierListener
-from kvstore.hashing import BLOCK_KEY_BYTES
-from kvstore.policy import EvictionPolicy, LRUPolicy
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES
+from kvstore.blocks.tier import Tier, TierListener
+from kvstore.policy.base import EvictionPolicy
+from kvstore.policy.lru import LRUPolicy
 
 __all__ = [
     "SSD_FORMAT",

@@ -55,7 +55,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kvstore.events import Tier, TierListener
+from kvstore.blocks.tier import Tier, TierListener
 from kvstore.node import Lease, PendingPut, StoreNode
 from kvstore.ssd import ReadStatus, SSDRead, SSDTier
 from kvstore.wire.types import PutStatus

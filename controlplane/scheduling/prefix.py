@@ -20,7 +20,7 @@ from collections.abc import Container
 from types import MappingProxyType
 
 from controlplane.scheduling.types import NO_CACHE, CachedPrefix
-from kvstore.events import Tier
+from kvstore.blocks.tier import Tier
 from kvstore.index import PrefixMatch
 
 __all__ = ["cached_prefix"]

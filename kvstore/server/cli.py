@@ -19,7 +19,7 @@ import uvloop
 from kvstore.arena import Arena, remove_stale_arenas
 from kvstore.config import StoreNodeConfig
 from kvstore.node import StoreNode
-from kvstore.policy import PolicyKind, make_policy
+from kvstore.policy.factory import PolicyKind, make_policy
 from kvstore.server.lifecycle import StoreServer
 from kvstore.ssd import SSDTier, SSDTierError, tune_malloc_for_lmdb
 from kvstore.tiers import TierManager

@@ -48,8 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
-from kvstore.events import Tier
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.blocks.tier import Tier
 from kvstore.node import Lease, PendingPut
 from kvstore.server.handlers import HANDLERS
 from kvstore.server.limits import (

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvstore.events import Tier
+from kvstore.blocks.tier import Tier
 from kvstore.node import Lease
 from kvstore.server import transfer
 from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
-from kvstore.events import Tier
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.blocks.tier import Tier
 from kvstore.node import Lease, PendingPut, StoreNode
 from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys
 from kvstore.wire.frame import FrameError, FrameHeader, Op, Status, pack_frame_header

@@ -74,7 +74,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from kvstore.hashing import BLOCK_KEY_BYTES
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES
 from kvstore.wire.messages import BATCH_ID, LEASE_ID, RDMA_INFO, RESERVE_ITEM
 
 __all__ = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from kvstore.hashing import BLOCK_KEY_BYTES
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES
 
 __all__ = [
     "BATCH_ID",

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kvstore.block import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader
+from kvstore.blocks.tier import Tier
 from kvstore.errors import KVStoreCorruptError, KVStoreError
-from kvstore.events import Tier
 from kvstore.wire.frame import FrameError, FrameHeader, Op, Status
 from kvstore.wire.messages import LeaseBatchReply, ReserveBatchReply, decode_bitmap
 from kvstore.wire.types import PutStatus

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvstore.block import BLOCK_HEADER_BYTES
+from kvstore.blocks.format import BLOCK_HEADER_BYTES
 from kvstore.wire.frame import FLAG_NO_FORWARD, KEY_BYTES, MAX_KEYS_PER_FRAME, Op, pack_frame_header
 from kvstore.wire.messages import BATCH_ID, LEASE_ID, RESERVE_ITEM, RdmaEndpointInfo
 

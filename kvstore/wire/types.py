@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kvstore.events import Tier
+from kvstore.blocks.tier import Tier
 
 __all__ = ["NodeMatch", "PutStatus"]
 

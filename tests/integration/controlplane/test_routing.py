@@ -27,8 +27,9 @@ from controlplane.instances import InstanceState, InvalidAdminRequest
 from controlplane.routing import Router
 from controlplane.scheduling import NO_CACHE, Assign, CachedPrefix, RequestSnapshot
 from controlplane.tokenizer import ModelTokenizer
-from kvstore.events import BlocksStored, SourceCleared, Tier, encode_event
-from kvstore.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_keys, root_key
+from kvstore.blocks.tier import Tier
+from kvstore.events import BlocksStored, SourceCleared, encode_event
 from kvstore.metadata import RedisMetadataStore
 from strata_proto import worker_pb2
 from tests.integration.controlplane.conftest import (

@@ -12,6 +12,7 @@ import pytest
 import uvloop
 
 from kvstore.aio_client import AsyncKVStoreClient
+from kvstore.blocks.tier import Tier
 from kvstore.client import KVStoreClient
 from kvstore.errors import (
     KVStoreConnectionLost,
@@ -20,7 +21,6 @@ from kvstore.errors import (
     KVStoreTimeout,
     KVStoreUnavailable,
 )
-from kvstore.events import Tier
 from kvstore.wire.types import NodeMatch, PutStatus
 from tests.integration.kvstore.conftest import NodeFactory
 from tests.integration.kvstore.node_args import ssd_args

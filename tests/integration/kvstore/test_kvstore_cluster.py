@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from kvstore.blocks.tier import Tier
 from kvstore.client import KVStoreClient
 from kvstore.cluster import ClusterView
-from kvstore.events import SOURCE_GONE_SEQ, SourceCleared, Tier, decode_event
+from kvstore.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
 from kvstore.metadata import START, MetadataStore, RedisMetadataStore, open_metadata_store
 from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.node_args import ssd_args

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvstore.block import BlockDType, encode_header
+from kvstore.blocks.format import BlockDType, encode_header
 from kvstore.client import KVStoreClient
 from kvstore.errors import KVStoreCorruptError, KVStoreError, KVStoreUnavailable
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header

@@ -12,8 +12,8 @@ from typing import Any
 import lmdb
 import pytest
 
+from kvstore.blocks.tier import Tier
 from kvstore.client import KVStoreClient
-from kvstore.events import Tier
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
 from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.node_args import ssd_args

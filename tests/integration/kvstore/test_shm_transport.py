@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.client import KVStoreClient
 from kvstore.errors import KVStoreCorruptError
 from kvstore.rdma import probe_rdma

@@ -37,7 +37,8 @@ from controlplane.scheduling.policy import (
     RoundRobinPolicy,
     SloAwarePolicy,
 )
-from kvstore.events import BlocksStored, Tier
+from kvstore.blocks.tier import Tier
+from kvstore.events import BlocksStored
 from kvstore.index import PrefixIndex
 from tests.unit.controlplane.scheduling_helpers import (
     BLOCK,

@@ -21,7 +21,7 @@ from controlplane.routing import (
 )
 from controlplane.scheduling import Reject, RejectReason
 from controlplane.workers import WorkerRole
-from kvstore.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_keys, root_key
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
+from kvstore.blocks.tier import Tier
 from kvstore.cluster import ClusterView
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     BlocksStored,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     decode_event,
     encode_event,
     encode_snapshot,

@@ -6,13 +6,13 @@ import struct
 
 import pytest
 
+from kvstore.blocks.tier import Tier
 from kvstore.events import (
     BlocksRemoved,
     BlocksStored,
     KVEvent,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     decode_event,
     decode_snapshot,
     encode_event,

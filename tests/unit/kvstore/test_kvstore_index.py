@@ -13,14 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from kvstore.events import (
-    BlocksRemoved,
-    BlocksStored,
-    KVEvent,
-    SourceCleared,
-    SourceSnapshot,
-    Tier,
-)
+from kvstore.blocks.tier import Tier
+from kvstore.events import BlocksRemoved, BlocksStored, KVEvent, SourceCleared, SourceSnapshot
 from kvstore.index import ApplyResult, HolderMatch, PrefixIndex
 
 HBM, DRAM, SSD = Tier.HBM, Tier.DRAM, Tier.SSD

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvstore.blocks.tier import Tier
 from kvstore.cluster import ClusterView
 from kvstore.events import (
     SOURCE_GONE_SEQ,
@@ -9,7 +10,6 @@ from kvstore.events import (
     BlocksStored,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     decode_event,
     encode_event,
     encode_snapshot,

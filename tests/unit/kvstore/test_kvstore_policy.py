@@ -9,16 +9,13 @@ import pytest
 
 from kvstore.arena import Arena
 from kvstore.node import StoreNode
-from kvstore.policy import (
-    AdmittedPolicy,
-    ARCPolicy,
-    EvictionPolicy,
-    LRUPolicy,
-    PolicyKind,
-    S3FIFOPolicy,
-    SIEVEPolicy,
-    make_policy,
-)
+from kvstore.policy.admitted import AdmittedPolicy
+from kvstore.policy.arc import ARCPolicy
+from kvstore.policy.base import EvictionPolicy
+from kvstore.policy.factory import PolicyKind, make_policy
+from kvstore.policy.lru import LRUPolicy
+from kvstore.policy.s3fifo import S3FIFOPolicy
+from kvstore.policy.sieve import SIEVEPolicy
 from kvstore.wire.types import PutStatus
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.ssd import SSD_FORMAT, ReadStatus, SSDTier, SSDTierError
 
 MIB = 1024 * 1024

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 import pytest
 
 from kvstore.arena import Arena
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
+from kvstore.blocks.tier import Tier
 from kvstore.cluster import ClusterView
 from kvstore.events import (
     SOURCE_GONE_SEQ,
@@ -21,7 +22,6 @@ from kvstore.events import (
     BlocksStored,
     KVEvent,
     SourceCleared,
-    Tier,
     decode_event,
 )
 from kvstore.membership import NodeAgent

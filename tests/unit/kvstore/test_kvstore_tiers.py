@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import pytest
 
 from kvstore.arena import Arena
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header
-from kvstore.events import Tier
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
+from kvstore.blocks.tier import Tier
 from kvstore.node import Lease, StoreNode
 from kvstore.ssd import SSDTier
 from kvstore.tiers import TierManager

@@ -12,7 +12,7 @@ Block format, version 1 (all integers little-endian)::
      4      2   format version    1
      6      1   dtype code        BlockDType (0 = opaque bytes)
      7      1   ndim              0..6
-     8     16   key               the block's key (kvstore.hashing)
+     8     16   key               the block's key (kvstore.blocks.hashing)
     24      8   payload length    bytes that follow the header
     32      8   checksum          xxh3_64 (seed 0) of the payload
     40     24   shape             6 x uint32; dims past ndim are 0
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from kvstore.hashing import BLOCK_KEY_BYTES
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES
 
 __all__ = [
     "BLOCK_FORMAT_VERSION",
