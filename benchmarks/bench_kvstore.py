@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import uvloop  # noqa: E402
 
-from kvstore.aio_client import AsyncKVStoreClient  # noqa: E402
-from kvstore.client import PIPELINE_WINDOW, KVStoreClient  # noqa: E402
+from kvstore.client.aio import AsyncKVStoreClient  # noqa: E402
+from kvstore.client.sync import PIPELINE_WINDOW, KVStoreClient  # noqa: E402
 from kvstore.wire.types import PutStatus  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024

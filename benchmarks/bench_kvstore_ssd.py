@@ -40,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header  # noqa: E402
-from kvstore.ssd import ReadStatus, SSDTier, tune_malloc_for_lmdb  # noqa: E402
+from kvstore.node.ssd import ReadStatus, SSDTier, tune_malloc_for_lmdb  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 RUNS = 3

@@ -68,7 +68,7 @@ from controlplane.routing import (
 from controlplane.scheduling import Reject, SchedulingConfig
 from controlplane.tokenizer import ModelTokenizer, read_sampling_defaults
 from controlplane.workers import WorkerError, WorkerErrorKind, WorkerRole
-from kvstore.cluster import ClusterView
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import open_metadata_store
 
 __all__ = ["Gateway", "GatewayServer", "main", "serve"]

@@ -41,7 +41,7 @@ from controlplane.scheduling import (
 )
 from controlplane.workers import WorkerRole
 from kvstore.blocks.hashing import BlockKey, block_keys, root_key
-from kvstore.cluster import ClusterView
+from kvstore.cluster.view import ClusterView
 
 __all__ = [
     "TPOT_SLO_HEADER",

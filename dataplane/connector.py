@@ -53,7 +53,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.logger import init_logger
 
 from kvstore.blocks.hashing import block_keys, root_key
-from kvstore.client import KVStoreClient
+from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError
 from kvstore.wire.types import PutStatus
 

@@ -45,6 +45,7 @@ from typing import Any, Final
 
 from kvstore.blocks.hashing import BlockKey, block_keys
 from kvstore.blocks.tier import Tier
+from kvstore.cluster.membership import Membership
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
@@ -55,7 +56,6 @@ from kvstore.events import (
     encode_event,
     encode_snapshot,
 )
-from kvstore.membership import Membership
 from kvstore.metadata import MemberKind, MetadataStore
 
 __all__ = ["HbmBlockTranslator", "HbmEventPublisher"]

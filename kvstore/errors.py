@@ -1,4 +1,4 @@
-"""Errors every kvstore client raises (sync :mod:`kvstore.client`, async :mod:`kvstore.aio_client`).
+"""Errors every kvstore client raises (:mod:`kvstore.client.sync`, :mod:`kvstore.client.aio`).
 
 The store is a cache: callers typically treat any :class:`KVStoreError` as a miss and recompute.
 The subclasses say why, for logs and metrics.

@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 from controlplane.scheduling.types import NO_CACHE, CachedPrefix
 from kvstore.blocks.tier import Tier
-from kvstore.index import PrefixMatch
+from kvstore.cluster.index import PrefixMatch
 
 __all__ = ["cached_prefix"]
 

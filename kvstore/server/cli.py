@@ -16,13 +16,13 @@ from collections.abc import Sequence
 
 import uvloop
 
-from kvstore.arena import Arena, remove_stale_arenas
-from kvstore.config import StoreNodeConfig
-from kvstore.node import StoreNode
+from kvstore.node.arena import Arena, remove_stale_arenas
+from kvstore.node.ssd import SSDTier, SSDTierError, tune_malloc_for_lmdb
+from kvstore.node.store import StoreNode
+from kvstore.node.tiers import TierManager
 from kvstore.policy.factory import PolicyKind, make_policy
+from kvstore.server.config import StoreNodeConfig
 from kvstore.server.lifecycle import StoreServer
-from kvstore.ssd import SSDTier, SSDTierError, tune_malloc_for_lmdb
-from kvstore.tiers import TierManager
 
 __all__ = ["main"]
 

@@ -11,13 +11,14 @@ import logging
 import os
 import zlib
 
-from kvstore.cluster import ClusterView, PeerFetcher
-from kvstore.config import StoreNodeConfig
-from kvstore.membership import NodeAgent
+from kvstore.cluster.membership import NodeAgent
+from kvstore.cluster.peers import PeerFetcher
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import open_metadata_store
 from kvstore.metadata_service import MetadataService
-from kvstore.node import StoreNode
-from kvstore.tiers import TierManager
+from kvstore.node.store import StoreNode
+from kvstore.node.tiers import TierManager
+from kvstore.server.config import StoreNodeConfig
 from kvstore.wire.frame import Status
 from kvstore.wire.types import PutStatus
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, cast
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.blocks.tier import Tier
-from kvstore.node import Lease, PendingPut
+from kvstore.node.store import Lease, PendingPut
 from kvstore.server.handlers import HANDLERS
 from kvstore.server.limits import (
     MAX_FETCHES_PER_CONNECTION,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvstore.blocks.tier import Tier
-from kvstore.node import Lease
+from kvstore.node.store import Lease
 from kvstore.server import transfer
 from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys
 from kvstore.wire.frame import FrameHeader, Op, Status, pack_frame_header

@@ -10,17 +10,18 @@ import asyncio
 import contextlib
 import dataclasses
 
-from kvstore.cluster import ClusterView, PeerFetcher
-from kvstore.config import StoreNodeConfig
-from kvstore.membership import NodeAgent
+from kvstore.cluster.membership import NodeAgent
+from kvstore.cluster.peers import PeerFetcher
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata_service import MetadataService
-from kvstore.node import StoreNode
-from kvstore.rdma import RdmaNodeEndpoint
+from kvstore.node.store import StoreNode
+from kvstore.node.tiers import TierManager
 from kvstore.server.cluster_member import ClusterMember
+from kvstore.server.config import StoreNodeConfig
 from kvstore.server.connection import Connection
 from kvstore.server.transfer import TransferCounters
-from kvstore.tiers import TierManager
-from kvstore.transport import TransportKind, TransportUnavailable, log_unavailable_once
+from kvstore.transport.base import TransportKind, TransportUnavailable, log_unavailable_once
+from kvstore.transport.rdma import RdmaNodeEndpoint
 from strata_common.host import boot_id
 
 __all__ = ["StoreServer"]

@@ -9,8 +9,8 @@ connection may hold at most ``MAX_SHM_LEASES_PER_CONNECTION`` leases and reserve
 of the arena at once: a bigger RESERVE_BATCH is refused whole (``FULL``, and the client sends
 those blocks over TCP, one reservation at a time); an open reservation counts as a payload in
 flight for the put timeout. ``RDMA_CONNECT`` connects a queue pair to the registered arena
-(kvstore.rdma) or answers ``UNSUPPORTED`` with the reason. What a connection holds lives in its
-:class:`TransferState`, released with the connection (:meth:`TransferState.release_all`).
+(kvstore.transport.rdma) or answers ``UNSUPPORTED`` with the reason. What a connection holds lives
+in its :class:`TransferState`, released with the connection (:meth:`TransferState.release_all`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.blocks.tier import Tier
-from kvstore.node import Lease, PendingPut, StoreNode
+from kvstore.node.store import Lease, PendingPut, StoreNode
 from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys
 from kvstore.wire.frame import FrameError, FrameHeader, Op, Status, pack_frame_header
 from kvstore.wire.messages import (

@@ -123,7 +123,7 @@ class Op(enum.IntEnum):
     RELEASE = 9
     METADATA = 10
     """The node's embedded metadata store (kvstore.metadata_service); payload formats there."""
-    # Transport ops (kvstore.transport), numbered from 16.
+    # Transport ops (kvstore.transport.base), numbered from 16.
     LEASE_BATCH = 16
     RELEASE_BATCH = 17
     RESERVE_BATCH = 18

@@ -1,6 +1,6 @@
 """What a reply means: one mapping from reply statuses and malformed replies to results and errors.
 
-Both clients (:mod:`kvstore.client`, :mod:`kvstore.aio_client`) and the peer fetcher call these
+Both clients (:mod:`kvstore.client.sync`, :mod:`kvstore.client.aio`) and the peer fetcher call these
 functions on the frames they received, so the same reply gives the same result or the same
 exception everywhere. No I/O: each function looks at bytes already received and either returns
 the typed result or raises the :mod:`kvstore.errors` exception that reply stands for.

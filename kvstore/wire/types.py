@@ -1,7 +1,7 @@
 """The typed results of store operations, shared by the node and both clients.
 
 Importing this module loads nothing but the enums: a client returns these without importing the
-node's state (:mod:`kvstore.node`) or the SSD tier.
+node's state (:mod:`kvstore.node.store`) or the SSD tier.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from kvstore.blocks.tier import Tier
-from kvstore.client import KVStoreClient
-from kvstore.cluster import ClusterView
+from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.view import ClusterView
 from kvstore.events import BlocksStored, SourceCleared, decode_event
 from kvstore.metadata import START, RedisMetadataStore
 from tests.e2e.dataplane_processes import Process, decode, prefill, start_store, start_worker, stub

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import uvloop
 
-from kvstore.aio_client import AsyncKVStoreClient
 from kvstore.blocks.tier import Tier
-from kvstore.client import KVStoreClient
+from kvstore.client.aio import AsyncKVStoreClient
+from kvstore.client.sync import KVStoreClient
 from kvstore.errors import (
     KVStoreConnectionLost,
     KVStoreCorruptError,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from kvstore.blocks.tier import Tier
-from kvstore.client import KVStoreClient
-from kvstore.cluster import ClusterView
+from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.view import ClusterView
 from kvstore.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
 from kvstore.metadata import START, MetadataStore, RedisMetadataStore, open_metadata_store
 from kvstore.wire.types import PutStatus

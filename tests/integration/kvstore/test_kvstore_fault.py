@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.client import KVStoreClient
+from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError, KVStoreUnavailable
 from kvstore.wire.types import PutStatus
 

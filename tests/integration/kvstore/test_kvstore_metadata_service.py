@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from kvstore.blocks.tier import Tier
-from kvstore.client import KVStoreClient
-from kvstore.cluster import ClusterView
+from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.view import ClusterView
 from kvstore.events import BlocksStored, SourceCleared, decode_event, encode_event
 from kvstore.metadata import START, open_metadata_store
 from kvstore.metadata_service import (

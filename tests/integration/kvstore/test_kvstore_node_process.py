@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kvstore.blocks.format import BlockDType, encode_header
-from kvstore.client import KVStoreClient
+from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreCorruptError, KVStoreError, KVStoreUnavailable
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
 from kvstore.wire.messages import SHM_LEASE

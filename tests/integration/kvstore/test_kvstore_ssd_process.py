@@ -13,7 +13,7 @@ import lmdb
 import pytest
 
 from kvstore.blocks.tier import Tier
-from kvstore.client import KVStoreClient
+from kvstore.client.sync import KVStoreClient
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
 from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.node_args import ssd_args

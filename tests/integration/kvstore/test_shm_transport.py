@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
-from kvstore.client import KVStoreClient
+from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreCorruptError
-from kvstore.rdma import probe_rdma
-from kvstore.transport import SkippedTransport, TransportKind
+from kvstore.transport.base import SkippedTransport, TransportKind
+from kvstore.transport.rdma import probe_rdma
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
 from kvstore.wire.messages import (
     BATCH_ID,

@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
-from kvstore.aio_client import AsyncKVStoreClient
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.blocks.tier import Tier
-from kvstore.client import KVStoreClient
+from kvstore.client.aio import AsyncKVStoreClient
+from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreCorruptError, KVStoreError
-from kvstore.transport import TransportKind, recv_exact
+from kvstore.transport.base import TransportKind
+from kvstore.transport.tcp import recv_exact
 from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader, Op, Status, pack_frame_header
 from kvstore.wire.types import NodeMatch, PutStatus
 

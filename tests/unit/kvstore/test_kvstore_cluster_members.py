@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from kvstore.blocks.tier import Tier
-from kvstore.cluster import ClusterView
+from kvstore.cluster.membership import Membership
+from kvstore.cluster.view import ClusterView
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     BlocksStored,
@@ -17,7 +18,6 @@ from kvstore.events import (
     encode_event,
     encode_snapshot,
 )
-from kvstore.membership import Membership
 from kvstore.metadata import START, EmbeddedMetadataStore, MemberKind, member_kind
 from tests.unit.kvstore.fakes import FakeClock, k
 

@@ -1,4 +1,4 @@
-"""Exact tests of the cluster-wide prefix index (kvstore.index).
+"""Exact tests of the cluster-wide prefix index (kvstore.cluster.index).
 
 Tables of event sequences with the exact match each must produce, sequence-number rules (gaps,
 duplicates, restarts), resync, source removal, slot reuse, many holders, worst-case hash
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from kvstore.blocks.tier import Tier
+from kvstore.cluster.index import ApplyResult, HolderMatch, PrefixIndex
 from kvstore.events import BlocksRemoved, BlocksStored, KVEvent, SourceCleared, SourceSnapshot
-from kvstore.index import ApplyResult, HolderMatch, PrefixIndex
 
 HBM, DRAM, SSD = Tier.HBM, Tier.DRAM, Tier.SSD
 

@@ -37,7 +37,7 @@ def test_importing_the_package_and_hashing_is_light() -> None:
     """The gateway imports kvstore.blocks.hashing; that must not drag in the server or uvloop."""
     heavy = ("uvloop", "kvstore.server", "torch", "vllm")
     code = (
-        "import sys, kvstore, kvstore.blocks.hashing, kvstore.client; "
+        "import sys, kvstore, kvstore.blocks.hashing, kvstore.client.sync; "
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvstore.blocks.tier import Tier
-from kvstore.cluster import ClusterView
+from kvstore.cluster.view import ClusterView
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.arena import Arena
-from kvstore.node import StoreNode
+from kvstore.node.arena import Arena
+from kvstore.node.store import StoreNode
 from kvstore.policy.admitted import AdmittedPolicy
 from kvstore.policy.arc import ARCPolicy
 from kvstore.policy.base import EvictionPolicy

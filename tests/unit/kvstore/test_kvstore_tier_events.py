@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kvstore.arena import Arena
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.blocks.tier import Tier
-from kvstore.cluster import ClusterView
+from kvstore.cluster.membership import NodeAgent
+from kvstore.cluster.view import ClusterView
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
@@ -24,11 +24,11 @@ from kvstore.events import (
     SourceCleared,
     decode_event,
 )
-from kvstore.membership import NodeAgent
 from kvstore.metadata import START, EmbeddedMetadataStore
-from kvstore.node import Lease, StoreNode
-from kvstore.ssd import SSDTier
-from kvstore.tiers import TierManager
+from kvstore.node.arena import Arena
+from kvstore.node.ssd import SSDTier
+from kvstore.node.store import Lease, StoreNode
+from kvstore.node.tiers import TierManager
 from kvstore.wire.types import PutStatus
 
 PAGE = 4096

@@ -28,11 +28,12 @@ Failures (callers fall back to recomputing the KV -- the store is a cache)
       still works. The connection stays usable (the frame was read completely).
     * :class:`KVStoreError`: anything else the node refused (e.g. a block above its size limit).
 
-Transports (kvstore.transport)
+Transports (kvstore.transport.base)
     On connecting, the client picks a data path for this pair of endpoints, in the order of
     ``transports`` (default: shared memory, RDMA, TCP): shared memory when the node's arena file
     is provably the one it can open here (kernel boot id, device, inode, size -- not the
-    address), RDMA when both ends have a device (never on the development machines: kvstore.rdma),
+    address), RDMA when both ends have a device (never on the development machines:
+    kvstore.transport.rdma),
     else TCP. Each skipped path is logged once with its reason (``skipped_transports``). With a
     one-sided path (shared memory, RDMA) a batch of GETs is one ``LEASE_BATCH`` round trip per
     ``LEASE_BATCH_KEYS`` keys (two batches in flight, so the next reply overlaps this copy), a
@@ -74,17 +75,17 @@ from kvstore.errors import (
     KVStoreTimeout,
     KVStoreUnavailable,
 )
-from kvstore.rdma import RdmaClientMemory, local_rdma
-from kvstore.transport import (
+from kvstore.transport.base import (
     DEFAULT_PREFERENCE,
     RemoteMemory,
-    ShmMemory,
     SkippedTransport,
     TransportKind,
     TransportUnavailable,
-    recv_exact,
     select_transport,
 )
+from kvstore.transport.rdma import RdmaClientMemory, local_rdma
+from kvstore.transport.shm import ShmMemory
+from kvstore.transport.tcp import recv_exact
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import (
     FRAME_HEADER_BYTES,

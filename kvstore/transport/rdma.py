@@ -4,7 +4,7 @@
 support, so no RDMA device (real, Soft-RoCE or siw) can exist, Debian's pyverbs fails at the device
 list and pip's pyverbs does not build (/work/shared/notes/machine-limits.md). What runs here is
 :func:`probe_rdma` (which reports exactly that and makes every client fall back), the selection
-and fallback logic in kvstore.transport and the RDMA_CONNECT message encoding; both are
+and fallback logic in kvstore.transport.base and the RDMA_CONNECT message encoding; both are
 unit-tested. The verbs code below follows the pyverbs API of rdma-core >= 44 (the object model of
 its ``tests/base.py``) and has never run against a device: treat it as untested.
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, cast
 
-from kvstore.transport import TransportKind, TransportUnavailable
+from kvstore.transport.base import TransportKind, TransportUnavailable
 from kvstore.wire.messages import RdmaEndpointInfo
 
 __all__ = [

@@ -56,8 +56,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvstore.blocks.tier import Tier, TierListener
-from kvstore.node import Lease, PendingPut, StoreNode
-from kvstore.ssd import ReadStatus, SSDRead, SSDTier
+from kvstore.node.ssd import ReadStatus, SSDRead, SSDTier
+from kvstore.node.store import Lease, PendingPut, StoreNode
 from kvstore.wire.types import PutStatus
 
 __all__ = ["MAX_SPILL_BATCH_BLOCKS", "TierManager", "TierStats"]

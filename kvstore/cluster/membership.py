@@ -48,11 +48,11 @@ from kvstore.events import (
     encode_snapshot,
 )
 from kvstore.metadata import KIND_KEY, MemberKind, MetadataStore
-from kvstore.tiers import TierManager
+from kvstore.node.tiers import TierManager
 
 __all__ = ["BATCH_KEYS", "RECONCILE_CHUNK_KEYS", "Membership", "NodeAgent"]
 
-logger = logging.getLogger("kvstore.membership")
+logger = logging.getLogger("kvstore.cluster.membership")
 
 _TIER_BITS: Final = ((Tier.DRAM, 1), (Tier.SSD, 2))
 BATCH_KEYS: Final = 256

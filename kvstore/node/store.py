@@ -16,7 +16,7 @@ is the design of record in docs/design/kvstore.md; in short:
 * **Eviction.** When the arena has no room, the injected :class:`~kvstore.policy.EvictionPolicy`
   proposes victims among committed, unleased blocks until the allocation fits; if none is left the
   put is refused with ``FULL`` (the node never grows past its arena).
-* **Lower tiers** (kvstore.tiers drives these; the node never sees the SSD): a spill pins the
+* **Lower tiers** (kvstore.node.tiers drives these; the node never sees the SSD): a spill pins the
   coldest block with a lease (:meth:`pin_for_spill`), and :meth:`finish_spill` drops the DRAM copy
   only after the lower tier has committed it -- unless the block was read meanwhile. A read from a
   lower tier lands in a reserved extent: :meth:`promote` makes it a DRAM block, :meth:`detach`
@@ -43,9 +43,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from kvstore.arena import Arena, ArenaStats, Extent
 from kvstore.blocks.hashing import BLOCK_KEY_BYTES
 from kvstore.blocks.tier import Tier, TierListener
+from kvstore.node.arena import Arena, ArenaStats, Extent
 from kvstore.policy.base import EvictionPolicy
 from kvstore.policy.lru import LRUPolicy
 from kvstore.wire.types import PutStatus
