@@ -7,7 +7,7 @@ it, so a crashed member of either kind is reaped the same way and its entries le
 within the heartbeat timeout.
 
 Runs beside the server. The tiers report every change of where a block lives at the point of
-change (:meth:`kvstore.tiers.TierManager.set_listener`): DRAM changes on the event loop, SSD
+change (:meth:`kvstore.node.tiers.TierManager.set_listener`): DRAM changes on the event loop, SSD
 changes also on the SSD writer and reader threads, which hand their keys to the loop through a
 locked list and one ``call_soon_threadsafe`` per batch. The loop only marks those keys dirty; a
 flush (every ``flush_interval_s``, or at once past :data:`BATCH_KEYS` dirty keys) compares each
@@ -33,10 +33,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final, Protocol
 
-from kvstore.blocks.tier import Tier
+from kvstore.blocks.tier import Tier, TierListener
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
@@ -48,9 +48,8 @@ from kvstore.events import (
     encode_snapshot,
 )
 from kvstore.metadata import KIND_KEY, MemberKind, MetadataStore
-from kvstore.node.tiers import TierManager
 
-__all__ = ["BATCH_KEYS", "RECONCILE_CHUNK_KEYS", "Membership", "NodeAgent"]
+__all__ = ["BATCH_KEYS", "RECONCILE_CHUNK_KEYS", "Membership", "NodeAgent", "NodeTiers"]
 
 logger = logging.getLogger("kvstore.cluster.membership")
 
@@ -62,6 +61,30 @@ RECONCILE_CHUNK_KEYS: Final = 4096
 _KEYS_PER_EVENT: Final = 4096
 
 _Outgoing = bytes | Callable[[], bytes] | None
+
+
+class _DramTier(Protocol):
+    def contains(self, key: bytes) -> bool: ...
+
+
+class _SsdTier(Protocol):
+    def contains_many(self, keys: Iterable[bytes]) -> list[bool]: ...
+
+
+class NodeTiers(Protocol):
+    """What a :class:`NodeAgent` needs of its node's tiers (:class:`kvstore.node.tiers.TierManager`
+    is the one implementation). A Protocol, so that importing this module (a vLLM worker
+    publishing its HBM events does) loads neither the node's state nor the SSD tier (lmdb)."""
+
+    @property
+    def node(self) -> _DramTier: ...
+
+    @property
+    def ssd(self) -> _SsdTier | None: ...
+
+    def set_listener(self, listener: TierListener | None) -> None: ...
+
+    def iter_keys(self, tier: Tier) -> Iterator[bytes]: ...
 
 
 class Membership:
@@ -127,7 +150,7 @@ class NodeAgent:
         store: MetadataStore,
         node_id: str,
         info: Mapping[str, Any],
-        tiers: TierManager,
+        tiers: NodeTiers,
         *,
         heartbeat_interval_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,

@@ -42,3 +42,15 @@ def test_importing_the_package_and_hashing_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_importing_the_client_and_membership_loads_no_node_state() -> None:
+    """A vLLM worker imports the client and NodeAgent's module; neither may load lmdb or the
+    node's state (membership types its tiers with a Protocol, not TierManager)."""
+    heavy = ("lmdb", "uvloop", "kvstore.node", "kvstore.node.ssd", "kvstore.node.tiers")
+    code = (
+        "import sys, kvstore.client.sync, kvstore.client.aio, kvstore.cluster.membership; "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
