@@ -39,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from kvstore.blocks.tier import Tier  # noqa: E402
-from kvstore.cluster.index import ApplyResult, PrefixIndex  # noqa: E402
+from kvstore.cluster.index import PrefixIndex  # noqa: E402
+from kvstore.cluster.match import ApplyResult  # noqa: E402
 from kvstore.events import BlocksRemoved, BlocksStored  # noqa: E402
 
 RUNS = 3

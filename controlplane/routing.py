@@ -8,7 +8,7 @@ before any worker call (docs/design/scheduling.md §1, step 2):
    cache_salt))``. The fingerprint, layout and block size come from the workers' Health
    (:meth:`InstanceRegistry.kv_identity`); the cache salt is the request's namespace, so one
    tenant's prompts never match another's blocks.
-2. **Prefix index**: the keys are matched in a :class:`kvstore.cluster.ClusterView` following
+2. **Prefix index**: the keys are matched in a :class:`kvstore.cluster.view.ClusterView` following
    the metadata store's event stream (store nodes publish DRAM/SSD blocks, workers their
    engines' HBM blocks), and split into the pool's run and each engine's HBM run by
    :func:`cached_prefix`. Without a view (no ``--kv-metadata``) or before any worker has said how

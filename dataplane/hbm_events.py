@@ -26,7 +26,7 @@ Where the events come from, and why from there::
 - If the metadata store is unreachable, messages are dropped rather than queued without bound and
   the stream restarts, once the store answers again, with ``SourceCleared`` and a snapshot.
 - The worker is a heartbeating cluster member of kind ``engine``
-  (``kvstore.membership.Membership``): if it dies without a goodbye (``kill -9``, OOM), its
+  (``kvstore.cluster.membership.Membership``): if it dies without a goodbye (``kill -9``, OOM), its
   heartbeat expires and a ``ClusterView`` reaps it exactly like a dead store node --
   ``SourceCleared(SOURCE_GONE_SEQ)`` -- so its ``(instance, HBM)`` entries leave the index within
   the heartbeat timeout. Being an engine, not a store, it is never chosen as a peer to read

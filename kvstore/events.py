@@ -1,11 +1,11 @@
 """KV events: what holders publish about the blocks they hold, and their wire format.
 
 A *holder* -- a store node, or an engine instance for blocks resident in its GPU memory -- tells the
-cluster-wide :class:`~kvstore.index.PrefixIndex` which blocks it holds in which :class:`Tier`, as a
-stream of events numbered per holder (the event's *source*) 0, 1, 2, ... The numbers let the index
-notice a lost event (a gap) and ask the source for a :class:`SourceSnapshot`. The stream of a
-source starts with ``SourceCleared(seq=0)``, and starts again that way after a restart. The rules
-the index applies are in docs/design/kvstore.md §11.2.
+cluster-wide :class:`~kvstore.cluster.index.PrefixIndex` which blocks it holds in which
+:class:`Tier`, as a stream of events numbered per holder (the event's *source*) 0, 1, 2, ... The
+numbers let the index notice a lost event (a gap) and ask the source for a :class:`SourceSnapshot`.
+The stream of a source starts with ``SourceCleared(seq=0)``, and starts again that way after a
+restart. The rules the index applies are in docs/design/kvstore.md §11.2.
 
 Events are small frozen, slotted dataclasses, validated on construction (keys are 16-byte
 :data:`~kvstore.blocks.hashing.BlockKey` values, the source id is 1..255 bytes of UTF-8), so a
@@ -55,9 +55,9 @@ MAX_SOURCE_ID_BYTES: Final = 255
 _MAX_SEQ: Final = 2**64 - 1
 SOURCE_GONE_SEQ: Final = _MAX_SEQ
 """``SourceCleared(source, SOURCE_GONE_SEQ)``: the source is gone for good (it left, or it
-crashed and was reaped). To a :class:`~kvstore.index.PrefixIndex` any later event of that
+crashed and was reaped). To a :class:`~kvstore.cluster.index.PrefixIndex` any later event of that
 incarnation is a duplicate; only a new incarnation (``SourceCleared(seq=0)``) brings the source
-back. A :class:`~kvstore.cluster.ClusterView` forgets the source altogether."""
+back. A :class:`~kvstore.cluster.view.ClusterView` forgets the source altogether."""
 _MAX_COUNT: Final = 2**32 - 1
 
 
@@ -165,9 +165,9 @@ KVEvent = BlocksStored | BlocksRemoved | SourceCleared
 class SourceSnapshot:
     """Everything ``source`` holds as of its event ``seq`` (that event included).
 
-    The answer to a resync request (:meth:`kvstore.index.PrefixIndex.resync`). ``keys_by_tier`` is
-    stored as a read-only mapping from :class:`Tier` to a tuple of keys; tiers with no keys may be
-    absent.
+    The answer to a resync request (:meth:`kvstore.cluster.index.PrefixIndex.resync`).
+    ``keys_by_tier`` is stored as a read-only mapping from :class:`Tier` to a tuple of keys; tiers
+    with no keys may be absent.
     """
 
     source: str

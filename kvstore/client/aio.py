@@ -1,7 +1,7 @@
 """AsyncKVStoreClient: an asyncio client of one store node, pipelined on one connection.
 
 For callers that live on an event loop (the gateway, asyncio services); the KV connector inside
-vLLM's model-runner thread uses the synchronous :class:`kvstore.client.KVStoreClient`. Works on
+vLLM's model-runner thread uses the synchronous :class:`kvstore.client.sync.KVStoreClient`. Works on
 the default loop and on uvloop.
 
 Data path
@@ -375,7 +375,7 @@ class AsyncKVStoreClient:
         return total
 
     async def stats(self) -> dict[str, Any]:
-        """The node's counters and occupancy (see kvstore.node.NodeStats)."""
+        """The node's counters and occupancy (see kvstore.node.store.NodeStats)."""
         (reply,) = await self._await([self._keyed(Op.STATS, [])])
         assert reply.header is not None
         return replies.decode_json(reply.header, _body(reply))

@@ -20,7 +20,8 @@ from typing import Any, Final
 
 from kvstore.blocks.hashing import BlockKey
 from kvstore.blocks.tier import Tier
-from kvstore.cluster.index import ApplyResult, PrefixIndex, PrefixMatch
+from kvstore.cluster.index import PrefixIndex
+from kvstore.cluster.match import ApplyResult, PrefixMatch
 from kvstore.events import (
     SOURCE_GONE_SEQ,
     SourceCleared,

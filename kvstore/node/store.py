@@ -13,9 +13,10 @@ is the design of record in docs/design/kvstore.md; in short:
   eviction skips leased blocks, and :meth:`delete` of a leased block unlinks it at once but frees
   its space only at the last :meth:`release`. So a block can never be overwritten while a transfer
   reads it.
-* **Eviction.** When the arena has no room, the injected :class:`~kvstore.policy.EvictionPolicy`
-  proposes victims among committed, unleased blocks until the allocation fits; if none is left the
-  put is refused with ``FULL`` (the node never grows past its arena).
+* **Eviction.** When the arena has no room, the injected
+  :class:`~kvstore.policy.base.EvictionPolicy` proposes victims among committed, unleased blocks
+  until the allocation fits; if none is left the put is refused with ``FULL`` (the node never
+  grows past its arena).
 * **Lower tiers** (kvstore.node.tiers drives these; the node never sees the SSD): a spill pins the
   coldest block with a lease (:meth:`pin_for_spill`), and :meth:`finish_spill` drops the DRAM copy
   only after the lower tier has committed it -- unless the block was read meanwhile. A read from a
@@ -24,12 +25,12 @@ is the design of record in docs/design/kvstore.md; in short:
   promotion cancelled by DELETE); :meth:`begin_transient` reserves such an extent directly.
 
 **Tier-change notifications.** With a listener (:meth:`set_listener`, a
-:data:`~kvstore.events.TierListener`) the node reports every change of what DRAM holds at the point
-of change: ``(key, Tier.DRAM, True)`` when a block becomes visible (:meth:`commit`,
+:data:`~kvstore.blocks.tier.TierListener`) the node reports every change of what DRAM holds at the
+point of change: ``(key, Tier.DRAM, True)`` when a block becomes visible (:meth:`commit`,
 :meth:`promote`), ``(key, Tier.DRAM, False)`` when it leaves the index (:meth:`delete`, eviction,
 :meth:`finish_spill`, :meth:`drop_copy`). Reservations, revokes and transient extents never were
-visible, so they report nothing. The store's :class:`~kvstore.membership.NodeAgent` turns these into
-KV events.
+visible, so they report nothing. The store's :class:`~kvstore.cluster.membership.NodeAgent` turns
+these into KV events.
 
 Not thread-safe by design: the node belongs to the server's event-loop thread, which makes every
 operation atomic without locks.

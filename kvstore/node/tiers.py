@@ -56,7 +56,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvstore.blocks.tier import Tier, TierListener
-from kvstore.node.ssd import ReadStatus, SSDRead, SSDTier
+from kvstore.node.ssd.tier import SSDTier
+from kvstore.node.ssd.types import ReadStatus, SSDRead
 from kvstore.node.store import Lease, PendingPut, StoreNode
 from kvstore.wire.types import PutStatus
 

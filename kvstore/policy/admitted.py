@@ -41,7 +41,7 @@ class AdmittedPolicy:
 
     * **Admission is decided lazily**, at the eviction that makes room for the candidate's
       successor, not when the candidate is put. A refused key is then the next victim, so the
-      node and :class:`~kvstore.tiers.TierManager` need no change: a refused block in DRAM is
+      node and :class:`~kvstore.node.tiers.TierManager` need no change: a refused block in DRAM is
       simply the next one spilled (it still lands on SSD) or evicted.
     * **Warm-up**: the arena fills before the first eviction, with every key in the window. The
       first selection moves all but one key over the target into main without a comparison (main

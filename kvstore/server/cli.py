@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import uvloop
 
 from kvstore.node.arena import Arena, remove_stale_arenas
-from kvstore.node.ssd import SSDTier, SSDTierError, tune_malloc_for_lmdb
+from kvstore.node.ssd.files import tune_malloc_for_lmdb
+from kvstore.node.ssd.tier import SSDTier
+from kvstore.node.ssd.types import SSDTierError
 from kvstore.node.store import StoreNode
 from kvstore.node.tiers import TierManager
 from kvstore.policy.factory import PolicyKind, make_policy

@@ -83,7 +83,8 @@ class StoreNodeConfig:
         event_flush_interval_s: KV events of PUT/DELETE are batched for this long.
         reconcile_interval_s: period of the full tier diff, a safety net behind the exact tier
             events (docs/design/kvstore.md §14).
-        eviction_policy: the DRAM tier's eviction policy (a :class:`kvstore.policy.PolicyKind`
+        eviction_policy: the DRAM tier's eviction policy (a
+        :class:`kvstore.policy.factory.PolicyKind`
             value: lru, s3fifo, arc, sieve, w-tinylfu, second-hit-lru; §12).
     """
 

@@ -218,7 +218,7 @@ class RdmaNodeEndpoint:
 
 
 class RdmaClientMemory:
-    """Client side :class:`kvstore.transport.RemoteMemory` over one RC queue pair."""
+    """Client side :class:`kvstore.transport.base.RemoteMemory` over one RC queue pair."""
 
     def __init__(self, staging_bytes: int = DEFAULT_STAGING_BYTES) -> None:
         self._verbs = verbs = _Verbs()

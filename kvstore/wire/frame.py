@@ -132,7 +132,7 @@ class Op(enum.IntEnum):
 
 
 class Status(enum.IntEnum):
-    """Response status. The first three equal :class:`kvstore.node.PutStatus` values."""
+    """Response status. The first three equal :class:`kvstore.wire.types.PutStatus` values."""
 
     OK = 0
     EXISTS = 1

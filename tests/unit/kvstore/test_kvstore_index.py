@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kvstore.blocks.tier import Tier
-from kvstore.cluster.index import ApplyResult, HolderMatch, PrefixIndex
+from kvstore.cluster.index import PrefixIndex
+from kvstore.cluster.match import ApplyResult, HolderMatch
 from kvstore.events import BlocksRemoved, BlocksStored, KVEvent, SourceCleared, SourceSnapshot
 
 HBM, DRAM, SSD = Tier.HBM, Tier.DRAM, Tier.SSD

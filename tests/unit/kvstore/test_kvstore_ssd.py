@@ -10,7 +10,9 @@ import lmdb
 import pytest
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
-from kvstore.node.ssd import SSD_FORMAT, ReadStatus, SSDTier, SSDTierError
+from kvstore.node.ssd.files import SSD_FORMAT
+from kvstore.node.ssd.tier import SSDTier
+from kvstore.node.ssd.types import ReadStatus, SSDTierError
 
 MIB = 1024 * 1024
 SIZE = 16 * MIB  # the smallest tier: budget 11 744 052 bytes

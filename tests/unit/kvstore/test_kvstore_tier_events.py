@@ -26,7 +26,7 @@ from kvstore.events import (
 )
 from kvstore.metadata import START, EmbeddedMetadataStore
 from kvstore.node.arena import Arena
-from kvstore.node.ssd import SSDTier
+from kvstore.node.ssd.tier import SSDTier
 from kvstore.node.store import Lease, StoreNode
 from kvstore.node.tiers import TierManager
 from kvstore.wire.types import PutStatus

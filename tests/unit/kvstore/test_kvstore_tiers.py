@@ -13,7 +13,7 @@ import pytest
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.blocks.tier import Tier
 from kvstore.node.arena import Arena
-from kvstore.node.ssd import SSDTier
+from kvstore.node.ssd.tier import SSDTier
 from kvstore.node.store import Lease, StoreNode
 from kvstore.node.tiers import TierManager
 from kvstore.wire.types import PutStatus
