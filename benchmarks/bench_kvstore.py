@@ -9,9 +9,9 @@ max), in the same process and the same minute:
   goes; the ratio is the median of kvstore run / the limit run just before it);
 * kvstore: ``put_many`` and ``get_many_into`` (pipelined, the connector's batch calls) for 256 KiB
   and 2 MiB blocks over each transport this machine has -- TCP and shared memory (batched leases
-  and reservations; RDMA cannot exist here) -- and ``AsyncKVStoreClient.put`` / ``get`` (one
-  connection, uvloop) over TCP. TCP figures are compared with the raw-socket limit, shared-memory
-  ones with memcpy.
+  and reservations; RDMA cannot exist here) -- and ``AsyncKVStoreClient.put_many`` /
+  ``get_many_into`` (one connection, uvloop) over TCP. TCP figures are compared with the
+  raw-socket limit, shared-memory ones with memcpy.
 
 The machines are shared and noisy, so compare the ratios (kvstore / limit), not absolute numbers.
 The node and the client share the machine's cores, as a prefill worker and its local node would.
