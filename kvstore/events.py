@@ -103,6 +103,16 @@ def _as_tier(tier: object) -> Tier:
     return Tier(tier)  # ValueError for an int that names no tier
 
 
+def _check_tier_event(event: BlocksStored | BlocksRemoved) -> None:
+    """Validate and normalise the fields both tier events have (they are frozen: set through
+    ``object.__setattr__``)."""
+    _check_source(event.source)
+    _check_seq(event.seq)
+    object.__setattr__(event, "tier", _as_tier(event.tier))
+    object.__setattr__(event, "keys", tuple(event.keys))
+    _check_keys(event.keys)
+
+
 @dataclass(frozen=True, slots=True)
 class BlocksStored:
     """``source`` now holds ``keys`` in ``tier``.
@@ -119,11 +129,7 @@ class BlocksStored:
     parent: BlockKey | None = None
 
     def __post_init__(self) -> None:
-        _check_source(self.source)
-        _check_seq(self.seq)
-        object.__setattr__(self, "tier", _as_tier(self.tier))
-        object.__setattr__(self, "keys", tuple(self.keys))
-        _check_keys(self.keys)
+        _check_tier_event(self)
         if self.parent is not None:
             _check_keys((self.parent,))
 
@@ -138,11 +144,7 @@ class BlocksRemoved:
     keys: tuple[BlockKey, ...]
 
     def __post_init__(self) -> None:
-        _check_source(self.source)
-        _check_seq(self.seq)
-        object.__setattr__(self, "tier", _as_tier(self.tier))
-        object.__setattr__(self, "keys", tuple(self.keys))
-        _check_keys(self.keys)
+        _check_tier_event(self)
 
 
 @dataclass(frozen=True, slots=True)

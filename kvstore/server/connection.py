@@ -169,11 +169,8 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self._end += nbytes
                 self._process()
-        except FrameError as exc:
-            self.abort(f"malformed frame: {exc}")
-        except Exception:
-            logger.exception("internal error on connection %s; closing it", self.peer)
-            self.abort(None)
+        except Exception as exc:
+            self._fail(exc)
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -249,10 +246,15 @@ class Connection(asyncio.BufferedProtocol):
         self._update_reading()
         try:
             self._process()
-        except FrameError as exc:
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """Close after a malformed frame (expected) or a bug in a handler (logged)."""
+        if isinstance(exc, FrameError):
             self.abort(f"malformed frame: {exc}")
-        except Exception:
-            logger.exception("internal error on connection %s; closing it", self.peer)
+        else:
+            logger.error("internal error on connection %s; closing it", self.peer, exc_info=exc)
             self.abort(None)
 
     def _fetch_blocked(self) -> bool:

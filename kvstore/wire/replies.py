@@ -89,11 +89,6 @@ def get_hit(header: FrameHeader) -> bool:
     return True
 
 
-def get_tier(header: FrameHeader) -> Tier:
-    """Where the node found a GET's block (its reply's count); DRAM from a node that says not."""
-    return Tier(header.count) if header.count in (Tier.DRAM, Tier.SSD) else Tier.DRAM
-
-
 def decode_block_header(
     raw: bytes | bytearray | memoryview, payload_len: int, key: bytes
 ) -> BlockHeader:
