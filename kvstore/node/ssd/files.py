@@ -20,7 +20,7 @@ import numpy as np
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.blocks.hashing import BLOCK_KEY_BYTES
-from kvstore.node.ssd.types import Meta, SSDTierError
+from kvstore.node.ssd.types import AuditReport, Meta, SSDTierError
 
 logger = logging.getLogger("kvstore.node.ssd")
 
@@ -28,6 +28,7 @@ __all__ = [
     "LOCK_FILE",
     "SSD_FORMAT",
     "SYNC_MODES",
+    "audit_files",
     "check_format",
     "open_environment",
     "prefetch",
@@ -272,3 +273,48 @@ def prefetch(
     if pgno < 2 or pgno * page_size + length > capacity:
         return True
     return madvise(start, length, MADV_WILLNEED) == 0
+
+
+def audit_files(
+    env: lmdb.Environment, blocks_db: Any, meta_db: Any, now: float, verify_checksums: bool
+) -> tuple[AuditReport, list[bytes]]:
+    """A merge-join of the ``blocks`` and ``meta`` key orders: what :meth:`SSDTier.audit` finds
+    (orphans, unreadable meta, expired blocks, and with ``verify_checksums`` corrupt blocks) and
+    the keys to delete. Reads no payload page unless ``verify_checksums``."""
+    doomed: list[bytes] = []
+    counts = {"blocks": 0, "orphan_meta": 0, "orphan_blocks": 0, "bad_meta": 0}
+    counts |= {"expired": 0, "corrupt": 0}
+    with env.begin(buffers=True) as txn:
+        metas = txn.cursor(db=meta_db)
+        blocks = txn.cursor(db=blocks_db)
+        has_meta, has_block = metas.first(), blocks.first()
+        while has_meta or has_block:
+            meta_key = bytes(metas.key()) if has_meta else None
+            block_key = bytes(blocks.key()) if has_block else None
+            if meta_key is not None and meta_key == block_key:
+                meta = decode_meta(metas.value())
+                if meta is None or len(meta_key) != BLOCK_KEY_BYTES:
+                    counts["bad_meta"] += 1
+                    doomed.append(meta_key)
+                elif meta.expires_at_s <= now:
+                    counts["expired"] += 1
+                    doomed.append(meta_key)
+                elif verify_checksums and (
+                    meta.nbytes != len(value := blocks.value())  # reads the block
+                    or not is_block(meta_key, value)
+                ):
+                    counts["corrupt"] += 1
+                    doomed.append(meta_key)
+                else:
+                    counts["blocks"] += 1
+                has_meta, has_block = metas.next(), blocks.next()
+            elif meta_key is not None and (block_key is None or meta_key < block_key):
+                counts["orphan_meta"] += 1
+                doomed.append(meta_key)
+                has_meta = metas.next()
+            else:
+                assert block_key is not None
+                counts["orphan_blocks"] += 1
+                doomed.append(block_key)
+                has_block = blocks.next()
+    return AuditReport(**counts), doomed

@@ -26,6 +26,7 @@ from kvstore.node.ssd.files import (
     LMDB_PAGE_HEADER,
     MIB,
     SYNC_MODES,
+    audit_files,
     check_format,
     check_key,
     decode_meta,
@@ -378,44 +379,9 @@ class SSDTier:
         ``verify_checksums`` no payload page is read (a merge-join of the two key orders).
         Call it from the writer's thread once the tier is open.
         """
-        now = self._clock()
-        doomed: list[bytes] = []
-        counts = {"blocks": 0, "orphan_meta": 0, "orphan_blocks": 0, "bad_meta": 0}
-        counts |= {"expired": 0, "corrupt": 0}
-        with self._env.begin(buffers=True) as txn:
-            metas = txn.cursor(db=self._meta)
-            blocks = txn.cursor(db=self._blocks)
-            has_meta, has_block = metas.first(), blocks.first()
-            while has_meta or has_block:
-                meta_key = bytes(metas.key()) if has_meta else None
-                block_key = bytes(blocks.key()) if has_block else None
-                if meta_key is not None and meta_key == block_key:
-                    meta = decode_meta(metas.value())
-                    if meta is None or len(meta_key) != BLOCK_KEY_BYTES:
-                        counts["bad_meta"] += 1
-                        doomed.append(meta_key)
-                    elif meta.expires_at_s <= now:
-                        counts["expired"] += 1
-                        doomed.append(meta_key)
-                    elif verify_checksums and (
-                        meta.nbytes != len(value := blocks.value())  # reads the block
-                        or not is_block(meta_key, value)
-                    ):
-                        counts["corrupt"] += 1
-                        doomed.append(meta_key)
-                    else:
-                        counts["blocks"] += 1
-                    has_meta, has_block = metas.next(), blocks.next()
-                elif meta_key is not None and (block_key is None or meta_key < block_key):
-                    counts["orphan_meta"] += 1
-                    doomed.append(meta_key)
-                    has_meta = metas.next()
-                else:
-                    assert block_key is not None
-                    counts["orphan_blocks"] += 1
-                    doomed.append(block_key)
-                    has_block = blocks.next()
-        report = AuditReport(**counts)
+        report, doomed = audit_files(
+            self._env, self._blocks, self._meta, self._clock(), verify_checksums
+        )
         if repair and doomed:
             self._write(doomed, [])
             with self._lock:
