@@ -187,8 +187,9 @@ def test_an_unreachable_server_is_a_connection_error() -> None:
 
 
 def test_following_the_stream_does_not_import_grpc() -> None:
-    """Only the strata:// backend and the node's server import grpc: the kvstore client (vLLM
-    workers, the gateway) and everything that follows the stream stay light."""
+    """Only the strata:// backend and the node's server import grpc: what follows the stream or
+    publishes to it (the gateway's view, a node's agent, a worker's HBM publisher) stays light
+    until it opens a strata:// store (kvstore.client: see test_kvstore_layering.py)."""
     code = (
         "import sys, kvstore.metadata, kvstore.cluster, kvstore.membership; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'strata_proto')))"
