@@ -34,7 +34,6 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 _CHANNEL_OPTIONS: Final = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES + (1 << 20)),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + (1 << 20)),
-    ("grpc.keepalive_time_ms", 30_000),
     # Not min_reconnect_backoff_ms: gRPC also takes it as the connect timeout (20 s by default,
     # bounded by each call's deadline anyway), and a loaded host must not fail handshakes.
     ("grpc.initial_reconnect_backoff_ms", 200),

@@ -8,21 +8,25 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore.metadata import START, EmbeddedMetadataStore, open_metadata_store
+from kvstore.metadata import service as service_module
 from kvstore.metadata.remote import RemoteMetadataStore
 from kvstore.metadata.service import MetadataServer
 from strata_proto import metadata_pb2, metadata_pb2_grpc
 from tests.unit.kvstore.test_kvstore_metadata import exercise, exercise_reap
 
 pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,20 +42,28 @@ class Served:
 
 
 @pytest.fixture
-def served() -> Iterator[Served]:
-    store = EmbeddedMetadataStore()
-    server = MetadataServer(store, "127.0.0.1", 0)
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in a thread of its own (the node's loop, here)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
-        yield Served(store, server)
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(10)
+
+
+@pytest.fixture
+def served(loop: asyncio.AbstractEventLoop) -> Iterator[Served]:
+    store = EmbeddedMetadataStore()
+    server = MetadataServer(store, "127.0.0.1", 0)
+    on(loop, server.start())
+    yield Served(store, server)
+    on(loop, server.stop())
 
 
 @pytest.fixture
@@ -89,6 +101,17 @@ def test_events_arrive_in_order_with_their_positions(
     assert (cursor, got) == ("3", [b"a", b"b", b"c"])
     assert remote.read("1", 0.0, count=1) == ("2", [b"b"])
     assert remote.read(cursor, 0.0) == (cursor, [])  # nothing new: same cursor
+
+
+def test_a_read_reply_stays_under_the_message_limit(
+    remote: RemoteMetadataStore, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "MAX_MESSAGE_BYTES", 200)  # 16 bytes of overhead each
+    served.store.publish([bytes([n]) * 84 for n in range(5)])  # 100 bytes each, with overhead
+    assert remote.read(START, 0.0) == ("2", [b"\x00" * 84, b"\x01" * 84])
+    assert remote.read("2", 0.0) == ("4", [b"\x02" * 84, b"\x03" * 84])
+    monkeypatch.setattr(service_module, "MAX_MESSAGE_BYTES", 10)  # one message always goes
+    assert remote.read("4", 0.0) == ("5", [b"\x04" * 84])
 
 
 def test_a_waiting_read_wakes_on_a_publish_from_the_node(
@@ -170,6 +193,23 @@ def test_a_stalled_server_fails_the_call_at_its_deadline(
             store.members()
         with pytest.raises(TimeoutError, match=r"Read.*\(DEADLINE_EXCEEDED\)"):
             store.read(START, 0.2)
+    finally:
+        store.close()
+
+
+def test_a_restarted_server_is_reached_by_the_next_call(loop: asyncio.AbstractEventLoop) -> None:
+    first = MetadataServer(EmbeddedMetadataStore(), "127.0.0.1", 0)
+    port = on(loop, first.start())
+    store = RemoteMetadataStore(first.endpoint)
+    try:
+        store.register("a", {"endpoint": "a:1"})
+        on(loop, first.stop())
+        again = MetadataServer(EmbeddedMetadataStore(), "127.0.0.1", port)
+        on(loop, again.start())
+        try:
+            assert store.members() == {}  # the new incarnation's (empty) store, no error
+        finally:
+            on(loop, again.stop())
     finally:
         store.close()
 
