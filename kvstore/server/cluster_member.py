@@ -14,8 +14,8 @@ import zlib
 from kvstore.cluster.membership import NodeAgent
 from kvstore.cluster.peers import PeerFetcher
 from kvstore.cluster.view import ClusterView
-from kvstore.metadata import open_metadata_store
-from kvstore.metadata_service import MetadataService
+from kvstore.metadata import EmbeddedMetadataStore, open_metadata_store
+from kvstore.metadata.service import MetadataServer
 from kvstore.node.store import StoreNode
 from kvstore.node.tiers import TierManager
 from kvstore.server.config import StoreNodeConfig
@@ -33,7 +33,7 @@ class ClusterMember:
     config: StoreNodeConfig
     node: StoreNode
     tiers: TierManager
-    metadata_service: MetadataService
+    metadata_server: MetadataServer | None
     agent: NodeAgent | None
     view: ClusterView | None
     fetcher: PeerFetcher | None
@@ -47,7 +47,9 @@ class ClusterMember:
             return
         loop = asyncio.get_running_loop()
         store = await loop.run_in_executor(None, open_metadata_store, config.metadata)
-        self.metadata_service.serve(store)  # only an embedded store is served
+        if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
+            self.metadata_server = MetadataServer(store, config.host, config.metadata_port)
+            await self.metadata_server.start()
         node_id = config.node_id or f"{host}:{port}"
         info = {
             "endpoint": f"{host}:{port}",
@@ -119,7 +121,9 @@ class ClusterMember:
                 logger.exception("migration on leave failed; dropping the rest")
         await agent.stop()
         await loop.run_in_executor(None, view.stop)
-        self.metadata_service.close()
+        if self.metadata_server is not None:
+            await self.metadata_server.stop()
+            self.metadata_server = None
         if self.fetcher is not None:
             self.fetcher.close()
         self.agent = None

@@ -2,8 +2,8 @@
 
 Every frame a connection parses is dispatched through :data:`HANDLERS` (the transport ops'
 handlers are in :mod:`kvstore.server.transfer`). A handler answers with ``conn.write`` /
-``conn.send``, or parks a reply (``conn.park``) that an SSD read, a peer read or a metadata call
-fills later (``conn.fill``), so that replies keep request order.
+``conn.send``, or parks a reply (``conn.park``) that an SSD read or a peer read fills later
+(``conn.fill``), so that replies keep request order.
 
 GET and GET_SHM replies carry the tier that served the block in ``count`` (1 = DRAM, 2 = SSD);
 MATCH_PREFIX replies carry one byte per matched key, the fastest tier holding it. A GET that
@@ -132,21 +132,6 @@ def release(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
             conn.node.release(lease)
 
 
-def metadata(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
-    """kvstore.metadata_service; a parked read keeps its place."""
-    answer = conn.server.metadata_service.handle(header.request_id, payload)
-    if isinstance(answer, bytes):
-        conn.write(answer)
-        return
-    parked = conn.park()
-
-    def answered(future: asyncio.Future[bytes]) -> None:
-        if not conn.closed:
-            conn.fill(parked, [future.result()])
-
-    answer.add_done_callback(answered)
-
-
 HANDLERS: dict[Op, Handler] = {
     Op.GET: get,
     Op.MATCH_PREFIX: match_prefix,
@@ -156,7 +141,6 @@ HANDLERS: dict[Op, Handler] = {
     Op.SHM_INFO: shm_info,
     Op.GET_SHM: get_shm,
     Op.RELEASE: release,
-    Op.METADATA: metadata,
     Op.LEASE_BATCH: transfer.lease_batch,
     Op.RELEASE_BATCH: transfer.release_batch,
     Op.RESERVE_BATCH: transfer.reserve_batch,

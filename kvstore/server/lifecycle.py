@@ -13,7 +13,7 @@ import dataclasses
 from kvstore.cluster.membership import NodeAgent
 from kvstore.cluster.peers import PeerFetcher
 from kvstore.cluster.view import ClusterView
-from kvstore.metadata_service import MetadataService
+from kvstore.metadata.service import MetadataServer
 from kvstore.node.store import StoreNode
 from kvstore.node.tiers import TierManager
 from kvstore.server.cluster_member import ClusterMember
@@ -46,8 +46,8 @@ class StoreServer(ClusterMember):
         self.agent: NodeAgent | None = None
         self.view: ClusterView | None = None
         self.fetcher: PeerFetcher | None = None
-        # Op.METADATA: this node's embedded metadata, served to the host (kvstore.metadata_service).
-        self.metadata_service = MetadataService()
+        # This node's embedded metadata, served to the host over gRPC (kvstore.metadata.service).
+        self.metadata_server: MetadataServer | None = None
         self.transfers = TransferCounters()
         self._rdma: RdmaNodeEndpoint | str | None = None  # endpoint, or why there is none
 

@@ -37,8 +37,6 @@ STATS         none (0)                             OK + JSON (UTF-8)
 SHM_INFO      none (0)                             OK + JSON describing the arena file
 GET_SHM       key (1)                              OK + (lease_id, offset, nbytes) as <QQQ | MISS
 RELEASE       lease ids as <Q each (n)             no response
-METADATA      a metadata call (0); see               OK + result | BAD_REQUEST + {"error": ...}
-              kvstore.metadata_service             (same layout); the connection stays open
 LEASE_BATCH   keys (n)                             OK, count = n, payload = batch id <Q, then n
                                                    (offset, nbytes) as <QQ, then n tier bytes
                                                    (0 miss, 1 DRAM, 2 read from SSD, both
@@ -84,7 +82,6 @@ __all__ = [
     "KEY_BYTES",
     "MAX_FRAME_PAYLOAD",
     "MAX_KEYS_PER_FRAME",
-    "MAX_METADATA_PAYLOAD",
     "PROTOCOL_VERSION",
     "FrameError",
     "FrameHeader",
@@ -107,8 +104,6 @@ MAX_KEYS_PER_FRAME = 65536
 """Keys per MATCH_PREFIX/EXISTS/DELETE frame; clients split longer lists (1 MiB of keys)."""
 MAX_FRAME_PAYLOAD = 1 << 30
 """Hard ceiling on any frame's payload: beyond it a frame is treated as garbage, not as data."""
-MAX_METADATA_PAYLOAD = 64 << 20
-"""Ceiling of a METADATA request or response (a snapshot of ~4 M keys)."""
 
 
 class Op(enum.IntEnum):
@@ -121,9 +116,8 @@ class Op(enum.IntEnum):
     SHM_INFO = 7
     GET_SHM = 8
     RELEASE = 9
-    METADATA = 10
-    """The node's embedded metadata store (kvstore.metadata_service); payload formats there."""
-    # Transport ops (kvstore.transport.base), numbered from 16.
+    # 10 was METADATA: the node's metadata is a gRPC service now (kvstore.metadata.service).
+    # Transport ops (kvstore.transport), numbered from 16.
     LEASE_BATCH = 16
     RELEASE_BATCH = 17
     RESERVE_BATCH = 18
@@ -190,8 +184,6 @@ class FrameHeader:
             ok = count == 1 and length == KEY_BYTES
         elif op in KEYED_OPS:
             ok = count <= MAX_KEYS_PER_FRAME and length == count * KEY_BYTES
-        elif op is Op.METADATA:
-            ok = count == 0 and length <= MAX_METADATA_PAYLOAD
         elif op is Op.RELEASE or op is Op.RELEASE_BATCH:
             ok = count <= MAX_KEYS_PER_FRAME and length == count * LEASE_ID.size
         elif op is Op.RESERVE_BATCH:
