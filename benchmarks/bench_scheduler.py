@@ -61,8 +61,8 @@ from controlplane.scheduling import (  # noqa: E402
     make_policy,
 )
 from kvstore.blocks.tier import Tier  # noqa: E402
+from kvstore.cluster.events import BlocksStored  # noqa: E402
 from kvstore.cluster.index import PrefixIndex  # noqa: E402
-from kvstore.events import BlocksStored  # noqa: E402
 
 CHAIN = 64
 BLOCK = 16

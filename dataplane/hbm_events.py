@@ -1,9 +1,9 @@
 """HBM events: the blocks in an engine's prefix cache, published as kvstore events (Tier.HBM).
 
-Each worker is one event *source* (``kvstore.events``): its instance id names it, its events are
-numbered 0, 1, 2, ... and the stream starts with ``SourceCleared``. Readers (``ClusterView`` in the
-store nodes and the gateway) then see ``(instance, HBM)`` as a holder of those keys, so routing can
-prefer the instance that already holds a prefix.
+Each worker is one event *source* (``kvstore.cluster.events``): its instance id names it, its events
+are numbered 0, 1, 2, ... and the stream starts with ``SourceCleared``. Readers (``ClusterView`` in
+the store nodes and the gateway) then see ``(instance, HBM)`` as a holder of those keys, so routing
+can prefer the instance that already holds a prefix.
 
 Where the events come from, and why from there::
 
@@ -45,8 +45,7 @@ from typing import Any, Final
 
 from kvstore.blocks.hashing import BlockKey, block_keys
 from kvstore.blocks.tier import Tier
-from kvstore.cluster.membership import Membership
-from kvstore.events import (
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
     BlocksStored,
@@ -56,6 +55,7 @@ from kvstore.events import (
     encode_event,
     encode_snapshot,
 )
+from kvstore.cluster.membership import Membership
 from kvstore.metadata import MemberKind, MetadataStore
 
 __all__ = ["HbmBlockTranslator", "HbmEventPublisher"]

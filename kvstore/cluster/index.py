@@ -1,10 +1,10 @@
 """PrefixIndex: the cluster-wide index of which holder has which block in which tier.
 
-Fed by the :mod:`kvstore.events` that store nodes and engines publish, asked by the scheduler with a
-prompt's key chain: :meth:`PrefixIndex.match` returns how long a prefix is cached anywhere, how far
-each tier (or faster) reaches, and how much each single holder can serve. The semantics, the
-sequence-number rules and the representation are the design of record in docs/design/kvstore.md
-§11; in short:
+Fed by the :mod:`kvstore.cluster.events` that store nodes and engines publish, asked by the
+scheduler with a prompt's key chain: :meth:`PrefixIndex.match` returns how long a prefix is cached
+anywhere, how far each tier (or faster) reaches, and how much each single holder can serve. The
+semantics, the sequence-number rules and the representation are the design of record in
+docs/design/kvstore.md §11; in short:
 
 * **Implicit trie.** A key names its whole prefix (:mod:`kvstore.blocks.hashing`), so the set of
   keys *is* the set of trie nodes and the requester computes children itself; the index is a flat
@@ -18,7 +18,7 @@ sequence-number rules and the representation are the design of record in docs/de
   :data:`_WINDOW` cells in one vectorised gather, so a match is a fixed number of numpy calls.
 * **Sequence numbers.** Per source, the next expected ``seq``; older events are duplicates, a jump
   is a gap that :meth:`PrefixIndex.apply` reports as :attr:`ApplyResult.GAP` (the caller then
-  fetches a :class:`~kvstore.events.SourceSnapshot` and calls :meth:`PrefixIndex.resync`).
+  fetches a :class:`~kvstore.cluster.events.SourceSnapshot` and calls :meth:`PrefixIndex.resync`).
 
 Not thread-safe by design: the index belongs to one thread (the scheduler's loop).
 """
@@ -36,6 +36,13 @@ import numpy.typing as npt
 
 from kvstore.blocks.hashing import BLOCK_KEY_BYTES, BlockKey
 from kvstore.blocks.tier import NUM_TIERS, Tier
+from kvstore.cluster.events import (
+    BlocksRemoved,
+    BlocksStored,
+    KVEvent,
+    SourceCleared,
+    SourceSnapshot,
+)
 from kvstore.cluster.match import (
     NO_MATCH,
     ApplyResult,
@@ -44,7 +51,6 @@ from kvstore.cluster.match import (
     PrefixMatch,
     unpack_bits,
 )
-from kvstore.events import BlocksRemoved, BlocksStored, KVEvent, SourceCleared, SourceSnapshot
 
 __all__ = ["I64Array", "PrefixIndex", "U64Array"]
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 from kvstore.blocks.tier import Tier, TierListener
-from kvstore.events import (
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
     BlocksStored,

@@ -20,15 +20,15 @@ from typing import Any, Final
 
 from kvstore.blocks.hashing import BlockKey
 from kvstore.blocks.tier import Tier
-from kvstore.cluster.index import PrefixIndex
-from kvstore.cluster.match import ApplyResult, PrefixMatch
-from kvstore.events import (
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     SourceCleared,
     decode_event,
     decode_snapshot,
     encode_event,
 )
+from kvstore.cluster.index import PrefixIndex
+from kvstore.cluster.match import ApplyResult, PrefixMatch
 from kvstore.metadata import START, MemberKind, MetadataStore, member_kind
 
 __all__ = ["ClusterView"]

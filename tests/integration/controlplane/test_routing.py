@@ -29,7 +29,7 @@ from controlplane.scheduling import NO_CACHE, Assign, CachedPrefix, RequestSnaps
 from controlplane.tokenizer import ModelTokenizer
 from kvstore.blocks.hashing import block_keys, root_key
 from kvstore.blocks.tier import Tier
-from kvstore.events import BlocksStored, SourceCleared, encode_event
+from kvstore.cluster.events import BlocksStored, SourceCleared, encode_event
 from kvstore.metadata import RedisMetadataStore
 from strata_proto import worker_pb2
 from tests.integration.controlplane.conftest import (

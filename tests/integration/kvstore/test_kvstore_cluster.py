@@ -16,8 +16,8 @@ import pytest
 
 from kvstore.blocks.tier import Tier
 from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
 from kvstore.cluster.view import ClusterView
-from kvstore.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
 from kvstore.metadata import START, MetadataStore, RedisMetadataStore, open_metadata_store
 from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.node_args import ssd_args

@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore.blocks.tier import Tier
 from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.events import BlocksStored, SourceCleared, decode_event, encode_event
 from kvstore.cluster.view import ClusterView
-from kvstore.events import BlocksStored, SourceCleared, decode_event, encode_event
 from kvstore.metadata import START, open_metadata_store
 from kvstore.metadata.remote import RemoteMetadataStore
 from kvstore.wire.types import PutStatus

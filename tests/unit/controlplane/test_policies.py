@@ -38,8 +38,8 @@ from controlplane.scheduling.policy import (
     SloAwarePolicy,
 )
 from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import BlocksStored
 from kvstore.cluster.index import PrefixIndex
-from kvstore.events import BlocksStored
 from tests.unit.controlplane.scheduling_helpers import (
     BLOCK,
     DEAD,

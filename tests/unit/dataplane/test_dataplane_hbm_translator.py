@@ -12,7 +12,7 @@ from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStor
 from dataplane.hbm_events import HbmBlockTranslator
 from kvstore.blocks.hashing import block_keys, root_key
 from kvstore.blocks.tier import Tier
-from kvstore.events import SOURCE_GONE_SEQ, BlocksRemoved, BlocksStored, SourceCleared
+from kvstore.cluster.events import SOURCE_GONE_SEQ, BlocksRemoved, BlocksStored, SourceCleared
 
 SOURCE = "127.0.0.1:7001"
 BS = 4  # block size of these tests (vLLM's CPU engines use 128)

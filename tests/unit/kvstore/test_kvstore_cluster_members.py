@@ -7,9 +7,7 @@ from typing import Any
 import pytest
 
 from kvstore.blocks.tier import Tier
-from kvstore.cluster.membership import Membership
-from kvstore.cluster.view import ClusterView
-from kvstore.events import (
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksStored,
     SourceCleared,
@@ -18,6 +16,8 @@ from kvstore.events import (
     encode_event,
     encode_snapshot,
 )
+from kvstore.cluster.membership import Membership
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, EmbeddedMetadataStore, MemberKind, member_kind
 from tests.unit.kvstore.fakes import FakeClock, k
 

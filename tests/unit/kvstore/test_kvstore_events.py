@@ -1,4 +1,4 @@
-"""Exact tests of KV events and their wire format (kvstore.events)."""
+"""Exact tests of KV events and their wire format (kvstore.cluster.events)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from kvstore.blocks.tier import Tier
-from kvstore.events import (
+from kvstore.cluster.events import (
     BlocksRemoved,
     BlocksStored,
     KVEvent,

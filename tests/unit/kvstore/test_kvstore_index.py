@@ -14,9 +14,15 @@ import numpy as np
 import pytest
 
 from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import (
+    BlocksRemoved,
+    BlocksStored,
+    KVEvent,
+    SourceCleared,
+    SourceSnapshot,
+)
 from kvstore.cluster.index import PrefixIndex
 from kvstore.cluster.match import ApplyResult, HolderMatch
-from kvstore.events import BlocksRemoved, BlocksStored, KVEvent, SourceCleared, SourceSnapshot
 
 HBM, DRAM, SSD = Tier.HBM, Tier.DRAM, Tier.SSD
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from kvstore.blocks.tier import Tier
-from kvstore.cluster.view import ClusterView
-from kvstore.events import (
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
     BlocksStored,
@@ -14,6 +13,7 @@ from kvstore.events import (
     encode_event,
     encode_snapshot,
 )
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, EmbeddedMetadataStore
 from tests.unit.kvstore.fakes import FakeClock, k
 

@@ -14,9 +14,7 @@ import pytest
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.blocks.tier import Tier
-from kvstore.cluster.membership import NodeAgent
-from kvstore.cluster.view import ClusterView
-from kvstore.events import (
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
     BlocksStored,
@@ -24,6 +22,8 @@ from kvstore.events import (
     SourceCleared,
     decode_event,
 )
+from kvstore.cluster.membership import NodeAgent
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, EmbeddedMetadataStore
 from kvstore.node.arena import Arena
 from kvstore.node.ssd.tier import SSDTier
