@@ -87,7 +87,6 @@ class SSDTier:
         self._sync = sync
         self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
         self._clock = clock
-        self._read_threads = read_threads
         self._lock = threading.Lock()
         self._index: dict[bytes, Meta] = {}  # insertion (= write = expiry) order
         self._tombstones: set[bytes] = set()
@@ -258,12 +257,6 @@ class SSDTier:
         if result.status is ReadStatus.CORRUPT:
             self.purge_pending()
         return bytes(buffer) if result.status is ReadStatus.OK else None
-
-    def touch(self, key: bytes) -> None:
-        """Record an access to ``key`` for the SSD policy (no I/O)."""
-        with self._lock:
-            if key in self._index:
-                self._policy.on_access(key)
 
     # -- writes (one thread at a time) --------------------------------------------------------
 
