@@ -45,8 +45,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from controlplane import generation as generation_module  # noqa: E402
 from controlplane import workers as workers_module  # noqa: E402
-from controlplane.config import GatewayConfig  # noqa: E402
+from controlplane.config import (  # noqa: E402
+    GatewayConfig,
+    HttpConfig,
+    RoutingConfig,
+)
 from controlplane.gateway import GatewayServer  # noqa: E402
+from controlplane.profiling import ProfileSettings  # noqa: E402
 from controlplane.registry import Instance, InstanceRegistry  # noqa: E402
 from controlplane.scheduling import Assign, Decision, RequestSnapshot  # noqa: E402
 from controlplane.tokenizer import ModelTokenizer  # noqa: E402
@@ -277,9 +282,9 @@ def main() -> int:
             served_model_name="bench",
             prefill_endpoints=(workers[0].endpoint,),
             decode_endpoints=(workers[1].endpoint,),
-            port=0,
-            kv_metadata=metadata,
-            profile_max_model_len=args.max_model_len,
+            http=HttpConfig(port=0),
+            routing=RoutingConfig(kv_metadata=metadata),
+            profiling=ProfileSettings(max_model_len=args.max_model_len),
         )
         server = GatewayServer(config, tokenizer=tokenizer)
         url = loop.run(server.start(), timeout_s=600)

@@ -46,6 +46,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -61,6 +62,8 @@ from controlplane.instances import (
     InvalidAdminRequest,
     WorkerRole,
 )
+from strata_common.endpoints import EndpointError, format_endpoint, parse_endpoint
+from strata_common.options import option
 from strata_proto import admin_pb2, admin_pb2_grpc
 
 __all__ = [
@@ -71,14 +74,14 @@ __all__ = [
     "MAX_REMOVE_WAIT_S",
     "MAX_REPLICAS",
     "MIN_TOKEN_CHARS",
+    "AdminApiConfig",
     "AdminConfig",
     "AdminConfigError",
     "AdminServer",
     "AdminService",
-    "format_endpoint",
+    "check_endpoint",
     "instance_from_proto",
     "instance_to_proto",
-    "parse_endpoint",
     "role_from_name",
     "role_name",
     "stats_from_proto",
@@ -99,7 +102,6 @@ DEFAULT_REMOVE_WAIT_S = 30.0
 MAX_REMOVE_WAIT_S = 3600.0
 MAX_ID_CHARS = 128
 _POLICY_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 # -- configuration ---------------------------------------------------------------------------
 
@@ -179,6 +181,54 @@ class AdminConfig:
         return cls(host=host, port=port, token=token, allow_unauthenticated=allow_unauthenticated)
 
 
+def read_token_file(path: str) -> str:
+    """The admin token kept in a file (first line, surrounding whitespace dropped): a token on
+    the command line would be visible to every user in `ps`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdminConfigError(f"cannot read the admin token file {path!r}: {exc}") from None
+    token = text.strip()
+    if not token or "\n" in token:
+        raise AdminConfigError(f"admin token file {path!r} must hold one non-empty line")
+    return token
+
+
+@dataclass(frozen=True, slots=True)
+class AdminApiConfig:
+    """The gateway's admin API settings (its ``--admin-*`` flags): off unless ``port`` is set."""
+
+    host: str = option("127.0.0.1", help="address the admin API listens on")
+    port: int | None = option(
+        None, help="serve the admin API on this port (0 = any free port; none = off)"
+    )
+    token: str = option(
+        "",
+        flag="token-file",
+        parse=read_token_file,
+        metavar="PATH",
+        repr=False,
+        help=f"file holding the admin token (default: ${ADMIN_TOKEN_ENV})",
+    )
+    """The admin API's bearer token; "" = the STRATA_ADMIN_TOKEN environment variable. Needed
+    whenever the admin API is on (at least 16 characters)."""
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise AdminConfigError(f"admin_port {self.port} must be in 0..65535")
+        if not self.host:
+            raise AdminConfigError("admin_host must be non-empty")
+
+    def server_config(self, environ: Mapping[str, str] | None = None) -> AdminConfig | None:
+        """The admin server's config (None while the API is off); the token is this config's,
+        else ``$STRATA_ADMIN_TOKEN``. Raises :class:`AdminConfigError` when none is usable."""
+        if self.port is None:
+            return None
+        return AdminConfig.resolve(
+            host=self.host, port=self.port, token=self.token or None, environ=environ
+        )
+
+
 # -- argument checks and conversions ---------------------------------------------------------
 
 
@@ -197,37 +247,13 @@ def role_from_name(name: str) -> WorkerRole:
     return role
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPV6]:PORT`` → (host, port); raises :class:`InvalidAdminRequest`.
-
-    The host is an IP address or a DNS name; the port is 1..65535.
-    """
-    bad = InvalidAdminRequest(f"endpoint must be HOST:PORT, got {text!r}")
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise bad
-        try:
-            if ipaddress.ip_address(host).version != 6:
-                raise bad
-        except ValueError:
-            raise bad from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host or ":" in host:
-            raise bad
-        if not _HOST_NAME.fullmatch(host):
-            raise bad
-    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
-        raise bad
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise InvalidAdminRequest(f"endpoint port must be in [1, 65535], got {text!r}")
-    return host, port
-
-
-def format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def check_endpoint(text: str) -> str:
+    """``HOST:PORT`` (IPv6 in brackets; :func:`strata_common.endpoints.parse_endpoint`), or
+    :class:`InvalidAdminRequest` saying why not."""
+    try:
+        return str(parse_endpoint(text))
+    except EndpointError as exc:
+        raise InvalidAdminRequest(str(exc)) from None
 
 
 def _check_role(value: int, allowed: Iterable[WorkerRole], what: str) -> WorkerRole:
@@ -449,7 +475,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Add(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
             role = _check_role(request.role, _ANY_ROLE, "Add")
-            parse_endpoint(request.endpoint)
+            check_endpoint(request.endpoint)
             info = await self._backend.add_instance(role, request.endpoint)
             return admin_pb2.AddResponse(instance=instance_to_proto(info))
 

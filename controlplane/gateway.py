@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import uvloop
@@ -34,7 +35,7 @@ from controlplane.admin import AdminConfig, AdminConfigError, AdminServer
 from controlplane.config import ConfigError, GatewayConfig
 from controlplane.generation import Generation, GenerationDelta, GenerationRequest
 from controlplane.instances import AdminBackend, InstanceConflict, InstanceState, Launcher
-from controlplane.launcher import LocalLauncherConfig, LocalProcessLauncher
+from controlplane.launcher import LocalProcessLauncher
 from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
 from controlplane.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -46,7 +47,6 @@ from controlplane.openai_protocol import (
     parse_chat_completion_request,
     parse_completion_request,
 )
-from controlplane.profiling import ProfileSettings
 from controlplane.registry import InstanceRegistry, StartupError
 from controlplane.registry_store import RegistryStoreError, open_registry_store
 from controlplane.responses import (
@@ -137,7 +137,7 @@ class Gateway:
     def build_app(self) -> web.Application:
         app = web.Application(
             middlewares=[self._metrics_middleware, self._error_middleware],
-            client_max_size=self._config.max_request_body_bytes,
+            client_max_size=self._config.http.max_request_body_bytes,
         )
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)
@@ -368,7 +368,7 @@ class Gateway:
             max_tokens=max_tokens,
             cache_salt=cache_salt,
             arrival_s=arrival_s,
-            timeout_s=self._config.request_timeout_s,
+            timeout_s=self._config.http.request_timeout_s,
             stop_token_ids=self._tokenizer.eos_token_ids.union(sampling.stop_token_ids),
         )
         detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
@@ -450,12 +450,12 @@ def _usage(generation: Generation) -> Usage:
 
 class GatewayServer:
     """Lifecycle of one gateway: load the tokenizer, start the admin API (when
-    ``config.admin_port`` is set), launch the start-up workers (``launch_prefill`` /
-    ``launch_decode``), register the configured workers, wait until all of them are ready, serve
+    ``config.admin.port`` is set), launch the start-up workers (``config.launch.prefill`` /
+    ``.decode``), register the configured workers, wait until all of them are ready, serve
     HTTP, shut down.
 
     ``launcher`` (optional) lets the registry start workers for `scale` and `set-role`; without
-    one, a config with ``launch_store`` gets a :class:`LocalProcessLauncher`. The server closes
+    one, a config with ``launch.store`` gets a :class:`LocalProcessLauncher`. The server closes
     the launcher at stop, which stops every worker it launched. A failed start stops whatever it
     had started."""
 
@@ -473,12 +473,12 @@ class GatewayServer:
         self._tokenizer = tokenizer
         self._admin_config = _admin_config(config)
         self._local_launcher: LocalProcessLauncher | None = None
-        if launcher is None and config.launcher_enabled:
+        if launcher is None and config.launch.enabled:
             launcher = self._local_launcher = _local_launcher(config)
         self._launcher = launcher
         self._registry: InstanceRegistry | None = None
         self._cluster_view: ClusterView | None = None
-        """The prefix index (with config.kv_metadata), following the metadata store."""
+        """The prefix index (with config.routing.kv_metadata), following the metadata store."""
         self._admin: AdminServer | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -496,7 +496,7 @@ class GatewayServer:
 
     @property
     def cluster_view(self) -> ClusterView | None:
-        """The prefix index (with ``config.kv_metadata``; None otherwise or before start())."""
+        """The prefix index (with ``config.routing.kv_metadata``; else None, or before start)."""
         return self._cluster_view
 
     @property
@@ -520,21 +520,13 @@ class GatewayServer:
             )
         registry = self._registry = InstanceRegistry(
             metrics=self.metrics,
-            health_check_timeout_s=config.health_check_timeout_s,
-            store=open_registry_store(config.registry_url),
+            health_check_timeout_s=config.registry.health_check_timeout_s,
+            store=open_registry_store(config.registry.url),
             launcher=self._launcher,
-            drain_timeout_s=config.drain_timeout_s,
-            policy=config.policy,
+            drain_timeout_s=config.registry.drain_timeout_s,
+            policy=config.routing.policy,
             scheduling=_scheduling_config(config),
-            profile=ProfileSettings(
-                enabled=config.profile_workers,
-                max_model_len=config.profile_max_model_len,
-                max_batch=config.profile_max_batch,
-                repeats=config.profile_repeats,
-                vocab_size=self._tokenizer.vocab_size,
-                budget_s=config.profile_budget_s,
-                max_step_s=config.profile_max_step_s,
-            ),
+            profile=replace(config.profiling, vocab_size=self._tokenizer.vocab_size),
         )
         if self._admin_config is not None:
             # Up before the workers are: `strata admin list` shows them starting.
@@ -550,8 +542,10 @@ class GatewayServer:
         except RegistryStoreError as exc:
             raise StartupError(str(exc)) from None
         await self._wait_until_ready()
-        if config.kv_metadata:
-            self._cluster_view = await asyncio.to_thread(_start_cluster_view, config.kv_metadata)
+        if config.routing.kv_metadata:
+            self._cluster_view = await asyncio.to_thread(
+                _start_cluster_view, config.routing.kv_metadata
+            )
         gateway = Gateway(
             config,
             tokenizer=self._tokenizer,
@@ -563,15 +557,15 @@ class GatewayServer:
         self._runner = web.AppRunner(
             gateway.build_app(),
             handler_cancellation=True,  # a client that disconnects cancels its request's work
-            shutdown_timeout=config.shutdown_grace_s,
+            shutdown_timeout=config.http.shutdown_grace_s,
             access_log=None,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.host, config.port)
+        site = web.TCPSite(self._runner, config.http.host, config.http.port)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://{config.host}:{port}"
-        interval_s = config.health_check_interval_s
+        self.url = f"http://{config.http.host}:{port}"
+        interval_s = config.registry.health_check_interval_s
         self._tasks.append(asyncio.create_task(registry.run_health_checks(interval_s=interval_s)))
         if self._admin is not None:
             self._tasks.append(asyncio.create_task(self._publish_admin_health(self._admin)))
@@ -585,8 +579,8 @@ class GatewayServer:
         registry = self.registry
         await registry.sync()  # with a shared registry, what other gateways registered
         for role, count in (
-            (WorkerRole.PREFILL, config.launch_prefill),
-            (WorkerRole.DECODE, config.launch_decode),
+            (WorkerRole.PREFILL, config.launch.prefill),
+            (WorkerRole.DECODE, config.launch.decode),
         ):
             if count == 0:
                 continue
@@ -611,8 +605,8 @@ class GatewayServer:
         config = self.config
         waiting = asyncio.ensure_future(
             self.registry.wait_until_ready(
-                timeout_s=config.worker_startup_timeout_s,
-                poll_interval_s=min(0.5, config.health_check_interval_s),
+                timeout_s=config.registry.worker_startup_timeout_s,
+                poll_interval_s=min(0.5, config.registry.health_check_interval_s),
             )
         )
         try:
@@ -646,7 +640,7 @@ class GatewayServer:
             if ready != published:
                 await admin.set_ready(ready)
                 published = ready
-            await asyncio.sleep(self.config.health_check_interval_s)
+            await asyncio.sleep(self.config.registry.health_check_interval_s)
 
     async def stop(self) -> None:
         """Stop the admin API, stop accepting HTTP, let in-flight requests finish
@@ -657,7 +651,7 @@ class GatewayServer:
         self._tasks.clear()
         if self._admin is not None:
             # No scaling while shutting down; a call in flight gets a few seconds.
-            await self._admin.stop(grace_s=min(5.0, self.config.shutdown_grace_s))
+            await self._admin.stop(grace_s=min(5.0, self.config.http.shutdown_grace_s))
             self._admin = None
         if self._runner is not None:
             await self._runner.cleanup()
@@ -674,13 +668,10 @@ class GatewayServer:
 
 
 def _scheduling_config(config: GatewayConfig) -> SchedulingConfig:
-    defaults = SchedulingConfig()
-    return SchedulingConfig(
-        local_prefill_threshold_tokens=config.local_prefill_threshold_tokens,
-        conditional_disaggregation=config.conditional_disaggregation,
-        kv_bytes_per_token=kv_bytes_per_token(config.model_dir, defaults.kv_bytes_per_token),
-        default_ttft_slo_s=config.ttft_slo_s,
-        default_tpot_slo_s=config.tpot_slo_s,
+    """The policies' knobs, with the KV size of a token read from the model's config."""
+    default = config.scheduling.kv_bytes_per_token
+    return replace(
+        config.scheduling, kv_bytes_per_token=kv_bytes_per_token(config.model_dir, default)
     )
 
 
@@ -694,33 +685,15 @@ def _start_cluster_view(spec: str) -> ClusterView:
 
 def _admin_config(config: GatewayConfig) -> AdminConfig | None:
     """The admin API's settings; the token is the config's, else $STRATA_ADMIN_TOKEN."""
-    if config.admin_port is None:
-        return None
     try:
-        return AdminConfig.resolve(
-            host=config.admin_host, port=config.admin_port, token=config.admin_token or None
-        )
+        return config.admin.server_config()
     except AdminConfigError as exc:
         raise ConfigError(f"admin API: {exc}") from None
 
 
 def _local_launcher(config: GatewayConfig) -> LocalProcessLauncher:
-    extra = list(config.launch_worker_args)
-    if config.launch_kv_metadata:
-        extra = ["--kv-metadata", config.launch_kv_metadata, *extra]
     try:
-        return LocalProcessLauncher(
-            LocalLauncherConfig(
-                model_dir=config.model_dir,
-                store_endpoint=config.launch_store,
-                kv_cache_size=config.launch_kv_cache_size,
-                max_model_len=config.launch_max_model_len,
-                extra_args=tuple(extra),
-                cores_per_engine=config.launch_cores_per_engine,
-                cpus=config.launch_cpus,
-                log_dir=config.launch_log_dir,
-            )
-        )
+        return LocalProcessLauncher(config.launch.launcher_config(config.model_dir))
     except ValueError as exc:
         raise ConfigError(f"launcher: {exc}") from None
 
@@ -736,10 +709,10 @@ async def serve(config: GatewayConfig) -> int:
         config.model_dir,
         ",".join(config.prefill_endpoints),
         ",".join(config.decode_endpoints),
-        config.launch_prefill,
-        config.launch_decode,
-        config.registry_url or "local",
-        "off" if config.admin_port is None else f"{config.admin_host}:{config.admin_port}",
+        config.launch.prefill,
+        config.launch.decode,
+        config.registry.url or "local",
+        "off" if config.admin.port is None else f"{config.admin.host}:{config.admin.port}",
     )
     try:
         server = GatewayServer(config)
@@ -762,7 +735,7 @@ async def serve(config: GatewayConfig) -> int:
             return 1
         print(f"strata gateway listening on {url}", flush=True)
         await stop_wait
-        logger.info("shutting down (grace %g s)", config.shutdown_grace_s)
+        logger.info("shutting down (grace %g s)", config.http.shutdown_grace_s)
         return 0
     finally:
         stop_wait.cancel()

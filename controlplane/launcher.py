@@ -44,6 +44,7 @@ import contextlib
 import functools
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -62,9 +63,13 @@ from controlplane.processes import (
     renice_tree,
     start_child,
 )
+from kvstore.metadata import parse_metadata_spec
+from strata_common.endpoints import parse_endpoint
+from strata_common.options import option
 
 __all__ = [
     "CorePool",
+    "LaunchConfig",
     "LocalLauncherConfig",
     "LocalProcessLauncher",
     "LocalWorker",
@@ -152,6 +157,84 @@ class CorePool:
 # -- config ----------------------------------------------------------------------------------
 
 
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """``"0,1,4-7"`` → ``(0, 1, 4, 5, 6, 7)``."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, sep, last = part.strip().partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"invalid core list {text!r}: expected e.g. '0,1' or '0-3'")
+        cpus += range(int(first), int(last if sep else first) + 1)
+    return tuple(sorted(set(cpus)))
+
+
+def _parse_worker_args(text: str) -> tuple[str, ...]:
+    return tuple(shlex.split(text))
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchConfig:
+    """The gateway's launcher settings (its ``--launch-*`` flags): off unless ``store`` is set."""
+
+    store: str = option("", help="store node HOST:PORT of the launched workers (enables)")
+    prefill: int = option(0, help="prefill workers to launch at start-up")
+    decode: int = option(0, help="decode workers to launch at start-up")
+    kv_metadata: str = option("", help="the launched workers' --kv-metadata (strata://HOST:PORT)")
+    kv_cache_size: str = option("1GiB", help="the launched workers' --kv-cache-size")
+    max_model_len: int | None = option(None, help="the launched workers' --max-model-len")
+    worker_args: tuple[str, ...] = option(
+        (), parse=_parse_worker_args, help='more worker arguments, e.g. "--max-num-seqs 8"'
+    )
+    cores_per_engine: int = option(1, help="CPU cores each launched engine is pinned to")
+    cpus: tuple[int, ...] | None = option(
+        None, parse=parse_cpus, help="core list, e.g. 0-3 (none = this process's affinity set)"
+    )
+    log_dir: Path | None = option(
+        None, help="launched workers' output goes to LOG_DIR/{role}-{port}.log (none = stdout)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.store:
+            parse_endpoint(self.store)
+        for name in ("prefill", "decode"):
+            count = getattr(self, name)
+            if count < 0:
+                raise ValueError(f"launch_{name} must be >= 0, got {count}")
+            if count and not self.store:
+                raise ValueError(
+                    f"launch_{name} needs launch_store (the launched workers' store node)"
+                )
+        if self.kv_metadata:
+            parse_metadata_spec(self.kv_metadata)
+        if self.cores_per_engine < 1:
+            raise ValueError(f"launch_cores_per_engine must be >= 1, got {self.cores_per_engine}")
+        if self.cpus is not None and (not self.cpus or any(cpu < 0 for cpu in self.cpus)):
+            raise ValueError(f"launch_cpus must be non-negative core ids, got {self.cpus}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"launch_max_model_len must be >= 2, got {self.max_model_len}")
+
+    @property
+    def enabled(self) -> bool:
+        """True when the gateway can start workers (`scale`, `set-role`, prefill/decode)."""
+        return bool(self.store)
+
+    def launcher_config(self, model_dir: Path) -> LocalLauncherConfig:
+        """The :class:`LocalProcessLauncher`'s config for workers serving ``model_dir``."""
+        extra = list(self.worker_args)
+        if self.kv_metadata:
+            extra = ["--kv-metadata", self.kv_metadata, *extra]
+        return LocalLauncherConfig(
+            model_dir=model_dir,
+            store_endpoint=self.store,
+            kv_cache_size=self.kv_cache_size,
+            max_model_len=self.max_model_len,
+            extra_args=tuple(extra),
+            cores_per_engine=self.cores_per_engine,
+            cpus=self.cpus,
+            log_dir=self.log_dir,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class LocalLauncherConfig:
     """How launched workers are started; validated on construction."""
@@ -187,9 +270,7 @@ class LocalLauncherConfig:
     def __post_init__(self) -> None:
         if not (self.model_dir / "config.json").is_file():
             raise ValueError(f"model directory {self.model_dir} has no config.json")
-        host, sep, port = self.store_endpoint.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"store endpoint must be HOST:PORT, got {self.store_endpoint!r}")
+        parse_endpoint(self.store_endpoint)
         if self.cores_per_engine < 1:
             raise ValueError(f"cores_per_engine must be ≥ 1, got {self.cores_per_engine}")
         if self.cpus is not None and not self.cpus:

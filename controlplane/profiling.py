@@ -50,6 +50,8 @@ from controlplane.scheduling.predictor import (
     ProfilePlan,
 )
 from controlplane.workers import PrefillResult, WorkerClient, WorkerRole, WorkerSampling
+from strata_common.options import option
+from strata_common.units import parse_duration
 
 __all__ = ["ProfileResult", "ProfileSettings", "profile_worker"]
 
@@ -59,27 +61,47 @@ _FIRST_TOKEN_ID: Final = 10
 
 @dataclass(frozen=True, slots=True)
 class ProfileSettings:
-    """Bounds of the start-up profile (GatewayConfig.profile_*)."""
+    """Bounds of the start-up profile (the gateway's ``--profile*`` flags)."""
 
-    enabled: bool = True
-    max_model_len: int = 1024
-    max_batch: int = 8
-    repeats: int = 1
+    enabled: bool = option(
+        True,
+        flag="--profile",
+        negative_flag="--no-profile",
+        negative_help="do not profile workers as they become ready (same as --profile false)",
+        help="time a short profile on each worker that becomes ready (calibrates its model)",
+    )
+    max_model_len: int = option(
+        1024, help="longest prompt + output the profile uses (caps its cost on big contexts)"
+    )
+    max_batch: int = option(8, help="largest decode batch the profile runs")
+    repeats: int = option(1, help="times each point of the profile is run")
     decode_tokens: int = 8
     vocab_size: int = 0
     """Token ids are drawn below this (0 = the profile cannot run: no vocabulary known)."""
     timeout_s: float = 30.0
     """Deadline of each call of the profile."""
-    budget_s: float = 40.0
+    budget_s: float = option(
+        40.0,
+        parse=parse_duration,
+        help="wall-clock bound of each worker's start-up profile, e.g. 40s",
+    )
     """Wall-clock bound of the whole profile, waits for client requests included: a point whose
     predicted time does not fit what is left is skipped, and the profile ends when none fits."""
-    max_step_s: float = 2.0
+    max_step_s: float = option(
+        2.0,
+        parse=parse_duration,
+        help="longest predicted call of the profile (a client waits at most this behind it)",
+    )
     """Longest predicted time of one call of the profile: points with a longer call are skipped,
     so that a client request never waits behind the profile for longer than that."""
 
     def __post_init__(self) -> None:
         if not (self.timeout_s > 0 and self.budget_s > 0 and self.max_step_s > 0):
             raise ValueError("profile timeout_s, budget_s and max_step_s must be > 0")
+        if self.max_model_len < 4 or self.max_batch < 1 or self.repeats < 1:
+            raise ValueError(
+                "need profile_max_model_len >= 4, profile_max_batch >= 1, profile_repeats >= 1"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controlplane.config import ConfigError, parse_endpoint
 from controlplane.instances import (
     ClusterStats,
     InstanceConflict,
@@ -87,6 +86,7 @@ from controlplane.workers import (
     WorkerHealth,
     WorkerRole,
 )
+from strata_common.endpoints import EndpointError, parse_endpoint
 
 __all__ = [
     "DecodeTracker",
@@ -697,8 +697,8 @@ class InstanceRegistry:
     async def add_instance(self, role: WorkerRole, endpoint: str) -> InstanceInfo:
         _check_role(role)
         try:
-            endpoint = parse_endpoint(endpoint)
-        except ConfigError as exc:
+            endpoint = str(parse_endpoint(endpoint))
+        except EndpointError as exc:
             raise InvalidAdminRequest(str(exc)) from None
         for m in self._instances.values():
             if m.endpoint == endpoint:

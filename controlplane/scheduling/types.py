@@ -19,6 +19,8 @@ from typing import Final
 
 from controlplane.instances import InstanceInfo, InstanceState, WorkerRole
 from controlplane.scheduling.predictor import LatencyPredictor, Transport
+from strata_common.options import option
+from strata_common.units import parse_duration
 
 __all__ = [
     "IDLE",
@@ -249,12 +251,30 @@ class SchedulingConfig:
     ``kv_bytes_per_token``: KV size of one token (all layers, K and V) for transfer times.
     """
 
-    local_prefill_threshold_tokens: int = 512
-    conditional_disaggregation: bool = True
+    local_prefill_threshold_tokens: int = option(
+        512,
+        flag="local-prefill-threshold",
+        help="uncached prompt tokens below which the decode worker prefills itself",
+    )
+    conditional_disaggregation: bool = option(
+        True,
+        negative_flag="no-conditional-disaggregation",
+        help="let the decode worker prefill short uncached prompts itself",
+    )
     overlap_weight: float = 1.0
     kv_bytes_per_token: int = 131_072
-    default_ttft_slo_s: float | None = None
-    default_tpot_slo_s: float | None = None
+    default_ttft_slo_s: float | None = option(
+        None,
+        flag="ttft-slo",
+        parse=parse_duration,
+        help="default TTFT SLO, e.g. 500ms (a request's x-strata-ttft-slo-ms overrides it)",
+    )
+    default_tpot_slo_s: float | None = option(
+        None,
+        flag="tpot-slo",
+        parse=parse_duration,
+        help="default time per output token SLO (x-strata-tpot-slo-ms overrides it)",
+    )
     default_remaining_tokens: int = 256
     min_retry_after_s: float = 1.0
     max_retry_after_s: float = 60.0

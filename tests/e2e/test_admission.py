@@ -34,7 +34,10 @@ PROMPT_TOKENS = 400
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: Path) -> Iterator[RoutingCluster]:
     yield from start_routing_cluster(
-        tiny_model_dir, 1, profile_workers=True, profile_max_model_len=1024, policy="slo_aware"
+        tiny_model_dir,
+        1,
+        profiling={"enabled": True, "max_model_len": 1024},
+        routing={"policy": "slo_aware"},
     )
 
 

@@ -45,7 +45,7 @@ def cluster(
         model_tokenizer,
         num_prefill=2,
         num_decode=2,
-        health_check_interval_s=3600.0,
+        registry={"health_check_interval_s": 3600.0},
     )
     cluster.script.token_ids = cluster.tokenizer.encode(STORY, add_special_tokens=False).ids
     yield cluster

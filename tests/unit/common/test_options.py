@@ -12,6 +12,7 @@ import pytest
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import (
     add_options,
+    comma_separated,
     from_cli,
     from_namespace,
     group,
@@ -44,7 +45,11 @@ class Sample:
     profile: bool = option(True, help="profile workers", negative_flag="no-profile")
     color: Color = option(Color.RED, help="a colour")
     peers: tuple[str, ...] = option(
-        (), help="peers", flag="peer", repeat=True, parse=lambda t: str(parse_endpoint(t))
+        (),
+        help="peers",
+        flag="peer",
+        repeat=True,
+        parse=comma_separated(lambda t: str(parse_endpoint(t))),
     )
     cpus: tuple[int, ...] | None = option(None, help="cores")
     slo_s: float | None = option(None, parse=parse_duration, help="an SLO")

@@ -216,8 +216,8 @@ def test_load_counters_and_their_snapshot() -> None:
     ("role", "endpoint", "error"),
     [
         (WorkerRole.BOTH, "127.0.0.1:9", "role must be prefill or decode"),
-        (DECODE, "no-port", "expected HOST:PORT"),
-        (DECODE, "127.0.0.1:70000", "port must be in 1..65535"),
+        (DECODE, "no-port", "must be HOST:PORT"),
+        (DECODE, "127.0.0.1:70000", r"port must be in \[1, 65535\]"),
     ],
 )
 def test_add_instance_refuses_bad_arguments(role: WorkerRole, endpoint: str, error: str) -> None:
