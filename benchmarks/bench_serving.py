@@ -36,12 +36,10 @@ import math
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import uuid
@@ -49,6 +47,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import log, loopback_bandwidth_gbps, percentile
 
 # A deterministic, natural-ish text to cut prompts from (repeated with numbered sections so that no
 # two KV blocks of a long prompt are the same).
@@ -62,10 +64,6 @@ _BASE_TEXT = (
     "a survey of passengers with reduced mobility. The chair summarised the discussion and "
     "asked each working group to return with costed options before the next meeting."
 )
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -388,74 +386,13 @@ def engine_worker(job_path: Path, out_path: Path) -> None:
     out_path.write_text(json.dumps({"startup_s": startup_s, "samples": samples}))
 
 
-# ---- loopback bandwidth --------------------------------------------------------------------------
-
-
-def loopback_bandwidth_gbps(total_bytes: int, chunk_bytes: int = 1 << 20) -> float:
-    """One run: `total_bytes` over 127.0.0.1, blocking sockets, `recv_into` a reused buffer.
-
-    The clock runs from the first send to the receiver's one-byte acknowledgement of the last byte.
-    """
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    errors: list[BaseException] = []
-
-    def receive() -> None:
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-                buf = bytearray(chunk_bytes)
-                view = memoryview(buf)
-                got = 0
-                while got < total_bytes:
-                    n = conn.recv_into(view, min(chunk_bytes, total_bytes - got))
-                    if n == 0:
-                        raise ConnectionError("sender closed early")
-                    got += n
-                conn.sendall(b"k")
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=receive, daemon=True)
-    thread.start()
-    payload = memoryview(bytearray(os.urandom(1024)) * (chunk_bytes // 1024))
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        t0 = time.perf_counter()
-        sent = 0
-        while sent < total_bytes:
-            n = min(chunk_bytes, total_bytes - sent)
-            sock.sendall(payload[:n])
-            sent += n
-        if sock.recv(1) != b"k":
-            raise ConnectionError("no acknowledgement")
-        elapsed = time.perf_counter() - t0
-    thread.join()
-    listener.close()
-    if errors:
-        raise errors[0]
-    return total_bytes / elapsed / 1e9
-
-
 # ---- report --------------------------------------------------------------------------------------
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    """Percentile with linear interpolation (numpy's default); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _ms(values: Sequence[float]) -> str:
     if not values:
         return "-"
-    return f"{_pct(values, 50) * 1e3:.1f} / {_pct(values, 90) * 1e3:.1f}"
+    return f"{percentile(values, 50) * 1e3:.1f} / {percentile(values, 90) * 1e3:.1f}"
 
 
 def kv_bytes_per_token(model_dir: Path) -> int:
@@ -540,7 +477,9 @@ def render_report(
             row += [_ms([s.ttft_s for s in eng]), _ms([s.tpot_s for s in eng if s.tpot_s])]
         if server is not None and engine:
             if srv and eng:
-                diff = _pct([s.ttft_s for s in srv], 50) - _pct([s.ttft_s for s in eng], 50)
+                diff = percentile([s.ttft_s for s in srv], 50) - percentile(
+                    [s.ttft_s for s in eng], 50
+                )
                 row.append(f"{diff * 1e3:+.1f} ms")
             else:
                 row.append("-")

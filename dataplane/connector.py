@@ -51,6 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
 
+from dataplane.counters import KV_COUNTERS
 from kvstore.client import KVStoreClient, KVStoreError, PutStatus
 from kvstore.hashing import block_keys, root_key
 
@@ -125,16 +126,7 @@ class StrataConnectorMetadata(KVConnectorMetadata):
 class StrataConnectorStats(KVConnectorStats):
     """Counters from the worker side, summed by vLLM's stats pipeline into the frontend process."""
 
-    FIELDS = (
-        "blocks_saved",
-        "blocks_loaded",
-        "bytes_saved",
-        "bytes_loaded",
-        "save_time_s",
-        "load_time_s",
-        "load_failures",
-        "save_failures",
-    )
+    FIELDS = KV_COUNTERS
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         super().__init__(data=dict(data) if data else {})

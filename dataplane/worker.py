@@ -26,7 +26,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import grpc
 
 from dataplane.config import WorkerConfig, WorkerRole
+from dataplane.counters import WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
 from kvstore.hashing import model_fingerprint
 from strata_proto import worker_pb2, worker_pb2_grpc
@@ -51,38 +51,6 @@ _ROLE = {
     WorkerRole.DECODE: worker_pb2.ROLE_DECODE,
     WorkerRole.BOTH: worker_pb2.ROLE_BOTH,
 }
-
-
-class WorkerCounters:
-    """The worker's own counters; the KV ones arrive through vLLM's stats pipeline."""
-
-    KV_FIELDS = (
-        "blocks_saved",
-        "blocks_loaded",
-        "bytes_saved",
-        "bytes_loaded",
-        "save_time_s",
-        "load_time_s",
-        "load_failures",
-    )
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.num_requests = 0
-        self.num_running = 0
-        self.kv_tokens_loaded = 0
-        self.prompt_tokens_computed = 0
-        self.kv: dict[str, float] = dict.fromkeys(self.KV_FIELDS, 0)
-
-    def add_kv(self, data: dict[str, Any]) -> None:
-        with self._lock:
-            for name in self.KV_FIELDS:
-                self.kv[name] += data.get(name, 0)
-
-    def finish_request(self, num_prompt: int, num_cached: int, num_external: int) -> None:
-        with self._lock:
-            self.kv_tokens_loaded += num_external
-            self.prompt_tokens_computed += max(0, num_prompt - num_cached)
 
 
 def _stat_logger_factory(counters: WorkerCounters) -> Any:
