@@ -43,18 +43,18 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from controlplane import generation as generation_module  # noqa: E402
-from controlplane import workers as workers_module  # noqa: E402
 from controlplane.config import (  # noqa: E402
     GatewayConfig,
     HttpConfig,
     RoutingConfig,
 )
 from controlplane.gateway import GatewayServer  # noqa: E402
-from controlplane.profiling import ProfileSettings  # noqa: E402
-from controlplane.registry import Instance, InstanceRegistry  # noqa: E402
+from controlplane.instances.registry import Instance, InstanceRegistry  # noqa: E402
+from controlplane.request import generation as generation_module  # noqa: E402
 from controlplane.scheduling import Assign, Decision, RequestSnapshot  # noqa: E402
-from controlplane.tokenizer import ModelTokenizer  # noqa: E402
+from controlplane.text.tokenizer import ModelTokenizer  # noqa: E402
+from controlplane.workers import client as workers_module  # noqa: E402
+from controlplane.workers.profiling import ProfileSettings  # noqa: E402
 from strata_proto import worker_pb2  # noqa: E402
 from tests.e2e.dataplane_processes import start_store, start_worker, stub  # noqa: E402
 from tests.integration.controlplane.conftest import LoopThread  # noqa: E402

@@ -12,9 +12,9 @@ environment):
 * ``registry``: :class:`RegistryConfig` (``--registry``, ``--health-check-interval``, ...);
 * ``routing``: :class:`RoutingConfig` (``--policy``, ``--kv-metadata``);
 * ``scheduling``: :class:`~controlplane.scheduling.SchedulingConfig` (``--ttft-slo``, ...);
-* ``profiling``: :class:`~controlplane.profiling.ProfileSettings` (``--no-profile``, ...);
-* ``admin``: :class:`~controlplane.admin.AdminApiConfig` (``--admin-port``, ...);
-* ``launch``: :class:`~controlplane.launcher.LaunchConfig` (``--launch-store``, ...).
+* ``profiling``: :class:`~controlplane.workers.profiling.ProfileSettings` (``--no-profile``, ...);
+* ``admin``: :class:`~controlplane.admin.config.AdminApiConfig` (``--admin-port``, ...);
+* ``launch``: :class:`~controlplane.launch.launcher.LaunchConfig` (``--launch-store``, ...).
 
 Every config is validated on construction (``ValueError``; :class:`ConfigError` here), so a
 gateway never starts half-configured.
@@ -26,11 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.admin import AdminApiConfig
-from controlplane.launcher import LaunchConfig
-from controlplane.profiling import ProfileSettings
+from controlplane.admin.config import AdminApiConfig
+from controlplane.launch.launcher import LaunchConfig
 from controlplane.scheduling.policy import POLICY_NAMES
 from controlplane.scheduling.types import SchedulingConfig
+from controlplane.workers.profiling import ProfileSettings
 from kvstore.metadata import parse_metadata_spec
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import from_cli, group, option

@@ -3,8 +3,8 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
 Entry point: `python -m controlplane.gateway --model-dir DIR --prefill H:P --decode H:P ...`
 (`main(argv)`). Start-up loads the tokenizer, starts the admin API when `--admin-port` is set
-(controlplane/admin.py), launches the `--launch-prefill/--launch-decode` workers, waits until every
-worker's Health says ready, then prints "strata gateway listening on http://HOST:PORT".
+(controlplane/admin/), launches the `--launch-prefill/--launch-decode` workers, waits until
+every worker's Health says ready, then prints "strata gateway listening on http://HOST:PORT".
 SIGTERM/SIGINT stop accepting connections, let in-flight requests finish for `shutdown_grace_s`,
 stop the launched workers, and exit 0.
 
@@ -31,13 +31,9 @@ from typing import Any
 import uvloop
 from aiohttp import hdrs, web
 
-from controlplane.admin import AdminConfig, AdminConfigError, AdminServer
-from controlplane.config import ConfigError, GatewayConfig
-from controlplane.generation import Generation, GenerationDelta, GenerationRequest
-from controlplane.instances import AdminBackend, InstanceConflict, InstanceState, Launcher
-from controlplane.launcher import LocalProcessLauncher
-from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
-from controlplane.openai_protocol import (
+from controlplane.admin.config import AdminConfig, AdminConfigError
+from controlplane.admin.server import AdminServer
+from controlplane.api.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     OpenAIError,
     RequestLimits,
@@ -47,9 +43,7 @@ from controlplane.openai_protocol import (
     parse_chat_completion_request,
     parse_completion_request,
 )
-from controlplane.registry import InstanceRegistry, StartupError
-from controlplane.registry_store import RegistryStoreError, open_registry_store
-from controlplane.responses import (
+from controlplane.api.responses import (
     SSE_DONE,
     ChatFormatter,
     CompletionFormatter,
@@ -58,7 +52,14 @@ from controlplane.responses import (
     dumps,
     sse_event,
 )
-from controlplane.routing import (
+from controlplane.config import ConfigError, GatewayConfig
+from controlplane.instances.registry import InstanceRegistry, StartupError
+from controlplane.instances.store import RegistryStoreError, open_registry_store
+from controlplane.instances.types import AdminBackend, InstanceConflict, InstanceState, Launcher
+from controlplane.launch.launcher import LocalProcessLauncher
+from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
+from controlplane.request.generation import Generation, GenerationDelta, GenerationRequest
+from controlplane.request.routing import (
     RejectedRequest,
     Router,
     kv_bytes_per_token,
@@ -66,8 +67,9 @@ from controlplane.routing import (
     rejection_error,
 )
 from controlplane.scheduling import Reject, SchedulingConfig
-from controlplane.tokenizer import ModelTokenizer, read_sampling_defaults
-from controlplane.workers import WorkerError, WorkerErrorKind, WorkerRole
+from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
+from controlplane.workers.client import WorkerError, WorkerErrorKind
+from controlplane.workers.roles import WorkerRole
 from kvstore.cluster import ClusterView
 from kvstore.metadata import open_metadata_store
 

@@ -23,7 +23,7 @@ import socket
 import sys
 from pathlib import Path
 
-from controlplane.admin import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
+from controlplane.admin.config import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
 from dataplane.hardware import DTYPES
 from strata.supervisor import Service, ServiceError, Supervisor
 
@@ -73,7 +73,7 @@ def _admin_instances(address: str, token: str) -> list[tuple[str, str]]:
     """(role, endpoint) of every instance the gateway lists, through its admin API."""
     import grpc
 
-    from controlplane.admin import instance_from_proto, role_name
+    from controlplane.admin.convert import instance_from_proto, role_name
     from strata_proto import admin_pb2, admin_pb2_grpc
 
     try:

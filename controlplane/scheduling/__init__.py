@@ -14,7 +14,7 @@ Call sequence (docs/design/scheduling.md §1):
 4. When the first token and the last one arrive, feed the observed TTFT and mean TPOT against the
    Assign's predictions to a :class:`PredictionAccuracy` (the MAPE gauges).
 
-Layering: ``predictor`` (numpy only) ← ``types`` (+ controlplane.instances) ← ``prefix``
+Layering: ``predictor`` (numpy only) ← ``types`` (+ controlplane.instances.types) ← ``prefix``
 (+ kvstore) and ``policy``.
 """
 

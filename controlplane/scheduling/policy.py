@@ -58,7 +58,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
-from controlplane.instances import InstanceState, WorkerRole
+from controlplane.instances.types import InstanceState
 from controlplane.scheduling.predictor import Transport
 from controlplane.scheduling.types import (
     Assign,
@@ -70,6 +70,7 @@ from controlplane.scheduling.types import (
     Route,
     SchedulingConfig,
 )
+from controlplane.workers.roles import WorkerRole
 
 __all__ = [
     "DEFAULT_POLICY",

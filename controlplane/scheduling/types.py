@@ -1,7 +1,7 @@
 """What crosses the scheduler's boundary: request and instance snapshots in, a Decision out.
 
 All frozen and slotted. The registry builds :class:`InstanceSnapshot` values from its records
-(:class:`~controlplane.instances.InstanceInfo` plus its in-flight counters and the instance's
+(:class:`~controlplane.instances.types.InstanceInfo` plus its in-flight counters and the instance's
 :class:`~controlplane.scheduling.predictor.LatencyPredictor`); the gateway builds a
 :class:`RequestSnapshot` per request (its :class:`CachedPrefix` from the prefix index with
 :func:`controlplane.scheduling.prefix.cached_prefix`); a policy returns :class:`Assign` or
@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from controlplane.instances import InstanceInfo, InstanceState, WorkerRole
+from controlplane.instances.types import InstanceInfo, InstanceState
 from controlplane.scheduling.predictor import LatencyPredictor, Transport
+from controlplane.workers.roles import WorkerRole
 from strata_common.options import option
 from strata_common.units import parse_duration
 

@@ -22,7 +22,7 @@ import pytest
 
 from controlplane.config import GatewayConfig, HttpConfig, RoutingConfig
 from controlplane.gateway import GatewayServer
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.text.tokenizer import ModelTokenizer
 from strata_common.options import replace_nested
 from strata_proto import worker_pb2
 from tests.e2e.dataplane_processes import Process, start_store, start_worker, stub

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.instances import InstanceConflict, WorkerRole
-from controlplane.launcher import LocalLauncherConfig, LocalProcessLauncher, LocalWorker
-from controlplane.workers import WorkerClient, WorkerError
+from controlplane.instances.types import InstanceConflict
+from controlplane.launch.launcher import LocalLauncherConfig, LocalProcessLauncher, LocalWorker
+from controlplane.workers.client import WorkerClient, WorkerError
+from controlplane.workers.roles import WorkerRole
 from tests.conftest import REPO_ROOT
 from tests.proc_tree import descendants, wait_gone
 
@@ -237,8 +238,8 @@ def test_without_core_sharing_a_launch_beyond_the_pool_is_refused(tmp_path: Path
 DIES_WITH_PARENT = """\
 import asyncio, sys
 from pathlib import Path
-from controlplane.instances import WorkerRole
-from controlplane.launcher import LocalLauncherConfig, LocalProcessLauncher
+from controlplane.workers.roles import WorkerRole
+from controlplane.launch.launcher import LocalLauncherConfig, LocalProcessLauncher
 
 async def main() -> None:
     config = LocalLauncherConfig(

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig
 from controlplane.gateway import GatewayServer
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.text.tokenizer import ModelTokenizer
 from strata_common.options import replace_nested
 from strata_proto import worker_pb2
 from tests.integration.controlplane.scripted_worker import Script, ScriptedWorker

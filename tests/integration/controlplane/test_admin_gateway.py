@@ -20,12 +20,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
-from controlplane.admin import AdminApiConfig
+from controlplane.admin.config import AdminApiConfig
 from controlplane.config import ConfigError, GatewayConfig, HttpConfig, RegistryConfig
 from controlplane.gateway import GatewayServer
-from controlplane.instances import WorkerRole
-from controlplane.launcher import LaunchConfig
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.launch.launcher import LaunchConfig
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.roles import WorkerRole
 from strata.admin_cli import (
     EXIT_CONFLICT,
     EXIT_NOT_FOUND,

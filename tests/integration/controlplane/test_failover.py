@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from controlplane.instances import InstanceState
-from controlplane.registry import InstanceLoad, InstanceView
-from controlplane.tokenizer import ModelTokenizer
-from controlplane.workers import WorkerRole
+from controlplane.instances.registry import InstanceLoad, InstanceView
+from controlplane.instances.types import InstanceState
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.roles import WorkerRole
 from tests.integration.controlplane.conftest import (
     SERVED_MODEL_NAME,
     Cluster,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.instances import InstanceState
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.instances.types import InstanceState
+from controlplane.text.tokenizer import ModelTokenizer
 from tests.integration.controlplane.conftest import (
     MAX_MODEL_LEN,
     SERVED_MODEL_NAME,

@@ -28,9 +28,9 @@ from tokenizers import Tokenizer
 
 from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig, RoutingConfig
 from controlplane.gateway import GatewayServer
-from controlplane.instances import InstanceState
-from controlplane.tokenizer import ModelTokenizer
-from controlplane.workers import WorkerRole
+from controlplane.instances.types import InstanceState
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.roles import WorkerRole
 from strata_proto import worker_pb2
 from tests.integration.controlplane.conftest import (
     SERVED_MODEL_NAME,

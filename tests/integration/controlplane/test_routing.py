@@ -23,11 +23,11 @@ from tokenizers import Tokenizer
 
 from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig
 from controlplane.gateway import GatewayServer
-from controlplane.instances import InstanceState, InvalidAdminRequest
-from controlplane.profiling import ProfileSettings
-from controlplane.routing import Router
+from controlplane.instances.types import InstanceState, InvalidAdminRequest
+from controlplane.request.routing import Router
 from controlplane.scheduling import NO_CACHE, Assign, CachedPrefix, RequestSnapshot
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.profiling import ProfileSettings
 from kvstore.events import BlocksStored, SourceCleared, Tier, encode_event
 from kvstore.hashing import block_keys, root_key
 from kvstore.metadata import RedisMetadataStore

@@ -7,7 +7,7 @@ transfers with no latency at 1 GB/s (shm, RDMA) or 100 MB/s (TCP, SSD reads); wi
 
 from __future__ import annotations
 
-from controlplane.instances import InstanceState, WorkerRole
+from controlplane.instances.types import InstanceState
 from controlplane.scheduling import (
     DecodeCoefficients,
     InstanceLoad,
@@ -18,6 +18,7 @@ from controlplane.scheduling import (
     TransferCoefficients,
     Transport,
 )
+from controlplane.workers.roles import WorkerRole
 
 KV_BYTES_PER_TOKEN = 1000
 BLOCK = 16

@@ -6,11 +6,14 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from controlplane.admin import (
+from controlplane.admin.auth import token_matches
+from controlplane.admin.config import (
     ADMIN_TOKEN_ENV,
     MIN_TOKEN_CHARS,
     AdminConfig,
     AdminConfigError,
+)
+from controlplane.admin.convert import (
     check_endpoint,
     instance_from_proto,
     instance_to_proto,
@@ -18,15 +21,14 @@ from controlplane.admin import (
     role_name,
     stats_from_proto,
     stats_to_proto,
-    token_matches,
 )
-from controlplane.instances import (
+from controlplane.instances.types import (
     ClusterStats,
     InstanceInfo,
     InstanceState,
     InvalidAdminRequest,
-    WorkerRole,
 )
+from controlplane.workers.roles import WorkerRole
 from strata import admin_cli
 
 TOKEN = "0123456789abcdef-token"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.instances import InstanceConflict
-from controlplane.launcher import CorePool
-from controlplane.processes import moved_affinity
+from controlplane.instances.types import InstanceConflict
+from controlplane.launch.launcher import CorePool
+from controlplane.launch.processes import moved_affinity
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.admin import AdminApiConfig
+from controlplane.admin.config import AdminApiConfig
 from controlplane.config import ConfigError, GatewayConfig
 from controlplane.gateway import GatewayServer, main
-from controlplane.launcher import LaunchConfig, LocalProcessLauncher
+from controlplane.launch.launcher import LaunchConfig, LocalProcessLauncher
 
 TOKEN = "unit-admin-token-0123456789abcdef"
 
@@ -188,7 +188,7 @@ def test_launcher_is_built_from_the_config(tmp_path: Path) -> None:
     launcher = server._launcher
     assert isinstance(launcher, LocalProcessLauncher)
     assert launcher.cores.cpus == (0,)
-    from controlplane.instances import WorkerRole
+    from controlplane.workers.roles import WorkerRole
 
     argv = launcher._argv(WorkerRole.DECODE, 1234)
     assert argv[1:] == [

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.openai_protocol import (
+from controlplane.api.openai_protocol import (
     ChatMessage,
     OpenAIError,
     RequestLimits,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from controlplane.responses import (
+from controlplane.api.responses import (
     SSE_DONE,
     ChatFormatter,
     CompletionFormatter,

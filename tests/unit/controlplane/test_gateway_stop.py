@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from controlplane.stop import StopMatch, StopStringMatcher
+from controlplane.text.stop import StopMatch, StopStringMatcher
 
 
 def run(stops: tuple[str, ...], pieces: list[str]) -> tuple[list[str], bool, str]:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.openai_protocol import ChatMessage, OpenAIError, SamplingDefaults
-from controlplane.tokenizer import ModelTokenizer, read_sampling_defaults
+from controlplane.api.openai_protocol import ChatMessage, OpenAIError, SamplingDefaults
+from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
 
 PARTS_TEMPLATE = (
     "{% for message in messages %}[{{ message['role'] }}]"

@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import pytest
 
-from controlplane.instances import InstanceState, WorkerRole
+from controlplane.instances.types import InstanceState
 from controlplane.scheduling import (
     DEFAULT_POLICY,
     NO_CACHE,
@@ -37,6 +37,7 @@ from controlplane.scheduling.policy import (
     RoundRobinPolicy,
     SloAwarePolicy,
 )
+from controlplane.workers.roles import WorkerRole
 from kvstore.events import BlocksStored, Tier
 from kvstore.index import PrefixIndex
 from tests.unit.controlplane.scheduling_helpers import (

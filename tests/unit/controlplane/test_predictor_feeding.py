@@ -10,13 +10,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from controlplane.instances import InstanceState
+from controlplane.instances.registry import Instance, InstanceRegistry
+from controlplane.instances.store import LocalRegistryStore
+from controlplane.instances.types import InstanceState
 from controlplane.metrics import GatewayMetrics
-from controlplane.registry import Instance, InstanceRegistry
-from controlplane.registry_store import LocalRegistryStore
 from controlplane.scheduling import Assign, RequestSnapshot, Route
 from controlplane.scheduling.predictor import OVERHEAD_MIN_OBSERVATIONS
-from controlplane.workers import WorkerRole
+from controlplane.workers.roles import WorkerRole
 
 
 class ScriptedClock:

@@ -11,15 +11,10 @@ from typing import Any
 
 import pytest
 
-from controlplane.profiling import ProfileResult, ProfileSettings, plan_for, profile_worker
 from controlplane.scheduling.predictor import LatencyPredictor, PrefillCoefficients
-from controlplane.workers import (
-    DecodeOutput,
-    FinishReason,
-    PrefillResult,
-    WorkerRole,
-    WorkerSampling,
-)
+from controlplane.workers.client import DecodeOutput, FinishReason, PrefillResult, WorkerSampling
+from controlplane.workers.profiling import ProfileResult, ProfileSettings, plan_for, profile_worker
+from controlplane.workers.roles import WorkerRole
 
 BLOCK = 16
 PER_TOKEN_S = 0.010

@@ -13,26 +13,21 @@ from typing import Any, TypeVar
 
 import pytest
 
-from controlplane.instances import (
+from controlplane.instances.registry import InstanceLoad, InstanceRegistry
+from controlplane.instances.store import (
+    InstanceRecord,
+    LocalRegistryStore,
+    RegistryStoreError,
+)
+from controlplane.instances.types import (
     InstanceConflict,
     InstanceNotFound,
     InstanceState,
     InvalidAdminRequest,
 )
 from controlplane.metrics import GatewayMetrics
-from controlplane.registry import InstanceLoad, InstanceRegistry
-from controlplane.registry_store import (
-    InstanceRecord,
-    LocalRegistryStore,
-    RegistryStoreError,
-)
-from controlplane.workers import (
-    PrefillResult,
-    WorkerError,
-    WorkerErrorKind,
-    WorkerHealth,
-    WorkerRole,
-)
+from controlplane.workers.client import PrefillResult, WorkerError, WorkerErrorKind, WorkerHealth
+from controlplane.workers.roles import WorkerRole
 
 T = TypeVar("T")
 PREFILL, DECODE = WorkerRole.PREFILL, WorkerRole.DECODE
@@ -380,7 +375,7 @@ def test_an_idle_instance_is_stopped_at_once_without_a_warning(
         assert launcher.handles[0].stopped
         await registry.close()
 
-    with caplog.at_level("WARNING", logger="controlplane.registry"):
+    with caplog.at_level("WARNING", logger="controlplane.instances.registry"):
         run(test)
     assert not [r for r in caplog.records if "still has" in r.getMessage()]
 
@@ -417,7 +412,7 @@ class ProfiledWorker:
 
 def test_the_profile_makes_no_call_while_a_client_request_runs() -> None:
     async def test() -> None:
-        from controlplane.profiling import ProfileSettings
+        from controlplane.workers.profiling import ProfileSettings
 
         store = LocalRegistryStore()
         registry = InstanceRegistry(
@@ -456,7 +451,7 @@ class SlowProfiledWorker(ProfiledWorker):
 
 def test_a_partial_profile_does_not_replace_a_siblings_full_one() -> None:
     async def test() -> None:
-        from controlplane.profiling import ProfileSettings
+        from controlplane.workers.profiling import ProfileSettings
 
         registry = InstanceRegistry(
             metrics=GatewayMetrics(),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.config import ConfigError, GatewayConfig, RegistryConfig
-from controlplane.registry_store import LocalRegistryStore, open_registry_store
+from controlplane.instances.store import LocalRegistryStore, open_registry_store
 
 
 def argv(tmp_path: Path, *extra: str) -> list[str]:

@@ -1,5 +1,5 @@
-"""controlplane.routing and controlplane.profiling: SLO headers, Reject → HTTP answer, KV bytes per
-token, block keys as the connector computes them, the bounded profile plan."""
+"""controlplane.request.routing and controlplane.workers.profiling: SLO headers, Reject → HTTP
+answer, KV bytes per token, block keys as the connector computes them, the bounded profile plan."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.openai_protocol import OpenAIError
-from controlplane.profiling import ProfileSettings, plan_for
-from controlplane.registry import KVIdentity
-from controlplane.routing import (
+from controlplane.api.openai_protocol import OpenAIError
+from controlplane.instances.registry import KVIdentity
+from controlplane.request.routing import (
     RejectedRequest,
     Router,
     kv_bytes_per_token,
@@ -20,7 +19,8 @@ from controlplane.routing import (
     rejection_error,
 )
 from controlplane.scheduling import Reject, RejectReason
-from controlplane.workers import WorkerRole
+from controlplane.workers.profiling import ProfileSettings, plan_for
+from controlplane.workers.roles import WorkerRole
 from kvstore.hashing import block_keys, root_key
 
 

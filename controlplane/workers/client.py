@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from controlplane.workers.roles import WorkerRole
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "WorkerError",
     "WorkerErrorKind",
     "WorkerHealth",
-    "WorkerRole",
     "WorkerSampling",
 ]
 
@@ -43,16 +43,6 @@ _CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
-
-
-class WorkerRole(enum.Enum):
-    UNSPECIFIED = worker_pb2.ROLE_UNSPECIFIED
-    PREFILL = worker_pb2.ROLE_PREFILL
-    DECODE = worker_pb2.ROLE_DECODE
-    BOTH = worker_pb2.ROLE_BOTH
-
-    def can_serve(self, wanted: WorkerRole) -> bool:
-        return self is wanted or self is WorkerRole.BOTH
 
 
 class FinishReason(enum.Enum):

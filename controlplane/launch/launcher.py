@@ -1,6 +1,6 @@
 """LocalProcessLauncher: starts `strata worker` processes on this host for `strata admin scale`.
 
-Implements :class:`~controlplane.instances.Launcher`. Each launch:
+Implements :class:`~controlplane.instances.types.Launcher`. Each launch:
 
 1. takes CPU cores for the engine from a :class:`CorePool` (this process's affinity set by default),
    so that two engines never share a core while there are enough cores;
@@ -24,10 +24,10 @@ More engines than cores (e.g. 2 prefill + 2 decode on this 2-core machine): with
 the fewest engines (lowest id first) and logs a warning; pinned engines sharing a core each get a
 fraction of it, so token latency grows roughly with the number of engines on it (measured
 2-core figures: ../shared/notes/vllm-cpu.md). With ``share_cores=False`` such a launch raises
-:class:`~controlplane.instances.InstanceConflict` (FAILED_PRECONDITION on the admin API). When
+:class:`~controlplane.instances.types.InstanceConflict` (FAILED_PRECONDITION on the admin API). When
 a worker stops and frees a core while another core is still shared, the newest ready engine on
 the shared core moves to the free one: its pinned threads are re-pinned in place
-(:func:`~controlplane.processes.move_pinned_threads`), so no core sits idle while two engines
+(:func:`~controlplane.launch.processes.move_pinned_threads`), so no core sits idle while two engines
 share one.
 
 The process-group and ``PR_SET_PDEATHSIG`` handling mirrors ``strata/supervisor.py`` (which
@@ -55,14 +55,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from controlplane.instances import InstanceConflict, WorkerRole
-from controlplane.processes import (
+from controlplane.instances.types import InstanceConflict
+from controlplane.launch.processes import (
     can_lower_niceness,
     killpg_quietly,
     move_pinned_threads,
     renice_tree,
     start_child,
 )
+from controlplane.workers.roles import WorkerRole
 from kvstore.metadata import parse_metadata_spec
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import option

@@ -5,7 +5,7 @@ One owner. The registry alone changes instance state; the gateway reads immutabl
 `report_failure` (a request found the worker failing), the load trackers `track_prefill` /
 `track_decode` (in-flight counters), and `note_failover`.
 
-State, per gateway (controlplane/instances.py draws the diagram):
+State, per gateway (controlplane/instances/types.py draws the diagram):
 
 - **starting**: registered, Health has not said ready yet (a vLLM worker compiles for a minute).
 - **ready**: the last Health said ready, with a role that serves the instance's role and model
@@ -23,9 +23,9 @@ every instance itself on each round, so the state above is each gateway's own.
 
 Scheduling (docs/design/scheduling.md): the registry owns one `LatencyPredictor` per instance
 (priors at first; calibrated by a profile of real calls when the instance turns ready,
-controlplane/profiling.py; refitted online from `observe_prefill` / `observe_decode`), the current
-policy (`set_policy`, any of `POLICY_NAMES`) and the cluster-wide `PredictionAccuracy` (MAPE
-gauges, `stats()`). What it feeds the predictors (docs/design/scheduling.md §2.2-2.3): engine
+controlplane/workers/profiling.py; refitted online from `observe_prefill` / `observe_decode`),
+the current policy (`set_policy`, any of `POLICY_NAMES`) and the cluster-wide `PredictionAccuracy`
+(MAPE gauges, `stats()`). What it feeds the predictors (docs/design/scheduling.md §2.2-2.3): engine
 times of prefills that had their instance to themselves (`track_prefill` tells), each TTFT's
 part beyond its prefill's engine time (`ttft_overhead_s`), each hand-off's first-chunk wait
 beyond its steps (`DecodeTracker`, `handoff_s`), decode step means. `decide(request)` builds the
@@ -47,7 +47,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controlplane.instances import (
+from controlplane.instances.store import (
+    InstanceRecord,
+    LocalRegistryStore,
+    RegistryStore,
+    RegistryStoreError,
+)
+from controlplane.instances.types import (
     ClusterStats,
     InstanceConflict,
     InstanceInfo,
@@ -58,13 +64,6 @@ from controlplane.instances import (
     Launcher,
 )
 from controlplane.metrics import GatewayMetrics
-from controlplane.profiling import ProfileSettings, YieldTo, plan_for, profile_worker
-from controlplane.registry_store import (
-    InstanceRecord,
-    LocalRegistryStore,
-    RegistryStore,
-    RegistryStoreError,
-)
 from controlplane.scheduling import (
     DEFAULT_POLICY,
     POLICY_NAMES,
@@ -79,13 +78,9 @@ from controlplane.scheduling import (
     make_policy,
 )
 from controlplane.scheduling import InstanceLoad as SchedulingLoad
-from controlplane.workers import (
-    WorkerClient,
-    WorkerError,
-    WorkerErrorKind,
-    WorkerHealth,
-    WorkerRole,
-)
+from controlplane.workers.client import WorkerClient, WorkerError, WorkerErrorKind, WorkerHealth
+from controlplane.workers.profiling import ProfileSettings, YieldTo, plan_for, profile_worker
+from controlplane.workers.roles import WorkerRole
 from strata_common.endpoints import EndpointError, parse_endpoint
 
 __all__ = [

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from controlplane.workers import WorkerRole
+from controlplane.workers.roles import WorkerRole
 
 __all__ = [
     "AdminBackend",
@@ -34,7 +34,6 @@ __all__ = [
     "InvalidAdminRequest",
     "LaunchedWorker",
     "Launcher",
-    "WorkerRole",
 ]
 
 

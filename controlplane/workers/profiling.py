@@ -49,7 +49,8 @@ from controlplane.scheduling.predictor import (
     PrefillSample,
     ProfilePlan,
 )
-from controlplane.workers import PrefillResult, WorkerClient, WorkerRole, WorkerSampling
+from controlplane.workers.client import PrefillResult, WorkerClient, WorkerSampling
+from controlplane.workers.roles import WorkerRole
 from strata_common.options import option
 from strata_common.units import parse_duration
 

@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from controlplane.openai_protocol import OpenAIError
-from controlplane.registry import InstanceRegistry, KVIdentity
+from controlplane.api.openai_protocol import OpenAIError
+from controlplane.instances.registry import InstanceRegistry, KVIdentity
 from controlplane.scheduling import (
     NO_CACHE,
     CachedPrefix,
@@ -39,7 +39,7 @@ from controlplane.scheduling import (
     RequestSnapshot,
     cached_prefix,
 )
-from controlplane.workers import WorkerRole
+from controlplane.workers.roles import WorkerRole
 from kvstore.cluster import ClusterView
 from kvstore.hashing import BlockKey, block_keys, root_key
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import jinja2
 
-from controlplane.detokenizer import IncrementalDetokenizer
-from controlplane.openai_protocol import ChatMessage, OpenAIError, SamplingDefaults
+from controlplane.api.openai_protocol import ChatMessage, OpenAIError, SamplingDefaults
+from controlplane.text.detokenizer import IncrementalDetokenizer
 
 __all__ = ["ModelTokenizer", "read_sampling_defaults"]
 

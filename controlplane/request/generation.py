@@ -1,6 +1,6 @@
 """One request's generation, stitched from a prefill worker and a decode worker, with failover.
 
-The instances come from the scheduler's `Assign` (controlplane/routing.py): prefill on
+The instances come from the scheduler's `Assign` (controlplane/request/routing.py): prefill on
 `assign.prefill`, decode on `assign.decode`; `assign.prefill is None` is conditional
 disaggregation: the decode instance computes the prompt itself (step 1 is skipped and its first
 token is the request's first).
@@ -43,21 +43,21 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from controlplane.detokenizer import IncrementalDetokenizer
-from controlplane.instances import InstanceNotFound, InstanceState
+from controlplane.api.openai_protocol import SamplingOptions
+from controlplane.instances.registry import Instance, InstanceRegistry
+from controlplane.instances.types import InstanceNotFound, InstanceState
 from controlplane.metrics import GatewayMetrics
-from controlplane.openai_protocol import SamplingOptions
-from controlplane.registry import Instance, InstanceRegistry
 from controlplane.scheduling import Assign
-from controlplane.stop import StopStringMatcher
-from controlplane.workers import (
+from controlplane.text.detokenizer import IncrementalDetokenizer
+from controlplane.text.stop import StopStringMatcher
+from controlplane.workers.client import (
     FinishReason,
     PrefillResult,
     WorkerError,
     WorkerErrorKind,
-    WorkerRole,
     WorkerSampling,
 )
+from controlplane.workers.roles import WorkerRole
 
 __all__ = ["Generation", "GenerationDelta", "GenerationRequest"]
 

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from controlplane.workers import WorkerRole
+from controlplane.workers.roles import WorkerRole
 
 __all__ = [
     "InstanceRecord",
