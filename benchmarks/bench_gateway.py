@@ -49,7 +49,8 @@ from controlplane.config import (  # noqa: E402
     RoutingConfig,
 )
 from controlplane.gateway import GatewayServer  # noqa: E402
-from controlplane.instances.registry import Instance, InstanceRegistry  # noqa: E402
+from controlplane.instances.instance import Instance  # noqa: E402
+from controlplane.instances.registry import InstanceRegistry  # noqa: E402
 from controlplane.request import generation as generation_module  # noqa: E402
 from controlplane.scheduling import Assign, Decision, RequestSnapshot  # noqa: E402
 from controlplane.text.tokenizer import ModelTokenizer  # noqa: E402

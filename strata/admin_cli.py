@@ -36,13 +36,9 @@ from typing import Any
 import grpc
 
 from controlplane.admin.config import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
-from controlplane.admin.convert import (
-    instance_from_proto,
-    role_from_name,
-    role_name,
-    stats_from_proto,
-)
+from controlplane.admin.convert import instance_from_proto, role_from_name, stats_from_proto
 from controlplane.instances.types import ClusterStats, InstanceInfo, InvalidAdminRequest
+from controlplane.workers.roles import role_name
 from strata.admin_token import TokenFileError, default_token_path, read_token_file
 from strata_common.endpoints import EndpointError, parse_endpoint
 from strata_proto import admin_pb2, admin_pb2_grpc

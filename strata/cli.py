@@ -73,7 +73,8 @@ def _admin_instances(address: str, token: str) -> list[tuple[str, str]]:
     """(role, endpoint) of every instance the gateway lists, through its admin API."""
     import grpc
 
-    from controlplane.admin.convert import instance_from_proto, role_name
+    from controlplane.admin.convert import instance_from_proto
+    from controlplane.workers.roles import role_name
     from strata_proto import admin_pb2, admin_pb2_grpc
 
     try:

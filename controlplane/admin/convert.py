@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import cast
 
 from controlplane.admin.config import MAX_ID_CHARS, MAX_REMOVE_WAIT_S, MAX_REPLICAS
 from controlplane.instances.types import (
@@ -16,7 +16,7 @@ from controlplane.instances.types import (
     InstanceState,
     InvalidAdminRequest,
 )
-from controlplane.workers.roles import WorkerRole
+from controlplane.workers.roles import WorkerRole, role_name
 from strata_common.endpoints import EndpointError, parse_endpoint
 from strata_proto import admin_pb2, worker_pb2
 
@@ -34,15 +34,9 @@ __all__ = [
     "instance_from_proto",
     "instance_to_proto",
     "role_from_name",
-    "role_name",
     "stats_from_proto",
     "stats_to_proto",
 ]
-
-
-def role_name(role: WorkerRole) -> str:
-    """``prefill``, ``decode``, ``both`` (``unspecified``): as the worker's --role spells it."""
-    return role.name.lower()
 
 
 def role_from_name(name: str) -> WorkerRole:

@@ -44,7 +44,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from controlplane.api.openai_protocol import SamplingOptions
-from controlplane.instances.registry import Instance, InstanceRegistry
+from controlplane.instances.instance import Instance
+from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.types import InstanceNotFound, InstanceState
 from controlplane.metrics import GatewayMetrics
 from controlplane.scheduling import Assign

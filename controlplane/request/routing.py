@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Final
 
 from controlplane.api.openai_protocol import OpenAIError
-from controlplane.instances.registry import InstanceRegistry, KVIdentity
+from controlplane.instances.instance import KVIdentity
+from controlplane.instances.registry import InstanceRegistry
 from controlplane.scheduling import (
     NO_CACHE,
     CachedPrefix,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["WorkerRole"]
+__all__ = ["WorkerRole", "role_name"]
 
 
 class WorkerRole(enum.Enum):
@@ -20,3 +20,9 @@ class WorkerRole(enum.Enum):
 
     def can_serve(self, wanted: WorkerRole) -> bool:
         return self is wanted or self is WorkerRole.BOTH
+
+
+def role_name(role: WorkerRole) -> str:
+    """``prefill``, ``decode``, ``both`` (``unspecified``): as the worker's --role, logs and
+    metrics spell a role."""
+    return role.name.lower()

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.instances.registry import InstanceLoad, InstanceView
+from controlplane.instances.instance import InstanceView
 from controlplane.instances.types import InstanceState
+from controlplane.scheduling import InstanceLoad
 from controlplane.text.tokenizer import ModelTokenizer
 from controlplane.workers.roles import WorkerRole
 from tests.integration.controlplane.conftest import (

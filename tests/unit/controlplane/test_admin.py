@@ -18,7 +18,6 @@ from controlplane.admin.convert import (
     instance_from_proto,
     instance_to_proto,
     role_from_name,
-    role_name,
     stats_from_proto,
     stats_to_proto,
 )
@@ -28,7 +27,7 @@ from controlplane.instances.types import (
     InstanceState,
     InvalidAdminRequest,
 )
-from controlplane.workers.roles import WorkerRole
+from controlplane.workers.roles import WorkerRole, role_name
 from strata import admin_cli
 
 TOKEN = "0123456789abcdef-token"

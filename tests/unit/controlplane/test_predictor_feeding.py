@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from controlplane.instances.registry import Instance, InstanceRegistry
+from controlplane.instances.instance import Instance
+from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import LocalRegistryStore
 from controlplane.instances.types import InstanceState
 from controlplane.metrics import GatewayMetrics

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from controlplane.instances.registry import InstanceLoad, InstanceRegistry
+from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import (
     InstanceRecord,
     LocalRegistryStore,
@@ -26,6 +26,7 @@ from controlplane.instances.types import (
     InvalidAdminRequest,
 )
 from controlplane.metrics import GatewayMetrics
+from controlplane.scheduling import InstanceLoad
 from controlplane.workers.client import PrefillResult, WorkerError, WorkerErrorKind, WorkerHealth
 from controlplane.workers.roles import WorkerRole
 

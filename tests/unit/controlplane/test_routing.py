@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from controlplane.api.openai_protocol import OpenAIError
-from controlplane.instances.registry import KVIdentity
+from controlplane.instances.instance import KVIdentity
 from controlplane.request.routing import (
     RejectedRequest,
     Router,
