@@ -28,7 +28,7 @@ from pathlib import Path
 
 from controlplane.admin.config import AdminApiConfig
 from controlplane.launch.launcher import LaunchConfig
-from controlplane.scheduling.policy import POLICY_NAMES
+from controlplane.scheduling.policies import POLICY_NAMES
 from controlplane.scheduling.types import SchedulingConfig
 from controlplane.workers.profiling import ProfileSettings
 from kvstore.metadata import parse_metadata_spec

@@ -18,7 +18,7 @@ Layering: ``predictor`` (numpy only) ← ``types`` (+ controlplane.instances.typ
 (+ kvstore) and ``policy``.
 """
 
-from controlplane.scheduling.policy import (
+from controlplane.scheduling.policies import (
     DEFAULT_POLICY,
     POLICY_NAMES,
     LeastLoadedPolicy,
@@ -29,17 +29,16 @@ from controlplane.scheduling.policy import (
     SloAwarePolicy,
     make_policy,
 )
-from controlplane.scheduling.predictor import (
+from controlplane.scheduling.predictor.accuracy import PredictionAccuracy
+from controlplane.scheduling.predictor.fitting import DecodeSample, PrefillSample
+from controlplane.scheduling.predictor.model import (
     DecodeCoefficients,
-    DecodeSample,
-    LatencyPredictor,
-    PredictionAccuracy,
     PrefillCoefficients,
-    PrefillSample,
-    ProfilePlan,
     TransferCoefficients,
     Transport,
 )
+from controlplane.scheduling.predictor.plan import ProfilePlan
+from controlplane.scheduling.predictor.predictor import LatencyPredictor
 from controlplane.scheduling.prefix import cached_prefix
 from controlplane.scheduling.types import (
     IDLE,

@@ -2,7 +2,7 @@
 
 All frozen and slotted. The registry builds :class:`InstanceSnapshot` values from its records
 (:class:`~controlplane.instances.types.InstanceInfo` plus its in-flight counters and the instance's
-:class:`~controlplane.scheduling.predictor.LatencyPredictor`); the gateway builds a
+:class:`~controlplane.scheduling.predictor.predictor.LatencyPredictor`); the gateway builds a
 :class:`RequestSnapshot` per request (its :class:`CachedPrefix` from the prefix index with
 :func:`controlplane.scheduling.prefix.cached_prefix`); a policy returns :class:`Assign` or
 :class:`Reject`. docs/design/scheduling.md §3 describes each field's use.
@@ -18,7 +18,8 @@ from types import MappingProxyType
 from typing import Final
 
 from controlplane.instances.types import InstanceInfo, InstanceState
-from controlplane.scheduling.predictor import LatencyPredictor, Transport
+from controlplane.scheduling.predictor.model import Transport
+from controlplane.scheduling.predictor.predictor import LatencyPredictor
 from controlplane.workers.roles import WorkerRole
 from strata_common.options import option
 from strata_common.units import parse_duration

@@ -42,13 +42,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from controlplane.scheduling.predictor import (
-    HANDOFF_DECODE_TOKENS,
-    DecodeSample,
-    LatencyPredictor,
-    PrefillSample,
-    ProfilePlan,
-)
+from controlplane.scheduling.predictor.fitting import DecodeSample, PrefillSample
+from controlplane.scheduling.predictor.plan import HANDOFF_DECODE_TOKENS, ProfilePlan
+from controlplane.scheduling.predictor.predictor import LatencyPredictor
 from controlplane.workers.client import PrefillResult, WorkerClient, WorkerSampling
 from controlplane.workers.roles import WorkerRole
 from strata_common.options import option

@@ -31,7 +31,7 @@ from controlplane.scheduling import (
     cached_prefix,
     make_policy,
 )
-from controlplane.scheduling.policy import (
+from controlplane.scheduling.policies import (
     LeastLoadedPolicy,
     PrefixAwarePolicy,
     RoundRobinPolicy,
@@ -629,3 +629,13 @@ def test_worked_example_of_the_design_doc() -> None:
     assert tight_ttft == Reject(
         RejectReason.OVERLOADED, 1.0, "no instance pair meets TTFT SLO 100 ms, TPOT SLO 50 ms now"
     )
+
+
+def test_policies_are_chosen_by_kind_or_name() -> None:
+    from controlplane.scheduling.policies import POLICY_NAMES, PolicyKind
+
+    assert POLICY_NAMES == ("round_robin", "least_loaded", "prefix_aware", "slo_aware")
+    for kind in PolicyKind:
+        assert make_policy(kind).name == kind.value == make_policy(kind.value).name
+    with pytest.raises(ValueError, match="unknown policy 'fifo'"):
+        make_policy("fifo")

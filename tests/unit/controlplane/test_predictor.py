@@ -5,26 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controlplane.scheduling.predictor import (
-    OVERHEAD_MIN_OBSERVATIONS,
-    PRIOR_DECODE,
-    PRIOR_PREFILL,
-    PRIOR_TRANSFERS,
-    DecodeCoefficients,
+from controlplane.scheduling.predictor.accuracy import PredictionAccuracy
+from controlplane.scheduling.predictor.feedback import OVERHEAD_MIN_OBSERVATIONS, RollingMedian
+from controlplane.scheduling.predictor.fitting import (
     DecodeSample,
-    LatencyPredictor,
-    PredictionAccuracy,
-    PrefillCoefficients,
     PrefillSample,
-    ProfilePlan,
-    RollingMedian,
-    TransferCoefficients,
-    Transport,
-    attention_pairs,
     fit_decode,
     fit_nonnegative,
     fit_prefill,
 )
+from controlplane.scheduling.predictor.model import (
+    PRIOR_DECODE,
+    PRIOR_PREFILL,
+    PRIOR_TRANSFERS,
+    DecodeCoefficients,
+    PrefillCoefficients,
+    TransferCoefficients,
+    Transport,
+    attention_pairs,
+)
+from controlplane.scheduling.predictor.plan import ProfilePlan
+from controlplane.scheduling.predictor.predictor import LatencyPredictor
 
 # A 7B-class model on one GPU, with an attention term that matters at long contexts (at 8k
 # tokens it is ~30 % of the prefill), so that every coefficient is observable through 1 % noise.

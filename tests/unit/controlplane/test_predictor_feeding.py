@@ -16,7 +16,7 @@ from controlplane.instances.store import LocalRegistryStore
 from controlplane.instances.types import InstanceState
 from controlplane.metrics import GatewayMetrics
 from controlplane.scheduling import Assign, RequestSnapshot, Route
-from controlplane.scheduling.predictor import OVERHEAD_MIN_OBSERVATIONS
+from controlplane.scheduling.predictor.feedback import OVERHEAD_MIN_OBSERVATIONS
 from controlplane.workers.roles import WorkerRole
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.scheduling.predictor import LatencyPredictor, PrefillCoefficients
+from controlplane.scheduling.predictor.model import PrefillCoefficients
+from controlplane.scheduling.predictor.predictor import LatencyPredictor
 from controlplane.workers.client import DecodeOutput, FinishReason, PrefillResult, WorkerSampling
 from controlplane.workers.profiling import ProfileResult, ProfileSettings, plan_for, profile_worker
 from controlplane.workers.roles import WorkerRole
