@@ -28,7 +28,7 @@ from controlplane.config import ConfigError, GatewayConfig
 from controlplane.instances.instance import StartupError
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import RegistryStoreError, open_registry_store
-from controlplane.instances.types import AdminBackend, InstanceConflict, InstanceState, Launcher
+from controlplane.instances.types import InstanceConflict, InstanceState, Launcher
 from controlplane.launch.launcher import LocalProcessLauncher
 from controlplane.metrics import GatewayMetrics
 from controlplane.request.routing import (
@@ -96,11 +96,6 @@ class GatewayServer:
     def cluster_view(self) -> ClusterView | None:
         """The prefix index (with ``config.routing.kv_metadata``; else None, or before start)."""
         return self._cluster_view
-
-    @property
-    def admin_backend(self) -> AdminBackend:
-        """What the admin gRPC service drives (the registry)."""
-        return self.registry
 
     async def start(self) -> str:
         """Return the base URL once the workers are ready and the port is bound."""

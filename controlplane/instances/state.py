@@ -98,10 +98,6 @@ class InstanceStates:
             raise RuntimeError("InstanceRegistry.limits read before wait_until_ready()")
         return self._limits
 
-    @property
-    def store_description(self) -> str:
-        return self._store.description
-
     async def register_configured(self, role: WorkerRole, endpoints: Iterable[str]) -> None:
         """Register the gateway's configured workers (an endpoint some other gateway already
         registered keeps its shared record, role included)."""

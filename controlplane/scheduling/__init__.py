@@ -14,14 +14,16 @@ Call sequence (docs/design/scheduling.md §1):
 4. When the first token and the last one arrive, feed the observed TTFT and mean TPOT against the
    Assign's predictions to a :class:`PredictionAccuracy` (the MAPE gauges).
 
-Layering: ``predictor`` (numpy only) ← ``types`` (+ controlplane.instances.types) ← ``prefix``
-(+ kvstore) and ``policy``.
+Layering: ``predictor`` (a package: model ← fitting ← feedback, accuracy, plan ← predictor; numpy
+only) ← ``types`` (+ controlplane.instances.types) ← ``prefix`` (+ kvstore) and ``policies`` (one
+policy per module, chosen by :class:`PolicyKind`).
 """
 
 from controlplane.scheduling.policies import (
     DEFAULT_POLICY,
     POLICY_NAMES,
     LeastLoadedPolicy,
+    PolicyKind,
     PrefixAwarePolicy,
     RequestCosts,
     RoundRobinPolicy,
@@ -69,6 +71,7 @@ __all__ = [
     "InstanceSnapshot",
     "LatencyPredictor",
     "LeastLoadedPolicy",
+    "PolicyKind",
     "PredictionAccuracy",
     "PrefillCoefficients",
     "PrefillSample",

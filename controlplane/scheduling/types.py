@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from controlplane.instances.types import InstanceInfo, InstanceState
+from controlplane.instances.types import InstanceState
 from controlplane.scheduling.predictor.model import Transport
 from controlplane.scheduling.predictor.predictor import LatencyPredictor
 from controlplane.workers.roles import WorkerRole
@@ -85,11 +85,6 @@ class RequestSnapshot:
             if slo is not None and not (math.isfinite(slo) and slo > 0.0):
                 raise ValueError(f"{name} must be finite and > 0, got {slo}")
 
-    @property
-    def num_full_blocks(self) -> int:
-        """Blocks the prompt fills completely (only those have keys, so only those can hit)."""
-        return self.num_prompt_tokens // self.block_size
-
 
 @dataclass(frozen=True, slots=True)
 class InstanceLoad:
@@ -148,32 +143,6 @@ class InstanceSnapshot:
     kv_source: str | None = None
     pool_transport: Transport = Transport.SHM
     network_transport: Transport = Transport.TCP
-
-    @classmethod
-    def from_info(
-        cls,
-        info: InstanceInfo,
-        predictor: LatencyPredictor,
-        load: InstanceLoad = IDLE,
-        *,
-        host: str = "",
-        kv_source: str | None = None,
-        pool_transport: Transport = Transport.SHM,
-        network_transport: Transport = Transport.TCP,
-    ) -> InstanceSnapshot:
-        """Build one from the registry's record of the instance."""
-        return cls(
-            id=info.id,
-            role=info.role,
-            state=info.state,
-            predictor=predictor,
-            load=load,
-            capacity=info.capacity,
-            host=host,
-            kv_source=kv_source,
-            pool_transport=pool_transport,
-            network_transport=network_transport,
-        )
 
     @property
     def source_id(self) -> str:

@@ -158,10 +158,6 @@ class LatencyPredictor:
         return len(self._prefill_window)
 
     @property
-    def num_decode_observations(self) -> int:
-        return len(self._decode_window)
-
-    @property
     def ttft_overhead_s(self) -> float:
         """What a TTFT on this instance (as its prefill instance) holds beyond the engine's
         time: the gateway's own work before and after the Prefill rpc and the rpc itself. The
@@ -181,10 +177,6 @@ class LatencyPredictor:
 
     def transfer(self, transport: Transport) -> TransferCoefficients:
         return self._transfers[transport]
-
-    def set_transfer(self, transport: Transport, coefficients: TransferCoefficients) -> None:
-        """Replace one transport's model (e.g. with a measured bandwidth)."""
-        self._transfers[transport] = coefficients
 
     # -- predictions ---------------------------------------------------------------------------
 
