@@ -19,9 +19,9 @@ instance (docs/design/scheduling.md §2 has the derivation, the priors and a wor
 
       transfer_s(x) = latency_s + x / bytes_per_s
 
-From these the policies build TTFT and TPOT predictions (policy.py). Work already queued on an
-instance (``t`` uncached prompt tokens in ``r`` requests) is predicted with the same prefill model,
-as ``r`` prompts of ``t/r`` tokens each with nothing cached:
+From these the policies build TTFT and TPOT predictions (controlplane/scheduling/policies/).
+Work already queued on an instance (``t`` uncached prompt tokens in ``r`` requests) is predicted
+with the same prefill model, as ``r`` prompts of ``t/r`` tokens each with nothing cached:
 ``queue_s(t, r) = a0·r + a1·t + a3·t·(t/r + 1)/2``.
 
 **Calibration.** :meth:`ProfilePlan.for_engine` lists the (new, cached) and (batch, context)
