@@ -404,32 +404,24 @@ def add_options(
         required = default is dataclasses.MISSING and env_value is None
         initial: Any = env_value if env_value is not None else _Default(default)
         metavar = spec.metavar or leaf.flag.rpartition("-")[2].upper()
-        for name in (leaf.flag, spec.negative_flag):
-            if name is not None and name in seen:
-                raise ValueError(f"flag --{name} declared twice")
-        seen.add(leaf.flag)
-        if spec.repeat:
-            target.add_argument(
-                f"--{leaf.flag}",
-                dest=leaf.dest,
-                action=_RepeatAction,
-                default=initial,
-                required=required,
-                metavar=metavar,
-                help=help_text,
-            )
-        else:
-            target.add_argument(
-                f"--{leaf.flag}",
-                dest=leaf.dest,
-                default=initial,
-                required=required,
-                metavar=metavar,
-                help=help_text,
-            )
+        negative = None
         if spec.negative_flag is not None:
             negative = _flag_name("", leaf.prefix, Option("", flag=spec.negative_flag))
-            seen.add(negative)
+        for name in (leaf.flag, negative):
+            if name is not None and name in seen:
+                raise ValueError(f"flag --{name} declared twice")
+            seen.add(name or leaf.flag)
+        action: Any = _RepeatAction if spec.repeat else "store"
+        target.add_argument(
+            f"--{leaf.flag}",
+            dest=leaf.dest,
+            action=action,
+            default=initial,
+            required=required,
+            metavar=metavar,
+            help=help_text,
+        )
+        if negative is not None:
             target.add_argument(
                 f"--{negative}",
                 dest=leaf.dest,

@@ -1,31 +1,13 @@
 """The instance registry: every prefill and decode worker this gateway may use, its state, its load;
 and the gateway's :class:`~controlplane.instances.types.AdminBackend`.
 
-One owner. The registry alone changes instance state; the gateway reads immutable snapshots
-(`InstanceInfo`, `InstanceView`) and reports what it saw through three calls:
-`report_failure` (a request found the worker failing), the load trackers `track_prefill` /
-`track_decode` (in-flight counters), and `note_failover`.
-
-State, per gateway (controlplane/instances/types.py draws the diagram):
-
-- **starting**: registered, Health has not said ready yet (a vLLM worker compiles for a minute).
-- **ready**: the last Health said ready, with a role that serves the instance's role and model
-  limits that agree with the gateway's. Only ready instances are picked.
-- **dead**: a request found it unreachable (marked at once, so the next request does not try it),
-  or Health failed: unreachable or "not ready" at once, a timeout only after 3 in a row (a
-  worker busy with a long prefill can answer late). A dead instance comes back to ready when a
-  Health call passes: heartbeats keep going to dead instances.
-- **draining**: an operator drained it (shared through the store, so every gateway stops picking
-  it); requests already on it finish. `remove` waits for them, then forgets it.
-
-It is built in layers, one file each: ``state`` (records, states, heartbeats: the state machine
-below), ``load`` (in-flight counters), ``predictors`` (the policy, the latency models, their
-feeding and the start-up profiles) and this module, the admin backend (add, drain, remove,
-set-role, scale, policy, stats) — :class:`InstanceRegistry` is the one object the gateway holds.
-
-Records (id, role, endpoint, draining, launched) live in a `RegistryStore` — this process, or
-Redis when several gateways share one cluster; every gateway polls the store and health-checks
-every instance itself on each round, so the state above is each gateway's own.
+One owner: the registry alone changes instance state; the gateway reads immutable snapshots and
+reports what it saw through `report_failure`, the load trackers and `note_failover`. It is built
+in layers, one file each: ``state`` (records, states and heartbeats: the state machine, written
+out in that module), ``load`` (in-flight counters), ``predictors`` (the policy, the latency
+models, their feeding and the start-up profiles) and this module, the admin backend (add, drain,
+remove, set-role, scale, policy, stats). :class:`InstanceRegistry` is the one object the gateway
+holds.
 """
 
 from __future__ import annotations
@@ -37,9 +19,7 @@ from dataclasses import replace
 from controlplane.instances.instance import Instance
 from controlplane.instances.predictors import SchedulingState
 from controlplane.instances.state import SERVING_ROLES
-from controlplane.instances.store import (
-    RegistryStoreError,
-)
+from controlplane.instances.store import RegistryStoreError
 from controlplane.instances.types import (
     ClusterStats,
     InstanceConflict,
