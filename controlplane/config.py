@@ -28,7 +28,7 @@ from pathlib import Path
 
 from controlplane.admin.config import AdminApiConfig
 from controlplane.launch.launcher import LaunchConfig
-from controlplane.scheduling.policies import POLICY_NAMES
+from controlplane.scheduling.policies import PolicyKind
 from controlplane.scheduling.types import SchedulingConfig
 from controlplane.workers.profiling import ProfileSettings
 from kvstore.metadata import parse_metadata_spec
@@ -101,6 +101,7 @@ class RegistryConfig:
     url: str = option(
         "",
         flag="registry",
+        metavar="URL",
         help='where instance records live: "" = this process; redis://HOST:PORT/DB (or '
         "rediss://, unix://) = shared with every gateway using the same URL",
     )
@@ -137,22 +138,18 @@ class RegistryConfig:
 class RoutingConfig:
     """Which policy routes requests, and where the prefix index's events come from."""
 
-    policy: str = option(
-        "slo_aware",
-        help="scheduling policy at start: " + ", ".join(POLICY_NAMES) + " (`strata admin "
-        "policy NAME` changes it at run time)",
+    policy: PolicyKind = option(
+        PolicyKind.SLO_AWARE,
+        help="scheduling policy at start (`strata admin policy NAME` changes it at run time)",
     )
     kv_metadata: str = option(
         "",
+        metavar="SPEC",
         help="metadata store feeding the prefix index (strata://HOST:PORT or redis://...); "
         '"" = no prefix information',
     )
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ConfigError(
-                f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}"
-            )
         if self.kv_metadata:
             try:
                 parse_metadata_spec(self.kv_metadata)
@@ -169,10 +166,20 @@ class GatewayConfig:
         "", help="the model name clients send and the gateway reports (default: the dir's name)"
     )
     prefill_endpoints: tuple[str, ...] = option(
-        (), flag="prefill", parse=parse_endpoints, repeat=True, help="prefill worker HOST:PORT"
+        (),
+        flag="prefill",
+        parse=parse_endpoints,
+        repeat=True,
+        metavar="HOST:PORT",
+        help="prefill worker HOST:PORT",
     )
     decode_endpoints: tuple[str, ...] = option(
-        (), flag="decode", parse=parse_endpoints, repeat=True, help="decode worker HOST:PORT"
+        (),
+        flag="decode",
+        parse=parse_endpoints,
+        repeat=True,
+        metavar="HOST:PORT",
+        help="decode worker HOST:PORT",
     )
     http: HttpConfig = group(HttpConfig, title="HTTP API")
     registry: RegistryConfig = group(RegistryConfig, title="instance registry")

@@ -117,7 +117,7 @@ class GatewayServer:
             store=open_registry_store(config.registry.url),
             launcher=self._launcher,
             drain_timeout_s=config.registry.drain_timeout_s,
-            policy=config.routing.policy,
+            policy=config.routing.policy.value,
             scheduling=_scheduling_config(config),
             profile=replace(config.profiling, vocab_size=self._tokenizer.vocab_size),
         )

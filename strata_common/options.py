@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from strata_common.units import format_duration, parse_duration
+from strata_common.units import format_duration, parse_duration, parse_size
 
 __all__ = [
     "Option",
@@ -213,6 +213,7 @@ class _Leaf:
     parse_one: Callable[[str], Any]
     optional: bool
     sequence: bool
+    metavar: str
 
     @property
     def dest(self) -> str:
@@ -278,6 +279,24 @@ def _enum_parser(cls: type[enum.Enum]) -> Callable[[str], Any]:
     return parse
 
 
+def _metavar(hint: Any, parse: Callable[[str], Any] | None, flag: str) -> str:
+    """What ``--help`` shows for the value: its unit or type, else the flag's last word."""
+    if parse is parse_duration:
+        return "DURATION"
+    if parse is parse_size:
+        return "SIZE"
+    if parse is None:
+        if hint is bool:
+            return "{true,false}"
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            return "{" + ",".join(str(member.value) for member in hint) + "}"
+        if hint is int:
+            return "N"
+        if hint is Path:
+            return "PATH"
+    return flag.rpartition("-")[2].upper()
+
+
 def _unwrap(hint: Any) -> tuple[Any, bool, bool]:
     """``X | None`` → (X, optional); ``tuple[X, ...]`` → (X, sequence)."""
     optional = sequence = False
@@ -320,7 +339,10 @@ def _leaves(
                 if sequence:
                     parse_one = comma_separated(parse_one)
             flag = _flag_name(f.name, prefix, spec)
-            leaf = _Leaf((*path, f.name), prefix, flag, spec, parse_one, optional, sequence)
+            metavar = spec.metavar or _metavar(hint, spec.parse, flag)
+            leaf = _Leaf(
+                (*path, f.name), prefix, flag, spec, parse_one, optional, sequence, metavar
+            )
             out.append((leaf, f))
     return out
 
@@ -403,7 +425,6 @@ def add_options(
         help_text = help_text.replace("%", "%%")
         required = default is dataclasses.MISSING and env_value is None
         initial: Any = env_value if env_value is not None else _Default(default)
-        metavar = spec.metavar or leaf.flag.rpartition("-")[2].upper()
         negative = None
         if spec.negative_flag is not None:
             negative = _flag_name("", leaf.prefix, Option("", flag=spec.negative_flag))
@@ -418,7 +439,7 @@ def add_options(
             action=action,
             default=initial,
             required=required,
-            metavar=metavar,
+            metavar=leaf.metavar,
             help=help_text,
         )
         if negative is not None:

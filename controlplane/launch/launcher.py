@@ -177,7 +177,9 @@ def _parse_worker_args(text: str) -> tuple[str, ...]:
 class LaunchConfig:
     """The gateway's launcher settings (its ``--launch-*`` flags): off unless ``store`` is set."""
 
-    store: str = option("", help="store node HOST:PORT of the launched workers (enables)")
+    store: str = option(
+        "", metavar="HOST:PORT", help="store node HOST:PORT of the launched workers (enables)"
+    )
     prefill: int = option(0, help="prefill workers to launch at start-up")
     decode: int = option(0, help="decode workers to launch at start-up")
     kv_metadata: str = option("", help="the launched workers' --kv-metadata (strata://HOST:PORT)")

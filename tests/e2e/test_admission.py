@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.scheduling.policies import PolicyKind
 from tests.e2e.test_routing import RoutingCluster, start_routing_cluster
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def cluster(tiny_model_dir: Path) -> Iterator[RoutingCluster]:
         tiny_model_dir,
         1,
         profiling={"enabled": True, "max_model_len": 1024},
-        routing={"policy": "slo_aware"},
+        routing={"policy": PolicyKind.SLO_AWARE},
     )
 
 

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig, RoutingConfig
 from controlplane.gateway import GatewayServer
 from controlplane.instances.types import InstanceState
+from controlplane.scheduling.policies import PolicyKind
 from controlplane.text.tokenizer import ModelTokenizer
 from controlplane.workers.roles import WorkerRole
 from strata_proto import worker_pb2
@@ -89,7 +90,7 @@ def test_two_gateways_share_added_drained_and_removed_instances(
         registry=RegistryConfig(
             worker_startup_timeout_s=10.0, health_check_interval_s=3600.0, url=valkey_url
         ),
-        routing=RoutingConfig(policy="round_robin"),
+        routing=RoutingConfig(policy=PolicyKind.ROUND_ROBIN),
     )
     a, b = (GatewayServer(replace(config), tokenizer=model_tokenizer) for _ in range(2))
     url_a = loop_thread.run(a.start())

@@ -26,6 +26,7 @@ from controlplane.gateway import GatewayServer
 from controlplane.instances.types import InstanceState, InvalidAdminRequest
 from controlplane.request.routing import Router
 from controlplane.scheduling import NO_CACHE, Assign, CachedPrefix, RequestSnapshot
+from controlplane.scheduling.policies import PolicyKind
 from controlplane.text.tokenizer import ModelTokenizer
 from controlplane.workers.profiling import ProfileSettings
 from kvstore.events import BlocksStored, SourceCleared, Tier, encode_event
@@ -482,7 +483,7 @@ def test_prefix_aware_routes_to_the_engine_holding_the_prefix(
         loop_thread,
         tiny_model_dir,
         model_tokenizer,
-        routing={"kv_metadata": valkey_url, "policy": "prefix_aware"},
+        routing={"kv_metadata": valkey_url, "policy": PolicyKind.PREFIX_AWARE},
     )
     store = RedisMetadataStore(valkey_url)
     try:

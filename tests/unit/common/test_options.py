@@ -163,11 +163,13 @@ def test_help_shows_defaults_environment_and_groups() -> None:
     parser = argparse.ArgumentParser(prog="t")
     add_options(parser, Sample, env_prefix="T_", environ={})
     text = " ".join(parser.format_help().split())
-    assert "--timeout TIMEOUT deadline (default 30s; env T_TIMEOUT)" in text
+    assert "--timeout DURATION deadline (default 30s; env T_TIMEOUT)" in text
     assert '--peer PEER peers (default ""; env T_PEER; repeatable)' in text
     assert "--no-profile same as --profile false" in text
-    assert "--color COLOR a colour (default red; env T_COLOR)" in text
-    assert "inner things: --inner-port PORT port (none = off) (default 5; env T_INNER_PORT)" in text
+    assert "--profile {true,false} profile workers" in text
+    assert "--cache SIZE cache size" in text
+    assert "--color {red,blue} a colour (default red; env T_COLOR)" in text
+    assert "inner things: --inner-port N port (none = off) (default 5; env T_INNER_PORT)" in text
     assert "--token" not in text and "--inner-token" not in text
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from controlplane.config import ConfigError, GatewayConfig
 from controlplane.gateway import main
+from controlplane.scheduling.policies import PolicyKind
 from strata_common.options import add_options
 
 
@@ -138,7 +139,7 @@ def test_routing_flags(tmp_path: Path) -> None:
             "--profile-budget", "10s", "--profile-max-step", "500ms",
         )
     )  # fmt: skip
-    assert config.routing.policy == "round_robin"
+    assert config.routing.policy is PolicyKind.ROUND_ROBIN
     assert config.scheduling.default_ttft_slo_s == 0.5
     assert config.scheduling.default_tpot_slo_s == 0.05
     assert config.scheduling.local_prefill_threshold_tokens == 64
