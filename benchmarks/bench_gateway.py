@@ -268,7 +268,7 @@ def main() -> int:
     rng = random.Random(0)
 
     store = start_store("--metadata", "embedded")
-    metadata = f"strata://{store.endpoint}"
+    metadata = store.metadata  # strata://: its gRPC metadata service
     common: tuple[str, ...] = ("--kv-metadata", metadata, "--max-num-seqs", "8")
     common += ("--max-model-len", str(args.max_model_len))
     workers = []

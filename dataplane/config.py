@@ -1,15 +1,25 @@
-"""WorkerConfig: the one validated configuration of a data-plane worker."""
+"""WorkerConfig: the one validated configuration of a data-plane worker.
+
+Its fields declare the ``strata worker`` flags and their ``STRATA_WORKER_*`` environment variables
+(:mod:`strata_common.options`); ``__post_init__`` validates, so a bad value is a usage error
+before any engine starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dataplane.hardware import DTYPES
 from kvstore.metadata import parse_metadata_spec
+from strata_common.endpoints import parse_endpoint
+from strata_common.options import add_options, option, parse_into
 from strata_common.units import parse_duration, parse_size
+
+ENV_PREFIX = "STRATA_WORKER_"
 
 
 class WorkerRole(enum.Enum):
@@ -29,31 +39,58 @@ class WorkerRole(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    role: WorkerRole
-    model_dir: Path
-    store_endpoint: str
-    host: str = "127.0.0.1"
-    port: int = 0
-    kv_cache_bytes: int = 1 << 30
-    max_model_len: int | None = None
-    max_num_seqs: int = 32
-    dtype: str = "auto"
+    role: WorkerRole = option(help="prefill, decode or both")
+    model_dir: Path = option(flag="model", help="HF model directory")
+    store_endpoint: str = option(flag="store", help="the store node, HOST:PORT")
+    host: str = option("127.0.0.1", help="address the gRPC service listens on")
+    port: int = option(0, help="gRPC port (0 = any free port, printed when ready)")
+    kv_cache_bytes: int = option(
+        1 << 30, flag="kv-cache-size", parse=parse_size, help='engine KV cache, e.g. "2GiB"'
+    )
+    max_model_len: int | None = option(None, help="longest prompt + output; none: the model's")
+    max_num_seqs: int = option(32, help="most requests the engine runs at once")
+    dtype: str = option(
+        "auto",
+        help="engine dtype (" + ", ".join(DTYPES) + "); auto: vLLM's on a GPU, bfloat16 on a CPU "
+        "with AVX-512 BF16/AMX, float32 on other CPUs",
+    )
     """The engine's dtype; "auto": what this host computes fast (dataplane/hardware.py)."""
-    enforce_eager: bool = True
-    enable_prefix_caching: bool = True
+    enforce_eager: bool = option(
+        True,
+        negative_flag="compile",
+        negative_help="torch.compile the model (slow start; same as --enforce-eager false)",
+        help="run the model eagerly, without torch.compile",
+    )
+    enable_prefix_caching: bool = option(
+        True,
+        flag="prefix-caching",
+        negative_flag="no-prefix-caching",
+        help="the engine's prefix cache",
+    )
     seed: int = 0
-    kv_metadata: str | None = None
+    kv_metadata: str | None = option(
+        None,
+        help="metadata store for HBM events (redis://HOST:PORT/DB, strata://HOST:PORT); "
+        "none: publish none",
+    )
     """Metadata store (``kvstore.metadata.open_metadata_store`` spec) that receives this worker's
     HBM events; None: no events."""
-    instance_id: str | None = None
+    instance_id: str | None = option(None, help="event source id (default: HOST:PORT)")
     """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
-    kv_heartbeat_interval_s: float = 1.0
+    kv_heartbeat_interval_s: float = option(
+        1.0, parse=parse_duration, help="with --kv-metadata: membership heartbeat period"
+    )
     """With ``kv_metadata``: how often the worker renews its membership (kind ``engine``)."""
-    kv_heartbeat_timeout_s: float = 5.0
+    kv_heartbeat_timeout_s: float = option(
+        5.0,
+        parse=parse_duration,
+        help="with --kv-metadata: silent this long = dead, HBM entries dropped",
+    )
     """With ``kv_metadata``: a worker silent this long is reaped and its HBM entries leave the
     index (the same defaults as a store node's)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir).resolve())
         if not (self.model_dir / "config.json").is_file():
             raise ValueError(f"model directory {self.model_dir} has no config.json")
         if not 0 <= self.port < 65536:
@@ -68,8 +105,7 @@ class WorkerConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be ≥ 1, got {self.max_num_seqs}")
-        if ":" not in self.store_endpoint:
-            raise ValueError(f"store endpoint must be HOST:PORT, got {self.store_endpoint!r}")
+        parse_endpoint(self.store_endpoint)  # raises ValueError naming the endpoint
         if self.kv_metadata is not None:
             try:
                 spec = parse_metadata_spec(self.kv_metadata)
@@ -89,60 +125,14 @@ class WorkerConfig:
             raise ValueError("instance_id must be 1..255 bytes of UTF-8")
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--role", required=True, choices=[r.value for r in WorkerRole])
-        parser.add_argument("--model", dest="model_dir", required=True, help="HF model directory")
-        parser.add_argument("--store", dest="store_endpoint", required=True, help="HOST:PORT")
-        parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=0)
-        parser.add_argument("--kv-cache-size", default="1GiB", help='engine KV cache, e.g. "2GiB"')
-        parser.add_argument("--max-model-len", type=int, default=None)
-        parser.add_argument("--max-num-seqs", type=int, default=32)
-        parser.add_argument(
-            "--dtype",
-            default="auto",
-            choices=DTYPES,
-            help="engine dtype; auto: vLLM's on a GPU, bfloat16 on a CPU with AVX-512 BF16/AMX, "
-            "float32 on other CPUs",
-        )
-        parser.add_argument("--compile", action="store_true", help="torch.compile (slow start)")
-        parser.add_argument("--no-prefix-caching", action="store_true")
-        parser.add_argument(
-            "--kv-metadata",
-            default=None,
-            help="metadata store for HBM events (redis://HOST:PORT/DB, strata://HOST:PORT); "
-            "default: publish none",
-        )
-        parser.add_argument(
-            "--instance-id", default=None, help="event source id (default: HOST:PORT)"
-        )
-        parser.add_argument(
-            "--kv-heartbeat-interval",
-            default="1s",
-            help="with --kv-metadata: membership heartbeat period, e.g. 1s",
-        )
-        parser.add_argument(
-            "--kv-heartbeat-timeout",
-            default="5s",
-            help="with --kv-metadata: silent this long = dead, HBM entries dropped, e.g. 5s",
-        )
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
-        return cls(
-            role=WorkerRole(args.role),
-            model_dir=Path(args.model_dir).resolve(),
-            store_endpoint=args.store_endpoint,
-            host=args.host,
-            port=args.port,
-            kv_cache_bytes=parse_size(args.kv_cache_size),
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            dtype=args.dtype,
-            enforce_eager=not args.compile,
-            enable_prefix_caching=not args.no_prefix_caching,
-            kv_metadata=args.kv_metadata,
-            instance_id=args.instance_id,
-            kv_heartbeat_interval_s=parse_duration(args.kv_heartbeat_interval),
-            kv_heartbeat_timeout_s=parse_duration(args.kv_heartbeat_timeout),
-        )
+    def from_cli(
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        prog: str = "strata worker",
+        description: str | None = None,
+    ) -> WorkerConfig:
+        """Parse ``strata worker`` arguments; a bad value exits with status 2 and a message."""
+        parser = argparse.ArgumentParser(prog=prog, description=description)
+        add_options(parser, cls, env_prefix=ENV_PREFIX, environ=environ)
+        return parse_into(parser, cls, argv)

@@ -18,7 +18,6 @@ engine's prefix cache as kvstore events (`dataplane/hbm_events.py`): source id =
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -453,13 +452,7 @@ def _kv_identity(worker: Worker) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="strata worker", description=__doc__.splitlines()[0])
-    WorkerConfig.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = WorkerConfig.from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    config = WorkerConfig.from_cli(argv, description=__doc__.splitlines()[0])
     Worker(config).run()
     return 0
 

@@ -77,6 +77,9 @@ class StoreNodeConfig:
         node_id: this node's id in the cluster (default ``host:port``, the bound port).
         metadata: ``redis://HOST:PORT/DB``, ``"embedded"``, ``strata://HOST:PORT`` (another
             node's embedded metadata), or None (standalone; no events).
+        metadata_port: with ``metadata="embedded"``, the port of the node's gRPC metadata service
+            on ``host`` (``strata://HOST:METADATA_PORT`` for the host's other processes); 0 picks a
+            free one, printed as ``kvstore metadata on strata://HOST:PORT`` before the ready line.
         heartbeat_interval_s / heartbeat_timeout_s: liveness (docs/design/kvstore.md §14).
         leave_policy: on graceful stop, ``"drop"`` the blocks or ``"migrate"`` DRAM to a peer.
         replicate_on_read: keep a local copy of a block read through from a peer.
@@ -108,6 +111,7 @@ class StoreNodeConfig:
     write_behind: bool = False
     node_id: str | None = None
     metadata: str | None = None
+    metadata_port: int = 0
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     leave_policy: str = "drop"
@@ -161,6 +165,12 @@ class StoreNodeConfig:
             raise ValueError("node_id must be 1..255 bytes")
         if self.metadata is not None:
             parse_metadata_spec(self.metadata)  # raises ValueError saying what is wrong
+        if not 0 <= self.metadata_port <= 65535:
+            raise ValueError(f"metadata_port out of range: {self.metadata_port}")
+        if self.metadata_port and self.metadata != "embedded":
+            raise ValueError("metadata_port needs metadata 'embedded' (the metadata it serves)")
+        if self.metadata_port and self.metadata_port == self.port:
+            raise ValueError("metadata_port must differ from port")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.leave_policy not in LEAVE_POLICIES:
@@ -251,6 +261,7 @@ _CLI_FIELDS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
     ("write_behind", "write-behind", _parse_bool, "copy every new block to SSD (true/false)"),
     ("node_id", "node-id", _parse_optional_dir, "node id in the cluster (default host:port)"),
     ("metadata", "metadata", _parse_optional_dir, "redis://HOST:PORT/DB, embedded, or none"),
+    ("metadata_port", "metadata-port", _parse_int, "gRPC port serving embedded metadata (0 = any)"),
     ("heartbeat_interval_s", "heartbeat-interval", parse_duration, "heartbeat period, e.g. 1s"),
     ("heartbeat_timeout_s", "heartbeat-timeout", parse_duration, "dead after this, e.g. 5s"),
     ("leave_policy", "leave-policy", _parse_str, "on graceful stop: drop or migrate"),

@@ -32,8 +32,6 @@ STATS         none (0)                             OK + JSON (UTF-8)
 SHM_INFO      none (0)                             OK + JSON describing the arena file
 GET_SHM       key (1)                              OK + (lease_id, offset, nbytes) as <QQQ | MISS
 RELEASE       lease ids as <Q each (n)             no response
-METADATA      a metadata call (0); see               OK + result | BAD_REQUEST + {"error": ...}
-              kvstore.metadata_service             (same layout); the connection stays open
 LEASE_BATCH   keys (n)                             OK, count = n, payload = batch id <Q, then n
                                                    (offset, nbytes) as <QQ, then n tier bytes
                                                    (0 miss, 1 DRAM, 2 read from SSD, both
@@ -79,7 +77,6 @@ __all__ = [
     "KEY_BYTES",
     "MAX_FRAME_PAYLOAD",
     "MAX_KEYS_PER_FRAME",
-    "MAX_METADATA_PAYLOAD",
     "PROTOCOL_VERSION",
     "SHM_LEASE",
     "FrameError",
@@ -108,8 +105,6 @@ MAX_FRAME_PAYLOAD = 1 << 30
 SHM_LEASE = struct.Struct("<QQQ")
 """GET_SHM response payload: lease id, offset of the block in the arena file, block length."""
 LEASE_ID = struct.Struct("<Q")
-MAX_METADATA_PAYLOAD = 64 << 20
-"""Ceiling of a METADATA request or response (a snapshot of ~4 M keys)."""
 BATCH_ID = struct.Struct("<Q")
 """Batch ids (LEASE_BATCH, RESERVE_BATCH) on the wire."""
 LEASE_SPAN = struct.Struct("<QQ")
@@ -139,8 +134,7 @@ class Op(enum.IntEnum):
     SHM_INFO = 7
     GET_SHM = 8
     RELEASE = 9
-    METADATA = 10
-    """The node's embedded metadata store (kvstore.metadata_service); payload formats there."""
+    # 10 was METADATA: the node's metadata is a gRPC service now (kvstore.metadata.service).
     # Transport ops (kvstore.transport), numbered from 16.
     LEASE_BATCH = 16
     RELEASE_BATCH = 17
@@ -207,8 +201,6 @@ class FrameHeader:
             ok = count == 1 and length == KEY_BYTES
         elif op in KEYED_OPS:
             ok = count <= MAX_KEYS_PER_FRAME and length == count * KEY_BYTES
-        elif op is Op.METADATA:
-            ok = count == 0 and length <= MAX_METADATA_PAYLOAD
         elif op is Op.RELEASE or op is Op.RELEASE_BATCH:
             ok = count <= MAX_KEYS_PER_FRAME and length == count * LEASE_ID.size
         elif op is Op.RESERVE_BATCH:

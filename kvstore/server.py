@@ -79,8 +79,8 @@ from kvstore.cluster import FLAG_NO_FORWARD, ClusterView, PeerFetcher
 from kvstore.config import StoreNodeConfig
 from kvstore.events import Tier
 from kvstore.membership import NodeAgent
-from kvstore.metadata import open_metadata_store
-from kvstore.metadata_service import MetadataService
+from kvstore.metadata import EmbeddedMetadataStore, open_metadata_store
+from kvstore.metadata.service import MetadataServer
 from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
 from kvstore.policy import PolicyKind, make_policy
 from kvstore.protocol import (
@@ -505,21 +505,6 @@ class _Connection(asyncio.BufferedProtocol):
             self._handle_commit_batch(rid, BATCH_ID.unpack(payload)[0])
         elif op is Op.RDMA_CONNECT:
             self._handle_rdma_connect(rid, payload)
-        elif op is Op.METADATA:  # kvstore.metadata_service; a parked read keeps its place
-            answer = self._server.metadata_service.handle(rid, payload)
-            if isinstance(answer, bytes):
-                self._write(answer)
-            else:
-                parked = _Reply([], ready=False)
-                self._replies.append(parked)
-
-                def answered(future: asyncio.Future[bytes], reply: _Reply = parked) -> None:
-                    reply.parts, reply.ready = [future.result()], True
-                    if not self._closed:
-                        self._flush_replies()
-                        self._resume()
-
-                answer.add_done_callback(answered)
         else:  # pragma: no cover - check_request admits only the ops above
             raise FrameError(f"unexpected opcode {op}")
 
@@ -872,8 +857,8 @@ class StoreServer:
         self.agent: NodeAgent | None = None
         self.view: ClusterView | None = None
         self.fetcher: PeerFetcher | None = None
-        # Op.METADATA: this node's embedded metadata, served to the host (kvstore.metadata_service).
-        self.metadata_service = MetadataService()
+        # This node's embedded metadata, served to the host over gRPC (kvstore.metadata.service).
+        self.metadata_server: MetadataServer | None = None
         self.transfers = TransferCounters()
         self._rdma: RdmaNodeEndpoint | str | None = None  # endpoint, or why there is none
 
@@ -914,7 +899,9 @@ class StoreServer:
             return
         loop = asyncio.get_running_loop()
         store = await loop.run_in_executor(None, open_metadata_store, config.metadata)
-        self.metadata_service.serve(store)  # only an embedded store is served
+        if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
+            self.metadata_server = MetadataServer(store, config.host, config.metadata_port)
+            await self.metadata_server.start()
         node_id = config.node_id or f"{host}:{port}"
         info = {
             "endpoint": f"{host}:{port}",
@@ -986,7 +973,9 @@ class StoreServer:
                 logger.exception("migration on leave failed; dropping the rest")
         await agent.stop()
         await loop.run_in_executor(None, view.stop)
-        self.metadata_service.close()
+        if self.metadata_server is not None:
+            await self.metadata_server.stop()
+            self.metadata_server = None
         if self.fetcher is not None:
             self.fetcher.close()
         self.agent = None

@@ -160,8 +160,9 @@ def serve(args: argparse.Namespace) -> int:
     from strata.models import default_cache_dir
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    # The store node serves its embedded metadata to this host (strata://): the workers publish
-    # their engines' prefix caches there as HBM events (dataplane/hbm_events.py).
+    # The store node serves its embedded metadata to this host over gRPC (strata://, its
+    # --metadata-port): the workers publish their engines' prefix caches there as HBM events
+    # (dataplane/hbm_events.py) and the gateway's prefix index follows them.
     store_args = ["--arena-size", args.store_arena_size, "--metadata", "embedded"]
     if not args.no_kv_ssd:
         ssd_dir = Path(args.kv_ssd_dir) if args.kv_ssd_dir else cache_dir / "kvstore"
@@ -177,6 +178,9 @@ def serve(args: argparse.Namespace) -> int:
     code = 1
     try:
         store_port = _free_port(loopback)
+        metadata_port = _free_port(loopback)
+        while metadata_port == store_port:
+            metadata_port = _free_port(loopback)
         sup.start(
             Service(
                 "store",
@@ -188,6 +192,8 @@ def serve(args: argparse.Namespace) -> int:
                     loopback,
                     "--port",
                     str(store_port),
+                    "--metadata-port",
+                    str(metadata_port),
                     *store_args,
                 ],
                 r"listening on",
@@ -195,6 +201,7 @@ def serve(args: argparse.Namespace) -> int:
             args.ready_timeout,
         )
         store = f"{loopback}:{store_port}"
+        metadata = f"strata://{loopback}:{metadata_port}"
         token, token_file = _admin_token(cache_dir)
         admin = f"{loopback}:{_admin_port(args.admin_port, loopback)}"
         num_engines = args.prefill_workers + args.decode_workers
@@ -231,9 +238,9 @@ def serve(args: argparse.Namespace) -> int:
             "--launch-decode",
             str(args.decode_workers),
             "--launch-kv-metadata",
-            f"strata://{store}",
+            metadata,
             "--kv-metadata",
-            f"strata://{store}",
+            metadata,
             "--launch-kv-cache-size",
             args.kv_cache_size,
             "--launch-cores-per-engine",

@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from strata_common.units import format_duration, parse_duration, parse_size
+from strata_common.units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
     "Option",
@@ -350,6 +350,8 @@ def _leaves(
 def _default_text(value: Any, parse: Callable[[str], Any] | None = None) -> str:
     if parse is parse_duration and isinstance(value, int | float) and not isinstance(value, bool):
         return format_duration(value)
+    if parse is parse_size and isinstance(value, int) and not isinstance(value, bool):
+        return format_size(value)
     if value is None:
         return "none"
     if isinstance(value, bool):

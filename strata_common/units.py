@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_duration", "parse_duration", "parse_size"]
+__all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
 
 _SIZE_UNITS = {
     "": 1,
@@ -71,3 +71,12 @@ def format_duration(seconds: float) -> str:
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
     return f"{seconds:g}s"
+
+
+def format_size(nbytes: int) -> str:
+    """``2147483648`` → ``"2GiB"``, ``4096`` → ``"4KiB"``, ``1000`` → ``"1000"``: the largest
+    binary unit that divides it exactly; the inverse of :func:`parse_size`."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes and nbytes % factor == 0:
+            return f"{nbytes // factor}{unit}"
+    return str(nbytes)

@@ -33,6 +33,16 @@ class Process:
     def tail(self, n: int = 80) -> str:
         return "\n".join(self.lines[-n:])
 
+    @property
+    def metadata(self) -> str:
+        """``strata://HOST:PORT`` of a store node's gRPC metadata service (``--metadata
+        embedded``; printed before its ready line)."""
+        prefix = "kvstore metadata on "
+        for line in self.lines:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"the store node serves no metadata:\n{self.tail()}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -54,7 +54,7 @@ def start_routing_cluster(
     """Store, ``num_prefill`` prefill workers and one decode worker, and the gateway (config:
     GatewayConfig overrides, a group's as a dict of its fields: ``replace_nested``)."""
     store = start_store("--metadata", "embedded")
-    metadata = f"strata://{store.endpoint}"
+    metadata = store.metadata  # strata://: its gRPC metadata service
     workers: list[Process] = []
     loop = LoopThread()
     server: GatewayServer | None = None

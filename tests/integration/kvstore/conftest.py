@@ -16,6 +16,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 READY_PREFIX = "kvstore node listening on "
+METADATA_PREFIX = "kvstore metadata on "
 START_TIMEOUT_S = 30.0
 
 
@@ -26,6 +27,8 @@ class NodeProcess:
     process: subprocess.Popen[str]
     endpoint: str
     log_path: Path
+    metadata: str | None = None
+    """``strata://HOST:PORT`` of its gRPC metadata service (``--metadata embedded`` only)."""
 
     @property
     def port(self) -> int:
@@ -69,6 +72,7 @@ def _start_node(log_path: Path, *args: str) -> NodeProcess:
     log.close()
     assert process.stdout is not None
     deadline = time.monotonic() + START_TIMEOUT_S
+    metadata: str | None = None
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or process.poll() is not None:
@@ -78,8 +82,11 @@ def _start_node(log_path: Path, *args: str) -> NodeProcess:
         ready, _, _ = select.select([process.stdout], [], [], remaining)
         if ready:
             line = process.stdout.readline()
+            if line.startswith(METADATA_PREFIX):  # printed before the ready line
+                metadata = line[len(METADATA_PREFIX) :].strip()
             if line.startswith(READY_PREFIX):
-                return NodeProcess(process, line[len(READY_PREFIX) :].strip(), log_path)
+                endpoint = line[len(READY_PREFIX) :].strip()
+                return NodeProcess(process, endpoint, log_path, metadata)
 
 
 @pytest.fixture

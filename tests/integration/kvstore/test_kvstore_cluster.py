@@ -316,7 +316,8 @@ def test_engine_member_over_a_store_nodes_strata_metadata(
     engine = HbmMember(tmp_path)
     hb = ("--heartbeat-interval", "0.2s", "--heartbeat-timeout", f"{HB_TIMEOUT_S}s")
     node = start_node("--metadata", "embedded", "--node-id", "N", *hb, "--prefault", "false")
-    spec = f"strata://{node.endpoint}"
+    spec = node.metadata  # the node's gRPC metadata service
+    assert spec is not None
     store = open_metadata_store(spec)
     view = ClusterView(store, poll_interval_s=0.05).start()
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from strata_common.units import format_duration, parse_duration, parse_size
+from strata_common.units import format_duration, format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(
@@ -58,3 +58,12 @@ def test_parse_duration_rejects(text: str) -> None:
 def test_format_duration_round_trips(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "text"),
+    [(2 << 30, "2GiB"), (4096, "4KiB"), (1000, "1000"), (0, "0"), (3 << 40, "3TiB")],
+)
+def test_format_size_round_trips(nbytes: int, text: str) -> None:
+    assert format_size(nbytes) == text
+    assert parse_size(text) == nbytes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -95,19 +94,47 @@ def test_instance_id_length_is_checked(tmp_path: Path) -> None:
 
 def test_command_line_options_reach_the_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    parser = argparse.ArgumentParser()
-    WorkerConfig.add_arguments(parser)
     base = ["--role", "decode", "--model", str(tmp_path), "--store", "127.0.0.1:1"]
-    config = WorkerConfig.from_args(parser.parse_args(base))
+    config = WorkerConfig.from_cli(base, environ={})
     assert (config.kv_metadata, config.instance_id) == (None, None)
     assert (config.kv_heartbeat_interval_s, config.kv_heartbeat_timeout_s) == (1.0, 5.0)
-    args = parser.parse_args(
-        [*base, "--kv-metadata", "strata://127.0.0.1:9", "--instance-id", "decode-1"]
+    config = WorkerConfig.from_cli(
+        [*base, "--kv-metadata", "strata://127.0.0.1:9", "--instance-id", "decode-1"], environ={}
     )
-    config = WorkerConfig.from_args(args)
     assert (config.kv_metadata, config.instance_id) == ("strata://127.0.0.1:9", "decode-1")
-    args = parser.parse_args(
-        [*base, "--kv-heartbeat-interval", "250ms", "--kv-heartbeat-timeout", "2s"]
+    config = WorkerConfig.from_cli(
+        [*base, "--kv-heartbeat-interval", "250ms", "--kv-heartbeat-timeout", "2s"], environ={}
     )
-    config = WorkerConfig.from_args(args)
     assert (config.kv_heartbeat_interval_s, config.kv_heartbeat_timeout_s) == (0.25, 2.0)
+
+
+def test_flags_environment_and_shorthands(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    base = ["--role", "prefill", "--model", str(tmp_path), "--store", "[::1]:7600"]
+    env = {"STRATA_WORKER_MAX_NUM_SEQS": "4", "STRATA_WORKER_KV_CACHE_SIZE": "2GiB"}
+    config = WorkerConfig.from_cli([*base, "--compile", "--no-prefix-caching"], environ=env)
+    assert config.role is WorkerRole.PREFILL
+    assert config.model_dir == tmp_path.resolve()
+    assert (config.max_num_seqs, config.kv_cache_bytes) == (4, 2 << 30)
+    assert (config.enforce_eager, config.enable_prefix_caching) == (False, False)
+    assert WorkerConfig.from_cli([*base, "--max-num-seqs", "8"], environ=env).max_num_seqs == 8
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--kv-cache-size", "lots"], "--kv-cache-size"),
+        (["--role", "both", "--store", "nohost"], "HOST:PORT"),
+        (["--role", "cook"], "--role"),
+        (["--dtype", "fp3"], "dtype"),
+    ],
+)
+def test_bad_flags_are_usage_errors(
+    tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    base = ["--role", "decode", "--model", str(tmp_path), "--store", "127.0.0.1:1"]
+    with pytest.raises(SystemExit) as excinfo:
+        WorkerConfig.from_cli([*base, *extra], environ={})
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err

@@ -33,3 +33,16 @@ def test_from_cli_rejects_invalid(argv: list[str], capsys: pytest.CaptureFixture
         StoreNodeConfig.from_cli(argv, env={})
     assert excinfo.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_metadata_port_serves_embedded_metadata_only() -> None:
+    env = {"STRATA_KVSTORE_METADATA_PORT": "7601"}
+    config = StoreNodeConfig.from_cli(["--metadata", "embedded"], env=env)
+    assert (config.metadata, config.metadata_port) == ("embedded", 7601)
+    assert StoreNodeConfig(metadata="embedded").metadata_port == 0  # any free port
+    with pytest.raises(ValueError, match="metadata_port needs metadata 'embedded'"):
+        StoreNodeConfig(metadata="redis://h:1/0", metadata_port=7601)
+    with pytest.raises(ValueError, match="metadata_port must differ from port"):
+        StoreNodeConfig(metadata="embedded", port=7600, metadata_port=7600)
+    with pytest.raises(ValueError, match="metadata_port out of range: 65536"):
+        StoreNodeConfig(metadata="embedded", metadata_port=65536)

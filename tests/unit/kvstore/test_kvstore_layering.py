@@ -34,8 +34,8 @@ def test_no_upward_imports() -> None:
 
 
 def test_importing_the_package_and_hashing_is_light() -> None:
-    """The gateway imports kvstore.hashing; that must not drag in the server or uvloop."""
-    heavy = ("uvloop", "kvstore.server", "torch", "vllm")
+    """The gateway imports kvstore.hashing; that must not drag in the server, uvloop or grpc."""
+    heavy = ("uvloop", "kvstore.server", "torch", "vllm", "grpc")
     code = (
         "import sys, kvstore, kvstore.hashing, kvstore.client; "
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))"

@@ -80,6 +80,6 @@ def test_invalid_specs_get_a_readable_error(spec: str, error: str) -> None:
 def test_shared_and_endpoint() -> None:
     assert parse_metadata_spec("embedded").shared is False
     assert parse_metadata_spec("redis://h:1/0").shared is True
-    assert parse_metadata_spec("strata://[::1]:7000").endpoint == "::1:7000"
+    assert parse_metadata_spec("strata://[::1]:7000").endpoint == "[::1]:7000"
     with pytest.raises(ValueError, match="not a strata:// spec"):
         _ = parse_metadata_spec("redis://h:1/0").endpoint

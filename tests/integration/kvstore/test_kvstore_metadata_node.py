@@ -1,5 +1,6 @@
-"""Node-served metadata (``strata://HOST:PORT``): one store node with embedded metadata, and the
-other processes of the host -- here, the test -- following and publishing to its event stream."""
+"""Node-served metadata (``strata://HOST:PORT``): one store node with embedded metadata serving it
+over gRPC, and the other processes of the host -- here, the test -- following and publishing to
+its event stream."""
 
 from __future__ import annotations
 
@@ -8,19 +9,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore.client import KVStoreClient, PutStatus
 from kvstore.cluster import ClusterView
 from kvstore.events import BlocksStored, SourceCleared, Tier, decode_event, encode_event
 from kvstore.metadata import START, open_metadata_store
-from kvstore.metadata_service import (
-    MetadataServiceError,
-    RemoteMetadataStore,
-    decode_call,
-    encode_call,
-)
-from kvstore.protocol import FRAME_HEADER_BYTES, FrameHeader, Op, Status, pack_frame_header
+from kvstore.metadata.remote import RemoteMetadataStore
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,7 +33,7 @@ def payload(n: int) -> bytes:
     return bytes((i * 7 + n) % 256 for i in range(64 * KIB))
 
 
-def embedded_node(start_node: NodeFactory) -> Any:
+def embedded_node(start_node: NodeFactory, *args: str) -> Any:
     return start_node(
         "--metadata",
         "embedded",
@@ -50,30 +47,14 @@ def embedded_node(start_node: NodeFactory) -> Any:
         "1h",  # events come from the tiers' notifications, not from a periodic diff
         "--prefault",
         "false",
+        *args,
     )
-
-
-def raw_call(sock: socket.socket, request_id: int, body: bytes) -> tuple[int, dict[str, Any]]:
-    """Send one METADATA frame with ``body``; return (status, JSON of the reply)."""
-    sock.sendall(pack_frame_header(Op.METADATA, request_id, 0, len(body)) + body)
-    header = FrameHeader.decode(recv_exact(sock, FRAME_HEADER_BYTES))
-    assert (header.opcode, header.request_id) == (Op.METADATA, request_id)
-    reply, _blobs = decode_call(recv_exact(sock, header.payload_len))
-    return header.status, reply
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "the node closed the connection"
-        data += chunk
-    return data
 
 
 def test_cluster_view_and_external_publisher_over_the_node(start_node: NodeFactory) -> None:
     node = embedded_node(start_node)
-    spec = f"strata://{node.endpoint}"
+    spec = node.metadata
+    assert spec is not None and spec != f"strata://{node.endpoint}"  # its own gRPC port
     view_store = open_metadata_store(spec)
     engine = open_metadata_store(spec)
     assert isinstance(view_store, RemoteMetadataStore)
@@ -115,7 +96,8 @@ def test_cluster_view_and_external_publisher_over_the_node(start_node: NodeFacto
 
 def test_long_poll_parks_without_blocking_other_calls(start_node: NodeFactory) -> None:
     node = embedded_node(start_node)
-    store = RemoteMetadataStore(node.endpoint)
+    assert node.metadata is not None
+    store = open_metadata_store(node.metadata)
     try:
         cursor, _ = store.read(START, 0.0, count=65536)
         got: list[bytes] = []
@@ -128,7 +110,7 @@ def test_long_poll_parks_without_blocking_other_calls(start_node: NodeFactory) -
 
         reader = threading.Thread(target=follow)
         reader.start()
-        # While a read is parked on the node, other calls (other connections) are answered,
+        # While a read is parked on the node, other calls (on the same channel) are answered,
         # and so are data-path requests.
         with KVStoreClient(node.endpoint, use_shm=False) as client:
             assert client.put(key(9), payload(9)) is PutStatus.OK
@@ -144,35 +126,22 @@ def test_long_poll_parks_without_blocking_other_calls(start_node: NodeFactory) -
         store.close()
 
 
-def test_malformed_metadata_requests_get_errors_and_the_node_keeps_serving(
+def test_bad_arguments_get_value_errors_and_the_node_keeps_serving(
     start_node: NodeFactory,
 ) -> None:
     node = embedded_node(start_node)
-    host, port = node.endpoint.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        status, reply = raw_call(sock, 1, b"\x05\x00\x00\x00\x00\x00\x00\x00{not")
-        assert status == Status.BAD_REQUEST and "metadata call" in reply["error"]
-        status, reply = raw_call(sock, 2, b"garbage")
-        assert status == Status.BAD_REQUEST
-        status, reply = raw_call(sock, 3, encode_call({"method": "drop_everything"}))
-        assert (status, reply) == (
-            Status.BAD_REQUEST,
-            {"error": "unknown metadata method 'drop_everything'"},
-        )
-        status, reply = raw_call(
-            sock, 4, encode_call({"method": "heartbeat", "node_id": "", "ttl_s": 1})
-        )
-        assert status == Status.BAD_REQUEST and "node_id" in reply["error"]
-        bad_read = {"method": "read", "cursor": "x", "block_s": 0, "count": 1}
-        status, reply = raw_call(sock, 5, encode_call(bad_read))
-        assert status == Status.BAD_REQUEST and "cursor" in reply["error"]
-        # the same connection still works
-        status, reply = raw_call(sock, 6, encode_call({"method": "members"}))
-        assert status == Status.OK and set(reply["members"]) == {"N"}
-    store = RemoteMetadataStore(node.endpoint)
+    assert node.metadata is not None
+    store = open_metadata_store(node.metadata)
+    assert isinstance(store, RemoteMetadataStore)
     try:
-        with pytest.raises(MetadataServiceError, match="ttl_s"):
+        with pytest.raises(ValueError, match=r"ttl_s must be in \[0.001, 86400\]"):
             store.heartbeat("x", -1.0)
+        with pytest.raises(ValueError, match=r"node_id must be a string of 1\.\.255 bytes"):
+            store.heartbeat("", 1.0)
+        with pytest.raises(ValueError, match="cursor must be a cursor returned by Read"):
+            store.read("x", 0.0, 1)
+        with pytest.raises(ValueError, match="count must be at least 1"):
+            store.read(START, 0.0, 0)
         assert "N" in store.members()  # the node keeps serving
     finally:
         store.close()
@@ -180,11 +149,27 @@ def test_malformed_metadata_requests_get_errors_and_the_node_keeps_serving(
         assert client.put(key(1), payload(1)) is PutStatus.OK
 
 
-def test_a_node_without_embedded_metadata_refuses(start_node: NodeFactory) -> None:
-    node = start_node("--prefault", "false")
-    store = RemoteMetadataStore(node.endpoint)
+def test_health_says_serving_on_the_metadata_port(start_node: NodeFactory) -> None:
+    node = embedded_node(start_node)
+    assert node.metadata is not None
+    with grpc.insecure_channel(node.metadata.removeprefix("strata://")) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "strata.metadata.v1.Metadata"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_metadata_port_is_configurable_and_only_embedded_metadata_is_served(
+    start_node: NodeFactory,
+) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = embedded_node(start_node, "--metadata-port", str(port))
+    assert node.metadata == f"strata://127.0.0.1:{port}"
+    store = open_metadata_store(node.metadata)
     try:
-        with pytest.raises(MetadataServiceError, match="serves no metadata"):
-            store.members()
+        assert set(store.members()) == {"N"}
     finally:
         store.close()
+    assert start_node("--prefault", "false").metadata is None  # standalone: nothing to serve

@@ -1,0 +1,110 @@
+"""Metadata in Redis or Valkey: several hosts share one store (docs/design/kvstore.md §14.1)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from kvstore.metadata.base import DEFAULT_PREFIX, STREAM_MAXLEN
+
+__all__ = ["RedisMetadataStore"]
+
+
+class RedisMetadataStore:
+    """Metadata in Redis or Valkey (redis-py, synchronous; safe to share between threads)."""
+
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, maxlen: int = STREAM_MAXLEN) -> None:
+        import redis  # imported here: a standalone node never needs it
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=5.0)
+        self._prefix = prefix
+        self._maxlen = maxlen
+        self._members_key = f"{prefix}:members"
+        self._stream = f"{prefix}:events"
+        self._reap_script = self._redis.register_script(_REAP_SCRIPT)
+
+    def _hb(self, node_id: str) -> str:
+        return f"{self._prefix}:hb:{node_id}"
+
+    def _resync_key(self, node_id: str) -> str:
+        return f"{self._prefix}:resync:{node_id}"
+
+    def ping(self) -> bool:
+        return bool(self._redis.ping())
+
+    def register(self, node_id: str, info: Mapping[str, Any]) -> None:
+        self._redis.hset(self._members_key, node_id, json.dumps(dict(info), sort_keys=True))
+
+    def deregister(self, node_id: str) -> None:
+        pipe = self._redis.pipeline()
+        pipe.hdel(self._members_key, node_id)
+        pipe.delete(self._hb(node_id), self._resync_key(node_id))
+        pipe.execute()
+
+    def heartbeat(self, node_id: str, ttl_s: float) -> bool:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._hb(node_id), b"1", px=max(1, int(ttl_s * 1000)))
+        pipe.hexists(self._members_key, node_id)
+        _ok, registered = pipe.execute()
+        return bool(registered)
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        raw: Any = self._redis.hgetall(self._members_key)
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def alive(self, node_ids: Iterable[str]) -> set[str]:
+        nodes = list(node_ids)
+        if not nodes:
+            return set()
+        present: Any = self._redis.mget([self._hb(n) for n in nodes])
+        return {n for n, value in zip(nodes, present, strict=True) if value is not None}
+
+    def request_resync(self, node_id: str) -> None:
+        self._redis.set(self._resync_key(node_id), b"1")
+
+    def take_resync_request(self, node_id: str) -> bool:
+        return self._redis.getdel(self._resync_key(node_id)) is not None
+
+    def reap(self, node_id: str, info: Mapping[str, Any], messages: Sequence[bytes]) -> bool:
+        keys = [self._members_key, self._hb(node_id), self._resync_key(node_id), self._stream]
+        args: list[bytes | str | int] = [node_id, json.dumps(dict(info), sort_keys=True)]
+        args += [self._maxlen, *messages]
+        return bool(self._reap_script(keys=keys, args=args))
+
+    def publish(self, messages: Sequence[bytes]) -> None:
+        if not messages:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for message in messages:
+            pipe.xadd(self._stream, {b"m": message}, maxlen=self._maxlen, approximate=True)
+        pipe.execute()
+
+    def read(self, cursor: str, block_s: float, count: int = 1024) -> tuple[str, list[bytes]]:
+        block_ms = max(1, int(block_s * 1000))
+        reply: Any = self._redis.xread({self._stream: cursor}, count=count, block=block_ms)
+        messages: list[bytes] = []
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                cursor = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                message = fields.get(b"m")
+                if message is not None:
+                    messages.append(bytes(message))
+        return cursor, messages
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+_REAP_SCRIPT: Final = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[3])
+for i = 4, #ARGV do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'm', ARGV[i])
+end
+return 1
+"""
+"""Atomic :meth:`MetadataStore.reap`: same registration (exact JSON), no heartbeat, then remove
+and publish. A Lua script runs with no other command in between."""
