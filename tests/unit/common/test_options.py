@@ -212,3 +212,20 @@ def test_declaration_errors() -> None:
 )
 def test_parse_bool(text: str, value: bool) -> None:
     assert parse_bool(text) is value
+
+
+def test_comma_separated() -> None:
+    parse = comma_separated(int)
+    assert parse("1, 2,,3 ") == (1, 2, 3)
+    assert parse("") == ()
+
+
+def test_replace_nested_changes_one_field_of_a_group(tmp_path: Path) -> None:
+    from strata_common.options import replace_nested
+
+    base = Sample(model_dir=tmp_path, inner=Inner(port=5, token="t"))
+    changed = replace_nested(base, count=2, inner={"port": 6})
+    assert changed == Sample(model_dir=tmp_path, count=2, inner=Inner(port=6, token="t"))
+    assert replace_nested(base, inner=Inner()).inner == Inner()
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        replace_nested(base, count=-1)
