@@ -2,7 +2,7 @@
 
 The values are those of ``strata.worker.v1.Role`` (proto/strata_proto/worker.proto), so a role
 crosses the gRPC boundary as ``role.value`` and comes back as ``WorkerRole(value)``;
-tests/unit/controlplane/test_roles.py checks that the two stay equal.
+tests/unit/controlplane/workers/test_roles.py checks that the two stay equal.
 """
 
 from __future__ import annotations

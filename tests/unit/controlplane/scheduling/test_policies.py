@@ -1,6 +1,6 @@
 """Scheduling policies: the chosen instances on tables of cluster states, exactly.
 
-Latency models and units: tests/unit/controlplane/scheduling_helpers.py (prefill 1 ms per new
+Latency models and units: scheduling_helpers.py (this folder; prefill 1 ms per new
 token, decode step 10 ms + 1 ms per sequence, TCP 100 MB/s, shm 1 GB/s, 1000 B of KV per token).
 The default request: 1000 prompt tokens (62 blocks of 16 can hit), 101 output tokens.
 """
@@ -40,7 +40,7 @@ from controlplane.scheduling.policies import (
 from controlplane.workers.roles import WorkerRole
 from kvstore.events import BlocksStored, Tier
 from kvstore.index import PrefixIndex
-from tests.unit.controlplane.scheduling_helpers import (
+from tests.unit.controlplane.scheduling.scheduling_helpers import (
     BLOCK,
     DEAD,
     DRAINING,

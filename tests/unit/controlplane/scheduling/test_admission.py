@@ -1,6 +1,6 @@
 """Admission in the slo_aware policy: accept or reject, and the Retry-After estimate, exactly.
 
-Latency models: tests/unit/controlplane/scheduling_helpers.py (prefill 1 ms per new token, decode
+Latency models: scheduling_helpers.py (this folder; prefill 1 ms per new token, decode
 step 10 ms + 1 ms per sequence, a 1000-token prompt's KV takes 10 ms over TCP, 1 ms over shm).
 Requests: 1000 prompt tokens and 101 output tokens unless a case says otherwise, so the KV
 transfer adds 0.1 ms (TCP) or 0.01 ms (shm) to the TPOT.
@@ -21,7 +21,7 @@ from controlplane.scheduling import (
     RequestSnapshot,
     SloAwarePolicy,
 )
-from tests.unit.controlplane.scheduling_helpers import BLOCK, D, P, config, instance
+from tests.unit.controlplane.scheduling.scheduling_helpers import BLOCK, D, P, config, instance
 
 ACCEPT = "accept"
 
