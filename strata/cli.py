@@ -26,6 +26,7 @@ from pathlib import Path
 from controlplane.admin.config import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
 from dataplane.hardware import DTYPES
 from strata.supervisor import Service, ServiceError, Supervisor
+from strata_common.endpoints import format_endpoint
 
 
 def _free_port(host: str) -> int:
@@ -203,7 +204,8 @@ def serve(args: argparse.Namespace) -> int:
         store = f"{loopback}:{store_port}"
         metadata = f"strata://{loopback}:{metadata_port}"
         token, token_file = _admin_token(cache_dir)
-        admin = f"{loopback}:{_admin_port(args.admin_port, loopback)}"
+        admin_port = _admin_port(args.admin_port, loopback)
+        admin = format_endpoint(loopback, admin_port)
         num_engines = args.prefill_workers + args.decode_workers
         cores_per_engine = max(1, len(os.sched_getaffinity(0)) // num_engines)
         # Options every `strata worker` gets, beyond what the gateway's --launch-* flags say.
@@ -230,7 +232,7 @@ def serve(args: argparse.Namespace) -> int:
             "--admin-host",
             loopback,
             "--admin-port",
-            admin.rpartition(":")[2],
+            str(admin_port),
             "--launch-store",
             store,
             "--launch-prefill",

@@ -25,6 +25,7 @@ from controlplane.scheduling import (
     LatencyPredictor,
 )
 from controlplane.workers.client import WorkerClient, WorkerHealth
+from strata_common.endpoints import parse_endpoint
 
 __all__ = ["Instance", "InstanceView", "KVIdentity", "ModelLimits", "StartupError"]
 
@@ -71,6 +72,7 @@ class Instance:
         "endpoint",
         "forgotten",
         "health",
+        "host",
         "id",
         "idle",
         "last_prefill_engine_s",
@@ -95,6 +97,8 @@ class Instance:
         self.id = record.id
         self.role = record.role
         self.endpoint = record.endpoint
+        self.host = parse_endpoint(record.endpoint).host
+        """The endpoint's host: instances with the same one share memory (KV moves by shm)."""
         self.launched = record.launched
         self.draining = record.draining
         self.client = WorkerClient(record.endpoint)
@@ -142,7 +146,7 @@ class Instance:
             predictor=self.predictor,
             load=self.load(),
             capacity=self.capacity,
-            host=self.endpoint.rpartition(":")[0],
+            host=self.host,
             kv_source=self.kv_source,
         )
 
