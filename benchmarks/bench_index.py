@@ -38,8 +38,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from kvstore.events import BlocksRemoved, BlocksStored, Tier  # noqa: E402
-from kvstore.index import ApplyResult, PrefixIndex  # noqa: E402
+from kvstore.blocks.tier import Tier  # noqa: E402
+from kvstore.cluster.events import BlocksRemoved, BlocksStored  # noqa: E402
+from kvstore.cluster.index import PrefixIndex  # noqa: E402
+from kvstore.cluster.match import ApplyResult  # noqa: E402
 
 RUNS = 3
 CHAIN = 64

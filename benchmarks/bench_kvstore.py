@@ -9,9 +9,9 @@ max), in the same process and the same minute:
   goes; the ratio is the median of kvstore run / the limit run just before it);
 * kvstore: ``put_many`` and ``get_many_into`` (pipelined, the connector's batch calls) for 256 KiB
   and 2 MiB blocks over each transport this machine has -- TCP and shared memory (batched leases
-  and reservations; RDMA cannot exist here) -- and ``AsyncKVStoreClient.put`` / ``get`` (one
-  connection, uvloop) over TCP. TCP figures are compared with the raw-socket limit, shared-memory
-  ones with memcpy.
+  and reservations; RDMA cannot exist here) -- and ``AsyncKVStoreClient.put_many`` /
+  ``get_many_into`` (one connection, uvloop) over TCP. TCP figures are compared with the
+  raw-socket limit, shared-memory ones with memcpy.
 
 The machines are shared and noisy, so compare the ratios (kvstore / limit), not absolute numbers.
 The node and the client share the machine's cores, as a prefill worker and its local node would.
@@ -43,8 +43,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import uvloop  # noqa: E402
 
-from kvstore.aio_client import AsyncKVStoreClient  # noqa: E402
-from kvstore.client import PIPELINE_WINDOW, KVStoreClient, PutStatus  # noqa: E402
+from kvstore.client.aio import AsyncKVStoreClient  # noqa: E402
+from kvstore.client.sync import PIPELINE_WINDOW, KVStoreClient  # noqa: E402
+from kvstore.wire.types import PutStatus  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 RUNS = 3
@@ -227,14 +228,14 @@ def bench_store(
             async with AsyncKVStoreClient(endpoint) as client:
 
                 async def put_run() -> int:
-                    results = await client.put(new_keys())
-                    if any(r.status is not PutStatus.OK for r in results):
+                    statuses = await client.put_many(new_keys())
+                    if any(status is not PutStatus.OK for status in statuses):
                         raise RuntimeError("puts not stored")
                     return num_blocks * block_bytes
 
                 async def get_run() -> int:
-                    got = await client.get(keys, outs)
-                    if any(r.nbytes != block_bytes for r in got):
+                    sizes = await client.get_many_into(keys, outs)
+                    if any(nbytes != block_bytes for nbytes in sizes):
                         raise RuntimeError("missing blocks")
                     check_data()
                     return num_blocks * block_bytes

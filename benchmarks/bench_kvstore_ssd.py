@@ -7,8 +7,8 @@ Measures, three runs each (min / median / max GB/s), in one process:
   write costs); a cold sequential read (``posix_fadvise(DONTNEED)`` first) with ``readv`` into a
   preallocated buffer; random ``O_DIRECT`` reads of one block size from 8 threads (what a cache
   that reads blocks in any order can get from this disk); ``np.copyto`` for warm reads;
-* the SSD tier (:class:`kvstore.ssd.SSDTier`, as a store node runs it: ``put_many`` batches of
-  ``max_batch_bytes`` per transaction, one ``fdatasync`` per commit with the default
+* the SSD tier (:class:`kvstore.node.ssd.tier.SSDTier`, as a store node runs it: ``put_many``
+  batches of ``max_batch_bytes`` per transaction, one ``fdatasync`` per commit with the default
   ``--ssd-sync data``; ``read_into`` a preallocated destination with checksum verification) for
   256 KiB and 2 MiB blocks: puts (also ``sync=none`` for comparison); cold reads (the file dropped
   from the page cache) in write order and in random order, from 8 threads (the node's read
@@ -39,8 +39,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header  # noqa: E402
-from kvstore.ssd import ReadStatus, SSDTier, tune_malloc_for_lmdb  # noqa: E402
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header  # noqa: E402
+from kvstore.node.ssd.files import tune_malloc_for_lmdb  # noqa: E402
+from kvstore.node.ssd.tier import SSDTier  # noqa: E402
+from kvstore.node.ssd.types import ReadStatus  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 RUNS = 3

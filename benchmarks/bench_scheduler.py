@@ -2,10 +2,10 @@
 
 Setup (deterministic, seeded):
 
-* a :class:`kvstore.index.PrefixIndex` of 1 M blocks as 64-block chains (random 16-byte keys, as
-  xxh3_128 keys look): every chain on one of 16 store nodes (DRAM or SSD), and every fourth chain
-  also resident, in its first 16..64 blocks, in the HBM of one instance (one holder per instance:
-  64 or 256 engine holders besides the 16 store nodes);
+* a :class:`kvstore.cluster.index.PrefixIndex` of 1 M blocks as 64-block chains (random 16-byte
+  keys, as xxh3_128 keys look): every chain on one of 16 store nodes (DRAM or SSD), and every
+  fourth chain also resident, in its first 16..64 blocks, in the HBM of one instance (one holder
+  per instance: 64 or 256 engine holders besides the 16 store nodes);
 * 64 or 256 ready instances, half prefill, half decode, 8 per host, each with its own
   :class:`LatencyPredictor` and a random load (queued prefill tokens, running decodes);
 * requests: an indexed chain cut at a random depth (1..64 blocks) plus 0..8 fresh blocks and a
@@ -61,8 +61,9 @@ from controlplane.scheduling import (  # noqa: E402
     make_policy,
 )
 from controlplane.workers.roles import WorkerRole  # noqa: E402
-from kvstore.events import BlocksStored, Tier  # noqa: E402
-from kvstore.index import PrefixIndex  # noqa: E402
+from kvstore.blocks.tier import Tier  # noqa: E402
+from kvstore.cluster.events import BlocksStored  # noqa: E402
+from kvstore.cluster.index import PrefixIndex  # noqa: E402
 
 CHAIN = 64
 BLOCK = 16

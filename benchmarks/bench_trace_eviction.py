@@ -4,7 +4,7 @@ Replays the prompt-block stream of ``conversation_trace.jsonl`` (each request's 
 order; 512-token blocks): a block is a *hit* if it is cached when accessed, and is inserted after
 a miss (evicting as the store node does: ``select_victim`` then ``on_remove`` until there is
 room). Caches hold 1 %, 5 % and 20 % of the trace's distinct blocks. For each capacity it prints,
-per policy (every ``kvstore.policy.PolicyKind``):
+per policy (every ``kvstore.policy.factory.PolicyKind``):
 
 * **block hit ratio**: hits / accesses;
 * **prefix hit ratio**: the leading hits of each request (blocks 0..i-1 all hit) / accesses. A
@@ -17,9 +17,9 @@ per policy (every ``kvstore.policy.PolicyKind``):
 * ``LRU+oracle adm.``: LRU that caches a block only if it will be accessed again -- the offline
   bound of any admission filter in front of LRU (what is left to Belady is eviction order).
 
-The admission policies (``W_TINYLFU``, ``SECOND_HIT_LRU``: kvstore.policy.AdmittedPolicy) see the
-same events as the others: a hit is ``on_access``, a miss ``on_insert`` after the evictions, and
-their admission decision is taken inside ``select_victim`` (a refused block is the next victim).
+The admission policies (``W_TINYLFU``, ``SECOND_HIT_LRU``: kvstore.policy.admitted.AdmittedPolicy)
+see the same events as the others: a hit is ``on_access``, a miss ``on_insert`` after the evictions,
+and their admission decision is taken inside ``select_victim`` (a refused block is the next victim).
 
 One extra row, ``LRU, tail first``, touches each request's blocks from last to first after the
 request (as vLLM frees a finished request's blocks, tail first), so an LRU cache evicts chain
@@ -43,7 +43,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from kvstore.policy import EvictionPolicy, LRUPolicy, PolicyKind, make_policy  # noqa: E402
+from kvstore.policy.base import EvictionPolicy  # noqa: E402
+from kvstore.policy.factory import PolicyKind, make_policy  # noqa: E402
+from kvstore.policy.lru import LRUPolicy  # noqa: E402
 
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
 FRACTIONS = (0.01, 0.05, 0.20)

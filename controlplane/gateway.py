@@ -38,7 +38,7 @@ from controlplane.request.routing import (
 from controlplane.scheduling import SchedulingConfig
 from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
 from controlplane.workers.roles import WorkerRole
-from kvstore.cluster import ClusterView
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import open_metadata_store
 
 __all__ = ["GatewayServer", "main", "serve"]

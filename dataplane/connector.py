@@ -8,7 +8,8 @@ Call sequence for one request (prefill role saves, decode role loads; `kv_both` 
 
   scheduler side                                  worker side
   --------------                                  -----------
-  on_new_request         hash the prompt into block keys (kvstore.hashing, namespace = cache_salt)
+  on_new_request         hash the prompt into block keys (kvstore.blocks.hashing,
+                         namespace = cache_salt)
   get_num_new_matched_tokens
                          ask the store how many leading keys it holds (loaders only); leave at least
                          one prompt token to compute, as vLLM requires
@@ -52,8 +53,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.logger import init_logger
 
 from dataplane.counters import KV_COUNTERS
-from kvstore.client import KVStoreClient, KVStoreError, PutStatus
-from kvstore.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_keys, root_key
+from kvstore.client.sync import KVStoreClient
+from kvstore.errors import KVStoreError
+from kvstore.wire.types import PutStatus
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

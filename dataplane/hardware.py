@@ -12,7 +12,7 @@ linear" and a bf16 prefill is ~6x slower than float32 (../shared/notes/vllm-cpu.
 - ``float32`` on any other CPU.
 
 The dtype is part of the model fingerprint and the engine's actual dtype part of the KV layout
-(kvstore/hashing.py, dataplane/connector.py), so engines that run different dtypes never
+(kvstore/blocks/hashing.py, dataplane/connector.py), so engines that run different dtypes never
 exchange KV blocks: they only miss each other's prefixes.
 """
 

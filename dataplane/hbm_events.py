@@ -1,9 +1,9 @@
 """HBM events: the blocks in an engine's prefix cache, published as kvstore events (Tier.HBM).
 
-Each worker is one event *source* (``kvstore.events``): its instance id names it, its events are
-numbered 0, 1, 2, ... and the stream starts with ``SourceCleared``. Readers (``ClusterView`` in the
-store nodes and the gateway) then see ``(instance, HBM)`` as a holder of those keys, so routing can
-prefer the instance that already holds a prefix.
+Each worker is one event *source* (``kvstore.cluster.events``): its instance id names it, its events
+are numbered 0, 1, 2, ... and the stream starts with ``SourceCleared``. Readers (``ClusterView`` in
+the store nodes and the gateway) then see ``(instance, HBM)`` as a holder of those keys, so routing
+can prefer the instance that already holds a prefix.
 
 Where the events come from, and why from there::
 
@@ -19,14 +19,14 @@ Where the events come from, and why from there::
   translation and all metadata-store I/O run in other threads (vLLM's publisher thread, ours).
 - vLLM's events carry everything a Strata key needs (the block's token ids, its parent's vLLM hash,
   the cache salt of a chain's first block), so :class:`HbmBlockTranslator` derives keys with
-  :mod:`kvstore.hashing` exactly as the connector and the gateway do. Rejected: asking the
+  :mod:`kvstore.blocks.hashing` exactly as the connector and the gateway do. Rejected: asking the
   connector's scheduler side for its per-request keys -- it forgets a request when the request
   finishes, which is before that step's events are published, and it only hashes prompts, while
   vLLM also caches blocks of generated tokens (the next turn of a chat reuses them).
 - If the metadata store is unreachable, messages are dropped rather than queued without bound and
   the stream restarts, once the store answers again, with ``SourceCleared`` and a snapshot.
 - The worker is a heartbeating cluster member of kind ``engine``
-  (``kvstore.membership.Membership``): if it dies without a goodbye (``kill -9``, OOM), its
+  (``kvstore.cluster.membership.Membership``): if it dies without a goodbye (``kill -9``, OOM), its
   heartbeat expires and a ``ClusterView`` reaps it exactly like a dead store node --
   ``SourceCleared(SOURCE_GONE_SEQ)`` -- so its ``(instance, HBM)`` entries leave the index within
   the heartbeat timeout. Being an engine, not a store, it is never chosen as a peer to read
@@ -43,19 +43,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from kvstore.events import (
+from kvstore.blocks.hashing import BlockKey, block_keys
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
     BlocksStored,
     KVEvent,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     encode_event,
     encode_snapshot,
 )
-from kvstore.hashing import BlockKey, block_keys
-from kvstore.membership import Membership
+from kvstore.cluster.membership import Membership
 from kvstore.metadata import MemberKind, MetadataStore
 
 __all__ = ["HbmBlockTranslator", "HbmEventPublisher"]

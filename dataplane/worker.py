@@ -34,7 +34,7 @@ import grpc
 from dataplane.config import WorkerConfig, WorkerRole
 from dataplane.counters import WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
-from kvstore.hashing import model_fingerprint
+from kvstore.blocks.hashing import model_fingerprint
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("strata.worker")
@@ -171,7 +171,7 @@ class Worker:
             return
         from dataplane.connector import kv_layout_name
         from dataplane.hbm_events import HbmBlockTranslator, HbmEventPublisher
-        from kvstore.hashing import root_key
+        from kvstore.blocks.hashing import root_key
         from kvstore.metadata import open_metadata_store
 
         assert self.config.kv_metadata is not None

@@ -2,6 +2,6 @@
 
 A library first, a server second: importing ``kvstore`` pulls in nothing heavy, and the package
 imports neither ``controlplane`` nor ``dataplane`` nor ``strata`` (see kvstore/README.md).
-Import the module you need, e.g. ``from kvstore.hashing import block_keys`` or
-``from kvstore.client import KVStoreClient``.
+Import the module you need, e.g. ``from kvstore.blocks.hashing import block_keys`` or
+``from kvstore.client.sync import KVStoreClient``.
 """

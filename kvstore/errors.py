@@ -1,4 +1,4 @@
-"""Errors every kvstore client raises (sync :mod:`kvstore.client`, async :mod:`kvstore.aio_client`).
+"""Errors every kvstore client raises (:mod:`kvstore.client.sync`, :mod:`kvstore.client.aio`).
 
 The store is a cache: callers typically treat any :class:`KVStoreError` as a miss and recompute.
 The subclasses say why, for logs and metrics.
@@ -32,4 +32,6 @@ class KVStoreTimeout(KVStoreUnavailable):
 
 
 class KVStoreCorruptError(KVStoreError):
-    """A block read from the node failed its checksum or is not the block asked for."""
+    """A block read from the node failed its checksum or is not the block asked for, or a reply's
+    body contradicts its frame (a length mismatch, a bitmap or batch reply of the wrong size).
+    Which reply raises which error is decided in one place, :mod:`kvstore.wire.replies`."""

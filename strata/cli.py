@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return worker_main(rest)
         if command == "store":
-            from kvstore.server import main as store_main
+            from kvstore.server.cli import main as store_main
 
             return int(store_main(rest) or 0)
         if command == "gateway":

@@ -4,11 +4,11 @@ The gateway calls :meth:`Router.decide` once per request, after validation and t
 before any worker call (docs/design/scheduling.md §1, step 2):
 
 1. **Block keys** as the workers' KV connector computes them (dataplane/connector.py):
-   ``kvstore.hashing.block_keys(prompt, block_size, root_key(model_fingerprint, kv_layout,
+   ``kvstore.blocks.hashing.block_keys(prompt, block_size, root_key(model_fingerprint, kv_layout,
    cache_salt))``. The fingerprint, layout and block size come from the workers' Health
    (:meth:`InstanceRegistry.kv_identity`); the cache salt is the request's namespace, so one
    tenant's prompts never match another's blocks.
-2. **Prefix index**: the keys are matched in a :class:`kvstore.cluster.ClusterView` following
+2. **Prefix index**: the keys are matched in a :class:`kvstore.cluster.view.ClusterView` following
    the metadata store's event stream (store nodes publish DRAM/SSD blocks, workers their
    engines' HBM blocks), and split into the pool's run and each engine's HBM run by
    :func:`cached_prefix`. Without a view (no ``--kv-metadata``) or before any worker has said how
@@ -41,8 +41,8 @@ from controlplane.scheduling import (
     cached_prefix,
 )
 from controlplane.workers.roles import WorkerRole
-from kvstore.cluster import ClusterView
-from kvstore.hashing import BlockKey, block_keys, root_key
+from kvstore.blocks.hashing import BlockKey, block_keys, root_key
+from kvstore.cluster.view import ClusterView
 
 __all__ = [
     "TPOT_SLO_HEADER",

@@ -1,7 +1,7 @@
 """From a prefix-index match to what the scheduler needs: :func:`cached_prefix`.
 
-The index (:class:`kvstore.index.PrefixMatch`) knows, per holder, how many leading blocks of the
-prompt it holds. Holders are of two kinds: store nodes (DRAM and SSD tiers, readable by every
+The index (:class:`kvstore.cluster.match.PrefixMatch`) knows, per holder, how many leading blocks of
+the prompt it holds. Holders are of two kinds: store nodes (DRAM and SSD tiers, readable by every
 instance: "the pool") and engines (HBM tier, usable only by that engine). :func:`cached_prefix`
 splits the match along that line:
 
@@ -20,8 +20,8 @@ from collections.abc import Container
 from types import MappingProxyType
 
 from controlplane.scheduling.types import NO_CACHE, CachedPrefix
-from kvstore.events import Tier
-from kvstore.index import PrefixMatch
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.match import PrefixMatch
 
 __all__ = ["cached_prefix"]
 

@@ -99,7 +99,7 @@ class WorkerHealth:
     kv_source: str = ""
     """Source id of the engine's HBM events in the prefix index; "" = not said."""
     model_fingerprint: bytes = b""
-    """kvstore.hashing.model_fingerprint of the engine's weights; b"" = not said."""
+    """kvstore.blocks.hashing.model_fingerprint of the engine's weights; b"" = not said."""
     kv_layout: str = ""
     """The connector's KV layout name (part of every block key's root); "" = not said."""
     dtype: str = ""

@@ -13,7 +13,7 @@ Module map (lower rows import only rows above them; nothing here imports a row b
 
 This package's ``__init__`` imports only the rows that need neither grpc nor protobuf, so that
 ``import kvstore.metadata`` (and everything that follows the stream: ``kvstore.cluster``,
-``kvstore.membership``, the gateway, the workers) stays light; :func:`open_metadata_store`
+``kvstore.cluster.membership``, the gateway, the workers) stays light; :func:`open_metadata_store`
 imports :mod:`kvstore.metadata.remote` only for a ``strata://`` spec.
 """
 

@@ -7,7 +7,7 @@ stream (docs/design/kvstore.md §14.1), and the spec that names a store.
 :class:`~kvstore.metadata.remote.RemoteMetadataStore` (``strata://HOST:PORT``: a store node's
 embedded store, served over gRPC by :mod:`kvstore.metadata.service`). Store nodes call it from
 threads of their own, never from their event loop. Messages on the stream are opaque bytes:
-encoded events or snapshots (:mod:`kvstore.events`).
+encoded events or snapshots (:mod:`kvstore.cluster.events`).
 
 Errors: an argument no store accepts raises ``ValueError``; a store that cannot be reached or does
 not answer in time raises ``OSError`` (``ConnectionError``, ``TimeoutError``) -- Redis raises its

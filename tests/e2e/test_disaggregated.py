@@ -17,7 +17,7 @@ import grpc
 import pytest
 from openai import OpenAI
 
-from kvstore.client import KVStoreClient
+from kvstore.client.sync import KVStoreClient
 from strata_proto import worker_pb2, worker_pb2_grpc
 from tests.e2e.conftest import StrataServer, run_reference
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.client import KVStoreClient
-from kvstore.cluster import ClusterView
-from kvstore.events import BlocksStored, SourceCleared, Tier, decode_event
+from kvstore.blocks.tier import Tier
+from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.events import BlocksStored, SourceCleared, decode_event
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, RedisMetadataStore
 from tests.e2e.dataplane_processes import Process, decode, prefill, start_store, start_worker, stub
 from tests.integration.kvstore.valkey_fixture import valkey_url  # noqa: F401 (fixture)

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvstore.protocol import FRAME_HEADER, Op
+from kvstore.wire.frame import FRAME_HEADER, Op
 from strata_proto import worker_pb2
 from tests.e2e.dataplane_processes import Process, decode, start_store, start_worker, stub
 

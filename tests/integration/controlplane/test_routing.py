@@ -29,8 +29,9 @@ from controlplane.scheduling import NO_CACHE, Assign, CachedPrefix, RequestSnaps
 from controlplane.scheduling.policies import PolicyKind
 from controlplane.text.tokenizer import ModelTokenizer
 from controlplane.workers.profiling import ProfileSettings
-from kvstore.events import BlocksStored, SourceCleared, Tier, encode_event
-from kvstore.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_keys, root_key
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import BlocksStored, SourceCleared, encode_event
 from kvstore.metadata import RedisMetadataStore
 from strata_common.options import replace_nested
 from strata_proto import worker_pb2

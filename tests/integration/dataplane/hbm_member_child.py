@@ -19,7 +19,7 @@ import time
 from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
 
 from dataplane.hbm_events import HbmBlockTranslator, HbmEventPublisher
-from kvstore.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_keys, root_key
 from kvstore.metadata import open_metadata_store
 
 READY_PREFIX = "hbm member ready "

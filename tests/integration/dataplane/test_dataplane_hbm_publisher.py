@@ -16,9 +16,10 @@ import redis
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch, ZmqEventPublisher
 
 from dataplane.hbm_events import HbmBlockTranslator, HbmEventPublisher
-from kvstore.cluster import ClusterView
-from kvstore.events import SOURCE_GONE_SEQ, SourceCleared, Tier, decode_event, encode_event
-from kvstore.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_keys, root_key
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import SOURCE_GONE_SEQ, SourceCleared, decode_event, encode_event
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, RedisMetadataStore
 from tests.integration.kvstore.valkey_fixture import valkey_binary
 

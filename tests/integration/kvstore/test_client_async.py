@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import uvloop
 
-from kvstore.aio_client import AsyncKVStoreClient, GetResult, MatchResult, PutResult
-from kvstore.client import KVStoreClient
+from kvstore.blocks.tier import Tier
+from kvstore.client.aio import AsyncKVStoreClient
+from kvstore.client.sync import KVStoreClient
 from kvstore.errors import (
     KVStoreConnectionLost,
     KVStoreCorruptError,
@@ -20,8 +21,7 @@ from kvstore.errors import (
     KVStoreTimeout,
     KVStoreUnavailable,
 )
-from kvstore.events import Tier
-from kvstore.node import PutStatus
+from kvstore.wire.types import NodeMatch, PutStatus
 from tests.integration.kvstore.conftest import NodeFactory
 from tests.integration.kvstore.node_args import ssd_args
 
@@ -50,28 +50,25 @@ def test_results_of_every_operation(start_node: NodeFactory, run: Runner) -> Non
 
     async def scenario() -> None:
         async with AsyncKVStoreClient(node.endpoint) as client:
-            puts = await client.put([(key(i), pattern(i, 100 * (i + 1))) for i in range(4)])
-            assert puts == [PutResult(key(i), PutStatus.OK) for i in range(4)]
-            again = await client.put([(key(0), b"other"), (key(9), b"new")])
-            assert again == [PutResult(key(0), PutStatus.EXISTS), PutResult(key(9), PutStatus.OK)]
-            got = await client.get([key(1), key(5), key(3)])
-            assert got == [
-                GetResult(key(1), 200, Tier.DRAM, pattern(1, 200)),
-                GetResult(key(5), None),
-                GetResult(key(3), 400, Tier.DRAM, pattern(3, 400)),
-            ]
-            assert [r.hit for r in got] == [True, False, True]
+            puts = await client.put_many([(key(i), pattern(i, 100 * (i + 1))) for i in range(4)])
+            assert puts == [PutStatus.OK] * 4
+            again = await client.put_many([(key(0), b"other"), (key(9), b"new")])
+            assert again == [PutStatus.EXISTS, PutStatus.OK]
+            got = [await client.get(k) for k in (key(1), key(5), key(3))]
+            assert got == [pattern(1, 200), None, pattern(3, 400)]
             outs = [bytearray(500), bytearray(8)]
-            into = await client.get([key(2), key(7)], outs)
-            assert into == [GetResult(key(2), 300, Tier.DRAM), GetResult(key(7), None)]
+            into = await client.get_many_into([key(2), key(7)], outs)
+            assert into == [300, None]
             assert outs[0][:300] == pattern(2, 300)
+            assert await client.get_into(key(3), bytearray(400)) == 400
             chains = [[key(0), key(1), key(6), key(2)], [key(6)], [], [key(3), key(2)]]
-            assert await client.match_prefix(chains) == [
-                MatchResult(2, (0, 2, 2)),
-                MatchResult(0, (0, 0, 0)),
-                MatchResult(0, (0, 0, 0)),
-                MatchResult(2, (0, 2, 2)),
+            assert [await client.match_prefix_tiers(c) for c in chains] == [
+                NodeMatch(2, (Tier.DRAM, Tier.DRAM)),
+                NodeMatch(0, ()),
+                NodeMatch(0, ()),
+                NodeMatch(2, (Tier.DRAM, Tier.DRAM)),
             ]
+            assert [await client.match_prefix(c) for c in chains] == [2, 0, 0, 2]
             assert await client.exists([key(0), key(6), key(9)]) == [True, False, True]
             assert await client.delete([key(0), key(6), key(9)]) == 2
             assert await client.exists([key(0), key(9)]) == [False, False]
@@ -88,19 +85,19 @@ def test_concurrent_calls_pipeline_on_one_connection(start_node: NodeFactory, ru
     async def scenario() -> None:
         async with AsyncKVStoreClient(node.endpoint) as client:
             halves = [list(blocks.items())[:24], list(blocks.items())[24:]]
-            results = await asyncio.gather(*(client.put(h) for h in halves))
-            assert [r.status for half in results for r in half] == [PutStatus.OK] * 48
+            results = await asyncio.gather(*(client.put_many(h) for h in halves))
+            assert [status for half in results for status in half] == [PutStatus.OK] * 48
             outs = {k: bytearray(len(v)) for k, v in blocks.items()}
             keys = list(blocks)
 
-            async def read(part: list[bytes]) -> list[GetResult]:
-                return await client.get(part, [outs[k] for k in part])
+            async def read(part: list[bytes]) -> list[int | None]:
+                return await client.get_many_into(part, [outs[k] for k in part])
 
             parts = [keys[i::4] for i in range(4)]
             got = await asyncio.gather(*(read(p) for p in parts), client.exists(keys))
             assert got[4] == [True] * 48
             for part, results in zip(parts, got[:4], strict=True):
-                assert [r.nbytes for r in results] == [len(blocks[k]) for k in part]
+                assert results == [len(blocks[k]) for k in part]
             assert all(outs[k] == v for k, v in blocks.items())
             assert (await client.stats())["num_connections"] == 1
 
@@ -124,10 +121,16 @@ def test_ssd_tiers_in_match_and_get(start_node: NodeFactory, run: Runner, tmp_pa
 
     async def scenario() -> None:
         async with AsyncKVStoreClient(node.endpoint) as client:
-            assert await client.match_prefix([keys]) == [MatchResult(24, (0, in_dram, 24))]
-            got = await client.get([keys[on_ssd]])  # --no-promote: served from SSD, stays there
-            assert got == [GetResult(keys[on_ssd], 256 * KIB, Tier.SSD, pattern(on_ssd, 256 * KIB))]
-            assert await client.match_prefix([keys]) == [MatchResult(24, (0, in_dram, 24))]
+
+            def depths(match: NodeMatch) -> tuple[int, int]:
+                dram = next((i for i, t in enumerate(match.tiers) if t is not Tier.DRAM), 24)
+                return match.depth, dram
+
+            assert depths(await client.match_prefix_tiers(keys)) == (24, in_dram)
+            got = await client.get(keys[on_ssd])  # --no-promote: served from SSD, stays there
+            assert got == pattern(on_ssd, 256 * KIB)
+            after = await client.match_prefix_tiers(keys)
+            assert depths(after) == (24, in_dram) and after.tiers[on_ssd] is Tier.SSD
 
     run(scenario())
 
@@ -139,9 +142,9 @@ def test_errors_are_typed_and_the_connection_survives_caller_errors(
 
     async def scenario() -> None:
         async with AsyncKVStoreClient(node.endpoint) as client:
-            await client.put([(key(1), pattern(1, 8 * KIB)), (key(2), pattern(2, 8 * KIB))])
+            await client.put_many([(key(1), pattern(1, 8 * KIB)), (key(2), pattern(2, 8 * KIB))])
             with pytest.raises(KVStoreError, match="does not fit"):
-                await client.get([key(1), key(2)], [bytearray(8 * KIB), bytearray(KIB)])
+                await client.get_many_into([key(1), key(2)], [bytearray(8 * KIB), bytearray(KIB)])
             (name,) = node.arena_files()
             with open(f"/dev/shm/{name}", "r+b") as f:  # flip a payload byte of the first block
                 f.seek(64 + 10)
@@ -149,11 +152,11 @@ def test_errors_are_typed_and_the_connection_survives_caller_errors(
                 f.seek(64 + 10)
                 f.write(bytes([byte[0] ^ 0xFF]))
             with pytest.raises(KVStoreCorruptError):
-                await client.get([key(1)])
-            got = await client.get([key(2)])  # same connection, still in step
-            assert got[0].data == pattern(2, 8 * KIB)
+                await client.get(key(1))
+            got = await client.get(key(2))  # same connection, still in step
+            assert got == pattern(2, 8 * KIB)
             with pytest.raises(ValueError):
-                await client.get([b"short"])
+                await client.get(b"short")
             assert (await client.stats())["num_connections"] == 1
 
     run(scenario())
@@ -164,14 +167,14 @@ def test_timeout_then_connection_loss(start_node: NodeFactory, run: Runner) -> N
 
     async def scenario() -> None:
         client = AsyncKVStoreClient(node.endpoint, timeout_s=0.5)
-        await client.put([(key(1), b"x")])
+        await client.put(key(1), b"x")
         node.process.send_signal(signal.SIGSTOP)
         try:
             with pytest.raises(KVStoreTimeout, match=r"no reply within 0\.5s"):
-                await client.get([key(1)])
+                await client.get(key(1))
         finally:
             node.process.send_signal(signal.SIGCONT)
-        assert (await client.get([key(1)]))[0].data == b"x"  # a new connection
+        assert await client.get(key(1)) == b"x"  # a new connection
         node.process.send_signal(signal.SIGSTOP)  # the request is written, never answered
         pending = asyncio.ensure_future(client.exists([key(1)] * 3))
         await asyncio.sleep(0.05)
@@ -179,7 +182,7 @@ def test_timeout_then_connection_loss(start_node: NodeFactory, run: Runner) -> N
         with pytest.raises(KVStoreConnectionLost):
             await pending
         with pytest.raises(KVStoreUnavailable, match="cannot connect") as refused:
-            await client.get([key(1)])
+            await client.get(key(1))
         assert type(refused.value) is KVStoreUnavailable
         await client.close()
 

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from kvstore.client import KVStoreClient, PutStatus, Tier
-from kvstore.cluster import ClusterView
-from kvstore.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
+from kvstore.blocks.tier import Tier
+from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, MetadataStore, RedisMetadataStore, open_metadata_store
+from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.node_args import ssd_args
 from tests.integration.kvstore.valkey_fixture import valkey_url
 

@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from kvstore.client import KVStoreClient, KVStoreError, KVStoreUnavailable, PutStatus
+from kvstore.client.sync import KVStoreClient
+from kvstore.errors import KVStoreError, KVStoreUnavailable
+from kvstore.wire.types import PutStatus
 
 pytestmark = pytest.mark.timeout(120)
 

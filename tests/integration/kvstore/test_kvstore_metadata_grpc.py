@@ -231,7 +231,7 @@ def test_following_the_stream_does_not_import_grpc() -> None:
     publishes to it (the gateway's view, a node's agent, a worker's HBM publisher) stays light
     until it opens a strata:// store (kvstore.client: see test_kvstore_layering.py)."""
     code = (
-        "import sys, kvstore.metadata, kvstore.cluster, kvstore.membership; "
+        "import sys, kvstore.metadata, kvstore.cluster.view, kvstore.cluster.membership; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'strata_proto')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

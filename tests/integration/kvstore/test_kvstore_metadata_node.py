@@ -13,11 +13,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvstore.client import KVStoreClient, PutStatus
-from kvstore.cluster import ClusterView
-from kvstore.events import BlocksStored, SourceCleared, Tier, decode_event, encode_event
+from kvstore.blocks.tier import Tier
+from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.events import BlocksStored, SourceCleared, decode_event, encode_event
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, open_metadata_store
 from kvstore.metadata.remote import RemoteMetadataStore
+from kvstore.wire.types import PutStatus
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -14,15 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvstore.block import BlockDType, encode_header
-from kvstore.client import (
-    KVStoreClient,
-    KVStoreCorruptError,
-    KVStoreError,
-    KVStoreUnavailable,
-    PutStatus,
-)
-from kvstore.protocol import FRAME_HEADER, SHM_LEASE, Op, Status, pack_frame_header
+from kvstore.blocks.format import BlockDType, encode_header
+from kvstore.client.sync import KVStoreClient
+from kvstore.errors import KVStoreCorruptError, KVStoreError, KVStoreUnavailable
+from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
+from kvstore.wire.messages import SHM_LEASE
+from kvstore.wire.types import PutStatus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,8 +12,10 @@ from typing import Any
 import lmdb
 import pytest
 
-from kvstore.client import KVStoreClient, PutStatus, Tier
-from kvstore.protocol import FRAME_HEADER, Op, Status, pack_frame_header
+from kvstore.blocks.tier import Tier
+from kvstore.client.sync import KVStoreClient
+from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
+from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.node_args import ssd_args
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,21 +13,20 @@ from typing import Any
 
 import pytest
 
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header
-from kvstore.client import KVStoreClient, KVStoreCorruptError, PutStatus
-from kvstore.protocol import (
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
+from kvstore.client.sync import KVStoreClient
+from kvstore.errors import KVStoreCorruptError
+from kvstore.transport.base import SkippedTransport, TransportKind
+from kvstore.transport.rdma import probe_rdma
+from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
+from kvstore.wire.messages import (
     BATCH_ID,
-    FRAME_HEADER,
     RESERVE_ITEM,
     LeaseBatchReply,
-    Op,
     RdmaEndpointInfo,
     ReserveBatchReply,
-    Status,
-    pack_frame_header,
 )
-from kvstore.rdma import probe_rdma
-from kvstore.transport import SkippedTransport, TransportKind
+from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.conftest import NodeFactory, NodeProcess
 
 KIB, MIB = 1024, 1024 * 1024

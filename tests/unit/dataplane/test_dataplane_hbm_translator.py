@@ -10,8 +10,9 @@ import xxhash
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 from dataplane.hbm_events import HbmBlockTranslator
-from kvstore.events import SOURCE_GONE_SEQ, BlocksRemoved, BlocksStored, SourceCleared, Tier
-from kvstore.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_keys, root_key
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import SOURCE_GONE_SEQ, BlocksRemoved, BlocksStored, SourceCleared
 
 SOURCE = "127.0.0.1:7001"
 BS = 4  # block size of these tests (vLLM's CPU engines use 128)
@@ -25,7 +26,7 @@ def root(namespace: str) -> bytes:
 
 
 def chain(tokens: list[int], parent: bytes) -> list[bytes]:
-    """Strata keys computed independently of kvstore.hashing.block_keys."""
+    """Strata keys computed independently of kvstore.blocks.hashing.block_keys."""
     keys = []
     for start in range(0, len(tokens) // BS * BS, BS):
         parent = xxhash.xxh3_128_digest(

@@ -1,4 +1,4 @@
-"""Exact tests of the page allocator and the /dev/shm arena (kvstore.arena)."""
+"""Exact tests of the page allocator and the /dev/shm arena (kvstore.node.arena)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.arena import Arena, ArenaStats, Extent, PageAllocator, remove_stale_arenas
+from kvstore.node.arena import Arena, ArenaStats, Extent, PageAllocator, remove_stale_arenas
 
 PAGE = 4096
 

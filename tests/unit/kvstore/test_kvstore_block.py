@@ -1,4 +1,4 @@
-"""Exact tests of the stored block format (kvstore.block)."""
+"""Exact tests of the stored block format (kvstore.blocks.format)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvstore.block import (
+from kvstore.blocks.format import (
     BLOCK_HEADER_BYTES,
     BlockDType,
     BlockFormatError,

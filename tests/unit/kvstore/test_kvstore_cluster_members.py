@@ -6,18 +6,18 @@ from typing import Any
 
 import pytest
 
-from kvstore.cluster import ClusterView
-from kvstore.events import (
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksStored,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     decode_event,
     encode_event,
     encode_snapshot,
 )
-from kvstore.membership import Membership
+from kvstore.cluster.membership import Membership
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, EmbeddedMetadataStore, MemberKind, member_kind
 from tests.unit.kvstore.fakes import FakeClock, k
 

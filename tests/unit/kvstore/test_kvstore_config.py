@@ -1,10 +1,10 @@
-"""Exact tests of the node configuration and its parsers (kvstore.config)."""
+"""Exact tests of the node configuration and its parsers (kvstore.server.config)."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvstore.config import StoreNodeConfig
+from kvstore.server.config import StoreNodeConfig
 
 
 def test_from_cli_with_env_defaults_and_cli_override() -> None:

@@ -1,4 +1,4 @@
-"""Exact tests of KV events and their wire format (kvstore.events)."""
+"""Exact tests of KV events and their wire format (kvstore.cluster.events)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import struct
 
 import pytest
 
-from kvstore.events import (
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import (
     BlocksRemoved,
     BlocksStored,
     KVEvent,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     decode_event,
     decode_snapshot,
     encode_event,

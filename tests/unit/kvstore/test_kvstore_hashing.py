@@ -1,4 +1,4 @@
-"""Exact tests of block identity (kvstore.hashing): chain property, isolation, golden values."""
+"""Exact tests of block identity (kvstore.blocks.hashing): chain property, isolation, goldens."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvstore.hashing import HASH_VERSION, block_keys, model_fingerprint, root_key
+from kvstore.blocks.hashing import HASH_VERSION, block_keys, model_fingerprint, root_key
 
 FP = bytes(range(16))
 ROOT = root_key(FP, "bf16/bs4")

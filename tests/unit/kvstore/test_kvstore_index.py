@@ -1,4 +1,4 @@
-"""Exact tests of the cluster-wide prefix index (kvstore.index).
+"""Exact tests of the cluster-wide prefix index (kvstore.cluster.index).
 
 Tables of event sequences with the exact match each must produce, sequence-number rules (gaps,
 duplicates, restarts), resync, source removal, slot reuse, many holders, worst-case hash
@@ -13,15 +13,16 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from kvstore.events import (
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import (
     BlocksRemoved,
     BlocksStored,
     KVEvent,
     SourceCleared,
     SourceSnapshot,
-    Tier,
 )
-from kvstore.index import ApplyResult, HolderMatch, PrefixIndex
+from kvstore.cluster.index import PrefixIndex
+from kvstore.cluster.match import ApplyResult, HolderMatch
 
 HBM, DRAM, SSD = Tier.HBM, Tier.DRAM, Tier.SSD
 

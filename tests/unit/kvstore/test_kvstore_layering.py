@@ -34,10 +34,22 @@ def test_no_upward_imports() -> None:
 
 
 def test_importing_the_package_and_hashing_is_light() -> None:
-    """The gateway imports kvstore.hashing; that must not drag in the server, uvloop or grpc."""
+    """The gateway imports kvstore.blocks.hashing: it must not drag in the server, uvloop, grpc."""
     heavy = ("uvloop", "kvstore.server", "torch", "vllm", "grpc")
     code = (
-        "import sys, kvstore, kvstore.hashing, kvstore.client; "
+        "import sys, kvstore, kvstore.blocks.hashing, kvstore.client.sync; "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_importing_the_client_and_membership_loads_no_node_state() -> None:
+    """A vLLM worker imports the client and NodeAgent's module; neither may load lmdb or the
+    node's state (membership types its tiers with a Protocol, not TierManager)."""
+    heavy = ("lmdb", "uvloop", "kvstore.node", "kvstore.node.ssd", "kvstore.node.tiers")
+    code = (
+        "import sys, kvstore.client.sync, kvstore.client.aio, kvstore.cluster.membership; "
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from kvstore.cluster import ClusterView
-from kvstore.events import (
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
     BlocksStored,
     SourceCleared,
     SourceSnapshot,
-    Tier,
     decode_event,
     encode_event,
     encode_snapshot,
 )
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, EmbeddedMetadataStore
 from tests.unit.kvstore.fakes import FakeClock, k
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.arena import Arena
-from kvstore.node import Lease, PendingPut, PutStatus, StoreNode
+from kvstore.node.arena import Arena
+from kvstore.node.store import Lease, PendingPut, StoreNode
+from kvstore.wire.types import PutStatus
 
 PAGE = 4096
 

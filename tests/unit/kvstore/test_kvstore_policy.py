@@ -7,18 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.arena import Arena
-from kvstore.node import PutStatus, StoreNode
-from kvstore.policy import (
-    AdmittedPolicy,
-    ARCPolicy,
-    EvictionPolicy,
-    LRUPolicy,
-    PolicyKind,
-    S3FIFOPolicy,
-    SIEVEPolicy,
-    make_policy,
-)
+from kvstore.node.arena import Arena
+from kvstore.node.store import StoreNode
+from kvstore.policy.admitted import AdmittedPolicy
+from kvstore.policy.arc import ARCPolicy
+from kvstore.policy.base import EvictionPolicy
+from kvstore.policy.factory import PolicyKind, make_policy
+from kvstore.policy.lru import LRUPolicy
+from kvstore.policy.s3fifo import S3FIFOPolicy
+from kvstore.policy.sieve import SIEVEPolicy
+from kvstore.wire.types import PutStatus
 
 
 def _keys(*names: str) -> list[bytes]:

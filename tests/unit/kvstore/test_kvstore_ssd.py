@@ -1,4 +1,5 @@
-"""Exact tests of the SSD tier (kvstore.ssd): put/get/delete, TTL, checksums, capacity, restart."""
+"""Exact tests of the SSD tier (kvstore.node.ssd): put/get/delete, TTL, checksums, capacity,
+restart."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header
-from kvstore.ssd import SSD_FORMAT, ReadStatus, SSDTier, SSDTierError
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
+from kvstore.node.ssd.files import SSD_FORMAT
+from kvstore.node.ssd.tier import SSDTier
+from kvstore.node.ssd.types import ReadStatus, SSDTierError
 
 MIB = 1024 * 1024
 SIZE = 16 * MIB  # the smallest tier: budget 11 744 052 bytes
@@ -300,7 +303,7 @@ def test_a_queued_write_of_a_deleted_key_is_not_resurrected(
 
 
 def test_ssd_options_from_cli_and_environment(tmp_path: Path) -> None:
-    from kvstore.config import StoreNodeConfig
+    from kvstore.server.config import StoreNodeConfig
 
     argv = ["--ssd-dir", str(tmp_path), "--ssd-size", "1GiB", "--ssd-ttl", "24h", "--no-promote"]
     argv += ["--high-watermark", "0.8", "--low-watermark", "0.6", "--ssd-sync", "full"]
@@ -339,7 +342,7 @@ def test_ssd_options_from_cli_and_environment(tmp_path: Path) -> None:
     ],
 )
 def test_ssd_options_rejected(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    from kvstore.config import StoreNodeConfig
+    from kvstore.server.config import StoreNodeConfig
 
     with pytest.raises(SystemExit) as excinfo:
         StoreNodeConfig.from_cli(argv, env={})

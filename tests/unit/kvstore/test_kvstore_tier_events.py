@@ -12,23 +12,24 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kvstore.arena import Arena
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header
-from kvstore.cluster import ClusterView
-from kvstore.events import (
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
     BlocksRemoved,
     BlocksStored,
     KVEvent,
     SourceCleared,
-    Tier,
     decode_event,
 )
-from kvstore.membership import NodeAgent
+from kvstore.cluster.membership import NodeAgent
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, EmbeddedMetadataStore
-from kvstore.node import Lease, PutStatus, StoreNode
-from kvstore.ssd import SSDTier
-from kvstore.tiers import TierManager
+from kvstore.node.arena import Arena
+from kvstore.node.ssd.tier import SSDTier
+from kvstore.node.store import Lease, StoreNode
+from kvstore.node.tiers import TierManager
+from kvstore.wire.types import PutStatus
 
 PAGE = 4096
 MIB = 1024 * 1024

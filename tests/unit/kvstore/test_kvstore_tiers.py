@@ -1,4 +1,5 @@
-"""Exact tests of DRAM <-> SSD movement (kvstore.tiers) and the node's spill/promotion hooks."""
+"""Exact tests of DRAM <-> SSD movement (kvstore.node.tiers) and the node's spill/promotion
+hooks."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kvstore.arena import Arena
-from kvstore.block import BLOCK_HEADER_BYTES, encode_header
-from kvstore.events import Tier
-from kvstore.node import Lease, PutStatus, StoreNode
-from kvstore.ssd import SSDTier
-from kvstore.tiers import TierManager
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
+from kvstore.blocks.tier import Tier
+from kvstore.node.arena import Arena
+from kvstore.node.ssd.tier import SSDTier
+from kvstore.node.store import Lease, StoreNode
+from kvstore.node.tiers import TierManager
+from kvstore.wire.types import PutStatus
 
 PAGE = 4096
 _T = TypeVar("_T")

@@ -1,5 +1,5 @@
-"""Transport selection, RDMA probing and the transport ops' wire encoding (kvstore.transport,
-kvstore.rdma, kvstore.protocol). RDMA itself cannot run on these machines: these tests pin the
+"""Transport selection, RDMA probing and the transport ops' wire encoding (kvstore.transport.base,
+kvstore.transport.rdma, kvstore.wire). RDMA itself cannot run on these machines: these tests pin the
 decisions around it, with fakes standing in for pyverbs."""
 
 from __future__ import annotations
@@ -12,27 +12,19 @@ from typing import Any
 
 import pytest
 
-from kvstore import transport
-from kvstore.arena import Arena
-from kvstore.protocol import (
-    FRAME_HEADER_BYTES,
-    FrameError,
-    FrameHeader,
-    LeaseBatchReply,
-    Op,
-    RdmaEndpointInfo,
-    ReserveBatchReply,
-    Status,
-)
-from kvstore.rdma import RdmaProbe, gid_from_text, gid_to_text, probe_rdma
-from kvstore.transport import (
+from kvstore.node.arena import Arena
+from kvstore.transport import base as transport
+from kvstore.transport.base import (
     DEFAULT_PREFERENCE,
-    ShmMemory,
     SkippedTransport,
     TransportKind,
     TransportUnavailable,
     select_transport,
 )
+from kvstore.transport.rdma import RdmaProbe, gid_from_text, gid_to_text, probe_rdma
+from kvstore.transport.shm import ShmMemory
+from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameError, FrameHeader, Op, Status
+from kvstore.wire.messages import LeaseBatchReply, RdmaEndpointInfo, ReserveBatchReply
 
 SHM, RDMA, TCP = TransportKind.SHM, TransportKind.RDMA, TransportKind.TCP
 
@@ -144,7 +136,7 @@ def test_other_exceptions_propagate() -> None:
 
 
 def test_unavailability_is_logged_once_per_reason(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="kvstore.transport")
+    caplog.set_level(logging.INFO, logger="kvstore.transport.base")
     attachers = {SHM: unavailable("another host"), RDMA: unavailable("no RDMA devices")}
     for _ in range(3):
         select_transport(DEFAULT_PREFERENCE, attachers)

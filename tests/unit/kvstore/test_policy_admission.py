@@ -7,16 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from kvstore.policy import (
-    AdmissionFilter,
-    AdmittedPolicy,
-    FrequencySketch,
-    GhostAdmission,
-    LRUPolicy,
-    PolicyKind,
-    TinyLFUAdmission,
-    make_policy,
-)
+from kvstore.policy.admission import AdmissionFilter, GhostAdmission, TinyLFUAdmission
+from kvstore.policy.admitted import AdmittedPolicy
+from kvstore.policy.factory import PolicyKind, make_policy
+from kvstore.policy.lru import LRUPolicy
+from kvstore.policy.sketch import FrequencySketch
 
 
 def simulate(policy: AdmittedPolicy, capacity: int, trace: str) -> list[str]:

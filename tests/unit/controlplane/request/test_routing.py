@@ -21,7 +21,7 @@ from controlplane.request.routing import (
 from controlplane.scheduling import Reject, RejectReason
 from controlplane.workers.profiling import ProfileSettings, plan_for
 from controlplane.workers.roles import WorkerRole
-from kvstore.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_keys, root_key
 
 
 @pytest.mark.parametrize(

@@ -38,8 +38,9 @@ from controlplane.scheduling.policies import (
     SloAwarePolicy,
 )
 from controlplane.workers.roles import WorkerRole
-from kvstore.events import BlocksStored, Tier
-from kvstore.index import PrefixIndex
+from kvstore.blocks.tier import Tier
+from kvstore.cluster.events import BlocksStored
+from kvstore.cluster.index import PrefixIndex
 from tests.unit.controlplane.scheduling.scheduling_helpers import (
     BLOCK,
     DEAD,

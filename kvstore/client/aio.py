@@ -1,0 +1,509 @@
+"""AsyncKVStoreClient: an asyncio client of one store node, pipelined on one connection.
+
+For callers that live on an event loop (the gateway, asyncio services); the KV connector inside
+vLLM's model-runner thread uses the synchronous :class:`kvstore.client.sync.KVStoreClient`. Works on
+the default loop and on uvloop.
+
+Data path
+    An ``asyncio.BufferedProtocol``, never asyncio streams (which copy every chunk into a new
+    ``bytes`` and run 2-4x slower here). Frame headers and small payloads land in one
+    preallocated buffer and are parsed in place; a GET's payload is received straight into the
+    caller's buffer (``get(keys, outs)``) or into one new buffer per block; a PUT is one
+    ``writelines([frame header, block header, caller's buffer])``.
+
+Pipelining
+    Every call sends all its frames at once (writes pause while the transport's buffer is above
+    its high-water mark) and awaits the replies; calls from several tasks interleave on the one
+    connection, since the node answers in request order and each reply is matched to the oldest
+    outstanding request. Batch calls split key lists longer than one frame allows.
+
+Methods and results are those of the synchronous client, name for name (``put``/``put_many`` ->
+:class:`~kvstore.wire.types.PutStatus`, ``get``/``get_into``/``get_many_into``, ``match_prefix``,
+``match_prefix_tiers`` -> :class:`~kvstore.wire.types.NodeMatch`, ``exists``, ``delete``,
+``stats``); both read replies through :mod:`kvstore.wire.replies`, so the same reply gives the
+same result or error.
+
+Errors (all :class:`~kvstore.errors.KVStoreError`)
+    * :class:`~kvstore.errors.KVStoreConnectionLost`: the node closed or reset the connection with
+      requests outstanding (they all fail); the next call reconnects.
+    * :class:`~kvstore.errors.KVStoreTimeout`: a call's replies did not all arrive within
+      ``timeout_s``; the connection is dropped (it is out of step), so other calls outstanding on
+      it fail with ``KVStoreConnectionLost``.
+    * :class:`~kvstore.errors.KVStoreUnavailable`: the node cannot be reached.
+    * :class:`~kvstore.errors.KVStoreCorruptError`: a block failed its checksum, named another
+      key or disagreed with its frame on the length (the connection stays usable).
+    * :class:`~kvstore.errors.KVStoreError`: anything else the node refused, or a caller buffer
+      too small for a block (that block's result; the connection stays usable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, cast
+
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockDType, BlockHeader, encode_header, verify
+from kvstore.blocks.tier import Tier
+from kvstore.errors import (
+    KVStoreConnectionLost,
+    KVStoreError,
+    KVStoreTimeout,
+    KVStoreUnavailable,
+)
+from kvstore.wire import replies, requests
+from kvstore.wire.frame import (
+    FRAME_HEADER_BYTES,
+    FrameError,
+    FrameHeader,
+    Op,
+    Status,
+)
+from kvstore.wire.types import NodeMatch, PutStatus
+from strata_common.endpoints import parse_endpoint
+
+__all__ = ["AsyncKVStoreClient"]
+
+_RECV_BUFFER_BYTES = 256 * 1024
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+_Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class _Request:
+    """An outstanding request: how to receive its reply and where to deliver it."""
+
+    request_id: int
+    future: asyncio.Future[Any]
+    op: Op
+    key: bytes = b""
+    target: memoryview | None = None  # GET into a caller buffer
+    header: FrameHeader | None = None
+    block: BlockHeader | None = None
+    body: memoryview | None = None
+    error: KVStoreError | None = field(default=None)
+
+
+class _Protocol(asyncio.BufferedProtocol):
+    """Frame parser of one connection; replies are matched to requests in order."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[_Request] = deque()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost: KVStoreError | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._buf = bytearray(_RECV_BUFFER_BYTES)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        self._sink: memoryview | None = None  # rest of a payload goes straight here
+        self._sink_pos = 0
+        self._skip = 0  # payload bytes to drop (a block that did not fit)
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self.fail(self.lost or KVStoreConnectionLost(f"connection to the node closed{reason}"))
+        self._can_write.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._sink is not None:
+            return self._sink[self._sink_pos :]
+        if self._skip:
+            return self._view[: min(self._skip, _RECV_BUFFER_BYTES)]
+        if self._end == _RECV_BUFFER_BYTES:
+            remaining = self._end - self._start
+            self._buf[:remaining] = self._view[self._start : self._end]
+            self._start, self._end = 0, remaining
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._sink is not None:
+                self._sink_pos += nbytes
+                if self._sink_pos == self._sink.nbytes:
+                    self._sink = None
+                    self._complete(self.pending.popleft())
+                    self._parse()
+            elif self._skip:
+                self._skip -= nbytes
+                if not self._skip:
+                    self._complete(self.pending.popleft())
+                    self._parse()
+            else:
+                self._end += nbytes
+                self._parse()
+        except FrameError as exc:
+            self.abort(KVStoreError(f"garbled reply from the node: {exc}"))
+        except KVStoreError as exc:
+            self.abort(exc)
+
+    def eof_received(self) -> bool:
+        return False
+
+    # -- control --------------------------------------------------------------------------------
+
+    async def wait_writable(self) -> None:
+        await self._can_write.wait()
+
+    def fail(self, error: KVStoreError) -> None:
+        while self.pending:
+            future = self.pending.popleft().future
+            if not future.done():
+                future.set_exception(error)
+
+    def abort(self, error: KVStoreError) -> None:
+        """Drop the connection; every outstanding request fails with ``error``."""
+        if self.lost is None:
+            self.lost = error
+        self.fail(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- parsing --------------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        while self._sink is None and not self._skip:
+            avail = self._end - self._start
+            if avail < FRAME_HEADER_BYTES:
+                break
+            if not self.pending:
+                raise KVStoreError("reply without a request")
+            request = self.pending[0]
+            header = replies.decode_reply_header(
+                self._view, self._start, request.request_id, request.op
+            )
+            body = self._start + FRAME_HEADER_BYTES
+            length = header.payload_len
+            request.header = header
+            if request.op is Op.GET and header.status != Status.MISS:
+                try:
+                    replies.get_hit(header)
+                except KVStoreError as exc:
+                    request.error = exc
+                    self._start = body
+                    self._receive_into(request, None, length)
+                    continue
+                # The block header first (small: wait for it in the buffer), then the payload.
+                if avail < FRAME_HEADER_BYTES + BLOCK_HEADER_BYTES:
+                    break
+                self._start = body + BLOCK_HEADER_BYTES
+                self._begin_block(request, length, body)
+            else:
+                self._start = body
+                request.body = memoryview(bytearray(length))
+                self._receive_into(request, request.body)
+
+    def _begin_block(self, request: _Request, length: int, header_at: int) -> None:
+        nbytes = length - BLOCK_HEADER_BYTES
+        raw = self._view[header_at : header_at + BLOCK_HEADER_BYTES]
+        try:
+            block = replies.decode_block_header(raw, length, request.key)
+        except KVStoreError as exc:
+            request.error = exc
+            self._receive_into(request, None, nbytes)
+            return
+        request.block = block
+        target = request.target
+        if target is None:
+            request.body = memoryview(bytearray(nbytes))
+            self._receive_into(request, request.body)
+        elif nbytes > target.nbytes:
+            request.error = replies.block_too_large(nbytes, target.nbytes)
+            self._receive_into(request, None, nbytes)
+        else:
+            request.body = target[:nbytes]
+            self._receive_into(request, request.body)
+
+    def _receive_into(self, request: _Request, sink: memoryview | None, nbytes: int = 0) -> None:
+        """Deliver the next payload bytes into ``sink`` (or drop ``nbytes`` if it is None)."""
+        length = sink.nbytes if sink is not None else nbytes
+        have = min(self._end - self._start, length)
+        if sink is not None:
+            sink[:have] = self._view[self._start : self._start + have]
+        self._start += have
+        if self._start == self._end:
+            self._start = self._end = 0
+        if have == length:
+            self._complete(self.pending.popleft())
+        elif sink is not None:
+            self._sink, self._sink_pos = sink, have
+        else:
+            self._skip = length - have
+
+    def _complete(self, request: _Request) -> None:
+        future = request.future
+        if future.done():  # cancelled by its caller; the reply is consumed all the same
+            return
+        if request.error is not None:
+            future.set_exception(request.error)
+            return
+        block, body = request.block, request.body
+        if block is not None and body is not None and not verify(block, body):
+            future.set_exception(replies.corrupt_block(request.key))
+            return
+        future.set_result(request)
+
+
+class AsyncKVStoreClient:
+    """Asyncio client of one store node at ``endpoint`` (``"host:port"``); connects lazily."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 10.0) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        address = parse_endpoint(endpoint)
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._address = (address.host, address.port)
+        self._protocol: _Protocol | None = None
+        self._connecting = asyncio.Lock()
+        self._ids = itertools.count(1)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    async def put(
+        self,
+        key: bytes,
+        data: _Buffer,
+        *,
+        dtype: BlockDType = BlockDType.RAW,
+        shape: Sequence[int] | None = None,
+    ) -> PutStatus:
+        """Store ``data`` under ``key``: OK, EXISTS (already there; unchanged) or FULL (refused)."""
+        requests.check_key(key)
+        view = requests.as_bytes_view(data)
+        return (await self._put([(key, encode_header(key, view, dtype, shape), view)]))[0]
+
+    async def put_many(self, items: Sequence[tuple[bytes, _Buffer]]) -> list[PutStatus]:
+        """Store several blocks, pipelined; returns one status per item, in order.
+
+        The buffers must stay unchanged until the call returns (they are sent without a copy).
+        """
+        prepared = []
+        for key, data in items:
+            requests.check_key(key)
+            view = requests.as_bytes_view(data)
+            prepared.append((key, encode_header(key, view), view))
+        return await self._put(prepared)
+
+    async def get(self, key: bytes) -> bytes | None:
+        """Return the block's payload, or None on a miss. Copies once more than :meth:`get_into`."""
+        requests.check_key(key)
+        (reply,) = await self._get([key], [None])
+        return None if reply.body is None else bytes(reply.body)
+
+    async def get_into(self, key: bytes, out: _Buffer) -> int | None:
+        """Receive the block's payload into ``out``; returns its length, or None on a miss."""
+        requests.check_key(key)
+        (reply,) = await self._get([key], [_writable_view(out)])
+        return None if reply.body is None else reply.body.nbytes
+
+    async def get_many_into(
+        self, keys: Sequence[bytes], outs: Sequence[_Buffer]
+    ) -> list[int | None]:
+        """:meth:`get_into` for many blocks, pipelined; one result per key, in order.
+
+        A block that fails its checksum, names another key or does not fit its buffer raises
+        after every reply of the call has been read (the connection stays usable).
+        """
+        if len(outs) != len(keys):
+            raise ValueError("keys and outs differ in length")
+        targets: list[memoryview | None] = []
+        for key, out in zip(keys, outs, strict=True):
+            requests.check_key(key)
+            targets.append(_writable_view(out))
+        return [
+            None if reply.body is None else reply.body.nbytes
+            for reply in await self._get(keys, targets)
+        ]
+
+    async def match_prefix(self, keys: Sequence[bytes]) -> int:
+        """Number of leading keys of a prompt's key chain that the node holds (any tier)."""
+        return (await self.match_prefix_tiers(keys)).depth
+
+    async def match_prefix_tiers(self, keys: Sequence[bytes]) -> NodeMatch:
+        """:meth:`match_prefix` with the tier of each matched block (DRAM or SSD).
+
+        A node without tier information (an older node) reports every block as DRAM.
+        """
+        chunks = requests.key_chunks(keys)
+        replies_ = await self._await([self._keyed(Op.MATCH_PREFIX, c) for c in chunks])
+        tiers: list[Tier] = []
+        for chunk, reply in zip(chunks, replies_, strict=True):
+            assert reply.header is not None
+            found = replies.decode_match_tiers(reply.header, _body(reply))
+            tiers.extend(found)
+            if len(found) < len(chunk):
+                break
+        return NodeMatch(len(tiers), tuple(tiers))
+
+    async def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is stored (committed) on the node, in any tier."""
+        chunks = requests.key_chunks(keys)
+        present: list[bool] = []
+        for reply in await self._await([self._keyed(Op.EXISTS, c) for c in chunks]):
+            assert reply.header is not None
+            present.extend(replies.decode_exists(reply.header, _body(reply)))
+        return present
+
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        """Remove blocks; returns how many were present."""
+        total = 0
+        for reply in await self._await(
+            [self._keyed(Op.DELETE, c) for c in requests.key_chunks(keys)]
+        ):
+            assert reply.header is not None
+            replies.check_ok(reply.header)
+            total += reply.header.count
+        return total
+
+    async def stats(self) -> dict[str, Any]:
+        """The node's counters and occupancy (see kvstore.node.store.NodeStats)."""
+        (reply,) = await self._await([self._keyed(Op.STATS, [])])
+        assert reply.header is not None
+        return replies.decode_json(reply.header, _body(reply))
+
+    async def close(self) -> None:
+        """Close the connection (outstanding calls fail with KVStoreConnectionLost)."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
+            await protocol.closed
+
+    async def __aenter__(self) -> AsyncKVStoreClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- machinery --------------------------------------------------------------------------------
+
+    async def _get(
+        self, keys: Sequence[bytes], targets: Sequence[memoryview | None]
+    ) -> list[_Request]:
+        """GETs, pipelined; each reply's ``body`` is the payload (None for a miss)."""
+        protocol = await self._connection()
+        pending = []
+        for key, target in zip(keys, targets, strict=True):
+            request = self._request(protocol, Op.GET, key=key, target=target)
+            if protocol.transport is not None and protocol.lost is None:
+                protocol.transport.write(requests.get(request.request_id, key))
+            pending.append(request)
+        done: list[_Request] = await self._await(pending)
+        for reply in done:
+            assert reply.header is not None
+            if reply.header.status == Status.MISS:
+                reply.body = None
+        return done
+
+    async def _put(self, prepared: Sequence[tuple[bytes, bytes, memoryview]]) -> list[PutStatus]:
+        protocol = await self._connection()
+        pending = []
+        for key, block_header, view in prepared:
+            await protocol.wait_writable()
+            request = self._request(protocol, Op.PUT, key=key)
+            pending.append(request)
+            if protocol.transport is None or protocol.lost is not None:
+                continue  # the request already failed
+            protocol.transport.writelines(requests.put(request.request_id, block_header, view))
+        return [replies.put_status(_status(reply)) for reply in await self._await(pending)]
+
+    async def _connection(self) -> _Protocol:
+        protocol = self._protocol
+        if protocol is not None and protocol.lost is None and not protocol.closed.done():
+            return protocol
+        async with self._connecting:
+            protocol = self._protocol
+            if protocol is not None and protocol.lost is None and not protocol.closed.done():
+                return protocol
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    _, protocol = await loop.create_connection(_Protocol, *self._address)
+            except (OSError, TimeoutError) as exc:
+                raise KVStoreUnavailable(f"cannot connect to {self.endpoint}: {exc}") from exc
+            self._protocol = protocol
+            return protocol
+
+    def _request(self, protocol: _Protocol, op: Op, **kwargs: Any) -> _Request:
+        future = asyncio.get_running_loop().create_future()
+        request = _Request(next(self._ids) & 0xFFFFFFFF, future, op, **kwargs)
+        if protocol.lost is not None or protocol.transport is None:
+            future.set_exception(protocol.lost or KVStoreConnectionLost("connection closed"))
+        else:
+            protocol.pending.append(request)
+        return request
+
+    def _keyed(self, op: Op, keys: Sequence[bytes]) -> asyncio.Future[_Request]:
+        """Send one keyed (or empty) request once connected; a future of its reply."""
+
+        async def run() -> _Request:
+            protocol = await self._connection()
+            request = self._request(protocol, op)
+            if protocol.transport is not None and protocol.lost is None:
+                protocol.transport.writelines(requests.keyed(op, request.request_id, keys))
+            return cast(_Request, await request.future)
+
+        return asyncio.ensure_future(run())
+
+    async def _await(self, pending: Sequence[_Request | asyncio.Future[_Request]]) -> list[Any]:
+        """Wait for every reply of one call, within the timeout; the first error wins."""
+        futures = [r.future if isinstance(r, _Request) else r for r in pending]
+        gathered = asyncio.gather(*futures, return_exceptions=True)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                outcomes = await gathered
+        except TimeoutError:
+            protocol = self._protocol
+            error = KVStoreTimeout(
+                f"kvstore node {self.endpoint}: no reply within {self.timeout_s:g}s"
+            )
+            if protocol is not None:
+                protocol.abort(KVStoreConnectionLost(f"dropped after a timeout: {error}"))
+            for future in futures:
+                future.cancel()
+            raise error from None
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return list(outcomes)
+
+
+def _status(reply: _Request) -> int:
+    assert reply.header is not None
+    return reply.header.status
+
+
+def _body(reply: _Request) -> bytes:
+    if reply.header is not None and reply.header.status != Status.OK:
+        raise KVStoreError(f"{reply.op.name} failed (status {reply.header.status})")
+    return b"" if reply.body is None else bytes(reply.body)
+
+
+def _writable_view(buffer: _Buffer) -> memoryview:
+    view = requests.as_bytes_view(buffer)
+    if view.readonly:
+        raise ValueError("outs must be writable")
+    return view

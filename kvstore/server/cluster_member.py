@@ -1,0 +1,153 @@
+"""A store node's cluster side: join (register, publish, follow), read-through, leave (migrate).
+
+Mixed into :class:`kvstore.server.lifecycle.StoreServer`; all of it is idle for a standalone node
+(no ``--metadata``). Design: docs/design/kvstore.md §14.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import zlib
+
+from kvstore.cluster.membership import NodeAgent
+from kvstore.cluster.peers import PeerFetcher
+from kvstore.cluster.view import ClusterView
+from kvstore.metadata import EmbeddedMetadataStore, open_metadata_store
+from kvstore.metadata.service import MetadataServer
+from kvstore.node.store import StoreNode
+from kvstore.node.tiers import TierManager
+from kvstore.server.config import StoreNodeConfig
+from kvstore.wire.frame import Status
+from kvstore.wire.types import PutStatus
+
+__all__ = ["ClusterMember"]
+
+logger = logging.getLogger("kvstore.server")
+
+
+class ClusterMember:
+    """Membership, read-through and migration of the server it is mixed into."""
+
+    config: StoreNodeConfig
+    node: StoreNode
+    tiers: TierManager
+    metadata_server: MetadataServer | None
+    agent: NodeAgent | None
+    view: ClusterView | None
+    fetcher: PeerFetcher | None
+    _loop: asyncio.AbstractEventLoop | None
+    _boot_id: str
+
+    async def join_cluster(self, host: str, port: int) -> None:
+        """Register with the metadata store, start publishing and following the cluster."""
+        config = self.config
+        if config.metadata is None:
+            return
+        loop = asyncio.get_running_loop()
+        store = await loop.run_in_executor(None, open_metadata_store, config.metadata)
+        if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
+            self.metadata_server = MetadataServer(store, config.host, config.metadata_port)
+            await self.metadata_server.start()
+        node_id = config.node_id or f"{host}:{port}"
+        info = {
+            "endpoint": f"{host}:{port}",
+            "pid": os.getpid(),
+            "boot_id": self._boot_id,
+            "arena_path": self.node.arena.path,
+        }
+        self.agent = NodeAgent(
+            store,
+            node_id,
+            info,
+            self.tiers,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            flush_interval_s=config.event_flush_interval_s,
+            reconcile_interval_s=config.reconcile_interval_s,
+        )
+        await self.agent.start()
+        self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
+        await loop.run_in_executor(None, self.view.start)
+        self.fetcher = PeerFetcher()
+        logger.info("joined the cluster as %s (metadata %s)", node_id, config.metadata)
+
+    def note_changed(self, keys: list[bytes]) -> None:
+        if self.agent is not None:
+            self.agent.note_changed(keys)
+
+    def peers_holding(self, key: bytes) -> list[str]:
+        """Endpoints of live peers that hold ``key``, fastest tier first."""
+        if self.view is None or self.agent is None:
+            return []
+        live = self.view.live_nodes()
+        me = self.agent.node_id
+        return [live[n] for n, _tier in self.view.holders(key) if n != me and n in live]
+
+    def fetch_remote(self, key: bytes) -> asyncio.Future[tuple[bytes, int] | None]:
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self._fetch_remote_blocking, key)
+
+    def _fetch_remote_blocking(self, key: bytes) -> tuple[bytes, int] | None:
+        assert self.fetcher is not None
+        for endpoint in self.peers_holding(key):
+            try:
+                found = self.fetcher.get_block(endpoint, key)
+            except OSError as exc:
+                logger.warning("read-through from %s failed: %s", endpoint, exc)
+                continue
+            if found is not None:
+                if self.config.replicate_on_read and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._keep_copy, key, found[0])
+                return found
+        return None
+
+    def _keep_copy(self, key: bytes, block: bytes) -> None:
+        if self.node.put(key, block) is PutStatus.OK:
+            self.tiers.note_commit(key)
+            self.note_changed([key])
+
+    async def leave_cluster(self) -> None:
+        """Graceful leave: migrate DRAM blocks if configured, then clear and deregister."""
+        agent, view = self.agent, self.view
+        if agent is None or view is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.config.leave_policy == "migrate":
+            try:
+                await self._migrate(loop, agent, view)
+            except Exception:
+                logger.exception("migration on leave failed; dropping the rest")
+        await agent.stop()
+        await loop.run_in_executor(None, view.stop)
+        if self.metadata_server is not None:
+            await self.metadata_server.stop()
+            self.metadata_server = None
+        if self.fetcher is not None:
+            self.fetcher.close()
+        self.agent = None
+        self.view = None
+
+    async def _migrate(
+        self, loop: asyncio.AbstractEventLoop, agent: NodeAgent, view: ClusterView
+    ) -> None:
+        peers = {n: e for n, e in view.live_nodes().items() if n != agent.node_id}
+        if not peers or self.fetcher is None:
+            logger.warning("leave-policy migrate: no live peer; dropping DRAM blocks")
+            return
+        target = max(peers, key=lambda n: zlib.crc32(f"{n}/{agent.node_id}".encode()))
+        moved, batch, size = 0, [], 0
+        keys = agent.dram_keys()
+        for i, key in enumerate(keys):
+            block = self.node.get(key)
+            if block is not None:
+                batch.append(block)
+                size += len(block)
+            if batch and (size >= 16 * 1024**2 or i == len(keys) - 1):
+                statuses = await loop.run_in_executor(
+                    None, self.fetcher.put_blocks, peers[target], batch
+                )
+                moved += sum(1 for s in statuses if s in (Status.OK, Status.EXISTS))
+                batch, size = [], 0
+        logger.info("migrated %d of %d DRAM blocks to %s", moved, len(keys), target)

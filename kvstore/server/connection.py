@@ -1,0 +1,472 @@
+"""One client connection of a store node: framing, PUT straight into the arena, replies in order.
+
+Data path
+    Each connection is an ``asyncio.BufferedProtocol``, not a stream reader: asyncio streams copy
+    every chunk into a fresh ``bytes`` and run 2-4x slower here. Small frames are received into one
+    preallocated 256 KiB buffer per connection and parsed in place. A PUT's payload is received
+    *directly into the arena extent* reserved for it (``get_buffer`` returns a view of the extent),
+    so a block crosses from the socket to the arena with the kernel's one copy. A GET writes a view
+    of the arena (``writelines([header, view])``, one ``writev``) -- again no copy in Python. Every
+    other op is dispatched through the op → handler table (:mod:`kvstore.server.handlers`).
+
+Leases while sending
+    uvloop keeps a reference to a view it could not send at once and finishes the send later. The
+    GET handler therefore holds the block's read lease until the transport's write buffer is empty;
+    until then eviction and delete cannot free (and a later PUT cannot overwrite) those bytes. The
+    write-buffer high-water mark is 0, so ``pause_writing`` fires whenever a response is not fully
+    handed to the kernel; the connection then also stops reading and parsing (back-pressure: a
+    client that pipelines GETs without reading cannot make the node buffer unboundedly), and
+    ``resume_writing`` releases the held leases and resumes.
+
+SSD tier (docs/design/kvstore.md §13)
+    A GET that misses DRAM but hits SSD is read on a thread into an arena extent; meanwhile the
+    connection keeps parsing and answering, queuing later responses behind the pending one
+    (``queued``: :meth:`Connection.park`, :meth:`Connection.fill`), so responses stay in request
+    order while several SSD reads run at once. A connection with ``MAX_FETCHES_PER_CONNECTION``
+    reads or ``MAX_QUEUED_REPLIES`` responses outstanding stops reading its socket until one
+    completes.
+
+Failure handling
+    A malformed frame (see kvstore.wire) closes only its connection. A connection lost in the
+    middle of a PUT revokes the reservation; one idle in the middle of a PUT for longer than
+    ``put_timeout_s`` is aborted by the server's reaper so that a stalled writer cannot pin arena
+    space. Leases of a lost connection (including shared-memory and batch leases) are released.
+    An unexpected exception in a handler is logged and closes that connection; the node keeps
+    serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.blocks.tier import Tier
+from kvstore.node.store import Lease, PendingPut
+from kvstore.server.handlers import HANDLERS
+from kvstore.server.limits import (
+    MAX_FETCHES_PER_CONNECTION,
+    MAX_QUEUED_REPLIES,
+    RECV_BUFFER_BYTES,
+)
+from kvstore.server.transfer import TransferState
+from kvstore.wire.frame import (
+    FLAG_NO_FORWARD,
+    FRAME_HEADER_BYTES,
+    FrameError,
+    FrameHeader,
+    Op,
+    Status,
+    pack_frame_header,
+)
+from kvstore.wire.messages import SHM_LEASE
+from kvstore.wire.types import PutStatus
+
+if TYPE_CHECKING:
+    from kvstore.server.lifecycle import StoreServer
+
+__all__ = ["Connection", "Reply"]
+
+logger = logging.getLogger("kvstore.server")
+
+_PUT_PREFIX = FRAME_HEADER_BYTES + BLOCK_HEADER_BYTES
+
+
+@dataclass(slots=True)
+class Reply:
+    """A response waiting for an earlier one (an SSD read) so that order is kept."""
+
+    parts: list[bytes | memoryview]
+    lease: Lease | None = None  # released once the view has been handed to the kernel
+    ready: bool = True
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection: a frame parser feeding the node, with receive-into-arena for PUT."""
+
+    def __init__(self, server: StoreServer) -> None:
+        self.server = server
+        self.node = server.node
+        self.tiers = server.tiers
+        self._transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._buf = bytearray(RECV_BUFFER_BYTES)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unparsed byte in _buf
+        self._end = 0  # one past the last received byte in _buf
+        # Direct-receive mode: the rest of a frame's payload goes straight into _sink.
+        self._sink: memoryview | None = None
+        self._sink_pos = 0
+        self._on_sink_full: Callable[[], None] | None = None
+        # Discard mode: drain a rejected PUT's payload, then answer with _discard_reply.
+        self._discard_left = 0
+        self._discard_reply = b""
+        self._pending: PendingPut | None = None
+        self._payload_started_at: float | None = None
+        self._write_paused = False
+        self._unsent_leases: list[Lease] = []
+        self.shm_leases: dict[int, Lease] = {}
+        self.closed = False
+        # Responses held back behind a pending SSD read, in request order.
+        self.queued: deque[Reply] = deque()
+        self.fetches: set[asyncio.Task[Lease | None]] = set()
+        self.remote_fetches: set[asyncio.Future[tuple[bytes, int] | None]] = set()
+        self.no_forward = False  # the frame being dispatched came from a peer
+        self._reading = True
+        # Transport ops: leases and reservations held per batch id; the RDMA queue pair.
+        self.transfer = TransferState()
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        # High-water mark 0: pause_writing as soon as a response is not fully handed to the kernel
+        # (see "Leases while sending" in the module docstring).
+        transport.set_write_buffer_limits(high=0, low=0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = str(transport.get_extra_info("peername"))
+        self.server.connections.add(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._sink is not None:
+            return self._sink[self._sink_pos :]
+        if self._discard_left:
+            return self._view[: min(self._discard_left, RECV_BUFFER_BYTES)]
+        if self._end == RECV_BUFFER_BYTES:
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._sink is not None:
+                self._sink_pos += nbytes
+                if self._sink_pos == len(self._sink):
+                    callback = self._on_sink_full
+                    self._sink, self._on_sink_full = None, None
+                    self._payload_started_at = None
+                    assert callback is not None
+                    callback()
+                    self._process()
+            elif self._discard_left:
+                self._discard_left -= nbytes
+                if not self._discard_left:
+                    self._payload_started_at = None
+                    self.write(self._discard_reply)
+                    self._process()
+            else:
+                self._end += nbytes
+                self._process()
+        except Exception as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self._pending is not None:
+            self.node.revoke(self._pending)
+            self._pending = None
+            logger.info("connection %s lost mid-PUT; reservation revoked", self.peer)
+        self._sink = None
+        for lease in self._unsent_leases:
+            self.node.release(lease)
+        self._unsent_leases.clear()
+        for lease in self.shm_leases.values():
+            self.node.release(lease)
+        self.shm_leases.clear()
+        self.transfer.release_all(self.node, self.server.drop_rdma)
+        for reply in self.queued:
+            if reply.lease is not None:
+                self.node.release(reply.lease)
+        self.queued.clear()
+        # SSD reads still in flight release what they bring when they finish (_fetch_done).
+        self.server.connection_closed()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for lease in self._unsent_leases:
+            self.node.release(lease)
+        self._unsent_leases.clear()
+        if self._transport is None or self.closed:
+            return
+        self.flush_replies()
+        self.resume()
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def abort(self, reason: str | None) -> None:
+        """Drop the connection at once (unsent responses are discarded)."""
+        if reason:
+            logger.warning("closing connection %s: %s", self.peer, reason)
+        if self._transport is not None and not self.closed:
+            self.closed = True
+            self._transport.abort()
+
+    def close(self) -> None:
+        """Close after flushing what has been written (graceful shutdown)."""
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+
+    def payload_age(self, now: float) -> float:
+        """Seconds this connection has been receiving one payload (0 if it is not)."""
+        started = self._payload_started_at
+        if self.transfer.reserved_since is not None:  # an open RESERVE_BATCH is a payload in flight
+            started = min(started or now, self.transfer.reserved_since)
+        return 0.0 if started is None else now - started
+
+    # -- parsing ----------------------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        remaining = self._end - self._start
+        if self._start:
+            self._buf[:remaining] = self._view[self._start : self._end]
+        self._start, self._end = 0, remaining
+
+    def resume(self) -> None:
+        """Parse again after a pause (writes drained, an SSD read finished)."""
+        self._update_reading()
+        try:
+            self._process()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """Close after a malformed frame (expected) or a bug in a handler (logged)."""
+        if isinstance(exc, FrameError):
+            self.abort(f"malformed frame: {exc}")
+        else:
+            logger.error("internal error on connection %s; closing it", self.peer, exc_info=exc)
+            self.abort(None)
+
+    def _fetch_blocked(self) -> bool:
+        return (
+            len(self.fetches) + len(self.remote_fetches) + len(self.transfer.batch_fetches)
+            >= MAX_FETCHES_PER_CONNECTION
+            or len(self.queued) >= MAX_QUEUED_REPLIES
+        )
+
+    def _update_reading(self) -> None:
+        """Read the socket only while we may parse: not write-paused, not at the fetch limit."""
+        if self._transport is None or self.closed:
+            return
+        want = not self._write_paused and not self._fetch_blocked()
+        if want and not self._reading:
+            self._transport.resume_reading()
+        elif not want and self._reading:
+            self._transport.pause_reading()
+        self._reading = want
+
+    def _process(self) -> None:
+        """Handle every complete frame in the buffer; stop at a partial one or when paused."""
+        view = self._view
+        while not self._write_paused and not self.closed and not self._fetch_blocked():
+            start, avail = self._start, self._end - self._start
+            if avail < FRAME_HEADER_BYTES:
+                break
+            header = FrameHeader.decode(view, start)
+            header.check_request()
+            if header.opcode is Op.PUT:
+                if not self._begin_put(header):
+                    break
+                continue
+            frame_end = start + FRAME_HEADER_BYTES + header.payload_len
+            if frame_end <= self._end:
+                self._start = frame_end
+                self.no_forward = bool(header.flags & FLAG_NO_FORWARD)
+                self._dispatch(header, view[start + FRAME_HEADER_BYTES : frame_end])
+                continue
+            if FRAME_HEADER_BYTES + header.payload_len > RECV_BUFFER_BYTES:
+                # A large key list: receive the rest of it into a buffer of its own.
+                self._receive_large_frame(header)
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start and RECV_BUFFER_BYTES - self._end < _PUT_PREFIX:
+            self._compact()
+        if self._fetch_blocked():
+            self._update_reading()
+
+    def _receive_large_frame(self, header: FrameHeader) -> None:
+        payload = memoryview(bytearray(header.payload_len))
+        have = self._end - self._start - FRAME_HEADER_BYTES
+        body = self._start + FRAME_HEADER_BYTES
+        payload[:have] = self._view[body : body + have]
+        self._start = self._end = 0
+        self._sink, self._sink_pos = payload, have
+        self._on_sink_full = lambda: self._dispatch(header, payload)
+
+    def _begin_put(self, header: FrameHeader) -> bool:
+        """Start handling a PUT whose frame header is at ``_start``; False if more bytes needed."""
+        start, avail = self._start, self._end - self._start
+        length = header.payload_len
+        if length < BLOCK_HEADER_BYTES:
+            raise FrameError(f"PUT payload of {length} bytes has no block header")
+        if avail < _PUT_PREFIX:
+            return False
+        body = start + FRAME_HEADER_BYTES
+        try:
+            block = BlockHeader.decode(self._view[body : body + BLOCK_HEADER_BYTES])
+        except BlockFormatError as exc:
+            logger.warning("PUT from %s with a bad block header: %s", self.peer, exc)
+            self._reject_put(header, Status.BAD_REQUEST)
+            return True
+        if BLOCK_HEADER_BYTES + block.payload_nbytes != length:
+            self._reject_put(header, Status.BAD_REQUEST)
+            return True
+        if length > self.server.config.max_block_bytes:
+            self._reject_put(header, Status.TOO_LARGE)
+            return True
+        result = self.node.begin_put(block.key, length)
+        if isinstance(result, PutStatus):
+            self._reject_put(header, Status(result))
+            return True
+        have = min(avail - FRAME_HEADER_BYTES, length)
+        result.view[:have] = self._view[body : body + have]
+        self._start = body + have
+        if have == length:
+            self._finish_put(header, block, result)
+            return True
+        # The rest of the block goes straight from the socket into the arena.
+        self._pending = result
+        self._start = self._end = 0
+        self._sink, self._sink_pos = result.view, have
+        self._on_sink_full = lambda: self._finish_put(header, block, result)
+        self._payload_started_at = self.server.loop_time()
+        return True
+
+    def _finish_put(self, header: FrameHeader, block: BlockHeader, pending: PendingPut) -> None:
+        self._pending = None
+        if verify(block, pending.view[BLOCK_HEADER_BYTES:]):
+            self.node.commit(pending)
+            self.tiers.note_commit(pending.key)
+            self.server.note_changed([block.key])
+            status = Status.OK
+        else:
+            self.node.revoke(pending)
+            logger.warning("PUT from %s failed its checksum; block dropped", self.peer)
+            status = Status.CORRUPT
+        self.write(pack_frame_header(Op.PUT, header.request_id, 0, 0, status))
+
+    def _reject_put(self, header: FrameHeader, status: Status) -> None:
+        """Skip a PUT's payload (now or as it arrives), then answer ``status``."""
+        reply = pack_frame_header(Op.PUT, header.request_id, 0, 0, status)
+        body = self._start + FRAME_HEADER_BYTES
+        have = min(self._end - body, header.payload_len)
+        self._start = body + have
+        left = header.payload_len - have
+        if not left:
+            self.write(reply)
+            return
+        self._start = self._end = 0
+        self._discard_left, self._discard_reply = left, reply
+        self._payload_started_at = self.server.loop_time()
+
+    def _dispatch(self, header: FrameHeader, payload: memoryview) -> None:
+        HANDLERS[header.opcode](self, header, payload)
+
+    # -- replies, in request order ---------------------------------------------------------------
+
+    def park(self) -> Reply:
+        """A reply that keeps its place in line until :meth:`fill` gives it its bytes."""
+        reply = Reply([], ready=False)
+        self.queued.append(reply)
+        return reply
+
+    def fill(self, reply: Reply, parts: list[bytes | memoryview]) -> None:
+        """Complete a parked reply, send what is ready, and parse again."""
+        reply.parts, reply.ready = parts, True
+        self.flush_replies()
+        self.resume()
+
+    def block_reply(self, request_id: int, lease: Lease, tier: Tier) -> Reply:
+        """A GET response written from the arena (a view, no copy) under ``lease``."""
+        header = pack_frame_header(Op.GET, request_id, int(tier), lease.nbytes)
+        return Reply([header, lease.view], lease)
+
+    def shm_reply(self, request_id: int, lease: Lease, tier: Tier) -> bytes:
+        """A GET_SHM response; the lease stays held until the client's RELEASE."""
+        self.shm_leases[lease.lease_id] = lease
+        body = SHM_LEASE.pack(lease.lease_id, lease.offset, lease.nbytes)
+        return pack_frame_header(Op.GET_SHM, request_id, int(tier), len(body)) + body
+
+    def start_fetch(self, op: Op, request_id: int, key: bytes) -> None:
+        """Read ``key`` from SSD in the background; its response keeps its place in line."""
+        reply = self.park()
+        task = asyncio.get_running_loop().create_task(self.tiers.fetch(key))
+        self.fetches.add(task)
+        task.add_done_callback(functools.partial(self._fetch_done, reply, op, request_id))
+
+    def _fetch_done(
+        self, reply: Reply, op: Op, request_id: int, task: asyncio.Task[Lease | None]
+    ) -> None:
+        self.fetches.discard(task)
+        lease: Lease | None = None
+        if not task.cancelled():
+            if task.exception() is not None:
+                logger.error("SSD fetch failed", exc_info=task.exception())
+            else:
+                lease = task.result()
+        if self.closed:
+            if lease is not None:
+                self.node.release(lease)
+            return
+        if lease is None:
+            reply.parts = [pack_frame_header(op, request_id, 0, 0, Status.MISS)]
+        elif op is Op.GET:
+            filled = self.block_reply(request_id, lease, Tier.SSD)
+            reply.parts, reply.lease = filled.parts, filled.lease
+        else:
+            reply.parts = [self.shm_reply(request_id, lease, Tier.SSD)]
+        self.fill(reply, reply.parts)
+
+    def flush_replies(self) -> None:
+        """Write the responses at the head of the line that are ready."""
+        replies = self.queued
+        while replies and replies[0].ready and not self._write_paused and not self.closed:
+            self._transmit(replies.popleft())
+
+    def send(self, reply: Reply) -> None:
+        if self.queued:
+            self.queued.append(reply)  # behind a pending SSD read
+            self.flush_replies()
+        else:
+            self._transmit(reply)
+
+    def _transmit(self, reply: Reply) -> None:
+        if self._transport is None or self.closed:
+            if reply.lease is not None:
+                self.node.release(reply.lease)
+            return
+        self._transport.writelines(reply.parts)
+        if reply.lease is None:
+            return
+        if self._transport.get_write_buffer_size():
+            self._unsent_leases.append(reply.lease)  # released by resume_writing/connection_lost
+        else:
+            self.node.release(reply.lease)
+
+    def write_json(self, op: Op, request_id: int, value: object) -> None:
+        body = json.dumps(value, sort_keys=True).encode()
+        self.write(pack_frame_header(op, request_id, 0, len(body)) + body)
+
+    def write(self, data: bytes) -> None:
+        self.send(Reply([data]))

@@ -1,0 +1,150 @@
+"""The op → handler table of a connection, and the handlers of the block and node ops.
+
+Every frame a connection parses is dispatched through :data:`HANDLERS` (the transport ops'
+handlers are in :mod:`kvstore.server.transfer`). A handler answers with ``conn.write`` /
+``conn.send``, or parks a reply (``conn.park``) that an SSD read or a peer read fills later
+(``conn.fill``), so that replies keep request order.
+
+GET and GET_SHM replies carry the tier that served the block in ``count`` (1 = DRAM, 2 = SSD);
+MATCH_PREFIX replies carry one byte per matched key, the fastest tier holding it. A GET that
+misses here is read through from a peer that holds the block (read-through), unless the frame is
+itself a peer's (``FLAG_NO_FORWARD``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvstore.blocks.tier import Tier
+from kvstore.node.store import Lease
+from kvstore.server import transfer
+from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys
+from kvstore.wire.frame import FrameHeader, Op, Status, pack_frame_header
+from kvstore.wire.messages import LEASE_ID, encode_bitmap
+
+if TYPE_CHECKING:
+    from kvstore.server.connection import Connection, Reply
+
+__all__ = ["HANDLERS", "Handler"]
+
+logger = logging.getLogger("kvstore.server")
+
+Handler = Callable[["Connection", FrameHeader, memoryview], None]
+"""Handles one well-framed request (its header and payload) on a connection."""
+
+
+def get(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    request_id, key = header.request_id, bytes(payload)
+    found = conn.tiers.acquire(key)
+    if isinstance(found, Lease):
+        conn.send(conn.block_reply(request_id, found, Tier.DRAM))
+    elif found is Tier.SSD:
+        conn.start_fetch(Op.GET, request_id, key)
+    elif not conn.no_forward and conn.server.peers_holding(key):
+        _start_remote_fetch(conn, request_id, key)
+    else:
+        conn.write(pack_frame_header(Op.GET, request_id, 0, 0, Status.MISS))
+
+
+def _start_remote_fetch(conn: Connection, request_id: int, key: bytes) -> None:
+    """Read ``key`` from a peer on a thread (read-through); its response keeps its place."""
+    reply = conn.park()
+    future = conn.server.fetch_remote(key)
+    conn.remote_fetches.add(future)
+    future.add_done_callback(functools.partial(_remote_done, conn, reply, request_id))
+
+
+def _remote_done(
+    conn: Connection,
+    reply: Reply,
+    request_id: int,
+    future: asyncio.Future[tuple[bytes, int] | None],
+) -> None:
+    conn.remote_fetches.discard(future)
+    found: tuple[bytes, int] | None = None
+    if not future.cancelled():
+        if future.exception() is not None:
+            logger.warning("read-through failed: %s", future.exception())
+        else:
+            found = future.result()
+    if conn.closed:
+        return
+    if found is None:
+        conn.fill(reply, [pack_frame_header(Op.GET, request_id, 0, 0, Status.MISS)])
+    else:
+        block, tier = found
+        conn.fill(reply, [pack_frame_header(Op.GET, request_id, tier, len(block)), block])
+
+
+def get_shm(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    request_id, key = header.request_id, bytes(payload)
+    if len(conn.shm_leases) + len(conn.fetches) >= MAX_SHM_LEASES_PER_CONNECTION:
+        logger.warning("%s holds too many shared-memory leases", conn.peer)
+        conn.write(pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.BAD_REQUEST))
+        return
+    found = conn.tiers.acquire(key)
+    if isinstance(found, Lease):
+        conn.write(conn.shm_reply(request_id, found, Tier.DRAM))
+    elif found is Tier.SSD:
+        conn.start_fetch(Op.GET_SHM, request_id, key)
+    else:
+        conn.write(pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.MISS))
+
+
+def match_prefix(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    tiers = bytes(conn.tiers.match_prefix(split_keys(payload)))
+    conn.write(
+        pack_frame_header(Op.MATCH_PREFIX, header.request_id, len(tiers), len(tiers)) + tiers
+    )
+
+
+def exists(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    bitmap = encode_bitmap(conn.tiers.exists(split_keys(payload)))
+    reply = pack_frame_header(Op.EXISTS, header.request_id, header.count, len(bitmap))
+    conn.write(reply + bitmap)
+
+
+def delete(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    keys = split_keys(payload)
+    deleted = conn.tiers.delete(keys)
+    conn.server.note_changed(keys)
+    conn.write(pack_frame_header(Op.DELETE, header.request_id, deleted, 0))
+
+
+def stats(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    conn.write_json(Op.STATS, header.request_id, conn.server.stats())
+
+
+def shm_info(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    conn.write_json(Op.SHM_INFO, header.request_id, conn.server.shm_info())
+
+
+def release(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    for (lease_id,) in LEASE_ID.iter_unpack(payload):
+        lease = conn.shm_leases.pop(lease_id, None)
+        if lease is None:
+            logger.warning("RELEASE of unknown lease %d from %s", lease_id, conn.peer)
+        else:
+            conn.node.release(lease)
+
+
+HANDLERS: dict[Op, Handler] = {
+    Op.GET: get,
+    Op.MATCH_PREFIX: match_prefix,
+    Op.EXISTS: exists,
+    Op.DELETE: delete,
+    Op.STATS: stats,
+    Op.SHM_INFO: shm_info,
+    Op.GET_SHM: get_shm,
+    Op.RELEASE: release,
+    Op.LEASE_BATCH: transfer.lease_batch,
+    Op.RELEASE_BATCH: transfer.release_batch,
+    Op.RESERVE_BATCH: transfer.reserve_batch,
+    Op.COMMIT_BATCH: transfer.commit_batch,
+    Op.RDMA_CONNECT: transfer.rdma_connect,
+}
+"""Every op but PUT, whose payload the connection receives straight into the arena."""

@@ -1,0 +1,142 @@
+"""The store node server's lifecycle: listen, serve connections, stop; its STATS and SHM_INFO.
+
+:class:`StoreServer` owns the listening socket, the connections (:mod:`kvstore.server.connection`)
+and the node; its cluster side (join, read-through, leave) is :class:`ClusterMember`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+from kvstore.cluster.membership import NodeAgent
+from kvstore.cluster.peers import PeerFetcher
+from kvstore.cluster.view import ClusterView
+from kvstore.metadata.service import MetadataServer
+from kvstore.node.store import StoreNode
+from kvstore.node.tiers import TierManager
+from kvstore.server.cluster_member import ClusterMember
+from kvstore.server.config import StoreNodeConfig
+from kvstore.server.connection import Connection
+from kvstore.server.transfer import TransferCounters
+from kvstore.transport.base import TransportKind, TransportUnavailable, log_unavailable_once
+from kvstore.transport.rdma import RdmaNodeEndpoint
+from strata_common.host import boot_id
+
+__all__ = ["StoreServer"]
+
+
+class StoreServer(ClusterMember):
+    """Owns the listening socket, the connections and the node; start, serve, stop."""
+
+    def __init__(
+        self, config: StoreNodeConfig, node: StoreNode, tiers: TierManager | None = None
+    ) -> None:
+        self.config = config
+        self.node = node
+        self.tiers = tiers if tiers is not None else TierManager(node)
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._all_closed: asyncio.Event | None = None
+        self._boot_id = boot_id()
+        # Distribution (docs/design/kvstore.md §14); all None for a standalone node.
+        self.agent: NodeAgent | None = None
+        self.view: ClusterView | None = None
+        self.fetcher: PeerFetcher | None = None
+        # This node's embedded metadata, served to the host over gRPC (kvstore.metadata.service).
+        self.metadata_server: MetadataServer | None = None
+        self.transfers = TransferCounters()
+        self._rdma: RdmaNodeEndpoint | str | None = None  # endpoint, or why there is none
+
+    def rdma_endpoint(self) -> RdmaNodeEndpoint | str:
+        """The arena registered for RDMA (on first use), or the reason RDMA is unavailable."""
+        if self._rdma is None:
+            try:
+                self._rdma = RdmaNodeEndpoint(self.node.arena.address, self.node.arena.size)
+            except TransportUnavailable as exc:
+                self._rdma = str(exc)
+                log_unavailable_once(TransportKind.RDMA, str(exc))
+        return self._rdma
+
+    def drop_rdma(self, handle: object) -> None:
+        if isinstance(self._rdma, RdmaNodeEndpoint):
+            self._rdma.drop(handle)
+
+    async def start(self) -> tuple[str, int]:
+        """Listen and return the bound (host, port) -- the port is real even if 0 was asked."""
+        self._loop = asyncio.get_running_loop()
+        self._all_closed = asyncio.Event()
+        self._server = await self._loop.create_server(
+            lambda: Connection(self),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self._reaper = self._loop.create_task(self._reap_stalled_payloads())
+        self.tiers.start()
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Stop accepting, let connections flush for up to ``grace_s``, then drop the rest;
+        then stop the tiers' background work and close the SSD tier."""
+        await self.leave_cluster()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        if self.connections and self._all_closed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), grace_s)
+        for conn in list(self.connections):
+            conn.abort("shutting down")
+        if self._server is not None:
+            # After the connections: some loops' wait_closed also waits for them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), grace_s)
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+        await self.tiers.close()
+
+    def loop_time(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def connection_closed(self) -> None:
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    def stats(self) -> dict[str, object]:
+        stats = dataclasses.asdict(self.node.stats())
+        stats["num_connections"] = len(self.connections)
+        stats["transfers"] = dataclasses.asdict(self.transfers)
+        stats["tiers"] = dataclasses.asdict(self.tiers.stats())
+        ssd = self.tiers.ssd
+        stats["ssd"] = dataclasses.asdict(ssd.stats()) if ssd is not None else None
+        return stats
+
+    def shm_info(self) -> dict[str, object]:
+        arena = self.node.arena
+        return {
+            "path": arena.path,
+            "size": arena.size,
+            "device": arena.device,
+            "inode": arena.inode,
+            "boot_id": self._boot_id,
+        }
+
+    async def _reap_stalled_payloads(self) -> None:
+        timeout = self.config.put_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = self.loop_time()
+            for conn in list(self.connections):
+                if conn.payload_age(now) > timeout:
+                    conn.abort(f"payload not received within {timeout:g}s; abandoning it")

@@ -1,0 +1,312 @@
+"""The transport ops of a connection: batched leases and reservations, RDMA_CONNECT.
+
+``LEASE_BATCH`` pins a batch of blocks under one batch id and answers where each one is in the
+arena (SSD blocks are first read into the arena, the reply waiting in line like a GET's);
+``RELEASE_BATCH`` unpins them. ``RESERVE_BATCH`` is the first phase of a batch of puts (space
+reserved, blocks invisible), the client writes the blocks into the arena itself, and
+``COMMIT_BATCH`` verifies every block's header and commits it (or revokes it: ``CORRUPT``). A
+connection may hold at most ``MAX_SHM_LEASES_PER_CONNECTION`` leases and reserve at most a quarter
+of the arena at once: a bigger RESERVE_BATCH is refused whole (``FULL``, and the client sends
+those blocks over TCP, one reservation at a time); an open reservation counts as a payload in
+flight for the put timeout. ``RDMA_CONNECT`` connects a queue pair to the registered arena
+(kvstore.transport.rdma) or answers ``UNSUPPORTED`` with the reason. What a connection holds lives
+in its :class:`TransferState`, released with the connection (:meth:`TransferState.release_all`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
+from kvstore.blocks.tier import Tier
+from kvstore.node.store import Lease, PendingPut, StoreNode
+from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys
+from kvstore.wire.frame import FrameError, FrameHeader, Op, Status, pack_frame_header
+from kvstore.wire.messages import (
+    BATCH_ID,
+    LEASE_DEFERRED,
+    RESERVE_ITEM,
+    LeaseBatchReply,
+    RdmaEndpointInfo,
+    ReserveBatchReply,
+)
+from kvstore.wire.types import PutStatus
+
+if TYPE_CHECKING:
+    from kvstore.server.connection import Connection
+
+__all__ = [
+    "TransferCounters",
+    "TransferState",
+    "commit_batch",
+    "lease_batch",
+    "rdma_connect",
+    "release_batch",
+    "reserve_batch",
+]
+
+logger = logging.getLogger("kvstore.server")
+
+MAX_SSD_READS_PER_BATCH = 8
+"""SSD blocks one LEASE_BATCH reads into the arena (the rest are answered LEASE_DEFERRED)."""
+MAX_RESERVED_FRACTION = 0.25
+"""Share of the arena one connection may hold reserved by RESERVE_BATCH at once."""
+
+
+@dataclass(slots=True)
+class _Reserved:
+    """One block of a RESERVE_BATCH: what was asked for and its reservation (None if refused)."""
+
+    status: Status
+    key: bytes
+    nbytes: int
+    pending: PendingPut | None
+
+
+@dataclass(slots=True)
+class TransferCounters:
+    """What the transport ops moved (STATS ``transfers``): exact counts, for tests and ops."""
+
+    lease_batches: int = 0
+    batch_leased_blocks: int = 0
+    reserve_batches: int = 0
+    reserve_batches_refused: int = 0
+    reserved_blocks: int = 0
+    committed_blocks: int = 0
+    corrupt_blocks: int = 0
+    rdma_connections: int = 0
+
+
+@dataclass(slots=True)
+class TransferState:
+    """What one connection holds through the transport ops: leases and reservations per batch
+    id, the SSD reads of pending LEASE_BATCHes, its RDMA queue pair."""
+
+    batch_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    lease_batches: dict[int, list[Lease]] = field(default_factory=dict)
+    num_batch_leases: int = 0
+    put_batches: dict[int, list[_Reserved]] = field(default_factory=dict)
+    reserved_bytes: int = 0
+    reserved_since: float | None = None
+    batch_fetches: set[asyncio.Future[list[Lease | None]]] = field(default_factory=set)
+    rdma: object | None = None
+
+    def release_all(self, node: StoreNode, drop_rdma: Callable[[object], None]) -> None:
+        """The connection is gone: release its leases, revoke its reservations, drop its QP."""
+        for leases in self.lease_batches.values():
+            for lease in leases:
+                node.release(lease)
+        self.lease_batches.clear()
+        for reserved in self.put_batches.values():
+            for entry in reserved:
+                if entry.pending is not None:
+                    node.revoke(entry.pending)
+        self.put_batches.clear()
+        if self.rdma is not None:
+            drop_rdma(self.rdma)
+            self.rdma = None
+
+
+def lease_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    request_id, keys = header.request_id, split_keys(payload)
+    state = conn.transfer
+    held = len(conn.shm_leases) + state.num_batch_leases
+    if held + len(keys) > MAX_SHM_LEASES_PER_CONNECTION:
+        logger.warning("%s holds too many shared-memory leases", conn.peer)
+        conn.write(pack_frame_header(Op.LEASE_BATCH, request_id, 0, 0, Status.BAD_REQUEST))
+        return
+    found: list[Lease | None] = []
+    tiers = bytearray(len(keys))
+    on_ssd: list[int] = []
+    for i, key in enumerate(keys):
+        result = conn.tiers.acquire(key)
+        if isinstance(result, Lease):
+            found.append(result)
+            tiers[i] = Tier.DRAM
+        else:
+            found.append(None)
+            if result is Tier.SSD and len(on_ssd) < MAX_SSD_READS_PER_BATCH:
+                on_ssd.append(i)
+            elif result is Tier.SSD:
+                tiers[i] = LEASE_DEFERRED
+    counters = conn.server.transfers
+    counters.lease_batches += 1
+    if not on_ssd:
+        conn.write(_lease_batch_reply(conn, request_id, found, tiers))
+        return
+    # Read the SSD blocks into the arena first; the reply keeps its place in line.
+    reply = conn.park()
+    fetches = [conn.tiers.fetch(keys[i]) for i in on_ssd]
+    gathered = asyncio.gather(*fetches)
+    state.batch_fetches.add(gathered)
+
+    def done(future: asyncio.Future[list[Lease | None]]) -> None:
+        state.batch_fetches.discard(future)
+        leases: list[Lease | None] = [None] * len(on_ssd)
+        if not future.cancelled() and future.exception() is None:
+            leases = future.result()
+        elif not future.cancelled():
+            logger.error("SSD fetch failed", exc_info=future.exception())
+        for i, lease in zip(on_ssd, leases, strict=True):
+            found[i] = lease
+            tiers[i] = Tier.SSD if lease is not None else 0
+        if conn.closed:
+            for lease in found:
+                if lease is not None:
+                    conn.node.release(lease)
+            return
+        conn.fill(reply, [_lease_batch_reply(conn, request_id, found, tiers)])
+
+    gathered.add_done_callback(done)
+
+
+def _lease_batch_reply(
+    conn: Connection, request_id: int, found: list[Lease | None], tiers: bytearray
+) -> bytes:
+    state = conn.transfer
+    batch_id = next(state.batch_ids)
+    leases = [lease for lease in found if lease is not None]
+    state.lease_batches[batch_id] = leases
+    state.num_batch_leases += len(leases)
+    conn.server.transfers.batch_leased_blocks += len(leases)
+    spans = tuple((0, 0) if f is None else (f.offset, f.nbytes) for f in found)
+    body = LeaseBatchReply(batch_id, spans, bytes(tiers)).encode()
+    return pack_frame_header(Op.LEASE_BATCH, request_id, len(found), len(body)) + body
+
+
+def release_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    state = conn.transfer
+    for (batch_id,) in BATCH_ID.iter_unpack(payload):
+        leases = state.lease_batches.pop(batch_id, None)
+        if leases is None:
+            logger.warning("RELEASE_BATCH of unknown batch %d from %s", batch_id, conn.peer)
+            continue
+        state.num_batch_leases -= len(leases)
+        for lease in leases:
+            conn.node.release(lease)
+
+
+def reserve_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    request_id, state = header.request_id, conn.transfer
+    items = list(RESERVE_ITEM.iter_unpack(payload))
+    counters = conn.server.transfers
+    counters.reserve_batches += 1
+    wanted = sum(nbytes for _, nbytes in items)
+    limit = int(conn.node.arena.size * MAX_RESERVED_FRACTION)
+    if state.reserved_bytes + wanted > limit:
+        counters.reserve_batches_refused += 1
+        conn.write(pack_frame_header(Op.RESERVE_BATCH, request_id, 0, 0, Status.FULL))
+        return
+    max_bytes = conn.server.config.max_block_bytes
+    arena = conn.node.arena
+    reserved: list[_Reserved] = []
+    offsets: list[int] = []
+    for key, nbytes in items:
+        entry = _Reserved(Status.BAD_REQUEST, key, nbytes, None)
+        reserved.append(entry)
+        if nbytes > max_bytes:
+            entry.status = Status.TOO_LARGE
+        elif nbytes >= BLOCK_HEADER_BYTES:
+            result = conn.node.begin_put(key, nbytes)
+            if isinstance(result, PutStatus):
+                entry.status = Status(result)
+            else:
+                entry.status, entry.pending = Status.OK, result
+                state.reserved_bytes += nbytes
+                counters.reserved_blocks += 1
+                offsets.append(arena.offset_of(result.view))
+                continue
+        offsets.append(0)
+    batch_id = next(state.batch_ids)
+    state.put_batches[batch_id] = reserved
+    if state.reserved_since is None:
+        state.reserved_since = conn.server.loop_time()
+    statuses = bytes(entry.status for entry in reserved)
+    body = ReserveBatchReply(batch_id, tuple(offsets), statuses).encode()
+    conn.write(pack_frame_header(Op.RESERVE_BATCH, request_id, len(items), len(body)) + body)
+
+
+def commit_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    request_id, state = header.request_id, conn.transfer
+    (batch_id,) = BATCH_ID.unpack(payload)
+    reserved = state.put_batches.pop(batch_id, None)
+    if reserved is None:
+        logger.warning("COMMIT_BATCH of unknown batch %d from %s", batch_id, conn.peer)
+        conn.write(pack_frame_header(Op.COMMIT_BATCH, request_id, 0, 0, Status.BAD_REQUEST))
+        return
+    if not state.put_batches:
+        state.reserved_since = None
+    counters = conn.server.transfers
+    statuses = bytearray()
+    committed: list[bytes] = []
+    for entry in reserved:
+        pending = entry.pending
+        if pending is None:
+            statuses.append(entry.status)
+            continue
+        state.reserved_bytes -= pending.nbytes
+        if _written_block_ok(conn, entry, pending):
+            conn.node.commit(pending)
+            conn.tiers.note_commit(pending.key)
+            committed.append(pending.key)
+            counters.committed_blocks += 1
+            statuses.append(Status.OK)
+        else:
+            conn.node.revoke(pending)
+            counters.corrupt_blocks += 1
+            logger.warning("direct PUT from %s wrote a bad block header", conn.peer)
+            statuses.append(Status.CORRUPT)
+    if committed:
+        conn.server.note_changed(committed)
+    reply = pack_frame_header(Op.COMMIT_BATCH, request_id, len(statuses), len(statuses))
+    conn.write(reply + bytes(statuses))
+
+
+def _written_block_ok(conn: Connection, entry: _Reserved, pending: PendingPut) -> bool:
+    """Whether the client wrote a valid block of the reserved key and size.
+
+    The header must be valid for that key and length (readers trust it). The payload's
+    checksum is checked here only if it crossed a network (RDMA WRITE): a shared-memory
+    client maps the arena read-write and could change a block at any time, so checking it at
+    commit would cost a read of every block and promise nothing; every reader verifies it.
+    """
+    view = pending.view
+    try:
+        block = BlockHeader.decode(view[:BLOCK_HEADER_BYTES])
+    except BlockFormatError:
+        return False
+    if block.key != entry.key or BLOCK_HEADER_BYTES + block.payload_nbytes != entry.nbytes:
+        return False
+    return conn.transfer.rdma is None or verify(block, view[BLOCK_HEADER_BYTES:])
+
+
+def rdma_connect(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    request_id = header.request_id
+    try:
+        client = RdmaEndpointInfo.decode(payload)
+    except ValueError as exc:
+        raise FrameError(f"bad RDMA_CONNECT: {exc}") from None
+    endpoint = conn.server.rdma_endpoint()
+    reason = endpoint if isinstance(endpoint, str) else ""
+    if not reason and conn.transfer.rdma is not None:
+        reason = "this connection already has an RDMA queue pair"
+    if not reason:
+        assert not isinstance(endpoint, str) and endpoint is not None
+        try:
+            conn.transfer.rdma, info = endpoint.accept(client)
+        except Exception as exc:  # verbs errors: answer, keep the connection (it is TCP)
+            reason = f"cannot connect a queue pair: {exc}"
+        else:
+            conn.server.transfers.rdma_connections += 1
+            body = info.encode()
+            conn.write(pack_frame_header(Op.RDMA_CONNECT, request_id, 0, len(body)) + body)
+            return
+    text = reason.encode()
+    conn.write(
+        pack_frame_header(Op.RDMA_CONNECT, request_id, 0, len(text), Status.UNSUPPORTED) + text
+    )

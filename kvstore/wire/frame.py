@@ -1,0 +1,206 @@
+"""The kvstore wire protocol's frames (TCP; version 1): header, opcodes, statuses, limits.
+
+This module is the one owner of the frame header: nothing else packs or parses it. The payloads
+of each op are in :mod:`kvstore.wire.messages`, the replies' meaning (results and errors) in
+:mod:`kvstore.wire.replies`. No I/O here: the callers own their sockets.
+
+
+Every message, request or response, is one frame: a fixed 24-byte header followed by
+``payload_len`` bytes. A fixed header lets the server read it into a preallocated buffer, validate
+it in one ``struct`` call, and then receive a PUT's payload straight into the arena extent reserved
+for it -- no intermediate copy, no per-message allocation. Frame header (little-endian)::
+
+    offset size field
+     0      4   magic        b"SKVP"
+     4      1   version      1
+     5      1   opcode       Op
+     6      1   status       Status (responses; 0 in requests)
+     7      1   flags        FrameFlag bits (FLAG_NO_FORWARD: a peer's GET); 0 otherwise
+     8      4   request_id   chosen by the client, echoed in the response
+    12      4   count        number of keys in a request; op-specific result in a response
+    16      8   payload_len  bytes that follow
+
+Requests are answered in order, one response per request (except ``RELEASE``, which has none), so
+a client can pipeline: send many requests, then read the responses. Payloads:
+
+============  ===================================  ================================================
+op            request payload (count)              response (status, count, payload)
+============  ===================================  ================================================
+PUT           block = 64-byte block header (it      OK | EXISTS | FULL | TOO_LARGE | CORRUPT |
+              carries the key) + data (1)          BAD_REQUEST; no payload
+GET           key (1)                              OK + block (header + data) | MISS
+MATCH_PREFIX  keys of a prompt's chain (n)         OK, count = number of leading keys present
+EXISTS        keys (n)                             OK, count = n, payload = bitmap, bit i = key i
+                                                   present, LSB first, ceil(n / 8) bytes
+DELETE        keys (n)                             OK, count = number deleted
+STATS         none (0)                             OK + JSON (UTF-8)
+SHM_INFO      none (0)                             OK + JSON describing the arena file
+GET_SHM       key (1)                              OK + (lease_id, offset, nbytes) as <QQQ | MISS
+RELEASE       lease ids as <Q each (n)             no response
+LEASE_BATCH   keys (n)                             OK, count = n, payload = batch id <Q, then n
+                                                   (offset, nbytes) as <QQ, then n tier bytes
+                                                   (0 miss, 1 DRAM, 2 read from SSD, both
+                                                   leased; 255: on SSD, not read: ask again)
+RELEASE_BATCH batch ids as <Q each (n)             no response
+RESERVE_BATCH n (key, block bytes) as <16sQ (n)     OK, count = n, payload = batch id <Q, then n
+                                                   offsets <Q, then n status bytes (OK reserved,
+                                                   EXISTS, FULL, TOO_LARGE, BAD_REQUEST) | FULL
+                                                   (the whole batch refused: use PUT)
+COMMIT_BATCH  batch id <Q (1)                      OK, count = n, payload = n status bytes (OK
+                                                   committed, CORRUPT: the header the client wrote
+                                                   is not a valid header of that key and length;
+                                                   or the reservation's status)
+RDMA_CONNECT  client's RdmaEndpointInfo (0)        OK + node's RdmaEndpointInfo | UNSUPPORTED +
+                                                   reason (UTF-8)
+============  ===================================  ================================================
+
+The batch ops (numbered from 16, apart from the metadata ops) are the control half of the
+one-sided transports (kvstore.transport): the client learns where blocks are in the node's arena
+and moves the bytes itself -- a memory copy through the shared mapping, or an RDMA READ/WRITE of
+the registered arena -- so one round trip covers a whole batch. Leases and reservations taken by
+a batch belong to its connection: a closed connection releases and revokes them.
+
+Malformed frames (bad magic or version, unknown opcode, a payload length inconsistent with the
+opcode, or beyond :data:`MAX_FRAME_PAYLOAD`) cannot be resynchronised, so the server closes that
+connection. A well-framed PUT whose content is wrong (bad block header, checksum mismatch, larger
+than the node's ``max_block_bytes``) is drained and answered with an error status instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES
+from kvstore.wire.messages import BATCH_ID, LEASE_ID, RDMA_INFO, RESERVE_ITEM
+
+__all__ = [
+    "FLAG_NO_FORWARD",
+    "FRAME_HEADER",
+    "FRAME_HEADER_BYTES",
+    "KEY_BYTES",
+    "MAX_FRAME_PAYLOAD",
+    "MAX_KEYS_PER_FRAME",
+    "PROTOCOL_VERSION",
+    "FrameError",
+    "FrameHeader",
+    "Op",
+    "Status",
+    "pack_frame_header",
+]
+
+FRAME_MAGIC = b"SKVP"
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct("<4sBBBBIIQ")
+FRAME_HEADER_BYTES = FRAME_HEADER.size
+assert FRAME_HEADER_BYTES == 24
+
+FLAG_NO_FORWARD = 0x01
+"""Frame flag: a peer's GET; the receiving node must not forward it to another peer."""
+
+KEY_BYTES = BLOCK_KEY_BYTES
+MAX_KEYS_PER_FRAME = 65536
+"""Keys per MATCH_PREFIX/EXISTS/DELETE frame; clients split longer lists (1 MiB of keys)."""
+MAX_FRAME_PAYLOAD = 1 << 30
+"""Hard ceiling on any frame's payload: beyond it a frame is treated as garbage, not as data."""
+
+
+class Op(enum.IntEnum):
+    PUT = 1
+    GET = 2
+    MATCH_PREFIX = 3
+    EXISTS = 4
+    DELETE = 5
+    STATS = 6
+    SHM_INFO = 7
+    GET_SHM = 8
+    RELEASE = 9
+    # 10 was METADATA: the node's metadata is a gRPC service now (kvstore.metadata.service).
+    # Transport ops (kvstore.transport), numbered from 16.
+    LEASE_BATCH = 16
+    RELEASE_BATCH = 17
+    RESERVE_BATCH = 18
+    COMMIT_BATCH = 19
+    RDMA_CONNECT = 20
+
+
+class Status(enum.IntEnum):
+    """Response status. The first three equal :class:`kvstore.wire.types.PutStatus` values."""
+
+    OK = 0
+    EXISTS = 1
+    FULL = 2
+    MISS = 3
+    TOO_LARGE = 4
+    CORRUPT = 5
+    BAD_REQUEST = 6
+    UNSUPPORTED = 16
+    """The node cannot serve this transport (RDMA_CONNECT without RDMA); payload: the reason."""
+
+
+KEYED_OPS = frozenset({Op.MATCH_PREFIX, Op.EXISTS, Op.DELETE, Op.LEASE_BATCH})
+SINGLE_KEY_OPS = frozenset({Op.GET, Op.GET_SHM})
+EMPTY_OPS = frozenset({Op.STATS, Op.SHM_INFO})
+
+
+class FrameError(ValueError):
+    """A frame header that cannot be trusted; the connection must be dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    opcode: Op
+    status: int
+    request_id: int
+    count: int
+    payload_len: int
+    flags: int = 0
+
+    @classmethod
+    def decode(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> FrameHeader:
+        """Parse and sanity-check a frame header; raises :class:`FrameError`."""
+        magic, version, opcode, status, flags, request_id, count, payload_len = (
+            FRAME_HEADER.unpack_from(buf, offset)
+        )
+        if magic != FRAME_MAGIC:
+            raise FrameError(f"bad frame magic {bytes(magic)!r}")
+        if version != PROTOCOL_VERSION:
+            raise FrameError(f"unsupported protocol version {version}")
+        try:
+            op = Op(opcode)
+        except ValueError:
+            raise FrameError(f"unknown opcode {opcode}") from None
+        if payload_len > MAX_FRAME_PAYLOAD:
+            raise FrameError(f"absurd payload length {payload_len}")
+        return cls(op, status, request_id, count, payload_len, flags)
+
+    def check_request(self) -> None:
+        """Check that a request's count and payload length agree with its opcode."""
+        op, count, length = self.opcode, self.count, self.payload_len
+        if op is Op.PUT:
+            ok = count == 1
+        elif op in SINGLE_KEY_OPS:
+            ok = count == 1 and length == KEY_BYTES
+        elif op in KEYED_OPS:
+            ok = count <= MAX_KEYS_PER_FRAME and length == count * KEY_BYTES
+        elif op is Op.RELEASE or op is Op.RELEASE_BATCH:
+            ok = count <= MAX_KEYS_PER_FRAME and length == count * LEASE_ID.size
+        elif op is Op.RESERVE_BATCH:
+            ok = 0 < count <= MAX_KEYS_PER_FRAME and length == count * RESERVE_ITEM.size
+        elif op is Op.COMMIT_BATCH:
+            ok = count == 1 and length == BATCH_ID.size
+        elif op is Op.RDMA_CONNECT:
+            ok = count == 0 and length == RDMA_INFO.size
+        else:
+            ok = count == 0 and length == 0
+        if not ok:
+            raise FrameError(f"{op.name} request with count={count} payload_len={length}")
+
+
+def pack_frame_header(
+    opcode: Op, request_id: int, count: int, payload_len: int, status: int = 0, flags: int = 0
+) -> bytes:
+    return FRAME_HEADER.pack(
+        FRAME_MAGIC, PROTOCOL_VERSION, opcode, status, flags, request_id, count, payload_len
+    )

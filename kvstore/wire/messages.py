@@ -1,0 +1,177 @@
+"""Payloads of the kvstore wire protocol's ops (the layouts in :mod:`kvstore.wire.frame`'s table).
+
+Pure encoding and decoding, no I/O and no frame headers: :mod:`kvstore.wire.requests` frames the
+requests, :mod:`kvstore.wire.replies` interprets the replies.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES
+
+__all__ = [
+    "BATCH_ID",
+    "LEASE_DEFERRED",
+    "LEASE_ID",
+    "LEASE_SPAN",
+    "RDMA_INFO",
+    "RESERVE_ITEM",
+    "RESERVE_OFFSET",
+    "SHM_LEASE",
+    "LeaseBatchReply",
+    "RdmaEndpointInfo",
+    "ReserveBatchReply",
+    "decode_bitmap",
+    "encode_bitmap",
+]
+
+SHM_LEASE = struct.Struct("<QQQ")
+"""GET_SHM response payload: lease id, offset of the block in the arena file, block length."""
+LEASE_ID = struct.Struct("<Q")
+BATCH_ID = struct.Struct("<Q")
+"""Batch ids (LEASE_BATCH, RESERVE_BATCH) on the wire."""
+LEASE_SPAN = struct.Struct("<QQ")
+"""One LEASE_BATCH entry: offset of the block (header + payload) in the arena, its length."""
+LEASE_DEFERRED = 0xFF
+"""LEASE_BATCH tier byte: the block is on SSD and was not read in this batch (each batch reads at
+most a few SSD blocks, so that one batch cannot fill the arena with leased blocks); ask again."""
+RESERVE_ITEM = struct.Struct(f"<{BLOCK_KEY_BYTES}sQ")
+"""One RESERVE_BATCH request entry: the key and the block's size (64-byte header + payload). The
+header itself is written by the client into the reserved space, after the payload's checksum is
+known, and checked by the node at COMMIT_BATCH."""
+RESERVE_OFFSET = struct.Struct("<Q")
+"""One RESERVE_BATCH entry: where the client writes the block (header + payload)."""
+RDMA_INFO = struct.Struct("<BBHII16sQQI")
+"""RDMA_CONNECT payload: version, path MTU (IBV_MTU_* enum), LID, QP number, PSN, GID, address
+and length of the registered region, its rkey (48 bytes)."""
+RDMA_INFO_VERSION = 1
+
+
+def encode_bitmap(flags: list[bool]) -> bytes:
+    """Pack booleans LSB-first into ``ceil(len / 8)`` bytes."""
+    out = bytearray((len(flags) + 7) // 8)
+    for i, flag in enumerate(flags):
+        if flag:
+            out[i >> 3] |= 1 << (i & 7)
+    return bytes(out)
+
+
+def decode_bitmap(data: bytes | bytearray | memoryview, count: int) -> list[bool]:
+    """Inverse of :func:`encode_bitmap`."""
+    if len(data) != (count + 7) // 8:
+        raise ValueError(f"bitmap of {len(data)} bytes cannot hold exactly {count} flags")
+    return [bool(data[i >> 3] & (1 << (i & 7))) for i in range(count)]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseBatchReply:
+    """A LEASE_BATCH response: per key ``tiers[i]``: 0 miss; 1 (DRAM) or 2 (read from SSD):
+    leased under ``batch_id`` at ``spans[i] = (offset, nbytes)``; :data:`LEASE_DEFERRED`."""
+
+    batch_id: int
+    spans: tuple[tuple[int, int], ...]
+    tiers: bytes
+
+    def encode(self) -> bytes:
+        if len(self.spans) != len(self.tiers):
+            raise ValueError("spans and tiers differ in length")
+        parts = [BATCH_ID.pack(self.batch_id)]
+        parts.extend(LEASE_SPAN.pack(offset, nbytes) for offset, nbytes in self.spans)
+        parts.append(self.tiers)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray | memoryview, count: int) -> LeaseBatchReply:
+        """Parse a response body for ``count`` keys; ValueError if its length is not exact."""
+        expected = BATCH_ID.size + count * (LEASE_SPAN.size + 1)
+        if len(payload) != expected:
+            raise ValueError(f"LEASE_BATCH reply of {len(payload)} bytes for {count} keys")
+        (batch_id,) = BATCH_ID.unpack_from(payload, 0)
+        end = BATCH_ID.size + count * LEASE_SPAN.size
+        spans = tuple(LEASE_SPAN.iter_unpack(payload[BATCH_ID.size : end]))
+        return cls(batch_id, spans, bytes(payload[end:]))
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveBatchReply:
+    """A RESERVE_BATCH response: block ``i`` may be written at ``offsets[i]`` if
+    ``statuses[i] == Status.OK``; otherwise its status is final for this attempt."""
+
+    batch_id: int
+    offsets: tuple[int, ...]
+    statuses: bytes
+
+    def encode(self) -> bytes:
+        if len(self.offsets) != len(self.statuses):
+            raise ValueError("offsets and statuses differ in length")
+        parts = [BATCH_ID.pack(self.batch_id)]
+        parts.extend(RESERVE_OFFSET.pack(offset) for offset in self.offsets)
+        parts.append(self.statuses)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray | memoryview, count: int) -> ReserveBatchReply:
+        expected = BATCH_ID.size + count * (RESERVE_OFFSET.size + 1)
+        if len(payload) != expected:
+            raise ValueError(f"RESERVE_BATCH reply of {len(payload)} bytes for {count} blocks")
+        (batch_id,) = BATCH_ID.unpack_from(payload, 0)
+        end = BATCH_ID.size + count * RESERVE_OFFSET.size
+        offsets = tuple(o for (o,) in RESERVE_OFFSET.iter_unpack(payload[BATCH_ID.size : end]))
+        return cls(batch_id, offsets, bytes(payload[end:]))
+
+
+@dataclass(frozen=True, slots=True)
+class RdmaEndpointInfo:
+    """What one side of an RDMA reliable connection tells the other (RDMA_CONNECT).
+
+    ``qp_num``/``psn``/``lid``/``gid``/``mtu`` connect the two queue pairs (INIT -> RTR -> RTS);
+    ``address``/``length``/``rkey`` name the registered region the peer may access one-sidedly:
+    the node's arena in the reply, the client's staging buffer in the request.
+    """
+
+    qp_num: int
+    psn: int
+    lid: int
+    gid: bytes
+    mtu: int
+    address: int
+    length: int
+    rkey: int
+
+    def __post_init__(self) -> None:
+        if len(self.gid) != 16:
+            raise ValueError(f"an RDMA GID is 16 bytes, got {len(self.gid)}")
+        if not 0 <= self.psn < 1 << 24:
+            raise ValueError(f"PSN must fit in 24 bits, got {self.psn}")
+        if not 0 <= self.qp_num < 1 << 24:
+            raise ValueError(f"QP number must fit in 24 bits, got {self.qp_num}")
+        if not 1 <= self.mtu <= 5:
+            raise ValueError(f"path MTU is an IBV_MTU_* value 1..5, got {self.mtu}")
+        for name in ("lid", "address", "length", "rkey"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+    def encode(self) -> bytes:
+        return RDMA_INFO.pack(
+            RDMA_INFO_VERSION,
+            self.mtu,
+            self.lid,
+            self.qp_num,
+            self.psn,
+            self.gid,
+            self.address,
+            self.length,
+            self.rkey,
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray | memoryview) -> RdmaEndpointInfo:
+        """Parse RDMA_CONNECT bytes; ValueError on a wrong length, version or field."""
+        if len(payload) != RDMA_INFO.size:
+            raise ValueError(f"RDMA endpoint info is {RDMA_INFO.size} bytes, got {len(payload)}")
+        version, mtu, lid, qp_num, psn, gid, address, length, rkey = RDMA_INFO.unpack(payload)
+        if version != RDMA_INFO_VERSION:
+            raise ValueError(f"unsupported RDMA endpoint info version {version}")
+        return cls(qp_num, psn, lid, bytes(gid), mtu, address, length, rkey)

@@ -1,0 +1,164 @@
+"""What a reply means: one mapping from reply statuses and malformed replies to results and errors.
+
+Both clients (:mod:`kvstore.client.sync`, :mod:`kvstore.client.aio`) and the peer fetcher call these
+functions on the frames they received, so the same reply gives the same result or the same
+exception everywhere. No I/O: each function looks at bytes already received and either returns
+the typed result or raises the :mod:`kvstore.errors` exception that reply stands for.
+
+Which error is which:
+
+* a frame header that cannot be parsed, or a reply to another request:
+  :class:`KVStoreError` (the connection is out of step: the caller drops it);
+* a status other than the op's success statuses: :class:`KVStoreError` (``"OP failed (status
+  N)"``), or for a PUT see :func:`put_status`;
+* a reply whose body contradicts its frame or the request (a block header that does not parse,
+  names another key or disagrees with the frame on the length; a bitmap or batch reply of the
+  wrong length) or a block that fails its checksum: :class:`KVStoreCorruptError`;
+* a block larger than the caller's buffer: :class:`KVStoreError`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader
+from kvstore.blocks.tier import Tier
+from kvstore.errors import KVStoreCorruptError, KVStoreError
+from kvstore.wire.frame import FrameError, FrameHeader, Op, Status
+from kvstore.wire.messages import LeaseBatchReply, ReserveBatchReply, decode_bitmap
+from kvstore.wire.types import PutStatus
+
+__all__ = [
+    "block_too_large",
+    "check_ok",
+    "corrupt_block",
+    "decode_block_header",
+    "decode_exists",
+    "decode_json",
+    "decode_lease_batch",
+    "decode_match_tiers",
+    "decode_reply_header",
+    "decode_reserve_batch",
+    "get_hit",
+    "put_status",
+]
+
+
+def decode_reply_header(
+    buf: bytes | bytearray | memoryview, offset: int, request_id: int, op: Op | None = None
+) -> FrameHeader:
+    """The header of the reply to request ``request_id`` (of ``op``, when known)."""
+    try:
+        header = FrameHeader.decode(buf, offset)
+    except FrameError as exc:
+        raise KVStoreError(f"garbled reply from the node: {exc}") from exc
+    if header.request_id != request_id or (op is not None and header.opcode is not op):
+        want = f"{op.name}/{request_id}" if op is not None else str(request_id)
+        raise KVStoreError(
+            f"reply {header.opcode.name}/{header.request_id} while waiting for {want}"
+        )
+    return header
+
+
+def check_ok(header: FrameHeader) -> None:
+    """Raise unless the reply's status is OK."""
+    if header.status != Status.OK:
+        raise KVStoreError(f"{header.opcode.name} failed (status {header.status})")
+
+
+def put_status(status: int) -> PutStatus:
+    """A PUT's (or one reserved block's) wire status as a result, or the error it stands for."""
+    if status in (Status.OK, Status.EXISTS, Status.FULL):
+        return PutStatus(status)
+    if status == Status.CORRUPT:
+        raise KVStoreCorruptError("the node received a block that failed its checksum")
+    if status == Status.TOO_LARGE:
+        raise KVStoreError("block is larger than the node's max_block_bytes")
+    raise KVStoreError(f"the node rejected the PUT (status {status})")
+
+
+def get_hit(header: FrameHeader) -> bool:
+    """Whether a GET reply carries a block (False: a miss); raises for any other reply.
+
+    After an error the reply's ``payload_len`` bytes are still to be skipped."""
+    if header.status == Status.MISS:
+        return False
+    if header.status != Status.OK or header.payload_len < BLOCK_HEADER_BYTES:
+        raise KVStoreError(f"unexpected GET reply (status {header.status})")
+    return True
+
+
+def decode_block_header(
+    raw: bytes | bytearray | memoryview, payload_len: int, key: bytes
+) -> BlockHeader:
+    """The block header at the start of a GET reply of ``payload_len`` bytes for ``key``.
+
+    After an error the rest of the reply (``payload_len - BLOCK_HEADER_BYTES``) is still to be
+    skipped; the connection stays in step."""
+    try:
+        block = BlockHeader.decode(raw)
+    except BlockFormatError as exc:
+        raise KVStoreCorruptError(f"bad block header from the node: {exc}") from exc
+    if block.payload_nbytes != payload_len - BLOCK_HEADER_BYTES:
+        raise KVStoreCorruptError("block header and frame disagree on the length")
+    if block.key != key:
+        raise KVStoreCorruptError(f"asked for {key.hex()}, got {block.key.hex()}")
+    return block
+
+
+def block_too_large(nbytes: int, capacity: int) -> KVStoreError:
+    return KVStoreError(f"block of {nbytes} bytes does not fit in {capacity} bytes")
+
+
+def corrupt_block(key: bytes) -> KVStoreCorruptError:
+    return KVStoreCorruptError(f"block {key.hex()} failed its checksum")
+
+
+def decode_match_tiers(header: FrameHeader, body: bytes | bytearray | memoryview) -> list[Tier]:
+    """A MATCH_PREFIX reply: the tier of each matched key (a node without tier information
+    reports every block as DRAM)."""
+    check_ok(header)
+    found = header.count
+    try:
+        return [Tier(code) for code in body] if len(body) == found else [Tier.DRAM] * found
+    except ValueError:
+        return [Tier.DRAM] * found
+
+
+def decode_exists(header: FrameHeader, body: bytes | bytearray | memoryview) -> list[bool]:
+    check_ok(header)
+    try:
+        return decode_bitmap(body, header.count)
+    except ValueError as exc:
+        raise KVStoreCorruptError(f"garbled EXISTS reply: {exc}") from exc
+
+
+def decode_json(header: FrameHeader, body: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """A STATS or SHM_INFO reply."""
+    check_ok(header)
+    try:
+        value = json.loads(bytes(body))
+    except ValueError as exc:
+        raise KVStoreCorruptError(f"garbled {header.opcode.name} reply: {exc}") from exc
+    if not isinstance(value, dict):
+        raise KVStoreError(f"{header.opcode.name} reply is not a JSON object")
+    return value
+
+
+def decode_lease_batch(
+    header: FrameHeader, body: bytes | bytearray | memoryview, count: int
+) -> LeaseBatchReply:
+    if header.status != Status.OK:
+        raise KVStoreError(f"the node refused LEASE_BATCH (status {header.status})")
+    try:
+        return LeaseBatchReply.decode(body, count)
+    except ValueError as exc:
+        raise KVStoreCorruptError(f"garbled LEASE_BATCH reply: {exc}") from exc
+
+
+def decode_reserve_batch(body: bytes | bytearray | memoryview, count: int) -> ReserveBatchReply:
+    try:
+        return ReserveBatchReply.decode(body, count)
+    except ValueError as exc:
+        raise KVStoreCorruptError(f"garbled RESERVE_BATCH reply: {exc}") from exc

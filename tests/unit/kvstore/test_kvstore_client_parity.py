@@ -1,0 +1,227 @@
+"""Both clients give the same result or raise the same error for the same reply bytes.
+
+Each case plays one recorded reply (built here, byte-exact) from a tiny fake node over a real
+loopback socket, to the synchronous :class:`KVStoreClient` and to the asyncio
+:class:`AsyncKVStoreClient` calling the same method with the same arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
+from kvstore.blocks.tier import Tier
+from kvstore.client.aio import AsyncKVStoreClient
+from kvstore.client.sync import KVStoreClient
+from kvstore.errors import KVStoreCorruptError, KVStoreError
+from kvstore.transport.base import TransportKind
+from kvstore.transport.tcp import recv_exact
+from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader, Op, Status, pack_frame_header
+from kvstore.wire.types import NodeMatch, PutStatus
+
+KEY = bytes(range(16))
+OTHER = bytes(range(1, 17))
+DATA = bytes(range(200))
+
+Reply = Callable[[int], bytes]
+"""The reply bytes, given the request id the client chose."""
+
+
+def frame(op: Op, status: int = Status.OK, count: int = 0, body: bytes = b"") -> Reply:
+    return lambda rid: pack_frame_header(op, rid, count, len(body), status) + body
+
+
+def block(key: bytes = KEY, data: bytes = DATA) -> bytes:
+    return encode_header(key, memoryview(data)) + data
+
+
+def corrupted(raw: bytes) -> bytes:
+    return raw[:-1] + bytes([raw[-1] ^ 0xFF])
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    method: str
+    args: tuple[Any, ...]
+    reply: Reply
+    expected: object  # a result, or an exception type
+
+
+CASES = [
+    Case("put ok", "put", (KEY, DATA), frame(Op.PUT), PutStatus.OK),
+    Case("put exists", "put", (KEY, DATA), frame(Op.PUT, Status.EXISTS), PutStatus.EXISTS),
+    Case("put full", "put", (KEY, DATA), frame(Op.PUT, Status.FULL), PutStatus.FULL),
+    Case("put corrupt", "put", (KEY, DATA), frame(Op.PUT, Status.CORRUPT), KVStoreCorruptError),
+    Case("put too large", "put", (KEY, DATA), frame(Op.PUT, Status.TOO_LARGE), KVStoreError),
+    Case("put refused", "put", (KEY, DATA), frame(Op.PUT, Status.BAD_REQUEST), KVStoreError),
+    Case("put_many", "put_many", ([(KEY, DATA)],), frame(Op.PUT), [PutStatus.OK]),
+    Case("get hit", "get", (KEY,), frame(Op.GET, count=1, body=block()), DATA),
+    Case("get miss", "get", (KEY,), frame(Op.GET, Status.MISS), None),
+    Case("get refused", "get", (KEY,), frame(Op.GET, Status.BAD_REQUEST), KVStoreError),
+    Case("get short", "get", (KEY,), frame(Op.GET, body=b"x" * 10), KVStoreError),
+    Case(
+        "get bad header",
+        "get",
+        (KEY,),
+        frame(Op.GET, body=b"\0" * BLOCK_HEADER_BYTES + DATA),
+        KVStoreCorruptError,
+    ),
+    Case(
+        "get length mismatch",
+        "get",
+        (KEY,),
+        frame(Op.GET, body=block() + b"extra"),
+        KVStoreCorruptError,
+    ),
+    Case("get other key", "get", (KEY,), frame(Op.GET, body=block(OTHER)), KVStoreCorruptError),
+    Case(
+        "get checksum", "get", (KEY,), frame(Op.GET, body=corrupted(block())), KVStoreCorruptError
+    ),
+    Case("get_into", "get_into", (KEY, bytearray(300)), frame(Op.GET, body=block()), len(DATA)),
+    Case(
+        "get_into small",
+        "get_into",
+        (KEY, bytearray(10)),
+        frame(Op.GET, body=block()),
+        KVStoreError,
+    ),
+    Case(
+        "get_many_into",
+        "get_many_into",
+        ([KEY], [bytearray(300)]),
+        frame(Op.GET, Status.MISS),
+        [None],
+    ),
+    Case(
+        "match tiers",
+        "match_prefix_tiers",
+        ([KEY, OTHER, KEY],),
+        frame(Op.MATCH_PREFIX, count=2, body=bytes([Tier.DRAM, Tier.SSD])),
+        NodeMatch(2, (Tier.DRAM, Tier.SSD)),
+    ),
+    Case(
+        "match without tiers",
+        "match_prefix_tiers",
+        ([KEY, OTHER],),
+        frame(Op.MATCH_PREFIX, count=2),
+        NodeMatch(2, (Tier.DRAM, Tier.DRAM)),
+    ),
+    Case(
+        "match depth",
+        "match_prefix",
+        ([KEY, OTHER],),
+        frame(Op.MATCH_PREFIX, count=1, body=bytes([Tier.SSD])),
+        1,
+    ),
+    Case(
+        "match refused",
+        "match_prefix",
+        ([KEY],),
+        frame(Op.MATCH_PREFIX, Status.BAD_REQUEST),
+        KVStoreError,
+    ),
+    Case(
+        "exists",
+        "exists",
+        ([KEY, OTHER, KEY],),
+        frame(Op.EXISTS, count=3, body=b"\x05"),
+        [True, False, True],
+    ),
+    Case(
+        "exists bad bitmap",
+        "exists",
+        ([KEY],),
+        frame(Op.EXISTS, count=1, body=b"\x01\x00"),
+        KVStoreCorruptError,
+    ),
+    Case("delete", "delete", ([KEY, OTHER],), frame(Op.DELETE, count=1), 1),
+    Case("delete refused", "delete", ([KEY],), frame(Op.DELETE, Status.FULL), KVStoreError),
+    Case("stats", "stats", (), frame(Op.STATS, body=b'{"a": 1}'), {"a": 1}),
+    Case("stats not an object", "stats", (), frame(Op.STATS, body=b"[1]"), KVStoreError),
+    Case("stats garbled", "stats", (), frame(Op.STATS, body=b"{"), KVStoreCorruptError),
+    Case(
+        "reply to another request",
+        "delete",
+        ([KEY],),
+        lambda rid: frame(Op.DELETE)(rid + 1),
+        KVStoreError,
+    ),
+    Case(
+        "bad magic", "delete", ([KEY],), lambda rid: b"X" + frame(Op.DELETE)(rid)[1:], KVStoreError
+    ),
+]
+
+
+@pytest.fixture
+def fake_node() -> Iterator[Callable[[Reply], str]]:
+    """A node that answers the first request with ``reply`` and then reads until closed."""
+    servers: list[socket.socket] = []
+
+    def start(reply: Reply) -> str:
+        server = socket.create_server(("127.0.0.1", 0))
+        servers.append(server)
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                raw = bytearray(FRAME_HEADER_BYTES)
+                recv_exact(conn, memoryview(raw))
+                header = FrameHeader.decode(raw)
+                recv_exact(conn, memoryview(bytearray(header.payload_len)))
+                conn.sendall(reply(header.request_id))
+                while conn.recv(65536):
+                    pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        host, port = server.getsockname()
+        return f"{host}:{port}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def outcome(call: Callable[[], Any]) -> tuple[str, object]:
+    try:
+        return "result", call()
+    except KVStoreError as exc:
+        return "error", type(exc)
+
+
+def run_sync(endpoint: str, case: Case) -> tuple[str, object]:
+    with KVStoreClient(endpoint, timeout_s=5, transports=(TransportKind.TCP,)) as client:
+        return outcome(lambda: getattr(client, case.method)(*case.args))
+
+
+def run_async(endpoint: str, case: Case) -> tuple[str, object]:
+    async def call() -> Any:
+        async with AsyncKVStoreClient(endpoint, timeout_s=5) as client:
+            return await getattr(client, case.method)(*case.args)
+
+    return outcome(lambda: asyncio.run(call()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_both_clients_read_a_reply_alike(case: Case, fake_node: Callable[[Reply], str]) -> None:
+    expected = (
+        ("error", case.expected)
+        if isinstance(case.expected, type) and issubclass(case.expected, Exception)
+        else ("result", case.expected)
+    )
+    assert run_sync(fake_node(case.reply), case) == expected
+    assert run_async(fake_node(case.reply), case) == expected
+
+
+def test_the_clients_have_the_same_methods() -> None:
+    def public(cls: type) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")}
+
+    assert public(KVStoreClient) - {"transport"} == public(AsyncKVStoreClient)

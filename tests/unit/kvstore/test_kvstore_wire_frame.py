@@ -1,0 +1,88 @@
+"""Exact tests of the wire protocol's frame header and bitmap (kvstore.wire)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kvstore.wire.frame import (
+    FRAME_HEADER_BYTES,
+    MAX_FRAME_PAYLOAD,
+    MAX_KEYS_PER_FRAME,
+    FrameError,
+    FrameHeader,
+    Op,
+    Status,
+    pack_frame_header,
+)
+from kvstore.wire.messages import decode_bitmap, encode_bitmap
+
+
+def test_header_layout() -> None:
+    raw = pack_frame_header(Op.EXISTS, 0xDEADBEEF, 3, 48, Status.MISS)
+    assert len(raw) == FRAME_HEADER_BYTES == 24
+    assert raw == b"SKVP" + struct.pack("<BBBBIIQ", 1, 4, 3, 0, 0xDEADBEEF, 3, 48)
+    assert FrameHeader.decode(raw) == FrameHeader(Op.EXISTS, Status.MISS, 0xDEADBEEF, 3, 48)
+    assert FrameHeader.decode(b"pad" + raw, offset=3).request_id == 0xDEADBEEF
+
+
+def test_status_values_match_put_status() -> None:
+    from kvstore.wire.types import PutStatus
+
+    for status in PutStatus:
+        assert int(Status[status.name]) == int(status)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"XKVP" + struct.pack("<BBBBIIQ", 1, 2, 0, 0, 1, 1, 16),
+        b"SKVP" + struct.pack("<BBBBIIQ", 2, 2, 0, 0, 1, 1, 16),
+        b"SKVP" + struct.pack("<BBBBIIQ", 1, 0, 0, 0, 1, 1, 16),
+        b"SKVP" + struct.pack("<BBBBIIQ", 1, 2, 0, 0, 1, 1, MAX_FRAME_PAYLOAD + 1),
+    ],
+    ids=["magic", "version", "opcode", "length"],
+)
+def test_decode_rejects(raw: bytes) -> None:
+    with pytest.raises(FrameError):
+        FrameHeader.decode(raw)
+
+
+@pytest.mark.parametrize(
+    ("op", "count", "length", "ok"),
+    [
+        (Op.PUT, 1, 64 + 10, True),
+        (Op.PUT, 2, 64 + 10, False),
+        (Op.GET, 1, 16, True),
+        (Op.GET, 1, 15, False),
+        (Op.GET_SHM, 2, 32, False),
+        (Op.MATCH_PREFIX, 0, 0, True),
+        (Op.MATCH_PREFIX, 3, 48, True),
+        (Op.EXISTS, 3, 47, False),
+        (Op.DELETE, MAX_KEYS_PER_FRAME, MAX_KEYS_PER_FRAME * 16, True),
+        (Op.DELETE, MAX_KEYS_PER_FRAME + 1, (MAX_KEYS_PER_FRAME + 1) * 16, False),
+        (Op.RELEASE, 2, 16, True),
+        (Op.RELEASE, 2, 32, False),
+        (Op.STATS, 0, 0, True),
+        (Op.STATS, 0, 1, False),
+        (Op.SHM_INFO, 1, 0, False),
+    ],
+)
+def test_check_request(op: Op, count: int, length: int, ok: bool) -> None:
+    header = FrameHeader(op, 0, 1, count, length)
+    if ok:
+        header.check_request()
+    else:
+        with pytest.raises(FrameError):
+            header.check_request()
+
+
+def test_bitmap_roundtrip_lsb_first() -> None:
+    flags = [True, False, False, False, False, False, False, False, False, True]
+    assert encode_bitmap(flags) == b"\x01\x02"
+    assert decode_bitmap(b"\x01\x02", 10) == flags
+    assert encode_bitmap([]) == b""
+    assert decode_bitmap(b"", 0) == []
+    with pytest.raises(ValueError):
+        decode_bitmap(b"\x01", 9)
