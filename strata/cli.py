@@ -23,9 +23,10 @@ import socket
 import sys
 from pathlib import Path
 
-from controlplane.admin import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
+from controlplane.admin.config import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
 from dataplane.hardware import DTYPES
 from strata.supervisor import Service, ServiceError, Supervisor
+from strata_common.endpoints import format_endpoint
 
 
 def _free_port(host: str) -> int:
@@ -73,7 +74,8 @@ def _admin_instances(address: str, token: str) -> list[tuple[str, str]]:
     """(role, endpoint) of every instance the gateway lists, through its admin API."""
     import grpc
 
-    from controlplane.admin import instance_from_proto, role_name
+    from controlplane.admin.convert import instance_from_proto
+    from controlplane.workers.roles import role_name
     from strata_proto import admin_pb2, admin_pb2_grpc
 
     try:
@@ -202,7 +204,8 @@ def serve(args: argparse.Namespace) -> int:
         store = f"{loopback}:{store_port}"
         metadata = f"strata://{loopback}:{metadata_port}"
         token, token_file = _admin_token(cache_dir)
-        admin = f"{loopback}:{_admin_port(args.admin_port, loopback)}"
+        admin_port = _admin_port(args.admin_port, loopback)
+        admin = format_endpoint(loopback, admin_port)
         num_engines = args.prefill_workers + args.decode_workers
         cores_per_engine = max(1, len(os.sched_getaffinity(0)) // num_engines)
         # Options every `strata worker` gets, beyond what the gateway's --launch-* flags say.
@@ -229,7 +232,7 @@ def serve(args: argparse.Namespace) -> int:
             "--admin-host",
             loopback,
             "--admin-port",
-            admin.rpartition(":")[2],
+            str(admin_port),
             "--launch-store",
             store,
             "--launch-prefill",
