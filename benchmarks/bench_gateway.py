@@ -43,13 +43,19 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from controlplane import generation as generation_module  # noqa: E402
-from controlplane import workers as workers_module  # noqa: E402
-from controlplane.config import GatewayConfig  # noqa: E402
+from controlplane.config import (  # noqa: E402
+    GatewayConfig,
+    HttpConfig,
+    RoutingConfig,
+)
 from controlplane.gateway import GatewayServer  # noqa: E402
-from controlplane.registry import Instance, InstanceRegistry  # noqa: E402
+from controlplane.instances.instance import Instance  # noqa: E402
+from controlplane.instances.registry import InstanceRegistry  # noqa: E402
+from controlplane.request import generation as generation_module  # noqa: E402
 from controlplane.scheduling import Assign, Decision, RequestSnapshot  # noqa: E402
-from controlplane.tokenizer import ModelTokenizer  # noqa: E402
+from controlplane.text.tokenizer import ModelTokenizer  # noqa: E402
+from controlplane.workers import client as workers_module  # noqa: E402
+from controlplane.workers.profiling import ProfileSettings  # noqa: E402
 from strata_proto import worker_pb2  # noqa: E402
 from tests.e2e.dataplane_processes import start_store, start_worker, stub  # noqa: E402
 from tests.integration.controlplane.conftest import LoopThread  # noqa: E402
@@ -277,9 +283,9 @@ def main() -> int:
             served_model_name="bench",
             prefill_endpoints=(workers[0].endpoint,),
             decode_endpoints=(workers[1].endpoint,),
-            port=0,
-            kv_metadata=metadata,
-            profile_max_model_len=args.max_model_len,
+            http=HttpConfig(port=0),
+            routing=RoutingConfig(kv_metadata=metadata),
+            profiling=ProfileSettings(max_model_len=args.max_model_len),
         )
         server = GatewayServer(config, tokenizer=tokenizer)
         url = loop.run(server.start(), timeout_s=600)

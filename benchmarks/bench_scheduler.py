@@ -48,7 +48,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from controlplane.instances import InstanceState, WorkerRole  # noqa: E402
+from controlplane.instances.types import InstanceState  # noqa: E402
 from controlplane.scheduling import (  # noqa: E402
     POLICY_NAMES,
     Assign,
@@ -60,6 +60,7 @@ from controlplane.scheduling import (  # noqa: E402
     cached_prefix,
     make_policy,
 )
+from controlplane.workers.roles import WorkerRole  # noqa: E402
 from kvstore.blocks.tier import Tier  # noqa: E402
 from kvstore.cluster.events import BlocksStored  # noqa: E402
 from kvstore.cluster.index import PrefixIndex  # noqa: E402

@@ -1,461 +1,59 @@
-"""The OpenAI-compatible HTTP gateway: aiohttp on uvloop, in front of prefill and decode workers.
+"""The gateway process: start-up, serving, signals and shutdown (`GatewayServer`, `serve`, `main`).
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
 Entry point: `python -m controlplane.gateway --model-dir DIR --prefill H:P --decode H:P ...`
-(`main(argv)`). Start-up loads the tokenizer, starts the admin API when `--admin-port` is set
-(controlplane/admin.py), launches the `--launch-prefill/--launch-decode` workers, waits until every
-worker's Health says ready, then prints "strata gateway listening on http://HOST:PORT".
+(`main(argv)`; `strata gateway` calls it). Start-up loads the tokenizer, starts the admin API when
+`--admin-port` is set (controlplane/admin/), launches the `--launch-prefill/--launch-decode`
+workers, waits until every worker's Health says ready, serves the HTTP application
+(controlplane/api/app.py), then prints "strata gateway listening on http://HOST:PORT".
 SIGTERM/SIGINT stop accepting connections, let in-flight requests finish for `shutdown_grace_s`,
 stop the launched workers, and exit 0.
-
-Errors: every non-2xx answer is OpenAI's `{"error": {message, type, param, code}}` (see the table
-in docs/design/gateway.md). A streaming request that fails before its first token gets a real
-HTTP status; after the first token the status line is gone, so it gets an error event and
-`data: [DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import aclosing
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import replace
 
 import uvloop
-from aiohttp import hdrs, web
+from aiohttp import web
 
-from controlplane.admin import AdminConfig, AdminConfigError, AdminServer
+from controlplane.admin.config import AdminConfig, AdminConfigError
+from controlplane.admin.server import AdminServer
+from controlplane.api.app import Gateway
 from controlplane.config import ConfigError, GatewayConfig
-from controlplane.generation import Generation, GenerationDelta, GenerationRequest
-from controlplane.instances import AdminBackend, InstanceConflict, InstanceState, Launcher
-from controlplane.launcher import LocalLauncherConfig, LocalProcessLauncher
-from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
-from controlplane.openai_protocol import (
-    COMPLETIONS_DEFAULT_MAX_TOKENS,
-    OpenAIError,
-    RequestLimits,
-    SamplingDefaults,
-    SamplingOptions,
-    check_context_length,
-    parse_chat_completion_request,
-    parse_completion_request,
-)
-from controlplane.profiling import ProfileSettings
-from controlplane.registry import InstanceRegistry, StartupError
-from controlplane.registry_store import RegistryStoreError, open_registry_store
-from controlplane.responses import (
-    SSE_DONE,
-    ChatFormatter,
-    CompletionFormatter,
-    StreamFormatter,
-    Usage,
-    dumps,
-    sse_event,
-)
-from controlplane.routing import (
-    RejectedRequest,
+from controlplane.instances.instance import StartupError
+from controlplane.instances.registry import InstanceRegistry
+from controlplane.instances.store import RegistryStoreError, open_registry_store
+from controlplane.instances.types import InstanceConflict, InstanceState, Launcher
+from controlplane.launch.launcher import LocalProcessLauncher
+from controlplane.metrics import GatewayMetrics
+from controlplane.request.routing import (
     Router,
     kv_bytes_per_token,
-    parse_slo_headers,
-    rejection_error,
 )
-from controlplane.scheduling import Reject, SchedulingConfig
-from controlplane.tokenizer import ModelTokenizer, read_sampling_defaults
-from controlplane.workers import WorkerError, WorkerErrorKind, WorkerRole
+from controlplane.scheduling import SchedulingConfig
+from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
+from controlplane.workers.roles import WorkerRole
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import open_metadata_store
 
-__all__ = ["Gateway", "GatewayServer", "main", "serve"]
+__all__ = ["GatewayServer", "main", "serve"]
 
 logger = logging.getLogger("controlplane.gateway")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
-_WORKER_ERROR_STATUS = {
-    WorkerErrorKind.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
-    WorkerErrorKind.OVERLOADED: (503, "server_error", "worker_overloaded"),
-    WorkerErrorKind.TIMEOUT: (504, "server_error", "worker_timeout"),
-    WorkerErrorKind.REJECTED: (400, "invalid_request_error", "worker_rejected_request"),
-    WorkerErrorKind.FAILED: (502, "server_error", "worker_failed"),
-}
-_HTTP_ERROR_CODES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-}
-
-
-def worker_error_to_openai(exc: WorkerError) -> OpenAIError:
-    status, error_type, code = _WORKER_ERROR_STATUS[exc.kind]
-    return OpenAIError(str(exc), status=status, type=error_type, code=code)
-
-
-def error_response(exc: OpenAIError) -> web.Response:
-    response = web.Response(
-        status=exc.status, text=dumps(exc.to_dict()), content_type="application/json"
-    )
-    if isinstance(exc, RejectedRequest) and exc.retry_after_s is not None:
-        response.headers[hdrs.RETRY_AFTER] = str(exc.retry_after_s)
-    return response
-
-
-def json_response(obj: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=dumps(obj), content_type="application/json")
-
-
-class Gateway:
-    """The HTTP application: request handling over the instance registry and the tokenizer."""
-
-    def __init__(
-        self,
-        config: GatewayConfig,
-        *,
-        tokenizer: ModelTokenizer,
-        registry: InstanceRegistry,
-        metrics: GatewayMetrics,
-        sampling_defaults: SamplingDefaults,
-        router: Router | None = None,
-    ) -> None:
-        self._config = config
-        self._tokenizer = tokenizer
-        self._registry = registry
-        self._router = router if router is not None else Router(registry, None)
-        self._metrics = metrics
-        self._sampling_defaults = sampling_defaults
-        self._limits = RequestLimits(
-            max_model_len=registry.limits.max_model_len, vocab_size=tokenizer.vocab_size
-        )
-        self._created = int(time.time())
-
-    def build_app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self._metrics_middleware, self._error_middleware],
-            client_max_size=self._config.max_request_body_bytes,
-        )
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/chat/completions", self._chat_completions)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics_text)
-        return app
-
-    # -- middlewares --------------------------------------------------------------------------
-
-    @web.middleware
-    async def _metrics_middleware(
-        self, request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        endpoint = resource.canonical if resource is not None else "unmatched"
-        is_generation = endpoint in _GENERATION_ROUTES
-        start_s = time.monotonic()
-        status = 500
-        if is_generation:
-            self._metrics.requests_in_flight.inc()
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except asyncio.CancelledError:
-            status = 499  # client closed the connection (nginx's convention)
-            raise
-        finally:
-            self._metrics.requests.labels(endpoint, str(status)).inc()
-            if is_generation:
-                self._metrics.requests_in_flight.dec()
-                if status == 200:
-                    elapsed_s = time.monotonic() - start_s
-                    self._metrics.request_latency.labels(endpoint).observe(elapsed_s)
-
-    @web.middleware
-    async def _error_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except OpenAIError as exc:
-            return error_response(exc)
-        except WorkerError as exc:
-            logger.warning("%s %s: %s", request.method, request.path, exc)
-            return error_response(worker_error_to_openai(exc))
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = error_response(
-                OpenAIError(
-                    f"{exc.reason}: {request.method} {request.path}",
-                    status=exc.status,
-                    code=_HTTP_ERROR_CODES.get(exc.status),
-                )
-            )
-            if hdrs.ALLOW in exc.headers:
-                response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
-            return response
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("unexpected error serving %s %s", request.method, request.path)
-            return error_response(
-                OpenAIError(
-                    "Internal server error (logged by the gateway).",
-                    status=500,
-                    type="server_error",
-                    code="internal_error",
-                )
-            )
-
-    # -- simple routes ------------------------------------------------------------------------
-
-    async def _models(self, request: web.Request) -> web.Response:
-        model = {
-            "id": self._config.served_model_name,
-            "object": "model",
-            "created": self._created,
-            "owned_by": "strata",
-            "root": str(self._config.model_dir),
-            "max_model_len": self._limits.max_model_len,
-        }
-        return json_response({"object": "list", "data": [model]})
-
-    async def _health(self, request: web.Request) -> web.Response:
-        workers = [
-            {
-                "id": info.id,
-                "endpoint": info.endpoint,
-                "role": info.role.name.lower(),
-                "state": info.state.value,
-                "ready": info.state.value == "ready",
-                "in_flight": info.in_flight,
-                "capacity": info.capacity,
-                "detail": info.detail,
-            }
-            for info in self._registry.list_instances()
-        ]
-        ready = self._registry.is_ready()
-        return json_response(
-            {"status": "ok" if ready else "unavailable", "workers": workers},
-            status=200 if ready else 503,
-        )
-
-    async def _metrics_text(self, request: web.Request) -> web.Response:
-        response = web.Response(body=self._metrics.render())
-        response.headers[hdrs.CONTENT_TYPE] = PROMETHEUS_CONTENT_TYPE
-        return response
-
-    # -- generation routes --------------------------------------------------------------------
-
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        arrival_s = time.monotonic()
-        body = await self._read_json(request)
-        parsed = parse_completion_request(
-            body,
-            served_model_name=self._config.served_model_name,
-            limits=self._limits,
-            defaults=self._sampling_defaults,
-        )
-        if isinstance(parsed.prompt, str):
-            prompt_ids = self._tokenizer.encode_prompt(parsed.prompt)
-        else:
-            prompt_ids = list(parsed.prompt)
-        if not prompt_ids:
-            raise OpenAIError("'prompt' tokenizes to no tokens.", param="prompt")
-        formatter = CompletionFormatter(
-            f"cmpl-{uuid.uuid4().hex}",
-            int(time.time()),
-            parsed.model,
-            include_usage=parsed.include_usage,
-            return_token_ids=parsed.return_token_ids,
-            prompt_token_ids=prompt_ids,
-        )
-        generation = self._generation(
-            request,
-            formatter,
-            prompt_ids,
-            parsed.sampling,
-            parsed.cache_salt,
-            arrival_s,
-            param="prompt",
-            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
-        )
-        if parsed.stream:
-            return await self._stream(request, generation, formatter)
-        return await self._complete(generation, formatter)
-
-    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
-        arrival_s = time.monotonic()
-        body = await self._read_json(request)
-        parsed = parse_chat_completion_request(
-            body,
-            served_model_name=self._config.served_model_name,
-            limits=self._limits,
-            defaults=self._sampling_defaults,
-        )
-        prompt_ids = self._tokenizer.encode_chat(parsed.messages)
-        formatter = ChatFormatter(
-            f"chatcmpl-{uuid.uuid4().hex}",
-            int(time.time()),
-            parsed.model,
-            include_usage=parsed.include_usage,
-            return_token_ids=parsed.return_token_ids,
-            prompt_token_ids=prompt_ids,
-        )
-        generation = self._generation(
-            request,
-            formatter,
-            prompt_ids,
-            parsed.sampling,
-            parsed.cache_salt,
-            arrival_s,
-            param="messages",
-        )
-        if parsed.stream:
-            return await self._stream(request, generation, formatter)
-        return await self._complete(generation, formatter)
-
-    async def _read_json(self, request: web.Request) -> Any:
-        # A missing Content-Type is tolerated (curl -d without -H); a wrong one is not.
-        if hdrs.CONTENT_TYPE in request.headers:
-            mime = request.content_type
-            if mime != "application/json" and not mime.endswith("+json"):
-                raise OpenAIError(
-                    f"Content-Type must be application/json, got {mime!r}.",
-                    status=415,
-                    code="unsupported_media_type",
-                )
-        raw = await request.read()
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise OpenAIError(
-                f"The request body is not valid JSON: {exc}", code="invalid_json"
-            ) from None
-
-    def _generation(
-        self,
-        http_request: web.Request,
-        formatter: StreamFormatter,
-        prompt_ids: list[int],
-        sampling: SamplingOptions,
-        cache_salt: str,
-        arrival_s: float,
-        *,
-        param: str,
-        default_max_tokens: int | None = None,
-    ) -> Generation:
-        max_tokens = check_context_length(
-            len(prompt_ids),
-            sampling.max_tokens,
-            self._limits.max_model_len,
-            param=param,
-            default_max_tokens=default_max_tokens,
-        )
-        # Scheduling, before any work: the instances, or a refusal (429 / 503).
-        ttft_slo_s, tpot_slo_s = parse_slo_headers(http_request.headers)
-        decision = self._router.decide(
-            prompt_ids, cache_salt, max_tokens, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s
-        )
-        if isinstance(decision, Reject):
-            raise rejection_error(decision, self._registry)
-        request = GenerationRequest(
-            request_id=formatter.request_id,
-            prompt_token_ids=prompt_ids,
-            sampling=sampling,
-            max_tokens=max_tokens,
-            cache_salt=cache_salt,
-            arrival_s=arrival_s,
-            timeout_s=self._config.request_timeout_s,
-            stop_token_ids=self._tokenizer.eos_token_ids.union(sampling.stop_token_ids),
-        )
-        detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
-        return Generation(request, self._registry, self._metrics, detokenizer, decision)
-
-    async def _complete(self, generation: Generation, formatter: StreamFormatter) -> web.Response:
-        parts: list[str] = []
-        token_ids: list[int] = []
-        async with aclosing(generation.stream()) as deltas:
-            async for delta in deltas:
-                parts.append(delta.text)
-                token_ids += delta.token_ids
-        if generation.finish_reason is None:  # stream() raises rather than end unfinished
-            raise RuntimeError("generation ended without a finish reason")
-        usage = _usage(generation)
-        return json_response(
-            formatter.body("".join(parts), generation.finish_reason, usage, token_ids)
-        )
-
-    async def _stream(
-        self, request: web.Request, generation: Generation, formatter: StreamFormatter
-    ) -> web.StreamResponse:
-        async with aclosing(generation.stream()) as deltas:
-            # Wait for the first token before sending the status line: a request that fails in
-            # prefill still gets a proper 4xx/5xx.
-            first = await anext(deltas)
-            response = web.StreamResponse(
-                headers={
-                    hdrs.CONTENT_TYPE: "text/event-stream",
-                    hdrs.CACHE_CONTROL: "no-cache",
-                    "X-Accel-Buffering": "no",  # tell proxies not to buffer the stream
-                }
-            )
-            await response.prepare(request)
-            try:
-                for chunk in formatter.opening_chunks():
-                    await response.write(sse_event(chunk))
-                await self._write_deltas(response, formatter, first, deltas)
-                if formatter.include_usage:
-                    await response.write(sse_event(formatter.usage_chunk(_usage(generation))))
-            except (OpenAIError, WorkerError) as exc:
-                error = exc if isinstance(exc, OpenAIError) else worker_error_to_openai(exc)
-                logger.warning(
-                    "stream %s failed after its first token: %s", formatter.request_id, exc
-                )
-                await response.write(sse_event(error.to_dict()))
-            except ConnectionResetError:
-                logger.debug("client of %s went away", formatter.request_id)
-                return response
-            await response.write(SSE_DONE)
-            await response.write_eof()
-            return response
-
-    @staticmethod
-    async def _write_deltas(
-        response: web.StreamResponse,
-        formatter: StreamFormatter,
-        first: GenerationDelta,
-        rest: AsyncIterator[GenerationDelta],
-    ) -> None:
-        with_ids = formatter.return_token_ids
-        delta: GenerationDelta | None = first
-        while delta is not None:
-            # Text held back by the stop matcher leaves a delta with tokens but no text: sent
-            # only if the client wants the token ids.
-            if delta.text or delta.finish_reason is not None or (with_ids and delta.token_ids):
-                chunk = formatter.text_chunk(delta.text, delta.finish_reason, delta.token_ids)
-                await response.write(sse_event(chunk))
-            delta = await anext(rest, None)
-
-
-def _usage(generation: Generation) -> Usage:
-    return Usage(
-        prompt_tokens=generation.num_prompt_tokens,
-        completion_tokens=generation.num_completion_tokens,
-        cached_tokens=generation.num_cached_tokens,
-    )
 
 
 class GatewayServer:
     """Lifecycle of one gateway: load the tokenizer, start the admin API (when
-    ``config.admin_port`` is set), launch the start-up workers (``launch_prefill`` /
-    ``launch_decode``), register the configured workers, wait until all of them are ready, serve
+    ``config.admin.port`` is set), launch the start-up workers (``config.launch.prefill`` /
+    ``.decode``), register the configured workers, wait until all of them are ready, serve
     HTTP, shut down.
 
     ``launcher`` (optional) lets the registry start workers for `scale` and `set-role`; without
-    one, a config with ``launch_store`` gets a :class:`LocalProcessLauncher`. The server closes
+    one, a config with ``launch.store`` gets a :class:`LocalProcessLauncher`. The server closes
     the launcher at stop, which stops every worker it launched. A failed start stops whatever it
     had started."""
 
@@ -473,12 +71,12 @@ class GatewayServer:
         self._tokenizer = tokenizer
         self._admin_config = _admin_config(config)
         self._local_launcher: LocalProcessLauncher | None = None
-        if launcher is None and config.launcher_enabled:
+        if launcher is None and config.launch.enabled:
             launcher = self._local_launcher = _local_launcher(config)
         self._launcher = launcher
         self._registry: InstanceRegistry | None = None
         self._cluster_view: ClusterView | None = None
-        """The prefix index (with config.kv_metadata), following the metadata store."""
+        """The prefix index (with config.routing.kv_metadata), following the metadata store."""
         self._admin: AdminServer | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -496,13 +94,8 @@ class GatewayServer:
 
     @property
     def cluster_view(self) -> ClusterView | None:
-        """The prefix index (with ``config.kv_metadata``; None otherwise or before start())."""
+        """The prefix index (with ``config.routing.kv_metadata``; else None, or before start)."""
         return self._cluster_view
-
-    @property
-    def admin_backend(self) -> AdminBackend:
-        """What the admin gRPC service drives (the registry)."""
-        return self.registry
 
     async def start(self) -> str:
         """Return the base URL once the workers are ready and the port is bound."""
@@ -520,21 +113,13 @@ class GatewayServer:
             )
         registry = self._registry = InstanceRegistry(
             metrics=self.metrics,
-            health_check_timeout_s=config.health_check_timeout_s,
-            store=open_registry_store(config.registry_url),
+            health_check_timeout_s=config.registry.health_check_timeout_s,
+            store=open_registry_store(config.registry.url),
             launcher=self._launcher,
-            drain_timeout_s=config.drain_timeout_s,
-            policy=config.policy,
+            drain_timeout_s=config.registry.drain_timeout_s,
+            policy=config.routing.policy.value,
             scheduling=_scheduling_config(config),
-            profile=ProfileSettings(
-                enabled=config.profile_workers,
-                max_model_len=config.profile_max_model_len,
-                max_batch=config.profile_max_batch,
-                repeats=config.profile_repeats,
-                vocab_size=self._tokenizer.vocab_size,
-                budget_s=config.profile_budget_s,
-                max_step_s=config.profile_max_step_s,
-            ),
+            profile=replace(config.profiling, vocab_size=self._tokenizer.vocab_size),
         )
         if self._admin_config is not None:
             # Up before the workers are: `strata admin list` shows them starting.
@@ -550,8 +135,10 @@ class GatewayServer:
         except RegistryStoreError as exc:
             raise StartupError(str(exc)) from None
         await self._wait_until_ready()
-        if config.kv_metadata:
-            self._cluster_view = await asyncio.to_thread(_start_cluster_view, config.kv_metadata)
+        if config.routing.kv_metadata:
+            self._cluster_view = await asyncio.to_thread(
+                _start_cluster_view, config.routing.kv_metadata
+            )
         gateway = Gateway(
             config,
             tokenizer=self._tokenizer,
@@ -563,15 +150,15 @@ class GatewayServer:
         self._runner = web.AppRunner(
             gateway.build_app(),
             handler_cancellation=True,  # a client that disconnects cancels its request's work
-            shutdown_timeout=config.shutdown_grace_s,
+            shutdown_timeout=config.http.shutdown_grace_s,
             access_log=None,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.host, config.port)
+        site = web.TCPSite(self._runner, config.http.host, config.http.port)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://{config.host}:{port}"
-        interval_s = config.health_check_interval_s
+        self.url = f"http://{config.http.host}:{port}"
+        interval_s = config.registry.health_check_interval_s
         self._tasks.append(asyncio.create_task(registry.run_health_checks(interval_s=interval_s)))
         if self._admin is not None:
             self._tasks.append(asyncio.create_task(self._publish_admin_health(self._admin)))
@@ -585,8 +172,8 @@ class GatewayServer:
         registry = self.registry
         await registry.sync()  # with a shared registry, what other gateways registered
         for role, count in (
-            (WorkerRole.PREFILL, config.launch_prefill),
-            (WorkerRole.DECODE, config.launch_decode),
+            (WorkerRole.PREFILL, config.launch.prefill),
+            (WorkerRole.DECODE, config.launch.decode),
         ):
             if count == 0:
                 continue
@@ -611,8 +198,8 @@ class GatewayServer:
         config = self.config
         waiting = asyncio.ensure_future(
             self.registry.wait_until_ready(
-                timeout_s=config.worker_startup_timeout_s,
-                poll_interval_s=min(0.5, config.health_check_interval_s),
+                timeout_s=config.registry.worker_startup_timeout_s,
+                poll_interval_s=min(0.5, config.registry.health_check_interval_s),
             )
         )
         try:
@@ -646,7 +233,7 @@ class GatewayServer:
             if ready != published:
                 await admin.set_ready(ready)
                 published = ready
-            await asyncio.sleep(self.config.health_check_interval_s)
+            await asyncio.sleep(self.config.registry.health_check_interval_s)
 
     async def stop(self) -> None:
         """Stop the admin API, stop accepting HTTP, let in-flight requests finish
@@ -657,7 +244,7 @@ class GatewayServer:
         self._tasks.clear()
         if self._admin is not None:
             # No scaling while shutting down; a call in flight gets a few seconds.
-            await self._admin.stop(grace_s=min(5.0, self.config.shutdown_grace_s))
+            await self._admin.stop(grace_s=min(5.0, self.config.http.shutdown_grace_s))
             self._admin = None
         if self._runner is not None:
             await self._runner.cleanup()
@@ -674,13 +261,10 @@ class GatewayServer:
 
 
 def _scheduling_config(config: GatewayConfig) -> SchedulingConfig:
-    defaults = SchedulingConfig()
-    return SchedulingConfig(
-        local_prefill_threshold_tokens=config.local_prefill_threshold_tokens,
-        conditional_disaggregation=config.conditional_disaggregation,
-        kv_bytes_per_token=kv_bytes_per_token(config.model_dir, defaults.kv_bytes_per_token),
-        default_ttft_slo_s=config.ttft_slo_s,
-        default_tpot_slo_s=config.tpot_slo_s,
+    """The policies' knobs, with the KV size of a token read from the model's config."""
+    default = config.scheduling.kv_bytes_per_token
+    return replace(
+        config.scheduling, kv_bytes_per_token=kv_bytes_per_token(config.model_dir, default)
     )
 
 
@@ -694,33 +278,15 @@ def _start_cluster_view(spec: str) -> ClusterView:
 
 def _admin_config(config: GatewayConfig) -> AdminConfig | None:
     """The admin API's settings; the token is the config's, else $STRATA_ADMIN_TOKEN."""
-    if config.admin_port is None:
-        return None
     try:
-        return AdminConfig.resolve(
-            host=config.admin_host, port=config.admin_port, token=config.admin_token or None
-        )
+        return config.admin.server_config()
     except AdminConfigError as exc:
         raise ConfigError(f"admin API: {exc}") from None
 
 
 def _local_launcher(config: GatewayConfig) -> LocalProcessLauncher:
-    extra = list(config.launch_worker_args)
-    if config.launch_kv_metadata:
-        extra = ["--kv-metadata", config.launch_kv_metadata, *extra]
     try:
-        return LocalProcessLauncher(
-            LocalLauncherConfig(
-                model_dir=config.model_dir,
-                store_endpoint=config.launch_store,
-                kv_cache_size=config.launch_kv_cache_size,
-                max_model_len=config.launch_max_model_len,
-                extra_args=tuple(extra),
-                cores_per_engine=config.launch_cores_per_engine,
-                cpus=config.launch_cpus,
-                log_dir=config.launch_log_dir,
-            )
-        )
+        return LocalProcessLauncher(config.launch.launcher_config(config.model_dir))
     except ValueError as exc:
         raise ConfigError(f"launcher: {exc}") from None
 
@@ -736,10 +302,10 @@ async def serve(config: GatewayConfig) -> int:
         config.model_dir,
         ",".join(config.prefill_endpoints),
         ",".join(config.decode_endpoints),
-        config.launch_prefill,
-        config.launch_decode,
-        config.registry_url or "local",
-        "off" if config.admin_port is None else f"{config.admin_host}:{config.admin_port}",
+        config.launch.prefill,
+        config.launch.decode,
+        config.registry.url or "local",
+        "off" if config.admin.port is None else f"{config.admin.host}:{config.admin.port}",
     )
     try:
         server = GatewayServer(config)
@@ -762,7 +328,7 @@ async def serve(config: GatewayConfig) -> int:
             return 1
         print(f"strata gateway listening on {url}", flush=True)
         await stop_wait
-        logger.info("shutting down (grace %g s)", config.shutdown_grace_s)
+        logger.info("shutting down (grace %g s)", config.http.shutdown_grace_s)
         return 0
     finally:
         stop_wait.cancel()

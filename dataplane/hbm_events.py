@@ -316,7 +316,6 @@ class HbmEventPublisher:
         self._next_engine_seq = 0
         self._sub: Any = None
         self._decoder: Any = None
-        self.num_published = 0
         self.num_dropped = 0
         self.num_engine_batches = 0
         self.num_rejoins = 0
@@ -505,8 +504,6 @@ class HbmEventPublisher:
             logger.warning("metadata store unreachable; dropped %d HBM events: %s", len(batch), exc)
             self.num_dropped += len(batch)
             self._broken = True
-            return
-        self.num_published += len(batch)
 
     def close(self) -> None:
         """Stop (if running) and close the metadata store connection."""

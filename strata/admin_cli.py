@@ -1,4 +1,4 @@
-"""`strata admin`: the operator's client of the gateway's admin gRPC API (controlplane/admin.py).
+"""`strata admin`: the operator's client of the gateway's admin gRPC API (controlplane/admin/).
 
     strata admin [--address HOST:PORT] [--token T] [--json] [--timeout S] COMMAND
       list                                  one line per instance: id, role, state, endpoint, load
@@ -35,17 +35,12 @@ from typing import Any
 
 import grpc
 
-from controlplane.admin import (
-    ADMIN_TOKEN_ENV,
-    DEFAULT_ADMIN_PORT,
-    instance_from_proto,
-    parse_endpoint,
-    role_from_name,
-    role_name,
-    stats_from_proto,
-)
-from controlplane.instances import ClusterStats, InstanceInfo, InvalidAdminRequest
+from controlplane.admin.config import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
+from controlplane.admin.convert import instance_from_proto, role_from_name, stats_from_proto
+from controlplane.instances.types import ClusterStats, InstanceInfo, InvalidAdminRequest
+from controlplane.workers.roles import role_name
 from strata.admin_token import TokenFileError, default_token_path, read_token_file
+from strata_common.endpoints import EndpointError, parse_endpoint
 from strata_proto import admin_pb2, admin_pb2_grpc
 
 ADDRESS_ENV = "STRATA_ADMIN_ADDRESS"
@@ -260,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     address = args.address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
     try:
         parse_endpoint(address)
-    except InvalidAdminRequest as exc:
+    except EndpointError as exc:
         parser.error(f"--address: {exc}")
     try:
         token = resolve_token(args.token, args.token_file, os.environ)

@@ -1,7 +1,7 @@
 """Where `strata serve` keeps its admin token, and how `strata admin` finds it.
 
-`strata serve` needs a token for its admin API (controlplane/admin.py refuses to serve without
-one). It uses ``$STRATA_ADMIN_TOKEN`` when that is set; otherwise the token in
+`strata serve` needs a token for its admin API (controlplane/admin/service.py refuses to serve
+without one). It uses ``$STRATA_ADMIN_TOKEN`` when that is set; otherwise the token in
 ``CACHE_DIR/admin-token`` (``$STRATA_CACHE_DIR`` or ``~/.cache/strata``), created on first use
 with 32 random bytes in hex, mode 0600. The file is reused while only its owner can read it, so
 a restarted (or a second) `strata serve` keeps the token operators already have; a file that
@@ -20,7 +20,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from controlplane.admin import MIN_TOKEN_CHARS
+from controlplane.admin.config import MIN_TOKEN_CHARS
 from strata.models import default_cache_dir
 
 __all__ = [

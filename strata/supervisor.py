@@ -2,7 +2,7 @@
 
 Each service is a child process in its own process group (so a terminal's Ctrl-C reaches only the
 supervisor, which then stops the children in order) but in the supervisor's session (so the
-kernel shares cores between Strata's tasks fairly; controlplane/processes.py) with
+kernel shares cores between Strata's tasks fairly; controlplane/launch/processes.py) with
 PR_SET_PDEATHSIG set, so that even a
 `kill -9` of the supervisor takes its children down. A service counts as started when it prints its
 ready line; its output is echoed with a `[name]` prefix. Stopping sends SIGTERM to the child's whole
@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from controlplane.processes import killpg_quietly, start_child
+from controlplane.launch.processes import killpg_quietly, start_child
 
 
 class ServiceError(RuntimeError):

@@ -23,8 +23,9 @@ flag). The command line wins over the environment, the environment over the fiel
 Values are parsed by the field's type unless ``parse`` is given: ``bool`` takes true/false (also
 1/0, yes/no, on/off; ``negative_flag`` adds a ``--no-X`` shorthand for false); ``int``, ``float``,
 ``str``, :class:`pathlib.Path` and :class:`enum.Enum` (by value) as themselves; ``X | None`` takes
-``""`` or ``none`` as None; ``tuple[X, ...]`` takes a comma-separated list, and with ``repeat``
-the flag may also be given several times (``--peer a:1 --peer b:2`` = ``--peer a:1,b:2``). Sizes
+``""`` or ``none`` as None; ``tuple[X, ...]`` takes a comma-separated list (a ``parse`` given for
+a tuple field turns one value's whole text into a tuple), and with ``repeat`` the flag may also be
+given several times, the tuples joined (``--peer a:1 --peer b:2`` = ``--peer a:1,b:2``). Sizes
 and durations: ``parse=parse_size`` / ``parse=parse_duration`` (:mod:`strata_common.units`).
 
 A bad value exits through ``parser.error("--flag: message")`` (status 2), as does a value that the
@@ -50,12 +51,14 @@ __all__ = [
     "Option",
     "OptionGroup",
     "add_options",
+    "comma_separated",
     "from_cli",
     "from_namespace",
     "group",
     "option",
     "parse_bool",
     "parse_into",
+    "replace_nested",
 ]
 
 T = TypeVar("T")
@@ -103,12 +106,12 @@ def option(
     repeat: bool = False,
     metavar: str | None = None,
     repr: bool = True,
-) -> Any:
+) -> Any:  # Any: what a dataclass field specifier must be typed as
     """A dataclass field that is also a command-line option (no ``default``: a required one).
 
     ``flag`` / ``negative_flag``: names without the leading dashes, relative to the group's prefix
-    (a name starting with ``--`` is taken whole). ``parse``: text → value (of one element, for a
-    tuple field); it raises ``ValueError`` with a message. ``env=False``: no environment variable
+    (a name starting with ``--`` is taken whole). ``parse``: text → value (a tuple, for a tuple
+    field); it raises ``ValueError`` with a message. ``env=False``: no environment variable
     (e.g. for a secret, which belongs in a file). ``repeat``: a tuple field's flag may be given
     several times. ``repr=False`` keeps the value out of the dataclass's repr.
     """
@@ -130,6 +133,29 @@ def group(cls: type[T], *, title: str, prefix: str = "", default: T | None = Non
     return dataclasses.field(
         default_factory=factory, metadata={_GROUP_KEY: OptionGroup(cls, title, prefix)}
     )
+
+
+def comma_separated(parse_one: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
+    """A parser of ``"a,b,c"`` (blanks around items dropped, empty items skipped) into a tuple
+    of ``parse_one(item)``: how a ``tuple[X, ...]`` option parses unless given ``parse``."""
+
+    def parse(text: str) -> tuple[T, ...]:
+        return tuple(parse_one(item.strip()) for item in text.split(",") if item.strip())
+
+    return parse
+
+
+def replace_nested(config: T, **changes: Any) -> T:
+    """:func:`dataclasses.replace`, one level down for a group given as a dict:
+    ``replace_nested(c, registry={"url": u})`` changes that field of the ``registry`` group and
+    keeps the group's other values (a group given as an instance replaces the whole group)."""
+    resolved = {
+        name: dataclasses.replace(getattr(config, name), **value)
+        if isinstance(value, dict)
+        else value
+        for name, value in changes.items()
+    }
+    return dataclasses.replace(config, **resolved)  # type: ignore[type-var]
 
 
 def parse_bool(text: str) -> bool:
@@ -187,22 +213,19 @@ class _Leaf:
     parse_one: Callable[[str], Any]
     optional: bool
     sequence: bool
+    metavar: str
 
     @property
     def dest(self) -> str:
         return "__".join(self.path)
 
     def parse(self, raw: str | list[str]) -> Any:
-        if self.sequence:
-            texts = raw if isinstance(raw, list) else [raw]
-            parts = [part.strip() for text in texts for part in text.split(",")]
-            if self.optional and parts in ([""], ["none"]):
-                return None
-            return tuple(self.parse_one(part) for part in parts if part)
-        assert isinstance(raw, str)
-        if self.optional and raw.strip().lower() in _NONE:
+        texts = raw if isinstance(raw, list) else [raw]
+        if self.optional and len(texts) == 1 and texts[0].strip().lower() in _NONE:
             return None
-        return self.parse_one(raw)
+        if self.sequence:
+            return tuple(item for text in texts for item in self.parse_one(text))
+        return self.parse_one(texts[0])
 
 
 def _flag_name(name: str, prefix: str, spec: Option) -> str:
@@ -256,6 +279,24 @@ def _enum_parser(cls: type[enum.Enum]) -> Callable[[str], Any]:
     return parse
 
 
+def _metavar(hint: Any, parse: Callable[[str], Any] | None, flag: str) -> str:
+    """What ``--help`` shows for the value: its unit or type, else the flag's last word."""
+    if parse is parse_duration:
+        return "DURATION"
+    if parse is parse_size:
+        return "SIZE"
+    if parse is None:
+        if hint is bool:
+            return "{true,false}"
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            return "{" + ",".join(str(member.value) for member in hint) + "}"
+        if hint is int:
+            return "N"
+        if hint is Path:
+            return "PATH"
+    return flag.rpartition("-")[2].upper()
+
+
 def _unwrap(hint: Any) -> tuple[Any, bool, bool]:
     """``X | None`` → (X, optional); ``tuple[X, ...]`` → (X, sequence)."""
     optional = sequence = False
@@ -292,9 +333,16 @@ def _leaves(
             hint, optional, sequence = _unwrap(hints[f.name])
             if spec.repeat and not sequence:
                 raise TypeError(f"{where}: repeat=True needs a tuple[X, ...] field")
-            parse_one = spec.parse if spec.parse is not None else _type_parser(hint, where)
+            parse_one = spec.parse
+            if parse_one is None:
+                parse_one = _type_parser(hint, where)
+                if sequence:
+                    parse_one = comma_separated(parse_one)
             flag = _flag_name(f.name, prefix, spec)
-            leaf = _Leaf((*path, f.name), prefix, flag, spec, parse_one, optional, sequence)
+            metavar = spec.metavar or _metavar(hint, spec.parse, flag)
+            leaf = _Leaf(
+                (*path, f.name), prefix, flag, spec, parse_one, optional, sequence, metavar
+            )
             out.append((leaf, f))
     return out
 
@@ -379,33 +427,24 @@ def add_options(
         help_text = help_text.replace("%", "%%")
         required = default is dataclasses.MISSING and env_value is None
         initial: Any = env_value if env_value is not None else _Default(default)
-        metavar = spec.metavar or leaf.flag.rpartition("-")[2].upper()
-        for name in (leaf.flag, spec.negative_flag):
-            if name is not None and name in seen:
-                raise ValueError(f"flag --{name} declared twice")
-        seen.add(leaf.flag)
-        if spec.repeat:
-            target.add_argument(
-                f"--{leaf.flag}",
-                dest=leaf.dest,
-                action=_RepeatAction,
-                default=initial,
-                required=required,
-                metavar=metavar,
-                help=help_text,
-            )
-        else:
-            target.add_argument(
-                f"--{leaf.flag}",
-                dest=leaf.dest,
-                default=initial,
-                required=required,
-                metavar=metavar,
-                help=help_text,
-            )
+        negative = None
         if spec.negative_flag is not None:
             negative = _flag_name("", leaf.prefix, Option("", flag=spec.negative_flag))
-            seen.add(negative)
+        for name in (leaf.flag, negative):
+            if name is not None and name in seen:
+                raise ValueError(f"flag --{name} declared twice")
+            seen.add(name or leaf.flag)
+        action: Any = _RepeatAction if spec.repeat else "store"
+        target.add_argument(
+            f"--{leaf.flag}",
+            dest=leaf.dest,
+            action=action,
+            default=initial,
+            required=required,
+            metavar=leaf.metavar,
+            help=help_text,
+        )
+        if negative is not None:
             target.add_argument(
                 f"--{negative}",
                 dest=leaf.dest,

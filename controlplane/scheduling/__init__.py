@@ -14,14 +14,16 @@ Call sequence (docs/design/scheduling.md §1):
 4. When the first token and the last one arrive, feed the observed TTFT and mean TPOT against the
    Assign's predictions to a :class:`PredictionAccuracy` (the MAPE gauges).
 
-Layering: ``predictor`` (numpy only) ← ``types`` (+ controlplane.instances) ← ``prefix``
-(+ kvstore) and ``policy``.
+Layering: ``predictor`` (a package: model ← fitting ← feedback, accuracy, plan ← predictor; numpy
+only) ← ``types`` (+ controlplane.instances.types) ← ``prefix`` (+ kvstore) and ``policies`` (one
+policy per module, chosen by :class:`PolicyKind`).
 """
 
-from controlplane.scheduling.policy import (
+from controlplane.scheduling.policies import (
     DEFAULT_POLICY,
     POLICY_NAMES,
     LeastLoadedPolicy,
+    PolicyKind,
     PrefixAwarePolicy,
     RequestCosts,
     RoundRobinPolicy,
@@ -29,17 +31,16 @@ from controlplane.scheduling.policy import (
     SloAwarePolicy,
     make_policy,
 )
-from controlplane.scheduling.predictor import (
+from controlplane.scheduling.predictor.accuracy import PredictionAccuracy
+from controlplane.scheduling.predictor.fitting import DecodeSample, PrefillSample
+from controlplane.scheduling.predictor.model import (
     DecodeCoefficients,
-    DecodeSample,
-    LatencyPredictor,
-    PredictionAccuracy,
     PrefillCoefficients,
-    PrefillSample,
-    ProfilePlan,
     TransferCoefficients,
     Transport,
 )
+from controlplane.scheduling.predictor.plan import ProfilePlan
+from controlplane.scheduling.predictor.predictor import LatencyPredictor
 from controlplane.scheduling.prefix import cached_prefix
 from controlplane.scheduling.types import (
     IDLE,
@@ -70,6 +71,7 @@ __all__ = [
     "InstanceSnapshot",
     "LatencyPredictor",
     "LeastLoadedPolicy",
+    "PolicyKind",
     "PredictionAccuracy",
     "PrefillCoefficients",
     "PrefillSample",

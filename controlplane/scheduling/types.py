@@ -1,8 +1,8 @@
 """What crosses the scheduler's boundary: request and instance snapshots in, a Decision out.
 
 All frozen and slotted. The registry builds :class:`InstanceSnapshot` values from its records
-(:class:`~controlplane.instances.InstanceInfo` plus its in-flight counters and the instance's
-:class:`~controlplane.scheduling.predictor.LatencyPredictor`); the gateway builds a
+(:class:`~controlplane.instances.types.InstanceInfo` plus its in-flight counters and the instance's
+:class:`~controlplane.scheduling.predictor.predictor.LatencyPredictor`); the gateway builds a
 :class:`RequestSnapshot` per request (its :class:`CachedPrefix` from the prefix index with
 :func:`controlplane.scheduling.prefix.cached_prefix`); a policy returns :class:`Assign` or
 :class:`Reject`. docs/design/scheduling.md §3 describes each field's use.
@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from controlplane.instances import InstanceInfo, InstanceState, WorkerRole
-from controlplane.scheduling.predictor import LatencyPredictor, Transport
+from controlplane.instances.types import InstanceState
+from controlplane.scheduling.predictor.model import Transport
+from controlplane.scheduling.predictor.predictor import LatencyPredictor
+from controlplane.workers.roles import WorkerRole
+from strata_common.options import option
+from strata_common.units import parse_duration
 
 __all__ = [
     "IDLE",
@@ -81,11 +85,6 @@ class RequestSnapshot:
             if slo is not None and not (math.isfinite(slo) and slo > 0.0):
                 raise ValueError(f"{name} must be finite and > 0, got {slo}")
 
-    @property
-    def num_full_blocks(self) -> int:
-        """Blocks the prompt fills completely (only those have keys, so only those can hit)."""
-        return self.num_prompt_tokens // self.block_size
-
 
 @dataclass(frozen=True, slots=True)
 class InstanceLoad:
@@ -144,32 +143,6 @@ class InstanceSnapshot:
     kv_source: str | None = None
     pool_transport: Transport = Transport.SHM
     network_transport: Transport = Transport.TCP
-
-    @classmethod
-    def from_info(
-        cls,
-        info: InstanceInfo,
-        predictor: LatencyPredictor,
-        load: InstanceLoad = IDLE,
-        *,
-        host: str = "",
-        kv_source: str | None = None,
-        pool_transport: Transport = Transport.SHM,
-        network_transport: Transport = Transport.TCP,
-    ) -> InstanceSnapshot:
-        """Build one from the registry's record of the instance."""
-        return cls(
-            id=info.id,
-            role=info.role,
-            state=info.state,
-            predictor=predictor,
-            load=load,
-            capacity=info.capacity,
-            host=host,
-            kv_source=kv_source,
-            pool_transport=pool_transport,
-            network_transport=network_transport,
-        )
 
     @property
     def source_id(self) -> str:
@@ -249,12 +222,30 @@ class SchedulingConfig:
     ``kv_bytes_per_token``: KV size of one token (all layers, K and V) for transfer times.
     """
 
-    local_prefill_threshold_tokens: int = 512
-    conditional_disaggregation: bool = True
+    local_prefill_threshold_tokens: int = option(
+        512,
+        flag="local-prefill-threshold",
+        help="uncached prompt tokens below which the decode worker prefills itself",
+    )
+    conditional_disaggregation: bool = option(
+        True,
+        negative_flag="no-conditional-disaggregation",
+        help="let the decode worker prefill short uncached prompts itself",
+    )
     overlap_weight: float = 1.0
     kv_bytes_per_token: int = 131_072
-    default_ttft_slo_s: float | None = None
-    default_tpot_slo_s: float | None = None
+    default_ttft_slo_s: float | None = option(
+        None,
+        flag="ttft-slo",
+        parse=parse_duration,
+        help="default TTFT SLO, e.g. 500ms (a request's x-strata-ttft-slo-ms overrides it)",
+    )
+    default_tpot_slo_s: float | None = option(
+        None,
+        flag="tpot-slo",
+        parse=parse_duration,
+        help="default time per output token SLO (x-strata-tpot-slo-ms overrides it)",
+    )
     default_remaining_tokens: int = 256
     min_retry_after_s: float = 1.0
     max_retry_after_s: float = 60.0

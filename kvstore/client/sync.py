@@ -52,7 +52,6 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from types import TracebackType
 from typing import Any, TypeVar
 
 from kvstore.blocks.format import (
@@ -87,6 +86,7 @@ from kvstore.wire.frame import (
 )
 from kvstore.wire.messages import SHM_LEASE
 from kvstore.wire.types import NodeMatch, PutStatus
+from strata_common.closing import Closeable
 from strata_common.endpoints import parse_endpoint
 
 __all__ = ["KVStoreClient"]
@@ -108,7 +108,7 @@ def _nbytes(view: memoryview | None) -> int | None:
     return None if view is None else view.nbytes
 
 
-class KVStoreClient(OneSidedPaths):
+class KVStoreClient(OneSidedPaths, Closeable):
     """Blocking, thread-safe client of one store node at ``endpoint`` (``"host:port"``).
 
     Connects lazily on first use, so constructing a client never fails because the node is down.
@@ -287,17 +287,6 @@ class KVStoreClient(OneSidedPaths):
         """Close the connection and unmap the arena. The client can be used again afterwards."""
         with self._lock:
             self._drop_connection()
-
-    def __enter__(self) -> KVStoreClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- call machinery ---------------------------------------------------------------------------
 

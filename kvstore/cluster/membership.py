@@ -182,7 +182,6 @@ class NodeAgent:
         self._threads: list[threading.Thread] = []
         self._reconciler: asyncio.Task[None] | None = None
         self._rejoin: asyncio.Task[None] | None = None
-        self.num_published = 0
         self.num_rejoins = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -417,7 +416,6 @@ class NodeAgent:
             while batch:
                 try:
                     self.store.publish(batch)
-                    self.num_published += len(batch)
                     break
                 except Exception:
                     logger.exception("publishing %d KV events failed; retrying", len(batch))

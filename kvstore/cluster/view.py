@@ -67,7 +67,6 @@ class ClusterView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._changed = threading.Condition(self._lock)
-        self.num_applied = 0
         self.num_reaped = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -141,10 +140,8 @@ class ClusterView:
         if isinstance(event, SourceCleared) and event.seq == SOURCE_GONE_SEQ:
             self._index.remove_source(source)  # left, or reaped after a crash: forget it
             self._owed.pop(source, None)
-            self.num_applied += 1
             return
         result = self._index.apply(event)
-        self.num_applied += 1
         if result is ApplyResult.GAP and source not in self._owed:
             self._owed[source] = float("-inf")
         elif isinstance(event, SourceCleared) and source in self._owed:

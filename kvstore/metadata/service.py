@@ -88,7 +88,6 @@ class MetadataService(metadata_pb2_grpc.MetadataServicer):
         self._wake_lock = threading.Lock()
         self._wake_scheduled = False
         self._closed = False
-        self.num_calls = self.num_errors = 0
 
     def open(self) -> None:
         """Start following the store's appends (call on the event loop that serves)."""
@@ -104,14 +103,11 @@ class MetadataService(metadata_pb2_grpc.MetadataServicer):
     async def _call(
         self, context: grpc.aio.ServicerContext[Any, Any], rpc: str, work: Callable[[], T]
     ) -> T:
-        self.num_calls += 1
         try:
             return work()
         except ValueError as exc:
-            self.num_errors += 1
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Exception:
-            self.num_errors += 1
             logger.exception("metadata: %s failed", rpc)
             code, message = grpc.StatusCode.INTERNAL, f"{rpc} failed; see the store node's log"
         await context.abort(code, message)

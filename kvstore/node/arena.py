@@ -42,7 +42,8 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from types import TracebackType
+
+from strata_common.closing import Closeable
 
 __all__ = [
     "ARENA_FILE_PREFIX",
@@ -207,7 +208,7 @@ class PageAllocator:
         self._free_pages -= npages
 
 
-class Arena:
+class Arena(Closeable):
     """One node's block memory: a prefaulted shared mapping of a /dev/shm file plus its allocator.
 
     Callers allocate an :class:`Extent`, fill or read it through :meth:`view`, and free it. The
@@ -320,17 +321,6 @@ class Arena:
         except BufferError:
             logger.info("arena closed with views outstanding; unmapped when they are released")
         os.close(self._fd)
-
-    def __enter__(self) -> Arena:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def remove_stale_arenas(directory: str, min_age_s: float = _STALE_MIN_AGE_S) -> list[str]:

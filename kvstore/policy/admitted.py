@@ -99,10 +99,6 @@ class AdmittedPolicy:
             return self._target
         return self._window_ratio * len(self)
 
-    def in_window(self, key: bytes) -> bool:
-        """Whether ``key`` is in the window (not yet admitted to main)."""
-        return key in self._window
-
     def on_insert(self, key: bytes) -> None:
         if key in self._window or key in self._main:
             self.on_access(key)

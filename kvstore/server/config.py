@@ -1,8 +1,8 @@
-"""The store node's one configuration object, and the size/duration parsers it is built with.
+"""The store node's one configuration object.
 
-``StoreNodeConfig`` is validated on construction, so a node never starts half-configured. The
-command line and the environment are derived from the same field table (``_CLI_FIELDS``): every
-option ``--arena-size`` can also be given as ``STRATA_KVSTORE_ARENA_SIZE``; the command line wins.
+``StoreNodeConfig`` is validated on construction, so a node never starts half-configured. Its
+fields declare the command line and the environment (:mod:`strata_common.options`): every option
+``--arena-size`` can also be given as ``STRATA_KVSTORE_ARENA_SIZE``; the command line wins.
 Sizes are written like ``"2GiB"``, ``"512MiB"``, ``"4KiB"`` (binary) or ``"1GB"`` (decimal);
 durations like ``"30s"``, ``"250ms"``, ``"5m"``, ``"24h"``. Boolean options take ``true``/``false``;
 ``--no-promote`` is a shorthand for ``--promote false``.
@@ -10,14 +10,13 @@ durations like ``"30s"``, ``"250ms"``, ``"5m"``, ``"24h"``. Boolean options take
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from kvstore.metadata import parse_metadata_spec
 from kvstore.policy.factory import PolicyKind
+from strata_common.options import from_cli, option
 from strata_common.units import parse_duration, parse_size
 
 __all__ = ["StoreNodeConfig"]
@@ -27,17 +26,6 @@ ENV_PREFIX = "STRATA_KVSTORE_"
 SSD_SYNC_MODES = ("data", "full", "none")
 LEAVE_POLICIES = ("drop", "migrate")
 MIN_SSD_SIZE_BYTES = 16 * 1024**2
-
-
-def _parse_bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,35 +79,53 @@ class StoreNodeConfig:
             second-hit-lru (docs/design/kvstore.md §6).
     """
 
-    host: str = "127.0.0.1"
-    port: int = 7600
-    arena_size_bytes: int = 2 * 1024**3
-    page_size_bytes: int = 4096
-    max_block_bytes: int = 64 * 1024**2
-    put_timeout_s: float = 30.0
-    arena_dir: str = "/dev/shm"
-    prefault: bool = True
-    log_level: str = "INFO"
-    ssd_dir: str | None = None
-    ssd_size_bytes: int = 16 * 1024**3
-    ssd_ttl_s: float = 24 * 3600.0
-    ssd_sync: str = "data"
-    ssd_sweep_interval_s: float = 60.0
-    ssd_read_threads: int = 8
-    high_watermark: float = 0.90
-    low_watermark: float = 0.75
-    promote: bool = True
-    write_behind: bool = False
-    node_id: str | None = None
-    metadata: str | None = None
-    metadata_port: int = 0
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 5.0
-    leave_policy: str = "drop"
-    replicate_on_read: bool = False
-    event_flush_interval_s: float = 0.01
-    reconcile_interval_s: float = 60.0
-    eviction_policy: str = "lru"
+    host: str = option("127.0.0.1", help="address to listen on")
+    port: int = option(7600, help="TCP port (0 = any free port)")
+    arena_size_bytes: int = option(2 * 1024**3, parse=parse_size, help="DRAM arena size, e.g. 2GiB")
+    page_size_bytes: int = option(4096, parse=parse_size, help="arena allocation unit, e.g. 4KiB")
+    max_block_bytes: int = option(
+        64 * 1024**2,
+        flag="max-block-size",
+        parse=parse_size,
+        help="largest accepted block, e.g. 64MiB",
+    )
+    put_timeout_s: float = option(
+        30.0, parse=parse_duration, help="abandon a PUT after this long, e.g. 30s"
+    )
+    arena_dir: str = option("/dev/shm", help="directory of the arena file")
+    prefault: bool = option(True, help="touch the whole arena at start-up (true/false)")
+    log_level: str = option("INFO", help="logging level")
+    ssd_dir: str | None = option(None, help="SSD tier directory (lmdb); none = DRAM only")
+    ssd_size_bytes: int = option(
+        16 * 1024**3, parse=parse_size, help="SSD tier size (lmdb map size), e.g. 64GiB"
+    )
+    ssd_ttl_s: float = option(
+        24 * 3600.0, parse=parse_duration, help="SSD blocks expire this long after written"
+    )
+    ssd_sync: str = option("data", help="SSD commit durability: data, full or none")
+    ssd_sweep_interval_s: float = option(
+        60.0, parse=parse_duration, help="expired-block sweep period"
+    )
+    ssd_read_threads: int = option(8, help="threads reading the SSD tier")
+    high_watermark: float = option(0.90, help="spill DRAM to SSD above this fraction")
+    low_watermark: float = option(0.75, help="stop spilling below this fraction")
+    promote: bool = option(
+        True,
+        negative_flag="no-promote",
+        negative_help="serve SSD hits without copying them into DRAM (same as --promote false)",
+        help="copy SSD hits into DRAM (true/false)",
+    )
+    write_behind: bool = option(False, help="copy every new block to SSD (true/false)")
+    node_id: str | None = option(None, help="node id in the cluster (default host:port)")
+    metadata: str | None = option(None, help="redis://HOST:PORT/DB, embedded, or none")
+    metadata_port: int = option(0, help="gRPC port serving embedded metadata (0 = any)")
+    heartbeat_interval_s: float = option(1.0, parse=parse_duration, help="heartbeat period")
+    heartbeat_timeout_s: float = option(5.0, parse=parse_duration, help="dead after this")
+    leave_policy: str = option("drop", help="on graceful stop: drop or migrate")
+    replicate_on_read: bool = option(False, help="keep peers' blocks read through")
+    event_flush_interval_s: float = option(0.01, parse=parse_duration, help="KV event batching")
+    reconcile_interval_s: float = option(60.0, parse=parse_duration, help="full tier diff period")
+    eviction_policy: str = option("lru", help="DRAM eviction policy, e.g. lru")
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -186,88 +192,13 @@ class StoreNodeConfig:
     def from_cli(
         cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     ) -> StoreNodeConfig:
-        """Build from command-line arguments, with ``STRATA_KVSTORE_*`` variables as defaults."""
-        environ = os.environ if env is None else env
-        parser = argparse.ArgumentParser(
-            prog="python -m kvstore.server", description="Run a Strata KV-cache store node."
+        """Build from command-line arguments, with ``STRATA_KVSTORE_*`` variables as defaults;
+        a bad value exits with status 2 and a message naming the flag."""
+        return from_cli(
+            cls,
+            argv,
+            env_prefix=ENV_PREFIX,
+            environ=os.environ if env is None else env,
+            prog="python -m kvstore.server",
+            description="Run a Strata KV-cache store node.",
         )
-        defaults = {f.name: f.default for f in fields(cls)}
-        for name, option, _parse, help_text in _CLI_FIELDS:
-            env_name = ENV_PREFIX + option.upper().replace("-", "_")
-            default = environ.get(env_name, defaults[name])
-            parser.add_argument(
-                f"--{option}",
-                dest=name,
-                default=default,
-                help=f"{help_text} (env {env_name}; default {defaults[name]})",
-            )
-        parser.add_argument(
-            "--no-promote",
-            dest="promote",
-            action="store_const",
-            const="false",
-            help="serve SSD hits without copying them into DRAM (same as --promote false)",
-        )
-        namespace = parser.parse_args(argv)
-        values: dict[str, Any] = {}
-        for name, option, parse, _help in _CLI_FIELDS:
-            try:
-                values[name] = parse(getattr(namespace, name))
-            except ValueError as exc:
-                parser.error(f"--{option}: {exc}")
-        try:
-            return cls(**values)
-        except ValueError as exc:
-            parser.error(str(exc))
-
-
-def _parse_int(value: str | int) -> int:
-    return int(value)
-
-
-def _parse_str(value: str) -> str:
-    return str(value)
-
-
-def _parse_float(value: str | float) -> float:
-    return float(value)
-
-
-def _parse_optional_dir(value: str | None) -> str | None:
-    """A directory, or None for ``""``/``"none"`` (the option's feature is off)."""
-    if value is None or value.strip().lower() in ("", "none"):
-        return None
-    return str(value)
-
-
-_CLI_FIELDS: tuple[tuple[str, str, Callable[[Any], Any], str], ...] = (
-    ("host", "host", _parse_str, "address to listen on"),
-    ("port", "port", _parse_int, "TCP port (0 = any free port)"),
-    ("arena_size_bytes", "arena-size", parse_size, "DRAM arena size, e.g. 2GiB"),
-    ("page_size_bytes", "page-size", parse_size, "arena allocation unit, e.g. 4KiB"),
-    ("max_block_bytes", "max-block-size", parse_size, "largest accepted block, e.g. 64MiB"),
-    ("put_timeout_s", "put-timeout", parse_duration, "abandon a PUT after this long, e.g. 30s"),
-    ("arena_dir", "arena-dir", _parse_str, "directory of the arena file"),
-    ("prefault", "prefault", _parse_bool, "touch the whole arena at start-up (true/false)"),
-    ("log_level", "log-level", _parse_str, "logging level"),
-    ("ssd_dir", "ssd-dir", _parse_optional_dir, "SSD tier directory (lmdb); none = DRAM only"),
-    ("ssd_size_bytes", "ssd-size", parse_size, "SSD tier size (lmdb map size), e.g. 64GiB"),
-    ("ssd_ttl_s", "ssd-ttl", parse_duration, "SSD blocks expire this long after written, e.g. 24h"),
-    ("ssd_sync", "ssd-sync", _parse_str, "SSD commit durability: data, full or none"),
-    ("ssd_sweep_interval_s", "ssd-sweep-interval", parse_duration, "expired-block sweep period"),
-    ("ssd_read_threads", "ssd-read-threads", _parse_int, "threads reading the SSD tier"),
-    ("high_watermark", "high-watermark", _parse_float, "spill DRAM to SSD above this fraction"),
-    ("low_watermark", "low-watermark", _parse_float, "stop spilling below this fraction"),
-    ("promote", "promote", _parse_bool, "copy SSD hits into DRAM (true/false)"),
-    ("write_behind", "write-behind", _parse_bool, "copy every new block to SSD (true/false)"),
-    ("node_id", "node-id", _parse_optional_dir, "node id in the cluster (default host:port)"),
-    ("metadata", "metadata", _parse_optional_dir, "redis://HOST:PORT/DB, embedded, or none"),
-    ("metadata_port", "metadata-port", _parse_int, "gRPC port serving embedded metadata (0 = any)"),
-    ("heartbeat_interval_s", "heartbeat-interval", parse_duration, "heartbeat period, e.g. 1s"),
-    ("heartbeat_timeout_s", "heartbeat-timeout", parse_duration, "dead after this, e.g. 5s"),
-    ("leave_policy", "leave-policy", _parse_str, "on graceful stop: drop or migrate"),
-    ("replicate_on_read", "replicate-on-read", _parse_bool, "keep peers' blocks read through"),
-    ("event_flush_interval_s", "event-flush-interval", parse_duration, "KV event batching"),
-    ("reconcile_interval_s", "reconcile-interval", parse_duration, "full tier diff period"),
-    ("eviction_policy", "eviction-policy", _parse_str, "DRAM eviction policy, e.g. lru"),
-)

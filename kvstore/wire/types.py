@@ -32,7 +32,3 @@ class NodeMatch:
 
     depth: int
     tiers: tuple[Tier, ...]
-
-    def num_in(self, tier: Tier) -> int:
-        """Matched blocks whose fastest copy is in ``tier`` (e.g. to price loading them)."""
-        return sum(1 for t in self.tiers if t is tier)

@@ -76,7 +76,7 @@ class AdminServe:
     def listed(self) -> list[dict[str, Any]]:
         """What `strata admin --json list` prints, from an in-process admin call: polling
         through a new CLI process every second would itself load the 2-core host."""
-        from controlplane.admin import instance_from_proto
+        from controlplane.admin.convert import instance_from_proto
         from strata.admin_cli import instance_json
         from strata.admin_token import default_token_path
         from strata_proto import admin_pb2, admin_pb2_grpc

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.scheduling.policies import PolicyKind
 from tests.e2e.test_routing import RoutingCluster, start_routing_cluster
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,10 @@ PROMPT_TOKENS = 400
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: Path) -> Iterator[RoutingCluster]:
     yield from start_routing_cluster(
-        tiny_model_dir, 1, profile_workers=True, profile_max_model_len=1024, policy="slo_aware"
+        tiny_model_dir,
+        1,
+        profiling={"enabled": True, "max_model_len": 1024},
+        routing={"policy": PolicyKind.SLO_AWARE},
     )
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from controlplane.config import GatewayConfig
+from controlplane.config import GatewayConfig, HttpConfig, RoutingConfig
 from controlplane.gateway import GatewayServer
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.text.tokenizer import ModelTokenizer
+from strata_common.options import replace_nested
 from strata_proto import worker_pb2
 from tests.e2e.dataplane_processes import Process, start_store, start_worker, stub
 from tests.integration.controlplane.conftest import LoopThread
@@ -51,7 +52,7 @@ def start_routing_cluster(
     model_dir: Path, num_prefill: int, **config: object
 ) -> Iterator[RoutingCluster]:
     """Store, ``num_prefill`` prefill workers and one decode worker, and the gateway (config:
-    GatewayConfig overrides)."""
+    GatewayConfig overrides, a group's as a dict of its fields: ``replace_nested``)."""
     store = start_store("--metadata", "embedded")
     metadata = store.metadata  # strata://: its gRPC metadata service
     workers: list[Process] = []
@@ -61,15 +62,15 @@ def start_routing_cluster(
         common = ("--kv-metadata", metadata, "--max-num-seqs", "8", "--max-model-len", "1024")
         for role in ["prefill"] * num_prefill + ["decode"]:
             workers.append(start_worker(model_dir, role, store.endpoint, *common))
-        gateway_config = GatewayConfig(
+        base_config = GatewayConfig(
             model_dir=model_dir,
             served_model_name="tiny",
             prefill_endpoints=tuple(w.endpoint for w in workers[:-1]),
             decode_endpoints=(workers[-1].endpoint,),
-            port=0,
-            kv_metadata=metadata,
-            **config,  # type: ignore[arg-type]
+            http=HttpConfig(port=0),
+            routing=RoutingConfig(kv_metadata=metadata),
         )
+        gateway_config = replace_nested(base_config, **config)
         server = GatewayServer(gateway_config, tokenizer=ModelTokenizer.from_model_dir(model_dir))
         url = loop.run(server.start(), timeout_s=120)
         yield RoutingCluster(loop, store, workers[:-1], workers[-1], server, url)
@@ -87,7 +88,10 @@ def cluster(tiny_model_dir: Path) -> Iterator[RoutingCluster]:
     # Prefill-side routing only: with conditional disaggregation the decode worker, which holds
     # every prefix it decoded, would serve the repeats itself (LOCAL_RESIDENT).
     yield from start_routing_cluster(
-        tiny_model_dir, 2, profile_workers=False, conditional_disaggregation=False
+        tiny_model_dir,
+        2,
+        profiling={"enabled": False},
+        scheduling={"conditional_disaggregation": False},
     )
 
 

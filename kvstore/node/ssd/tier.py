@@ -13,7 +13,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import TracebackType
 
 import lmdb
 import numpy as np
@@ -42,6 +41,7 @@ from kvstore.node.ssd.files import (
 from kvstore.node.ssd.types import AuditReport, Meta, ReadStatus, SSDRead, SSDStats
 from kvstore.policy.base import EvictionPolicy
 from kvstore.policy.lru import LRUPolicy
+from strata_common.closing import Closeable
 
 __all__ = ["SSDTier", "logger"]
 
@@ -49,7 +49,7 @@ __all__ = ["SSDTier", "logger"]
 logger = logging.getLogger("kvstore.node.ssd")
 
 
-class SSDTier:
+class SSDTier(Closeable):
     """Blocks in one lmdb environment at ``path``, at most ``capacity_bytes`` on disk.
 
     Args:
@@ -87,7 +87,6 @@ class SSDTier:
         self._sync = sync
         self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
         self._clock = clock
-        self._read_threads = read_threads
         self._lock = threading.Lock()
         self._index: dict[bytes, Meta] = {}  # insertion (= write = expiry) order
         self._tombstones: set[bytes] = set()
@@ -258,12 +257,6 @@ class SSDTier:
         if result.status is ReadStatus.CORRUPT:
             self.purge_pending()
         return bytes(buffer) if result.status is ReadStatus.OK else None
-
-    def touch(self, key: bytes) -> None:
-        """Record an access to ``key`` for the SSD policy (no I/O)."""
-        with self._lock:
-            if key in self._index:
-                self._policy.on_access(key)
 
     # -- writes (one thread at a time) --------------------------------------------------------
 
@@ -456,17 +449,6 @@ class SSDTier:
             self._env.close()
         finally:
             os.close(self._lock_fd)
-
-    def __enter__(self) -> SSDTier:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- internals --------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controlplane.admin import AdminConfig, AdminServer
+from controlplane.admin.config import AdminConfig
+from controlplane.admin.server import AdminServer
 from strata_proto import admin_pb2_grpc
 from tests.integration.controlplane.conftest import LoopThread
 from tests.integration.controlplane.fake_admin_backend import FakeAdminBackend

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,9 +19,10 @@ import pytest
 import uvloop
 from tokenizers import Tokenizer
 
-from controlplane.config import GatewayConfig
+from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig
 from controlplane.gateway import GatewayServer
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.text.tokenizer import ModelTokenizer
+from strata_common.options import replace_nested
 from strata_proto import worker_pb2
 from tests.integration.controlplane.scripted_worker import Script, ScriptedWorker
 
@@ -109,11 +110,10 @@ def start_stack(
         served_model_name=SERVED_MODEL_NAME,
         prefill_endpoints=(prefill.endpoint,),
         decode_endpoints=(decode.endpoint,),
-        port=0,
-        worker_startup_timeout_s=10.0,
-        shutdown_grace_s=1.0,
+        http=HttpConfig(port=0, shutdown_grace_s=1.0),
+        registry=RegistryConfig(worker_startup_timeout_s=10.0),
     )
-    server = GatewayServer(replace(config, **config_overrides), tokenizer=tokenizer)
+    server = GatewayServer(replace_nested(config, **config_overrides), tokenizer=tokenizer)
     url = loop.run(server.start())
     return Stack(loop, script, prefill, decode, server, url, worker_tokenizer)
 
@@ -129,7 +129,7 @@ def module_stack(
     loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer
 ) -> Iterator[Stack]:
     stack = start_stack(
-        loop_thread, tiny_model_dir, model_tokenizer, max_request_body_bytes=64 * 1024
+        loop_thread, tiny_model_dir, model_tokenizer, http={"max_request_body_bytes": 64 * 1024}
     )
     yield stack
     stop_stack(stack)
@@ -196,11 +196,10 @@ def start_cluster(
         served_model_name=SERVED_MODEL_NAME,
         prefill_endpoints=tuple(w.endpoint for w in prefills),
         decode_endpoints=tuple(w.endpoint for w in decodes),
-        port=0,
-        worker_startup_timeout_s=10.0,
-        shutdown_grace_s=1.0,
+        http=HttpConfig(port=0, shutdown_grace_s=1.0),
+        registry=RegistryConfig(worker_startup_timeout_s=10.0),
     )
-    server = GatewayServer(replace(config, **config_overrides), tokenizer=tokenizer)
+    server = GatewayServer(replace_nested(config, **config_overrides), tokenizer=tokenizer)
     url = loop.run(server.start())
     return Cluster(loop, script, prefills, decodes, server, url, worker_tokenizer)
 

@@ -1,4 +1,4 @@
-"""FakeAdminBackend: a test double of controlplane.instances.AdminBackend (test code only).
+"""FakeAdminBackend: a test double of controlplane.instances.types.AdminBackend (test code only).
 
 It keeps instances in a dict and records every call, so admin-service and CLI tests can check
 exactly what reached the backend. Its behaviour is the documented contract, simplified:
@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controlplane.instances import (
+from controlplane.instances.types import (
     ClusterStats,
     InstanceConflict,
     InstanceInfo,
     InstanceNotFound,
     InstanceState,
     InvalidAdminRequest,
-    WorkerRole,
 )
+from controlplane.workers.roles import WorkerRole
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware", "slo_aware")
 

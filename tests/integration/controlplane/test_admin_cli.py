@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from controlplane.admin import AdminConfig
+from controlplane.admin.config import AdminConfig
 from tests.conftest import REPO_ROOT
 from tests.integration.controlplane.admin_harness import (
     TOKEN,

@@ -20,10 +20,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
-from controlplane.config import ConfigError, GatewayConfig
+from controlplane.admin.config import AdminApiConfig
+from controlplane.config import ConfigError, GatewayConfig, HttpConfig, RegistryConfig
 from controlplane.gateway import GatewayServer
-from controlplane.instances import WorkerRole
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.launch.launcher import LaunchConfig
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.roles import WorkerRole
 from strata.admin_cli import (
     EXIT_CONFLICT,
     EXIT_NOT_FOUND,
@@ -170,13 +172,11 @@ def gateway(
         served_model_name=SERVED_MODEL_NAME,
         prefill_endpoints=(prefill.endpoint,),
         decode_endpoints=(decode.endpoint,),
-        port=0,
-        worker_startup_timeout_s=10.0,
-        health_check_interval_s=0.1,
-        shutdown_grace_s=1.0,
-        drain_timeout_s=5.0,
-        admin_port=0,
-        admin_token=TOKEN,
+        http=HttpConfig(port=0, shutdown_grace_s=1.0),
+        registry=RegistryConfig(
+            worker_startup_timeout_s=10.0, health_check_interval_s=0.1, drain_timeout_s=5.0
+        ),
+        admin=AdminApiConfig(port=0, token=TOKEN),
     )
     server = GatewayServer(config, tokenizer=model_tokenizer, launcher=launcher)
     loop_thread.run(server.start())
@@ -314,16 +314,12 @@ def test_startup_workers_are_launched_waited_for_and_scalable(
         served_model_name=SERVED_MODEL_NAME,
         prefill_endpoints=(),
         decode_endpoints=(),
-        port=0,
-        worker_startup_timeout_s=10.0,
-        health_check_interval_s=0.1,
-        shutdown_grace_s=1.0,
-        drain_timeout_s=5.0,
-        admin_port=0,
-        admin_token=TOKEN,
-        launch_store="127.0.0.1:9",  # unused by the test double, required by the config
-        launch_prefill=1,
-        launch_decode=2,
+        http=HttpConfig(port=0, shutdown_grace_s=1.0),
+        registry=RegistryConfig(
+            worker_startup_timeout_s=10.0, health_check_interval_s=0.1, drain_timeout_s=5.0
+        ),
+        admin=AdminApiConfig(port=0, token=TOKEN),
+        launch=LaunchConfig(store="127.0.0.1:9", prefill=1, decode=2),
     )
     server = GatewayServer(config, tokenizer=model_tokenizer, launcher=launcher)
     loop_thread.run(server.start())
@@ -355,7 +351,7 @@ def test_admin_port_without_a_token_is_a_config_error(
         served_model_name=SERVED_MODEL_NAME,
         prefill_endpoints=("127.0.0.1:9",),
         decode_endpoints=("127.0.0.1:9",),
-        admin_port=0,
+        admin=AdminApiConfig(port=0),
     )
     with pytest.raises(ConfigError, match="no admin token"):
         GatewayServer(config)

@@ -13,8 +13,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from controlplane.admin import AdminConfig, AdminConfigError, AdminServer
-from controlplane.instances import InstanceInfo, InstanceState, WorkerRole
+from controlplane.admin.config import AdminConfig, AdminConfigError
+from controlplane.admin.server import AdminServer
+from controlplane.instances.types import InstanceInfo, InstanceState
+from controlplane.workers.roles import WorkerRole
 from strata_proto import admin_pb2, worker_pb2
 from tests.integration.controlplane.admin_harness import (
     TOKEN,

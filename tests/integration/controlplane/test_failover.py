@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from controlplane.instances import InstanceState
-from controlplane.registry import InstanceLoad, InstanceView
-from controlplane.tokenizer import ModelTokenizer
-from controlplane.workers import WorkerRole
+from controlplane.instances.instance import InstanceView
+from controlplane.instances.types import InstanceState
+from controlplane.scheduling import InstanceLoad
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.roles import WorkerRole
 from tests.integration.controlplane.conftest import (
     SERVED_MODEL_NAME,
     Cluster,
@@ -45,7 +46,7 @@ def cluster(
         model_tokenizer,
         num_prefill=2,
         num_decode=2,
-        health_check_interval_s=3600.0,
+        registry={"health_check_interval_s": 3600.0},
     )
     cluster.script.token_ids = cluster.tokenizer.encode(STORY, add_special_tokens=False).ids
     yield cluster

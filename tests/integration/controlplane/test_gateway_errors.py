@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.instances import InstanceState
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.instances.types import InstanceState
+from controlplane.text.tokenizer import ModelTokenizer
 from tests.integration.controlplane.conftest import (
     MAX_MODEL_LEN,
     SERVED_MODEL_NAME,
@@ -166,7 +166,9 @@ def test_missing_content_type_is_accepted(stack: Stack) -> None:
 def own_stack(
     loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer
 ) -> Any:
-    stack = start_stack(loop_thread, tiny_model_dir, model_tokenizer, health_check_interval_s=0.1)
+    stack = start_stack(
+        loop_thread, tiny_model_dir, model_tokenizer, registry={"health_check_interval_s": 0.1}
+    )
     yield stack
     stop_stack(stack)
 
@@ -226,8 +228,8 @@ def test_slow_health_answers_are_tolerated_twice(
         loop_thread,
         tiny_model_dir,
         model_tokenizer,
-        health_check_interval_s=3600.0,  # no background checks: this test drives them
-        health_check_timeout_s=0.05,
+        # no background checks: this test drives them
+        registry={"health_check_interval_s": 3600.0, "health_check_timeout_s": 0.05},
     )
     try:
         registry = stack.server.registry

@@ -13,8 +13,8 @@ import openai
 import pytest
 from tokenizers.decoders import DecodeStream
 
-from controlplane.openai_protocol import ChatMessage
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.api.openai_protocol import ChatMessage
+from controlplane.text.tokenizer import ModelTokenizer
 from tests.integration.controlplane.conftest import BLOCK_SIZE, SERVED_MODEL_NAME, Stack
 from tests.integration.controlplane.scripted_worker import EOS_TOKEN_ID
 

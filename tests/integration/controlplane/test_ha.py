@@ -26,11 +26,12 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
-from controlplane.config import GatewayConfig
+from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig, RoutingConfig
 from controlplane.gateway import GatewayServer
-from controlplane.instances import InstanceState
-from controlplane.tokenizer import ModelTokenizer
-from controlplane.workers import WorkerRole
+from controlplane.instances.types import InstanceState
+from controlplane.scheduling.policies import PolicyKind
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.roles import WorkerRole
 from strata_proto import worker_pb2
 from tests.integration.controlplane.conftest import (
     SERVED_MODEL_NAME,
@@ -85,12 +86,11 @@ def test_two_gateways_share_added_drained_and_removed_instances(
         served_model_name=SERVED_MODEL_NAME,
         prefill_endpoints=(prefill.endpoint,),
         decode_endpoints=(decode1.endpoint,),
-        port=0,
-        worker_startup_timeout_s=10.0,
-        shutdown_grace_s=1.0,
-        health_check_interval_s=3600.0,  # this test runs the sync rounds itself
-        registry_url=valkey_url,
-        policy="round_robin",  # the assertions below count requests per decode worker
+        http=HttpConfig(port=0, shutdown_grace_s=1.0),
+        registry=RegistryConfig(
+            worker_startup_timeout_s=10.0, health_check_interval_s=3600.0, url=valkey_url
+        ),
+        routing=RoutingConfig(policy=PolicyKind.ROUND_ROBIN),
     )
     a, b = (GatewayServer(replace(config), tokenizer=model_tokenizer) for _ in range(2))
     url_a = loop_thread.run(a.start())

@@ -14,23 +14,26 @@ import json
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tokenizers import Tokenizer
 
-from controlplane.config import GatewayConfig
+from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig
 from controlplane.gateway import GatewayServer
-from controlplane.instances import InstanceState, InvalidAdminRequest
-from controlplane.routing import Router
+from controlplane.instances.types import InstanceState, InvalidAdminRequest
+from controlplane.request.routing import Router
 from controlplane.scheduling import NO_CACHE, Assign, CachedPrefix, RequestSnapshot
-from controlplane.tokenizer import ModelTokenizer
+from controlplane.scheduling.policies import PolicyKind
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.profiling import ProfileSettings
 from kvstore.blocks.hashing import block_keys, root_key
 from kvstore.blocks.tier import Tier
 from kvstore.cluster.events import BlocksStored, SourceCleared, encode_event
 from kvstore.metadata import RedisMetadataStore
+from strata_common.options import replace_nested
 from strata_proto import worker_pb2
 from tests.integration.controlplane.conftest import (
     BLOCK_SIZE,
@@ -157,13 +160,11 @@ def start_routing(
         served_model_name=SERVED_MODEL_NAME,
         prefill_endpoints=tuple(w.endpoint for w in prefills),
         decode_endpoints=tuple(w.endpoint for w in decodes),
-        port=0,
-        worker_startup_timeout_s=10.0,
-        shutdown_grace_s=1.0,
-        health_check_interval_s=3600.0,
-        profile_workers=False,
+        http=HttpConfig(port=0, shutdown_grace_s=1.0),
+        registry=RegistryConfig(worker_startup_timeout_s=10.0, health_check_interval_s=3600.0),
+        profiling=ProfileSettings(enabled=False),
     )
-    server = GatewayServer(replace(config, **config_overrides), tokenizer=tokenizer)
+    server = GatewayServer(replace_nested(config, **config_overrides), tokenizer=tokenizer)
     url = loop.run(server.start())
     return Routing(loop, script, prefills, decodes, server, url, worker_tokenizer)
 
@@ -356,7 +357,10 @@ def test_short_prompt_skips_the_prefill_pool(
     loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer
 ) -> None:
     routing = start_routing(
-        loop_thread, tiny_model_dir, model_tokenizer, local_prefill_threshold_tokens=64
+        loop_thread,
+        tiny_model_dir,
+        model_tokenizer,
+        scheduling={"local_prefill_threshold_tokens": 64},
     )
     try:
         expected = routing.tokenizer.decode(routing.script.token_ids)
@@ -386,7 +390,10 @@ def test_local_request_resumes_on_another_decode_worker(
     loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer
 ) -> None:
     routing = start_routing(
-        loop_thread, tiny_model_dir, model_tokenizer, local_prefill_threshold_tokens=64
+        loop_thread,
+        tiny_model_dir,
+        model_tokenizer,
+        scheduling={"local_prefill_threshold_tokens": 64},
     )
     try:
         routing.script.token_ids = routing.script.token_ids * 3
@@ -441,9 +448,7 @@ def test_profile_calibrates_each_worker_when_it_becomes_ready(
         model_tokenizer,
         num_prefill=1,
         num_decode=1,
-        profile_workers=True,
-        profile_max_model_len=128,
-        profile_max_batch=2,
+        profiling={"enabled": True, "max_model_len": 128, "max_batch": 2},
     )
     try:
         registry = routing.registry
@@ -476,7 +481,10 @@ def test_prefix_aware_routes_to_the_engine_holding_the_prefix(
     valkey_url: str,
 ) -> None:
     routing = start_routing(
-        loop_thread, tiny_model_dir, model_tokenizer, kv_metadata=valkey_url, policy="prefix_aware"
+        loop_thread,
+        tiny_model_dir,
+        model_tokenizer,
+        routing={"kv_metadata": valkey_url, "policy": PolicyKind.PREFIX_AWARE},
     )
     store = RedisMetadataStore(valkey_url)
     try:

@@ -12,6 +12,7 @@ import pytest
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import (
     add_options,
+    comma_separated,
     from_cli,
     from_namespace,
     group,
@@ -44,7 +45,11 @@ class Sample:
     profile: bool = option(True, help="profile workers", negative_flag="no-profile")
     color: Color = option(Color.RED, help="a colour")
     peers: tuple[str, ...] = option(
-        (), help="peers", flag="peer", repeat=True, parse=lambda t: str(parse_endpoint(t))
+        (),
+        help="peers",
+        flag="peer",
+        repeat=True,
+        parse=comma_separated(lambda t: str(parse_endpoint(t))),
     )
     cpus: tuple[int, ...] | None = option(None, help="cores")
     slo_s: float | None = option(None, parse=parse_duration, help="an SLO")
@@ -158,11 +163,13 @@ def test_help_shows_defaults_environment_and_groups() -> None:
     parser = argparse.ArgumentParser(prog="t")
     add_options(parser, Sample, env_prefix="T_", environ={})
     text = " ".join(parser.format_help().split())
-    assert "--timeout TIMEOUT deadline (default 30s; env T_TIMEOUT)" in text
+    assert "--timeout DURATION deadline (default 30s; env T_TIMEOUT)" in text
     assert '--peer PEER peers (default ""; env T_PEER; repeatable)' in text
     assert "--no-profile same as --profile false" in text
-    assert "--color COLOR a colour (default red; env T_COLOR)" in text
-    assert "inner things: --inner-port PORT port (none = off) (default 5; env T_INNER_PORT)" in text
+    assert "--profile {true,false} profile workers" in text
+    assert "--cache SIZE cache size" in text
+    assert "--color {red,blue} a colour (default red; env T_COLOR)" in text
+    assert "inner things: --inner-port N port (none = off) (default 5; env T_INNER_PORT)" in text
     assert "--token" not in text and "--inner-token" not in text
 
 
@@ -205,3 +212,20 @@ def test_declaration_errors() -> None:
 )
 def test_parse_bool(text: str, value: bool) -> None:
     assert parse_bool(text) is value
+
+
+def test_comma_separated() -> None:
+    parse = comma_separated(int)
+    assert parse("1, 2,,3 ") == (1, 2, 3)
+    assert parse("") == ()
+
+
+def test_replace_nested_changes_one_field_of_a_group(tmp_path: Path) -> None:
+    from strata_common.options import replace_nested
+
+    base = Sample(model_dir=tmp_path, inner=Inner(port=5, token="t"))
+    changed = replace_nested(base, count=2, inner={"port": 6})
+    assert changed == Sample(model_dir=tmp_path, count=2, inner=Inner(port=6, token="t"))
+    assert replace_nested(base, inner=Inner()).inner == Inner()
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        replace_nested(base, count=-1)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.admin.config import AdminApiConfig
 from controlplane.config import ConfigError, GatewayConfig
 from controlplane.gateway import GatewayServer, main
-from controlplane.launcher import LocalProcessLauncher
+from controlplane.launch.launcher import LaunchConfig, LocalProcessLauncher
 
 TOKEN = "unit-admin-token-0123456789abcdef"
 
@@ -26,11 +27,11 @@ def argv(tmp_path: Path, *extra: str) -> list[str]:
 
 def test_admin_and_launcher_are_off_by_default(tmp_path: Path) -> None:
     config = GatewayConfig.from_argv(argv(tmp_path))
-    assert config.admin_port is None
-    assert config.admin_host == "127.0.0.1"
-    assert config.admin_token == ""
-    assert not config.launcher_enabled
-    assert (config.launch_prefill, config.launch_decode) == (0, 0)
+    assert config.admin.port is None
+    assert config.admin.host == "127.0.0.1"
+    assert config.admin.token == ""
+    assert not config.launch.enabled
+    assert (config.launch.prefill, config.launch.decode) == (0, 0)
     assert GatewayServer(config).admin_port is None
 
 
@@ -53,21 +54,21 @@ def test_admin_and_launcher_flags(tmp_path: Path) -> None:
         ]
     )  # fmt: skip
     assert (config.prefill_endpoints, config.decode_endpoints) == ((), ())
-    assert (config.admin_host, config.admin_port, config.admin_token) == ("::1", 0, TOKEN)
+    assert (config.admin.host, config.admin.port, config.admin.token) == ("::1", 0, TOKEN)
     assert TOKEN not in repr(config)
-    assert config.launcher_enabled
-    assert (config.launch_store, config.launch_prefill, config.launch_decode) == (
+    assert config.launch.enabled
+    assert (config.launch.store, config.launch.prefill, config.launch.decode) == (
         "127.0.0.1:7000",
         2,
         1,
     )
-    assert config.launch_kv_metadata == "strata://127.0.0.1:7000"
-    assert config.launch_kv_cache_size == "256MiB"
-    assert config.launch_max_model_len == 512
-    assert config.launch_worker_args == ("--max-num-seqs", "8", "--dtype", "float32")
-    assert config.launch_cores_per_engine == 2
-    assert config.launch_cpus == (0, 2, 3, 4)
-    assert config.launch_log_dir == tmp_path / "logs"
+    assert config.launch.kv_metadata == "strata://127.0.0.1:7000"
+    assert config.launch.kv_cache_size == "256MiB"
+    assert config.launch.max_model_len == 512
+    assert config.launch.worker_args == ("--max-num-seqs", "8", "--dtype", "float32")
+    assert config.launch.cores_per_engine == 2
+    assert config.launch.cpus == (0, 2, 3, 4)
+    assert config.launch.log_dir == tmp_path / "logs"
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,7 @@ def test_launched_workers_may_replace_configured_ones(tmp_path: Path) -> None:
             "1",
         ]
     )
-    assert (config.launch_prefill, config.launch_decode) == (1, 1)
+    assert (config.launch.prefill, config.launch.decode) == (1, 1)
 
 
 def test_empty_token_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,8 +162,7 @@ def test_unusable_admin_token_is_a_config_error(
         served_model_name="m",
         prefill_endpoints=("h:1",),
         decode_endpoints=("h:2",),
-        admin_port=0,
-        admin_token=token,
+        admin=AdminApiConfig(port=0, token=token),
     )
     with pytest.raises(ConfigError, match=message):
         GatewayServer(config)
@@ -174,19 +174,21 @@ def test_launcher_is_built_from_the_config(tmp_path: Path) -> None:
         served_model_name="m",
         prefill_endpoints=(),
         decode_endpoints=("h:2",),
-        launch_store="127.0.0.1:7000",
-        launch_prefill=1,
-        launch_kv_metadata="strata://127.0.0.1:7000",
-        launch_kv_cache_size="256MiB",
-        launch_max_model_len=512,
-        launch_worker_args=("--max-num-seqs", "8"),
-        launch_cpus=(0,),
+        launch=LaunchConfig(
+            store="127.0.0.1:7000",
+            prefill=1,
+            kv_metadata="strata://127.0.0.1:7000",
+            kv_cache_size="256MiB",
+            max_model_len=512,
+            worker_args=("--max-num-seqs", "8"),
+            cpus=(0,),
+        ),
     )
     server = GatewayServer(config)
     launcher = server._launcher
     assert isinstance(launcher, LocalProcessLauncher)
     assert launcher.cores.cpus == (0,)
-    from controlplane.instances import WorkerRole
+    from controlplane.workers.roles import WorkerRole
 
     argv = launcher._argv(WorkerRole.DECODE, 1234)
     assert argv[1:] == [
@@ -200,11 +202,11 @@ def test_launcher_is_built_from_the_config(tmp_path: Path) -> None:
 
 def test_launcher_needs_a_model_directory(tmp_path: Path) -> None:
     config = GatewayConfig(
-        model_dir=tmp_path,  # no config.json
+        model_dir=tmp_path,
         served_model_name="m",
         prefill_endpoints=("h:1",),
         decode_endpoints=("h:2",),
-        launch_store="127.0.0.1:7000",
+        launch=LaunchConfig(store="127.0.0.1:7000"),
     )
     with pytest.raises(ConfigError, match="launcher: model directory"):
         GatewayServer(config)
@@ -216,7 +218,7 @@ def test_launcher_cpus_default_to_the_affinity_set(tmp_path: Path) -> None:
         served_model_name="m",
         prefill_endpoints=("h:1",),
         decode_endpoints=("h:2",),
-        launch_store="127.0.0.1:7000",
+        launch=LaunchConfig(store="127.0.0.1:7000"),
     )
     launcher = GatewayServer(config)._launcher
     assert isinstance(launcher, LocalProcessLauncher)

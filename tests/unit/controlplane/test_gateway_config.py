@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from controlplane.config import ConfigError, GatewayConfig, parse_duration_s, parse_endpoint
+from controlplane.config import ConfigError, GatewayConfig
 from controlplane.gateway import main
+from controlplane.scheduling.policies import PolicyKind
+from strata_common.options import add_options
 
 
 def argv(tmp_path: Path, *extra: str) -> list[str]:
@@ -29,9 +32,9 @@ def test_from_argv_defaults(tmp_path: Path) -> None:
     assert config.served_model_name == tmp_path.name
     assert config.prefill_endpoints == ("127.0.0.1:5001",)
     assert config.decode_endpoints == ("h:5002",)
-    assert (config.host, config.port) == ("127.0.0.1", 8000)
-    assert config.request_timeout_s == 600.0
-    assert config.health_check_interval_s == 2.0
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 8000)
+    assert config.http.request_timeout_s == 600.0
+    assert config.registry.health_check_interval_s == 2.0
 
 
 def test_from_argv_all_flags(tmp_path: Path) -> None:
@@ -53,13 +56,13 @@ def test_from_argv_all_flags(tmp_path: Path) -> None:
     assert config.served_model_name == "tiny"
     assert config.prefill_endpoints == ("127.0.0.1:5001", "[::1]:6000", "10.0.0.2:6001")
     assert config.decode_endpoints == ("h:5002", "h2:6002")
-    assert (config.host, config.port) == ("0.0.0.0", 0)
-    assert config.request_timeout_s == 120.0
-    assert config.worker_startup_timeout_s == 90.0
-    assert config.health_check_interval_s == 0.5
-    assert config.health_check_timeout_s == 1.0
-    assert config.max_request_body_bytes == 4096
-    assert config.shutdown_grace_s == 0.0
+    assert (config.http.host, config.http.port) == ("0.0.0.0", 0)
+    assert config.http.request_timeout_s == 120.0
+    assert config.registry.worker_startup_timeout_s == 90.0
+    assert config.registry.health_check_interval_s == 0.5
+    assert config.registry.health_check_timeout_s == 1.0
+    assert config.http.max_request_body_bytes == 4096
+    assert config.http.shutdown_grace_s == 0.0
 
 
 @pytest.mark.parametrize(
@@ -88,21 +91,61 @@ def test_missing_model_dir_is_refused(tmp_path: Path) -> None:
         replace(config, prefill_endpoints=())
 
 
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("30s", 30.0), ("500ms", 0.5), ("5m", 300.0), ("1h", 3600.0), ("2.5", 2.5), (".5s", 0.5)],
-)
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert parse_duration_s(text) == seconds
+def test_environment_variables_below_flags(tmp_path: Path) -> None:
+    env = {
+        "STRATA_GATEWAY_MODEL_DIR": str(tmp_path),
+        "STRATA_GATEWAY_PREFILL": "a:1,b:2",
+        "STRATA_GATEWAY_DECODE": "c:3",
+        "STRATA_GATEWAY_PORT": "9000",
+        "STRATA_GATEWAY_TTFT_SLO": "500ms",
+        "STRATA_GATEWAY_PROFILE": "false",
+        "STRATA_GATEWAY_ADMIN_PORT": "0",
+    }
+    config = GatewayConfig.from_argv(["--port", "9001"], environ=env)
+    assert config.model_dir == tmp_path
+    assert (config.prefill_endpoints, config.decode_endpoints) == (("a:1", "b:2"), ("c:3",))
+    assert config.http.port == 9001
+    assert config.scheduling.default_ttft_slo_s == 0.5
+    assert not config.profiling.enabled
+    assert config.admin.port == 0
 
 
-@pytest.mark.parametrize("text", ["", "s", "-1s", "1d", "1 2s"])
-def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(ConfigError):
-        parse_duration_s(text)
+def test_every_flag_of_the_cli(tmp_path: Path) -> None:
+    """The flags `strata serve`, the docs and the tests use: one per field, same names."""
+    parser = argparse.ArgumentParser()
+    add_options(parser, GatewayConfig, env_prefix="STRATA_GATEWAY_", environ={})
+    flags = {s for action in parser._actions for s in action.option_strings}
+    assert flags == {
+        "-h", "--help", "--model-dir", "--served-model-name", "--prefill", "--decode",
+        "--host", "--port", "--request-timeout", "--max-request-body-bytes", "--shutdown-grace",
+        "--registry", "--worker-startup-timeout", "--health-check-interval",
+        "--health-check-timeout", "--drain-timeout", "--policy", "--kv-metadata",
+        "--local-prefill-threshold", "--conditional-disaggregation",
+        "--no-conditional-disaggregation", "--ttft-slo", "--tpot-slo", "--profile", "--no-profile",
+        "--profile-max-model-len", "--profile-max-batch", "--profile-repeats", "--profile-budget",
+        "--profile-max-step", "--admin-host", "--admin-port", "--admin-token-file",
+        "--launch-store", "--launch-prefill", "--launch-decode", "--launch-kv-metadata",
+        "--launch-kv-cache-size", "--launch-max-model-len", "--launch-worker-args",
+        "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir",
+    }  # fmt: skip
 
 
-@pytest.mark.parametrize("text", ["host", ":80", "h:0", "h:65536", "h:p", "a b:1"])
-def test_parse_endpoint_rejects(text: str) -> None:
-    with pytest.raises(ConfigError):
-        parse_endpoint(text)
+def test_routing_flags(tmp_path: Path) -> None:
+    config = GatewayConfig.from_argv(
+        argv(
+            tmp_path,
+            "--policy", "round_robin", "--ttft-slo", "500ms", "--tpot-slo", "50ms",
+            "--local-prefill-threshold", "64", "--no-conditional-disaggregation", "--no-profile",
+            "--profile-budget", "10s", "--profile-max-step", "500ms",
+        )
+    )  # fmt: skip
+    assert config.routing.policy is PolicyKind.ROUND_ROBIN
+    assert config.scheduling.default_ttft_slo_s == 0.5
+    assert config.scheduling.default_tpot_slo_s == 0.05
+    assert config.scheduling.local_prefill_threshold_tokens == 64
+    assert not config.scheduling.conditional_disaggregation
+    assert not config.profiling.enabled
+    assert (config.profiling.budget_s, config.profiling.max_step_s) == (10.0, 0.5)
+    defaults = GatewayConfig.from_argv(argv(tmp_path))
+    assert defaults.scheduling.local_prefill_threshold_tokens == 0
+    assert defaults.scheduling.conditional_disaggregation and defaults.profiling.enabled

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.config import ConfigError, GatewayConfig
-from controlplane.registry_store import LocalRegistryStore, open_registry_store
+from controlplane.config import ConfigError, GatewayConfig, RegistryConfig
+from controlplane.instances.store import LocalRegistryStore, open_registry_store
 
 
 def argv(tmp_path: Path, *extra: str) -> list[str]:
@@ -16,15 +16,18 @@ def argv(tmp_path: Path, *extra: str) -> list[str]:
 
 def test_defaults_keep_the_registry_in_this_process(tmp_path: Path) -> None:
     config = GatewayConfig.from_argv(argv(tmp_path))
-    assert (config.registry_url, config.drain_timeout_s) == ("", 60.0)
-    assert isinstance(open_registry_store(config.registry_url), LocalRegistryStore)
+    assert (config.registry.url, config.registry.drain_timeout_s) == ("", 60.0)
+    assert isinstance(open_registry_store(config.registry.url), LocalRegistryStore)
 
 
 def test_flags(tmp_path: Path) -> None:
     config = GatewayConfig.from_argv(
         argv(tmp_path, "--registry", "redis://10.0.0.5:6379/2", "--drain-timeout", "90s")
     )
-    assert (config.registry_url, config.drain_timeout_s) == ("redis://10.0.0.5:6379/2", 90.0)
+    assert (config.registry.url, config.registry.drain_timeout_s) == (
+        "redis://10.0.0.5:6379/2",
+        90.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -45,4 +48,4 @@ def test_bad_values_exit_2_with_a_message(
 
 def test_bad_url_in_code_raises(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="redis://, rediss:// or unix://"):
-        GatewayConfig(tmp_path, "m", ("h:1",), ("h:2",), registry_url="valkey://x")
+        GatewayConfig(tmp_path, "m", ("h:1",), ("h:2",), registry=RegistryConfig(url="valkey://x"))

@@ -1,0 +1,434 @@
+"""The OpenAI-compatible HTTP application (aiohttp): routes, middlewares and request handlers.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
+A handler parses the body (:mod:`controlplane.api.openai_protocol`), tokenizes the prompt, asks the
+router for a decision, runs the :class:`~controlplane.request.generation.Generation` and writes the
+answer (:mod:`controlplane.api.responses`).
+
+Errors: every non-2xx answer is OpenAI's `{"error": {message, type, param, code}}` (see the table
+in docs/design/gateway.md). A streaming request that fails before its first token gets a real
+HTTP status; after the first token the status line is gone, so it gets an error event and
+`data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from controlplane.api.openai_protocol import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    OpenAIError,
+    RequestLimits,
+    SamplingDefaults,
+    SamplingOptions,
+    check_context_length,
+    parse_chat_completion_request,
+    parse_completion_request,
+)
+from controlplane.api.responses import (
+    SSE_DONE,
+    ChatFormatter,
+    CompletionFormatter,
+    StreamFormatter,
+    Usage,
+    dumps,
+    sse_event,
+)
+from controlplane.config import GatewayConfig
+from controlplane.instances.registry import InstanceRegistry
+from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
+from controlplane.request.generation import Generation, GenerationDelta, GenerationRequest
+from controlplane.request.routing import (
+    RejectedRequest,
+    Router,
+    parse_slo_headers,
+    rejection_error,
+)
+from controlplane.scheduling import Reject
+from controlplane.text.tokenizer import ModelTokenizer
+from controlplane.workers.client import WorkerError, WorkerErrorKind
+
+__all__ = ["Gateway", "error_response", "json_response", "worker_error_to_openai"]
+
+logger = logging.getLogger("controlplane.gateway")  # the gateway's one log name
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+_WORKER_ERROR_STATUS = {
+    WorkerErrorKind.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
+    WorkerErrorKind.OVERLOADED: (503, "server_error", "worker_overloaded"),
+    WorkerErrorKind.TIMEOUT: (504, "server_error", "worker_timeout"),
+    WorkerErrorKind.REJECTED: (400, "invalid_request_error", "worker_rejected_request"),
+    WorkerErrorKind.FAILED: (502, "server_error", "worker_failed"),
+}
+_HTTP_ERROR_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
+
+def worker_error_to_openai(exc: WorkerError) -> OpenAIError:
+    status, error_type, code = _WORKER_ERROR_STATUS[exc.kind]
+    return OpenAIError(str(exc), status=status, type=error_type, code=code)
+
+
+def error_response(exc: OpenAIError) -> web.Response:
+    response = web.Response(
+        status=exc.status, text=dumps(exc.to_dict()), content_type="application/json"
+    )
+    if isinstance(exc, RejectedRequest) and exc.retry_after_s is not None:
+        response.headers[hdrs.RETRY_AFTER] = str(exc.retry_after_s)
+    return response
+
+
+def json_response(obj: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=dumps(obj), content_type="application/json")
+
+
+class Gateway:
+    """The HTTP application: request handling over the instance registry and the tokenizer."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        tokenizer: ModelTokenizer,
+        registry: InstanceRegistry,
+        metrics: GatewayMetrics,
+        sampling_defaults: SamplingDefaults,
+        router: Router | None = None,
+    ) -> None:
+        self._config = config
+        self._tokenizer = tokenizer
+        self._registry = registry
+        self._router = router if router is not None else Router(registry, None)
+        self._metrics = metrics
+        self._sampling_defaults = sampling_defaults
+        self._limits = RequestLimits(
+            max_model_len=registry.limits.max_model_len, vocab_size=tokenizer.vocab_size
+        )
+        self._created = int(time.time())
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._metrics_middleware, self._error_middleware],
+            client_max_size=self._config.http.max_request_body_bytes,
+        )
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics_text)
+        return app
+
+    # -- middlewares --------------------------------------------------------------------------
+
+    @web.middleware
+    async def _metrics_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "unmatched"
+        is_generation = endpoint in _GENERATION_ROUTES
+        start_s = time.monotonic()
+        status = 500
+        if is_generation:
+            self._metrics.requests_in_flight.inc()
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # client closed the connection (nginx's convention)
+            raise
+        finally:
+            self._metrics.requests.labels(endpoint, str(status)).inc()
+            if is_generation:
+                self._metrics.requests_in_flight.dec()
+                if status == 200:
+                    elapsed_s = time.monotonic() - start_s
+                    self._metrics.request_latency.labels(endpoint).observe(elapsed_s)
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OpenAIError as exc:
+            return error_response(exc)
+        except WorkerError as exc:
+            logger.warning("%s %s: %s", request.method, request.path, exc)
+            return error_response(worker_error_to_openai(exc))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(
+                OpenAIError(
+                    f"{exc.reason}: {request.method} {request.path}",
+                    status=exc.status,
+                    code=_HTTP_ERROR_CODES.get(exc.status),
+                )
+            )
+            if hdrs.ALLOW in exc.headers:
+                response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+            return response
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("unexpected error serving %s %s", request.method, request.path)
+            return error_response(
+                OpenAIError(
+                    "Internal server error (logged by the gateway).",
+                    status=500,
+                    type="server_error",
+                    code="internal_error",
+                )
+            )
+
+    # -- simple routes ------------------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {
+            "id": self._config.served_model_name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "strata",
+            "root": str(self._config.model_dir),
+            "max_model_len": self._limits.max_model_len,
+        }
+        return json_response({"object": "list", "data": [model]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        workers = [
+            {
+                "id": info.id,
+                "endpoint": info.endpoint,
+                "role": info.role.name.lower(),
+                "state": info.state.value,
+                "ready": info.state.value == "ready",
+                "in_flight": info.in_flight,
+                "capacity": info.capacity,
+                "detail": info.detail,
+            }
+            for info in self._registry.list_instances()
+        ]
+        ready = self._registry.is_ready()
+        return json_response(
+            {"status": "ok" if ready else "unavailable", "workers": workers},
+            status=200 if ready else 503,
+        )
+
+    async def _metrics_text(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._metrics.render())
+        response.headers[hdrs.CONTENT_TYPE] = PROMETHEUS_CONTENT_TYPE
+        return response
+
+    # -- generation routes --------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        arrival_s = time.monotonic()
+        body = await self._read_json(request)
+        parsed = parse_completion_request(
+            body,
+            served_model_name=self._config.served_model_name,
+            limits=self._limits,
+            defaults=self._sampling_defaults,
+        )
+        if isinstance(parsed.prompt, str):
+            prompt_ids = self._tokenizer.encode_prompt(parsed.prompt)
+        else:
+            prompt_ids = list(parsed.prompt)
+        if not prompt_ids:
+            raise OpenAIError("'prompt' tokenizes to no tokens.", param="prompt")
+        formatter = CompletionFormatter(
+            f"cmpl-{uuid.uuid4().hex}",
+            int(time.time()),
+            parsed.model,
+            include_usage=parsed.include_usage,
+            return_token_ids=parsed.return_token_ids,
+            prompt_token_ids=prompt_ids,
+        )
+        generation = self._generation(
+            request,
+            formatter,
+            prompt_ids,
+            parsed.sampling,
+            parsed.cache_salt,
+            arrival_s,
+            param="prompt",
+            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+        )
+        if parsed.stream:
+            return await self._stream(request, generation, formatter)
+        return await self._complete(generation, formatter)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        arrival_s = time.monotonic()
+        body = await self._read_json(request)
+        parsed = parse_chat_completion_request(
+            body,
+            served_model_name=self._config.served_model_name,
+            limits=self._limits,
+            defaults=self._sampling_defaults,
+        )
+        prompt_ids = self._tokenizer.encode_chat(parsed.messages)
+        formatter = ChatFormatter(
+            f"chatcmpl-{uuid.uuid4().hex}",
+            int(time.time()),
+            parsed.model,
+            include_usage=parsed.include_usage,
+            return_token_ids=parsed.return_token_ids,
+            prompt_token_ids=prompt_ids,
+        )
+        generation = self._generation(
+            request,
+            formatter,
+            prompt_ids,
+            parsed.sampling,
+            parsed.cache_salt,
+            arrival_s,
+            param="messages",
+        )
+        if parsed.stream:
+            return await self._stream(request, generation, formatter)
+        return await self._complete(generation, formatter)
+
+    async def _read_json(self, request: web.Request) -> Any:
+        # A missing Content-Type is tolerated (curl -d without -H); a wrong one is not.
+        if hdrs.CONTENT_TYPE in request.headers:
+            mime = request.content_type
+            if mime != "application/json" and not mime.endswith("+json"):
+                raise OpenAIError(
+                    f"Content-Type must be application/json, got {mime!r}.",
+                    status=415,
+                    code="unsupported_media_type",
+                )
+        raw = await request.read()
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise OpenAIError(
+                f"The request body is not valid JSON: {exc}", code="invalid_json"
+            ) from None
+
+    def _generation(
+        self,
+        http_request: web.Request,
+        formatter: StreamFormatter,
+        prompt_ids: list[int],
+        sampling: SamplingOptions,
+        cache_salt: str,
+        arrival_s: float,
+        *,
+        param: str,
+        default_max_tokens: int | None = None,
+    ) -> Generation:
+        max_tokens = check_context_length(
+            len(prompt_ids),
+            sampling.max_tokens,
+            self._limits.max_model_len,
+            param=param,
+            default_max_tokens=default_max_tokens,
+        )
+        # Scheduling, before any work: the instances, or a refusal (429 / 503).
+        ttft_slo_s, tpot_slo_s = parse_slo_headers(http_request.headers)
+        decision = self._router.decide(
+            prompt_ids, cache_salt, max_tokens, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s
+        )
+        if isinstance(decision, Reject):
+            raise rejection_error(decision, self._registry)
+        request = GenerationRequest(
+            request_id=formatter.request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            max_tokens=max_tokens,
+            cache_salt=cache_salt,
+            arrival_s=arrival_s,
+            timeout_s=self._config.http.request_timeout_s,
+            stop_token_ids=self._tokenizer.eos_token_ids.union(sampling.stop_token_ids),
+        )
+        detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
+        return Generation(request, self._registry, self._metrics, detokenizer, decision)
+
+    async def _complete(self, generation: Generation, formatter: StreamFormatter) -> web.Response:
+        parts: list[str] = []
+        token_ids: list[int] = []
+        async with aclosing(generation.stream()) as deltas:
+            async for delta in deltas:
+                parts.append(delta.text)
+                token_ids += delta.token_ids
+        if generation.finish_reason is None:  # stream() raises rather than end unfinished
+            raise RuntimeError("generation ended without a finish reason")
+        usage = _usage(generation)
+        return json_response(
+            formatter.body("".join(parts), generation.finish_reason, usage, token_ids)
+        )
+
+    async def _stream(
+        self, request: web.Request, generation: Generation, formatter: StreamFormatter
+    ) -> web.StreamResponse:
+        async with aclosing(generation.stream()) as deltas:
+            # Wait for the first token before sending the status line: a request that fails in
+            # prefill still gets a proper 4xx/5xx.
+            first = await anext(deltas)
+            response = web.StreamResponse(
+                headers={
+                    hdrs.CONTENT_TYPE: "text/event-stream",
+                    hdrs.CACHE_CONTROL: "no-cache",
+                    "X-Accel-Buffering": "no",  # tell proxies not to buffer the stream
+                }
+            )
+            await response.prepare(request)
+            try:
+                for chunk in formatter.opening_chunks():
+                    await response.write(sse_event(chunk))
+                await self._write_deltas(response, formatter, first, deltas)
+                if formatter.include_usage:
+                    await response.write(sse_event(formatter.usage_chunk(_usage(generation))))
+            except (OpenAIError, WorkerError) as exc:
+                error = exc if isinstance(exc, OpenAIError) else worker_error_to_openai(exc)
+                logger.warning(
+                    "stream %s failed after its first token: %s", formatter.request_id, exc
+                )
+                await response.write(sse_event(error.to_dict()))
+            except ConnectionResetError:
+                logger.debug("client of %s went away", formatter.request_id)
+                return response
+            await response.write(SSE_DONE)
+            await response.write_eof()
+            return response
+
+    @staticmethod
+    async def _write_deltas(
+        response: web.StreamResponse,
+        formatter: StreamFormatter,
+        first: GenerationDelta,
+        rest: AsyncIterator[GenerationDelta],
+    ) -> None:
+        with_ids = formatter.return_token_ids
+        delta: GenerationDelta | None = first
+        while delta is not None:
+            # Text held back by the stop matcher leaves a delta with tokens but no text: sent
+            # only if the client wants the token ids.
+            if delta.text or delta.finish_reason is not None or (with_ids and delta.token_ids):
+                chunk = formatter.text_chunk(delta.text, delta.finish_reason, delta.token_ids)
+                await response.write(sse_event(chunk))
+            delta = await anext(rest, None)
+
+
+def _usage(generation: Generation) -> Usage:
+    return Usage(
+        prompt_tokens=generation.num_prompt_tokens,
+        completion_tokens=generation.num_completion_tokens,
+        cached_tokens=generation.num_cached_tokens,
+    )

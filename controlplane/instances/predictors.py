@@ -1,0 +1,294 @@
+"""The registry's scheduling layer: the current policy, the latency models and their feeding.
+
+Scheduling (docs/design/scheduling.md): the registry owns one `LatencyPredictor` per instance
+(priors at first; calibrated by a profile of real calls when the instance turns ready,
+controlplane/workers/profiling.py; refitted online from `observe_prefill` / `observe_decode`),
+the current policy (`set_policy`, any of `POLICY_NAMES`) and the cluster-wide `PredictionAccuracy`
+(MAPE gauges, `stats()`). What it feeds the predictors (docs/design/scheduling.md §2.2-2.3): engine
+times of prefills that had their instance to themselves (`track_prefill` tells), each TTFT's
+part beyond its prefill's engine time (`ttft_overhead_s`), each hand-off's first-chunk wait
+beyond its steps (`DecodeTracker`, `handoff_s`), decode step means. `decide(request)` builds the
+instances' `InstanceSnapshot`s (state, load, predictor) and asks the policy (whose TTFT includes
+the instance's `ttft_overhead_s`, so admission sees it too).
+`pick(role, exclude=...)` (round-robin over ready instances) is what failover uses once the
+policy's choice has failed; `get(id)` turns a choice into an instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Collection
+from typing import Any
+
+from controlplane.instances.instance import Instance, KVIdentity
+from controlplane.instances.load import LoadTracking
+from controlplane.instances.types import (
+    InstanceState,
+    InvalidAdminRequest,
+)
+from controlplane.scheduling import (
+    DEFAULT_POLICY,
+    POLICY_NAMES,
+    Assign,
+    Decision,
+    PredictionAccuracy,
+    Reject,
+    RequestSnapshot,
+    SchedulingConfig,
+    make_policy,
+)
+from controlplane.workers.client import WorkerError, WorkerHealth
+from controlplane.workers.profiling import ProfileSettings, YieldTo, plan_for, profile_worker
+from controlplane.workers.roles import WorkerRole, role_name
+
+__all__ = ["SchedulingState"]
+
+logger = logging.getLogger("controlplane.instances.registry")
+
+
+class SchedulingState(LoadTracking):
+    """The policy that decides, one :class:`LatencyPredictor` per instance, and what feeds them:
+    observations of requests and the start-up profile of each instance that becomes ready."""
+
+    def __init__(
+        self,
+        *,
+        policy_names: Collection[str] = POLICY_NAMES,
+        policy: str | None = None,
+        scheduling: SchedulingConfig | None = None,
+        profile: ProfileSettings | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._policy_names = tuple(policy_names)
+        if policy is None:
+            policy = (
+                DEFAULT_POLICY if DEFAULT_POLICY in self._policy_names else self._policy_names[0]
+            )
+        self._scheduling = scheduling if scheduling is not None else SchedulingConfig()
+        self._profile = profile if profile is not None else ProfileSettings(enabled=False)
+        self._policy = make_policy(policy, self._scheduling)
+        self._accuracy = PredictionAccuracy()
+        self._num_rejected = 0
+        self._num_profiles = 0
+
+    def _on_ready(self, instance: Instance) -> None:
+        self._maybe_profile(instance)
+
+    def decide(self, request: RequestSnapshot) -> Decision:
+        """The current policy's choice for ``request`` over every known instance (only ready
+        ones can be chosen); counted in the route / rejection metrics."""
+        instances = [m.scheduling_snapshot() for m in self._instances.values()]
+        decision = self._policy.decide(request, instances)
+        if isinstance(decision, Reject):
+            self._num_rejected += 1
+            self._metrics.requests_rejected.labels(decision.reason.value).inc()
+        else:
+            self._metrics.routes.labels(decision.policy, decision.route.value).inc()
+        return decision
+
+    def engine_sources(self) -> frozenset[str]:
+        """KV source ids of the known engines (holders of HBM blocks in the prefix index)."""
+        return frozenset(s for m in self._instances.values() if (s := m.kv_source) is not None)
+
+    def kv_identity(self) -> KVIdentity | None:
+        """How the workers name KV blocks, from the first ready instance that reports it."""
+        for m in self._instances.values():
+            h = m.health
+            if m.state is InstanceState.READY and h is not None and h.model_fingerprint:
+                return KVIdentity(h.model_fingerprint, h.kv_layout, h.block_size)
+        return None
+
+    def describe_role(self, role: WorkerRole) -> str:
+        """Why no instance of ``role`` can be used (for error messages)."""
+        of_role = [m for m in self._instances.values() if m.role is role]
+        details = "; ".join(f"{m.endpoint}: {m.state.value}, {m.detail}" for m in of_role)
+        return f"no {role_name(role)} worker is ready ({details or 'none registered'})"
+
+    def observe_prefill(self, instance: Instance, new: int, cached: int, seconds: float) -> None:
+        """An observed prefill on ``instance`` (engine time), called as its `track_prefill`
+        block ends: refits its model online if no other prefill overlapped it (an overlapped
+        one shared engine steps: its time is queueing plus service, which the queue model
+        predicts, not the prefill model); kept for the TTFT that follows (`observe_ttft`)."""
+        solo, instance.last_prefill_solo = instance.last_prefill_solo, False
+        if new >= 0 and cached >= 0 and math.isfinite(seconds) and seconds > 0:
+            instance.last_prefill_engine_s = seconds
+            if solo:
+                instance.predictor.observe_prefill(new, cached, seconds)
+
+    def observe_decode(
+        self, instance: Instance, batch_size: float, context_tokens: float, step_s: float
+    ) -> None:
+        """Mean decode step of one stream on ``instance`` at its mean batch and context."""
+        if batch_size >= 1 and context_tokens >= 0 and math.isfinite(step_s) and step_s > 0:
+            instance.predictor.observe_decode_step(round(batch_size), round(context_tokens), step_s)
+
+    def observe_ttft(self, assign: Assign, instance: Instance, observed_s: float) -> None:
+        """The request's TTFT against its prediction; after a prefill on ``instance`` (the
+        gateway calls this right after that prefill's `observe_prefill`, with no await between)
+        the part beyond the engine time is a sample of the instance's ``ttft_overhead_s``."""
+        engine_s, instance.last_prefill_engine_s = instance.last_prefill_engine_s, None
+        if engine_s is not None and assign.prefill == instance.id and observed_s >= engine_s:
+            instance.predictor.observe_ttft_overhead(observed_s - engine_s)
+        if observed_s > 0:
+            self._accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
+            instance.predictor.accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
+            self._metrics.predictor_ttft_mape.set(self._accuracy.ttft_mape or 0.0)
+
+    def observe_tpot(self, assign: Assign, instance: Instance, observed_s: float) -> None:
+        if observed_s > 0:
+            self._accuracy.observe_tpot(assign.predicted_tpot_s, observed_s)
+            instance.predictor.accuracy.observe_tpot(assign.predicted_tpot_s, observed_s)
+            self._metrics.predictor_tpot_mape.set(self._accuracy.tpot_mape or 0.0)
+
+    @property
+    def accuracy(self) -> PredictionAccuracy:
+        return self._accuracy
+
+    def set_policy(self, name: str) -> None:
+        if name not in self._policy_names:
+            raise InvalidAdminRequest(
+                f"unknown policy {name!r}; available: {', '.join(self._policy_names)}"
+            )
+        if name != self._policy.name:
+            self._policy = make_policy(name, self._scheduling)
+            logger.info("scheduling policy is now %s", name)
+
+    @property
+    def policy(self) -> str:
+        return self._policy.name
+
+    def _maybe_profile(self, instance: Instance) -> None:
+        """Start the instance's profile the first time it is ready (docs/design/scheduling.md
+        §2.3); until it lands the instance is scheduled with its priors."""
+        if instance.profile_state != "not run":
+            return
+        health = instance.health
+        settings = self._profile
+        if (
+            not settings.enabled
+            or health is None
+            or health.capacity < 1
+            or settings.vocab_size <= 0
+            or health.block_size < 1
+        ):
+            instance.profile_state = "skipped"  # e.g. a worker that does not report its limits
+            return
+        instance.profile_state = "running"
+        sibling = self._calibrated_sibling(instance)
+        if sibling is not None:
+            instance.predictor.adopt(sibling.predictor)
+            logger.info(
+                "instance %s starts with the profile of %s (same model and hardware: %s)",
+                instance.id,
+                sibling.id,
+                health.hardware,
+            )
+        instance.profile_task = self._spawn(self._profile_instance(instance, health))
+
+    def _calibrated_sibling(self, instance: Instance) -> Instance | None:
+        """A profiled instance of the same role and model on the same hardware (the roles'
+        profiles differ: a prefill worker's decode model is not measured, and a decode
+        worker's prefill samples are times to a first token at the gateway)."""
+        health = instance.health
+        if health is None or not health.hardware or not health.model_fingerprint:
+            return None
+        siblings = [
+            m
+            for m in self._instances.values()
+            if m is not instance
+            and m.profile_state == "done"
+            and m.predictor.calibrated
+            and m.health is not None
+            and m.health.hardware == health.hardware
+            and m.health.model_fingerprint == health.model_fingerprint
+            and m.role is instance.role
+        ]
+        return siblings[0] if siblings else None
+
+    def _yield_to(self, instance: Instance) -> YieldTo:
+        """The profile's gate: its next call waits until the instance runs no client request."""
+
+        async def wait(timeout_s: float) -> bool:
+            if instance.idle.is_set():
+                return True
+            try:
+                await asyncio.wait_for(instance.idle.wait(), timeout_s)
+            except TimeoutError:
+                return False
+            return True
+
+        return wait
+
+    async def _profile_instance(self, instance: Instance, health: WorkerHealth) -> None:
+        plan = plan_for(self._profile, health.max_model_len, health.block_size, health.capacity)
+        seed = hash((instance.id, instance.endpoint, time.time_ns()))
+        try:
+            result = await profile_worker(
+                instance.client,
+                instance.role,
+                plan,
+                self._profile,
+                seed=seed,
+                base=instance.predictor,
+                yield_to=self._yield_to(instance),
+            )
+            if not result.measured_prefill and instance.predictor.calibrated:
+                # Too few points to fit (a busy host) and a sibling's full profile in use: the
+                # sibling's fit is the better model; the online refits take it from here.
+                instance.profile_state = "done"
+                self._num_profiles += 1
+                self._metrics.profiled_instances.labels(role_name(instance.role)).inc()
+                logger.info(
+                    "instance %s: only %d profile points in %.1f s; keeping its sibling's profile",
+                    instance.id,
+                    result.num_prefill_measured,
+                    result.seconds,
+                )
+                return
+            instance.predictor.calibrate(
+                result.prefill,
+                result.decode,
+                ttft_overhead_s=result.ttft_overhead_s,
+                handoff_s=result.handoff_s,
+            )
+        except asyncio.CancelledError:
+            instance.profile_state = "cancelled"
+            logger.info("profile of %s cancelled", instance.id)
+            raise
+        except (WorkerError, ValueError) as exc:
+            instance.profile_state = f"failed: {exc}"
+            kept = "its sibling's profile" if instance.predictor.calibrated else "priors"
+            logger.warning("profile of %s failed, keeping %s: %s", instance.id, kept, exc)
+            return
+        finally:
+            instance.profile_task = None
+        instance.profile_state = "done"
+        self._num_profiles += 1
+        self._metrics.profiled_instances.labels(role_name(instance.role)).inc()
+        p, d = instance.predictor.prefill, instance.predictor.decode
+        logger.info(
+            "instance %s profiled in %.1f s (%.1f s waiting for client requests; %d prefill, "
+            "%d decode samples%s; %d points skipped by the bounds): prefill %.2f ms + "
+            "%.3f us/new + %.3f us/cached + %.4f ns/pair; decode step %.2f ms + %.3f ms/seq + "
+            "%.4f us/token; TTFT overhead %.2f ms, hand-off %.2f ms",
+            instance.id,
+            result.seconds,
+            result.waited_s,
+            len(result.prefill) if result.measured_prefill else 0,
+            len(result.decode) if result.measured_decode else 0,
+            "" if result.measured_prefill and result.measured_decode else ", the rest scaled",
+            result.num_skipped,
+            p.fixed_s * 1e3,
+            p.per_new_token_s * 1e6,
+            p.per_cached_token_s * 1e6,
+            p.per_attention_pair_s * 1e9,
+            d.fixed_s * 1e3,
+            d.per_sequence_s * 1e3,
+            d.per_context_token_s * 1e6,
+            instance.predictor.ttft_overhead_s * 1e3,
+            instance.predictor.handoff_s * 1e3,
+        )

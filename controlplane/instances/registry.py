@@ -1,0 +1,209 @@
+"""The instance registry: every prefill and decode worker this gateway may use, its state, its load;
+and the gateway's :class:`~controlplane.instances.types.AdminBackend`.
+
+One owner: the registry alone changes instance state; the gateway reads immutable snapshots and
+reports what it saw through `report_failure`, the load trackers and `note_failover`. It is built
+in layers, one file each: ``state`` (records, states and heartbeats: the state machine, written
+out in that module), ``load`` (in-flight counters), ``predictors`` (the policy, the latency
+models, their feeding and the start-up profiles) and this module, the admin backend (add, drain,
+remove, set-role, scale, policy, stats). :class:`InstanceRegistry` is the one object the gateway
+holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+
+from controlplane.instances.instance import Instance
+from controlplane.instances.predictors import SchedulingState
+from controlplane.instances.state import SERVING_ROLES
+from controlplane.instances.store import RegistryStoreError
+from controlplane.instances.types import (
+    ClusterStats,
+    InstanceConflict,
+    InstanceInfo,
+    InstanceState,
+    InvalidAdminRequest,
+)
+from controlplane.workers.client import WorkerClient, WorkerError, WorkerHealth
+from controlplane.workers.roles import WorkerRole, role_name
+from strata_common.endpoints import EndpointError, parse_endpoint
+
+__all__ = ["InstanceRegistry"]
+
+logger = logging.getLogger("controlplane.instances.registry")
+
+
+class InstanceRegistry(SchedulingState):
+    """The instances, their state and load; the gateway's `AdminBackend`.
+
+    Keyword arguments: ``metrics``, ``health_check_timeout_s``, ``store``, ``launcher``,
+    ``drain_timeout_s``, ``clock`` (:class:`InstanceStates`); ``policy_names``, ``policy``,
+    ``scheduling``, ``profile`` (:class:`SchedulingState`)."""
+
+    def list_instances(self) -> Sequence[InstanceInfo]:
+        return [m.info() for m in self._instances.values()]
+
+    async def add_instance(self, role: WorkerRole, endpoint: str) -> InstanceInfo:
+        _check_role(role)
+        try:
+            endpoint = str(parse_endpoint(endpoint))
+        except EndpointError as exc:
+            raise InvalidAdminRequest(str(exc)) from None
+        for m in self._instances.values():
+            if m.endpoint == endpoint:
+                raise InstanceConflict(f"{endpoint} is already registered as {m.id}")
+        # One Health call now, so that a worker of the wrong kind is refused rather than listed
+        # as dead forever; an unreachable one may still be starting and is accepted.
+        probe = WorkerClient(endpoint)
+        try:
+            health: WorkerHealth | None = await probe.health(timeout_s=self._health_check_timeout_s)
+        except WorkerError:
+            health = None
+        finally:
+            await probe.close()
+        if health is not None:
+            problem = self._health_problem(role, health)
+            if problem is not None:
+                raise InvalidAdminRequest(
+                    f"worker {endpoint} cannot serve {role_name(role)}: {problem}"
+                )
+        record, created = await self._store.register(role, endpoint, launched=False)
+        if not created:
+            raise InstanceConflict(f"{endpoint} is already registered as {record.id}")
+        instance = self._adopt(record)
+        if health is not None:
+            self._apply_health(instance, health)
+        logger.info("instance %s (%s %s) added", instance.id, role_name(role), endpoint)
+        return instance.info()
+
+    async def drain(self, instance_id: str) -> InstanceInfo:
+        instance = self.get(instance_id)
+        if not instance.draining:
+            instance.draining = True
+            await self._store.update(instance.record())
+            self._set_state(instance, InstanceState.DRAINING, "draining")
+        self._cancel_profile(instance)
+        return instance.info()
+
+    async def remove(self, instance_id: str, *, wait_s: float) -> None:
+        if not wait_s >= 0:
+            raise InvalidAdminRequest(f"wait_s must be >= 0, got {wait_s}")
+        instance = self.get(instance_id)
+        await self.drain(instance_id)
+        await self._wait_idle(instance, wait_s)
+        await self._store.delete(instance.id)
+        self._forget(instance, stop_after_s=0.0)
+
+    async def set_role(self, instance_id: str, role: WorkerRole) -> InstanceInfo:
+        """Change the role an instance serves.
+
+        - a worker started with ``--role both`` (it reports BOTH): switched in place;
+        - a worker this gateway's launcher started: drained (up to the drain timeout), stopped,
+          and a new worker of ``role`` launched; the new instance (new id) is returned;
+        - any other (an external worker, whose role is its own ``--role`` flag, or one another
+          gateway launched): InstanceConflict — the gateway cannot restart a process it does
+          not own.
+        """
+        _check_role(role)
+        instance = self.get(instance_id)
+        if instance.role is role:
+            return instance.info()
+        if instance.health is not None and instance.health.role is WorkerRole.BOTH:
+            await self._store.update(replace(instance.record(), role=role))
+            self._change_role(instance, role)
+            return instance.info()
+        handle = self._launched.get(instance.id)
+        if handle is None or self._launcher is None:
+            raise InstanceConflict(
+                f"instance {instance.id} ({instance.endpoint}) is a {role_name(instance.role)} "
+                "worker that this gateway did not launch: its role is fixed by its own --role; "
+                f"start a {role_name(role)} worker and `strata admin add` it instead"
+            )
+        await self.drain(instance.id)
+        await self._wait_idle(instance, self._drain_timeout_s)
+        await self._store.delete(instance.id)
+        del self._launched[instance.id]  # stopped here, before its successor takes its cores
+        self._forget(instance, stop_after_s=0.0)
+        await handle.stop(timeout_s=10.0)
+        return await self._launch(role)
+
+    async def scale(self, role: WorkerRole, replicas: int) -> Sequence[InstanceInfo]:
+        """Launch, or drain and stop launched instances, until ``replicas`` of ``role`` are
+        starting or ready. Scaling down stops only workers this gateway launched (starting ones
+        first, then the least loaded); it returns at once, the drained ones stop when their
+        requests are done (or after the drain timeout)."""
+        _check_role(role)
+        if replicas < 0:
+            raise InvalidAdminRequest(f"replicas must be >= 0, got {replicas}")
+        active = [
+            m
+            for m in self._instances.values()
+            if m.role is role and m.state in (InstanceState.STARTING, InstanceState.READY)
+        ]
+        if replicas > len(active):
+            if self._launcher is None:
+                raise InstanceConflict("this gateway has no launcher: it cannot start workers")
+            for _ in range(replicas - len(active)):
+                await self._launch(role)
+        elif replicas < len(active):
+            ours = [m for m in active if m.id in self._launched]
+            ours.sort(key=lambda m: (m.state is InstanceState.READY, m.num_requests))
+            excess = len(active) - replicas
+            if len(ours) < excess:
+                raise InstanceConflict(
+                    f"scaling {role_name(role)} to {replicas} would stop {excess} workers but this "
+                    f"gateway launched only {len(ours)} of them; `strata admin remove` the others"
+                )
+            for instance in ours[:excess]:
+                await self.drain(instance.id)
+                self._spawn(self._retire(instance))
+        return [m.info() for m in self._instances.values() if m.role is role]
+
+    def stats(self) -> ClusterStats:
+        instances = list(self._instances.values())
+        return ClusterStats(
+            policy=self._policy.name,
+            instances=tuple(m.info() for m in instances),
+            requests_total=self._num_requests,
+            requests_rejected=self._num_rejected,
+            requests_failed_over=self._num_failovers,
+            predictor_ttft_mape=self._accuracy.ttft_mape,
+            predictor_tpot_mape=self._accuracy.tpot_mape,
+            extra={
+                "predictor_ttft_samples": float(self._accuracy.num_ttft),
+                "predictor_tpot_samples": float(self._accuracy.num_tpot),
+                "instances_calibrated": float(sum(m.predictor.calibrated for m in instances)),
+                "profiles_run": float(self._num_profiles),
+            },
+        )
+
+    async def _launch(self, role: WorkerRole) -> InstanceInfo:
+        assert self._launcher is not None
+        handle = await self._launcher.launch(role)
+        try:
+            record, created = await self._store.register(role, handle.endpoint, launched=True)
+            if not created:
+                raise InstanceConflict(f"launched {handle.endpoint} is registered as {record.id}")
+        except BaseException:
+            await handle.stop(timeout_s=10.0)
+            raise
+        instance = self._adopt(record)
+        self._launched[instance.id] = handle
+        logger.info("instance %s (%s %s) launched", instance.id, role_name(role), handle.endpoint)
+        return instance.info()
+
+    async def _retire(self, instance: Instance) -> None:
+        await self._wait_idle(instance, self._drain_timeout_s)
+        try:
+            await self._store.delete(instance.id)
+        except RegistryStoreError:
+            logger.exception("could not delete %s from the registry", instance.id)
+        self._forget(instance, stop_after_s=0.0)
+
+
+def _check_role(role: WorkerRole) -> None:
+    if role not in SERVING_ROLES:
+        raise InvalidAdminRequest(f"role must be prefill or decode, got {role.name.lower()}")

@@ -1,0 +1,450 @@
+"""One request's generation, stitched from a prefill worker and a decode worker, with failover.
+
+The instances come from the scheduler's `Assign` (controlplane/request/routing.py): prefill on
+`assign.prefill`, decode on `assign.decode`; `assign.prefill is None` is conditional
+disaggregation: the decode instance computes the prompt itself (step 1 is skipped and its first
+token is the request's first).
+
+Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"):
+  1. Prefill(prompt) on the assigned prefill instance -> first token, the saved block keys. An
+     unreachable instance (UNAVAILABLE: dead, restarting) is marked dead and the prefill is
+     retried on the next ready one; when none is left, the decode instance prefills itself
+     (as a local route); nothing was sent to the client yet. The first token is yielded at once
+     (the request's TTFT). The request ends here if the prefill finished it (EOS or stop:
+     "stop") or if max_tokens == 1 ("length").
+  2. Decode(prompt + generated, max_tokens - len(generated)) on the assigned decode instance,
+     where `generated` is every token already yielded (the prefill's, or none). If the decode
+     instance becomes unreachable mid-stream it is marked dead and the decode is resumed on the
+     next ready one from prompt + every token yielded so far: the caller's stream goes on with
+     no token missing or repeated (the new worker's connector loads the prompt's blocks from the
+     KV store and recomputes the rest). Only when no decode instance is left does the failure
+     reach the caller.
+  3. The text is the gateway's own: one IncrementalDetokenizer over all generated tokens, as in
+     a single engine (the workers' texts are ignored: a character split over a worker boundary
+     is lost between their detokenizers, see detokenizer.py). A resumed decode is one more
+     boundary and needs nothing else.
+  4. All text goes through one StopStringMatcher, because a stop string can straddle the
+     boundary between two workers' outputs. A gateway-side match ends the request with "stop"
+     and closes the decode stream, which cancels the decode rpc.
+  5. What was observed feeds the scheduler: the prefill's engine time and each decode stream's
+     mean step refit the instances' latency models; the request's TTFT and mean TPOT, against
+     the Assign's predictions, the MAPE gauges (registry.observe_*).
+
+Other worker failures (rejected input, engine error, deadline) would fail the same way on
+another worker: they surface as WorkerError at once. The caller owns the HTTP side: status
+codes, formatting, and what to do with an error after the first token was sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from controlplane.api.openai_protocol import SamplingOptions
+from controlplane.instances.instance import Instance
+from controlplane.instances.registry import InstanceRegistry
+from controlplane.instances.types import InstanceNotFound, InstanceState
+from controlplane.metrics import GatewayMetrics
+from controlplane.scheduling import Assign
+from controlplane.text.detokenizer import IncrementalDetokenizer
+from controlplane.text.stop import StopStringMatcher
+from controlplane.workers.client import (
+    FinishReason,
+    PrefillResult,
+    WorkerError,
+    WorkerErrorKind,
+    WorkerSampling,
+)
+from controlplane.workers.roles import WorkerRole
+
+__all__ = ["Generation", "GenerationDelta", "GenerationRequest"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions
+    max_tokens: int
+    """Resolved token budget (>= 1): the request's max_tokens, or what the context window leaves."""
+    cache_salt: str
+    arrival_s: float
+    """time.monotonic() when the HTTP request arrived (TTFT and the deadline count from here)."""
+    timeout_s: float
+    stop_token_ids: frozenset[int]
+    """EOS and the request's stop_token_ids: a sequence ending with one of them leaves its text
+    out, as vLLM does."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDelta:
+    """New output: text safe to send (stop strings removed), the tokens generated since the
+    previous delta (their text may be partly held back), and the finish on the last delta."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None  # "stop" | "length" on the last delta only
+
+
+class Generation:
+    """Runs one GenerationRequest on the instances of `assign`; `stream()` yields its deltas,
+    counters fill in as it goes."""
+
+    __slots__ = (
+        "_assign",
+        "_detokenizer",
+        "_first_token_s",
+        "_metrics",
+        "_registry",
+        "finish_reason",
+        "num_cached_tokens",
+        "num_completion_tokens",
+        "request",
+    )
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        registry: InstanceRegistry,
+        metrics: GatewayMetrics,
+        detokenizer: IncrementalDetokenizer,
+        assign: Assign,
+    ) -> None:
+        self.request = request
+        self._assign = assign
+        self._detokenizer = detokenizer
+        self._registry = registry
+        self._metrics = metrics
+        self._first_token_s: float | None = None
+        self.num_cached_tokens = 0
+        self.num_completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def assign(self) -> Assign:
+        return self._assign
+
+    async def stream(self) -> AsyncGenerator[GenerationDelta, None]:
+        try:
+            async for delta in self._run():
+                self.num_completion_tokens += len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    self.finish_reason = delta.finish_reason
+                yield delta
+        finally:
+            self._metrics.completion_tokens.inc(self.num_completion_tokens)
+
+    def _first_token(self, instance: Instance, num_cached_tokens: int) -> float:
+        """Bookkeeping of the request's first token; returns its time."""
+        now = time.monotonic()
+        self._first_token_s = now
+        ttft_s = now - self.request.arrival_s
+        self._metrics.time_to_first_token.observe(ttft_s)
+        self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
+        self._metrics.cached_prompt_tokens.inc(num_cached_tokens)
+        self.num_cached_tokens = num_cached_tokens
+        self._registry.observe_ttft(self._assign, instance, ttft_s)
+        return now
+
+    def _finished(self, instance: Instance, last_token_s: float) -> None:
+        """The request ended normally: its mean TPOT against the prediction."""
+        first = self._first_token_s
+        num_gaps = self.num_completion_tokens - 1
+        if first is not None and num_gaps >= 1 and last_token_s > first:
+            self._registry.observe_tpot(self._assign, instance, (last_token_s - first) / num_gaps)
+
+    async def _run(self) -> AsyncGenerator[GenerationDelta, None]:
+        req = self.request
+        self._registry.note_request()
+        matcher = StopStringMatcher(req.sampling.stop)
+        # Every token the caller has been given: a resumed decode continues after the last one.
+        generated: list[int] = []
+        block_keys: tuple[bytes, ...] = ()
+        last_token_s = 0.0
+        prefilled = await self._prefill() if self._assign.prefill is not None else None
+        if prefilled is not None:
+            prefill, prefill_instance = prefilled
+            last_token_s = self._first_token(prefill_instance, prefill.num_cached_tokens)
+            finish = self._check_finish(prefill.finish_reason, prefill_instance.endpoint, "Prefill")
+            if finish is None and req.max_tokens == 1:
+                finish = "length"
+            first_ids = (prefill.first_token_id,)
+            match = matcher.feed(self._text(first_ids, finish))
+            if match.stopped:
+                if finish is None:
+                    self._metrics.gateway_stop_hits.inc()
+                yield GenerationDelta(match.text, first_ids, "stop")
+                return
+            if finish is not None:
+                yield GenerationDelta(match.text + matcher.flush(), first_ids, finish)
+                return
+            yield GenerationDelta(match.text, first_ids, None)
+            self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
+            generated.append(prefill.first_token_id)
+            block_keys = prefill.block_keys
+
+        local = prefilled is None
+        failed: set[str] = set()
+        last_error: WorkerError | None = None
+        # The decode worker reports the KV it loaded on its last chunk (worker.proto); take the
+        # largest value seen per attempt so that a first-chunk report would count too. A decode
+        # the gateway cuts short (stop string, client gone) never sends its last chunk.
+        num_external_tokens = 0
+        try:
+            while True:
+                num_left = req.max_tokens - len(generated)
+                if num_left <= 0:  # the failed worker had sent the last token, not the finish
+                    yield GenerationDelta(matcher.flush(), (), "length")
+                    return
+                instance = self._decode_instance(failed, last_error)
+                if last_error is not None:
+                    self._registry.note_failover(WorkerRole.DECODE)
+                    logger.warning(
+                        "request %s: resuming decode on %s after %d tokens (%s)",
+                        req.request_id,
+                        instance.endpoint,
+                        len(generated),
+                        last_error,
+                    )
+                stream = instance.client.decode(
+                    request_id=req.request_id,
+                    prompt_token_ids=[*req.prompt_token_ids, *generated],
+                    sampling=self._worker_sampling(max_tokens=num_left),
+                    cache_salt=req.cache_salt,
+                    block_keys=block_keys,
+                    timeout_s=self._remaining_s("Decode", instance.endpoint),
+                )
+                attempt_external_tokens = 0
+                context = len(req.prompt_token_ids) + len(generated)
+                # A local route's decode computes the prompt first: queued prefill work until
+                # its first tokens (the uncached part, as the scheduler predicted it).
+                prefill_tokens = self._uncached_tokens() if local and not generated else None
+                steps = _StepTimer()
+                try:
+                    with self._registry.track_decode(
+                        instance, context, num_left, num_prefill_tokens=prefill_tokens
+                    ) as tracker:
+                        async with aclosing(stream) as chunks:
+                            async for chunk in chunks:
+                                attempt_external_tokens = max(
+                                    attempt_external_tokens, chunk.num_external_tokens
+                                )
+                                ids = chunk.token_ids
+                                num_tokens = len(ids)
+                                if num_tokens:
+                                    now = time.monotonic()
+                                    if not generated:  # a local route: the first token
+                                        self._first_token(instance, 0)
+                                    else:
+                                        gap_s = (now - last_token_s) / num_tokens
+                                        for _ in range(num_tokens):
+                                            self._metrics.inter_token_latency.observe(gap_s)
+                                    steps.add(now, num_tokens, instance)
+                                    generated += ids
+                                    tracker.add_tokens(num_tokens)
+                                    last_token_s = now
+                                finish = self._check_finish(
+                                    chunk.finish_reason, instance.endpoint, "Decode"
+                                )
+                                if finish is not None and local:  # reported on the last chunk
+                                    self.num_cached_tokens = min(
+                                        chunk.num_cached_tokens, self.num_prompt_tokens
+                                    )
+                                    self._metrics.cached_prompt_tokens.inc(self.num_cached_tokens)
+                                match = matcher.feed(self._text(ids, finish))
+                                if match.stopped:
+                                    if finish is None:  # the worker missed it (across workers)
+                                        self._metrics.gateway_stop_hits.inc()
+                                    yield GenerationDelta(match.text, ids, "stop")
+                                    self._finished(instance, last_token_s)
+                                    return  # leaving the `async with` cancels the decode rpc
+                                if finish is not None:
+                                    yield GenerationDelta(match.text + matcher.flush(), ids, finish)
+                                    self._finished(instance, last_token_s)
+                                    return
+                                if num_tokens or match.text:
+                                    yield GenerationDelta(match.text, ids, None)
+                except WorkerError as exc:
+                    self._registry.report_failure(instance, exc)
+                    if not _can_fail_over(exc):
+                        raise
+                    failed.add(instance.id)
+                    last_error = exc
+                    continue
+                finally:
+                    num_external_tokens += attempt_external_tokens
+                    steps.report(self._registry, instance)
+                raise WorkerError(
+                    WorkerErrorKind.FAILED,
+                    instance.endpoint,
+                    "Decode",
+                    "the stream ended without a finish_reason",
+                )
+        finally:
+            self._metrics.kv_transfer_tokens.inc(num_external_tokens)
+
+    def _uncached_tokens(self) -> int:
+        """Prompt tokens the chosen instance computes, as the scheduler predicted."""
+        bs = self._registry.limits.block_size
+        return max(1, self.num_prompt_tokens - bs * self._assign.cached_blocks)
+
+    def _decode_instance(self, failed: set[str], last_error: WorkerError | None) -> Instance:
+        """The assigned decode instance while it is usable, then the next ready one."""
+        instance = self._assigned(self._assign.decode, failed)
+        if instance is not None:
+            return instance
+        return self._pick(WorkerRole.DECODE, failed, last_error)
+
+    def _assigned(self, instance_id: str | None, failed: set[str]) -> Instance | None:
+        if instance_id is None or instance_id in failed:
+            return None
+        try:
+            instance = self._registry.get(instance_id)
+        except InstanceNotFound:
+            return None
+        return instance if instance.state is InstanceState.READY else None
+
+    async def _prefill(self) -> tuple[PrefillResult, Instance] | None:
+        """Prefill on the assigned instance; on one that is unreachable, on the next one. None
+        when no prefill instance is left after a failure: the decode instance prefills itself."""
+        req = self.request
+        failed: set[str] = set()
+        last_error: WorkerError | None = None
+        num_uncached = self._uncached_tokens()
+        while True:
+            instance = self._assigned(self._assign.prefill, failed)
+            if instance is None:
+                try:
+                    instance = self._registry.pick(WorkerRole.PREFILL, exclude=failed)
+                except WorkerError:
+                    if last_error is None:
+                        raise
+                    self._registry.note_failover(WorkerRole.PREFILL)
+                    logger.warning(
+                        "request %s: no prefill worker left (%s); the decode worker prefills",
+                        req.request_id,
+                        last_error,
+                    )
+                    return None
+            if last_error is not None:
+                self._registry.note_failover(WorkerRole.PREFILL)
+                logger.warning(
+                    "request %s: retrying prefill on %s (%s)",
+                    req.request_id,
+                    instance.endpoint,
+                    last_error,
+                )
+            try:
+                with self._registry.track_prefill(instance, num_uncached):
+                    result = await instance.client.prefill(
+                        request_id=req.request_id,
+                        prompt_token_ids=req.prompt_token_ids,
+                        sampling=self._worker_sampling(max_tokens=1),
+                        cache_salt=req.cache_salt,
+                        timeout_s=self._remaining_s("Prefill", instance.endpoint),
+                    )
+            except WorkerError as exc:
+                self._registry.report_failure(instance, exc)
+                if not _can_fail_over(exc):
+                    raise
+                failed.add(instance.id)
+                last_error = exc
+                continue
+            cached = min(result.num_cached_tokens, self.num_prompt_tokens)
+            self._registry.observe_prefill(
+                instance, self.num_prompt_tokens - cached, cached, result.engine_time_s
+            )
+            return result, instance
+
+    def _pick(self, role: WorkerRole, failed: set[str], last_error: WorkerError | None) -> Instance:
+        """The next instance to try; when none is left after a failure, that failure."""
+        try:
+            return self._registry.pick(role, exclude=failed)
+        except WorkerError:
+            if last_error is not None:
+                raise last_error from None
+            raise
+
+    def _text(self, token_ids: tuple[int, ...], finish: str | None) -> str:
+        """Text of new tokens; a final stop token's own text is left out (vLLM does the same)."""
+        step = self._detokenizer.step
+        if finish == "stop" and token_ids and token_ids[-1] in self.request.stop_token_ids:
+            token_ids = token_ids[:-1]
+        if len(token_ids) == 1:
+            return step(token_ids[0])
+        return "".join([step(t) for t in token_ids])
+
+    def _worker_sampling(self, *, max_tokens: int) -> WorkerSampling:
+        s = self.request.sampling
+        return WorkerSampling(
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=s.stop,
+            stop_token_ids=s.stop_token_ids,
+            ignore_eos=s.ignore_eos,
+        )
+
+    def _remaining_s(self, rpc: str, endpoint: str) -> float:
+        remaining = self.request.arrival_s + self.request.timeout_s - time.monotonic()
+        if remaining <= 0:
+            raise WorkerError(
+                WorkerErrorKind.TIMEOUT,
+                endpoint,
+                rpc,
+                f"request timeout of {self.request.timeout_s:g} s reached",
+            )
+        return remaining
+
+    @staticmethod
+    def _check_finish(reason: FinishReason | None, endpoint: str, rpc: str) -> str | None:
+        if reason is FinishReason.ABORT:
+            raise WorkerError(
+                WorkerErrorKind.FAILED, endpoint, rpc, "the engine aborted the request"
+            )
+        return None if reason is None else reason.value
+
+
+class _StepTimer:
+    """One decode attempt's mean step time, at its mean batch size and context, for the decode
+    instance's latency model. The first chunk (prefill or KV load, not a step) is left out."""
+
+    __slots__ = ("_batch_sum", "_context_sum", "_last_s", "_num_gaps", "_seconds")
+
+    def __init__(self) -> None:
+        self._last_s: float | None = None
+        self._num_gaps = 0
+        self._seconds = 0.0
+        self._batch_sum = 0.0
+        self._context_sum = 0.0
+
+    def add(self, now: float, num_tokens: int, instance: Instance) -> None:
+        if self._last_s is not None:
+            self._num_gaps += num_tokens
+            self._seconds += now - self._last_s
+            self._batch_sum += instance.num_running_decodes * num_tokens
+            self._context_sum += instance.num_context_tokens * num_tokens
+        self._last_s = now
+
+    def report(self, registry: InstanceRegistry, instance: Instance) -> None:
+        if self._num_gaps >= 2:
+            n = self._num_gaps
+            registry.observe_decode(
+                instance, self._batch_sum / n, self._context_sum / n, self._seconds / n
+            )
+
+
+def _can_fail_over(error: WorkerError) -> bool:
+    """Only an unreachable worker (dead, restarting, not ready) is worth leaving for another: a
+    rejected input, an engine error or the deadline would fail the same way elsewhere."""
+    return error.kind is WorkerErrorKind.UNAVAILABLE

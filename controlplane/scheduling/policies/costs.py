@@ -1,0 +1,232 @@
+"""The formulas every policy is built from, for one request (:class:`RequestCosts`), and the
+helpers the policies share (the ready candidates, the KV transport between two instances).
+The formulas themselves are written out in controlplane/scheduling/policies/__init__.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Final
+
+from controlplane.instances.types import InstanceState
+from controlplane.scheduling.predictor.model import Transport
+from controlplane.scheduling.types import (
+    InstanceSnapshot,
+    Reject,
+    RejectReason,
+    RequestSnapshot,
+    Route,
+    SchedulingConfig,
+)
+from controlplane.workers.roles import WorkerRole
+
+__all__ = ["INF", "RequestCosts", "candidates", "no_decode_instance", "transport_between"]
+
+INF: Final = math.inf
+
+
+class RequestCosts:
+    """The formulas of the module docstring for one request, per instance.
+
+    Built once per decision; public so the gateway and tests can ask for one prediction.
+    """
+
+    __slots__ = (
+        "_block_bytes",
+        "_block_size",
+        "_config",
+        "_hbm",
+        "_load_bytes",
+        "_pool",
+        "_pool_ssd",
+        "_prompt",
+        "_request",
+        "_transfer_divisor",
+        "_usable_blocks",
+        "tpot_slo_s",
+        "ttft_slo_s",
+    )
+
+    def __init__(self, request: RequestSnapshot, config: SchedulingConfig) -> None:
+        self._request = request
+        self._config = config
+        self._prompt = request.num_prompt_tokens
+        self._block_size = request.block_size
+        self._usable_blocks = (request.num_prompt_tokens - 1) // request.block_size
+        self._pool = min(self._usable_blocks, request.cached.pool_blocks)
+        self._pool_ssd = request.cached.pool_ssd_blocks
+        self._hbm = request.cached.hbm_blocks  # usually empty: the fast path below
+        self._block_bytes = request.block_size * config.kv_bytes_per_token
+        self._load_bytes = self._block_bytes * self._pool
+        self._transfer_divisor = max(1, request.max_tokens - 1)
+        self.ttft_slo_s = (
+            request.ttft_slo_s if request.ttft_slo_s is not None else config.default_ttft_slo_s
+        )
+        self.tpot_slo_s = (
+            request.tpot_slo_s if request.tpot_slo_s is not None else config.default_tpot_slo_s
+        )
+
+    @property
+    def request(self) -> RequestSnapshot:
+        return self._request
+
+    def hbm_blocks(self, instance: InstanceSnapshot) -> int:
+        if not self._hbm:
+            return 0
+        return min(self._usable_blocks, self._hbm.get(instance.source_id, 0))
+
+    def cached_blocks(self, instance: InstanceSnapshot) -> int:
+        return max(self.hbm_blocks(instance), self._pool)
+
+    def new_tokens(self, instance: InstanceSnapshot) -> int:
+        return self._prompt - self._block_size * self.cached_blocks(instance)
+
+    def queue_s(self, instance: InstanceSnapshot) -> float:
+        load = instance.load
+        return instance.predictor.queue_s(load.queued_prefill_tokens, load.queued_prefill_requests)
+
+    def service_ttft_s(self, instance: InstanceSnapshot, *, local: bool) -> float:
+        """TTFT without the queue: loading the cached blocks plus the prefill itself (plus one
+        step of the running decodes when ``local``)."""
+        return self.ttft_s(instance, local=local, queue=False)
+
+    def ttft_s(self, instance: InstanceSnapshot, *, local: bool, queue: bool = True) -> float:
+        """Predicted TTFT if ``instance`` prefills (``local``: it also decodes the request).
+
+        The predictor's formulas inlined: this runs for every candidate of every decision.
+        """
+        hbm = self.hbm_blocks(instance) if self._hbm else 0
+        cached = hbm if hbm > self._pool else self._pool
+        predictor = instance.predictor
+        p = predictor.prefill
+        load = instance.load
+        c = self._block_size * cached
+        n = self._prompt - c
+        seconds = (
+            predictor.ttft_overhead_s  # the gateway's work and the rpc, beyond engine time
+            + p.fixed_s
+            + p.per_new_token_s * n
+            + p.per_cached_token_s * c
+            + p.per_attention_pair_s * (n * c + n * (n + 1) * 0.5)
+        )
+        queued = load.queued_prefill_tokens
+        if queue and queued > 0:
+            requests = load.queued_prefill_requests or 1
+            seconds += (
+                p.fixed_s * requests
+                + p.per_new_token_s * queued
+                + p.per_attention_pair_s * queued * (queued / requests + 1.0) * 0.5
+            )
+        loaded = cached - hbm
+        if loaded:
+            ssd = self._pool_ssd if self._pool_ssd < loaded else loaded
+            transfer = predictor.transfer(instance.pool_transport)
+            seconds += transfer.latency_s + loaded * self._block_bytes / transfer.bytes_per_s
+            if ssd:
+                disk = predictor.ssd_read
+                seconds += disk.latency_s + ssd * self._block_bytes / disk.bytes_per_s
+        if local and load.running_decodes:
+            seconds += predictor.decode.predict_s(load.running_decodes, load.decode_context_tokens)
+        return seconds
+
+    def transfer_share_s(self, decode: InstanceSnapshot, transport: Transport | None) -> float:
+        """The KV transfer to ``decode`` spread over the request's output tokens (0 if local)."""
+        if transport is None:
+            return 0.0
+        hbm = self.hbm_blocks(decode) if self._hbm else 0
+        num_bytes = (self._prompt - self._block_size * hbm) * self._config.kv_bytes_per_token
+        return decode.predictor.transfer_s(transport, num_bytes) / self._transfer_divisor
+
+    def step_s(self, decode: InstanceSnapshot) -> float:
+        """One decode step of ``decode``'s batch with this request added."""
+        load = decode.load
+        return decode.predictor.decode.predict_s(
+            load.running_decodes + 1, load.decode_context_tokens + self._prompt
+        )
+
+    def tpot_s(self, decode: InstanceSnapshot, transport: Transport | None) -> float:
+        """TPOT on ``decode``; ``transport``: how the KV arrives (None: it prefilled itself)."""
+        return self.step_s(decode) + self.transfer_share_s(decode, transport)
+
+    def local_route(self, decode: InstanceSnapshot) -> Route | None:
+        """Conditional disaggregation: the route if ``decode`` should prefill itself."""
+        if not self._config.conditional_disaggregation:
+            return None
+        if self._usable_blocks and self.hbm_blocks(decode) >= self._usable_blocks:
+            return Route.LOCAL_RESIDENT
+        if self.new_tokens(decode) < self._config.local_prefill_threshold_tokens:
+            return Route.LOCAL_SHORT
+        return None
+
+    def has_free_slot(self, decode: InstanceSnapshot) -> bool:
+        return decode.capacity == 0 or decode.load.running_decodes < decode.capacity
+
+    def tpot_wait_s(self, decode: InstanceSnapshot, transfer_share_s: float) -> float:
+        """Seconds until ``decode``'s batch is small enough to meet the TPOT SLO (0 if it does
+        now; inf if not even an idle instance would)."""
+        slo = self.tpot_slo_s
+        if slo is None:
+            return 0.0
+        load = decode.load
+        coefficients = decode.predictor.decode
+        prompt = self._request.num_prompt_tokens
+        batch = load.running_decodes
+        per_sequence_context = load.decode_context_tokens / batch if batch else 0.0
+        # Largest b' with step_s(b' + 1, b'·k/b + prompt) + transfer <= slo.
+        budget = (
+            slo
+            - transfer_share_s
+            - coefficients.fixed_s
+            - coefficients.per_sequence_s
+            - coefficients.per_context_token_s * prompt
+        )
+        if budget < 0.0:
+            return INF
+        slope = coefficients.per_sequence_s + coefficients.per_context_token_s * (
+            per_sequence_context
+        )
+        fits = INF if slope == 0.0 else math.floor(budget / slope + 1e-9)
+        if decode.capacity:
+            fits = min(fits, decode.capacity - 1)
+        if fits >= batch:
+            return 0.0
+        remaining = load.remaining_decode_tokens or self._config.default_remaining_tokens * batch
+        steps = 2.0 * (remaining / batch) * (1.0 - fits / batch)
+        return steps * decode.predictor.decode_step_s(batch, load.decode_context_tokens)
+
+    def ttft_wait_s(self, instance: InstanceSnapshot, ttft_s: float, *, local: bool) -> float:
+        """Seconds until a TTFT of ``ttft_s`` (now) meets the SLO as the queue drains (inf if
+        not even without a queue)."""
+        slo = self.ttft_slo_s
+        if slo is None or ttft_s <= slo:
+            return 0.0
+        if self.service_ttft_s(instance, local=False) > slo:
+            return INF
+        return ttft_s - slo
+
+
+def transport_between(prefill: InstanceSnapshot, decode: InstanceSnapshot) -> Transport:
+    if prefill.host and prefill.host == decode.host:
+        return Transport.SHM
+    return decode.network_transport
+
+
+def candidates(
+    instances: Sequence[InstanceSnapshot],
+) -> tuple[list[InstanceSnapshot], list[InstanceSnapshot]]:
+    """Ready instances that can prefill, and those that can decode (same as ``schedulable``,
+    ``can_prefill()``, ``can_decode()``, without the calls)."""
+    ready, both = InstanceState.READY, WorkerRole.BOTH
+    prefill, decode = WorkerRole.PREFILL, WorkerRole.DECODE
+    prefills = [i for i in instances if i.state is ready and (i.role is prefill or i.role is both)]
+    decodes = [i for i in instances if i.state is ready and (i.role is decode or i.role is both)]
+    return prefills, decodes
+
+
+def no_decode_instance(instances: Sequence[InstanceSnapshot]) -> Reject:
+    return Reject(
+        RejectReason.NO_INSTANCE,
+        None,
+        f"no ready decode instance among {len(instances)} known",
+    )

@@ -1,0 +1,31 @@
+"""``least_loaded``: decode: fewest running sequences, then fewest context tokens; prefill:
+fewest queued prefill tokens, then requests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from controlplane.scheduling.policies.base import PickerPolicy
+from controlplane.scheduling.policies.costs import RequestCosts
+from controlplane.scheduling.types import (
+    InstanceSnapshot,
+)
+
+__all__ = ["LeastLoadedPolicy"]
+
+
+class LeastLoadedPolicy(PickerPolicy):
+    name = "least_loaded"
+
+    def _pick_decode(
+        self, costs: RequestCosts, decodes: Sequence[InstanceSnapshot]
+    ) -> InstanceSnapshot:
+        return min(decodes, key=lambda d: (d.load.running_decodes, d.load.decode_context_tokens))
+
+    def _pick_prefill(
+        self, costs: RequestCosts, prefills: Sequence[InstanceSnapshot]
+    ) -> InstanceSnapshot:
+        return min(
+            prefills,
+            key=lambda p: (p.load.queued_prefill_tokens, p.load.queued_prefill_requests),
+        )

@@ -1,0 +1,176 @@
+"""The gateway's view of the model directory: tokenizer, chat template, sampling defaults.
+
+Token ids must be exactly those vLLM's own OpenAI server would feed the engine, or prefix caching
+and the disaggregated-equals-single-engine guarantee break. vLLM 0.32 does:
+- completions: `tokenizer.encode(prompt, add_special_tokens=True)`;
+- chat: render the template to a string (`apply_chat_template(..., add_generation_prompt=True,
+  tokenize=False)`), then `encode(text, add_special_tokens=False)` (the template adds BOS itself).
+  Message content given as text parts is joined with "\\n" when the template treats content as a
+  string, and passed as a list of {"type": "text"} parts when the template iterates over it.
+  A "developer" message becomes "system" when the template does not mention the developer role.
+- output text: one incremental detokenizer over all generated tokens, primed with the prompt
+  (`new_detokenizer`; why the gateway and not the workers: detokenizer.py).
+These rules are repeated here rather than imported: the control plane never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from controlplane.api.openai_protocol import ChatMessage, OpenAIError, SamplingDefaults
+from controlplane.text.detokenizer import IncrementalDetokenizer
+
+__all__ = ["ModelTokenizer", "read_sampling_defaults"]
+
+logger = logging.getLogger(__name__)
+
+# vLLM walks the template's AST for a loop over message content; a regex over the source finds
+# the same loops in the templates seen in practice ("for part in message['content']").
+_ITERATES_CONTENT_RE = re.compile(
+    r"\bfor\s+\w+\s+in\s+\w+(?:\[\s*['\"]content['\"]\s*\]|\.content)(?!\w)"
+)
+
+
+class ModelTokenizer:
+    """Tokenizes prompts and chat conversations with the model's own HF tokenizer."""
+
+    __slots__ = (
+        "_chat_template",
+        "_content_as_parts",
+        "_has_developer_role",
+        "_tokenizer",
+        "eos_token_ids",
+    )
+
+    def __init__(self, tokenizer: Any, *, extra_eos_token_ids: tuple[int, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_ids: frozenset[int] = frozenset(
+            (eos,) if isinstance(eos, int) else ()
+        ).union(extra_eos_token_ids)
+        """Tokens that end a sequence: the tokenizer's EOS and generation_config's eos_token_id."""
+        template = getattr(tokenizer, "chat_template", None)
+        self._chat_template: str | None = template if isinstance(template, str) else None
+        source = self._chat_template or ""
+        self._content_as_parts = _ITERATES_CONTENT_RE.search(source) is not None
+        self._has_developer_role = "developer" in source
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> ModelTokenizer:
+        from transformers import AutoTokenizer  # slow import (~3 s): only when a gateway starts
+
+        return cls(
+            AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True),
+            extra_eos_token_ids=_read_generation_config_eos(model_dir),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows (base vocabulary plus added tokens)."""
+        return len(self._tokenizer)
+
+    def new_detokenizer(self, prompt_token_ids: list[int]) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self._tokenizer.backend_tokenizer, prompt_token_ids)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a completions prompt, special tokens added as vLLM does."""
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=True)
+        return ids
+
+    def render_chat(self, messages: tuple[ChatMessage, ...]) -> str:
+        """The prompt text the chat template makes of `messages`, ending with the assistant cue."""
+        if self._chat_template is None:
+            raise OpenAIError(
+                "This model's tokenizer has no chat template; use /v1/completions instead.",
+                param="messages",
+                code="chat_template_missing",
+            )
+        conversation = [self._message_dict(m) for m in messages]
+        try:
+            text = self._tokenizer.apply_chat_template(
+                conversation,
+                chat_template=self._chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except jinja2.TemplateError as exc:
+            # Templates reject conversations with raise_exception(...), e.g. roles that do not
+            # alternate: that is the client's request, not a server fault.
+            raise OpenAIError(
+                f"The chat template rejected the messages: {exc}",
+                param="messages",
+                code="invalid_messages",
+            ) from exc
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+        return text
+
+    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        """Token ids of a chat prompt: the rendered template, no extra special tokens."""
+        ids: list[int] = self._tokenizer.encode(
+            self.render_chat(messages), add_special_tokens=False
+        )
+        return ids
+
+    def _message_dict(self, message: ChatMessage) -> dict[str, Any]:
+        role = message.role
+        if role == "developer" and not self._has_developer_role:
+            role = "system"
+        content: str | list[dict[str, str]]
+        if isinstance(message.content, str):
+            content = (
+                [{"type": "text", "text": message.content}]
+                if self._content_as_parts
+                else message.content
+            )
+        elif self._content_as_parts:
+            content = [{"type": "text", "text": text} for text in message.content]
+        else:
+            content = "\n".join(message.content)
+        result: dict[str, Any] = {"role": role, "content": content}
+        if message.name is not None:
+            result["name"] = message.name
+        return result
+
+
+def _read_generation_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _read_generation_config_eos(model_dir: Path) -> tuple[int, ...]:
+    eos = _read_generation_config(model_dir).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
+def read_sampling_defaults(model_dir: Path) -> SamplingDefaults:
+    """temperature / top_p defaults from the model's generation_config.json, as vLLM applies them.
+
+    vLLM (`--generation-config auto`, its default) also takes top_k, min_p and the penalties from
+    there; the worker contract has no fields for those yet, so they are reported and dropped.
+    """
+    config = _read_generation_config(model_dir)
+    unsupported = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+    dropped = sorted(k for k in unsupported if config.get(k) is not None)
+    if dropped:
+        logger.warning("generation_config.json sets %s, which the gateway cannot pass on", dropped)
+    defaults = SamplingDefaults()
+    temperature = config.get("temperature", defaults.temperature)
+    top_p = config.get("top_p", defaults.top_p)
+    if not isinstance(temperature, int | float) or not isinstance(top_p, int | float):
+        return defaults
+    return SamplingDefaults(temperature=float(temperature), top_p=float(top_p))

@@ -1,0 +1,268 @@
+"""gRPC client of one worker (proto/strata_proto/worker.proto), with typed results and errors.
+
+Nothing protobuf-shaped leaves this module: calls take plain Python values and return frozen
+dataclasses, and every gRPC failure becomes a `WorkerError` whose `kind` says how the HTTP layer
+should answer (503 unreachable, 504 deadline, 400 rejected input, 502 anything else).
+
+Cancellation: `prefill()` is awaited, and grpc.aio cancels the RPC when the awaiting task is
+cancelled. `decode()` is an async generator; closing it (`contextlib.aclosing`, or the task being
+cancelled) cancels the server-streaming call in its `finally`, so a client that goes away stops
+the decode worker's generation at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from controlplane.workers.roles import WorkerRole
+from strata_proto import worker_pb2, worker_pb2_grpc
+
+__all__ = [
+    "DecodeOutput",
+    "FinishReason",
+    "PrefillResult",
+    "WorkerClient",
+    "WorkerError",
+    "WorkerErrorKind",
+    "WorkerHealth",
+    "WorkerSampling",
+]
+
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 128k-token prompt is ~0.5 MB of varints; be generous
+_CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    # A dead worker's heartbeats must notice its return within seconds, not gRPC's default
+    # reconnect backoff (up to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+_FINISH_FROM_PROTO: dict[int, FinishReason | None] = {
+    worker_pb2.FINISH_REASON_UNSPECIFIED: None,
+    worker_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+    worker_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    worker_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
+}
+
+
+class WorkerErrorKind(enum.Enum):
+    UNAVAILABLE = "unavailable"  # not reachable, or not ready
+    TIMEOUT = "timeout"  # the request's deadline passed
+    REJECTED = "rejected"  # the worker refused the input (INVALID_ARGUMENT, OUT_OF_RANGE)
+    OVERLOADED = "overloaded"  # RESOURCE_EXHAUSTED
+    FAILED = "failed"  # anything else, including a reply that breaks the contract
+
+
+_KIND_BY_CODE = {
+    grpc.StatusCode.UNAVAILABLE: WorkerErrorKind.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: WorkerErrorKind.TIMEOUT,
+    grpc.StatusCode.INVALID_ARGUMENT: WorkerErrorKind.REJECTED,
+    grpc.StatusCode.OUT_OF_RANGE: WorkerErrorKind.REJECTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: WorkerErrorKind.OVERLOADED,
+}
+
+
+class WorkerError(Exception):
+    """A worker call failed; `kind` classifies it, the message names the worker and the rpc."""
+
+    def __init__(self, kind: WorkerErrorKind, endpoint: str, rpc: str, detail: str) -> None:
+        super().__init__(f"{rpc} on worker {endpoint} failed ({kind.value}): {detail}")
+        self.kind = kind
+        self.endpoint = endpoint
+        self.rpc = rpc
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHealth:
+    ready: bool
+    role: WorkerRole
+    model: str
+    block_size: int
+    max_model_len: int
+    capacity: int
+    """Most sequences the engine runs at once (max_num_seqs); 0 when the worker does not say."""
+    kv_source: str = ""
+    """Source id of the engine's HBM events in the prefix index; "" = not said."""
+    model_fingerprint: bytes = b""
+    """kvstore.blocks.hashing.model_fingerprint of the engine's weights; b"" = not said."""
+    kv_layout: str = ""
+    """The connector's KV layout name (part of every block key's root); "" = not said."""
+    dtype: str = ""
+    """The engine's dtype; "" = not said."""
+    hardware: str = ""
+    """Identity of the engine's compute (device, model, ISA, cores, dtype): engines of one model
+    with equal hardware share a latency profile; "" = not said."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSampling:
+    """Sampling for one worker call; `max_tokens` is what this call may generate."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+
+    def to_proto(self) -> worker_pb2.SamplingParams:
+        params = worker_pb2.SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+        )
+        if self.seed is not None:
+            params.seed = self.seed
+        return params
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    first_token_id: int
+    first_token_text: str
+    finish_reason: FinishReason | None
+    block_keys: tuple[bytes, ...]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    engine_time_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOutput:
+    """One streamed piece of a decode: new tokens, their text, and the finish on the last one."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None
+    num_cached_tokens: int
+    num_external_tokens: int
+
+
+class WorkerClient:
+    """One channel to one worker; safe to share between concurrent requests."""
+
+    __slots__ = ("_channel", "_stub", "endpoint")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._channel = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+        # Generated gRPC stubs are unannotated.
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def health(self, *, timeout_s: float) -> WorkerHealth:
+        try:
+            reply = await self._stub.Health(worker_pb2.HealthRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("Health", exc) from None
+        return WorkerHealth(
+            ready=reply.ready,
+            role=WorkerRole(reply.role) if reply.role in _ROLE_VALUES else WorkerRole.UNSPECIFIED,
+            model=reply.model,
+            block_size=reply.block_size,
+            max_model_len=reply.max_model_len,
+            capacity=reply.capacity,
+            kv_source=reply.kv_source,
+            model_fingerprint=reply.model_fingerprint,
+            kv_layout=reply.kv_layout,
+            dtype=reply.dtype,
+            hardware=reply.hardware,
+        )
+
+    async def prefill(
+        self,
+        *,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: WorkerSampling,
+        cache_salt: str,
+        timeout_s: float,
+    ) -> PrefillResult:
+        request = worker_pb2.PrefillRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=sampling.to_proto(),
+            cache_salt=cache_salt,
+        )
+        try:
+            reply = await self._stub.Prefill(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("Prefill", exc) from None
+        return PrefillResult(
+            first_token_id=reply.first_token_id,
+            first_token_text=reply.first_token_text,
+            finish_reason=self._finish("Prefill", reply.finish_reason),
+            block_keys=tuple(reply.block_keys),
+            num_prompt_tokens=reply.num_prompt_tokens,
+            num_cached_tokens=reply.num_cached_tokens,
+            engine_time_s=reply.engine_time_s,
+        )
+
+    async def decode(
+        self,
+        *,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: WorkerSampling,
+        cache_salt: str,
+        block_keys: Sequence[bytes],
+        timeout_s: float,
+    ) -> AsyncGenerator[DecodeOutput, None]:
+        """Stream the decode; the call is cancelled when the generator is closed early."""
+        request = worker_pb2.DecodeRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=sampling.to_proto(),
+            cache_salt=cache_salt,
+            block_keys=block_keys,
+        )
+        call = self._stub.Decode(request, timeout=timeout_s)
+        try:
+            async for chunk in call:
+                yield DecodeOutput(
+                    token_ids=tuple(chunk.token_ids),
+                    text=chunk.text,
+                    finish_reason=self._finish("Decode", chunk.finish_reason),
+                    num_cached_tokens=chunk.num_cached_tokens,
+                    num_external_tokens=chunk.num_external_tokens,
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("Decode", exc) from None
+        finally:
+            call.cancel()  # no-op once the call has finished
+
+    def _error(self, rpc: str, exc: grpc.aio.AioRpcError) -> WorkerError:
+        kind = _KIND_BY_CODE.get(exc.code(), WorkerErrorKind.FAILED)
+        return WorkerError(kind, self.endpoint, rpc, f"{exc.code().name}: {exc.details()}")
+
+    def _finish(self, rpc: str, value: int) -> FinishReason | None:
+        try:
+            return _FINISH_FROM_PROTO[value]
+        except KeyError:
+            raise WorkerError(
+                WorkerErrorKind.FAILED, self.endpoint, rpc, f"unknown finish_reason {value}"
+            ) from None
+
+
+_ROLE_VALUES = frozenset(role.value for role in WorkerRole)

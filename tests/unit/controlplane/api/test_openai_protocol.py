@@ -1,0 +1,266 @@
+"""Request validation: every rejection's status, param and code; the parsed values otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controlplane.api.openai_protocol import (
+    ChatMessage,
+    OpenAIError,
+    RequestLimits,
+    SamplingDefaults,
+    check_context_length,
+    parse_chat_completion_request,
+    parse_completion_request,
+)
+
+M = "served"
+LIMITS = RequestLimits(max_model_len=1000, vocab_size=500)
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": M, "messages": USER, **fields}
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": M, "prompt": "hi", **fields}
+
+
+# (id, body, status, param, code)
+BAD_CHAT = [
+    ("not-an-object", [chat()], 400, None, "invalid_body"),
+    ("null-body", None, 400, None, "invalid_body"),
+    ("missing-model", {"messages": USER}, 400, "model", "missing_required_parameter"),
+    ("model-wrong-type", chat(model=["x"]), 400, "model", None),
+    ("unknown-model", chat(model="other"), 404, "model", "model_not_found"),
+    ("missing-messages", {"model": M}, 400, "messages", "missing_required_parameter"),
+    ("messages-not-list", chat(messages="hi"), 400, "messages", None),
+    ("messages-empty", chat(messages=[]), 400, "messages", None),
+    ("message-not-object", chat(messages=["hi"]), 400, "messages[0]", None),
+    ("role-missing", chat(messages=[{"content": "x"}]), 400, "messages[0].role", None),
+    ("role-unknown", chat(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role",
+     None),
+    ("role-tool", chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role", None),
+    ("content-missing-for-user", chat(messages=[{"role": "user"}]), 400, "messages[0].content",
+     None),
+    ("content-number", chat(messages=[{"role": "user", "content": 1}]), 400,
+     "messages[0].content", None),
+    ("part-not-object", chat(messages=[{"role": "user", "content": ["x"]}]), 400,
+     "messages[0].content[0]", None),
+    ("part-image", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
+     "messages[0].content[0].type", "unsupported_content_type"),
+    ("part-text-missing", chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400,
+     "messages[0].content[0].text", None),
+    ("name-not-string", chat(messages=[{"role": "user", "content": "x", "name": 3}]), 400,
+     "messages[0].name", None),
+    ("tool-calls", chat(messages=[{"role": "assistant", "tool_calls": [{"id": "1"}]}]), 400,
+     "messages[0].tool_calls", "unsupported"),
+    ("max-tokens-zero", chat(max_tokens=0), 400, "max_tokens", None),
+    ("max-tokens-negative", chat(max_tokens=-1), 400, "max_tokens", None),
+    ("max-tokens-over-window", chat(max_tokens=1001), 400, "max_tokens", None),
+    ("max-tokens-bool", chat(max_tokens=True), 400, "max_tokens", None),
+    ("max-tokens-fraction", chat(max_tokens=2.5), 400, "max_tokens", None),
+    ("max-tokens-infinite", chat(max_tokens=float("inf")), 400, "max_tokens", None),
+    ("max-completion-tokens-zero", chat(max_completion_tokens=0), 400, "max_completion_tokens",
+     None),
+    ("temperature-negative", chat(temperature=-0.1), 400, "temperature", None),
+    ("temperature-over-2", chat(temperature=2.01), 400, "temperature", None),
+    ("temperature-string", chat(temperature="hot"), 400, "temperature", None),
+    ("temperature-nan", chat(temperature=float("nan")), 400, "temperature", None),
+    ("top-p-zero", chat(top_p=0), 400, "top_p", None),
+    ("top-p-over-1", chat(top_p=1.5), 400, "top_p", None),
+    ("n-two", chat(n=2), 400, "n", "unsupported_parameter"),
+    ("n-zero", chat(n=0), 400, "n", "unsupported_parameter"),
+    ("seed-string", chat(seed="1"), 400, "seed", None),
+    ("seed-over-int64", chat(seed=2**63), 400, "seed", None),
+    ("stop-number", chat(stop=3), 400, "stop", None),
+    ("stop-empty-string", chat(stop=["a", ""]), 400, "stop", None),
+    ("stop-token-out-of-vocab", chat(stop_token_ids=[500]), 400, "stop_token_ids", None),
+    ("stop-token-ids-not-list", chat(stop_token_ids=5), 400, "stop_token_ids", None),
+    ("stream-not-bool", chat(stream="yes"), 400, "stream", None),
+    ("stream-options-without-stream", chat(stream_options={"include_usage": True}), 400,
+     "stream_options", None),
+    ("stream-options-not-object", chat(stream=True, stream_options=[]), 400, "stream_options",
+     None),
+    ("include-usage-not-bool", chat(stream=True, stream_options={"include_usage": 1}), 400,
+     "stream_options.include_usage", None),
+    ("ignore-eos-not-bool", chat(ignore_eos=1), 400, "ignore_eos", None),
+    ("cache-salt-empty", chat(cache_salt=""), 400, "cache_salt", None),
+    ("return-token-ids-not-bool", chat(return_token_ids="yes"), 400, "return_token_ids", None),
+    ("logprobs", chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    ("tools", chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
+    ("json-mode", chat(response_format={"type": "json_object"}), 400, "response_format",
+     "unsupported_parameter"),
+    ("presence-penalty", chat(presence_penalty=0.5), 400, "presence_penalty",
+     "unsupported_parameter"),
+]  # fmt: skip
+
+BAD_COMPLETION = [
+    ("missing-prompt", {"model": M}, 400, "prompt", "missing_required_parameter"),
+    ("prompt-empty-string", completion(prompt=""), 400, "prompt", None),
+    ("prompt-empty-list", completion(prompt=[]), 400, "prompt", None),
+    ("prompt-number", completion(prompt=7), 400, "prompt", None),
+    ("prompt-batch", completion(prompt=["a", "b"]), 400, "prompt", "unsupported_parameter"),
+    ("prompt-token-batch", completion(prompt=[[1], [2]]), 400, "prompt", "unsupported_parameter"),
+    ("prompt-mixed", completion(prompt=[1, "a"]), 400, "prompt", None),
+    ("prompt-token-negative", completion(prompt=[1, -1]), 400, "prompt", None),
+    ("prompt-token-out-of-vocab", completion(prompt=[500]), 400, "prompt", None),
+    ("prompt-token-bool", completion(prompt=[True]), 400, "prompt", None),
+    ("echo", completion(echo=True), 400, "echo", "unsupported_parameter"),
+    ("logprobs", completion(logprobs=1), 400, "logprobs", "unsupported_parameter"),
+    ("best-of", completion(best_of=2), 400, "best_of", "unsupported_parameter"),
+    ("suffix", completion(suffix="x"), 400, "suffix", "unsupported_parameter"),
+    ("max-tokens-zero", completion(max_tokens=0), 400, "max_tokens", None),
+    ("unknown-model", completion(model="x"), 404, "model", "model_not_found"),
+]  # fmt: skip
+
+
+def _assert_rejected(exc: OpenAIError, status: int, param: str | None, code: str | None) -> None:
+    assert (exc.status, exc.param, exc.code) == (status, param, code)
+    assert exc.type == "invalid_request_error"
+    assert exc.to_dict() == {
+        "error": {"message": exc.message, "type": exc.type, "param": param, "code": code}
+    }
+    assert exc.message
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"), [pytest.param(*c[1:], id=c[0]) for c in BAD_CHAT]
+)
+def test_bad_chat_request(body: Any, status: int, param: str | None, code: str | None) -> None:
+    with pytest.raises(OpenAIError) as info:
+        parse_chat_completion_request(body, served_model_name=M, limits=LIMITS)
+    _assert_rejected(info.value, status, param, code)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"), [pytest.param(*c[1:], id=c[0]) for c in BAD_COMPLETION]
+)
+def test_bad_completion_request(
+    body: Any, status: int, param: str | None, code: str | None
+) -> None:
+    with pytest.raises(OpenAIError) as info:
+        parse_completion_request(body, served_model_name=M, limits=LIMITS)
+    _assert_rejected(info.value, status, param, code)
+
+
+def test_chat_defaults() -> None:
+    request = parse_chat_completion_request(chat(), served_model_name=M, limits=LIMITS)
+    assert request.messages == (ChatMessage("user", "hi", None),)
+    s = request.sampling
+    assert s.max_tokens is None  # fill the window
+    assert (s.temperature, s.top_p, s.seed, s.stop, s.stop_token_ids) == (1.0, 1.0, None, (), ())
+    assert not s.ignore_eos
+    assert (request.stream, request.include_usage, request.cache_salt) == (False, False, "")
+    assert not request.return_token_ids
+
+
+def test_chat_fields() -> None:
+    body = chat(
+        messages=[
+            {"role": "developer", "content": "be kind", "name": "ops"},
+            {"role": "user", "content": [{"type": "text", "text": t} for t in ("a", "b")]},
+            {"role": "assistant", "content": None},
+        ],
+        max_tokens=5,
+        max_completion_tokens=7,
+        temperature=0,
+        top_p=0.5,
+        seed=-3,
+        stop="x",
+        stop_token_ids=[2],
+        ignore_eos=True,
+        stream=True,
+        stream_options={"include_usage": True},
+        cache_salt="tenant-a",
+        return_token_ids=True,
+        n=1,
+        user="someone",
+        logprobs=False,
+        tools=None,
+        unknown_future_field={"a": 1},
+    )  # fmt: skip
+    request = parse_chat_completion_request(body, served_model_name=M, limits=LIMITS)
+    assert request.messages == (
+        ChatMessage("developer", "be kind", "ops"),
+        ChatMessage("user", ("a", "b"), None),
+        ChatMessage("assistant", "", None),
+    )
+    s = request.sampling
+    assert s.max_tokens == 7  # max_completion_tokens wins over the legacy max_tokens
+    assert (s.temperature, s.top_p, s.seed, s.stop, s.stop_token_ids) == (
+        0.0,
+        0.5,
+        -3,
+        ("x",),
+        (2,),
+    )
+    assert s.ignore_eos
+    assert (request.stream, request.include_usage, request.cache_salt) == (True, True, "tenant-a")
+    assert request.return_token_ids
+
+
+def test_completion_defaults_and_prompt_forms() -> None:
+    request = parse_completion_request(completion(), served_model_name=M, limits=LIMITS)
+    assert request.prompt == "hi"
+    assert request.sampling.max_tokens is None  # not given: 16 at the context check
+    for prompt, expected in [([1, 2], (1, 2)), ([[3, 4]], (3, 4)), (["one"], "one")]:
+        parsed = parse_completion_request(
+            completion(prompt=prompt), served_model_name=M, limits=LIMITS
+        )
+        assert parsed.prompt == expected
+    stops = parse_completion_request(
+        completion(stop=["a", "b", "a"], max_tokens=3.0), served_model_name=M, limits=LIMITS
+    ).sampling
+    assert stops.stop == ("a", "b")
+    assert stops.max_tokens == 3
+
+
+def test_generation_config_defaults_apply_only_when_unset() -> None:
+    defaults = SamplingDefaults(temperature=0.6, top_p=0.9)
+    unset = parse_chat_completion_request(
+        chat(), served_model_name=M, limits=LIMITS, defaults=defaults
+    )
+    assert (unset.sampling.temperature, unset.sampling.top_p) == (0.6, 0.9)
+    explicit = parse_chat_completion_request(
+        chat(temperature=1.0, top_p=1.0), served_model_name=M, limits=LIMITS, defaults=defaults
+    )
+    assert (explicit.sampling.temperature, explicit.sampling.top_p) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("num_prompt", "max_tokens", "default", "expected"),
+    [
+        (10, None, None, 90),  # chat: the rest of the window
+        (10, None, 16, 16),  # completions: 16 ...
+        (95, None, 16, 5),  # ... or what is left of the window
+        (10, 90, 16, 90),
+        (10, 1, None, 1),
+        (99, None, None, 1),
+    ],
+)
+def test_context_length_fits(
+    num_prompt: int, max_tokens: int | None, default: int | None, expected: int
+) -> None:
+    got = check_context_length(
+        num_prompt, max_tokens, 100, param="prompt", default_max_tokens=default
+    )
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("num_prompt", "max_tokens", "param"),
+    [(100, None, "prompt"), (150, 1, "prompt"), (10, 91, "max_tokens"), (99, 2, "max_tokens")],
+)
+def test_context_length_exceeded(num_prompt: int, max_tokens: int | None, param: str) -> None:
+    with pytest.raises(OpenAIError) as info:
+        check_context_length(num_prompt, max_tokens, 100, param="prompt")
+    assert (info.value.status, info.value.param, info.value.code) == (
+        400,
+        param,
+        "context_length_exceeded",
+    )
+    assert info.value.message.startswith("This model's maximum context length is 100 tokens.")

@@ -1,0 +1,94 @@
+"""Stop strings over the whole generated text, with hold-back of possible stop-string starts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from controlplane.text.stop import StopMatch, StopStringMatcher
+
+
+def run(stops: tuple[str, ...], pieces: list[str]) -> tuple[list[str], bool, str]:
+    """Feed pieces until a stop; return what was released per piece, stopped, and the flush."""
+    matcher = StopStringMatcher(stops)
+    released: list[str] = []
+    for piece in pieces:
+        match = matcher.feed(piece)
+        released.append(match.text)
+        if match.stopped:
+            return released, True, ""
+    return released, False, matcher.flush()
+
+
+# (id, stops, pieces, released per piece, stopped, flushed at the end)
+CASES = [
+    ("no-stops-pass-through", (), ["Hel", "lo"], ["Hel", "lo"], False, ""),
+    ("match-inside-one-piece", ("lo w",), ["Hello world"], ["Hel"], True, ""),
+    ("match-at-start", ("He",), ["Hello"], [""], True, ""),
+    ("straddles-the-boundary", ("llo",), ["Hel", "lo", " x"], ["He", ""], True, ""),
+    ("held-back-then-released", ("lox",), ["Hel", "lo", " world"], ["He", "l", "lo world"], False,
+     ""),
+    ("held-back-until-the-end", ("!?",), ["Hi", "!"], ["Hi", ""], False, "!"),
+    ("spans-three-pieces", ("abcd",), ["xa", "b", "c", "dy"], ["x", "", "", ""], True, ""),
+    ("earliest-of-several", ("world", "lo"), ["Hello world"], ["Hel"], True, ""),
+    ("longer-stop-earlier", ("o w", "wor"), ["Hello world"], ["Hell"], True, ""),
+    ("repeated-prefix", ("aab",), ["aa", "a", "b"], ["", "a", ""], True, ""),
+    ("partial-then-mismatch", ("abc",), ["ab", "x", "abc"], ["", "abx", ""], True, ""),
+    ("empty-pieces", ("xy",), ["", "a", "", "x", "y"], ["", "a", "", "", ""], True, ""),
+    ("unicode", ("été",), ["un é", "té chaud"], ["un ", ""], True, ""),
+    ("whole-stop-in-later-piece", ("END",), ["abc", "defEND"], ["abc", "def"], True, ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stops", "pieces", "released", "stopped", "flushed"),
+    [pytest.param(*c[1:], id=c[0]) for c in CASES],
+)
+def test_stop_matcher(
+    stops: tuple[str, ...], pieces: list[str], released: list[str], stopped: bool, flushed: str
+) -> None:
+    assert run(stops, pieces) == (released, stopped, flushed)
+
+
+def reference(stops: tuple[str, ...], pieces: list[str]) -> tuple[str, bool]:
+    """What an engine checking after every piece produces: the text up to the first piece that
+    completes a stop string, cut where the earliest stop string in it starts."""
+    text = ""
+    for piece in pieces:
+        text += piece
+        hits = [i for i in (text.find(s) for s in stops) if i != -1]
+        if hits:
+            return text[: min(hits)], True
+    return text, False
+
+
+def test_output_equals_the_reference_for_any_split() -> None:
+    """However the text is split into pieces, hold-back never changes the result: the released
+    text equals the reference's, and nothing past a match is ever released."""
+    rng = random.Random(0)
+    alphabet = "ab c"
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        stops = tuple(
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+            for _ in range(rng.randint(1, 3))
+        )
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        released, stopped, flushed = run(stops, pieces)
+        assert ("".join(released) + flushed, stopped) == reference(stops, pieces), (stops, pieces)
+
+
+def test_held_back_property_and_feed_after_stop() -> None:
+    matcher = StopStringMatcher(("abc",))
+    assert matcher.feed("xab") == StopMatch("x", False)
+    assert matcher.held_back == "ab"
+    assert matcher.feed("c") == StopMatch("", True)
+    with pytest.raises(RuntimeError):
+        matcher.feed("more")
+
+
+def test_empty_stop_string_is_refused() -> None:
+    with pytest.raises(ValueError):
+        StopStringMatcher(("",))

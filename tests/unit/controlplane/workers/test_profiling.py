@@ -1,0 +1,202 @@
+"""The start-up profile's bounds, on a simulated engine with a fake clock: cheapest points first,
+no call predicted above the step bound, the whole profile within its budget, a gate before every
+call, and a scaled model when too few points fit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from controlplane.scheduling.predictor.model import PrefillCoefficients
+from controlplane.scheduling.predictor.predictor import LatencyPredictor
+from controlplane.workers.client import DecodeOutput, FinishReason, PrefillResult, WorkerSampling
+from controlplane.workers.profiling import ProfileResult, ProfileSettings, plan_for, profile_worker
+from controlplane.workers.roles import WorkerRole
+
+BLOCK = 16
+PER_TOKEN_S = 0.010
+"""The simulated engine: 10 ms per new prompt token, 1 ms per cached one, 20 ms per step."""
+PER_CACHED_S = 0.001
+STEP_S = 0.020
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class SimulatedEngine:
+    """A WorkerClient double whose calls take simulated time on ``clock``; its prefix cache
+    holds every prompt it ran, in whole blocks."""
+
+    clock: FakeClock
+    calls: list[tuple[str, int]] = field(default_factory=list)
+    seen: list[tuple[int, ...]] = field(default_factory=list)
+
+    def _cached(self, prompt: Sequence[int]) -> int:
+        best = 0
+        for old in self.seen:
+            common = 0
+            for a, b in zip(old, prompt, strict=False):
+                if a != b:
+                    break
+                common += 1
+            best = max(best, common // BLOCK * BLOCK)
+        return min(best, len(prompt) - 1)
+
+    def _prefill_s(self, prompt: Sequence[int]) -> tuple[float, int]:
+        cached = self._cached(prompt)
+        self.seen.append(tuple(prompt))
+        return (len(prompt) - cached) * PER_TOKEN_S + cached * PER_CACHED_S, cached
+
+    async def prefill(
+        self,
+        *,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: WorkerSampling,
+        cache_salt: str,
+        timeout_s: float,
+    ) -> PrefillResult:
+        self.calls.append(("prefill", len(prompt_token_ids)))
+        seconds, cached = self._prefill_s(prompt_token_ids)
+        self.clock.now += seconds
+        await asyncio.sleep(0)
+        return PrefillResult(1, "", None, (), len(prompt_token_ids), cached, seconds)
+
+    async def decode(
+        self,
+        *,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: WorkerSampling,
+        cache_salt: str,
+        block_keys: Sequence[bytes],
+        timeout_s: float,
+    ) -> AsyncGenerator[DecodeOutput, None]:
+        self.calls.append(("decode", len(prompt_token_ids)))
+        seconds, cached = self._prefill_s(prompt_token_ids)
+        self.clock.now += seconds
+        for index in range(sampling.max_tokens):
+            if index:
+                self.clock.now += STEP_S
+            await asyncio.sleep(0)
+            last = index == sampling.max_tokens - 1
+            finish = FinishReason.LENGTH if last else None
+            yield DecodeOutput((7,), "", finish, num_cached_tokens=cached, num_external_tokens=0)
+
+
+def settings(**kwargs: float) -> ProfileSettings:
+    return ProfileSettings(
+        max_model_len=256, max_batch=4, decode_tokens=4, vocab_size=1000, **kwargs
+    )
+
+
+def exact_base() -> LatencyPredictor:
+    """A base model that predicts the simulated engine's prefill exactly."""
+    return LatencyPredictor(prefill=PrefillCoefficients(0.0, PER_TOKEN_S, PER_CACHED_S, 0.0))
+
+
+PLAN = plan_for(settings(), 256, BLOCK, 4)
+
+
+def run_profile(
+    role: WorkerRole, config: ProfileSettings, **kwargs: Any
+) -> tuple[SimulatedEngine, ProfileResult]:
+    clock = FakeClock()
+    engine = SimulatedEngine(clock)
+    client: Any = engine
+
+    async def main() -> ProfileResult:
+        return await profile_worker(client, role, PLAN, config, seed=1, clock=clock, **kwargs)
+
+    return engine, asyncio.run(main())
+
+
+def test_without_bounds_in_reach_every_point_runs_cheapest_first() -> None:
+    engine, result = run_profile(WorkerRole.PREFILL, settings(budget_s=1e6, max_step_s=1e6))
+    assert result.num_skipped == 0
+    assert len(result.prefill) == len(PLAN.prefill_points)
+    # Cheapest first: the timed calls (the last of each point) grow.
+    timed = [n for kind, n in engine.calls if kind == "prefill"]
+    assert timed[0] == BLOCK and max(timed) == 255
+
+
+def test_no_call_is_predicted_above_the_step_bound() -> None:
+    # 10 ms per token: a 1 s step allows prompts of at most 100 new tokens.
+    engine, result = run_profile(
+        WorkerRole.PREFILL, settings(budget_s=1e6, max_step_s=1.0), base=exact_base()
+    )
+    assert max(n for _, n in engine.calls) <= 100 + 3 * BLOCK  # cached tokens cost 1 ms
+    assert result.num_skipped > 0
+    assert all(s.seconds <= 1.0 for s in result.prefill)
+
+
+def test_the_whole_profile_ends_within_its_budget() -> None:
+    _, unbounded = run_profile(
+        WorkerRole.DECODE, settings(budget_s=1e6, max_step_s=1e6), base=exact_base()
+    )
+    assert unbounded.seconds > 5.0 and unbounded.num_skipped == 0
+    _engine, result = run_profile(
+        WorkerRole.DECODE, settings(budget_s=5.0, max_step_s=1e6), base=exact_base()
+    )
+    assert result.seconds <= 5.0
+    assert result.num_skipped > 0
+    assert len(result.prefill) >= 4 and result.measured_prefill
+
+
+def test_the_scale_learned_from_the_first_calls_bounds_the_rest() -> None:
+    """Priors ~60x too fast (an H100 model on a CPU): once the first call measured the real
+    speed, no call goes past the step bound (but for the cached tokens' share, which the
+    per-new-token floor leaves out)."""
+    _engine, result = run_profile(WorkerRole.PREFILL, settings(budget_s=1e6, max_step_s=1.0))
+    assert result.prefill[0].seconds == pytest.approx(BLOCK * PER_TOKEN_S)  # cheapest first
+    for sample in result.prefill:
+        assert sample.new_tokens * PER_TOKEN_S <= 1.0
+        assert sample.seconds <= 1.0 + sample.cached_tokens * PER_CACHED_S
+    assert result.num_skipped > 0
+
+
+def test_every_call_waits_for_the_gate_and_a_closed_gate_ends_the_profile() -> None:
+    opened: list[float] = []
+
+    async def yield_to(timeout_s: float) -> bool:
+        opened.append(timeout_s)
+        return len(opened) <= 3
+
+    engine, result = run_profile(
+        WorkerRole.PREFILL, settings(budget_s=1e6, max_step_s=1e6), yield_to=yield_to
+    )
+    assert len(opened) == 4  # three calls let through, the fourth gate closed
+    assert len(engine.calls) == 3  # the untimed warm-up call, then the two cheapest points
+    assert [n for _, n in engine.calls] == [BLOCK, BLOCK, 2 * BLOCK]
+    assert result.num_skipped == len(PLAN.prefill_points) - 2
+    assert not result.measured_prefill
+
+
+def test_too_few_points_give_the_base_model_scaled_to_the_measured_speed() -> None:
+    # The base predicts half the engine's time; two points fit the budget.
+    base = LatencyPredictor(
+        prefill=PrefillCoefficients(0.0, PER_TOKEN_S / 2, PER_CACHED_S / 2, 0.0)
+    )
+    _engine, result = run_profile(
+        WorkerRole.PREFILL, settings(budget_s=0.5, max_step_s=1e6), base=base
+    )
+    assert not result.measured_prefill
+    assert [(s.new_tokens, s.cached_tokens) for s in result.prefill] == list(PLAN.prefill_points)
+    for sample in result.prefill:
+        expected = sample.new_tokens * PER_TOKEN_S + sample.cached_tokens * PER_CACHED_S
+        assert sample.seconds == pytest.approx(expected)
+
+
+def test_no_point_in_reach_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no profile point ran"):
+        run_profile(WorkerRole.PREFILL, settings(budget_s=1e-3, max_step_s=1e6), base=exact_base())
