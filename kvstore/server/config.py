@@ -37,8 +37,8 @@ class StoreNodeConfig:
         port: TCP port; 0 picks a free one (the ready line reports which).
         arena_size_bytes: size of the one preallocated DRAM arena, reserved at start-up.
         page_size_bytes: allocation unit of the arena; blocks take whole pages.
-        max_block_bytes: largest block (header + payload) a PUT may carry; bigger frames are
-            treated as malformed and close the connection.
+        max_block_bytes: largest block (header + payload) a PUT may carry; a bigger one is read
+            and dropped, and answered TOO_LARGE (the connection stays usable).
         put_timeout_s: a PUT whose payload has not fully arrived after this long is abandoned:
             its connection is closed and its space revoked.
         arena_dir: directory of the arena's backing file; ``/dev/shm`` so that a same-host client
