@@ -38,6 +38,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import dict_prefix_lookups  # noqa: E402
 from kvstore.blocks.tier import Tier  # noqa: E402
 from kvstore.cluster.events import BlocksRemoved, BlocksStored  # noqa: E402
 from kvstore.cluster.index import PrefixIndex  # noqa: E402
@@ -87,16 +88,6 @@ def match_all(index: PrefixIndex, probes: Sequence[tuple[bytes, ...]], holders: 
     if holders:
         return sum(index.match(chain).holders[0].depth for chain in probes)
     return sum(index.match(chain).depth for chain in probes)
-
-
-def dict_prefix_lookups(table: dict[bytes, int], chains: Sequence[tuple[bytes, ...]]) -> int:
-    lookups = 0
-    for chain in chains:
-        for key in chain:
-            lookups += 1
-            if key not in table:
-                break
-    return lookups
 
 
 def traced_bytes(make: Callable[[], object]) -> tuple[int, object]:

@@ -48,6 +48,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import dict_prefix_lookups, percentile  # noqa: E402
 from controlplane.instances.types import InstanceState  # noqa: E402
 from controlplane.scheduling import (  # noqa: E402
     POLICY_NAMES,
@@ -145,18 +146,8 @@ def make_requests(
     return requests
 
 
-def dict_prefix_lookups(table: dict[bytes, int], chains: Sequence[tuple[bytes, ...]]) -> int:
-    lookups = 0
-    for chain in chains:
-        for key in chain:
-            lookups += 1
-            if key not in table:
-                break
-    return lookups
-
-
-def percentile(samples: Sequence[int], q: float) -> float:
-    return float(np.percentile(np.asarray(samples, dtype=np.float64), q)) / 1e3  # ns -> µs
+def percentile_us(samples: Sequence[int], q: float) -> float:
+    return percentile(samples, q) / 1e3  # ns -> µs
 
 
 def time_decisions(
@@ -246,11 +237,12 @@ def main() -> int:
             f"{len(index.sources())} holders, built in {time.perf_counter() - built:.1f} s"
         )
         print(header)
+        us = percentile_us
         for name in POLICY_NAMES:
             total, decide, accepted = time_decisions(name, index, instances, requests)
             print(
-                f"{count:>9}  {name:<13} {percentile(total, 50):8.1f} {percentile(total, 99):8.1f}"
-                f"   {percentile(decide, 50):10.1f} {percentile(decide, 99):10.1f}"
+                f"{count:>9}  {name:<13} {us(total, 50):8.1f} {us(total, 99):8.1f}"
+                f"   {us(decide, 50):10.1f} {us(decide, 99):10.1f}"
                 f"   {accepted / len(total):7.1%}"
             )
         del index

@@ -1,5 +1,6 @@
-"""What the serving benchmarks share: child servers in their own sessions, HTTP polling, host facts,
-percentiles, and the loopback-TCP limit measured beside a figure.
+"""What the benchmarks share: child servers in their own sessions, HTTP polling, host facts,
+percentiles, and the machine limits measured beside a figure (loopback TCP, a ``dict`` prefix
+match).
 
 Imported by the benchmark scripts (`from benchmarks.harness import ...`, the repository root on
 ``sys.path``); standard library only.
@@ -204,6 +205,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def dict_prefix_lookups(table: dict[bytes, int], chains: Sequence[tuple[bytes, ...]]) -> int:
+    """Membership tests of each chain's keys in ``table`` up to its first miss; returns how many
+    were done (the bare-``dict`` limit of a prefix match)."""
+    lookups = 0
+    for chain in chains:
+        for key in chain:
+            lookups += 1
+            if key not in table:
+                break
+    return lookups
 
 
 def loopback_bandwidth_gbps(total_bytes: int, chunk_bytes: int = 1 << 20) -> float:

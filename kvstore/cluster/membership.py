@@ -37,16 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 from kvstore.blocks.tier import Tier, TierListener
-from kvstore.cluster.events import (
-    SOURCE_GONE_SEQ,
-    BlocksRemoved,
-    BlocksStored,
-    KVEvent,
-    SourceCleared,
-    SourceSnapshot,
-    encode_event,
-    encode_snapshot,
-)
+from kvstore.cluster import events
 from kvstore.metadata import KIND_KEY, MemberKind, MetadataStore
 
 __all__ = ["BATCH_KEYS", "RECONCILE_CHUNK_KEYS", "Membership", "NodeAgent", "NodeTiers"]
@@ -192,7 +183,7 @@ class NodeAgent:
         self._loop_thread = threading.get_ident()
         await self._loop.run_in_executor(None, self._membership.register)
         self._tiers.set_listener(self._on_tier_change)
-        self._emit(SourceCleared(self.node_id, self._next_seq()))
+        self._emit(events.SourceCleared(self.node_id, self._next_seq()))
         self._threads = [
             threading.Thread(target=self._publisher, name="kvstore-publish", daemon=True),
             threading.Thread(target=self._heartbeater, name="kvstore-heartbeat", daemon=True),
@@ -211,7 +202,7 @@ class NodeAgent:
                     await task
         self._tiers.set_listener(None)
         self.flush()
-        self._emit(SourceCleared(self.node_id, SOURCE_GONE_SEQ))
+        self._emit(events.SourceCleared(self.node_id, events.SOURCE_GONE_SEQ))
         self._announced.clear()
         self._outbox.put(None)
         self._stopping.set()
@@ -314,8 +305,8 @@ class NodeAgent:
             for tier, bit in _TIER_BITS:
                 if bits & bit:
                     keys[tier].append(key)
-        snap = SourceSnapshot.of(self.node_id, self._seq - 1, keys)
-        self._outbox.put(lambda: encode_snapshot(snap))
+        snap = events.SourceSnapshot.of(self.node_id, self._seq - 1, keys)
+        self._outbox.put(lambda: events.encode_snapshot(snap))
 
     def dram_keys(self) -> list[bytes]:
         return list(self._tiers.iter_keys(Tier.DRAM))
@@ -354,19 +345,19 @@ class NodeAgent:
         for tier, _bit in _TIER_BITS:
             for start in range(0, len(stored[tier]), _KEYS_PER_EVENT):
                 chunk = tuple(stored[tier][start : start + _KEYS_PER_EVENT])
-                self._emit(BlocksStored(self.node_id, self._next_seq(), tier, chunk))
+                self._emit(events.BlocksStored(self.node_id, self._next_seq(), tier, chunk))
         for tier, _bit in _TIER_BITS:
             for start in range(0, len(removed[tier]), _KEYS_PER_EVENT):
                 chunk = tuple(removed[tier][start : start + _KEYS_PER_EVENT])
-                self._emit(BlocksRemoved(self.node_id, self._next_seq(), tier, chunk))
+                self._emit(events.BlocksRemoved(self.node_id, self._next_seq(), tier, chunk))
 
     def _next_seq(self) -> int:
         seq = self._seq
         self._seq += 1
         return seq
 
-    def _emit(self, event: KVEvent) -> None:
-        self._outbox.put(encode_event(event))
+    def _emit(self, event: events.KVEvent) -> None:
+        self._outbox.put(events.encode_event(event))
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -383,7 +374,7 @@ class NodeAgent:
         self.flush()
         self._announced.clear()
         self._seq = 0
-        self._emit(SourceCleared(self.node_id, self._next_seq()))
+        self._emit(events.SourceCleared(self.node_id, self._next_seq()))
         await self.reconcile()
         self.num_rejoins += 1
 

@@ -1,27 +1,25 @@
-"""The policy interface (:class:`SchedulingPolicy`) and the base of the policies that pick one
-instance per side by a criterion of their own and never reject (:class:`PickerPolicy`)."""
+"""The policy interface (:class:`SchedulingPolicy`), the base of the policies built on
+:class:`RequestCosts` (:class:`CostPolicy`), and the base of those that pick one instance per side
+by a criterion of their own and never reject (:class:`PickerPolicy`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol
 
-from controlplane.scheduling.policies.costs import (
-    RequestCosts,
-    candidates,
-    no_decode_instance,
-    transport_between,
-)
+from controlplane.scheduling.policies.costs import RequestCosts, candidates, transport_between
 from controlplane.scheduling.types import (
     Assign,
     Decision,
     InstanceSnapshot,
+    Reject,
+    RejectReason,
     RequestSnapshot,
     Route,
     SchedulingConfig,
 )
 
-__all__ = ["PickerPolicy", "SchedulingPolicy"]
+__all__ = ["CostPolicy", "PickerPolicy", "SchedulingPolicy"]
 
 
 class SchedulingPolicy(Protocol):
@@ -38,9 +36,9 @@ class SchedulingPolicy(Protocol):
     ) -> Decision: ...
 
 
-class PickerPolicy:
-    """A policy that picks the decode instance, then (unless the decode instance prefills
-    itself) the prefill instance, each by its own criterion, and never rejects."""
+class CostPolicy:
+    """A policy that chooses among the ready candidates by the request's :class:`RequestCosts`;
+    with no ready decode instance it rejects (``NO_INSTANCE``) before asking ``_choose``."""
 
     name: str
 
@@ -50,8 +48,33 @@ class PickerPolicy:
     def decide(self, request: RequestSnapshot, instances: Sequence[InstanceSnapshot]) -> Decision:
         prefills, decodes = candidates(instances)
         if not decodes:
-            return no_decode_instance(instances)
-        costs = RequestCosts(request, self.config)
+            return Reject(
+                RejectReason.NO_INSTANCE,
+                None,
+                f"no ready decode instance among {len(instances)} known",
+            )
+        return self._choose(RequestCosts(request, self.config), prefills, decodes)
+
+    def _choose(
+        self,
+        costs: RequestCosts,
+        prefills: Sequence[InstanceSnapshot],
+        decodes: Sequence[InstanceSnapshot],
+    ) -> Decision:
+        """The decision, given at least one ready decode instance."""
+        raise NotImplementedError
+
+
+class PickerPolicy(CostPolicy):
+    """A policy that picks the decode instance, then (unless the decode instance prefills
+    itself) the prefill instance, each by its own criterion, and never rejects."""
+
+    def _choose(
+        self,
+        costs: RequestCosts,
+        prefills: Sequence[InstanceSnapshot],
+        decodes: Sequence[InstanceSnapshot],
+    ) -> Decision:
         decode = self._pick_decode(costs, decodes)
         route = costs.local_route(decode)
         prefill: InstanceSnapshot | None = None

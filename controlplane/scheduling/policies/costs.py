@@ -13,15 +13,13 @@ from controlplane.instances.types import InstanceState
 from controlplane.scheduling.predictor.model import Transport
 from controlplane.scheduling.types import (
     InstanceSnapshot,
-    Reject,
-    RejectReason,
     RequestSnapshot,
     Route,
     SchedulingConfig,
 )
 from controlplane.workers.roles import WorkerRole
 
-__all__ = ["INF", "RequestCosts", "candidates", "no_decode_instance", "transport_between"]
+__all__ = ["INF", "RequestCosts", "candidates", "transport_between"]
 
 INF: Final = math.inf
 
@@ -222,11 +220,3 @@ def candidates(
     prefills = [i for i in instances if i.state is ready and (i.role is prefill or i.role is both)]
     decodes = [i for i in instances if i.state is ready and (i.role is decode or i.role is both)]
     return prefills, decodes
-
-
-def no_decode_instance(instances: Sequence[InstanceSnapshot]) -> Reject:
-    return Reject(
-        RejectReason.NO_INSTANCE,
-        None,
-        f"no ready decode instance among {len(instances)} known",
-    )

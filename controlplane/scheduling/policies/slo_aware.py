@@ -6,12 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controlplane.scheduling.policies.costs import (
-    INF,
-    RequestCosts,
-    candidates,
-    no_decode_instance,
-)
+from controlplane.scheduling.policies.base import CostPolicy
+from controlplane.scheduling.policies.costs import INF, RequestCosts
 from controlplane.scheduling.predictor.model import Transport
 from controlplane.scheduling.types import (
     Assign,
@@ -19,27 +15,23 @@ from controlplane.scheduling.types import (
     InstanceSnapshot,
     Reject,
     RejectReason,
-    RequestSnapshot,
     Route,
-    SchedulingConfig,
 )
 
 __all__ = ["SloAwarePolicy"]
 
 
-class SloAwarePolicy:
+class SloAwarePolicy(CostPolicy):
     """Mooncake's: lowest predicted TTFT whose predicted TPOT meets the SLO; admission control."""
 
     name = "slo_aware"
 
-    def __init__(self, config: SchedulingConfig | None = None) -> None:
-        self.config = config if config is not None else SchedulingConfig()
-
-    def decide(self, request: RequestSnapshot, instances: Sequence[InstanceSnapshot]) -> Decision:
-        prefills, decodes = candidates(instances)
-        if not decodes:
-            return no_decode_instance(instances)
-        costs = RequestCosts(request, self.config)
+    def _choose(
+        self,
+        costs: RequestCosts,
+        prefills: Sequence[InstanceSnapshot],
+        decodes: Sequence[InstanceSnapshot],
+    ) -> Decision:
         ttft_slo = costs.ttft_slo_s if costs.ttft_slo_s is not None else INF
         tpot_slo = costs.tpot_slo_s if costs.tpot_slo_s is not None else INF
         check_slots = costs.tpot_slo_s is not None
