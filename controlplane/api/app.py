@@ -20,12 +20,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
 from controlplane.api.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
+    GenerationRequestFields,
     OpenAIError,
     RequestLimits,
     SamplingDefaults,
@@ -63,6 +64,7 @@ logger = logging.getLogger("controlplane.gateway")  # the gateway's one log name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+_Parsed = TypeVar("_Parsed", bound=GenerationRequestFields)
 _GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 _WORKER_ERROR_STATUS = {
     WorkerErrorKind.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
@@ -237,53 +239,55 @@ class Gateway:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         arrival_s = time.monotonic()
-        body = await self._read_json(request)
-        parsed = parse_completion_request(
-            body,
-            served_model_name=self._config.served_model_name,
-            limits=self._limits,
-            defaults=self._sampling_defaults,
-        )
+        parsed = self._parse(parse_completion_request, await self._read_json(request))
         if isinstance(parsed.prompt, str):
             prompt_ids = self._tokenizer.encode_prompt(parsed.prompt)
         else:
             prompt_ids = list(parsed.prompt)
         if not prompt_ids:
             raise OpenAIError("'prompt' tokenizes to no tokens.", param="prompt")
-        formatter = CompletionFormatter(
-            f"cmpl-{uuid.uuid4().hex}",
-            int(time.time()),
-            parsed.model,
-            include_usage=parsed.include_usage,
-            return_token_ids=parsed.return_token_ids,
-            prompt_token_ids=prompt_ids,
-        )
-        generation = self._generation(
+        return await self._serve(
             request,
-            formatter,
-            prompt_ids,
-            parsed.sampling,
-            parsed.cache_salt,
             arrival_s,
+            parsed,
+            prompt_ids,
+            CompletionFormatter,
+            "cmpl",
             param="prompt",
             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
-        if parsed.stream:
-            return await self._stream(request, generation, formatter)
-        return await self._complete(generation, formatter)
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival_s = time.monotonic()
-        body = await self._read_json(request)
-        parsed = parse_chat_completion_request(
+        parsed = self._parse(parse_chat_completion_request, await self._read_json(request))
+        prompt_ids = self._tokenizer.encode_chat(parsed.messages)
+        return await self._serve(
+            request, arrival_s, parsed, prompt_ids, ChatFormatter, "chatcmpl", param="messages"
+        )
+
+    def _parse(self, parse: Callable[..., _Parsed], body: Any) -> _Parsed:
+        return parse(
             body,
             served_model_name=self._config.served_model_name,
             limits=self._limits,
             defaults=self._sampling_defaults,
         )
-        prompt_ids = self._tokenizer.encode_chat(parsed.messages)
-        formatter = ChatFormatter(
-            f"chatcmpl-{uuid.uuid4().hex}",
+
+    async def _serve(
+        self,
+        request: web.Request,
+        arrival_s: float,
+        parsed: GenerationRequestFields,
+        prompt_ids: list[int],
+        formatter_type: type[StreamFormatter],
+        id_prefix: str,
+        *,
+        param: str,
+        default_max_tokens: int | None = None,
+    ) -> web.StreamResponse:
+        """Run a parsed, tokenized request; answer as one body or as a stream."""
+        formatter = formatter_type(
+            f"{id_prefix}-{uuid.uuid4().hex}",
             int(time.time()),
             parsed.model,
             include_usage=parsed.include_usage,
@@ -297,7 +301,8 @@ class Gateway:
             parsed.sampling,
             parsed.cache_salt,
             arrival_s,
-            param="messages",
+            param=param,
+            default_max_tokens=default_max_tokens,
         )
         if parsed.stream:
             return await self._stream(request, generation, formatter)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 __all__ = [
     "COMPLETIONS_DEFAULT_MAX_TOKENS",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "GenerationRequestFields",
     "OpenAIError",
     "RequestLimits",
     "SamplingOptions",
@@ -116,16 +117,22 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class CompletionRequest:
+class GenerationRequestFields:
+    """What completions and chat requests both carry."""
+
     model: str
-    prompt: str | tuple[int, ...]
-    """Text to tokenize, or token ids used as they are."""
     sampling: SamplingOptions
     stream: bool
     include_usage: bool
     cache_salt: str
     return_token_ids: bool
     """vLLM's extension: also return prompt and generated token ids."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompletionRequest(GenerationRequestFields):
+    prompt: str | tuple[int, ...]
+    """Text to tokenize, or token ids used as they are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,16 +143,9 @@ class ChatMessage:
     name: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class ChatCompletionRequest:
-    model: str
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatCompletionRequest(GenerationRequestFields):
     messages: tuple[ChatMessage, ...]
-    sampling: SamplingOptions
-    stream: bool
-    include_usage: bool
-    cache_salt: str
-    return_token_ids: bool
-    """vLLM's extension: also return prompt and generated token ids."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,13 +163,12 @@ def parse_completion_request(
     limits: RequestLimits,
     defaults: SamplingDefaults | None = None,
 ) -> CompletionRequest:
-    obj = _require_object(body)
-    model = _parse_model(obj, served_model_name)
-    _reject_unsupported(obj, _UNSUPPORTED_COMPLETION)
+    obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_COMPLETION)
     prompt = _parse_prompt(obj, limits)
     max_tokens = _opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
-    common = _parse_common(obj, max_tokens, limits, defaults)
-    return CompletionRequest(model, prompt, *common)
+    return CompletionRequest(
+        prompt=prompt, **_parse_common(obj, model, max_tokens, limits, defaults)
+    )
 
 
 def parse_chat_completion_request(
@@ -179,9 +178,7 @@ def parse_chat_completion_request(
     limits: RequestLimits,
     defaults: SamplingDefaults | None = None,
 ) -> ChatCompletionRequest:
-    obj = _require_object(body)
-    model = _parse_model(obj, served_model_name)
-    _reject_unsupported(obj, _UNSUPPORTED_CHAT)
+    obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_CHAT)
     messages = _parse_messages(obj)
     # max_completion_tokens replaced max_tokens in OpenAI's chat API; both are accepted.
     max_completion_tokens = _opt_int(
@@ -190,31 +187,35 @@ def parse_chat_completion_request(
     max_tokens = _opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
     if max_completion_tokens is not None:
         max_tokens = max_completion_tokens
-    common = _parse_common(obj, max_tokens, limits, defaults)
-    return ChatCompletionRequest(model, messages, *common)
+    return ChatCompletionRequest(
+        messages=messages, **_parse_common(obj, model, max_tokens, limits, defaults)
+    )
 
 
-class _CommonFields(NamedTuple):
-    """The fields completions and chat requests share, in their dataclasses' field order."""
-
-    sampling: SamplingOptions
-    stream: bool
-    include_usage: bool
-    cache_salt: str
-    return_token_ids: bool
+def _parse_head(
+    body: object, served_model_name: str, unsupported: dict[str, tuple[object, ...]]
+) -> tuple[dict[str, Any], str]:
+    """The body as an object, and its model; rejects features this server does not implement."""
+    obj = _require_object(body)
+    model = _parse_model(obj, served_model_name)
+    _reject_unsupported(obj, unsupported)
+    return obj, model
 
 
 def _parse_common(
     obj: dict[str, Any],
+    model: str,
     max_tokens: int | None,
     limits: RequestLimits,
     defaults: SamplingDefaults | None,
-) -> _CommonFields:
+) -> dict[str, Any]:
+    """The :class:`GenerationRequestFields` of a request, as keyword arguments."""
     sampling = _parse_sampling(
         obj, max_tokens=max_tokens, limits=limits, defaults=defaults or SamplingDefaults()
     )
     stream, include_usage = _parse_stream(obj)
-    return _CommonFields(
+    return dict(
+        model=model,
         sampling=sampling,
         stream=stream,
         include_usage=include_usage,

@@ -207,10 +207,9 @@ class Generation:
                     return
                 instance = self._decode_instance(failed, last_error)
                 if last_error is not None:
-                    self._registry.note_failover(WorkerRole.DECODE)
-                    logger.warning(
+                    self._failover(
+                        WorkerRole.DECODE,
                         "request %s: resuming decode on %s after %d tokens (%s)",
-                        req.request_id,
                         instance.endpoint,
                         len(generated),
                         last_error,
@@ -274,10 +273,7 @@ class Generation:
                                 if num_tokens or match.text:
                                     yield GenerationDelta(match.text, ids, None)
                 except WorkerError as exc:
-                    self._registry.report_failure(instance, exc)
-                    if not _can_fail_over(exc):
-                        raise
-                    failed.add(instance.id)
+                    self._leave(instance, exc, failed)
                     last_error = exc
                     continue
                 finally:
@@ -328,18 +324,16 @@ class Generation:
                 except WorkerError:
                     if last_error is None:
                         raise
-                    self._registry.note_failover(WorkerRole.PREFILL)
-                    logger.warning(
+                    self._failover(
+                        WorkerRole.PREFILL,
                         "request %s: no prefill worker left (%s); the decode worker prefills",
-                        req.request_id,
                         last_error,
                     )
                     return None
             if last_error is not None:
-                self._registry.note_failover(WorkerRole.PREFILL)
-                logger.warning(
+                self._failover(
+                    WorkerRole.PREFILL,
                     "request %s: retrying prefill on %s (%s)",
-                    req.request_id,
                     instance.endpoint,
                     last_error,
                 )
@@ -353,10 +347,7 @@ class Generation:
                         timeout_s=self._remaining_s("Prefill", instance.endpoint),
                     )
             except WorkerError as exc:
-                self._registry.report_failure(instance, exc)
-                if not _can_fail_over(exc):
-                    raise
-                failed.add(instance.id)
+                self._leave(instance, exc, failed)
                 last_error = exc
                 continue
             cached = min(result.num_cached_tokens, self.num_prompt_tokens)
@@ -364,6 +355,19 @@ class Generation:
                 instance, self.num_prompt_tokens - cached, cached, result.engine_time_s
             )
             return result, instance
+
+    def _leave(self, instance: Instance, error: WorkerError, failed: set[str]) -> None:
+        """A call on `instance` failed: report it, and re-raise unless the request may go on
+        elsewhere (then `instance` joins `failed`)."""
+        self._registry.report_failure(instance, error)
+        if not _can_fail_over(error):
+            raise error
+        failed.add(instance.id)
+
+    def _failover(self, role: WorkerRole, message: str, *args: object) -> None:
+        """Count a fail-over of `role` and log it; `message` takes the request id, then `args`."""
+        self._registry.note_failover(role)
+        logger.warning(message, self.request.request_id, *args)
 
     def _pick(self, role: WorkerRole, failed: set[str], last_error: WorkerError | None) -> Instance:
         """The next instance to try; when none is left after a failure, that failure."""
@@ -384,16 +388,7 @@ class Generation:
         return "".join([step(t) for t in token_ids])
 
     def _worker_sampling(self, *, max_tokens: int) -> WorkerSampling:
-        s = self.request.sampling
-        return WorkerSampling(
-            max_tokens=max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            seed=s.seed,
-            stop=s.stop,
-            stop_token_ids=s.stop_token_ids,
-            ignore_eos=s.ignore_eos,
-        )
+        return WorkerSampling(max_tokens, self.request.sampling)
 
     def _remaining_s(self, rpc: str, endpoint: str) -> float:
         remaining = self.request.arrival_s + self.request.timeout_s - time.monotonic()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from controlplane.api.openai_protocol import SamplingOptions
 from controlplane.workers.roles import WorkerRole
 from strata_proto import worker_pb2, worker_pb2_grpc
 
@@ -111,27 +112,24 @@ class WorkerHealth:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSampling:
-    """Sampling for one worker call; `max_tokens` is what this call may generate."""
+    """Sampling for one worker call: `max_tokens` is what this call may generate; the rest is
+    the request's `options` (whose own `max_tokens`, what the client asked for, is not sent)."""
 
     max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    stop_token_ids: tuple[int, ...]
-    ignore_eos: bool
+    options: SamplingOptions
 
     def to_proto(self) -> worker_pb2.SamplingParams:
+        o = self.options
         params = worker_pb2.SamplingParams(
             max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=self.stop,
-            stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            stop=o.stop,
+            stop_token_ids=o.stop_token_ids,
+            ignore_eos=o.ignore_eos,
         )
-        if self.seed is not None:
-            params.seed = self.seed
+        if o.seed is not None:
+            params.seed = o.seed
         return params
 
 

@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
+from controlplane.api.openai_protocol import SamplingOptions
 from controlplane.scheduling.predictor.fitting import DecodeSample, PrefillSample
 from controlplane.scheduling.predictor.plan import HANDOFF_DECODE_TOKENS, ProfilePlan
 from controlplane.scheduling.predictor.predictor import LatencyPredictor
@@ -54,6 +55,16 @@ __all__ = ["ProfileResult", "ProfileSettings", "profile_worker"]
 
 _FIRST_TOKEN_ID: Final = 10
 """Synthetic prompts avoid the lowest ids (special tokens in most vocabularies)."""
+_PROFILE_SAMPLING: Final = SamplingOptions(
+    max_tokens=None,
+    temperature=0.0,
+    top_p=1.0,
+    seed=None,
+    stop=(),
+    stop_token_ids=(),
+    ignore_eos=True,
+)
+"""Greedy and never stopping early: every timed call generates exactly what it asks for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,15 +385,7 @@ class _Profiler:
         return f"strata-profile-{self._random.getrandbits(48):012x}-{self._count}"
 
     def _sampling(self, max_tokens: int) -> WorkerSampling:
-        return WorkerSampling(
-            max_tokens=max_tokens,
-            temperature=0.0,
-            top_p=1.0,
-            seed=None,
-            stop=(),
-            stop_token_ids=(),
-            ignore_eos=True,
-        )
+        return WorkerSampling(max_tokens, _PROFILE_SAMPLING)
 
     async def prefill_point(
         self, role: WorkerRole, point: tuple[int, int], gate: Gate
