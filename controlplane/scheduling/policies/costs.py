@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, TypeAlias
 
 from controlplane.instances.types import InstanceState
 from controlplane.scheduling.predictor.model import Transport
@@ -19,9 +19,11 @@ from controlplane.scheduling.types import (
 )
 from controlplane.workers.roles import WorkerRole
 
-__all__ = ["INF", "RequestCosts", "candidates", "transport_between"]
+__all__ = ["INF", "Candidates", "RequestCosts", "candidates", "transport_between"]
 
 INF: Final = math.inf
+Candidates: TypeAlias = Sequence[InstanceSnapshot]
+"""Ready instances of one side (prefill or decode), in the registry's order."""
 
 
 class RequestCosts:

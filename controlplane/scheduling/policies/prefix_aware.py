@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controlplane.scheduling.policies.base import PickerPolicy
 from controlplane.scheduling.policies.costs import RequestCosts
+from controlplane.scheduling.policies.picker import PickerPolicy
 from controlplane.scheduling.types import (
     InstanceSnapshot,
 )

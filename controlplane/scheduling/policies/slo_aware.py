@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.scheduling.policies.base import CostPolicy
-from controlplane.scheduling.policies.costs import INF, RequestCosts
+from controlplane.scheduling.policies.costs import INF, Candidates, RequestCosts
 from controlplane.scheduling.predictor.model import Transport
 from controlplane.scheduling.types import (
     Assign,
@@ -26,12 +26,7 @@ class SloAwarePolicy(CostPolicy):
 
     name = "slo_aware"
 
-    def _choose(
-        self,
-        costs: RequestCosts,
-        prefills: Sequence[InstanceSnapshot],
-        decodes: Sequence[InstanceSnapshot],
-    ) -> Decision:
+    def _choose(self, costs: RequestCosts, prefills: Candidates, decodes: Candidates) -> Decision:
         ttft_slo = costs.ttft_slo_s if costs.ttft_slo_s is not None else INF
         tpot_slo = costs.tpot_slo_s if costs.tpot_slo_s is not None else INF
         check_slots = costs.tpot_slo_s is not None
