@@ -3,13 +3,9 @@ fewest queued prefill tokens, then requests."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from controlplane.scheduling.policies.costs import RequestCosts
+from controlplane.scheduling.policies.costs import Candidates, RequestCosts
 from controlplane.scheduling.policies.picker import PickerPolicy
-from controlplane.scheduling.types import (
-    InstanceSnapshot,
-)
+from controlplane.scheduling.types import InstanceSnapshot
 
 __all__ = ["LeastLoadedPolicy"]
 
@@ -17,14 +13,10 @@ __all__ = ["LeastLoadedPolicy"]
 class LeastLoadedPolicy(PickerPolicy):
     name = "least_loaded"
 
-    def _pick_decode(
-        self, costs: RequestCosts, decodes: Sequence[InstanceSnapshot]
-    ) -> InstanceSnapshot:
+    def _pick_decode(self, costs: RequestCosts, decodes: Candidates) -> InstanceSnapshot:
         return min(decodes, key=lambda d: (d.load.running_decodes, d.load.decode_context_tokens))
 
-    def _pick_prefill(
-        self, costs: RequestCosts, prefills: Sequence[InstanceSnapshot]
-    ) -> InstanceSnapshot:
+    def _pick_prefill(self, costs: RequestCosts, prefills: Candidates) -> InstanceSnapshot:
         return min(
             prefills,
             key=lambda p: (p.load.queued_prefill_tokens, p.load.queued_prefill_requests),

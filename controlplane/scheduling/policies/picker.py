@@ -3,8 +3,6 @@ reject (:class:`PickerPolicy`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from controlplane.scheduling.policies.base import CostPolicy
 from controlplane.scheduling.policies.costs import Candidates, RequestCosts, transport_between
 from controlplane.scheduling.types import Assign, Decision, InstanceSnapshot, Route
@@ -49,12 +47,8 @@ class PickerPolicy(CostPolicy):
             self.name,
         )
 
-    def _pick_decode(
-        self, costs: RequestCosts, decodes: Sequence[InstanceSnapshot]
-    ) -> InstanceSnapshot:
+    def _pick_decode(self, costs: RequestCosts, decodes: Candidates) -> InstanceSnapshot:
         raise NotImplementedError
 
-    def _pick_prefill(
-        self, costs: RequestCosts, prefills: Sequence[InstanceSnapshot]
-    ) -> InstanceSnapshot:
+    def _pick_prefill(self, costs: RequestCosts, prefills: Candidates) -> InstanceSnapshot:
         raise NotImplementedError

@@ -4,13 +4,9 @@ plus active blocks)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from controlplane.scheduling.policies.costs import RequestCosts
+from controlplane.scheduling.policies.costs import Candidates, RequestCosts
 from controlplane.scheduling.policies.picker import PickerPolicy
-from controlplane.scheduling.types import (
-    InstanceSnapshot,
-)
+from controlplane.scheduling.types import InstanceSnapshot
 
 __all__ = ["PrefixAwarePolicy"]
 
@@ -20,14 +16,10 @@ class PrefixAwarePolicy(PickerPolicy):
 
     name = "prefix_aware"
 
-    def _pick_decode(
-        self, costs: RequestCosts, decodes: Sequence[InstanceSnapshot]
-    ) -> InstanceSnapshot:
+    def _pick_decode(self, costs: RequestCosts, decodes: Candidates) -> InstanceSnapshot:
         return min(decodes, key=lambda d: self.decode_cost(costs, d))
 
-    def _pick_prefill(
-        self, costs: RequestCosts, prefills: Sequence[InstanceSnapshot]
-    ) -> InstanceSnapshot:
+    def _pick_prefill(self, costs: RequestCosts, prefills: Candidates) -> InstanceSnapshot:
         return min(prefills, key=lambda p: self.prefill_cost(costs, p))
 
     def prefill_cost(self, costs: RequestCosts, prefill: InstanceSnapshot) -> float:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from controlplane.scheduling.policies.costs import RequestCosts
+from controlplane.scheduling.policies.costs import Candidates, RequestCosts
 from controlplane.scheduling.policies.picker import PickerPolicy
 from controlplane.scheduling.types import (
     InstanceSnapshot,
@@ -25,16 +23,12 @@ class RoundRobinPolicy(PickerPolicy):
         self._next_decode = 0
         self._next_prefill = 0
 
-    def _pick_decode(
-        self, costs: RequestCosts, decodes: Sequence[InstanceSnapshot]
-    ) -> InstanceSnapshot:
+    def _pick_decode(self, costs: RequestCosts, decodes: Candidates) -> InstanceSnapshot:
         chosen = decodes[self._next_decode % len(decodes)]
         self._next_decode += 1
         return chosen
 
-    def _pick_prefill(
-        self, costs: RequestCosts, prefills: Sequence[InstanceSnapshot]
-    ) -> InstanceSnapshot:
+    def _pick_prefill(self, costs: RequestCosts, prefills: Candidates) -> InstanceSnapshot:
         chosen = prefills[self._next_prefill % len(prefills)]
         self._next_prefill += 1
         return chosen

@@ -7,13 +7,19 @@ transfers with no latency at 1 GB/s (shm, RDMA) or 100 MB/s (TCP, SSD reads); wi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from controlplane.instances.types import InstanceState
 from controlplane.scheduling import (
+    Assign,
+    CachedPrefix,
     DecodeCoefficients,
     InstanceLoad,
     InstanceSnapshot,
     LatencyPredictor,
     PrefillCoefficients,
+    RequestSnapshot,
     SchedulingConfig,
     TransferCoefficients,
     Transport,
@@ -74,3 +80,24 @@ def instance(
     return InstanceSnapshot(
         id=id, role=role, state=state, predictor=predictor, load=load, capacity=capacity, host=host
     )
+
+
+def request(
+    prompt: int = 1000,
+    *,
+    max_tokens: int = 101,
+    pool: int = 0,
+    ssd: int = 0,
+    hbm: Mapping[str, int] | None = None,
+    ttft_slo_s: float | None = None,
+    tpot_slo_s: float | None = None,
+) -> RequestSnapshot:
+    """The default request: 1000 prompt tokens (62 blocks of 16 can hit), 101 output tokens."""
+    cached = CachedPrefix(pool, ssd, MappingProxyType(dict(hbm or {})))
+    return RequestSnapshot(prompt, max_tokens, BLOCK, cached, ttft_slo_s, tpot_slo_s)
+
+
+def assigned(decision: object) -> tuple[str | None, str]:
+    """The (prefill, decode) ids of an Assign."""
+    assert isinstance(decision, Assign), decision
+    return decision.prefill, decision.decode
