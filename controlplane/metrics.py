@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "GatewayMetrics"]
 
+_PREFIX = "strata_gateway_"
+
 _TTFT_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0,
@@ -30,88 +32,85 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        p = "strata_gateway_"
-        self.requests = Counter(
-            p + "requests", "HTTP requests by route and status code", ["endpoint", "status"],
-            registry=r,
-        )  # fmt: skip
-        self.requests_in_flight = Gauge(
-            p + "requests_in_flight", "Generation requests being served", registry=r
+        counter, gauge, histogram = self._counter, self._gauge, self._histogram
+        self.requests = counter(
+            "requests", "HTTP requests by route and status code", "endpoint", "status"
         )
-        self.request_latency = Histogram(
-            p + "request_latency_seconds", "End-to-end latency of generation requests",
-            ["endpoint"], buckets=_E2E_BUCKETS_S, registry=r,
+        self.requests_in_flight = gauge("requests_in_flight", "Generation requests being served")
+        self.request_latency = histogram(
+            "request_latency_seconds", "End-to-end latency of generation requests",
+            _E2E_BUCKETS_S, "endpoint",
         )  # fmt: skip
-        self.time_to_first_token = Histogram(
-            p + "time_to_first_token_seconds", "Request arrival to first token ready to send",
-            buckets=_TTFT_BUCKETS_S, registry=r,
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Request arrival to first token ready to send",
+            _TTFT_BUCKETS_S,
         )  # fmt: skip
-        self.inter_token_latency = Histogram(
-            p + "inter_token_latency_seconds",
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds",
             "Gap between successive tokens (a chunk of n tokens counts n gaps of 1/n each)",
-            buckets=_ITL_BUCKETS_S, registry=r,
-        )  # fmt: skip
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens received", registry=r)
-        self.cached_prompt_tokens = Counter(
-            p + "cached_prompt_tokens", "Prompt tokens the worker that prefilled did not compute",
-            registry=r,
-        )  # fmt: skip
-        self.completion_tokens = Counter(
-            p + "completion_tokens", "Completion tokens generated", registry=r
+            _ITL_BUCKETS_S,
         )
-        self.kv_transfer_tokens = Counter(
-            p + "kv_transfer_tokens",
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens received")
+        self.cached_prompt_tokens = counter(
+            "cached_prompt_tokens", "Prompt tokens the worker that prefilled did not compute"
+        )
+        self.completion_tokens = counter("completion_tokens", "Completion tokens generated")
+        self.kv_transfer_tokens = counter(
+            "kv_transfer_tokens",
             "Prompt tokens whose KV the decode worker loaded from the store (num_external_tokens)",
-            registry=r,
         )
-        self.kv_transfer_blocks = Counter(
-            p + "kv_transfer_blocks", "KV blocks handed from prefill to decode (block_keys)",
-            registry=r,
-        )  # fmt: skip
-        self.gateway_stop_hits = Counter(
-            p + "gateway_stop_string_hits",
+        self.kv_transfer_blocks = counter(
+            "kv_transfer_blocks", "KV blocks handed from prefill to decode (block_keys)"
+        )
+        self.gateway_stop_hits = counter(
+            "gateway_stop_string_hits",
             "Stop strings the gateway caught before any worker did (e.g. across the boundary)",
-            registry=r,
         )
-        self.worker_errors = Counter(
-            p + "worker_errors", "Failed worker calls by rpc and kind", ["rpc", "kind"], registry=r
+        self.worker_errors = counter(
+            "worker_errors", "Failed worker calls by rpc and kind", "rpc", "kind"
         )
-        self.failovers = Counter(
-            p + "failovers",
+        self.failovers = counter(
+            "failovers",
             "Requests moved to another worker after one failed (prefill retried, decode resumed)",
-            ["role"], registry=r,
-        )  # fmt: skip
-        self.worker_ready = Gauge(
-            p + "worker_ready", "1 if the worker's last health check said ready",
-            ["endpoint", "role"], registry=r,
-        )  # fmt: skip
+            "role",
+        )
+        self.worker_ready = gauge(
+            "worker_ready", "1 if the worker's last health check said ready", "endpoint", "role"
+        )
 
-        self.requests_rejected = Counter(
-            p + "requests_rejected",
+        self.requests_rejected = counter(
+            "requests_rejected",
             "Requests refused before any work: 429 (overloaded, slo_unattainable) or 503 "
             "(no_instance)",
-            ["reason"], registry=r,
-        )  # fmt: skip
-        self.routes = Counter(
-            p + "routes", "Scheduling decisions by policy and route (disaggregated or local_*)",
-            ["policy", "route"], registry=r,
-        )  # fmt: skip
-        self.predictor_ttft_mape = Gauge(
-            p + "predictor_ttft_mape",
-            "Mean absolute percentage error (fraction) of predicted vs observed TTFT, last 1000",
-            registry=r,
+            "reason",
         )
-        self.predictor_tpot_mape = Gauge(
-            p + "predictor_tpot_mape",
+        self.routes = counter(
+            "routes", "Scheduling decisions by policy and route (disaggregated or local_*)",
+            "policy", "route",
+        )  # fmt: skip
+        self.predictor_ttft_mape = gauge(
+            "predictor_ttft_mape",
+            "Mean absolute percentage error (fraction) of predicted vs observed TTFT, last 1000",
+        )
+        self.predictor_tpot_mape = gauge(
+            "predictor_tpot_mape",
             "Mean absolute percentage error (fraction) of predicted vs observed time per output "
             "token, last 1000",
-            registry=r,
         )
-        self.profiled_instances = Counter(
-            p + "profiled_instances", "Worker profiles run to calibrate latency models",
-            ["role"], registry=r,
-        )  # fmt: skip
+        self.profiled_instances = counter(
+            "profiled_instances", "Worker profiles run to calibrate latency models", "role"
+        )
+
+    def _counter(self, name: str, doc: str, *labels: str) -> Counter:
+        return Counter(_PREFIX + name, doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        return Gauge(_PREFIX + name, doc, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, buckets: tuple[float, ...], *labels: str
+    ) -> Histogram:
+        return Histogram(_PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)
