@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from controlplane.admin.config import AdminApiConfig
 from controlplane.launch.launcher import LaunchConfig
@@ -57,6 +58,18 @@ def parse_endpoints(text: str) -> tuple[str, ...]:
     """``"a:1,b:2"`` → ``("a:1", "b:2")``, each a valid ``HOST:PORT`` (IPv6 in brackets)."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
     return tuple(str(parse_endpoint(part)) for part in parts)
+
+
+def _workers_option(role: str) -> Any:
+    """The ``--<role> HOST:PORT`` option (repeatable, or comma-separated) of a worker pool."""
+    return option(
+        (),
+        flag=role,
+        parse=parse_endpoints,
+        repeat=True,
+        metavar="HOST:PORT",
+        help=f"{role} worker HOST:PORT",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,22 +178,8 @@ class GatewayConfig:
     served_model_name: str = option(
         "", help="the model name clients send and the gateway reports (default: the dir's name)"
     )
-    prefill_endpoints: tuple[str, ...] = option(
-        (),
-        flag="prefill",
-        parse=parse_endpoints,
-        repeat=True,
-        metavar="HOST:PORT",
-        help="prefill worker HOST:PORT",
-    )
-    decode_endpoints: tuple[str, ...] = option(
-        (),
-        flag="decode",
-        parse=parse_endpoints,
-        repeat=True,
-        metavar="HOST:PORT",
-        help="decode worker HOST:PORT",
-    )
+    prefill_endpoints: tuple[str, ...] = _workers_option("prefill")
+    decode_endpoints: tuple[str, ...] = _workers_option("decode")
     http: HttpConfig = group(HttpConfig, title="HTTP API")
     registry: RegistryConfig = group(RegistryConfig, title="instance registry")
     routing: RoutingConfig = group(RoutingConfig, title="routing (docs/design/scheduling.md)")
