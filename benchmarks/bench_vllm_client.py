@@ -194,6 +194,26 @@ class Row:
     """Later gaps over STALL_S (a decode step is ~60 ms here)."""
 
 
+def measure(
+    server: Server,
+    base: str,
+    served: str,
+    model_dir: Path,
+    a: argparse.Namespace,
+    out: Path,
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """Warm ``server`` up, run the client against it, stop it; its facts go into ``info`` under
+    its name (``<name>_warmup_s``, ``<name>_load``, ``<name>_dtype_seen``)."""
+    name = server.name
+    info[f"{name}_warmup_s"] = warm_up(base, served, a.input_len)
+    info[f"{name}_load"] = load_avg()
+    result = run_client(name, base, served, model_dir, a, out)
+    info[f"{name}_dtype_seen"] = seen_dtypes(server.lines)
+    server.stop()
+    return result
+
+
 def rows_of(result: dict[str, Any]) -> list[Row]:
     rows = []
     for plen, olen, ttft, itl, lat in zip(
@@ -432,11 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = http_json(f"{base}/v1/models")
         mml = a.max_model_len or models["data"][0].get("max_model_len")
         info["max_model_len"] = mml
-        info["strata_warmup_s"] = warm_up(base, served, a.input_len)
-        info["strata_load"] = load_avg()
-        strata_result = run_client("strata", base, served, model_dir, a, out)
-        info["strata_dtype_seen"] = seen_dtypes(strata.lines)
-        strata.stop()
+        strata_result = measure(strata, base, served, model_dir, a, out, info)
         servers.remove(strata)
 
         # ---- one plain vLLM engine -----------------------------------------------------------
@@ -464,11 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait_http_ok(f"{vbase}/health", plain, a.ready_timeout)
         info["vllm_ready_s"] = time.monotonic() - t0
         log(f"plain vLLM ready after {info['vllm_ready_s']:.1f} s")
-        info["vllm_warmup_s"] = warm_up(vbase, served, a.input_len)
-        info["vllm_load"] = load_avg()
-        vllm_result = run_client("vllm", vbase, served, model_dir, a, out)
-        info["vllm_dtype_seen"] = seen_dtypes(plain.lines)
-        plain.stop()
+        vllm_result = measure(plain, vbase, served, model_dir, a, out, info)
         servers.remove(plain)
     except Exception as exc:  # report, clean up, exit 1
         log(f"FAILED: {type(exc).__name__}: {exc}")

@@ -7,7 +7,9 @@ requests, :mod:`kvstore.wire.replies` interprets the replies.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kvstore.blocks.hashing import BLOCK_KEY_BYTES
 
@@ -77,21 +79,14 @@ class LeaseBatchReply:
     def encode(self) -> bytes:
         if len(self.spans) != len(self.tiers):
             raise ValueError("spans and tiers differ in length")
-        parts = [BATCH_ID.pack(self.batch_id)]
-        parts.extend(LEASE_SPAN.pack(offset, nbytes) for offset, nbytes in self.spans)
-        parts.append(self.tiers)
-        return b"".join(parts)
+        spans = (LEASE_SPAN.pack(offset, nbytes) for offset, nbytes in self.spans)
+        return _encode_batch(self.batch_id, spans, self.tiers)
 
     @classmethod
     def decode(cls, payload: bytes | bytearray | memoryview, count: int) -> LeaseBatchReply:
         """Parse a response body for ``count`` keys; ValueError if its length is not exact."""
-        expected = BATCH_ID.size + count * (LEASE_SPAN.size + 1)
-        if len(payload) != expected:
-            raise ValueError(f"LEASE_BATCH reply of {len(payload)} bytes for {count} keys")
-        (batch_id,) = BATCH_ID.unpack_from(payload, 0)
-        end = BATCH_ID.size + count * LEASE_SPAN.size
-        spans = tuple(LEASE_SPAN.iter_unpack(payload[BATCH_ID.size : end]))
-        return cls(batch_id, spans, bytes(payload[end:]))
+        batch_id, spans, tiers = _decode_batch(payload, count, LEASE_SPAN, "LEASE_BATCH", "keys")
+        return cls(batch_id, tuple(spans), tiers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,20 +101,32 @@ class ReserveBatchReply:
     def encode(self) -> bytes:
         if len(self.offsets) != len(self.statuses):
             raise ValueError("offsets and statuses differ in length")
-        parts = [BATCH_ID.pack(self.batch_id)]
-        parts.extend(RESERVE_OFFSET.pack(offset) for offset in self.offsets)
-        parts.append(self.statuses)
-        return b"".join(parts)
+        offsets = (RESERVE_OFFSET.pack(offset) for offset in self.offsets)
+        return _encode_batch(self.batch_id, offsets, self.statuses)
 
     @classmethod
     def decode(cls, payload: bytes | bytearray | memoryview, count: int) -> ReserveBatchReply:
-        expected = BATCH_ID.size + count * (RESERVE_OFFSET.size + 1)
-        if len(payload) != expected:
-            raise ValueError(f"RESERVE_BATCH reply of {len(payload)} bytes for {count} blocks")
-        (batch_id,) = BATCH_ID.unpack_from(payload, 0)
-        end = BATCH_ID.size + count * RESERVE_OFFSET.size
-        offsets = tuple(o for (o,) in RESERVE_OFFSET.iter_unpack(payload[BATCH_ID.size : end]))
-        return cls(batch_id, offsets, bytes(payload[end:]))
+        batch_id, entries, statuses = _decode_batch(
+            payload, count, RESERVE_OFFSET, "RESERVE_BATCH", "blocks"
+        )
+        return cls(batch_id, tuple(o for (o,) in entries), statuses)
+
+
+def _encode_batch(batch_id: int, entries: Iterable[bytes], codes: bytes) -> bytes:
+    """A batch reply: the batch id, one packed entry per block, then one code byte per block."""
+    return b"".join([BATCH_ID.pack(batch_id), *entries, codes])
+
+
+def _decode_batch(
+    payload: bytes | bytearray | memoryview, count: int, entry: struct.Struct, op: str, unit: str
+) -> tuple[int, list[tuple[Any, ...]], bytes]:
+    """Inverse of :func:`_encode_batch` for ``count`` entries; ValueError if the length is not
+    exact."""
+    if len(payload) != BATCH_ID.size + count * (entry.size + 1):
+        raise ValueError(f"{op} reply of {len(payload)} bytes for {count} {unit}")
+    (batch_id,) = BATCH_ID.unpack_from(payload, 0)
+    end = BATCH_ID.size + count * entry.size
+    return batch_id, list(entry.iter_unpack(payload[BATCH_ID.size : end])), bytes(payload[end:])
 
 
 @dataclass(frozen=True, slots=True)
