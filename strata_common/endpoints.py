@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import NamedTuple
 
-__all__ = ["Endpoint", "EndpointError", "format_endpoint", "parse_endpoint"]
+__all__ = ["Endpoint", "EndpointError", "bind_port", "format_endpoint", "parse_endpoint"]
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
 
@@ -60,3 +61,23 @@ def parse_endpoint(text: str, *, allow_zero: bool = False) -> Endpoint:
 def format_endpoint(host: str, port: int) -> str:
     """``("::1", 7600)`` → ``"[::1]:7600"``; other hosts as they are."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_port(
+    add_port: Callable[[str], int],
+    address: str,
+    what: str,
+    error: Callable[[str], Exception] = OSError,
+) -> int:
+    """``add_port(address)`` (e.g. a gRPC server's ``add_insecure_port``): the port it bound.
+
+    When nothing was bound (``add_port`` raised RuntimeError, or answered 0, as gRPC does), raises
+    ``error("cannot bind <what> to <address>[: <reason>]")``.
+    """
+    try:
+        port = add_port(address)
+    except RuntimeError as exc:
+        raise error(f"cannot bind {what} to {address}: {exc}") from exc
+    if port == 0:
+        raise error(f"cannot bind {what} to {address}")
+    return port

@@ -28,7 +28,7 @@ from controlplane.admin.service import AdminService
 from controlplane.instances.types import (
     AdminBackend,
 )
-from strata_common.endpoints import format_endpoint
+from strata_common.endpoints import bind_port, format_endpoint
 from strata_proto import admin_pb2_grpc
 
 __all__ = [
@@ -76,12 +76,7 @@ class AdminServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = format_endpoint(self.config.host, self.config.port)
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise AdminConfigError(f"cannot bind the admin API to {address}: {exc}") from exc
-        if port == 0:
-            raise AdminConfigError(f"cannot bind the admin API to {address}")
+        port = bind_port(server.add_insecure_port, address, "the admin API", AdminConfigError)
         await server.start()
         self._server = server
         self.port = int(port)

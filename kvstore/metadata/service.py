@@ -40,7 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kvstore.metadata.base import MAX_BLOCK_S, MAX_MESSAGE_BYTES, START, STRATA_SCHEME
 from kvstore.metadata.embedded import EmbeddedMetadataStore
 from kvstore.metadata.messages import info_from_proto, info_to_proto
-from strata_common.endpoints import format_endpoint
+from strata_common.endpoints import bind_port, format_endpoint
 from strata_proto import metadata_pb2, metadata_pb2_grpc
 
 __all__ = ["METADATA_SERVICE_NAME", "MetadataServer", "MetadataService"]
@@ -309,12 +309,7 @@ class MetadataServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = self.endpoint
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise OSError(f"cannot bind the metadata service to {address}: {exc}") from exc
-        if port == 0:
-            raise OSError(f"cannot bind the metadata service to {address}")
+        port = bind_port(server.add_insecure_port, address, "the metadata service")
         self._service.open()
         await server.start()
         self._server, self.port = server, int(port)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from strata_common.endpoints import Endpoint, EndpointError, format_endpoint, parse_endpoint
+from strata_common.endpoints import (
+    Endpoint,
+    EndpointError,
+    bind_port,
+    format_endpoint,
+    parse_endpoint,
+)
 
 
 @pytest.mark.parametrize(
@@ -61,3 +67,16 @@ def test_port_zero_only_where_allowed() -> None:
 def test_endpoint_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         parse_endpoint("nope")
+
+
+def test_bind_port_answers_the_bound_port_or_one_error_naming_what_and_where() -> None:
+    assert bind_port(lambda address: 7600, "[::1]:0", "the service") == 7600
+    with pytest.raises(OSError, match=r"^cannot bind the service to h:1$"):
+        bind_port(lambda address: 0, "h:1", "the service")
+
+    def refuse(address: str) -> int:
+        raise RuntimeError("in use")
+
+    with pytest.raises(ValueError, match=r"^cannot bind the API to h:1: in use$") as caught:
+        bind_port(refuse, "h:1", "the API", ValueError)
+    assert isinstance(caught.value.__cause__, RuntimeError)
