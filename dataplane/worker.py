@@ -274,8 +274,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             stop_token_ids=list(sp.stop_token_ids) or None,
             ignore_eos=sp.ignore_eos,
             output_kind=kind,
-            # The gateway detokenizes the whole sequence itself (controlplane/text/detokenizer.py); the
-            # engine needs text only to match stop strings.
+            # The gateway detokenizes the whole sequence itself
+            # (controlplane/text/detokenizer.py); the engine needs text only to match stop strings.
             detokenize=bool(sp.stop),
         )
 

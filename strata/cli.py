@@ -24,9 +24,12 @@ import sys
 from pathlib import Path
 
 from controlplane.admin.config import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_PORT
-from dataplane.hardware import DTYPES
+from strata.serve_config import ENV_PREFIX as SERVE_ENV_PREFIX
+from strata.serve_config import ServeConfig
 from strata.supervisor import Service, ServiceError, Supervisor
 from strata_common.endpoints import format_endpoint
+from strata_common.options import add_options, from_namespace
+from strata_common.units import format_duration, format_size
 
 
 def _free_port(host: str) -> int:
@@ -100,77 +103,27 @@ def engine_core_sets(num_engines: int) -> list[list[int]]:
     return [cpus[i * per : (i + 1) * per] for i in range(num_engines)]
 
 
-def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="HF model directory (default: SmolLM2-135M-Instruct)"
-    )
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--kv-cache-size", default="1GiB", help="per engine")
-    p.add_argument("--store-arena-size", default="2GiB")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument(
-        "--cache-dir", default=None, help="prepared models and the SSD tier (~/.cache/strata)"
-    )
-    p.add_argument(
-        "--kv-ssd-dir", default=None, help="the store's SSD tier (default: CACHE_DIR/kvstore)"
-    )
-    p.add_argument("--kv-ssd-size", default="16GiB", help="SSD tier capacity")
-    p.add_argument("--kv-ssd-ttl", default="24h", help="SSD blocks expire after this")
-    p.add_argument("--no-kv-ssd", action="store_true", help="DRAM-only store (nothing survives)")
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds per service")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPES,
-        help="engine dtype; auto: vLLM's choice on a GPU, bfloat16 on a CPU with AVX-512 BF16/AMX, "
-        "float32 on other CPUs (each worker logs its choice)",
-    )
-    p.add_argument("--prefill-workers", type=int, default=1, help="prefill engines at start")
-    p.add_argument("--decode-workers", type=int, default=1, help="decode engines at start")
-    p.add_argument(
-        "--admin-port",
-        type=int,
-        default=None,
-        help=f"admin API port on 127.0.0.1 (default {DEFAULT_ADMIN_PORT}, or a free port when it "
-        "is taken; 0 = a free port)",
-    )
-
-
-def serve(args: argparse.Namespace) -> int:
-    for flag, count in (
-        ("--prefill-workers", args.prefill_workers),
-        ("--decode-workers", args.decode_workers),
-    ):
-        if not 1 <= count <= 64:
-            print(f"strata serve: {flag} must be in 1..64, got {count}", file=sys.stderr)
-            return 2
-    if args.model:
-        model_dir = Path(args.model).resolve()
-        if not (model_dir / "config.json").is_file():
-            print(
-                f"strata serve: {model_dir} is not a Hugging Face model directory", file=sys.stderr
-            )
-            return 2
+def serve(config: ServeConfig) -> int:
+    if config.model is not None:
+        model_dir = config.model.resolve()
     else:
         from strata.models import prepare_default_model
 
-        model_dir = prepare_default_model(Path(args.cache_dir) if args.cache_dir else None)
-    name = args.served_model_name or model_dir.name
+        model_dir = prepare_default_model(config.cache_dir)
+    name = config.served_model_name or model_dir.name
     from strata.models import default_cache_dir
 
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cache_dir = config.cache_dir if config.cache_dir is not None else default_cache_dir()
     # The store node serves its embedded metadata to this host over gRPC (strata://, its
     # --metadata-port): the workers publish their engines' prefix caches there as HBM events
     # (dataplane/hbm_events.py) and the gateway's prefix index follows them.
-    store_args = ["--arena-size", args.store_arena_size, "--metadata", "embedded"]
-    if not args.no_kv_ssd:
-        ssd_dir = Path(args.kv_ssd_dir) if args.kv_ssd_dir else cache_dir / "kvstore"
+    store_args = ["--arena-size", format_size(config.store_arena_size), "--metadata", "embedded"]
+    if config.kv_ssd:
+        ssd_dir = config.kv_ssd_dir if config.kv_ssd_dir is not None else cache_dir / "kvstore"
         ssd_dir.mkdir(parents=True, exist_ok=True)
         # Write-behind: every block also goes to SSD, so a restarted `strata serve` still has it.
-        store_args += ["--ssd-dir", str(ssd_dir), "--ssd-size", args.kv_ssd_size]
-        store_args += ["--ssd-ttl", args.kv_ssd_ttl, "--write-behind", "true"]
+        store_args += ["--ssd-dir", str(ssd_dir), "--ssd-size", format_size(config.kv_ssd_size)]
+        store_args += ["--ssd-ttl", format_duration(config.kv_ssd_ttl_s), "--write-behind", "true"]
     loopback = "127.0.0.1"
     py = sys.executable
     sup = Supervisor()
@@ -199,19 +152,19 @@ def serve(args: argparse.Namespace) -> int:
                 ],
                 r"listening on",
             ),
-            args.ready_timeout,
+            config.ready_timeout_s,
         )
         store = f"{loopback}:{store_port}"
         metadata = f"strata://{loopback}:{metadata_port}"
         token, token_file = _admin_token(cache_dir)
-        admin_port = _admin_port(args.admin_port, loopback)
+        admin_port = _admin_port(config.admin_port, loopback)
         admin = format_endpoint(loopback, admin_port)
-        num_engines = args.prefill_workers + args.decode_workers
+        num_engines = config.prefill_workers + config.decode_workers
         cores_per_engine = max(1, len(os.sched_getaffinity(0)) // num_engines)
         # Options every `strata worker` gets, beyond what the gateway's --launch-* flags say.
         worker_args: list[str] = []
-        if args.dtype != "auto":
-            worker_args += ["--dtype", args.dtype]
+        if config.dtype != "auto":
+            worker_args += ["--dtype", config.dtype]
         # The gateway's launcher starts the workers (so `strata admin scale` can stop them and
         # start more); they publish their prefix caches to the store node's embedded metadata
         # (strata://) as HBM events (dataplane/hbm_events.py).
@@ -224,11 +177,11 @@ def serve(args: argparse.Namespace) -> int:
             "--served-model-name",
             name,
             "--host",
-            args.host,
+            config.host,
             "--port",
-            str(args.port),
+            str(config.port),
             "--worker-startup-timeout",
-            f"{args.ready_timeout}s",
+            format_duration(config.ready_timeout_s),
             "--admin-host",
             loopback,
             "--admin-port",
@@ -236,20 +189,20 @@ def serve(args: argparse.Namespace) -> int:
             "--launch-store",
             store,
             "--launch-prefill",
-            str(args.prefill_workers),
+            str(config.prefill_workers),
             "--launch-decode",
-            str(args.decode_workers),
+            str(config.decode_workers),
             "--launch-kv-metadata",
             metadata,
             "--kv-metadata",
             metadata,
             "--launch-kv-cache-size",
-            args.kv_cache_size,
+            format_size(config.kv_cache_size),
             "--launch-cores-per-engine",
             str(cores_per_engine),
         ]
-        if args.max_model_len:
-            gateway_argv += ["--launch-max-model-len", str(args.max_model_len)]
+        if config.max_model_len:
+            gateway_argv += ["--launch-max-model-len", str(config.max_model_len)]
         if worker_args:
             gateway_argv += ["--launch-worker-args", shlex.join(worker_args)]
         if token_file is not None:
@@ -257,7 +210,7 @@ def serve(args: argparse.Namespace) -> int:
         # The gateway is ready once every worker is: allow for the engines' start-up.
         sup.start(
             Service("gateway", gateway_argv, r"strata gateway listening on"),
-            args.ready_timeout + 60,
+            config.ready_timeout_s + 60,
         )
         instances = _admin_instances(admin, token)
         endpoints = {
@@ -269,7 +222,10 @@ def serve(args: argparse.Namespace) -> int:
         )
         where = f"in {token_file}" if token_file is not None else f"${ADMIN_TOKEN_ENV}"
         print(f"strata: admin API on {admin} (token {where}): `strata admin list`", flush=True)
-        print(f"strata: serving {name} on http://{args.host}:{args.port}/v1", flush=True)
+        print(
+            f"strata: serving {name} on http://{format_endpoint(config.host, config.port)}/v1",
+            flush=True,
+        )
         code = sup.wait()
     except (ServiceError, OSError) as exc:  # OSError: e.g. the token file cannot be written
         print(f"strata serve: {exc}", file=sys.stderr, flush=True)
@@ -284,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="strata", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve_arguments(sub.add_parser("serve", help="serve a model on this host"))
+    serve_parser = sub.add_parser("serve", help="serve a model on this host")
+    add_options(serve_parser, ServeConfig, env_prefix=SERVE_ENV_PREFIX)
     for name in ("worker", "store", "gateway", "models", "admin"):
         sub.add_parser(name, add_help=False)
     if argv and argv[0] in ("worker", "store", "gateway", "models", "admin"):
@@ -309,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(models_main(rest) or 0)
     args = parser.parse_args(argv)
-    return serve(args)
+    try:
+        config = from_namespace(ServeConfig, args)
+    except ValueError as exc:
+        serve_parser.error(str(exc))
+    return serve(config)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,13 @@ def parse_duration(value: str | float) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """``30.0`` → ``"30s"``, ``0.25`` → ``"250ms"``: the inverse of :func:`parse_duration`."""
+    """``30.0`` → ``"30s"``, ``0.25`` → ``"250ms"``, ``86400`` → ``"24h"``: the inverse of
+    :func:`parse_duration`, in the largest unit that keeps it whole (up to hours)."""
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
+    for unit, factor in (("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{seconds / factor:g}{unit}"
     return f"{seconds:g}s"
 
 

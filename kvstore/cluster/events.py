@@ -5,7 +5,7 @@ cluster-wide :class:`~kvstore.cluster.index.PrefixIndex` which blocks it holds i
 :class:`Tier`, as a stream of events numbered per holder (the event's *source*) 0, 1, 2, ... The
 numbers let the index notice a lost event (a gap) and ask the source for a :class:`SourceSnapshot`.
 The stream of a source starts with ``SourceCleared(seq=0)``, and starts again that way after a
-restart. The rules the index applies are in docs/design/kvstore.md §11.2.
+restart. The rules the index applies are in docs/design/kvstore.md §10.2.
 
 Events are small frozen, slotted dataclasses, validated on construction (keys are 16-byte
 :data:`~kvstore.blocks.hashing.BlockKey` values, the source id is 1..255 bytes of UTF-8), so a

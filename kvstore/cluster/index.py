@@ -4,7 +4,7 @@ Fed by the :mod:`kvstore.cluster.events` that store nodes and engines publish, a
 scheduler with a prompt's key chain: :meth:`PrefixIndex.match` returns how long a prefix is cached
 anywhere, how far each tier (or faster) reaches, and how much each single holder can serve. The
 semantics, the sequence-number rules and the representation are the design of record in
-docs/design/kvstore.md §11; in short:
+docs/design/kvstore.md §10.2-10.4; in short:
 
 * **Implicit trie.** A key names its whole prefix (:mod:`kvstore.blocks.hashing`), so the set of
   keys *is* the set of trie nodes and the requester computes children itself; the index is a flat
@@ -137,7 +137,7 @@ class PrefixIndex:
     # -- events -------------------------------------------------------------------------------
 
     def apply(self, event: KVEvent) -> ApplyResult:
-        """Apply one event; see :class:`ApplyResult` and docs/design/kvstore.md §11.2."""
+        """Apply one event; see :class:`ApplyResult` and docs/design/kvstore.md §10.2."""
         source = self._sources.get(event.source)
         if isinstance(event, SourceCleared):
             if source is None:

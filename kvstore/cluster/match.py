@@ -30,7 +30,7 @@ class ApplyResult(enum.Enum):
     """Events were lost before it: resync the source (fetch a snapshot, call ``resync``).
 
     The event itself was applied if the source was known, and ignored if it was not (see
-    docs/design/kvstore.md §11.2)."""
+    docs/design/kvstore.md §10.2)."""
 
 
 @dataclass(frozen=True, slots=True)

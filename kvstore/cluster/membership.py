@@ -1,5 +1,5 @@
 """Membership (register, heartbeat, rejoin) and NodeAgent, a store node's side of the cluster
-(docs/design/kvstore.md §14.1-14.2).
+(docs/design/kvstore.md §10.5, §10.7).
 
 :class:`Membership` is one member's registration and heartbeat, whatever its kind: a store node's
 :class:`NodeAgent` and an engine worker's HBM event publisher (``dataplane.hbm_events``) both use

@@ -1,6 +1,6 @@
 """ClusterView: a PrefixIndex kept current from the metadata store, plus membership.
 
-See docs/design/kvstore.md §14.3-14.4. A background thread reads the event stream, applies events
+See docs/design/kvstore.md §10.8-10.9. A background thread reads the event stream, applies events
 and snapshots in stream order, asks sources for snapshots after a gap, and removes members whose
 heartbeat expired (a crashed node's blocks leave the index within the heartbeat timeout plus one
 poll). Members are store nodes or engines (:class:`~kvstore.metadata.MemberKind`): both are

@@ -1,5 +1,5 @@
 """The metadata-store contract: members, heartbeats, resync requests, the atomic reap, the KV event
-stream (docs/design/kvstore.md §14.1), and the spec that names a store.
+stream (docs/design/kvstore.md §10.5), and the spec that names a store.
 
 :class:`MetadataStore` is one small synchronous interface with three backends:
 :class:`~kvstore.metadata.embedded.EmbeddedMetadataStore` (in this process: one host, tests),
@@ -46,7 +46,7 @@ START: Final = "0-0"
 """Cursor of the beginning of the stream (everything still retained)."""
 STREAM_MAXLEN: Final = 100_000
 STRATA_SCHEME: Final = "strata://"
-"""``strata://HOST:PORT``: a store node's gRPC metadata service (docs/design/kvstore.md §14.6)."""
+"""``strata://HOST:PORT``: a store node's gRPC metadata service (docs/design/kvstore.md §10.6)."""
 KIND_KEY: Final = "kind"
 """The member-info field naming what a member is (:class:`MemberKind`)."""
 MAX_BLOCK_S: Final = 30.0
@@ -61,7 +61,7 @@ class MetadataServiceError(RuntimeError):
 
 
 class MemberKind(enum.StrEnum):
-    """What a registered member is (docs/design/kvstore.md §14.1).
+    """What a registered member is (docs/design/kvstore.md §10.5).
 
     Both kinds heartbeat, publish KV events under their id and are reaped the same way when
     their heartbeat expires; only store nodes serve blocks, so only they are read-through peers

@@ -1,4 +1,4 @@
-"""The in-process metadata store: one host, no Redis (docs/design/kvstore.md §14.1).
+"""The in-process metadata store: one host, no Redis (docs/design/kvstore.md §10.5).
 
 A store node started with ``--metadata embedded`` keeps its cluster's metadata here and serves it
 to the other processes of its host over gRPC (:mod:`kvstore.metadata.service`); tests use it

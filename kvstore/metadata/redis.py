@@ -1,4 +1,4 @@
-"""Metadata in Redis or Valkey: several hosts share one store (docs/design/kvstore.md §14.1)."""
+"""Metadata in Redis or Valkey: several hosts share one store (docs/design/kvstore.md §10.5)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 :class:`RemoteMetadataStore` implements the whole :class:`~kvstore.metadata.base.MetadataStore`
 protocol with the typed stub of ``strata.metadata.v1.Metadata`` (served by
-:mod:`kvstore.metadata.service`; docs/design/kvstore.md §14.6).
+:mod:`kvstore.metadata.service`; docs/design/kvstore.md §10.6).
 
 - **Deadlines.** Every call has one: ``timeout_s`` (10 s by default), and for ``read`` its
   ``block_s`` on top (the service answers an empty batch at ``block_s``).

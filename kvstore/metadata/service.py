@@ -5,7 +5,7 @@ other processes on the host -- the gateway (prefix-aware routing), the workers (
 HBM-resident blocks as events with their instance id as source) -- open
 ``open_metadata_store("strata://HOST:PORT")``, a
 :class:`~kvstore.metadata.remote.RemoteMetadataStore` that calls this service
-(docs/design/kvstore.md §14.6). :class:`MetadataServer` is the node's server: the
+(docs/design/kvstore.md §10.6). :class:`MetadataServer` is the node's server: the
 ``strata.metadata.v1.Metadata`` service and the standard ``grpc.health.v1`` health service
 (SERVING while the node serves; NOT_SERVING once it stops) on one port, on the node's event loop.
 

@@ -1,7 +1,7 @@
 """TierManager: one store node's tiers in order -- DRAM (StoreNode), then SSD (SSDTier).
 
 The node owns DRAM, the SSD tier owns the SSD; this class is the only one that talks to both and
-moves blocks between them (docs/design/kvstore.md §13). It runs on the server's event loop and
+moves blocks between them (docs/design/kvstore.md §7). It runs on the server's event loop and
 never touches the disk there: SSD reads go to a small pool of reader threads, every SSD write
 (spill batches, deletes, sweeps, purges of corrupt blocks) to **one** writer thread, in submission
 order. lmdb, ``np.copyto`` and xxhash release the GIL on large buffers, so those threads overlap

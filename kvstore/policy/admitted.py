@@ -1,7 +1,7 @@
 """``AdmittedPolicy``: any policy (as *main*) behind an admission filter, with a small LRU window
 for new keys whose size adapts as ARC's ``p``. ``PolicyKind.W_TINYLFU`` and
 ``PolicyKind.SECOND_HIT_LRU`` build it with an LRU main. A refused block is simply the next victim,
-so the node's protocol is unchanged (docs/design/kvstore.md §12.2).
+so the node's protocol is unchanged (docs/design/kvstore.md §6.2).
 """
 
 from __future__ import annotations

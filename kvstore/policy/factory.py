@@ -1,6 +1,6 @@
 """``PolicyKind`` and ``make_policy``: the node's ``--eviction-policy`` choices.
 
-Design: docs/design/kvstore.md §12; compared against Belady's optimum by
+Design: docs/design/kvstore.md §6; compared against Belady's optimum by
 benchmarks/bench_trace_eviction.py.
 """
 

@@ -1,7 +1,7 @@
 """A store node's cluster side: join (register, publish, follow), read-through, leave (migrate).
 
 Mixed into :class:`kvstore.server.lifecycle.StoreServer`; all of it is idle for a standalone node
-(no ``--metadata``). Design: docs/design/kvstore.md §14.
+(no ``--metadata``). Design: docs/design/kvstore.md §10.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ class StoreNodeConfig:
         port: TCP port; 0 picks a free one (the ready line reports which).
         arena_size_bytes: size of the one preallocated DRAM arena, reserved at start-up.
         page_size_bytes: allocation unit of the arena; blocks take whole pages.
-        max_block_bytes: largest block (header + payload) a PUT may carry; bigger frames are
-            treated as malformed and close the connection.
+        max_block_bytes: largest block (header + payload) a PUT may carry; a bigger one is read
+            and dropped, and answered TOO_LARGE (the connection stays usable).
         put_timeout_s: a PUT whose payload has not fully arrived after this long is abandoned:
             its connection is closed and its space revoked.
         arena_dir: directory of the arena's backing file; ``/dev/shm`` so that a same-host client
@@ -48,7 +48,7 @@ class StoreNodeConfig:
         log_level: Python logging level name.
         ssd_dir: directory of the SSD tier (an lmdb environment); None = no SSD tier, DRAM only.
         ssd_size_bytes: lmdb map size: the SSD tier's files never grow past it (blocks fill it up
-            to a budget that leaves headroom for lmdb itself; docs/design/kvstore.md §13.7).
+            to a budget that leaves headroom for lmdb itself; docs/design/kvstore.md §7.7).
         ssd_ttl_s: an SSD block expires this long after it was written (default 24 h).
         ssd_sync: durability of SSD commits: ``"data"`` (fdatasync per commit, metadata flushed
             at the next commit), ``"full"`` (both synced) or ``"none"`` (no sync; a power loss
@@ -68,15 +68,15 @@ class StoreNodeConfig:
         metadata_port: with ``metadata="embedded"``, the port of the node's gRPC metadata service
             on ``host`` (``strata://HOST:METADATA_PORT`` for the host's other processes); 0 picks a
             free one, printed as ``kvstore metadata on strata://HOST:PORT`` before the ready line.
-        heartbeat_interval_s / heartbeat_timeout_s: liveness (docs/design/kvstore.md §14).
+        heartbeat_interval_s / heartbeat_timeout_s: liveness (docs/design/kvstore.md §10.7).
         leave_policy: on graceful stop, ``"drop"`` the blocks or ``"migrate"`` DRAM to a peer.
         replicate_on_read: keep a local copy of a block read through from a peer.
         event_flush_interval_s: KV events of PUT/DELETE are batched for this long.
         reconcile_interval_s: period of the full tier diff, a safety net behind the exact tier
-            events (docs/design/kvstore.md §14).
-        eviction_policy: the DRAM tier's eviction policy (a
-        :class:`kvstore.policy.factory.PolicyKind`
-            value: lru, s3fifo, arc, sieve, w-tinylfu, second-hit-lru; §12).
+            events (docs/design/kvstore.md §10.7).
+        eviction_policy: the DRAM tier's eviction policy, a
+            :class:`kvstore.policy.factory.PolicyKind` value: lru, s3fifo, arc, sieve, w-tinylfu,
+            second-hit-lru (docs/design/kvstore.md §6).
     """
 
     host: str = option("127.0.0.1", help="address to listen on")

@@ -18,7 +18,7 @@ Leases while sending
     client that pipelines GETs without reading cannot make the node buffer unboundedly), and
     ``resume_writing`` releases the held leases and resumes.
 
-SSD tier (docs/design/kvstore.md §13)
+SSD tier (docs/design/kvstore.md §7)
     A GET that misses DRAM but hits SSD is read on a thread into an arena extent; meanwhile the
     connection keeps parsing and answering, queuing later responses behind the pending one
     (``queued``: :meth:`Connection.park`, :meth:`Connection.fill`), so responses stay in request

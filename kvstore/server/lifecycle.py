@@ -42,7 +42,7 @@ class StoreServer(ClusterMember):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._all_closed: asyncio.Event | None = None
         self._boot_id = boot_id()
-        # Distribution (docs/design/kvstore.md §14); all None for a standalone node.
+        # Distribution (docs/design/kvstore.md §10); all None for a standalone node.
         self.agent: NodeAgent | None = None
         self.view: ClusterView | None = None
         self.fetcher: PeerFetcher | None = None

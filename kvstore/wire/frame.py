@@ -54,7 +54,7 @@ RDMA_CONNECT  client's RdmaEndpointInfo (0)        OK + node's RdmaEndpointInfo 
                                                    reason (UTF-8)
 ============  ===================================  ================================================
 
-The batch ops (numbered from 16, apart from the metadata ops) are the control half of the
+The batch ops (numbered from 16) are the control half of the
 one-sided transports (kvstore.transport): the client learns where blocks are in the node's arena
 and moves the bytes itself -- a memory copy through the shared mapping, or an RDMA READ/WRITE of
 the registered arena -- so one round trip covers a whole batch. Leases and reservations taken by

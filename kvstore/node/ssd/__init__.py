@@ -1,6 +1,6 @@
 """SSDTier: a store node's SSD tier on lmdb -- crash-safe, restartable, bounded, TTL, verified.
 
-The design of record is docs/design/kvstore.md §13; the reasons, in short:
+The design of record is docs/design/kvstore.md §7; the reasons, in short:
 
 Why lmdb
     A copy-on-write B-tree in one memory-mapped file: commits are atomic (a crash leaves the last

@@ -57,7 +57,7 @@ class SSDTier(Closeable):
         capacity_bytes: lmdb ``map_size``; blocks fill it up to :attr:`budget_bytes`.
         ttl_s: a block expires this long after it was written.
         sync: ``"data"`` (fdatasync per commit; default), ``"full"`` or ``"none"`` -- see
-            docs/design/kvstore.md §13.2.
+            docs/design/kvstore.md §7.2.
         policy: capacity eviction order (default LRU).
         clock: wall-clock seconds (expiry survives restarts); injected by tests.
         read_threads: expected concurrent readers (sizes lmdb's spare read transactions).

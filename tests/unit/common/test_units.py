@@ -54,7 +54,10 @@ def test_parse_duration_rejects(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(30.0, "30s"), (0.25, "250ms"), (0.0, "0s")])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(30.0, "30s"), (0.25, "250ms"), (0.0, "0s"), (600.0, "10m"), (86400.0, "24h"), (90.0, "90s")],
+)
 def test_format_duration_round_trips(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds

@@ -91,7 +91,7 @@ WORKED_EXAMPLE: list[Op] = [
 MATCH_CASES: list[tuple[str, list[Op], tuple[int, ...], int, tuple[int, ...], list[Holder]]] = [
     # name, events, query, depth, depth_by_tier, holders (holder, depth, num_blocks_by_tier)
     (
-        "worked example (docs §11.3)",
+        "worked example (docs §10.3)",
         WORKED_EXAMPLE,
         (0, 1, 2, 3, 4),
         3,
@@ -417,7 +417,7 @@ def test_worst_case_collisions_stay_correct() -> None:
 
 
 class Model:
-    """The semantics of docs/design/kvstore.md §11.3, written the obvious way."""
+    """The semantics of docs/design/kvstore.md §10.3, written the obvious way."""
 
     def __init__(self) -> None:
         self.held: dict[str, dict[Tier, set[bytes]]] = {}
