@@ -212,7 +212,7 @@ Decision = Assign | Reject
 
 @dataclass(frozen=True, slots=True)
 class SchedulingConfig:
-    """Knobs of every policy (defaults and reasons: docs/design/scheduling.md §4).
+    """Knobs of every policy (defaults and reasons: docs/design/scheduling.md §1, §4).
 
     ``local_prefill_threshold_tokens``: conditional disaggregation sends a prompt to a prefill
     instance only if at least this many of its tokens are uncached on the chosen decode instance

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, verify
 from kvstore.blocks.hashing import BlockKey
 from kvstore.errors import KVStoreError
-from kvstore.transport.tcp import recv_exact
+from kvstore.transport.tcp import recv_bytes
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader
 from strata_common.endpoints import parse_endpoint
@@ -50,7 +50,7 @@ class PeerFetcher:
         try:
             sock.sendall(requests.get(1, key, from_peer=True))
             frame = _read_header(sock, 1)
-            body = _recv_body(sock, frame.payload_len)
+            body = recv_bytes(sock, frame.payload_len)
         except BaseException:
             sock.close()
             raise
@@ -75,7 +75,7 @@ class PeerFetcher:
             statuses = []
             for i in range(len(blocks)):
                 header = _read_header(sock, i + 1)
-                _recv_body(sock, header.payload_len)
+                recv_bytes(sock, header.payload_len)
                 statuses.append(header.status)
         except BaseException:
             sock.close()
@@ -92,15 +92,9 @@ class PeerFetcher:
                     sock.close()
 
 
-def _recv_body(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    recv_exact(sock, memoryview(buf))
-    return bytes(buf)
-
-
 def _read_header(sock: socket.socket, request_id: int) -> FrameHeader:
     """The reply to ``request_id``; ConnectionError if the peer answers anything else."""
-    raw = _recv_body(sock, FRAME_HEADER_BYTES)
+    raw = recv_bytes(sock, FRAME_HEADER_BYTES)
     try:
         return replies.decode_reply_header(raw, 0, request_id)
     except KVStoreError as exc:

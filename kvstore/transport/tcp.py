@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["recv_exact"]
+__all__ = ["recv_bytes", "recv_exact"]
 
 
 def recv_exact(sock: socket.socket, target: memoryview) -> None:
@@ -17,3 +17,10 @@ def recv_exact(sock: socket.socket, target: memoryview) -> None:
         if not received:
             raise ConnectionError("connection closed by the node")
         target = target[received:]
+
+
+def recv_bytes(sock: socket.socket, nbytes: int) -> bytes:
+    """The next ``nbytes`` of a blocking socket, as bytes (:func:`recv_exact` into a new buffer)."""
+    buffer = bytearray(nbytes)
+    recv_exact(sock, memoryview(buffer))
+    return bytes(buffer)

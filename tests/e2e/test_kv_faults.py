@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kvstore.transport.tcp import recv_bytes
 from kvstore.wire.frame import FRAME_HEADER, Op
 from strata_proto import worker_pb2
 from tests.e2e.dataplane_processes import Process, decode, start_store, start_worker, stub
@@ -70,11 +71,11 @@ class KillingProxy:
     def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
         try:
             while True:
-                header = _recv_exact(client, FRAME_HEADER.size)
+                header = recv_bytes(client, FRAME_HEADER.size)
                 _magic, _version, op, _status, _flags, _rid, _count, length = FRAME_HEADER.unpack(
                     header
                 )
-                payload = _recv_exact(client, length)
+                payload = recv_bytes(client, length)
                 if op in _DATA_OPS and self.armed.is_set():
                     self.killed_on = op
                     self.armed.clear()
@@ -96,16 +97,6 @@ class KillingProxy:
                 client.sendall(data)
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_RDWR)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return bytes(buf)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import pytest
 from kvstore.blocks.format import BlockDType, encode_header
 from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreCorruptError, KVStoreError, KVStoreUnavailable
+from kvstore.transport.tcp import recv_bytes
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
 from kvstore.wire.messages import SHM_LEASE
 from kvstore.wire.types import PutStatus
@@ -43,22 +44,12 @@ def raw_connection(endpoint: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=5)
 
 
-def recv_exact(sock: socket.socket, nbytes: int) -> bytes:
-    data = b""
-    while len(data) < nbytes:
-        chunk = sock.recv(nbytes - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
 def read_frame(sock: socket.socket) -> tuple[int, int, int, bytes]:
     """Return (opcode, status, count, payload) of the next frame."""
     _magic, _ver, opcode, status, _flags, _rid, count, length = FRAME_HEADER.unpack(
-        recv_exact(sock, FRAME_HEADER.size)
+        recv_bytes(sock, FRAME_HEADER.size)
     )
-    return opcode, status, count, recv_exact(sock, length)
+    return opcode, status, count, recv_bytes(sock, length)
 
 
 def assert_closed_by_peer(sock: socket.socket) -> None:

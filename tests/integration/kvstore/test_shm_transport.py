@@ -18,6 +18,7 @@ from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreCorruptError
 from kvstore.transport.base import SkippedTransport, TransportKind
 from kvstore.transport.rdma import probe_rdma
+from kvstore.transport.tcp import recv_bytes
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
 from kvstore.wire.messages import (
     BATCH_ID,
@@ -41,23 +42,14 @@ def pattern(n: int, nbytes: int) -> bytes:
     return (n.to_bytes(4, "little") * (nbytes // 4 + 1))[:nbytes]
 
 
-def recv_exact(sock: socket.socket, nbytes: int) -> bytes:
-    data = bytearray()
-    while len(data) < nbytes:
-        chunk = sock.recv(nbytes - len(data))
-        assert chunk, "connection closed by the node"
-        data += chunk
-    return bytes(data)
-
-
 def request(sock: socket.socket, op: Op, count: int, payload: bytes) -> tuple[int, int, bytes]:
     """Send one frame, return (status, count, payload) of its reply."""
     sock.sendall(pack_frame_header(op, 7, count, len(payload)) + payload)
     _magic, _v, opcode, status, _f, rid, count, length = FRAME_HEADER.unpack(
-        recv_exact(sock, FRAME_HEADER.size)
+        recv_bytes(sock, FRAME_HEADER.size)
     )
     assert (opcode, rid) == (op, 7)
-    return status, count, recv_exact(sock, length)
+    return status, count, recv_bytes(sock, length)
 
 
 def wait_for(condition: Any, timeout_s: float = 5.0) -> None:
