@@ -183,6 +183,17 @@ class _Default:
         return f"_Default({self.value!r})"
 
 
+class _FromEnv(str):
+    """An option's value taken from its environment variable (named in errors)."""
+
+    env: str
+
+    def __new__(cls, value: str, env: str) -> _FromEnv:
+        text = super().__new__(cls, value)
+        text.env = env
+        return text
+
+
 class _Given(list[str]):
     """The values of a repeatable flag given on the command line (they replace the default)."""
 
@@ -414,6 +425,8 @@ def add_options(
         default = defaults[leaf.path]
         env_name = env_prefix + leaf.flag.upper().replace("-", "_") if env_prefix else ""
         env_value = env.get(env_name) if env_name and spec.env else None
+        if env_value is not None and not env_value.strip() and default is dataclasses.MISSING:
+            env_value = None  # an empty variable does not stand in for a required option
         help_text = spec.help
         notes = []
         if default is not dataclasses.MISSING:
@@ -426,7 +439,7 @@ def add_options(
             help_text = f"{help_text} ({'; '.join(notes)})"
         help_text = help_text.replace("%", "%%")
         required = default is dataclasses.MISSING and env_value is None
-        initial: Any = env_value if env_value is not None else _Default(default)
+        initial: Any = _FromEnv(env_value, env_name) if env_value is not None else _Default(default)
         negative = None
         if spec.negative_flag is not None:
             negative = _flag_name("", leaf.prefix, Option("", flag=spec.negative_flag))
@@ -450,7 +463,7 @@ def add_options(
                 dest=leaf.dest,
                 action="store_const",
                 const="false",
-                help=spec.negative_help or f"same as --{leaf.flag} false",
+                help=(spec.negative_help or f"same as --{leaf.flag} false").replace("%", "%%"),
             )
 
 
@@ -474,7 +487,8 @@ def _build(cls: type[T], ns: argparse.Namespace, path: tuple[str, ...], leaves: 
             try:
                 values[f.name] = leaf.parse(raw)
             except ValueError as exc:
-                raise _ParseError(leaf.flag, str(exc)) from None
+                where = f"{leaf.flag} (from ${raw.env})" if isinstance(raw, _FromEnv) else leaf.flag
+                raise _ParseError(where, str(exc)) from None
     try:
         return cls(**values)
     except ValueError as exc:

@@ -8,6 +8,7 @@ Both raise ``ValueError`` with an example of what is accepted.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 __all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
 
@@ -68,13 +69,21 @@ def parse_duration(value: str | float) -> float:
 
 def format_duration(seconds: float) -> str:
     """``30.0`` → ``"30s"``, ``0.25`` → ``"250ms"``, ``86400`` → ``"24h"``: the inverse of
-    :func:`parse_duration`, in the largest unit that keeps it whole (up to hours)."""
+    :func:`parse_duration` — ``parse_duration(format_duration(x)) == x`` for every duration —,
+    in the largest unit that keeps it short (up to hours), else in exact decimal seconds."""
+    candidates = []
     if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    for unit, factor in (("h", 3600), ("m", 60)):
-        if seconds >= factor and seconds % factor == 0:
-            return f"{seconds / factor:g}{unit}"
-    return f"{seconds:g}s"
+        candidates.append(f"{seconds * 1000:g}ms")
+    candidates += [
+        f"{seconds / factor:g}{unit}"
+        for unit, factor in (("h", 3600), ("m", 60))
+        if seconds >= factor and seconds % factor == 0
+    ]
+    candidates.append(f"{seconds:g}s")
+    for text in candidates:
+        if "e" not in text and parse_duration(text) == seconds:
+            return text
+    return f"{Decimal(repr(float(seconds))):f}s"
 
 
 def format_size(nbytes: int) -> str:

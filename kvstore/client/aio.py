@@ -348,7 +348,7 @@ class AsyncKVStoreClient:
         tiers: list[Tier] = []
         for chunk, reply in zip(chunks, replies_, strict=True):
             assert reply.header is not None
-            found = replies.decode_match_tiers(reply.header, _body(reply))
+            found = replies.decode_match_tiers(reply.header, _body(reply), len(chunk))
             tiers.extend(found)
             if len(found) < len(chunk):
                 break
@@ -358,9 +358,11 @@ class AsyncKVStoreClient:
         """Whether each key is stored (committed) on the node, in any tier."""
         chunks = requests.key_chunks(keys)
         present: list[bool] = []
-        for reply in await self._await([self._keyed(Op.EXISTS, c) for c in chunks]):
+        for chunk, reply in zip(
+            chunks, await self._await([self._keyed(Op.EXISTS, c) for c in chunks]), strict=True
+        ):
             assert reply.header is not None
-            present.extend(replies.decode_exists(reply.header, _body(reply)))
+            present.extend(replies.decode_exists(reply.header, _body(reply), len(chunk)))
         return present
 
     async def delete(self, keys: Sequence[bytes]) -> int:

@@ -249,7 +249,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
         """Number of leading keys of a prompt's key chain that the node holds (any tier)."""
         matched = 0
         for chunk in requests.key_chunks(keys):
-            found = self._keyed(Op.MATCH_PREFIX, chunk)[0].count
+            found = replies.decode_match_count(self._keyed(Op.MATCH_PREFIX, chunk)[0], len(chunk))
             matched += found
             if found < len(chunk):
                 break
@@ -262,7 +262,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
         """
         tiers: list[Tier] = []
         for chunk in requests.key_chunks(keys):
-            found = replies.decode_match_tiers(*self._keyed(Op.MATCH_PREFIX, chunk))
+            found = replies.decode_match_tiers(*self._keyed(Op.MATCH_PREFIX, chunk), len(chunk))
             tiers.extend(found)
             if len(found) < len(chunk):
                 break
@@ -272,7 +272,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
         """Whether each key is stored (committed) on the node, in any tier."""
         present: list[bool] = []
         for chunk in requests.key_chunks(keys):
-            present.extend(replies.decode_exists(*self._keyed(Op.EXISTS, chunk)))
+            present.extend(replies.decode_exists(*self._keyed(Op.EXISTS, chunk), len(chunk)))
         return present
 
     def delete(self, keys: Sequence[bytes]) -> int:

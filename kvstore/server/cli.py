@@ -25,6 +25,7 @@ from kvstore.node.tiers import TierManager
 from kvstore.policy.factory import PolicyKind, make_policy
 from kvstore.server.config import StoreNodeConfig
 from kvstore.server.lifecycle import StoreServer
+from strata_common.endpoints import format_endpoint
 
 __all__ = ["main"]
 
@@ -66,7 +67,7 @@ async def _serve(config: StoreNodeConfig) -> int:
         try:  # stop() also closes the SSD tier, before the arena its threads read from
             host, port = await server.start()
             await server.join_cluster(host, port)
-            print(f"kvstore node listening on {host}:{port}", flush=True)
+            print(f"kvstore node listening on {format_endpoint(host, port)}", flush=True)
             logger.info(
                 "arena %s: %d bytes, page %d, max block %d",
                 arena.path,

@@ -21,6 +21,7 @@ from kvstore.node.tiers import TierManager
 from kvstore.server.config import StoreNodeConfig
 from kvstore.wire.frame import Status
 from kvstore.wire.types import PutStatus
+from strata_common.endpoints import format_endpoint
 
 __all__ = ["ClusterMember"]
 
@@ -50,9 +51,10 @@ class ClusterMember:
         if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
             self.metadata_server = MetadataServer(store, config.host, config.metadata_port)
             await self.metadata_server.start()
-        node_id = config.node_id or f"{host}:{port}"
+        endpoint = format_endpoint(host, port)
+        node_id = config.node_id or endpoint
         info = {
-            "endpoint": f"{host}:{port}",
+            "endpoint": endpoint,
             "pid": os.getpid(),
             "boot_id": self._boot_id,
             "arena_path": self.node.arena.path,
@@ -94,7 +96,7 @@ class ClusterMember:
         for endpoint in self.peers_holding(key):
             try:
                 found = self.fetcher.get_block(endpoint, key)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a member's endpoint is malformed
                 logger.warning("read-through from %s failed: %s", endpoint, exc)
                 continue
             if found is not None:
@@ -109,18 +111,19 @@ class ClusterMember:
             self.note_changed([key])
 
     async def leave_cluster(self) -> None:
-        """Graceful leave: migrate DRAM blocks if configured, then clear and deregister."""
+        """Graceful leave: migrate DRAM blocks if configured, then clear and deregister. Also
+        undoes a join that failed half-way (whatever of it was started is stopped)."""
         agent, view = self.agent, self.view
-        if agent is None or view is None:
-            return
         loop = asyncio.get_running_loop()
-        if self.config.leave_policy == "migrate":
+        if agent is not None and view is not None and self.config.leave_policy == "migrate":
             try:
                 await self._migrate(loop, agent, view)
             except Exception:
                 logger.exception("migration on leave failed; dropping the rest")
-        await agent.stop()
-        await loop.run_in_executor(None, view.stop)
+        if agent is not None:
+            await agent.stop()
+        if view is not None:
+            await loop.run_in_executor(None, view.stop)
         if self.metadata_server is not None:
             await self.metadata_server.stop()
             self.metadata_server = None

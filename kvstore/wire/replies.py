@@ -115,19 +115,33 @@ def corrupt_block(key: bytes) -> KVStoreCorruptError:
     return KVStoreCorruptError(f"block {key.hex()} failed its checksum")
 
 
-def decode_match_tiers(header: FrameHeader, body: bytes | bytearray | memoryview) -> list[Tier]:
-    """A MATCH_PREFIX reply: the tier of each matched key (a node without tier information
-    reports every block as DRAM)."""
+def decode_match_count(header: FrameHeader, asked: int) -> int:
+    """A MATCH_PREFIX reply's number of matched keys, at most the ``asked`` keys of the request."""
     check_ok(header)
-    found = header.count
+    if header.count > asked:
+        raise KVStoreCorruptError(f"MATCH_PREFIX reply matched {header.count} of {asked} keys")
+    return header.count
+
+
+def decode_match_tiers(
+    header: FrameHeader, body: bytes | bytearray | memoryview, asked: int
+) -> list[Tier]:
+    """A MATCH_PREFIX reply: the tier of each matched key (a node without tier information
+    reports every block as DRAM); at most the ``asked`` keys of the request."""
+    found = decode_match_count(header, asked)
     try:
         return [Tier(code) for code in body] if len(body) == found else [Tier.DRAM] * found
     except ValueError:
         return [Tier.DRAM] * found
 
 
-def decode_exists(header: FrameHeader, body: bytes | bytearray | memoryview) -> list[bool]:
+def decode_exists(
+    header: FrameHeader, body: bytes | bytearray | memoryview, asked: int
+) -> list[bool]:
+    """An EXISTS reply: one flag per key of the request (``asked`` keys)."""
     check_ok(header)
+    if header.count != asked:
+        raise KVStoreCorruptError(f"EXISTS reply answers {header.count} of {asked} keys")
     try:
         return decode_bitmap(body, header.count)
     except ValueError as exc:

@@ -343,3 +343,25 @@ def test_engine_member_over_a_store_nodes_strata_metadata(
         engine.close()
         view.stop()
         store.close()
+
+
+def test_read_through_between_nodes_on_ipv6(start_node: NodeFactory, valkey_url: str) -> None:
+    """Nodes on [::1] announce bracketed endpoints, and read-through reaches them."""
+    node_a = start_node(*cluster_args(valkey_url, "A6"), "--host", "::1")
+    node_b = start_node(*cluster_args(valkey_url, "B6"), "--host", "::1")
+    assert node_a.endpoint.startswith("[::1]:"), node_a.endpoint
+    store = RedisMetadataStore(valkey_url)
+    view = ClusterView(store, poll_interval_s=0.05).start()
+    try:
+        assert view.wait_for(lambda v: {"A6", "B6"} <= set(v.live_nodes()), 5.0)
+        assert store.members()["A6"]["endpoint"] == node_a.endpoint
+        with (
+            KVStoreClient(node_a.endpoint, use_shm=False) as a,
+            KVStoreClient(node_b.endpoint, use_shm=False) as b,
+        ):
+            assert a.put(key(6, 0), payload(6, 0)) is PutStatus.OK
+            assert view.wait_for(lambda v: v.holders(key(6, 0)) == [("A6", Tier.DRAM)], 5.0)
+            assert b.get(key(6, 0)) == payload(6, 0)
+    finally:
+        view.stop()
+        store.close()

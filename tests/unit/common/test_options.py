@@ -229,3 +229,34 @@ def test_replace_nested_changes_one_field_of_a_group(tmp_path: Path) -> None:
     assert replace_nested(base, inner=Inner()).inner == Inner()
     with pytest.raises(ValueError, match="count must be >= 0"):
         replace_nested(base, count=-1)
+
+
+def test_an_empty_variable_does_not_stand_in_for_a_required_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        from_cli(Sample, [], env_prefix="T_", environ={"T_MODEL_DIR": ""})
+    assert excinfo.value.code == 2
+    assert "--model-dir" in capsys.readouterr().err
+
+
+def test_a_bad_environment_value_names_its_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        from_cli(Sample, ["--model-dir", "m"], env_prefix="T_", environ={"T_PROFILE": "maybe"})
+    assert excinfo.value.code == 2
+    assert "--profile (from $T_PROFILE): expected true or false" in capsys.readouterr().err
+    config = from_cli(Sample, ["--model-dir", "m"], env_prefix="T_", environ={"T_COUNT": "3"})
+    assert config.count == 3
+
+
+@dataclass(frozen=True, slots=True)
+class Percent:
+    full: bool = option(True, help="100% of it", negative_flag="partial", negative_help="50% of it")
+
+
+def test_percent_signs_in_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        from_cli(Percent, ["--help"], environ={})
+    out = capsys.readouterr().out
+    assert "100% of it" in out
+    assert "50% of it" in out

@@ -70,3 +70,13 @@ def test_format_duration_round_trips(seconds: float, text: str) -> None:
 def test_format_size_round_trips(nbytes: int, text: str) -> None:
     assert format_size(nbytes) == text
     assert parse_size(text) == nbytes
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [1e6, 1234567.0, 100000.5, 0.0001234567, 1e-7, 86400.0 * 400, 0.001, 59.999, 3600.5, 1e-3 / 3],
+)
+def test_format_duration_is_exact_for_any_value(seconds: float) -> None:
+    text = format_duration(seconds)
+    assert "e" not in text
+    assert parse_duration(text) == seconds
