@@ -23,7 +23,7 @@ from kvstore.transport.base import (
 )
 from kvstore.transport.rdma import RdmaProbe, gid_from_text, gid_to_text, probe_rdma
 from kvstore.transport.shm import ShmMemory
-from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameError, FrameHeader, Op, Status
+from kvstore.wire.frame import Status
 from kvstore.wire.messages import LeaseBatchReply, RdmaEndpointInfo, ReserveBatchReply
 
 SHM, RDMA, TCP = TransportKind.SHM, TransportKind.RDMA, TransportKind.TCP
@@ -273,33 +273,6 @@ def test_reserve_batch_reply_layout() -> None:
     assert ReserveBatchReply.decode(raw, 2) == reply
     with pytest.raises(ValueError):
         ReserveBatchReply.decode(raw + b"\x00", 2)
-
-
-@pytest.mark.parametrize(
-    ("op", "count", "length", "ok"),
-    [
-        (Op.LEASE_BATCH, 3, 48, True),
-        (Op.LEASE_BATCH, 3, 47, False),
-        (Op.RELEASE_BATCH, 2, 16, True),
-        (Op.RELEASE_BATCH, 2, 8, False),
-        (Op.RESERVE_BATCH, 2, 48, True),
-        (Op.RESERVE_BATCH, 0, 0, False),
-        (Op.RESERVE_BATCH, 2, 47, False),
-        (Op.COMMIT_BATCH, 1, 8, True),
-        (Op.COMMIT_BATCH, 2, 16, False),
-        (Op.RDMA_CONNECT, 0, 48, True),
-        (Op.RDMA_CONNECT, 0, 47, False),
-    ],
-)
-def test_transport_ops_check_request(op: Op, count: int, length: int, ok: bool) -> None:
-    assert op >= 16  # numbered apart from the metadata ops
-    header = FrameHeader(op, 0, 1, count, length)
-    if ok:
-        header.check_request()
-    else:
-        with pytest.raises(FrameError):
-            header.check_request()
-    assert FRAME_HEADER_BYTES == 24
 
 
 # -- shared memory ---------------------------------------------------------------------------------

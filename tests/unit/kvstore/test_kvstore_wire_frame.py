@@ -67,6 +67,18 @@ def test_decode_rejects(raw: bytes) -> None:
         (Op.STATS, 0, 0, True),
         (Op.STATS, 0, 1, False),
         (Op.SHM_INFO, 1, 0, False),
+        # the transport ops (numbered from 16)
+        (Op.LEASE_BATCH, 3, 48, True),
+        (Op.LEASE_BATCH, 3, 47, False),
+        (Op.RELEASE_BATCH, 2, 16, True),
+        (Op.RELEASE_BATCH, 2, 8, False),
+        (Op.RESERVE_BATCH, 2, 48, True),
+        (Op.RESERVE_BATCH, 0, 0, False),
+        (Op.RESERVE_BATCH, 2, 47, False),
+        (Op.COMMIT_BATCH, 1, 8, True),
+        (Op.COMMIT_BATCH, 2, 16, False),
+        (Op.RDMA_CONNECT, 0, 48, True),
+        (Op.RDMA_CONNECT, 0, 47, False),
     ],
 )
 def test_check_request(op: Op, count: int, length: int, ok: bool) -> None:
