@@ -9,13 +9,18 @@ DEV_STAMP := $(VENV)/.strata-dev-installed
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install dev model lint typecheck proto clean-venv loadtest bench-serving bench-kvstore
+.PHONY: serve test chaos install dev model lint typecheck proto clean-venv loadtest bench-serving bench-kvstore
 
 serve: install
 	$(VENV)/bin/strata serve $(SERVE_ARGS)
 
 test: dev lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The chaos suite at full length (tests/chaos/README.md; `make test` runs its shortened form).
+# Figures of the run are written to .cache/chaos-results/ (docs/reliability.md quotes them).
+chaos: dev
+	$(PY) -m pytest tests/chaos --chaos-full $(PYTEST_ARGS)
 
 install: $(STAMP)
 

@@ -2,8 +2,11 @@
 
 Markers are declared once, in pyproject.toml ([tool.pytest.ini_options] markers, --strict-markers).
 Each test gets its tier marker from the directory it lives in, so a test can never be left unmarked:
-tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e. `slow` and `gpu` are set by
-hand.
+tests/unit -> unit, tests/integration -> integration, tests/e2e -> e2e, tests/chaos -> chaos. `slow`
+and `gpu` are set by hand.
+
+Chaos tests (tests/chaos/README.md) run in two sizes: shortened (the default, inside `make test`)
+and full (`--chaos-full` or STRATA_CHAOS_FULL=1, what `make chaos` runs).
 """
 
 from __future__ import annotations
@@ -18,7 +21,17 @@ _TIER_BY_DIR = {
     "unit": pytest.mark.unit,
     "integration": pytest.mark.integration,
     "e2e": pytest.mark.e2e,
+    "chaos": pytest.mark.chaos,
 }
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-full",
+        action="store_true",
+        default=os.environ.get("STRATA_CHAOS_FULL", "") == "1",
+        help="run the chaos suite at full length (make chaos); default: the shortened form",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -92,6 +92,11 @@ class InstanceStates:
         """Called each time a Health answer finds ``instance`` ready (a later layer profiles
         it)."""
 
+    def _on_unhealthy(self, instance: Instance, reason: str) -> None:
+        """Called once each time ``instance`` stops serving: it goes to dead from another state
+        (unreachable, not ready, stalled). A later layer restarts a worker this gateway
+        launched."""
+
     @property
     def limits(self) -> ModelLimits:
         if self._limits is None:
@@ -387,9 +392,12 @@ class InstanceStates:
                 state.value,
                 detail,
             )
+        became_dead = state is InstanceState.DEAD and instance.state is not InstanceState.DEAD
         instance.state = state
         instance.detail = detail
         self._publish_ready(instance)
+        if became_dead:
+            self._on_unhealthy(instance, detail)
 
     def _change_role(self, instance: Instance, role: WorkerRole) -> None:
         self._unpublish_ready(instance)
