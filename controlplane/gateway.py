@@ -5,8 +5,9 @@ Entry point: `python -m controlplane.gateway --model-dir DIR --prefill H:P --dec
 `--admin-port` is set (controlplane/admin/), launches the `--launch-prefill/--launch-decode`
 workers, waits until every worker's Health says ready, serves the HTTP application
 (controlplane/api/app.py), then prints "strata gateway listening on http://HOST:PORT".
-SIGTERM/SIGINT stop accepting connections, let in-flight requests finish for `shutdown_grace_s`,
-stop the launched workers, and exit 0.
+Once serving, a launched worker that stops serving is replaced
+(controlplane/instances/supervision.py). SIGTERM/SIGINT stop accepting connections, let in-flight
+requests finish for `shutdown_grace_s`, stop the launched workers, and exit 0.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from kvstore.metadata import open_metadata_store
 __all__ = ["GatewayServer", "main", "serve"]
 
 logger = logging.getLogger("controlplane.gateway")
+
+_SUPERVISION_INTERVAL_S = 0.5
+"""How often the launched workers' processes are looked at (a look is a waitpid each)."""
 
 
 class GatewayServer:
@@ -117,6 +121,7 @@ class GatewayServer:
             store=open_registry_store(config.registry.url),
             launcher=self._launcher,
             drain_timeout_s=config.registry.drain_timeout_s,
+            restart=config.launch.restart_policy(),
             policy=config.routing.policy.value,
             scheduling=_scheduling_config(config),
             profile=replace(config.profiling, vocab_size=self._tokenizer.vocab_size),
@@ -160,6 +165,11 @@ class GatewayServer:
         self.url = f"http://{config.http.host}:{port}"
         interval_s = config.registry.health_check_interval_s
         self._tasks.append(asyncio.create_task(registry.run_health_checks(interval_s=interval_s)))
+        # From now on a launched worker that stops serving is replaced (before, it fails the
+        # start: _wait_until_ready); its exit is noticed within this interval.
+        self._tasks.append(
+            asyncio.create_task(registry.run_supervision(interval_s=_SUPERVISION_INTERVAL_S))
+        )
         if self._admin is not None:
             self._tasks.append(asyncio.create_task(self._publish_admin_health(self._admin)))
         return self.url

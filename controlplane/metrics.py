@@ -77,6 +77,14 @@ class GatewayMetrics:
         self.worker_ready = gauge(
             "worker_ready", "1 if the worker's last health check said ready", "endpoint", "role"
         )
+        self.worker_restarts = counter(
+            "worker_restarts", "Launched workers replaced after they stopped serving", "role"
+        )
+        self.worker_restarts_given_up = counter(
+            "worker_restarts_given_up",
+            "Launched workers left dead after too many restarts (crash loop): the pool is short",
+            "role",
+        )
 
         self.requests_rejected = counter(
             "requests_rejected",

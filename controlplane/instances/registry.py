@@ -5,8 +5,9 @@ One owner: the registry alone changes instance state; the gateway reads immutabl
 reports what it saw through `report_failure`, the load trackers and `note_failover`. It is built
 in layers, one file each: ``state`` (records, states and heartbeats: the state machine, written
 out in that module), ``load`` (in-flight counters), ``predictors`` (the policy, the latency
-models, their feeding and the start-up profiles) and this module, the admin backend (add, drain,
-remove, set-role, scale, policy, stats). :class:`InstanceRegistry` is the one object the gateway
+models, their feeding and the start-up profiles), ``supervision`` (launching, and replacing
+launched workers that stop serving) and this module, the admin backend (add, drain, remove,
+set-role, scale, policy, stats). :class:`InstanceRegistry` is the one object the gateway
 holds.
 """
 
@@ -17,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from controlplane.instances.instance import Instance
-from controlplane.instances.predictors import SchedulingState
 from controlplane.instances.state import SERVING_ROLES
 from controlplane.instances.store import RegistryStoreError
+from controlplane.instances.supervision import Supervision
 from controlplane.instances.types import (
     ClusterStats,
     InstanceConflict,
@@ -36,15 +37,16 @@ __all__ = ["InstanceRegistry"]
 logger = logging.getLogger("controlplane.instances.registry")
 
 
-class InstanceRegistry(SchedulingState):
+class InstanceRegistry(Supervision):
     """The instances, their state and load; the gateway's `AdminBackend`.
 
     Keyword arguments: ``metrics``, ``health_check_timeout_s``, ``store``, ``launcher``,
     ``drain_timeout_s``, ``clock`` (:class:`InstanceStates`); ``policy_names``, ``policy``,
-    ``scheduling``, ``profile`` (:class:`SchedulingState`)."""
+    ``scheduling``, ``profile`` (:class:`SchedulingState`); ``restart``, ``sleep``
+    (:class:`Supervision`)."""
 
     def list_instances(self) -> Sequence[InstanceInfo]:
-        return [m.info() for m in self._instances.values()]
+        return [self._info_with_note(m) for m in self._instances.values()]
 
     async def add_instance(self, role: WorkerRole, endpoint: str) -> InstanceInfo:
         _check_role(role)
@@ -132,9 +134,10 @@ class InstanceRegistry(SchedulingState):
 
     async def scale(self, role: WorkerRole, replicas: int) -> Sequence[InstanceInfo]:
         """Launch, or drain and stop launched instances, until ``replicas`` of ``role`` are
-        starting or ready. Scaling down stops only workers this gateway launched (starting ones
-        first, then the least loaded); it returns at once, the drained ones stop when their
-        requests are done (or after the drain timeout)."""
+        starting or ready (a launched worker being replaced after a failure counts as starting).
+        Scaling down stops only workers this gateway launched (pending replacements first, then
+        starting ones, then the least loaded); it returns at once, the drained ones stop when
+        their requests are done (or after the drain timeout)."""
         _check_role(role)
         if replicas < 0:
             raise InvalidAdminRequest(f"replicas must be >= 0, got {replicas}")
@@ -143,15 +146,19 @@ class InstanceRegistry(SchedulingState):
             for m in self._instances.values()
             if m.role is role and m.state in (InstanceState.STARTING, InstanceState.READY)
         ]
-        if replicas > len(active):
+        pending = self._pending_of(role)
+        if replicas > len(active) + len(pending):
             if self._launcher is None:
                 raise InstanceConflict("this gateway has no launcher: it cannot start workers")
-            for _ in range(replicas - len(active)):
+            for _ in range(replicas - len(active) - len(pending)):
                 await self._launch(role)
-        elif replicas < len(active):
+        elif replicas < len(active) + len(pending):
+            excess = len(active) + len(pending) - replicas
+            for slot in pending[:excess]:
+                self._retire_pending(slot)
+            excess -= min(excess, len(pending))
             ours = [m for m in active if m.id in self._launched]
             ours.sort(key=lambda m: (m.state is InstanceState.READY, m.num_requests))
-            excess = len(active) - replicas
             if len(ours) < excess:
                 raise InstanceConflict(
                     f"scaling {role_name(role)} to {replicas} would stop {excess} workers but this "
@@ -160,13 +167,13 @@ class InstanceRegistry(SchedulingState):
             for instance in ours[:excess]:
                 await self.drain(instance.id)
                 self._spawn(self._retire(instance))
-        return [m.info() for m in self._instances.values() if m.role is role]
+        return [self._info_with_note(m) for m in self._instances.values() if m.role is role]
 
     def stats(self) -> ClusterStats:
         instances = list(self._instances.values())
         return ClusterStats(
             policy=self._policy.name,
-            instances=tuple(m.info() for m in instances),
+            instances=tuple(self._info_with_note(m) for m in instances),
             requests_total=self._num_requests,
             requests_rejected=self._num_rejected,
             requests_failed_over=self._num_failovers,
@@ -177,23 +184,9 @@ class InstanceRegistry(SchedulingState):
                 "predictor_tpot_samples": float(self._accuracy.num_tpot),
                 "instances_calibrated": float(sum(m.predictor.calibrated for m in instances)),
                 "profiles_run": float(self._num_profiles),
+                "workers_restarted": float(self._num_restarts),
             },
         )
-
-    async def _launch(self, role: WorkerRole) -> InstanceInfo:
-        assert self._launcher is not None
-        handle = await self._launcher.launch(role)
-        try:
-            record, created = await self._store.register(role, handle.endpoint, launched=True)
-            if not created:
-                raise InstanceConflict(f"launched {handle.endpoint} is registered as {record.id}")
-        except BaseException:
-            await handle.stop(timeout_s=10.0)
-            raise
-        instance = self._adopt(record)
-        self._launched[instance.id] = handle
-        logger.info("instance %s (%s %s) launched", instance.id, role_name(role), handle.endpoint)
-        return instance.info()
 
     async def _retire(self, instance: Instance) -> None:
         await self._wait_idle(instance, self._drain_timeout_s)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from controlplane.instances.supervision import RestartPolicy
 from controlplane.instances.types import InstanceConflict
 from controlplane.launch.processes import (
     can_lower_niceness,
@@ -67,6 +68,7 @@ from controlplane.workers.roles import WorkerRole
 from kvstore.metadata import parse_metadata_spec
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import option
+from strata_common.units import parse_duration
 
 __all__ = [
     "CorePool",
@@ -195,6 +197,24 @@ class LaunchConfig:
     log_dir: Path | None = option(
         None, help="launched workers' output goes to LOG_DIR/{role}-{port}.log (none = stdout)"
     )
+    restart: bool = option(
+        True,
+        help="replace a launched worker that stops serving once the gateway serves (exited, "
+        "unreachable, stalled); off = leave it dead",
+    )
+    restart_backoff_s: float = option(
+        1.0, parse=parse_duration, help="wait before a replacement; doubles per quick failure"
+    )
+    restart_backoff_max_s: float = option(60.0, parse=parse_duration, help="longest back-off")
+    restart_reset_after_s: float = option(
+        60.0, parse=parse_duration, help="a worker ready this long resets its back-off"
+    )
+    restart_limit: int = option(
+        5, help="restarts of one worker slot within the window before it is left dead"
+    )
+    restart_window_s: float = option(
+        600.0, parse=parse_duration, help="the window of --launch-restart-limit"
+    )
 
     def __post_init__(self) -> None:
         if self.store:
@@ -215,6 +235,18 @@ class LaunchConfig:
             raise ValueError(f"launch_cpus must be non-negative core ids, got {self.cpus}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"launch_max_model_len must be >= 2, got {self.max_model_len}")
+        self.restart_policy()  # validates the restart settings
+
+    def restart_policy(self) -> RestartPolicy | None:
+        """The registry's policy for launched workers that stop serving (None: restart off)."""
+        policy = RestartPolicy(
+            backoff_s=self.restart_backoff_s,
+            backoff_max_s=self.restart_backoff_max_s,
+            reset_after_s=self.restart_reset_after_s,
+            limit=self.restart_limit,
+            window_s=self.restart_window_s,
+        )
+        return policy if self.restart else None
 
     @property
     def enabled(self) -> bool:
