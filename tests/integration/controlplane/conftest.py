@@ -24,16 +24,19 @@ from controlplane.gateway import GatewayServer
 from controlplane.text.tokenizer import ModelTokenizer
 from strata_common.options import replace_nested
 from strata_proto import worker_pb2
-from tests.integration.controlplane.scripted_worker import Script, ScriptedWorker
+from tests.integration.controlplane.scripted_worker import (
+    BLOCK_SIZE,
+    DEFAULT_TEXT,
+    MAX_MODEL_LEN,
+    Script,
+    ScriptedWorker,
+    default_script,
+)
 
 T = TypeVar("T")
 
 SERVED_MODEL_NAME = "tiny-scripted"
-MAX_MODEL_LEN = 256
-BLOCK_SIZE = 16
-DEFAULT_TEXT = "Hello world!"
-"""What the scripted workers generate unless a test says otherwise (7 tokens: He|ll|o| w|or|ld|!),
-then EOS."""
+__all__ = ["BLOCK_SIZE", "DEFAULT_TEXT", "MAX_MODEL_LEN", "default_script"]  # re-exported
 
 
 class LoopThread:
@@ -74,10 +77,6 @@ class Stack:
 
     def set_script(self, script: Script) -> None:
         self.script = self.prefill.script = self.decode.script = script
-
-
-def default_script(tokenizer: Tokenizer) -> Script:
-    return Script(token_ids=tokenizer.encode(DEFAULT_TEXT, add_special_tokens=False).ids)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,11 @@ from tokenizers.decoders import DecodeStream
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 EOS_TOKEN_ID = 2
+MAX_MODEL_LEN = 256
+BLOCK_SIZE = 16
+DEFAULT_TEXT = "Hello world!"
+"""What the scripted workers generate unless a test says otherwise (7 tokens: He|ll|o| w|or|ld|!),
+then EOS."""
 
 
 @dataclass
@@ -195,3 +200,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         if hits:
             return candidate[: min(hits)], worker_pb2.FINISH_REASON_STOP
         return candidate, worker_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def default_script(tokenizer: Tokenizer) -> Script:
+    return Script(token_ids=tokenizer.encode(DEFAULT_TEXT, add_special_tokens=False).ids)
