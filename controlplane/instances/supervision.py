@@ -149,6 +149,9 @@ class Supervision(SchedulingState):
         self._launched[instance.id] = handle
         self._slots[instance.id] = slot if slot is not None else _Slot(role)
         logger.info("instance %s (%s %s) launched", instance.id, role_name(role), handle.endpoint)
+        # A standby worker (controlplane/launch/standby.py) is ready already: serve from now,
+        # not from the next heartbeat. A fresh one refuses the call and stays starting.
+        await self._check(instance)
         return instance.info()
 
     def _pending_of(self, role: WorkerRole) -> list[_Slot]:
