@@ -14,6 +14,9 @@ the restart policy (docs/design/gateway.md, "Restarting launched workers"):
   state is draining, never dead, and a forgotten instance is left alone). With several gateways
   sharing a Redis registry only the one that launched a worker holds its handle, so only that
   one restarts it; the others see its record deleted and the replacement's registered.
+- **When**: a worker whose process exited at once; one that is dead while its process lives is
+  given ``grace_s`` to serve again (a worker too busy to answer three Health calls in time
+  must not be killed for it), then replaced.
 - **How**: the worker's whole process group is killed at once (SIGKILL, no grace: it is not
   serving, and SIGKILL also ends a SIGSTOPped tree; its cores and port go back to the
   launcher), its record is deleted and the instance forgotten, then, after a back-off, a worker
@@ -63,6 +66,11 @@ EXITED = "its process exited"
 class RestartPolicy:
     """When a launched worker that stopped serving is replaced (see the module docstring)."""
 
+    grace_s: float = 10.0
+    """A launched worker that is dead while its process lives (unreachable, not ready,
+    stalled) is replaced only if it is still dead this long after (it may serve again: a
+    worker busy enough to miss its Health calls is not killed at once). An exited one is
+    replaced without waiting."""
     backoff_s: float = 1.0
     """Wait before the first replacement of a slot; doubles with each consecutive failure."""
     backoff_max_s: float = 60.0
@@ -73,7 +81,7 @@ class RestartPolicy:
     window_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("backoff_s", "backoff_max_s", "reset_after_s", "window_s"):
+        for name in ("grace_s", "backoff_s", "backoff_max_s", "reset_after_s", "window_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"restart_{name} must be >= 0, got {getattr(self, name)}")
         if self.backoff_max_s < self.backoff_s:
@@ -128,6 +136,8 @@ class Supervision(SchedulingState):
         """Slots whose replacement is being prepared (back-off, launch)."""
         self._given_up: dict[str, str] = {}
         """Dead launched instances left dead (crash loop), by id: why."""
+        self._suspects: dict[str, tuple[float, str]] = {}
+        """Dead launched instances whose process lives, in their grace period: since, why."""
         self._num_restarts = 0
         self._supervising = False
 
@@ -179,18 +189,31 @@ class Supervision(SchedulingState):
             self._supervising = False
 
     def check_launched(self) -> None:
-        """One look at every launched worker's process: exited → its instance is dead."""
+        """One look at every launched worker: a process that exited makes its instance dead
+        (and replaced); a live one dead for the grace period is replaced."""
         for instance_id, handle in list(self._launched.items()):
             instance = self._instances.get(instance_id)
             if instance is None or instance.draining or handle.alive():
                 continue
             if instance.state is InstanceState.DEAD:
-                # Dead already (a failed Health or request saw it first): left dead only when
-                # restarting is off or the slot was given up; restart it now otherwise.
+                # Dead already (a failed Health or request saw it first, or it is in its grace
+                # period): replaced now, unless restarting is off or the slot was given up.
                 if instance_id not in self._given_up:
-                    self._on_unhealthy(instance, EXITED)
+                    self._supervise_dead(instance, EXITED)
             else:
                 self._set_state(instance, InstanceState.DEAD, EXITED)
+        now = self._clock()
+        for instance_id, (since, reason) in list(self._suspects.items()):
+            instance = self._instances.get(instance_id)
+            suspect = self._launched.get(instance_id)
+            if instance is None or suspect is None or instance.draining:
+                del self._suspects[instance_id]
+            elif instance.state is not InstanceState.DEAD:
+                del self._suspects[instance_id]
+                logger.info("instance %s serves again: not restarted", instance_id)
+            elif self._restart is not None and now - since >= self._restart.grace_s:
+                del self._suspects[instance_id]
+                self._restart_now(instance, suspect, f"{reason}; dead for {now - since:.1f} s")
 
     def _on_ready(self, instance: Instance) -> None:
         super()._on_ready(instance)
@@ -200,6 +223,12 @@ class Supervision(SchedulingState):
 
     def _on_unhealthy(self, instance: Instance, reason: str) -> None:
         super()._on_unhealthy(instance, reason)
+        self._supervise_dead(instance, reason)
+
+    def _supervise_dead(self, instance: Instance, reason: str) -> None:
+        """``instance`` is dead: replace it now (its process exited), after the grace period
+        (it lives: it may serve again), or not at all (not ours, on its way out, start-up,
+        restart off)."""
         handle = self._launched.get(instance.id)
         if handle is None or instance.forgotten or instance.draining:
             return  # not ours, or on its way out: left as it is
@@ -210,6 +239,26 @@ class Supervision(SchedulingState):
                 del self._launched[instance.id]
                 self._spawn(handle.stop(timeout_s=0.0))
             return
+        if handle.alive() and self._restart.grace_s > 0:
+            if instance.id not in self._suspects:
+                self._suspects[instance.id] = (self._clock(), reason)
+                logger.warning(
+                    "instance %s (%s %s) stopped serving (%s): replaced unless it serves "
+                    "again within %g s",
+                    instance.id,
+                    role_name(instance.role),
+                    instance.endpoint,
+                    reason,
+                    self._restart.grace_s,
+                )
+            return
+        self._suspects.pop(instance.id, None)
+        self._restart_now(instance, handle, reason)
+
+    def _restart_now(self, instance: Instance, handle: LaunchedWorker, reason: str) -> None:
+        """Kill ``instance``'s worker and replace it after its slot's back-off (or give the
+        slot up)."""
+        assert self._restart is not None
         slot = self._slots.pop(instance.id, None) or _Slot(instance.role)
         del self._launched[instance.id]
         delay_s = self._count_failure(slot, reason)

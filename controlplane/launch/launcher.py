@@ -202,6 +202,11 @@ class LaunchConfig:
         help="replace a launched worker that stops serving once the gateway serves (exited, "
         "unreachable, stalled); off = leave it dead",
     )
+    restart_grace_s: float = option(
+        10.0,
+        parse=parse_duration,
+        help="a launched worker dead while its process lives is replaced after this long dead",
+    )
     restart_backoff_s: float = option(
         1.0, parse=parse_duration, help="wait before a replacement; doubles per quick failure"
     )
@@ -250,6 +255,7 @@ class LaunchConfig:
     def restart_policy(self) -> RestartPolicy | None:
         """The registry's policy for launched workers that stop serving (None: restart off)."""
         policy = RestartPolicy(
+            grace_s=self.restart_grace_s,
             backoff_s=self.restart_backoff_s,
             backoff_max_s=self.restart_backoff_max_s,
             reset_after_s=self.restart_reset_after_s,

@@ -117,6 +117,7 @@ def restarting(
             store="127.0.0.1:9",
             prefill=1,
             decode=2,
+            restart_grace_s=1.0,
             restart_backoff_s=0.2,
             restart_limit=2,
             restart_window_s=600.0,

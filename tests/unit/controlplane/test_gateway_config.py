@@ -127,8 +127,9 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--launch-store", "--launch-prefill", "--launch-decode", "--launch-kv-metadata",
         "--launch-kv-cache-size", "--launch-max-model-len", "--launch-worker-args",
         "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir", "--launch-standby",
-        "--launch-restart", "--launch-restart-backoff", "--launch-restart-backoff-max",
-        "--launch-restart-reset-after", "--launch-restart-limit", "--launch-restart-window",
+        "--launch-restart", "--launch-restart-grace", "--launch-restart-backoff",
+        "--launch-restart-backoff-max", "--launch-restart-reset-after", "--launch-restart-limit",
+        "--launch-restart-window",
     }  # fmt: skip
 
 

@@ -22,7 +22,9 @@ from controlplane.workers.roles import WorkerRole
 
 T = TypeVar("T")
 PREFILL, DECODE = WorkerRole.PREFILL, WorkerRole.DECODE
-POLICY = RestartPolicy(backoff_s=1.0, backoff_max_s=8.0, reset_after_s=60.0, limit=4, window_s=600)
+POLICY = RestartPolicy(
+    grace_s=10.0, backoff_s=1.0, backoff_max_s=8.0, reset_after_s=60.0, limit=4, window_s=600
+)
 
 
 def run(test: Callable[[], Awaitable[T]]) -> T:
@@ -180,19 +182,55 @@ def test_an_exited_worker_is_killed_forgotten_and_replaced() -> None:
     ],
     ids=["stalled", "not-ready"],
 )
-def test_a_live_but_unhealthy_worker_is_killed_and_replaced(make_dead: Any) -> None:
+def test_a_live_but_unhealthy_worker_is_killed_and_replaced_after_the_grace(
+    make_dead: Any,
+) -> None:
     async def test() -> None:
-        h = Harness()
+        h = Harness()  # grace 10 s
         await h.start()
         h.ready("w1")
         make_dead(h, h.registry.get("w1"))
         await settle()
-        assert h.launcher.workers[0].stops == [0.0]
+        h.clock.now += 9.9
+        h.registry.check_launched()
+        await settle()
+        assert h.launcher.workers[0].stops == []  # still in its grace period
+        h.clock.now += 0.1
+        h.registry.check_launched()
+        await settle()
+        assert h.launcher.workers[0].stops == [0.0]  # SIGKILL: also ends a stopped tree
         assert [(i, s) for i, _, s, _ in h.states()] == [
             ("w2", InstanceState.STARTING),
             ("w3", InstanceState.STARTING),
         ]
         assert h.launcher.workers[2].role is DECODE
+        await h.close()
+
+    run(test)
+
+
+def test_a_worker_that_serves_again_within_the_grace_is_kept() -> None:
+    async def test() -> None:
+        h = Harness()
+        await h.start()
+        h.ready("w1")
+        h.registry._set_state(h.registry.get("w1"), InstanceState.DEAD, "timeout: Health")
+        h.clock.now += 5.0
+        h.ready("w1")  # answers again
+        h.clock.now += 60.0
+        h.registry.check_launched()
+        await settle()
+        assert h.launcher.workers[0].stops == [] and h.waits == []
+        # Dead again later: a new grace period, counted from then.
+        h.registry._set_state(h.registry.get("w1"), InstanceState.DEAD, "timeout: Health")
+        h.clock.now += 9.0
+        h.registry.check_launched()
+        await settle()
+        assert h.waits == []
+        h.launcher.workers[0].exit()  # exits meanwhile: replaced at once
+        h.registry.check_launched()
+        await settle()
+        assert h.waits == [1.0]
         await h.close()
 
     run(test)

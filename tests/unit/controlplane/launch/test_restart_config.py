@@ -18,7 +18,12 @@ def argv(tmp_path: Path, *extra: str) -> list[str]:
 def test_restart_is_on_by_default(tmp_path: Path) -> None:
     config = GatewayConfig.from_argv(argv(tmp_path))
     assert config.launch.restart_policy() == RestartPolicy(
-        backoff_s=1.0, backoff_max_s=60.0, reset_after_s=60.0, limit=5, window_s=600.0
+        grace_s=10.0,
+        backoff_s=1.0,
+        backoff_max_s=60.0,
+        reset_after_s=60.0,
+        limit=5,
+        window_s=600.0,
     )
 
 
@@ -26,12 +31,18 @@ def test_restart_flags_and_variables(tmp_path: Path) -> None:
     flags = [
         "--launch-restart-backoff", "500ms", "--launch-restart-backoff-max", "2m",
         "--launch-restart-reset-after", "30s", "--launch-restart-limit", "3",
+        "--launch-restart-grace", "4s",
     ]  # fmt: skip
     config = GatewayConfig.from_argv(
         argv(tmp_path, *flags), environ={"STRATA_GATEWAY_LAUNCH_RESTART_WINDOW": "1h"}
     )
     assert config.launch.restart_policy() == RestartPolicy(
-        backoff_s=0.5, backoff_max_s=120.0, reset_after_s=30.0, limit=3, window_s=3600.0
+        grace_s=4.0,
+        backoff_s=0.5,
+        backoff_max_s=120.0,
+        reset_after_s=30.0,
+        limit=3,
+        window_s=3600.0,
     )
     off = GatewayConfig.from_argv(argv(tmp_path, "--launch-restart", "off"))
     assert off.launch.restart_policy() is None
