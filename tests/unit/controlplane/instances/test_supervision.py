@@ -119,7 +119,16 @@ class Harness:
     async def start(self, *, decode: int = 2) -> None:
         await self.registry.scale(DECODE, decode)
         self._supervisor = asyncio.create_task(self.registry.run_supervision(interval_s=3600))
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Let the registry's tasks run: every replacement not held by ``gate`` is done on
+        return (its launch makes one real Health call, refused, to the fake endpoint)."""
         await settle()
+        if self.gate is None:
+            pending = list(self.registry._pending.values())
+            if pending:
+                await asyncio.wait(pending, timeout=30.0)
 
     def ready(self, instance_id: str) -> None:
         instance = self.registry.get(instance_id)
@@ -144,7 +153,7 @@ class Harness:
 
 
 async def settle() -> None:
-    """Let the registry's tasks (stop, delete, back-off, launch) run to their next real wait."""
+    """Let the registry's tasks (stop, delete, back-off) run to their next real wait."""
     for _ in range(50):
         await asyncio.sleep(0)
 
@@ -158,12 +167,12 @@ def test_an_exited_worker_is_killed_forgotten_and_replaced() -> None:
         first = h.launcher.workers[0]
         first.exit()
         h.registry.check_launched()  # the process is gone: dead at once, no Health call needed
-        await settle()
+        await h.settle()
         assert first.stops == [0.0]  # SIGKILL at once: no grace for a worker that is not serving
         assert h.waits == [1.0]
-        assert h.states() == [
-            ("w2", "127.0.0.1:20002", InstanceState.READY, "ready"),
-            ("w3", "127.0.0.1:20003", InstanceState.STARTING, "not checked yet"),
+        assert [state[:3] for state in h.states()] == [
+            ("w2", "127.0.0.1:20002", InstanceState.READY),
+            ("w3", "127.0.0.1:20003", InstanceState.STARTING),  # a fresh worker, not ready yet
         ]
         assert set(await h.store.load()) == {"w2", "w3"}
         assert (await h.store.load())["w3"].launched
@@ -190,14 +199,14 @@ def test_a_live_but_unhealthy_worker_is_killed_and_replaced_after_the_grace(
         await h.start()
         h.ready("w1")
         make_dead(h, h.registry.get("w1"))
-        await settle()
+        await h.settle()
         h.clock.now += 9.9
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.launcher.workers[0].stops == []  # still in its grace period
         h.clock.now += 0.1
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.launcher.workers[0].stops == [0.0]  # SIGKILL: also ends a stopped tree
         assert [(i, s) for i, _, s, _ in h.states()] == [
             ("w2", InstanceState.STARTING),
@@ -219,17 +228,17 @@ def test_a_worker_that_serves_again_within_the_grace_is_kept() -> None:
         h.ready("w1")  # answers again
         h.clock.now += 60.0
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.launcher.workers[0].stops == [] and h.waits == []
         # Dead again later: a new grace period, counted from then.
         h.registry._set_state(h.registry.get("w1"), InstanceState.DEAD, "timeout: Health")
         h.clock.now += 9.0
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.waits == []
         h.launcher.workers[0].exit()  # exits meanwhile: replaced at once
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.waits == [1.0]
         await h.close()
 
@@ -243,21 +252,21 @@ def test_back_off_doubles_per_quick_failure_and_resets_after_serving() -> None:
         for _ in range(4):  # each replacement dies before it ever serves
             h.launcher.workers[-1].exit()
             h.registry.check_launched()
-            await settle()
+            await h.settle()
         assert h.waits == [1.0, 2.0, 4.0, 4.0]
         (current,) = h.registry.list_instances()
         h.ready(current.id)
         h.clock.now += 59.0  # ready, but not for reset_after_s yet
         h.launcher.workers[-1].exit()
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.waits[4:] == [4.0]
         (current,) = h.registry.list_instances()
         h.ready(current.id)
         h.clock.now += 60.0  # served for reset_after_s: recovered
         h.launcher.workers[-1].exit()
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.waits[5:] == [1.0]
         await h.close()
 
@@ -272,13 +281,13 @@ def test_a_crash_loop_is_given_up_and_shown() -> None:
             h.clock.now += 10.0
             h.launcher.workers[-1].exit()
             h.registry.check_launched()
-            await settle()
+            await h.settle()
             assert len(h.launcher.workers) == step + 2
         h.clock.now += 10.0
         last = h.launcher.workers[-1]
         last.exit()
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert len(h.launcher.workers) == 5  # no sixth launch
         assert last.stops == [0.0]  # reaped: its cores and port go back
         assert h.states() == [
@@ -293,7 +302,7 @@ def test_a_crash_loop_is_given_up_and_shown() -> None:
         assert h.counter("worker_restarts") == 4.0
         assert h.counter("worker_restarts_given_up") == 1.0
         h.registry.check_launched()  # no handle any more: nothing happens again
-        await settle()
+        await h.settle()
         assert len(h.launcher.workers) == 5
         await h.registry.remove("w5", wait_s=0.0)  # the operator clears it
         assert h.states() == []
@@ -310,7 +319,7 @@ def test_restarts_older_than_the_window_do_not_count() -> None:
             h.clock.now += 60.0
             h.launcher.workers[-1].exit()
             h.registry.check_launched()
-            await settle()
+            await h.settle()
         assert len(h.launcher.workers) == 7
         assert h.counter("worker_restarts_given_up") is None
         await h.close()
@@ -325,13 +334,13 @@ def test_a_failing_launch_is_retried_with_back_off_and_counted() -> None:
         h.launcher.fail = 1
         h.launcher.workers[0].exit()
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.waits == [1.0, 2.0]  # the failed launch is the slot's second failure
         assert [i.endpoint for i in h.registry.list_instances()] == ["127.0.0.1:20002"]
         h.launcher.fail = 5
         h.launcher.workers[-1].exit()
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.waits == [1.0, 2.0, 4.0]  # third restart in the window; its launch fails: cap
         assert h.registry.list_instances() == []
         assert h.counter("worker_restarts_given_up") == 1.0
@@ -350,7 +359,7 @@ def test_instances_that_are_not_ours_or_on_their_way_out_are_not_restarted() -> 
         await h.registry.drain("w2")
         h.launcher.workers[0].exit()  # w2, draining, exits: not restarted
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert [(i, s) for i, _, s, _ in h.states()] == [
             ("w1", InstanceState.DEAD),
             ("w2", InstanceState.DRAINING),
@@ -369,11 +378,11 @@ def test_restart_off_leaves_an_exited_worker_dead_and_reaps_it() -> None:
         await h.start(decode=1)
         h.ready("w1")
         h.registry._set_state(h.registry.get("w1"), InstanceState.DEAD, "stalled: no step")
-        await settle()
+        await h.settle()
         assert h.launcher.workers[0].stops == []  # alive: left alone, it may come back
         h.launcher.workers[0].exit()
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.launcher.workers[0].stops == [0.0]
         assert [(i, s) for i, _, s, _ in h.states()] == [("w1", InstanceState.DEAD)]
         assert len(h.launcher.workers) == 1
@@ -391,7 +400,7 @@ def test_nothing_is_restarted_before_supervision_starts() -> None:
         h.ready("w1")
         h.launcher.workers[0].exit()
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.launcher.workers[0].stops == []
         assert len(h.launcher.workers) == 1
         await h.close()
@@ -406,13 +415,13 @@ def test_scale_counts_a_pending_replacement_and_scale_down_drops_it() -> None:
         h.gate = asyncio.Event()
         h.launcher.workers[0].exit()
         h.registry.check_launched()
-        await settle()
+        await h.settle()
         assert h.waits == [1.0]  # the replacement waits for its back-off
         await h.registry.scale(DECODE, 2)  # one running + one pending: nothing to launch
         assert len(h.launcher.workers) == 2
         await h.registry.scale(DECODE, 1)  # the pending one goes first
         h.gate.set()
-        await settle()
+        await h.settle()
         assert len(h.launcher.workers) == 2
         assert [i for i, _, _, _ in h.states()] == ["w2"]
         await h.close()
@@ -429,15 +438,15 @@ def test_only_the_gateway_that_launched_a_worker_restarts_it() -> None:
         await b.registry.sync()
         b.ready("w1")
         b.registry._set_state(b.registry.get("w1"), InstanceState.DEAD, "unavailable: gone")
-        await settle()
+        await b.settle()
         assert b.launcher.workers == [] and b.waits == []  # not b's worker: left dead
         a.launcher.workers[0].exit()
         a.registry.check_launched()
-        await settle()
+        await a.settle()
         assert a.waits == [1.0]
         await b.registry.sync()
         assert [(i, e) for i, e, _, _ in b.states()] == [("w2", "127.0.0.1:20002")]
-        assert not b.registry.get("w2").launched or "w2" not in b.registry._launched
+        assert "w2" not in b.registry._launched  # b would leave it dead too
         await a.close()
         await b.close()
 
@@ -459,3 +468,42 @@ def test_restart_policy_is_validated(kwargs: dict[str, Any], error: str) -> None
 
 def test_delays() -> None:
     assert [POLICY.delay_s(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+class ClosingClient:
+    """A worker client whose Health call runs until the client is closed, then ends as
+    grpc.aio ends a call on a closed channel: CancelledError."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    async def health(self, *, timeout_s: float) -> WorkerHealth:
+        await self.closed.wait()
+        raise asyncio.CancelledError
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+def test_forgetting_an_instance_mid_health_check_does_not_end_the_health_checks() -> None:
+    async def test() -> None:
+        h = Harness()
+        await h.start()
+        instance = h.registry.get("w1")
+        instance.client = ClosingClient()  # type: ignore[assignment]
+        round_ = asyncio.create_task(h.registry.check_all())
+        await h.settle()
+        h.registry._forget(instance, stop_after_s=0.0)
+        await asyncio.wait_for(round_, 5.0)  # ends normally: the loop goes on
+        assert not round_.cancelled() and round_.exception() is None
+        # A cancellation of the round itself still cancels it.
+        other = h.registry.get("w2")
+        other.client = ClosingClient()  # type: ignore[assignment]
+        round_ = asyncio.create_task(h.registry.check_all())
+        await h.settle()
+        round_.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await round_
+        await h.close()
+
+    run(test)
