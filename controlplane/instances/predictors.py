@@ -2,7 +2,9 @@
 
 Scheduling (docs/design/scheduling.md): the registry owns one `LatencyPredictor` per instance
 (priors at first; calibrated by a profile of real calls when the instance turns ready,
-controlplane/workers/profiling.py; refitted online from `observe_prefill` / `observe_decode`),
+controlplane/workers/profiling.py, if the profile is plausible against physics, its siblings'
+models and the online observations, `_implausible`; refitted online from `observe_prefill` /
+`observe_decode`),
 the current policy (`set_policy`, any of `POLICY_NAMES`) and the cluster-wide `PredictionAccuracy`
 (MAPE gauges, `stats()`). What it feeds the predictors (docs/design/scheduling.md §2.2-2.3): engine
 times of prefills that had their instance to themselves (`track_prefill` tells), each TTFT's

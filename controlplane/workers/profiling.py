@@ -89,7 +89,8 @@ class ProfileSettings:
     vocab_size: int = 0
     """Token ids are drawn below this (0 = the profile cannot run: no vocabulary known)."""
     timeout_s: float = 30.0
-    """Deadline of each call of the profile."""
+    """Deadline of each call of the profile; no call's deadline is later than ``max_step_s``
+    past the end of ``budget_s``, so a stalled engine holds the profile that long at most."""
     budget_s: float = option(
         40.0,
         parse=parse_duration,
@@ -282,7 +283,7 @@ async def profile_worker(
     deadline = started + settings.budget_s
     base = base if base is not None else LatencyPredictor()
     costs = _Costs(base, settings.decode_tokens)
-    profiler = _Profiler(client, settings, seed, clock)
+    profiler = _Profiler(client, settings, seed, clock, deadline)
     context_limit = plan_context(plan)
     pending: list[tuple[_Kind, tuple[int, int]]] = []
     for _ in range(plan.repeats):
@@ -396,6 +397,7 @@ class _Profiler:
         "_client",
         "_clock",
         "_count",
+        "_deadline",
         "_random",
         "_settings",
         "num_interrupted",
@@ -409,6 +411,7 @@ class _Profiler:
         settings: ProfileSettings,
         seed: int,
         clock: Callable[[], float],
+        deadline: float,
     ) -> None:
         if settings.vocab_size <= _FIRST_TOKEN_ID + 1:
             raise ValueError("the profile needs the vocabulary size")
@@ -416,6 +419,7 @@ class _Profiler:
         self._settings = settings
         self._random = random.Random(seed)
         self._clock = clock
+        self._deadline = deadline
         self._count = 0
         self.rpc_overheads_s: list[float] = []
         """Wall time minus engine time of each timed Prefill call."""
@@ -429,6 +433,12 @@ class _Profiler:
             self.stopped = True
             return False
         return True
+
+    def _timeout_s(self) -> float:
+        """Deadline of the next call: ``timeout_s``, and no later than ``max_step_s`` past the
+        profile's budget (a stalled engine does not hold the profile, or its slot, for long)."""
+        left_s = max(0.0, self._deadline - self._clock())
+        return min(self._settings.timeout_s, left_s + self._settings.max_step_s)
 
     def _prompt(self, num_tokens: int) -> list[int]:
         randrange = self._random.randrange
@@ -473,7 +483,7 @@ class _Profiler:
             prompt_token_ids=prompt,
             sampling=self._sampling(1),
             cache_salt="",
-            timeout_s=self._settings.timeout_s,
+            timeout_s=self._timeout_s(),
         )
 
     async def local_prefill(self, new: int, cached: int, gate: Gate) -> PrefillSample | None:
@@ -522,7 +532,7 @@ class _Profiler:
             sampling=self._sampling(max_tokens),
             cache_salt="",
             block_keys=(),
-            timeout_s=self._settings.timeout_s,
+            timeout_s=self._timeout_s(),
         )
         async for chunk in stream:
             if chunk.token_ids:

@@ -14,7 +14,14 @@ import pytest
 
 from controlplane.scheduling.predictor.model import PrefillCoefficients
 from controlplane.scheduling.predictor.predictor import LatencyPredictor
-from controlplane.workers.client import DecodeOutput, FinishReason, PrefillResult, WorkerSampling
+from controlplane.workers.client import (
+    DecodeOutput,
+    FinishReason,
+    PrefillResult,
+    WorkerError,
+    WorkerErrorKind,
+    WorkerSampling,
+)
 from controlplane.workers.profiling import ProfileResult, ProfileSettings, plan_for, profile_worker
 from controlplane.workers.roles import WorkerRole
 
@@ -41,6 +48,17 @@ class SimulatedEngine:
     clock: FakeClock
     calls: list[tuple[str, int]] = field(default_factory=list)
     seen: list[tuple[int, ...]] = field(default_factory=list)
+    deadlines: list[float] = field(default_factory=list)
+    """When each call's timeout would end it."""
+    stall_after: int | None = None
+    """Calls after which the engine stops making progress: a call then runs into its timeout."""
+
+    def _start(self, kind: str, prompt: Sequence[int], timeout_s: float) -> None:
+        self.calls.append((kind, len(prompt)))
+        self.deadlines.append(self.clock.now + timeout_s)
+        if self.stall_after is not None and len(self.calls) > self.stall_after:
+            self.clock.now += timeout_s
+            raise WorkerError(WorkerErrorKind.TIMEOUT, "sim", kind, "deadline exceeded")
 
     def _cached(self, prompt: Sequence[int]) -> int:
         best = 0
@@ -67,7 +85,7 @@ class SimulatedEngine:
         cache_salt: str,
         timeout_s: float,
     ) -> PrefillResult:
-        self.calls.append(("prefill", len(prompt_token_ids)))
+        self._start("prefill", prompt_token_ids, timeout_s)
         seconds, cached = self._prefill_s(prompt_token_ids)
         self.clock.now += seconds
         await asyncio.sleep(0)
@@ -83,7 +101,7 @@ class SimulatedEngine:
         block_keys: Sequence[bytes],
         timeout_s: float,
     ) -> AsyncGenerator[DecodeOutput, None]:
-        self.calls.append(("decode", len(prompt_token_ids)))
+        self._start("decode", prompt_token_ids, timeout_s)
         seconds, cached = self._prefill_s(prompt_token_ids)
         self.clock.now += seconds
         for index in range(sampling.max_tokens):
@@ -110,10 +128,16 @@ PLAN = plan_for(settings(), 256, BLOCK, 4)
 
 
 def run_profile(
-    role: WorkerRole, config: ProfileSettings, **kwargs: Any
+    role: WorkerRole,
+    config: ProfileSettings,
+    stall_after: int | None = None,
+    engines: list[SimulatedEngine] | None = None,
+    **kwargs: Any,
 ) -> tuple[SimulatedEngine, ProfileResult]:
     clock = FakeClock()
-    engine = SimulatedEngine(clock)
+    engine = SimulatedEngine(clock, stall_after=stall_after)
+    if engines is not None:
+        engines.append(engine)
     client: Any = engine
 
     async def sleep(seconds: float) -> None:
@@ -202,6 +226,24 @@ def test_too_few_points_give_the_base_model_scaled_to_the_measured_speed() -> No
     for sample in result.prefill:
         expected = sample.new_tokens * PER_TOKEN_S + sample.cached_tokens * PER_CACHED_S
         assert sample.seconds == pytest.approx(expected)
+
+
+def test_no_call_may_run_past_the_budget_plus_one_step() -> None:
+    """Each call's deadline is at most max_step_s past the profile's budget (not the 30 s
+    call timeout): an engine that stalls mid-profile holds the profile that long at most."""
+    config = settings(budget_s=5.0, max_step_s=1.0)
+    engine, _ = run_profile(WorkerRole.DECODE, config, base=exact_base())
+    start = FakeClock().now
+    assert engine.deadlines[0] == start + config.budget_s + config.max_step_s  # 6 s < 30 s
+    assert max(engine.deadlines) <= start + config.budget_s + config.max_step_s
+    # The engine stops making progress after 5 calls: the 6th runs into its deadline.
+    engines: list[SimulatedEngine] = []
+    with pytest.raises(WorkerError):
+        run_profile(WorkerRole.DECODE, config, stall_after=5, engines=engines, base=exact_base())
+    (stalled,) = engines
+    assert len(stalled.calls) == 6
+    assert stalled.clock.now == stalled.deadlines[-1]
+    assert stalled.clock.now <= start + config.budget_s + config.max_step_s
 
 
 def test_no_point_in_reach_is_an_error() -> None:
