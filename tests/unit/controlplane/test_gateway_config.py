@@ -127,7 +127,7 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--profile-observed-factor", "--admin-host", "--admin-port", "--admin-token-file",
         "--launch-store", "--launch-prefill", "--launch-decode", "--launch-kv-metadata",
         "--launch-kv-cache-size", "--launch-max-model-len", "--launch-worker-args",
-        "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir",
+        "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir", "--launch-standby",
     }  # fmt: skip
 
 
