@@ -24,8 +24,8 @@ the restart policy (docs/design/gateway.md, "Restarting launched workers"):
   profiled, or takes a sibling's profile, like any new instance).
 - **Crash loops**: one *slot* is a launched worker and the replacements that followed it. The
   n-th consecutive failure of a slot waits ``backoff_s · 2^(n-1)`` (at most ``backoff_max_s``)
-  before its replacement starts; a worker that served for ``reset_after_s`` resets the count.
-  A slot restarted ``limit`` times within ``window_s`` is given up: its dead instance stays
+  before its replacement starts. A slot restarted ``limit`` times within ``window_s`` with no
+  worker serving ``reset_after_s`` in between (a crash loop) is given up: its dead instance stays
   listed with the reason (`strata admin list`), an error is logged, and the
   ``strata_gateway_worker_restarts_given_up`` counter counts it; the pool stays one short until an
   operator scales it again.
@@ -75,9 +75,11 @@ class RestartPolicy:
     """Wait before the first replacement of a slot; doubles with each consecutive failure."""
     backoff_max_s: float = 60.0
     reset_after_s: float = 60.0
-    """A worker ready this long has recovered: its slot's next failure waits ``backoff_s``."""
+    """A worker ready this long has recovered: its slot's next failure is a new incident (it
+    waits ``backoff_s`` and the restarts before it no longer count towards ``limit``)."""
     limit: int = 5
-    """At most this many restarts of one slot within ``window_s``; then it is given up."""
+    """At most this many restarts of one slot within ``window_s`` while none of its workers
+    served ``reset_after_s``; then it is given up (a crash loop)."""
     window_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -298,12 +300,15 @@ class Supervision(SchedulingState):
 
     def _count_failure(self, slot: _Slot, reason: str) -> float | None:
         """Count one failure of ``slot``: the back-off before its replacement, or None when
-        the slot has been restarted ``limit`` times within the window (give up)."""
+        the slot has been restarted ``limit`` times within the window since a worker of it last
+        served ``reset_after_s`` (give up)."""
         policy = self._restart
         assert policy is not None
         now = self._clock()
         if slot.ready_since is not None and now - slot.ready_since >= policy.reset_after_s:
+            # It served: a new incident, not a crash loop (back-off and cap start over).
             slot.failures = 0
+            slot.restarts.clear()
         slot.ready_since = None
         slot.failures += 1
         while slot.restarts and now - slot.restarts[0] >= policy.window_s:

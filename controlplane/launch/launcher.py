@@ -212,10 +212,14 @@ class LaunchConfig:
     )
     restart_backoff_max_s: float = option(60.0, parse=parse_duration, help="longest back-off")
     restart_reset_after_s: float = option(
-        60.0, parse=parse_duration, help="a worker ready this long resets its back-off"
+        60.0,
+        parse=parse_duration,
+        help="a worker ready this long, then failing, is a new incident (back-off, limit reset)",
     )
     restart_limit: int = option(
-        5, help="restarts of one worker slot within the window before it is left dead"
+        5,
+        help="quick restarts of one worker slot (none served --launch-restart-reset-after) "
+        "within the window before it is left dead (crash loop)",
     )
     restart_window_s: float = option(
         600.0, parse=parse_duration, help="the window of --launch-restart-limit"

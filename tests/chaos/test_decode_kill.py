@@ -12,8 +12,8 @@ alternate between the pool's slots) is killed with SIGKILL, its engine processes
 (tests/proc_tree.py); the gateway notices the exit, fails its streams over to the other decode
 worker, and its launcher starts a replacement (controlplane/instances/supervision.py). The next
 kill comes once the throughput has recovered (or ``RECOVERY_WINDOW_S`` after the replacement
-was ready). Shortened form (`make test`): one kill; full form (`make chaos`): kills for 10
-minutes.
+was ready), and at least ``KILL_INTERVAL_S`` after the previous one. Shortened form (`make
+test`): one kill; full form (`make chaos`): kills for 10 minutes.
 
 Pass criteria (issue 10): ≥ 99.5 % of requests succeed; every completed stream's tokens are
 identical to the undisturbed greedy output of its prompt (measured on the same server before the
@@ -61,6 +61,10 @@ PROMPTS = (
 )
 HANG_SLACK_S = 30.0
 """No request may take more than this much longer than the undisturbed median."""
+KILL_INTERVAL_S = 90.0
+"""Kills come at least this far apart (full form): each slot's worker serves a while between
+its kills, as a worker killed now and then does (a worker killed before it served the launcher's
+reset time would count towards its crash-loop cap)."""
 RECOVERY_WINDOW_S = 60.0
 """The throughput must be back within this long of the replacement being ready."""
 THROUGHPUT_WINDOW_S = 10.0
@@ -319,6 +323,8 @@ def run_kills(
     born: dict[str, float] = {e: 0.0 for e in ready_decodes(server.base_url)}
     start = time.monotonic()
     while len(kills) < max_kills and (not kills or time.monotonic() - start < duration_s):
+        if kills:
+            time.sleep(max(0.0, kills[-1].at + KILL_INTERVAL_S - time.monotonic()))
         victim, pid = pick_victim(server, born)
         kill = Kill(victim, time.monotonic())
         tree = kill_tree(pid)

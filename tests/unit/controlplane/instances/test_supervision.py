@@ -327,6 +327,27 @@ def test_restarts_older_than_the_window_do_not_count() -> None:
     run(test)
 
 
+def test_workers_that_served_before_dying_are_no_crash_loop() -> None:
+    """Killed 10 times in 10 minutes, each worker after serving a minute: always restarted."""
+
+    async def test() -> None:
+        h = Harness()  # at most 4 quick restarts in 600 s; reset after 60 s ready
+        await h.start(decode=1)
+        for _ in range(10):
+            (current,) = h.registry.list_instances()
+            h.ready(current.id)
+            h.clock.now += 60.0
+            h.launcher.workers[-1].exit()
+            h.registry.check_launched()
+            await h.settle()
+        assert len(h.launcher.workers) == 11
+        assert h.waits == [1.0] * 10  # each a new incident: the first back-off
+        assert h.counter("worker_restarts_given_up") is None
+        await h.close()
+
+    run(test)
+
+
 def test_a_failing_launch_is_retried_with_back_off_and_counted() -> None:
     async def test() -> None:
         h = Harness(restart=RestartPolicy(backoff_s=1.0, backoff_max_s=60.0, limit=3))
