@@ -246,7 +246,8 @@ class SchedulingState(LoadTracking):
             result.prefill,
             result.decode if result.measured_decode else None,
             siblings=[
-                Reference(m.id, m.predictor.prefill_fit, m.predictor.decode_fit) for m in siblings
+                Reference(m.id, m.predictor.profile_prefill_fit, m.predictor.profile_decode_fit)
+                for m in siblings
             ],
             observed_prefill=[s for m in sources for s in m.predictor.recent_prefill()],
             observed_decode=[s for m in sources for s in m.predictor.recent_decode()],
