@@ -126,14 +126,32 @@ class SchedulingState(LoadTracking):
         if new >= 0 and cached >= 0 and math.isfinite(seconds) and seconds > 0:
             instance.last_prefill_engine_s = seconds
             if solo:
+                before = instance.predictor.num_change_points
                 instance.predictor.observe_prefill(new, cached, seconds)
+                self._count_change_point(instance, before, "prefill")
 
     def observe_decode(
         self, instance: Instance, batch_size: float, context_tokens: float, step_s: float
     ) -> None:
         """Mean decode step of one stream on ``instance`` at its mean batch and context."""
         if batch_size >= 1 and context_tokens >= 0 and math.isfinite(step_s) and step_s > 0:
+            before = instance.predictor.num_change_points
             instance.predictor.observe_decode_step(round(batch_size), round(context_tokens), step_s)
+            self._count_change_point(instance, before, "decode")
+
+    def _count_change_point(self, instance: Instance, before: int, model: str) -> None:
+        """Counts and logs a change point of the instance's ``model`` (its latency model was
+        rescaled at once: docs/design/scheduling.md §2.3, "Change points")."""
+        if instance.predictor.num_change_points == before:
+            return
+        self._metrics.predictor_change_points.labels(role_name(instance.role), model).inc()
+        logger.info(
+            "instance %s: its %s model disagreed with the last requests by more than a factor; "
+            "rescaled to them (change point %d)",
+            instance.id,
+            model,
+            instance.predictor.num_change_points,
+        )
 
     def observe_ttft(self, assign: Assign, instance: Instance, observed_s: float) -> None:
         """The request's TTFT against its prediction; after a prefill on ``instance`` (the
@@ -228,7 +246,8 @@ class SchedulingState(LoadTracking):
             result.prefill,
             result.decode if result.measured_decode else None,
             siblings=[
-                Reference(m.id, m.predictor.prefill_fit, m.predictor.decode_fit) for m in siblings
+                Reference(m.id, m.predictor.profile_prefill_fit, m.predictor.profile_decode_fit)
+                for m in siblings
             ],
             observed_prefill=[s for m in sources for s in m.predictor.recent_prefill()],
             observed_decode=[s for m in sources for s in m.predictor.recent_decode()],

@@ -62,6 +62,7 @@ class LatencyPredictor:
         "_decode_change",
         "_decode_fit",
         "_decode_profile",
+        "_decode_profile_fit",
         "_decode_since_fit",
         "_decode_window",
         "_handoff",
@@ -69,6 +70,7 @@ class LatencyPredictor:
         "_prefill_change",
         "_prefill_fit",
         "_prefill_profile",
+        "_prefill_profile_fit",
         "_prefill_since_fit",
         "_prefill_window",
         "_refit_every",
@@ -100,6 +102,8 @@ class LatencyPredictor:
         self._ssd_read = ssd_read
         self._refit_every = refit_every
         self._prefill_profile: tuple[PrefillSample, ...] = ()
+        self._prefill_profile_fit = prefill
+        self._decode_profile_fit = decode
         self._decode_profile: tuple[DecodeSample, ...] = ()
         self._prefill_window: deque[PrefillSample] = deque(maxlen=window)
         self._decode_window: deque[DecodeSample] = deque(maxlen=window)
@@ -134,6 +138,18 @@ class LatencyPredictor:
     @property
     def decode_fit(self) -> DecodeCoefficients:
         return self._decode_fit
+
+    @property
+    def profile_prefill_fit(self) -> PrefillCoefficients:
+        """The fit of the profile alone (the priors before one), rescaled by change points but
+        not moved by refits: what another instance's profile of the same engine, taken in the
+        same quiet conditions, is compared with (controlplane/scheduling/predictor/
+        plausibility.py)."""
+        return self._prefill_profile_fit
+
+    @property
+    def profile_decode_fit(self) -> DecodeCoefficients:
+        return self._decode_profile_fit
 
     def prefill_level_s(self) -> float:
         """Median of ``observed - fit`` over the last ``LEVEL_WINDOW`` observed prefills (0
@@ -255,6 +271,7 @@ class LatencyPredictor:
         self._decode_fit = fit_decode(decode)
         self._apply_levels()
         self._prefill_profile, self._decode_profile = tuple(prefill), tuple(decode)
+        self._prefill_profile_fit, self._decode_profile_fit = self._prefill_fit, self._decode_fit
         if ttft_overhead_s is not None:
             self._ttft_overhead.seed(ttft_overhead_s)
         if handoff_s is not None:
@@ -274,6 +291,8 @@ class LatencyPredictor:
         self._prefill_fit, self._decode_fit = sibling._prefill_fit, sibling._decode_fit
         self._prefill_profile = sibling._prefill_profile
         self._decode_profile = sibling._decode_profile
+        self._prefill_profile_fit = sibling._prefill_profile_fit
+        self._decode_profile_fit = sibling._decode_profile_fit
         self._ttft_overhead.seed(sibling.ttft_overhead_s)
         self._handoff.seed(sibling.handoff_s)
         self._apply_levels()
@@ -301,6 +320,9 @@ class LatencyPredictor:
             fit = PrefillCoefficients(*(v * scale for v in self._prefill_fit.as_tuple()))
             self._prefill_fit = fit
             self._prefill_profile = rescaled(self._prefill_profile, scale)
+            self._prefill_profile_fit = PrefillCoefficients(
+                *(v * scale for v in self._prefill_profile_fit.as_tuple())
+            )
             self._prefill_window = self._prefill_change.consistent(
                 self._prefill_window, fit.predict_s
             )
@@ -322,6 +344,9 @@ class LatencyPredictor:
             step = DecodeCoefficients(*(v * scale for v in self._decode_fit.as_tuple()))
             self._decode_fit = step
             self._decode_profile = rescaled(self._decode_profile, scale)
+            self._decode_profile_fit = DecodeCoefficients(
+                *(v * scale for v in self._decode_profile_fit.as_tuple())
+            )
             self._decode_window = self._decode_change.consistent(
                 self._decode_window, step.predict_s
             )

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from controlplane.instances.instance import Instance
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import LocalRegistryStore
@@ -118,6 +120,28 @@ def test_online_observations_reject_a_profile_that_does_not_explain_them() -> No
         )
         assert not instance.predictor.calibrated  # the priors and their online refits stay
         assert rejected(metrics, "observations") == 1.0
+        await registry.close()
+
+    asyncio.run(main())
+
+
+def test_a_change_point_is_counted_and_the_model_follows_within_three_requests() -> None:
+    async def main() -> None:
+        metrics = GatewayMetrics()
+        registry = make_registry(metrics)
+        await registry.register_configured(PREFILL, ["127.0.0.1:10001"])
+        instance = registry.get("w1")
+        # The priors (an H100-class 7B model) against an engine 20x slower at every length.
+        slow = [(n, 20.0 * instance.predictor.prefill_s(n, 0)) for n in (100, 300, 200, 400)]
+        for n, seconds in slow[:3]:
+            with registry.track_prefill(instance, n):
+                pass
+            registry.observe_prefill(instance, n, 0, seconds)
+        series = {"role": "prefill", "model": "prefill"}
+        total = "strata_gateway_predictor_change_points_total"
+        assert metrics.registry.get_sample_value(total, series) == 1.0
+        n, seconds = slow[3]
+        assert instance.predictor.prefill_s(n, 0) == pytest.approx(seconds, rel=1e-12)  # 4th on
         await registry.close()
 
     asyncio.run(main())

@@ -133,3 +133,24 @@ def test_the_detector_answers_the_median_ratio_of_a_run() -> None:
     assert detector.observe(5.0, 0.0) is None  # no prediction: nothing to compare
     with pytest.raises(ValueError):
         ChangeDetector(factor=1.0)
+
+
+def test_the_profile_fit_follows_change_points_but_not_refits() -> None:
+    """What a sibling's new profile is compared with: this instance's profile (quiet
+    conditions, like the new one), unless change points showed it wrong by a factor."""
+    predictor = profiled(10.0)
+    assert predictor.profile_prefill_fit == predictor.prefill_fit
+    prefill_errors(predictor, [1.0] * CHANGE_RUN)  # a change point: the profile was 10x off
+    for n, c in PLAN.prefill_points:
+        assert predictor.profile_prefill_fit.predict_s(n, c) == pytest.approx(
+            TRUE_PREFILL.predict_s(n, c), rel=1e-6
+        )
+    before = predictor.profile_prefill_fit
+    for n, c in PREFILL_SHAPES * 5:  # 2x slower (a busy neighbour): refits follow, not this
+        predictor.observe_prefill(n, c, 2.0 * TRUE_PREFILL.predict_s(n, c))
+    assert predictor.prefill_fit != before  # refitted towards the slower engine
+    assert predictor.profile_prefill_fit == before
+    sibling = LatencyPredictor()
+    sibling.adopt(predictor)
+    assert sibling.profile_prefill_fit == before
+    assert sibling.profile_decode_fit == predictor.profile_decode_fit
