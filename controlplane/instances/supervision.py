@@ -334,7 +334,10 @@ class Supervision(SchedulingState):
             try:
                 await self._store.delete(instance.id)
             except RegistryStoreError as exc:
+                # Retried until it goes: a record left behind would come back as a dead
+                # instance (in this gateway at its next sync, and in every other).
                 logger.warning("could not delete %s from the registry: %s", instance.id, exc)
+                self._spawn(self._delete_record(instance.id))
             self._forget(instance, stop_after_s=0.0)
             while True:
                 await self._sleep(delay_s)
@@ -360,6 +363,21 @@ class Supervision(SchedulingState):
         finally:
             if self._pending.get(slot) is asyncio.current_task():
                 del self._pending[slot]
+
+    async def _delete_record(self, instance_id: str) -> None:
+        """Delete a replaced instance's record, retrying (1 s, doubling to 30 s) while the
+        store is unreachable."""
+        delay_s = 1.0
+        while True:
+            await self._sleep(delay_s)
+            try:
+                await self._store.delete(instance_id)
+            except RegistryStoreError as exc:
+                logger.warning("could not delete %s from the registry: %s", instance_id, exc)
+                delay_s = min(2 * delay_s, 30.0)
+                continue
+            logger.info("record of %s deleted", instance_id)
+            return
 
     def _info_with_note(self, instance: Instance) -> InstanceInfo:
         """``instance.info()``, its detail led by why it is not restarted (when given up)."""

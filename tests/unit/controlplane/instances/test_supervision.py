@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 
 from controlplane.instances.registry import InstanceRegistry
-from controlplane.instances.store import LocalRegistryStore
+from controlplane.instances.store import LocalRegistryStore, RegistryStoreError
 from controlplane.instances.supervision import EXITED, RestartPolicy
 from controlplane.instances.types import InstanceState
 from controlplane.metrics import GatewayMetrics
@@ -343,6 +343,39 @@ def test_workers_that_served_before_dying_are_no_crash_loop() -> None:
         assert len(h.launcher.workers) == 11
         assert h.waits == [1.0] * 10  # each a new incident: the first back-off
         assert h.counter("worker_restarts_given_up") is None
+        await h.close()
+
+    run(test)
+
+
+class FlakyStore(LocalRegistryStore):
+    """A local store whose next ``fail_deletes`` deletes fail as an unreachable Redis would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_deletes = 0
+
+    async def delete(self, instance_id: str) -> None:
+        if self.fail_deletes:
+            self.fail_deletes -= 1
+            raise RegistryStoreError("registry redis://x: connection refused")
+        await super().delete(instance_id)
+
+
+def test_the_record_of_a_replaced_worker_is_deleted_once_the_store_is_back() -> None:
+    async def test() -> None:
+        store = FlakyStore()
+        h = Harness(store=store)
+        await h.start(decode=1)
+        store.fail_deletes = 2
+        h.launcher.workers[0].exit()
+        h.registry.check_launched()
+        await h.settle()
+        await settle()
+        assert sorted(h.waits) == [1.0, 1.0, 2.0]  # back-off 1; delete retried after 1, 2
+        assert set(await store.load()) == {"w2"}
+        await h.registry.sync()
+        assert [i for i, _, _, _ in h.states()] == ["w2"]
         await h.close()
 
     run(test)
