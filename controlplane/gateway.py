@@ -117,6 +117,8 @@ class GatewayServer:
             store=open_registry_store(config.registry.url),
             launcher=self._launcher,
             drain_timeout_s=config.registry.drain_timeout_s,
+            stall_floor_s=config.registry.stall_floor_s,
+            stall_factor=config.registry.stall_factor,
             policy=config.routing.policy.value,
             scheduling=_scheduling_config(config),
             profile=replace(config.profiling, vocab_size=self._tokenizer.vocab_size),
