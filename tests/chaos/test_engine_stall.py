@@ -319,6 +319,13 @@ def test_a_stop_longer_than_the_bound_fails_its_requests_over(
                         break
                     assert time.monotonic() - stopped_at < limit_s + 30, worker
                     time.sleep(0.1)
+                # Its calls were cut, yet while it stays stopped it stays dead: a cancelled
+                # request is the engine's work until the engine core confirms the abort.
+                held_until = time.monotonic() + 4 * HEALTH_INTERVAL_S
+                while time.monotonic() < held_until:
+                    worker = _worker(cluster.gateway_url, endpoint)
+                    assert worker["state"] == "dead", worker
+                    time.sleep(0.1)
             finally:
                 _signal_tree(service, signal.SIGCONT, engine_only=engine_only)
             continued_at = time.monotonic()
