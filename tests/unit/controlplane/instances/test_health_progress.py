@@ -341,3 +341,48 @@ def test_cancelling_the_caller_cancels_the_call() -> None:
         await registry.close()
 
     run(test)
+
+
+def test_a_caller_cancelled_with_the_trip_stays_cancelled() -> None:
+    """Both the client (its request went away) and the trip cancel the task: the client's
+    cancellation wins, no WorkerError is made of it."""
+
+    async def test() -> None:
+        clock = FakeClock()
+        registry, instance, _ = await ready_instance(clock)
+
+        async def hanging_call() -> int:
+            await asyncio.Event().wait()
+            return 0
+
+        task = asyncio.ensure_future(call_while_up(instance, "Prefill", hanging_call()))
+        await asyncio.sleep(0)
+        task.cancel()
+        instance.tripwire.trip("stalled")
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await registry.close()
+
+    run(test)
+
+
+def test_a_call_that_finishes_despite_the_trip_keeps_its_result() -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        registry, instance, _ = await ready_instance(clock)
+
+        async def stubborn_call() -> int:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return 7  # swallows the cancellation, as some clients do
+            return 0
+
+        task = asyncio.ensure_future(call_while_up(instance, "Prefill", stubborn_call()))
+        await asyncio.sleep(0)
+        instance.tripwire.trip("stalled")
+        assert await task == 7
+        assert task.cancelling() == 0
+        await registry.close()
+
+    run(test)
