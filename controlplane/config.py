@@ -125,6 +125,18 @@ class RegistryConfig:
         2.0, parse=parse_duration, help="period of the Health polls that drive worker selection"
     )
     health_check_timeout_s: float = option(2.0, parse=parse_duration, help="one Health poll")
+    stall_floor_s: float = option(
+        15.0,
+        parse=parse_duration,
+        help="least time a worker's engine may have work without completing a step, or leave "
+        "Health unanswered, before it is marked dead and its requests fail over (the bound is "
+        "max(this, stall_factor × its longest predicted step))",
+    )
+    stall_factor: float = option(
+        4.0,
+        help="stall bound = max(stall_floor, this × the longest engine step the worker's "
+        "latency model predicts for its load)",
+    )
     drain_timeout_s: float = option(
         60.0,
         parse=parse_duration,
@@ -137,9 +149,12 @@ class RegistryConfig:
             "health_check_interval_s",
             "health_check_timeout_s",
             "drain_timeout_s",
+            "stall_floor_s",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.stall_factor >= 1:
+            raise ConfigError(f"stall_factor must be >= 1, got {self.stall_factor}")
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 f"registry_url {self.url!r} must be empty (this process) or a "

@@ -128,6 +128,8 @@ class GatewayServer:
             launcher=self._launcher,
             drain_timeout_s=config.registry.drain_timeout_s,
             restart=config.launch.restart_policy(),
+            stall_floor_s=config.registry.stall_floor_s,
+            stall_factor=config.registry.stall_factor,
             policy=config.routing.policy.value,
             scheduling=_scheduling_config(config),
             profile=replace(config.profiling, vocab_size=self._tokenizer.vocab_size),

@@ -1,16 +1,20 @@
-"""The counters a worker reports in its Health reply.
+"""The counters a worker reports in its Health and Stats replies.
 
 ``KV_COUNTERS`` names the KV connector's counters: the connector counts them in the engine-core
 process (``StrataConnectorStats``) and vLLM's stats pipeline carries them to the worker process,
-which sums them here.
+which sums them here. ``EngineProgress`` is the engine's progress as Health reports it: the work
+it has and how long it has had work without completing a step (the gateway's stall rule,
+docs/design/gateway.md "Health and failover").
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["KV_COUNTERS", "WorkerCounters"]
+__all__ = ["KV_COUNTERS", "EngineProgress", "WorkerCounters"]
 
 KV_COUNTERS = (
     "blocks_saved",
@@ -44,3 +48,50 @@ class WorkerCounters:
         with self._lock:
             self.kv_tokens_loaded += num_external
             self.prompt_tokens_computed += max(0, num_prompt - num_cached)
+
+
+class EngineProgress:
+    """Whether the engine moves: the work items it has now and when it last made progress.
+
+    A work item is a request the worker handed to the engine, or an abort the engine core has not
+    confirmed yet (a request cancelled while the engine core was stopped is still the engine's
+    work until the core has processed its abort: the worker does not look idle, and healthy,
+    while its engine is frozen). ``step()`` is called for every engine step (vLLM's stat logger
+    is called once per engine-core step while it has requests).
+
+    ``stalled_s()``: how long the engine has had work without completing a step; 0 when idle.
+    The clock starts when work arrives at an idle engine (not at the last step before it went
+    idle) and restarts at each step. All on this process's monotonic clock.
+    Called from the worker's event loop only (the stat logger runs in it too).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.num_items = 0
+        self._since_s = 0.0
+        """When the engine last made progress: its last step, or the arrival of work at an
+        idle engine."""
+        self.num_steps = 0
+
+    def begin(self) -> None:
+        """One more work item (a request enters the engine, or an abort is sent to it)."""
+        if self.num_items == 0:
+            self._since_s = self._clock()
+        self.num_items += 1
+
+    def end(self) -> None:
+        """A work item is done (the request finished, or the core confirmed its abort)."""
+        if self.num_items <= 0:
+            raise RuntimeError("EngineProgress.end() without begin()")
+        self.num_items -= 1
+
+    def step(self) -> None:
+        """The engine completed a step."""
+        self.num_steps += 1
+        self._since_s = self._clock()
+
+    def stalled_s(self) -> float:
+        """Seconds with work and no step; 0 when the engine has no work."""
+        if self.num_items == 0:
+            return 0.0
+        return max(0.0, self._clock() - self._since_s)

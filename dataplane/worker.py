@@ -26,13 +26,14 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
 
 from dataplane.config import WorkerConfig, WorkerRole
-from dataplane.counters import WorkerCounters
+from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
 from kvstore.blocks.hashing import model_fingerprint
 from strata_proto import worker_pb2, worker_pb2_grpc
@@ -52,11 +53,16 @@ _ROLE = {
 }
 
 
-def _stat_logger_factory(counters: WorkerCounters) -> Any:
+def _stat_logger_factory(counters: WorkerCounters, progress: EngineProgress) -> Any:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class KVStatsLogger(StatLoggerBase):
-        """Receives the connector's counters from the engine-core process every step."""
+        """Receives the connector's counters from the engine-core process every step.
+
+        With stats on (``disable_log_stats=False``) the engine core attaches scheduler stats to
+        the output of every step it runs while it has requests (vLLM's ``Scheduler.
+        update_from_output``), and AsyncLLM's output handler calls ``record`` once per such
+        output, in the worker's event loop: one call = one completed engine step."""
 
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             pass
@@ -68,6 +74,8 @@ def _stat_logger_factory(counters: WorkerCounters) -> Any:
             mm_cache_stats: Any = None,
             engine_idx: int = 0,
         ) -> None:
+            if scheduler_stats is not None:
+                progress.step()
             data = getattr(scheduler_stats, "kv_connector_stats", None)
             if data:
                 counters.add_kv(data)
@@ -84,6 +92,8 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.counters = WorkerCounters()
+        self.progress = EngineProgress()
+        self._abort_probes: set[asyncio.Task[None]] = set()
         self.engine: Any = None
         self.server: grpc.aio.Server | None = None
         self.block_size = 0
@@ -200,7 +210,7 @@ class Worker:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.engine = AsyncLLM.from_engine_args(
-            self.engine_args(), stat_loggers=[_stat_logger_factory(self.counters)]
+            self.engine_args(), stat_loggers=[_stat_logger_factory(self.counters, self.progress)]
         )
         vllm_config = self.engine.vllm_config
         self.block_size = int(vllm_config.cache_config.block_size)
@@ -250,6 +260,40 @@ class Worker:
         if self._kv_events_dir is not None:
             shutil.rmtree(self._kv_events_dir, ignore_errors=True)
             self._kv_events_dir = None
+
+    async def generate(
+        self, prompt: dict[str, Any], sampling: Any, request_id: str
+    ) -> AsyncGenerator[Any, None]:
+        """The engine's outputs for one request, counted as engine work (``progress``) while the
+        engine has it: a request that ends unfinished (cancelled by the gateway, or an error)
+        stays the engine's work until the engine core has processed its abort (a probe call
+        through the core's input queue, which it reads between steps), so an engine core that
+        is stopped does not look idle once the gateway gave up on its requests."""
+        progress = self.progress
+        progress.begin()
+        finished = False
+        try:
+            async for out in self.engine.generate(prompt, sampling, request_id):
+                finished = finished or out.finished
+                yield out
+        except ValueError:
+            finished = True  # rejected by input processing: never reached the engine core
+            raise
+        finally:
+            if finished:
+                progress.end()
+            else:
+                task = asyncio.create_task(self._confirm_abort())
+                self._abort_probes.add(task)
+                task.add_done_callback(self._abort_probes.discard)
+
+    async def _confirm_abort(self) -> None:
+        try:
+            await self.engine.is_sleeping()
+        except Exception as exc:  # a dead engine core: nothing will ever confirm
+            logger.warning("engine core did not confirm an abort: %s", exc)
+        finally:
+            self.progress.end()
 
     # -- driver ------------------------------------------------------------------------------
 
@@ -321,6 +365,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             capacity=w.config.max_num_seqs,
             dtype=w.dtype,
             hardware=w.hardware,
+            num_engine_requests=w.progress.num_items,
+            stalled_s=w.progress.stalled_s(),
+            num_engine_steps=w.progress.num_steps,
             **_kv_identity(w),
         )
 
@@ -354,10 +401,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         t0 = time.perf_counter()
         final = None
         try:
-            async for out in self.worker.engine.generate(
-                self._prompt(request.prompt_token_ids, request.cache_salt), sp, request.request_id
-            ):
-                final = out
+            async with aclosing(
+                self.worker.generate(
+                    self._prompt(request.prompt_token_ids, request.cache_salt),
+                    sp,
+                    request.request_id,
+                )
+            ) as outs:
+                async for out in outs:
+                    final = out
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
@@ -401,22 +453,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         counters.num_requests += 1
         counters.num_running += 1
         try:
-            async for out in self.worker.engine.generate(
-                self._prompt(request.prompt_token_ids, request.cache_salt), sp, request.request_id
-            ):
-                comp = out.outputs[0]
-                chunk = worker_pb2.DecodeChunk(token_ids=comp.token_ids, text=comp.text)
-                if out.finished:
-                    params = out.kv_transfer_params or {}
-                    num_cached = _num_cached_tokens(out, params)
-                    num_external = int(params.get("strata_num_external_tokens", 0))
-                    chunk.finish_reason = _FINISH.get(
-                        comp.finish_reason or "", worker_pb2.FINISH_REASON_ABORT
-                    )
-                    chunk.num_cached_tokens = num_cached
-                    chunk.num_external_tokens = num_external
-                    counters.finish_request(len(request.prompt_token_ids), num_cached, num_external)
-                yield chunk
+            async with aclosing(
+                self.worker.generate(
+                    self._prompt(request.prompt_token_ids, request.cache_salt),
+                    sp,
+                    request.request_id,
+                )
+            ) as outs:
+                async for out in outs:
+                    comp = out.outputs[0]
+                    chunk = worker_pb2.DecodeChunk(token_ids=comp.token_ids, text=comp.text)
+                    if out.finished:
+                        params = out.kv_transfer_params or {}
+                        num_cached = _num_cached_tokens(out, params)
+                        num_external = int(params.get("strata_num_external_tokens", 0))
+                        chunk.finish_reason = _FINISH.get(
+                            comp.finish_reason or "", worker_pb2.FINISH_REASON_ABORT
+                        )
+                        chunk.num_cached_tokens = num_cached
+                        chunk.num_external_tokens = num_external
+                        counters.finish_request(
+                            len(request.prompt_token_ids), num_cached, num_external
+                        )
+                    yield chunk
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:

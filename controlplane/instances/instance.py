@@ -4,13 +4,24 @@ Only the registry (controlplane/instances/registry.py and the layers it is built
 :class:`Instance`'s fields; everything else reads them or the immutable snapshots it hands out
 (:class:`~controlplane.instances.types.InstanceInfo`, :class:`InstanceView`,
 :class:`~controlplane.scheduling.InstanceSnapshot`).
+
+Cutting in-flight calls: each instance has a :class:`Tripwire` that the registry trips when the
+instance goes dead (any cause: unreachable, unresponsive, stalled, not ready) and replaces with
+a fresh one when it leaves dead. The gateway's worker calls are awaited through
+:func:`call_while_up` / :func:`stream_while_up` (each chunk of a stream): a trip cuts them at
+once with ``WorkerError(UNAVAILABLE, reason)`` and cancels the gRPC call (the worker aborts it
+when it runs again), so the request fails over as after a crash
+(controlplane/request/generation.py). A call started after the trip is cut before it is sent.
+No task or poll per call: ~1 us of CPU per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncGenerator, Awaitable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from controlplane.instances.store import (
     InstanceRecord,
@@ -24,10 +35,21 @@ from controlplane.scheduling import (
     InstanceSnapshot,
     LatencyPredictor,
 )
-from controlplane.workers.client import WorkerClient, WorkerHealth
+from controlplane.workers.client import WorkerClient, WorkerError, WorkerErrorKind, WorkerHealth
 from strata_common.endpoints import parse_endpoint
 
-__all__ = ["Instance", "InstanceView", "KVIdentity", "ModelLimits", "StartupError"]
+__all__ = [
+    "Instance",
+    "InstanceView",
+    "KVIdentity",
+    "ModelLimits",
+    "StartupError",
+    "Tripwire",
+    "call_while_up",
+    "stream_while_up",
+]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("controlplane.instances.registry")
 
@@ -62,6 +84,93 @@ class InstanceView:
     """Its in-flight work (the same record a policy's :class:`InstanceSnapshot` carries)."""
 
 
+class Tripwire:
+    """Tripped once, with a reason, when its instance goes dead: the calls awaiting through it
+    (:func:`call_while_up`, :func:`stream_while_up`) are cut.
+
+    Cutting costs nothing per call or chunk beyond a set insertion: a call registers the task
+    that awaits it while it waits, and the trip cancels those tasks (in this single-threaded
+    loop a task can only be waiting when the trip runs, so the cancellation always lands on the
+    call's await: the call is cancelled, which cancels its gRPC call). The helper that
+    registered the task turns that cancellation, and only that one (``Task.uncancel``, as
+    ``asyncio.timeout`` does), into the WorkerError."""
+
+    __slots__ = ("_cut", "_waiting", "reason")
+
+    def __init__(self) -> None:
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
+        self.reason: str | None = None
+        """Why it tripped; None while it has not."""
+
+    @property
+    def tripped(self) -> bool:
+        return self.reason is not None
+
+    def trip(self, reason: str) -> None:
+        """Cut every call waiting through it (idempotent: the first reason stays)."""
+        if self.reason is not None:
+            return
+        self.reason = reason
+        for task in self._waiting:
+            if task.cancel(f"instance went dead: {reason}"):
+                self._cut.add(task)
+
+    async def _await(self, instance: Instance, rpc: str, awaitable: Awaitable[T]) -> T:
+        if self.reason is not None:
+            raise _cut(instance, rpc, self)
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Tripwire calls need a running task")
+        self._waiting.add(task)
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            if task in self._cut:
+                self._cut.discard(task)
+                if task.uncancel() == 0:  # only this wire cancelled it
+                    raise _cut(instance, rpc, self) from None
+            raise
+        finally:
+            self._waiting.discard(task)
+        if task in self._cut:  # the call swallowed the cancellation: its result is good
+            self._cut.discard(task)
+            task.uncancel()
+        return result
+
+
+def _cut(instance: Instance, rpc: str, wire: Tripwire) -> WorkerError:
+    return WorkerError(WorkerErrorKind.UNAVAILABLE, instance.endpoint, rpc, wire.reason or "down")
+
+
+async def call_while_up(instance: Instance, rpc: str, call: Coroutine[Any, Any, T]) -> T:
+    """Await ``call`` (a call on ``instance``'s worker) unless the instance goes dead first:
+    then it is cancelled and WorkerError(UNAVAILABLE, the reason) is raised."""
+    wire = instance.tripwire
+    if wire.tripped:
+        call.close()
+        raise _cut(instance, rpc, wire)
+    return await wire._await(instance, rpc, call)
+
+
+async def stream_while_up(
+    instance: Instance, rpc: str, stream: AsyncGenerator[T, None]
+) -> AsyncGenerator[T, None]:
+    """``stream``'s items (a streaming call on ``instance``'s worker) until the instance goes
+    dead: then the stream is closed (the call cancelled) and WorkerError(UNAVAILABLE, the
+    reason) is raised. Closing this generator closes ``stream``."""
+    wire = instance.tripwire
+    try:
+        while True:
+            try:
+                item = await wire._await(instance, rpc, anext(stream))
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await stream.aclose()
+
+
 class Instance:
     """One worker as this gateway sees it. Read freely; only the registry writes the fields."""
 
@@ -75,11 +184,11 @@ class Instance:
         "host",
         "id",
         "idle",
+        "last_health_s",
         "last_prefill_engine_s",
         "last_prefill_solo",
         "launched",
         "num_context_tokens",
-        "num_health_timeouts",
         "num_prefill_starts",
         "num_prefills",
         "num_queued_prefill_tokens",
@@ -91,6 +200,7 @@ class Instance:
         "profile_task",
         "role",
         "state",
+        "tripwire",
     )
 
     def __init__(self, record: InstanceRecord) -> None:
@@ -105,8 +215,11 @@ class Instance:
         self.state = InstanceState.DRAINING if record.draining else InstanceState.STARTING
         self.detail = "not checked yet"
         self.health: WorkerHealth | None = None
-        self.num_health_timeouts = 0
-        """Consecutive Health calls that timed out while the instance was ready."""
+        self.last_health_s: float | None = None
+        """When (the registry's clock) a Health call last answered; None: never."""
+        self.tripwire = Tripwire()
+        """Tripped when it goes dead: cuts the gateway's calls in flight on it (a fresh one
+        when it leaves dead)."""
         self.num_requests = 0
         """Prefills plus decodes this gateway has on it now (what draining waits for)."""
         self.num_prefills = 0
@@ -149,6 +262,27 @@ class Instance:
             host=self.host,
             kv_source=self.kv_source,
         )
+
+    def predicted_step_s(self) -> float:
+        """The longest engine step its latency model predicts for the work this gateway has on
+        it: the prefill of every queued prompt in one step (prefill is not chunked in every
+        configuration, and an engine may batch all waiting prompts), or a decode step at its
+        batch and context; 0 when this gateway has nothing on it. Work of others that the
+        worker reports beyond this gateway's (another gateway's requests, a profile's calls) is
+        counted as one prefill of the longest prompt it accepts."""
+        predictor = self.predictor
+        step_s = 0.0
+        if self.num_prefills > 0:
+            step_s = predictor.queue_s(self.num_queued_prefill_tokens, self.num_prefills)
+        if self.num_running_decodes > 0:
+            step_s = max(
+                step_s,
+                predictor.decode_step_s(self.num_running_decodes, self.num_context_tokens),
+            )
+        health = self.health
+        if health is not None and health.num_engine_requests > self.num_requests:
+            step_s = max(step_s, predictor.prefill_s(health.max_model_len, 0))
+        return step_s
 
     @property
     def capacity(self) -> int:

@@ -179,7 +179,8 @@ class LoadTracking(InstanceStates):
         self._metrics.failovers.labels(role.name.lower()).inc()
 
     def report_failure(self, instance: Instance, error: WorkerError) -> None:
-        """A request saw ``error`` from ``instance``; unreachable → dead at once."""
+        """A request saw ``error`` from ``instance``; unreachable → dead at once (a dead one keeps
+        the reason it went dead with: its calls in flight were cut with it)."""
         self._metrics.worker_errors.labels(error.rpc, error.kind.value).inc()
-        if error.kind is WorkerErrorKind.UNAVAILABLE:
+        if error.kind is WorkerErrorKind.UNAVAILABLE and instance.state is not InstanceState.DEAD:
             self._set_state(instance, InstanceState.DEAD, f"unavailable: {error.detail}")

@@ -9,15 +9,29 @@ One owner. The registry alone changes instance state; the gateway reads immutabl
 `report_failure` (a request found the worker failing), the load trackers `track_prefill` /
 `track_decode` (in-flight counters), and `note_failover`.
 
-State, per gateway (controlplane/instances/types.py draws the diagram):
+State, per gateway (controlplane/instances/types.py draws the diagram). Health here means
+"serves", not "its gRPC server answers":
 
 - **starting**: registered, Health has not said ready yet (a vLLM worker compiles for a minute).
-- **ready**: the last Health said ready, with a role that serves the instance's role and model
-  limits that agree with the gateway's. Only ready instances are picked.
-- **dead**: a request found it unreachable (marked at once, so the next request does not try it),
-  or Health failed: unreachable or "not ready" at once, a timeout only after 3 in a row (a
-  worker busy with a long prefill can answer late). A dead instance comes back to ready when a
-  Health call passes: heartbeats keep going to dead instances.
+- **ready**: the last Health said ready, with a role that serves the instance's role, model
+  limits that agree with the gateway's, and an engine that moves. Only ready instances are
+  picked.
+- **dead**: a request found it unreachable (marked at once, so the next request does not try
+  it), or Health failed:
+  - unreachable (refused, UNAVAILABLE) or "not ready": at once;
+  - **stalled**: the engine has work and its reported `stalled_s` (time with work and no
+    completed step, on the worker's clock) exceeds the instance's *stall bound*;
+  - **unresponsive**: Health calls time out (the whole process tree stopped, a host that
+    drops packets) and none has answered for longer than the stall bound. A stop shorter than
+    the bound aborts nothing.
+  The stall bound is max(``stall_floor_s``, ``stall_factor`` × the longest step its latency
+  model predicts for its load: the prefill of its queued prompts in one step, or a decode step
+  at its batch — `Instance.predicted_step_s`). Going dead trips the instance's tripwire: every
+  call of this gateway in flight on it is cut with WorkerError(UNAVAILABLE, the reason), and
+  its requests fail over as after a crash (controlplane/request/generation.py); `_on_unhealthy`
+  tells the layers above. A dead instance comes back to ready when a Health call shows it
+  serving again (ready, and no stall beyond its bound): heartbeats keep going to dead
+  instances; it gets a fresh tripwire.
 - **draining**: an operator drained it (shared through the store, so every gateway stops picking
   it); requests already on it finish. `remove` waits for them, then forgets it.
 
@@ -36,7 +50,13 @@ from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from contextlib import suppress
 from typing import Any
 
-from controlplane.instances.instance import Instance, InstanceView, ModelLimits, StartupError
+from controlplane.instances.instance import (
+    Instance,
+    InstanceView,
+    ModelLimits,
+    StartupError,
+    Tripwire,
+)
 from controlplane.instances.store import (
     InstanceRecord,
     LocalRegistryStore,
@@ -53,11 +73,12 @@ from controlplane.metrics import GatewayMetrics
 from controlplane.workers.client import WorkerError, WorkerErrorKind, WorkerHealth
 from controlplane.workers.roles import WorkerRole, role_name
 
-__all__ = ["SERVING_ROLES", "InstanceStates"]
+__all__ = ["DEFAULT_STALL_FACTOR", "DEFAULT_STALL_FLOOR_S", "SERVING_ROLES", "InstanceStates"]
 
 logger = logging.getLogger("controlplane.instances.registry")
 
-_HEALTH_TIMEOUTS_BEFORE_DEAD = 3
+DEFAULT_STALL_FLOOR_S = 15.0
+DEFAULT_STALL_FACTOR = 4.0
 SERVING_ROLES = (WorkerRole.PREFILL, WorkerRole.DECODE)
 
 
@@ -72,11 +93,15 @@ class InstanceStates:
         store: RegistryStore | None = None,
         launcher: Launcher | None = None,
         drain_timeout_s: float = 60.0,
+        stall_floor_s: float = DEFAULT_STALL_FLOOR_S,
+        stall_factor: float = DEFAULT_STALL_FACTOR,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
         self._clock = clock
         self._health_check_timeout_s = health_check_timeout_s
+        self._stall_floor_s = stall_floor_s
+        self._stall_factor = stall_factor
         self._store: RegistryStore = store if store is not None else LocalRegistryStore()
         self._launcher = launcher
         self._drain_timeout_s = drain_timeout_s
@@ -332,12 +357,20 @@ class InstanceStates:
             return
         self._apply_health(instance, health)
 
+    def stall_bound_s(self, instance: Instance) -> float:
+        """How long ``instance`` may have work without completing a step, or leave Health
+        unanswered, before it counts as not serving: max(floor, factor × its longest predicted
+        step for its current load)."""
+        return max(self._stall_floor_s, self._stall_factor * instance.predicted_step_s())
+
     def _apply_health(self, instance: Instance, health: WorkerHealth) -> None:
         if instance.forgotten:
             return
-        instance.num_health_timeouts = 0
+        instance.last_health_s = self._clock()
         instance.health = health
-        problem = self._health_problem(instance.role, health)
+        problem = self._health_problem(instance.role, health) or self._stall_problem(
+            instance, health
+        )
         if instance.draining:
             self._set_state(instance, InstanceState.DRAINING, problem or "draining")
         elif problem is None:
@@ -352,15 +385,35 @@ class InstanceStates:
         if instance.forgotten:
             return
         detail = f"{exc.kind.value}: {exc.detail}"
-        if instance.state is InstanceState.READY and exc.kind is WorkerErrorKind.TIMEOUT:
-            # A busy engine can answer Health late; unreachable or refusing is decisive at once.
-            instance.num_health_timeouts += 1
-            if instance.num_health_timeouts < _HEALTH_TIMEOUTS_BEFORE_DEAD:
+        if exc.kind is WorkerErrorKind.TIMEOUT and instance.state is not InstanceState.STARTING:
+            # A busy or briefly stopped worker answers late: it does not serve only once it has
+            # not answered for longer than its stall bound. Refusing is decisive at once.
+            bound_s = self.stall_bound_s(instance)
+            last_s = instance.last_health_s
+            silent_s = self._clock() - last_s if last_s is not None else float("inf")
+            if instance.state is InstanceState.READY and silent_s <= bound_s:
                 return
+            detail = (
+                f"unresponsive: Health has not answered for {silent_s:.1f} s "
+                f"(bound {bound_s:g} s; {detail})"
+            )
         if instance.state in (InstanceState.STARTING, InstanceState.DRAINING):
             self._set_state(instance, instance.state, detail)
         else:
             self._set_state(instance, InstanceState.DEAD, detail)
+
+    def _stall_problem(self, instance: Instance, health: WorkerHealth) -> str | None:
+        """ "stalled: ..." when the engine has work and made no step within its bound."""
+        if health.num_engine_requests <= 0:
+            return None
+        bound_s = self.stall_bound_s(instance)
+        if health.stalled_s <= bound_s:
+            return None
+        n = health.num_engine_requests
+        return (
+            f"stalled: engine made no step for {health.stalled_s:.1f} s with {n} "
+            f"request{'s' if n != 1 else ''} (bound {bound_s:g} s)"
+        )
 
     def _health_problem(self, role: WorkerRole, health: WorkerHealth) -> str | None:
         """Why an instance reporting ``health`` cannot serve ``role``; None when it can."""
@@ -393,10 +446,13 @@ class InstanceStates:
                 detail,
             )
         became_dead = state is InstanceState.DEAD and instance.state is not InstanceState.DEAD
+        if instance.state is InstanceState.DEAD and state is not InstanceState.DEAD:
+            instance.tripwire = Tripwire()  # calls from now on race a fresh one
         instance.state = state
         instance.detail = detail
         self._publish_ready(instance)
         if became_dead:
+            instance.tripwire.trip(detail)  # its calls in flight fail over
             self._on_unhealthy(instance, detail)
 
     def _change_role(self, instance: Instance, role: WorkerRole) -> None:

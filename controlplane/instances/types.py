@@ -5,8 +5,8 @@ An instance is one worker (one vLLM engine) known to the gateway. Its lifecycle
 
     starting ──Health ready──▶ ready ──drain──▶ draining ──in-flight done──▶ (removed)
                                │  ▲
-     missed heartbeats, or a   ▼  │ Health answers ready again
-     request finds it gone ──▶ dead
+     stalled, unanswered, or   ▼  │ Health shows it serving again
+     a request finds it gone ▶ dead
 
 A starting instance whose Health fails stays starting; a draining one stays draining. The
 registry is the one owner of these records and changes states from heartbeats, from requests that

@@ -14,7 +14,8 @@ Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"
      "stop") or if max_tokens == 1 ("length").
   2. Decode(prompt + generated, max_tokens - len(generated)) on the assigned decode instance,
      where `generated` is every token already yielded (the prefill's, or none). If the decode
-     instance becomes unreachable mid-stream it is marked dead and the decode is resumed on the
+     instance becomes unreachable mid-stream, or the registry marks it dead meanwhile (stalled,
+     unresponsive: its calls in flight are cut, see below), the decode is resumed on the
      next ready one from prompt + every token yielded so far: the caller's stream goes on with
      no token missing or repeated (the new worker's connector loads the prompt's blocks from the
      KV store and recomputes the rest). Only when no decode instance is left does the failure
@@ -30,6 +31,13 @@ Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"
      mean step refit the instances' latency models; the request's TTFT and mean TPOT, against
      the Assign's predictions, the MAPE gauges (registry.observe_*).
 
+Every worker call runs through the instance's tripwire (`call_while_up` / `stream_while_up`,
+controlplane/instances/instance.py): when the registry marks the instance dead for any reason
+(unreachable, a Health that stays unanswered beyond its stall bound, an engine with work and no
+step within it), the call is cut at once with WorkerError(UNAVAILABLE, the reason) and
+cancelled, and the failover above takes over — a stopped worker does not hold its requests
+until their deadline.
+
 Other worker failures (rejected input, engine error, deadline) would fail the same way on
 another worker: they surface as WorkerError at once. The caller owns the HTTP side: status
 codes, formatting, and what to do with an error after the first token was sent.
@@ -44,7 +52,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from controlplane.api.openai_protocol import SamplingOptions
-from controlplane.instances.instance import Instance
+from controlplane.instances.instance import Instance, call_while_up, stream_while_up
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.types import InstanceNotFound, InstanceState
 from controlplane.metrics import GatewayMetrics
@@ -214,13 +222,17 @@ class Generation:
                         len(generated),
                         last_error,
                     )
-                stream = instance.client.decode(
-                    request_id=req.request_id,
-                    prompt_token_ids=[*req.prompt_token_ids, *generated],
-                    sampling=self._worker_sampling(max_tokens=num_left),
-                    cache_salt=req.cache_salt,
-                    block_keys=block_keys,
-                    timeout_s=self._remaining_s("Decode", instance.endpoint),
+                stream = stream_while_up(
+                    instance,
+                    "Decode",
+                    instance.client.decode(
+                        request_id=req.request_id,
+                        prompt_token_ids=[*req.prompt_token_ids, *generated],
+                        sampling=self._worker_sampling(max_tokens=num_left),
+                        cache_salt=req.cache_salt,
+                        block_keys=block_keys,
+                        timeout_s=self._remaining_s("Decode", instance.endpoint),
+                    ),
                 )
                 attempt_external_tokens = 0
                 context = len(req.prompt_token_ids) + len(generated)
@@ -339,12 +351,16 @@ class Generation:
                 )
             try:
                 with self._registry.track_prefill(instance, num_uncached):
-                    result = await instance.client.prefill(
-                        request_id=req.request_id,
-                        prompt_token_ids=req.prompt_token_ids,
-                        sampling=self._worker_sampling(max_tokens=1),
-                        cache_salt=req.cache_salt,
-                        timeout_s=self._remaining_s("Prefill", instance.endpoint),
+                    result = await call_while_up(
+                        instance,
+                        "Prefill",
+                        instance.client.prefill(
+                            request_id=req.request_id,
+                            prompt_token_ids=req.prompt_token_ids,
+                            sampling=self._worker_sampling(max_tokens=1),
+                            cache_salt=req.cache_salt,
+                            timeout_s=self._remaining_s("Prefill", instance.endpoint),
+                        ),
                     )
             except WorkerError as exc:
                 self._leave(instance, exc, failed)

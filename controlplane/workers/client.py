@@ -108,6 +108,14 @@ class WorkerHealth:
     hardware: str = ""
     """Identity of the engine's compute (device, model, ISA, cores, dtype): engines of one model
     with equal hardware share a latency profile; "" = not said."""
+    num_engine_requests: int = 0
+    """Requests the engine has now (a cancelled one until the engine core processed its
+    abort)."""
+    stalled_s: float = 0.0
+    """How long the engine has had work without completing a step (the worker's clock); 0 when
+    it has no work."""
+    num_engine_steps: int = 0
+    """Engine steps completed since the engine started."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +194,9 @@ class WorkerClient:
             kv_layout=reply.kv_layout,
             dtype=reply.dtype,
             hardware=reply.hardware,
+            num_engine_requests=reply.num_engine_requests,
+            stalled_s=reply.stalled_s,
+            num_engine_steps=reply.num_engine_steps,
         )
 
     async def prefill(

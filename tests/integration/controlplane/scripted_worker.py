@@ -11,8 +11,12 @@ worker); the prefill samples exactly one token; decode continues the script afte
 prompt holds beyond the prefill's prompt (so a decode resumed elsewhere after k tokens continues
 with script token k, as a greedy engine would). Failures, delays and readiness are set per test;
 `Script.die_after_decode_chunks` stops the serving worker's whole server mid-stream, once (what a
-killed worker looks like to the gateway: UNAVAILABLE). Every request and every cancelled decode
-is recorded. Test code only: it never ships in the product.
+killed worker looks like to the gateway: UNAVAILABLE); `Script.stall_prefill` and
+`Script.stall_after_decode_chunks` make the serving worker's "engine" stop stepping, once: the
+call hangs until cancelled while Health keeps answering, reporting the hanging calls as engine
+work and how long it has had work without a step (what a frozen engine behind a live gRPC server
+looks like). Every request and every cancelled decode is recorded. Test code only: it never
+ships in the product.
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class Script:
     die_after_decode_chunks: int | None = None
     """The next decode to send this many chunks (unfinished) stops its worker's server, so that
     every call to it fails UNAVAILABLE; one-shot (reset when it fires)."""
+    stall_prefill: bool = False
+    """The next prefill hangs (its engine makes no step) until the gateway cancels it; one-shot."""
+    stall_after_decode_chunks: int | None = None
+    """The next decode to send this many chunks (unfinished) hangs (no step) until cancelled;
+    one-shot."""
     prompt_lengths: dict[str, int] = field(default_factory=dict)
     """Prompt length of each prefilled request id: where a decode's generated tokens start."""
 
@@ -81,6 +90,10 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         self.prefill_requests: list[worker_pb2.PrefillRequest] = []
         self.decode_requests: list[worker_pb2.DecodeRequest] = []
         self.num_decodes_cancelled = 0
+        self.num_stalled = 0
+        """Calls hanging in a scripted stall (Health reports them as engine work)."""
+        self.stalled_since: float | None = None
+        self.num_stalls_cancelled = 0
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.port = 0
@@ -103,15 +116,32 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
 
     # -- the contract ----------------------------------------------------------------------
 
+    async def _stall(self) -> None:
+        """Hang as an engine that makes no step, until the call is cancelled."""
+        loop = asyncio.get_running_loop()
+        if self.num_stalled == 0:
+            self.stalled_since = loop.time()
+        self.num_stalled += 1
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            self.num_stalled -= 1
+            self.num_stalls_cancelled += 1
+
     async def Health(self, request, context):
         if self.health_delay_s:
             await asyncio.sleep(self.health_delay_s)
+        stalled_s = 0.0
+        if self.num_stalled and self.stalled_since is not None:
+            stalled_s = asyncio.get_running_loop().time() - self.stalled_since
         return worker_pb2.HealthResponse(
             ready=self.ready,
             role=self.role,
             model=self.model,
             block_size=self.block_size,
             max_model_len=self.max_model_len,
+            num_engine_requests=self.num_stalled,
+            stalled_s=stalled_s,
         )
 
     async def Prefill(self, request, context):
@@ -119,6 +149,9 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         self.script.prompt_lengths[request.request_id] = len(request.prompt_token_ids)
         if self.script.prefill_error is not None:
             await context.abort(self.script.prefill_error, "scripted prefill failure")
+        if self.script.stall_prefill:
+            self.script.stall_prefill = False
+            await self._stall()
         stream = DecodeStream(ids=list(request.prompt_token_ids), skip_special_tokens=True)
         token_id = self.script.token(0)
         text, finish = self._next_output(stream, "", token_id, request.sampling)
@@ -176,6 +209,9 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                     chunk.num_cached_tokens = num_loaded
                     chunk.num_external_tokens = num_loaded
                 yield chunk
+                if script.stall_after_decode_chunks == num_chunks and not finish:
+                    script.stall_after_decode_chunks = None
+                    await self._stall()
                 if script.die_after_decode_chunks == num_chunks and not finish:
                     script.die_after_decode_chunks = None
                     # Stopping the server cancels this call too: the client sees UNAVAILABLE.

@@ -1,4 +1,4 @@
-"""The registry's gateway settings: --registry and --drain-timeout."""
+"""The registry's gateway settings: --registry, --drain-timeout, --stall-floor, --stall-factor."""
 
 from __future__ import annotations
 
@@ -30,11 +30,20 @@ def test_flags(tmp_path: Path) -> None:
     )
 
 
+def test_stall_bound_settings(tmp_path: Path) -> None:
+    default = GatewayConfig.from_argv(argv(tmp_path)).registry
+    assert (default.stall_floor_s, default.stall_factor) == (15.0, 4.0)
+    config = GatewayConfig.from_argv(argv(tmp_path, "--stall-floor", "3s", "--stall-factor", "2.5"))
+    assert (config.registry.stall_floor_s, config.registry.stall_factor) == (3.0, 2.5)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--registry", "http://x:1"], "registry_url 'http://x:1' must be empty"),
         (["--drain-timeout", "0s"], "drain_timeout_s must be > 0"),
+        (["--stall-floor", "0s"], "stall_floor_s must be > 0"),
+        (["--stall-factor", "0.5"], "stall_factor must be >= 1"),
     ],
 )
 def test_bad_values_exit_2_with_a_message(
