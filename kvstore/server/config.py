@@ -40,7 +40,8 @@ class StoreNodeConfig:
         max_block_bytes: largest block (header + payload) a PUT may carry; a bigger one is read
             and dropped, and answered TOO_LARGE (the connection stays usable).
         put_timeout_s: a PUT whose payload has not fully arrived after this long is abandoned:
-            its connection is closed and its space revoked.
+            its connection is closed and its space revoked. 20 s by default, so that a key whose
+            writer hung is writable again within 30 s (the reaper checks every second).
         arena_dir: directory of the arena's backing file; ``/dev/shm`` so that a same-host client
             can map it for the shared-memory fast path.
         prefault: touch every arena page at start-up (faulting new memory in is slow here, and
@@ -90,7 +91,7 @@ class StoreNodeConfig:
         help="largest accepted block, e.g. 64MiB",
     )
     put_timeout_s: float = option(
-        30.0, parse=parse_duration, help="abandon a PUT after this long, e.g. 30s"
+        20.0, parse=parse_duration, help="abandon a PUT after this long, e.g. 20s"
     )
     arena_dir: str = option("/dev/shm", help="directory of the arena file")
     prefault: bool = option(True, help="touch the whole arena at start-up (true/false)")

@@ -27,6 +27,12 @@ from strata_common.host import boot_id
 __all__ = ["StoreServer"]
 
 
+def reaper_period_s(put_timeout_s: float) -> float:
+    """How often the stalled-payload reaper looks: a stalled put is abandoned at most this long
+    after its ``put_timeout_s`` ran out."""
+    return min(1.0, put_timeout_s / 4)
+
+
 class StoreServer(ClusterMember):
     """Owns the listening socket, the connections and the node; start, serve, stop."""
 
@@ -135,7 +141,7 @@ class StoreServer(ClusterMember):
     async def _reap_stalled_payloads(self) -> None:
         timeout = self.config.put_timeout_s
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
+            await asyncio.sleep(reaper_period_s(timeout))
             now = self.loop_time()
             for conn in list(self.connections):
                 if conn.payload_age(now) > timeout:
