@@ -200,7 +200,7 @@ class OneSidedPaths:
                 size = nbytes - BLOCK_HEADER_BYTES
                 target = targets[i]
                 if size < 0:
-                    errors.append(KVStoreCorruptError(f"lease of {nbytes} bytes has no header"))
+                    errors.append(replies.corrupt_block(keys[i], f"leased as {nbytes} bytes"))
                 elif target is None:
                     leased.append((i, offset, size, memoryview(bytearray(size))))
                 elif size > target.nbytes:
@@ -244,7 +244,7 @@ class OneSidedPaths:
                 raise ValueError(f"lease [{offset}, {end}) outside the arena")
             magic, key, nbytes, digest = _ARENA_HEADER.unpack_from(arena, offset)
             if magic != BLOCK_MAGIC or key != keys[i] or nbytes != size:
-                errors.append(KVStoreCorruptError(f"lease for {keys[i].hex()} names another"))
+                errors.append(replies.corrupt_block(keys[i], "leased with another header"))
                 continue
             if _copy_and_hash(payload, arena[offset + BLOCK_HEADER_BYTES : end]) != digest:
                 errors.append(replies.corrupt_block(keys[i]))
@@ -273,7 +273,7 @@ class OneSidedPaths:
             block_header = spans[span - 1][1]
             magic, key, nbytes, digest = _ARENA_HEADER.unpack_from(block_header)
             if magic != BLOCK_MAGIC or key != keys[i] or nbytes != size:
-                errors.append(KVStoreCorruptError(f"lease for {keys[i].hex()} names another"))
+                errors.append(replies.corrupt_block(keys[i], "leased with another header"))
             elif checksum(payload) != digest:
                 errors.append(replies.corrupt_block(keys[i]))
             else:
