@@ -114,6 +114,7 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._unsent_leases: list[Lease] = []
         self.shm_leases: dict[int, Lease] = {}
+        self._shm_leased_at: dict[int, float] = {}  # lease id -> loop time granted
         self.closed = False
         # Responses held back behind a pending SSD read, in request order.
         self.queued: deque[Reply] = deque()
@@ -225,6 +226,13 @@ class Connection(asyncio.BufferedProtocol):
         """Close after flushing what has been written (graceful shutdown)."""
         if self._transport is not None and not self.closed:
             self._transport.close()
+
+    def lease_age(self, now: float) -> float:
+        """Seconds this connection has held its oldest shared-memory lease (0 if none)."""
+        for lease_id in [i for i in self._shm_leased_at if i not in self.shm_leases]:
+            del self._shm_leased_at[lease_id]  # released (RELEASE pops shm_leases only)
+        granted = [*self._shm_leased_at.values(), *self.transfer.leased_at.values()]
+        return now - min(granted) if granted else 0.0
 
     def payload_age(self, now: float) -> float:
         """Seconds this connection has been receiving one payload (0 if it is not)."""
@@ -405,6 +413,7 @@ class Connection(asyncio.BufferedProtocol):
     def shm_reply(self, request_id: int, lease: Lease, tier: Tier) -> bytes:
         """A GET_SHM response; the lease stays held until the client's RELEASE."""
         self.shm_leases[lease.lease_id] = lease
+        self._shm_leased_at[lease.lease_id] = self.server.loop_time()
         body = SHM_LEASE.pack(lease.lease_id, lease.offset, lease.nbytes)
         return pack_frame_header(Op.GET_SHM, request_id, int(tier), len(body)) + body
 

@@ -139,10 +139,13 @@ class StoreServer(ClusterMember):
         }
 
     async def _reap_stalled_payloads(self) -> None:
-        timeout = self.config.put_timeout_s
+        timeout, lease_timeout = self.config.put_timeout_s, self.config.lease_timeout_s
         while True:
-            await asyncio.sleep(reaper_period_s(timeout))
+            await asyncio.sleep(reaper_period_s(min(timeout, lease_timeout)))
             now = self.loop_time()
             for conn in list(self.connections):
                 if conn.payload_age(now) > timeout:
                     conn.abort(f"payload not received within {timeout:g}s; abandoning it")
+                elif conn.lease_age(now) > lease_timeout:
+                    self.transfers.lease_timeouts += 1
+                    conn.abort(f"a lease held for more than {lease_timeout:g}s; releasing them")

@@ -27,7 +27,6 @@ import pytest
 
 from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError
-from kvstore.wire.types import PutStatus
 from tests.chaos.conftest import ChaosSize
 from tests.chaos.kv_load import KIB, MIB, key, payload
 from tests.integration.kvstore.node_process import NodeFactory, start_node

@@ -63,6 +63,7 @@ READER_BLOCK = 32 * MIB - 64
 KILLED_SALT = 1  # the killed writer's bytes differ from the second writer's
 WRITABLE_BOUND_S = 30.0  # issue 10's criterion
 DEFAULT_PUT_TIMEOUT_S = 20.0  # StoreNodeConfig.put_timeout_s
+DEFAULT_LEASE_TIMEOUT_S = 30.0  # StoreNodeConfig.lease_timeout_s
 
 
 class Reader(threading.Thread):
@@ -280,3 +281,55 @@ def test_reader_killed_mid_transfer_leaks_no_block(
     stats = admin.stats()
     chaos_report(leases_held_at_kill=leased, freed_after_kill_s=round(freed_s, 3))
     assert (stats["num_leases"], stats["num_writing"]) == (0, 0), stats
+
+
+@pytest.mark.timeout(300)
+def test_reader_hung_with_a_lease_is_cut_off_after_the_lease_timeout(
+    start_node: NodeFactory,
+    chaos_size: ChaosSize,
+    chaos_report: Callable[..., None],
+    cleanup: list[Callable[[], None]],
+) -> None:
+    """A shared-memory reader SIGSTOPped while it holds a lease (its RELEASE_BATCH held by the
+    proxy, its connection open): other readers and writers of the block are not held up, and the
+    node frees the block's space within ``--lease-timeout`` (default 30 s; 2 s in the shortened
+    form) plus the reaper's second -- no transfer waits on a lease to run out."""
+    lease_timeout_s = chaos_size.pick(2.0, DEFAULT_LEASE_TIMEOUT_S)
+    args = ["--arena-size", "64MiB", "--prefault", "false"]
+    if not chaos_size.full:
+        args += ["--lease-timeout", f"{lease_timeout_s:g}s"]
+    node = start_node(*args)
+    admin = KVStoreClient(node.endpoint, use_shm=False)
+    other = KVStoreClient(node.endpoint)
+    cleanup += [admin.close, other.close]
+    block_key = key(0x3A13, 1)
+    assert admin.put(block_key, payload(block_key, BLOCK)) is PutStatus.OK
+
+    def hold_release(conn: int, header: FrameHeader, body: bytearray) -> Verdict:
+        return Hold(0) if header.opcode is Op.RELEASE_BATCH else FORWARD
+
+    proxy = FrameProxy(node.endpoint, on_request=hold_release)
+    cleanup.append(proxy.close)
+    reader = start_reader(proxy.endpoint, block_key, "shm")
+    cleanup.append(lambda: _kill(reader))
+    assert proxy.holding.wait(60), reader.communicate()
+    os.kill(reader.pid, signal.SIGSTOP)
+    hung = time.monotonic()
+    assert admin.stats()["num_leases"] == 1
+    # Meanwhile the block serves everyone else, and its key can be deleted and stored again.
+    started = time.monotonic()
+    assert other.get(block_key) == payload(block_key, BLOCK)
+    assert admin.get(block_key) == payload(block_key, BLOCK)
+    assert admin.delete([block_key]) == 1
+    assert admin.put(block_key, payload(block_key, BLOCK)) is PutStatus.OK
+    others_s = time.monotonic() - started
+    assert admin.delete([block_key]) == 1
+    wait_for(lambda: admin.stats()["arena"]["used_bytes"] == 0, lease_timeout_s + 30)
+    stats = admin.stats()
+    chaos_report(
+        lease_timeout_s=lease_timeout_s,
+        others_served_while_hung_s=round(others_s, 3),
+        space_freed_after_hang_s=round(time.monotonic() - hung, 2),
+    )
+    assert (stats["num_leases"], stats["transfers"]["lease_timeouts"]) == (0, 1), stats
+    assert time.monotonic() - hung <= lease_timeout_s + 1 + 5  # the bound, the reaper, slack

@@ -19,6 +19,7 @@ from kvstore.errors import KVStoreCorruptError
 from kvstore.transport.base import SkippedTransport, TransportKind
 from kvstore.transport.rdma import probe_rdma
 from kvstore.transport.tcp import recv_bytes
+from kvstore.wire import requests
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
 from kvstore.wire.messages import (
     BATCH_ID,
@@ -248,3 +249,32 @@ def test_rdma_connect_is_answered_with_the_reason(start_node: NodeFactory) -> No
         assert (status, reason.decode()) == (Status.UNSUPPORTED, probe.reason)
         status, count, _ = request(raw, Op.DELETE, 1, key(1))
         assert (status, count) == (Status.OK, 0)
+
+
+@pytest.mark.parametrize("op", [Op.LEASE_BATCH, Op.GET_SHM])
+def test_a_lease_held_past_the_lease_timeout_closes_its_connection(
+    start_node: NodeFactory, op: Op
+) -> None:
+    """A reader that hangs with a lease (never releases it, connection open) pins the block's
+    space only until ``--lease-timeout``: then its connection is closed and the lease freed."""
+    node = start_node("--lease-timeout", "500ms", "--put-timeout", "20s")
+    with (
+        KVStoreClient(node.endpoint, use_shm=False) as tcp,
+        socket.create_connection(("127.0.0.1", node.port)) as raw,
+        socket.create_connection(("127.0.0.1", node.port)) as released,
+    ):
+        assert tcp.put(key(1), pattern(1, 10_000)) is PutStatus.OK
+        status, count, _ = request(raw, op, 1, key(1))
+        assert (status, count) == (Status.OK, 1)
+        # A reader that releases in time is not affected.
+        status, _, body = request(released, Op.LEASE_BATCH, 1, key(1))
+        assert status == Status.OK
+        released.sendall(requests.release_batch(LeaseBatchReply.decode(body, 1).batch_id))
+        assert tcp.delete([key(1)]) == 1  # out of the index; the hung lease pins its space
+        assert tcp.stats()["num_leases"] == 1
+        wait_for(lambda: tcp.stats()["num_leases"] == 0, 10.0)
+        stats = tcp.stats()
+        assert (stats["arena"]["used_bytes"], stats["transfers"]["lease_timeouts"]) == (0, 1)
+        raw.settimeout(5)
+        assert raw.recv(1) == b""  # the hung reader's connection was closed
+        assert request(released, Op.EXISTS, 1, key(1))[1] == 1  # the other one still serves
