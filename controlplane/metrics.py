@@ -100,6 +100,18 @@ class GatewayMetrics:
         self.profiled_instances = counter(
             "profiled_instances", "Worker profiles run to calibrate latency models", "role"
         )
+        self.predictor_change_points = counter(
+            "predictor_change_points",
+            "Latency models rescaled at once because consecutive observations disagreed with "
+            "them by more than a factor (a wrong profile, an engine that changed speed)",
+            "role", "model",
+        )  # fmt: skip
+        self.profiles_rejected = counter(
+            "profiles_rejected",
+            "Worker profiles rejected as implausible (the instance kept its sibling's model or "
+            "the priors) by role and reason: non_physical, sibling, observations",
+            "role", "reason",
+        )  # fmt: skip
 
     def _counter(self, name: str, doc: str, *labels: str) -> Counter:
         return Counter(_PREFIX + name, doc, labels, registry=self.registry)
