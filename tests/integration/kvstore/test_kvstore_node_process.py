@@ -430,3 +430,25 @@ def _wait_for(condition: object, timeout_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.02)
+
+
+def test_a_tcp_reader_that_stops_reading_is_cut_off_after_the_lease_timeout(
+    start_node: NodeFactory,
+) -> None:
+    """A GET reply waiting in the socket pins its block (the node writes a view of the arena); a
+    reader that stops reading holds it only until ``--lease-timeout``."""
+    node = start_node("--arena-size", "64MiB", "--lease-timeout", "500ms")
+    nbytes = 32 * 1024 * 1024 - 64  # more than both sockets' buffers
+    with KVStoreClient(node.endpoint, use_shm=False) as client:
+        assert client.put(key(1), _pattern(1, 4096) * (nbytes // 4096) + bytes(nbytes % 4096)) is (
+            PutStatus.OK
+        )
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            stalled.connect(("127.0.0.1", node.port))
+            stalled.sendall(pack_frame_header(Op.GET, 1, 1, 16) + key(1))
+            _wait_for(lambda: client.stats()["num_leases"] == 1)
+            assert client.delete([key(1)]) == 1  # out of the index, its space pinned
+            _wait_for(lambda: client.stats()["num_leases"] == 0, 10.0)
+            stats = client.stats()
+            assert (stats["arena"]["used_bytes"], stats["transfers"]["lease_timeouts"]) == (0, 1)
