@@ -63,7 +63,9 @@ def start_node_process(log_path: Path, *args: str) -> NodeProcess:
     env["PYTHONUNBUFFERED"] = "1"
     log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvstore.server", *args],
+        # faulthandler: a node that does not become ready is sent SIGABRT first, so its log
+        # says where it was stuck.
+        [sys.executable, "-X", "faulthandler", "-m", "kvstore.server", *args],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -78,7 +80,12 @@ def start_node_process(log_path: Path, *args: str) -> NodeProcess:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or process.poll() is not None:
             exited = process.poll()
-            process.kill()
+            if exited is None:
+                process.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
             process.wait()
             why = f"exited with {exited}" if exited is not None else "not ready in time"
             raise RuntimeError(f"store node did not start ({why}):\n{log_path.read_text()}")
