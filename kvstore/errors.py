@@ -34,4 +34,12 @@ class KVStoreTimeout(KVStoreUnavailable):
 class KVStoreCorruptError(KVStoreError):
     """A block read from the node failed its checksum or is not the block asked for, or a reply's
     body contradicts its frame (a length mismatch, a bitmap or batch reply of the wrong size).
-    Which reply raises which error is decided in one place, :mod:`kvstore.wire.replies`."""
+    Which reply raises which error is decided in one place, :mod:`kvstore.wire.replies`.
+
+    ``keys`` names the blocks that failed verification (empty for a garbled reply that names no
+    block): the clients refetch such a block once and, if it fails again, delete it from the node
+    so that a damaged stored copy is not served to every later reader."""
+
+    def __init__(self, message: str, keys: tuple[bytes, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys

@@ -5,17 +5,23 @@ that every tier and transport moves it with a single copy and any reader can che
 The header is fixed-size so that a receiver can read exactly 64 bytes, learn the payload length and
 then receive the payload straight into its final buffer.
 
-Block format, version 1 (all integers little-endian)::
+Block format, version 2 (all integers little-endian)::
 
     offset size field
      0      4   magic             b"SKVB"
-     4      2   format version    1
+     4      2   format version    2
      6      1   dtype code        BlockDType (0 = opaque bytes)
      7      1   ndim              0..6
      8     16   key               the block's key (kvstore.blocks.hashing)
     24      8   payload length    bytes that follow the header
-    32      8   checksum          xxh3_64 (seed 0) of the payload
+    32      8   checksum          xxh3_64 of the payload, seeded with the header seed
     40     24   shape             6 x uint32; dims past ndim are 0
+
+The header seed is the xxh3_64 (seed 0) of the header's other 56 bytes (0-31 and 40-63), so the
+checksum covers the header too: a bit flipped in the key, dtype, shape or length fields fails it
+just like one in the payload. (Version 1 checksummed the payload only: a flipped key bit in a PUT
+stored the block under another key, a flipped dtype bit went unnoticed -- found by the chaos
+suite, tests/chaos/test_kv_corruption.py.) A version-1 block fails to decode: a miss.
 
 The key is inside the header so that a block read back from any tier proves which block it is (a
 misrouted or stale buffer is caught, not used). The checksum is verified on every read that crossed
@@ -44,11 +50,12 @@ __all__ = [
     "BlockHeader",
     "checksum",
     "encode_header",
+    "header_seed",
     "verify",
 ]
 
 BLOCK_MAGIC = b"SKVB"
-BLOCK_FORMAT_VERSION = 1
+BLOCK_FORMAT_VERSION = 2
 MAX_NDIM = 6
 
 _STRUCT = struct.Struct(f"<4sHBB{BLOCK_KEY_BYTES}sQQ{MAX_NDIM}I")
@@ -103,9 +110,21 @@ _ITEMSIZE = {
 }
 
 
-def checksum(payload: bytes | bytearray | memoryview) -> int:
-    """Return the xxh3_64 checksum stored in a header for ``payload``."""
-    return xxhash.xxh3_64_intdigest(payload)
+_CHECKSUM_AT = 32  # offset of the checksum field, 8 bytes
+
+
+def header_seed(raw: bytes | bytearray | memoryview) -> int:
+    """The seed of a block's payload checksum: xxh3_64 of its header's 64 bytes less the
+    checksum field (the first 64 bytes of ``raw``)."""
+    view = memoryview(raw)
+    return xxhash.xxh3_64_intdigest(
+        bytes(view[:_CHECKSUM_AT]) + bytes(view[_CHECKSUM_AT + 8 : BLOCK_HEADER_BYTES])
+    )
+
+
+def checksum(payload: bytes | bytearray | memoryview, seed: int) -> int:
+    """Return the checksum stored in a header for ``payload`` (``seed``: :func:`header_seed`)."""
+    return xxhash.xxh3_64_intdigest(payload, seed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +136,8 @@ class BlockHeader:
     shape: tuple[int, ...]
     payload_nbytes: int
     checksum: int
+    seed: int
+    """:func:`header_seed` of the header this was decoded from."""
 
     @classmethod
     def decode(cls, buf: bytes | bytearray | memoryview) -> BlockHeader:
@@ -137,7 +158,7 @@ class BlockHeader:
         shape = tuple(dims[:ndim])
         if math.prod(shape) * dtype.itemsize != nbytes:
             raise BlockFormatError(f"shape {shape} of {dtype.name} does not match {nbytes} bytes")
-        return cls(key, dtype, shape, nbytes, digest)
+        return cls(key, dtype, shape, nbytes, digest, header_seed(buf))
 
 
 def encode_header(
@@ -163,19 +184,13 @@ def encode_header(
     if math.prod(dims) * dtype.itemsize != nbytes:
         raise ValueError(f"shape {dims} of {dtype.name} does not match {nbytes} payload bytes")
     padded = dims + (0,) * (MAX_NDIM - len(dims))
-    return _STRUCT.pack(
-        BLOCK_MAGIC,
-        BLOCK_FORMAT_VERSION,
-        dtype,
-        len(dims),
-        bytes(key),
-        nbytes,
-        checksum(payload),
-        *padded,
-    )
+    fields = (BLOCK_MAGIC, BLOCK_FORMAT_VERSION, dtype, len(dims), bytes(key), nbytes)
+    unsealed = _STRUCT.pack(*fields, 0, *padded)
+    return _STRUCT.pack(*fields, checksum(payload, header_seed(unsealed)), *padded)
 
 
 def verify(header: BlockHeader, payload: bytes | bytearray | memoryview) -> bool:
-    """Return True if ``payload`` has the header's length and checksum."""
+    """Return True if ``payload`` has the header's length and checksum (which also covers the
+    header's own fields)."""
     view = memoryview(payload)
-    return view.nbytes == header.payload_nbytes and checksum(view) == header.checksum
+    return view.nbytes == header.payload_nbytes and checksum(view, header.seed) == header.checksum

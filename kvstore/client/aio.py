@@ -31,7 +31,9 @@ Errors (all :class:`~kvstore.errors.KVStoreError`)
       it fail with ``KVStoreConnectionLost``.
     * :class:`~kvstore.errors.KVStoreUnavailable`: the node cannot be reached.
     * :class:`~kvstore.errors.KVStoreCorruptError`: a block failed its checksum, named another
-      key or disagreed with its frame on the length (the connection stays usable).
+      key or disagreed with its frame on the length -- twice: as in the sync client, such a block
+      is fetched once more and, if it fails again, deleted from the node before the error is
+      raised (``corrupt_reads`` counts them; the connection stays usable).
     * :class:`~kvstore.errors.KVStoreError`: anything else the node refused, or a caller buffer
       too small for a block (that block's result; the connection stays usable).
 """
@@ -39,7 +41,9 @@ Errors (all :class:`~kvstore.errors.KVStoreError`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,6 +54,7 @@ from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockDType, BlockHeader, e
 from kvstore.blocks.tier import Tier
 from kvstore.errors import (
     KVStoreConnectionLost,
+    KVStoreCorruptError,
     KVStoreError,
     KVStoreTimeout,
     KVStoreUnavailable,
@@ -64,6 +69,8 @@ from kvstore.wire.frame import (
 )
 from kvstore.wire.types import NodeMatch, PutStatus
 from strata_common.endpoints import parse_endpoint
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AsyncKVStoreClient"]
 
@@ -271,6 +278,8 @@ class AsyncKVStoreClient:
         address = parse_endpoint(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.corrupt_reads = 0
+        """Blocks that failed verification on this client (each refetch and each drop counts)."""
         self._address = (address.host, address.port)
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
@@ -403,6 +412,28 @@ class AsyncKVStoreClient:
     # -- machinery --------------------------------------------------------------------------------
 
     async def _get(
+        self, keys: Sequence[bytes], targets: Sequence[memoryview | None]
+    ) -> list[_Request]:
+        """GETs with the sync client's rule for a block that fails verification: fetched once
+        more, and deleted from the node if it fails again (``KVStoreClient._verified_call``)."""
+        try:
+            return await self._get_once(keys, targets)
+        except KVStoreCorruptError as exc:
+            if not exc.keys:
+                raise
+            self.corrupt_reads += 1
+            logger.warning("%s from %s; fetching it again", exc, self.endpoint)
+        try:
+            return await self._get_once(keys, targets)
+        except KVStoreCorruptError as exc:
+            if exc.keys:
+                self.corrupt_reads += 1
+                logger.warning("%s again: deleting it from %s", exc, self.endpoint)
+                with contextlib.suppress(KVStoreError):
+                    await self.delete(exc.keys)
+            raise
+
+    async def _get_once(
         self, keys: Sequence[bytes], targets: Sequence[memoryview | None]
     ) -> list[_Request]:
         """GETs, pipelined; each reply's ``body`` is the payload (None for a miss)."""

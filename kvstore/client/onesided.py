@@ -25,6 +25,7 @@ from kvstore.blocks.format import (
     BLOCK_MAGIC,
     checksum,
     encode_header,
+    header_seed,
 )
 from kvstore.errors import (
     KVStoreCorruptError,
@@ -200,7 +201,7 @@ class OneSidedPaths:
                 size = nbytes - BLOCK_HEADER_BYTES
                 target = targets[i]
                 if size < 0:
-                    errors.append(KVStoreCorruptError(f"lease of {nbytes} bytes has no header"))
+                    errors.append(replies.corrupt_block(keys[i], f"leased as {nbytes} bytes"))
                 elif target is None:
                     leased.append((i, offset, size, memoryview(bytearray(size))))
                 elif size > target.nbytes:
@@ -244,9 +245,10 @@ class OneSidedPaths:
                 raise ValueError(f"lease [{offset}, {end}) outside the arena")
             magic, key, nbytes, digest = _ARENA_HEADER.unpack_from(arena, offset)
             if magic != BLOCK_MAGIC or key != keys[i] or nbytes != size:
-                errors.append(KVStoreCorruptError(f"lease for {keys[i].hex()} names another"))
+                errors.append(replies.corrupt_block(keys[i], "leased with another header"))
                 continue
-            if _copy_and_hash(payload, arena[offset + BLOCK_HEADER_BYTES : end]) != digest:
+            seed = header_seed(arena[offset : offset + BLOCK_HEADER_BYTES])
+            if _copy_and_hash(payload, arena[offset + BLOCK_HEADER_BYTES : end], seed) != digest:
                 errors.append(replies.corrupt_block(keys[i]))
             else:
                 results[i] = payload
@@ -273,8 +275,8 @@ class OneSidedPaths:
             block_header = spans[span - 1][1]
             magic, key, nbytes, digest = _ARENA_HEADER.unpack_from(block_header)
             if magic != BLOCK_MAGIC or key != keys[i] or nbytes != size:
-                errors.append(KVStoreCorruptError(f"lease for {keys[i].hex()} names another"))
-            elif checksum(payload) != digest:
+                errors.append(replies.corrupt_block(keys[i], "leased with another header"))
+            elif checksum(payload, header_seed(block_header)) != digest:
                 errors.append(replies.corrupt_block(keys[i]))
             else:
                 results[i] = payload
@@ -375,8 +377,9 @@ class OneSidedPaths:
         return reply.batch_id
 
 
-def _copy_and_hash(target: memoryview, source: memoryview) -> int:
-    """Copy ``source`` into ``target`` and return its xxh3_64 (the block checksum).
+def _copy_and_hash(target: memoryview, source: memoryview, seed: int) -> int:
+    """Copy ``source`` into ``target`` and return its checksum (xxh3_64 seeded with the block's
+    header seed, kvstore.blocks.format).
 
     Piece by piece for large blocks, so that each piece is hashed while it is still in the
     CPU cache: a 2 MiB block copied whole and then hashed is read from memory twice (~15 %
@@ -385,8 +388,8 @@ def _copy_and_hash(target: memoryview, source: memoryview) -> int:
     nbytes = source.nbytes
     if nbytes <= _HASH_PIECE_BYTES:
         target[:] = source
-        return checksum(target)
-    digest = xxhash.xxh3_64()
+        return checksum(target, seed)
+    digest = xxhash.xxh3_64(seed=seed)
     for start in range(0, nbytes, _HASH_PIECE_BYTES):
         piece = target[start : start + _HASH_PIECE_BYTES]
         piece[:] = source[start : start + _HASH_PIECE_BYTES]

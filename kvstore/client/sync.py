@@ -22,10 +22,14 @@ Failures (callers fall back to recomputing the KV -- the store is a cache)
       did not come within ``timeout_s``. A connection found broken at the start of a call (the
       node restarted, an idle connection was dropped) is re-opened and the call retried once,
       which is safe because every operation is idempotent (a retried PUT answers EXISTS).
-    * :class:`KVStoreCorruptError`: a block failed its checksum or named another key. Raised, not
-      reported as a miss, so that corruption is seen and counted rather than silently recomputed;
-      it subclasses :class:`KVStoreError`, so a caller that treats every store error as a miss
-      still works. The connection stays usable (the frame was read completely).
+    * :class:`KVStoreCorruptError`: a block failed its checksum or named another key -- twice: a
+      GET whose block fails verification fetches it once more (a transfer error does not
+      repeat; the call then succeeds), and if the second copy fails too the node's copy is
+      damaged, so the client DELETEs it (later readers miss and the next writer stores it again)
+      and raises. Raised, not reported as a miss, so that corruption is seen and counted
+      (``corrupt_reads``) rather than silently recomputed; it subclasses :class:`KVStoreError`,
+      so a caller that treats every store error as a miss still works. The connection stays
+      usable (the frame was read completely).
     * :class:`KVStoreError`: anything else the node refused (e.g. a block above its size limit).
 
 Transports (kvstore.transport.base)
@@ -45,6 +49,7 @@ Transports (kvstore.transport.base)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -65,6 +70,7 @@ from kvstore.blocks.tier import Tier
 from kvstore.client.onesided import OneSidedPaths, PutItem
 from kvstore.errors import (
     KVStoreConnectionLost,
+    KVStoreCorruptError,
     KVStoreError,
     KVStoreTimeout,
     KVStoreUnavailable,
@@ -141,6 +147,8 @@ class KVStoreClient(OneSidedPaths, Closeable):
         self._ids = itertools.count(1)
         self._frame_header = bytearray(FRAME_HEADER_BYTES)
         self._block_header = bytearray(BLOCK_HEADER_BYTES)
+        self.corrupt_reads = 0
+        """Blocks that failed verification on this client (each refetch and each drop counts)."""
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
             self._recv_payload(sock, header, memoryview(payload))
             return bytes(payload)
 
-        return self._call(run)
+        return self._verified_call(run)
 
     def get_into(self, key: bytes, out: _Buffer) -> int | None:
         """Receive the block's payload into ``out``; returns its length, or None on a miss.
@@ -219,7 +227,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
             request_id = self._send_get(sock, key)
             return self._read_get_into(sock, key, request_id, target)
 
-        return self._call(run)
+        return self._verified_call(run)
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[_Buffer]) -> list[int | None]:
         """:meth:`get_into` for many blocks, pipelined; one result per key, in order."""
@@ -243,7 +251,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
                 lambda i, rid: self._read_get_into(sock, keys[i], rid, targets[i]),
             )
 
-        return self._call(run)
+        return self._verified_call(run)
 
     def match_prefix(self, keys: Sequence[bytes]) -> int:
         """Number of leading keys of a prompt's key chain that the node holds (any tier)."""
@@ -308,6 +316,27 @@ class KVStoreClient(OneSidedPaths, Closeable):
             except _ConnectionBroken as exc:
                 self._drop_connection()
                 raise KVStoreConnectionLost(f"kvstore node {self.endpoint}: {exc}") from exc
+
+    def _verified_call(self, fn: Callable[[socket.socket], _T]) -> _T:
+        """A GET call: a block that fails verification is fetched again once (a transfer error
+        does not repeat); if it fails again the stored copy is damaged and is deleted from the
+        node (best effort) before the error is raised, so later readers miss instead."""
+        try:
+            return self._call(fn)
+        except KVStoreCorruptError as exc:
+            if not exc.keys:
+                raise
+            self.corrupt_reads += 1
+            logger.warning("%s from %s; fetching it again", exc, self.endpoint)
+        try:
+            return self._call(fn)
+        except KVStoreCorruptError as exc:
+            if exc.keys:
+                self.corrupt_reads += 1
+                logger.warning("%s again: deleting it from %s", exc, self.endpoint)
+                with contextlib.suppress(KVStoreError):
+                    self.delete(exc.keys)
+            raise
 
     def _connect(self) -> socket.socket:
         if self._sock is not None:

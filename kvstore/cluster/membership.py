@@ -38,7 +38,7 @@ from typing import Any, Final, Protocol
 
 from kvstore.blocks.tier import Tier, TierListener
 from kvstore.cluster import events
-from kvstore.metadata import KIND_KEY, MemberKind, MetadataStore
+from kvstore.metadata import KIND_KEY, MemberKind, MetadataStore, OutageLog
 
 __all__ = ["BATCH_KEYS", "RECONCILE_CHUNK_KEYS", "Membership", "NodeAgent", "NodeTiers"]
 
@@ -384,6 +384,7 @@ class NodeAgent:
             self._rejoin = self._loop.create_task(self._restart_stream())
 
     def _publisher(self) -> None:
+        outage = OutageLog(logger, f"publishing KV events of {self.node_id}")
         done = False
         while not done:
             batch: list[bytes] = []
@@ -407,9 +408,10 @@ class NodeAgent:
             while batch:
                 try:
                     self.store.publish(batch)
+                    outage.succeeded()
                     break
-                except Exception:
-                    logger.exception("publishing %d KV events failed; retrying", len(batch))
+                except Exception as exc:
+                    outage.failed(exc)
                     if self._stopping.wait(0.5):
                         break
             for _ in range(taken):
@@ -432,8 +434,11 @@ class NodeAgent:
             loop.call_soon_threadsafe(self.snapshot)
 
     def _heartbeater(self) -> None:
+        outage = OutageLog(logger, f"heartbeat of {self.node_id}")
         while not self._stopping.wait(self._hb_interval):
             try:
                 self.beat()
-            except Exception:
-                logger.exception("heartbeat failed")
+            except Exception as exc:
+                outage.failed(exc)
+            else:
+                outage.succeeded()

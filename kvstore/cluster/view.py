@@ -29,7 +29,7 @@ from kvstore.cluster.events import (
 )
 from kvstore.cluster.index import PrefixIndex
 from kvstore.cluster.match import ApplyResult, PrefixMatch
-from kvstore.metadata import START, MemberKind, MetadataStore, member_kind
+from kvstore.metadata import START, MemberKind, MetadataStore, OutageLog, member_kind
 
 __all__ = ["ClusterView"]
 
@@ -92,13 +92,16 @@ class ClusterView:
         self.stop()
 
     def _run(self) -> None:
+        outage = OutageLog(logger, "cluster view update")
         while not self._stop.is_set():
             try:
                 self.poll_once(self._poll)
                 self.refresh_membership()
-            except Exception:
-                logger.exception("cluster view update failed; retrying")
+            except Exception as exc:
+                outage.failed(exc)
                 self._stop.wait(self._poll)
+            else:
+                outage.succeeded()
 
     # -- updates ----------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from kvstore.metadata.base import (
     MetadataServiceError,
     MetadataSpec,
     MetadataStore,
+    OutageLog,
     member_kind,
     parse_metadata_spec,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "MetadataServiceError",
     "MetadataSpec",
     "MetadataStore",
+    "OutageLog",
     "RedisMetadataStore",
     "member_kind",
     "open_metadata_store",

@@ -12,13 +12,16 @@ encoded events or snapshots (:mod:`kvstore.cluster.events`).
 Errors: an argument no store accepts raises ``ValueError``; a store that cannot be reached or does
 not answer in time raises ``OSError`` (``ConnectionError``, ``TimeoutError``) -- Redis raises its
 client's own errors -- and a store that refuses a call for another reason
-:class:`MetadataServiceError`. Callers log and retry.
+:class:`MetadataServiceError`. Callers log and retry, through an :class:`OutageLog` each, so that
+a store that is down for minutes costs a few log lines, not a traceback per retry.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -37,6 +40,7 @@ __all__ = [
     "MetadataServiceError",
     "MetadataSpec",
     "MetadataStore",
+    "OutageLog",
     "member_kind",
     "parse_metadata_spec",
 ]
@@ -232,3 +236,60 @@ def _split_host_port(netloc: str) -> tuple[str, str | None]:
     if not colon:
         return netloc, None
     return host, port
+
+
+class OutageLog:
+    """How a retry loop logs a call that keeps failing (the metadata store is down).
+
+    The first failure is logged with its traceback; while it keeps failing, one line every
+    ``every_s`` says for how long and how many times (with the latest error); the first success
+    after a failure says that it recovered. A Redis outage of ten minutes used to log a traceback
+    per retry -- 20 a second from a node's view, heartbeat and publisher together (found by the
+    chaos suite, tests/chaos/test_kv_redis_restart.py). One instance per loop (not thread-safe).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._what = what
+        self._every_s = every_s
+        self._clock = clock
+        self._since: float | None = None
+        self._last_logged = 0.0
+        self.failures = 0
+        """Failures since the last success."""
+
+    def failed(self, exc: BaseException) -> None:
+        """Call from the ``except`` block of a failed attempt."""
+        now = self._clock()
+        self.failures += 1
+        if self._since is None:
+            self._since = self._last_logged = now
+            self._logger.error("%s failed; retrying", self._what, exc_info=exc)
+        elif now - self._last_logged >= self._every_s:
+            self._last_logged = now
+            self._logger.error(
+                "%s still failing after %.0fs (%d attempts): %s",
+                self._what,
+                now - self._since,
+                self.failures,
+                exc,
+            )
+
+    def succeeded(self) -> None:
+        """Call after a successful attempt."""
+        if self._since is None:
+            return
+        self._logger.warning(
+            "%s works again after %.1fs (%d failed attempts)",
+            self._what,
+            self._clock() - self._since,
+            self.failures,
+        )
+        self._since = None
+        self.failures = 0

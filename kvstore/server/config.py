@@ -40,7 +40,12 @@ class StoreNodeConfig:
         max_block_bytes: largest block (header + payload) a PUT may carry; a bigger one is read
             and dropped, and answered TOO_LARGE (the connection stays usable).
         put_timeout_s: a PUT whose payload has not fully arrived after this long is abandoned:
-            its connection is closed and its space revoked.
+            its connection is closed and its space revoked. 20 s by default, so that a key whose
+            writer hung is writable again within 30 s (the reaper checks every second).
+        lease_timeout_s: a connection that has held a shared-memory / RDMA lease (GET_SHM,
+            LEASE_BATCH) this long without releasing it is closed, which releases all it holds: a
+            hung reader pins arena space for at most this long. A reader still copying when its
+            lease is taken away reads bytes that fail their checksum: a refetch, never bad data.
         arena_dir: directory of the arena's backing file; ``/dev/shm`` so that a same-host client
             can map it for the shared-memory fast path.
         prefault: touch every arena page at start-up (faulting new memory in is slow here, and
@@ -90,7 +95,12 @@ class StoreNodeConfig:
         help="largest accepted block, e.g. 64MiB",
     )
     put_timeout_s: float = option(
-        30.0, parse=parse_duration, help="abandon a PUT after this long, e.g. 30s"
+        20.0, parse=parse_duration, help="abandon a PUT after this long, e.g. 20s"
+    )
+    lease_timeout_s: float = option(
+        30.0,
+        parse=parse_duration,
+        help="drop a connection that holds a shared-memory lease this long, e.g. 30s",
     )
     arena_dir: str = option("/dev/shm", help="directory of the arena file")
     prefault: bool = option(True, help="touch the whole arena at start-up (true/false)")
@@ -144,6 +154,8 @@ class StoreNodeConfig:
             raise ValueError("max_block_bytes must be at least the 64-byte block header")
         if self.put_timeout_s <= 0:
             raise ValueError("put_timeout_s must be positive")
+        if self.lease_timeout_s <= 0:
+            raise ValueError("lease_timeout_s must be positive")
         if not os.path.isdir(self.arena_dir):
             raise ValueError(f"arena_dir does not exist: {self.arena_dir}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -114,6 +114,8 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._unsent_leases: list[Lease] = []
         self.shm_leases: dict[int, Lease] = {}
+        self._shm_leased_at: dict[int, float] = {}  # lease id -> loop time granted
+        self._write_paused_at: float | None = None  # since when replies wait for the socket
         self.closed = False
         # Responses held back behind a pending SSD read, in request order.
         self.queued: deque[Reply] = deque()
@@ -199,10 +201,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._write_paused_at is None:
+            self._write_paused_at = self.server.loop_time()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._write_paused_at = None
         for lease in self._unsent_leases:
             self.node.release(lease)
         self._unsent_leases.clear()
@@ -225,6 +230,16 @@ class Connection(asyncio.BufferedProtocol):
         """Close after flushing what has been written (graceful shutdown)."""
         if self._transport is not None and not self.closed:
             self._transport.close()
+
+    def lease_age(self, now: float) -> float:
+        """Seconds this connection has held its oldest lease (0 if none): a shared-memory lease
+        not released, or a GET reply still in the socket because the reader stopped reading."""
+        for lease_id in [i for i in self._shm_leased_at if i not in self.shm_leases]:
+            del self._shm_leased_at[lease_id]  # released (RELEASE pops shm_leases only)
+        granted = [*self._shm_leased_at.values(), *self.transfer.leased_at.values()]
+        if self._unsent_leases and self._write_paused_at is not None:
+            granted.append(self._write_paused_at)
+        return now - min(granted) if granted else 0.0
 
     def payload_age(self, now: float) -> float:
         """Seconds this connection has been receiving one payload (0 if it is not)."""
@@ -405,6 +420,7 @@ class Connection(asyncio.BufferedProtocol):
     def shm_reply(self, request_id: int, lease: Lease, tier: Tier) -> bytes:
         """A GET_SHM response; the lease stays held until the client's RELEASE."""
         self.shm_leases[lease.lease_id] = lease
+        self._shm_leased_at[lease.lease_id] = self.server.loop_time()
         body = SHM_LEASE.pack(lease.lease_id, lease.offset, lease.nbytes)
         return pack_frame_header(Op.GET_SHM, request_id, int(tier), len(body)) + body
 

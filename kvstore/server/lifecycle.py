@@ -27,6 +27,12 @@ from strata_common.host import boot_id
 __all__ = ["StoreServer"]
 
 
+def reaper_period_s(put_timeout_s: float) -> float:
+    """How often the stalled-payload reaper looks: a stalled put is abandoned at most this long
+    after its ``put_timeout_s`` ran out."""
+    return min(1.0, put_timeout_s / 4)
+
+
 class StoreServer(ClusterMember):
     """Owns the listening socket, the connections and the node; start, serve, stop."""
 
@@ -133,10 +139,13 @@ class StoreServer(ClusterMember):
         }
 
     async def _reap_stalled_payloads(self) -> None:
-        timeout = self.config.put_timeout_s
+        timeout, lease_timeout = self.config.put_timeout_s, self.config.lease_timeout_s
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
+            await asyncio.sleep(reaper_period_s(min(timeout, lease_timeout)))
             now = self.loop_time()
             for conn in list(self.connections):
                 if conn.payload_age(now) > timeout:
                     conn.abort(f"payload not received within {timeout:g}s; abandoning it")
+                elif conn.lease_age(now) > lease_timeout:
+                    self.transfers.lease_timeouts += 1
+                    conn.abort(f"a lease held for more than {lease_timeout:g}s; releasing them")

@@ -80,6 +80,8 @@ class TransferCounters:
     committed_blocks: int = 0
     corrupt_blocks: int = 0
     rdma_connections: int = 0
+    lease_timeouts: int = 0
+    """Connections closed for holding a lease past ``lease_timeout_s``."""
 
 
 @dataclass(slots=True)
@@ -89,6 +91,8 @@ class TransferState:
 
     batch_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     lease_batches: dict[int, list[Lease]] = field(default_factory=dict)
+    leased_at: dict[int, float] = field(default_factory=dict)
+    """Loop time each lease batch was granted (the lease-timeout reaper reads the oldest)."""
     num_batch_leases: int = 0
     put_batches: dict[int, list[_Reserved]] = field(default_factory=dict)
     reserved_bytes: int = 0
@@ -102,6 +106,7 @@ class TransferState:
             for lease in leases:
                 node.release(lease)
         self.lease_batches.clear()
+        self.leased_at.clear()
         for reserved in self.put_batches.values():
             for entry in reserved:
                 if entry.pending is not None:
@@ -172,6 +177,8 @@ def _lease_batch_reply(
     batch_id = next(state.batch_ids)
     leases = [lease for lease in found if lease is not None]
     state.lease_batches[batch_id] = leases
+    if leases:
+        state.leased_at[batch_id] = conn.server.loop_time()
     state.num_batch_leases += len(leases)
     conn.server.transfers.batch_leased_blocks += len(leases)
     spans = tuple((0, 0) if f is None else (f.offset, f.nbytes) for f in found)
@@ -183,6 +190,7 @@ def release_batch(conn: Connection, header: FrameHeader, payload: memoryview) ->
     state = conn.transfer
     for (batch_id,) in BATCH_ID.iter_unpack(payload):
         leases = state.lease_batches.pop(batch_id, None)
+        state.leased_at.pop(batch_id, None)
         if leases is None:
             logger.warning("RELEASE_BATCH of unknown batch %d from %s", batch_id, conn.peer)
             continue

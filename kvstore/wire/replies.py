@@ -99,11 +99,11 @@ def decode_block_header(
     try:
         block = BlockHeader.decode(raw)
     except BlockFormatError as exc:
-        raise KVStoreCorruptError(f"bad block header from the node: {exc}") from exc
+        raise KVStoreCorruptError(f"bad block header from the node: {exc}", (key,)) from exc
     if block.payload_nbytes != payload_len - BLOCK_HEADER_BYTES:
-        raise KVStoreCorruptError("block header and frame disagree on the length")
+        raise KVStoreCorruptError("block header and frame disagree on the length", (key,))
     if block.key != key:
-        raise KVStoreCorruptError(f"asked for {key.hex()}, got {block.key.hex()}")
+        raise KVStoreCorruptError(f"asked for {key.hex()}, got {block.key.hex()}", (key,))
     return block
 
 
@@ -111,8 +111,9 @@ def block_too_large(nbytes: int, capacity: int) -> KVStoreError:
     return KVStoreError(f"block of {nbytes} bytes does not fit in {capacity} bytes")
 
 
-def corrupt_block(key: bytes) -> KVStoreCorruptError:
-    return KVStoreCorruptError(f"block {key.hex()} failed its checksum")
+def corrupt_block(key: bytes, why: str = "failed its checksum") -> KVStoreCorruptError:
+    """A block that failed verification at the reader (``keys`` = its key)."""
+    return KVStoreCorruptError(f"block {key.hex()} {why}", (key,))
 
 
 def decode_match_count(header: FrameHeader, asked: int) -> int:

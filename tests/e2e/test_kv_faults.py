@@ -1,7 +1,8 @@
 """A store node killed during a transfer: the request falls back to recomputation (issue 3).
 
 One worker (role both, engine prefix cache off, so every request asks the store for its prefix)
-talks to its store node through a fault-injecting TCP proxy. The proxy forwards the store's wire
+talks to its store node through a fault-injecting TCP proxy (``FrameProxy``,
+tests/integration/kvstore/frame_proxy.py). The proxy forwards the store's wire
 protocol frame by frame and, once armed, kills the store node with SIGKILL at the moment the
 worker asks it for block data (GET, GET_SHM or LEASE_BATCH) -- after the lookup said the blocks
 are there, before a byte of them arrived. The decode still returns exactly the greedy tokens of
@@ -10,10 +11,8 @@ an undisturbed run, and the worker keeps serving.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvstore.transport.tcp import recv_bytes
-from kvstore.wire.frame import FRAME_HEADER, Op
+from kvstore.wire.frame import FrameHeader, Op
 from strata_proto import worker_pb2
 from tests.e2e.dataplane_processes import Process, decode, start_store, start_worker, stub
+from tests.integration.kvstore.frame_proxy import CUT, FORWARD, FrameProxy, Verdict
 
 pytestmark = pytest.mark.slow
 
@@ -35,68 +34,25 @@ MAX_TOKENS = 16
 _DATA_OPS = {int(Op.GET), int(Op.GET_SHM), int(Op.LEASE_BATCH)}
 
 
-class KillingProxy:
-    """Forwards TCP connections to a store node; once armed, SIGKILLs the node when a client
-    asks it for block data, and drops the connection instead of forwarding the request."""
+class KillingProxy(FrameProxy):
+    """Forwards TCP connections to a store node frame by frame (``FrameProxy``); once armed,
+    SIGKILLs the node when a client asks it for block data, and drops the connection instead of
+    forwarding the request."""
 
     def __init__(self, store: Process) -> None:
         self.store = store
-        host, port = store.endpoint.rsplit(":", 1)
-        self._upstream = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.armed = threading.Event()
         self.killed_on: int | None = None  # the opcode that triggered the kill
-        self._closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(store.endpoint, on_request=self._request)
 
-    def close(self) -> None:
-        self._closing = True
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closing:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self._upstream, timeout=5)
-            except OSError:
-                client.close()  # the node is dead: the client sees a refused transfer
-                continue
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
-
-    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
-        try:
-            while True:
-                header = recv_bytes(client, FRAME_HEADER.size)
-                _magic, _version, op, _status, _flags, _rid, _count, length = FRAME_HEADER.unpack(
-                    header
-                )
-                payload = recv_bytes(client, length)
-                if op in _DATA_OPS and self.armed.is_set():
-                    self.killed_on = op
-                    self.armed.clear()
-                    self.store.proc.send_signal(signal.SIGKILL)
-                    self.store.proc.wait(30)
-                    break
-                upstream.sendall(header + payload)
-        except (OSError, ConnectionError):
-            pass
-        for sock in (client, upstream):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    @staticmethod
-    def _replies(upstream: socket.socket, client: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := upstream.recv(1 << 16):
-                client.sendall(data)
-        with contextlib.suppress(OSError):
-            client.shutdown(socket.SHUT_RDWR)
+    def _request(self, conn: int, header: FrameHeader, payload: bytearray) -> Verdict:
+        if header.opcode in _DATA_OPS and self.armed.is_set():
+            self.killed_on = int(header.opcode)
+            self.armed.clear()
+            self.store.proc.send_signal(signal.SIGKILL)
+            self.store.proc.wait(30)
+            return CUT
+        return FORWARD
 
 
 @pytest.fixture

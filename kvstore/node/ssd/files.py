@@ -38,8 +38,9 @@ __all__ = [
 ]
 
 
-SSD_FORMAT = b"strata-kvstore-ssd/1"
-"""Stored in the ``info`` database; a directory with another format is emptied at open."""
+SSD_FORMAT = b"strata-kvstore-ssd/2"
+"""Stored in the ``info`` database; a directory with another format is emptied at open. /2: the
+blocks are in block format v2 (kvstore.blocks.format), whose checksum covers the header."""
 
 
 LOCK_FILE = "strata-ssd.lock"

@@ -20,3 +20,24 @@ def ssd_args(ssd_dir: Path, *extra: str) -> tuple[str, ...]:
         "0.25",
         *extra,
     )
+
+
+def cluster_args(
+    url: str, node_id: str, *extra: str, heartbeat_timeout_s: float = 1.0
+) -> tuple[str, ...]:
+    """A cluster member with fast heartbeats (0.2 s, dead after ``heartbeat_timeout_s``)."""
+    return (
+        "--metadata",
+        url,
+        "--node-id",
+        node_id,
+        "--heartbeat-interval",
+        "0.2s",
+        "--heartbeat-timeout",
+        f"{heartbeat_timeout_s:g}s",
+        "--reconcile-interval",
+        "0.2s",
+        "--prefault",
+        "false",
+        *extra,
+    )

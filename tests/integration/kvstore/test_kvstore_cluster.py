@@ -20,7 +20,7 @@ from kvstore.cluster.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, MetadataStore, RedisMetadataStore, open_metadata_store
 from kvstore.wire.types import PutStatus
-from tests.integration.kvstore.node_args import ssd_args
+from tests.integration.kvstore.node_args import cluster_args, ssd_args
 from tests.integration.kvstore.valkey_fixture import valkey_url
 
 __all__ = ["valkey_url"]
@@ -41,24 +41,6 @@ def key(node: int, n: int) -> bytes:
 def payload(node: int, n: int) -> bytes:
     unit = bytes((i * 131 + n * 17 + node * 7) % 256 for i in range(4093))
     return (unit * (BLOCK_BYTES // len(unit) + 1))[:BLOCK_BYTES]
-
-
-def cluster_args(url: str, node_id: str, *extra: str) -> tuple[str, ...]:
-    return (
-        "--metadata",
-        url,
-        "--node-id",
-        node_id,
-        "--heartbeat-interval",
-        "0.2s",
-        "--heartbeat-timeout",
-        f"{HB_TIMEOUT_S}s",
-        "--reconcile-interval",
-        "0.2s",
-        "--prefault",
-        "false",
-        *extra,
-    )
 
 
 def test_three_nodes_read_through_crash_and_restart(

@@ -2,18 +2,16 @@
 KVStoreError subclass within its timeout -- never a hang, never a partial block reported as
 data -- and a later call, once the node is back, succeeds.
 
-A pass-through TCP proxy between the client and the node makes the moment of the kill exact: it
-forwards the node's responses until a few blocks have reached the client, holds the rest while
-the test kills the node, then forwards whatever the node had sent and closes, as the node's
-socket did. So the client has read part of the batch (several whole blocks and part of one) when
+A pass-through TCP proxy between the client and the node (``FrameProxy``, frame_proxy.py) makes
+the moment of the kill exact: it forwards the node's responses until a few blocks have reached
+the client, holds the rest while the test kills the node, then closes, as the node's socket
+did. So the client has read part of the batch (several whole blocks and part of one) when
 its connection dies.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +20,9 @@ import pytest
 
 from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError, KVStoreUnavailable
+from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader
 from kvstore.wire.types import PutStatus
+from tests.integration.kvstore.frame_proxy import FORWARD, FrameProxy, Hold, Verdict
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,72 +43,23 @@ def payload(n: int) -> bytes:
     return (unit * (PAYLOAD_BYTES // len(unit) + 1))[:PAYLOAD_BYTES]
 
 
-class HoldingProxy:
-    """Forwards loopback TCP to ``target``; on the first connection, holds the node's bytes after
-    ``hold_after`` of them until :attr:`release` is set (:attr:`holding` is set meanwhile)."""
+class HoldingProxy(FrameProxy):
+    """Forwards the first connection's replies until ``hold_after`` bytes of them reached the
+    client, then holds the rest until :meth:`release` (:attr:`holding` is set meanwhile)."""
 
-    def __init__(self, target: tuple[str, int], hold_after: int) -> None:
-        self.target = target
-        self.hold_after = hold_after
-        self.holding = threading.Event()
-        self.release = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._first = True
-        self._spawn(self._accept)
+    def __init__(self, target: str, hold_after: int) -> None:
+        self._forwarded = 0
+        self._hold_after = hold_after
+        super().__init__(target, on_reply=self._reply)
 
-    def _spawn(self, fn: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=fn, args=args, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                node = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()  # the node is down: the client sees the connection fail
-                continue
-            self._sockets += [client, node]
-            hold = self.hold_after if self._first else None
-            self._first = False
-            self._spawn(self._pump, client, node, None)
-            self._spawn(self._pump, node, client, hold)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, hold_after: int | None) -> None:
-        forwarded = 0
-        try:
-            while True:
-                data = src.recv(256 * 1024)
-                if not data:
-                    break
-                if hold_after is not None and forwarded + len(data) > hold_after:
-                    dst.sendall(data[: hold_after - forwarded])
-                    data = data[hold_after - forwarded :]
-                    forwarded = hold_after
-                    hold_after = None
-                    self.holding.set()
-                    self.release.wait(30)
-                dst.sendall(data)
-                forwarded += len(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
+    def _reply(self, conn: int, header: FrameHeader, payload: bytearray) -> Verdict:
+        size = FRAME_HEADER_BYTES + len(payload)
+        if conn != 0 or self._forwarded > self._hold_after:
+            return FORWARD
+        self._forwarded += size
+        if self._forwarded <= self._hold_after:
+            return FORWARD
+        return Hold(size - (self._forwarded - self._hold_after), then="forward")
 
 
 @pytest.fixture
@@ -116,14 +67,12 @@ def proxy_factory() -> Iterator[Callable[[str], HoldingProxy]]:
     proxies: list[HoldingProxy] = []
 
     def factory(endpoint: str) -> HoldingProxy:
-        host, port = endpoint.rsplit(":", 1)
-        proxy = HoldingProxy((host, int(port)), HOLD_AFTER_BYTES)
+        proxy = HoldingProxy(endpoint, HOLD_AFTER_BYTES)
         proxies.append(proxy)
         return proxy
 
     yield factory
     for proxy in proxies:
-        proxy.release.set()
         proxy.close()
 
 
@@ -151,7 +100,7 @@ def test_kill_during_a_large_get_is_a_clean_error_then_a_restart_serves(
         getter.start()
         assert proxy.holding.wait(30), "the transfer never started"
         node.stop(signal.SIGKILL)  # mid-transfer: 2.5 of 24 blocks delivered
-        proxy.release.set()
+        proxy.release()
         getter.join(CLIENT_TIMEOUT_S * 3)
         assert not getter.is_alive(), "the client hung"
         (result,) = outcome

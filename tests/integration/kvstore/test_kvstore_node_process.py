@@ -400,7 +400,8 @@ def test_timeout_when_node_stops_answering(start_node: NodeFactory) -> None:
 
 @pytest.mark.parametrize("use_shm", [False, True], ids=["tcp", "shm"])
 def test_corrupt_block_detected_on_read(start_node: NodeFactory, use_shm: bool) -> None:
-    """Flip a byte inside the node's arena (through its /dev/shm file): the client must notice."""
+    """Flip a byte inside the node's arena (through its /dev/shm file): the client must notice,
+    and the damaged copy is dropped (a refetch fails too, so the client deletes it)."""
     node = start_node("--prefault", "false")
     with KVStoreClient(node.endpoint, use_shm=use_shm) as client:
         payload = _pattern(1, 8 * KIB)
@@ -413,11 +414,13 @@ def test_corrupt_block_detected_on_read(start_node: NodeFactory, use_shm: bool) 
             f.write(bytes([original[0] ^ 0xFF]))
         with pytest.raises(KVStoreCorruptError):
             client.get_into(key(1), bytearray(8 * KIB))
-        with pytest.raises(KVStoreCorruptError):
-            client.get(key(1))
+        assert client.corrupt_reads == 2  # fetched again, failed again ...
+        assert client.get(key(1)) is None  # ... so the damaged copy was deleted: a miss now
         assert client.transport == ("shm" if use_shm else "tcp")
         stats = client.stats()  # the connection is still usable and no lease leaked
-        assert (stats["num_blocks"], stats["num_leases"]) == (1, 0)
+        assert (stats["num_blocks"], stats["num_leases"]) == (0, 0)
+        assert client.put(key(1), payload) is PutStatus.OK  # and the block can be stored again
+        assert client.get(key(1)) == payload
 
 
 def _wait_for(condition: object, timeout_s: float = 5.0) -> None:
@@ -427,3 +430,25 @@ def _wait_for(condition: object, timeout_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.02)
+
+
+def test_a_tcp_reader_that_stops_reading_is_cut_off_after_the_lease_timeout(
+    start_node: NodeFactory,
+) -> None:
+    """A GET reply waiting in the socket pins its block (the node writes a view of the arena); a
+    reader that stops reading holds it only until ``--lease-timeout``."""
+    node = start_node("--arena-size", "64MiB", "--lease-timeout", "500ms")
+    nbytes = 32 * 1024 * 1024 - 64  # more than both sockets' buffers
+    with KVStoreClient(node.endpoint, use_shm=False) as client:
+        assert client.put(key(1), _pattern(1, 4096) * (nbytes // 4096) + bytes(nbytes % 4096)) is (
+            PutStatus.OK
+        )
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            stalled.connect(("127.0.0.1", node.port))
+            stalled.sendall(pack_frame_header(Op.GET, 1, 1, 16) + key(1))
+            _wait_for(lambda: client.stats()["num_leases"] == 1)
+            assert client.delete([key(1)]) == 1  # out of the index, its space pinned
+            _wait_for(lambda: client.stats()["num_leases"] == 0, 10.0)
+            stats = client.stats()
+            assert (stats["arena"]["used_bytes"], stats["transfers"]["lease_timeouts"]) == (0, 1)

@@ -19,6 +19,7 @@ from kvstore.errors import KVStoreCorruptError
 from kvstore.transport.base import SkippedTransport, TransportKind
 from kvstore.transport.rdma import probe_rdma
 from kvstore.transport.tcp import recv_bytes
+from kvstore.wire import requests
 from kvstore.wire.frame import FRAME_HEADER, Op, Status, pack_frame_header
 from kvstore.wire.messages import (
     BATCH_ID,
@@ -153,32 +154,40 @@ def test_shm_put_with_a_wrong_header_is_refused_and_wrong_payload_caught_on_read
     wrong payload is caught by every reader (a shared-memory client could change the bytes after
     any commit check anyway)."""
     node = start_node()
-    payloads = [pattern(3, 10_000), pattern(4, 10_000)]
-    headers = [encode_header(key(3), payloads[0]), encode_header(key(4), payloads[1])]
+    payloads = {n: pattern(n, 10_000) for n in (3, 4, 5)}
+    headers = {n: encode_header(key(n), payloads[n]) for n in (3, 4, 5)}
     with socket.create_connection(("127.0.0.1", node.port)) as raw:
-        items = [RESERVE_ITEM.pack(key(n), BLOCK_HEADER_BYTES + 10_000) for n in (3, 4)]
-        status, _, body = request(raw, Op.RESERVE_BATCH, 2, b"".join(items))
+        items = [RESERVE_ITEM.pack(key(n), BLOCK_HEADER_BYTES + 10_000) for n in (3, 4, 5)]
+        status, _, body = request(raw, Op.RESERVE_BATCH, 3, b"".join(items))
         assert status == Status.OK
-        reply = ReserveBatchReply.decode(body, 2)
-        assert reply.statuses == bytes([Status.OK, Status.OK])
+        reply = ReserveBatchReply.decode(body, 3)
+        assert reply.statuses == bytes([Status.OK] * 3)
         with arena_mapping(node) as arena:
-            first, second = reply.offsets
-            arena[first : first + BLOCK_HEADER_BYTES] = headers[1]  # another block's header
-            arena[second : second + BLOCK_HEADER_BYTES] = headers[1]
-            arena[second + BLOCK_HEADER_BYTES : second + BLOCK_HEADER_BYTES + 10_000] = bytes(
-                10_000
-            )  # the right header, the wrong payload
+            first, *others = reply.offsets
+            arena[first : first + BLOCK_HEADER_BYTES] = headers[4]  # another block's header
+            for n, offset in zip((4, 5), others, strict=True):
+                arena[offset : offset + BLOCK_HEADER_BYTES] = headers[n]
+                end = offset + BLOCK_HEADER_BYTES + 10_000
+                arena[offset + BLOCK_HEADER_BYTES : end] = bytes(10_000)  # the wrong payload
         status, count, statuses = request(raw, Op.COMMIT_BATCH, 1, BATCH_ID.pack(reply.batch_id))
-        assert (status, count, statuses) == (Status.OK, 2, bytes([Status.CORRUPT, Status.OK]))
+        assert (status, count, statuses) == (
+            Status.OK,
+            3,
+            bytes([Status.CORRUPT, Status.OK, Status.OK]),
+        )
         # An unknown batch is refused; the connection keeps serving.
         status, count, _ = request(raw, Op.COMMIT_BATCH, 1, BATCH_ID.pack(reply.batch_id))
         assert (status, count) == (Status.BAD_REQUEST, 0)
-    for use_shm in (False, True):
+    for n, use_shm in ((4, False), (5, True)):
         with KVStoreClient(node.endpoint, use_shm=use_shm) as client:
-            assert client.exists([key(3), key(4)]) == [False, True]
+            assert client.exists([key(3), key(n)]) == [False, True]
             with pytest.raises(KVStoreCorruptError):
-                client.get(key(4))
+                client.get(key(n))
             assert client.transport == ("shm" if use_shm else "tcp")
+            # The reader fetched it twice, then deleted the damaged block: a miss from now on.
+            assert client.exists([key(n)]) == [False]
+            assert client.put(key(n), payloads[n]) is PutStatus.OK
+            assert client.get(key(n)) == payloads[n]
     with KVStoreClient(node.endpoint, use_shm=False) as tcp:
         stats = tcp.stats()
         assert (stats["num_writing"], stats["num_leases"], stats["puts_revoked"]) == (0, 0, 1)
@@ -240,3 +249,32 @@ def test_rdma_connect_is_answered_with_the_reason(start_node: NodeFactory) -> No
         assert (status, reason.decode()) == (Status.UNSUPPORTED, probe.reason)
         status, count, _ = request(raw, Op.DELETE, 1, key(1))
         assert (status, count) == (Status.OK, 0)
+
+
+@pytest.mark.parametrize("op", [Op.LEASE_BATCH, Op.GET_SHM])
+def test_a_lease_held_past_the_lease_timeout_closes_its_connection(
+    start_node: NodeFactory, op: Op
+) -> None:
+    """A reader that hangs with a lease (never releases it, connection open) pins the block's
+    space only until ``--lease-timeout``: then its connection is closed and the lease freed."""
+    node = start_node("--lease-timeout", "500ms", "--put-timeout", "20s")
+    with (
+        KVStoreClient(node.endpoint, use_shm=False) as tcp,
+        socket.create_connection(("127.0.0.1", node.port)) as raw,
+        socket.create_connection(("127.0.0.1", node.port)) as released,
+    ):
+        assert tcp.put(key(1), pattern(1, 10_000)) is PutStatus.OK
+        status, count, _ = request(raw, op, 1, key(1))
+        assert (status, count) == (Status.OK, 1)
+        # A reader that releases in time is not affected.
+        status, _, body = request(released, Op.LEASE_BATCH, 1, key(1))
+        assert status == Status.OK
+        released.sendall(requests.release_batch(LeaseBatchReply.decode(body, 1).batch_id))
+        assert tcp.delete([key(1)]) == 1  # out of the index; the hung lease pins its space
+        assert tcp.stats()["num_leases"] == 1
+        wait_for(lambda: tcp.stats()["num_leases"] == 0, 10.0)
+        stats = tcp.stats()
+        assert (stats["arena"]["used_bytes"], stats["transfers"]["lease_timeouts"]) == (0, 1)
+        raw.settimeout(5)
+        assert raw.recv(1) == b""  # the hung reader's connection was closed
+        assert request(released, Op.EXISTS, 1, key(1))[1] == 1  # the other one still serves

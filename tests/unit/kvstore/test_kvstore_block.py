@@ -25,17 +25,21 @@ def test_header_layout_is_64_bytes_and_documented() -> None:
     raw = encode_header(KEY, payload, BlockDType.FLOAT16, (2, 3, 4))
     assert len(raw) == BLOCK_HEADER_BYTES == 64
     assert raw[:4] == b"SKVB"
-    assert struct.unpack_from("<HBB", raw, 4) == (1, int(BlockDType.FLOAT16), 3)
+    assert struct.unpack_from("<HBB", raw, 4) == (2, int(BlockDType.FLOAT16), 3)
     assert raw[8:24] == KEY
-    assert struct.unpack_from("<QQ", raw, 24) == (48, xxhash.xxh3_64_intdigest(payload))
+    # The checksum is the payload's xxh3_64 seeded with the xxh3_64 of the other 56 header bytes.
+    seed = xxhash.xxh3_64_intdigest(raw[:32] + raw[40:])
+    assert struct.unpack_from("<QQ", raw, 24) == (48, xxhash.xxh3_64_intdigest(payload, seed))
     assert struct.unpack_from("<6I", raw, 40) == (2, 3, 4, 0, 0, 0)
 
 
 def test_roundtrip_and_verify() -> None:
     payload = bytes(range(256)) * 4
-    header = BlockHeader.decode(encode_header(KEY, payload))
+    raw = encode_header(KEY, payload)
+    header = BlockHeader.decode(raw)
+    seed = xxhash.xxh3_64_intdigest(raw[:32] + raw[40:])
     assert header == BlockHeader(
-        KEY, BlockDType.RAW, (1024,), 1024, xxhash.xxh3_64_intdigest(payload)
+        KEY, BlockDType.RAW, (1024,), 1024, xxhash.xxh3_64_intdigest(payload, seed), seed
     )
     assert verify(header, payload)
     assert verify(header, memoryview(bytearray(payload)))
@@ -43,6 +47,26 @@ def test_roundtrip_and_verify() -> None:
     corrupted[500] ^= 1
     assert not verify(header, corrupted)
     assert not verify(header, payload[:-1])
+
+
+@pytest.mark.parametrize("at", [6, 8, 23, 24, 33, 40, 44, 63])
+def test_a_flipped_header_bit_fails_the_checksum_or_the_decode(at: int) -> None:
+    # Version 1 checksummed the payload only: a flipped key bit went unnoticed (chaos suite).
+    payload = bytes(range(256)) * 4
+    raw = bytearray(encode_header(KEY, payload, BlockDType.FLOAT8_E4M3FN))
+    raw[at] ^= 0x01
+    try:
+        header = BlockHeader.decode(raw)
+    except BlockFormatError:
+        return
+    assert not verify(header, payload)
+
+
+def test_a_version_1_block_no_longer_decodes() -> None:
+    raw = bytearray(encode_header(KEY, b"x" * 8))
+    raw[4] = 1
+    with pytest.raises(BlockFormatError, match="version 1"):
+        BlockHeader.decode(raw)
 
 
 def test_decode_accepts_longer_buffer() -> None:
@@ -59,7 +83,7 @@ def test_empty_payload() -> None:
 
 @pytest.mark.parametrize(
     ("offset", "value"),
-    [(0, b"XKVB"), (4, struct.pack("<H", 2)), (6, b"\x63"), (7, b"\x07"), (52, b"\x01")],
+    [(0, b"XKVB"), (4, struct.pack("<H", 3)), (6, b"\x63"), (7, b"\x07"), (52, b"\x01")],
 )
 def test_decode_rejects_bad_headers(offset: int, value: bytes) -> None:
     raw = bytearray(encode_header(KEY, b"\x00" * 16, BlockDType.UINT8, (4, 4)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,33 +181,53 @@ CASES = [
 ]
 
 
+class FakeNode:
+    """A node that answers requests of the case's opcode with ``replies`` in turn (the last one
+    again and again: a refetch of a damaged block gets it again), answers DELETE with OK, and
+    records the opcodes it was sent."""
+
+    def __init__(self, replies: Sequence[Reply]) -> None:
+        self.replies = replies
+        self.seen: list[Op] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+        host, port = self.server.getsockname()
+        self.endpoint = f"{host}:{port}"
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        first: Op | None = None
+        with conn:
+            raw = bytearray(FRAME_HEADER_BYTES)
+            try:
+                while True:
+                    recv_exact(conn, memoryview(raw))
+                    header = FrameHeader.decode(raw)
+                    recv_exact(conn, memoryview(bytearray(header.payload_len)))
+                    self.seen.append(header.opcode)
+                    first = first or header.opcode
+                    if header.opcode is first:
+                        answered = self.seen.count(first) - 1
+                        reply = self.replies[min(answered, len(self.replies) - 1)]
+                        conn.sendall(reply(header.request_id))
+                    elif header.opcode is Op.DELETE:
+                        conn.sendall(frame(Op.DELETE, count=header.count)(header.request_id))
+            except (ConnectionError, OSError):
+                pass
+
+
 @pytest.fixture
-def fake_node() -> Iterator[Callable[[Reply], str]]:
-    """A node that answers the first request with ``reply`` and then reads until closed."""
-    servers: list[socket.socket] = []
+def fake_node() -> Iterator[Callable[..., str]]:
+    """``fake_node(reply, *later_replies)`` -> the endpoint of a :class:`FakeNode`."""
+    nodes: list[FakeNode] = []
 
-    def start(reply: Reply) -> str:
-        server = socket.create_server(("127.0.0.1", 0))
-        servers.append(server)
-
-        def serve() -> None:
-            conn, _ = server.accept()
-            with conn:
-                raw = bytearray(FRAME_HEADER_BYTES)
-                recv_exact(conn, memoryview(raw))
-                header = FrameHeader.decode(raw)
-                recv_exact(conn, memoryview(bytearray(header.payload_len)))
-                conn.sendall(reply(header.request_id))
-                while conn.recv(65536):
-                    pass
-
-        threading.Thread(target=serve, daemon=True).start()
-        host, port = server.getsockname()
-        return f"{host}:{port}"
+    def start(*replies: Reply) -> str:
+        nodes.append(FakeNode(replies))
+        return nodes[-1].endpoint
 
     yield start
-    for server in servers:
-        server.close()
+    for node in nodes:
+        node.server.close()
 
 
 def outcome(call: Callable[[], Any]) -> tuple[str, object]:
@@ -231,7 +251,7 @@ def run_async(endpoint: str, case: Case) -> tuple[str, object]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_both_clients_read_a_reply_alike(case: Case, fake_node: Callable[[Reply], str]) -> None:
+def test_both_clients_read_a_reply_alike(case: Case, fake_node: Callable[..., str]) -> None:
     expected = (
         ("error", case.expected)
         if isinstance(case.expected, type) and issubclass(case.expected, Exception)
@@ -246,3 +266,23 @@ def test_the_clients_have_the_same_methods() -> None:
         return {name for name in vars(cls) if not name.startswith("_")}
 
     assert public(KVStoreClient) - {"transport"} == public(AsyncKVStoreClient)
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_block_that_fails_once_is_fetched_again(client: str) -> None:
+    node = FakeNode([frame(Op.GET, body=corrupted(block())), frame(Op.GET, body=block())])
+    run = run_sync if client == "sync" else run_async
+    assert run(node.endpoint, Case("", "get", (KEY,), node.replies[0], DATA)) == ("result", DATA)
+    assert node.seen == [Op.GET, Op.GET]  # a transfer error: nothing deleted
+    node.server.close()
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+@pytest.mark.parametrize("reply", [corrupted(block()), block(OTHER)], ids=["checksum", "other key"])
+def test_a_block_that_fails_twice_is_deleted_from_the_node(client: str, reply: bytes) -> None:
+    node = FakeNode([frame(Op.GET, body=reply)])
+    run = run_sync if client == "sync" else run_async
+    case = Case("", "get", (KEY,), node.replies[0], KVStoreCorruptError)
+    assert run(node.endpoint, case) == ("error", KVStoreCorruptError)
+    assert node.seen == [Op.GET, Op.GET, Op.DELETE]
+    node.server.close()

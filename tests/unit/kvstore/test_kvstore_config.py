@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvstore.server.config import StoreNodeConfig
+from kvstore.server.lifecycle import reaper_period_s
 
 
 def test_from_cli_with_env_defaults_and_cli_override() -> None:
@@ -46,3 +47,12 @@ def test_metadata_port_serves_embedded_metadata_only() -> None:
         StoreNodeConfig(metadata="embedded", port=7600, metadata_port=7600)
     with pytest.raises(ValueError, match="metadata_port out of range: 65536"):
         StoreNodeConfig(metadata="embedded", metadata_port=65536)
+
+
+def test_a_hung_writers_key_is_writable_again_within_30_s_by_default() -> None:
+    # Issue 10: "writer killed between put start and commit: key writable again within 30 s".
+    # A killed writer's connection closes at once; a hung one is dropped by the reaper.
+    timeout = StoreNodeConfig().put_timeout_s
+    assert timeout == 20.0
+    assert timeout + reaper_period_s(timeout) == 21.0
+    assert reaper_period_s(0.5) == 0.125
