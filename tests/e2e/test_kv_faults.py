@@ -1,19 +1,17 @@
 """A store node killed during a transfer: the request falls back to recomputation (issue 3).
 
 One worker (role both, engine prefix cache off, so every request asks the store for its prefix)
-talks to its store node through a fault-injecting TCP proxy. The proxy forwards the store's wire
-protocol frame by frame and, once armed, kills the store node with SIGKILL at the moment the
-worker asks it for block data (GET, GET_SHM or LEASE_BATCH) -- after the lookup said the blocks
-are there, before a byte of them arrived. The decode still returns exactly the greedy tokens of
-an undisturbed run, and the worker keeps serving.
+talks to its store node through a fault-injecting TCP proxy (tests/e2e/store_proxy.py): once
+armed, it kills the store node with SIGKILL at the moment the worker asks it for block data (GET,
+GET_SHM or LEASE_BATCH) -- after the lookup said the blocks are there, before a byte of them
+arrived. The decode still returns exactly the greedy tokens of an undisturbed run, and the
+worker keeps serving.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvstore.transport.tcp import recv_bytes
-from kvstore.wire.frame import FRAME_HEADER, Op
 from strata_proto import worker_pb2
 from tests.e2e.dataplane_processes import Process, decode, start_store, start_worker, stub
+from tests.e2e.store_proxy import DATA_OPS, StoreProxy, Verdict
 
 pytestmark = pytest.mark.slow
 
@@ -32,71 +29,24 @@ BLOCK_SIZE = 128  # vLLM's CPU block size
 PROMPT = [random.Random(5).randrange(10, 2000) for _ in range(3 * BLOCK_SIZE + 20)]
 OTHER = [random.Random(6).randrange(10, 2000) for _ in range(2 * BLOCK_SIZE + 7)]
 MAX_TOKENS = 16
-_DATA_OPS = {int(Op.GET), int(Op.GET_SHM), int(Op.LEASE_BATCH)}
 
 
-class KillingProxy:
-    """Forwards TCP connections to a store node; once armed, SIGKILLs the node when a client
-    asks it for block data, and drops the connection instead of forwarding the request."""
+def killing_proxy(store: Process) -> tuple[StoreProxy, threading.Event, list[int]]:
+    """A proxy to ``store`` that, once armed, SIGKILLs the node when a client asks it for block
+    data and drops that request; returns it, the arming event and the opcodes that killed."""
+    armed = threading.Event()
+    killed_on: list[int] = []
 
-    def __init__(self, store: Process) -> None:
-        self.store = store
-        host, port = store.endpoint.rsplit(":", 1)
-        self._upstream = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.armed = threading.Event()
-        self.killed_on: int | None = None  # the opcode that triggered the kill
-        self._closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
+    def on_request(op: int) -> Verdict:
+        if op in DATA_OPS and armed.is_set():
+            armed.clear()
+            killed_on.append(op)
+            store.proc.send_signal(signal.SIGKILL)
+            store.proc.wait(30)
+            return Verdict.DROP
+        return Verdict.FORWARD
 
-    def close(self) -> None:
-        self._closing = True
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closing:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self._upstream, timeout=5)
-            except OSError:
-                client.close()  # the node is dead: the client sees a refused transfer
-                continue
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
-
-    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
-        try:
-            while True:
-                header = recv_bytes(client, FRAME_HEADER.size)
-                _magic, _version, op, _status, _flags, _rid, _count, length = FRAME_HEADER.unpack(
-                    header
-                )
-                payload = recv_bytes(client, length)
-                if op in _DATA_OPS and self.armed.is_set():
-                    self.killed_on = op
-                    self.armed.clear()
-                    self.store.proc.send_signal(signal.SIGKILL)
-                    self.store.proc.wait(30)
-                    break
-                upstream.sendall(header + payload)
-        except (OSError, ConnectionError):
-            pass
-        for sock in (client, upstream):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    @staticmethod
-    def _replies(upstream: socket.socket, client: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := upstream.recv(1 << 16):
-                client.sendall(data)
-        with contextlib.suppress(OSError):
-            client.shutdown(socket.SHUT_RDWR)
+    return StoreProxy(store.endpoint, on_request), armed, killed_on
 
 
 @pytest.fixture
@@ -109,7 +59,7 @@ def store() -> Iterator[Process]:
 def test_store_killed_while_a_decode_loads_its_prefix_falls_back_to_recompute(
     tiny_model_dir: Path, store: Process
 ) -> None:
-    proxy = KillingProxy(store)
+    proxy, armed, killed_on = killing_proxy(store)
     worker = start_worker(tiny_model_dir, "both", proxy.endpoint, "--no-prefix-caching")
     try:
         rpc = stub(worker.endpoint)
@@ -121,9 +71,9 @@ def test_store_killed_while_a_decode_loads_its_prefix_falls_back_to_recompute(
         assert tokens == reference
         assert loaded.num_external_tokens == 3 * BLOCK_SIZE
 
-        proxy.armed.set()
+        armed.set()
         tokens, last = decode(rpc, PROMPT, MAX_TOKENS)
-        assert proxy.killed_on in _DATA_OPS  # the node died with the transfer in flight
+        assert len(killed_on) == 1  # the node died with the transfer in flight
         assert store.proc.returncode == -signal.SIGKILL
         assert tokens == reference  # recomputed, token for token
         assert (last.num_external_tokens, last.num_cached_tokens) == (0, 0)
