@@ -20,8 +20,9 @@ Stable API (other chaos tests import it; keep it small):
   ``chaos_knee`` (tests/chaos/conftest.py) caches it per session and cluster kind.
 
 A :class:`Result`: status (0: no HTTP answer), the error body or event, TTFT (streams: to the
-first chunk carrying text or tokens), start and end on the run's clock, completion tokens, text,
-token ids (``return_token_ids``), ``cached_tokens`` from usage, Retry-After, the finish reason.
+first chunk carrying text or tokens), start and end on the run's clock, prompt and completion
+tokens, ``cached_tokens`` (usage), text, token ids (``return_token_ids``), Retry-After, the
+finish reason.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class Result:
     status: int = 0
     error: str = ""
     ttft_s: float | None = None
+    prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     text: str = ""
@@ -213,6 +215,7 @@ def _take_choice(choice: dict[str, Any], result: Result) -> None:
 
 def _take_usage(usage: dict[str, Any] | None, result: Result) -> None:
     if usage:
+        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
         result.completion_tokens = int(usage.get("completion_tokens") or 0)
         details = usage.get("prompt_tokens_details") or {}
         result.cached_tokens = int(details.get("cached_tokens") or 0)
@@ -380,8 +383,12 @@ class BackgroundLoad:
         return time.monotonic() - self.clock0
 
     def in_flight(self) -> set[int]:
-        """Indexes of the requests sent and not answered yet."""
-        return set(self._in_flight)
+        """Indexes of the requests sent and not answered yet (from any thread)."""
+        while True:
+            try:
+                return set(self._in_flight)
+            except RuntimeError:  # changed size while copied: the load's loop moved on
+                continue
 
     def stop(self) -> None:
         """End the arrivals now (requests already sent are still awaited)."""
