@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,22 +98,35 @@ def start_cluster(
     workers: list[Process] = []
     args_of: dict[str, tuple[str, ...]] = {}
     proxies: dict[str, StoreProxy] = {}
+    all_proxies: list[StoreProxy] = []
     loop = LoopThread()
     server: GatewayServer | None = None
     cluster: Cluster | None = None
     try:
         roles = ["prefill"] * prefill + ["decode"] * decode
+        plans: list[tuple[str, tuple[str, ...], StoreProxy | None]] = []
         for i, role in enumerate(roles):
             index = i if role == "prefill" else i - prefill
             hook = proxy(role, index) if proxy is not None else None
             via = StoreProxy(store.endpoint, hook) if hook is not None else None
+            if via is not None:
+                all_proxies.append(via)
             endpoint = via.endpoint if via is not None else store.endpoint
             args = (endpoint, "--kv-metadata", metadata, *worker_args, "--port", str(free_port()))
-            worker = start_worker(model_dir, role, *args)
-            workers.append(worker)
-            args_of[worker.endpoint] = (role, *args)
-            if via is not None:
-                proxies[worker.endpoint] = via
+            plans.append((role, args, via))
+        # The engines start at once (start-up is mostly waiting on this shared host).
+        with ThreadPoolExecutor(len(plans)) as pool:
+            futures = [pool.submit(start_worker, model_dir, r, *a) for r, a, _ in plans]
+        failures = [f.exception() for f in futures if f.exception() is not None]
+        for (role, args, via), future in zip(plans, futures, strict=True):
+            if future.exception() is None:
+                worker = future.result()
+                workers.append(worker)
+                args_of[worker.endpoint] = (role, *args)
+                if via is not None:
+                    proxies[worker.endpoint] = via
+        if failures:
+            raise RuntimeError(f"{len(failures)} worker(s) did not start") from failures[0]
         if separate_gateway:
             assert not config, "a separate gateway runs with its defaults"
             gateway = _start_gateway(model_dir, workers[:prefill], workers[prefill:], metadata)
@@ -151,7 +165,7 @@ def start_cluster(
         for worker in workers:
             if worker.proc.poll() is None:
                 worker.stop()
-        for via in proxies.values():
+        for via in all_proxies:
             via.close()
         store.stop()
 
