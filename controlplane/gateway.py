@@ -30,6 +30,7 @@ from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import RegistryStoreError, open_registry_store
 from controlplane.instances.types import InstanceConflict, InstanceState, Launcher
 from controlplane.launch.launcher import LocalProcessLauncher
+from controlplane.launch.standby import StandbyLauncher
 from controlplane.metrics import GatewayMetrics
 from controlplane.request.routing import (
     Router,
@@ -71,8 +72,13 @@ class GatewayServer:
         self._tokenizer = tokenizer
         self._admin_config = _admin_config(config)
         self._local_launcher: LocalProcessLauncher | None = None
+        self._standby: StandbyLauncher | None = None
         if launcher is None and config.launch.enabled:
             launcher = self._local_launcher = _local_launcher(config)
+            if config.launch.standby:
+                launcher = self._standby = StandbyLauncher(
+                    self._local_launcher, per_role=config.launch.standby
+                )
         self._launcher = launcher
         self._registry: InstanceRegistry | None = None
         self._cluster_view: ClusterView | None = None
@@ -135,6 +141,8 @@ class GatewayServer:
         except RegistryStoreError as exc:
             raise StartupError(str(exc)) from None
         await self._wait_until_ready()
+        if self._standby is not None:
+            self._standby.start()  # after the pool's own start: standbys never compete with it
         if config.routing.kv_metadata:
             self._cluster_view = await asyncio.to_thread(
                 _start_cluster_view, config.routing.kv_metadata

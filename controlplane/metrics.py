@@ -100,6 +100,12 @@ class GatewayMetrics:
         self.profiled_instances = counter(
             "profiled_instances", "Worker profiles run to calibrate latency models", "role"
         )
+        self.profiles_rejected = counter(
+            "profiles_rejected",
+            "Worker profiles rejected as implausible (the instance kept its sibling's model or "
+            "the priors) by role and reason: non_physical, sibling, observations",
+            "role", "reason",
+        )  # fmt: skip
 
     def _counter(self, name: str, doc: str, *labels: str) -> Counter:
         return Counter(_PREFIX + name, doc, labels, registry=self.registry)

@@ -97,6 +97,8 @@ class Worker:
         self.dtype = resolve_dtype(config.dtype)
         """The engine's dtype ("auto" resolved for this host)."""
         self.hardware = host_compute().identity(self.dtype, _num_engine_cores())
+        self.startup = StartupTimeline()
+        """Where the start-up time goes (logged once serving; docs/benchmarks.md)."""
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -222,6 +224,8 @@ class Worker:
         self.instance_id = self.config.instance_id or self.endpoint
         await asyncio.get_running_loop().run_in_executor(None, self.start_hbm_events)
         self.ready = True
+        self.startup.mark("serving")
+        logger.info("start-up: %s", self.startup)
         print(
             f"strata worker ready role={self.config.role.value} "
             f"listening on {self.config.host}:{port} instance={self.instance_id}",
@@ -251,8 +255,12 @@ class Worker:
 
     def run(self) -> None:
         self.set_up_runtime()
+        import vllm.v1.engine.async_llm  # noqa: F401  (timed on its own: see StartupTimeline)
+
+        self.startup.mark("imports")
         try:
             self.create_engine()
+            self.startup.mark("engine")
             asyncio.run(self.serve())
         finally:
             self.clean_up()
@@ -413,6 +421,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             counters.num_running -= 1
+
+
+class StartupTimeline:
+    """Seconds since the process started at each phase's end: ``imports`` (Python, torch, vLLM
+    in this worker's process), ``engine`` (vLLM's engine-core and executor processes — two more
+    interpreters importing the same — the model load, the KV cache), ``serving`` (the gRPC
+    server, HBM events)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._start = psutil.Process().create_time()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        self.marks[phase] = time.time() - self._start
+
+    def __str__(self) -> str:
+        parts, last = [], 0.0
+        for phase, at in self.marks.items():
+            parts.append(f"{phase} {at - last:.1f} s")
+            last = at
+        return ", ".join(parts) + f" (total {last:.1f} s since the process started)"
 
 
 def _num_engine_cores() -> int:

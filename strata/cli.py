@@ -203,6 +203,8 @@ def serve(config: ServeConfig) -> int:
         ]
         if config.max_model_len:
             gateway_argv += ["--launch-max-model-len", str(config.max_model_len)]
+        if config.standby_workers:
+            gateway_argv += ["--launch-standby", str(config.standby_workers)]
         if worker_args:
             gateway_argv += ["--launch-worker-args", shlex.join(worker_args)]
         if token_file is not None:

@@ -57,6 +57,11 @@ class ServeConfig:
     )
     prefill_workers: int = option(1, help="prefill engines at start")
     decode_workers: int = option(1, help="decode engines at start")
+    standby_workers: int = option(
+        0,
+        help="engines of each role kept started in reserve: `strata admin scale` and the "
+        "restart of a failed worker take one in seconds; each costs an engine's memory",
+    )
     admin_port: int | None = option(
         None,
         help=f"admin API port on 127.0.0.1 (none: {DEFAULT_ADMIN_PORT}, or a free port when it is "
@@ -69,6 +74,10 @@ class ServeConfig:
             if not 1 <= count <= MAX_WORKERS:
                 flag = name.replace("_", "-")
                 raise ValueError(f"--{flag} must be in 1..{MAX_WORKERS}, got {count}")
+        if not 0 <= self.standby_workers <= MAX_WORKERS:
+            raise ValueError(
+                f"--standby-workers must be in 0..{MAX_WORKERS}, got {self.standby_workers}"
+            )
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ValueError(f"{self.model} is not a Hugging Face model directory")
         if self.dtype not in DTYPES:

@@ -2,7 +2,9 @@
 
 Scheduling (docs/design/scheduling.md): the registry owns one `LatencyPredictor` per instance
 (priors at first; calibrated by a profile of real calls when the instance turns ready,
-controlplane/workers/profiling.py; refitted online from `observe_prefill` / `observe_decode`),
+controlplane/workers/profiling.py, if the profile is plausible against physics, its siblings'
+models and the online observations, `_implausible`; refitted online from `observe_prefill` /
+`observe_decode`),
 the current policy (`set_policy`, any of `POLICY_NAMES`) and the cluster-wide `PredictionAccuracy`
 (MAPE gauges, `stats()`). What it feeds the predictors (docs/design/scheduling.md §2.2-2.3): engine
 times of prefills that had their instance to themselves (`track_prefill` tells), each TTFT's
@@ -40,8 +42,15 @@ from controlplane.scheduling import (
     SchedulingConfig,
     make_policy,
 )
+from controlplane.scheduling.predictor.plausibility import Reference, Rejection, check_profile
 from controlplane.workers.client import WorkerError, WorkerHealth
-from controlplane.workers.profiling import ProfileSettings, YieldTo, plan_for, profile_worker
+from controlplane.workers.profiling import (
+    ProfileResult,
+    ProfileSettings,
+    YieldTo,
+    plan_for,
+    profile_worker,
+)
 from controlplane.workers.roles import WorkerRole, role_name
 
 __all__ = ["SchedulingState"]
@@ -178,7 +187,8 @@ class SchedulingState(LoadTracking):
             instance.profile_state = "skipped"  # e.g. a worker that does not report its limits
             return
         instance.profile_state = "running"
-        sibling = self._calibrated_sibling(instance)
+        siblings = self._calibrated_siblings(instance)
+        sibling = siblings[0] if siblings else None
         if sibling is not None:
             instance.predictor.adopt(sibling.predictor)
             logger.info(
@@ -189,14 +199,14 @@ class SchedulingState(LoadTracking):
             )
         instance.profile_task = self._spawn(self._profile_instance(instance, health))
 
-    def _calibrated_sibling(self, instance: Instance) -> Instance | None:
-        """A profiled instance of the same role and model on the same hardware (the roles'
+    def _calibrated_siblings(self, instance: Instance) -> list[Instance]:
+        """The profiled instances of the same role and model on the same hardware (the roles'
         profiles differ: a prefill worker's decode model is not measured, and a decode
         worker's prefill samples are times to a first token at the gateway)."""
         health = instance.health
         if health is None or not health.hardware or not health.model_fingerprint:
-            return None
-        siblings = [
+            return []
+        return [
             m
             for m in self._instances.values()
             if m is not instance
@@ -207,7 +217,23 @@ class SchedulingState(LoadTracking):
             and m.health.model_fingerprint == health.model_fingerprint
             and m.role is instance.role
         ]
-        return siblings[0] if siblings else None
+
+    def _implausible(self, instance: Instance, result: ProfileResult) -> Rejection | None:
+        """Why ``result`` must not replace the instance's model, if it must not: checked against
+        physics, its calibrated siblings' models and what it and they observed online
+        (docs/design/scheduling.md §2.3, "Plausibility")."""
+        siblings = self._calibrated_siblings(instance)
+        sources = [instance, *siblings]
+        return check_profile(
+            result.prefill,
+            result.decode if result.measured_decode else None,
+            siblings=[
+                Reference(m.id, m.predictor.prefill_fit, m.predictor.decode_fit) for m in siblings
+            ],
+            observed_prefill=[s for m in sources for s in m.predictor.recent_prefill()],
+            observed_decode=[s for m in sources for s in m.predictor.recent_decode()],
+            bounds=self._profile.plausibility(),
+        )
 
     def _yield_to(self, instance: Instance) -> YieldTo:
         """The profile's gate: its next call waits until the instance runs no client request."""
@@ -247,6 +273,21 @@ class SchedulingState(LoadTracking):
                     instance.id,
                     result.num_prefill_measured,
                     result.seconds,
+                )
+                return
+            rejection = self._implausible(instance, result)
+            if rejection is not None:
+                instance.profile_state = f"rejected: {rejection.detail}"
+                self._metrics.profiles_rejected.labels(
+                    role_name(instance.role), rejection.reason
+                ).inc()
+                kept = "its sibling's profile" if instance.predictor.calibrated else "priors"
+                logger.warning(
+                    "profile of %s rejected (%s), keeping %s: %s",
+                    instance.id,
+                    rejection.reason,
+                    kept,
+                    rejection.detail,
                 )
                 return
             instance.predictor.calibrate(

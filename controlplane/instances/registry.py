@@ -193,6 +193,9 @@ class InstanceRegistry(SchedulingState):
         instance = self._adopt(record)
         self._launched[instance.id] = handle
         logger.info("instance %s (%s %s) launched", instance.id, role_name(role), handle.endpoint)
+        # A standby worker (controlplane/launch/standby.py) is ready already: serve from now,
+        # not from the next heartbeat. A fresh one refuses the call and stays starting.
+        await self._check(instance)
         return instance.info()
 
     async def _retire(self, instance: Instance) -> None:

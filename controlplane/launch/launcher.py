@@ -195,6 +195,12 @@ class LaunchConfig:
     log_dir: Path | None = option(
         None, help="launched workers' output goes to LOG_DIR/{role}-{port}.log (none = stdout)"
     )
+    standby: int = option(
+        0,
+        help="workers of each role kept started in reserve once the pool is ready: scale, "
+        "set-role and restarts take one (seconds instead of an engine start); each holds an "
+        "engine's memory and cores (controlplane/launch/standby.py)",
+    )
 
     def __post_init__(self) -> None:
         if self.store:
@@ -211,6 +217,10 @@ class LaunchConfig:
             parse_metadata_spec(self.kv_metadata)
         if self.cores_per_engine < 1:
             raise ValueError(f"launch_cores_per_engine must be >= 1, got {self.cores_per_engine}")
+        if self.standby < 0:
+            raise ValueError(f"launch_standby must be >= 0, got {self.standby}")
+        if self.standby and not self.store:
+            raise ValueError("launch_standby needs launch_store (the launched workers' store node)")
         if self.cpus is not None and (not self.cpus or any(cpu < 0 for cpu in self.cpus)):
             raise ValueError(f"launch_cpus must be non-negative core ids, got {self.cpus}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -314,6 +324,9 @@ class LocalWorker:
     _serving_nice: int | None = None
     """Niceness to return to once ready (None: it started at the serving niceness)."""
     _on_ready: Callable[[], None] | None = None
+    standby: bool = False
+    """Held in reserve (controlplane/launch/standby.py): no gateway uses it yet, so when cores
+    free up a serving engine moves to them first."""
     _tail: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -447,7 +460,9 @@ class LocalProcessLauncher:
             argv += ["--max-model-len", str(cfg.max_model_len)]
         return [*argv, *cfg.extra_args]
 
-    async def launch(self, role: WorkerRole) -> LocalWorker:
+    async def launch(self, role: WorkerRole, *, standby: bool = False) -> LocalWorker:
+        """Start a worker of ``role``. ``standby``: one held in reserve, started without the
+        start-up priority boost (it must not take CPU from serving engines)."""
         if self._closed:
             raise InstanceConflict("the launcher is closed")
         if role is WorkerRole.UNSPECIFIED:
@@ -469,7 +484,8 @@ class LocalProcessLauncher:
                 "PYTHONUNBUFFERED": "1",
             }
             # Forked from this (the event loop's) thread: PR_SET_PDEATHSIG follows the thread.
-            proc = start_child(self._argv(role, port), env, nice=self._startup_nice)
+            nice = 0 if standby else self._startup_nice
+            proc = start_child(self._argv(role, port), env, nice=nice)
         except BaseException:
             self.cores.release(cores)
             if reservation is not None:
@@ -487,13 +503,15 @@ class LocalProcessLauncher:
             _reservation=reservation,
             _on_stopped=self._forget,
             _log=log,
-            _serving_nice=os.getpriority(os.PRIO_PROCESS, 0) if self._startup_nice else None,
-            _on_ready=functools.partial(_call_soon, asyncio.get_running_loop(), self._rebalance),
+            _serving_nice=os.getpriority(os.PRIO_PROCESS, 0) if nice else None,
+            _on_ready=functools.partial(_call_soon, asyncio.get_running_loop(), self.rebalance),
+            standby=standby,
         )
         threading.Thread(target=worker._pump, name=f"launcher-{name}", daemon=True).start()
         self._workers.append(worker)
         logger.info(
-            "launcher: started %s worker pid %d on %s, cores %s",
+            "launcher: started %s%s worker pid %d on %s, cores %s",
+            "standby " if standby else "",
             role.name.lower(),
             proc.pid,
             worker.endpoint,
@@ -505,9 +523,9 @@ class LocalProcessLauncher:
         if worker in self._workers:
             self._workers.remove(worker)
             self.cores.release(worker.cores)
-            self._rebalance()
+            self.rebalance()
 
-    def _rebalance(self) -> None:
+    def rebalance(self) -> None:
         """Spread the running engines over the cores again (after a worker stopped, or became
         ready): while a core is free and another is shared, the newest ready engine on a shared
         core moves to the free one (its pinned threads are re-pinned in place; nothing
@@ -516,6 +534,8 @@ class LocalProcessLauncher:
             # A worker still starting has not bound its threads yet (it would bind them to the
             # cores in its environment): only ready ones move.
             workers = [w for w in self._workers if w.alive() and w.printed_ready()]
+            # The newest engine moves (last in the list): serving engines before standbys.
+            workers.sort(key=lambda w: not w.standby)
             move = self.cores.rebalance_move([w.cores for w in workers])
             if move is None:
                 return

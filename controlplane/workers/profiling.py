@@ -5,8 +5,9 @@ instance is scheduled with a sibling's profile or the priors until it lands;
 docs/design/scheduling.md §2.3, §7). The points come from :meth:`ProfilePlan.for_engine`, bounded
 by :class:`ProfileSettings` so that a long context or a big batch does not make the profile itself
 a load test: cheapest point first, no call predicted above ``max_step_s``, nothing that would end
-after ``budget_s``, and every call waits until the instance runs no client request
-(``yield_to``), so a client waits behind the profile for one call at most.
+after ``budget_s``, its calls at most ``max_share`` of the engine's time (it pauses between them),
+and every call waits until the instance runs no client request (``yield_to``), so a client
+waits behind the profile for one call at most.
 
 * **Prefill** points ``(new n, cached c)``: a fresh random prompt of ``c + n`` tokens; when
   ``c > 0`` its first ``c`` tokens are run first, so the engine's prefix cache (or the KV pool)
@@ -45,6 +46,7 @@ from typing import Final
 from controlplane.api.openai_protocol import SamplingOptions
 from controlplane.scheduling.predictor.fitting import DecodeSample, PrefillSample
 from controlplane.scheduling.predictor.plan import HANDOFF_DECODE_TOKENS, ProfilePlan
+from controlplane.scheduling.predictor.plausibility import PlausibilityBounds
 from controlplane.scheduling.predictor.predictor import LatencyPredictor
 from controlplane.workers.client import PrefillResult, WorkerClient, WorkerSampling
 from controlplane.workers.roles import WorkerRole
@@ -87,7 +89,8 @@ class ProfileSettings:
     vocab_size: int = 0
     """Token ids are drawn below this (0 = the profile cannot run: no vocabulary known)."""
     timeout_s: float = 30.0
-    """Deadline of each call of the profile."""
+    """Deadline of each call of the profile; no call's deadline is later than ``max_step_s``
+    past the end of ``budget_s``, so a stalled engine holds the profile that long at most."""
     budget_s: float = option(
         40.0,
         parse=parse_duration,
@@ -103,9 +106,43 @@ class ProfileSettings:
     """Longest predicted time of one call of the profile: points with a longer call are skipped,
     so that a client request never waits behind the profile for longer than that."""
 
+    max_share: float = option(
+        0.5,
+        help="largest share of the engine's time the profile's calls take (0.5: after a call "
+        "of t seconds the engine is left to client requests for t seconds)",
+    )
+    """Bound on the profile's load: its calls take at most this share of the time since it
+    started (pauses between calls make up the rest), so a client request arriving during the
+    profile finds the engine free at least ``1 - max_share`` of the time."""
+    sibling_factor: float = option(
+        3.0,
+        help="a profile predicting more than this factor from its siblings' (same role, model "
+        "and hardware) at any profiled point is rejected",
+    )
+    observed_factor: float = option(
+        3.0,
+        help="a profile whose predictions are off the instance's and its siblings' observed "
+        "prefills or decode steps by more than this factor (median) is rejected",
+    )
+    max_fit_error: float = 0.5
+    """A profile whose fit misses its own points by more than this (median relative residual)
+    is rejected as non-physical (random timings)."""
+
+    def plausibility(self) -> PlausibilityBounds:
+        """The checks a profile passes before it replaces a model."""
+        return PlausibilityBounds(
+            sibling_factor=self.sibling_factor,
+            observed_factor=self.observed_factor,
+            max_fit_error=self.max_fit_error,
+        )
+
     def __post_init__(self) -> None:
         if not (self.timeout_s > 0 and self.budget_s > 0 and self.max_step_s > 0):
             raise ValueError("profile timeout_s, budget_s and max_step_s must be > 0")
+        if not 0.0 < self.max_share <= 1.0:
+            raise ValueError("profile max_share must be in (0, 1]")
+        if not (self.sibling_factor > 1.0 and self.observed_factor > 1.0):
+            raise ValueError("profile sibling_factor and observed_factor must be > 1")
         if self.max_model_len < 4 or self.max_batch < 1 or self.repeats < 1:
             raise ValueError(
                 "need profile_max_model_len >= 4, profile_max_batch >= 1, profile_repeats >= 1"
@@ -125,6 +162,9 @@ class ProfileResult:
     """Points of the plan not run: predicted too long for a step or for the budget left."""
     waited_s: float = 0.0
     """Time spent waiting for client requests to finish before the profile's calls."""
+    paused_s: float = 0.0
+    """Time spent pausing between calls to keep the profile's share of the engine (``max_share``):
+    its calls took ``seconds - waited_s - paused_s``."""
     num_prefill_measured: int = 0
     """Prefill points that ran and were timed."""
     measured_prefill: bool = True
@@ -228,20 +268,22 @@ async def profile_worker(
     base: LatencyPredictor | None = None,
     yield_to: YieldTo | None = None,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> ProfileResult:
     """Time ``plan`` on the worker behind ``client``, within the settings' bounds.
 
     Cheapest point first (predicted from ``base``, the instance's current model, scaled by what
     the calls measured so far); a point with a call predicted above ``max_step_s``, or that would
-    not end within ``budget_s`` of the start, is skipped; before every call ``yield_to`` lets
-    the instance's client requests finish first (its wait counts against the budget). Raises
-    WorkerError if a call fails.
+    not end within ``budget_s`` of the start, is skipped; before every call the profile pauses
+    (``sleep``) as long as it takes for its calls to stay within ``max_share`` of the time since
+    its start, then ``yield_to`` lets the instance's client requests finish first (pauses and
+    waits count against the budget). Raises WorkerError if a call fails.
     """
     started = clock()
     deadline = started + settings.budget_s
     base = base if base is not None else LatencyPredictor()
     costs = _Costs(base, settings.decode_tokens)
-    profiler = _Profiler(client, settings, seed, clock)
+    profiler = _Profiler(client, settings, seed, clock, deadline)
     context_limit = plan_context(plan)
     pending: list[tuple[_Kind, tuple[int, int]]] = []
     for _ in range(plan.repeats):
@@ -253,9 +295,22 @@ async def profile_worker(
     decode: list[DecodeSample] = []
     handoffs: list[float] = []
     waited_s = 0.0
+    paused_s = 0.0
+
+    def owed_s() -> float:
+        """The pause due before the next call: the calls so far (the time not spent waiting or
+        pausing) take at most max_share of the time since the start (the load bound)."""
+        elapsed = clock() - started
+        busy = elapsed - waited_s - paused_s
+        return max(0.0, busy / settings.max_share - elapsed)
 
     async def gate() -> bool:
-        nonlocal waited_s
+        nonlocal waited_s, paused_s
+        pause = min(owed_s(), deadline - clock())
+        if pause > 0.0:
+            before = clock()
+            await sleep(pause)
+            paused_s += clock() - before
         if yield_to is None:
             return True
         before = clock()
@@ -269,11 +324,11 @@ async def profile_worker(
     smallest = min(n for n, _ in plan.prefill_points)
     await profiler.prefill_point(role, (smallest, 0), gate)
     while pending and not profiler.stopped:
-        left_s = deadline - clock()
+        left_s = deadline - clock() - owed_s()
         best: tuple[float, int] | None = None
         for index, (kind, point) in enumerate(pending):
             calls = costs.calls_s(kind, point, context_limit)
-            total = sum(calls)
+            total = sum(calls) / settings.max_share  # the calls and the pauses they cost
             if (
                 max(calls) <= settings.max_step_s
                 and total <= left_s
@@ -319,6 +374,7 @@ async def profile_worker(
         handoff_s=statistics.median(handoffs) if handoffs else None,
         num_skipped=len(pending) + profiler.num_interrupted,
         waited_s=waited_s,
+        paused_s=paused_s,
         num_prefill_measured=num_prefill_measured,
         measured_prefill=measured_prefill,
         measured_decode=measured_decode,
@@ -341,6 +397,7 @@ class _Profiler:
         "_client",
         "_clock",
         "_count",
+        "_deadline",
         "_random",
         "_settings",
         "num_interrupted",
@@ -354,6 +411,7 @@ class _Profiler:
         settings: ProfileSettings,
         seed: int,
         clock: Callable[[], float],
+        deadline: float,
     ) -> None:
         if settings.vocab_size <= _FIRST_TOKEN_ID + 1:
             raise ValueError("the profile needs the vocabulary size")
@@ -361,6 +419,7 @@ class _Profiler:
         self._settings = settings
         self._random = random.Random(seed)
         self._clock = clock
+        self._deadline = deadline
         self._count = 0
         self.rpc_overheads_s: list[float] = []
         """Wall time minus engine time of each timed Prefill call."""
@@ -374,6 +433,12 @@ class _Profiler:
             self.stopped = True
             return False
         return True
+
+    def _timeout_s(self) -> float:
+        """Deadline of the next call: ``timeout_s``, and no later than ``max_step_s`` past the
+        profile's budget (a stalled engine does not hold the profile, or its slot, for long)."""
+        left_s = max(0.0, self._deadline - self._clock())
+        return min(self._settings.timeout_s, left_s + self._settings.max_step_s)
 
     def _prompt(self, num_tokens: int) -> list[int]:
         randrange = self._random.randrange
@@ -418,7 +483,7 @@ class _Profiler:
             prompt_token_ids=prompt,
             sampling=self._sampling(1),
             cache_salt="",
-            timeout_s=self._settings.timeout_s,
+            timeout_s=self._timeout_s(),
         )
 
     async def local_prefill(self, new: int, cached: int, gate: Gate) -> PrefillSample | None:
@@ -467,7 +532,7 @@ class _Profiler:
             sampling=self._sampling(max_tokens),
             cache_salt="",
             block_keys=(),
-            timeout_s=self._settings.timeout_s,
+            timeout_s=self._timeout_s(),
         )
         async for chunk in stream:
             if chunk.token_ids:

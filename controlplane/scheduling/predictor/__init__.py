@@ -50,6 +50,11 @@ tracked by :class:`PredictionAccuracy` as a rolling mean absolute percentage err
   fixed cost moved by the weighted median of the last ``LEVEL_WINDOW`` residuals (weights
   ``1/observed``: the shift that minimises their MAPE). Refits keep the shape (they need many
   shapes); the level follows the regime within a few requests.
+* *Change points*: 3 consecutive observations off the model by more than 3× the same way
+  rescale it at once by their median ratio (:class:`~.feedback.ChangeDetector`): a model 10×
+  off (a poisoned profile) is right from the 4th request on.
+* *Plausibility*: a profile replaces a model only if :func:`~.plausibility.check_profile`
+  finds it physical and within 3× of its siblings' models and of the online observations.
 * Only prefills that had their instance to themselves refit the prefill model (the registry
   knows): an overlapped one's engine time holds queueing, which the queue term predicts.
 

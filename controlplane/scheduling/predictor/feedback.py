@@ -23,6 +23,12 @@ LEVEL_WINDOW: Final = 8
 """Recent observations whose median residual moves a fit's fixed cost (the level)."""
 LEVEL_MIN_OBSERVATIONS: Final = 4
 
+CHANGE_FACTOR: Final = 3.0
+"""An observation off the model in use by more than this factor (either way) disagrees with it."""
+CHANGE_RUN: Final = 3
+"""Consecutive disagreeing observations (all slower or all faster) that make a change point: the
+model is rescaled to them at once (:class:`ChangeDetector`)."""
+
 OVERHEAD_WINDOW: Final = 64
 """Observations behind :attr:`LatencyPredictor.ttft_overhead_s` and ``handoff_s``."""
 OVERHEAD_MIN_OBSERVATIONS: Final = 8
@@ -103,3 +109,65 @@ def training_set(
     training = list(profile)
     training.extend(recent)
     return training
+
+
+class ChangeDetector:
+    """The change-point rule of the online refit: ``run`` consecutive observations whose ratio
+    observed / predicted lies beyond ``factor`` on the same side (all slower or all faster) mean
+    the model is wrong by a factor (a poisoned profile, an engine that changed speed), not noisy:
+    :meth:`observe` then answers the median of their ratios, the scale that the model's
+    coefficients are multiplied by. The level (an additive shift, LEVEL_WINDOW observations) and
+    the refits (every ``refit_every``) are too slow for that, and an additive shift cannot undo
+    a model that is 10x too slow (the fixed cost stops at 0)."""
+
+    __slots__ = ("_factor", "_ratios", "_run")
+
+    def __init__(self, factor: float = CHANGE_FACTOR, run: int = CHANGE_RUN) -> None:
+        if not (math.isfinite(factor) and factor > 1.0) or run < 1:
+            raise ValueError("need a change factor > 1 and a run >= 1")
+        self._factor = factor
+        self._run = run
+        self._ratios: list[float] = []
+
+    def observe(self, observed_s: float, predicted_s: float) -> float | None:
+        """One observation against the model's prediction; the scale to apply when it completes
+        a run, else None."""
+        if not (predicted_s > 0.0 and math.isfinite(predicted_s)):
+            return None
+        ratio = observed_s / predicted_s
+        if 1.0 / self._factor <= ratio <= self._factor:
+            self._ratios.clear()
+            return None
+        if self._ratios and (self._ratios[-1] > 1.0) != (ratio > 1.0):
+            self._ratios.clear()
+        self._ratios.append(ratio)
+        if len(self._ratios) < self._run:
+            return None
+        ordered = sorted(self._ratios)
+        self._ratios.clear()
+        middle = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[middle]
+        return math.sqrt(ordered[middle - 1] * ordered[middle])
+
+    def consistent(
+        self, window: deque[Sample], predict_s: Callable[[int, int], float]
+    ) -> deque[Sample]:
+        """The observations of ``window`` that the rescaled model explains within the factor:
+        the others were taken before the change (another regime) and would drag the level and
+        the next refit back."""
+        kept = (
+            s
+            for s in window
+            if 1.0 / self._factor <= s.seconds / max(predict_s(s[0], s[1]), 1e-12) <= self._factor
+        )
+        return deque(kept, maxlen=window.maxlen)
+
+    def reset(self) -> None:
+        self._ratios.clear()
+
+
+def rescaled(samples: tuple[Sample, ...], scale: float) -> tuple[Sample, ...]:
+    """``samples`` with every time multiplied by ``scale`` (profile anchors after a change
+    point: they keep the profile's shape at the speed observed now)."""
+    return tuple(s._replace(seconds=s.seconds * scale) for s in samples)

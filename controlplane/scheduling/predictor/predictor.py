@@ -12,10 +12,14 @@ import numpy.typing as npt
 
 from controlplane.scheduling.predictor.accuracy import PredictionAccuracy
 from controlplane.scheduling.predictor.feedback import (
+    CHANGE_FACTOR,
+    CHANGE_RUN,
     OVERHEAD_MIN_OBSERVATIONS,
     OVERHEAD_WINDOW,
+    ChangeDetector,
     RollingMedian,
     level_s,
+    rescaled,
     training_set,
 )
 from controlplane.scheduling.predictor.fitting import (
@@ -53,13 +57,16 @@ class LatencyPredictor:
     __slots__ = (
         "_accuracy",
         "_calibrated",
+        "_change_points",
         "_decode",
+        "_decode_change",
         "_decode_fit",
         "_decode_profile",
         "_decode_since_fit",
         "_decode_window",
         "_handoff",
         "_prefill",
+        "_prefill_change",
         "_prefill_fit",
         "_prefill_profile",
         "_prefill_since_fit",
@@ -79,6 +86,8 @@ class LatencyPredictor:
         *,
         window: int = 256,
         refit_every: int = 32,
+        change_factor: float = CHANGE_FACTOR,
+        change_run: int = CHANGE_RUN,
     ) -> None:
         if window < 8 or refit_every < 1:
             raise ValueError("need window >= 8 and refit_every >= 1")
@@ -100,6 +109,9 @@ class LatencyPredictor:
         self._accuracy = PredictionAccuracy()
         self._ttft_overhead = RollingMedian(OVERHEAD_WINDOW, OVERHEAD_MIN_OBSERVATIONS)
         self._handoff = RollingMedian(OVERHEAD_WINDOW, OVERHEAD_MIN_OBSERVATIONS)
+        self._prefill_change = ChangeDetector(change_factor, change_run)
+        self._decode_change = ChangeDetector(change_factor, change_run)
+        self._change_points = 0
 
     # -- model state ---------------------------------------------------------------------------
 
@@ -156,6 +168,19 @@ class LatencyPredictor:
     def num_prefill_observations(self) -> int:
         """Observed prefills in the refit window (the profile's samples not counted)."""
         return len(self._prefill_window)
+
+    @property
+    def num_change_points(self) -> int:
+        """Times the change-point rule rescaled a model (:class:`ChangeDetector`)."""
+        return self._change_points
+
+    def recent_prefill(self) -> tuple[PrefillSample, ...]:
+        """The observed prefills in the refit window, oldest first."""
+        return tuple(self._prefill_window)
+
+    def recent_decode(self) -> tuple[DecodeSample, ...]:
+        """The observed decode steps in the refit window, oldest first."""
+        return tuple(self._decode_window)
 
     @property
     def ttft_overhead_s(self) -> float:
@@ -234,6 +259,8 @@ class LatencyPredictor:
             self._ttft_overhead.seed(ttft_overhead_s)
         if handoff_s is not None:
             self._handoff.seed(handoff_s)
+        self._prefill_change.reset()
+        self._decode_change.reset()
         self._calibrated = True
 
     def adopt(self, sibling: LatencyPredictor) -> None:
@@ -250,6 +277,8 @@ class LatencyPredictor:
         self._ttft_overhead.seed(sibling.ttft_overhead_s)
         self._handoff.seed(sibling.handoff_s)
         self._apply_levels()
+        self._prefill_change.reset()
+        self._decode_change.reset()
         self._calibrated = True
 
     def observe_ttft_overhead(self, seconds: float) -> None:
@@ -263,9 +292,19 @@ class LatencyPredictor:
         self._handoff.add(seconds)
 
     def observe_prefill(self, new_tokens: int, cached_tokens: int, seconds: float) -> None:
-        """One observed prefill (engine time, no queueing); refits every ``refit_every``."""
+        """One observed prefill (engine time, no queueing); refits every ``refit_every``, and
+        rescales the model at once on a change point (:class:`ChangeDetector`)."""
         sample = PrefillSample(new_tokens, cached_tokens, seconds)
         validate_samples((sample,), 1, "prefill")
+        scale = self._prefill_change.observe(seconds, self.prefill_s(new_tokens, cached_tokens))
+        if scale is not None:
+            fit = PrefillCoefficients(*(v * scale for v in self._prefill_fit.as_tuple()))
+            self._prefill_fit = fit
+            self._prefill_profile = rescaled(self._prefill_profile, scale)
+            self._prefill_window = self._prefill_change.consistent(
+                self._prefill_window, fit.predict_s
+            )
+            self._change_points += 1
         self._prefill_window.append(sample)
         self._prefill_since_fit += 1
         if self._prefill_since_fit >= self._refit_every:
@@ -274,9 +313,19 @@ class LatencyPredictor:
             self._apply_levels()
 
     def observe_decode_step(self, batch_size: int, context_tokens: int, seconds: float) -> None:
-        """One observed decode step (or a mean over several of the same shape)."""
+        """One observed decode step (or a mean over several of the same shape); the same
+        change-point rule as :meth:`observe_prefill`."""
         sample = DecodeSample(batch_size, context_tokens, seconds)
         validate_samples((sample,), 1, "decode")
+        scale = self._decode_change.observe(seconds, self.decode_step_s(batch_size, context_tokens))
+        if scale is not None:
+            step = DecodeCoefficients(*(v * scale for v in self._decode_fit.as_tuple()))
+            self._decode_fit = step
+            self._decode_profile = rescaled(self._decode_profile, scale)
+            self._decode_window = self._decode_change.consistent(
+                self._decode_window, step.predict_s
+            )
+            self._change_points += 1
         self._decode_window.append(sample)
         self._decode_since_fit += 1
         if self._decode_since_fit >= self._refit_every:

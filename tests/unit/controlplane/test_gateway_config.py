@@ -123,10 +123,11 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--local-prefill-threshold", "--conditional-disaggregation",
         "--no-conditional-disaggregation", "--ttft-slo", "--tpot-slo", "--profile", "--no-profile",
         "--profile-max-model-len", "--profile-max-batch", "--profile-repeats", "--profile-budget",
-        "--profile-max-step", "--admin-host", "--admin-port", "--admin-token-file",
+        "--profile-max-step", "--profile-max-share", "--profile-sibling-factor",
+        "--profile-observed-factor", "--admin-host", "--admin-port", "--admin-token-file",
         "--launch-store", "--launch-prefill", "--launch-decode", "--launch-kv-metadata",
         "--launch-kv-cache-size", "--launch-max-model-len", "--launch-worker-args",
-        "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir",
+        "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir", "--launch-standby",
     }  # fmt: skip
 
 
@@ -136,7 +137,8 @@ def test_routing_flags(tmp_path: Path) -> None:
             tmp_path,
             "--policy", "round_robin", "--ttft-slo", "500ms", "--tpot-slo", "50ms",
             "--local-prefill-threshold", "64", "--no-conditional-disaggregation", "--no-profile",
-            "--profile-budget", "10s", "--profile-max-step", "500ms",
+            "--profile-budget", "10s", "--profile-max-step", "500ms", "--profile-max-share", "1",
+            "--profile-sibling-factor", "2", "--profile-observed-factor", "4.5",
         )
     )  # fmt: skip
     assert config.routing.policy is PolicyKind.ROUND_ROBIN
@@ -146,6 +148,8 @@ def test_routing_flags(tmp_path: Path) -> None:
     assert not config.scheduling.conditional_disaggregation
     assert not config.profiling.enabled
     assert (config.profiling.budget_s, config.profiling.max_step_s) == (10.0, 0.5)
+    assert config.profiling.max_share == 1.0
+    assert (config.profiling.sibling_factor, config.profiling.observed_factor) == (2.0, 4.5)
     defaults = GatewayConfig.from_argv(argv(tmp_path))
     assert defaults.scheduling.local_prefill_threshold_tokens == 0
     assert defaults.scheduling.conditional_disaggregation and defaults.profiling.enabled

@@ -5,6 +5,7 @@ call, and a scaled model when too few points fit."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,14 @@ import pytest
 
 from controlplane.scheduling.predictor.model import PrefillCoefficients
 from controlplane.scheduling.predictor.predictor import LatencyPredictor
-from controlplane.workers.client import DecodeOutput, FinishReason, PrefillResult, WorkerSampling
+from controlplane.workers.client import (
+    DecodeOutput,
+    FinishReason,
+    PrefillResult,
+    WorkerError,
+    WorkerErrorKind,
+    WorkerSampling,
+)
 from controlplane.workers.profiling import ProfileResult, ProfileSettings, plan_for, profile_worker
 from controlplane.workers.roles import WorkerRole
 
@@ -40,6 +48,17 @@ class SimulatedEngine:
     clock: FakeClock
     calls: list[tuple[str, int]] = field(default_factory=list)
     seen: list[tuple[int, ...]] = field(default_factory=list)
+    deadlines: list[float] = field(default_factory=list)
+    """When each call's timeout would end it."""
+    stall_after: int | None = None
+    """Calls after which the engine stops making progress: a call then runs into its timeout."""
+
+    def _start(self, kind: str, prompt: Sequence[int], timeout_s: float) -> None:
+        self.calls.append((kind, len(prompt)))
+        self.deadlines.append(self.clock.now + timeout_s)
+        if self.stall_after is not None and len(self.calls) > self.stall_after:
+            self.clock.now += timeout_s
+            raise WorkerError(WorkerErrorKind.TIMEOUT, "sim", kind, "deadline exceeded")
 
     def _cached(self, prompt: Sequence[int]) -> int:
         best = 0
@@ -66,7 +85,7 @@ class SimulatedEngine:
         cache_salt: str,
         timeout_s: float,
     ) -> PrefillResult:
-        self.calls.append(("prefill", len(prompt_token_ids)))
+        self._start("prefill", prompt_token_ids, timeout_s)
         seconds, cached = self._prefill_s(prompt_token_ids)
         self.clock.now += seconds
         await asyncio.sleep(0)
@@ -82,7 +101,7 @@ class SimulatedEngine:
         block_keys: Sequence[bytes],
         timeout_s: float,
     ) -> AsyncGenerator[DecodeOutput, None]:
-        self.calls.append(("decode", len(prompt_token_ids)))
+        self._start("decode", prompt_token_ids, timeout_s)
         seconds, cached = self._prefill_s(prompt_token_ids)
         self.clock.now += seconds
         for index in range(sampling.max_tokens):
@@ -109,14 +128,26 @@ PLAN = plan_for(settings(), 256, BLOCK, 4)
 
 
 def run_profile(
-    role: WorkerRole, config: ProfileSettings, **kwargs: Any
+    role: WorkerRole,
+    config: ProfileSettings,
+    stall_after: int | None = None,
+    engines: list[SimulatedEngine] | None = None,
+    **kwargs: Any,
 ) -> tuple[SimulatedEngine, ProfileResult]:
     clock = FakeClock()
-    engine = SimulatedEngine(clock)
+    engine = SimulatedEngine(clock, stall_after=stall_after)
+    if engines is not None:
+        engines.append(engine)
     client: Any = engine
 
+    async def sleep(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0)
+
     async def main() -> ProfileResult:
-        return await profile_worker(client, role, PLAN, config, seed=1, clock=clock, **kwargs)
+        return await profile_worker(
+            client, role, PLAN, config, seed=1, clock=clock, sleep=sleep, **kwargs
+        )
 
     return engine, asyncio.run(main())
 
@@ -146,9 +177,9 @@ def test_the_whole_profile_ends_within_its_budget() -> None:
     )
     assert unbounded.seconds > 5.0 and unbounded.num_skipped == 0
     _engine, result = run_profile(
-        WorkerRole.DECODE, settings(budget_s=5.0, max_step_s=1e6), base=exact_base()
+        WorkerRole.DECODE, settings(budget_s=5.0, max_step_s=1e6, max_share=1.0), base=exact_base()
     )
-    assert result.seconds <= 5.0
+    assert result.seconds <= 5.0 and result.paused_s == 0.0
     assert result.num_skipped > 0
     assert len(result.prefill) >= 4 and result.measured_prefill
 
@@ -197,6 +228,116 @@ def test_too_few_points_give_the_base_model_scaled_to_the_measured_speed() -> No
         assert sample.seconds == pytest.approx(expected)
 
 
+def test_no_call_may_run_past_the_budget_plus_one_step() -> None:
+    """Each call's deadline is at most max_step_s past the profile's budget (not the 30 s
+    call timeout): an engine that stalls mid-profile holds the profile that long at most."""
+    config = settings(budget_s=5.0, max_step_s=1.0)
+    engine, _ = run_profile(WorkerRole.DECODE, config, base=exact_base())
+    start = FakeClock().now
+    assert engine.deadlines[0] == start + config.budget_s + config.max_step_s  # 6 s < 30 s
+    assert max(engine.deadlines) <= start + config.budget_s + config.max_step_s
+    # The engine stops making progress after 5 calls: the 6th runs into its deadline.
+    engines: list[SimulatedEngine] = []
+    with pytest.raises(WorkerError):
+        run_profile(WorkerRole.DECODE, config, stall_after=5, engines=engines, base=exact_base())
+    (stalled,) = engines
+    assert len(stalled.calls) == 6
+    assert stalled.clock.now == stalled.deadlines[-1]
+    assert stalled.clock.now <= start + config.budget_s + config.max_step_s
+
+
 def test_no_point_in_reach_is_an_error() -> None:
     with pytest.raises(ValueError, match="no profile point ran"):
         run_profile(WorkerRole.PREFILL, settings(budget_s=1e-3, max_step_s=1e6), base=exact_base())
+
+
+@dataclass
+class ServedEngine(SimulatedEngine):
+    """The simulated engine with client requests arriving at ``arrivals`` (each ``client_s``
+    long): a client is served as soon as the engine is free (after a profile call in progress);
+    records the profile's calls and the clients' service as (start, end) intervals."""
+
+    arrivals: list[float] = field(default_factory=list)
+    client_s: float = 0.3
+    profile_calls: list[tuple[float, float]] = field(default_factory=list)
+    clients: list[tuple[float, float, float]] = field(default_factory=list)
+    """(arrival, start, end) of each client request served."""
+
+    def serve_arrived(self) -> None:
+        while self.arrivals and self.arrivals[0] <= self.clock.now:
+            arrival = self.arrivals.pop(0)
+            start = self.clock.now
+            self.clock.now += self.client_s
+            self.clients.append((arrival, start, self.clock.now))
+
+    async def prefill(self, **kwargs: Any) -> PrefillResult:
+        start = self.clock.now
+        result = await super().prefill(**kwargs)
+        self.profile_calls.append((start, self.clock.now))
+        return result
+
+    async def decode(self, **kwargs: Any) -> AsyncGenerator[DecodeOutput, None]:
+        start = self.clock.now
+        async for chunk in super().decode(**kwargs):
+            yield chunk
+        self.profile_calls.append((start, self.clock.now))
+
+
+def union_s(intervals: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, -math.inf
+    for begin, end in sorted(intervals):
+        if end > reach:
+            total += end - max(begin, reach)
+            reach = end
+    return total
+
+
+def test_the_profile_never_runs_beside_a_client_and_takes_at_most_its_share() -> None:
+    """Clients arrive every 0.7 s for 0.3 s each, the profile's calls take up to max_step_s: no
+    call overlaps a client's service, a client waits at most the one call in progress, and the
+    profile's engine time stays within max_share of its run (plus the last call)."""
+    clock = FakeClock()
+    start = clock.now
+    engine = ServedEngine(clock, arrivals=[start + 0.05 + 0.7 * i for i in range(100)])
+    config = settings(budget_s=20.0, max_step_s=2.0, max_share=0.5)
+
+    async def yield_to(timeout_s: float) -> bool:
+        engine.serve_arrived()  # the registry's gate: the instance's client requests first
+        return True
+
+    async def sleep(seconds: float) -> None:
+        deadline = clock.now + seconds
+        while engine.arrivals and engine.arrivals[0] <= deadline:  # clients use the pause
+            clock.now = max(clock.now, engine.arrivals[0])
+            engine.serve_arrived()
+        clock.now = max(clock.now, deadline)
+        await asyncio.sleep(0)
+
+    client: Any = engine
+
+    async def main() -> ProfileResult:
+        return await profile_worker(
+            client,
+            WorkerRole.DECODE,
+            PLAN,
+            config,
+            seed=1,
+            base=exact_base(),
+            clock=clock,
+            sleep=sleep,
+            yield_to=yield_to,
+        )
+
+    result = asyncio.run(main())
+    calls, clients = engine.profile_calls, engine.clients
+    assert len(calls) > 15 and len(clients) > 15 and result.measured_prefill
+    for call_start, call_end in calls:
+        for _, client_start, client_end in clients:
+            assert client_end <= call_start or client_start >= call_end  # never side by side
+    longest_call = max(end - begin for begin, end in calls)
+    assert longest_call <= config.max_step_s
+    assert max(begin - arrival for arrival, begin, _ in clients) <= longest_call + 1e-9
+    busy = union_s(calls)  # a decode point's streams run side by side
+    assert busy == pytest.approx(result.seconds - result.waited_s - result.paused_s, rel=1e-9)
+    assert busy <= config.max_share * result.seconds + longest_call
+    assert result.seconds <= config.budget_s + longest_call
