@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from controlplane.gateway import GatewayServer
 from controlplane.text.tokenizer import ModelTokenizer
 from kvstore.client.sync import KVStoreClient
 from strata_common.options import replace_nested
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import StrataServer, free_port
 from tests.e2e.dataplane_processes import Process, spawn, start_store, start_worker
 from tests.e2e.store_proxy import StoreProxy, Verdict
 from tests.integration.controlplane.conftest import LoopThread
@@ -201,3 +202,12 @@ def store_stats(endpoint: str) -> dict[str, Any]:
         return client.stats()
     finally:
         client.close()
+
+
+def stop_server(server: StrataServer, timeout_s: float = 300.0) -> int:
+    """Stop a `strata serve` with SIGTERM (a graceful stop takes a while on a loaded host), with
+    SIGKILL if it has not ended after ``timeout_s``; its exit code."""
+    try:
+        return server.stop(timeout_s=timeout_s)
+    except subprocess.TimeoutExpired:
+        return server.stop(signal.SIGKILL)
