@@ -133,7 +133,14 @@ def start_cluster(
             gateway = _start_gateway(model_dir, workers[:prefill], workers[prefill:], metadata)
             url = gateway.endpoint
             cluster = Cluster(
-                loop, store, workers[:prefill], workers[prefill:], None, url, proxies, gateway
+                loop,
+                store,
+                workers[:prefill],
+                workers[prefill:],
+                None,
+                url,
+                proxies,
+                gateway=gateway,
             )
             cluster.model_dir, cluster.store_args = model_dir, store_args
             cluster.worker_args = args_of
