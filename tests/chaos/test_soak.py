@@ -102,9 +102,9 @@ def test_soak(
     def watch(now: float) -> None:
         """Take baselines that are due; start watching processes not watched yet."""
         known = {w.pid for w in watched}
+        settle = RSS_SETTLE_S if watched else 0.0  # the first call: the end of the warm-up
         for name, process in processes().items():
             if process.proc.pid not in known:
-                settle = 0.0 if not watched else RSS_SETTLE_S
                 watched.append(Watched(name, process.proc.pid, now + settle))
         for w in watched:
             if w.baseline is None and now >= w.baseline_at:
@@ -160,7 +160,7 @@ def test_soak(
         "errors_outside_windows": len(errors),
         "error_rate_outside_windows": round(len(errors) / max(1, len(outside)), 5),
         "rss_growth": growth,
-        "rss_mib": {f"{w.name}:{w.pid}": (w.baseline or 0) >> 20 for w in watched},
+        "rss_baseline_mib": {f"{w.name}:{w.pid}": w.baseline >> 20 for w in watched if w.baseline},
         "idle_store_writing": idle_store["num_writing"],
         "idle_store_leases": idle_store["num_leases"],
         "idle_running": sum(running.values()),
