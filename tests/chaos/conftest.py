@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.chaos.load import Knee, Workload, measure_knee
 from tests.conftest import REPO_ROOT
 
 T = TypeVar("T")
@@ -53,6 +54,32 @@ class ChaosSize:
 @pytest.fixture(scope="session")
 def chaos_size(request: pytest.FixtureRequest) -> ChaosSize:
     return ChaosSize(full=bool(request.config.getoption("--chaos-full")))
+
+
+class KneeCache:
+    """The knee of each kind of cluster, measured once per session (several tests load at
+    0.7x the knee of the same kind of cluster: `strata serve` with the tiny model, say)."""
+
+    def __init__(self, chaos_size: ChaosSize) -> None:
+        self._size = chaos_size
+        self._knees: dict[str, Knee] = {}
+
+    def get(self, key: str, base_url: str, model: str, workload: Workload | None = None) -> Knee:
+        """The knee of the cluster kind ``key``; measured on the gateway at ``base_url`` (with
+        ``workload``, default :class:`Workload()`) the first time this session asks for it."""
+        if key not in self._knees:
+            self._knees[key] = measure_knee(
+                base_url,
+                model,
+                workload or Workload(),
+                step_s=self._size.pick(6.0, 15.0),
+            )
+        return self._knees[key]
+
+
+@pytest.fixture(scope="session")
+def chaos_knee(chaos_size: ChaosSize) -> KneeCache:
+    return KneeCache(chaos_size)
 
 
 def results_dir() -> Path:

@@ -53,9 +53,10 @@ class Process:
             return self.proc.wait()
 
 
-def _spawn(
+def spawn(
     argv: list[str], ready: str, timeout_s: float, env: dict[str, str] | None = None
 ) -> Process:
+    """Start ``argv``; ready when a line matches ``ready`` (its group 1: the endpoint)."""
     proc = subprocess.Popen(
         argv,
         cwd=REPO_ROOT,
@@ -88,13 +89,13 @@ def _spawn(
 
 def start_store(*args: str) -> Process:
     argv = [sys.executable, "-m", "kvstore.server", "--host", "127.0.0.1", "--port", "0"]
-    return _spawn([*argv, "--arena-size", "64MiB", *args], r"kvstore node listening on (\S+)", 60)
+    return spawn([*argv, "--arena-size", "64MiB", *args], r"kvstore node listening on (\S+)", 60)
 
 
 def start_worker(model_dir: Path, role: str, store: str, *args: str) -> Process:
     argv = [sys.executable, "-m", "dataplane.worker", "--role", role, "--model", str(model_dir)]
     argv += ["--store", store, "--host", "127.0.0.1", "--port", "0", *args]
-    return _spawn(
+    return spawn(
         argv,
         r"strata worker ready .* listening on (\S+)",
         WORKER_READY_TIMEOUT_S,

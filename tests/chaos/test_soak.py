@@ -1,0 +1,197 @@
+"""Row "soak": 2 h under load at 0.7x the knee with a fault every 10 min; errors <= 0.1 %
+outside the fault windows, RSS growth <= 5 % per process after warm-up, no KV held when idle.
+
+Full length only (``make chaos``). Its length and fault interval are parameters, for a shorter
+manual run: ``STRATA_SOAK_DURATION_S`` (default 7200) and ``STRATA_SOAK_FAULT_INTERVAL_S``
+(default 600), e.g. ``STRATA_SOAK_DURATION_S=300 STRATA_SOAK_FAULT_INTERVAL_S=60 pytest
+tests/chaos/test_soak.py --chaos-full``.
+
+Cluster (tests/chaos/cluster.py): one store node, one prefill and two decode workers, the gateway
+as its own process; the test restarts what it kills on the same ports. After a warm-up of half an
+interval, the faults come every interval, in turn: SIGKILL of a decode worker (engine included;
+restarted), of the prefill worker (restarted), of the store node (restarted, empty), and an
+overload burst (2.3x the knee on top of the load, for a quarter interval). A fault's window runs
+from the fault until 15 s after the cluster is whole again (the burst: until 15 s after it
+ends); a request counts against the error budget if it overlaps no window.
+
+Memory: the RSS of each process tree (store, each worker with its engine, gateway) is read with
+psutil at the end of the warm-up (a restarted one: 60 s after its restart) and at the end; each
+one watched for at least one interval may grow by 5 % at most. Idle at the end: no sequence
+running in any engine, no lease or write held in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from strata_proto import worker_pb2
+from tests.chaos.cluster import Cluster, kill_tree, start_cluster, store_stats
+from tests.chaos.conftest import ChaosSize, KneeCache
+from tests.chaos.load import BackgroundLoad, Result, Workload, summarize
+from tests.e2e.dataplane_processes import Process, stub
+
+DURATION_S = float(os.environ.get("STRATA_SOAK_DURATION_S", "7200"))
+FAULT_INTERVAL_S = float(os.environ.get("STRATA_SOAK_FAULT_INTERVAL_S", "600"))
+WINDOW_GRACE_S = 15.0
+RSS_SETTLE_S = 60.0
+FAULTS = ("kill_decode", "kill_prefill", "kill_store", "overload")
+
+
+@dataclass
+class Watched:
+    """One process tree's RSS: at its baseline and at the end."""
+
+    name: str
+    pid: int
+    baseline_at: float
+    baseline: int | None = None
+    final: int | None = None
+
+
+def tree_rss(pid: int) -> int:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
+
+
+@pytest.fixture
+def cluster(tiny_model_dir: Path, chaos_size: ChaosSize) -> Iterator[Cluster]:
+    chaos_size.require_full()
+    yield from start_cluster(tiny_model_dir, decode=2, separate_gateway=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(DURATION_S + 1800)
+def test_soak(
+    cluster: Cluster,
+    chaos_size: ChaosSize,
+    chaos_knee: KneeCache,
+    chaos_report: Callable[..., None],
+) -> None:
+    chaos_size.require_full()
+    knee = chaos_knee.get("tiny-1p2d", cluster.url, cluster.model)
+    rate = 0.7 * knee.rate
+    workload = Workload(seed=2024, prompt_words=60, max_tokens=16)
+    windows: list[tuple[str, float, float]] = []
+    watched: list[Watched] = []
+
+    def processes() -> dict[str, Process]:
+        found = {"store": cluster.store, "prefill0": cluster.prefills[0]}
+        found |= {f"decode{i}": p for i, p in enumerate(cluster.decodes)}
+        assert cluster.gateway is not None
+        return found | {"gateway": cluster.gateway}
+
+    def watch(now: float) -> None:
+        """Take baselines that are due; start watching processes not watched yet."""
+        known = {w.pid for w in watched}
+        settle = RSS_SETTLE_S if watched else 0.0  # the first call: the end of the warm-up
+        for name, process in processes().items():
+            if process.proc.pid not in known:
+                watched.append(Watched(name, process.proc.pid, now + settle))
+        for w in watched:
+            if w.baseline is None and now >= w.baseline_at:
+                w.baseline = tree_rss(w.pid)
+
+    with BackgroundLoad(cluster.url, cluster.model, workload, rate, DURATION_S) as load:
+        warmup_s = FAULT_INTERVAL_S / 2
+        time.sleep(warmup_s)
+        watch(load.now())
+        k = 0
+        while load.now() + FAULT_INTERVAL_S <= DURATION_S:
+            fault = FAULTS[k % len(FAULTS)]
+            start = load.now()
+            _inject(fault, k, cluster, knee.rate, workload)
+            end = load.now() + WINDOW_GRACE_S
+            windows.append((fault, start, end))
+            k += 1
+            next_at = warmup_s + k * FAULT_INTERVAL_S
+            while load.now() < next_at:
+                watch(load.now())
+                time.sleep(min(5.0, max(0.0, next_at - load.now())))
+        while load.now() < DURATION_S - 5:
+            watch(load.now())
+            time.sleep(5.0)
+        for w in watched:
+            if psutil.pid_exists(w.pid):
+                w.final = tree_rss(w.pid)
+    results = load.results()
+
+    time.sleep(10.0)  # idle
+    idle_store = store_stats(cluster.store.endpoint)
+    running = {
+        p.endpoint: stub(p.endpoint).Stats(worker_pb2.StatsRequest(), timeout=30).num_running
+        for p in [*cluster.prefills, *cluster.decodes]
+    }
+
+    outside = [r for r in results if not _overlaps(r, windows)]
+    errors = [r for r in outside if not r.ok]
+    end = load.now()
+    growth = {
+        f"{w.name}:{w.pid}": round((w.final - w.baseline) / w.baseline, 4)
+        for w in watched
+        if w.baseline and w.final and end - w.baseline_at >= min(FAULT_INTERVAL_S, 600)
+    }
+    figures: dict[str, Any] = {
+        **knee.figures(),
+        "rate_rps": round(rate, 3),
+        "duration_s": DURATION_S,
+        "fault_interval_s": FAULT_INTERVAL_S,
+        "faults": [(f, round(s, 1), round(e, 1)) for f, s, e in windows],
+        **summarize(results).figures("all_"),
+        "requests_outside_windows": len(outside),
+        "errors_outside_windows": len(errors),
+        "error_rate_outside_windows": round(len(errors) / max(1, len(outside)), 5),
+        "rss_growth": growth,
+        "rss_baseline_mib": {f"{w.name}:{w.pid}": w.baseline >> 20 for w in watched if w.baseline},
+        "idle_store_writing": idle_store["num_writing"],
+        "idle_store_leases": idle_store["num_leases"],
+        "idle_running": sum(running.values()),
+    }
+    chaos_report(**figures)
+    assert windows, "no fault was injected: the run is shorter than one fault interval"
+    assert len(errors) <= 0.001 * len(outside), [(r.index, r.status, r.error) for r in errors][:10]
+    assert growth and all(g <= 0.05 for g in growth.values()), figures
+    assert idle_store["num_writing"] == 0 and idle_store["num_leases"] == 0, figures
+    assert not any(running.values()), figures
+
+
+def _overlaps(result: Result, windows: list[tuple[str, float, float]]) -> bool:
+    return any(result.start <= end and result.end >= start for _, start, end in windows)
+
+
+def _inject(fault: str, k: int, cluster: Cluster, knee_rps: float, workload: Workload) -> None:
+    """Inject ``fault`` and return once the cluster is whole again."""
+    if fault == "kill_decode":
+        dead = cluster.decodes[k % len(cluster.decodes)]
+        kill_tree(dead)
+        cluster.restart_worker(dead)
+    elif fault == "kill_prefill":
+        dead = cluster.prefills[0]
+        kill_tree(dead)
+        cluster.restart_worker(dead)
+    elif fault == "kill_store":
+        cluster.store.stop(signal.SIGKILL)
+        cluster.restart_store()
+    else:
+        burst_s = FAULT_INTERVAL_S / 4
+        burst = dataclasses.replace(workload, seed=workload.seed + 1000 + k)
+        with BackgroundLoad(cluster.url, cluster.model, burst, 2.3 * knee_rps, burst_s):
+            pass  # the burst runs its length; leaving waits for its requests
