@@ -240,8 +240,8 @@ class Instance:
         self.predictor = LatencyPredictor()
         """Its latency model (owned by the registry; kept while it is dead, for its return)."""
         self.profile_state = "not run"
-        """"not run", "running", "done", "skipped", "cancelled" or "failed: ..." (the start-up
-        profile)."""
+        """"not run", "running", "done", "skipped", "cancelled", "failed: ..." or "rejected:
+        ..." (the start-up profile; a rejected one failed its plausibility check)."""
         self.profile_task: asyncio.Task[None] | None = None
         """The start-up profile while it runs: control-plane work on the worker that draining
         cancels and waits for, like a request."""
