@@ -36,21 +36,33 @@ PROMPT = "Tell me a story"
 STORY = "Once upon a time, 日本 ✓ a fox — naïve — jumped over the lazy dog. The end."
 
 
-@pytest.fixture
-def cluster(
-    loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer
+def story_cluster(
+    loop_thread: LoopThread,
+    tiny_model_dir: Path,
+    model_tokenizer: ModelTokenizer,
+    registry: dict[str, Any],
 ) -> Iterator[Cluster]:
+    """2 prefill + 2 scripted decode workers that answer STORY (the failover tests' cluster)."""
     cluster = start_cluster(
         loop_thread,
         tiny_model_dir,
         model_tokenizer,
         num_prefill=2,
         num_decode=2,
-        registry={"health_check_interval_s": 3600.0},
+        registry=registry,
     )
     cluster.script.token_ids = cluster.tokenizer.encode(STORY, add_special_tokens=False).ids
     yield cluster
     stop_cluster(cluster)
+
+
+@pytest.fixture
+def cluster(
+    loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer
+) -> Iterator[Cluster]:
+    yield from story_cluster(
+        loop_thread, tiny_model_dir, model_tokenizer, {"health_check_interval_s": 3600.0}
+    )
 
 
 def _post(cluster: Cluster, body: dict[str, Any]) -> tuple[int, bytes]:

@@ -20,8 +20,6 @@ from controlplane.text.tokenizer import ModelTokenizer
 from tests.integration.controlplane.conftest import (
     Cluster,
     LoopThread,
-    start_cluster,
-    stop_cluster,
 )
 from tests.integration.controlplane.scripted_worker import EOS_TOKEN_ID, ScriptedWorker
 from tests.integration.controlplane.test_failover import (
@@ -33,6 +31,7 @@ from tests.integration.controlplane.test_failover import (
     _post,
     _state,
     _streamed,
+    story_cluster,
 )
 
 
@@ -40,17 +39,12 @@ from tests.integration.controlplane.test_failover import (
 def cluster(
     loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer
 ) -> Iterator[Cluster]:
-    cluster = start_cluster(
+    yield from story_cluster(
         loop_thread,
         tiny_model_dir,
         model_tokenizer,
-        num_prefill=2,
-        num_decode=2,
-        registry={"health_check_interval_s": 0.1, "stall_floor_s": 0.5},
+        {"health_check_interval_s": 0.1, "stall_floor_s": 0.5},
     )
-    cluster.script.token_ids = cluster.tokenizer.encode(STORY, add_special_tokens=False).ids
-    yield cluster
-    stop_cluster(cluster)
 
 
 def _wait_for(cluster: Cluster, worker: ScriptedWorker, state: InstanceState) -> None:
