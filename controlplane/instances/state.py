@@ -350,11 +350,19 @@ class InstanceStates:
             instance.idle.set()
 
     async def _check(self, instance: Instance) -> None:
+        """One Health call. It survives the instance being forgotten meanwhile (removed, scaled
+        down, replaced): forgetting closes its channel, and grpc.aio ends a call on a closed
+        channel with CancelledError, which would otherwise end the whole health-check loop."""
         try:
             health = await instance.client.health(timeout_s=self._health_check_timeout_s)
         except WorkerError as exc:
             self._apply_health_error(instance, exc)
             return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if instance.forgotten and task is not None and not task.cancelling():
+                return  # the call's channel was closed; this task was not cancelled
+            raise
         self._apply_health(instance, health)
 
     def stall_bound_s(self, instance: Instance) -> float:

@@ -166,19 +166,6 @@ class Supervision(SchedulingState):
         await self._check(instance)
         return instance.info()
 
-    async def _check(self, instance: Instance) -> None:
-        """One Health call (the state machine's), surviving the instance being forgotten
-        meanwhile: forgetting closes its channel, and grpc.aio ends a call on a closed channel
-        with CancelledError, which would otherwise end the whole health-check loop (a replaced
-        worker is forgotten seconds after it died, often while a Health call to it runs)."""
-        try:
-            await super()._check(instance)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if instance.forgotten and task is not None and not task.cancelling():
-                return  # the call's channel was closed, this task was not cancelled
-            raise
-
     def _pending_of(self, role: WorkerRole) -> list[_Slot]:
         """Slots of ``role`` waiting for their replacement (scale counts them as starting)."""
         return [slot for slot in self._pending if slot.role is role]
