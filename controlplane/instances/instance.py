@@ -251,7 +251,11 @@ class Instance:
         """Source id of its engine's HBM events in the prefix index (None: not reported)."""
         return self.health.kv_source or None if self.health is not None else None
 
-    def scheduling_snapshot(self) -> InstanceSnapshot:
+    def scheduling_snapshot(
+        self, margin_quantile: float = 0.0, now: float = 0.0
+    ) -> InstanceSnapshot:
+        """What the policy sees of it; ``margin_quantile``: the quantile of its recent TTFT
+        ratios that admission scales its predictions by (its ``ttft_margin``, at ``now``)."""
         return InstanceSnapshot(
             id=self.id,
             role=self.role,
@@ -261,6 +265,7 @@ class Instance:
             capacity=self.capacity,
             host=self.host,
             kv_source=self.kv_source,
+            ttft_margin=self.predictor.ttft_margin(margin_quantile, now),
         )
 
     def predicted_step_s(self) -> float:

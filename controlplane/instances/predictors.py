@@ -90,7 +90,8 @@ class SchedulingState(LoadTracking):
     def decide(self, request: RequestSnapshot) -> Decision:
         """The current policy's choice for ``request`` over every known instance (only ready
         ones can be chosen); counted in the route / rejection metrics."""
-        instances = [m.scheduling_snapshot() for m in self._instances.values()]
+        quantile, now = self._scheduling.slo_margin_quantile, self._clock()
+        instances = [m.scheduling_snapshot(quantile, now) for m in self._instances.values()]
         decision = self._policy.decide(request, instances)
         if isinstance(decision, Reject):
             self._num_rejected += 1
@@ -162,7 +163,11 @@ class SchedulingState(LoadTracking):
             instance.predictor.observe_ttft_overhead(observed_s - engine_s)
         if observed_s > 0:
             self._accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
-            instance.predictor.accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
+            chosen = assign.prefill if assign.prefill is not None else assign.decode
+            if instance.id == chosen:  # not a failover's: the prediction was of another
+                instance.predictor.observe_ttft(
+                    assign.predicted_ttft_s, observed_s, self._clock()
+                )
             self._metrics.predictor_ttft_mape.set(self._accuracy.ttft_mape or 0.0)
 
     def observe_tpot(self, assign: Assign, instance: Instance, observed_s: float) -> None:

@@ -143,6 +143,9 @@ class InstanceSnapshot:
     kv_source: str | None = None
     pool_transport: Transport = Transport.SHM
     network_transport: Transport = Transport.TCP
+    ttft_margin: float = 1.0
+    """What admission scales its predicted TTFT by while it is busy: the configured quantile of
+    its recent observed/predicted TTFT ratios (controlplane/scheduling/predictor/margin.py)."""
 
     @property
     def source_id(self) -> str:
@@ -246,6 +249,12 @@ class SchedulingConfig:
         parse=parse_duration,
         help="default time per output token SLO (x-strata-tpot-slo-ms overrides it)",
     )
+    slo_margin_quantile: float = option(
+        0.9,
+        flag="slo-margin-quantile",
+        help="admission scales a busy instance's predicted TTFT by this quantile of its recent "
+        "observed/predicted TTFT ratios before the SLO check (0: no margin)",
+    )
     default_remaining_tokens: int = 256
     min_retry_after_s: float = 1.0
     max_retry_after_s: float = 60.0
@@ -261,5 +270,9 @@ class SchedulingConfig:
             slo = getattr(self, name)
             if slo is not None and not (math.isfinite(slo) and slo > 0.0):
                 raise ValueError(f"{name} must be finite and > 0, got {slo}")
+        if not 0.0 <= self.slo_margin_quantile <= 1.0:
+            raise ValueError(
+                f"slo_margin_quantile must be in [0, 1], got {self.slo_margin_quantile}"
+            )
         if not 0.0 < self.min_retry_after_s <= self.max_retry_after_s:
             raise ValueError("need 0 < min_retry_after_s <= max_retry_after_s")

@@ -42,11 +42,13 @@ picked for both sides.
   plus active blocks).
 * ``slo_aware`` (Mooncake): the (P, D) pair (or local D) with the lowest predicted TTFT whose
   predicted TPOT meets the TPOT SLO (and D has a free sequence slot), the D with the lowest TPOT
-  among equals. **Admission**: if no option meets both the TTFT and the TPOT SLO, reject:
+  among equals. A busy option's TTFT meets the SLO only scaled by its instance's margin
+  (``ttft_margin``: a quantile of its recent observed/predicted TTFTs). **Admission**: if no
+  option meets both the TTFT and the TPOT SLO, reject:
   :attr:`RejectReason.OVERLOADED` with ``retry_after_s`` = the time until the best option's queue
   has drained enough, or :attr:`RejectReason.SLO_UNATTAINABLE` if not even idle instances could
   meet the SLOs. Waiting ``w`` seconds removes ``w`` seconds of queued prefill (so the TTFT wait
-  is ``TTFT - SLO``); a decode batch shrinks as its sequences finish, assumed uniformly over
+  is ``TTFT - SLO/margin``); a decode batch shrinks as its sequences finish, assumed uniformly over
   ``2·m`` steps (``m``: mean remaining tokens per sequence), so reaching the largest batch
   ``b*`` that meets the TPOT SLO takes ``2·m·(1 - b*/b)`` steps of ``step_s(b, k)``.
 

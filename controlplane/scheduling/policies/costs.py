@@ -195,15 +195,30 @@ class RequestCosts:
         steps = 2.0 * (remaining / batch) * (1.0 - fits / batch)
         return steps * decode.predictor.decode_step_s(batch, load.decode_context_tokens)
 
-    def ttft_wait_s(self, instance: InstanceSnapshot, ttft_s: float, *, local: bool) -> float:
-        """Seconds until a TTFT of ``ttft_s`` (now) meets the SLO as the queue drains (inf if
-        not even without a queue)."""
+    def margin(self, instance: InstanceSnapshot) -> float:
+        """What admission scales ``instance``'s predicted TTFT by: its ``ttft_margin`` while
+        it has work (queued prefills, running decodes), 1 when idle (the prediction is then
+        the service time alone, and waiting would not shorten it)."""
+        load = instance.load
+        if load.queued_prefill_requests or load.running_decodes:
+            return instance.ttft_margin
+        return 1.0
+
+    def meets_ttft_slo(self, instance: InstanceSnapshot, ttft_s: float) -> bool:
+        """Whether a predicted TTFT of ``ttft_s`` on ``instance`` is admitted: with its margin,
+        within the TTFT SLO (always, without one)."""
         slo = self.ttft_slo_s
-        if slo is None or ttft_s <= slo:
+        return slo is None or ttft_s * self.margin(instance) <= slo
+
+    def ttft_wait_s(self, instance: InstanceSnapshot, ttft_s: float, *, local: bool) -> float:
+        """Seconds until a TTFT of ``ttft_s`` (now) meets the SLO, with the instance's margin,
+        as the queue drains (inf if not even without a queue)."""
+        slo = self.ttft_slo_s
+        if slo is None or self.meets_ttft_slo(instance, ttft_s):
             return 0.0
         if self.service_ttft_s(instance, local=False) > slo:
             return INF
-        return ttft_s - slo
+        return max(0.0, ttft_s - slo / self.margin(instance))
 
 
 def transport_between(prefill: InstanceSnapshot, decode: InstanceSnapshot) -> Transport:

@@ -1,6 +1,8 @@
 """``slo_aware`` (Mooncake's): the (P, D) pair (or local D) with the lowest predicted TTFT whose
 predicted TPOT meets the TPOT SLO, with admission control (the formulas and the rejection rule:
-controlplane/scheduling/policies/__init__.py; docs/design/scheduling.md §4)."""
+controlplane/scheduling/policies/__init__.py; docs/design/scheduling.md §4). A busy instance's
+TTFT is admitted against the SLO scaled by its margin (`RequestCosts.meets_ttft_slo`), so that
+the admitted requests' tail, not only their mean, meets the SLO."""
 
 from __future__ import annotations
 
@@ -57,7 +59,9 @@ class SloAwarePolicy(CostPolicy):
         best: tuple[float, float, int, Assign] | None = None
         for ttft, _, prefill in ranked:
             if ttft > ttft_slo:
-                break
+                break  # margins are >= 1: no later one is admitted either
+            if not costs.meets_ttft_slo(prefill, ttft):
+                continue
             found = tpot_by_route.best_for(prefill, tpot_slo)
             if found is not None:
                 tpot, order, decode = found
@@ -77,7 +81,7 @@ class SloAwarePolicy(CostPolicy):
                 )
                 break
         for ttft, tpot, order, route, decode in local:
-            if ttft > ttft_slo or tpot > tpot_slo:
+            if not costs.meets_ttft_slo(decode, ttft) or tpot > tpot_slo:
                 continue
             if check_slots and not costs.has_free_slot(decode):
                 continue

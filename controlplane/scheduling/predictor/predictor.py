@@ -31,6 +31,7 @@ from controlplane.scheduling.predictor.fitting import (
     prefill_features,
     validate_samples,
 )
+from controlplane.scheduling.predictor.margin import TailRatio
 from controlplane.scheduling.predictor.model import (
     PRIOR_DECODE,
     PRIOR_PREFILL,
@@ -77,6 +78,7 @@ class LatencyPredictor:
         "_ssd_read",
         "_transfers",
         "_ttft_overhead",
+        "_ttft_ratio",
     )
 
     def __init__(
@@ -113,6 +115,7 @@ class LatencyPredictor:
         self._accuracy = PredictionAccuracy()
         self._ttft_overhead = RollingMedian(OVERHEAD_WINDOW, OVERHEAD_MIN_OBSERVATIONS)
         self._handoff = RollingMedian(OVERHEAD_WINDOW, OVERHEAD_MIN_OBSERVATIONS)
+        self._ttft_ratio = TailRatio()
         self._prefill_change = ChangeDetector(change_factor, change_run)
         self._decode_change = ChangeDetector(change_factor, change_run)
         self._change_points = 0
@@ -304,6 +307,18 @@ class LatencyPredictor:
         """One TTFT minus the engine time of its prefill on this instance (see
         :attr:`ttft_overhead_s`)."""
         self._ttft_overhead.add(seconds)
+
+    def observe_ttft(self, predicted_s: float, observed_s: float, now: float) -> None:
+        """A request's TTFT (this instance produced its first token) against its prediction:
+        for :attr:`accuracy` and for :meth:`ttft_margin`. ``now``: the monotonic clock."""
+        self._accuracy.observe_ttft(predicted_s, observed_s)
+        self._ttft_ratio.add(predicted_s, observed_s, now)
+
+    def ttft_margin(self, quantile: float, now: float) -> float:
+        """The ``quantile`` of the recent observed/predicted TTFT ratios (at least 1; 1 with
+        fewer than 8 in the last 30 s): what admission scales a busy instance's predicted TTFT
+        by (controlplane/scheduling/predictor/margin.py)."""
+        return self._ttft_ratio.quantile(quantile, now)
 
     def observe_handoff(self, seconds: float) -> None:
         """One take-over's first-chunk wait minus the steps of that chunk's tokens (see

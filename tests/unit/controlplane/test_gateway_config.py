@@ -75,6 +75,7 @@ def test_from_argv_all_flags(tmp_path: Path) -> None:
         ["--health-check-interval", "0s"],
         ["--served-model-name", "has space"],
         ["--max-request-body-bytes", "10"],
+        ["--slo-margin-quantile", "1.5"],
     ],
 )
 def test_bad_flags_exit_with_status_2(tmp_path: Path, extra: list[str]) -> None:
@@ -122,7 +123,8 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--health-check-timeout", "--drain-timeout", "--stall-floor", "--stall-factor",
         "--policy", "--kv-metadata",
         "--local-prefill-threshold", "--conditional-disaggregation",
-        "--no-conditional-disaggregation", "--ttft-slo", "--tpot-slo", "--profile", "--no-profile",
+        "--no-conditional-disaggregation", "--ttft-slo", "--tpot-slo", "--slo-margin-quantile",
+        "--profile", "--no-profile",
         "--profile-max-model-len", "--profile-max-batch", "--profile-repeats", "--profile-budget",
         "--profile-max-step", "--profile-max-share", "--profile-sibling-factor",
         "--profile-observed-factor", "--admin-host", "--admin-port", "--admin-token-file",
@@ -143,8 +145,10 @@ def test_routing_flags(tmp_path: Path) -> None:
             "--local-prefill-threshold", "64", "--no-conditional-disaggregation", "--no-profile",
             "--profile-budget", "10s", "--profile-max-step", "500ms", "--profile-max-share", "1",
             "--profile-sibling-factor", "2", "--profile-observed-factor", "4.5",
+            "--slo-margin-quantile", "0.99",
         )
     )  # fmt: skip
+    assert config.scheduling.slo_margin_quantile == 0.99
     assert config.routing.policy is PolicyKind.ROUND_ROBIN
     assert config.scheduling.default_ttft_slo_s == 0.5
     assert config.scheduling.default_tpot_slo_s == 0.05
@@ -157,3 +161,4 @@ def test_routing_flags(tmp_path: Path) -> None:
     defaults = GatewayConfig.from_argv(argv(tmp_path))
     assert defaults.scheduling.local_prefill_threshold_tokens == 0
     assert defaults.scheduling.conditional_disaggregation and defaults.profiling.enabled
+    assert defaults.scheduling.slo_margin_quantile == 0.9

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -15,22 +16,24 @@ from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import LocalRegistryStore
 from controlplane.instances.types import InstanceState
 from controlplane.metrics import GatewayMetrics
-from controlplane.scheduling import Assign, RequestSnapshot, Route
+from controlplane.scheduling import Assign, Reject, RequestSnapshot, Route
 from controlplane.scheduling.predictor.feedback import OVERHEAD_MIN_OBSERVATIONS
 from controlplane.workers.roles import WorkerRole
 
 
 class ScriptedClock:
-    """Returns the given times in order (one per call)."""
+    """Returns the given times in order (one per call), then the last one again."""
 
     def __init__(self) -> None:
         self.times: Iterator[float] = iter(())
+        self.last = 0.0
 
     def script(self, *times: float) -> None:
         self.times = iter(times)
 
     def __call__(self) -> float:
-        return next(self.times)
+        self.last = next(self.times, self.last)
+        return self.last
 
 
 def with_registry(test: Callable[[InstanceRegistry, ScriptedClock], None]) -> None:
@@ -171,5 +174,34 @@ def test_decide_adds_the_prefill_instances_overhead_to_the_policys_ttft() -> Non
         assert isinstance(after, Assign)
         assert after.predicted_ttft_s == pytest.approx(before.predicted_ttft_s + 0.004, rel=1e-12)
         assert after.predicted_tpot_s == before.predicted_tpot_s
+
+    with_registry(test)
+
+
+def test_the_margin_learns_from_the_instance_that_was_chosen() -> None:
+    def test(registry: InstanceRegistry, clock: ScriptedClock) -> None:
+        prefill, decode = registry.get("w1"), registry.get("w2")
+        for instance in (prefill, decode):
+            instance.state = InstanceState.READY
+        assign = assign_on(prefill, decode)  # predicted TTFT 10 ms
+        clock.script(*[float(i) for i in range(8)])
+        for _ in range(8):
+            registry.observe_ttft(assign, prefill, 0.03)
+        # A failover's first token came from another instance than the one predicted for.
+        clock.script(8.0)
+        registry.observe_ttft(assign, decode, 0.5)
+        assert prefill.predictor.ttft_margin(0.9, now=8.0) == pytest.approx(3.0)
+        assert decode.predictor.ttft_margin(0.9, now=8.0) == 1.0
+        # decide() hands the margin to the policy: with work queued on w1, a TTFT SLO of 1.5x
+        # the prediction is met by the prediction, not by 3x it, until the ratios expire.
+        request = RequestSnapshot(num_prompt_tokens=600, max_tokens=10, block_size=16)
+        with registry.track_prefill(prefill, 100):
+            clock.script(9.0, 9.0)
+            first = registry.decide(request)
+            assert isinstance(first, Assign) and first.prefill == prefill.id
+            slo = replace(request, ttft_slo_s=1.5 * first.predicted_ttft_s)
+            assert isinstance(registry.decide(slo), Reject)
+            clock.script(100.0)
+            assert isinstance(registry.decide(slo), Assign)
 
     with_registry(test)

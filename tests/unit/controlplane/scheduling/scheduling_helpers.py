@@ -69,6 +69,7 @@ def instance(
     capacity: int = 0,
     host: str = "",
     predictor: LatencyPredictor = SIMPLE,
+    margin: float = 1.0,
 ) -> InstanceSnapshot:
     load = InstanceLoad(
         queued_prefill_tokens=queued,
@@ -78,7 +79,14 @@ def instance(
         remaining_decode_tokens=remaining,
     )
     return InstanceSnapshot(
-        id=id, role=role, state=state, predictor=predictor, load=load, capacity=capacity, host=host
+        id=id,
+        role=role,
+        state=state,
+        predictor=predictor,
+        load=load,
+        capacity=capacity,
+        host=host,
+        ttft_margin=margin,
     )
 
 
