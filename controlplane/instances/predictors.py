@@ -165,9 +165,7 @@ class SchedulingState(LoadTracking):
             self._accuracy.observe_ttft(assign.predicted_ttft_s, observed_s)
             chosen = assign.prefill if assign.prefill is not None else assign.decode
             if instance.id == chosen:  # not a failover's: the prediction was of another
-                instance.predictor.observe_ttft(
-                    assign.predicted_ttft_s, observed_s, self._clock()
-                )
+                instance.predictor.observe_ttft(assign.predicted_ttft_s, observed_s, self._clock())
             self._metrics.predictor_ttft_mape.set(self._accuracy.ttft_mape or 0.0)
 
     def observe_tpot(self, assign: Assign, instance: Instance, observed_s: float) -> None:
