@@ -38,11 +38,20 @@ class WorkerCounters:
         self.kv_tokens_loaded = 0
         self.prompt_tokens_computed = 0
         self.kv: dict[str, float] = dict.fromkeys(KV_COUNTERS, 0)
+        self.kv_cache_blocks = 0
+        """The engine's KV cache size in blocks (0 until the engine has said)."""
+        self.kv_blocks_in_use = 0
+        """Blocks held by the engine's requests at its last step (cached-only blocks are free)."""
 
     def add_kv(self, data: dict[str, Any]) -> None:
         with self._lock:
             for name in KV_COUNTERS:
                 self.kv[name] += data.get(name, 0)
+
+    def engine_step(self, kv_cache_usage: float) -> None:
+        """The engine's KV cache usage (0..1, vLLM's scheduler stats) after one of its steps."""
+        usage = min(1.0, max(0.0, kv_cache_usage))
+        self.kv_blocks_in_use = round(usage * self.kv_cache_blocks)
 
     def finish_request(self, num_prompt: int, num_cached: int, num_external: int) -> None:
         with self._lock:

@@ -65,7 +65,8 @@ def _stat_logger_factory(counters: WorkerCounters, progress: EngineProgress) -> 
         output, in the worker's event loop: one call = one completed engine step."""
 
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
+            # Known by now: AsyncLLM builds its loggers after the engine core's handshake.
+            counters.kv_cache_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
 
         def record(
             self,
@@ -76,6 +77,7 @@ def _stat_logger_factory(counters: WorkerCounters, progress: EngineProgress) -> 
         ) -> None:
             if scheduler_stats is not None:
                 progress.step()
+                counters.engine_step(float(getattr(scheduler_stats, "kv_cache_usage", 0.0)))
             data = getattr(scheduler_stats, "kv_connector_stats", None)
             if data:
                 counters.add_kv(data)
@@ -386,6 +388,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             kv_save_time_s=c.kv["save_time_s"],
             kv_load_time_s=c.kv["load_time_s"],
             kv_load_failures=int(c.kv["load_failures"]),
+            kv_cache_blocks=c.kv_cache_blocks,
+            kv_blocks_in_use=c.kv_blocks_in_use,
         )
 
     async def Prefill(

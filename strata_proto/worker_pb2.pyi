@@ -146,7 +146,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "num_requests", "num_running", "kv_blocks_saved", "kv_blocks_loaded", "kv_bytes_saved", "kv_bytes_loaded", "kv_tokens_loaded", "prompt_tokens_computed", "kv_save_time_s", "kv_load_time_s", "kv_load_failures")
+    __slots__ = ("role", "num_requests", "num_running", "kv_blocks_saved", "kv_blocks_loaded", "kv_bytes_saved", "kv_bytes_loaded", "kv_tokens_loaded", "prompt_tokens_computed", "kv_save_time_s", "kv_load_time_s", "kv_load_failures", "kv_cache_blocks", "kv_blocks_in_use")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,8 @@ class StatsResponse(_message.Message):
     KV_SAVE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     KV_LOAD_TIME_S_FIELD_NUMBER: _ClassVar[int]
     KV_LOAD_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     role: Role
     num_requests: int
     num_running: int
@@ -171,4 +173,6 @@ class StatsResponse(_message.Message):
     kv_save_time_s: float
     kv_load_time_s: float
     kv_load_failures: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_requests: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_saved: _Optional[int] = ..., kv_blocks_loaded: _Optional[int] = ..., kv_bytes_saved: _Optional[int] = ..., kv_bytes_loaded: _Optional[int] = ..., kv_tokens_loaded: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_save_time_s: _Optional[float] = ..., kv_load_time_s: _Optional[float] = ..., kv_load_failures: _Optional[int] = ...) -> None: ...
+    kv_cache_blocks: int
+    kv_blocks_in_use: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_requests: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_saved: _Optional[int] = ..., kv_blocks_loaded: _Optional[int] = ..., kv_bytes_saved: _Optional[int] = ..., kv_bytes_loaded: _Optional[int] = ..., kv_tokens_loaded: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_save_time_s: _Optional[float] = ..., kv_load_time_s: _Optional[float] = ..., kv_load_failures: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_blocks_in_use: _Optional[int] = ...) -> None: ...

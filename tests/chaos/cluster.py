@@ -1,13 +1,15 @@
 """A disaggregated cluster of separate processes for the chaos tests that need to get between
 its parts: one store node, prefill and decode workers (real vLLM engines, tiny model), each
-worker optionally talking to the store through its own fault-injecting proxy
-(tests/e2e/store_proxy.py), and a gateway in this process (its registry and stats readable).
+worker optionally talking to the store through its own fault-injecting proxy (``FrameProxy``,
+tests/integration/kvstore/frame_proxy.py), and a gateway in this process (its registry and
+stats readable).
 
 ``start_cluster(...)`` is a generator (``yield from`` it in a fixture); everything it started
 is stopped when it is closed, also after a failure. Every process has fixed ports, so
 ``Cluster.restart_worker`` / ``restart_store`` bring a killed one back where the others look
 for it. ``kill_tree`` kills a worker (engine processes included) with SIGKILL;
-``store_stats`` reads the store node's STATS.
+``store_stats`` reads the store node's STATS, ``engine_blocks_in_use`` the KV blocks the
+workers' engines hold.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ from controlplane.gateway import GatewayServer
 from controlplane.text.tokenizer import ModelTokenizer
 from kvstore.client.sync import KVStoreClient
 from strata_common.options import replace_nested
+from strata_proto import worker_pb2
 from tests.e2e.conftest import StrataServer, free_port
-from tests.e2e.dataplane_processes import Process, spawn, start_store, start_worker
-from tests.e2e.store_proxy import StoreProxy, Verdict
+from tests.e2e.dataplane_processes import Process, spawn, start_store, start_worker, stub
 from tests.integration.controlplane.conftest import LoopThread
+from tests.integration.kvstore.frame_proxy import FrameProxy, Hook
 from tests.proc_tree import descendants
 
 MODEL = "tiny"
 
-ProxyHook = Callable[[int], Verdict]
+ProxyHook = Hook
+"""What a worker's proxy does with each of its request frames (``FrameProxy``'s ``on_request``)."""
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Cluster:
     server: GatewayServer | None
     """The gateway in this process; None when it runs as its own process (``gateway``)."""
     url: str
-    proxies: dict[str, StoreProxy] = field(default_factory=dict)
+    proxies: dict[str, FrameProxy] = field(default_factory=dict)
     """The proxy between each worker (by endpoint) and the store, where one was asked for."""
     model: str = MODEL
     gateway: Process | None = None
@@ -98,18 +102,18 @@ def start_cluster(
     metadata = store.metadata
     workers: list[Process] = []
     args_of: dict[str, tuple[str, ...]] = {}
-    proxies: dict[str, StoreProxy] = {}
-    all_proxies: list[StoreProxy] = []
+    proxies: dict[str, FrameProxy] = {}
+    all_proxies: list[FrameProxy] = []
     loop = LoopThread()
     server: GatewayServer | None = None
     cluster: Cluster | None = None
     try:
         roles = ["prefill"] * prefill + ["decode"] * decode
-        plans: list[tuple[str, tuple[str, ...], StoreProxy | None]] = []
+        plans: list[tuple[str, tuple[str, ...], FrameProxy | None]] = []
         for i, role in enumerate(roles):
             index = i if role == "prefill" else i - prefill
             hook = proxy(role, index) if proxy is not None else None
-            via = StoreProxy(store.endpoint, hook) if hook is not None else None
+            via = FrameProxy(store.endpoint, on_request=hook) if hook is not None else None
             if via is not None:
                 all_proxies.append(via)
             endpoint = via.endpoint if via is not None else store.endpoint
@@ -209,6 +213,17 @@ def store_stats(endpoint: str) -> dict[str, Any]:
         return client.stats()
     finally:
         client.close()
+
+
+def engine_blocks_in_use(workers: list[Process]) -> dict[str, tuple[int, int]]:
+    """(blocks held by requests at its engine's last step, KV cache blocks) of each live
+    worker, by endpoint (its Stats)."""
+    held: dict[str, tuple[int, int]] = {}
+    for worker in workers:
+        if worker.proc.poll() is None:
+            stats = stub(worker.endpoint).Stats(worker_pb2.StatsRequest(), timeout=30)
+            held[worker.endpoint] = (stats.kv_blocks_in_use, stats.kv_cache_blocks)
+    return held
 
 
 def stop_server(server: StrataServer, timeout_s: float = 300.0) -> int:

@@ -4,9 +4,10 @@ the greedy output of an undisturbed engine.
 A disaggregated cluster (tests/chaos/cluster.py): one store node, one prefill and one decode
 worker, the gateway. Every request's prompt is unique and about 2.5 engine blocks long, so the
 prefill worker computes it and saves its blocks, and the decode worker loads them from the store.
-The decode worker reaches the store through a fault-injecting proxy (tests/e2e/store_proxy.py)
-that, once armed, drops 5 % of its requests for block data (GET, GET_SHM, LEASE_BATCH; seeded):
-the worker's transfer breaks mid-call, as when the node or the network drops it.
+The decode worker reaches the store through a fault-injecting proxy
+(tests/integration/kvstore/frame_proxy.py) that, once armed, drops 5 % of its requests for block
+data (GET, GET_SHM, LEASE_BATCH; seeded): the worker's transfer breaks mid-call, as when the node
+or the network drops it.
 
 Load: open loop at 0.7x the knee of this kind of cluster (measured once per session, before the
 proxy is armed). Pass: 100 % of the requests succeed, each with exactly the token ids of one
@@ -23,13 +24,14 @@ from typing import Any
 
 import pytest
 
+from kvstore.wire.frame import FrameHeader
 from strata_proto import worker_pb2
 from tests.chaos.cluster import Cluster, ProxyHook, start_cluster
 from tests.chaos.conftest import ChaosSize, KneeCache
 from tests.chaos.load import Workload, run_load, summarize
 from tests.e2e.conftest import run_reference
 from tests.e2e.dataplane_processes import stub
-from tests.e2e.store_proxy import DATA_OPS, Verdict
+from tests.integration.kvstore.frame_proxy import CUT, DATA_OPS, FORWARD, Verdict
 
 FAIL_FRACTION = 0.05
 
@@ -43,14 +45,14 @@ class LoadFaults:
         self.data_requests = 0
         self.dropped = 0
 
-    def __call__(self, op: int) -> Verdict:
-        if op not in DATA_OPS or not self.armed.is_set():
-            return Verdict.FORWARD
+    def __call__(self, conn: int, header: FrameHeader, payload: bytearray) -> Verdict:
+        if header.opcode not in DATA_OPS or not self.armed.is_set():
+            return FORWARD
         self.data_requests += 1
         if self._rng.random() < FAIL_FRACTION:
             self.dropped += 1
-            return Verdict.DROP
-        return Verdict.FORWARD
+            return CUT
+        return FORWARD
 
 
 @pytest.fixture(scope="module")

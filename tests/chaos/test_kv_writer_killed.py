@@ -271,14 +271,7 @@ def test_reader_killed_mid_transfer_leaks_no_block(
     else:
         # A shared-memory reader that leased the block, copied it, and whose RELEASE_BATCH is
         # held by the proxy (as if it died right after its copy).
-        def hold_release(conn: int, header: FrameHeader, body: bytearray) -> Verdict:
-            return Hold(0) if header.opcode is Op.RELEASE_BATCH else FORWARD
-
-        proxy = FrameProxy(node.endpoint, on_request=hold_release)
-        cleanup.append(proxy.close)
-        reader = start_reader(proxy.endpoint, block_key, "shm")
-        cleanup.append(lambda: _kill(reader))
-        assert proxy.holding.wait(60), reader.communicate()
+        reader = _shm_reader_holding_its_lease(node.endpoint, block_key, cleanup)
     wait_for(lambda: admin.stats()["num_leases"] >= 1, 10)
     leased = admin.stats()["num_leases"]
     assert admin.delete([block_key]) == 1  # leased: out of the index, space still pinned
@@ -311,15 +304,7 @@ def test_reader_hung_with_a_lease_is_cut_off_after_the_lease_timeout(
     cleanup += [admin.close, other.close]
     block_key = key(0x3A13, 1)
     assert admin.put(block_key, payload(block_key, BLOCK)) is PutStatus.OK
-
-    def hold_release(conn: int, header: FrameHeader, body: bytearray) -> Verdict:
-        return Hold(0) if header.opcode is Op.RELEASE_BATCH else FORWARD
-
-    proxy = FrameProxy(node.endpoint, on_request=hold_release)
-    cleanup.append(proxy.close)
-    reader = start_reader(proxy.endpoint, block_key, "shm")
-    cleanup.append(lambda: _kill(reader))
-    assert proxy.holding.wait(60), reader.communicate()
+    reader = _shm_reader_holding_its_lease(node.endpoint, block_key, cleanup)
     os.kill(reader.pid, signal.SIGSTOP)
     hung = time.monotonic()
     assert admin.stats()["num_leases"] == 1
@@ -340,3 +325,20 @@ def test_reader_hung_with_a_lease_is_cut_off_after_the_lease_timeout(
     )
     assert (stats["num_leases"], stats["transfers"]["lease_timeouts"]) == (0, 1), stats
     assert time.monotonic() - hung <= lease_timeout_s + 1 + 5  # the bound, the reaper, slack
+
+
+def _shm_reader_holding_its_lease(
+    endpoint: str, block_key: bytes, cleanup: list[Callable[[], None]]
+) -> subprocess.Popen[str]:
+    """A shared-memory reader process that leased ``block_key`` and copied it, once its
+    RELEASE_BATCH is held by a proxy (the lease stays with its open connection)."""
+
+    def hold_release(conn: int, header: FrameHeader, body: bytearray) -> Verdict:
+        return Hold(0) if header.opcode is Op.RELEASE_BATCH else FORWARD
+
+    proxy = FrameProxy(endpoint, on_request=hold_release)
+    cleanup.append(proxy.close)
+    reader = start_reader(proxy.endpoint, block_key, "shm")
+    cleanup.append(lambda: _kill(reader))
+    assert proxy.holding.wait(60), reader.communicate()
+    return reader

@@ -1,5 +1,6 @@
 """Row "soak": 2 h under load at 0.7x the knee with a fault every 10 min; errors <= 0.1 %
-outside the fault windows, RSS growth <= 5 % per process after warm-up, no KV held when idle.
+outside the fault windows, RSS growth <= 5 % per process after warm-up, no KV held when idle
+(no store reservation or lease, no engine request, no KV block held in any engine).
 
 Full length only (``make chaos``). Its length and fault interval are parameters, for a shorter
 manual run: ``STRATA_SOAK_DURATION_S`` (default 7200) and ``STRATA_SOAK_FAULT_INTERVAL_S``
@@ -36,7 +37,13 @@ import psutil
 import pytest
 
 from strata_proto import worker_pb2
-from tests.chaos.cluster import Cluster, kill_tree, start_cluster, store_stats
+from tests.chaos.cluster import (
+    Cluster,
+    engine_blocks_in_use,
+    kill_tree,
+    start_cluster,
+    store_stats,
+)
 from tests.chaos.conftest import ChaosSize, KneeCache
 from tests.chaos.load import BackgroundLoad, Result, Workload, summarize
 from tests.e2e.dataplane_processes import Process, stub
@@ -140,6 +147,7 @@ def test_soak(
         p.endpoint: stub(p.endpoint).Stats(worker_pb2.StatsRequest(), timeout=30).num_running
         for p in [*cluster.prefills, *cluster.decodes]
     }
+    engines = engine_blocks_in_use([*cluster.prefills, *cluster.decodes])
 
     outside = [r for r in results if not _overlaps(r, windows)]
     errors = [r for r in outside if not r.ok]
@@ -164,6 +172,7 @@ def test_soak(
         "idle_store_writing": idle_store["num_writing"],
         "idle_store_leases": idle_store["num_leases"],
         "idle_running": sum(running.values()),
+        "idle_engine_blocks_in_use": {e: held for e, (held, _) in engines.items()},
     }
     chaos_report(**figures)
     assert windows, "no fault was injected: the run is shorter than one fault interval"
@@ -171,6 +180,8 @@ def test_soak(
     assert growth and all(g <= 0.05 for g in growth.values()), figures
     assert idle_store["num_writing"] == 0 and idle_store["num_leases"] == 0, figures
     assert not any(running.values()), figures
+    # Free KV blocks back to the baseline: an idle engine holds none.
+    assert not any(held for held, _ in engines.values()), figures
 
 
 def _overlaps(result: Result, windows: list[tuple[str, float, float]]) -> bool:

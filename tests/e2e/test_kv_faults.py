@@ -20,10 +20,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvstore.wire.frame import FrameHeader, Op
+from kvstore.wire.frame import FrameHeader
 from strata_proto import worker_pb2
 from tests.e2e.dataplane_processes import Process, decode, start_store, start_worker, stub
-from tests.integration.kvstore.frame_proxy import CUT, FORWARD, FrameProxy, Verdict
+from tests.integration.kvstore.frame_proxy import CUT, DATA_OPS, FORWARD, FrameProxy, Verdict
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,6 @@ BLOCK_SIZE = 128  # vLLM's CPU block size
 PROMPT = [random.Random(5).randrange(10, 2000) for _ in range(3 * BLOCK_SIZE + 20)]
 OTHER = [random.Random(6).randrange(10, 2000) for _ in range(2 * BLOCK_SIZE + 7)]
 MAX_TOKENS = 16
-_DATA_OPS = {int(Op.GET), int(Op.GET_SHM), int(Op.LEASE_BATCH)}
 
 
 class KillingProxy(FrameProxy):
@@ -46,7 +45,7 @@ class KillingProxy(FrameProxy):
         super().__init__(store.endpoint, on_request=self._request)
 
     def _request(self, conn: int, header: FrameHeader, payload: bytearray) -> Verdict:
-        if header.opcode in _DATA_OPS and self.armed.is_set():
+        if header.opcode in DATA_OPS and self.armed.is_set():
             self.killed_on = int(header.opcode)
             self.armed.clear()
             self.store.proc.send_signal(signal.SIGKILL)
@@ -79,7 +78,7 @@ def test_store_killed_while_a_decode_loads_its_prefix_falls_back_to_recompute(
 
         proxy.armed.set()
         tokens, last = decode(rpc, PROMPT, MAX_TOKENS)
-        assert proxy.killed_on in _DATA_OPS  # the node died with the transfer in flight
+        assert proxy.killed_on in DATA_OPS  # the node died with the transfer in flight
         assert store.proc.returncode == -signal.SIGKILL
         assert tokens == reference  # recomputed, token for token
         assert (last.num_external_tokens, last.num_cached_tokens) == (0, 0)

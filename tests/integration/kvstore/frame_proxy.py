@@ -15,6 +15,11 @@ returns what happens to the frame:
   rest is forwarded (``then="forward"``, a slow peer) or the connection is cut
   (``then="cut"``, a peer that died part-way through the frame). If the sender closes its
   connection while held (its process was killed), the connection is cut at once.
+  ``then="abandon"`` does not wait: the sender's side is closed at once and the receiver's stays
+  open and silent until :meth:`FrameProxy.close` (a peer that died mid-frame on a host that did
+  not close its sockets: only the receiver's own timeouts free what the frame holds).
+
+``DATA_OPS`` and ``SAVE_OPS`` name the requests of a KV load and of a KV save, for hooks.
 
 Frames are parsed with the wire codec's own ``FrameHeader`` (kvstore/wire/frame.py), so the
 proxy never packs a header itself. Whatever a side closes is propagated to the other side.
@@ -28,20 +33,36 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from kvstore.transport.tcp import recv_bytes
-from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader
+from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader, Op
+
+__all__ = [
+    "CUT",
+    "DATA_OPS",
+    "FORWARD",
+    "SAVE_OPS",
+    "FrameProxy",
+    "Hold",
+    "Hook",
+    "Verdict",
+]
+
+DATA_OPS = frozenset({int(Op.GET), int(Op.GET_SHM), int(Op.LEASE_BATCH)})
+"""Requests for block data (a KV load)."""
+SAVE_OPS = frozenset({int(Op.PUT), int(Op.RESERVE_BATCH), int(Op.COMMIT_BATCH)})
+"""Requests that write blocks (a KV save)."""
 
 
 @dataclass(frozen=True)
 class Hold:
     nbytes: int
-    then: Literal["forward", "cut"] = "cut"
+    then: Literal["forward", "cut", "abandon"] = "cut"
 
 
-FORWARD = "forward"
-CUT = "cut"
+FORWARD: Final = "forward"
+CUT: Final = "cut"
 Verdict = Hold | Literal["forward", "cut"] | None
 Hook = Callable[[int, FrameHeader, bytearray], Verdict]
 
@@ -121,6 +142,9 @@ class FrameProxy:
                     break
                 if isinstance(verdict, Hold):
                     dst.sendall(frame[: verdict.nbytes])
+                    if verdict.then == "abandon":
+                        _shut(src)  # dst stays open, silent, until close()
+                        return
                     self.holding.set()
                     released = self._hold(src)
                     if not released or verdict.then == CUT or self._closed:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dataplane.counters import EngineProgress
+from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.worker import Worker, _stat_logger_factory
 
 
@@ -59,11 +59,16 @@ def test_end_without_begin_is_an_error() -> None:
 
 def test_stat_logger_counts_one_step_per_record_with_scheduler_stats() -> None:
     progress = EngineProgress(FakeClock())
-    counters = SimpleNamespace(add_kv=lambda data: None)
-    logger = _stat_logger_factory(counters, progress)(None)  # type: ignore[arg-type]
-    logger.record(scheduler_stats=SimpleNamespace(kv_connector_stats=None), iteration_stats=None)
+    counters = WorkerCounters()
+    config = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=400))
+    logger = _stat_logger_factory(counters, progress)(config)
+    assert counters.kv_cache_blocks == 400
+    stats = SimpleNamespace(kv_connector_stats=None, kv_cache_usage=0.1)
+    logger.record(scheduler_stats=stats, iteration_stats=None)
+    assert counters.kv_blocks_in_use == 40
     logger.record(scheduler_stats=None, iteration_stats=None)
     assert progress.num_steps == 1
+    assert counters.kv_blocks_in_use == 40  # no step, no news
 
 
 class FakeEngine:
@@ -125,3 +130,16 @@ async def _cancelled_request_stays_work_until_the_core_confirms_its_abort() -> N
     engine.core_running.set()  # SIGCONT
     await asyncio.gather(*worker._abort_probes)
     assert worker.progress.num_items == 0
+
+
+def test_kv_blocks_in_use_follow_the_engines_usage() -> None:
+    counters = WorkerCounters()
+    counters.engine_step(0.5)
+    assert counters.kv_blocks_in_use == 0  # the size is not known yet
+    counters.kv_cache_blocks = 640
+    counters.engine_step(0.25)
+    assert counters.kv_blocks_in_use == 160
+    counters.engine_step(1.5)  # clamped
+    assert counters.kv_blocks_in_use == 640
+    counters.engine_step(0.0)  # the last request ended: back to none
+    assert counters.kv_blocks_in_use == 0
