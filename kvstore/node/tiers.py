@@ -35,6 +35,14 @@ Write-behind (optional, ``write_behind=True``; on in ``strata serve``)
     (or stopped without a spill) still serves them, and a later spill of a persisted block is a
     clean drop with no write. Blocks deleted or evicted before their turn are skipped.
 
+Write-through (optional, ``write_through=True``; implies write-behind)
+    The same queue, but the server answers a PUT (or a COMMIT_BATCH) only once its blocks are
+    committed to SSD: :meth:`persisted` gives a future per key, resolved True when the batch
+    holding the block is committed to lmdb (or the block was on SSD already), False when it
+    could not be written or left DRAM before its turn without reaching SSD. Acknowledged then
+    means durable: a node killed at any point loses only writes it had not answered. Batches
+    form while the writer thread is busy, so concurrent writers share commits.
+
 Promotion (SSD -> DRAM), inline
     :meth:`fetch` reserves an arena extent for the block (``begin_put``: invisible, unevictable),
     reads the SSD copy straight into it on a reader thread, verifies it there, and commits it: the
@@ -117,6 +125,7 @@ class TierManager:
         read_threads: int = 8,
         sweep_interval_s: float = 60.0,
         write_behind: bool = False,
+        write_through: bool = False,
     ) -> None:
         if not 0.0 < low_watermark < high_watermark <= 1.0:
             raise ValueError("need 0 < low_watermark < high_watermark <= 1")
@@ -134,8 +143,10 @@ class TierManager:
         self._promotions: dict[bytes, asyncio.Future[None]] = {}  # key -> done, while promoting
         self._cancelled: set[bytes] = set()  # deleted while their promotion was in flight
         self._reads: set[asyncio.Future[SSDRead]] = set()
-        self._write_behind = write_behind and ssd is not None
+        self._write_through = write_through and ssd is not None
+        self._write_behind = (write_behind or write_through) and ssd is not None
         self._persist_queue: deque[bytes] = deque()
+        self._persist_waiters: dict[bytes, list[asyncio.Future[bool]]] = {}
         self._persist_wanted = asyncio.Event()
         self._persisted = self._persist_failures = 0
         self._spill_wanted = asyncio.Event()
@@ -193,6 +204,8 @@ class TierManager:
             except Exception:
                 logger.exception("%s failed", task.get_name())
         self._tasks = []
+        for key in list(self._persist_waiters):
+            self._resolve_persisted(key, False)
         if self._reads:
             await asyncio.gather(*self._reads, return_exceptions=True)
             for _ in range(3):  # let the fetches that awaited them (through a shield) finish
@@ -303,6 +316,26 @@ class TierManager:
                 self._cancelled.discard(key)
                 done.set_result(None)
 
+    @property
+    def write_through(self) -> bool:
+        """Whether PUTs are answered only once their block is on SSD (:meth:`persisted`)."""
+        return self._write_through
+
+    def persisted(self, key: bytes) -> asyncio.Future[bool]:
+        """With write-through, a future resolved when the block just committed under ``key``
+        (:meth:`note_commit` queued it) is on SSD: True, or False if it could not get there."""
+        future = asyncio.get_running_loop().create_future()
+        if not self._write_through or self._closing.is_set():
+            future.set_result(False)
+        else:
+            self._persist_waiters.setdefault(key, []).append(future)
+        return future
+
+    def _resolve_persisted(self, key: bytes, ok: bool) -> None:
+        for future in self._persist_waiters.pop(key, ()):
+            if not future.done():
+                future.set_result(ok)
+
     # -- spill ------------------------------------------------------------------------------
 
     def note_commit(self, key: bytes | None = None) -> None:
@@ -370,9 +403,11 @@ class TierManager:
             ):
                 key = self._persist_queue.popleft()
                 if ssd.contains(key):
+                    self._resolve_persisted(key, True)
                     continue
                 lease = self._node.pin(key)
                 if lease is None:  # deleted, evicted or spilled before its turn
+                    self._resolve_persisted(key, ssd.contains(key))
                     continue
                 leases.append(lease)
                 batch_bytes += lease.nbytes
@@ -387,6 +422,8 @@ class TierManager:
             finally:
                 for lease in leases:
                     self._node.release(lease)
+            for lease, ok in zip(leases, stored, strict=True):
+                self._resolve_persisted(lease.key, ok)
             written += stored.count(True)
             self._persisted += stored.count(True)
             self._persist_failures += stored.count(False)

@@ -60,6 +60,7 @@ async def _serve(config: StoreNodeConfig) -> int:
             low_watermark=config.low_watermark,
             promote=config.promote,
             write_behind=config.write_behind,
+            write_through=config.write_through,
             read_threads=config.ssd_read_threads,
             sweep_interval_s=config.ssd_sweep_interval_s,
         )

@@ -65,6 +65,9 @@ class StoreNodeConfig:
         write_behind: also copy every block committed to DRAM onto SSD in the background, so
             the SSD tier holds everything and a restarted node still has it (without it only
             spilled blocks reach SSD).
+        write_through: write-behind whose PUT (and COMMIT_BATCH) replies wait for the SSD
+            commit: an acknowledged block survives a kill of the node (a PUT's OK otherwise
+            acknowledges the DRAM copy; STATS ``tiers.persisted`` counts what reached SSD).
         promote: copy a block read from SSD into DRAM (inline, into the arena extent it is read
             into); if False, SSD hits are served from a transient arena extent.
         node_id: this node's id in the cluster (default ``host:port``, the bound port).
@@ -126,6 +129,9 @@ class StoreNodeConfig:
         help="copy SSD hits into DRAM (true/false)",
     )
     write_behind: bool = option(False, help="copy every new block to SSD (true/false)")
+    write_through: bool = option(
+        False, help="answer a PUT only once its block is on SSD (true/false; implies write-behind)"
+    )
     node_id: str | None = option(None, help="node id in the cluster (default host:port)")
     metadata: str | None = option(None, help="redis://HOST:PORT/DB, embedded, or none")
     metadata_port: int = option(0, help="gRPC port serving embedded metadata (0 = any)")
@@ -165,6 +171,8 @@ class StoreNodeConfig:
                 raise ValueError("ssd_dir must not be empty (None disables the SSD tier)")
             if os.path.exists(self.ssd_dir) and not os.path.isdir(self.ssd_dir):
                 raise ValueError(f"ssd_dir is not a directory: {self.ssd_dir}")
+        if self.write_through and self.ssd_dir is None:
+            raise ValueError("write_through needs an SSD tier (ssd_dir)")
         if self.ssd_size_bytes < MIN_SSD_SIZE_BYTES:
             raise ValueError(f"ssd_size_bytes must be at least {MIN_SSD_SIZE_BYTES} (16 MiB)")
         if self.ssd_ttl_s <= 0:

@@ -370,16 +370,25 @@ class Connection(asyncio.BufferedProtocol):
 
     def _finish_put(self, header: FrameHeader, block: BlockHeader, pending: PendingPut) -> None:
         self._pending = None
-        if verify(block, pending.view[BLOCK_HEADER_BYTES:]):
-            self.node.commit(pending)
-            self.tiers.note_commit(pending.key)
-            self.server.note_changed([block.key])
-            status = Status.OK
-        else:
+        if not verify(block, pending.view[BLOCK_HEADER_BYTES:]):
             self.node.revoke(pending)
             logger.warning("PUT from %s failed its checksum; block dropped", self.peer)
-            status = Status.CORRUPT
-        self.write(pack_frame_header(Op.PUT, header.request_id, 0, 0, status))
+            self.write(pack_frame_header(Op.PUT, header.request_id, 0, 0, Status.CORRUPT))
+            return
+        self.node.commit(pending)
+        self.tiers.note_commit(pending.key)
+        self.server.note_changed([block.key])
+        if not self.tiers.write_through:
+            self.write(pack_frame_header(Op.PUT, header.request_id, 0, 0, Status.OK))
+            return
+        # Write-through: the OK keeps its place in line until the block is on SSD.
+        reply = self.park()
+
+        def persisted(future: asyncio.Future[bool]) -> None:
+            status = Status.OK if future.result() else Status.FULL
+            self.fill(reply, [pack_frame_header(Op.PUT, header.request_id, 0, 0, status)])
+
+        self.tiers.persisted(pending.key).add_done_callback(persisted)
 
     def _reject_put(self, header: FrameHeader, status: Status) -> None:
         """Skip a PUT's payload (now or as it arrives), then answer ``status``."""

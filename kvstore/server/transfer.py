@@ -271,8 +271,31 @@ def commit_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> 
             statuses.append(Status.CORRUPT)
     if committed:
         conn.server.note_changed(committed)
-    reply = pack_frame_header(Op.COMMIT_BATCH, request_id, len(statuses), len(statuses))
-    conn.write(reply + bytes(statuses))
+    head = pack_frame_header(Op.COMMIT_BATCH, request_id, len(statuses), len(statuses))
+    if not committed or not conn.tiers.write_through:
+        conn.write(head + bytes(statuses))
+        return
+    # Write-through: the reply keeps its place in line until the committed blocks are on SSD;
+    # one that could not get there is FULL.
+    parked = conn.park()
+    waits = [
+        (i, conn.tiers.persisted(entry.key))
+        for i, entry in enumerate(reserved)
+        if statuses[i] == Status.OK
+    ]
+    left = [len(waits)]
+
+    def persisted(_: object) -> None:
+        left[0] -= 1
+        if left[0]:
+            return
+        for i, future in waits:
+            if not future.result():
+                statuses[i] = Status.FULL
+        conn.fill(parked, [head + bytes(statuses)])
+
+    for _, future in waits:
+        future.add_done_callback(persisted)
 
 
 def _written_block_ok(conn: Connection, entry: _Reserved, pending: PendingPut) -> bool:

@@ -1,28 +1,31 @@
-"""Store node killed at random points while writing to SSD: after each restart no corrupt object
-is served, and only writes the node had not acknowledged as persisted are lost.
+"""Store node killed at random points while writing to SSD: after each restart no corrupt object is
+served, and only writes the node had not acknowledged as persisted are lost.
 
-**Injection.** A real node (``python -m kvstore.server``) with an SSD tier (lmdb) and
-``--write-behind true`` -- what ``strata serve`` runs: every committed block is also written to
-SSD in the background -- takes a stream of PUTs (64 KiB blocks, one at a time over TCP) from the
-test. A timer SIGKILLs it after a random delay (uniform in 0-0.6 s, seeded), i.e. at a random
-point of the write-behind's batches, lmdb commits, the puts themselves and, from the second cycle
-on, the DELETEs of the previous cycle's keys. The node is restarted on the same ``--ssd-dir``
-and the next cycle begins; 20 kill points in the shortened form, 200 in the full one.
+**Injection.** A real node (``python -m kvstore.server``) with an SSD tier (lmdb) and write-behind
+or write-through (below) takes a stream of PUTs (64 KiB blocks, one at a time over TCP) from the
+test. A timer SIGKILLs it after a random delay (uniform in 0-0.6 s, seeded), i.e. at a random point
+of the write-behind's batches, lmdb commits, the puts themselves and, from the second cycle on, the
+DELETEs of the previous cycle's keys. The node is restarted on the same ``--ssd-dir`` and the next
+cycle begins; 20 kill points in the shortened form, 200 in the full one.
 
-**Acknowledgements.** A PUT's OK acknowledges the block in DRAM; with write-behind, the SSD copy
-follows. The node acknowledges persistence through STATS: ``tiers.persisted`` counts the blocks
-write-behind committed to lmdb in this incarnation, in commit order (a FIFO of the PUTs; every key
-here is new and nothing is evicted, so the first ``persisted`` acknowledged PUTs are the persisted
-ones). The test polls STATS between PUTs; the last answer before the kill is the cycle's durable
-watermark.
+**Two modes.** ``--write-through true``: a PUT is answered only once its block is committed to SSD,
+so every acknowledged write must survive (criterion: 0 acknowledged writes lost). ``--write-behind
+true`` (what ``strata serve`` runs, the faster mode for a cache): a PUT's OK acknowledges the block
+in DRAM and the SSD copy follows; what the node acknowledged as persisted must survive.
+
+**Acknowledgements.** With write-behind, the SSD copy follows the OK. The node acknowledges
+persistence through STATS: ``tiers.persisted`` counts the blocks write-behind committed to lmdb in
+this incarnation, in commit order (a FIFO of the PUTs; every key here is new and nothing is
+evicted, so the first ``persisted`` acknowledged PUTs are the persisted ones). The test polls STATS
+between PUTs; the last answer before the kill is the cycle's durable watermark.
 
 **Check, after each restart**, for every key PUT in the previous incarnation: a key below the
 durable watermark must be served, byte-identical; any other key (acknowledged in DRAM only, or the
 PUT in flight at the kill) must be served byte-identical or be a miss. Anything else served is a
 corrupt object (criterion: 0); a ``KVStoreCorruptError`` is counted as a detected one. The node's
 own ``ssd.corrupt_dropped`` must stay 0 too (lmdb commits are atomic: nothing torn to drop), and
-``ssd.recovered_blocks`` must cover the durable keys. The checked keys are then deleted, so the
-SSD tier stays small over hundreds of cycles.
+``ssd.recovered_blocks`` must cover the durable keys. The checked keys are then deleted, so the SSD
+tier stays small over hundreds of cycles.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ MAX_PUTS_PER_CYCLE = 600  # 37.5 MiB: fits the 64 MiB arena below its watermark,
 MAX_KILL_DELAY_S = 0.6
 
 
-def _node_args(ssd_dir: Path) -> tuple[str, ...]:
+def _node_args(ssd_dir: Path, mode: str) -> tuple[str, ...]:
     return (
         "--arena-size",
         "64MiB",
@@ -61,7 +64,7 @@ def _node_args(ssd_dir: Path) -> tuple[str, ...]:
         str(ssd_dir),
         "--ssd-size",
         "256MiB",
-        "--write-behind",
+        f"--{mode}",
         "true",
     )
 
@@ -130,11 +133,13 @@ def _check(client: KVStoreClient, cycle: Cycle, tally: dict[str, int]) -> None:
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.parametrize("mode", ["write-behind", "write-through"])
 def test_store_node_killed_at_random_points_while_writing_to_ssd(
     start_node: NodeFactory,
     tmp_path: Path,
     chaos_size: ChaosSize,
     chaos_report: Callable[..., None],
+    mode: str,
 ) -> None:
     kills = chaos_size.pick(20, 200)
     rng = random.Random(20261206)
@@ -153,7 +158,7 @@ def test_store_node_killed_at_random_points_while_writing_to_ssd(
     totals = {"acked": 0, "durable": 0, "corrupt_dropped": 0, "kills_mid_stream": 0}
     recovered_short = 0
     restart_s: list[float] = []
-    node = start_node(*_node_args(ssd_dir))
+    node = start_node(*_node_args(ssd_dir, mode))
     previous: Cycle | None = None
     for number in range(kills + 1):
         with KVStoreClient(node.endpoint, use_shm=number % 2 == 0) as client:
@@ -172,7 +177,7 @@ def test_store_node_killed_at_random_points_while_writing_to_ssd(
         totals["kills_mid_stream"] += cycle.acked < MAX_PUTS_PER_CYCLE
         _forget(node)
         started = time.monotonic()
-        node = start_node(*_node_args(ssd_dir))
+        node = start_node(*_node_args(ssd_dir, mode))
         restart_s.append(time.monotonic() - started)
         previous = cycle
 
@@ -186,6 +191,8 @@ def test_store_node_killed_at_random_points_while_writing_to_ssd(
     chaos_report(**figures)
     assert tally["corrupt_served"] == 0, figures
     assert tally["durable_lost"] == 0, figures
+    if mode == "write-through":  # acknowledged means on SSD: no acknowledged write is lost
+        assert tally["acked_not_persisted_lost"] == 0, figures
     assert tally["corrupt_detected"] == 0, figures
     assert totals["corrupt_dropped"] == 0, figures
     assert recovered_short == 0, figures

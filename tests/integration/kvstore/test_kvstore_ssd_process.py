@@ -205,3 +205,30 @@ def test_pipelined_requests_are_answered_in_order_around_ssd_reads(
             0,
         )
         assert stats["arena"]["used_bytes"] == stats["num_blocks"] * 65 * 4096  # transients freed
+
+
+@pytest.mark.parametrize("use_shm", [False, True], ids=["tcp", "shm"])
+def test_write_through_acknowledges_only_what_is_on_ssd(
+    start_node: NodeFactory, tmp_path: Path, use_shm: bool
+) -> None:
+    """With ``--write-through``, every PUT (TCP) or COMMIT_BATCH (shared memory) the node has
+    answered OK is on SSD: a SIGKILL right after the answers loses none of them."""
+    ssd_dir = tmp_path / "ssd"
+    node = start_node(*ssd_args(ssd_dir, "--write-through", "true", "--high-watermark", "0.9"))
+    blocks = [(key(n), payload(n)) for n in range(12)]
+    with KVStoreClient(node.endpoint, use_shm=use_shm) as client:
+        assert client.put_many(blocks) == [PutStatus.OK] * len(blocks)
+        # Answered in order around the parked replies: a GET behind them sees the last block.
+        assert client.get(key(11)) == payload(11)
+        assert client.stats()["tiers"]["persisted"] == len(blocks)
+    assert node.stop(signal.SIGKILL) == -signal.SIGKILL
+    restarted = start_node(*ssd_args(ssd_dir))
+    with KVStoreClient(restarted.endpoint, use_shm=False) as client:
+        assert client.stats()["ssd"]["recovered_blocks"] == len(blocks)
+        for block_key, data in blocks:
+            assert client.get(block_key) == data
+
+
+def test_write_through_needs_an_ssd_tier(start_node: NodeFactory) -> None:
+    with pytest.raises(RuntimeError, match="write_through needs an SSD tier"):
+        start_node("--write-through", "true")

@@ -316,6 +316,76 @@ def test_write_behind_does_not_count_as_an_access(node: StoreNode, tmp_path: Pat
     assert run(scenario()) == [1]
 
 
+def test_write_through_resolves_each_put_once_its_block_is_on_ssd(
+    node: StoreNode, tmp_path: Path
+) -> None:
+    async def scenario() -> tuple[list[bool], list[bool], list[int]]:
+        tiers = make_tiers(
+            node, tmp_path, high_watermark=1.0, low_watermark=0.5, write_through=True
+        )
+        assert tiers.write_through
+        fill(node, 1, 2, 3)
+        waits = []
+        for n in (1, 2, 3):
+            tiers.note_commit(key(n))
+            waits.append(tiers.persisted(key(n)))
+        assert node.delete([key(2)]) == 1  # gone before its turn, never on SSD: not durable
+        before = [w.done() for w in waits]
+        await tiers.persist_pending()
+        after = [w.result() for w in waits]
+        result = (before, after, on_ssd(tiers))
+        await tiers.close()
+        return result
+
+    assert run(scenario()) == ([False, False, False], [True, False, True], [1, 3])
+
+
+def test_write_through_of_a_block_already_on_ssd_is_durable_at_once(
+    node: StoreNode, tmp_path: Path
+) -> None:
+    async def scenario() -> bool:
+        tiers = make_tiers(
+            node, tmp_path, high_watermark=1.0, low_watermark=0.5, write_through=True
+        )
+        fill(node, 1)
+        tiers.note_commit(key(1))
+        await tiers.persist_pending()
+        tiers.note_commit(key(1))  # committed again (e.g. promoted back): already on SSD
+        again = tiers.persisted(key(1))
+        await tiers.persist_pending()
+        result = again.result()
+        await tiers.close()
+        return result
+
+    assert run(scenario()) is True
+
+
+def test_write_through_waiters_are_answered_at_close(node: StoreNode, tmp_path: Path) -> None:
+    async def scenario() -> tuple[bool, bool]:
+        tiers = make_tiers(
+            node, tmp_path, high_watermark=1.0, low_watermark=0.5, write_through=True
+        )
+        fill(node, 1)
+        tiers.note_commit(key(1))
+        pending = tiers.persisted(key(1))  # no persist task running: still waiting at close
+        await tiers.close()
+        late = tiers.persisted(key(1))  # asked after close: not durable
+        return pending.done(), late.result()
+
+    assert run(scenario()) == (True, False)
+
+
+def test_without_write_through_nothing_waits(node: StoreNode, tmp_path: Path) -> None:
+    async def scenario() -> bool:
+        tiers = make_tiers(node, tmp_path, high_watermark=1.0, low_watermark=0.5, write_behind=True)
+        assert not tiers.write_through
+        result = tiers.persisted(key(1)).result()
+        await tiers.close()
+        return result
+
+    assert run(scenario()) is False
+
+
 def test_write_behind_off_writes_nothing(node: StoreNode, tmp_path: Path) -> None:
     async def scenario() -> list[int]:
         tiers = make_tiers(node, tmp_path, high_watermark=1.0, low_watermark=0.5)
