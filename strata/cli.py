@@ -124,6 +124,8 @@ def serve(config: ServeConfig) -> int:
         # Write-behind: every block also goes to SSD, so a restarted `strata serve` still has it.
         store_args += ["--ssd-dir", str(ssd_dir), "--ssd-size", format_size(config.kv_ssd_size)]
         store_args += ["--ssd-ttl", format_duration(config.kv_ssd_ttl_s), "--write-behind", "true"]
+        if config.kv_ssd_write_through:
+            store_args += ["--write-through", "true"]
     loopback = "127.0.0.1"
     py = sys.executable
     sup = Supervisor()

@@ -49,6 +49,11 @@ class ServeConfig:
         negative_help="DRAM-only store: nothing survives a restart (same as --kv-ssd false)",
         help="give the store an SSD tier (write-behind: a restarted serve still has every block)",
     )
+    kv_ssd_write_through: bool = option(
+        False,
+        help="answer the workers' KV saves only once on SSD (true/false): a killed store loses no "
+        "saved block, at the cost of a disk commit in each save",
+    )
     ready_timeout_s: float = option(600.0, parse=parse_duration, help="start-up bound per service")
     dtype: str = option(
         "auto",
@@ -90,3 +95,5 @@ class ServeConfig:
             raise ValueError(f"--max-model-len must be >= 16, got {self.max_model_len}")
         if not self.ready_timeout_s > 0:
             raise ValueError("--ready-timeout must be positive")
+        if self.kv_ssd_write_through and not self.kv_ssd:
+            raise ValueError("--kv-ssd-write-through needs the SSD tier (not --no-kv-ssd)")

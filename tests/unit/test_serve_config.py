@@ -24,6 +24,8 @@ def test_defaults_are_the_documented_setup() -> None:
     assert (config.prefill_workers, config.decode_workers, config.kv_ssd) == (1, 1, True)
     assert (config.kv_cache_size, config.store_arena_size) == (1 << 30, 2 << 30)
     assert (config.kv_ssd_ttl_s, config.ready_timeout_s) == (86400.0, 600.0)
+    assert not config.kv_ssd_write_through
+    assert parse(["--kv-ssd-write-through", "true"]).kv_ssd_write_through
 
 
 def test_flags_units_shorthands_and_environment(tmp_path: Path) -> None:
@@ -46,6 +48,7 @@ def test_flags_units_shorthands_and_environment(tmp_path: Path) -> None:
         (["--dtype", "fp3"], "--dtype must be one of"),
         (["--kv-cache-size", "lots"], "--kv-cache-size"),
         (["--port", "70000"], "--port must be in 0..65535"),
+        (["--kv-ssd-write-through", "true", "--no-kv-ssd"], "needs the SSD tier"),
     ],
 )
 def test_usage_errors_name_the_flag(
