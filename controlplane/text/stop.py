@@ -12,6 +12,10 @@ starting earlier would have had its beginning held back), so searching only that
 and released text never needs to be taken back. At the end of a generation that did not stop on a
 string (EOS, length), `flush()` releases what was held back.
 
+Cost per piece: one `find` per stop string over the unreleased text and, for the hold-back, one
+comparison per occurrence of the stop string's first character in its last len(stop) - 1
+characters; both in C (no per-character Python loop).
+
 A stop is detected as soon as a piece completes one, like the engine's own per-step check; the
 text is cut where the earliest match in the text so far starts, and the stop string is not part
 of the output (OpenAI's and vLLM's default).
@@ -80,11 +84,21 @@ class StopStringMatcher:
         return best
 
     def _longest_partial_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string.
+
+        Only a position where the stop string's first character occurs can start one, and the
+        first such position (within the last len(stop) - 1 characters) that does is the longest:
+        one `find` and, per candidate, one comparison, all in C. The gateway bounds the strings
+        (4 of at most 256 characters, api/openai_protocol.py), so a piece costs a few
+        microseconds even for adversarial stop strings and output."""
         longest = 0
+        end = len(text)
         for stop in self._stops:
-            for length in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:length]):
-                    longest = length
+            first = stop[0]
+            at = text.find(first, max(0, end - len(stop) + 1), end)
+            while at != -1 and end - at > longest:
+                if stop.startswith(text[at:]):
+                    longest = end - at
                     break
+                at = text.find(first, at + 1, end)
         return longest

@@ -92,3 +92,39 @@ def test_held_back_property_and_feed_after_stop() -> None:
 def test_empty_stop_string_is_refused() -> None:
     with pytest.raises(ValueError):
         StopStringMatcher(("",))
+
+
+def _brute_partial_suffix(stops: tuple[str, ...], text: str) -> int:
+    return max(
+        (n for s in stops for n in range(1, len(s)) if n <= len(text) and text.endswith(s[:n])),
+        default=0,
+    )
+
+
+def test_hold_back_is_the_longest_partial_match() -> None:
+    """The hold-back (one find per first character) equals the brute-force definition: the
+    longest suffix of the text that is a proper prefix of some stop string."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        stops = tuple(
+            "".join(rng.choice("ab") for _ in range(rng.randint(1, 6)))
+            for _ in range(rng.randint(1, 4))
+        )
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        matcher = StopStringMatcher(stops)
+        assert matcher._longest_partial_suffix(text) == _brute_partial_suffix(stops, text), (
+            stops,
+            text,
+        )
+
+
+def test_bounded_stop_strings_at_their_limit() -> None:
+    """Four stop strings of 256 characters against adversarial output (every character a
+    possible start): matched and held back exactly as the definition says."""
+    stops = tuple("a" * 255 + tail for tail in "bcde")
+    matcher = StopStringMatcher(stops)
+    released = "".join(matcher.feed("a" * 7).text for _ in range(100))
+    assert released == "a" * (700 - 255)  # the last 255 characters may start a stop string
+    assert matcher.held_back == "a" * 255
+    match = matcher.feed("d")
+    assert match == StopMatch("", True)
