@@ -8,7 +8,8 @@ environment):
 
 * :class:`GatewayConfig` itself: ``--model-dir``, ``--served-model-name``, ``--prefill``,
   ``--decode``;
-* ``http``: :class:`HttpConfig` (``--host``, ``--port``, ``--request-timeout``, ...);
+* ``http``: :class:`HttpConfig` (``--host``, ``--port``, ``--request-timeout``, the limits on
+  what a client may send and hold: ``--max-request-body-bytes``, ``--read-timeout``, ...);
 * ``registry``: :class:`RegistryConfig` (``--registry``, ``--health-check-interval``, ...);
 * ``routing``: :class:`RoutingConfig` (``--policy``, ``--kv-metadata``);
 * ``scheduling``: :class:`~controlplane.scheduling.SchedulingConfig` (``--ttft-slo``, ...);
@@ -28,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.admin.config import AdminApiConfig
+from controlplane.api.openai_protocol import (
+    DEFAULT_MAX_CHARS_PER_TOKEN,
+    DEFAULT_MAX_STOP_CHARS,
+    DEFAULT_MAX_STOP_STRINGS,
+)
 from controlplane.launch.launcher import LaunchConfig
 from controlplane.scheduling.policies import PolicyKind
 from controlplane.scheduling.types import SchedulingConfig
@@ -74,7 +80,14 @@ def _workers_option(role: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    """The OpenAI-compatible HTTP server (controlplane/gateway.py)."""
+    """The OpenAI-compatible HTTP server (controlplane/gateway.py) and what it accepts.
+
+    Every resource a client can make the gateway spend is bounded; the defaults and why are in
+    docs/design/gateway.md §5 ("Limits"): the body (1 MiB), stop strings (4 of at most 256
+    characters), a prompt's characters before it is tokenized, the threads that tokenize, the
+    time a request's head and body may take to arrive and a response may wait for its client
+    to read, and the number of open connections.
+    """
 
     host: str = option("127.0.0.1", help="address the HTTP API listens on")
     port: int = option(8000, help="HTTP port (0 = any free port; the listening line says which)")
@@ -84,7 +97,46 @@ class HttpConfig:
         help="deadline of a whole request (prefill plus decode), enforced as gRPC deadlines",
     )
     max_request_body_bytes: int = option(
-        16 * 1024 * 1024, flag="max-request-body-bytes", parse=parse_size, help="largest body"
+        1024 * 1024,
+        flag="max-request-body-bytes",
+        parse=parse_size,
+        help="largest request body; a larger one gets 413",
+    )
+    max_stop_strings: int = option(
+        DEFAULT_MAX_STOP_STRINGS, help="most strings a request's `stop` may hold (400 beyond)"
+    )
+    max_stop_chars: int = option(
+        DEFAULT_MAX_STOP_CHARS, help="longest stop string, in characters (400 beyond)"
+    )
+    max_chars_per_token: int = option(
+        DEFAULT_MAX_CHARS_PER_TOKEN,
+        help="a prompt longer than (max_model_len - 1) × this many characters (or the longest "
+        "token of the vocabulary, if shorter) is refused with 400 before it is tokenized",
+    )
+    tokenizer_threads: int = option(
+        4, help="threads that tokenize prompts off the event loop (at most this many at once)"
+    )
+    read_timeout_s: float = option(
+        60.0,
+        parse=parse_duration,
+        help="a request's head must arrive within this long of the connection opening or of its "
+        "previous response (so idle keep-alive connections close after it), and its body within "
+        "this long of the head (408)",
+    )
+    write_timeout_s: float = option(
+        30.0,
+        parse=parse_duration,
+        help="a response the client does not read for this long (TCP zero window, unacknowledged "
+        "data, or the send buffer staying full) is aborted and its request cancelled",
+    )
+    max_connections: int = option(
+        2048, help="open HTTP connections; one more is answered 503 and closed"
+    )
+    health_details: bool = option(
+        False,
+        help="/health also lists each instance's endpoint, load and why it is down (internal "
+        "addresses: only where every HTTP client is trusted; `strata admin list` shows them "
+        "behind the admin token)",
     )
     shutdown_grace_s: float = option(
         10.0,
@@ -97,14 +149,24 @@ class HttpConfig:
             raise ConfigError("host must be non-empty")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} must be in 0..65535")
-        if not self.request_timeout_s > 0:
-            raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "read_timeout_s", "write_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if self.max_request_body_bytes < 1024:
             raise ConfigError(
                 f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"
             )
+        for name in (
+            "max_stop_strings",
+            "max_stop_chars",
+            "max_chars_per_token",
+            "tokenizer_threads",
+            "max_connections",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from aiohttp import web
 from controlplane.admin.config import AdminConfig, AdminConfigError
 from controlplane.admin.server import AdminServer
 from controlplane.api.app import Gateway
+from controlplane.api.http_server import ConnectionGuard, GuardedSite
 from controlplane.config import ConfigError, GatewayConfig
 from controlplane.instances.instance import StartupError
 from controlplane.instances.registry import InstanceRegistry
@@ -89,6 +90,7 @@ class GatewayServer:
         """The prefix index (with config.routing.kv_metadata), following the metadata store."""
         self._admin: AdminServer | None = None
         self._runner: web.AppRunner | None = None
+        self._gateway: Gateway | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.url = ""
         self.admin_port: int | None = None
@@ -154,7 +156,7 @@ class GatewayServer:
             self._cluster_view = await asyncio.to_thread(
                 _start_cluster_view, config.routing.kv_metadata
             )
-        gateway = Gateway(
+        gateway = self._gateway = Gateway(
             config,
             tokenizer=self._tokenizer,
             registry=registry,
@@ -162,17 +164,25 @@ class GatewayServer:
             sampling_defaults=read_sampling_defaults(config.model_dir),
             router=Router(registry, self._cluster_view),
         )
+        http = config.http
         self._runner = web.AppRunner(
             gateway.build_app(),
             handler_cancellation=True,  # a client that disconnects cancels its request's work
-            shutdown_timeout=config.http.shutdown_grace_s,
+            shutdown_timeout=http.shutdown_grace_s,
             access_log=None,
+            # aiohttp's one read-side timer: no complete request head for this long after the
+            # connection opened or its previous response ended closes it (api/http_server.py).
+            keepalive_timeout=http.read_timeout_s,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.http.host, config.http.port)
+        guard = ConnectionGuard(
+            max_connections=http.max_connections,
+            write_timeout_s=http.write_timeout_s,
+            metrics=self.metrics,
+        )
+        site = GuardedSite(self._runner, http.host, http.port, guard)
         await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://{config.http.host}:{port}"
+        self.url = f"http://{http.host}:{site.port}"
         interval_s = config.registry.health_check_interval_s
         self._tasks.append(asyncio.create_task(registry.run_health_checks(interval_s=interval_s)))
         # From now on a launched worker that stops serving is replaced (before, it fails the
@@ -269,6 +279,9 @@ class GatewayServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._gateway is not None:
+            self._gateway.close()
+            self._gateway = None
         if self._registry is not None:
             await self._registry.close()
             self._registry = None

@@ -37,6 +37,14 @@ class GatewayMetrics:
             "requests", "HTTP requests by route and status code", "endpoint", "status"
         )
         self.requests_in_flight = gauge("requests_in_flight", "Generation requests being served")
+        self.http_connections = gauge("http_connections", "Open HTTP connections")
+        self.http_connections_refused = counter(
+            "http_connections_refused", "HTTP connections answered 503 at --max-connections"
+        )
+        self.http_write_timeouts = counter(
+            "http_write_timeouts",
+            "HTTP connections aborted because the client did not read for --write-timeout",
+        )
         self.request_latency = histogram(
             "request_latency_seconds", "End-to-end latency of generation requests",
             _E2E_BUCKETS_S, "endpoint",

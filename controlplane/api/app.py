@@ -5,6 +5,10 @@ A handler parses the body (:mod:`controlplane.api.openai_protocol`), tokenizes t
 router for a decision, runs the :class:`~controlplane.request.generation.Generation` and writes the
 answer (:mod:`controlplane.api.responses`).
 
+Prompts are tokenized on a pool of `tokenizer_threads` threads, never on the event loop (the
+tokenizers library releases the GIL while it encodes): a megabyte prompt takes about a second to
+tokenize, and the loop serves every other stream meanwhile.
+
 Errors: every non-2xx answer is OpenAI's `{"error": {message, type, param, code}}` (see the table
 in docs/design/gateway.md). A streaming request that fails before its first token gets a real
 HTTP status; after the first token the status line is gone, so it gets an error event and
@@ -19,21 +23,27 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from aiohttp import hdrs, web
 
 from controlplane.api.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
+    ChatMessage,
     GenerationRequestFields,
     OpenAIError,
     RequestLimits,
     SamplingDefaults,
     SamplingOptions,
-    check_context_length,
     parse_chat_completion_request,
     parse_completion_request,
+)
+from controlplane.api.request_checks import (
+    check_context_length,
+    check_prompt_chars,
+    parse_json_body,
 )
 from controlplane.api.responses import (
     SSE_DONE,
@@ -65,6 +75,8 @@ logger = logging.getLogger("controlplane.gateway")  # the gateway's one log name
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _Parsed = TypeVar("_Parsed", bound=GenerationRequestFields)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 _GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 _WORKER_ERROR_STATUS = {
     WorkerErrorKind.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
@@ -86,8 +98,9 @@ def worker_error_to_openai(exc: WorkerError) -> OpenAIError:
 
 
 def error_response(exc: OpenAIError) -> web.Response:
+    # ASCII JSON: a message quoting the client's input can always be encoded and parsed back.
     response = web.Response(
-        status=exc.status, text=dumps(exc.to_dict()), content_type="application/json"
+        status=exc.status, text=json.dumps(exc.to_dict()), content_type="application/json"
     )
     if isinstance(exc, RejectedRequest) and exc.retry_after_s is not None:
         response.headers[hdrs.RETRY_AFTER] = str(exc.retry_after_s)
@@ -117,10 +130,24 @@ class Gateway:
         self._router = router if router is not None else Router(registry, None)
         self._metrics = metrics
         self._sampling_defaults = sampling_defaults
+        http = config.http
         self._limits = RequestLimits(
-            max_model_len=registry.limits.max_model_len, vocab_size=tokenizer.vocab_size
+            max_model_len=registry.limits.max_model_len,
+            vocab_size=tokenizer.vocab_size,
+            max_stop_strings=http.max_stop_strings,
+            max_stop_chars=http.max_stop_chars,
+            max_chars_per_token=min(
+                http.max_chars_per_token, tokenizer.max_token_chars or http.max_chars_per_token
+            ),
+        )
+        self._tokenize_pool = ThreadPoolExecutor(
+            max_workers=http.tokenizer_threads, thread_name_prefix="strata-tokenize"
         )
         self._created = int(time.time())
+
+    def close(self) -> None:
+        """Stop the tokenizer threads (after the HTTP server stopped)."""
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def build_app(self) -> web.Application:
         app = web.Application(
@@ -167,7 +194,14 @@ class Gateway:
         try:
             return await handler(request)
         except OpenAIError as exc:
-            return error_response(exc)
+            response = error_response(exc)
+            if exc.status == 408:
+                # Answer, then close: aiohttp would otherwise linger reading the rest of a body
+                # this slow (up to its lingering_time) before closing.
+                await response.prepare(request)
+                await response.write_eof()
+                request.protocol.force_close()
+            return response
         except WorkerError as exc:
             logger.warning("%s %s: %s", request.method, request.path, exc)
             return error_response(worker_error_to_openai(exc))
@@ -200,30 +234,37 @@ class Gateway:
     # -- simple routes ------------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
+        # Nothing about where the model lives (vLLM's "root" is its path) or who serves it.
         model = {
             "id": self._config.served_model_name,
             "object": "model",
             "created": self._created,
             "owned_by": "strata",
-            "root": str(self._config.model_dir),
             "max_model_len": self._limits.max_model_len,
         }
         return json_response({"object": "list", "data": [model]})
 
     async def _health(self, request: web.Request) -> web.Response:
-        workers = [
-            {
+        # Public: each instance's id, role and state only. Endpoints, load and the reason an
+        # instance is down are internal: the admin API's (`strata admin list`, behind its token),
+        # and here only with --health-details.
+        details = self._config.http.health_details
+        workers: list[dict[str, Any]] = []
+        for info in self._registry.list_instances():
+            worker: dict[str, Any] = {
                 "id": info.id,
-                "endpoint": info.endpoint,
                 "role": info.role.name.lower(),
                 "state": info.state.value,
                 "ready": info.state.value == "ready",
-                "in_flight": info.in_flight,
-                "capacity": info.capacity,
-                "detail": info.detail,
             }
-            for info in self._registry.list_instances()
-        ]
+            if details:
+                worker.update(
+                    endpoint=info.endpoint,
+                    in_flight=info.in_flight,
+                    capacity=info.capacity,
+                    detail=info.detail,
+                )
+            workers.append(worker)
         ready = self._registry.is_ready()
         return json_response(
             {"status": "ok" if ready else "unavailable", "workers": workers},
@@ -241,7 +282,9 @@ class Gateway:
         arrival_s = time.monotonic()
         parsed = self._parse(parse_completion_request, await self._read_json(request))
         if isinstance(parsed.prompt, str):
-            prompt_ids = self._tokenizer.encode_prompt(parsed.prompt)
+            max_tokens = parsed.sampling.max_tokens
+            check_prompt_chars(len(parsed.prompt), max_tokens, self._limits, param="prompt")
+            prompt_ids = await self._tokenize(self._tokenizer.encode_prompt, parsed.prompt)
         else:
             prompt_ids = list(parsed.prompt)
         if not prompt_ids:
@@ -260,10 +303,24 @@ class Gateway:
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival_s = time.monotonic()
         parsed = self._parse(parse_chat_completion_request, await self._read_json(request))
-        prompt_ids = self._tokenizer.encode_chat(parsed.messages)
+        prompt_ids = await self._tokenize(
+            self._encode_chat, parsed.messages, parsed.sampling.max_tokens
+        )
         return await self._serve(
             request, arrival_s, parsed, prompt_ids, ChatFormatter, "chatcmpl", param="messages"
         )
+
+    async def _tokenize(self, encode: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        """Run `encode` on the tokenizer pool; the loop serves other requests meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, lambda: encode(*args, **kwargs))
+
+    def _encode_chat(self, messages: tuple[ChatMessage, ...], max_tokens: int | None) -> list[int]:
+        """Render and tokenize a chat prompt (on the pool); the rendered text's length is
+        checked before it is tokenized."""
+        text = self._tokenizer.render_chat(messages)
+        check_prompt_chars(len(text), max_tokens, self._limits, param="messages")
+        return self._tokenizer.encode_rendered_chat(text)
 
     def _parse(self, parse: Callable[..., _Parsed], body: Any) -> _Parsed:
         return parse(
@@ -318,13 +375,27 @@ class Gateway:
                     status=415,
                     code="unsupported_media_type",
                 )
-        raw = await request.read()
+        limit = self._config.http.max_request_body_bytes
+        too_large = OpenAIError(
+            f"The request body is larger than this server's limit of {limit} bytes.",
+            status=413,
+            code="request_too_large",
+        )
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large  # refused before reading a byte of it
+        timeout_s = self._config.http.read_timeout_s
         try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as exc:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()  # aiohttp stops reading at client_max_size
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+        except TimeoutError:
             raise OpenAIError(
-                f"The request body is not valid JSON: {exc}", code="invalid_json"
+                f"The request body did not arrive within {timeout_s:g} s.",
+                status=408,
+                code="request_timeout",
             ) from None
+        return parse_json_body(raw)
 
     def _generation(
         self,

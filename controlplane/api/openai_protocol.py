@@ -9,8 +9,14 @@ that ask for a feature this server does not implement (logprobs, tools, penaltie
 rejected with 400 unless they carry their "off" value: silently dropping them would return an
 answer the client did not ask for.
 
-Checks that need the tokenized prompt (context length) live in `check_context_length`, called by
-the gateway after tokenization.
+What is checked beyond the fields (the body's bytes, the prompt's length before and after
+tokenization) lives in `controlplane.api.request_checks`.
+
+Bounds on what a request may ask for (`RequestLimits`, set from the gateway's HTTP config): at most
+`max_stop_strings` stop strings (4, as OpenAI allows) of at most `max_stop_chars` characters each
+(256: every stop string is matched against each generated piece and up to its length minus one
+characters of output are held back, so both the per-token cost and the streaming delay grow with
+them; real stop strings are delimiters of a few characters).
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ __all__ = [
     "OpenAIError",
     "RequestLimits",
     "SamplingOptions",
-    "check_context_length",
     "parse_chat_completion_request",
     "parse_completion_request",
 ]
@@ -37,6 +42,13 @@ _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
 """OpenAI's (and vLLM's) default for legacy completions; chat fills the context window."""
+DEFAULT_MAX_STOP_STRINGS: Final = 4
+"""OpenAI's limit on `stop`."""
+DEFAULT_MAX_STOP_CHARS: Final = 256
+"""Longest stop string, in characters (module docstring)."""
+DEFAULT_MAX_CHARS_PER_TOKEN: Final = 32
+"""Bound on the characters one token stands for (`request_checks.check_prompt_chars`): English
+averages about 4, code 3, CJK 1 to 2; a text denser than 32 is runs of whitespace or repeats."""
 
 CHAT_ROLES: Final = frozenset({"system", "developer", "user", "assistant"})
 
@@ -98,16 +110,22 @@ class OpenAIError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
-    """What the served model allows; known once the workers reported their Health."""
+    """What the served model allows (known once the workers reported their Health) and what the
+    gateway's configuration allows a request to ask for."""
 
     max_model_len: int
     vocab_size: int
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
+    max_stop_chars: int = DEFAULT_MAX_STOP_CHARS
+    max_chars_per_token: int = DEFAULT_MAX_CHARS_PER_TOKEN
+    """No token stands for more characters than this (`request_checks.check_prompt_chars`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingOptions:
     max_tokens: int | None
-    """Tokens to generate as the client asked; None = not given (see check_context_length)."""
+    """Tokens to generate as the client asked; None = not given
+    (see request_checks.check_context_length)."""
     temperature: float
     top_p: float
     seed: int | None
@@ -222,44 +240,6 @@ def _parse_common(
         cache_salt=_parse_cache_salt(obj),
         return_token_ids=_opt_bool(obj, "return_token_ids", default=False),
     )
-
-
-def check_context_length(
-    num_prompt_tokens: int,
-    max_tokens: int | None,
-    max_model_len: int,
-    *,
-    param: str,
-    default_max_tokens: int | None = None,
-) -> int:
-    """Return the number of tokens to generate, or raise 400 if the request does not fit.
-
-    `max_tokens=None` (not given) means `default_max_tokens`, or the whole rest of the window if
-    that is None, clamped to what the window leaves (at least one token must fit). Unlike vLLM
-    0.32, which silently clamps an oversized max_tokens, an explicit max_tokens that does not fit
-    is rejected: the client asked for something the server cannot deliver.
-    """
-    if num_prompt_tokens >= max_model_len:
-        raise OpenAIError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"prompt contains {num_prompt_tokens} input tokens, which leaves no room for any "
-            f"output tokens. Please reduce the length of the input prompt.",
-            param=param,
-            code="context_length_exceeded",
-        )
-    if max_tokens is None:
-        room = max_model_len - num_prompt_tokens
-        return room if default_max_tokens is None else min(room, default_max_tokens)
-    if num_prompt_tokens + max_tokens > max_model_len:
-        raise OpenAIError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
-            f"input, {max_tokens} in the completion). Please reduce the length of the input "
-            f"or the completion.",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    return max_tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,21 +368,33 @@ def _parse_sampling(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
-        stop=_parse_stop(obj),
+        stop=_parse_stop(obj, limits),
         stop_token_ids=_parse_stop_token_ids(obj, limits),
         ignore_eos=_opt_bool(obj, "ignore_eos", default=False),
     )
 
 
-def _parse_stop(obj: dict[str, Any]) -> tuple[str, ...]:
+def _parse_stop(obj: dict[str, Any], limits: RequestLimits) -> tuple[str, ...]:
     value = obj.get("stop")
     if value is None:
         return ()
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise _invalid("stop", "'stop' must be a string or a list of strings.")
+    if len(stops) > limits.max_stop_strings:
+        raise _invalid(
+            "stop",
+            f"'stop' may hold at most {limits.max_stop_strings} strings, got {len(stops)}.",
+        )
     if any(s == "" for s in stops):
         raise _invalid("stop", "'stop' strings must not be empty.")
+    longest = max(len(s) for s in stops)
+    if longest > limits.max_stop_chars:
+        raise _invalid(
+            "stop",
+            f"'stop' strings may be at most {limits.max_stop_chars} characters long, "
+            f"got one of {longest}.",
+        )
     return tuple(dict.fromkeys(stops))
 
 

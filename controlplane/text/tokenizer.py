@@ -46,6 +46,7 @@ class ModelTokenizer:
         "_has_developer_role",
         "_tokenizer",
         "eos_token_ids",
+        "max_token_chars",
     )
 
     def __init__(self, tokenizer: Any, *, extra_eos_token_ids: tuple[int, ...] = ()) -> None:
@@ -60,6 +61,8 @@ class ModelTokenizer:
         source = self._chat_template or ""
         self._content_as_parts = _ITERATES_CONTENT_RE.search(source) is not None
         self._has_developer_role = "developer" in source
+        self.max_token_chars: int = _longest_token(tokenizer)
+        """No token of the vocabulary stands for more characters than this (0: unknown)."""
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> ModelTokenizer:
@@ -113,9 +116,11 @@ class ModelTokenizer:
 
     def encode_chat(self, messages: tuple[ChatMessage, ...]) -> list[int]:
         """Token ids of a chat prompt: the rendered template, no extra special tokens."""
-        ids: list[int] = self._tokenizer.encode(
-            self.render_chat(messages), add_special_tokens=False
-        )
+        return self.encode_rendered_chat(self.render_chat(messages))
+
+    def encode_rendered_chat(self, text: str) -> list[int]:
+        """Token ids of a chat prompt that `render_chat` made."""
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
         return ids
 
     def _message_dict(self, message: ChatMessage) -> dict[str, Any]:
@@ -137,6 +142,18 @@ class ModelTokenizer:
         if message.name is not None:
             result["name"] = message.name
         return result
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """An upper bound on the characters one token stands for: the longest entry of the vocabulary
+    (added tokens included). A vocabulary entry is never shorter than its text: byte-level BPE
+    spells each byte with one symbol (and a character is at least one byte), SentencePiece each
+    character with one ("▁" for a space), byte-fallback tokens as "<0xNN>"."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return 0
+    vocab = get_vocab()
+    return max((len(token) for token in vocab), default=0) if isinstance(vocab, dict) else 0
 
 
 def _read_generation_config(model_dir: Path) -> dict[str, Any]:

@@ -271,7 +271,9 @@ def window_rates(load: Load, start: float, end: float) -> list[tuple[float, floa
 
 
 @pytest.fixture
-def server(tiny_model_dir: Path) -> Iterator[StrataServer]:
+def server(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StrataServer]:
+    # /health's endpoints and loads are read below; `strata serve`'s gateway inherits this.
+    monkeypatch.setenv("STRATA_GATEWAY_HEALTH_DETAILS", "true")
     server = start_server(tiny_model_dir, ["--prefill-workers", "1", "--decode-workers", "2"])
     try:
         yield server

@@ -107,6 +107,7 @@ def cluster(tiny_model_dir: Path) -> Iterator[StallCluster]:
         argv += ["--health-check-interval", f"{HEALTH_INTERVAL_S}s"]
         argv += ["--health-check-timeout", f"{HEALTH_TIMEOUT_S}s"]
         argv += ["--stall-floor", f"{STALL_FLOOR_S}s", "--no-profile"]
+        argv += ["--health-details", "true"]  # /health: endpoints, loads, details read below
         gateway = start(Service("gateway", argv, r"listening on"))
         gateway.wait_ready(READY_TIMEOUT_S)
         url = f"http://{host}:{gateway_port}"

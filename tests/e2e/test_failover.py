@@ -87,6 +87,7 @@ def cluster(tiny_model_dir: Path) -> Iterator[FailoverCluster]:
         for endpoint, _ in decode_workers:
             argv += ["--decode", endpoint]
         argv += ["--host", host, "--port", str(gateway_port), "--health-check-interval", "1s"]
+        argv += ["--health-details", "true"]  # /health's endpoints and loads are read below
         gateway = start(Service("gateway", argv, r"listening on"))
         gateway.wait_ready(READY_TIMEOUT_S)
         yield FailoverCluster(

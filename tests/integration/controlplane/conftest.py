@@ -92,13 +92,18 @@ def model_tokenizer(tiny_model_dir: Path) -> ModelTokenizer:
 
 
 def start_stack(
-    loop: LoopThread, model_dir: Path, tokenizer: ModelTokenizer, **config_overrides: Any
+    loop: LoopThread,
+    model_dir: Path,
+    tokenizer: ModelTokenizer,
+    *,
+    max_model_len: int = MAX_MODEL_LEN,
+    **config_overrides: Any,
 ) -> Stack:
     worker_tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     script = default_script(worker_tokenizer)
     prefill, decode = (
         ScriptedWorker(
-            role, script, worker_tokenizer, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE
+            role, script, worker_tokenizer, max_model_len=max_model_len, block_size=BLOCK_SIZE
         )
         for role in (worker_pb2.ROLE_PREFILL, worker_pb2.ROLE_DECODE)
     )

@@ -41,6 +41,7 @@ def story_cluster(
     tiny_model_dir: Path,
     model_tokenizer: ModelTokenizer,
     registry: dict[str, Any],
+    http: dict[str, Any] | None = None,
 ) -> Iterator[Cluster]:
     """2 prefill + 2 scripted decode workers that answer STORY (the failover tests' cluster)."""
     cluster = start_cluster(
@@ -50,6 +51,7 @@ def story_cluster(
         num_prefill=2,
         num_decode=2,
         registry=registry,
+        http=http or {},
     )
     cluster.script.token_ids = cluster.tokenizer.encode(STORY, add_special_tokens=False).ids
     yield cluster

@@ -140,6 +140,7 @@ def _spawn(model_dir: Path, registry: str, *endpoints: str) -> subprocess.Popen[
         "--model-dir", str(model_dir), "--served-model-name", SERVED_MODEL_NAME,
         "--host", "127.0.0.1", "--port", "0", "--registry", registry,
         "--health-check-interval", "200ms", *endpoints,
+        "--health-details", "true",  # _health maps instances by endpoint
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(

@@ -44,6 +44,7 @@ def cluster(
         tiny_model_dir,
         model_tokenizer,
         {"health_check_interval_s": 0.1, "stall_floor_s": 0.5},
+        http={"health_details": True},  # /health names the stall
     )
 
 

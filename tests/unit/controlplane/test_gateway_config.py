@@ -35,6 +35,12 @@ def test_from_argv_defaults(tmp_path: Path) -> None:
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8000)
     assert config.http.request_timeout_s == 600.0
     assert config.registry.health_check_interval_s == 2.0
+    http = config.http  # the bounds on what a client may send and hold
+    assert http.max_request_body_bytes == 1024 * 1024
+    assert (http.max_stop_strings, http.max_stop_chars, http.max_chars_per_token) == (4, 256, 32)
+    assert http.tokenizer_threads == 4
+    assert (http.read_timeout_s, http.write_timeout_s, http.max_connections) == (60.0, 30.0, 2048)
+    assert not http.health_details
 
 
 def test_from_argv_all_flags(tmp_path: Path) -> None:
@@ -51,6 +57,9 @@ def test_from_argv_all_flags(tmp_path: Path) -> None:
             "--health-check-timeout", "1s",
             "--max-request-body-bytes", "4096",
             "--shutdown-grace", "0s",
+            "--max-stop-strings", "2", "--max-stop-chars", "16", "--max-chars-per-token", "8",
+            "--tokenizer-threads", "1", "--read-timeout", "5s", "--write-timeout", "2s",
+            "--max-connections", "10", "--health-details", "true",
         )
     )  # fmt: skip
     assert config.served_model_name == "tiny"
@@ -63,6 +72,10 @@ def test_from_argv_all_flags(tmp_path: Path) -> None:
     assert config.registry.health_check_timeout_s == 1.0
     assert config.http.max_request_body_bytes == 4096
     assert config.http.shutdown_grace_s == 0.0
+    http = config.http
+    assert (http.max_stop_strings, http.max_stop_chars, http.max_chars_per_token) == (2, 16, 8)
+    assert (http.tokenizer_threads, http.read_timeout_s, http.write_timeout_s) == (1, 5.0, 2.0)
+    assert http.max_connections == 10 and http.health_details
 
 
 @pytest.mark.parametrize(
@@ -75,6 +88,12 @@ def test_from_argv_all_flags(tmp_path: Path) -> None:
         ["--health-check-interval", "0s"],
         ["--served-model-name", "has space"],
         ["--max-request-body-bytes", "10"],
+        ["--max-stop-strings", "0"],
+        ["--max-chars-per-token", "0"],
+        ["--tokenizer-threads", "0"],
+        ["--read-timeout", "0s"],
+        ["--write-timeout", "0s"],
+        ["--max-connections", "0"],
         ["--slo-margin-quantile", "1.5"],
     ],
 )
@@ -101,6 +120,7 @@ def test_environment_variables_below_flags(tmp_path: Path) -> None:
         "STRATA_GATEWAY_TTFT_SLO": "500ms",
         "STRATA_GATEWAY_PROFILE": "false",
         "STRATA_GATEWAY_ADMIN_PORT": "0",
+        "STRATA_GATEWAY_WRITE_TIMEOUT": "5s",
     }
     config = GatewayConfig.from_argv(["--port", "9001"], environ=env)
     assert config.model_dir == tmp_path
@@ -109,6 +129,7 @@ def test_environment_variables_below_flags(tmp_path: Path) -> None:
     assert config.scheduling.default_ttft_slo_s == 0.5
     assert not config.profiling.enabled
     assert config.admin.port == 0
+    assert config.http.write_timeout_s == 5.0
 
 
 def test_every_flag_of_the_cli(tmp_path: Path) -> None:
@@ -119,6 +140,8 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
     assert flags == {
         "-h", "--help", "--model-dir", "--served-model-name", "--prefill", "--decode",
         "--host", "--port", "--request-timeout", "--max-request-body-bytes", "--shutdown-grace",
+        "--max-stop-strings", "--max-stop-chars", "--max-chars-per-token", "--tokenizer-threads",
+        "--read-timeout", "--write-timeout", "--max-connections", "--health-details",
         "--registry", "--worker-startup-timeout", "--health-check-interval",
         "--health-check-timeout", "--drain-timeout", "--stall-floor", "--stall-factor",
         "--policy", "--kv-metadata",

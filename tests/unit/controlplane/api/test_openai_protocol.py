@@ -11,10 +11,10 @@ from controlplane.api.openai_protocol import (
     OpenAIError,
     RequestLimits,
     SamplingDefaults,
-    check_context_length,
     parse_chat_completion_request,
     parse_completion_request,
 )
+from controlplane.api.request_checks import check_context_length
 
 M = "served"
 LIMITS = RequestLimits(max_model_len=1000, vocab_size=500)
@@ -78,6 +78,9 @@ BAD_CHAT = [
     ("seed-over-int64", chat(seed=2**63), 400, "seed", None),
     ("stop-number", chat(stop=3), 400, "stop", None),
     ("stop-empty-string", chat(stop=["a", ""]), 400, "stop", None),
+    ("stop-five-strings", chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+    ("stop-too-long", chat(stop=["x" * 257]), 400, "stop", None),
+    ("stop-one-too-long", chat(stop="a" + "é" * 256), 400, "stop", None),
     ("stop-token-out-of-vocab", chat(stop_token_ids=[500]), 400, "stop_token_ids", None),
     ("stop-token-ids-not-list", chat(stop_token_ids=5), 400, "stop_token_ids", None),
     ("stream-not-bool", chat(stream="yes"), 400, "stream", None),
@@ -264,3 +267,14 @@ def test_context_length_exceeded(num_prompt: int, max_tokens: int | None, param:
         "context_length_exceeded",
     )
     assert info.value.message.startswith("This model's maximum context length is 100 tokens.")
+
+
+def test_stop_strings_at_their_limits_are_accepted() -> None:
+    stops = ["a" * 256, "b", "c", "é" * 256]  # characters, not bytes: "é" * 256 is 512 bytes
+    parsed = parse_chat_completion_request(chat(stop=stops), served_model_name=M, limits=LIMITS)
+    assert parsed.sampling.stop == tuple(stops)
+    tight = RequestLimits(max_model_len=1000, vocab_size=500, max_stop_strings=1, max_stop_chars=3)
+    with pytest.raises(OpenAIError, match="at most 1 strings, got 2"):
+        parse_chat_completion_request(chat(stop=["a", "b"]), served_model_name=M, limits=tight)
+    with pytest.raises(OpenAIError, match="at most 3 characters long, got one of 4"):
+        parse_chat_completion_request(chat(stop="abcd"), served_model_name=M, limits=tight)

@@ -144,3 +144,20 @@ def test_eos_ids_include_generation_config(tmp_path: Path, tiny_model_dir: Path)
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert ModelTokenizer.from_model_dir(tmp_path).eos_token_ids == {2, 7}
+
+
+def test_max_token_chars_bounds_every_token(hf_tokenizer: Any) -> None:
+    """No token's text is longer than the longest vocabulary entry (what the gateway's check
+    before tokenizing relies on), and that entry exists."""
+    tokenizer = ModelTokenizer(hf_tokenizer)
+    longest = max(len(hf_tokenizer.decode([i])) for i in range(len(hf_tokenizer)))
+    assert 0 < longest <= tokenizer.max_token_chars
+    assert tokenizer.max_token_chars == max(len(t) for t in hf_tokenizer.get_vocab())
+    assert ModelTokenizer(object()).max_token_chars == 0  # no vocabulary: no bound
+
+
+def test_chat_encoding_in_two_steps_is_the_same(hf_tokenizer: Any) -> None:
+    tokenizer = ModelTokenizer(hf_tokenizer)
+    messages = (ChatMessage("user", "Hi there", None),)
+    rendered = tokenizer.render_chat(messages)
+    assert tokenizer.encode_rendered_chat(rendered) == tokenizer.encode_chat(messages)
