@@ -19,6 +19,7 @@ a store that is down for minutes costs a few log lines, not a traceback per retr
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "MetadataSpec",
     "MetadataStore",
     "OutageLog",
+    "member_info",
     "member_kind",
     "parse_metadata_spec",
 ]
@@ -86,6 +88,40 @@ def member_kind(info: Mapping[str, Any]) -> MemberKind | None:
         return MemberKind(kind)
     except ValueError:
         return None
+
+
+MAX_MEMBER_INFO_FIELDS: Final = 64
+MAX_MEMBER_INFO_CHARS: Final = 4096
+"""Bounds on one member's info (what members register is a handful of short fields)."""
+
+
+def member_info(raw: Any) -> dict[str, Any]:
+    """A member's info as read from a shared store, validated: a JSON object (or mapping) of
+    at most 64 string names to JSON scalars, 4 KiB of text in all; ``endpoint`` and ``kind``,
+    when present, strings. ValueError says what is wrong: a reader skips that member (logged)
+    and goes on with the others, whoever wrote the record."""
+    if isinstance(raw, (bytes, str)):
+        if len(raw) > MAX_MEMBER_INFO_CHARS:
+            raise ValueError(f"member info of {len(raw)} bytes (at most {MAX_MEMBER_INFO_CHARS})")
+        try:
+            raw = json.loads(raw)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"member info is not JSON: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"member info is a {type(raw).__name__}, not an object")
+    if len(raw) > MAX_MEMBER_INFO_FIELDS:
+        raise ValueError(f"member info has {len(raw)} fields (at most {MAX_MEMBER_INFO_FIELDS})")
+    info: dict[str, Any] = {}
+    for name, value in raw.items():
+        if not isinstance(name, str):
+            raise ValueError(f"member info name {name!r:.40} is not a string")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise ValueError(f"member info {name!r:.40} is a {type(value).__name__}, not a scalar")
+        info[name] = value
+    for name in ("endpoint", KIND_KEY):
+        if name in info and not isinstance(info[name], str):
+            raise ValueError(f"member info {name!r} is not a string")
+    return info
 
 
 @runtime_checkable
