@@ -153,6 +153,7 @@ def serve(config: ServeConfig) -> int:
                     *store_args,
                 ],
                 r"listening on",
+                env_prefixes=("STRATA_KVSTORE_",),
             ),
             config.ready_timeout_s,
         )
@@ -213,7 +214,14 @@ def serve(config: ServeConfig) -> int:
             gateway_argv += ["--admin-token-file", str(token_file)]
         # The gateway is ready once every worker is: allow for the engines' start-up.
         sup.start(
-            Service("gateway", gateway_argv, r"strata gateway listening on"),
+            Service(
+                "gateway",
+                gateway_argv,
+                r"strata gateway listening on",
+                # Its launcher passes the workers theirs (STRATA_WORKER_*), scrubbed again.
+                env_prefixes=("STRATA_GATEWAY_", "STRATA_WORKER_"),
+                keep_env=(ADMIN_TOKEN_ENV,),
+            ),
             config.ready_timeout_s + 60,
         )
         instances = _admin_instances(admin, token)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from controlplane.workers.roles import WorkerRole
 from strata_common.endpoints import parse_endpoint
+from strata_common.secrets import redact_url
 
 __all__ = [
     "InstanceRecord",
@@ -223,7 +224,7 @@ class RedisRegistryStore:
 
     @property
     def description(self) -> str:
-        return self._url
+        return redact_url(self._url)
 
     async def register(
         self, role: WorkerRole, endpoint: str, *, launched: bool
@@ -248,7 +249,7 @@ class RedisRegistryStore:
         try:
             raw: dict[bytes, bytes] = await self._redis.hgetall(self._instances_key)
         except Exception as exc:  # redis.RedisError, OSError: the store is unreachable
-            raise RegistryStoreError(f"registry {self._url}: {exc}") from exc
+            raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
         records: dict[str, InstanceRecord] = {}
         for key, value in raw.items():
             try:
@@ -269,7 +270,7 @@ class RedisRegistryStore:
         try:
             return await script(keys=keys, args=args)
         except Exception as exc:
-            raise RegistryStoreError(f"registry {self._url}: {exc}") from exc
+            raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
 
 
 class _SkippedRecords:

@@ -28,6 +28,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from strata_common.endpoints import format_endpoint
+from strata_common.secrets import redact_url
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -201,7 +202,7 @@ class MetadataSpec:
         """``HOST:PORT`` of a ``strata://`` spec, IPv6 in brackets (the gRPC address that
         :class:`~kvstore.metadata.remote.RemoteMetadataStore` dials)."""
         if self.scheme != "strata" or self.host is None or self.port is None:
-            raise ValueError(f"{self.spec!r} is not a strata:// spec")
+            raise ValueError(f"{redact_url(self.spec)!r} is not a strata:// spec")
         return format_endpoint(self.host, self.port)
 
 
@@ -214,46 +215,47 @@ def parse_metadata_spec(spec: str) -> MetadataSpec:
     that is not a number, anything after ``strata://HOST:PORT``), not later as a traceback from a
     socket or a URL parser.
     """
+    shown = redact_url(spec)  # errors never show a password
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"metadata spec is empty; expected {_SPEC_FORMS}")
     if any(c.isspace() for c in spec):
-        raise ValueError(f"metadata spec {spec!r} contains whitespace")
+        raise ValueError(f"metadata spec {shown!r} contains whitespace")
     if spec == "embedded":
         return MetadataSpec(spec, "embedded")
     scheme, sep, _rest = spec.partition("://")
     if not sep:
-        raise ValueError(f"metadata spec {spec!r} has no scheme; expected {_SPEC_FORMS}")
+        raise ValueError(f"metadata spec {shown!r} has no scheme; expected {_SPEC_FORMS}")
     scheme = scheme.lower()
     if scheme not in _REDIS_SCHEMES and scheme != "strata":
         raise ValueError(
-            f"unknown metadata scheme {scheme + '://'!r} in {spec!r}; expected {_SPEC_FORMS}"
+            f"unknown metadata scheme {scheme + '://'!r} in {shown!r}; expected {_SPEC_FORMS}"
         )
     parts = urlsplit(spec)
     if scheme == "unix":
         if not parts.path or parts.path == "/":
-            raise ValueError(f"metadata spec {spec!r} names no socket path (unix:///PATH)")
+            raise ValueError(f"metadata spec {shown!r} names no socket path (unix:///PATH)")
         return MetadataSpec(spec, scheme)
     netloc = parts.netloc.rpartition("@")[2]
     if scheme == "strata" and "@" in parts.netloc:
-        raise ValueError(f"metadata spec {spec!r}: strata://HOST:PORT takes no user or password")
+        raise ValueError(f"metadata spec {shown!r}: strata://HOST:PORT takes no user or password")
     host, port_text = _split_host_port(netloc)
     if not host:
-        raise ValueError(f"metadata spec {spec!r} has no host")
+        raise ValueError(f"metadata spec {shown!r} has no host")
     port: int | None = None
     if port_text is None or port_text == "":
         if scheme == "strata":
-            raise ValueError(f"metadata spec {spec!r} has no port (strata://HOST:PORT)")
+            raise ValueError(f"metadata spec {shown!r} has no port (strata://HOST:PORT)")
     else:
         if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"metadata spec {spec!r} has a bad port {port_text!r} (1..65535)")
+            raise ValueError(f"metadata spec {shown!r} has a bad port {port_text!r} (1..65535)")
         port = int(port_text)
     if scheme == "strata":
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"metadata spec {spec!r}: nothing may follow strata://HOST:PORT")
+            raise ValueError(f"metadata spec {shown!r}: nothing may follow strata://HOST:PORT")
     else:
         database = parts.path.removeprefix("/")
         if database and not (database.isascii() and database.isdigit()):
-            raise ValueError(f"metadata spec {spec!r} has a bad database {database!r} (a number)")
+            raise ValueError(f"metadata spec {shown!r} has a bad database {database!r} (a number)")
     return MetadataSpec(spec, scheme, host, port)
 
 

@@ -22,6 +22,7 @@ from kvstore.server.config import StoreNodeConfig
 from kvstore.wire.frame import Status
 from kvstore.wire.types import PutStatus
 from strata_common.endpoints import format_endpoint
+from strata_common.secrets import redact_url
 
 __all__ = ["ClusterMember"]
 
@@ -73,7 +74,9 @@ class ClusterMember:
         self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
         await loop.run_in_executor(None, self.view.start)
         self.fetcher = PeerFetcher()
-        logger.info("joined the cluster as %s (metadata %s)", node_id, config.metadata)
+        logger.info(
+            "joined the cluster as %s (metadata %s)", node_id, redact_url(config.metadata or "")
+        )
 
     def note_changed(self, keys: list[bytes]) -> None:
         if self.agent is not None:
