@@ -78,6 +78,11 @@ class WorkerConfig:
     HBM events; None: no events."""
     instance_id: str | None = option(None, help="event source id (default: HOST:PORT)")
     """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
+    cluster_key_file: Path | None = option(
+        None,
+        help="the cluster key (a 0600 file): this worker proves it holds it to the store node "
+        "(and to the metadata service); none = no credentials (loopback only)",
+    )
     kv_heartbeat_interval_s: float = option(
         1.0, parse=parse_duration, help="with --kv-metadata: membership heartbeat period"
     )
