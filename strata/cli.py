@@ -254,10 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser = sub.add_parser("serve", help="serve a model on this host")
     add_options(serve_parser, ServeConfig, env_prefix=SERVE_ENV_PREFIX)
-    for name in ("worker", "store", "gateway", "models", "admin"):
+    for name in ("worker", "store", "gateway", "models", "admin", "certs"):
         sub.add_parser(name, add_help=False)
-    if argv and argv[0] in ("worker", "store", "gateway", "models", "admin"):
+    if argv and argv[0] in ("worker", "store", "gateway", "models", "admin", "certs"):
         command, rest = argv[0], argv[1:]
+        if command == "certs":
+            from strata.certs import main as certs_main
+
+            return certs_main(rest)
         if command == "admin":
             from strata.admin_cli import main as admin_main
 
