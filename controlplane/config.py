@@ -41,6 +41,7 @@ from controlplane.workers.profiling import ProfileSettings
 from kvstore.metadata import parse_metadata_spec
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import from_cli, group, option
+from strata_common.secrets import redact_url
 from strata_common.units import parse_duration, parse_size
 
 __all__ = [
@@ -219,7 +220,7 @@ class RegistryConfig:
             raise ConfigError(f"stall_factor must be >= 1, got {self.stall_factor}")
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
-                f"registry_url {self.url!r} must be empty (this process) or a "
+                f"registry_url {redact_url(self.url)!r} must be empty (this process) or a "
                 "redis://, rediss:// or unix:// URL"
             )
 

@@ -43,6 +43,7 @@ from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
 from controlplane.workers.roles import WorkerRole
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import open_metadata_store
+from strata_common.secrets import redact_url
 
 __all__ = ["GatewayServer", "main", "serve"]
 
@@ -306,7 +307,7 @@ def _start_cluster_view(spec: str) -> ClusterView:
     try:
         return ClusterView(open_metadata_store(spec)).start()
     except (OSError, ValueError) as exc:
-        raise StartupError(f"cannot follow the KV metadata at {spec}: {exc}") from None
+        raise StartupError(f"cannot follow the KV metadata at {redact_url(spec)}: {exc}") from None
 
 
 def _admin_config(config: GatewayConfig) -> AdminConfig | None:

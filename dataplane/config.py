@@ -17,6 +17,7 @@ from dataplane.hardware import DTYPES
 from kvstore.metadata import parse_metadata_spec
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import add_options, option, parse_into
+from strata_common.secrets import redact_url
 from strata_common.units import parse_duration, parse_size
 
 ENV_PREFIX = "STRATA_WORKER_"
@@ -77,6 +78,11 @@ class WorkerConfig:
     HBM events; None: no events."""
     instance_id: str | None = option(None, help="event source id (default: HOST:PORT)")
     """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
+    cluster_key_file: Path | None = option(
+        None,
+        help="the cluster key (a 0600 file): this worker proves it holds it to the store node "
+        "(and to the metadata service); none = no credentials (loopback only)",
+    )
     kv_heartbeat_interval_s: float = option(
         1.0, parse=parse_duration, help="with --kv-metadata: membership heartbeat period"
     )
@@ -114,7 +120,8 @@ class WorkerConfig:
             if not spec.shared:
                 raise ValueError(
                     "kv_metadata must name a metadata store other processes can reach "
-                    f"(redis://HOST:PORT/DB or strata://HOST:PORT), got {self.kv_metadata!r}"
+                    "(redis://HOST:PORT/DB or strata://HOST:PORT), got "
+                    f"{redact_url(self.kv_metadata)!r}"
                 )
         if not 0 < self.kv_heartbeat_interval_s < self.kv_heartbeat_timeout_s:
             raise ValueError(

@@ -153,6 +153,7 @@ def serve(config: ServeConfig) -> int:
                     *store_args,
                 ],
                 r"listening on",
+                env_prefixes=("STRATA_KVSTORE_",),
             ),
             config.ready_timeout_s,
         )
@@ -213,7 +214,14 @@ def serve(config: ServeConfig) -> int:
             gateway_argv += ["--admin-token-file", str(token_file)]
         # The gateway is ready once every worker is: allow for the engines' start-up.
         sup.start(
-            Service("gateway", gateway_argv, r"strata gateway listening on"),
+            Service(
+                "gateway",
+                gateway_argv,
+                r"strata gateway listening on",
+                # Its launcher passes the workers theirs (STRATA_WORKER_*), scrubbed again.
+                env_prefixes=("STRATA_GATEWAY_", "STRATA_WORKER_"),
+                keep_env=(ADMIN_TOKEN_ENV,),
+            ),
             config.ready_timeout_s + 60,
         )
         instances = _admin_instances(admin, token)
@@ -246,10 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser = sub.add_parser("serve", help="serve a model on this host")
     add_options(serve_parser, ServeConfig, env_prefix=SERVE_ENV_PREFIX)
-    for name in ("worker", "store", "gateway", "models", "admin"):
+    for name in ("worker", "store", "gateway", "models", "admin", "certs"):
         sub.add_parser(name, add_help=False)
-    if argv and argv[0] in ("worker", "store", "gateway", "models", "admin"):
+    if argv and argv[0] in ("worker", "store", "gateway", "models", "admin", "certs"):
         command, rest = argv[0], argv[1:]
+        if command == "certs":
+            from strata.certs import main as certs_main
+
+            return certs_main(rest)
         if command == "admin":
             from strata.admin_cli import main as admin_main
 

@@ -68,6 +68,7 @@ from controlplane.workers.roles import WorkerRole
 from kvstore.metadata import parse_metadata_spec
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import option
+from strata_common.secrets import scrubbed_environment
 from strata_common.units import parse_duration
 
 __all__ = [
@@ -520,11 +521,16 @@ class LocalProcessLauncher:
             if cfg.log_dir is not None:
                 cfg.log_dir.mkdir(parents=True, exist_ok=True)
                 log = open(cfg.log_dir / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115
-            env = {
-                **os.environ,
-                "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
-                "PYTHONUNBUFFERED": "1",
-            }
+            # Its own configuration (STRATA_WORKER_*) and the runtime's, never the gateway's
+            # secrets (the admin token, a registry password): strata_common/secrets.py.
+            env = scrubbed_environment(
+                os.environ,
+                prefixes=("STRATA_WORKER_",),
+                extra={
+                    "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+                    "PYTHONUNBUFFERED": "1",
+                },
+            )
             # Forked from this (the event loop's) thread: PR_SET_PDEATHSIG follows the thread.
             nice = 0 if standby else self._startup_nice
             proc = start_child(self._argv(role, port), env, nice=nice)

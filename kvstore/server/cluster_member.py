@@ -21,7 +21,9 @@ from kvstore.node.tiers import TierManager
 from kvstore.server.config import StoreNodeConfig
 from kvstore.wire.frame import Status
 from kvstore.wire.types import PutStatus
+from strata_common.credentials import ClusterCredentials, Identity
 from strata_common.endpoints import format_endpoint
+from strata_common.secrets import redact_url
 
 __all__ = ["ClusterMember"]
 
@@ -33,6 +35,7 @@ class ClusterMember:
 
     config: StoreNodeConfig
     node: StoreNode
+    cluster_key: bytes | None
     tiers: TierManager
     metadata_server: MetadataServer | None
     agent: NodeAgent | None
@@ -72,8 +75,13 @@ class ClusterMember:
         await self.agent.start()
         self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
         await loop.run_in_executor(None, self.view.start)
-        self.fetcher = PeerFetcher()
-        logger.info("joined the cluster as %s (metadata %s)", node_id, config.metadata)
+        credentials = None
+        if self.cluster_key is not None:  # its peers hold the same key
+            credentials = ClusterCredentials(self.cluster_key, Identity("store", node_id))
+        self.fetcher = PeerFetcher(credentials=credentials)
+        logger.info(
+            "joined the cluster as %s (metadata %s)", node_id, redact_url(config.metadata or "")
+        )
 
     def note_changed(self, keys: list[bytes]) -> None:
         if self.agent is not None:

@@ -132,6 +132,11 @@ class StoreNodeConfig:
     write_through: bool = option(
         False, help="answer a PUT only once its block is on SSD (true/false; implies write-behind)"
     )
+    cluster_key_file: str | None = option(
+        None,
+        help="the cluster key (a 0600 file of 64 hex digits): every connection must prove it "
+        "holds it (HELLO) before any other request; none = no credentials (loopback only)",
+    )
     node_id: str | None = option(None, help="node id in the cluster (default host:port)")
     metadata: str | None = option(None, help="redis://HOST:PORT/DB, embedded, or none")
     metadata_port: int = option(0, help="gRPC port serving embedded metadata (0 = any)")
