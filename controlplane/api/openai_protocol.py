@@ -388,7 +388,7 @@ def _parse_stop(obj: dict[str, Any], limits: RequestLimits) -> tuple[str, ...]:
         )
     if any(s == "" for s in stops):
         raise _invalid("stop", "'stop' strings must not be empty.")
-    longest = max(len(s) for s in stops)
+    longest = max((len(s) for s in stops), default=0)
     if longest > limits.max_stop_chars:
         raise _invalid(
             "stop",

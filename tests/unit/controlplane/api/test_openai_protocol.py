@@ -273,6 +273,8 @@ def test_stop_strings_at_their_limits_are_accepted() -> None:
     stops = ["a" * 256, "b", "c", "é" * 256]  # characters, not bytes: "é" * 256 is 512 bytes
     parsed = parse_chat_completion_request(chat(stop=stops), served_model_name=M, limits=LIMITS)
     assert parsed.sampling.stop == tuple(stops)
+    empty = parse_chat_completion_request(chat(stop=[]), served_model_name=M, limits=LIMITS)
+    assert empty.sampling.stop == ()
     tight = RequestLimits(max_model_len=1000, vocab_size=500, max_stop_strings=1, max_stop_chars=3)
     with pytest.raises(OpenAIError, match="at most 1 strings, got 2"):
         parse_chat_completion_request(chat(stop=["a", "b"]), served_model_name=M, limits=tight)
