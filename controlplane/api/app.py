@@ -92,9 +92,24 @@ _HTTP_ERROR_CODES = {
 }
 
 
+_WORKER_ERROR_MESSAGES = {
+    WorkerErrorKind.UNAVAILABLE: "no worker could serve it now; retry later",
+    WorkerErrorKind.OVERLOADED: "the worker is overloaded; retry later",
+    WorkerErrorKind.TIMEOUT: "the request's deadline passed",
+    WorkerErrorKind.REJECTED: "the worker rejected the input",
+    WorkerErrorKind.FAILED: "the worker failed (logged by the gateway)",
+}
+
+
 def worker_error_to_openai(exc: WorkerError) -> OpenAIError:
+    """The client's view of a worker failure: what kind, never which worker (its endpoint) nor
+    the worker's own detail (addresses, paths), which the gateway logs; a rejected input keeps
+    the worker's reason, which is about the request."""
     status, error_type, code = _WORKER_ERROR_STATUS[exc.kind]
-    return OpenAIError(str(exc), status=status, type=error_type, code=code)
+    message = f"{exc.rpc} failed: {_WORKER_ERROR_MESSAGES[exc.kind]}"
+    if exc.kind is WorkerErrorKind.REJECTED:
+        message += f": {exc.detail}"
+    return OpenAIError(message + ".", status=status, type=error_type, code=code)
 
 
 def error_response(exc: OpenAIError) -> web.Response:

@@ -40,7 +40,7 @@ from controlplane.scheduling import (
     RequestSnapshot,
     cached_prefix,
 )
-from controlplane.workers.roles import WorkerRole
+from controlplane.workers.roles import WorkerRole, role_name
 from kvstore.blocks.hashing import BlockKey, block_keys, root_key
 from kvstore.cluster.view import ClusterView
 
@@ -101,8 +101,10 @@ def _slo_header(headers: Mapping[str, str], name: str) -> float | None:
 def rejection_error(reject: Reject, registry: InstanceRegistry) -> RejectedRequest:
     """The HTTP answer to a Reject (docs/design/scheduling.md §5)."""
     if reject.reason is RejectReason.NO_INSTANCE:
+        # Not registry.describe_role: it names the workers' endpoints and why each is down,
+        # which are internal (the admin API shows them; /health with --health-details).
         return RejectedRequest(
-            registry.describe_role(WorkerRole.DECODE),
+            f"Unavailable: no {role_name(WorkerRole.DECODE)} worker is ready; retry later.",
             status=503,
             code="worker_unavailable",
             retry_after_s=None,

@@ -77,6 +77,7 @@ def test_rejection_error(reject: Reject, status: int, code: str, retry_after: in
     assert isinstance(error, RejectedRequest)
     assert (error.status, error.code, error.retry_after_s) == (status, code, retry_after)
     assert error.type == ("server_error" if status == 503 else "rate_limit_error")
+    assert "a:1" not in error.message  # no worker endpoint reaches the client
 
 
 def _config(tmp_path: Path, **fields: Any) -> Path:
