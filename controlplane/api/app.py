@@ -122,6 +122,14 @@ def error_response(exc: OpenAIError) -> web.Response:
     return response
 
 
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """Send `response`, then close the connection: aiohttp would otherwise linger reading the
+    rest of the request's body (up to its lingering_time) before closing."""
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+
+
 def json_response(obj: object, status: int = 200) -> web.Response:
     return web.Response(status=status, text=dumps(obj), content_type="application/json")
 
@@ -170,8 +178,10 @@ class Gateway:
             client_max_size=self._config.http.max_request_body_bytes,
         )
         app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/completions", self._completions, expect_handler=self._expect)
+        app.router.add_post(
+            "/v1/chat/completions", self._chat_completions, expect_handler=self._expect
+        )
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics_text)
         return app
@@ -210,12 +220,8 @@ class Gateway:
             return await handler(request)
         except OpenAIError as exc:
             response = error_response(exc)
-            if exc.status == 408:
-                # Answer, then close: aiohttp would otherwise linger reading the rest of a body
-                # this slow (up to its lingering_time) before closing.
-                await response.prepare(request)
-                await response.write_eof()
-                request.protocol.force_close()
+            if exc.status == 408:  # the rest of a body this slow is not waited for
+                await _answer_and_close(request, response)
             return response
         except WorkerError as exc:
             logger.warning("%s %s: %s", request.method, request.path, exc)
@@ -390,20 +396,15 @@ class Gateway:
                     status=415,
                     code="unsupported_media_type",
                 )
-        limit = self._config.http.max_request_body_bytes
-        too_large = OpenAIError(
-            f"The request body is larger than this server's limit of {limit} bytes.",
-            status=413,
-            code="request_too_large",
-        )
-        if request.content_length is not None and request.content_length > limit:
+        too_large = self._body_too_large(request)
+        if too_large is not None:
             raise too_large  # refused before reading a byte of it
         timeout_s = self._config.http.read_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 raw = await request.read()  # aiohttp stops reading at client_max_size
         except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+            raise self._too_large() from None
         except TimeoutError:
             raise OpenAIError(
                 f"The request body did not arrive within {timeout_s:g} s.",
@@ -411,6 +412,43 @@ class Gateway:
                 code="request_timeout",
             ) from None
         return parse_json_body(raw)
+
+    def _too_large(self) -> OpenAIError:
+        limit = self._config.http.max_request_body_bytes
+        return OpenAIError(
+            f"The request body is larger than this server's limit of {limit} bytes.",
+            status=413,
+            code="request_too_large",
+        )
+
+    def _body_too_large(self, request: web.Request) -> OpenAIError | None:
+        """413 when the declared Content-Length is over the limit (a chunked body is counted
+        as it is read)."""
+        length = request.content_length
+        if length is not None and length > self._config.http.max_request_body_bytes:
+            return self._too_large()
+        return None
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue` (curl sends it for bodies over 1 MiB): a body over the limit is
+        refused before the client sends it, else the client is told to go on."""
+        too_large = self._body_too_large(request)
+        if too_large is not None:
+            response = error_response(too_large)
+            await _answer_and_close(request, response)  # its body will not come
+            return response
+        if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            return error_response(
+                OpenAIError(
+                    "Only 'Expect: 100-continue' is supported.",
+                    status=417,
+                    code="expectation_failed",
+                )
+            )
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # (as aiohttp's own handler: no body started yet)
+        return None
 
     def _generation(
         self,

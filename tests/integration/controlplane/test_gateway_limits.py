@@ -219,6 +219,35 @@ def test_tokenization_runs_off_the_loop_with_bounded_concurrency(
     assert tokenizer.max_active == 2 and len(tokenizer.calls) == 5
 
 
+# -- Expect: 100-continue --------------------------------------------------------------------
+
+
+def test_expect_continue_refuses_a_large_body_before_it_is_sent(stack: Stack) -> None:
+    """The module's stack allows 64 KiB: a client announcing 2 MiB and waiting for 100 Continue
+    (as curl does above 1 MiB) gets the 413 at once and sends nothing; a small one is told to
+    go on and is served."""
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Expect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+    )
+    big = socket.create_connection(_address(stack), timeout=10)
+    big.sendall(head.format(2 * 1024 * 1024).encode())
+    raw = _recv_all(big)  # the answer, then closed
+    big.close()
+    status_line, _, rest = raw.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 413 "), raw
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
+
+    body = json.dumps({"model": M, "prompt": "x", "max_tokens": 2}).encode()
+    small = socket.create_connection(_address(stack), timeout=10)
+    small.sendall(head.format(len(body)).encode())
+    assert small.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    small.sendall(body)
+    answer = small.recv(65536)
+    small.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
 # -- the connection cap -----------------------------------------------------------------------
 
 
