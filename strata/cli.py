@@ -253,6 +253,7 @@ def serve(config: ServeConfig) -> int:
         )
         where = f"in {token_file}" if token_file is not None else f"${ADMIN_TOKEN_ENV}"
         print(f"strata: admin API on {admin} (token {where}): `strata admin list`", flush=True)
+        print(f"strata: cluster key in {key_file} (--cluster-key-file)", flush=True)
         print(
             f"strata: serving {name} on http://{format_endpoint(config.host, config.port)}/v1",
             flush=True,
