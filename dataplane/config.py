@@ -81,13 +81,14 @@ class WorkerConfig:
     """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
     cluster_key_file: Path | None = option(
         None,
-        help="the cluster key (0600 file): the gRPC service then answers only the gateway "
-        "(role gateway), and HBM events go out as worker/INSTANCE_ID; none = no authentication "
-        "(loopback only)",
+        help="the cluster key (0600 file): this worker proves it holds it to the store node and "
+        "the metadata service (HBM events as worker/INSTANCE_ID), and its gRPC service answers "
+        "only role gateway; none = no credentials (loopback only)",
     )
-    """docs/design/security.md §3.2, §5.1: with a key, every Worker RPC needs a gateway's
-    credentials, and this worker publishes its HBM events as ``worker/INSTANCE_ID`` (its event
-    source id). The key itself is never on the command line."""
+    """docs/design/security.md §3.2, §4, §5.1: with a key, every Worker RPC needs a gateway's
+    credentials, this worker publishes its HBM events as ``worker/INSTANCE_ID`` (its event
+    source id) and authenticates to the store node. The key itself is never on the command
+    line."""
     kv_heartbeat_interval_s: float = option(
         1.0, parse=parse_duration, help="with --kv-metadata: membership heartbeat period"
     )

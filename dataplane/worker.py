@@ -132,6 +132,17 @@ class Worker:
             "VLLM_CPU_KVCACHE_SPACE", str(max(1, self.config.kv_cache_bytes >> 30))
         )
 
+    def store_identity_name(self) -> str:
+        """The NAME of this worker's identity ``worker/NAME`` at the store node: its instance id
+        when configured, else its configured HOST:PORT, else its process id (the engine starts
+        before the gRPC port is bound)."""
+        cfg = self.config
+        if cfg.instance_id:
+            return cfg.instance_id
+        if cfg.port:
+            return f"{cfg.host}:{cfg.port}"
+        return f"pid-{os.getpid()}"
+
     def engine_args(self) -> Any:
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -146,6 +157,15 @@ class Worker:
             kv_connector_extra_config={
                 "store_endpoint": cfg.store_endpoint,
                 "model_fingerprint": fingerprint.hex(),
+                # The key's file, never the key: vLLM logs its whole configuration.
+                **(
+                    {
+                        "cluster_key_file": str(cfg.cluster_key_file),
+                        "identity": f"worker/{self.store_identity_name()}",
+                    }
+                    if cfg.cluster_key_file is not None
+                    else {}
+                ),
             },
         )
         return AsyncEngineArgs(

@@ -15,6 +15,7 @@ Every comparison of a presented proof is constant time (``hmac.compare_digest``)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "CLUSTER_KEY_BYTES",
     "ROLES",
     "RPC_WINDOW_S",
+    "ClusterCredentials",
     "CredentialError",
     "Identity",
     "check_rpc_authorization",
@@ -155,6 +157,18 @@ class Identity:
         if not sep:
             raise CredentialError(f"identity {text!r:.80} is not ROLE/NAME")
         return cls(role, name)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterCredentials:
+    """What a client proves itself with: the cluster key and the identity it claims."""
+
+    key: bytes = dataclasses.field(repr=False)
+    identity: Identity
+
+    def __post_init__(self) -> None:
+        if len(self.key) != CLUSTER_KEY_BYTES:
+            raise CredentialError(f"a cluster key is {CLUSTER_KEY_BYTES} bytes")
 
 
 # -- proofs ------------------------------------------------------------------------------------

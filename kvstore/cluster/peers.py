@@ -14,19 +14,27 @@ from collections.abc import Sequence
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, verify
 from kvstore.blocks.hashing import BlockKey
 from kvstore.errors import KVStoreError
-from kvstore.transport.tcp import recv_bytes
+from kvstore.transport.tcp import hello, recv_bytes
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader
+from strata_common.credentials import ClusterCredentials
 from strata_common.endpoints import parse_endpoint
 
 __all__ = ["PeerFetcher"]
 
 
+_HELLO_ID = 0x7FFFFFF0
+"""Request ids of a new connection's HELLO (the requests after it use small ids)."""
+
+
 class PeerFetcher:
     """Raw-block GETs (and PUTs) to other store nodes over pooled blocking sockets; thread-safe."""
 
-    def __init__(self, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, timeout_s: float = 5.0, *, credentials: ClusterCredentials | None = None
+    ) -> None:
         self._timeout = timeout_s
+        self._credentials = credentials
         self._lock = threading.Lock()
         self._idle: dict[str, list[socket.socket]] = {}
 
@@ -38,6 +46,12 @@ class PeerFetcher:
         address = parse_endpoint(endpoint)
         sock = socket.create_connection((address.host, address.port), timeout=self._timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._credentials is not None:
+            try:
+                hello(sock, self._credentials, _HELLO_ID)
+            except BaseException:
+                sock.close()
+                raise
         return sock
 
     def _give_back(self, endpoint: str, sock: socket.socket) -> None:

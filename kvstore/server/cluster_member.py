@@ -23,7 +23,7 @@ from kvstore.node.tiers import TierManager
 from kvstore.server.config import StoreNodeConfig
 from kvstore.wire.frame import Status
 from kvstore.wire.types import PutStatus
-from strata_common.credentials import Identity, read_cluster_key
+from strata_common.credentials import ClusterCredentials, Identity
 from strata_common.endpoints import format_endpoint
 from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor
 from strata_common.secrets import redact_url
@@ -38,6 +38,7 @@ class ClusterMember:
 
     config: StoreNodeConfig
     node: StoreNode
+    cluster_key: bytes | None
     tiers: TierManager
     metadata_server: MetadataServer | None
     agent: NodeAgent | None
@@ -56,7 +57,7 @@ class ClusterMember:
         node_id = config.node_id or endpoint
         # Secret mode (docs/design/security.md §5.1): this node is store/NODE_ID to another
         # node's metadata service, and its own service checks every caller.
-        key = None if config.cluster_key_file is None else read_cluster_key(config.cluster_key_file)
+        key = self.cluster_key
         auth = None if key is None else ClientAuth(key, Identity("store", node_id))
         store = await loop.run_in_executor(
             None, partial(open_metadata_store, config.metadata, auth=auth)
@@ -86,7 +87,10 @@ class ClusterMember:
         await self.agent.start()
         self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
         await loop.run_in_executor(None, self.view.start)
-        self.fetcher = PeerFetcher()
+        credentials = None
+        if self.cluster_key is not None:  # its peers hold the same key
+            credentials = ClusterCredentials(self.cluster_key, Identity("store", node_id))
+        self.fetcher = PeerFetcher(credentials=credentials)
         logger.info(
             "joined the cluster as %s (metadata %s)", node_id, redact_url(config.metadata or "")
         )

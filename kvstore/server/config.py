@@ -78,8 +78,9 @@ class StoreNodeConfig:
         metadata_port: with ``metadata="embedded"``, the port of the node's gRPC metadata service
             on ``host`` (``strata://HOST:METADATA_PORT`` for the host's other processes); 0 picks a
             free one, printed as ``kvstore metadata on strata://HOST:PORT`` before the ready line.
-        cluster_key_file: the cluster key (a 0600 file, docs/design/security.md §3.2): the
-            metadata service then answers only callers holding it, by identity and RPC
+        cluster_key_file: the cluster key (a 0600 file, docs/design/security.md §3.2): every
+            store connection must prove it holds it (HELLO, §4) and the
+            metadata service answers only callers holding it, by identity and RPC
             (``kvstore.cluster.access``), and this node calls another node's metadata as
             ``store/NODE_ID``. None: no authentication (loopback only).
         heartbeat_interval_s / heartbeat_timeout_s: liveness (docs/design/kvstore.md §10.7).
@@ -138,14 +139,15 @@ class StoreNodeConfig:
     write_through: bool = option(
         False, help="answer a PUT only once its block is on SSD (true/false; implies write-behind)"
     )
+    cluster_key_file: str | None = option(
+        None,
+        help="the cluster key (a 0600 file of 64 hex digits): every connection must prove it "
+        "holds it (HELLO) before any other request, and every call to the metadata service "
+        "carries it; none = no credentials (loopback only)",
+    )
     node_id: str | None = option(None, help="node id in the cluster (default host:port)")
     metadata: str | None = option(None, help="redis://HOST:PORT/DB, embedded, or none")
     metadata_port: int = option(0, help="gRPC port serving embedded metadata (0 = any)")
-    cluster_key_file: Path | None = option(
-        None,
-        help="the cluster key (0600 file): the metadata service requires it of every caller, "
-        "and this node sends it; none = no authentication (loopback only)",
-    )
     heartbeat_interval_s: float = option(1.0, parse=parse_duration, help="heartbeat period")
     heartbeat_timeout_s: float = option(5.0, parse=parse_duration, help="dead after this")
     leave_policy: str = option("drop", help="on graceful stop: drop or migrate")
@@ -210,7 +212,7 @@ class StoreNodeConfig:
         if self.metadata_port and self.metadata_port == self.port:
             raise ValueError("metadata_port must differ from port")
         if self.cluster_key_file is not None:
-            read_cluster_key(self.cluster_key_file)  # CredentialError (a ValueError) says why
+            read_cluster_key(Path(self.cluster_key_file))  # CredentialError (a ValueError): why
             if self.node_id is not None:
                 Identity("store", self.node_id)  # the name this node is known by
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, cast
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.blocks.tier import Tier
 from kvstore.node.store import Lease, PendingPut
+from kvstore.server import auth
 from kvstore.server.handlers import HANDLERS
 from kvstore.server.limits import (
     MAX_FETCHES_PER_CONNECTION,
@@ -125,6 +126,7 @@ class Connection(asyncio.BufferedProtocol):
         self._reading = True
         # Transport ops: leases and reservations held per batch id; the RDMA queue pair.
         self.transfer = TransferState()
+        self.auth = auth.ConnectionAuth()  # the HELLO handshake (kvstore.server.auth)
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -299,6 +301,8 @@ class Connection(asyncio.BufferedProtocol):
                 break
             header = FrameHeader.decode(view, start)
             header.check_request()
+            if not auth.admit(self, header):
+                break  # refused: the connection is closing
             if header.opcode is Op.PUT:
                 if not self._begin_put(header):
                     break
@@ -349,6 +353,9 @@ class Connection(asyncio.BufferedProtocol):
             return True
         if length > self.server.config.max_block_bytes:
             self._reject_put(header, Status.TOO_LARGE)
+            return True
+        if not auth.allowed(self.auth.identity, Op.PUT):
+            self._reject_put(header, Status.FORBIDDEN)
             return True
         result = self.node.begin_put(block.key, length)
         if isinstance(result, PutStatus):
@@ -405,6 +412,9 @@ class Connection(asyncio.BufferedProtocol):
         self._payload_started_at = self.server.loop_time()
 
     def _dispatch(self, header: FrameHeader, payload: memoryview) -> None:
+        if not auth.allowed(self.auth.identity, header.opcode):
+            auth.forbidden(self, header, payload)
+            return
         HANDLERS[header.opcode](self, header, payload)
 
     # -- replies, in request order ---------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from pathlib import Path
 
 from kvstore.cluster.membership import NodeAgent
 from kvstore.cluster.peers import PeerFetcher
@@ -22,6 +23,7 @@ from kvstore.server.connection import Connection
 from kvstore.server.transfer import TransferCounters
 from kvstore.transport.base import TransportKind, TransportUnavailable, log_unavailable_once
 from kvstore.transport.rdma import RdmaNodeEndpoint
+from strata_common.credentials import read_cluster_key
 from strata_common.host import boot_id
 
 __all__ = ["StoreServer"]
@@ -40,6 +42,11 @@ class StoreServer(ClusterMember):
         self, config: StoreNodeConfig, node: StoreNode, tiers: TierManager | None = None
     ) -> None:
         self.config = config
+        self.cluster_key: bytes | None = None
+        """Every connection must prove it holds this key before any request (kvstore.server.auth);
+        None: no credentials (read from ``config.cluster_key_file``)."""
+        if config.cluster_key_file is not None:
+            self.cluster_key = read_cluster_key(Path(config.cluster_key_file))
         self.node = node
         self.tiers = tiers if tiers is not None else TierManager(node)
         self.connections: set[Connection] = set()

@@ -24,7 +24,7 @@ from typing import Any
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader
 from kvstore.blocks.tier import Tier
-from kvstore.errors import KVStoreCorruptError, KVStoreError
+from kvstore.errors import KVStoreAuthError, KVStoreCorruptError, KVStoreError
 from kvstore.wire.frame import FrameError, FrameHeader, Op, Status
 from kvstore.wire.messages import LeaseBatchReply, ReserveBatchReply, decode_bitmap
 from kvstore.wire.types import PutStatus
@@ -53,6 +53,13 @@ def decode_reply_header(
         header = FrameHeader.decode(buf, offset)
     except FrameError as exc:
         raise KVStoreError(f"garbled reply from the node: {exc}") from exc
+    if header.status == Status.UNAUTHENTICATED:
+        raise KVStoreAuthError(
+            "the node requires cluster credentials this client does not have or it refused them "
+            "(give the client the node's cluster key: --cluster-key-file)"
+        )
+    if header.status == Status.FORBIDDEN:
+        raise KVStoreAuthError(f"this client's role may not use {header.opcode.name}")
     if header.request_id != request_id or (op is not None and header.opcode is not op):
         want = f"{op.name}/{request_id}" if op is not None else str(request_id)
         raise KVStoreError(
