@@ -21,7 +21,8 @@ from typing import Any
 import grpc
 import pytest
 
-from strata_common.credentials import Identity, read_cluster_key
+from kvstore.client.sync import KVStoreClient
+from strata_common.credentials import ClusterCredentials, Identity, read_cluster_key
 from strata_common.grpc_auth import ClientAuth
 from strata_proto import worker_pb2_grpc
 from tests.conftest import REPO_ROOT
@@ -54,6 +55,15 @@ class StrataServer:
         assert self.cluster_key_file is not None, "serve did not say where its cluster key is"
         auth = ClientAuth(read_cluster_key(self.cluster_key_file), Identity("gateway", "e2e"))
         return worker_pb2_grpc.WorkerStub(auth.intercept(grpc.insecure_channel(endpoint)))
+
+    def store_client(self) -> KVStoreClient:
+        """A client of serve's store node that proves it holds the cluster key (HELLO), as a
+        worker (docs/design/security.md §4)."""
+        assert self.cluster_key_file is not None, "serve did not say where its cluster key is"
+        credentials = ClusterCredentials(
+            read_cluster_key(self.cluster_key_file), Identity("worker", "e2e")
+        )
+        return KVStoreClient(self.store, credentials=credentials)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
         if self.proc.poll() is None:

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from kvstore.client.sync import KVStoreClient
 from strata_proto import worker_pb2
 from tests.e2e.conftest import StrataServer, run_reference
 
@@ -153,7 +152,7 @@ def _disaggregated_tokens(
     )
     assert len(first.block_keys) == len(prompt) // BLOCK_SIZE
     if corrupt:
-        with KVStoreClient(server.store) as store:
+        with server.store_client() as store:
             for key in first.block_keys:
                 data = store.get(key)
                 assert data is not None, "the prefill worker did not store its blocks"
