@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dataplane.hardware import DTYPES
 from kvstore.metadata import parse_metadata_spec
+from strata_common.credentials import Identity, read_cluster_key
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import add_options, option, parse_into
 from strata_common.secrets import redact_url
@@ -80,9 +81,14 @@ class WorkerConfig:
     """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
     cluster_key_file: Path | None = option(
         None,
-        help="the cluster key (a 0600 file): this worker proves it holds it to the store node "
-        "(and to the metadata service); none = no credentials (loopback only)",
+        help="the cluster key (0600 file): this worker proves it holds it to the store node and "
+        "the metadata service (HBM events as worker/INSTANCE_ID), and its gRPC service answers "
+        "only role gateway; none = no credentials (loopback only)",
     )
+    """docs/design/security.md §3.2, §4, §5.1: with a key, every Worker RPC needs a gateway's
+    credentials, this worker publishes its HBM events as ``worker/INSTANCE_ID`` (its event
+    source id) and authenticates to the store node. The key itself is never on the command
+    line."""
     kv_heartbeat_interval_s: float = option(
         1.0, parse=parse_duration, help="with --kv-metadata: membership heartbeat period"
     )
@@ -130,6 +136,10 @@ class WorkerConfig:
             )
         if self.instance_id is not None and not 0 < len(self.instance_id.encode()) <= 255:
             raise ValueError("instance_id must be 1..255 bytes of UTF-8")
+        if self.cluster_key_file is not None:
+            read_cluster_key(self.cluster_key_file)  # CredentialError (a ValueError) says why
+            # This worker's identity name (its event source id): checked now, not once serving.
+            Identity("worker", self.instance_id or f"{self.host}:{self.port or 1}")
 
     @classmethod
     def from_cli(

@@ -10,7 +10,9 @@ import asyncio
 import logging
 import os
 import zlib
+from functools import partial
 
+from kvstore.cluster.access import metadata_policy
 from kvstore.cluster.membership import NodeAgent
 from kvstore.cluster.peers import PeerFetcher
 from kvstore.cluster.view import ClusterView
@@ -23,6 +25,7 @@ from kvstore.wire.frame import Status
 from kvstore.wire.types import PutStatus
 from strata_common.credentials import ClusterCredentials, Identity
 from strata_common.endpoints import format_endpoint
+from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor
 from strata_common.secrets import redact_url
 
 __all__ = ["ClusterMember"]
@@ -50,12 +53,21 @@ class ClusterMember:
         if config.metadata is None:
             return
         loop = asyncio.get_running_loop()
-        store = await loop.run_in_executor(None, open_metadata_store, config.metadata)
-        if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
-            self.metadata_server = MetadataServer(store, config.host, config.metadata_port)
-            await self.metadata_server.start()
         endpoint = format_endpoint(host, port)
         node_id = config.node_id or endpoint
+        # Secret mode (docs/design/security.md §5.1): this node is store/NODE_ID to another
+        # node's metadata service, and its own service checks every caller.
+        key = self.cluster_key
+        auth = None if key is None else ClientAuth(key, Identity("store", node_id))
+        store = await loop.run_in_executor(
+            None, partial(open_metadata_store, config.metadata, auth=auth)
+        )
+        if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
+            interceptors = [] if key is None else [ServerAuthInterceptor(key, metadata_policy)]
+            self.metadata_server = MetadataServer(
+                store, config.host, config.metadata_port, interceptors=interceptors
+            )
+            await self.metadata_server.start()
         info = {
             "endpoint": endpoint,
             "pid": os.getpid(),
