@@ -25,7 +25,7 @@ from aiohttp import web
 from controlplane.admin.config import AdminConfig, AdminConfigError
 from controlplane.admin.server import AdminServer
 from controlplane.api.app import Gateway
-from controlplane.api.http_server import ConnectionGuard, GuardedSite
+from controlplane.api.http_server import ConnectionGuard, GuardedSite, raise_file_limit
 from controlplane.config import ConfigError, GatewayConfig
 from controlplane.instances.instance import StartupError
 from controlplane.instances.registry import InstanceRegistry
@@ -180,6 +180,7 @@ class GatewayServer:
             keepalive_timeout=http.read_timeout_s,
         )
         await self._runner.setup()
+        raise_file_limit(http.max_connections)
         guard = ConnectionGuard(
             max_connections=http.max_connections,
             write_timeout_s=http.write_timeout_s,

@@ -19,6 +19,9 @@ listener (`GuardedSite`, an aiohttp site) wraps each connection's aiohttp protoc
 Either way the connection is lost, aiohttp cancels its handler (`handler_cancellation=True`), and
 the request's generation is closed: the decode call is cancelled and its load counters are
 released (instances/load.py), within the write timeout of the client stopping.
+
+`raise_file_limit` makes room for the cap: the soft open-file limit is raised (up to the hard
+one) to `max_connections` plus a reserve at start.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
 import socket
+from collections.abc import Callable
 from typing import Final, cast
 
 from aiohttp import web
@@ -36,7 +41,7 @@ from aiohttp.web_protocol import RequestHandler
 from controlplane.api.openai_protocol import OpenAIError
 from controlplane.metrics import GatewayMetrics
 
-__all__ = ["ConnectionGuard", "GuardedSite"]
+__all__ = ["ConnectionGuard", "GuardedSite", "raise_file_limit"]
 
 logger = logging.getLogger("controlplane.gateway")
 
@@ -59,6 +64,42 @@ def _too_many_connections(max_connections: int) -> bytes:
         "Connection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+FD_RESERVE: Final = 256
+"""File descriptors kept beside the HTTP connections: gRPC channels, the registry, logs."""
+
+
+def raise_file_limit(
+    max_connections: int,
+    *,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> int:
+    """Raise this process's soft RLIMIT_NOFILE (up to the hard one) so that `max_connections`
+    connections and `FD_RESERVE` more fit: without it the cap is a fiction (a common soft limit
+    is 1024), and running out of descriptors stalls the accept loop instead of answering 503.
+    Returns the soft limit now in force; logs a warning when it is still short."""
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if target > soft:
+            try:
+                setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (OSError, ValueError) as exc:
+                logger.warning("cannot raise the open-file limit to %d: %s", target, exc)
+        if soft < wanted:
+            logger.warning(
+                "open-file limit %d is below --max-connections %d + %d: connections beyond "
+                "about %d fail to be accepted instead of getting 503 (raise `ulimit -n`)",
+                soft,
+                max_connections,
+                FD_RESERVE,
+                max(0, soft - FD_RESERVE),
+            )
+    return int(soft)
 
 
 class ConnectionGuard:

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 from typing import Any
 
 import pytest
 
-from controlplane.api.http_server import ConnectionGuard, _GuardedProtocol
+from controlplane.api.http_server import (
+    FD_RESERVE,
+    ConnectionGuard,
+    _GuardedProtocol,
+    raise_file_limit,
+)
 from controlplane.metrics import GatewayMetrics
 
 
@@ -107,3 +113,37 @@ async def _write_stall_timer() -> None:
 def test_guard_rejects_nonsense_limits() -> None:
     with pytest.raises(ValueError):
         ConnectionGuard(max_connections=0, write_timeout_s=1.0, metrics=GatewayMetrics())
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "expected", "set_to"),
+    [
+        (1024, 65536, 2048 + FD_RESERVE, (2048 + FD_RESERVE, 65536)),  # raised to fit
+        (1024, 1500, 1500, (1500, 1500)),  # raised as far as the hard limit allows
+        (100_000, 100_000, 100_000, None),  # already enough: untouched
+        (
+            1024,
+            resource.RLIM_INFINITY,
+            2048 + FD_RESERVE,
+            (2048 + FD_RESERVE, resource.RLIM_INFINITY),
+        ),
+    ],
+)
+def test_file_limit_is_raised_for_the_cap(
+    soft: int, hard: int, expected: int, set_to: tuple[int, int] | None
+) -> None:
+    calls: list[tuple[int, int]] = []
+    got = raise_file_limit(
+        2048,
+        getrlimit=lambda _: (soft, hard),
+        setrlimit=lambda _, limits: calls.append(limits),
+    )
+    assert got == expected
+    assert calls == ([] if set_to is None else [set_to])
+
+
+def test_file_limit_that_cannot_be_raised_is_reported() -> None:
+    def refuse(_: int, limits: tuple[int, int]) -> None:
+        raise ValueError("not allowed")
+
+    assert raise_file_limit(2048, getrlimit=lambda _: (1024, 65536), setrlimit=refuse) == 1024
