@@ -199,12 +199,12 @@ def _wrap(handler: Any, check: Callable[[Any], Identity]) -> Any:
         if inspect.isasyncgenfunction(behavior):
 
             async def generate(request: Any, context: Any) -> AsyncIterator[Any]:
-                token = await enter(None if streaming_request else request, context)
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    _IDENTITY.reset(token)
+                # No reset: grpc.aio runs each call in a task of its own (the variable is that
+                # task's), and a generator cut short is closed from another context, where a
+                # reset would fail (ValueError: the token was created in a different Context).
+                await enter(None if streaming_request else request, context)
+                async for response in behavior(request, context):
+                    yield response
 
             return generate
         return unary_response(behavior, streaming_request)  # writes with context.write

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -16,6 +16,7 @@ from strata_common.credentials import Identity, rpc_authorization
 from strata_common.grpc_auth import (
     ClientAuth,
     ServerAuthInterceptor,
+    _wrap,
     current_identity,
     roles_only,
 )
@@ -42,6 +43,12 @@ class Echo:
         self.runs.append(("stream", current_identity()))
         for part in (b"a", b"b"):
             yield part + request
+
+    async def endless(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        self.runs.append(("endless", current_identity()))
+        while True:
+            yield request
+            await asyncio.sleep(0.005)
 
     async def collect(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
         self.runs.append(("collect", current_identity()))
@@ -82,6 +89,7 @@ async def _serve(test: Callable[[Served], Awaitable[None]]) -> Served:
                     "Unary": grpc.unary_unary_rpc_method_handler(echo.unary),
                     "Stream": grpc.unary_stream_rpc_method_handler(echo.stream),
                     "Collect": grpc.stream_unary_rpc_method_handler(echo.collect),
+                    "Endless": grpc.unary_stream_rpc_method_handler(echo.endless),
                 },
             )
         ]
@@ -211,6 +219,28 @@ def test_streaming_methods_are_guarded_and_client_streams_are_authorised_without
         (GATEWAY, COLLECT, None),
         (WORKER, COLLECT, None),
     ]
+
+
+def test_a_guarded_stream_closed_from_another_context_closes_cleanly() -> None:
+    """A server stream cut short (a Decode whose client went away) may be closed by the event
+    loop's async-generator finalizer, in another context than the one that ran it. Nothing may
+    fail there: resetting the identity variable there once raised ValueError ("created in a
+    different Context"), which grpc logged for cancelled Decodes."""
+    echo = Echo()
+    handler = _wrap(grpc.unary_stream_rpc_method_handler(echo.endless), lambda request: GATEWAY)
+
+    async def run() -> None:
+        stream = handler.unary_stream(b"z", object())
+
+        async def first() -> bytes:
+            return cast(bytes, await stream.__anext__())
+
+        assert await asyncio.create_task(first()) == b"z"  # runs in a copy of this context
+        await asyncio.create_task(stream.aclose())  # closed from another copy
+        assert current_identity() is None
+
+    asyncio.run(run())
+    assert echo.runs == [("endless", GATEWAY)]
 
 
 def test_health_needs_no_credentials() -> None:
