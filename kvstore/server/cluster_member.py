@@ -72,7 +72,7 @@ class ClusterMember:
         await self.agent.start()
         self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
         await loop.run_in_executor(None, self.view.start)
-        self.fetcher = PeerFetcher()
+        self.fetcher = PeerFetcher(max_block_bytes=self.config.max_block_bytes)
         logger.info("joined the cluster as %s (metadata %s)", node_id, config.metadata)
 
     def note_changed(self, keys: list[bytes]) -> None:
