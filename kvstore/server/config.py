@@ -51,9 +51,9 @@ class StoreNodeConfig:
             (logged at most every 10 s). 512 by default: a node serves its host's workers (two
             clients per engine process), its peers' pooled sockets and tools -- tens of
             connections --, and 512 stays under the common 1024 open-files limit. Each costs a
-            260 KiB receive buffer at most (touched only as large frames arrive).
+            68 KiB receive buffer at most (touched only as large frames arrive): 34 MiB for all.
         header_timeout_s: a frame whose first bytes arrived must be complete within this long
-            (its 24-byte header, and the payload of any request but a PUT: at most 256 KiB); a
+            (its 24-byte header, and the payload of any request but a PUT: at most 64 KiB); a
             connection stalled mid-frame is closed. 10 s by default: a client sends a frame in
             one write, so only a stalled peer or a lossy link takes seconds. PUT payloads have
             ``put_timeout_s``. The clock runs only while the node reads the connection.

@@ -3,7 +3,7 @@
 Data path
     Each connection is an ``asyncio.BufferedProtocol``, not a stream reader: asyncio streams copy
     every chunk into a fresh ``bytes`` and run 2-4x slower here. Small frames are received into one
-    preallocated 256 KiB buffer per connection and parsed in place. A PUT's payload is received
+    preallocated 68 KiB buffer per connection and parsed in place. A PUT's payload is received
     *directly into the arena extent* reserved for it (``get_buffer`` returns a view of the extent),
     so a block crosses from the socket to the arena with the kernel's one copy. A GET writes a view
     of the arena (``writelines([header, view])``, one ``writev``) -- again no copy in Python. Every

@@ -41,7 +41,7 @@ __all__ = [
 
 _PAGE = 4096
 RECV_BUFFER_BYTES = -(-(FRAME_HEADER_BYTES + MAX_REQUEST_PAYLOAD) // _PAGE) * _PAGE
-"""Each connection's receive buffer: the largest request but a PUT fits whole (260 KiB)."""
+"""Each connection's receive buffer: the largest request but a PUT fits whole (68 KiB)."""
 MAX_SHM_LEASES_PER_CONNECTION = 4096
 MAX_FETCHES_PER_CONNECTION = 8
 """SSD reads one connection may have in flight (the disk wants queue depth)."""

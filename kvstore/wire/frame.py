@@ -66,7 +66,7 @@ Malformed frames (bad magic or version, unknown opcode -- including the retired 
 count beyond the op's bound (:data:`MAX_KEYS_PER_FRAME`, :data:`MAX_BATCH_ITEMS`), a payload length
 other than the one its count implies, or beyond :data:`MAX_FRAME_PAYLOAD`) cannot be
 resynchronised, so the server closes that connection, judging by the 24-byte header alone: no
-request but a PUT carries more than :data:`MAX_REQUEST_PAYLOAD` (256 KiB), and a PUT's payload is
+request but a PUT carries more than :data:`MAX_REQUEST_PAYLOAD` (64 KiB), and a PUT's payload is
 received into the arena space reserved for it (or drained), so no header makes a node allocate.
 A well-framed PUT whose content is wrong (bad block header, checksum mismatch, larger than the
 node's ``max_block_bytes``) is drained and answered with an error status instead.
@@ -109,12 +109,13 @@ FLAG_NO_FORWARD = 0x01
 """Frame flag: a peer's GET; the receiving node must not forward it to another peer."""
 
 KEY_BYTES = BLOCK_KEY_BYTES
-MAX_KEYS_PER_FRAME = 16384
-"""Keys per MATCH_PREFIX/EXISTS/DELETE frame (256 KiB of keys); clients split longer lists. A
-chain of 16384 blocks is a prompt of 262,144 tokens at 16 tokens a block: a lookup is one frame."""
-MAX_BATCH_ITEMS = 4096
-"""Keys per LEASE_BATCH, blocks per RESERVE_BATCH, ids per RELEASE / RELEASE_BATCH: as many leases
-as one connection may hold (the client sends at most 128 keys, 64 blocks, 1 id a frame)."""
+MAX_KEYS_PER_FRAME = 4096
+"""Keys per MATCH_PREFIX/EXISTS/DELETE frame (64 KiB of keys); clients split longer lists. A
+chain of 4096 blocks is a prompt of 65,536 tokens at 16 tokens a block: a lookup is one frame or
+two."""
+MAX_BATCH_ITEMS = 2048
+"""Keys per LEASE_BATCH, blocks per RESERVE_BATCH, ids per RELEASE / RELEASE_BATCH (the client
+sends at most 128 keys, 64 blocks, 1 id a frame)."""
 DEFAULT_MAX_BLOCK_BYTES = 64 * 1024**2
 """Largest block (header + data) a node accepts and a client reads, unless configured otherwise."""
 MAX_FRAME_PAYLOAD = 1 << 30
@@ -180,7 +181,7 @@ def _max_request_payload(op: Op) -> int:
 
 
 MAX_REQUEST_PAYLOAD = max(_max_request_payload(op) for op in Op if op is not Op.PUT)
-"""The largest payload of any request but a PUT (256 KiB: a frame of MAX_KEYS_PER_FRAME keys). A
+"""The largest payload of any request but a PUT (64 KiB: a frame of MAX_KEYS_PER_FRAME keys). A
 node receives every such frame whole into one fixed buffer of each connection: a header that
 claims more is refused before a byte of its payload is read, so no frame makes a node allocate."""
 

@@ -114,7 +114,8 @@ def test_large_blocks_roundtrip_byte_exact(
 
 
 def test_key_lists_larger_than_one_frame_and_the_receive_buffer(start_node: NodeFactory) -> None:
-    """70000 keys: two frames (65536 + 4464), the first larger than the node's 256 KiB buffer."""
+    """70000 keys: 18 frames (17 of MAX_KEYS_PER_FRAME keys, each filling the node's receive
+    buffer whole, and 368), answered as one list."""
     node = start_node()
     with KVStoreClient(node.endpoint) as client:
         present = {0, 1, 2, 40_000, 69_999}

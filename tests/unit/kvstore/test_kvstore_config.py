@@ -85,3 +85,29 @@ def test_limits_defaults_and_their_flags() -> None:
         parsed.max_pinned_per_connection,
     ) == (64, 0.25, 60.0, 0.8, 0.1)
     assert deadlines_of(parsed).reaper_period_s == 0.0625  # a quarter of the shortest
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "set_to", "warned"),
+    [
+        (256, 4096, (640, 4096), False),  # raised to what 512 connections need
+        (256, 300, (300, 300), True),  # raised as far as allowed, and said so
+        (1024, 4096, None, False),  # enough already
+    ],
+)
+def test_the_open_files_limit_is_raised_for_max_connections(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    soft: int,
+    hard: int,
+    set_to: tuple[int, int] | None,
+    warned: bool,
+) -> None:
+    from kvstore.server import cli
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(cli.resource, "getrlimit", lambda _which: (soft, hard))
+    monkeypatch.setattr(cli.resource, "setrlimit", lambda _which, limits: calls.append(limits))
+    cli._raise_open_files_limit(512)
+    assert calls == ([] if set_to is None else [set_to])
+    assert ("open-files limit 300 is below" in caplog.text) is warned

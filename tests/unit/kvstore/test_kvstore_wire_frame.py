@@ -108,8 +108,8 @@ def test_bitmap_roundtrip_lsb_first() -> None:
         decode_bitmap(b"\x01", 9)
 
 
-def test_the_largest_request_but_a_put_is_256_kib() -> None:
-    assert MAX_REQUEST_PAYLOAD == MAX_KEYS_PER_FRAME * 16 == 256 * 1024
+def test_the_largest_request_but_a_put_is_64_kib() -> None:
+    assert MAX_REQUEST_PAYLOAD == MAX_KEYS_PER_FRAME * 16 == 64 * 1024
     assert MAX_BATCH_ITEMS * 24 < MAX_REQUEST_PAYLOAD  # RESERVE_BATCH items are 24 bytes
 
 
@@ -125,7 +125,7 @@ def test_every_unknown_opcode_is_refused_by_its_header(opcode: int) -> None:
 @pytest.mark.parametrize("op", [op for op in Op if op is not Op.PUT])
 @pytest.mark.parametrize("item_bytes", [1, 8, 16, 24, 48])
 @pytest.mark.parametrize("claimed", [MAX_REQUEST_PAYLOAD + 8, 64 << 20, MAX_FRAME_PAYLOAD])
-def test_no_request_but_a_put_may_claim_more_than_256_kib(
+def test_no_request_but_a_put_may_claim_more_than_64_kib(
     op: Op, item_bytes: int, claimed: int
 ) -> None:
     """Whatever count goes with it (one that matches the length included), a header of any op
