@@ -13,7 +13,9 @@ runs each (min / median / max):
   machine-limits note: "64-block prefix match against a dict of 1 M hashes: 4.4 M lookups/s");
 * memory per indexed block: ``tracemalloc`` of building the index (numpy reports its arrays to
   tracemalloc) against building the ``dict[bytes, int]`` the limit uses (keys included: an index
-  must keep them), once each, since they are deterministic.
+  must keep them), once each, since they are deterministic;
+* block keys: what a prompt's keys cost in hash format 2 (keyed BLAKE3) against format 1 (xxh3)
+  and one bare xxh3 call per block (the limit of a Python loop of one hash call per block).
 
 The machines are shared and noisy, so compare ratios, not absolute numbers.
 
@@ -38,7 +40,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import xxhash  # noqa: E402
+
 from benchmarks.harness import dict_prefix_lookups  # noqa: E402
+from kvstore.blocks.hashing import HASH_KEY_BYTES, block_keys, root_key  # noqa: E402
 from kvstore.blocks.tier import Tier  # noqa: E402
 from kvstore.cluster.events import BlocksRemoved, BlocksStored  # noqa: E402
 from kvstore.cluster.index import PrefixIndex  # noqa: E402
@@ -46,6 +51,7 @@ from kvstore.cluster.match import ApplyResult  # noqa: E402
 
 RUNS = 3
 CHAIN = 64
+BLOCK_TOKENS = 16
 NUM_HOLDERS = 16
 
 
@@ -171,7 +177,50 @@ def main() -> int:
     print(f"{'index (PrefixIndex)':{width}} {index_bytes / num_blocks:8.1f} B")
     print(f"{'index, memory_bytes() estimate':{width}} {reported / num_blocks:8.1f} B")
     print(f"{'dict[bytes, int] of the same keys':{width}} {dict_bytes / num_blocks:8.1f} B")
+    print_block_keys(width)
     return 0
+
+
+def print_block_keys(width: int) -> None:
+    """What a prompt's block keys cost (the gateway computes them for every request, the
+    connector for every load and save): keyed BLAKE3 (hash format 2), the unkeyed xxh3_128 chain
+    of format 1, and the limit: one xxh3 call per block on the same bytes with no chaining."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 50_000, 1024).tolist() for _ in range(200)]
+    hash_key = rng.bytes(HASH_KEY_BYTES)
+    root = root_key(bytes(16), "bench", hash_key=hash_key)
+    packed = [np.asarray(p, dtype="<u4").tobytes() for p in prompts]
+    step = BLOCK_TOKENS * 4
+
+    def v2() -> int:
+        return sum(len(block_keys(p, BLOCK_TOKENS, root, hash_key)) for p in prompts)
+
+    def v1() -> int:
+        digest, count = xxhash.xxh3_128_digest, 0
+        for data in packed:
+            parent = root
+            for start in range(0, len(data), step):
+                parent = digest(parent + data[start : start + step])
+                count += 1
+        return count
+
+    def limit() -> int:
+        digest = xxhash.xxh3_128_digest
+        return sum(1 for data in packed for s in range(0, len(data), step) if digest(data))
+
+    samples: dict[str, list[float]] = {"limit": [], "v1": [], "v2": []}
+    for _ in range(RUNS):
+        samples["limit"].append(rate(limit))
+        samples["v1"].append(rate(v1))
+        samples["v2"].append(rate(v2))
+    print(
+        f"\nblock keys of 1024-token prompts, block {BLOCK_TOKENS} (millions of blocks per second)"
+    )
+    print(f"{'machine limit: one xxh3 call per block':{width}} {summarize(samples['limit']):>24}")
+    print(f"{'format 1: xxh3_128 chain (unkeyed)':{width}} {summarize(samples['v1']):>24}")
+    print(f"{'format 2: keyed BLAKE3 chain (block_keys)':{width}} {summarize(samples['v2']):>24}")
+    per_prompt = 1024 // BLOCK_TOKENS / statistics.median(samples["v2"]) * 1e6
+    print(f"format 2 per 1024-token prompt (median): {per_prompt:.1f} us")
 
 
 if __name__ == "__main__":

@@ -74,9 +74,19 @@ class Admin:
         self._channel.close()
 
 
-def worker_requests(endpoint: str) -> int:
+def worker_requests(endpoint: str, cache_dir: Path) -> int:
+    """Requests the worker has had, asked as a gateway with serve's cluster key (a worker
+    answers no one else: docs/design/security.md §5.1)."""
+    from strata.cli import CLUSTER_KEY_FILE_NAME
+    from strata_common.credentials import Identity, read_cluster_key
+    from strata_common.grpc_auth import ClientAuth
+
+    auth = ClientAuth(
+        read_cluster_key(cache_dir / CLUSTER_KEY_FILE_NAME), Identity("gateway", "bench")
+    )
     with grpc.insecure_channel(endpoint) as channel:
-        stats = worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5)
+        stub = worker_pb2_grpc.WorkerStub(auth.intercept(channel))
+        stats = stub.Stats(worker_pb2.StatsRequest(), timeout=5)
         return int(stats.num_requests)
 
 
@@ -164,7 +174,7 @@ def main() -> int:
                         new = listed[0]
                         if t_ready is None and new["state"] == "ready":
                             t_ready = time.monotonic() - t0
-                        if t_ready is not None and worker_requests(new["endpoint"]) > 0:
+                        if t_ready is not None and worker_requests(new["endpoint"], work) > 0:
                             t_serving = time.monotonic() - t0
                             break
                     time.sleep(0.1)

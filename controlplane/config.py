@@ -14,7 +14,8 @@ environment):
 * ``scheduling``: :class:`~controlplane.scheduling.SchedulingConfig` (``--ttft-slo``, ...);
 * ``profiling``: :class:`~controlplane.workers.profiling.ProfileSettings` (``--no-profile``, ...);
 * ``admin``: :class:`~controlplane.admin.config.AdminApiConfig` (``--admin-port``, ...);
-* ``launch``: :class:`~controlplane.launch.launcher.LaunchConfig` (``--launch-store``, ...).
+* ``launch``: :class:`~controlplane.launch.launcher.LaunchConfig` (``--launch-store``, ...);
+* ``cluster``: :class:`ClusterConfig` (``--cluster-key-file``).
 
 Every config is validated on construction (``ValueError``; :class:`ConfigError` here), so a
 gateway never starts half-configured.
@@ -33,12 +34,16 @@ from controlplane.scheduling.policies import PolicyKind
 from controlplane.scheduling.types import SchedulingConfig
 from controlplane.workers.profiling import ProfileSettings
 from kvstore.metadata import parse_metadata_spec
-from strata_common.endpoints import parse_endpoint
+from strata_common.credentials import CredentialError, Identity, read_cluster_key
+from strata_common.endpoints import format_endpoint, parse_endpoint
+from strata_common.grpc_auth import ClientAuth
 from strata_common.options import from_cli, group, option
+from strata_common.secrets import redact_url
 from strata_common.units import parse_duration, parse_size
 
 __all__ = [
     "ENV_PREFIX",
+    "ClusterConfig",
     "ConfigError",
     "GatewayConfig",
     "HttpConfig",
@@ -157,7 +162,7 @@ class RegistryConfig:
             raise ConfigError(f"stall_factor must be >= 1, got {self.stall_factor}")
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
-                f"registry_url {self.url!r} must be empty (this process) or a "
+                f"registry_url {redact_url(self.url)!r} must be empty (this process) or a "
                 "redis://, rediss:// or unix:// URL"
             )
 
@@ -183,6 +188,35 @@ class RoutingConfig:
                 parse_metadata_spec(self.kv_metadata)
             except ValueError as exc:
                 raise ConfigError(f"kv_metadata: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The gateway's cluster credentials (docs/design/security.md §3.2, §5.1).
+
+    With a key file, the gateway calls workers and the store node's metadata service as
+    ``gateway/HOST:PORT`` (its HTTP address as configured: the NAME of a gateway), and its
+    launcher passes the file to the workers it starts. Without one (the default) nothing is
+    authenticated: a loopback development setup."""
+
+    key_file: Path | None = option(
+        None,
+        help="the cluster key (0600 file) for calls to workers and the KV metadata, passed on "
+        "to launched workers; none = no authentication (loopback only)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.key_file is not None:
+            try:
+                read_cluster_key(self.key_file)
+            except CredentialError as exc:
+                raise ConfigError(str(exc)) from None
+
+    def client_auth(self, name: str) -> ClientAuth | None:
+        """Credentials of ``gateway/NAME`` (None without a key file)."""
+        if self.key_file is None:
+            return None
+        return ClientAuth(read_cluster_key(self.key_file), Identity("gateway", name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +246,9 @@ class GatewayConfig:
     launch: LaunchConfig = group(
         LaunchConfig, title="launcher (workers started by this gateway)", prefix="launch-"
     )
+    cluster: ClusterConfig = group(
+        ClusterConfig, title="cluster credentials (docs/design/security.md)", prefix="cluster-"
+    )
 
     def __post_init__(self) -> None:
         if not self.model_dir.is_dir():
@@ -233,6 +270,11 @@ class GatewayConfig:
                     parse_endpoint(endpoint)
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+
+    @property
+    def cluster_name(self) -> str:
+        """This gateway's NAME in the cluster: its HTTP ``HOST:PORT`` as configured."""
+        return format_endpoint(self.http.host, self.http.port)
 
     @classmethod
     def from_argv(

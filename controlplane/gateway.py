@@ -42,6 +42,8 @@ from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
 from controlplane.workers.roles import WorkerRole
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import open_metadata_store
+from strata_common.grpc_auth import ClientAuth
+from strata_common.secrets import redact_url
 
 __all__ = ["GatewayServer", "main", "serve"]
 
@@ -73,6 +75,8 @@ class GatewayServer:
         API on with no token)."""
         self.config = config
         self.metrics = GatewayMetrics()
+        self._auth = config.cluster.client_auth(config.cluster_name)
+        """The gateway's cluster credentials (None: no key file, no authentication)."""
         self._tokenizer = tokenizer
         self._admin_config = _admin_config(config)
         self._local_launcher: LocalProcessLauncher | None = None
@@ -133,6 +137,7 @@ class GatewayServer:
             policy=config.routing.policy.value,
             scheduling=_scheduling_config(config),
             profile=replace(config.profiling, vocab_size=self._tokenizer.vocab_size),
+            worker_auth=self._auth,
         )
         if self._admin_config is not None:
             # Up before the workers are: `strata admin list` shows them starting.
@@ -152,7 +157,7 @@ class GatewayServer:
             self._standby.start()  # after the pool's own start: standbys never compete with it
         if config.routing.kv_metadata:
             self._cluster_view = await asyncio.to_thread(
-                _start_cluster_view, config.routing.kv_metadata
+                _start_cluster_view, config.routing.kv_metadata, self._auth
             )
         gateway = Gateway(
             config,
@@ -288,12 +293,13 @@ def _scheduling_config(config: GatewayConfig) -> SchedulingConfig:
     )
 
 
-def _start_cluster_view(spec: str) -> ClusterView:
-    """The prefix index over the metadata store ``spec`` (blocking: catches up once)."""
+def _start_cluster_view(spec: str, auth: ClientAuth | None) -> ClusterView:
+    """The prefix index over the metadata store ``spec`` (blocking: catches up once), followed
+    with the gateway's credentials."""
     try:
-        return ClusterView(open_metadata_store(spec)).start()
+        return ClusterView(open_metadata_store(spec, auth=auth)).start()
     except (OSError, ValueError) as exc:
-        raise StartupError(f"cannot follow the KV metadata at {spec}: {exc}") from None
+        raise StartupError(f"cannot follow the KV metadata at {redact_url(spec)}: {exc}") from None
 
 
 def _admin_config(config: GatewayConfig) -> AdminConfig | None:
@@ -306,7 +312,9 @@ def _admin_config(config: GatewayConfig) -> AdminConfig | None:
 
 def _local_launcher(config: GatewayConfig) -> LocalProcessLauncher:
     try:
-        return LocalProcessLauncher(config.launch.launcher_config(config.model_dir))
+        return LocalProcessLauncher(
+            config.launch.launcher_config(config.model_dir, config.cluster.key_file)
+        )
     except ValueError as exc:
         raise ConfigError(f"launcher: {exc}") from None
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from dataplane.hardware import DTYPES
 from kvstore.metadata import parse_metadata_spec
+from strata_common.credentials import Identity, read_cluster_key
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import add_options, option, parse_into
+from strata_common.secrets import redact_url
 from strata_common.units import parse_duration, parse_size
 
 ENV_PREFIX = "STRATA_WORKER_"
@@ -87,6 +89,16 @@ class WorkerConfig:
     HBM events; None: no events."""
     instance_id: str | None = option(None, help="event source id (default: HOST:PORT)")
     """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
+    cluster_key_file: Path | None = option(
+        None,
+        help="the cluster key (0600 file): this worker proves it holds it to the store node and "
+        "the metadata service (HBM events as worker/INSTANCE_ID), and its gRPC service answers "
+        "only role gateway; none = no credentials (loopback only)",
+    )
+    """docs/design/security.md §3.2, §4, §5.1: with a key, every Worker RPC needs a gateway's
+    credentials, this worker publishes its HBM events as ``worker/INSTANCE_ID`` (its event
+    source id) and authenticates to the store node. The key itself is never on the command
+    line."""
     kv_heartbeat_interval_s: float = option(
         1.0, parse=parse_duration, help="with --kv-metadata: membership heartbeat period"
     )
@@ -126,7 +138,8 @@ class WorkerConfig:
             if not spec.shared:
                 raise ValueError(
                     "kv_metadata must name a metadata store other processes can reach "
-                    f"(redis://HOST:PORT/DB or strata://HOST:PORT), got {self.kv_metadata!r}"
+                    "(redis://HOST:PORT/DB or strata://HOST:PORT), got "
+                    f"{redact_url(self.kv_metadata)!r}"
                 )
         if not 0 < self.kv_heartbeat_interval_s < self.kv_heartbeat_timeout_s:
             raise ValueError(
@@ -135,6 +148,10 @@ class WorkerConfig:
             )
         if self.instance_id is not None and not 0 < len(self.instance_id.encode()) <= 255:
             raise ValueError("instance_id must be 1..255 bytes of UTF-8")
+        if self.cluster_key_file is not None:
+            read_cluster_key(self.cluster_key_file)  # CredentialError (a ValueError) says why
+            # This worker's identity name (its event source id): checked now, not once serving.
+            Identity("worker", self.instance_id or f"{self.host}:{self.port or 1}")
 
     @property
     def rpc_limit(self) -> int:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +58,7 @@ from kvstore.blocks.hashing import block_keys, root_key
 from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError
 from kvstore.wire.types import PutStatus
+from strata_common.credentials import ClusterCredentials, Identity, read_cluster_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -79,6 +81,9 @@ class ConnectorSettings:
     model_fingerprint: bytes
     can_load: bool
     can_save: bool
+    credentials: ClusterCredentials | None = None
+    """What the connector proves itself with to the store node (the worker's cluster key file
+    and identity), or None."""
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorSettings:
@@ -91,11 +96,20 @@ class ConnectorSettings:
             raise ValueError("StrataConnector needs kv_connector_extra_config['store_endpoint']")
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError("StrataConnector needs kv_connector_extra_config['model_fingerprint']")
+        credentials = None
+        key_file, identity = extra.get("cluster_key_file"), extra.get("identity")
+        if key_file is not None:
+            if not isinstance(key_file, str) or not isinstance(identity, str):
+                raise ValueError("StrataConnector's cluster_key_file needs an identity")
+            credentials = ClusterCredentials(
+                read_cluster_key(Path(key_file)), Identity.parse(identity)
+            )
         return cls(
             store_endpoint=endpoint,
             model_fingerprint=bytes.fromhex(fingerprint),
             can_load=ktc.kv_role in ("kv_consumer", "kv_both"),
             can_save=ktc.kv_role in ("kv_producer", "kv_both"),
+            credentials=credentials,
         )
 
 
@@ -178,7 +192,9 @@ class StrataConnector(KVConnectorBase_V1):
         self._settings = ConnectorSettings.from_vllm(vllm_config)
         self._block_size = vllm_config.cache_config.block_size
         self._layout = kv_layout_name(vllm_config)
-        self._client = KVStoreClient(self._settings.store_endpoint)
+        self._client = KVStoreClient(
+            self._settings.store_endpoint, credentials=self._settings.credentials
+        )
         # Scheduler side.
         self._requests: dict[str, _RequestState] = {}
         self._roots: dict[str, bytes] = {}

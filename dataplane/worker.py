@@ -36,6 +36,8 @@ from dataplane.config import WorkerConfig, WorkerRole
 from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
 from kvstore.blocks.hashing import model_fingerprint
+from strata_common.credentials import Identity, read_cluster_key
+from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor, roles_only
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("strata.worker")
@@ -130,6 +132,17 @@ class Worker:
             "VLLM_CPU_KVCACHE_SPACE", str(max(1, self.config.kv_cache_bytes >> 30))
         )
 
+    def store_identity_name(self) -> str:
+        """The NAME of this worker's identity ``worker/NAME`` at the store node: its instance id
+        when configured, else its configured HOST:PORT, else its process id (the engine starts
+        before the gRPC port is bound)."""
+        cfg = self.config
+        if cfg.instance_id:
+            return cfg.instance_id
+        if cfg.port:
+            return f"{cfg.host}:{cfg.port}"
+        return f"pid-{os.getpid()}"
+
     def engine_args(self) -> Any:
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -144,6 +157,15 @@ class Worker:
             kv_connector_extra_config={
                 "store_endpoint": cfg.store_endpoint,
                 "model_fingerprint": fingerprint.hex(),
+                # The key's file, never the key: vLLM logs its whole configuration.
+                **(
+                    {
+                        "cluster_key_file": str(cfg.cluster_key_file),
+                        "identity": f"worker/{self.store_identity_name()}",
+                    }
+                    if cfg.cluster_key_file is not None
+                    else {}
+                ),
             },
         )
         return AsyncEngineArgs(
@@ -196,7 +218,11 @@ class Worker:
             return root_key(fingerprint, layout, namespace)
 
         translator = HbmBlockTranslator(self.instance_id, self.block_size, root_for)
-        store = open_metadata_store(self.config.kv_metadata)
+        # Secret mode: this worker is worker/INSTANCE_ID, its events' source id (the metadata
+        # service lets it publish under that id only; docs/design/security.md §5.1).
+        key = self.cluster_key()
+        auth = None if key is None else ClientAuth(key, Identity("worker", self.instance_id))
+        store = open_metadata_store(self.config.kv_metadata, auth=auth)
         self.hbm_events = HbmEventPublisher(
             store,
             translator,
@@ -218,10 +244,22 @@ class Worker:
         self.block_size = int(vllm_config.cache_config.block_size)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
 
+    def cluster_key(self) -> bytes | None:
+        """The cluster key (``--cluster-key-file``), or None: no authentication."""
+        path = self.config.cluster_key_file
+        return None if path is None else read_cluster_key(path)
+
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """With a cluster key, every Worker RPC needs a gateway's credentials (Prefill and Decode
+        would bypass the gateway's admission, Health tells the model fingerprint)."""
+        key = self.cluster_key()
+        return [] if key is None else [ServerAuthInterceptor(key, roles_only("gateway"))]
+
     def create_service(self) -> grpc.aio.Server:
         # At most config.rpc_limit calls at once (beyond: RESOURCE_EXHAUSTED); SO_REUSEPORT off,
         # so that no other process can bind this port beside us and take a share of its calls.
         server = grpc.aio.server(
+            interceptors=self.server_interceptors(),
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),

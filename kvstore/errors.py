@@ -7,6 +7,7 @@ The subclasses say why, for logs and metrics.
 from __future__ import annotations
 
 __all__ = [
+    "KVStoreAuthError",
     "KVStoreConnectionLost",
     "KVStoreCorruptError",
     "KVStoreError",
@@ -43,3 +44,9 @@ class KVStoreCorruptError(KVStoreError):
     def __init__(self, message: str, keys: tuple[bytes, ...] = ()) -> None:
         super().__init__(message)
         self.keys = keys
+
+
+class KVStoreAuthError(KVStoreError):
+    """The node refused this client's credentials or needs some (it was started with a cluster
+    key: give the client the same key), the client refused the node's (it does not hold the
+    cluster key: not a node of this cluster), or the client's role may not use the op."""

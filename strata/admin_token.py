@@ -14,14 +14,12 @@ rotate the token.
 
 from __future__ import annotations
 
-import os
 import secrets
-import stat
-import tempfile
 from pathlib import Path
 
 from controlplane.admin.config import MIN_TOKEN_CHARS
 from strata.models import default_cache_dir
+from strata_common.credentials import owner_only, write_secret_file
 
 __all__ = [
     "TOKEN_FILE_NAME",
@@ -64,37 +62,15 @@ def read_token_file(path: Path) -> str:
     return token
 
 
-def _owner_only(path: Path) -> bool:
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return (
-        stat.S_ISREG(st.st_mode)
-        and st.st_uid == os.getuid()
-        and stat.S_IMODE(st.st_mode) & 0o077 == 0
-    )
-
-
 def load_or_create_token(path: Path) -> tuple[str, bool]:
     """(token, created): the token in ``path`` if the file is a regular file of this user that
     nobody else can read and holds a valid token; else a new random token written there with
     mode 0600 (atomically: a reader sees the old file or the whole new one)."""
-    if _owner_only(path):
+    if owner_only(path):
         try:
             return read_token_file(path), False
         except TokenFileError:
             pass
     token = secrets.token_hex(32)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_secret_file(path, token + "\n")
     return token, True

@@ -10,7 +10,9 @@
 `serve` starts one store node and the gateway; the gateway's launcher starts the workers (one
 prefill and one decode by default, each engine pinned to its own cores) and the gateway serves the
 admin API on loopback (`strata admin`, port 50050 by default). It then waits; Ctrl-C or SIGTERM
-stops all of them.
+stops all of them. The cluster key, CACHE_DIR/cluster.key (created 0600 on first start), is given
+to each of them as a file (`--cluster-key-file`): the store node's metadata service and the
+workers answer only callers that hold it (docs/design/security.md §3.2).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from strata.supervisor import Service, ServiceError, Supervisor
 from strata_common.endpoints import format_endpoint
 from strata_common.options import add_options, from_namespace
 from strata_common.units import format_duration, format_size
+
+CLUSTER_KEY_FILE_NAME = "cluster.key"
 
 
 def _free_port(host: str) -> int:
@@ -71,6 +75,16 @@ def _admin_token(cache_dir: Path) -> tuple[str, Path | None]:
     path = default_token_path(cache_dir)
     token, _ = load_or_create_token(path)
     return token, path
+
+
+def _cluster_key_file(cache_dir: Path) -> Path:
+    """CACHE_DIR/cluster.key: kept while only its owner can read it, else (re)created 0600
+    (strata_common/credentials.py); every service of this host gets the path, never the key."""
+    from strata_common.credentials import load_or_create_cluster_key
+
+    path = cache_dir / CLUSTER_KEY_FILE_NAME
+    load_or_create_cluster_key(path)
+    return path
 
 
 def _admin_instances(address: str, token: str) -> list[tuple[str, str]]:
@@ -133,6 +147,7 @@ def serve(config: ServeConfig) -> int:
     signal.signal(signal.SIGINT, sup.request_stop)
     code = 1
     try:
+        key_file = _cluster_key_file(cache_dir)
         store_port = _free_port(loopback)
         metadata_port = _free_port(loopback)
         while metadata_port == store_port:
@@ -150,9 +165,12 @@ def serve(config: ServeConfig) -> int:
                     str(store_port),
                     "--metadata-port",
                     str(metadata_port),
+                    "--cluster-key-file",
+                    str(key_file),
                     *store_args,
                 ],
                 r"listening on",
+                env_prefixes=("STRATA_KVSTORE_",),
             ),
             config.ready_timeout_s,
         )
@@ -202,6 +220,8 @@ def serve(config: ServeConfig) -> int:
             format_size(config.kv_cache_size),
             "--launch-cores-per-engine",
             str(cores_per_engine),
+            "--cluster-key-file",  # its calls, and its launched workers' (the path, not the key)
+            str(key_file),
         ]
         if config.max_model_len:
             gateway_argv += ["--launch-max-model-len", str(config.max_model_len)]
@@ -213,7 +233,14 @@ def serve(config: ServeConfig) -> int:
             gateway_argv += ["--admin-token-file", str(token_file)]
         # The gateway is ready once every worker is: allow for the engines' start-up.
         sup.start(
-            Service("gateway", gateway_argv, r"strata gateway listening on"),
+            Service(
+                "gateway",
+                gateway_argv,
+                r"strata gateway listening on",
+                # Its launcher passes the workers theirs (STRATA_WORKER_*), scrubbed again.
+                env_prefixes=("STRATA_GATEWAY_", "STRATA_WORKER_"),
+                keep_env=(ADMIN_TOKEN_ENV,),
+            ),
             config.ready_timeout_s + 60,
         )
         instances = _admin_instances(admin, token)
@@ -226,6 +253,7 @@ def serve(config: ServeConfig) -> int:
         )
         where = f"in {token_file}" if token_file is not None else f"${ADMIN_TOKEN_ENV}"
         print(f"strata: admin API on {admin} (token {where}): `strata admin list`", flush=True)
+        print(f"strata: cluster key in {key_file} (--cluster-key-file)", flush=True)
         print(
             f"strata: serving {name} on http://{format_endpoint(config.host, config.port)}/v1",
             flush=True,
@@ -246,10 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser = sub.add_parser("serve", help="serve a model on this host")
     add_options(serve_parser, ServeConfig, env_prefix=SERVE_ENV_PREFIX)
-    for name in ("worker", "store", "gateway", "models", "admin"):
+    for name in ("worker", "store", "gateway", "models", "admin", "certs"):
         sub.add_parser(name, add_help=False)
-    if argv and argv[0] in ("worker", "store", "gateway", "models", "admin"):
+    if argv and argv[0] in ("worker", "store", "gateway", "models", "admin", "certs"):
         command, rest = argv[0], argv[1:]
+        if command == "certs":
+            from strata.certs import main as certs_main
+
+            return certs_main(rest)
         if command == "admin":
             from strata.admin_cli import main as admin_main
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from controlplane.launch.processes import killpg_quietly, start_child
+from strata_common.secrets import scrubbed_environment
 
 
 class ServiceError(RuntimeError):
@@ -35,13 +36,24 @@ class Service:
     argv: Sequence[str]
     ready_pattern: str
     env: dict[str, str] = field(default_factory=dict)
+    """Set in its environment, beyond what it inherits."""
+    env_prefixes: tuple[str, ...] = ()
+    """Variables of this process's environment it inherits beyond the runtime ones (its own
+    configuration, e.g. ``STRATA_KVSTORE_``); nothing else (strata_common/secrets.py)."""
+    keep_env: tuple[str, ...] = ()
+    """Variables it inherits by name, secrets included (the gateway's admin token)."""
     proc: subprocess.Popen[bytes] | None = None
     ready_match: re.Match[str] | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
     _tail: list[str] = field(default_factory=list)
 
     def start(self) -> None:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env = scrubbed_environment(
+            os.environ,
+            prefixes=self.env_prefixes,
+            keep=self.keep_env,
+            extra={**self.env, "PYTHONUNBUFFERED": "1"},
+        )
         self.proc = start_child(self.argv, env)
         threading.Thread(target=self._pump, name=f"pump-{self.name}", daemon=True).start()
 

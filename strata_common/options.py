@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from strata_common.secrets import has_password
 from strata_common.units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
@@ -484,6 +485,15 @@ def _build(cls: type[T], ns: argparse.Namespace, path: tuple[str, ...], leaves: 
             if isinstance(raw, _Default):
                 values[f.name] = raw.value
                 continue
+            if not isinstance(raw, _FromEnv) and any(
+                has_password(text) for text in (raw if isinstance(raw, list) else [raw])
+            ):
+                raise _ParseError(
+                    leaf.flag,
+                    "a password on the command line is readable by every local user "
+                    "(/proc/PID/cmdline): give this value in the option's environment variable "
+                    "(see --help) instead",
+                )
             try:
                 values[f.name] = leaf.parse(raw)
             except ValueError as exc:

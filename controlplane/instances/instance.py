@@ -37,6 +37,7 @@ from controlplane.scheduling import (
 )
 from controlplane.workers.client import WorkerClient, WorkerError, WorkerErrorKind, WorkerHealth
 from strata_common.endpoints import parse_endpoint
+from strata_common.grpc_auth import ClientAuth
 
 __all__ = [
     "Instance",
@@ -203,7 +204,8 @@ class Instance:
         "tripwire",
     )
 
-    def __init__(self, record: InstanceRecord) -> None:
+    def __init__(self, record: InstanceRecord, *, auth: ClientAuth | None = None) -> None:
+        """``auth``: the gateway's cluster credentials for its calls to the worker."""
         self.id = record.id
         self.role = record.role
         self.endpoint = record.endpoint
@@ -211,7 +213,7 @@ class Instance:
         """The endpoint's host: instances with the same one share memory (KV moves by shm)."""
         self.launched = record.launched
         self.draining = record.draining
-        self.client = WorkerClient(record.endpoint)
+        self.client = WorkerClient(record.endpoint, auth=auth)
         self.state = InstanceState.DRAINING if record.draining else InstanceState.STARTING
         self.detail = "not checked yet"
         self.health: WorkerHealth | None = None

@@ -41,8 +41,8 @@ class InstanceRegistry(Supervision):
     """The instances, their state and load; the gateway's `AdminBackend`.
 
     Keyword arguments: ``metrics``, ``health_check_timeout_s``, ``store``, ``launcher``,
-    ``drain_timeout_s``, ``clock`` (:class:`InstanceStates`); ``policy_names``, ``policy``,
-    ``scheduling``, ``profile`` (:class:`SchedulingState`); ``restart``, ``sleep``
+    ``drain_timeout_s``, ``clock``, ``worker_auth`` (:class:`InstanceStates`); ``policy_names``,
+    ``policy``, ``scheduling``, ``profile`` (:class:`SchedulingState`); ``restart``, ``sleep``
     (:class:`Supervision`)."""
 
     def list_instances(self) -> Sequence[InstanceInfo]:
@@ -59,7 +59,7 @@ class InstanceRegistry(Supervision):
                 raise InstanceConflict(f"{endpoint} is already registered as {m.id}")
         # One Health call now, so that a worker of the wrong kind is refused rather than listed
         # as dead forever; an unreachable one may still be starting and is accepted.
-        probe = WorkerClient(endpoint)
+        probe = WorkerClient(endpoint, auth=self._worker_auth)
         try:
             health: WorkerHealth | None = await probe.health(timeout_s=self._health_check_timeout_s)
         except WorkerError:

@@ -72,6 +72,7 @@ from controlplane.instances.types import (
 from controlplane.metrics import GatewayMetrics
 from controlplane.workers.client import WorkerError, WorkerErrorKind, WorkerHealth
 from controlplane.workers.roles import WorkerRole, role_name
+from strata_common.grpc_auth import ClientAuth
 
 __all__ = ["DEFAULT_STALL_FACTOR", "DEFAULT_STALL_FLOOR_S", "SERVING_ROLES", "InstanceStates"]
 
@@ -96,8 +97,11 @@ class InstanceStates:
         stall_floor_s: float = DEFAULT_STALL_FLOOR_S,
         stall_factor: float = DEFAULT_STALL_FACTOR,
         clock: Callable[[], float] = time.monotonic,
+        worker_auth: ClientAuth | None = None,
     ) -> None:
         self._metrics = metrics
+        self._worker_auth = worker_auth
+        """The gateway's cluster credentials, sent on every call to a worker (None: none)."""
         self._clock = clock
         self._health_check_timeout_s = health_check_timeout_s
         self._stall_floor_s = stall_floor_s
@@ -269,7 +273,7 @@ class InstanceStates:
         """The local instance of ``record``, created if new (idempotent)."""
         instance = self._instances.get(record.id)
         if instance is None:
-            instance = Instance(record)
+            instance = Instance(record, auth=self._worker_auth)
             self._instances[record.id] = instance
             self._publish_ready(instance)
         return instance

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from controlplane.workers.roles import WorkerRole
+from strata_common.endpoints import parse_endpoint
+from strata_common.secrets import redact_url
 
 __all__ = [
     "InstanceRecord",
@@ -40,6 +43,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _ROLE_BY_NAME = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""What an instance id may look like (ids appear in logs, metrics labels and admin output)."""
 
 
 class RegistryStoreError(RuntimeError):
@@ -71,17 +76,34 @@ class InstanceRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> InstanceRecord:
+        """The record, validated field by field (a shared store is input like any other: a
+        record anyone with write access to it wrote); RegistryStoreError says what is wrong."""
         try:
             data = json.loads(raw)
-            return cls(
-                id=str(data["id"]),
-                role=_ROLE_BY_NAME[data["role"]],
-                endpoint=str(data["endpoint"]),
-                draining=bool(data.get("draining", False)),
-                launched=bool(data.get("launched", False)),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RegistryStoreError(f"malformed instance record {raw!r}: {exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise RegistryStoreError(f"instance record is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RegistryStoreError("instance record is not a JSON object")
+        instance_id = data.get("id")
+        if not isinstance(instance_id, str) or not _ID.fullmatch(instance_id):
+            raise RegistryStoreError(f"instance record has a bad id {instance_id!r:.80}")
+        role = data.get("role")
+        if not isinstance(role, str) or role not in _ROLE_BY_NAME:
+            raise RegistryStoreError(f"instance record {instance_id} has a bad role {role!r:.40}")
+        endpoint = data.get("endpoint")
+        try:
+            if not isinstance(endpoint, str):
+                raise ValueError("not a string")
+            parse_endpoint(endpoint)
+        except ValueError as exc:
+            raise RegistryStoreError(
+                f"instance record {instance_id} has a bad endpoint {endpoint!r:.80}: {exc}"
+            ) from None
+        flags = {name: data.get(name, False) for name in ("draining", "launched")}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise RegistryStoreError(f"instance record {instance_id}: {name} is not a bool")
+        return cls(instance_id, _ROLE_BY_NAME[role], endpoint, **flags)
 
 
 class RegistryStore(Protocol):
@@ -198,10 +220,11 @@ class RedisRegistryStore:
         self._register = self._redis.register_script(_REGISTER_LUA)
         self._update = self._redis.register_script(_UPDATE_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
+        self._skipped = _SkippedRecords()
 
     @property
     def description(self) -> str:
-        return self._url
+        return redact_url(self._url)
 
     async def register(
         self, role: WorkerRole, endpoint: str, *, launched: bool
@@ -226,9 +249,19 @@ class RedisRegistryStore:
         try:
             raw: dict[bytes, bytes] = await self._redis.hgetall(self._instances_key)
         except Exception as exc:  # redis.RedisError, OSError: the store is unreachable
-            raise RegistryStoreError(f"registry {self._url}: {exc}") from exc
-        records = (InstanceRecord.from_json(value) for value in raw.values())
-        return {record.id: record for record in records}
+            raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
+        records: dict[str, InstanceRecord] = {}
+        for key, value in raw.items():
+            try:
+                record = InstanceRecord.from_json(value)
+                if record.id.encode() != key:
+                    raise RegistryStoreError(f"instance record {record.id} is stored under {key!r}")
+            except RegistryStoreError as exc:
+                self._skipped.note(key, str(exc))
+                continue
+            records[record.id] = record
+        self._skipped.forget_except(raw.keys())
+        return records
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -237,7 +270,27 @@ class RedisRegistryStore:
         try:
             return await script(keys=keys, args=args)
         except Exception as exc:
-            raise RegistryStoreError(f"registry {self._url}: {exc}") from exc
+            raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
+
+
+class _SkippedRecords:
+    """Records skipped because they are malformed, each logged once per reason (a health-check
+    round reads every record every half second; a bad one must neither stop the others nor
+    flood the log)."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[bytes, str] = {}
+
+    def note(self, key: bytes, reason: str) -> None:
+        if self._reasons.get(key) != reason:
+            self._reasons[key] = reason
+            logger.warning("registry: skipping the record under %r: %s", key[:80], reason)
+
+    def forget_except(self, keys: Any) -> None:
+        """Forget records no longer stored (a record fixed or deleted is logged again if it
+        turns bad again)."""
+        for key in set(self._reasons) - set(keys):
+            del self._reasons[key]
 
 
 def open_registry_store(url: str) -> RegistryStore:

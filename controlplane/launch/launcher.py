@@ -68,6 +68,7 @@ from controlplane.workers.roles import WorkerRole
 from kvstore.metadata import parse_metadata_spec
 from strata_common.endpoints import parse_endpoint
 from strata_common.options import option
+from strata_common.secrets import scrubbed_environment
 from strata_common.units import parse_duration
 
 __all__ = [
@@ -273,8 +274,11 @@ class LaunchConfig:
         """True when the gateway can start workers (`scale`, `set-role`, prefill/decode)."""
         return bool(self.store)
 
-    def launcher_config(self, model_dir: Path) -> LocalLauncherConfig:
-        """The :class:`LocalProcessLauncher`'s config for workers serving ``model_dir``."""
+    def launcher_config(
+        self, model_dir: Path, cluster_key_file: Path | None = None
+    ) -> LocalLauncherConfig:
+        """The :class:`LocalProcessLauncher`'s config for workers serving ``model_dir`` (with
+        the gateway's ``cluster_key_file``, if it has one)."""
         extra = list(self.worker_args)
         if self.kv_metadata:
             extra = ["--kv-metadata", self.kv_metadata, *extra]
@@ -287,6 +291,7 @@ class LaunchConfig:
             cores_per_engine=self.cores_per_engine,
             cpus=self.cpus,
             log_dir=self.log_dir,
+            cluster_key_file=cluster_key_file,
         )
 
 
@@ -314,6 +319,9 @@ class LocalLauncherConfig:
     every line prefixed with ``[{role}-{port}]``."""
     stop_timeout_s: float = 20.0
     """SIGTERM → SIGKILL grace used by :meth:`LocalProcessLauncher.close`."""
+    cluster_key_file: Path | None = None
+    """Each worker's ``--cluster-key-file`` (the path, never the key): it then answers only the
+    gateway and publishes its HBM events as itself (docs/design/security.md §5.1)."""
     startup_nice: int = -5
     """Niceness of a worker relative to this process until it is ready, then this process's
     own: starting an engine is three Python interpreters importing torch and vLLM (~25 s of CPU
@@ -500,6 +508,8 @@ class LocalProcessLauncher:
         argv += ["--host", cfg.host, "--port", str(port), "--kv-cache-size", cfg.kv_cache_size]
         if cfg.max_model_len is not None:
             argv += ["--max-model-len", str(cfg.max_model_len)]
+        if cfg.cluster_key_file is not None:
+            argv += ["--cluster-key-file", str(cfg.cluster_key_file)]
         return [*argv, *cfg.extra_args]
 
     async def launch(self, role: WorkerRole, *, standby: bool = False) -> LocalWorker:
@@ -520,11 +530,16 @@ class LocalProcessLauncher:
             if cfg.log_dir is not None:
                 cfg.log_dir.mkdir(parents=True, exist_ok=True)
                 log = open(cfg.log_dir / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115
-            env = {
-                **os.environ,
-                "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
-                "PYTHONUNBUFFERED": "1",
-            }
+            # Its own configuration (STRATA_WORKER_*) and the runtime's, never the gateway's
+            # secrets (the admin token, a registry password): strata_common/secrets.py.
+            env = scrubbed_environment(
+                os.environ,
+                prefixes=("STRATA_WORKER_",),
+                extra={
+                    "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+                    "PYTHONUNBUFFERED": "1",
+                },
+            )
             # Forked from this (the event loop's) thread: PR_SET_PDEATHSIG follows the thread.
             nice = 0 if standby else self._startup_nice
             proc = start_child(self._argv(role, port), env, nice=nice)

@@ -5,14 +5,20 @@ The gateway (to look up cached prefixes), the KV connector (to save and load blo
 here and nowhere else. Changing any byte of the format below changes every key in every cache,
 which is why the format is versioned and pinned by a golden-value unit test.
 
-Hash format, version 1 (``HASH_VERSION = 1``)
+Hash format, version 2 (``HASH_VERSION = 2``)
 ---------------------------------------------
-All hashes are xxh3_128 (seed 0); keys are its 16-byte big-endian ``digest()``. Integers are
+Block keys are **keyed BLAKE3** (``blake3(data, key=hash_key)``, the first 16 bytes of its
+output): without the 32-byte ``hash_key`` nobody can compute a block's key, so nobody can aim a
+PUT at a prefix they do not know the key of, nor craft two prompts whose keys collide (a keyed
+PRF; docs/design/security.md §6.2). A cluster derives ``hash_key`` from its cluster key
+(``strata_common.credentials.derive_key(K, "block-keys")``); a deployment without one uses
+:data:`PUBLIC_HASH_KEY` (32 zero bytes: the same collision resistance, no secrecy). Integers are
 little-endian; ``str`` values are UTF-8. ``lp(x)`` means ``len(x)`` as uint32 followed by ``x``
 (length prefixes make concatenations unambiguous: ``("ab", "c")`` never collides with
-``("a", "bc")``).
+``("a", "bc")``). Version 1 was xxh3_128 with seed 0: predictable, and collidable by design.
 
-``model_fingerprint(model_dir, dtype)`` -- 16 bytes naming the exact weights::
+``model_fingerprint(model_dir, dtype)`` -- 16 bytes naming the exact weights (not a secret: it is
+xxh3_128, fast over gigabytes of weights)::
 
     xxh3_128( b"strata-model-fp" || u32 HASH_VERSION || lp(dtype) || lp(config.json bytes)
               || for each *.safetensors file in model_dir, sorted by file name:
@@ -23,29 +29,30 @@ little-endian; ``str`` values are UTF-8. ``lp(x)`` means ``len(x)`` as uint32 fo
   tiny test model, a fine-tune) produce different KV for the same tokens and must never share cache
   entries.
 
-``root_key(model_fingerprint, kv_layout, namespace="")`` -- the parent of a prompt's first block::
+``root_key(model_fingerprint, kv_layout, namespace="", hash_key=PUBLIC_HASH_KEY)`` -- the parent
+of a prompt's first block::
 
-    xxh3_128( b"strata-root" || u32 HASH_VERSION || lp(model_fingerprint) || lp(kv_layout)
-              || lp(namespace) )
+    B( b"strata-root" || u32 HASH_VERSION || lp(model_fingerprint) || lp(kv_layout)
+       || lp(namespace) )                       where B(x) = blake3(x, key=hash_key)[:16]
 
   ``kv_layout`` names everything about the stored tensors that is not in the weights (KV dtype,
   block size, layer/head layout, tensor-parallel shard). ``namespace`` is the tenant or cache salt:
   different namespaces give disjoint key spaces, so one tenant cannot learn through hit/miss timing
   whether another tenant sent a given prompt.
 
-``block_keys(token_ids, block_size, root)`` -- one key per *full* block::
+``block_keys(token_ids, block_size, root, hash_key=PUBLIC_HASH_KEY)`` -- one key per *full*
+block::
 
     key_0 = root
-    key_i = xxh3_128( key_{i-1} || token ids of block i as little-endian uint32 )   (i >= 1)
+    key_i = B( key_{i-1} || token ids of block i as little-endian uint32 )   (i >= 1)
 
   Chaining makes a key name its whole prefix (two prompts share key ``i`` only if they share their
-  first ``i * block_size`` tokens, up to hash collisions at 2**-128), so a prefix lookup is a walk
-  down the chain. The trailing partial block has no key: its KV is still being extended by decode
-  and is never shared.
+  first ``i * block_size`` tokens), so a prefix lookup is a walk down the chain, and a block's key
+  follows from its parent's and its own tokens alone (what the HBM event translator needs). The
+  trailing partial block has no key: its KV is still being extended by decode and is never shared.
 
-Speed: the prompt is packed to bytes once with numpy and sliced, and each block costs one
-``xxh3_128_digest`` call; about 20-35k 1024-token prompts per second per core here, against ~13k for
-vLLM's default sha256-of-pickle.
+Speed: the prompt is packed to bytes once with numpy and sliced; each block costs one keyed
+BLAKE3 call (~1 us, Python-call bound; xxh3 was ~0.2 us): docs/benchmarks.md, "Block keys".
 """
 
 from __future__ import annotations
@@ -55,25 +62,31 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+import blake3
 import numpy as np
 import xxhash
 
 __all__ = [
     "BLOCK_KEY_BYTES",
+    "HASH_KEY_BYTES",
     "HASH_VERSION",
+    "PUBLIC_HASH_KEY",
     "BlockKey",
     "block_keys",
     "model_fingerprint",
     "root_key",
 ]
 
-HASH_VERSION: int = 1
+HASH_VERSION: int = 2
 """Version of the hash format described in the module docstring; part of every key."""
 
 BlockKey = bytes
-"""A block's identity: 16 bytes (an xxh3_128 digest)."""
+"""A block's identity: 16 bytes (the first 16 of a keyed BLAKE3 output)."""
 
 BLOCK_KEY_BYTES = 16
+HASH_KEY_BYTES = 32
+PUBLIC_HASH_KEY = bytes(HASH_KEY_BYTES)
+"""The hash key of a deployment without a cluster key (everyone can compute its block keys)."""
 
 _CHUNK_BYTES = 8 * 1024 * 1024
 _U32 = struct.Struct("<I")
@@ -120,23 +133,36 @@ def model_fingerprint(model_dir: str | os.PathLike[str], dtype: str) -> bytes:
     return hasher.digest()
 
 
-def root_key(model_fingerprint: bytes, kv_layout: str, namespace: str = "") -> BlockKey:
+def _check_hash_key(hash_key: bytes) -> None:
+    if len(hash_key) != HASH_KEY_BYTES:
+        raise ValueError(f"hash_key must be {HASH_KEY_BYTES} bytes")
+
+
+def root_key(
+    model_fingerprint: bytes,
+    kv_layout: str,
+    namespace: str = "",
+    hash_key: bytes = PUBLIC_HASH_KEY,
+) -> BlockKey:
     """Return the key that is the parent of the first block of every prompt in this key space.
 
     Args:
         model_fingerprint: the 16 bytes from :func:`model_fingerprint`.
         kv_layout: a stable description of how KV is stored (e.g. ``"bf16/bs16/l30/h3/d64/tp1"``).
         namespace: tenant or cache salt; ``""`` is the shared default namespace.
+        hash_key: the cluster's block-key key (32 bytes; :data:`PUBLIC_HASH_KEY` without one).
     """
     if len(model_fingerprint) != BLOCK_KEY_BYTES:
         raise ValueError(f"model_fingerprint must be {BLOCK_KEY_BYTES} bytes")
-    return xxhash.xxh3_128_digest(
+    _check_hash_key(hash_key)
+    data = (
         b"strata-root"
         + _U32.pack(HASH_VERSION)
         + _lp(bytes(model_fingerprint))
         + _lp(kv_layout.encode("utf-8"))
         + _lp(namespace.encode("utf-8"))
     )
+    return blake3.blake3(data, key=hash_key).digest(BLOCK_KEY_BYTES)
 
 
 def _pack_tokens(token_ids: Sequence[int] | np.ndarray, num_tokens: int) -> bytes:
@@ -161,7 +187,10 @@ def _pack_tokens(token_ids: Sequence[int] | np.ndarray, num_tokens: int) -> byte
 
 
 def block_keys(
-    token_ids: Sequence[int] | np.ndarray, block_size: int, root: BlockKey
+    token_ids: Sequence[int] | np.ndarray,
+    block_size: int,
+    root: BlockKey,
+    hash_key: bytes = PUBLIC_HASH_KEY,
 ) -> list[BlockKey]:
     """Return the chained keys of the full blocks of ``token_ids`` (the partial tail is skipped).
 
@@ -172,15 +201,16 @@ def block_keys(
         raise ValueError("block_size must be positive")
     if len(root) != BLOCK_KEY_BYTES:
         raise ValueError(f"root must be {BLOCK_KEY_BYTES} bytes")
+    _check_hash_key(hash_key)
     num_blocks = len(token_ids) // block_size
     if num_blocks == 0:
         return []
     packed = _pack_tokens(token_ids, num_blocks * block_size)
     step = block_size * 4
-    digest = xxhash.xxh3_128_digest
+    hasher = blake3.blake3
     keys: list[BlockKey] = []
     parent = bytes(root)
     for start in range(0, num_blocks * step, step):
-        parent = digest(parent + packed[start : start + step])
+        parent = hasher(parent + packed[start : start + step], key=hash_key).digest(BLOCK_KEY_BYTES)
         keys.append(parent)
     return keys

@@ -72,7 +72,9 @@ from kvstore.wire.frame import (
     Op,
     Status,
 )
+from kvstore.wire.hello import ClientHello
 from kvstore.wire.types import NodeMatch, PutStatus
+from strata_common.credentials import ClusterCredentials
 from strata_common.endpoints import parse_endpoint
 
 logger = logging.getLogger(__name__)
@@ -293,6 +295,7 @@ class AsyncKVStoreClient:
         endpoint: str,
         timeout_s: float = 10.0,
         *,
+        credentials: ClusterCredentials | None = None,
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     ) -> None:
         if timeout_s <= 0:
@@ -303,6 +306,7 @@ class AsyncKVStoreClient:
         address = parse_endpoint(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self._credentials = credentials
         self.corrupt_reads = 0
         """Blocks that failed verification on this client (each refetch and each drop counts)."""
         self._address = (address.host, address.port)
@@ -512,10 +516,33 @@ class AsyncKVStoreClient:
                     _, protocol = await loop.create_connection(
                         lambda: _Protocol(self.max_block_bytes), *self._address
                     )
+                    if self._credentials is not None:
+                        await self._hello(protocol, self._credentials)
             except (OSError, TimeoutError) as exc:
+                if protocol is not None and protocol.transport is not None:
+                    protocol.transport.abort()
                 raise KVStoreUnavailable(f"cannot connect to {self.endpoint}: {exc}") from exc
             self._protocol = protocol
             return protocol
+
+    async def _hello(self, protocol: _Protocol, credentials: ClusterCredentials) -> None:
+        """The HELLO handshake (kvstore.wire.hello) on a new connection, before any request."""
+        hello = ClientHello(credentials)
+        try:
+            first = self._request(protocol, Op.HELLO)
+            assert protocol.transport is not None
+            protocol.transport.write(hello.request(first.request_id))
+            reply = cast(_Request, await first.future)
+            assert reply.header is not None
+            body = b"" if reply.body is None else bytes(reply.body)
+            second = self._request(protocol, Op.HELLO_PROOF)
+            protocol.transport.write(hello.answer(reply.header, body, second.request_id))
+            done = cast(_Request, await second.future)
+            assert done.header is not None
+            ClientHello.finish(done.header)
+        except KVStoreError as exc:
+            protocol.abort(exc)
+            raise
 
     def _request(self, protocol: _Protocol, op: Op, **kwargs: Any) -> _Request:
         future = asyncio.get_running_loop().create_future()

@@ -79,6 +79,7 @@ from kvstore.errors import (
     KVStoreTimeout,
     KVStoreUnavailable,
 )
+from kvstore.transport import tcp
 from kvstore.transport.base import (
     DEFAULT_PREFERENCE,
     RemoteMemory,
@@ -98,6 +99,7 @@ from kvstore.wire.frame import (
 from kvstore.wire.messages import SHM_LEASE
 from kvstore.wire.types import NodeMatch, PutStatus
 from strata_common.closing import Closeable
+from strata_common.credentials import ClusterCredentials
 from strata_common.endpoints import parse_endpoint
 
 __all__ = ["KVStoreClient"]
@@ -134,6 +136,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
         *,
         use_shm: bool = True,
         transports: Sequence[TransportKind] = DEFAULT_PREFERENCE,
+        credentials: ClusterCredentials | None = None,
         max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     ) -> None:
         if timeout_s <= 0:
@@ -150,6 +153,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
         """Data paths tried on the last connect and not used, with the reasons."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self._credentials = credentials
         endpoint_ = parse_endpoint(endpoint)
         self._address = (endpoint_.host, endpoint_.port)
         self._lock = threading.Lock()
@@ -356,6 +360,15 @@ class KVStoreClient(OneSidedPaths, Closeable):
             raise KVStoreUnavailable(f"cannot connect to {self.endpoint}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        if self._credentials is not None:
+            try:
+                self._hello(sock, self._credentials)
+            except _ConnectionBroken as exc:
+                self._drop_connection()
+                raise KVStoreConnectionLost(f"kvstore node {self.endpoint}: {exc}") from exc
+            except KVStoreError:
+                self._drop_connection()
+                raise
         try:
             selection = select_transport(
                 self._preference,
@@ -373,6 +386,17 @@ class KVStoreClient(OneSidedPaths, Closeable):
         failed = {skip.kind for skip in selection.skipped}
         self._preference = tuple(k for k in self._preference if k not in failed)
         return sock
+
+    def _hello(self, sock: socket.socket, credentials: ClusterCredentials) -> None:
+        """The HELLO handshake (kvstore.wire.hello): prove the cluster key, check the node's."""
+        request_id = next(self._ids) & 0x7FFFFFFF
+        next(self._ids)  # the handshake's second request
+        try:
+            tcp.hello(sock, credentials, request_id)
+        except TimeoutError as exc:
+            raise KVStoreTimeout(f"kvstore node {self.endpoint}: no HELLO reply") from exc
+        except OSError as exc:
+            raise _ConnectionBroken(f"HELLO failed: {exc}") from exc
 
     def _drop_connection(self) -> None:
         if self._sock is not None:

@@ -48,6 +48,7 @@ __all__ = [
     "decode_snapshot",
     "encode_event",
     "encode_snapshot",
+    "message_source",
 ]
 
 EVENT_FORMAT_VERSION: Final = 1
@@ -334,3 +335,11 @@ def decode_snapshot(data: bytes | bytearray | memoryview) -> SourceSnapshot:
     if offset != len(rest):
         raise ValueError(f"snapshot: {len(rest) - offset} trailing bytes")
     return SourceSnapshot(source, seq, keys_by_tier)
+
+
+def message_source(data: bytes | bytearray | memoryview) -> str:
+    """The source of one stream message, an event or a snapshot, after checking all of it
+    (``ValueError`` if malformed): who a publisher claims to speak for."""
+    if len(data) > 1 and data[1] == _Kind.SNAPSHOT:
+        return decode_snapshot(data).source
+    return decode_event(data).source

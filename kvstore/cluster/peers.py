@@ -17,9 +17,10 @@ from typing import TypeVar
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, verify
 from kvstore.blocks.hashing import BlockKey
 from kvstore.errors import KVStoreError
-from kvstore.transport.tcp import recv_bytes
+from kvstore.transport.tcp import hello, recv_bytes
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import DEFAULT_MAX_BLOCK_BYTES, FRAME_HEADER_BYTES, FrameHeader, Op
+from strata_common.credentials import ClusterCredentials
 from strata_common.endpoints import parse_endpoint
 
 __all__ = ["PeerFetcher"]
@@ -27,13 +28,22 @@ __all__ = ["PeerFetcher"]
 _T = TypeVar("_T")
 
 
+_HELLO_ID = 0x7FFFFFF0
+"""Request ids of a new connection's HELLO (the requests after it use small ids)."""
+
+
 class PeerFetcher:
     """Raw-block GETs (and PUTs) to other store nodes over pooled blocking sockets; thread-safe."""
 
     def __init__(
-        self, timeout_s: float = 5.0, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES
+        self,
+        timeout_s: float = 5.0,
+        *,
+        credentials: ClusterCredentials | None = None,
+        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     ) -> None:
         self._timeout = timeout_s
+        self._credentials = credentials
         self.max_block_bytes = max_block_bytes
         self._lock = threading.Lock()
         self._idle: dict[str, list[socket.socket]] = {}
@@ -68,6 +78,12 @@ class PeerFetcher:
         address = parse_endpoint(endpoint)
         sock = socket.create_connection((address.host, address.port), timeout=self._timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._credentials is not None:
+            try:
+                hello(sock, self._credentials, _HELLO_ID)
+            except BaseException:
+                sock.close()
+                raise
         return sock
 
     def _give_back(self, endpoint: str, sock: socket.socket) -> None:

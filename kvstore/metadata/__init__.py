@@ -20,6 +20,7 @@ imports :mod:`kvstore.metadata.remote` only for a ``strata://`` spec.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from kvstore.metadata.base import (
     DEFAULT_PREFIX,
@@ -36,6 +37,9 @@ from kvstore.metadata.base import (
 )
 from kvstore.metadata.embedded import EmbeddedMetadataStore
 from kvstore.metadata.redis import RedisMetadataStore
+
+if TYPE_CHECKING:
+    from strata_common.grpc_auth import ClientAuth
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -58,11 +62,15 @@ _EMBEDDED: dict[str, EmbeddedMetadataStore] = {}
 _EMBEDDED_LOCK = threading.Lock()
 
 
-def open_metadata_store(spec: str) -> MetadataStore:
+def open_metadata_store(spec: str, *, auth: ClientAuth | None = None) -> MetadataStore:
     """``"embedded"`` (this process's shared embedded store), a ``redis://`` URL, or
     ``strata://HOST:PORT``: the embedded store of a store node, through its gRPC metadata service
     at HOST:PORT (:mod:`kvstore.metadata.remote`) -- one host, no Redis. A malformed spec raises
-    the ValueError of :func:`parse_metadata_spec`."""
+    the ValueError of :func:`parse_metadata_spec`.
+
+    ``auth``: this process's cluster credentials, sent with every call to a ``strata://``
+    service (docs/design/security.md §5.1); the other backends do not use them (Redis has its
+    own ACL and password)."""
     parsed = parse_metadata_spec(spec)
     if parsed.scheme == "embedded":
         with _EMBEDDED_LOCK:
@@ -70,5 +78,5 @@ def open_metadata_store(spec: str) -> MetadataStore:
     if parsed.scheme == "strata":
         from kvstore.metadata.remote import RemoteMetadataStore  # grpc: only for strata://
 
-        return RemoteMetadataStore(parsed.endpoint)
+        return RemoteMetadataStore(parsed.endpoint, auth=auth)
     return RedisMetadataStore(spec)

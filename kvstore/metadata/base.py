@@ -19,6 +19,7 @@ a store that is down for minutes costs a few log lines, not a traceback per retr
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from strata_common.endpoints import format_endpoint
+from strata_common.secrets import redact_url
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -41,6 +43,7 @@ __all__ = [
     "MetadataSpec",
     "MetadataStore",
     "OutageLog",
+    "member_info",
     "member_kind",
     "parse_metadata_spec",
 ]
@@ -86,6 +89,40 @@ def member_kind(info: Mapping[str, Any]) -> MemberKind | None:
         return MemberKind(kind)
     except ValueError:
         return None
+
+
+MAX_MEMBER_INFO_FIELDS: Final = 64
+MAX_MEMBER_INFO_CHARS: Final = 4096
+"""Bounds on one member's info (what members register is a handful of short fields)."""
+
+
+def member_info(raw: Any) -> dict[str, Any]:
+    """A member's info as read from a shared store, validated: a JSON object (or mapping) of
+    at most 64 string names to JSON scalars, 4 KiB of text in all; ``endpoint`` and ``kind``,
+    when present, strings. ValueError says what is wrong: a reader skips that member (logged)
+    and goes on with the others, whoever wrote the record."""
+    if isinstance(raw, (bytes, str)):
+        if len(raw) > MAX_MEMBER_INFO_CHARS:
+            raise ValueError(f"member info of {len(raw)} bytes (at most {MAX_MEMBER_INFO_CHARS})")
+        try:
+            raw = json.loads(raw)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"member info is not JSON: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"member info is a {type(raw).__name__}, not an object")
+    if len(raw) > MAX_MEMBER_INFO_FIELDS:
+        raise ValueError(f"member info has {len(raw)} fields (at most {MAX_MEMBER_INFO_FIELDS})")
+    info: dict[str, Any] = {}
+    for name, value in raw.items():
+        if not isinstance(name, str):
+            raise ValueError(f"member info name {name!r:.40} is not a string")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise ValueError(f"member info {name!r:.40} is a {type(value).__name__}, not a scalar")
+        info[name] = value
+    for name in ("endpoint", KIND_KEY):
+        if name in info and not isinstance(info[name], str):
+            raise ValueError(f"member info {name!r} is not a string")
+    return info
 
 
 @runtime_checkable
@@ -165,7 +202,7 @@ class MetadataSpec:
         """``HOST:PORT`` of a ``strata://`` spec, IPv6 in brackets (the gRPC address that
         :class:`~kvstore.metadata.remote.RemoteMetadataStore` dials)."""
         if self.scheme != "strata" or self.host is None or self.port is None:
-            raise ValueError(f"{self.spec!r} is not a strata:// spec")
+            raise ValueError(f"{redact_url(self.spec)!r} is not a strata:// spec")
         return format_endpoint(self.host, self.port)
 
 
@@ -178,46 +215,47 @@ def parse_metadata_spec(spec: str) -> MetadataSpec:
     that is not a number, anything after ``strata://HOST:PORT``), not later as a traceback from a
     socket or a URL parser.
     """
+    shown = redact_url(spec)  # errors never show a password
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"metadata spec is empty; expected {_SPEC_FORMS}")
     if any(c.isspace() for c in spec):
-        raise ValueError(f"metadata spec {spec!r} contains whitespace")
+        raise ValueError(f"metadata spec {shown!r} contains whitespace")
     if spec == "embedded":
         return MetadataSpec(spec, "embedded")
     scheme, sep, _rest = spec.partition("://")
     if not sep:
-        raise ValueError(f"metadata spec {spec!r} has no scheme; expected {_SPEC_FORMS}")
+        raise ValueError(f"metadata spec {shown!r} has no scheme; expected {_SPEC_FORMS}")
     scheme = scheme.lower()
     if scheme not in _REDIS_SCHEMES and scheme != "strata":
         raise ValueError(
-            f"unknown metadata scheme {scheme + '://'!r} in {spec!r}; expected {_SPEC_FORMS}"
+            f"unknown metadata scheme {scheme + '://'!r} in {shown!r}; expected {_SPEC_FORMS}"
         )
     parts = urlsplit(spec)
     if scheme == "unix":
         if not parts.path or parts.path == "/":
-            raise ValueError(f"metadata spec {spec!r} names no socket path (unix:///PATH)")
+            raise ValueError(f"metadata spec {shown!r} names no socket path (unix:///PATH)")
         return MetadataSpec(spec, scheme)
     netloc = parts.netloc.rpartition("@")[2]
     if scheme == "strata" and "@" in parts.netloc:
-        raise ValueError(f"metadata spec {spec!r}: strata://HOST:PORT takes no user or password")
+        raise ValueError(f"metadata spec {shown!r}: strata://HOST:PORT takes no user or password")
     host, port_text = _split_host_port(netloc)
     if not host:
-        raise ValueError(f"metadata spec {spec!r} has no host")
+        raise ValueError(f"metadata spec {shown!r} has no host")
     port: int | None = None
     if port_text is None or port_text == "":
         if scheme == "strata":
-            raise ValueError(f"metadata spec {spec!r} has no port (strata://HOST:PORT)")
+            raise ValueError(f"metadata spec {shown!r} has no port (strata://HOST:PORT)")
     else:
         if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"metadata spec {spec!r} has a bad port {port_text!r} (1..65535)")
+            raise ValueError(f"metadata spec {shown!r} has a bad port {port_text!r} (1..65535)")
         port = int(port_text)
     if scheme == "strata":
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"metadata spec {spec!r}: nothing may follow strata://HOST:PORT")
+            raise ValueError(f"metadata spec {shown!r}: nothing may follow strata://HOST:PORT")
     else:
         database = parts.path.removeprefix("/")
         if database and not (database.isascii() and database.isdigit()):
-            raise ValueError(f"metadata spec {spec!r} has a bad database {database!r} (a number)")
+            raise ValueError(f"metadata spec {shown!r} has a bad database {database!r} (a number)")
     return MetadataSpec(spec, scheme, host, port)
 
 

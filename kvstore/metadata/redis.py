@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
-from kvstore.metadata.base import DEFAULT_PREFIX, STREAM_MAXLEN
+from kvstore.metadata.base import DEFAULT_PREFIX, STREAM_MAXLEN, member_info
 
 __all__ = ["RedisMetadataStore"]
+
+
+logger = logging.getLogger(__name__)
 
 
 class RedisMetadataStore:
@@ -23,6 +27,7 @@ class RedisMetadataStore:
         self._members_key = f"{prefix}:members"
         self._stream = f"{prefix}:events"
         self._reap_script = self._redis.register_script(_REAP_SCRIPT)
+        self._skipped: dict[bytes, str] = {}  # member records skipped, by key: the reason
 
     def _hb(self, node_id: str) -> str:
         return f"{self._prefix}:hb:{node_id}"
@@ -50,8 +55,21 @@ class RedisMetadataStore:
         return bool(registered)
 
     def members(self) -> dict[str, dict[str, Any]]:
+        """Every registered member whose record is valid (:func:`member_info`); a bad one is
+        skipped and logged once per reason (anyone with access to Redis may have written it)."""
         raw: Any = self._redis.hgetall(self._members_key)
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        members: dict[str, dict[str, Any]] = {}
+        for key, value in raw.items():
+            try:
+                node_id = key.decode()
+                members[node_id] = member_info(value)
+            except ValueError as exc:  # UnicodeDecodeError included
+                if self._skipped.get(key) != str(exc):
+                    self._skipped[key] = str(exc)
+                    logger.warning("skipping the member record %r: %s", key[:80], exc)
+        for key in set(self._skipped) - set(raw):
+            del self._skipped[key]
+        return members
 
     def alive(self, node_ids: Iterable[str]) -> set[str]:
         nodes = list(node_ids)

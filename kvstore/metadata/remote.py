@@ -11,6 +11,10 @@ protocol with the typed stub of ``strata.metadata.v1.Metadata`` (served by
   (DEADLINE_EXCEEDED), an argument the service refuses ``ValueError`` (INVALID_ARGUMENT), any
   other status :class:`~kvstore.metadata.base.MetadataServiceError`. The callers (NodeAgent's
   threads, ClusterView, the HBM event publisher) log and retry.
+- **Credentials.** With ``auth`` (a :class:`strata_common.grpc_auth.ClientAuth`: the cluster key
+  and this process's identity) every call carries them (docs/design/security.md §5.1); a refused
+  call (UNAUTHENTICATED, PERMISSION_DENIED) is a
+  :class:`~kvstore.metadata.base.MetadataServiceError` naming the reason.
 - **One channel, any thread.** A gRPC channel multiplexes calls, so a long-polling ``read`` never
   delays another thread's heartbeat. A node that restarted is reconnected to by the channel on the
   next call (reconnect back-off at most 1 s).
@@ -26,6 +30,7 @@ import grpc
 from kvstore.metadata.base import MAX_BLOCK_S, MAX_MESSAGE_BYTES, MetadataServiceError
 from kvstore.metadata.messages import info_from_proto, info_to_proto
 from strata_common.endpoints import parse_endpoint
+from strata_common.grpc_auth import ClientAuth
 from strata_proto import metadata_pb2, metadata_pb2_grpc
 
 __all__ = ["DEFAULT_TIMEOUT_S", "RemoteMetadataStore"]
@@ -52,13 +57,16 @@ class RemoteMetadataStore:
     """:class:`~kvstore.metadata.base.MetadataStore` served by a store node's gRPC metadata
     service at ``endpoint`` (``HOST:PORT``, IPv6 in brackets); thread-safe."""
 
-    def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, auth: ClientAuth | None = None
+    ) -> None:
         if not timeout_s > 0:
             raise ValueError("timeout_s must be positive")
         self.endpoint = str(parse_endpoint(endpoint))
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
-        self._stub = metadata_pb2_grpc.MetadataStub(self._channel)  # type: ignore[no-untyped-call]
+        channel = self._channel if auth is None else auth.intercept(self._channel)
+        self._stub = metadata_pb2_grpc.MetadataStub(channel)  # type: ignore[no-untyped-call]
 
     # -- MetadataStore ----------------------------------------------------------------------
 

@@ -278,13 +278,24 @@ class MetadataServer:
 
     _HEALTH_NAMES: Final = ("", METADATA_SERVICE_NAME)
 
-    def __init__(self, store: EmbeddedMetadataStore, host: str, port: int) -> None:
+    def __init__(
+        self,
+        store: EmbeddedMetadataStore,
+        host: str,
+        port: int,
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        """``interceptors``: e.g. the secret-mode check of every call
+        (:class:`strata_common.grpc_auth.ServerAuthInterceptor` with
+        :func:`kvstore.cluster.access.metadata_policy`); none: every caller is trusted."""
         self.host = host
         self.port = port
         """The port asked for; the bound one once started."""
         self._service = MetadataService(store)
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
+        self._interceptors = tuple(interceptors)
 
     @property
     def endpoint(self) -> str:
@@ -302,7 +313,7 @@ class MetadataServer:
         Raises OSError when the address cannot be bound."""
         if self._server is not None:
             raise RuntimeError("metadata server already started")
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=self._interceptors, options=SERVER_OPTIONS)
         metadata_pb2_grpc.add_MetadataServicer_to_server(self._service, server)  # type: ignore[no-untyped-call]
         self._health = health.aio.HealthServicer()
         for name in self._HEALTH_NAMES:

@@ -10,7 +10,9 @@ import asyncio
 import logging
 import os
 import zlib
+from functools import partial
 
+from kvstore.cluster.access import metadata_policy
 from kvstore.cluster.membership import NodeAgent
 from kvstore.cluster.peers import PeerFetcher
 from kvstore.cluster.view import ClusterView
@@ -21,7 +23,10 @@ from kvstore.node.tiers import TierManager
 from kvstore.server.config import StoreNodeConfig
 from kvstore.wire.frame import Status
 from kvstore.wire.types import PutStatus
+from strata_common.credentials import ClusterCredentials, Identity
 from strata_common.endpoints import format_endpoint
+from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor
+from strata_common.secrets import redact_url
 
 __all__ = ["ClusterMember"]
 
@@ -33,6 +38,7 @@ class ClusterMember:
 
     config: StoreNodeConfig
     node: StoreNode
+    cluster_key: bytes | None
     tiers: TierManager
     metadata_server: MetadataServer | None
     agent: NodeAgent | None
@@ -47,12 +53,21 @@ class ClusterMember:
         if config.metadata is None:
             return
         loop = asyncio.get_running_loop()
-        store = await loop.run_in_executor(None, open_metadata_store, config.metadata)
-        if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
-            self.metadata_server = MetadataServer(store, config.host, config.metadata_port)
-            await self.metadata_server.start()
         endpoint = format_endpoint(host, port)
         node_id = config.node_id or endpoint
+        # Secret mode (docs/design/security.md §5.1): this node is store/NODE_ID to another
+        # node's metadata service, and its own service checks every caller.
+        key = self.cluster_key
+        auth = None if key is None else ClientAuth(key, Identity("store", node_id))
+        store = await loop.run_in_executor(
+            None, partial(open_metadata_store, config.metadata, auth=auth)
+        )
+        if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
+            interceptors = [] if key is None else [ServerAuthInterceptor(key, metadata_policy)]
+            self.metadata_server = MetadataServer(
+                store, config.host, config.metadata_port, interceptors=interceptors
+            )
+            await self.metadata_server.start()
         info = {
             "endpoint": endpoint,
             "pid": os.getpid(),
@@ -72,8 +87,15 @@ class ClusterMember:
         await self.agent.start()
         self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
         await loop.run_in_executor(None, self.view.start)
-        self.fetcher = PeerFetcher(max_block_bytes=self.config.max_block_bytes)
-        logger.info("joined the cluster as %s (metadata %s)", node_id, config.metadata)
+        credentials = None
+        if self.cluster_key is not None:  # its peers hold the same key
+            credentials = ClusterCredentials(self.cluster_key, Identity("store", node_id))
+        self.fetcher = PeerFetcher(
+            credentials=credentials, max_block_bytes=self.config.max_block_bytes
+        )
+        logger.info(
+            "joined the cluster as %s (metadata %s)", node_id, redact_url(config.metadata or "")
+        )
 
     def note_changed(self, keys: list[bytes]) -> None:
         if self.agent is not None:

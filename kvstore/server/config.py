@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvstore.metadata import parse_metadata_spec
 from kvstore.policy.factory import PolicyKind
 from kvstore.wire.frame import DEFAULT_MAX_BLOCK_BYTES
+from strata_common.credentials import Identity, read_cluster_key
 from strata_common.options import from_cli, option
 from strata_common.units import parse_duration, parse_size
 
@@ -56,7 +58,8 @@ class StoreNodeConfig:
             (its 24-byte header, and the payload of any request but a PUT: at most 64 KiB); a
             connection stalled mid-frame is closed. 10 s by default: a client sends a frame in
             one write, so only a stalled peer or a lossy link takes seconds. PUT payloads have
-            ``put_timeout_s``. The clock runs only while the node reads the connection.
+            ``put_timeout_s``. The clock runs only while the node reads the connection. On a
+            node with a cluster key it also bounds the HELLO handshake, from the accept.
         idle_timeout_s: a connection with nothing received and nothing sent for this long is
             closed (whatever it holds is released). 300 s by default: long enough that a worker
             between bursts keeps its connection, short enough that the slots of clients gone
@@ -102,6 +105,11 @@ class StoreNodeConfig:
         metadata_port: with ``metadata="embedded"``, the port of the node's gRPC metadata service
             on ``host`` (``strata://HOST:METADATA_PORT`` for the host's other processes); 0 picks a
             free one, printed as ``kvstore metadata on strata://HOST:PORT`` before the ready line.
+        cluster_key_file: the cluster key (a 0600 file, docs/design/security.md §3.2): every
+            store connection must prove it holds it (HELLO, §4) and the
+            metadata service answers only callers holding it, by identity and RPC
+            (``kvstore.cluster.access``), and this node calls another node's metadata as
+            ``store/NODE_ID``. None: no authentication (loopback only).
         heartbeat_interval_s / heartbeat_timeout_s: liveness (docs/design/kvstore.md §10.7).
         leave_policy: on graceful stop, ``"drop"`` the blocks or ``"migrate"`` DRAM to a peer.
         replicate_on_read: keep a local copy of a block read through from a peer.
@@ -170,6 +178,12 @@ class StoreNodeConfig:
     write_behind: bool = option(False, help="copy every new block to SSD (true/false)")
     write_through: bool = option(
         False, help="answer a PUT only once its block is on SSD (true/false; implies write-behind)"
+    )
+    cluster_key_file: str | None = option(
+        None,
+        help="the cluster key (a 0600 file of 64 hex digits): every connection must prove it "
+        "holds it (HELLO) before any other request, and every call to the metadata service "
+        "carries it; none = no credentials (loopback only)",
     )
     node_id: str | None = option(None, help="node id in the cluster (default host:port)")
     metadata: str | None = option(None, help="redis://HOST:PORT/DB, embedded, or none")
@@ -246,6 +260,10 @@ class StoreNodeConfig:
             raise ValueError("metadata_port needs metadata 'embedded' (the metadata it serves)")
         if self.metadata_port and self.metadata_port == self.port:
             raise ValueError("metadata_port must differ from port")
+        if self.cluster_key_file is not None:
+            read_cluster_key(Path(self.cluster_key_file))  # CredentialError (a ValueError): why
+            if self.node_id is not None:
+                Identity("store", self.node_id)  # the name this node is known by
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.leave_policy not in LEAVE_POLICIES:

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, cast
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.blocks.tier import Tier
 from kvstore.node.store import Lease, PendingPut
+from kvstore.server import auth
 from kvstore.server.handlers import HANDLERS
 from kvstore.server.limits import (
     MAX_FETCHES_PER_CONNECTION,
@@ -121,7 +122,7 @@ class Connection(asyncio.BufferedProtocol):
         self._pending: PendingPut | None = None
         self._payload_started_at: float | None = None
         self._frame_since: float | None = None  # a frame partly received while reading
-        self._last_progress = server.loop_time()
+        self._last_progress = self._accepted_at = server.loop_time()
         self._write_paused = False
         self._unsent_leases: list[Lease] = []
         self.shm_leases: dict[int, Lease] = {}
@@ -137,6 +138,7 @@ class Connection(asyncio.BufferedProtocol):
         self._reading = True
         # Transport ops: leases and reservations held per batch id; the RDMA queue pair.
         self.transfer = TransferState()
+        self.auth = auth.ConnectionAuth()  # the HELLO handshake (kvstore.server.auth)
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -265,9 +267,13 @@ class Connection(asyncio.BufferedProtocol):
         payload = [
             t for t in (self._payload_started_at, self.transfer.reserved_since) if t is not None
         ]  # an open RESERVE_BATCH is a payload in flight
+        frame_since = self._frame_since
+        if self.server.cluster_key is not None and self.auth.identity is None:
+            # Not authenticated yet: the handshake must be done within the header timeout.
+            frame_since = min(frame_since or self._accepted_at, self._accepted_at)
         return Activity(
             last_progress=self._last_progress,
-            frame_since=self._frame_since,
+            frame_since=frame_since,
             payload_since=min(payload) if payload else None,
             lease_since=min(granted) if granted else None,
         )
@@ -350,6 +356,8 @@ class Connection(asyncio.BufferedProtocol):
                 break
             header = FrameHeader.decode(view, start)
             header.check_request()  # every request but a PUT now fits the buffer whole
+            if not auth.admit(self, header):
+                break  # refused: the connection is closing
             if header.opcode is Op.PUT:
                 if not self._begin_put(header):
                     partial = True
@@ -395,6 +403,9 @@ class Connection(asyncio.BufferedProtocol):
             return True
         if length > self.server.config.max_block_bytes:
             self._reject_put(header, Status.TOO_LARGE)
+            return True
+        if not auth.allowed(self.auth.identity, Op.PUT):
+            self._reject_put(header, Status.FORBIDDEN)
             return True
         result = self.node.begin_put(block.key, length)
         if isinstance(result, PutStatus):
@@ -453,6 +464,9 @@ class Connection(asyncio.BufferedProtocol):
         self._payload_started_at = self.server.loop_time()
 
     def _dispatch(self, header: FrameHeader, payload: memoryview) -> None:
+        if not auth.allowed(self.auth.identity, header.opcode):
+            auth.forbidden(self, header, payload)
+            return
         HANDLERS[header.opcode](self, header, payload)
 
     # -- replies, in request order ---------------------------------------------------------------

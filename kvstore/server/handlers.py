@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from kvstore.blocks.tier import Tier
 from kvstore.node.store import Lease
-from kvstore.server import transfer
+from kvstore.server import auth, transfer
 from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys
 from kvstore.wire.frame import FrameHeader, Op, Status, pack_frame_header
 from kvstore.wire.messages import LEASE_ID, encode_bitmap
@@ -157,5 +157,6 @@ HANDLERS: dict[Op, Handler] = {
     Op.RESERVE_BATCH: transfer.reserve_batch,
     Op.COMMIT_BATCH: transfer.commit_batch,
     Op.RDMA_CONNECT: transfer.rdma_connect,
+    **auth.HANDLERS,
 }
 """Every op but PUT, whose payload the connection receives straight into the arena."""

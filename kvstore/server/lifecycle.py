@@ -6,9 +6,9 @@ most ``max_connections`` connections, and its reaper closes those past a deadlin
 (:class:`kvstore.server.limits.Deadlines`). Warnings a peer can cause go through its one
 rate-limited log (``log``: a line per kind per :data:`PEER_LOG_INTERVAL_S`).
 
-Authentication (not built yet) belongs in :meth:`StoreServer.admit`'s place in the
-connection's life: a connection admitted under ``max_connections`` would first complete a
-handshake under the header timeout, and only then have its frames dispatched.
+A connection admitted under ``max_connections`` (:meth:`StoreServer.admit`) must, on a node with
+a cluster key, complete the HELLO handshake (:mod:`kvstore.server.auth`) within the header
+timeout of being accepted; until then only the handshake's frames (≤ 176 bytes) are read.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from pathlib import Path
 
 from kvstore.cluster.membership import NodeAgent
 from kvstore.cluster.peers import PeerFetcher
@@ -31,6 +32,7 @@ from kvstore.server.limits import Deadlines, Expiry, LimitCounters, PinLimits
 from kvstore.server.transfer import TransferCounters
 from kvstore.transport.base import TransportKind, TransportUnavailable, log_unavailable_once
 from kvstore.transport.rdma import RdmaNodeEndpoint
+from strata_common.credentials import read_cluster_key
 from strata_common.host import boot_id
 from strata_common.ratelog import RateLimitedLog
 
@@ -58,6 +60,11 @@ class StoreServer(ClusterMember):
         self, config: StoreNodeConfig, node: StoreNode, tiers: TierManager | None = None
     ) -> None:
         self.config = config
+        self.cluster_key: bytes | None = None
+        """Every connection must prove it holds this key before any request (kvstore.server.auth);
+        None: no credentials (read from ``config.cluster_key_file``)."""
+        if config.cluster_key_file is not None:
+            self.cluster_key = read_cluster_key(Path(config.cluster_key_file))
         self.node = node
         self.tiers = tiers if tiers is not None else TierManager(node)
         self.connections: set[Connection] = set()

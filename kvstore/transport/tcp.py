@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["recv_bytes", "recv_exact"]
+from kvstore.wire import replies
+from kvstore.wire.frame import FRAME_HEADER_BYTES, Op
+from kvstore.wire.hello import ClientHello
+from strata_common.credentials import ClusterCredentials
+
+__all__ = ["hello", "recv_bytes", "recv_exact"]
 
 
 def recv_exact(sock: socket.socket, target: memoryview) -> None:
@@ -24,3 +29,17 @@ def recv_bytes(sock: socket.socket, nbytes: int) -> bytes:
     buffer = bytearray(nbytes)
     recv_exact(sock, memoryview(buffer))
     return bytes(buffer)
+
+
+def hello(sock: socket.socket, credentials: ClusterCredentials, request_id: int) -> None:
+    """The HELLO handshake (kvstore.wire.hello) on a new blocking socket, with request ids
+    ``request_id`` and ``request_id + 1``: KVStoreAuthError if either side's proof fails,
+    KVStoreError for a garbled reply, OSError (ConnectionError, TimeoutError) from the socket."""
+    handshake = ClientHello(credentials)
+    sock.sendall(handshake.request(request_id))
+    raw = recv_bytes(sock, FRAME_HEADER_BYTES)
+    header = replies.decode_reply_header(raw, 0, request_id, Op.HELLO)  # ≤ HELLO_REPLY_BYTES
+    body = recv_bytes(sock, header.payload_len)
+    sock.sendall(handshake.answer(header, body, request_id + 1))
+    raw = recv_bytes(sock, FRAME_HEADER_BYTES)
+    ClientHello.finish(replies.decode_reply_header(raw, 0, request_id + 1, Op.HELLO_PROOF))

@@ -54,7 +54,15 @@ COMMIT_BATCH  batch id <Q (1)                      OK, count = n, payload = n st
                                                    or the reservation's status)
 RDMA_CONNECT  client's RdmaEndpointInfo (0)        OK + node's RdmaEndpointInfo | UNSUPPORTED +
                                                    reason (UTF-8)
+HELLO         client nonce (16) + identity ROLE/    OK + node nonce (16) + node proof (32); OK
+              NAME (UTF-8) (0)                     and no payload from a node without a key
+HELLO_PROOF   client proof (32) (0)                OK | UNAUTHENTICATED (then closed)
 ============  ===================================  ================================================
+
+**Credentials** (docs/design/security.md §4): a node given a cluster key answers nothing but
+HELLO and HELLO_PROOF until the connection has proved it holds the key; any other request gets
+UNAUTHENTICATED and the connection is closed. An op the connection's role may not use gets
+FORBIDDEN (the connection stays).
 
 The batch ops (numbered from 16) are the control half of the
 one-sided transports (kvstore.transport): the client learns where blocks are in the node's arena
@@ -79,7 +87,15 @@ import struct
 from dataclasses import dataclass
 
 from kvstore.blocks.hashing import BLOCK_KEY_BYTES
-from kvstore.wire.messages import BATCH_ID, LEASE_ID, RDMA_INFO, RESERVE_ITEM
+from kvstore.wire.messages import (
+    BATCH_ID,
+    HELLO_MAX_BYTES,
+    HELLO_MIN_BYTES,
+    HELLO_PROOF_BYTES,
+    LEASE_ID,
+    RDMA_INFO,
+    RESERVE_ITEM,
+)
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_BYTES",
@@ -133,6 +149,8 @@ class Op(enum.IntEnum):
     GET_SHM = 8
     RELEASE = 9
     # 10 was METADATA: the node's metadata is a gRPC service now (kvstore.metadata.service).
+    HELLO = 11
+    HELLO_PROOF = 12
     # Transport ops (kvstore.transport), numbered from 16.
     LEASE_BATCH = 16
     RELEASE_BATCH = 17
@@ -151,6 +169,11 @@ class Status(enum.IntEnum):
     TOO_LARGE = 4
     CORRUPT = 5
     BAD_REQUEST = 6
+    UNAUTHENTICATED = 7
+    """The node needs cluster credentials first (HELLO), or refused them; it closes the
+    connection after this reply."""
+    FORBIDDEN = 8
+    """The connection's identity may not use this op (docs/design/security.md §4.2)."""
     UNSUPPORTED = 16
     """The node cannot serve this transport (RDMA_CONNECT without RDMA); payload: the reason."""
 
@@ -177,6 +200,10 @@ def _max_request_payload(op: Op) -> int:
         return BATCH_ID.size
     if op is Op.RDMA_CONNECT:
         return RDMA_INFO.size
+    if op is Op.HELLO:
+        return HELLO_MAX_BYTES
+    if op is Op.HELLO_PROOF:
+        return HELLO_PROOF_BYTES
     return 0
 
 
@@ -236,6 +263,10 @@ class FrameHeader:
             ok = count == 1 and length == BATCH_ID.size
         elif op is Op.RDMA_CONNECT:
             ok = count == 0 and length == RDMA_INFO.size
+        elif op is Op.HELLO:
+            ok = count == 0 and HELLO_MIN_BYTES <= length <= HELLO_MAX_BYTES
+        elif op is Op.HELLO_PROOF:
+            ok = count == 0 and length == HELLO_PROOF_BYTES
         else:
             ok = count == 0 and length == 0
         if not ok:

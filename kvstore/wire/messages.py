@@ -15,10 +15,16 @@ from kvstore.blocks.hashing import BLOCK_KEY_BYTES
 
 __all__ = [
     "BATCH_ID",
+    "HELLO_MAX_BYTES",
+    "HELLO_MIN_BYTES",
+    "HELLO_NONCE_BYTES",
+    "HELLO_PROOF_BYTES",
+    "HELLO_REPLY_BYTES",
     "LEASE_DEFERRED",
     "LEASE_ID",
     "LEASE_REFUSED",
     "LEASE_SPAN",
+    "MAX_IDENTITY_BYTES",
     "RDMA_INFO",
     "RESERVE_ITEM",
     "RESERVE_OFFSET",
@@ -54,6 +60,13 @@ RDMA_INFO = struct.Struct("<BBHII16sQQI")
 """RDMA_CONNECT payload: version, path MTU (IBV_MTU_* enum), LID, QP number, PSN, GID, address
 and length of the registered region, its rkey (48 bytes)."""
 RDMA_INFO_VERSION = 1
+HELLO_NONCE_BYTES = 16
+HELLO_PROOF_BYTES = 32
+MAX_IDENTITY_BYTES = 160
+HELLO_MIN_BYTES = HELLO_NONCE_BYTES + 3  # the shortest identity: "r/n"
+HELLO_MAX_BYTES = HELLO_NONCE_BYTES + MAX_IDENTITY_BYTES
+HELLO_REPLY_BYTES = HELLO_NONCE_BYTES + HELLO_PROOF_BYTES
+"""HELLO: the client's nonce then its identity; the reply: the node's nonce then its proof."""
 
 
 def encode_bitmap(flags: list[bool]) -> bytes:

@@ -28,10 +28,18 @@ from typing import Any
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader
 from kvstore.blocks.tier import Tier
-from kvstore.errors import KVStoreCorruptError, KVStoreError
-from kvstore.wire.frame import MAX_BATCH_ITEMS, FrameError, FrameHeader, Op, Status
+from kvstore.errors import KVStoreAuthError, KVStoreCorruptError, KVStoreError
+from kvstore.wire.frame import (
+    DEFAULT_MAX_BLOCK_BYTES,
+    MAX_BATCH_ITEMS,
+    FrameError,
+    FrameHeader,
+    Op,
+    Status,
+)
 from kvstore.wire.messages import (
     BATCH_ID,
+    HELLO_REPLY_BYTES,
     LEASE_SPAN,
     RDMA_INFO,
     RESERVE_OFFSET,
@@ -86,7 +94,9 @@ def reply_limit(op: Op, asked: int, max_block_bytes: int) -> int:
         return min(asked, MAX_BATCH_ITEMS)  # a status byte per block of the reservation
     if op is Op.RDMA_CONNECT:
         return max(RDMA_INFO.size, MAX_REASON_BYTES)
-    return 0  # PUT, DELETE (and RELEASE, RELEASE_BATCH, which have no reply)
+    if op is Op.HELLO:
+        return HELLO_REPLY_BYTES
+    return 0  # PUT, DELETE, HELLO_PROOF (and RELEASE, RELEASE_BATCH, which have no reply)
 
 
 def decode_reply_header(
@@ -95,7 +105,7 @@ def decode_reply_header(
     request_id: int,
     op: Op,
     *,
-    max_block_bytes: int,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     asked: int = 1,
 ) -> FrameHeader:
     """The header of the reply to request ``request_id`` of ``op`` with ``asked`` keys; its
@@ -104,6 +114,13 @@ def decode_reply_header(
         header = FrameHeader.decode(buf, offset)
     except FrameError as exc:
         raise KVStoreError(f"garbled reply from the node: {exc}") from exc
+    if header.status == Status.UNAUTHENTICATED:
+        raise KVStoreAuthError(
+            "the node requires cluster credentials this client does not have or it refused them "
+            "(give the client the node's cluster key: --cluster-key-file)"
+        )
+    if header.status == Status.FORBIDDEN:
+        raise KVStoreAuthError(f"this client's role may not use {header.opcode.name}")
     if header.request_id != request_id or header.opcode is not op:
         raise KVStoreError(
             f"reply {header.opcode.name}/{header.request_id} while waiting for "

@@ -23,11 +23,8 @@ Figures (`chaos_report`): time to mark unhealthy, requests failed over, success 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import sys
 import threading
 import time
 import urllib.error
@@ -39,13 +36,10 @@ from typing import Any
 
 import pytest
 
-from strata.cli import engine_core_sets
 from strata.supervisor import Service
 from tests.chaos.conftest import ChaosSize
-from tests.e2e.conftest import free_port
-from tests.proc_tree import descendants
+from tests.e2e.service_cluster import service_cluster, signal_tree
 
-READY_TIMEOUT_S = 600.0
 STALL_FLOOR_S = 6.0
 HEALTH_INTERVAL_S = 0.5
 HEALTH_TIMEOUT_S = 2.0
@@ -73,58 +67,27 @@ class StallCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: Path) -> Iterator[StallCluster]:
-    py = sys.executable
-    host = "127.0.0.1"
-    services: list[Service] = []
-
-    def start(service: Service) -> Service:
-        services.append(service)
-        service.start()
-        return service
-
-    try:
-        store_port = free_port()
-        argv = [py, "-m", "kvstore.server", "--host", host, "--port", str(store_port)]
-        argv += ["--arena-size", "256MiB"]
-        store = start(Service("store", argv, r"listening on"))
-        store.wait_ready(READY_TIMEOUT_S)
-        workers: list[tuple[str, str, Service]] = []
-        for role, cores in zip(("prefill", "prefill", "decode"), engine_core_sets(3), strict=True):
-            port = free_port()
-            argv = [py, "-m", "dataplane.worker", "--role", role, "--model", str(tiny_model_dir)]
-            argv += ["--store", f"{host}:{store_port}", "--host", host, "--port", str(port)]
-            argv += ["--max-model-len", "512", "--max-num-seqs", "8"]
-            env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
-            service = start(Service(f"{role}-{port}", argv, r"strata worker ready", env=env))
-            workers.append((role, f"{host}:{port}", service))
-        for _, _, service in workers:
-            service.wait_ready(READY_TIMEOUT_S)
-        gateway_port = free_port()
-        argv = [py, "-m", "controlplane.gateway", "--model-dir", str(tiny_model_dir)]
-        argv += ["--served-model-name", "tiny", "--host", host, "--port", str(gateway_port)]
-        for role, endpoint, _ in workers:
-            argv += [f"--{role}", endpoint]
-        argv += ["--health-check-interval", f"{HEALTH_INTERVAL_S}s"]
-        argv += ["--health-check-timeout", f"{HEALTH_TIMEOUT_S}s"]
-        argv += ["--stall-floor", f"{STALL_FLOOR_S}s", "--no-profile"]
-        gateway = start(Service("gateway", argv, r"listening on"))
-        gateway.wait_ready(READY_TIMEOUT_S)
-        url = f"http://{host}:{gateway_port}"
+    for services in service_cluster(
+        tiny_model_dir,
+        ("prefill", "prefill", "decode"),
+        store_args=("--arena-size", "256MiB"),
+        worker_args=("--max-model-len", "512", "--max-num-seqs", "8"),
+        gateway_args=(
+            "--health-check-interval",
+            f"{HEALTH_INTERVAL_S}s",
+            "--health-check-timeout",
+            f"{HEALTH_TIMEOUT_S}s",
+            "--stall-floor",
+            f"{STALL_FLOOR_S}s",
+            "--no-profile",
+        ),
+    ):
         reference = {}
         for i in range(NUM_PROMPTS):
-            ok, ids, text, _ = _complete(url, i)
+            ok, ids, text, _ = _complete(services.gateway_url, i)
             assert ok, text
             reference[i] = (ids, text)
-        yield StallCluster(
-            gateway_url=url,
-            prefills={e: s for role, e, s in workers if role == "prefill"},
-            reference=reference,
-        )
-    finally:
-        for service in reversed(services):
-            if service.proc is not None:
-                _signal_tree(service, signal.SIGCONT)
-            service.stop(20.0)
+        yield StallCluster(services.gateway_url, services.of_role("prefill"), reference)
 
 
 def _complete(url: str, i: int) -> tuple[bool, list[int], str, float]:
@@ -174,18 +137,6 @@ def _prefill_failovers(url: str) -> float:
         if line.startswith('strata_gateway_failovers_total{role="prefill"}'):
             return float(line.rpartition(" ")[2])
     return 0.0
-
-
-def _signal_tree(service: Service, sig: int, *, engine_only: bool = False) -> None:
-    """``sig`` to every process of the worker (vLLM's engine core and executor included), or
-    with ``engine_only`` to the engine's processes only (the gRPC server keeps answering)."""
-    assert service.proc is not None
-    pids = descendants(service.proc.pid)
-    if not engine_only:
-        pids.add(service.proc.pid)
-    for pid in sorted(pids):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
 
 
 @dataclass
@@ -250,14 +201,14 @@ def test_a_stop_shorter_than_the_bound_aborts_nothing(
     with Load(cluster.gateway_url) as load:
         for _ in range(chaos_size.pick(2, 6)):
             time.sleep(1.0)
-            _signal_tree(service, signal.SIGSTOP)
+            signal_tree(service, signal.SIGSTOP)
             try:
                 deadline = time.monotonic() + stop_s
                 while time.monotonic() < deadline:
                     states.add(_worker(cluster.gateway_url, endpoint)["state"])
                     time.sleep(0.1)
             finally:
-                _signal_tree(service, signal.SIGCONT)
+                signal_tree(service, signal.SIGCONT)
             for _ in range(10):
                 states.add(_worker(cluster.gateway_url, endpoint)["state"])
                 time.sleep(0.1)
@@ -306,7 +257,7 @@ def test_a_stop_longer_than_the_bound_fails_its_requests_over(
         for cycle in range(chaos_size.pick(1, 4)):
             endpoint, service = list(cluster.prefills.items())[cycle % len(cluster.prefills)]
             time.sleep(1.0)
-            _signal_tree(service, signal.SIGSTOP, engine_only=engine_only)
+            signal_tree(service, signal.SIGSTOP, engine_only=engine_only)
             stopped_at = time.monotonic()
             held.append(0)
             try:
@@ -327,7 +278,7 @@ def test_a_stop_longer_than_the_bound_fails_its_requests_over(
                     assert worker["state"] == "dead", worker
                     time.sleep(0.1)
             finally:
-                _signal_tree(service, signal.SIGCONT, engine_only=engine_only)
+                signal_tree(service, signal.SIGCONT, engine_only=engine_only)
             continued_at = time.monotonic()
             while _worker(cluster.gateway_url, endpoint)["state"] != "ready":
                 assert time.monotonic() - continued_at < 120, "never ready again"

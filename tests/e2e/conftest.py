@@ -18,8 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from kvstore.client.sync import KVStoreClient
+from strata_common.credentials import ClusterCredentials, Identity, read_cluster_key
+from strata_common.grpc_auth import ClientAuth
+from strata_proto import worker_pb2_grpc
 from tests.conftest import REPO_ROOT
 
 SERVE_READY_TIMEOUT_S = 600.0
@@ -41,7 +46,24 @@ class StrataServer:
     store: str = ""
     prefill: str = ""
     decode: str = ""
+    cluster_key_file: Path | None = None
+    """CACHE_DIR/cluster.key, as serve printed it: its workers answer only a gateway holding it."""
     lines: list[str] = field(default_factory=list)
+
+    def worker_stub(self, endpoint: str) -> worker_pb2_grpc.WorkerStub:
+        """A stub calling the worker at ``endpoint`` as a gateway (docs/design/security.md §5.1)."""
+        assert self.cluster_key_file is not None, "serve did not say where its cluster key is"
+        auth = ClientAuth(read_cluster_key(self.cluster_key_file), Identity("gateway", "e2e"))
+        return worker_pb2_grpc.WorkerStub(auth.intercept(grpc.insecure_channel(endpoint)))
+
+    def store_client(self) -> KVStoreClient:
+        """A client of serve's store node that proves it holds the cluster key (HELLO), as a
+        worker (docs/design/security.md §4)."""
+        assert self.cluster_key_file is not None, "serve did not say where its cluster key is"
+        credentials = ClusterCredentials(
+            read_cluster_key(self.cluster_key_file), Identity("worker", "e2e")
+        )
+        return KVStoreClient(self.store, credentials=credentials)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
         if self.proc.poll() is None:
@@ -88,6 +110,9 @@ def start_server(
             m = re.search(r"strata: store=(\S+) prefill=(\S+) decode=(\S+)", line)
             if m:
                 server.store, server.prefill, server.decode = m.groups()
+            m = re.search(r"strata: cluster key in (\S+) ", line)
+            if m:
+                server.cluster_key_file = Path(m.group(1))
             m = re.search(r"strata: serving (\S+) on ", line)
             if m:
                 server.model = m.group(1)

@@ -37,6 +37,9 @@ import grpc
 import openai
 import pytest
 
+from strata.cli import CLUSTER_KEY_FILE_NAME
+from strata_common.credentials import Identity, read_cluster_key
+from strata_common.grpc_auth import ClientAuth
 from strata_proto import worker_pb2, worker_pb2_grpc
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import StrataServer, free_port, start_server
@@ -205,14 +208,19 @@ class Load:
         assert usage is not None and usage.completion_tokens == MAX_TOKENS
 
 
-def _worker_stats(endpoint: str) -> Any:
+def _worker_stats(endpoint: str, cache_dir: Path) -> Any:
+    """The worker's Stats, asked as a gateway with serve's cluster key (a worker answers no one
+    else: docs/design/security.md §5.1)."""
+    key = read_cluster_key(cache_dir / CLUSTER_KEY_FILE_NAME)
+    auth = ClientAuth(key, Identity("gateway", "e2e-test"))
     with grpc.insecure_channel(endpoint) as channel:
-        return worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
+        stub = worker_pb2_grpc.WorkerStub(auth.intercept(channel))
+        return stub.Stats(worker_pb2.StatsRequest(), timeout=10)
 
 
-def _worker_gone(endpoint: str) -> bool:
+def _worker_gone(endpoint: str, cache_dir: Path) -> bool:
     try:
-        _worker_stats(endpoint)
+        _worker_stats(endpoint, cache_dir)
     except grpc.RpcError as exc:
         return exc.code() is grpc.StatusCode.UNAVAILABLE
     return False
@@ -280,7 +288,7 @@ def test_scale_decode_up_and_down_under_load_on_shared_cores(serve: AdminServe) 
         engines = [_pinned_cores(i["endpoint"]) for i in infos]
         assert sum(len(cores) for cores in engines) > len(set().union(*engines)), engines
         deadline = time.monotonic() + 120
-        while _worker_stats(new["endpoint"]).num_requests < 1:
+        while _worker_stats(new["endpoint"], serve.cache_dir).num_requests < 1:
             assert not load.failures, load.failures
             assert time.monotonic() < deadline, "the new decode worker got no request"
             time.sleep(1.0)
@@ -298,7 +306,7 @@ def test_scale_decode_up_and_down_under_load_on_shared_cores(serve: AdminServe) 
             timeout_s=120,
         )
         deadline = time.monotonic() + 60
-        while not _worker_gone(retired["endpoint"]):
+        while not _worker_gone(retired["endpoint"], serve.cache_dir):
             assert time.monotonic() < deadline, f"{retired['endpoint']} still answers"
             time.sleep(1.0)
         infos = serve.instances()

@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from openai import OpenAI
 
-from kvstore.client.sync import KVStoreClient
-from strata_proto import worker_pb2, worker_pb2_grpc
+from strata_proto import worker_pb2
 from tests.e2e.conftest import StrataServer, run_reference
 
 MAX_TOKENS = 24
@@ -140,9 +138,7 @@ def test_chat_matches_single_engine(
 
 
 def _stubs(server: StrataServer) -> tuple[Any, Any]:
-    prefill = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.prefill))
-    decode = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.decode))
-    return prefill, decode
+    return server.worker_stub(server.prefill), server.worker_stub(server.decode)
 
 
 def _disaggregated_tokens(
@@ -156,7 +152,7 @@ def _disaggregated_tokens(
     )
     assert len(first.block_keys) == len(prompt) // BLOCK_SIZE
     if corrupt:
-        with KVStoreClient(server.store) as store:
+        with server.store_client() as store:
             for key in first.block_keys:
                 data = store.get(key)
                 assert data is not None, "the prefill worker did not store its blocks"

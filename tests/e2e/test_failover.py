@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import threading
 import time
 import urllib.error
@@ -32,14 +31,12 @@ from typing import Any
 
 import pytest
 
-from strata.cli import engine_core_sets
 from strata.supervisor import Service
-from tests.e2e.conftest import free_port
+from tests.e2e.service_cluster import service_cluster
 from tests.proc_tree import descendants
 
 pytestmark = pytest.mark.slow
 
-READY_TIMEOUT_S = 600.0
 MAX_TOKENS = 600
 PROMPT = "the river tower keeps seven cache blocks of memory for the decode engine"
 
@@ -55,49 +52,19 @@ class FailoverCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: Path) -> Iterator[FailoverCluster]:
-    py = sys.executable
-    host = "127.0.0.1"
-    services: list[Service] = []
-
-    def start(service: Service) -> Service:
-        services.append(service)
-        service.start()
-        return service
-
-    try:
-        store_port = free_port()
-        argv = [py, "-m", "kvstore.server", "--host", host, "--port", str(store_port)]
-        argv += ["--arena-size", "512MiB"]
-        store = start(Service("store", argv, r"listening on"))
-        store.wait_ready(READY_TIMEOUT_S)
-        workers: list[tuple[str, Service]] = []
-        for role, cores in zip(("prefill", "decode", "decode"), engine_core_sets(3), strict=True):
-            port = free_port()
-            argv = [py, "-m", "dataplane.worker", "--role", role, "--model", str(tiny_model_dir)]
-            argv += ["--store", f"{host}:{store_port}", "--host", host, "--port", str(port)]
-            env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
-            service = start(Service(f"{role}-{port}", argv, r"strata worker ready", env=env))
-            workers.append((f"{host}:{port}", service))
-        for _, service in workers:
-            service.wait_ready(READY_TIMEOUT_S)
-        (prefill_endpoint, prefill), *decode_workers = workers
-        gateway_port = free_port()
-        argv = [py, "-m", "controlplane.gateway", "--model-dir", str(tiny_model_dir)]
-        argv += ["--served-model-name", "tiny", "--prefill", prefill_endpoint]
-        for endpoint, _ in decode_workers:
-            argv += ["--decode", endpoint]
-        argv += ["--host", host, "--port", str(gateway_port), "--health-check-interval", "1s"]
-        gateway = start(Service("gateway", argv, r"listening on"))
-        gateway.wait_ready(READY_TIMEOUT_S)
+    for services in service_cluster(
+        tiny_model_dir,
+        ("prefill", "decode", "decode"),
+        store_args=("--arena-size", "512MiB"),
+        gateway_args=("--health-check-interval", "1s"),
+    ):
+        (prefill,) = services.of_role("prefill").values()
         yield FailoverCluster(
-            gateway_url=f"http://{host}:{gateway_port}",
+            gateway_url=services.gateway_url,
             prefill=prefill,
-            decodes=dict(decode_workers),
-            services=services,
+            decodes=services.of_role("decode"),
+            services=services.services,
         )
-    finally:
-        for service in reversed(services):
-            service.stop(20.0)
 
 
 def _open_stream(cluster: FailoverCluster) -> Any:

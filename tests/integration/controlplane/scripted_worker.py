@@ -22,6 +22,7 @@ ships in the product.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -102,8 +103,12 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def start(self, port: int = 0) -> str:
-        self._server = grpc.aio.server()
+    async def start(
+        self, port: int = 0, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> str:
+        """Serve on ``port`` (0: any); ``interceptors``: e.g. the secret-mode check a real
+        worker with ``--cluster-key-file`` has."""
+        self._server = grpc.aio.server(interceptors=interceptors)
         worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         await self._server.start()

@@ -18,8 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
-CRASH_FILE_ENV = "STRATA_TEST_CRASH_FILE"
-CRASH_AFTER_ENV = "STRATA_TEST_CRASH_AFTER"
+CRASH_FILE_ENV = "STRATA_WORKER_TEST_CRASH_FILE"  # STRATA_WORKER_*: launched workers get it
+CRASH_AFTER_ENV = "STRATA_WORKER_TEST_CRASH_AFTER"
 
 
 def stand_in_python(directory: Path) -> Path:

@@ -133,7 +133,12 @@ def restarting(
 
 
 @pytest.mark.parametrize("fault", ["sigkill", "sigstop"])
-def test_a_killed_or_stopped_decode_worker_is_replaced(restarting: Restarting, fault: str) -> None:
+def test_a_killed_or_stopped_decode_worker_is_replaced(
+    restarting: Restarting, fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The gateway's secrets stay with it: a worker it starts does not inherit them.
+    monkeypatch.setenv("STRATA_ADMIN_TOKEN", "gateway-only")
+    monkeypatch.setenv("STRATA_GATEWAY_REGISTRY", "redis://:hunter2@10.0.0.1:6379")
     before = ready_decodes(restarting.instances())
     assert len(before) == 2
     # The scripted prefill and decode run in separate processes here (no shared script state):
@@ -152,6 +157,9 @@ def test_a_killed_or_stopped_decode_worker_is_replaced(restarting: Restarting, f
     )
     (replacement,) = [i for i in ready_decodes(after) if i.id != before[1].id]
     assert replacement.launched and replacement.endpoint != before[0].endpoint
+    environ = Path(f"/proc/{restarting.worker(replacement.endpoint).pid}/environ").read_bytes()
+    assert b"gateway-only" not in environ and b"hunter2" not in environ
+    assert b"PATH=" in environ
     assert wait_gone(tree) == []
     assert victim not in restarting.launcher.workers
     assert len(restarting.launcher.workers) == 3
@@ -167,7 +175,7 @@ def test_a_crash_loop_is_given_up_after_the_limit(
 ) -> None:
     crash = tmp_path / "crash"
     crash.touch()
-    monkeypatch.setenv(CRASH_FILE_ENV, str(crash))  # the launcher passes its environment on
+    monkeypatch.setenv(CRASH_FILE_ENV, str(crash))  # the launcher passes STRATA_WORKER_* on
     monkeypatch.setenv(CRASH_AFTER_ENV, "0.3")
     (first, _) = ready_decodes(restarting.instances())
     os.killpg(restarting.worker(first.endpoint).pid, signal.SIGKILL)

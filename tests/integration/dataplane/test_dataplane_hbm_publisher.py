@@ -21,7 +21,13 @@ from kvstore.blocks.tier import Tier
 from kvstore.cluster.events import SOURCE_GONE_SEQ, SourceCleared, decode_event, encode_event
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, RedisMetadataStore
+from kvstore.metadata.remote import RemoteMetadataStore
+from strata_common.credentials import Identity, load_or_create_cluster_key
+from strata_common.grpc_auth import ClientAuth
+from tests.integration.kvstore.node_process import NodeFactory, start_node
 from tests.integration.kvstore.valkey_fixture import valkey_binary
+
+__all__ = ["start_node"]  # the fixture
 
 SOURCE = "127.0.0.1:7101"
 BS = 4
@@ -316,3 +322,51 @@ def test_a_worker_reaped_while_alive_registers_again_and_republishes(
         hbm.close()
         view.stop()
         store.close()
+
+
+def _secret_node(start_node: NodeFactory, key_file: Path) -> Any:
+    return start_node(
+        "--metadata", "embedded", "--node-id", "N", "--prefault", "false",
+        "--heartbeat-interval", "0.2s", "--cluster-key-file", str(key_file),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("identity", [SOURCE, "127.0.0.1:7999"])
+def test_with_a_cluster_key_a_worker_publishes_only_under_its_own_source_id(
+    identity: str, start_node: NodeFactory, engine_publisher: ZmqEventPublisher, tmp_path: Path
+) -> None:
+    """Secret mode (docs/design/security.md §5.1): the publisher speaks to the store node's
+    metadata service as worker/IDENTITY; its events (source SOURCE) get in only when the two
+    agree -- as dataplane/worker.py makes them -- else every call is refused and nothing of
+    SOURCE reaches the gateway's index."""
+    key_file = tmp_path / "cluster.key"
+    key, _ = load_or_create_cluster_key(key_file)
+    node = _secret_node(start_node, key_file)
+    endpoint = node.metadata.removeprefix("strata://")
+    hbm = HbmEventPublisher(
+        RemoteMetadataStore(endpoint, auth=ClientAuth(key, Identity("worker", identity))),
+        HbmBlockTranslator(
+            SOURCE, BS, lambda namespace: root_key(bytes(16), "test-layout", namespace)
+        ),
+        f"ipc://{tmp_path}/kv-events",
+        f"ipc://{tmp_path}/kv-replay",
+        retry_s=0.05,
+    ).start()
+    gateway = RemoteMetadataStore(endpoint, auth=ClientAuth(key, Identity("gateway", "g")))
+    view = ClusterView(gateway, poll_interval_s=0.02).start()
+    try:
+        publish_until(engine_publisher, hbm, batch(stored(0, 3)))
+        if identity == SOURCE:
+            assert view.wait_for(lambda v: hbm_keys(v) == KEYS[:3])
+            assert set(view.live_engines()) == {SOURCE}
+            assert hbm.num_dropped == 0
+        else:
+            assert view_free_wait(lambda: hbm.num_dropped >= 2)  # SourceCleared, BlocksStored
+            assert SOURCE not in gateway.members() and SOURCE not in view.sources()
+            assert hbm_keys(view) == []
+    finally:
+        hbm.close()
+        view.stop()
+        gateway.close()
+    refused = "refused a call (PERMISSION_DENIED): worker/127.0.0.1:7999 may not call"
+    assert (refused in node.log()) is (identity != SOURCE)

@@ -12,6 +12,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from kvstore.wire.frame import (
 )
 from kvstore.wire.messages import LEASE_DEFERRED, LEASE_REFUSED, LeaseBatchReply
 from kvstore.wire.types import PutStatus
+from strata_common.credentials import ClusterCredentials, Identity, load_or_create_cluster_key
 from tests.integration.kvstore.conftest import NodeFactory, NodeProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -297,3 +299,27 @@ def test_one_log_line_per_bad_frame_kind(start_node: NodeFactory) -> None:
     assert log.count("RELEASE_BATCH from") == 1
     assert log.count("failed its checksum") == 1
     assert stats(node)["limits"]["log_lines_suppressed"] == 19 + 19 + 9
+
+
+def test_an_unauthenticated_connection_must_say_hello_within_the_header_timeout(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    """On a node with a cluster key, a connection that never completes the HELLO handshake (it
+    sends nothing, or only HELLO) holds its slot only for the header timeout; an authenticated
+    one that goes quiet is only idle."""
+    header_timeout_s = 1.0
+    secret, _ = load_or_create_cluster_key(tmp_path / "cluster.key")
+    node = start_node("--cluster-key-file", str(tmp_path / "cluster.key"), "--header-timeout", "1s")
+    credentials = ClusterCredentials(secret, Identity("worker", "w1"))
+    bound_s = header_timeout_s + reaper_period_s(header_timeout_s) + SLACK_S
+    with (
+        connect(node) as silent,
+        KVStoreClient(
+            node.endpoint, transports=(TransportKind.TCP,), credentials=credentials
+        ) as client,
+    ):
+        accepted = time.monotonic()
+        assert client.put(key(1), b"v") is PutStatus.OK
+        assert header_timeout_s * 0.9 <= closed_within(silent, bound_s) - accepted < bound_s
+        assert client.get(key(1)) == b"v"  # authenticated, quiet for as long: still served
+        assert client.stats()["limits"]["header_timeouts"] == 1

@@ -133,7 +133,7 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir", "--launch-standby",
         "--launch-restart", "--launch-restart-grace", "--launch-restart-backoff",
         "--launch-restart-backoff-max", "--launch-restart-reset-after", "--launch-restart-limit",
-        "--launch-restart-window",
+        "--launch-restart-window", "--cluster-key-file",
     }  # fmt: skip
 
 
@@ -162,3 +162,34 @@ def test_routing_flags(tmp_path: Path) -> None:
     assert defaults.scheduling.local_prefill_threshold_tokens == 0
     assert defaults.scheduling.conditional_disaggregation and defaults.profiling.enabled
     assert defaults.scheduling.slo_margin_quantile == 0.9
+
+
+def test_cluster_key_file_flag_env_identity_and_launched_workers(tmp_path: Path) -> None:
+    from controlplane.launch.launcher import LocalProcessLauncher
+    from controlplane.workers.roles import WorkerRole
+    from strata_common.credentials import Identity, load_or_create_cluster_key
+
+    (tmp_path / "config.json").write_text("{}")
+    key_file = tmp_path / "cluster.key"
+    key, _ = load_or_create_cluster_key(key_file)
+    assert GatewayConfig.from_argv(argv(tmp_path)).cluster.client_auth("x") is None
+    config = GatewayConfig.from_argv(
+        argv(tmp_path, "--cluster-key-file", str(key_file), "--host", "::1", "--port", "8001")
+    )
+    assert config.cluster.key_file == key_file
+    assert config.cluster_name == "[::1]:8001"
+    auth = config.cluster.client_auth(config.cluster_name)
+    assert auth is not None and auth.identity == Identity("gateway", "[::1]:8001")
+    from_env = GatewayConfig.from_argv(
+        argv(tmp_path), environ={"STRATA_GATEWAY_CLUSTER_KEY_FILE": str(key_file)}
+    )
+    assert from_env.cluster.key_file == key_file
+    launcher = LocalProcessLauncher(
+        replace(config.launch, store="127.0.0.1:7600").launcher_config(tmp_path, key_file)
+    )
+    launched = launcher._argv(WorkerRole.DECODE, 7001)
+    assert launched[launched.index("--cluster-key-file") + 1] == str(key_file)
+    assert key.hex() not in " ".join(launched)  # the path, never the key
+    key_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        replace(config.cluster, key_file=key_file)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import blake3
 import pytest
-import xxhash
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 from dataplane.hbm_events import HbmBlockTranslator
-from kvstore.blocks.hashing import block_keys, root_key
+from kvstore.blocks.hashing import PUBLIC_HASH_KEY, block_keys, root_key
 from kvstore.blocks.tier import Tier
 from kvstore.cluster.events import SOURCE_GONE_SEQ, BlocksRemoved, BlocksStored, SourceCleared
 
@@ -29,9 +29,9 @@ def chain(tokens: list[int], parent: bytes) -> list[bytes]:
     """Strata keys computed independently of kvstore.blocks.hashing.block_keys."""
     keys = []
     for start in range(0, len(tokens) // BS * BS, BS):
-        parent = xxhash.xxh3_128_digest(
-            parent + struct.pack(f"<{BS}I", *tokens[start : start + BS])
-        )
+        parent = blake3.blake3(
+            parent + struct.pack(f"<{BS}I", *tokens[start : start + BS]), key=PUBLIC_HASH_KEY
+        ).digest(16)
         keys.append(parent)
     return keys
 

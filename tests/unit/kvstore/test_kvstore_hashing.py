@@ -6,11 +6,17 @@ import json
 import struct
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
-import xxhash
 
-from kvstore.blocks.hashing import HASH_VERSION, block_keys, model_fingerprint, root_key
+from kvstore.blocks.hashing import (
+    HASH_VERSION,
+    PUBLIC_HASH_KEY,
+    block_keys,
+    model_fingerprint,
+    root_key,
+)
 
 FP = bytes(range(16))
 ROOT = root_key(FP, "bf16/bs4")
@@ -25,37 +31,60 @@ def _write_model(path: Path, seed: int, config: dict[str, object] | None = None)
     return path
 
 
-def test_hash_version_is_one() -> None:
-    assert HASH_VERSION == 1
+def test_hash_version_is_two() -> None:
+    assert HASH_VERSION == 2
 
 
 def test_golden_values() -> None:
     """Pinned outputs: if this fails the key format changed and HASH_VERSION must be bumped."""
     root = root_key(b"\x00" * 16, "bf16/bs16")
-    assert root.hex() == "1d2a388598341dd88ec05d75bca04a5b"
+    assert root.hex() == "ad7477eef0f2078f9ee70f28f51c2bd2"
     assert [k.hex() for k in block_keys(list(range(40)), 16, root)] == [
-        "00c8acf3eecba6808e15526de83da71f",
-        "d92daef88436363c05a4025fbb3d1f33",
+        "bb10a02262edafe3fa8ef86cab499dd6",
+        "3a49b5fb41e6402a5f45d116fd13e9e3",
     ]
     assert root_key(b"\x00" * 16, "bf16/bs16", "tenant-a").hex() == (
-        "d37e0f113097476d6130d146eef426b0"
+        "5dae0d782c457269c706f2a13dfabfc2"
+    )
+    assert root_key(b"\x00" * 16, "bf16/bs16", hash_key=bytes(range(32))).hex() == (
+        "4f948f866917c30dc9699e5b40c896e8"
     )
 
 
 def test_format_matches_documented_derivation() -> None:
-    """Recompute keys from the docstring's definition with raw xxhash and struct."""
+    """Recompute keys from the docstring's definition with raw blake3 and struct."""
 
     def lp(b: bytes) -> bytes:
         return struct.pack("<I", len(b)) + b
 
-    expected_root = xxhash.xxh3_128_digest(
-        b"strata-root" + struct.pack("<I", 1) + lp(FP) + lp(b"bf16/bs4") + lp(b"")
-    )
+    def b(data: bytes, key: bytes = PUBLIC_HASH_KEY) -> bytes:
+        return blake3.blake3(data, key=key).digest(16)
+
+    expected_root = b(b"strata-root" + struct.pack("<I", 2) + lp(FP) + lp(b"bf16/bs4") + lp(b""))
     assert expected_root == ROOT
     tokens = [7, 8, 9, 2**32 - 1, 0, 1, 2, 3, 5]
-    key1 = xxhash.xxh3_128_digest(ROOT + struct.pack("<4I", 7, 8, 9, 2**32 - 1))
-    key2 = xxhash.xxh3_128_digest(key1 + struct.pack("<4I", 0, 1, 2, 3))
+    key1 = b(ROOT + struct.pack("<4I", 7, 8, 9, 2**32 - 1))
+    key2 = b(key1 + struct.pack("<4I", 0, 1, 2, 3))
     assert block_keys(tokens, 4, ROOT) == [key1, key2]
+    secret = bytes(range(100, 132))
+    keyed1 = b(ROOT + struct.pack("<4I", 7, 8, 9, 2**32 - 1), secret)
+    assert block_keys(tokens, 4, ROOT, secret)[0] == keyed1
+
+
+def test_the_hash_key_separates_clusters() -> None:
+    """Without the cluster's hash key, neither the root nor any block key can be computed."""
+    secret = bytes(range(32))
+    tokens = list(range(64))
+    public = block_keys(tokens, 16, root_key(FP, "bf16/bs16"))
+    keyed = block_keys(tokens, 16, root_key(FP, "bf16/bs16", hash_key=secret), secret)
+    assert len(keyed) == 4 and not set(public) & set(keyed)
+    # Same root, other key: the chain diverges from the first block on.
+    other = block_keys(tokens, 16, root_key(FP, "bf16/bs16", hash_key=secret))
+    assert not set(other) & set(keyed)
+    with pytest.raises(ValueError, match="hash_key"):
+        block_keys(tokens, 16, ROOT, b"short")
+    with pytest.raises(ValueError, match="hash_key"):
+        root_key(FP, "x", hash_key=b"short")
 
 
 def test_keys_are_16_bytes_and_partial_block_excluded() -> None:
@@ -149,7 +178,7 @@ def test_model_fingerprint_golden(tmp_path: Path) -> None:
     m.mkdir()
     (m / "config.json").write_bytes(b'{"a": 1}')
     (m / "model.safetensors").write_bytes(b"weights")
-    assert model_fingerprint(m, "bfloat16").hex() == "dc1d309cf58e3b3eea688dfbf8452e33"
+    assert model_fingerprint(m, "bfloat16").hex() == "a7b388943c904fa4bb797c7568828511"
 
 
 def test_model_fingerprint_requires_weights(tmp_path: Path) -> None:

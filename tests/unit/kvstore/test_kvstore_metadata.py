@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 
@@ -14,6 +16,7 @@ from kvstore.metadata import (
     RedisMetadataStore,
     open_metadata_store,
 )
+from kvstore.metadata.base import member_info
 from tests.integration.kvstore.valkey_fixture import valkey_url
 
 __all__ = ["valkey_url"]
@@ -114,4 +117,55 @@ def test_redis_store_semantics(valkey_url: str) -> None:
         time.sleep(0.35)
         assert store.alive(["n"]) == set()
     finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff{", "not JSON"),
+        (b"[1, 2]", "a list, not an object"),
+        (b'"text"', "a str, not an object"),
+        (b'{"endpoint": 7600}', "'endpoint' is not a string"),
+        (b'{"kind": ["engine"]}', "'kind' is a list, not a scalar"),
+        (b'{"nested": {"a": 1}}', "'nested' is a dict, not a scalar"),
+        (b"{" + b",".join(b'"f%d": 1' % i for i in range(65)) + b"}", "65 fields"),
+        (b'{"pad": "' + b"x" * 5000 + b'"}', "at most 4096"),
+    ],
+)
+def test_member_info_is_validated(raw: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        member_info(raw)
+
+
+def test_member_info_keeps_scalars() -> None:
+    raw = b'{"endpoint": "h:1", "kind": "engine", "n": 3, "x": 0.5, "ok": true, "none": null}'
+    assert member_info(raw) == {
+        "endpoint": "h:1",
+        "kind": "engine",
+        "n": 3,
+        "x": 0.5,
+        "ok": True,
+        "none": None,
+    }
+
+
+def test_redis_members_skip_bad_records_and_log_each_once(
+    valkey_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One member record that is not a JSON object used to stop every membership refresh."""
+    import redis
+
+    store = RedisMetadataStore(valkey_url, prefix="t-bad")
+    raw = redis.Redis.from_url(valkey_url)
+    try:
+        store.register("good", {"endpoint": "127.0.0.1:7600"})
+        raw.hset("t-bad:members", mapping={"bad-json": b"{", "a-list": b"[]", b"\xff": b"{}"})
+        with caplog.at_level(logging.WARNING, logger="kvstore.metadata.redis"):
+            for _ in range(3):
+                assert store.members() == {"good": {"endpoint": "127.0.0.1:7600"}}
+        skipped = [r for r in caplog.records if "skipping the member record" in r.getMessage()]
+        assert len(skipped) == 3  # once each, not once per read
+    finally:
+        raw.close()
         store.close()

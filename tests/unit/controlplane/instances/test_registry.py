@@ -8,6 +8,7 @@ test double of the Launcher protocol that starts nothing.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -103,11 +104,34 @@ def test_record_json_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "[]", '{"id": "w1"}', '{"id": "w1", "role": "both", "endpoint": "a:1"}']
+    ("raw", "reason"),
+    [
+        ("", "not JSON"),
+        ("[]", "not a JSON object"),
+        ('"w1"', "not a JSON object"),
+        ('{"role": "decode", "endpoint": "a:1"}', "bad id None"),
+        ('{"id": 7, "role": "decode", "endpoint": "a:1"}', "bad id 7"),
+        ('{"id": "w 1", "role": "decode", "endpoint": "a:1"}', "bad id 'w 1'"),
+        ('{"id": "' + "w" * 200 + '", "role": "decode", "endpoint": "a:1"}', "bad id"),
+        ('{"id": "w1"}', "w1 has a bad role None"),
+        ('{"id": "w1", "role": "both", "endpoint": "a:1"}', "bad role 'both'"),
+        ('{"id": "w1", "role": ["decode"], "endpoint": "a:1"}', "bad role"),
+        ('{"id": "w1", "role": "decode"}', "bad endpoint None"),
+        ('{"id": "w1", "role": "decode", "endpoint": 5000}', "bad endpoint 5000"),
+        ('{"id": "w1", "role": "decode", "endpoint": "a:70000"}', "bad endpoint 'a:70000'"),
+        ('{"id": "w1", "role": "decode", "endpoint": "a:1", "draining": "no"}', "draining"),
+        ('{"id": "w1", "role": "decode", "endpoint": "a:1", "launched": 1}', "launched"),
+        ('{"id": "w1", "role": "decode", "endpoint": "\ud800:1"}', "bad endpoint"),
+    ],
 )
-def test_malformed_record_is_a_store_error(raw: str) -> None:
-    with pytest.raises(RegistryStoreError, match="malformed instance record"):
+def test_each_field_of_a_record_is_validated(raw: str, reason: str) -> None:
+    with pytest.raises(RegistryStoreError, match=re.escape(reason)):
         InstanceRecord.from_json(raw)
+
+
+def test_a_record_may_omit_its_flags() -> None:
+    raw = '{"id": "w1", "role": "prefill", "endpoint": "[::1]:7000"}'
+    assert InstanceRecord.from_json(raw) == InstanceRecord("w1", PREFILL, "[::1]:7000")
 
 
 def test_local_store_gives_one_record_per_endpoint() -> None:

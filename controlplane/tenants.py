@@ -1,0 +1,141 @@
+"""Tenants: who an API request is, from its API key, and the KV namespace that keeps each
+tenant's cache to itself (docs/design/security.md §6.1).
+
+- :class:`ApiKeys`: the table of API keys, each mapped to a tenant: ``--api-key KEY`` (each key
+  its own tenant, named ``key-`` + 12 hex digits of the key's SHA-256, so logs never show the
+  key), ``--api-keys-file FILE`` (``KEY TENANT`` per line; ``#`` comments; a 0600 file). Lookups
+  compare SHA-256 digests in constant time. No keys configured: every request is the one
+  anonymous tenant (a single-user deployment).
+- :func:`tenant_namespace`: the cache salt a request's blocks are keyed under: a keyed hash of
+  the tenant (the cluster's ``tenants`` key; nobody without it can compute another tenant's
+  namespace), subdivided by the client's own ``cache_salt``. The gateway sends it to the workers
+  as the request's cache salt, so vLLM's own prefix cache, the store's blocks and the prefix
+  index all keep tenants apart: no request of one tenant can hit, or time, another's blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from strata_common.credentials import owner_only
+
+__all__ = [
+    "ANONYMOUS",
+    "MIN_API_KEY_CHARS",
+    "ApiKeys",
+    "TenantError",
+    "tenant_namespace",
+]
+
+ANONYMOUS: Final = ""
+"""The tenant of every request when no API key is configured."""
+MIN_API_KEY_CHARS: Final = 16
+_MAX_TENANT_CHARS: Final = 64
+
+
+class TenantError(ValueError):
+    """A key table that cannot be used (the message names the file and line), or a request
+    without a valid key (the message is safe to send back)."""
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
+def _check_key(key: str, where: str) -> None:
+    if len(key) < MIN_API_KEY_CHARS or not key.isprintable() or any(c.isspace() for c in key):
+        raise TenantError(
+            f"{where}: an API key is at least {MIN_API_KEY_CHARS} printable characters, no spaces"
+        )
+
+
+def _check_tenant(tenant: str, where: str) -> None:
+    if not (0 < len(tenant) <= _MAX_TENANT_CHARS) or not all(
+        c.isalnum() or c in "._-" for c in tenant
+    ):
+        raise TenantError(
+            f"{where}: a tenant name is 1..{_MAX_TENANT_CHARS} letters, digits, '.', '_' or '-'"
+        )
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """API key digests → tenant. Empty: keys are not required (every request is anonymous)."""
+
+    by_digest: Mapping[bytes, str]
+
+    @property
+    def required(self) -> bool:
+        return bool(self.by_digest)
+
+    @property
+    def tenants(self) -> frozenset[str]:
+        return frozenset(self.by_digest.values())
+
+    @classmethod
+    def load(cls, keys: Iterable[str] = (), keys_file: Path | None = None) -> ApiKeys:
+        """From ``--api-key`` values and an ``--api-keys-file``; TenantError names what is wrong."""
+        table: dict[bytes, str] = {}
+        for key in keys:
+            _check_key(key, "--api-key")
+            table[_digest(key)] = "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        if keys_file is not None:
+            if not owner_only(keys_file):
+                raise TenantError(
+                    f"{keys_file} must be a regular file of this user nobody else can read "
+                    f"(chmod 600 {keys_file})"
+                )
+            try:
+                lines = keys_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TenantError(f"cannot read {keys_file}: {exc}") from None
+            for number, line in enumerate(lines, 1):
+                text = line.strip()
+                if not text or text.startswith("#"):
+                    continue
+                where = f"{keys_file}:{number}"
+                parts = text.split()
+                if len(parts) != 2:
+                    raise TenantError(f"{where}: expected `KEY TENANT`")
+                key, tenant = parts
+                _check_key(key, where)
+                _check_tenant(tenant, where)
+                digest = _digest(key)
+                if table.get(digest, tenant) != tenant:
+                    raise TenantError(f"{where}: this key is given to two tenants")
+                table[digest] = tenant
+        return cls(table)
+
+    def tenant_of(self, authorization: str | None) -> str:
+        """The tenant of a request's ``Authorization`` header; TenantError when keys are
+        required and it is missing or wrong (every key is tried in constant time)."""
+        if not self.by_digest:
+            return ANONYMOUS
+        if not authorization:
+            raise TenantError("You didn't provide an API key (Authorization: Bearer KEY).")
+        scheme, _, presented = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise TenantError("Malformed Authorization header: expected `Bearer KEY`.")
+        digest = _digest(presented.strip())
+        found: str | None = None
+        for known, tenant in self.by_digest.items():
+            if hmac.compare_digest(known, digest):
+                found = tenant
+        if found is None:
+            raise TenantError("Incorrect API key provided.")
+        return found
+
+
+def tenant_namespace(tenants_key: bytes, tenant: str, cache_salt: str) -> str:
+    """The cache salt a request's blocks are keyed under (see the module docstring): the
+    client's own salt for the anonymous tenant (no keys configured), else 32 hex digits of
+    ``HMAC(tenants_key, tenant)``, then ``/`` and the client's salt when it gave one."""
+    if tenant == ANONYMOUS:
+        return cache_salt
+    namespace = hmac.new(tenants_key, tenant.encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{namespace}/{cache_salt}" if cache_salt else namespace

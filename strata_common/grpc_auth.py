@@ -1,0 +1,354 @@
+"""Secret-mode authentication and authorisation of gRPC calls (docs/design/security.md §3.2, §5.1).
+
+Every call to a guarded service carries the metadata ``authorization: Strata-HMAC id=ROLE/NAME,
+ts=UNIX_SECONDS, mac=HEX`` (:func:`strata_common.credentials.rpc_authorization`: an HMAC under
+the cluster key's ``rpc`` key over the identity, the full method name and the time).
+
+Server side, :class:`ServerAuthInterceptor` (a ``grpc.aio`` server interceptor) wraps the handler
+of every method except those of the exempt services (by default the standard
+``grpc.health.v1.Health``: probes need no credential, and it tells only SERVING or NOT_SERVING).
+Before the handler runs, the wrapper
+
+1. checks the ``authorization`` metadata (exactly one value, within ``window_s`` of the server's
+   clock, for this very method): otherwise **UNAUTHENTICATED**, with the reason;
+2. asks the service's :data:`Authorize` policy about ``(identity, method, request)`` (the request
+   is None for a client-streaming method): a refusal is **PERMISSION_DENIED**, with the reason;
+3. runs the handler with the identity in :func:`current_identity` (a context variable).
+
+Refusals are logged at most once per method and reason every :data:`LOG_INTERVAL_S`, so a
+flood of bad calls cannot flood the log.
+
+Client side, :class:`ClientAuth` (the cluster key and this process's identity) makes the metadata
+of a call, and adds it to every call of a ``grpc.aio`` channel (:meth:`ClientAuth.aio_interceptors`)
+or of a blocking channel (:meth:`ClientAuth.intercept`).
+
+Secret mode proves that the caller holds the cluster key, not who it is: any holder can claim any
+identity (§3.2). The policies still catch misrouting and misconfiguration, and name the caller.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Final, NamedTuple
+
+import grpc
+
+from strata_common.credentials import (
+    RPC_WINDOW_S,
+    CredentialError,
+    Identity,
+    check_rpc_authorization,
+    rpc_authorization,
+)
+
+__all__ = [
+    "AUTHORIZATION_KEY",
+    "HEALTH_SERVICE",
+    "LOG_INTERVAL_S",
+    "Authorize",
+    "ClientAuth",
+    "ServerAuthInterceptor",
+    "current_identity",
+    "roles_only",
+]
+
+logger = logging.getLogger("strata_common.grpc_auth")
+
+AUTHORIZATION_KEY: Final = "authorization"
+HEALTH_SERVICE: Final = "grpc.health.v1.Health"
+LOG_INTERVAL_S: Final = 60.0
+"""A refusal of one method for one reason is logged at most once this often."""
+_MAX_LOG_KEYS: Final = 1024
+
+Authorize = Callable[[Identity, str, Any], str | None]
+"""A service's policy: ``(identity, method, request)`` → None to allow, or the reason of a
+refusal (told to the caller). ``method`` is the full name, ``/package.Service/Method``;
+``request`` is the request message, or None for a client-streaming method."""
+
+_IDENTITY: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "strata_grpc_identity", default=None
+)
+
+
+def current_identity() -> Identity | None:
+    """The authenticated caller of the call being handled (None outside a guarded handler)."""
+    return _IDENTITY.get()
+
+
+def roles_only(*roles: str) -> Authorize:
+    """A policy that lets the given roles call every method and refuses everyone else."""
+    allowed = frozenset(roles)
+    names = ", ".join(sorted(allowed))
+
+    def authorize(identity: Identity, method: str, request: Any) -> str | None:
+        if identity.role in allowed:
+            return None
+        return f"only role {names} may call it"
+
+    return authorize
+
+
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+
+
+class ServerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Checks the credentials and the policy of every call before its handler (see the module
+    docstring). Handlers must be async (coroutine or async-generator methods), as grpc.aio
+    servicers are.
+
+    ``clock`` (Unix seconds) is injectable for tests; ``exempt`` names services whose methods
+    pass without credentials."""
+
+    def __init__(
+        self,
+        key: bytes,
+        authorize: Authorize,
+        *,
+        exempt: Iterable[str] = (HEALTH_SERVICE,),
+        clock: Callable[[], float] = time.time,
+        window_s: float = RPC_WINDOW_S,
+    ) -> None:
+        self._key = key
+        self._authorize = authorize
+        self._exempt = tuple(f"/{service}/" for service in exempt)
+        self._clock = clock
+        self._window_s = window_s
+        self._logged: dict[tuple[str, str], float] = {}
+        self.num_refused = 0
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(self._exempt):
+            return handler
+        metadata = tuple(details.invocation_metadata or ())
+        return _wrap(handler, lambda request: self._check(method, metadata, request))
+
+    def _check(self, method: str, metadata: tuple[Any, ...], request: Any) -> Identity:
+        """The caller's identity, or _Refusal."""
+        values = [value for key, value in metadata if key.lower() == AUTHORIZATION_KEY]
+        try:
+            if len(values) > 1 or (values and not isinstance(values[0], str)):
+                raise CredentialError("malformed credentials")
+            identity = check_rpc_authorization(
+                self._key, values[0] if values else None, method, self._clock(), self._window_s
+            )
+        except CredentialError as exc:
+            raise self._refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                method,
+                str(exc),
+                f"{method} needs cluster credentials: {exc}",
+            ) from None
+        reason = self._authorize(identity, method, request)
+        if reason is not None:
+            raise self._refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                method,
+                reason,
+                f"{identity} may not call {method}: {reason}",
+            )
+        return identity
+
+    def _refuse(self, code: grpc.StatusCode, method: str, reason: str, message: str) -> _Refusal:
+        self.num_refused += 1
+        now = time.monotonic()
+        key = (method, reason)
+        last = self._logged.get(key)
+        if last is None or now - last >= LOG_INTERVAL_S:
+            if len(self._logged) >= _MAX_LOG_KEYS:
+                self._logged.clear()
+            self._logged[key] = now
+            logger.warning("refused a call (%s): %s", code.name, message)
+        return _Refusal(code, message, reason)
+
+
+def _wrap(handler: Any, check: Callable[[Any], Identity]) -> Any:
+    """``handler`` with ``check(request)`` before its behaviour, the identity set meanwhile."""
+
+    async def enter(request: Any, context: Any) -> contextvars.Token[Identity | None]:
+        try:
+            identity = check(request)
+        except _Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
+            raise AssertionError("unreachable: context.abort raises") from None
+        return _IDENTITY.set(identity)
+
+    def unary_response(behavior: Callable[..., Any], streaming_request: bool) -> Any:
+        async def run(request: Any, context: Any) -> Any:
+            token = await enter(None if streaming_request else request, context)
+            try:
+                return await behavior(request, context)
+            finally:
+                _IDENTITY.reset(token)
+
+        return run
+
+    def stream_response(behavior: Callable[..., Any], streaming_request: bool) -> Any:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generate(request: Any, context: Any) -> AsyncIterator[Any]:
+                # No reset: grpc.aio runs each call in a task of its own (the variable is that
+                # task's), and a generator cut short is closed from another context, where a
+                # reset would fail (ValueError: the token was created in a different Context).
+                await enter(None if streaming_request else request, context)
+                async for response in behavior(request, context):
+                    yield response
+
+            return generate
+        return unary_response(behavior, streaming_request)  # writes with context.write
+
+    for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behavior = getattr(handler, name)
+        if behavior is None:
+            continue
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            raise TypeError(f"ServerAuthInterceptor guards async handlers only, not {behavior!r}")
+        make = stream_response if handler.response_streaming else unary_response
+        wrapped = make(behavior, handler.request_streaming)
+        factory = getattr(grpc, f"{name}_rpc_method_handler")
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    raise TypeError("a method handler without a behaviour")
+
+
+# -- client side -------------------------------------------------------------------------------
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _SyncCallDetails(_CallDetails, grpc.ClientCallDetails):  # type: ignore[misc]
+    """A blocking call's details with the credentials added."""
+
+
+class ClientAuth:
+    """This process's cluster credentials as a gRPC client: ``identity`` and the cluster key.
+
+    ``clock`` (Unix seconds) stamps each call; injectable for tests."""
+
+    def __init__(
+        self, key: bytes, identity: Identity, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._key = key
+        self.identity = identity
+        self._clock = clock
+
+    def __repr__(self) -> str:  # never the key
+        return f"ClientAuth({self.identity})"
+
+    def authorization(self, method: str | bytes) -> str:
+        """The ``authorization`` value of one call to ``method`` (full name), made now."""
+        name = method.decode() if isinstance(method, bytes) else method
+        return rpc_authorization(self._key, self.identity, name, self._clock())
+
+    def metadata(self, method: str | bytes, given: Any = None) -> list[tuple[str, Any]]:
+        """``given`` metadata without any ``authorization`` entry, plus ours."""
+        kept = [(k, v) for k, v in (given or ()) if k.lower() != AUTHORIZATION_KEY]
+        return [*kept, (AUTHORIZATION_KEY, self.authorization(method))]
+
+    def aio_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """Interceptors for ``grpc.aio.insecure_channel(..., interceptors=...)``."""
+        return [
+            _AioUnaryUnary(self),
+            _AioUnaryStream(self),
+            _AioStreamUnary(self),
+            _AioStreamStream(self),
+        ]
+
+    def intercept(self, channel: grpc.Channel) -> grpc.Channel:
+        """``channel`` (blocking) with the credentials added to every call."""
+        return grpc.intercept_channel(channel, _SyncInterceptor(self))
+
+    def aio_details(self, details: Any) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*self.metadata(details.method, details.metadata)),
+            details.credentials,
+            details.wait_for_ready,
+        )
+
+
+class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, auth: ClientAuth) -> None:
+        self._auth = auth
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._auth.aio_details(details), request)
+
+
+class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, auth: ClientAuth) -> None:
+        self._auth = auth
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._auth.aio_details(details), request)
+
+
+class _AioStreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, auth: ClientAuth) -> None:
+        self._auth = auth
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._auth.aio_details(details), requests)
+
+
+class _AioStreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, auth: ClientAuth) -> None:
+        self._auth = auth
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._auth.aio_details(details), requests)
+
+
+class _SyncInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    def __init__(self, auth: ClientAuth) -> None:
+        self._auth = auth
+
+    def _details(self, details: Any) -> _SyncCallDetails:
+        return _SyncCallDetails(
+            details.method,
+            details.timeout,
+            self._auth.metadata(details.method, details.metadata),
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
