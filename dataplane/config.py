@@ -51,6 +51,16 @@ class WorkerConfig:
     )
     max_model_len: int | None = option(None, help="longest prompt + output; none: the model's")
     max_num_seqs: int = option(32, help="most requests the engine runs at once")
+    max_concurrent_rpcs: int | None = option(
+        None,
+        help="gRPC calls served at once, more are refused RESOURCE_EXHAUSTED "
+        "(default: 8 x max-num-seqs + 16)",
+    )
+    """Calls the gRPC service runs at once (``maximum_concurrent_rpcs``); beyond them a call is
+    refused with RESOURCE_EXHAUSTED, which the gateway reads as an overloaded worker. Default
+    :attr:`rpc_limit`: every request in flight is one Prefill or Decode call, the engine runs
+    ``max_num_seqs`` of them and queues the rest; a queue of seven batches more is more than any
+    latency target waits out, and 16 calls are left for Health and Stats probes."""
     dtype: str = option(
         "auto",
         help="engine dtype (" + ", ".join(DTYPES) + "); auto: vLLM's on a GPU, bfloat16 on a CPU "
@@ -117,6 +127,8 @@ class WorkerConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be ≥ 1, got {self.max_num_seqs}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be ≥ 1, got {self.max_concurrent_rpcs}")
         parse_endpoint(self.store_endpoint)  # raises ValueError naming the endpoint
         if self.kv_metadata is not None:
             try:
@@ -140,6 +152,13 @@ class WorkerConfig:
             read_cluster_key(self.cluster_key_file)  # CredentialError (a ValueError) says why
             # This worker's identity name (its event source id): checked now, not once serving.
             Identity("worker", self.instance_id or f"{self.host}:{self.port or 1}")
+
+    @property
+    def rpc_limit(self) -> int:
+        """``max_concurrent_rpcs``, or its default ``8 * max_num_seqs + 16``."""
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        return 8 * self.max_num_seqs + 16
 
     @classmethod
     def from_cli(

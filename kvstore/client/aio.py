@@ -25,7 +25,9 @@ same result or error.
 
 Errors (all :class:`~kvstore.errors.KVStoreError`)
     * :class:`~kvstore.errors.KVStoreConnectionLost`: the node closed or reset the connection with
-      requests outstanding (they all fail); the next call reconnects.
+      requests outstanding (they all fail). As in the sync client, a call that finds a connection
+      it did not open itself closed (the node's idle timeout, a restart) reconnects and is
+      retried once, transparently: every operation is idempotent.
     * :class:`~kvstore.errors.KVStoreTimeout`: a call's replies did not all arrive within
       ``timeout_s``; the connection is dropped (it is out of step), so other calls outstanding on
       it fail with ``KVStoreConnectionLost``.
@@ -33,7 +35,9 @@ Errors (all :class:`~kvstore.errors.KVStoreError`)
     * :class:`~kvstore.errors.KVStoreCorruptError`: a block failed its checksum, named another
       key or disagreed with its frame on the length -- twice: as in the sync client, such a block
       is fetched once more and, if it fails again, deleted from the node before the error is
-      raised (``corrupt_reads`` counts them; the connection stays usable).
+      raised (``corrupt_reads`` counts them; the connection stays usable). Without keys: a reply
+      claimed more than any reply to its request can carry
+      (:func:`kvstore.wire.replies.reply_limit`); nothing is allocated and the connection dropped.
     * :class:`~kvstore.errors.KVStoreError`: anything else the node refused, or a caller buffer
       too small for a block (that block's result; the connection stays usable).
 """
@@ -45,10 +49,10 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockDType, BlockHeader, encode_header, verify
 from kvstore.blocks.tier import Tier
@@ -61,6 +65,7 @@ from kvstore.errors import (
 )
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import (
+    DEFAULT_MAX_BLOCK_BYTES,
     FRAME_HEADER_BYTES,
     FrameError,
     FrameHeader,
@@ -79,6 +84,7 @@ __all__ = ["AsyncKVStoreClient"]
 _RECV_BUFFER_BYTES = 256 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _Buffer = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -88,6 +94,7 @@ class _Request:
     request_id: int
     future: asyncio.Future[Any]
     op: Op
+    asked: int = 1  # keys in the request: bounds its reply (kvstore.wire.replies.reply_limit)
     key: bytes = b""
     target: memoryview | None = None  # GET into a caller buffer
     header: FrameHeader | None = None
@@ -99,7 +106,8 @@ class _Request:
 class _Protocol(asyncio.BufferedProtocol):
     """Frame parser of one connection; replies are matched to requests in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_block_bytes: int) -> None:
+        self.max_block_bytes = max_block_bytes
         self.transport: asyncio.Transport | None = None
         self.pending: deque[_Request] = deque()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -197,7 +205,12 @@ class _Protocol(asyncio.BufferedProtocol):
                 raise KVStoreError("reply without a request")
             request = self.pending[0]
             header = replies.decode_reply_header(
-                self._view, self._start, request.request_id, request.op
+                self._view,
+                self._start,
+                request.request_id,
+                request.op,
+                max_block_bytes=self.max_block_bytes,
+                asked=request.asked,
             )
             body = self._start + FRAME_HEADER_BYTES
             length = header.payload_len
@@ -272,7 +285,10 @@ class _Protocol(asyncio.BufferedProtocol):
 
 
 class AsyncKVStoreClient:
-    """Asyncio client of one store node at ``endpoint`` (``"host:port"``); connects lazily."""
+    """Asyncio client of one store node at ``endpoint`` (``"host:port"``); connects lazily.
+
+    A block larger than ``max_block_bytes`` (header + data; the node's default limit) is never
+    read."""
 
     def __init__(
         self,
@@ -280,9 +296,13 @@ class AsyncKVStoreClient:
         timeout_s: float = 10.0,
         *,
         credentials: ClusterCredentials | None = None,
+        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+        if max_block_bytes < BLOCK_HEADER_BYTES:
+            raise ValueError("max_block_bytes must be at least the 64-byte block header")
+        self.max_block_bytes = max_block_bytes
         address = parse_endpoint(endpoint)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -307,7 +327,8 @@ class AsyncKVStoreClient:
         """Store ``data`` under ``key``: OK, EXISTS (already there; unchanged) or FULL (refused)."""
         requests.check_key(key)
         view = requests.as_bytes_view(data)
-        return (await self._put([(key, encode_header(key, view, dtype, shape), view)]))[0]
+        prepared = [(key, encode_header(key, view, dtype, shape), view)]
+        return (await self._retrying(lambda: self._put(prepared)))[0]
 
     async def put_many(self, items: Sequence[tuple[bytes, _Buffer]]) -> list[PutStatus]:
         """Store several blocks, pipelined; returns one status per item, in order.
@@ -319,7 +340,7 @@ class AsyncKVStoreClient:
             requests.check_key(key)
             view = requests.as_bytes_view(data)
             prepared.append((key, encode_header(key, view), view))
-        return await self._put(prepared)
+        return await self._retrying(lambda: self._put(prepared))
 
     async def get(self, key: bytes) -> bytes | None:
         """Return the block's payload, or None on a miss. Copies once more than :meth:`get_into`."""
@@ -362,7 +383,7 @@ class AsyncKVStoreClient:
         A node without tier information (an older node) reports every block as DRAM.
         """
         chunks = requests.key_chunks(keys)
-        replies_ = await self._await([self._keyed(Op.MATCH_PREFIX, c) for c in chunks])
+        replies_ = await self._keyed_all(Op.MATCH_PREFIX, chunks)
         tiers: list[Tier] = []
         for chunk, reply in zip(chunks, replies_, strict=True):
             assert reply.header is not None
@@ -376,27 +397,23 @@ class AsyncKVStoreClient:
         """Whether each key is stored (committed) on the node, in any tier."""
         chunks = requests.key_chunks(keys)
         present: list[bool] = []
-        for chunk, reply in zip(
-            chunks, await self._await([self._keyed(Op.EXISTS, c) for c in chunks]), strict=True
-        ):
+        for chunk, reply in zip(chunks, await self._keyed_all(Op.EXISTS, chunks), strict=True):
             assert reply.header is not None
             present.extend(replies.decode_exists(reply.header, _body(reply), len(chunk)))
         return present
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         """Remove blocks; returns how many were present."""
+        chunks = requests.key_chunks(keys)
         total = 0
-        for reply in await self._await(
-            [self._keyed(Op.DELETE, c) for c in requests.key_chunks(keys)]
-        ):
+        for chunk, reply in zip(chunks, await self._keyed_all(Op.DELETE, chunks), strict=True):
             assert reply.header is not None
-            replies.check_ok(reply.header)
-            total += reply.header.count
+            total += replies.decode_delete(reply.header, len(chunk))
         return total
 
     async def stats(self) -> dict[str, Any]:
         """The node's counters and occupancy (see kvstore.node.store.NodeStats)."""
-        (reply,) = await self._await([self._keyed(Op.STATS, [])])
+        (reply,) = await self._keyed_all(Op.STATS, [[]])
         assert reply.header is not None
         return replies.decode_json(reply.header, _body(reply))
 
@@ -426,14 +443,14 @@ class AsyncKVStoreClient:
         """GETs with the sync client's rule for a block that fails verification: fetched once
         more, and deleted from the node if it fails again (``KVStoreClient._verified_call``)."""
         try:
-            return await self._get_once(keys, targets)
+            return await self._retrying(lambda: self._get_once(keys, targets))
         except KVStoreCorruptError as exc:
             if not exc.keys:
                 raise
             self.corrupt_reads += 1
             logger.warning("%s from %s; fetching it again", exc, self.endpoint)
         try:
-            return await self._get_once(keys, targets)
+            return await self._retrying(lambda: self._get_once(keys, targets))
         except KVStoreCorruptError as exc:
             if exc.keys:
                 self.corrupt_reads += 1
@@ -472,6 +489,19 @@ class AsyncKVStoreClient:
             protocol.transport.writelines(requests.put(request.request_id, block_header, view))
         return [replies.put_status(_status(reply)) for reply in await self._await(pending)]
 
+    async def _retrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``; once more on a new connection if the one it found open (opened before
+        this call) turns out closed: the sync client's rule (``KVStoreClient._call``)."""
+        protocol = self._protocol
+        reused = protocol is not None and protocol.lost is None and not protocol.closed.done()
+        try:
+            return await call()
+        except KVStoreConnectionLost as exc:
+            if not reused:
+                raise
+            logger.info("connection to %s broke (%s); reconnecting once", self.endpoint, exc)
+        return await call()
+
     async def _connection(self) -> _Protocol:
         protocol = self._protocol
         if protocol is not None and protocol.lost is None and not protocol.closed.done():
@@ -483,7 +513,9 @@ class AsyncKVStoreClient:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    _, protocol = await loop.create_connection(_Protocol, *self._address)
+                    _, protocol = await loop.create_connection(
+                        lambda: _Protocol(self.max_block_bytes), *self._address
+                    )
                     if self._credentials is not None:
                         await self._hello(protocol, self._credentials)
             except (OSError, TimeoutError) as exc:
@@ -521,12 +553,17 @@ class AsyncKVStoreClient:
             protocol.pending.append(request)
         return request
 
+    async def _keyed_all(self, op: Op, chunks: Sequence[Sequence[bytes]]) -> list[_Request]:
+        """One keyed (or empty) request per chunk, pipelined; their replies (retried once on a
+        new connection if the open one turns out closed)."""
+        return await self._retrying(lambda: self._await([self._keyed(op, c) for c in chunks]))
+
     def _keyed(self, op: Op, keys: Sequence[bytes]) -> asyncio.Future[_Request]:
         """Send one keyed (or empty) request once connected; a future of its reply."""
 
         async def run() -> _Request:
             protocol = await self._connection()
-            request = self._request(protocol, op)
+            request = self._request(protocol, op, asked=len(keys))
             if protocol.transport is not None and protocol.lost is None:
                 protocol.transport.writelines(requests.keyed(op, request.request_id, keys))
             return cast(_Request, await request.future)

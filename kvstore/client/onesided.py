@@ -14,9 +14,9 @@ import logging
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import xxhash
 
@@ -44,7 +44,7 @@ from kvstore.wire.frame import (
     Op,
     Status,
 )
-from kvstore.wire.messages import LEASE_DEFERRED, RdmaEndpointInfo
+from kvstore.wire.messages import LEASE_DEFERRED, LEASE_REFUSED, RdmaEndpointInfo
 from kvstore.wire.types import PutStatus
 
 __all__ = ["LEASE_BATCH_KEYS", "OneSidedPaths", "PutItem", "put_chunks"]
@@ -61,12 +61,14 @@ RESERVE_BATCH_BYTES = 16 * 1024 * 1024
 """Bounds of one RESERVE_BATCH (what one round trip reserves in the node's arena)."""
 
 _Buffer = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 
 
 class OneSidedPaths:
     """GETs and PUTs through a transport that maps (shm) or reaches (RDMA) the node's arena."""
 
     endpoint: str
+    max_block_bytes: int
     _memory: RemoteMemory | None
     _ids: Iterator[int]
 
@@ -74,13 +76,32 @@ class OneSidedPaths:
 
         def _sendall(self, sock: socket.socket, parts: list[_Buffer]) -> None: ...
 
-        def _read_header(self, sock: socket.socket, request_id: int) -> FrameHeader: ...
+        def _read_header(
+            self, sock: socket.socket, request_id: int, op: Op, asked: int = 1
+        ) -> FrameHeader: ...
 
         def _recv_body(self, sock: socket.socket, header: FrameHeader) -> bytearray: ...
 
         def _drop_connection(self) -> None: ...
 
-        def _drain(self, sock: socket.socket, in_flight: Iterable[tuple[object, int]]) -> None: ...
+        def _drain(
+            self, sock: socket.socket, request_ids: Iterable[int], op: Op, asked: int = 1
+        ) -> None: ...
+
+        def _send_get(self, sock: socket.socket, key: bytes) -> int: ...
+
+        def _tcp_get_view(
+            self, sock: socket.socket, key: bytes, request_id: int, target: memoryview | None
+        ) -> memoryview | None: ...
+
+        def _pipeline(
+            self,
+            sock: socket.socket,
+            op: Op,
+            count: int,
+            send: Callable[[int], int],
+            receive: Callable[[int, int], _T],
+        ) -> list[_T]: ...
 
         def _send_put(self, sock: socket.socket, block_header: bytes, data: memoryview) -> int: ...
 
@@ -107,7 +128,7 @@ class OneSidedPaths:
         try:
             request_id = next(self._ids) & 0xFFFFFFFF
             self._sendall(sock, [requests.rdma_connect(request_id, memory.local_info())])
-            header = self._read_header(sock, request_id)
+            header = self._read_header(sock, request_id, Op.RDMA_CONNECT)
             body = self._recv_body(sock, header)
             if header.status != Status.OK:
                 reason = body.decode(errors="replace") or f"status {header.status}"
@@ -129,10 +150,13 @@ class OneSidedPaths:
         Copies into ``targets[i]`` (or a new buffer where it is None); returns the filled part of
         each, None for a miss. A batch's RELEASE_BATCH goes out in the same ``sendmsg`` as the
         next LEASE_BATCH (a system call per frame costs as much as copying a few blocks here).
+        Keys the node deferred are asked again in another round; keys it refused to lease (its
+        cap on pinned arena space is reached) are read over TCP at the end.
         """
         results: list[memoryview | None] = [None] * len(keys)
         todo = list(range(len(keys)))
-        while todo:  # keys the node deferred (on SSD, beyond its per-batch reads) come back
+        refused: list[int] = []
+        while todo:  # deferred keys (on SSD, beyond the per-batch reads or our share) come back
             chunks = [todo[i : i + LEASE_BATCH_KEYS] for i in range(0, len(todo), LEASE_BATCH_KEYS)]
             todo = []
             in_flight: deque[tuple[list[int], int]] = deque()
@@ -152,14 +176,25 @@ class OneSidedPaths:
                 chunk, request_id = in_flight.popleft()
                 try:
                     deferred, release = self._copy_leased(
-                        sock, request_id, chunk, keys, targets, results
+                        sock, request_id, chunk, keys, targets, results, refused
                     )
                 except KVStoreError:
-                    self._drain(sock, in_flight)
+                    rids = [rid for _, rid in in_flight]
+                    self._drain(sock, rids, Op.LEASE_BATCH, LEASE_BATCH_KEYS)
                     raise
                 todo += deferred
             if release:
                 self._sendall(sock, release)
+        if refused:
+            views = self._pipeline(
+                sock,
+                Op.GET,
+                len(refused),
+                lambda n: self._send_get(sock, keys[refused[n]]),
+                lambda n, rid: self._tcp_get_view(sock, keys[refused[n]], rid, targets[refused[n]]),
+            )
+            for i, view in zip(refused, views, strict=True):
+                results[i] = view
         return results
 
     def _copy_leased(
@@ -170,15 +205,16 @@ class OneSidedPaths:
         keys: Sequence[bytes],
         targets: Sequence[memoryview | None],
         results: list[memoryview | None],
+        refused: list[int],
     ) -> tuple[list[int], list[_Buffer]]:
         """Handle one LEASE_BATCH reply: copy and verify its blocks.
 
-        Returns the indices the node deferred and the RELEASE_BATCH frame to send; on an error
-        it sends that frame itself before raising.
+        Returns the indices the node deferred and the RELEASE_BATCH frame to send (and appends
+        those it refused to ``refused``); on an error it sends that frame itself before raising.
         """
         memory = self._memory
         assert memory is not None
-        header = self._read_header(sock, request_id)
+        header = self._read_header(sock, request_id, Op.LEASE_BATCH, len(chunk))
         body = self._recv_body(sock, header)
         try:
             reply = replies.decode_lease_batch(header, body, len(chunk))
@@ -197,10 +233,13 @@ class OneSidedPaths:
                 if tier == LEASE_DEFERRED:
                     deferred.append(i)
                     continue
+                if tier == LEASE_REFUSED:
+                    refused.append(i)
+                    continue
                 offset, nbytes = reply.spans[j]
                 size = nbytes - BLOCK_HEADER_BYTES
                 target = targets[i]
-                if size < 0:
+                if size < 0 or nbytes > self.max_block_bytes:  # checked before allocating
                     errors.append(replies.corrupt_block(keys[i], f"leased as {nbytes} bytes"))
                 elif target is None:
                     leased.append((i, offset, size, memoryview(bytearray(size))))
@@ -312,7 +351,8 @@ class OneSidedPaths:
         reserve_next()
         while in_flight:
             op, k, _index, request_id = in_flight.popleft()
-            header = self._read_header(sock, request_id)
+            asked = 1 if op is Op.PUT else len(chunks[k])
+            header = self._read_header(sock, request_id, op, asked)
             body = self._recv_body(sock, header)
             if op is Op.PUT:
                 statuses[k].append(header.status)

@@ -22,6 +22,10 @@ Failures (callers fall back to recomputing the KV -- the store is a cache)
       did not come within ``timeout_s``. A connection found broken at the start of a call (the
       node restarted, an idle connection was dropped) is re-opened and the call retried once,
       which is safe because every operation is idempotent (a retried PUT answers EXISTS).
+    * :class:`KVStoreCorruptError` without keys: a reply claimed more than any reply to its
+      request can carry (:func:`kvstore.wire.replies.reply_limit`: a count beyond what was asked,
+      a block beyond ``max_block_bytes``); nothing is allocated for it and the connection is
+      dropped.
     * :class:`KVStoreCorruptError`: a block failed its checksum or named another key -- twice: a
       GET whose block fails verification fetches it once more (a transfer error does not
       repeat; the call then succeeds), and if the second copy fails too the node's copy is
@@ -86,6 +90,7 @@ from kvstore.transport.base import (
 from kvstore.transport.tcp import recv_exact
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import (
+    DEFAULT_MAX_BLOCK_BYTES,
     FRAME_HEADER_BYTES,
     FrameHeader,
     Op,
@@ -120,7 +125,8 @@ class KVStoreClient(OneSidedPaths, Closeable):
     """Blocking, thread-safe client of one store node at ``endpoint`` (``"host:port"``).
 
     Connects lazily on first use, so constructing a client never fails because the node is down.
-    ``transports`` is the order in which data paths are tried (TCP always ends it).
+    ``transports`` is the order in which data paths are tried (TCP always ends it). A block
+    larger than ``max_block_bytes`` (header + data; the node's default limit) is never read.
     """
 
     def __init__(
@@ -131,9 +137,13 @@ class KVStoreClient(OneSidedPaths, Closeable):
         use_shm: bool = True,
         transports: Sequence[TransportKind] = DEFAULT_PREFERENCE,
         credentials: ClusterCredentials | None = None,
+        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+        if max_block_bytes < BLOCK_HEADER_BYTES:
+            raise ValueError("max_block_bytes must be at least the 64-byte block header")
+        self.max_block_bytes = max_block_bytes
         self._preference = tuple(
             TransportKind(k) for k in transports if use_shm or k != TransportKind.SHM
         )
@@ -204,13 +214,8 @@ class KVStoreClient(OneSidedPaths, Closeable):
             if self._memory is not None:
                 copied = self._lease_get(sock, [key], [None])[0]
                 return None if copied is None else bytes(copied)
-            request_id = self._send_get(sock, key)
-            header = self._read_get_header(sock, key, request_id)
-            if header is None:
-                return None
-            payload = bytearray(header.payload_nbytes)
-            self._recv_payload(sock, header, memoryview(payload))
-            return bytes(payload)
+            view = self._tcp_get_view(sock, key, self._send_get(sock, key), None)
+            return None if view is None else bytes(view)
 
         return self._verified_call(run)
 
@@ -250,6 +255,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
                 return [_nbytes(v) for v in self._lease_get(sock, keys, list(targets))]
             return self._pipeline(
                 sock,
+                Op.GET,
                 len(keys),
                 lambda i: self._send_get(sock, keys[i]),
                 lambda i, rid: self._read_get_into(sock, keys[i], rid, targets[i]),
@@ -289,7 +295,10 @@ class KVStoreClient(OneSidedPaths, Closeable):
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Remove blocks; returns how many were present."""
-        return sum(self._keyed(Op.DELETE, chunk)[0].count for chunk in requests.key_chunks(keys))
+        return sum(
+            replies.decode_delete(self._keyed(Op.DELETE, chunk)[0], len(chunk))
+            for chunk in requests.key_chunks(keys)
+        )
 
     def stats(self) -> dict[str, Any]:
         """The node's counters and occupancy (see kvstore.node.store.NodeStats)."""
@@ -403,6 +412,7 @@ class KVStoreClient(OneSidedPaths, Closeable):
     def _pipeline(
         self,
         sock: socket.socket,
+        op: Op,
         count: int,
         send: Callable[[int], int],
         receive: Callable[[int, int], _T],
@@ -419,15 +429,18 @@ class KVStoreClient(OneSidedPaths, Closeable):
                 results.append(receive(index, request_id))
             except KVStoreError:
                 # Keep the stream in step: read the replies already on their way, then raise.
-                self._drain(sock, in_flight)
+                self._drain(sock, [rid for _, rid in in_flight], op)
                 raise
         return results
 
-    def _drain(self, sock: socket.socket, in_flight: Iterable[tuple[object, int]]) -> None:
-        """Read and discard the replies of requests in flight; release any leases they grant."""
+    def _drain(
+        self, sock: socket.socket, request_ids: Iterable[int], op: Op, asked: int = 1
+    ) -> None:
+        """Read and discard the replies of requests of ``op`` (with ``asked`` keys at most) in
+        flight; release any leases they grant."""
         try:
-            for _index, request_id in in_flight:
-                header = self._read_header(sock, request_id)
+            for request_id in request_ids:
+                header = self._read_header(sock, request_id, op, asked)
                 if header.opcode is Op.GET_SHM and header.status == Status.OK:
                     body = self._recv_body(sock, header)
                     self._sendall(sock, [requests.release(SHM_LEASE.unpack(body)[0])])
@@ -479,10 +492,21 @@ class KVStoreClient(OneSidedPaths, Closeable):
         except OSError as exc:
             raise _ConnectionBroken(f"receive failed: {exc}") from exc
 
-    def _read_header(self, sock: socket.socket, request_id: int) -> FrameHeader:
+    def _read_header(
+        self, sock: socket.socket, request_id: int, op: Op, asked: int = 1
+    ) -> FrameHeader:
+        """The header of the reply to ``request_id``, a request of ``op`` with ``asked`` keys
+        (checked against what such a reply can carry before its payload is read)."""
         self._recv_exact(sock, memoryview(self._frame_header))
         try:
-            return replies.decode_reply_header(self._frame_header, 0, request_id)
+            return replies.decode_reply_header(
+                self._frame_header,
+                0,
+                request_id,
+                op,
+                max_block_bytes=self.max_block_bytes,
+                asked=asked,
+            )
         except KVStoreError:
             self._drop_connection()  # out of step: nothing more on it can be trusted
             raise
@@ -502,14 +526,14 @@ class KVStoreClient(OneSidedPaths, Closeable):
             nbytes -= step
 
     def _read_put_response(self, sock: socket.socket, request_id: int) -> PutStatus:
-        header = self._read_header(sock, request_id)
+        header = self._read_header(sock, request_id, Op.PUT)
         self._skip(sock, header.payload_len)
         return replies.put_status(header.status)
 
     def _read_get_header(
         self, sock: socket.socket, key: bytes, request_id: int
     ) -> BlockHeader | None:
-        header = self._read_header(sock, request_id)
+        header = self._read_header(sock, request_id, Op.GET)
         try:
             hit = replies.get_hit(header)
         except KVStoreError:
@@ -542,13 +566,23 @@ class KVStoreClient(OneSidedPaths, Closeable):
         block = self._read_get_header(sock, key, request_id)
         return None if block is None else self._recv_payload(sock, block, target)
 
+    def _tcp_get_view(
+        self, sock: socket.socket, key: bytes, request_id: int, target: memoryview | None
+    ) -> memoryview | None:
+        """A GET reply's payload, received into ``target`` or (None) a new buffer of its size."""
+        block = self._read_get_header(sock, key, request_id)
+        if block is None:
+            return None
+        out = memoryview(bytearray(block.payload_nbytes)) if target is None else target
+        return out[: self._recv_payload(sock, block, out)]
+
     def _keyed(self, op: Op, keys: Sequence[bytes]) -> tuple[FrameHeader, bytearray]:
         """One MATCH_PREFIX, EXISTS or DELETE round trip: the reply's header and body."""
 
         def run(sock: socket.socket) -> tuple[FrameHeader, bytearray]:
             request_id = next(self._ids) & 0xFFFFFFFF
             self._sendall(sock, requests.keyed(op, request_id, keys))
-            header = self._read_header(sock, request_id)
+            header = self._read_header(sock, request_id, op, len(keys))
             body = self._recv_body(sock, header)
             replies.check_ok(header)
             return header, body
@@ -558,12 +592,13 @@ class KVStoreClient(OneSidedPaths, Closeable):
     def _json_request(self, sock: socket.socket, op: Op) -> dict[str, Any]:
         request_id = next(self._ids) & 0xFFFFFFFF
         self._sendall(sock, [requests.empty(op, request_id)])
-        header = self._read_header(sock, request_id)
+        header = self._read_header(sock, request_id, op)
         return replies.decode_json(header, self._recv_body(sock, header))
 
     def _tcp_put_many(self, sock: socket.socket, prepared: Sequence[PutItem]) -> list[PutStatus]:
         return self._pipeline(
             sock,
+            Op.PUT,
             len(prepared),
             lambda i: self._send_put(sock, prepared[i].block_header(), prepared[i].view),
             lambda i, rid: self._read_put_response(sock, rid),

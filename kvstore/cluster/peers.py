@@ -1,7 +1,9 @@
 """``PeerFetcher``: raw-block GETs (read-through) and PUTs (migration) to other store nodes.
 
 Blocking sockets, pooled per endpoint, thread-safe; frames through :mod:`kvstore.wire` like every
-other client (a peer's GET carries ``FLAG_NO_FORWARD``, so the peer does not forward it again).
+other client (a peer's GET carries ``FLAG_NO_FORWARD``, so the peer does not forward it again),
+with the same bounds on replies (a block beyond ``max_block_bytes`` is never read). A pooled
+socket the peer has closed meanwhile (its idle timeout) is replaced once, transparently.
 """
 
 from __future__ import annotations
@@ -9,18 +11,21 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, verify
 from kvstore.blocks.hashing import BlockKey
 from kvstore.errors import KVStoreError
 from kvstore.transport.tcp import hello, recv_bytes
 from kvstore.wire import replies, requests
-from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader
+from kvstore.wire.frame import DEFAULT_MAX_BLOCK_BYTES, FRAME_HEADER_BYTES, FrameHeader, Op
 from strata_common.credentials import ClusterCredentials
 from strata_common.endpoints import parse_endpoint
 
 __all__ = ["PeerFetcher"]
+
+_T = TypeVar("_T")
 
 
 _HELLO_ID = 0x7FFFFFF0
@@ -31,18 +36,45 @@ class PeerFetcher:
     """Raw-block GETs (and PUTs) to other store nodes over pooled blocking sockets; thread-safe."""
 
     def __init__(
-        self, timeout_s: float = 5.0, *, credentials: ClusterCredentials | None = None
+        self,
+        timeout_s: float = 5.0,
+        *,
+        credentials: ClusterCredentials | None = None,
+        max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     ) -> None:
         self._timeout = timeout_s
         self._credentials = credentials
+        self.max_block_bytes = max_block_bytes
         self._lock = threading.Lock()
         self._idle: dict[str, list[socket.socket]] = {}
 
-    def _connect(self, endpoint: str) -> socket.socket:
+    def _call(self, endpoint: str, fn: Callable[[socket.socket], _T]) -> _T:
+        """``fn`` on a pooled (or new) socket, given back afterwards; a pooled socket found
+        closed by the peer is replaced and ``fn`` retried once (every op here is idempotent)."""
         with self._lock:
             pool = self._idle.get(endpoint)
-            if pool:
-                return pool.pop()
+            sock = pool.pop() if pool else None
+        if sock is not None:
+            try:
+                result = fn(sock)
+            except ConnectionError:
+                sock.close()
+            except BaseException:
+                sock.close()
+                raise
+            else:
+                self._give_back(endpoint, sock)
+                return result
+        sock = self._connect(endpoint)
+        try:
+            result = fn(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._give_back(endpoint, sock)
+        return result
+
+    def _connect(self, endpoint: str) -> socket.socket:
         address = parse_endpoint(endpoint)
         sock = socket.create_connection((address.host, address.port), timeout=self._timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -60,15 +92,13 @@ class PeerFetcher:
 
     def get_block(self, endpoint: str, key: BlockKey) -> tuple[bytes, int] | None:
         """The verified raw block (header + payload) and the tier that served it, or None."""
-        sock = self._connect(endpoint)
-        try:
+
+        def run(sock: socket.socket) -> tuple[FrameHeader, bytes]:
             sock.sendall(requests.get(1, key, from_peer=True))
-            frame = _read_header(sock, 1)
-            body = recv_bytes(sock, frame.payload_len)
-        except BaseException:
-            sock.close()
-            raise
-        self._give_back(endpoint, sock)
+            frame = self._read_header(sock, 1, Op.GET)
+            return frame, recv_bytes(sock, frame.payload_len)
+
+        frame, body = self._call(endpoint, run)
         try:
             if not replies.get_hit(frame):
                 return None
@@ -81,21 +111,19 @@ class PeerFetcher:
 
     def put_blocks(self, endpoint: str, blocks: Sequence[bytes | memoryview]) -> list[int]:
         """PUT raw blocks, pipelined; returns one status per block."""
-        sock = self._connect(endpoint)
-        try:
+
+        def run(sock: socket.socket) -> list[int]:
             for i, block in enumerate(blocks):
                 for part in requests.put_raw(i + 1, block):
                     sock.sendall(part)
             statuses = []
             for i in range(len(blocks)):
-                header = _read_header(sock, i + 1)
+                header = self._read_header(sock, i + 1, Op.PUT)
                 recv_bytes(sock, header.payload_len)
                 statuses.append(header.status)
-        except BaseException:
-            sock.close()
-            raise
-        self._give_back(endpoint, sock)
-        return statuses
+            return statuses
+
+        return self._call(endpoint, run)
 
     def close(self) -> None:
         with self._lock:
@@ -105,11 +133,13 @@ class PeerFetcher:
                 with contextlib.suppress(OSError):
                     sock.close()
 
-
-def _read_header(sock: socket.socket, request_id: int) -> FrameHeader:
-    """The reply to ``request_id``; ConnectionError if the peer answers anything else."""
-    raw = recv_bytes(sock, FRAME_HEADER_BYTES)
-    try:
-        return replies.decode_reply_header(raw, 0, request_id)
-    except KVStoreError as exc:
-        raise ConnectionError(f"bad frame from peer: {exc}") from exc
+    def _read_header(self, sock: socket.socket, request_id: int, op: Op) -> FrameHeader:
+        """The reply to ``request_id``; ConnectionError if the peer answers anything else (or
+        claims a longer reply than ``op``'s can be)."""
+        raw = recv_bytes(sock, FRAME_HEADER_BYTES)
+        try:
+            return replies.decode_reply_header(
+                raw, 0, request_id, op, max_block_bytes=self.max_block_bytes
+            )
+        except KVStoreError as exc:
+            raise ConnectionError(f"bad frame from peer: {exc}") from exc

@@ -12,10 +12,7 @@ gets FORBIDDEN and the connection stays. A node without a key answers HELLO with
 from __future__ import annotations
 
 import hmac
-import logging
 import os
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from kvstore.wire.frame import FrameHeader, Op, Status, pack_frame_header
@@ -27,8 +24,6 @@ if TYPE_CHECKING:
     from kvstore.server.connection import Connection
 
 __all__ = ["ALLOWED_OPS", "HANDLERS", "NO_REPLY_OPS", "ConnectionAuth", "admit", "allowed"]
-
-logger = logging.getLogger("kvstore.server")
 
 _DATA_OPS = frozenset(
     {
@@ -54,27 +49,6 @@ ALLOWED_OPS: Final[dict[str, frozenset[Op]]] = {
 """What each role may ask once authenticated (HELLO and HELLO_PROOF are always allowed)."""
 NO_REPLY_OPS: Final = frozenset({Op.RELEASE, Op.RELEASE_BATCH})
 _HANDSHAKE = frozenset({Op.HELLO, Op.HELLO_PROOF})
-
-
-class _RateLimitedLog:
-    """At most one warning per ``interval_s``, with the count of those left out since."""
-
-    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
-        self._interval_s, self._clock = interval_s, clock
-        self._next = float("-inf")
-        self._left_out = 0
-
-    def note(self, message: str) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._left_out += 1
-            return
-        more = f" (and {self._left_out} more like it)" if self._left_out else ""
-        logger.warning("%s%s", message, more)
-        self._next, self._left_out = now + self._interval_s, 0
-
-
-_log = _RateLimitedLog()
 
 
 class ConnectionAuth:
@@ -106,7 +80,9 @@ def admit(conn: Connection, header: FrameHeader) -> bool:
 
 
 def _refuse(conn: Connection, header: FrameHeader, why: str) -> None:
-    _log.note(f"closing an unauthenticated connection from {conn.peer}: {why}")
+    conn.server.log.warning(
+        "unauthenticated", "closing an unauthenticated connection from %s: %s", conn.peer, why
+    )
     conn.write(pack_frame_header(header.opcode, header.request_id, 0, 0, Status.UNAUTHENTICATED))
     conn.close()
 
@@ -147,7 +123,13 @@ def _hello_proof(conn: Connection, header: FrameHeader, payload: memoryview) -> 
 
 def forbidden(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
     """The answer to an op the connection's role may not use."""
-    _log.note(f"{conn.auth.identity} ({conn.peer}) may not use {header.opcode.name}")
+    conn.server.log.warning(
+        "forbidden",
+        "%s (%s) may not use %s",
+        conn.auth.identity,
+        conn.peer,
+        header.opcode.name,
+    )
     if header.opcode not in NO_REPLY_OPS:
         conn.write(pack_frame_header(header.opcode, header.request_id, 0, 0, Status.FORBIDDEN))
 

@@ -8,8 +8,10 @@ gracefully (exit status 0, arena file removed) on SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ logger = logging.getLogger("kvstore.server")
 
 async def _serve(config: StoreNodeConfig) -> int:
     loop = asyncio.get_running_loop()
+    _raise_open_files_limit(config.max_connections)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -83,6 +86,30 @@ async def _serve(config: StoreNodeConfig) -> int:
     finally:
         arena.close()
     return 0
+
+
+FDS_BESIDES_CONNECTIONS = 128
+"""Open files a node needs besides its connections (lmdb, the arena, gRPC, threads' pipes)."""
+
+
+def _raise_open_files_limit(max_connections: int) -> None:
+    """Raise the soft open-files limit to what ``max_connections`` need (up to the hard limit);
+    warn if even that is too low: connections beyond it would fail to be accepted at all."""
+    needed = max_connections + FDS_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logger.warning(
+            "open-files limit %d is below --max-connections %d + %d: lower --max-connections "
+            "or raise the limit (ulimit -n)",
+            soft,
+            max_connections,
+            FDS_BESIDES_CONNECTIONS,
+        )
 
 
 def _open_ssd(config: StoreNodeConfig) -> SSDTier | None:

@@ -90,7 +90,9 @@ class ClusterMember:
         credentials = None
         if self.cluster_key is not None:  # its peers hold the same key
             credentials = ClusterCredentials(self.cluster_key, Identity("store", node_id))
-        self.fetcher = PeerFetcher(credentials=credentials)
+        self.fetcher = PeerFetcher(
+            credentials=credentials, max_block_bytes=self.config.max_block_bytes
+        )
         logger.info(
             "joined the cluster as %s (metadata %s)", node_id, redact_url(config.metadata or "")
         )

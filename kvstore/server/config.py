@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kvstore.metadata import parse_metadata_spec
 from kvstore.policy.factory import PolicyKind
+from kvstore.wire.frame import DEFAULT_MAX_BLOCK_BYTES
 from strata_common.credentials import Identity, read_cluster_key
 from strata_common.options import from_cli, option
 from strata_common.units import parse_duration, parse_size
@@ -48,6 +49,32 @@ class StoreNodeConfig:
             LEASE_BATCH) this long without releasing it is closed, which releases all it holds: a
             hung reader pins arena space for at most this long. A reader still copying when its
             lease is taken away reads bytes that fail their checksum: a refetch, never bad data.
+        max_connections: connections open at once; one more is closed as soon as it is accepted
+            (logged at most every 10 s). 512 by default: a node serves its host's workers (two
+            clients per engine process), its peers' pooled sockets and tools -- tens of
+            connections --, and 512 stays under the common 1024 open-files limit. Each costs a
+            68 KiB receive buffer at most (touched only as large frames arrive): 34 MiB for all.
+        header_timeout_s: a frame whose first bytes arrived must be complete within this long
+            (its 24-byte header, and the payload of any request but a PUT: at most 64 KiB); a
+            connection stalled mid-frame is closed. 10 s by default: a client sends a frame in
+            one write, so only a stalled peer or a lossy link takes seconds. PUT payloads have
+            ``put_timeout_s``. The clock runs only while the node reads the connection. On a
+            node with a cluster key it also bounds the HELLO handshake, from the accept.
+        idle_timeout_s: a connection with nothing received and nothing sent for this long is
+            closed (whatever it holds is released). 300 s by default: long enough that a worker
+            between bursts keeps its connection, short enough that the slots of clients gone
+            without a FIN come back; the clients reconnect transparently on their next call.
+        max_pinned_fraction: share of the arena all connections together may hold pinned by
+            leases (GET_SHM, LEASE_BATCH) and reservations (RESERVE_BATCH), so that at least the
+            rest can always be evicted for new blocks. Beyond it a lease is refused (the client
+            reads that block over TCP, which pins it only while it is sent) and a RESERVE_BATCH
+            is answered FULL (the client streams PUTs). 0.5 by default.
+        max_pinned_per_connection: share of the arena one connection may hold pinned: one idle
+            or hung client cannot pin more (it is cut off after ``lease_timeout_s``). A lease
+            beyond it is deferred (LEASE_DEFERRED: the client asks again after releasing what it
+            holds; a connection holding nothing always gets one block), a RESERVE_BATCH beyond it
+            is answered FULL. 0.25 by default: the client keeps two batches of 128 blocks in
+            flight, 512 MiB of 2 MiB blocks, which a 2 GiB arena allows whole.
         arena_dir: directory of the arena's backing file; ``/dev/shm`` so that a same-host client
             can map it for the shared-memory fast path.
         prefault: touch every arena page at start-up (faulting new memory in is slow here, and
@@ -99,7 +126,7 @@ class StoreNodeConfig:
     arena_size_bytes: int = option(2 * 1024**3, parse=parse_size, help="DRAM arena size, e.g. 2GiB")
     page_size_bytes: int = option(4096, parse=parse_size, help="arena allocation unit, e.g. 4KiB")
     max_block_bytes: int = option(
-        64 * 1024**2,
+        DEFAULT_MAX_BLOCK_BYTES,
         flag="max-block-size",
         parse=parse_size,
         help="largest accepted block, e.g. 64MiB",
@@ -111,6 +138,19 @@ class StoreNodeConfig:
         30.0,
         parse=parse_duration,
         help="drop a connection that holds a shared-memory lease this long, e.g. 30s",
+    )
+    max_connections: int = option(512, help="connections open at once; more are closed")
+    header_timeout_s: float = option(
+        10.0, parse=parse_duration, help="close a connection stalled mid-frame this long, e.g. 10s"
+    )
+    idle_timeout_s: float = option(
+        300.0, parse=parse_duration, help="close a connection without traffic this long, e.g. 5m"
+    )
+    max_pinned_fraction: float = option(
+        0.5, help="share of the arena all connections may hold leased or reserved"
+    )
+    max_pinned_per_connection: float = option(
+        0.25, help="share of the arena one connection may hold leased or reserved"
     )
     arena_dir: str = option("/dev/shm", help="directory of the arena file")
     prefault: bool = option(True, help="touch the whole arena at start-up (true/false)")
@@ -175,6 +215,15 @@ class StoreNodeConfig:
             raise ValueError("put_timeout_s must be positive")
         if self.lease_timeout_s <= 0:
             raise ValueError("lease_timeout_s must be positive")
+        if not 1 <= self.max_connections <= 65536:
+            raise ValueError(f"max_connections must be in [1, 65536], got {self.max_connections}")
+        if self.header_timeout_s <= 0 or self.idle_timeout_s <= 0:
+            raise ValueError("header_timeout_s and idle_timeout_s must be positive")
+        if not 0 < self.max_pinned_per_connection <= self.max_pinned_fraction <= 1:
+            raise ValueError(
+                "need 0 < max_pinned_per_connection <= max_pinned_fraction <= 1, got "
+                f"{self.max_pinned_per_connection} and {self.max_pinned_fraction}"
+            )
         if not os.path.isdir(self.arena_dir):
             raise ValueError(f"arena_dir does not exist: {self.arena_dir}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -3,11 +3,16 @@
 Data path
     Each connection is an ``asyncio.BufferedProtocol``, not a stream reader: asyncio streams copy
     every chunk into a fresh ``bytes`` and run 2-4x slower here. Small frames are received into one
-    preallocated 256 KiB buffer per connection and parsed in place. A PUT's payload is received
+    preallocated 68 KiB buffer per connection and parsed in place. A PUT's payload is received
     *directly into the arena extent* reserved for it (``get_buffer`` returns a view of the extent),
     so a block crosses from the socket to the arena with the kernel's one copy. A GET writes a view
     of the arena (``writelines([header, view])``, one ``writev``) -- again no copy in Python. Every
     other op is dispatched through the op → handler table (:mod:`kvstore.server.handlers`).
+
+Bounded memory (kvstore.server.limits)
+    Every request but a PUT fits the receive buffer whole (the frame header's check refuses a
+    larger one before a byte of its payload is read), so a connection never allocates for a
+    frame; the buffer is an anonymous mapping, so an idle connection touches one page of it.
 
 Leases while sending
     uvloop keeps a reference to a view it could not send at once and finishes the send later. The
@@ -28,11 +33,13 @@ SSD tier (docs/design/kvstore.md §7)
 
 Failure handling
     A malformed frame (see kvstore.wire) closes only its connection. A connection lost in the
-    middle of a PUT revokes the reservation; one idle in the middle of a PUT for longer than
-    ``put_timeout_s`` is aborted by the server's reaper so that a stalled writer cannot pin arena
-    space. Leases of a lost connection (including shared-memory and batch leases) are released.
-    An unexpected exception in a handler is logged and closes that connection; the node keeps
-    serving.
+    middle of a PUT revokes the reservation. The server's reaper closes a connection whose
+    :meth:`Connection.activity` has passed a deadline (:class:`kvstore.server.limits.Deadlines`:
+    a frame stalled mid-way, a PUT's payload not finished, a lease held too long, no traffic),
+    so that a stalled peer cannot pin arena space or a connection slot. Leases of a lost
+    connection (including shared-memory and batch leases) are released. An unexpected exception
+    in a handler is logged and closes that connection; the node keeps serving. Every warning a
+    peer can cause goes through the server's rate-limited log: one line per kind per 10 s.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import contextlib
 import functools
 import json
 import logging
+import mmap
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -57,6 +65,8 @@ from kvstore.server.limits import (
     MAX_FETCHES_PER_CONNECTION,
     MAX_QUEUED_REPLIES,
     RECV_BUFFER_BYTES,
+    Activity,
+    Pin,
 )
 from kvstore.server.transfer import TransferState
 from kvstore.wire.frame import (
@@ -99,8 +109,7 @@ class Connection(asyncio.BufferedProtocol):
         self.tiers = server.tiers
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
-        self._buf = bytearray(RECV_BUFFER_BYTES)
-        self._view = memoryview(self._buf)
+        self._view = memoryview(b"")  # the receive buffer, mapped once the connection is admitted
         self._start = 0  # first unparsed byte in _buf
         self._end = 0  # one past the last received byte in _buf
         # Direct-receive mode: the rest of a frame's payload goes straight into _sink.
@@ -112,9 +121,12 @@ class Connection(asyncio.BufferedProtocol):
         self._discard_reply = b""
         self._pending: PendingPut | None = None
         self._payload_started_at: float | None = None
+        self._frame_since: float | None = None  # a frame partly received while reading
+        self._last_progress = self._accepted_at = server.loop_time()
         self._write_paused = False
         self._unsent_leases: list[Lease] = []
         self.shm_leases: dict[int, Lease] = {}
+        self.shm_leased_bytes = 0
         self._shm_leased_at: dict[int, float] = {}  # lease id -> loop time granted
         self._write_paused_at: float | None = None  # since when replies wait for the socket
         self.closed = False
@@ -134,6 +146,12 @@ class Connection(asyncio.BufferedProtocol):
         # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
+        self.peer = str(transport.get_extra_info("peername"))
+        if not self.server.admit(self):
+            self.closed = True
+            transport.abort()
+            return
+        self._view = memoryview(mmap.mmap(-1, RECV_BUFFER_BYTES))
         # High-water mark 0: pause_writing as soon as a response is not fully handed to the kernel
         # (see "Leases while sending" in the module docstring).
         transport.set_write_buffer_limits(high=0, low=0)
@@ -141,8 +159,6 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = str(transport.get_extra_info("peername"))
-        self.server.connections.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._sink is not None:
@@ -154,6 +170,7 @@ class Connection(asyncio.BufferedProtocol):
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._last_progress = self.server.loop_time()
         try:
             if self._sink is not None:
                 self._sink_pos += nbytes
@@ -185,7 +202,9 @@ class Connection(asyncio.BufferedProtocol):
         if self._pending is not None:
             self.node.revoke(self._pending)
             self._pending = None
-            logger.info("connection %s lost mid-PUT; reservation revoked", self.peer)
+            self.server.log.info(
+                "lost mid-PUT", "connection %s lost mid-PUT; reservation revoked", self.peer
+            )
         self._sink = None
         for lease in self._unsent_leases:
             self.node.release(lease)
@@ -193,6 +212,7 @@ class Connection(asyncio.BufferedProtocol):
         for lease in self.shm_leases.values():
             self.node.release(lease)
         self.shm_leases.clear()
+        self.shm_leased_bytes = 0
         self.transfer.release_all(self.node, self.server.drop_rdma)
         for reply in self.queued:
             if reply.lease is not None:
@@ -210,6 +230,7 @@ class Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._write_paused_at = None
+        self._last_progress = self.server.loop_time()
         for lease in self._unsent_leases:
             self.node.release(lease)
         self._unsent_leases.clear()
@@ -220,10 +241,13 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- control ----------------------------------------------------------------------------------
 
-    def abort(self, reason: str | None) -> None:
-        """Drop the connection at once (unsent responses are discarded)."""
-        if reason:
-            logger.warning("closing connection %s: %s", self.peer, reason)
+    def abort(
+        self, reason: str | None, kind: str = "closing", level: int = logging.WARNING
+    ) -> None:
+        """Drop the connection at once (unsent responses are discarded); ``reason`` is logged
+        (rate-limited per ``kind``)."""
+        if reason and not self.closed:
+            self.server.log.log(level, kind, "closing connection %s: %s", self.peer, reason)
         if self._transport is not None and not self.closed:
             self.closed = True
             self._transport.abort()
@@ -233,29 +257,49 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None and not self.closed:
             self._transport.close()
 
-    def lease_age(self, now: float) -> float:
-        """Seconds this connection has held its oldest lease (0 if none): a shared-memory lease
-        not released, or a GET reply still in the socket because the reader stopped reading."""
+    def activity(self) -> Activity:
+        """This connection's clocks, for the reaper's deadlines (kvstore.server.limits)."""
         for lease_id in [i for i in self._shm_leased_at if i not in self.shm_leases]:
             del self._shm_leased_at[lease_id]  # released (RELEASE pops shm_leases only)
         granted = [*self._shm_leased_at.values(), *self.transfer.leased_at.values()]
         if self._unsent_leases and self._write_paused_at is not None:
-            granted.append(self._write_paused_at)
-        return now - min(granted) if granted else 0.0
+            granted.append(self._write_paused_at)  # a GET reply its reader does not read
+        payload = [
+            t for t in (self._payload_started_at, self.transfer.reserved_since) if t is not None
+        ]  # an open RESERVE_BATCH is a payload in flight
+        frame_since = self._frame_since
+        if self.server.cluster_key is not None and self.auth.identity is None:
+            # Not authenticated yet: the handshake must be done within the header timeout.
+            frame_since = min(frame_since or self._accepted_at, self._accepted_at)
+        return Activity(
+            last_progress=self._last_progress,
+            frame_since=frame_since,
+            payload_since=min(payload) if payload else None,
+            lease_since=min(granted) if granted else None,
+        )
 
-    def payload_age(self, now: float) -> float:
-        """Seconds this connection has been receiving one payload (0 if it is not)."""
-        started = self._payload_started_at
-        if self.transfer.reserved_since is not None:  # an open RESERVE_BATCH is a payload in flight
-            started = min(started or now, self.transfer.reserved_since)
-        return 0.0 if started is None else now - started
+    def pinned_bytes(self) -> int:
+        """Arena bytes this connection holds leased (GET_SHM, LEASE_BATCH) or reserved
+        (RESERVE_BATCH): what the pin limits count."""
+        return self.shm_leased_bytes + self.transfer.leased_bytes + self.transfer.reserved_bytes
+
+    def may_pin(self, nbytes: int, node_pinned: int, *, at_least_one: bool) -> Pin:
+        """The pin limits' verdict on ``nbytes`` more, counted (STATS ``limits``) if not OK."""
+        verdict = self.server.pin_limits.verdict(
+            node_pinned, self.pinned_bytes(), nbytes, at_least_one=at_least_one
+        )
+        if verdict is Pin.DEFER:
+            self.server.limits.pins_deferred += 1
+        elif verdict is Pin.REFUSE:
+            self.server.limits.pins_refused += 1
+        return verdict
 
     # -- parsing ----------------------------------------------------------------------------------
 
     def _compact(self) -> None:
         remaining = self._end - self._start
         if self._start:
-            self._buf[:remaining] = self._view[self._start : self._end]
+            self._view[:remaining] = self._view[self._start : self._end]
         self._start, self._end = 0, remaining
 
     def resume(self) -> None:
@@ -269,9 +313,18 @@ class Connection(asyncio.BufferedProtocol):
     def _fail(self, exc: Exception) -> None:
         """Close after a malformed frame (expected) or a bug in a handler (logged)."""
         if isinstance(exc, FrameError):
-            self.abort(f"malformed frame: {exc}")
+            if not self.closed:
+                self.server.limits.malformed_frames += 1
+            self.abort(f"malformed frame: {exc}", "malformed frame")
         else:
-            logger.error("internal error on connection %s; closing it", self.peer, exc_info=exc)
+            if not self.closed:
+                self.server.log.log(
+                    logging.ERROR,
+                    "internal error",
+                    "internal error on connection %s; closing it",
+                    self.peer,
+                    exc_info=exc,
+                )
             self.abort(None)
 
     def _fetch_blocked(self) -> bool:
@@ -295,43 +348,38 @@ class Connection(asyncio.BufferedProtocol):
     def _process(self) -> None:
         """Handle every complete frame in the buffer; stop at a partial one or when paused."""
         view = self._view
+        partial = False  # stopped at a frame not yet complete (not at a pause of our own)
         while not self._write_paused and not self.closed and not self._fetch_blocked():
             start, avail = self._start, self._end - self._start
             if avail < FRAME_HEADER_BYTES:
+                partial = avail > 0
                 break
             header = FrameHeader.decode(view, start)
-            header.check_request()
+            header.check_request()  # every request but a PUT now fits the buffer whole
             if not auth.admit(self, header):
                 break  # refused: the connection is closing
             if header.opcode is Op.PUT:
                 if not self._begin_put(header):
+                    partial = True
                     break
                 continue
             frame_end = start + FRAME_HEADER_BYTES + header.payload_len
-            if frame_end <= self._end:
-                self._start = frame_end
-                self.no_forward = bool(header.flags & FLAG_NO_FORWARD)
-                self._dispatch(header, view[start + FRAME_HEADER_BYTES : frame_end])
-                continue
-            if FRAME_HEADER_BYTES + header.payload_len > RECV_BUFFER_BYTES:
-                # A large key list: receive the rest of it into a buffer of its own.
-                self._receive_large_frame(header)
-            break
+            if frame_end > self._end:
+                partial = True
+                break
+            self._start = frame_end
+            self.no_forward = bool(header.flags & FLAG_NO_FORWARD)
+            self._dispatch(header, view[start + FRAME_HEADER_BYTES : frame_end])
+        if not partial:
+            self._frame_since = None
+        elif self._frame_since is None:
+            self._frame_since = self.server.loop_time()
         if self._start == self._end:
             self._start = self._end = 0
         elif self._start and RECV_BUFFER_BYTES - self._end < _PUT_PREFIX:
             self._compact()
         if self._fetch_blocked():
             self._update_reading()
-
-    def _receive_large_frame(self, header: FrameHeader) -> None:
-        payload = memoryview(bytearray(header.payload_len))
-        have = self._end - self._start - FRAME_HEADER_BYTES
-        body = self._start + FRAME_HEADER_BYTES
-        payload[:have] = self._view[body : body + have]
-        self._start = self._end = 0
-        self._sink, self._sink_pos = payload, have
-        self._on_sink_full = lambda: self._dispatch(header, payload)
 
     def _begin_put(self, header: FrameHeader) -> bool:
         """Start handling a PUT whose frame header is at ``_start``; False if more bytes needed."""
@@ -345,7 +393,9 @@ class Connection(asyncio.BufferedProtocol):
         try:
             block = BlockHeader.decode(self._view[body : body + BLOCK_HEADER_BYTES])
         except BlockFormatError as exc:
-            logger.warning("PUT from %s with a bad block header: %s", self.peer, exc)
+            self.server.log.warning(
+                "PUT bad header", "PUT from %s with a bad block header: %s", self.peer, exc
+            )
             self._reject_put(header, Status.BAD_REQUEST)
             return True
         if BLOCK_HEADER_BYTES + block.payload_nbytes != length:
@@ -379,7 +429,9 @@ class Connection(asyncio.BufferedProtocol):
         self._pending = None
         if not verify(block, pending.view[BLOCK_HEADER_BYTES:]):
             self.node.revoke(pending)
-            logger.warning("PUT from %s failed its checksum; block dropped", self.peer)
+            self.server.log.warning(
+                "PUT checksum", "PUT from %s failed its checksum; block dropped", self.peer
+            )
             self.write(pack_frame_header(Op.PUT, header.request_id, 0, 0, Status.CORRUPT))
             return
         self.node.commit(pending)
@@ -437,8 +489,14 @@ class Connection(asyncio.BufferedProtocol):
         return Reply([header, lease.view], lease)
 
     def shm_reply(self, request_id: int, lease: Lease, tier: Tier) -> bytes:
-        """A GET_SHM response; the lease stays held until the client's RELEASE."""
+        """A GET_SHM response; the lease stays held until the client's RELEASE (or FULL, the
+        lease released at once, beyond the pin limits)."""
+        pin = self.may_pin(lease.nbytes, self.server.pinned_bytes(), at_least_one=True)
+        if pin is not Pin.OK:
+            self.node.release(lease)
+            return pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.FULL)
         self.shm_leases[lease.lease_id] = lease
+        self.shm_leased_bytes += lease.nbytes
         self._shm_leased_at[lease.lease_id] = self.server.loop_time()
         body = SHM_LEASE.pack(lease.lease_id, lease.offset, lease.nbytes)
         return pack_frame_header(Op.GET_SHM, request_id, int(tier), len(body)) + body
@@ -492,6 +550,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.node.release(reply.lease)
             return
         self._transport.writelines(reply.parts)
+        self._last_progress = self.server.loop_time()
         if reply.lease is None:
             return
         if self._transport.get_write_buffer_size():

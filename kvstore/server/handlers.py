@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
     from kvstore.server.connection import Connection, Reply
 
 __all__ = ["HANDLERS", "Handler"]
-
-logger = logging.getLogger("kvstore.server")
 
 Handler = Callable[["Connection", FrameHeader, memoryview], None]
 """Handles one well-framed request (its header and payload) on a connection."""
@@ -68,7 +65,9 @@ def _remote_done(
     found: tuple[bytes, int] | None = None
     if not future.cancelled():
         if future.exception() is not None:
-            logger.warning("read-through failed: %s", future.exception())
+            conn.server.log.warning(
+                "read-through failed", "read-through failed: %s", future.exception()
+            )
         else:
             found = future.result()
     if conn.closed:
@@ -83,7 +82,9 @@ def _remote_done(
 def get_shm(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
     request_id, key = header.request_id, bytes(payload)
     if len(conn.shm_leases) + len(conn.fetches) >= MAX_SHM_LEASES_PER_CONNECTION:
-        logger.warning("%s holds too many shared-memory leases", conn.peer)
+        conn.server.log.warning(
+            "too many leases", "%s holds too many shared-memory leases", conn.peer
+        )
         conn.write(pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.BAD_REQUEST))
         return
     found = conn.tiers.acquire(key)
@@ -124,12 +125,22 @@ def shm_info(conn: Connection, header: FrameHeader, payload: memoryview) -> None
 
 
 def release(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
+    unknown: list[int] = []
     for (lease_id,) in LEASE_ID.iter_unpack(payload):
         lease = conn.shm_leases.pop(lease_id, None)
         if lease is None:
-            logger.warning("RELEASE of unknown lease %d from %s", lease_id, conn.peer)
+            unknown.append(lease_id)
         else:
+            conn.shm_leased_bytes -= lease.nbytes
             conn.node.release(lease)
+    if unknown:  # one line per frame, and few of those (the log is rate-limited)
+        conn.server.log.warning(
+            "RELEASE unknown lease",
+            "RELEASE from %s of %d unknown lease(s), e.g. %d",
+            conn.peer,
+            len(unknown),
+            unknown[0],
+        )
 
 
 HANDLERS: dict[Op, Handler] = {

@@ -1,7 +1,14 @@
 """The store node server's lifecycle: listen, serve connections, stop; its STATS and SHM_INFO.
 
 :class:`StoreServer` owns the listening socket, the connections (:mod:`kvstore.server.connection`)
-and the node; its cluster side (join, read-through, leave) is :class:`ClusterMember`.
+and the node; its cluster side (join, read-through, leave) is :class:`ClusterMember`. It admits at
+most ``max_connections`` connections, and its reaper closes those past a deadline
+(:class:`kvstore.server.limits.Deadlines`). Warnings a peer can cause go through its one
+rate-limited log (``log``: a line per kind per :data:`PEER_LOG_INTERVAL_S`).
+
+A connection admitted under ``max_connections`` (:meth:`StoreServer.admit`) must, on a node with
+a cluster key, complete the HELLO handshake (:mod:`kvstore.server.auth`) within the header
+timeout of being accepted; until then only the handshake's frames (≤ 176 bytes) are read.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 
 from kvstore.cluster.membership import NodeAgent
@@ -20,19 +28,29 @@ from kvstore.node.tiers import TierManager
 from kvstore.server.cluster_member import ClusterMember
 from kvstore.server.config import StoreNodeConfig
 from kvstore.server.connection import Connection
+from kvstore.server.limits import Deadlines, Expiry, LimitCounters, PinLimits
 from kvstore.server.transfer import TransferCounters
 from kvstore.transport.base import TransportKind, TransportUnavailable, log_unavailable_once
 from kvstore.transport.rdma import RdmaNodeEndpoint
 from strata_common.credentials import read_cluster_key
 from strata_common.host import boot_id
+from strata_common.ratelog import RateLimitedLog
 
-__all__ = ["StoreServer"]
+__all__ = ["PEER_LOG_INTERVAL_S", "StoreServer", "deadlines_of"]
+
+logger = logging.getLogger("kvstore.server")
+
+PEER_LOG_INTERVAL_S = 10.0
+"""At most one warning of each kind a peer can cause (a bad frame, a timeout, ...) this often."""
 
 
-def reaper_period_s(put_timeout_s: float) -> float:
-    """How often the stalled-payload reaper looks: a stalled put is abandoned at most this long
-    after its ``put_timeout_s`` ran out."""
-    return min(1.0, put_timeout_s / 4)
+def deadlines_of(config: StoreNodeConfig) -> Deadlines:
+    return Deadlines(
+        header_timeout_s=config.header_timeout_s,
+        put_timeout_s=config.put_timeout_s,
+        lease_timeout_s=config.lease_timeout_s,
+        idle_timeout_s=config.idle_timeout_s,
+    )
 
 
 class StoreServer(ClusterMember):
@@ -62,6 +80,12 @@ class StoreServer(ClusterMember):
         # This node's embedded metadata, served to the host over gRPC (kvstore.metadata.service).
         self.metadata_server: MetadataServer | None = None
         self.transfers = TransferCounters()
+        self.limits = LimitCounters()
+        self.deadlines = deadlines_of(config)
+        self.pin_limits = PinLimits.of_arena(
+            node.arena.size, config.max_pinned_fraction, config.max_pinned_per_connection
+        )
+        self.log = RateLimitedLog(logger, PEER_LOG_INTERVAL_S)
         self._rdma: RdmaNodeEndpoint | str | None = None  # endpoint, or why there is none
 
     def rdma_endpoint(self) -> RdmaNodeEndpoint | str:
@@ -89,7 +113,7 @@ class StoreServer(ClusterMember):
             reuse_address=True,
             backlog=1024,
         )
-        self._reaper = self._loop.create_task(self._reap_stalled_payloads())
+        self._reaper = self._loop.create_task(self._reap())
         self.tiers.start()
         host, port = self._server.sockets[0].getsockname()[:2]
         return str(host), int(port)
@@ -122,6 +146,25 @@ class StoreServer(ClusterMember):
         assert self._loop is not None
         return self._loop.time()
 
+    def admit(self, conn: Connection) -> bool:
+        """Take a new connection unless ``max_connections`` are open (it is closed then)."""
+        limit = self.config.max_connections
+        if len(self.connections) >= limit:
+            self.limits.connections_refused += 1
+            self.log.warning(
+                "connection refused",
+                "refusing connection from %s: %d connections open (max_connections)",
+                conn.peer,
+                limit,
+            )
+            return False
+        self.connections.add(conn)
+        return True
+
+    def pinned_bytes(self) -> int:
+        """Arena bytes all connections hold leased or reserved (what ``pin_limits`` caps)."""
+        return sum(conn.pinned_bytes() for conn in self.connections)
+
     def connection_closed(self) -> None:
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
@@ -130,6 +173,9 @@ class StoreServer(ClusterMember):
         stats = dataclasses.asdict(self.node.stats())
         stats["num_connections"] = len(self.connections)
         stats["transfers"] = dataclasses.asdict(self.transfers)
+        self.limits.pinned_bytes = self.pinned_bytes()
+        self.limits.log_lines_suppressed = self.log.total_suppressed
+        stats["limits"] = dataclasses.asdict(self.limits)
         stats["tiers"] = dataclasses.asdict(self.tiers.stats())
         ssd = self.tiers.ssd
         stats["ssd"] = dataclasses.asdict(ssd.stats()) if ssd is not None else None
@@ -145,14 +191,19 @@ class StoreServer(ClusterMember):
             "boot_id": self._boot_id,
         }
 
-    async def _reap_stalled_payloads(self) -> None:
-        timeout, lease_timeout = self.config.put_timeout_s, self.config.lease_timeout_s
+    async def _reap(self) -> None:
+        """Close every connection past one of its deadlines, every ``reaper_period_s``."""
+        deadlines = self.deadlines
         while True:
-            await asyncio.sleep(reaper_period_s(min(timeout, lease_timeout)))
+            await asyncio.sleep(deadlines.reaper_period_s)
             now = self.loop_time()
             for conn in list(self.connections):
-                if conn.payload_age(now) > timeout:
-                    conn.abort(f"payload not received within {timeout:g}s; abandoning it")
-                elif conn.lease_age(now) > lease_timeout:
+                expiry = deadlines.expired(conn.activity(), now)
+                if expiry is None:
+                    continue
+                if expiry is Expiry.LEASE:
                     self.transfers.lease_timeouts += 1
-                    conn.abort(f"a lease held for more than {lease_timeout:g}s; releasing them")
+                else:
+                    self.limits.count(expiry)
+                level = logging.INFO if expiry is Expiry.IDLE else logging.WARNING
+                conn.abort(deadlines.reason(expiry), f"deadline {expiry.value}", level)

@@ -11,6 +11,13 @@ those blocks over TCP, one reservation at a time); an open reservation counts as
 flight for the put timeout. ``RDMA_CONNECT`` connects a queue pair to the registered arena
 (kvstore.transport.rdma) or answers ``UNSUPPORTED`` with the reason. What a connection holds lives
 in its :class:`TransferState`, released with the connection (:meth:`TransferState.release_all`).
+
+Leases and reservations pin arena space, so they are held to the server's pin limits
+(:class:`kvstore.server.limits.PinLimits`): a block of a LEASE_BATCH beyond the connection's share
+is answered ``LEASE_DEFERRED`` (the client asks again once it has released its earlier batch;
+a connection holding nothing always gets one block), one beyond the node-wide cap
+``LEASE_REFUSED`` (the client reads it over TCP); a RESERVE_BATCH beyond either is answered
+``FULL`` (the client streams those blocks as PUTs, one reservation at a time).
 """
 
 from __future__ import annotations
@@ -25,16 +32,18 @@ from typing import TYPE_CHECKING
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.blocks.tier import Tier
 from kvstore.node.store import Lease, PendingPut, StoreNode
-from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys
+from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, Pin, split_keys
 from kvstore.wire.frame import FrameError, FrameHeader, Op, Status, pack_frame_header
 from kvstore.wire.messages import (
     BATCH_ID,
     LEASE_DEFERRED,
+    LEASE_REFUSED,
     RESERVE_ITEM,
     LeaseBatchReply,
     RdmaEndpointInfo,
     ReserveBatchReply,
 )
+from kvstore.wire.replies import MAX_REASON_BYTES
 from kvstore.wire.types import PutStatus
 
 if TYPE_CHECKING:
@@ -54,8 +63,6 @@ logger = logging.getLogger("kvstore.server")
 
 MAX_SSD_READS_PER_BATCH = 8
 """SSD blocks one LEASE_BATCH reads into the arena (the rest are answered LEASE_DEFERRED)."""
-MAX_RESERVED_FRACTION = 0.25
-"""Share of the arena one connection may hold reserved by RESERVE_BATCH at once."""
 
 
 @dataclass(slots=True)
@@ -94,6 +101,7 @@ class TransferState:
     leased_at: dict[int, float] = field(default_factory=dict)
     """Loop time each lease batch was granted (the lease-timeout reaper reads the oldest)."""
     num_batch_leases: int = 0
+    leased_bytes: int = 0
     put_batches: dict[int, list[_Reserved]] = field(default_factory=dict)
     reserved_bytes: int = 0
     reserved_since: float | None = None
@@ -107,11 +115,13 @@ class TransferState:
                 node.release(lease)
         self.lease_batches.clear()
         self.leased_at.clear()
+        self.num_batch_leases = self.leased_bytes = 0
         for reserved in self.put_batches.values():
             for entry in reserved:
                 if entry.pending is not None:
                     node.revoke(entry.pending)
         self.put_batches.clear()
+        self.reserved_bytes = 0
         if self.rdma is not None:
             drop_rdma(self.rdma)
             self.rdma = None
@@ -122,7 +132,9 @@ def lease_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> N
     state = conn.transfer
     held = len(conn.shm_leases) + state.num_batch_leases
     if held + len(keys) > MAX_SHM_LEASES_PER_CONNECTION:
-        logger.warning("%s holds too many shared-memory leases", conn.peer)
+        conn.server.log.warning(
+            "too many leases", "%s holds too many shared-memory leases", conn.peer
+        )
         conn.write(pack_frame_header(Op.LEASE_BATCH, request_id, 0, 0, Status.BAD_REQUEST))
         return
     found: list[Lease | None] = []
@@ -175,6 +187,18 @@ def _lease_batch_reply(
 ) -> bytes:
     state = conn.transfer
     batch_id = next(state.batch_ids)
+    node_pinned = conn.server.pinned_bytes()
+    for i, lease in enumerate(found):
+        if lease is None:
+            continue
+        pin = conn.may_pin(lease.nbytes, node_pinned, at_least_one=True)
+        if pin is Pin.OK:
+            state.leased_bytes += lease.nbytes
+            node_pinned += lease.nbytes
+            continue
+        conn.node.release(lease)
+        found[i] = None
+        tiers[i] = LEASE_DEFERRED if pin is Pin.DEFER else LEASE_REFUSED
     leases = [lease for lease in found if lease is not None]
     state.lease_batches[batch_id] = leases
     if leases:
@@ -188,15 +212,25 @@ def _lease_batch_reply(
 
 def release_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
     state = conn.transfer
+    unknown: list[int] = []
     for (batch_id,) in BATCH_ID.iter_unpack(payload):
         leases = state.lease_batches.pop(batch_id, None)
         state.leased_at.pop(batch_id, None)
         if leases is None:
-            logger.warning("RELEASE_BATCH of unknown batch %d from %s", batch_id, conn.peer)
+            unknown.append(batch_id)
             continue
         state.num_batch_leases -= len(leases)
         for lease in leases:
+            state.leased_bytes -= lease.nbytes
             conn.node.release(lease)
+    if unknown:  # one line per frame, and few of those (the log is rate-limited)
+        conn.server.log.warning(
+            "RELEASE_BATCH unknown batch",
+            "RELEASE_BATCH from %s of %d unknown batch(es), e.g. %d",
+            conn.peer,
+            len(unknown),
+            unknown[0],
+        )
 
 
 def reserve_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
@@ -205,8 +239,7 @@ def reserve_batch(conn: Connection, header: FrameHeader, payload: memoryview) ->
     counters = conn.server.transfers
     counters.reserve_batches += 1
     wanted = sum(nbytes for _, nbytes in items)
-    limit = int(conn.node.arena.size * MAX_RESERVED_FRACTION)
-    if state.reserved_bytes + wanted > limit:
+    if conn.may_pin(wanted, conn.server.pinned_bytes(), at_least_one=False) is not Pin.OK:
         counters.reserve_batches_refused += 1
         conn.write(pack_frame_header(Op.RESERVE_BATCH, request_id, 0, 0, Status.FULL))
         return
@@ -244,7 +277,12 @@ def commit_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> 
     (batch_id,) = BATCH_ID.unpack(payload)
     reserved = state.put_batches.pop(batch_id, None)
     if reserved is None:
-        logger.warning("COMMIT_BATCH of unknown batch %d from %s", batch_id, conn.peer)
+        conn.server.log.warning(
+            "COMMIT_BATCH unknown batch",
+            "COMMIT_BATCH of unknown batch %d from %s",
+            batch_id,
+            conn.peer,
+        )
         conn.write(pack_frame_header(Op.COMMIT_BATCH, request_id, 0, 0, Status.BAD_REQUEST))
         return
     if not state.put_batches:
@@ -267,10 +305,16 @@ def commit_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> 
         else:
             conn.node.revoke(pending)
             counters.corrupt_blocks += 1
-            logger.warning("direct PUT from %s wrote a bad block header", conn.peer)
             statuses.append(Status.CORRUPT)
     if committed:
         conn.server.note_changed(committed)
+    if Status.CORRUPT in statuses:  # one line per frame, and few of those (rate-limited)
+        conn.server.log.warning(
+            "COMMIT_BATCH bad header",
+            "COMMIT_BATCH from %s: %d block(s) written with a bad header",
+            conn.peer,
+            statuses.count(Status.CORRUPT),
+        )
     head = pack_frame_header(Op.COMMIT_BATCH, request_id, len(statuses), len(statuses))
     if not committed or not conn.tiers.write_through:
         conn.write(head + bytes(statuses))
@@ -337,7 +381,7 @@ def rdma_connect(conn: Connection, header: FrameHeader, payload: memoryview) -> 
             body = info.encode()
             conn.write(pack_frame_header(Op.RDMA_CONNECT, request_id, 0, len(body)) + body)
             return
-    text = reason.encode()
+    text = reason.encode()[:MAX_REASON_BYTES]  # what a client reads of it (wire.replies)
     conn.write(
         pack_frame_header(Op.RDMA_CONNECT, request_id, 0, len(text), Status.UNSUPPORTED) + text
     )

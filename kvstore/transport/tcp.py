@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import socket
 
-from kvstore.errors import KVStoreError
 from kvstore.wire import replies
-from kvstore.wire.frame import FRAME_HEADER_BYTES
+from kvstore.wire.frame import FRAME_HEADER_BYTES, Op
 from kvstore.wire.hello import ClientHello
-from kvstore.wire.messages import HELLO_REPLY_BYTES
 from strata_common.credentials import ClusterCredentials
 
 __all__ = ["hello", "recv_bytes", "recv_exact"]
@@ -39,10 +37,9 @@ def hello(sock: socket.socket, credentials: ClusterCredentials, request_id: int)
     KVStoreError for a garbled reply, OSError (ConnectionError, TimeoutError) from the socket."""
     handshake = ClientHello(credentials)
     sock.sendall(handshake.request(request_id))
-    header = replies.decode_reply_header(recv_bytes(sock, FRAME_HEADER_BYTES), 0, request_id)
-    if header.payload_len > HELLO_REPLY_BYTES:
-        raise KVStoreError(f"HELLO reply of {header.payload_len} bytes")
+    raw = recv_bytes(sock, FRAME_HEADER_BYTES)
+    header = replies.decode_reply_header(raw, 0, request_id, Op.HELLO)  # ≤ HELLO_REPLY_BYTES
     body = recv_bytes(sock, header.payload_len)
     sock.sendall(handshake.answer(header, body, request_id + 1))
     raw = recv_bytes(sock, FRAME_HEADER_BYTES)
-    ClientHello.finish(replies.decode_reply_header(raw, 0, request_id + 1))
+    ClientHello.finish(replies.decode_reply_header(raw, 0, request_id + 1, Op.HELLO_PROOF))

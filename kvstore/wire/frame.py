@@ -36,11 +36,13 @@ DELETE        keys (n)                             OK, count = number deleted
 STATS         none (0)                             OK + JSON (UTF-8)
 SHM_INFO      none (0)                             OK + JSON describing the arena file
 GET_SHM       key (1)                              OK + (lease_id, offset, nbytes) as <QQQ | MISS
+                                                   | FULL (beyond the pin limits)
 RELEASE       lease ids as <Q each (n)             no response
 LEASE_BATCH   keys (n)                             OK, count = n, payload = batch id <Q, then n
                                                    (offset, nbytes) as <QQ, then n tier bytes
                                                    (0 miss, 1 DRAM, 2 read from SSD, both
-                                                   leased; 255: on SSD, not read: ask again)
+                                                   leased; 255: not leased now, ask again;
+                                                   254: node's pin cap reached, GET it)
 RELEASE_BATCH batch ids as <Q each (n)             no response
 RESERVE_BATCH n (key, block bytes) as <16sQ (n)     OK, count = n, payload = batch id <Q, then n
                                                    offsets <Q, then n status bytes (OK reserved,
@@ -68,10 +70,14 @@ and moves the bytes itself -- a memory copy through the shared mapping, or an RD
 the registered arena -- so one round trip covers a whole batch. Leases and reservations taken by
 a batch belong to its connection: a closed connection releases and revokes them.
 
-Malformed frames (bad magic or version, unknown opcode, a payload length inconsistent with the
-opcode, or beyond :data:`MAX_FRAME_PAYLOAD`) cannot be resynchronised, so the server closes that
-connection. A well-framed PUT whose content is wrong (bad block header, checksum mismatch, larger
-than the node's ``max_block_bytes``) is drained and answered with an error status instead.
+Malformed frames (bad magic or version, unknown opcode -- including the retired 10, METADATA --, a
+count beyond the op's bound (:data:`MAX_KEYS_PER_FRAME`, :data:`MAX_BATCH_ITEMS`), a payload length
+other than the one its count implies, or beyond :data:`MAX_FRAME_PAYLOAD`) cannot be
+resynchronised, so the server closes that connection, judging by the 24-byte header alone: no
+request but a PUT carries more than :data:`MAX_REQUEST_PAYLOAD` (64 KiB), and a PUT's payload is
+received into the arena space reserved for it (or drained), so no header makes a node allocate.
+A well-framed PUT whose content is wrong (bad block header, checksum mismatch, larger than the
+node's ``max_block_bytes``) is drained and answered with an error status instead.
 """
 
 from __future__ import annotations
@@ -92,12 +98,15 @@ from kvstore.wire.messages import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_BLOCK_BYTES",
     "FLAG_NO_FORWARD",
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
     "KEY_BYTES",
+    "MAX_BATCH_ITEMS",
     "MAX_FRAME_PAYLOAD",
     "MAX_KEYS_PER_FRAME",
+    "MAX_REQUEST_PAYLOAD",
     "PROTOCOL_VERSION",
     "FrameError",
     "FrameHeader",
@@ -116,8 +125,15 @@ FLAG_NO_FORWARD = 0x01
 """Frame flag: a peer's GET; the receiving node must not forward it to another peer."""
 
 KEY_BYTES = BLOCK_KEY_BYTES
-MAX_KEYS_PER_FRAME = 65536
-"""Keys per MATCH_PREFIX/EXISTS/DELETE frame; clients split longer lists (1 MiB of keys)."""
+MAX_KEYS_PER_FRAME = 4096
+"""Keys per MATCH_PREFIX/EXISTS/DELETE frame (64 KiB of keys); clients split longer lists. A
+chain of 4096 blocks is a prompt of 65,536 tokens at 16 tokens a block: a lookup is one frame or
+two."""
+MAX_BATCH_ITEMS = 2048
+"""Keys per LEASE_BATCH, blocks per RESERVE_BATCH, ids per RELEASE / RELEASE_BATCH (the client
+sends at most 128 keys, 64 blocks, 1 id a frame)."""
+DEFAULT_MAX_BLOCK_BYTES = 64 * 1024**2
+"""Largest block (header + data) a node accepts and a client reads, unless configured otherwise."""
 MAX_FRAME_PAYLOAD = 1 << 30
 """Hard ceiling on any frame's payload: beyond it a frame is treated as garbage, not as data."""
 
@@ -162,9 +178,39 @@ class Status(enum.IntEnum):
     """The node cannot serve this transport (RDMA_CONNECT without RDMA); payload: the reason."""
 
 
-KEYED_OPS = frozenset({Op.MATCH_PREFIX, Op.EXISTS, Op.DELETE, Op.LEASE_BATCH})
+KEYED_OPS = frozenset({Op.MATCH_PREFIX, Op.EXISTS, Op.DELETE})
 SINGLE_KEY_OPS = frozenset({Op.GET, Op.GET_SHM})
 EMPTY_OPS = frozenset({Op.STATS, Op.SHM_INFO})
+
+
+def _max_request_payload(op: Op) -> int:
+    """The largest payload a request of ``op`` (not PUT) can carry; :meth:`check_request` holds
+    every request to exactly its count's length, and every count to these bounds."""
+    if op in SINGLE_KEY_OPS:
+        return KEY_BYTES
+    if op in KEYED_OPS:
+        return MAX_KEYS_PER_FRAME * KEY_BYTES
+    if op is Op.LEASE_BATCH:
+        return MAX_BATCH_ITEMS * KEY_BYTES
+    if op is Op.RELEASE or op is Op.RELEASE_BATCH:
+        return MAX_BATCH_ITEMS * LEASE_ID.size
+    if op is Op.RESERVE_BATCH:
+        return MAX_BATCH_ITEMS * RESERVE_ITEM.size
+    if op is Op.COMMIT_BATCH:
+        return BATCH_ID.size
+    if op is Op.RDMA_CONNECT:
+        return RDMA_INFO.size
+    if op is Op.HELLO:
+        return HELLO_MAX_BYTES
+    if op is Op.HELLO_PROOF:
+        return HELLO_PROOF_BYTES
+    return 0
+
+
+MAX_REQUEST_PAYLOAD = max(_max_request_payload(op) for op in Op if op is not Op.PUT)
+"""The largest payload of any request but a PUT (64 KiB: a frame of MAX_KEYS_PER_FRAME keys). A
+node receives every such frame whole into one fixed buffer of each connection: a header that
+claims more is refused before a byte of its payload is read, so no frame makes a node allocate."""
 
 
 class FrameError(ValueError):
@@ -207,10 +253,12 @@ class FrameHeader:
             ok = count == 1 and length == KEY_BYTES
         elif op in KEYED_OPS:
             ok = count <= MAX_KEYS_PER_FRAME and length == count * KEY_BYTES
+        elif op is Op.LEASE_BATCH:
+            ok = count <= MAX_BATCH_ITEMS and length == count * KEY_BYTES
         elif op is Op.RELEASE or op is Op.RELEASE_BATCH:
-            ok = count <= MAX_KEYS_PER_FRAME and length == count * LEASE_ID.size
+            ok = count <= MAX_BATCH_ITEMS and length == count * LEASE_ID.size
         elif op is Op.RESERVE_BATCH:
-            ok = 0 < count <= MAX_KEYS_PER_FRAME and length == count * RESERVE_ITEM.size
+            ok = 0 < count <= MAX_BATCH_ITEMS and length == count * RESERVE_ITEM.size
         elif op is Op.COMMIT_BATCH:
             ok = count == 1 and length == BATCH_ID.size
         elif op is Op.RDMA_CONNECT:

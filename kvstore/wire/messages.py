@@ -22,6 +22,7 @@ __all__ = [
     "HELLO_REPLY_BYTES",
     "LEASE_DEFERRED",
     "LEASE_ID",
+    "LEASE_REFUSED",
     "LEASE_SPAN",
     "MAX_IDENTITY_BYTES",
     "RDMA_INFO",
@@ -43,8 +44,12 @@ BATCH_ID = struct.Struct("<Q")
 LEASE_SPAN = struct.Struct("<QQ")
 """One LEASE_BATCH entry: offset of the block (header + payload) in the arena, its length."""
 LEASE_DEFERRED = 0xFF
-"""LEASE_BATCH tier byte: the block is on SSD and was not read in this batch (each batch reads at
-most a few SSD blocks, so that one batch cannot fill the arena with leased blocks); ask again."""
+"""LEASE_BATCH tier byte: not leased in this batch -- on SSD and not read (each batch reads at
+most a few SSD blocks, so that one batch cannot fill the arena with leased blocks), or beyond the
+connection's share of pinned arena space; ask again once earlier batches are released."""
+LEASE_REFUSED = 0xFE
+"""LEASE_BATCH tier byte: not leased because the node's cap on pinned arena space is reached
+(other connections hold it); read the block over TCP (a GET pins it only while it is sent)."""
 RESERVE_ITEM = struct.Struct(f"<{BLOCK_KEY_BYTES}sQ")
 """One RESERVE_BATCH request entry: the key and the block's size (64-byte header + payload). The
 header itself is written by the client into the reserved space, after the payload's checksum is
@@ -83,7 +88,8 @@ def decode_bitmap(data: bytes | bytearray | memoryview, count: int) -> list[bool
 @dataclass(frozen=True, slots=True)
 class LeaseBatchReply:
     """A LEASE_BATCH response: per key ``tiers[i]``: 0 miss; 1 (DRAM) or 2 (read from SSD):
-    leased under ``batch_id`` at ``spans[i] = (offset, nbytes)``; :data:`LEASE_DEFERRED`."""
+    leased under ``batch_id`` at ``spans[i] = (offset, nbytes)``; :data:`LEASE_DEFERRED` (ask
+    again); :data:`LEASE_REFUSED` (read it over TCP)."""
 
     batch_id: int
     spans: tuple[tuple[int, int], ...]

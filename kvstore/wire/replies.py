@@ -9,6 +9,10 @@ Which error is which:
 
 * a frame header that cannot be parsed, or a reply to another request:
   :class:`KVStoreError` (the connection is out of step: the caller drops it);
+* a reply header claiming a payload longer than any reply to that request can be
+  (:func:`reply_limit`: a count beyond what was asked, a block beyond the client's
+  ``max_block_bytes``): :class:`KVStoreCorruptError`, raised before anything is allocated for it
+  (the caller drops the connection: its payload is never read);
 * a status other than the op's success statuses: :class:`KVStoreError` (``"OP failed (status
   N)"``), or for a PUT see :func:`put_status`;
 * a reply whose body contradicts its frame or the request (a block header that does not parse,
@@ -25,8 +29,25 @@ from typing import Any
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader
 from kvstore.blocks.tier import Tier
 from kvstore.errors import KVStoreAuthError, KVStoreCorruptError, KVStoreError
-from kvstore.wire.frame import FrameError, FrameHeader, Op, Status
-from kvstore.wire.messages import LeaseBatchReply, ReserveBatchReply, decode_bitmap
+from kvstore.wire.frame import (
+    DEFAULT_MAX_BLOCK_BYTES,
+    MAX_BATCH_ITEMS,
+    FrameError,
+    FrameHeader,
+    Op,
+    Status,
+)
+from kvstore.wire.messages import (
+    BATCH_ID,
+    HELLO_REPLY_BYTES,
+    LEASE_SPAN,
+    RDMA_INFO,
+    RESERVE_OFFSET,
+    SHM_LEASE,
+    LeaseBatchReply,
+    ReserveBatchReply,
+    decode_bitmap,
+)
 from kvstore.wire.types import PutStatus
 
 __all__ = [
@@ -34,6 +55,7 @@ __all__ = [
     "check_ok",
     "corrupt_block",
     "decode_block_header",
+    "decode_delete",
     "decode_exists",
     "decode_json",
     "decode_lease_batch",
@@ -42,13 +64,52 @@ __all__ = [
     "decode_reserve_batch",
     "get_hit",
     "put_status",
+    "reply_limit",
 ]
+
+MAX_JSON_REPLY = 1 << 20
+"""Largest STATS / SHM_INFO reply a client reads (a node's is a few KiB)."""
+MAX_REASON_BYTES = 4096
+"""Largest reason text of an UNSUPPORTED reply (RDMA_CONNECT); a node truncates longer ones."""
+
+
+def reply_limit(op: Op, asked: int, max_block_bytes: int) -> int:
+    """The longest payload a reply to a request of ``op`` with ``asked`` keys (blocks, ids) can
+    carry; ``max_block_bytes`` bounds a GET's block (header + data)."""
+    if op is Op.GET:
+        return max_block_bytes
+    if op is Op.MATCH_PREFIX:
+        return asked  # one tier byte per matched key
+    if op is Op.EXISTS:
+        return (asked + 7) // 8
+    if op is Op.STATS or op is Op.SHM_INFO:
+        return MAX_JSON_REPLY
+    if op is Op.GET_SHM:
+        return SHM_LEASE.size
+    if op is Op.LEASE_BATCH:
+        return BATCH_ID.size + asked * (LEASE_SPAN.size + 1)
+    if op is Op.RESERVE_BATCH:
+        return BATCH_ID.size + asked * (RESERVE_OFFSET.size + 1)
+    if op is Op.COMMIT_BATCH:
+        return min(asked, MAX_BATCH_ITEMS)  # a status byte per block of the reservation
+    if op is Op.RDMA_CONNECT:
+        return max(RDMA_INFO.size, MAX_REASON_BYTES)
+    if op is Op.HELLO:
+        return HELLO_REPLY_BYTES
+    return 0  # PUT, DELETE, HELLO_PROOF (and RELEASE, RELEASE_BATCH, which have no reply)
 
 
 def decode_reply_header(
-    buf: bytes | bytearray | memoryview, offset: int, request_id: int, op: Op | None = None
+    buf: bytes | bytearray | memoryview,
+    offset: int,
+    request_id: int,
+    op: Op,
+    *,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    asked: int = 1,
 ) -> FrameHeader:
-    """The header of the reply to request ``request_id`` (of ``op``, when known)."""
+    """The header of the reply to request ``request_id`` of ``op`` with ``asked`` keys; its
+    payload length is checked against :func:`reply_limit` before the caller reads a byte of it."""
     try:
         header = FrameHeader.decode(buf, offset)
     except FrameError as exc:
@@ -60,10 +121,16 @@ def decode_reply_header(
         )
     if header.status == Status.FORBIDDEN:
         raise KVStoreAuthError(f"this client's role may not use {header.opcode.name}")
-    if header.request_id != request_id or (op is not None and header.opcode is not op):
-        want = f"{op.name}/{request_id}" if op is not None else str(request_id)
+    if header.request_id != request_id or header.opcode is not op:
         raise KVStoreError(
-            f"reply {header.opcode.name}/{header.request_id} while waiting for {want}"
+            f"reply {header.opcode.name}/{header.request_id} while waiting for "
+            f"{op.name}/{request_id}"
+        )
+    limit = reply_limit(op, asked, max_block_bytes)
+    if header.payload_len > limit:
+        raise KVStoreCorruptError(
+            f"{op.name} reply claims {header.payload_len} bytes; a reply to {asked} key(s) "
+            f"has at most {limit}"
         )
     return header
 
@@ -141,6 +208,14 @@ def decode_match_tiers(
         return [Tier(code) for code in body] if len(body) == found else [Tier.DRAM] * found
     except ValueError:
         return [Tier.DRAM] * found
+
+
+def decode_delete(header: FrameHeader, asked: int) -> int:
+    """A DELETE reply's number of deleted keys, at most the ``asked`` keys of the request."""
+    check_ok(header)
+    if header.count > asked:
+        raise KVStoreCorruptError(f"DELETE reply deleted {header.count} of {asked} keys")
+    return header.count
 
 
 def decode_exists(

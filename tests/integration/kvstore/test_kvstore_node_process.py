@@ -114,7 +114,8 @@ def test_large_blocks_roundtrip_byte_exact(
 
 
 def test_key_lists_larger_than_one_frame_and_the_receive_buffer(start_node: NodeFactory) -> None:
-    """70000 keys: two frames (65536 + 4464), the first larger than the node's 256 KiB buffer."""
+    """70000 keys: 18 frames (17 of MAX_KEYS_PER_FRAME keys, each filling the node's receive
+    buffer whole, and 368), answered as one list."""
     node = start_node()
     with KVStoreClient(node.endpoint) as client:
         present = {0, 1, 2, 40_000, 69_999}
@@ -267,8 +268,11 @@ def test_abandoned_put_is_revoked(start_node: NodeFactory) -> None:
 
 def test_full_arena_evicts_lru_and_refuses_when_all_leased(start_node: NodeFactory) -> None:
     # 1 MiB arena of 4 KiB pages; a block of 256 KiB - 64 B payload + 64 B header is 64 pages,
-    # so exactly four fit.
-    node = start_node("--arena-size", "1MiB")
+    # so exactly four fit. One connection may pin the whole arena here (by default only a
+    # quarter: test_kvstore_limits_process.py).
+    node = start_node(
+        "--arena-size", "1MiB", "--max-pinned-fraction", "1", "--max-pinned-per-connection", "1"
+    )
     size = 256 * KIB - 64
     with KVStoreClient(node.endpoint, use_shm=False) as client:
         for i in range(4):

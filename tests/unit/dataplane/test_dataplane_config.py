@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import grpc
 import pytest
 
 from dataplane.config import WorkerConfig, WorkerRole
@@ -138,3 +140,40 @@ def test_bad_flags_are_usage_errors(
         WorkerConfig.from_cli([*base, *extra], environ={})
     assert excinfo.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_grpc_call_limit_defaults_to_eight_batches_and_probes(tmp_path: Path) -> None:
+    assert make(tmp_path).rpc_limit == 8 * 32 + 16
+    assert make(tmp_path, max_num_seqs=4).rpc_limit == 48
+    assert make(tmp_path, max_concurrent_rpcs=10).rpc_limit == 10
+    with pytest.raises(ValueError, match="max_concurrent_rpcs must be ≥ 1, got 0"):
+        make(tmp_path, max_concurrent_rpcs=0)
+    base = ["--role", "both", "--model", str(tmp_path), "--store", "127.0.0.1:1"]
+    env = {"STRATA_WORKER_MAX_CONCURRENT_RPCS": "99"}
+    assert WorkerConfig.from_cli(base, environ=env).rpc_limit == 99
+    assert WorkerConfig.from_cli([*base, "--max-concurrent-rpcs", "7"], environ=env).rpc_limit == 7
+
+
+def test_the_worker_grpc_server_caps_calls_and_does_not_share_its_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataplane import worker as worker_module
+
+    made: list[dict[str, object]] = []
+    real = grpc.aio.server
+
+    def server(**kwargs: object) -> object:
+        made.append(kwargs)
+        return real(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module.grpc.aio, "server", server)
+    worker = worker_module.Worker.__new__(worker_module.Worker)
+    worker.config = make(tmp_path, max_num_seqs=4)
+
+    async def create() -> None:  # grpc.aio wants a running loop
+        await worker.create_service().stop(None)
+
+    asyncio.run(create())
+    (kwargs,) = made
+    assert kwargs["maximum_concurrent_rpcs"] == 48
+    assert ("grpc.so_reuseport", 0) in kwargs["options"]  # type: ignore[operator]

@@ -8,6 +8,7 @@ loopback socket, to the synchronous :class:`KVStoreClient` and to the asyncio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.blocks.tier import Tier
 from kvstore.client.aio import AsyncKVStoreClient
 from kvstore.client.sync import KVStoreClient
-from kvstore.errors import KVStoreCorruptError, KVStoreError
+from kvstore.errors import KVStoreConnectionLost, KVStoreCorruptError, KVStoreError
 from kvstore.transport.base import TransportKind
 from kvstore.transport.tcp import recv_exact
 from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader, Op, Status, pack_frame_header
@@ -36,6 +37,11 @@ Reply = Callable[[int], bytes]
 
 def frame(op: Op, status: int = Status.OK, count: int = 0, body: bytes = b"") -> Reply:
     return lambda rid: pack_frame_header(op, rid, count, len(body), status) + body
+
+
+def claim(op: Op, payload_len: int, count: int = 0, status: int = Status.OK) -> Reply:
+    """A reply header claiming ``payload_len`` bytes that never come (a hostile node's)."""
+    return lambda rid: pack_frame_header(op, rid, count, payload_len, status)
 
 
 def block(key: bytes = KEY, data: bytes = DATA) -> bytes:
@@ -178,6 +184,61 @@ CASES = [
     Case(
         "bad magic", "delete", ([KEY],), lambda rid: b"X" + frame(Op.DELETE)(rid)[1:], KVStoreError
     ),
+    Case(
+        "reply of another op",
+        "delete",
+        ([KEY],),
+        lambda rid: frame(Op.STATS, body=b"{}")(rid),
+        KVStoreError,
+    ),
+    # Replies claiming more than any reply to the request can carry: refused on the header,
+    # before anything is allocated or read (the payload never comes: a wait would time out).
+    Case("get claims 1 GiB", "get", (KEY,), claim(Op.GET, 1 << 30, 1), KVStoreCorruptError),
+    Case(
+        "get claims a block over max_block_bytes",
+        "get",
+        (KEY,),
+        claim(Op.GET, (64 << 20) + 1, 1),
+        KVStoreCorruptError,
+    ),
+    Case(
+        "get_into claims 1 GiB",
+        "get_into",
+        (KEY, bytearray(300)),
+        claim(Op.GET, 1 << 30, 1),
+        KVStoreCorruptError,
+    ),
+    Case("put reply with a payload", "put", (KEY, DATA), claim(Op.PUT, 1), KVStoreCorruptError),
+    Case(
+        "match claims more tiers than keys",
+        "match_prefix_tiers",
+        ([KEY, OTHER],),
+        claim(Op.MATCH_PREFIX, 3, count=2),
+        KVStoreCorruptError,
+    ),
+    Case(
+        "exists claims a huge bitmap",
+        "exists",
+        ([KEY],),
+        claim(Op.EXISTS, 64 << 20, count=1),
+        KVStoreCorruptError,
+    ),
+    Case(
+        "delete count beyond the keys",
+        "delete",
+        ([KEY, OTHER],),
+        frame(Op.DELETE, count=3),
+        KVStoreCorruptError,
+    ),
+    Case("delete with a payload", "delete", ([KEY],), claim(Op.DELETE, 8), KVStoreCorruptError),
+    Case("stats claims 2 MiB", "stats", (), claim(Op.STATS, 2 << 20), KVStoreCorruptError),
+    Case(
+        "stats of 1 MiB",
+        "stats",
+        (),
+        frame(Op.STATS, body=b'{"a": "' + b"x" * ((1 << 20) - 10) + b'"}'),
+        {"a": "x" * ((1 << 20) - 10)},
+    ),
 ]
 
 
@@ -285,4 +346,64 @@ def test_a_block_that_fails_twice_is_deleted_from_the_node(client: str, reply: b
     case = Case("", "get", (KEY,), node.replies[0], KVStoreCorruptError)
     assert run(node.endpoint, case) == ("error", KVStoreCorruptError)
     assert node.seen == [Op.GET, Op.GET, Op.DELETE]
+    node.server.close()
+
+
+class ClosingNode:
+    """A node that answers a STATS, then closes the connection after reading the next request
+    without answering it -- what a client sees when the node's idle timeout closes its pooled
+    connection just as it sends -- and does the same on every later connection. With
+    ``answer=False`` it closes each connection on its first request."""
+
+    def __init__(self, answer: bool = True) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+        host, port = self.server.getsockname()
+        self.endpoint = f"{host}:{port}"
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                self.connections += 1
+                with conn:
+                    raw = bytearray(FRAME_HEADER_BYTES)
+                    recv_exact(conn, memoryview(raw))
+                    if not self.answer:
+                        continue
+                    header = FrameHeader.decode(raw)
+                    recv_exact(conn, memoryview(bytearray(header.payload_len)))
+                    conn.sendall(frame(Op.STATS, body=b"{}")(header.request_id))
+                    recv_exact(conn, memoryview(raw))  # the next request: closed unanswered
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_connection_the_node_closed_is_replaced_once_transparently(client: str) -> None:
+    """The second call finds its (pooled) connection closed: it reconnects and is answered on
+    the new connection; the third call finds that one closed too and is answered on a third.
+    A connection that breaks before answering the call that opened it is not retried."""
+    node = ClosingNode()
+    if client == "sync":
+        with KVStoreClient(node.endpoint, timeout_s=5, transports=(TransportKind.TCP,)) as sync:
+            assert [sync.stats(), sync.stats(), sync.stats()] == [{}, {}, {}]
+    else:
+
+        async def calls() -> list[dict[str, Any]]:
+            async with AsyncKVStoreClient(node.endpoint, timeout_s=5) as aio:
+                return [await aio.stats(), await aio.stats(), await aio.stats()]
+
+        assert asyncio.run(calls()) == [{}, {}, {}]
+    assert node.connections == 3
+    node.server.close()
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_connection_that_breaks_on_its_first_call_is_not_retried(client: str) -> None:
+    node = ClosingNode(answer=False)
+    case = Case("", "stats", (), frame(Op.STATS), KVStoreConnectionLost)
+    run = run_sync if client == "sync" else run_async
+    assert run(node.endpoint, case) == ("error", KVStoreConnectionLost)
+    assert node.connections == 1
     node.server.close()

@@ -8,8 +8,10 @@ import pytest
 
 from kvstore.wire.frame import (
     FRAME_HEADER_BYTES,
+    MAX_BATCH_ITEMS,
     MAX_FRAME_PAYLOAD,
     MAX_KEYS_PER_FRAME,
+    MAX_REQUEST_PAYLOAD,
     FrameError,
     FrameHeader,
     Op,
@@ -70,9 +72,15 @@ def test_decode_rejects(raw: bytes) -> None:
         # the transport ops (numbered from 16)
         (Op.LEASE_BATCH, 3, 48, True),
         (Op.LEASE_BATCH, 3, 47, False),
+        (Op.LEASE_BATCH, MAX_BATCH_ITEMS, MAX_BATCH_ITEMS * 16, True),
+        (Op.LEASE_BATCH, MAX_BATCH_ITEMS + 1, (MAX_BATCH_ITEMS + 1) * 16, False),
+        (Op.RELEASE, MAX_BATCH_ITEMS + 1, (MAX_BATCH_ITEMS + 1) * 8, False),
+        (Op.RELEASE, 65536, 512 * 1024, False),  # the issue's 512 KiB RELEASE frame
         (Op.RELEASE_BATCH, 2, 16, True),
         (Op.RELEASE_BATCH, 2, 8, False),
+        (Op.RELEASE_BATCH, MAX_BATCH_ITEMS + 1, (MAX_BATCH_ITEMS + 1) * 8, False),
         (Op.RESERVE_BATCH, 2, 48, True),
+        (Op.RESERVE_BATCH, MAX_BATCH_ITEMS + 1, (MAX_BATCH_ITEMS + 1) * 24, False),
         (Op.RESERVE_BATCH, 0, 0, False),
         (Op.RESERVE_BATCH, 2, 47, False),
         (Op.COMMIT_BATCH, 1, 8, True),
@@ -98,3 +106,31 @@ def test_bitmap_roundtrip_lsb_first() -> None:
     assert decode_bitmap(b"", 0) == []
     with pytest.raises(ValueError):
         decode_bitmap(b"\x01", 9)
+
+
+def test_the_largest_request_but_a_put_is_64_kib() -> None:
+    assert MAX_REQUEST_PAYLOAD == MAX_KEYS_PER_FRAME * 16 == 64 * 1024
+    assert MAX_BATCH_ITEMS * 24 < MAX_REQUEST_PAYLOAD  # RESERVE_BATCH items are 24 bytes
+
+
+@pytest.mark.parametrize("opcode", [n for n in range(256) if n not in {int(op) for op in Op}])
+def test_every_unknown_opcode_is_refused_by_its_header(opcode: int) -> None:
+    """Including 10, the retired METADATA: a header claiming a 64 MiB payload of an op that does
+    not exist is refused before a byte of the payload is read."""
+    raw = b"SKVP" + struct.pack("<BBBBIIQ", 1, opcode, 0, 0, 1, 0, 64 << 20)
+    with pytest.raises(FrameError, match=f"unknown opcode {opcode}"):
+        FrameHeader.decode(raw)
+
+
+@pytest.mark.parametrize("op", [op for op in Op if op is not Op.PUT])
+@pytest.mark.parametrize("item_bytes", [1, 8, 16, 24, 48])
+@pytest.mark.parametrize("claimed", [MAX_REQUEST_PAYLOAD + 8, 64 << 20, MAX_FRAME_PAYLOAD])
+def test_no_request_but_a_put_may_claim_more_than_64_kib(
+    op: Op, item_bytes: int, claimed: int
+) -> None:
+    """Whatever count goes with it (one that matches the length included), a header of any op
+    but PUT that claims more than MAX_REQUEST_PAYLOAD is malformed."""
+    for count in (0, 1, claimed // item_bytes, min(claimed // item_bytes, 0xFFFFFFFF)):
+        header = FrameHeader(op, 0, 1, min(count, 0xFFFFFFFF), claimed)
+        with pytest.raises(FrameError):
+            header.check_request()
