@@ -89,6 +89,12 @@ class WorkerConfig:
     HBM events; None: no events."""
     instance_id: str | None = option(None, help="event source id (default: HOST:PORT)")
     """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
+    reuse_port: bool = option(
+        False,
+        help="bind the gRPC port with SO_REUSEPORT: set by a launcher that holds the port "
+        "reserved (Linux shares such a port with processes of the same user only); off, no "
+        "other process can bind the port beside this worker",
+    )
     cluster_key_file: Path | None = option(
         None,
         help="the cluster key (0600 file): this worker proves it holds it to the store node and "

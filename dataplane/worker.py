@@ -256,14 +256,16 @@ class Worker:
         return [] if key is None else [ServerAuthInterceptor(key, roles_only("gateway"))]
 
     def create_service(self) -> grpc.aio.Server:
-        # At most config.rpc_limit calls at once (beyond: RESOURCE_EXHAUSTED); SO_REUSEPORT off,
-        # so that no other process can bind this port beside us and take a share of its calls.
+        # At most config.rpc_limit calls at once (beyond: RESOURCE_EXHAUSTED). SO_REUSEPORT off,
+        # so that no other process can bind this port beside us and take a share of its calls;
+        # on only behind a launcher's reservation of the port (`reuse_port`), which Linux lets
+        # processes of the same user share, and nobody else.
         server = grpc.aio.server(
             interceptors=self.server_interceptors(),
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self.config.reuse_port)),
             ],
             maximum_concurrent_rpcs=self.config.rpc_limit,
         )

@@ -4,14 +4,14 @@ Implements :class:`~controlplane.instances.types.Launcher`. Each launch:
 
 1. takes CPU cores for the engine from a :class:`CorePool` (this process's affinity set by default),
    so that two engines never share a core while there are enough cores;
-2. reserves a free TCP port: a socket bound to ``HOST:0`` with ``SO_REUSEADDR``, never listening,
-   is held open while the worker starts. No other process can bind that port meanwhile (a plain
-   ``bind(0)`` never picks it, and a bind without ``SO_REUSEADDR`` fails), yet the worker's gRPC
-   server, which sets ``SO_REUSEADDR`` (gRPC's default) and listens, can: Linux lets
-   ``SO_REUSEADDR`` sockets share a port while none of them listens. (Not ``SO_REUSEPORT``: the
-   worker turns it off, so that no other process can bind its port beside it and take a share of
-   its calls.) The reservation is dropped once the worker prints its ready line or exits. This
-   closes the race of "find a free port, close it, hope it stays free";
+2. reserves a free TCP port: a socket bound to ``HOST:0`` with ``SO_REUSEPORT`` is held open while
+   the worker starts. No other process can bind that port meanwhile (a plain ``bind(0)`` never
+   picks it, an explicit bind fails, and Linux shares an ``SO_REUSEPORT`` port only among
+   processes of the same user), yet the worker, told ``--reuse-port true``, can. The reservation
+   is dropped once the worker prints its ready line or exits. This closes the race of "find a
+   free port, close it, hope it stays free". (Not ``SO_REUSEADDR``: Linux lets any user's
+   ``SO_REUSEADDR`` socket share a port nobody listens on yet, so another user could take the
+   port during the engine's load and pose as the worker.)
 3. starts ``python -m dataplane.worker --role R --model DIR --store HOST:PORT --host H --port P``
    with ``VLLM_CPU_OMP_THREADS_BIND`` set to the engine's cores, in its own session (so its whole
    process group, vLLM's engine-core process included, can be signalled at once) and with
@@ -354,7 +354,7 @@ def _reserve_port(host: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, 0))
     except OSError:
         sock.close()
@@ -509,6 +509,7 @@ class LocalProcessLauncher:
         argv = [cfg.python, "-m", "dataplane.worker", "--role", role.name.lower()]
         argv += ["--model", str(cfg.model_dir), "--store", cfg.store_endpoint]
         argv += ["--host", cfg.host, "--port", str(port), "--kv-cache-size", cfg.kv_cache_size]
+        argv += ["--reuse-port", "true"]  # the port this launcher holds reserved for it
         if cfg.max_model_len is not None:
             argv += ["--max-model-len", str(cfg.max_model_len)]
         if cfg.cluster_key_file is not None:

@@ -99,7 +99,8 @@ def test_launch_passes_role_model_store_port_and_pins_cores(tmp_path: Path) -> N
                 assert w.endpoint == f"127.0.0.1:{port}"
                 assert log_lines(w, "argv: ") == [
                     f"-m dataplane.worker --role {w.role.name.lower()} --model {config.model_dir} "
-                    f"--store 127.0.0.1:1 --host 127.0.0.1 --port {port} --kv-cache-size 1GiB"
+                    f"--store 127.0.0.1:1 --host 127.0.0.1 --port {port} --kv-cache-size 1GiB "
+                    "--reuse-port true"
                 ]
                 assert log_lines(w, "bind: ") == [",".join(map(str, w.cores))]
                 log = (tmp_path / "logs" / f"{w.name}.log").read_text()

@@ -167,13 +167,15 @@ def test_the_worker_grpc_server_caps_calls_and_does_not_share_its_port(
         return real(**kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(worker_module.grpc.aio, "server", server)
-    worker = worker_module.Worker.__new__(worker_module.Worker)
-    worker.config = make(tmp_path, max_num_seqs=4)
-
-    async def create() -> None:  # grpc.aio wants a running loop
+    async def create(config: object) -> None:  # grpc.aio wants a running loop
+        worker = worker_module.Worker.__new__(worker_module.Worker)
+        worker.config = config  # type: ignore[assignment]
         await worker.create_service().stop(None)
 
-    asyncio.run(create())
-    (kwargs,) = made
-    assert kwargs["maximum_concurrent_rpcs"] == 48
-    assert ("grpc.so_reuseport", 0) in kwargs["options"]  # type: ignore[operator]
+    asyncio.run(create(make(tmp_path, max_num_seqs=4)))
+    # Behind a launcher's reservation of its port (same-user SO_REUSEPORT), and only there.
+    asyncio.run(create(make(tmp_path, max_num_seqs=4, reuse_port=True)))
+    alone, launched = made
+    assert alone["maximum_concurrent_rpcs"] == 48
+    assert ("grpc.so_reuseport", 0) in alone["options"]  # type: ignore[operator]
+    assert ("grpc.so_reuseport", 1) in launched["options"]  # type: ignore[operator]
