@@ -167,6 +167,7 @@ def test_the_worker_grpc_server_caps_calls_and_does_not_share_its_port(
         return real(**kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(worker_module.grpc.aio, "server", server)
+
     async def create(config: object) -> None:  # grpc.aio wants a running loop
         worker = worker_module.Worker.__new__(worker_module.Worker)
         worker.config = config  # type: ignore[assignment]
