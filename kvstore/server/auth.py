@@ -54,12 +54,14 @@ _HANDSHAKE = frozenset({Op.HELLO, Op.HELLO_PROOF})
 class ConnectionAuth:
     """One connection's handshake state: who it claims to be, then who it proved to be."""
 
-    __slots__ = ("_challenge", "identity")
+    __slots__ = ("_challenge", "identity", "refused")
 
     def __init__(self) -> None:
         self.identity: Identity | None = None
         """Set once the connection proved it holds the cluster key."""
         self._challenge: tuple[Identity, bytes, bytes] | None = None
+        self.refused = False
+        """Refused once: nothing more of it is answered (it is closing)."""
 
 
 def allowed(identity: Identity | None, op: Op) -> bool:
@@ -71,6 +73,8 @@ def admit(conn: Connection, header: FrameHeader) -> bool:
     """Whether the connection may go on to handle this request. A node with a key refuses every
     request but the handshake's until the connection is authenticated: UNAUTHENTICATED, and the
     connection is closed (nothing of the request is read or done)."""
+    if conn.auth.refused:
+        return False  # refused earlier: what it had already sent is not answered
     if conn.server.cluster_key is None or header.opcode in _HANDSHAKE:
         return True
     if conn.auth.identity is not None:
@@ -83,6 +87,7 @@ def _refuse(conn: Connection, header: FrameHeader, why: str) -> None:
     conn.server.log.warning(
         "unauthenticated", "closing an unauthenticated connection from %s: %s", conn.peer, why
     )
+    conn.auth.refused = True
     conn.write(pack_frame_header(header.opcode, header.request_id, 0, 0, Status.UNAUTHENTICATED))
     conn.close()
 

@@ -160,9 +160,12 @@ def test_a_wrong_proof_is_refused_and_the_node_proves_itself(
         body = sock.recv(length, socket.MSG_WAITALL)
         with pytest.raises(KVStoreAuthError, match="another cluster key"):
             hello.answer(FrameHeader.decode(head), body, 2)  # the node's proof fails here
-        # Sending a made-up proof anyway: UNAUTHENTICATED, closed.
-        sock.sendall(pack_frame_header(Op.HELLO_PROOF, 2, 0, 32) + os.urandom(32))
+        # Sending a made-up proof anyway, and another HELLO behind it in the same write:
+        # UNAUTHENTICATED, closed, and nothing after the refusal is answered (no new challenge).
+        another = ClientHello(worker(KEY_A)).request(3)
+        sock.sendall(pack_frame_header(Op.HELLO_PROOF, 2, 0, 32) + os.urandom(32) + another)
         reply = _read_all(sock)
+        assert len(reply) == FRAME_HEADER_BYTES, reply
         assert FRAME_HEADER.unpack(reply)[3] == Status.UNAUTHENTICATED
     # A keyed client refuses a node that holds no key (it could be anyone).
     keyless = start_node()
