@@ -134,6 +134,10 @@ class BlockTransfer:
     block_ids: list[int]
 
 
+_MAX_ROOTS = 4096
+"""Namespaces (cache salts) whose root keys are memoized."""
+
+
 @dataclass
 class StrataConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockTransfer] = field(default_factory=list)
@@ -210,6 +214,8 @@ class StrataConnector(KVConnectorBase_V1):
     def _root(self, namespace: str) -> bytes:
         root = self._roots.get(namespace)
         if root is None:
+            if len(self._roots) >= _MAX_ROOTS:  # salts are client-chosen: bound the memo
+                self._roots.clear()
             root = root_key(self._settings.model_fingerprint, self._layout, namespace)
             self._roots[namespace] = root
         return root

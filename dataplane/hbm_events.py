@@ -68,6 +68,10 @@ VllmBlockHash = bytes | int
 _END_SEQ: Final = (-1).to_bytes(8, "big", signed=True)  # vLLM's replay end marker
 
 
+_MAX_ROOTS = 4096
+"""Namespaces (cache salts) whose root keys are memoized."""
+
+
 class HbmBlockTranslator:
     """Turns vLLM KV cache events into kvstore events of one source; owns the source's seq.
 
@@ -163,6 +167,8 @@ class HbmBlockTranslator:
     def _root(self, namespace: str) -> BlockKey:
         root = self._roots.get(namespace)
         if root is None:
+            if len(self._roots) >= _MAX_ROOTS:  # salts are client-chosen: bound the memo
+                self._roots.clear()
             root = self._roots[namespace] = self._root_for(namespace)
         return root
 

@@ -78,6 +78,10 @@ _UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
 }
 
 
+MAX_CACHE_SALT_CHARS = 256
+"""A cache salt names a namespace; every worker keeps a memo of the roots of the salts it saw."""
+
+
 class OpenAIError(Exception):
     """A request the server answers with an OpenAI-shaped error body and a non-2xx status."""
 
@@ -437,6 +441,10 @@ def _parse_cache_salt(obj: dict[str, Any]) -> str:
         return ""
     if not isinstance(value, str) or not value:
         raise _invalid("cache_salt", "'cache_salt' must be a non-empty string.")
+    if len(value) > MAX_CACHE_SALT_CHARS:
+        raise _invalid(
+            "cache_salt", f"'cache_salt' must be at most {MAX_CACHE_SALT_CHARS} characters."
+        )
     return value
 
 

@@ -396,32 +396,41 @@ class TierManager:
         while self._persist_queue:
             leases: list[Lease] = []
             batch_bytes = 0
-            while (
-                self._persist_queue
-                and len(leases) < MAX_SPILL_BATCH_BLOCKS
-                and batch_bytes < ssd.max_batch_bytes
-            ):
-                key = self._persist_queue.popleft()
-                if ssd.contains(key):
-                    self._resolve_persisted(key, True)
-                    continue
-                lease = self._node.pin(key)
-                if lease is None:  # deleted, evicted or spilled before its turn
-                    self._resolve_persisted(key, ssd.contains(key))
-                    continue
-                leases.append(lease)
-                batch_bytes += lease.nbytes
-            if not leases:
-                continue
-            items = [(lease.key, lease.view) for lease in leases]
+            key = b""
             try:
-                stored = await loop.run_in_executor(self._writer, ssd.put_many, items)
-            except Exception:
-                logger.exception("write-behind of %d blocks failed", len(leases))
-                stored = [False] * len(leases)
-            finally:
+                while (
+                    self._persist_queue
+                    and len(leases) < MAX_SPILL_BATCH_BLOCKS
+                    and batch_bytes < ssd.max_batch_bytes
+                ):
+                    key = self._persist_queue.popleft()
+                    if ssd.contains(key):
+                        self._resolve_persisted(key, True)
+                        continue
+                    lease = self._node.pin(key)
+                    if lease is None:  # deleted, evicted or spilled before its turn
+                        self._resolve_persisted(key, ssd.contains(key))
+                        continue
+                    leases.append(lease)
+                    batch_bytes += lease.nbytes
+                if not leases:
+                    continue
+                items = [(lease.key, lease.view) for lease in leases]
+                try:
+                    stored = await loop.run_in_executor(self._writer, ssd.put_many, items)
+                except Exception:
+                    logger.exception("write-behind of %d blocks failed", len(leases))
+                    stored = [False] * len(leases)
+            except BaseException:
+                # Whatever this pass took off the queue is answered (a write-through PUT's reply
+                # waits on it, and every reply behind that one) and unpinned.
+                self._resolve_persisted(key, False)
                 for lease in leases:
                     self._node.release(lease)
+                    self._resolve_persisted(lease.key, False)
+                raise
+            for lease in leases:
+                self._node.release(lease)
             for lease, ok in zip(leases, stored, strict=True):
                 self._resolve_persisted(lease.key, ok)
             written += stored.count(True)

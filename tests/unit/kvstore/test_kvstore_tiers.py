@@ -375,6 +375,38 @@ def test_write_through_waiters_are_answered_at_close(node: StoreNode, tmp_path: 
     assert run(scenario()) == (True, False)
 
 
+def test_a_failing_persist_pass_answers_and_unpins_what_it_took(
+    node: StoreNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> tuple[list[bool], int]:
+        tiers = make_tiers(
+            node, tmp_path, high_watermark=1.0, low_watermark=0.5, write_through=True
+        )
+        fill(node, 1, 2)
+        waits = []
+        for n in (1, 2):
+            tiers.note_commit(key(n))
+            waits.append(tiers.persisted(key(n)))
+        assert tiers.ssd is not None
+        real = tiers.ssd.contains
+
+        def contains(k: bytes) -> bool:
+            if k == key(2):
+                raise OSError("disk gone")
+            return real(k)
+
+        monkeypatch.setattr(tiers.ssd, "contains", contains)
+        with pytest.raises(OSError, match="disk gone"):
+            await tiers.persist_pending()
+        monkeypatch.setattr(tiers.ssd, "contains", real)
+        result = ([w.result() for w in waits], node.stats().num_leases)
+        await tiers.close()
+        return result
+
+    # Block 1 was pinned for the batch, block 2 raised: both answered (not durable), none pinned.
+    assert run(scenario()) == ([False, False], 0)
+
+
 def test_without_write_through_nothing_waits(node: StoreNode, tmp_path: Path) -> None:
     async def scenario() -> bool:
         tiers = make_tiers(node, tmp_path, high_watermark=1.0, low_watermark=0.5, write_behind=True)

@@ -92,6 +92,7 @@ BAD_CHAT = [
      "stream_options.include_usage", None),
     ("ignore-eos-not-bool", chat(ignore_eos=1), 400, "ignore_eos", None),
     ("cache-salt-empty", chat(cache_salt=""), 400, "cache_salt", None),
+    ("cache-salt-too-long", chat(cache_salt="x" * 257), 400, "cache_salt", None),
     ("return-token-ids-not-bool", chat(return_token_ids="yes"), 400, "return_token_ids", None),
     ("logprobs", chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
     ("tools", chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
