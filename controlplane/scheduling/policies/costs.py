@@ -216,9 +216,12 @@ class RequestCosts:
         slo = self.ttft_slo_s
         if slo is None or self.meets_ttft_slo(instance, ttft_s):
             return 0.0
-        if self.service_ttft_s(instance, local=False) > slo:
+        service_s = self.service_ttft_s(instance, local=False)
+        if service_s > slo:
             return INF
-        return max(0.0, ttft_s - slo / self.margin(instance))
+        # Met once the prediction is down to SLO / margin, or once the queue has drained (an
+        # idle instance is admitted on its prediction alone), whichever comes first.
+        return max(0.0, min(ttft_s - slo / self.margin(instance), ttft_s - service_s))
 
 
 def transport_between(prefill: InstanceSnapshot, decode: InstanceSnapshot) -> Transport:

@@ -61,6 +61,8 @@ class TailRatio:
         ):
             return
         ratio = observed_s / predicted_s
+        if not math.isfinite(ratio):
+            return  # a vanishing prediction
         if len(self._by_time) == self._window:
             self._drop_oldest()
         self._by_time.append((now, ratio))

@@ -57,7 +57,7 @@ def test_ratios_expire_and_the_window_keeps_the_newest() -> None:
 
 @pytest.mark.parametrize(
     ("predicted", "observed"),
-    [(0.0, 1.0), (1.0, 0.0), (float("nan"), 1.0), (1.0, float("inf")), (-1.0, 1.0)],
+    [(0.0, 1.0), (1.0, 0.0), (float("nan"), 1.0), (1.0, float("inf")), (-1.0, 1.0), (1e-320, 1.0)],
 )
 def test_meaningless_observations_are_ignored(predicted: float, observed: float) -> None:
     tail = TailRatio(min_count=1)
@@ -125,6 +125,15 @@ def test_retry_after_waits_for_the_margin() -> None:
     assert decision == Reject(
         RejectReason.OVERLOADED, 2.0, "no instance pair meets TTFT SLO 1500 ms, TPOT SLO none now"
     )
+
+
+def test_retry_after_is_at_most_the_queues_drain() -> None:
+    policy = SloAwarePolicy(config(local_prefill_threshold_tokens=0, min_retry_after_s=0.01))
+    cluster = [instance("p0", P, queued=2000, margin=3.0), instance("d0", D)]
+    decision = policy.decide(request(ttft_slo_s=1.5), cluster)
+    # 3 s predicted; 1.5 / 3 = 0.5 s would take 2.5 s, but after 2 s the queue is empty and the
+    # idle instance (1 s of service) is admitted on its prediction.
+    assert isinstance(decision, Reject) and decision.retry_after_s == pytest.approx(2.0)
 
 
 def test_a_margin_never_makes_an_attainable_slo_unattainable() -> None:
