@@ -337,6 +337,9 @@ class GatewayConfig:
     )
 
     def __post_init__(self) -> None:
+        if (self.http.api_keys or self.http.api_keys_file) and self.cluster.key_file is None:
+            # Without it, a tenant's namespace is computable from its name alone.
+            raise ConfigError("API keys need the cluster key (--cluster-key-file)")
         if not self.model_dir.is_dir():
             raise ConfigError(f"model_dir {str(self.model_dir)!r} is not a directory")
         if not self.served_model_name:

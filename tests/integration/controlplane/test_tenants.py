@@ -17,8 +17,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from controlplane.config import ConfigError, GatewayConfig, HttpConfig
 from controlplane.text.tokenizer import ModelTokenizer
-from strata_common.credentials import derive_key
+from strata_common.credentials import derive_key, write_secret_file
 from tests.integration.controlplane.conftest import (
     SERVED_MODEL_NAME,
     LoopThread,
@@ -29,24 +30,32 @@ from tests.integration.controlplane.conftest import (
 
 KEY_A = "sk-tenant-a-0123456789"
 KEY_B = "sk-tenant-b-0123456789"
+CLUSTER_KEY = bytes(range(32))
 
 
 @pytest.fixture(scope="module")
 def keyed(
     loop_thread: LoopThread, tiny_model_dir: Path, model_tokenizer: ModelTokenizer, tmp_path_factory
 ) -> Iterator[Stack]:
-    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    directory = tmp_path_factory.mktemp("keys")
+    keys = directory / "api-keys"
     keys.write_text(f"{KEY_A} team-a\n{KEY_B} team-b\n")
     keys.chmod(0o600)
-    stack = start_stack(loop_thread, tiny_model_dir, model_tokenizer, http={"api_keys_file": keys})
+    write_secret_file(directory / "cluster.key", CLUSTER_KEY.hex() + "\n")
+    stack = start_stack(
+        loop_thread,
+        tiny_model_dir,
+        model_tokenizer,
+        http={"api_keys_file": keys},
+        cluster={"key_file": directory / "cluster.key"},
+    )
     yield stack
     stop_stack(stack)
 
 
 def _namespace(tenant: str) -> str:
-    return hmac.new(derive_key(bytes(32), "tenants"), tenant.encode(), hashlib.sha256).hexdigest()[
-        :32
-    ]
+    key = derive_key(CLUSTER_KEY, "tenants")
+    return hmac.new(key, tenant.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _post(url: str, key: str | None) -> tuple[int, dict[str, object]]:
@@ -110,6 +119,16 @@ def test_each_tenant_gets_its_own_namespace(keyed: Stack) -> None:
         assert client.models.list().data[0].id == SERVED_MODEL_NAME
     a, b = _namespace("team-a"), _namespace("team-b")
     assert salts() == sorted({a, f"{a}/mine", b, f"{b}/mine"})
+
+
+def test_api_keys_need_the_cluster_key(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="API keys need the cluster key"):
+        GatewayConfig(
+            model_dir=tiny_model_dir,
+            prefill_endpoints=("127.0.0.1:1",),
+            decode_endpoints=("127.0.0.1:2",),
+            http=HttpConfig(api_keys=(KEY_A,)),
+        )
 
 
 def test_without_keys_the_clients_salt_is_kept(stack: Stack) -> None:
