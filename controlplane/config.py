@@ -38,6 +38,7 @@ from controlplane.api.openai_protocol import (
 from controlplane.launch.launcher import LaunchConfig
 from controlplane.scheduling.policies import PolicyKind
 from controlplane.scheduling.types import SchedulingConfig
+from controlplane.tenants import ApiKeys, TenantError
 from controlplane.workers.profiling import ProfileSettings
 from kvstore.metadata import parse_metadata_spec
 from strata_common.credentials import CredentialError, Identity, read_cluster_key
@@ -148,8 +149,27 @@ class HttpConfig:
         parse=parse_duration,
         help="on SIGTERM/SIGINT: stop accepting, then give in-flight requests this long",
     )
+    api_keys: tuple[str, ...] = option(
+        (),
+        flag="api-key",
+        repeat=True,
+        repr=False,
+        help="an API key the /v1 routes accept, its own tenant (repeatable; a command line is "
+        "readable by local users: prefer the environment or --api-keys-file)",
+    )
+    api_keys_file: Path | None = option(
+        None, help="API keys and their tenants, `KEY TENANT` per line (a 0600 file)"
+    )
+
+    def api_key_table(self) -> ApiKeys:
+        """The API keys to tenants (docs/design/security.md §6.1); empty: keys not required."""
+        try:
+            return ApiKeys.load(self.api_keys, self.api_keys_file)
+        except TenantError as exc:
+            raise ConfigError(str(exc)) from None
 
     def __post_init__(self) -> None:
+        self.api_key_table()  # a bad key or file fails at start-up, naming it
         if not self.host:
             raise ConfigError("host must be non-empty")
         if not 0 <= self.port <= 65535:
@@ -274,6 +294,10 @@ class ClusterConfig:
             except CredentialError as exc:
                 raise ConfigError(str(exc)) from None
 
+    def key(self) -> bytes | None:
+        """The cluster key (None without a key file)."""
+        return None if self.key_file is None else read_cluster_key(self.key_file)
+
     def client_auth(self, name: str) -> ClientAuth | None:
         """Credentials of ``gateway/NAME`` (None without a key file)."""
         if self.key_file is None:
@@ -313,6 +337,9 @@ class GatewayConfig:
     )
 
     def __post_init__(self) -> None:
+        if (self.http.api_keys or self.http.api_keys_file) and self.cluster.key_file is None:
+            # Without it, a tenant's namespace is computable from its name alone.
+            raise ConfigError("API keys need the cluster key (--cluster-key-file)")
         if not self.model_dir.is_dir():
             raise ConfigError(f"model_dir {str(self.model_dir)!r} is not a directory")
         if not self.served_model_name:

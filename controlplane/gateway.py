@@ -41,6 +41,7 @@ from controlplane.request.routing import (
 from controlplane.scheduling import SchedulingConfig
 from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
 from controlplane.workers.roles import WorkerRole
+from kvstore.blocks.hashing import block_hash_key
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import open_metadata_store
 from strata_common.grpc_auth import ClientAuth
@@ -167,7 +168,7 @@ class GatewayServer:
             registry=registry,
             metrics=self.metrics,
             sampling_defaults=read_sampling_defaults(config.model_dir),
-            router=Router(registry, self._cluster_view),
+            router=Router(registry, self._cluster_view, block_hash_key(config.cluster.key())),
         )
         http = config.http
         self._runner = web.AppRunner(

@@ -54,7 +54,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.logger import init_logger
 
 from dataplane.counters import KV_COUNTERS
-from kvstore.blocks.hashing import block_keys, root_key
+from kvstore.blocks.hashing import block_hash_key, block_keys, root_key
 from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError
 from kvstore.wire.types import PutStatus
@@ -199,6 +199,8 @@ class StrataConnector(KVConnectorBase_V1):
         self._client = KVStoreClient(
             self._settings.store_endpoint, credentials=self._settings.credentials
         )
+        credentials = self._settings.credentials
+        self._hash_key = block_hash_key(None if credentials is None else credentials.key)
         # Scheduler side.
         self._requests: dict[str, _RequestState] = {}
         self._roots: dict[str, bytes] = {}
@@ -216,13 +218,16 @@ class StrataConnector(KVConnectorBase_V1):
         if root is None:
             if len(self._roots) >= _MAX_ROOTS:  # salts are client-chosen: bound the memo
                 self._roots.clear()
-            root = root_key(self._settings.model_fingerprint, self._layout, namespace)
+            root = root_key(
+                self._settings.model_fingerprint, self._layout, namespace, self._hash_key
+            )
             self._roots[namespace] = root
         return root
 
     def on_new_request(self, request: Request) -> None:
         prompt = list(request.prompt_token_ids or [])
-        keys = block_keys(prompt, self._block_size, self._root(request.cache_salt or ""))
+        root = self._root(request.cache_salt or "")
+        keys = block_keys(prompt, self._block_size, root, self._hash_key)
         self._requests[request.request_id] = _RequestState(keys=keys, num_prompt_tokens=len(prompt))
 
     def _state(self, request: Request) -> _RequestState:

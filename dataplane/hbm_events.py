@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from kvstore.blocks.hashing import BlockKey, block_keys
+from kvstore.blocks.hashing import PUBLIC_HASH_KEY, BlockKey, block_keys
 from kvstore.blocks.tier import Tier
 from kvstore.cluster.events import (
     SOURCE_GONE_SEQ,
@@ -93,13 +93,17 @@ class HbmBlockTranslator:
         source: str,
         block_size: int,
         root_for: Callable[[str], BlockKey],
+        *,
+        hash_key: bytes = PUBLIC_HASH_KEY,
     ) -> None:
-        """``root_for(namespace)`` is the root key of a namespace (cache salt; "" for none)."""
+        """``root_for(namespace)`` is the root key of a namespace (cache salt; "" for none);
+        ``hash_key`` the cluster's block-key key (``block_hash_key``)."""
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         self.source = source
         self.block_size = block_size
         self._root_for = root_for
+        self._hash_key = hash_key
         self._roots: dict[str, BlockKey] = {}
         self._strata_of: dict[VllmBlockHash, BlockKey] = {}
         self._copies: dict[VllmBlockHash, int] = {}
@@ -211,7 +215,7 @@ class HbmBlockTranslator:
                 self.num_skipped += 1
                 return
             parent = known
-        keys = block_keys(event.token_ids, size, parent)
+        keys = block_keys(event.token_ids, size, parent, self._hash_key)
         run: list[BlockKey] = []
         run_parent: BlockKey | None = None if parent_hash is None else parent
         previous = run_parent

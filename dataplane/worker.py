@@ -207,20 +207,23 @@ class Worker:
             return
         from dataplane.connector import kv_layout_name
         from dataplane.hbm_events import HbmBlockTranslator, HbmEventPublisher
-        from kvstore.blocks.hashing import root_key
+        from kvstore.blocks.hashing import block_hash_key, root_key
         from kvstore.metadata import open_metadata_store
 
         assert self.config.kv_metadata is not None
         layout = kv_layout_name(self.engine.vllm_config)
         fingerprint = self._fingerprint
+        key = self.cluster_key()
+        hash_key = block_hash_key(key)  # the connector's and the gateways' too
 
         def root_for(namespace: str) -> bytes:
-            return root_key(fingerprint, layout, namespace)
+            return root_key(fingerprint, layout, namespace, hash_key)
 
-        translator = HbmBlockTranslator(self.instance_id, self.block_size, root_for)
+        translator = HbmBlockTranslator(
+            self.instance_id, self.block_size, root_for, hash_key=hash_key
+        )
         # Secret mode: this worker is worker/INSTANCE_ID, its events' source id (the metadata
         # service lets it publish under that id only; docs/design/security.md §5.1).
-        key = self.cluster_key()
         auth = None if key is None else ClientAuth(key, Identity("worker", self.instance_id))
         store = open_metadata_store(self.config.kv_metadata, auth=auth)
         self.hbm_events = HbmEventPublisher(

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 from aiohttp import hdrs, web
 
@@ -65,8 +65,10 @@ from controlplane.request.routing import (
     rejection_error,
 )
 from controlplane.scheduling import Reject
+from controlplane.tenants import ANONYMOUS, TenantError, tenant_namespace
 from controlplane.text.tokenizer import ModelTokenizer
 from controlplane.workers.client import WorkerError, WorkerErrorKind
+from strata_common.credentials import CLUSTER_KEY_BYTES, derive_key
 
 __all__ = ["Gateway", "error_response", "json_response", "worker_error_to_openai"]
 
@@ -134,6 +136,10 @@ def json_response(obj: object, status: int = 200) -> web.Response:
     return web.Response(status=status, text=dumps(obj), content_type="application/json")
 
 
+_TENANT: Final = web.RequestKey("strata_tenant", str)
+"""The request's tenant (set by the tenant middleware on /v1 routes)."""
+
+
 class Gateway:
     """The HTTP application: request handling over the instance registry and the tokenizer."""
 
@@ -166,6 +172,13 @@ class Gateway:
         self._tokenize_pool = ThreadPoolExecutor(
             max_workers=http.tokenizer_threads, thread_name_prefix="strata-tokenize"
         )
+        # Tenants (docs/design/security.md §6.1): the API key of each /v1 request, and the
+        # namespace its KV is keyed under (the cluster's key makes it unguessable).
+        self._api_keys = http.api_key_table()
+        cluster_key = config.cluster.key()
+        self._tenants_key = derive_key(
+            cluster_key if cluster_key is not None else bytes(CLUSTER_KEY_BYTES), "tenants"
+        )
         self._created = int(time.time())
 
     def close(self) -> None:
@@ -174,7 +187,7 @@ class Gateway:
 
     def build_app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._metrics_middleware, self._error_middleware],
+            middlewares=[self._metrics_middleware, self._error_middleware, self._tenant_middleware],
             client_max_size=self._config.http.max_request_body_bytes,
         )
         app.router.add_get("/v1/models", self._models)
@@ -251,6 +264,20 @@ class Gateway:
                     code="internal_error",
                 )
             )
+
+    @web.middleware
+    async def _tenant_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        """The /v1 routes need a valid API key when keys are configured: 401 (OpenAI's
+        ``invalid_api_key``) before anything else; the request's tenant is kept for its KV
+        namespace. /health and /metrics are for probes and operators."""
+        if request.path.startswith("/v1/"):
+            try:
+                request[_TENANT] = self._api_keys.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
+            except TenantError as exc:
+                raise OpenAIError(str(exc), status=401, code="invalid_api_key") from None
+        return await handler(request)
 
     # -- simple routes ------------------------------------------------------------------------
 
@@ -372,12 +399,17 @@ class Gateway:
             return_token_ids=parsed.return_token_ids,
             prompt_token_ids=prompt_ids,
         )
+        # The tenant's namespace, subdivided by the client's own salt: no request of one
+        # tenant can hit, or time, another's blocks (in vLLM's cache, the store, the index).
+        cache_salt = tenant_namespace(
+            self._tenants_key, request.get(_TENANT, ANONYMOUS), parsed.cache_salt
+        )
         generation = self._generation(
             request,
             formatter,
             prompt_ids,
             parsed.sampling,
-            parsed.cache_salt,
+            cache_salt,
             arrival_s,
             param=param,
             default_max_tokens=default_max_tokens,

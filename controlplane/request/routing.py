@@ -41,7 +41,7 @@ from controlplane.scheduling import (
     cached_prefix,
 )
 from controlplane.workers.roles import WorkerRole, role_name
-from kvstore.blocks.hashing import BlockKey, block_keys, root_key
+from kvstore.blocks.hashing import PUBLIC_HASH_KEY, BlockKey, block_keys, root_key
 from kvstore.cluster.view import ClusterView
 
 __all__ = [
@@ -152,11 +152,18 @@ class Router:
     state it touches.
     """
 
-    __slots__ = ("_identity", "_registry", "_roots", "_view")
+    __slots__ = ("_hash_key", "_identity", "_registry", "_roots", "_view")
 
-    def __init__(self, registry: InstanceRegistry, view: ClusterView | None) -> None:
+    def __init__(
+        self,
+        registry: InstanceRegistry,
+        view: ClusterView | None,
+        hash_key: bytes = PUBLIC_HASH_KEY,
+    ) -> None:
+        """``hash_key``: the cluster's block-key key (``block_hash_key``), as the workers'."""
         self._registry = registry
         self._view = view
+        self._hash_key = hash_key
         self._identity: KVIdentity | None = None
         self._roots: dict[str, BlockKey] = {}
 
@@ -176,9 +183,11 @@ class Router:
         if root is None:
             if len(self._roots) >= _MAX_ROOTS:  # salts are client-chosen: bound the memo
                 self._roots.clear()
-            root = root_key(identity.model_fingerprint, identity.kv_layout, cache_salt)
+            root = root_key(
+                identity.model_fingerprint, identity.kv_layout, cache_salt, self._hash_key
+            )
             self._roots[cache_salt] = root
-        return block_keys(prompt_token_ids, identity.block_size, root)
+        return block_keys(prompt_token_ids, identity.block_size, root, self._hash_key)
 
     def cached(self, prompt_token_ids: Sequence[int], cache_salt: str) -> CachedPrefix:
         """What the cluster holds of the prompt's prefix (NO_CACHE without an index)."""

@@ -66,12 +66,15 @@ import blake3
 import numpy as np
 import xxhash
 
+from strata_common.credentials import derive_key
+
 __all__ = [
     "BLOCK_KEY_BYTES",
     "HASH_KEY_BYTES",
     "HASH_VERSION",
     "PUBLIC_HASH_KEY",
     "BlockKey",
+    "block_hash_key",
     "block_keys",
     "model_fingerprint",
     "root_key",
@@ -131,6 +134,14 @@ def model_fingerprint(model_dir: str | os.PathLike[str], dtype: str) -> bytes:
             while n := f.readinto(chunk_view):
                 hasher.update(chunk_view[:n])
     return hasher.digest()
+
+
+def block_hash_key(cluster_key: bytes | None) -> bytes:
+    """The hash key of a cluster's block keys: derived from its cluster key (the same on every
+    gateway and worker that holds it), :data:`PUBLIC_HASH_KEY` without one."""
+    if cluster_key is None:
+        return PUBLIC_HASH_KEY
+    return derive_key(cluster_key, "block-keys")
 
 
 def _check_hash_key(hash_key: bytes) -> None:

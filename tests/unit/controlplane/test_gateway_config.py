@@ -156,7 +156,7 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir", "--launch-standby",
         "--launch-restart", "--launch-restart-grace", "--launch-restart-backoff",
         "--launch-restart-backoff-max", "--launch-restart-reset-after", "--launch-restart-limit",
-        "--launch-restart-window", "--cluster-key-file",
+        "--launch-restart-window", "--cluster-key-file", "--api-key", "--api-keys-file",
     }  # fmt: skip
 
 
