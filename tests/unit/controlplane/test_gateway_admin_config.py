@@ -194,7 +194,8 @@ def test_launcher_is_built_from_the_config(tmp_path: Path) -> None:
     assert argv[1:] == [
         "-m", "dataplane.worker", "--role", "decode",
         "--model", str(tmp_path), "--store", "127.0.0.1:7000",
-        "--host", "127.0.0.1", "--port", "1234", "--kv-cache-size", "256MiB", "--reuse-port", "true",
+        "--host", "127.0.0.1", "--port", "1234", "--kv-cache-size", "256MiB",
+        "--reuse-port", "true",
         "--max-model-len", "512",
         "--kv-metadata", "strata://127.0.0.1:7000", "--max-num-seqs", "8",
     ]  # fmt: skip
