@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Final, TypeAlias
 
 from controlplane.instances.types import InstanceState
-from controlplane.scheduling.predictor.model import Transport
+from controlplane.scheduling.predictor.model import PrefillCoefficients, Transport
 from controlplane.scheduling.types import (
     InstanceSnapshot,
     RequestSnapshot,
@@ -91,20 +91,46 @@ class RequestCosts:
         step of the running decodes when ``local``)."""
         return self.ttft_s(instance, local=local, queue=False)
 
-    def ttft_s(self, instance: InstanceSnapshot, *, local: bool, queue: bool = True) -> float:
-        """Predicted TTFT if ``instance`` prefills (``local``: it also decodes the request).
+    def quiet_ttft_s(self, instance: InstanceSnapshot) -> float:
+        """The lowest TTFT ``instance`` could give this request: no queue, no decodes beside
+        it, the prefill model of its profile (taken on an idle engine; recent prefills on a
+        busy host move the model in use up) and its quiet overhead. Only a request whose quiet
+        TTFT misses the SLO on every instance is refused as unattainable (retrying cannot
+        help); any other refusal is overload, with a Retry-After."""
+        predictor = instance.predictor
+        return self.ttft_s(
+            instance,
+            local=False,
+            queue=False,
+            prefill=predictor.profile_prefill_fit,
+            overhead_s=predictor.quiet_ttft_overhead_s,
+        )
+
+    def ttft_s(
+        self,
+        instance: InstanceSnapshot,
+        *,
+        local: bool,
+        queue: bool = True,
+        prefill: PrefillCoefficients | None = None,
+        overhead_s: float | None = None,
+    ) -> float:
+        """Predicted TTFT if ``instance`` prefills (``local``: it also decodes the request),
+        with its prefill model and overhead in use unless ``prefill`` / ``overhead_s`` are
+        given.
 
         The predictor's formulas inlined: this runs for every candidate of every decision.
         """
         hbm = self.hbm_blocks(instance) if self._hbm else 0
         cached = hbm if hbm > self._pool else self._pool
         predictor = instance.predictor
-        p = predictor.prefill
+        p = predictor.prefill if prefill is None else prefill
         load = instance.load
         c = self._block_size * cached
         n = self._prompt - c
         seconds = (
-            predictor.ttft_overhead_s  # the gateway's work and the rpc, beyond engine time
+            # the gateway's work and the rpc, beyond engine time
+            (predictor.ttft_overhead_s if overhead_s is None else overhead_s)
             + p.fixed_s
             + p.per_new_token_s * n
             + p.per_cached_token_s * c
@@ -216,9 +242,9 @@ class RequestCosts:
         slo = self.ttft_slo_s
         if slo is None or self.meets_ttft_slo(instance, ttft_s):
             return 0.0
-        service_s = self.service_ttft_s(instance, local=False)
-        if service_s > slo:
+        if self.quiet_ttft_s(instance) > slo:
             return INF
+        service_s = self.service_ttft_s(instance, local=False)
         # Met once the prediction is down to SLO / margin, or once the queue has drained (an
         # idle instance is admitted on its prediction alone), whichever comes first.
         return max(0.0, min(ttft_s - slo / self.margin(instance), ttft_s - service_s))

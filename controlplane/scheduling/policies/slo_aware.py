@@ -125,10 +125,15 @@ class SloAwarePolicy(CostPolicy):
             wait = min(wait, option)
         slos = f"TTFT SLO {_fmt(costs.ttft_slo_s)}, TPOT SLO {_fmt(costs.tpot_slo_s)}"
         if wait == INF:
+            fastest = ""
+            if costs.ttft_slo_s is not None and (ranked or local):
+                quiet = [costs.quiet_ttft_s(p) for _, _, p in ranked]
+                quiet += [costs.quiet_ttft_s(d) for *_, d in local]
+                fastest = f" (the fastest idle TTFT predicted is {min(quiet) * 1e3:.1f} ms)"
             return Reject(
                 RejectReason.SLO_UNATTAINABLE,
                 None,
-                f"no instance could meet {slos} even when idle",
+                f"no instance could meet {slos} even when idle{fastest}",
             )
         config = self.config
         retry = min(config.max_retry_after_s, max(config.min_retry_after_s, wait))

@@ -74,6 +74,12 @@ class RollingMedian:
             return max(0.0, ordered[middle])
         return max(0.0, (ordered[middle - 1] + ordered[middle]) / 2.0)
 
+    @property
+    def floor(self) -> float:
+        """The lower of the seed and :attr:`value`: the overhead in quiet conditions (the
+        profile measures it on an idle engine; a busy host only adds to it)."""
+        return min(self._seed, self.value)
+
     def __len__(self) -> int:
         return len(self._values)
 

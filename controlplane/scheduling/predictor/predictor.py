@@ -211,6 +211,12 @@ class LatencyPredictor:
         return self._ttft_overhead.value
 
     @property
+    def quiet_ttft_overhead_s(self) -> float:
+        """:attr:`ttft_overhead_s` in quiet conditions: the lower of the profile's measurement
+        and the recent median (on a busy host the median also holds the gateway's queueing)."""
+        return self._ttft_overhead.floor
+
+    @property
     def handoff_s(self) -> float:
         """What taking over a prefilled request costs this (decode) instance beyond one decode
         step: the Decode rpc, the connector's load, the last partial block recomputed (the pool

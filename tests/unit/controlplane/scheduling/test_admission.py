@@ -16,12 +16,21 @@ from controlplane.scheduling import (
     Assign,
     CachedPrefix,
     InstanceSnapshot,
+    LatencyPredictor,
     Reject,
     RejectReason,
     RequestSnapshot,
     SloAwarePolicy,
+    Transport,
 )
-from tests.unit.controlplane.scheduling.scheduling_helpers import BLOCK, D, P, config, instance
+from tests.unit.controlplane.scheduling.scheduling_helpers import (
+    BLOCK,
+    SIMPLE,
+    D,
+    P,
+    config,
+    instance,
+)
 
 ACCEPT = "accept"
 
@@ -197,3 +206,37 @@ def test_accepting_after_the_retry_after() -> None:
     later = policy.decide(request, [instance("p0", P, queued=drained), instance("d0", D)])
     assert isinstance(later, Assign)
     assert later.predicted_ttft_s == pytest.approx(1.5, rel=1e-9)
+
+
+def _busy_host_predictor() -> LatencyPredictor:
+    """SIMPLE, whose recent prefills ran 1.5x its profile (under the factor-3 change point)
+    and whose gateway overhead was 300 ms in its last requests: a busy host right now."""
+    transfers = {t: SIMPLE.transfer(t) for t in Transport}
+    predictor = LatencyPredictor(SIMPLE.prefill, SIMPLE.decode, transfers, SIMPLE.ssd_read)
+    for new in (800, 900, 1000, 1100, 1200, 1000, 900, 1000):
+        predictor.observe_prefill(new, 0, 1.5e-3 * new)
+    for _ in range(8):
+        predictor.observe_ttft_overhead(0.3)
+    return predictor
+
+
+def test_a_busy_host_is_overload_not_an_unattainable_slo() -> None:
+    # Now a 1000-token prefill is predicted 1.5 s + 0.3 s, over the 1.2 s SLO even without a
+    # queue; its profile (1 s, no overhead) meets it: retrying later can help.
+    busy = _busy_host_predictor()
+    policy = SloAwarePolicy(config())
+    cluster = [instance("p0", P, predictor=busy), instance("d0", D)]
+    request_ = RequestSnapshot(1000, 101, BLOCK, ttft_slo_s=1.2)
+    assert busy.prefill_s(1000, 0) + busy.ttft_overhead_s == pytest.approx(1.8)
+    decision = policy.decide(request_, cluster)
+    assert decision == Reject(
+        RejectReason.OVERLOADED, 1.0, "no instance pair meets TTFT SLO 1200 ms, TPOT SLO none now"
+    )
+    # Below the profile's 1 s the SLO is unattainable, and the refusal says what is attainable.
+    decision = policy.decide(RequestSnapshot(1000, 101, BLOCK, ttft_slo_s=0.9), cluster)
+    assert decision == Reject(
+        RejectReason.SLO_UNATTAINABLE,
+        None,
+        "no instance could meet TTFT SLO 900 ms, TPOT SLO none even when idle "
+        "(the fastest idle TTFT predicted is 1000.0 ms)",
+    )
