@@ -131,7 +131,7 @@ class GatewayServer:
         registry = self._registry = InstanceRegistry(
             metrics=self.metrics,
             health_check_timeout_s=config.registry.health_check_timeout_s,
-            store=open_registry_store(config.registry.url),
+            store=open_registry_store(config.registry.url, config.cluster.key()),
             launcher=self._launcher,
             drain_timeout_s=config.registry.drain_timeout_s,
             restart=config.launch.restart_policy(),

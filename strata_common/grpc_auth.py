@@ -257,6 +257,11 @@ class ClientAuth:
     def __repr__(self) -> str:  # never the key
         return f"ClientAuth({self.identity})"
 
+    @property
+    def cluster_key(self) -> bytes:
+        """The cluster key (for what is not a call: the MACs of Redis records)."""
+        return self._key
+
     def authorization(self, method: str | bytes) -> str:
         """The ``authorization`` value of one call to ``method`` (full name), made now."""
         name = method.decode() if isinstance(method, bytes) else method

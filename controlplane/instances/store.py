@@ -10,9 +10,11 @@ Two implementations of one protocol:
 
 - `LocalRegistryStore`: a dict; one gateway.
 - `RedisRegistryStore`: three keys under a namespace (``strata:registry:``) —
-  ``instances`` (hash id → record JSON), ``endpoints`` (hash endpoint → id) and ``next_id``
-  (counter). Registration, update and deletion are Lua scripts, so two gateways registering the
-  same endpoint at once get the same record, and an update never resurrects a deleted record.
+  ``instances`` (hash id → record JSON, sealed with a MAC under the cluster key if there is one:
+  docs/design/security.md §5.2), ``endpoints`` (hash endpoint → id) and ``next_id`` (counter).
+  Registration (after taking an id: a record is sealed with its id), update and deletion are Lua
+  scripts, so two gateways registering the same endpoint at once get the same record, and an
+  update never resurrects a deleted record.
   Gateways read the whole hash on each health-check round (a few hundred bytes per instance).
 
 Rejected: keyspace notifications or pub/sub for changes — a poll per health-check interval is
@@ -24,11 +26,19 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from controlplane.workers.roles import WorkerRole
 from strata_common.endpoints import parse_endpoint
+from strata_common.records import (
+    SEAL_HEADER_BYTES,
+    SEAL_PREFIX,
+    RecordError,
+    RecordSeal,
+    SkippedRecords,
+)
 from strata_common.secrets import redact_url
 
 __all__ = [
@@ -168,45 +178,57 @@ class LocalRegistryStore:
         pass
 
 
-# KEYS: instances, endpoints, next_id. ARGV: endpoint, record JSON with an empty id.
-# Returns {created (0/1), record JSON}.
+# KEYS: instances, endpoints. ARGV: endpoint, id, record ("" "" to look only), the id of an
+# unusable record to replace (or ""). Returns {0, id, stored}: the endpoint's record; {1, id,
+# stored}: the new one, written; {2}: none yet (or only the unusable one) and nothing to write.
 _REGISTER_LUA = """
 local id = redis.call('HGET', KEYS[2], ARGV[1])
-if id then
+if id and id ~= ARGV[4] then
   local existing = redis.call('HGET', KEYS[1], id)
-  if existing then return {0, existing} end
+  if existing then return {0, id, existing} end
 end
-id = 'w' .. redis.call('INCR', KEYS[3])
-local record = cjson.decode(ARGV[2])
-record['id'] = id
-local encoded = cjson.encode(record)
-redis.call('HSET', KEYS[1], id, encoded)
-redis.call('HSET', KEYS[2], ARGV[1], id)
-return {1, encoded}
+if ARGV[2] == '' then return {2} end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {1, ARGV[2], ARGV[3]}
 """
 
-# KEYS: instances. ARGV: id, record JSON. Returns 1 if written, 0 if the record is gone.
+# KEYS: instances. ARGV: id, record. Returns 1 if written, 0 if the record is gone.
 _UPDATE_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
-# KEYS: instances, endpoints. ARGV: id.
+# KEYS: instances, endpoints. ARGV: id, the seal's prefix, the sealed header's length. The
+# endpoint index entry goes only if it names this id; a record that does not parse is deleted.
 _DELETE_LUA = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
-local endpoint = cjson.decode(raw)['endpoint']
-if redis.call('HGET', KEYS[2], endpoint) == ARGV[1] then redis.call('HDEL', KEYS[2], endpoint) end
+if string.sub(raw, 1, string.len(ARGV[2])) == ARGV[2] then
+  raw = string.sub(raw, tonumber(ARGV[3]) + 1)
+end
+local ok, record = pcall(cjson.decode, raw)
+if ok and type(record) == 'table' and type(record['endpoint']) == 'string'
+    and redis.call('HGET', KEYS[2], record['endpoint']) == ARGV[1] then
+  redis.call('HDEL', KEYS[2], record['endpoint'])
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
 
 
 class RedisRegistryStore:
-    """Records in Redis or Valkey (redis.asyncio), shared by every gateway using the same URL."""
+    """Records in Redis or Valkey (redis.asyncio), shared by every gateway using the same URL.
 
-    def __init__(self, url: str, *, namespace: str = "strata") -> None:
+    ``cluster_key``: with it every record is sealed with a MAC that binds it to its id
+    (:mod:`strata_common.records`) and a record without a valid one is skipped like any bad
+    record; the ``endpoints`` index is not sealed, but a record it leads to must have its
+    endpoint, else registering that endpoint replaces it (docs/design/security.md §5.2)."""
+
+    def __init__(
+        self, url: str, *, namespace: str = "strata", cluster_key: bytes | None = None
+    ) -> None:
         import redis.asyncio as aioredis  # only HA gateways need it
 
         self._url = url
@@ -220,30 +242,80 @@ class RedisRegistryStore:
         self._register = self._redis.register_script(_REGISTER_LUA)
         self._update = self._redis.register_script(_UPDATE_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
-        self._skipped = _SkippedRecords()
+        self._seal = RecordSeal(cluster_key)
+        self._skipped = SkippedRecords(logger, "registry record")
 
     @property
     def description(self) -> str:
         return redact_url(self._url)
 
+    def _sealed(self, record: InstanceRecord) -> bytes:
+        return self._seal.seal((self._instances_key, record.id), record.to_json())
+
+    def _opened(self, instance_id: bytes | str, stored: bytes) -> InstanceRecord:
+        """The record stored under ``instance_id``: MAC checked, fields validated, and stored
+        under its own id; RegistryStoreError otherwise."""
+        key = instance_id.encode() if isinstance(instance_id, str) else instance_id
+        try:
+            body = self._seal.open((self._instances_key, key), stored)
+        except RecordError as exc:
+            raise RegistryStoreError(f"instance record: {exc}") from None
+        record = InstanceRecord.from_json(body)
+        if record.id.encode() != key:
+            raise RegistryStoreError(f"instance record {record.id} is stored under {key!r}")
+        return record
+
     async def register(
         self, role: WorkerRole, endpoint: str, *, launched: bool
     ) -> tuple[InstanceRecord, bool]:
-        template = InstanceRecord("", role, endpoint, launched=launched).to_json()
-        reply = await self._call(
-            self._register,
-            [self._instances_key, self._endpoints_key, self._next_id_key],
-            [endpoint, template],
-        )
-        created, raw = reply
-        return InstanceRecord.from_json(raw), bool(created)
+        """The endpoint's record, or a new one. An existing record that is unusable (fails its
+        MAC or validation, or is another endpoint's: the ``endpoints`` index is not sealed) is
+        replaced by a new record under a new id, logged; except a sealed record this gateway
+        cannot check (no cluster key): RegistryStoreError."""
+        keys = [self._instances_key, self._endpoints_key]
+        reply = await self._call(self._register, keys, [endpoint, "", "", ""])
+        replace: str | bytes = ""
+        if reply[0] == 0:
+            _, bad_id, stored = reply
+            try:
+                return self._endpoint_record(endpoint, bad_id, stored), False
+            except RegistryStoreError as exc:
+                if not self._seal.enabled and bytes(stored).startswith(SEAL_PREFIX):
+                    raise
+                replace = bad_id
+                logger.warning(
+                    "registry: replacing the record of %s under %r: %s", endpoint, bad_id, exc
+                )
+        try:  # an id lost to a concurrent registration is only a gap
+            number = await self._redis.incr(self._next_id_key)
+        except Exception as exc:
+            raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
+        record = InstanceRecord(f"w{number}", role, endpoint, launched=launched)
+        args: list[str | bytes] = [endpoint, record.id, self._sealed(record), replace]
+        reply = await self._call(self._register, keys, args)
+        if reply[0] == 1:
+            return record, True
+        _, other_id, stored = reply  # another gateway registered it meanwhile
+        return self._endpoint_record(endpoint, other_id, stored), False
+
+    def _endpoint_record(self, endpoint: str, instance_id: bytes, stored: bytes) -> InstanceRecord:
+        record = self._opened(instance_id, stored)
+        if record.endpoint != endpoint:
+            raise RegistryStoreError(
+                f"the registry index maps {endpoint} to {record.id}, whose endpoint is "
+                f"{record.endpoint}"
+            )
+        return record
 
     async def update(self, record: InstanceRecord) -> bool:
-        reply = await self._call(self._update, [self._instances_key], [record.id, record.to_json()])
+        reply = await self._call(
+            self._update, [self._instances_key], [record.id, self._sealed(record)]
+        )
         return bool(reply)
 
     async def delete(self, instance_id: str) -> None:
-        await self._call(self._delete, [self._instances_key, self._endpoints_key], [instance_id])
+        args = [instance_id, SEAL_PREFIX.decode(), str(SEAL_HEADER_BYTES)]
+        await self._call(self._delete, [self._instances_key, self._endpoints_key], args)
 
     async def load(self) -> dict[str, InstanceRecord]:
         try:
@@ -251,50 +323,31 @@ class RedisRegistryStore:
         except Exception as exc:  # redis.RedisError, OSError: the store is unreachable
             raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
         records: dict[str, InstanceRecord] = {}
+        skipped: list[bytes] = []
         for key, value in raw.items():
             try:
-                record = InstanceRecord.from_json(value)
-                if record.id.encode() != key:
-                    raise RegistryStoreError(f"instance record {record.id} is stored under {key!r}")
+                record = self._opened(key, value)
             except RegistryStoreError as exc:
                 self._skipped.note(key, str(exc))
+                skipped.append(key)
                 continue
             records[record.id] = record
-        self._skipped.forget_except(raw.keys())
+        self._skipped.forget_except(skipped)
         return records
 
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
+    async def _call(self, script: Any, keys: list[str], args: Sequence[str | bytes]) -> Any:
         try:
             return await script(keys=keys, args=args)
         except Exception as exc:
             raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
 
 
-class _SkippedRecords:
-    """Records skipped because they are malformed, each logged once per reason (a health-check
-    round reads every record every half second; a bad one must neither stop the others nor
-    flood the log)."""
-
-    def __init__(self) -> None:
-        self._reasons: dict[bytes, str] = {}
-
-    def note(self, key: bytes, reason: str) -> None:
-        if self._reasons.get(key) != reason:
-            self._reasons[key] = reason
-            logger.warning("registry: skipping the record under %r: %s", key[:80], reason)
-
-    def forget_except(self, keys: Any) -> None:
-        """Forget records no longer stored (a record fixed or deleted is logged again if it
-        turns bad again)."""
-        for key in set(self._reasons) - set(keys):
-            del self._reasons[key]
-
-
-def open_registry_store(url: str) -> RegistryStore:
-    """``""`` → a LocalRegistryStore; ``redis://`` / ``rediss://`` / ``unix://`` → Redis."""
+def open_registry_store(url: str, cluster_key: bytes | None = None) -> RegistryStore:
+    """``""`` → a LocalRegistryStore; ``redis://`` / ``rediss://`` / ``unix://`` → Redis, its
+    records sealed under ``cluster_key`` if one is given."""
     if not url:
         return LocalRegistryStore()
-    return RedisRegistryStore(url)
+    return RedisRegistryStore(url, cluster_key=cluster_key)

@@ -69,8 +69,8 @@ def open_metadata_store(spec: str, *, auth: ClientAuth | None = None) -> Metadat
     the ValueError of :func:`parse_metadata_spec`.
 
     ``auth``: this process's cluster credentials, sent with every call to a ``strata://``
-    service (docs/design/security.md §5.1); the other backends do not use them (Redis has its
-    own ACL and password)."""
+    service (docs/design/security.md §5.1); with Redis (its own ACL and password) its cluster
+    key seals every record written and checks every record read (§5.2)."""
     parsed = parse_metadata_spec(spec)
     if parsed.scheme == "embedded":
         with _EMBEDDED_LOCK:
@@ -79,4 +79,4 @@ def open_metadata_store(spec: str, *, auth: ClientAuth | None = None) -> Metadat
         from kvstore.metadata.remote import RemoteMetadataStore  # grpc: only for strata://
 
         return RemoteMetadataStore(parsed.endpoint, auth=auth)
-    return RedisMetadataStore(spec)
+    return RedisMetadataStore(spec, cluster_key=None if auth is None else auth.cluster_key)

@@ -1,13 +1,24 @@
-"""Metadata in Redis or Valkey: several hosts share one store (docs/design/kvstore.md §10.5)."""
+"""Metadata in Redis or Valkey: several hosts share one store (docs/design/kvstore.md §10.5).
+
+With the cluster key, member records and stream messages are sealed with a MAC bound to where
+they are stored (:mod:`strata_common.records`, docs/design/security.md §5.2): a member record to
+its member id, a message to the stream. A member record that fails is skipped and logged once per
+member and reason; a message that fails is skipped (the cursor moves past it) and logged at most
+once a minute per reason, with a count.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from kvstore.metadata.base import DEFAULT_PREFIX, STREAM_MAXLEN, member_info
+from strata_common.ratelog import RateLimitedLog
+from strata_common.records import RecordError, RecordSeal, SkippedRecords
 
 __all__ = ["RedisMetadataStore"]
 
@@ -16,9 +27,20 @@ logger = logging.getLogger(__name__)
 
 
 class RedisMetadataStore:
-    """Metadata in Redis or Valkey (redis-py, synchronous; safe to share between threads)."""
+    """Metadata in Redis or Valkey (redis-py, synchronous; safe to share between threads).
 
-    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, maxlen: int = STREAM_MAXLEN) -> None:
+    ``cluster_key``: seal what is written and check what is read (None: no MACs).
+    ``log_clock``: the clock of the once-a-minute log of skipped messages (for tests)."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = DEFAULT_PREFIX,
+        maxlen: int = STREAM_MAXLEN,
+        *,
+        cluster_key: bytes | None = None,
+        log_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         import redis  # imported here: a standalone node never needs it
 
         self._redis = redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=5.0)
@@ -27,7 +49,12 @@ class RedisMetadataStore:
         self._members_key = f"{prefix}:members"
         self._stream = f"{prefix}:events"
         self._reap_script = self._redis.register_script(_REAP_SCRIPT)
-        self._skipped: dict[bytes, str] = {}  # member records skipped, by key: the reason
+        self._seal = RecordSeal(cluster_key)
+        self._lock = threading.Lock()  # the two logs below
+        self._skipped = SkippedRecords(logger, "member record")
+        self._bad_messages = RateLimitedLog(logger, interval_s=60.0, clock=log_clock)
+        self.messages_skipped = 0
+        """Stream messages skipped because their MAC failed (since this store was opened)."""
 
     def _hb(self, node_id: str) -> str:
         return f"{self._prefix}:hb:{node_id}"
@@ -38,8 +65,13 @@ class RedisMetadataStore:
     def ping(self) -> bool:
         return bool(self._redis.ping())
 
+    def _member_record(self, node_id: str, info: Mapping[str, Any]) -> bytes:
+        """What is stored for ``node_id``: deterministic, so a reap can name it exactly."""
+        body = json.dumps(dict(info), sort_keys=True)
+        return self._seal.seal((self._members_key, node_id), body)
+
     def register(self, node_id: str, info: Mapping[str, Any]) -> None:
-        self._redis.hset(self._members_key, node_id, json.dumps(dict(info), sort_keys=True))
+        self._redis.hset(self._members_key, node_id, self._member_record(node_id, info))
 
     def deregister(self, node_id: str) -> None:
         pipe = self._redis.pipeline()
@@ -59,16 +91,16 @@ class RedisMetadataStore:
         skipped and logged once per reason (anyone with access to Redis may have written it)."""
         raw: Any = self._redis.hgetall(self._members_key)
         members: dict[str, dict[str, Any]] = {}
-        for key, value in raw.items():
-            try:
-                node_id = key.decode()
-                members[node_id] = member_info(value)
-            except ValueError as exc:  # UnicodeDecodeError included
-                if self._skipped.get(key) != str(exc):
-                    self._skipped[key] = str(exc)
-                    logger.warning("skipping the member record %r: %s", key[:80], exc)
-        for key in set(self._skipped) - set(raw):
-            del self._skipped[key]
+        skipped: list[bytes] = []
+        with self._lock:
+            for key, value in raw.items():
+                try:  # RecordError and UnicodeDecodeError are ValueErrors
+                    body = self._seal.open((self._members_key, key), value)
+                    members[key.decode()] = member_info(body)
+                except ValueError as exc:
+                    self._skipped.note(key, str(exc))
+                    skipped.append(key)
+            self._skipped.forget_except(skipped)
         return members
 
     def alive(self, node_ids: Iterable[str]) -> set[str]:
@@ -86,8 +118,8 @@ class RedisMetadataStore:
 
     def reap(self, node_id: str, info: Mapping[str, Any], messages: Sequence[bytes]) -> bool:
         keys = [self._members_key, self._hb(node_id), self._resync_key(node_id), self._stream]
-        args: list[bytes | str | int] = [node_id, json.dumps(dict(info), sort_keys=True)]
-        args += [self._maxlen, *messages]
+        args: list[bytes | str | int] = [node_id, self._member_record(node_id, info)]
+        args += [self._maxlen, *(self._sealed_message(m) for m in messages)]
         return bool(self._reap_script(keys=keys, args=args))
 
     def publish(self, messages: Sequence[bytes]) -> None:
@@ -95,7 +127,8 @@ class RedisMetadataStore:
             return
         pipe = self._redis.pipeline(transaction=False)
         for message in messages:
-            pipe.xadd(self._stream, {b"m": message}, maxlen=self._maxlen, approximate=True)
+            sealed = self._sealed_message(message)
+            pipe.xadd(self._stream, {b"m": sealed}, maxlen=self._maxlen, approximate=True)
         pipe.execute()
 
     def read(self, cursor: str, block_s: float, count: int = 1024) -> tuple[str, list[bytes]]:
@@ -107,8 +140,30 @@ class RedisMetadataStore:
                 cursor = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
                 message = fields.get(b"m")
                 if message is not None:
-                    messages.append(bytes(message))
+                    opened = self._opened_message(cursor, bytes(message))
+                    if opened is not None:
+                        messages.append(opened)
         return cursor, messages
+
+    def _sealed_message(self, message: bytes) -> bytes:
+        return self._seal.seal((self._stream,), message)
+
+    def _opened_message(self, entry_id: str, message: bytes) -> bytes | None:
+        """The message's body, or None (logged, counted) if its MAC fails."""
+        try:
+            return self._seal.open((self._stream,), message)
+        except RecordError as exc:
+            with self._lock:
+                self.messages_skipped += 1
+                self._bad_messages.log(
+                    logging.WARNING,
+                    str(exc),
+                    "skipping the stream message %s of %s: %s",
+                    entry_id,
+                    self._stream,
+                    exc,
+                )
+            return None
 
     def close(self) -> None:
         self._redis.close()
