@@ -160,6 +160,18 @@ class HttpConfig:
     api_keys_file: Path | None = option(
         None, help="API keys and their tenants, `KEY TENANT` per line (a 0600 file)"
     )
+    api_keys_redis: str = option(
+        "",
+        metavar="URL",
+        help="also the API keys in the Redis hash strata:api-keys (`strata tenants add`; MAC'd "
+        "with the cluster key): redis://HOST:PORT/DB, rediss://, unix://",
+    )
+    api_keys_refresh_s: float = option(
+        10.0,
+        parse=parse_duration,
+        help="how often the keys of --api-keys-redis are read again (a removed key stops "
+        "working within this)",
+    )
 
     def api_key_table(self) -> ApiKeys:
         """The API keys to tenants (docs/design/security.md §6.1); empty: keys not required."""
@@ -174,11 +186,23 @@ class HttpConfig:
             raise ConfigError("host must be non-empty")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} must be in 0..65535")
-        for name in ("request_timeout_s", "read_timeout_s", "write_timeout_s"):
+        for name in (
+            "request_timeout_s",
+            "read_timeout_s",
+            "write_timeout_s",
+            "api_keys_refresh_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.api_keys_redis and not self.api_keys_redis.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"api_keys_redis {redact_url(self.api_keys_redis)!r} must be a redis://, "
+                "rediss:// or unix:// URL"
+            )
         if self.max_request_body_bytes < 1024:
             raise ConfigError(
                 f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}"
@@ -337,7 +361,10 @@ class GatewayConfig:
     )
 
     def __post_init__(self) -> None:
-        if (self.http.api_keys or self.http.api_keys_file) and self.cluster.key_file is None:
+        http = self.http
+        if (http.api_keys or http.api_keys_file or http.api_keys_redis) and (
+            self.cluster.key_file is None
+        ):
             # Without it, a tenant's namespace is computable from its name alone.
             raise ConfigError("API keys need the cluster key (--cluster-key-file)")
         if not self.model_dir.is_dir():

@@ -39,6 +39,7 @@ from controlplane.request.routing import (
     kv_bytes_per_token,
 )
 from controlplane.scheduling import SchedulingConfig
+from controlplane.tenant_keys import ApiKeyStore, ApiKeyStoreError, LiveApiKeys
 from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
 from controlplane.workers.roles import WorkerRole
 from kvstore.blocks.hashing import block_hash_key
@@ -97,6 +98,8 @@ class GatewayServer:
         self._runner: web.AppRunner | None = None
         self._gateway: Gateway | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._api_keys: LiveApiKeys | None = None
+        """API keys from Redis (with ``http.api_keys_redis``)."""
         self.url = ""
         self.admin_port: int | None = None
         """The admin API's bound port once started (None while it is off)."""
@@ -170,6 +173,8 @@ class GatewayServer:
             sampling_defaults=read_sampling_defaults(config.model_dir),
             router=Router(registry, self._cluster_view, block_hash_key(config.cluster.key())),
         )
+        if config.http.api_keys_redis:  # before the port opens: no request without its keys
+            await self._start_api_keys(gateway)
         http = config.http
         self._runner = web.AppRunner(
             gateway.build_app(),
@@ -272,6 +277,24 @@ class GatewayServer:
                 published = ready
             await asyncio.sleep(self.config.registry.health_check_interval_s)
 
+    async def _start_api_keys(self, gateway: Gateway) -> None:
+        """API keys from Redis (controlplane/tenant_keys.py): read now, then refreshed."""
+        http = self.config.http
+        key = self.config.cluster.key()
+        if key is None:  # GatewayConfig refuses API keys without the cluster key
+            raise StartupError("API keys in Redis need the cluster key (--cluster-key-file)")
+        live = self._api_keys = LiveApiKeys(
+            http.api_key_table(),
+            ApiKeyStore(http.api_keys_redis, key),
+            gateway.set_api_keys,
+            interval_s=http.api_keys_refresh_s,
+        )
+        try:
+            await live.refresh()
+        except ApiKeyStoreError as exc:
+            raise StartupError(str(exc)) from None
+        self._tasks.append(asyncio.create_task(live.run()))
+
     async def stop(self) -> None:
         """Stop the admin API, stop accepting HTTP, let in-flight requests finish
         (shutdown_grace_s), close the channels, stop the launched workers. Idempotent."""
@@ -289,6 +312,9 @@ class GatewayServer:
         if self._gateway is not None:
             self._gateway.close()
             self._gateway = None
+        if self._api_keys is not None:
+            await self._api_keys.close()
+            self._api_keys = None
         if self._registry is not None:
             await self._registry.close()
             self._registry = None

@@ -3,7 +3,8 @@ tenant's cache to itself (docs/design/security.md §6.1).
 
 - :class:`ApiKeys`: the table of API keys, each mapped to a tenant: ``--api-key KEY`` (each key
   its own tenant, named ``key-`` + 12 hex digits of the key's SHA-256, so logs never show the
-  key), ``--api-keys-file FILE`` (``KEY TENANT`` per line; ``#`` comments; a 0600 file). Lookups
+  key), ``--api-keys-file FILE`` (``KEY TENANT`` per line; ``#`` comments; a 0600 file), and the
+  Redis hash of :mod:`controlplane.tenant_keys` (``--api-keys-redis``, refreshed). Lookups
   compare SHA-256 digests in constant time. No keys configured: every request is the one
   anonymous tenant (a single-user deployment).
 - :func:`tenant_namespace`: the cache salt a request's blocks are keyed under: a keyed hash of
@@ -29,6 +30,9 @@ __all__ = [
     "MIN_API_KEY_CHARS",
     "ApiKeys",
     "TenantError",
+    "api_key_digest",
+    "check_api_key",
+    "check_tenant",
     "tenant_namespace",
 ]
 
@@ -43,18 +47,20 @@ class TenantError(ValueError):
     without a valid key (the message is safe to send back)."""
 
 
-def _digest(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+def api_key_digest(key: str) -> bytes:
+    """What is kept of an API key (in memory, and in Redis: controlplane/tenant_keys.py): its
+    SHA-256, never the key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
-def _check_key(key: str, where: str) -> None:
+def check_api_key(key: str, where: str) -> None:
     if len(key) < MIN_API_KEY_CHARS or not key.isprintable() or any(c.isspace() for c in key):
         raise TenantError(
             f"{where}: an API key is at least {MIN_API_KEY_CHARS} printable characters, no spaces"
         )
 
 
-def _check_tenant(tenant: str, where: str) -> None:
+def check_tenant(tenant: str, where: str) -> None:
     if not (0 < len(tenant) <= _MAX_TENANT_CHARS) or not all(
         c.isalnum() or c in "._-" for c in tenant
     ):
@@ -68,10 +74,18 @@ class ApiKeys:
     """API key digests → tenant. Empty: keys are not required (every request is anonymous)."""
 
     by_digest: Mapping[bytes, str]
+    keys_required: bool = False
+    """Keys are required even while the table is empty (they come from Redis: an empty or
+    unreadable hash must not open the API to everyone)."""
 
     @property
     def required(self) -> bool:
-        return bool(self.by_digest)
+        return self.keys_required or bool(self.by_digest)
+
+    def merged(self, extra: Mapping[bytes, str]) -> ApiKeys:
+        """This table plus ``extra`` (digest → tenant; this table's tenant wins for a digest in
+        both), keys required."""
+        return ApiKeys({**extra, **self.by_digest}, keys_required=True)
 
     @property
     def tenants(self) -> frozenset[str]:
@@ -82,8 +96,8 @@ class ApiKeys:
         """From ``--api-key`` values and an ``--api-keys-file``; TenantError names what is wrong."""
         table: dict[bytes, str] = {}
         for key in keys:
-            _check_key(key, "--api-key")
-            table[_digest(key)] = "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+            check_api_key(key, "--api-key")
+            table[api_key_digest(key)] = "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
         if keys_file is not None:
             if not owner_only(keys_file):
                 raise TenantError(
@@ -103,9 +117,9 @@ class ApiKeys:
                 if len(parts) != 2:
                     raise TenantError(f"{where}: expected `KEY TENANT`")
                 key, tenant = parts
-                _check_key(key, where)
-                _check_tenant(tenant, where)
-                digest = _digest(key)
+                check_api_key(key, where)
+                check_tenant(tenant, where)
+                digest = api_key_digest(key)
                 if table.get(digest, tenant) != tenant:
                     raise TenantError(f"{where}: this key is given to two tenants")
                 table[digest] = tenant
@@ -114,14 +128,14 @@ class ApiKeys:
     def tenant_of(self, authorization: str | None) -> str:
         """The tenant of a request's ``Authorization`` header; TenantError when keys are
         required and it is missing or wrong (every key is tried in constant time)."""
-        if not self.by_digest:
+        if not self.required:
             return ANONYMOUS
         if not authorization:
             raise TenantError("You didn't provide an API key (Authorization: Bearer KEY).")
         scheme, _, presented = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise TenantError("Malformed Authorization header: expected `Bearer KEY`.")
-        digest = _digest(presented.strip())
+        digest = api_key_digest(presented.strip())
         found: str | None = None
         for known, tenant in self.by_digest.items():
             if hmac.compare_digest(known, digest):

@@ -6,6 +6,7 @@
     strata gateway --model-dir DIR --prefill HOST:PORT --decode HOST:PORT ...
     strata models  prepare-default | build-tiny OUT
     strata admin   [--address HOST:PORT] [--token T] list | stats | scale ... (strata/admin_cli.py)
+    strata tenants --redis URL --cluster-key-file F add | remove | remove-key | list (API keys)
 
 `serve` starts one store node and the gateway; the gateway's launcher starts the workers (one
 prefill and one decode by default, each engine pinned to its own cores) and the gateway serves the
@@ -268,16 +269,23 @@ def serve(config: ServeConfig) -> int:
     return code
 
 
+_SUBCOMMANDS = ("worker", "store", "gateway", "models", "admin", "certs", "tenants")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="strata", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser = sub.add_parser("serve", help="serve a model on this host")
     add_options(serve_parser, ServeConfig, env_prefix=SERVE_ENV_PREFIX)
-    for name in ("worker", "store", "gateway", "models", "admin", "certs"):
+    for name in _SUBCOMMANDS:
         sub.add_parser(name, add_help=False)
-    if argv and argv[0] in ("worker", "store", "gateway", "models", "admin", "certs"):
+    if argv and argv[0] in _SUBCOMMANDS:
         command, rest = argv[0], argv[1:]
+        if command == "tenants":
+            from strata.tenants_cli import main as tenants_main
+
+            return tenants_main(rest)
         if command == "certs":
             from strata.certs import main as certs_main
 

@@ -65,7 +65,7 @@ from controlplane.request.routing import (
     rejection_error,
 )
 from controlplane.scheduling import Reject
-from controlplane.tenants import ANONYMOUS, TenantError, tenant_namespace
+from controlplane.tenants import ANONYMOUS, ApiKeys, TenantError, tenant_namespace
 from controlplane.text.tokenizer import ModelTokenizer
 from controlplane.workers.client import WorkerError, WorkerErrorKind
 from strata_common.credentials import CLUSTER_KEY_BYTES, derive_key
@@ -180,6 +180,10 @@ class Gateway:
             cluster_key if cluster_key is not None else bytes(CLUSTER_KEY_BYTES), "tenants"
         )
         self._created = int(time.time())
+
+    def set_api_keys(self, table: ApiKeys) -> None:
+        """Use ``table`` from now on (the Redis hash re-read: controlplane/tenant_keys.py)."""
+        self._api_keys = table
 
     def close(self) -> None:
         """Stop the tokenizer threads (after the HTTP server stopped)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -121,14 +122,33 @@ def test_each_tenant_gets_its_own_namespace(keyed: Stack) -> None:
     assert salts() == sorted({a, f"{a}/mine", b, f"{b}/mine"})
 
 
-def test_api_keys_need_the_cluster_key(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "http",
+    [
+        {"api_keys": (KEY_A,)},
+        {"api_keys_redis": "redis://127.0.0.1:6379/0"},
+    ],
+)
+def test_api_keys_need_the_cluster_key(tiny_model_dir: Path, http: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match="API keys need the cluster key"):
         GatewayConfig(
             model_dir=tiny_model_dir,
             prefill_endpoints=("127.0.0.1:1",),
             decode_endpoints=("127.0.0.1:2",),
-            http=HttpConfig(api_keys=(KEY_A,)),
+            http=HttpConfig(**http),  # type: ignore[arg-type]
         )
+
+
+@pytest.mark.parametrize(
+    ("http", "message"),
+    [
+        ({"api_keys_redis": "http://x:1"}, "must be a redis://, rediss:// or unix:// URL"),
+        ({"api_keys_refresh_s": 0.0}, "api_keys_refresh_s must be > 0"),
+    ],
+)
+def test_api_keys_in_redis_settings_are_checked(http: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        HttpConfig(**http)  # type: ignore[arg-type]
 
 
 def test_without_keys_the_clients_salt_is_kept(stack: Stack) -> None:
