@@ -57,9 +57,10 @@ class RecordError(ValueError):
 Place = Sequence[str | bytes]
 
 
-def _part(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else bytes(value)
-    return struct.pack(">I", len(data)) + data
+def _update(mac: hmac.HMAC, value: str | bytes | memoryview) -> None:
+    data = value.encode() if isinstance(value, str) else value
+    mac.update(struct.pack(">I", len(data)))
+    mac.update(data)
 
 
 class RecordSeal:
@@ -80,9 +81,12 @@ class RecordSeal:
         """Records are sealed and checked (a cluster key was given)."""
         return self._key is not None
 
-    def _mac(self, key: bytes, place: Place, body: bytes) -> bytes:
-        message = _DOMAIN + b"".join(_part(p) for p in place) + _part(body)
-        return hmac.new(key, message, hashlib.sha256).hexdigest().encode()
+    def _mac(self, key: bytes, place: Place, body: bytes | memoryview) -> bytes:
+        mac = hmac.new(key, _DOMAIN, hashlib.sha256)
+        for part in place:
+            _update(mac, part)
+        _update(mac, body)  # no copy of a large body (a snapshot)
+        return mac.hexdigest().encode()
 
     def seal(self, place: Place, body: bytes | str) -> bytes:
         """What to store at ``place``: ``body`` sealed (or ``body`` itself, without a key).
@@ -107,10 +111,10 @@ class RecordSeal:
         if len(data) < _HEADER or data[_HEADER - 1 : _HEADER] != b":":
             raise RecordError(MALFORMED)
         given = data[len(SEAL_PREFIX) : _HEADER - 1]
-        body = data[_HEADER:]
+        body = memoryview(data)[_HEADER:]
         if not hmac.compare_digest(self._mac(self._key, place, body), given):
             raise RecordError(BAD_MAC)
-        return body
+        return body.tobytes()
 
 
 class SkippedRecords:
