@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import redis
 
+from kvstore.blocks.tier import Tier
+from kvstore.client.sync import KVStoreClient
+from kvstore.cluster.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
+from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, RedisMetadataStore, open_metadata_store
-from strata_common.credentials import Identity
+from kvstore.wire.types import PutStatus
+from strata_common.credentials import ClusterCredentials, Identity, write_secret_file
 from strata_common.grpc_auth import ClientAuth
 from strata_common.records import RecordSeal
+from tests.integration.kvstore.node_args import cluster_args
+from tests.integration.kvstore.node_process import NodeFactory
 from tests.integration.kvstore.valkey_fixture import valkey_url
 from tests.unit.kvstore.fakes import FakeClock
 from tests.unit.kvstore.test_kvstore_metadata import exercise, exercise_reap
@@ -144,3 +154,47 @@ def test_a_reader_without_the_key_skips_sealed_members(
     finally:
         sealed.close()
         plain.close()
+
+
+def test_store_nodes_with_the_key_seal_skip_forgeries_and_reap(
+    start_node: NodeFactory, valkey_url: str, tmp_path: Path
+) -> None:
+    """Real store nodes with --cluster-key-file over Redis: they see each other and read
+    through, skip a forged member and a forged message (logged once), and reap a killed node
+    with the sealed conditional reap; a reader without the key sees only the forged member."""
+    key_file = tmp_path / "cluster.key"
+    write_secret_file(key_file, KEY.hex() + "\n")
+    sealed = ("--cluster-key-file", str(key_file), "--reconcile-interval", "1h")
+    node_a = start_node(*cluster_args(valkey_url, "A", *sealed))
+    node_b = start_node(*cluster_args(valkey_url, "B", *sealed))
+    store = RedisMetadataStore(valkey_url, cluster_key=KEY)
+    plain = RedisMetadataStore(valkey_url)
+    raw = redis.Redis.from_url(valkey_url)
+    worker = ClusterCredentials(KEY, Identity("worker", "w1"))
+    block, data = (0x5EA1 << 112).to_bytes(16, "big"), b"sealed" * 1000
+    try:
+        raw.hset("strata:kv:members", "F", json.dumps({"endpoint": node_a.endpoint}))
+        raw.xadd("strata:kv:events", {b"m": b"forged, no MAC"})
+        with ClusterView(store, poll_interval_s=0.05) as view:
+            assert view.wait_for(lambda v: set(v.live_nodes()) == {"A", "B"}, 10.0)
+            with KVStoreClient(node_a.endpoint, use_shm=False, credentials=worker) as a:
+                assert a.put(block, data) is PutStatus.OK
+            assert view.wait_for(lambda v: v.holders(block) == [("A", Tier.DRAM)], 10.0)
+            with KVStoreClient(node_b.endpoint, use_shm=False, credentials=worker) as b:
+                assert b.get(block) == data  # read through A, found in the sealed stream
+            assert "F" not in store.members() and store.messages_skipped >= 1
+        assert set(plain.members()) == {"F"}  # without the key: only the unsealed forgery
+        node_a.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 20.0  # B reaps A after its 1 s heartbeat timeout
+        while "A" in store.members():
+            assert time.monotonic() < deadline, "A was never reaped"
+            time.sleep(0.05)
+        _, messages = store.read(START, 0.01, count=100_000)
+        events_of_a = [e for e in map(decode_event, messages) if e.source == "A"]
+        assert events_of_a[-1] == SourceCleared("A", SOURCE_GONE_SEQ)
+        skipped_member = node_b.log().count("skipping the member record under b'F'")
+        assert skipped_member == 1, node_b.log()[-2000:]  # once, however many refreshes
+    finally:
+        raw.close()
+        plain.close()
+        store.close()
