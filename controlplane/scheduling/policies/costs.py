@@ -93,8 +93,9 @@ class RequestCosts:
 
     def quiet_ttft_s(self, instance: InstanceSnapshot) -> float:
         """The lowest TTFT ``instance`` could give this request: no queue, no decodes beside
-        it, the prefill model of its profile (taken on an idle engine; recent prefills on a
-        busy host move the model in use up) and its quiet overhead. Only a request whose quiet
+        it, the prefill model its profile measured on the idle engine (recent prefills on a
+        busy host move the model in use up, and may rescale it by a change point) and its
+        quiet overhead. Only a request whose quiet
         TTFT misses the SLO on every instance is refused as unattainable (retrying cannot
         help); any other refusal is overload, with a Retry-After."""
         predictor = instance.predictor
@@ -102,7 +103,7 @@ class RequestCosts:
             instance,
             local=False,
             queue=False,
-            prefill=predictor.profile_prefill_fit,
+            prefill=predictor.calibrated_prefill_fit,
             overhead_s=predictor.quiet_ttft_overhead_s,
         )
 

@@ -58,6 +58,7 @@ class LatencyPredictor:
     __slots__ = (
         "_accuracy",
         "_calibrated",
+        "_calibrated_prefill",
         "_change_points",
         "_decode",
         "_decode_change",
@@ -105,6 +106,7 @@ class LatencyPredictor:
         self._refit_every = refit_every
         self._prefill_profile: tuple[PrefillSample, ...] = ()
         self._prefill_profile_fit = prefill
+        self._calibrated_prefill = prefill
         self._decode_profile_fit = decode
         self._decode_profile: tuple[DecodeSample, ...] = ()
         self._prefill_window: deque[PrefillSample] = deque(maxlen=window)
@@ -149,6 +151,14 @@ class LatencyPredictor:
         same quiet conditions, is compared with (controlplane/scheduling/predictor/
         plausibility.py)."""
         return self._prefill_profile_fit
+
+    @property
+    def calibrated_prefill_fit(self) -> PrefillCoefficients:
+        """The prefill fit as the profile measured it on an idle engine (the priors before
+        one), moved by nothing since: not by refits, levels or change points (a busy host
+        slows the engine for a while and makes change points too). What the quiet TTFT of
+        admission is made of (``RequestCosts.quiet_ttft_s``)."""
+        return self._calibrated_prefill
 
     @property
     def profile_decode_fit(self) -> DecodeCoefficients:
@@ -281,6 +291,7 @@ class LatencyPredictor:
         self._apply_levels()
         self._prefill_profile, self._decode_profile = tuple(prefill), tuple(decode)
         self._prefill_profile_fit, self._decode_profile_fit = self._prefill_fit, self._decode_fit
+        self._calibrated_prefill = self._prefill_fit
         if ttft_overhead_s is not None:
             self._ttft_overhead.seed(ttft_overhead_s)
         if handoff_s is not None:
@@ -301,6 +312,7 @@ class LatencyPredictor:
         self._prefill_profile = sibling._prefill_profile
         self._decode_profile = sibling._decode_profile
         self._prefill_profile_fit = sibling._prefill_profile_fit
+        self._calibrated_prefill = sibling._calibrated_prefill
         self._decode_profile_fit = sibling._decode_profile_fit
         self._ttft_overhead.seed(sibling.ttft_overhead_s)
         self._handoff.seed(sibling.handoff_s)

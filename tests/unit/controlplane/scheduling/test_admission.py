@@ -232,6 +232,15 @@ def test_a_busy_host_is_overload_not_an_unattainable_slo() -> None:
     assert decision == Reject(
         RejectReason.OVERLOADED, 1.0, "no instance pair meets TTFT SLO 1200 ms, TPOT SLO none now"
     )
+    # A change point (three prefills 4x off) rescales the model, and the profile's fit with it
+    # (plausibility compares against it), to 4 s + 0.3 s; the quiet TTFT is still the 1 s the
+    # profile measured.
+    for new in (1000, 1000, 1000):
+        busy.observe_prefill(new, 0, 4 * 1.5e-3 * new)
+    assert busy.num_change_points == 1
+    assert busy.profile_prefill_fit.predict_s(1000, 0) == pytest.approx(4.0, rel=0.05)
+    assert busy.calibrated_prefill_fit == SIMPLE.prefill
+    assert policy.decide(request_, cluster) == decision
     # Below the profile's 1 s the SLO is unattainable, and the refusal says what is attainable.
     decision = policy.decide(RequestSnapshot(1000, 101, BLOCK, ttft_slo_s=0.9), cluster)
     assert decision == Reject(
