@@ -46,6 +46,7 @@ from strata_common.endpoints import format_endpoint, parse_endpoint
 from strata_common.grpc_auth import ClientAuth
 from strata_common.options import from_cli, group, option
 from strata_common.secrets import redact_url
+from strata_common.tls import TlsConfig
 from strata_common.units import parse_duration, parse_size
 
 __all__ = [
@@ -335,11 +336,25 @@ class GatewayConfig:
     cluster: ClusterConfig = group(
         ClusterConfig, title="cluster credentials (docs/design/security.md)", prefix="cluster-"
     )
+    tls: TlsConfig = group(
+        TlsConfig, title="TLS mode (docs/design/security.md §3.1)", prefix="tls-"
+    )
 
     def __post_init__(self) -> None:
         if (self.http.api_keys or self.http.api_keys_file) and self.cluster.key_file is None:
             # Without it, a tenant's namespace is computable from its name alone.
             raise ConfigError("API keys need the cluster key (--cluster-key-file)")
+        if self.tls.enabled:
+            try:
+                self.tls.check_role("gateway")
+            except CredentialError as exc:
+                raise ConfigError(str(exc)) from None
+            if self.launch.prefill or self.launch.decode:
+                # A launched worker would need a certificate of its own (worker/INSTANCE_ID).
+                raise ConfigError(
+                    "TLS mode does not launch workers: start each with its own certificate "
+                    "(--tls-cert/--tls-key/--tls-ca) and name them (--prefill/--decode)"
+                )
         if not self.model_dir.is_dir():
             raise ConfigError(f"model_dir {str(self.model_dir)!r} is not a directory")
         if not self.served_model_name:
@@ -359,6 +374,13 @@ class GatewayConfig:
                     parse_endpoint(endpoint)
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+
+    def client_auth(self) -> ClientAuth | None:
+        """This gateway's credentials for calls to workers and the KV metadata: its certificate
+        in TLS mode, ``gateway/HOST:PORT`` and the cluster key in secret mode, else None."""
+        if self.tls.enabled:
+            return ClientAuth.from_tls(self.tls, "gateway")
+        return self.cluster.client_auth(self.cluster_name)
 
     @property
     def cluster_name(self) -> str:

@@ -157,6 +157,7 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--launch-restart", "--launch-restart-grace", "--launch-restart-backoff",
         "--launch-restart-backoff-max", "--launch-restart-reset-after", "--launch-restart-limit",
         "--launch-restart-window", "--cluster-key-file", "--api-key", "--api-keys-file",
+            "--tls-cert", "--tls-key", "--tls-ca",
     }  # fmt: skip
 
 
