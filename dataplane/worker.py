@@ -38,7 +38,7 @@ from dataplane.hardware import host_compute, resolve_dtype
 from kvstore.blocks.hashing import model_fingerprint
 from strata_common.credentials import Identity, read_cluster_key
 from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor, add_port, roles_only
-from strata_common.tls import TlsConfig
+from strata_common.tls import TlsConfig, insecure_warning
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("strata.worker")
@@ -121,6 +121,12 @@ class Worker:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
         )
+        cfg = self.config
+        warning = insecure_warning(
+            cfg.host, "the worker service", secured=cfg.tls.enabled, insecure=cfg.insecure
+        )
+        if warning is not None:
+            logger.warning("%s", warning)
         compute = host_compute()
         logger.info(
             "engine dtype %s (%s); compute %s",
@@ -165,6 +171,11 @@ class Worker:
                         "identity": f"worker/{self.store_identity_name()}",
                     }
                     if cfg.cluster_key_file is not None
+                    else {}
+                ),
+                **(
+                    {f"tls_{n}": str(getattr(cfg.tls, n)) for n in ("cert", "key", "ca")}
+                    if cfg.tls.enabled
                     else {}
                 ),
             },

@@ -15,6 +15,12 @@ file `strata serve` writes (CACHE_DIR/admin-token, CACHE_DIR = $STRATA_CACHE_DIR
 ~/.cache/strata) if it exists. The address comes from --address or STRATA_ADMIN_ADDRESS (default
 127.0.0.1:50050, `strata serve`'s default). `--json` prints machine-readable output.
 
+Instead of the token, cluster credentials of role admin (docs/design/security.md §5.1):
+`--tls-cert/--tls-key/--tls-ca` (TLS mode: an admin/NAME certificate; the gateway's admin port
+then requires a certificate of the cluster anyway) or `--cluster-key-file PATH [--name NAME]`
+(secret mode: admin/NAME, default $USER). With them no token is taken from the environment or
+the default file; an explicit --token/--token-file still decides alone.
+
 Exit codes: 0 ok · 1 the server failed (INTERNAL or any other code) · 2 bad arguments (usage, or
 INVALID_ARGUMENT) · 3 not authenticated (missing/wrong token) · 4 unknown instance (NOT_FOUND) ·
 5 conflict (ALREADY_EXISTS, FAILED_PRECONDITION) · 6 gateway unreachable or too slow

@@ -13,6 +13,9 @@ One owner for the TLS plumbing of every component:
   :meth:`TlsConfig.grpc_channel_credentials`.
 - The peer's identity: :func:`ssl_peer_identity` (an ``ssl`` socket or object, either side) and
   :func:`grpc_peer_identity` (a gRPC servicer context's ``auth_context()``).
+- The listening rule (§7): :func:`check_listen` refuses a non-loopback address without
+  credentials unless ``--insecure``, and :func:`insecure_warning` is what a component told
+  ``--insecure`` logs at every start.
 
 A client also checks the role of the server it reaches (:func:`check_peer_role`) where it can see
 its certificate: on ``ssl`` sockets. A gRPC client in Python cannot see the server's certificate;
@@ -21,6 +24,8 @@ it checks the chain and the host name only (§3.1 says so).
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +35,20 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from strata_common.credentials import CredentialError, Identity, owner_only
+from strata_common.credentials import ClusterCredentials, CredentialError, Identity, owner_only
 from strata_common.options import option
 
 __all__ = [
+    "INSECURE_HELP",
+    "TLS_FLAGS",
     "URI_PREFIX",
     "TlsConfig",
+    "check_listen",
     "check_peer_role",
     "grpc_peer_identity",
     "identity_of",
+    "insecure_warning",
+    "is_loopback",
     "ssl_peer_identity",
 ]
 
@@ -90,6 +100,46 @@ def check_peer_role(identity: Identity, role: str) -> None:
     """CredentialError unless the peer (a server this client reached) has ``role``."""
     if identity.role != role:
         raise CredentialError(f"the peer is {identity}, not a {role}/* component")
+
+
+TLS_FLAGS: Final = "--tls-cert, --tls-key and --tls-ca"
+INSECURE_HELP: Final = (
+    "serve a non-loopback address without credentials (anyone who can reach it is trusted; "
+    "logged at every start)"
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``localhost``, 127.0.0.0/8, ``::1``); a host
+    name other than ``localhost`` and the wildcard addresses are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(host: str, flag: str, *, secured: bool, insecure: bool, needs: str) -> None:
+    """The non-loopback rule (docs/design/security.md §7): CredentialError (a ValueError, so a
+    usage error naming the missing flags) for a non-loopback ``host`` (given by ``flag``)
+    unless the listener is ``secured`` (``needs`` names how) or ``insecure`` is set. The
+    cluster key alone does not secure a listener: secret mode is for loopback only."""
+    if secured or insecure or is_loopback(host):
+        return
+    raise CredentialError(
+        f"refusing to listen on {host} ({flag}) without credentials: give {needs}, or "
+        "--insecure true to serve it to anyone who can reach it (--cluster-key-file alone is "
+        "for loopback only)"
+    )
+
+
+def insecure_warning(host: str, what: str, *, secured: bool, insecure: bool) -> str | None:
+    """What a component logs at every start when ``--insecure`` lets it serve ``what`` on a
+    non-loopback ``host`` without credentials (None otherwise)."""
+    if not insecure or secured or is_loopback(host):
+        return None
+    return f"--insecure: {what} on {host} WITHOUT credentials: anyone who can reach it is trusted"
 
 
 def _path(value: Path | str | None) -> Path | None:
@@ -161,6 +211,22 @@ class TlsConfig:
                 f"{self.cert} names {identity}; this component needs a {role}/* certificate"
             )
         return identity
+
+    def credentials(self, role: str) -> ClusterCredentials:
+        """A store client's credentials in TLS mode (this certificate, which must name
+        ``role``)."""
+        return ClusterCredentials(b"", self.check_role(role), tls=self)
+
+    def connect_ssl(self, sock: socket.socket, host: str, role: str) -> ssl.SSLSocket:
+        """``sock`` (connected to a server at ``host``) wrapped in TLS as this certificate's
+        client; CredentialError unless the server's certificate names ``role``."""
+        wrapped = self.client_context().wrap_socket(sock, server_hostname=host)
+        try:
+            check_peer_role(ssl_peer_identity(wrapped), role)
+        except CredentialError:
+            wrapped.close()
+            raise
+        return wrapped
 
     def _files(self) -> tuple[str, str, str]:
         if self.cert is None or self.key is None or self.ca is None:

@@ -10,14 +10,13 @@ loopback.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from strata_common.options import option
-from strata_common.tls import TlsConfig
+from strata_common.tls import TlsConfig, is_loopback
 
 __all__ = [
     "ADMIN_SERVICE_NAME",
@@ -47,15 +46,6 @@ MAX_ID_CHARS = 128
 
 class AdminConfigError(ValueError):
     """The admin service cannot start with this configuration."""
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +93,7 @@ class AdminConfig:
                 "config), or give cluster credentials (role admin); to serve without either, "
                 "bind to loopback and set allow_unauthenticated"
             )
-        elif not _is_loopback(self.host):
+        elif not is_loopback(self.host):
             raise AdminConfigError(
                 f"refusing to serve the admin API without a token on {self.host}: "
                 "allow_unauthenticated is only allowed on a loopback address"

@@ -95,7 +95,9 @@ class ClusterMember:
         self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
         await loop.run_in_executor(None, self.view.start)
         credentials = None
-        if self.cluster_key is not None:  # its peers hold the same key
+        if tls is not None:  # its peers' certificates must name store nodes
+            credentials = tls.credentials("store")
+        elif self.cluster_key is not None:  # its peers hold the same key
             credentials = ClusterCredentials(self.cluster_key, Identity("store", node_id))
         self.fetcher = PeerFetcher(
             credentials=credentials, max_block_bytes=self.config.max_block_bytes

@@ -20,7 +20,7 @@ from kvstore.policy.factory import PolicyKind
 from kvstore.wire.frame import DEFAULT_MAX_BLOCK_BYTES
 from strata_common.credentials import Identity, read_cluster_key
 from strata_common.options import from_cli, group, option
-from strata_common.tls import TlsConfig
+from strata_common.tls import INSECURE_HELP, TLS_FLAGS, TlsConfig, check_listen
 from strata_common.units import parse_duration, parse_size
 
 __all__ = ["StoreNodeConfig"]
@@ -186,6 +186,7 @@ class StoreNodeConfig:
         "holds it (HELLO) before any other request, and every call to the metadata service "
         "carries it; none = no credentials (loopback only)",
     )
+    insecure: bool = option(False, help=INSECURE_HELP)
     tls: TlsConfig = group(
         TlsConfig, title="TLS mode (docs/design/security.md §3.1)", prefix="tls-"
     )
@@ -270,6 +271,9 @@ class StoreNodeConfig:
             read_cluster_key(Path(self.cluster_key_file))  # CredentialError (a ValueError): why
             if self.node_id is not None:
                 Identity("store", self.node_id)  # the name this node is known by
+        check_listen(
+            self.host, "--host", secured=self.tls.enabled, insecure=self.insecure, needs=TLS_FLAGS
+        )
         if self.tls.enabled:
             name = self.tls.check_role("store").name  # its certificate names this node
             if self.node_id is not None and self.node_id != name:
