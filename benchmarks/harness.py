@@ -207,6 +207,40 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def ks_two_sample(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov test: the statistic D (largest gap between the two
+    empirical CDFs) and its p-value under "same distribution", from the asymptotic Kolmogorov
+    distribution with Stephens' small-sample correction (accurate for ``n·m/(n+m)`` >= 4)."""
+    if not a or not b:
+        raise ValueError("both samples need values")
+    xs, ys = sorted(a), sorted(b)
+    n, m = len(xs), len(ys)
+    i = j = 0
+    gap = 0.0
+    while i < n and j < m:
+        value = min(xs[i], ys[j])
+        while i < n and xs[i] == value:
+            i += 1
+        while j < m and ys[j] == value:
+            j += 1
+        gap = max(gap, abs(i / n - j / m))
+    effective = math.sqrt(n * m / (n + m))
+    return gap, kolmogorov_q((effective + 0.12 + 0.11 / effective) * gap)
+
+
+def kolmogorov_q(x: float) -> float:
+    """P(K > x) for the Kolmogorov distribution: ``2 Σ (-1)^(k-1) exp(-2 k² x²)``."""
+    if x < 0.2:
+        return 1.0  # the series converges slowly there; the tail probability is 1 to 1e-9
+    total = 0.0
+    for k in range(1, 101):
+        term = 2.0 * (-1) ** (k - 1) * math.exp(-2.0 * k * k * x * x)
+        total += term
+        if abs(term) < 1e-16:
+            break
+    return min(1.0, max(0.0, total))
+
+
 def dict_prefix_lookups(table: dict[bytes, int], chains: Sequence[tuple[bytes, ...]]) -> int:
     """Membership tests of each chain's keys in ``table`` up to its first miss; returns how many
     were done (the bare-``dict`` limit of a prefix match)."""

@@ -132,10 +132,13 @@ class ApiKeys:
 
 
 def tenant_namespace(tenants_key: bytes, tenant: str, cache_salt: str) -> str:
-    """The cache salt a request's blocks are keyed under (see the module docstring): the
-    client's own salt for the anonymous tenant (no keys configured), else 32 hex digits of
-    ``HMAC(tenants_key, tenant)``, then ``/`` and the client's salt when it gave one."""
+    """The cache salt a request's blocks are keyed under (see the module docstring): for the
+    anonymous tenant (no keys configured) nothing, or ``~`` and the client's salt; else 32 hex
+    digits of ``HMAC(tenants_key, tenant)``, then ``/`` and the client's salt when it gave one.
+
+    The ``~`` keeps the two apart where a gateway without keys shares workers with one that has
+    them: a client of the first cannot name a tenant's namespace as its ``cache_salt``."""
     if tenant == ANONYMOUS:
-        return cache_salt
+        return f"~{cache_salt}" if cache_salt else ""
     namespace = hmac.new(tenants_key, tenant.encode(), hashlib.sha256).hexdigest()[:32]
     return f"{namespace}/{cache_salt}" if cache_salt else namespace

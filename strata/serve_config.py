@@ -67,6 +67,12 @@ class ServeConfig:
         help="engines of each role kept started in reserve: `strata admin scale` and the "
         "restart of a failed worker take one in seconds; each costs an engine's memory",
     )
+    api_keys_file: Path | None = option(
+        None,
+        help="API keys and their tenants, `KEY TENANT` per line (a 0600 file): clients must "
+        "send one (Authorization: Bearer KEY), and each tenant's prefix cache is its own "
+        "(none: no keys, one tenant)",
+    )
     admin_port: int | None = option(
         None,
         help=f"admin API port on 127.0.0.1 (none: {DEFAULT_ADMIN_PORT}, or a free port when it is "
@@ -95,5 +101,7 @@ class ServeConfig:
             raise ValueError(f"--max-model-len must be >= 16, got {self.max_model_len}")
         if not self.ready_timeout_s > 0:
             raise ValueError("--ready-timeout must be positive")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"--api-keys-file {self.api_keys_file} is not a file")
         if self.kv_ssd_write_through and not self.kv_ssd:
             raise ValueError("--kv-ssd-write-through needs the SSD tier (not --no-kv-ssd)")

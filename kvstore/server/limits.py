@@ -27,6 +27,7 @@ from kvstore.wire.frame import FRAME_HEADER_BYTES, KEY_BYTES, MAX_REQUEST_PAYLOA
 
 __all__ = [
     "MAX_FETCHES_PER_CONNECTION",
+    "MAX_OPEN_PUT_BATCHES",
     "MAX_QUEUED_REPLIES",
     "MAX_SHM_LEASES_PER_CONNECTION",
     "RECV_BUFFER_BYTES",
@@ -43,6 +44,9 @@ _PAGE = 4096
 RECV_BUFFER_BYTES = -(-(FRAME_HEADER_BYTES + MAX_REQUEST_PAYLOAD) // _PAGE) * _PAGE
 """Each connection's receive buffer: the largest request but a PUT fits whole (68 KiB)."""
 MAX_SHM_LEASES_PER_CONNECTION = 4096
+MAX_OPEN_PUT_BATCHES = 256
+"""RESERVE_BATCHes one connection may have open (not yet committed); a client pipelines a few.
+Each open batch holds its reply state even when it reserved nothing (every key refused)."""
 MAX_FETCHES_PER_CONNECTION = 8
 """SSD reads one connection may have in flight (the disk wants queue depth)."""
 MAX_QUEUED_REPLIES = 64

@@ -10,7 +10,10 @@ of the arena at once: a bigger RESERVE_BATCH is refused whole (``FULL``, and the
 those blocks over TCP, one reservation at a time); an open reservation counts as a payload in
 flight for the put timeout. ``RDMA_CONNECT`` connects a queue pair to the registered arena
 (kvstore.transport.rdma) or answers ``UNSUPPORTED`` with the reason. What a connection holds lives
-in its :class:`TransferState`, released with the connection (:meth:`TransferState.release_all`).
+in its :class:`TransferState`, released with the connection (:meth:`TransferState.release_all`):
+a lease batch that pinned nothing is not kept (releasing it is a no-op), and at most
+``MAX_OPEN_PUT_BATCHES`` reservations may be open at once (beyond: ``BAD_REQUEST``), so a client
+that never releases or commits holds a bounded amount of state.
 
 Leases and reservations pin arena space, so they are held to the server's pin limits
 (:class:`kvstore.server.limits.PinLimits`): a block of a LEASE_BATCH beyond the connection's share
@@ -32,7 +35,12 @@ from typing import TYPE_CHECKING
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.blocks.tier import Tier
 from kvstore.node.store import Lease, PendingPut, StoreNode
-from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, Pin, split_keys
+from kvstore.server.limits import (
+    MAX_OPEN_PUT_BATCHES,
+    MAX_SHM_LEASES_PER_CONNECTION,
+    Pin,
+    split_keys,
+)
 from kvstore.wire.frame import FrameError, FrameHeader, Op, Status, pack_frame_header
 from kvstore.wire.messages import (
     BATCH_ID,
@@ -97,6 +105,8 @@ class TransferState:
     id, the SSD reads of pending LEASE_BATCHes, its RDMA queue pair."""
 
     batch_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    last_batch_id: int = 0
+    """The last batch id this connection was given (a LEASE_BATCH or a RESERVE_BATCH)."""
     lease_batches: dict[int, list[Lease]] = field(default_factory=dict)
     leased_at: dict[int, float] = field(default_factory=dict)
     """Loop time each lease batch was granted (the lease-timeout reaper reads the oldest)."""
@@ -107,6 +117,10 @@ class TransferState:
     reserved_since: float | None = None
     batch_fetches: set[asyncio.Future[list[Lease | None]]] = field(default_factory=set)
     rdma: object | None = None
+
+    def new_batch_id(self) -> int:
+        self.last_batch_id = next(self.batch_ids)
+        return self.last_batch_id
 
     def release_all(self, node: StoreNode, drop_rdma: Callable[[object], None]) -> None:
         """The connection is gone: release its leases, revoke its reservations, drop its QP."""
@@ -186,7 +200,7 @@ def _lease_batch_reply(
     conn: Connection, request_id: int, found: list[Lease | None], tiers: bytearray
 ) -> bytes:
     state = conn.transfer
-    batch_id = next(state.batch_ids)
+    batch_id = state.new_batch_id()
     node_pinned = conn.server.pinned_bytes()
     for i, lease in enumerate(found):
         if lease is None:
@@ -200,8 +214,8 @@ def _lease_batch_reply(
         found[i] = None
         tiers[i] = LEASE_DEFERRED if pin is Pin.DEFER else LEASE_REFUSED
     leases = [lease for lease in found if lease is not None]
-    state.lease_batches[batch_id] = leases
-    if leases:
+    if leases:  # a batch that pins nothing holds nothing: its RELEASE_BATCH is a no-op
+        state.lease_batches[batch_id] = leases
         state.leased_at[batch_id] = conn.server.loop_time()
     state.num_batch_leases += len(leases)
     conn.server.transfers.batch_leased_blocks += len(leases)
@@ -217,7 +231,8 @@ def release_batch(conn: Connection, header: FrameHeader, payload: memoryview) ->
         leases = state.lease_batches.pop(batch_id, None)
         state.leased_at.pop(batch_id, None)
         if leases is None:
-            unknown.append(batch_id)
+            if batch_id > state.last_batch_id:  # else released already, or it leased nothing
+                unknown.append(batch_id)
             continue
         state.num_batch_leases -= len(leases)
         for lease in leases:
@@ -238,6 +253,16 @@ def reserve_batch(conn: Connection, header: FrameHeader, payload: memoryview) ->
     items = list(RESERVE_ITEM.iter_unpack(payload))
     counters = conn.server.transfers
     counters.reserve_batches += 1
+    if len(state.put_batches) >= MAX_OPEN_PUT_BATCHES:
+        conn.server.log.warning(
+            "too many open put batches",
+            "%s has %d RESERVE_BATCHes open (at most %d): refused",
+            conn.peer,
+            len(state.put_batches),
+            MAX_OPEN_PUT_BATCHES,
+        )
+        conn.write(pack_frame_header(Op.RESERVE_BATCH, request_id, 0, 0, Status.BAD_REQUEST))
+        return
     wanted = sum(nbytes for _, nbytes in items)
     if conn.may_pin(wanted, conn.server.pinned_bytes(), at_least_one=False) is not Pin.OK:
         counters.reserve_batches_refused += 1
@@ -263,7 +288,7 @@ def reserve_batch(conn: Connection, header: FrameHeader, payload: memoryview) ->
                 offsets.append(arena.offset_of(result.view))
                 continue
         offsets.append(0)
-    batch_id = next(state.batch_ids)
+    batch_id = state.new_batch_id()
     state.put_batches[batch_id] = reserved
     if state.reserved_since is None:
         state.reserved_since = conn.server.loop_time()

@@ -26,6 +26,7 @@ def test_defaults_are_the_documented_setup() -> None:
     assert (config.kv_ssd_ttl_s, config.ready_timeout_s) == (86400.0, 600.0)
     assert not config.kv_ssd_write_through
     assert parse(["--kv-ssd-write-through", "true"]).kv_ssd_write_through
+    assert config.api_keys_file is None
 
 
 def test_flags_units_shorthands_and_environment(tmp_path: Path) -> None:
@@ -48,6 +49,10 @@ def test_flags_units_shorthands_and_environment(tmp_path: Path) -> None:
         (["--dtype", "fp3"], "--dtype must be one of"),
         (["--kv-cache-size", "lots"], "--kv-cache-size"),
         (["--port", "70000"], "--port must be in 0..65535"),
+        (
+            ["--api-keys-file", "/nonexistent/keys"],
+            "--api-keys-file /nonexistent/keys is not a file",
+        ),
         (["--kv-ssd-write-through", "true", "--no-kv-ssd"], "needs the SSD tier"),
     ],
 )

@@ -47,9 +47,10 @@ picked for both sides.
   option meets both the TTFT and the TPOT SLO, reject:
   :attr:`RejectReason.OVERLOADED` with ``retry_after_s`` = the time until the best option's queue
   has drained enough, or :attr:`RejectReason.SLO_UNATTAINABLE` if not even idle instances could
-  meet the SLOs (idle: ``RequestCosts.quiet_ttft_s``, the profile's model, no queue). Waiting ``w`` seconds removes ``w`` seconds of queued prefill (so the TTFT wait
-  is ``TTFT - SLO/margin``); a decode batch shrinks as its sequences finish, assumed uniformly over
-  ``2·m`` steps (``m``: mean remaining tokens per sequence), so reaching the largest batch
+  meet the SLOs (idle: ``RequestCosts.quiet_ttft_s``, the profile's model, no queue). Waiting
+  ``w`` seconds removes ``w`` seconds of queued prefill (so the TTFT wait is ``TTFT -
+  SLO/margin``); a decode batch shrinks as its sequences finish, assumed uniformly over ``2·m``
+  steps (``m``: mean remaining tokens per sequence), so reaching the largest batch
   ``b*`` that meets the TPOT SLO takes ``2·m·(1 - b*/b)`` steps of ``step_s(b, k)``.
 
 Pure and synchronous: no I/O, no clocks. Policies keep no state but round-robin's positions.

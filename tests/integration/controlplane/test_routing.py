@@ -490,8 +490,9 @@ def test_prefix_aware_routes_to_the_engine_holding_the_prefix(
     try:
         prompt = routing.tokenizer.encode("Tell me a story " * 12, add_special_tokens=False).ids
         assert len(prompt) >= 3 * BLOCK_SIZE
-        # What the second prefill engine would publish after computing the prompt (salt "t1").
-        keys = block_keys(prompt, BLOCK_SIZE, root_key(FINGERPRINT, LAYOUT, "t1"))
+        # What the second prefill engine would publish after computing the prompt with the
+        # client's salt "t1" (a gateway without API keys sends it as "~t1": tenants.py).
+        keys = block_keys(prompt, BLOCK_SIZE, root_key(FINGERPRINT, LAYOUT, "~t1"))
         source = routing.prefills[1].source
         store.publish(
             [
@@ -505,8 +506,8 @@ def test_prefix_aware_routes_to_the_engine_holding_the_prefix(
         async def cached(salt: str) -> CachedPrefix:
             return Router(routing.registry, view).cached(prompt, salt)
 
-        assert routing.loop.run(cached("t1")) == CachedPrefix(0, 0, {source: len(keys)})
-        assert routing.loop.run(cached("t2")) == NO_CACHE
+        assert routing.loop.run(cached("~t1")) == CachedPrefix(0, 0, {source: len(keys)})
+        assert routing.loop.run(cached("~t2")) == NO_CACHE
 
         assert routing.post(_body(prompt, cache_salt="t1"))[0] == 200
         assert [len(w.prefill_requests) for w in routing.prefills] == [0, 1]

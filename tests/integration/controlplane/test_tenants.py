@@ -131,9 +131,13 @@ def test_api_keys_need_the_cluster_key(tiny_model_dir: Path, tmp_path: Path) -> 
         )
 
 
-def test_without_keys_the_clients_salt_is_kept(stack: Stack) -> None:
-    stack.client().completions.create(
-        model=SERVED_MODEL_NAME, prompt="Hi", max_tokens=2, extra_body={"cache_salt": "mine"}
-    )
+def test_without_keys_the_clients_salt_is_kept_apart_from_every_tenant(stack: Stack) -> None:
+    # Marked "~": a keyless gateway's client cannot name a tenant's namespace (32 hex digits)
+    # where gateways with and without keys share workers.
+    namespace = _namespace("team-a")
+    for salt in ("mine", namespace):
+        stack.client().completions.create(
+            model=SERVED_MODEL_NAME, prompt="Hi", max_tokens=2, extra_body={"cache_salt": salt}
+        )
     requests = [*stack.prefill.prefill_requests, *stack.decode.prefill_requests]
-    assert requests and {r.cache_salt for r in requests} == {"mine"}
+    assert requests and {r.cache_salt for r in requests} == {"~mine", f"~{namespace}"}

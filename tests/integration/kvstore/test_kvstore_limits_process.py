@@ -20,6 +20,7 @@ import pytest
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.client.aio import AsyncKVStoreClient
 from kvstore.client.sync import KVStoreClient
+from kvstore.server.limits import MAX_OPEN_PUT_BATCHES
 from kvstore.transport.base import TransportKind
 from kvstore.transport.tcp import recv_bytes
 from kvstore.wire.frame import (
@@ -30,7 +31,7 @@ from kvstore.wire.frame import (
     Status,
     pack_frame_header,
 )
-from kvstore.wire.messages import LEASE_DEFERRED, LEASE_REFUSED, LeaseBatchReply
+from kvstore.wire.messages import LEASE_DEFERRED, LEASE_REFUSED, RESERVE_ITEM, LeaseBatchReply
 from kvstore.wire.types import PutStatus
 from strata_common.credentials import ClusterCredentials, Identity, load_or_create_cluster_key
 from tests.integration.kvstore.conftest import NodeFactory, NodeProcess
@@ -323,3 +324,39 @@ def test_an_unauthenticated_connection_must_say_hello_within_the_header_timeout(
         assert header_timeout_s * 0.9 <= closed_within(silent, bound_s) - accepted < bound_s
         assert client.get(key(1)) == b"v"  # authenticated, quiet for as long: still served
         assert client.stats()["limits"]["header_timeouts"] == 1
+
+
+def read_reply(sock: socket.socket) -> tuple[int, int, int, bytes]:
+    """One reply frame: (opcode, status, count, payload)."""
+    _magic, _v, opcode, status, _f, _rid, count, length = FRAME_HEADER.unpack(
+        recv_bytes(sock, FRAME_HEADER.size)
+    )
+    return opcode, status, count, recv_bytes(sock, length)
+
+
+def test_batches_that_hold_nothing_cost_no_state(start_node: NodeFactory) -> None:
+    """A lease batch of missing blocks is not kept (its RELEASE_BATCH is a no-op, not an
+    "unknown batch"), and a client that never commits its reservations has at most
+    MAX_OPEN_PUT_BATCHES open: the next one is refused."""
+    node = start_node()
+    with connect(node) as sock:
+        batch_ids = [lease_batch(sock, [key(i)]).batch_id for i in range(1000)]
+        assert batch_ids == list(range(1, 1001))
+        released = b"".join(n.to_bytes(8, "little") for n in batch_ids)
+        sock.sendall(pack_frame_header(Op.RELEASE_BATCH, 0, len(batch_ids), len(released)))
+        sock.sendall(released)
+        too_small = RESERVE_ITEM.pack(key(1), 8)  # below a block header: refused, batch kept
+        for i in range(MAX_OPEN_PUT_BATCHES):
+            sock.sendall(pack_frame_header(Op.RESERVE_BATCH, i, 1, len(too_small)) + too_small)
+            opcode, status, count, _body = read_reply(sock)
+            assert (opcode, status, count) == (Op.RESERVE_BATCH, Status.OK, 1)
+        sock.sendall(pack_frame_header(Op.RESERVE_BATCH, 7, 1, len(too_small)) + too_small)
+        assert read_reply(sock)[:3] == (Op.RESERVE_BATCH, Status.BAD_REQUEST, 0)
+        never_issued = (5000).to_bytes(8, "little")
+        sock.sendall(pack_frame_header(Op.RELEASE_BATCH, 0, 1, 8) + never_issued)
+        sock.sendall(pack_frame_header(Op.STATS, 9, 0, 0))
+        assert read_reply(sock)[:2] == (Op.STATS, Status.OK)  # the connection still serves
+    log = node.log()
+    assert log.count("RELEASE_BATCH from") == 1, log  # the never-issued id only
+    assert "of 1 unknown batch(es), e.g. 5000" in log
+    assert f"has {MAX_OPEN_PUT_BATCHES} RESERVE_BATCHes open" in log

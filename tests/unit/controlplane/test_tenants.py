@@ -85,5 +85,7 @@ def test_namespaces() -> None:
     assert tenant_namespace(SECRET, "team-a", "mine") == f"{ns_a}/mine"
     assert tenant_namespace(SECRET, "team-b", "") != ns_a
     assert tenant_namespace(bytes(32), "team-a", "") != ns_a  # another cluster's key
-    assert tenant_namespace(SECRET, ANONYMOUS, "mine") == "mine"
+    assert tenant_namespace(SECRET, ANONYMOUS, "mine") == "~mine"
+    # A keyless gateway's client cannot name a tenant's namespace as its salt.
+    assert tenant_namespace(SECRET, ANONYMOUS, ns_a) != ns_a
     assert tenant_namespace(SECRET, ANONYMOUS, "") == ""
