@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 URI_PREFIX: Final = "strata://"
-_MIN_VERSION: Final = ssl.TLSVersion.TLSv1_2
+_MIN_VERSION: Final = ssl.TLSVersion.TLSv1_3
+"""Both ends are Strata's: TLS 1.3 only (no renegotiation, forward secrecy, one round trip)."""
 
 
 def identity_of(cert: x509.Certificate) -> Identity:

@@ -15,9 +15,6 @@ import hmac
 import os
 from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:
-    import asyncio
-
 from kvstore.wire.frame import FrameHeader, Op, Status, pack_frame_header
 from kvstore.wire.hello import decode_hello, hello_reply
 from kvstore.wire.messages import HELLO_NONCE_BYTES
@@ -25,6 +22,8 @@ from strata_common.credentials import CredentialError, Identity, hello_proof
 from strata_common.tls import ssl_peer_identity
 
 if TYPE_CHECKING:
+    import asyncio
+
     from kvstore.server.connection import Connection
 
 __all__ = ["ALLOWED_OPS", "HANDLERS", "NO_REPLY_OPS", "ConnectionAuth", "admit", "allowed"]
