@@ -46,6 +46,13 @@ from strata_common.endpoints import format_endpoint, parse_endpoint
 from strata_common.grpc_auth import ClientAuth
 from strata_common.options import from_cli, group, option
 from strata_common.secrets import redact_url
+from strata_common.tls import (
+    INSECURE_HELP,
+    TLS_FLAGS,
+    TlsConfig,
+    check_listen,
+    insecure_warning,
+)
 from strata_common.units import parse_duration, parse_size
 
 __all__ = [
@@ -359,6 +366,10 @@ class GatewayConfig:
     cluster: ClusterConfig = group(
         ClusterConfig, title="cluster credentials (docs/design/security.md)", prefix="cluster-"
     )
+    insecure: bool = option(False, help=INSECURE_HELP)
+    tls: TlsConfig = group(
+        TlsConfig, title="TLS mode (docs/design/security.md §3.1)", prefix="tls-"
+    )
 
     def __post_init__(self) -> None:
         http = self.http
@@ -367,6 +378,32 @@ class GatewayConfig:
         ):
             # Without it, a tenant's namespace is computable from its name alone.
             raise ConfigError("API keys need the cluster key (--cluster-key-file)")
+        try:
+            check_listen(
+                self.http.host,
+                "--host",
+                secured=self.has_api_keys,
+                insecure=self.insecure,
+                needs="API keys (--api-key or --api-keys-file, with --cluster-key-file)",
+            )
+            if self.admin.port is not None:
+                check_listen(
+                    self.admin.host,
+                    "--admin-host",
+                    secured=self.tls.enabled,
+                    insecure=self.insecure,
+                    needs=TLS_FLAGS,
+                )
+            if self.tls.enabled:
+                self.tls.check_role("gateway")
+        except CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.tls.enabled and (self.launch.prefill or self.launch.decode):
+            # A launched worker would need a certificate of its own (worker/INSTANCE_ID).
+            raise ConfigError(
+                "TLS mode does not launch workers: start each with its own certificate "
+                "(--tls-cert/--tls-key/--tls-ca) and name them (--prefill/--decode)"
+            )
         if not self.model_dir.is_dir():
             raise ConfigError(f"model_dir {str(self.model_dir)!r} is not a directory")
         if not self.served_model_name:
@@ -386,6 +423,36 @@ class GatewayConfig:
                     parse_endpoint(endpoint)
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+
+    @property
+    def has_api_keys(self) -> bool:
+        return bool(self.http.api_keys or self.http.api_keys_file)
+
+    def insecure_warnings(self) -> list[str]:
+        """What the gateway logs at every start when ``--insecure`` lets it listen on a
+        non-loopback address without credentials (docs/design/security.md §7)."""
+        warnings = [
+            insecure_warning(
+                self.http.host, "the HTTP API", secured=self.has_api_keys, insecure=self.insecure
+            )
+        ]
+        if self.admin.port is not None:
+            warnings.append(
+                insecure_warning(
+                    self.admin.host,
+                    "the admin API",
+                    secured=self.tls.enabled,
+                    insecure=self.insecure,
+                )
+            )
+        return [w for w in warnings if w is not None]
+
+    def client_auth(self) -> ClientAuth | None:
+        """This gateway's credentials for calls to workers and the KV metadata: its certificate
+        in TLS mode, ``gateway/HOST:PORT`` and the cluster key in secret mode, else None."""
+        if self.tls.enabled:
+            return ClientAuth.from_tls(self.tls, "gateway")
+        return self.cluster.client_auth(self.cluster_name)
 
     @property
     def cluster_name(self) -> str:

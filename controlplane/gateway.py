@@ -78,7 +78,7 @@ class GatewayServer:
         API on with no token)."""
         self.config = config
         self.metrics = GatewayMetrics()
-        self._auth = config.cluster.client_auth(config.cluster_name)
+        self._auth = config.client_auth()
         """The gateway's cluster credentials (None: no key file, no authentication)."""
         self._tokenizer = tokenizer
         self._admin_config = _admin_config(config)
@@ -346,7 +346,7 @@ def _start_cluster_view(spec: str, auth: ClientAuth | None) -> ClusterView:
 def _admin_config(config: GatewayConfig) -> AdminConfig | None:
     """The admin API's settings; the token is the config's, else $STRATA_ADMIN_TOKEN."""
     try:
-        return config.admin.server_config()
+        return config.admin.server_config(cluster_key=config.cluster.key(), tls=config.tls)
     except AdminConfigError as exc:
         raise ConfigError(f"admin API: {exc}") from None
 
@@ -409,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for warning in config.insecure_warnings():
+        logger.warning("%s", warning)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(config))
 

@@ -17,8 +17,9 @@ from dataplane.hardware import DTYPES
 from kvstore.metadata import parse_metadata_spec
 from strata_common.credentials import Identity, read_cluster_key
 from strata_common.endpoints import parse_endpoint
-from strata_common.options import add_options, option, parse_into
+from strata_common.options import add_options, group, option, parse_into
 from strata_common.secrets import redact_url
+from strata_common.tls import INSECURE_HELP, TLS_FLAGS, TlsConfig, check_listen
 from strata_common.units import parse_duration, parse_size
 
 ENV_PREFIX = "STRATA_WORKER_"
@@ -105,6 +106,14 @@ class WorkerConfig:
     credentials, this worker publishes its HBM events as ``worker/INSTANCE_ID`` (its event
     source id) and authenticates to the store node. The key itself is never on the command
     line."""
+    insecure: bool = option(False, help=INSECURE_HELP)
+    """Serve a non-loopback ``host`` without TLS (docs/design/security.md §7)."""
+    tls: TlsConfig = group(
+        TlsConfig, title="TLS mode (docs/design/security.md §3.1)", prefix="tls-"
+    )
+    """Mutual TLS under the cluster CA: the gRPC service requires a client certificate (role
+    gateway only), and this worker presents its own (``worker/INSTANCE_ID``) to the metadata
+    service. Takes precedence over the cluster key for connections."""
     kv_heartbeat_interval_s: float = option(
         1.0, parse=parse_duration, help="with --kv-metadata: membership heartbeat period"
     )
@@ -154,6 +163,16 @@ class WorkerConfig:
             )
         if self.instance_id is not None and not 0 < len(self.instance_id.encode()) <= 255:
             raise ValueError("instance_id must be 1..255 bytes of UTF-8")
+        check_listen(
+            self.host, "--host", secured=self.tls.enabled, insecure=self.insecure, needs=TLS_FLAGS
+        )
+        if self.tls.enabled:
+            name = self.tls.check_role("worker").name  # its certificate names this worker
+            if self.instance_id is not None and self.instance_id != name:
+                raise ValueError(
+                    f"instance_id {self.instance_id!r} differs from its certificate's worker/{name}"
+                )
+            object.__setattr__(self, "instance_id", name)
         if self.cluster_key_file is not None:
             read_cluster_key(self.cluster_key_file)  # CredentialError (a ValueError) says why
             # This worker's identity name (its event source id): checked now, not once serving.

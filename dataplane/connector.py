@@ -59,6 +59,7 @@ from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError
 from kvstore.wire.types import PutStatus
 from strata_common.credentials import ClusterCredentials, Identity, read_cluster_key
+from strata_common.tls import TlsConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -98,12 +99,15 @@ class ConnectorSettings:
             raise ValueError("StrataConnector needs kv_connector_extra_config['model_fingerprint']")
         credentials = None
         key_file, identity = extra.get("cluster_key_file"), extra.get("identity")
-        if key_file is not None:
-            if not isinstance(key_file, str) or not isinstance(identity, str):
+        tls_files = [extra.get(f"tls_{name}") for name in ("cert", "key", "ca")]
+        key = None if key_file is None else read_cluster_key(Path(str(key_file)))
+        if any(tls_files):  # TLS mode: the worker's certificate (the key only for block keys)
+            tls = TlsConfig(*tls_files)
+            credentials = ClusterCredentials(key or b"", tls.check_role("worker"), tls=tls)
+        elif key is not None:
+            if not isinstance(identity, str):
                 raise ValueError("StrataConnector's cluster_key_file needs an identity")
-            credentials = ClusterCredentials(
-                read_cluster_key(Path(key_file)), Identity.parse(identity)
-            )
+            credentials = ClusterCredentials(key, Identity.parse(identity))
         return cls(
             store_endpoint=endpoint,
             model_fingerprint=bytes.fromhex(fingerprint),
@@ -200,7 +204,7 @@ class StrataConnector(KVConnectorBase_V1):
             self._settings.store_endpoint, credentials=self._settings.credentials
         )
         credentials = self._settings.credentials
-        self._hash_key = block_hash_key(None if credentials is None else credentials.key)
+        self._hash_key = block_hash_key(credentials.key or None if credentials else None)
         # Scheduler side.
         self._requests: dict[str, _RequestState] = {}
         self._roots: dict[str, bytes] = {}

@@ -37,7 +37,8 @@ from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
 from kvstore.blocks.hashing import model_fingerprint
 from strata_common.credentials import Identity, read_cluster_key
-from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor, roles_only
+from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor, add_port, roles_only
+from strata_common.tls import TlsConfig, insecure_warning
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("strata.worker")
@@ -120,6 +121,12 @@ class Worker:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
         )
+        cfg = self.config
+        warning = insecure_warning(
+            cfg.host, "the worker service", secured=cfg.tls.enabled, insecure=cfg.insecure
+        )
+        if warning is not None:
+            logger.warning("%s", warning)
         compute = host_compute()
         logger.info(
             "engine dtype %s (%s); compute %s",
@@ -164,6 +171,11 @@ class Worker:
                         "identity": f"worker/{self.store_identity_name()}",
                     }
                     if cfg.cluster_key_file is not None
+                    else {}
+                ),
+                **(
+                    {f"tls_{n}": str(getattr(cfg.tls, n)) for n in ("cert", "key", "ca")}
+                    if cfg.tls.enabled
                     else {}
                 ),
             },
@@ -224,8 +236,7 @@ class Worker:
         )
         # Secret mode: this worker is worker/INSTANCE_ID, its events' source id (the metadata
         # service lets it publish under that id only; docs/design/security.md §5.1).
-        auth = None if key is None else ClientAuth(key, Identity("worker", self.instance_id))
-        store = open_metadata_store(self.config.kv_metadata, auth=auth)
+        store = open_metadata_store(self.config.kv_metadata, auth=self.client_auth())
         self.hbm_events = HbmEventPublisher(
             store,
             translator,
@@ -252,9 +263,24 @@ class Worker:
         path = self.config.cluster_key_file
         return None if path is None else read_cluster_key(path)
 
+    def tls(self) -> TlsConfig | None:
+        """The TLS credentials (``--tls-*``), or None: secret mode or none."""
+        return self.config.tls if self.config.tls.enabled else None
+
+    def client_auth(self) -> ClientAuth | None:
+        """This worker's credentials as a gRPC client (``worker/INSTANCE_ID``): its certificate
+        in TLS mode, the cluster key in secret mode, None without either."""
+        tls, key = self.tls(), self.cluster_key()
+        if tls is not None:
+            return ClientAuth.from_tls(tls, "worker")
+        return None if key is None else ClientAuth(key, Identity("worker", self.instance_id))
+
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """With a cluster key, every Worker RPC needs a gateway's credentials (Prefill and Decode
-        would bypass the gateway's admission, Health tells the model fingerprint)."""
+        """With TLS or a cluster key, every Worker RPC needs a gateway's credentials (Prefill
+        and Decode would bypass the gateway's admission, Health tells the model fingerprint).
+        In TLS mode the caller's identity is its certificate's."""
+        if self.tls() is not None:
+            return [ServerAuthInterceptor(None, roles_only("gateway"))]
         key = self.cluster_key()
         return [] if key is None else [ServerAuthInterceptor(key, roles_only("gateway"))]
 
@@ -277,7 +303,7 @@ class Worker:
 
     async def serve(self) -> None:
         self.server = self.create_service()
-        port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        port = add_port(self.server, self.tls())(f"{self.config.host}:{self.config.port}")
         await self.server.start()
         self.endpoint = f"{self.config.host}:{port}"
         self.instance_id = self.config.instance_id or self.endpoint

@@ -15,6 +15,12 @@ file `strata serve` writes (CACHE_DIR/admin-token, CACHE_DIR = $STRATA_CACHE_DIR
 ~/.cache/strata) if it exists. The address comes from --address or STRATA_ADMIN_ADDRESS (default
 127.0.0.1:50050, `strata serve`'s default). `--json` prints machine-readable output.
 
+Instead of the token, cluster credentials of role admin (docs/design/security.md §5.1):
+`--tls-cert/--tls-key/--tls-ca` (TLS mode: an admin/NAME certificate; the gateway's admin port
+then requires a certificate of the cluster anyway) or `--cluster-key-file PATH [--name NAME]`
+(secret mode: admin/NAME, default $USER). With them no token is taken from the environment or
+the default file; an explicit --token/--token-file still decides alone.
+
 Exit codes: 0 ok · 1 the server failed (INTERNAL or any other code) · 2 bad arguments (usage, or
 INVALID_ARGUMENT) · 3 not authenticated (missing/wrong token) · 4 unknown instance (NOT_FOUND) ·
 5 conflict (ALREADY_EXISTS, FAILED_PRECONDITION) · 6 gateway unreachable or too slow
@@ -40,7 +46,10 @@ from controlplane.admin.convert import instance_from_proto, role_from_name, stat
 from controlplane.instances.types import ClusterStats, InstanceInfo, InvalidAdminRequest
 from controlplane.workers.roles import role_name
 from strata.admin_token import TokenFileError, default_token_path, read_token_file
+from strata_common.credentials import CredentialError, Identity, read_cluster_key
 from strata_common.endpoints import EndpointError, parse_endpoint
+from strata_common.grpc_auth import ClientAuth, blocking_channel
+from strata_common.tls import TlsConfig
 from strata_proto import admin_pb2, admin_pb2_grpc
 
 ADDRESS_ENV = "STRATA_ADMIN_ADDRESS"
@@ -97,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"file holding the token (default: ${ADMIN_TOKEN_ENV}, else {default_token_path()} "
         "if it exists)",
     )
+    creds = p.add_argument_group(
+        "cluster credentials (instead of the token: role admin, docs/design/security.md §5.1)"
+    )
+    creds.add_argument(
+        "--cluster-key-file",
+        default=None,
+        help="the cluster key (0600 file): call as admin/NAME (secret mode, loopback)",
+    )
+    creds.add_argument(
+        "--name", default=None, help="NAME of admin/NAME with --cluster-key-file (default: $USER)"
+    )
+    creds.add_argument("--tls-cert", default=None, help="an admin/NAME certificate (TLS mode)")
+    creds.add_argument("--tls-key", default=None, help="its private key (0600 file)")
+    creds.add_argument("--tls-ca", default=None, help="the cluster CA's certificate")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default 300)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -249,6 +272,19 @@ def resolve_token(token: str | None, token_file: str | None, environ: Mapping[st
         return ""
 
 
+def cluster_auth(args: argparse.Namespace) -> ClientAuth | None:
+    """The caller's cluster credentials: its TLS files (TLS mode; the server requires them),
+    else ``admin/NAME`` with the cluster key, else None. CredentialError says what is wrong."""
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(files):
+        tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+        return ClientAuth.from_tls(tls, None)  # another role's certificate: the token decides
+    if args.cluster_key_file is None:
+        return None
+    name = args.name or os.environ.get("USER") or "operator"
+    return ClientAuth(read_cluster_key(Path(args.cluster_key_file)), Identity("admin", name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -258,14 +294,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EndpointError as exc:
         parser.error(f"--address: {exc}")
     try:
+        auth = cluster_auth(args)
+        explicit = args.token is not None or args.token_file is not None
         token = resolve_token(args.token, args.token_file, os.environ)
-    except TokenFileError as exc:
+    except (TokenFileError, CredentialError) as exc:
         parser.error(str(exc))
+    if auth is not None and not explicit:
+        token = ""  # cluster credentials prove admin/NAME: no token from the environment
     # With no token the call is still made: a server that allows unauthenticated loopback access
     # answers it, any other answers UNAUTHENTICATED (exit 3).
     metadata = [("authorization", f"Bearer {token}")] if token else []
+    if auth is not None and auth.tls is None and token:
+        auth = None  # an explicit token: it alone decides
+    closing, channel = blocking_channel(address, auth)
     try:
-        with grpc.insecure_channel(address) as channel:
+        with closing:
             lines = _run(args, admin_pb2_grpc.AdminStub(channel), metadata)
     except grpc.RpcError as exc:
         code = exc.code()

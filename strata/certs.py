@@ -27,12 +27,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from strata_common.credentials import CredentialError, Identity, owner_only, write_secret_file
+from strata_common.tls import URI_PREFIX, identity_of
 
 __all__ = ["IssuedFiles", "identity_of", "init_ca", "issue", "main"]
 
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 CA_DAYS = 3650
-URI_PREFIX = "strata://"
 
 
 @dataclass(frozen=True)
@@ -152,19 +152,6 @@ def issue(
     _write_key(files.key, key)
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return files
-
-
-def identity_of(cert: x509.Certificate) -> Identity:
-    """The identity a certificate names (its one ``strata://ROLE/NAME`` URI SAN)."""
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise CredentialError("the certificate has no subject alternative name") from None
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)]
-    ours = [u for u in uris if u.startswith(URI_PREFIX)]
-    if len(ours) != 1:
-        raise CredentialError(f"the certificate names {len(ours)} strata:// identities, not 1")
-    return Identity.parse(ours[0].removeprefix(URI_PREFIX))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,6 +234,8 @@ def serve(config: ServeConfig) -> int:
             gateway_argv += ["--admin-token-file", str(token_file)]
         if config.api_keys_file is not None:  # the gateway checks it (0600, its lines)
             gateway_argv += ["--api-keys-file", str(config.api_keys_file.resolve())]
+        if config.insecure:
+            gateway_argv += ["--insecure", "true"]
         # The gateway is ready once every worker is: allow for the engines' start-up.
         sup.start(
             Service(

@@ -12,6 +12,7 @@ from pathlib import Path
 from controlplane.admin.config import DEFAULT_ADMIN_PORT
 from dataplane.hardware import DTYPES
 from strata_common.options import option
+from strata_common.tls import check_listen
 from strata_common.units import parse_duration, parse_size
 
 __all__ = ["ENV_PREFIX", "MAX_WORKERS", "ServeConfig"]
@@ -73,6 +74,11 @@ class ServeConfig:
         "send one (Authorization: Bearer KEY), and each tenant's prefix cache is its own "
         "(none: no keys, one tenant)",
     )
+    insecure: bool = option(
+        False,
+        help="serve the OpenAI API on a non-loopback --host without API keys (logged at every "
+        "start; docs/design/security.md §7)",
+    )
     admin_port: int | None = option(
         None,
         help=f"admin API port on 127.0.0.1 (none: {DEFAULT_ADMIN_PORT}, or a free port when it is "
@@ -103,5 +109,12 @@ class ServeConfig:
             raise ValueError("--ready-timeout must be positive")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"--api-keys-file {self.api_keys_file} is not a file")
+        check_listen(  # the gateway's own check, before anything is started
+            self.host,
+            "--host",
+            secured=self.api_keys_file is not None,
+            insecure=self.insecure,
+            needs="API keys (--api-keys-file)",
+        )
         if self.kv_ssd_write_through and not self.kv_ssd:
             raise ValueError("--kv-ssd-write-through needs the SSD tier (not --no-kv-ssd)")

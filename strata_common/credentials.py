@@ -24,7 +24,10 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from strata_common.tls import TlsConfig
 
 __all__ = [
     "CLUSTER_KEY_BYTES",
@@ -161,13 +164,16 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class ClusterCredentials:
-    """What a client proves itself with: the cluster key and the identity it claims."""
+    """What a client proves itself with: the cluster key and the identity it claims (secret
+    mode), or its certificate (``tls``, TLS mode: the identity is the certificate's and the key
+    is unused; :meth:`strata_common.tls.TlsConfig.credentials`)."""
 
     key: bytes = dataclasses.field(repr=False)
     identity: Identity
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
-        if len(self.key) != CLUSTER_KEY_BYTES:
+        if self.tls is None and len(self.key) != CLUSTER_KEY_BYTES:
             raise CredentialError(f"a cluster key is {CLUSTER_KEY_BYTES} bytes")
 
 

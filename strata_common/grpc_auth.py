@@ -1,4 +1,10 @@
-"""Secret-mode authentication and authorisation of gRPC calls (docs/design/security.md §3.2, §5.1).
+"""Authentication and authorisation of gRPC calls (docs/design/security.md §3, §5.1).
+
+TLS mode: the server is bound with mutual TLS under the cluster CA (:func:`add_port`), the
+interceptor given no key takes each caller's identity from its certificate
+(:func:`strata_common.tls.grpc_peer_identity`) and the same policies decide; clients open their
+channels with their certificate (:meth:`ClientAuth.from_tls`, :func:`aio_channel`,
+:func:`blocking_channel`). The rest of this docstring is secret mode.
 
 Every call to a guarded service carries the metadata ``authorization: Strata-HMAC id=ROLE/NAME,
 ts=UNIX_SECONDS, mac=HEX`` (:func:`strata_common.credentials.rpc_authorization`: an HMAC under
@@ -32,7 +38,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, NamedTuple
 
 import grpc
@@ -44,6 +50,7 @@ from strata_common.credentials import (
     check_rpc_authorization,
     rpc_authorization,
 )
+from strata_common.tls import TlsConfig, grpc_peer_identity
 
 __all__ = [
     "AUTHORIZATION_KEY",
@@ -52,6 +59,9 @@ __all__ = [
     "Authorize",
     "ClientAuth",
     "ServerAuthInterceptor",
+    "add_port",
+    "aio_channel",
+    "blocking_channel",
     "current_identity",
     "roles_only",
 ]
@@ -105,12 +115,13 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     docstring). Handlers must be async (coroutine or async-generator methods), as grpc.aio
     servicers are.
 
-    ``clock`` (Unix seconds) is injectable for tests; ``exempt`` names services whose methods
-    pass without credentials."""
+    ``key``: the cluster key (secret mode), or None for TLS mode: the identity is the one in
+    the caller's certificate (UNAUTHENTICATED without one). ``clock`` (Unix seconds) is
+    injectable for tests; ``exempt`` names services whose methods pass without credentials."""
 
     def __init__(
         self,
-        key: bytes,
+        key: bytes | None,
         authorize: Authorize,
         *,
         exempt: Iterable[str] = (HEALTH_SERVICE,),
@@ -133,17 +144,28 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or method.startswith(self._exempt):
             return handler
         metadata = tuple(details.invocation_metadata or ())
-        return _wrap(handler, lambda request: self._check(method, metadata, request))
+        return _wrap(
+            handler, lambda request, context: self._check(method, metadata, request, context)
+        )
 
-    def _check(self, method: str, metadata: tuple[Any, ...], request: Any) -> Identity:
-        """The caller's identity, or _Refusal."""
+    def authenticate(self, method: str, metadata: tuple[Any, ...], context: Any) -> Identity:
+        """The caller's identity (CredentialError: why not): in TLS mode its certificate's, in
+        secret mode the one its ``authorization`` metadata proves."""
+        if self._key is None:
+            return grpc_peer_identity(context)
         values = [value for key, value in metadata if key.lower() == AUTHORIZATION_KEY]
+        if len(values) > 1 or (values and not isinstance(values[0], str)):
+            raise CredentialError("malformed credentials")
+        return check_rpc_authorization(
+            self._key, values[0] if values else None, method, self._clock(), self._window_s
+        )
+
+    def _check(
+        self, method: str, metadata: tuple[Any, ...], request: Any, context: Any
+    ) -> Identity:
+        """The caller's identity, or _Refusal."""
         try:
-            if len(values) > 1 or (values and not isinstance(values[0], str)):
-                raise CredentialError("malformed credentials")
-            identity = check_rpc_authorization(
-                self._key, values[0] if values else None, method, self._clock(), self._window_s
-            )
+            identity = self.authenticate(method, metadata, context)
         except CredentialError as exc:
             raise self._refuse(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -174,12 +196,13 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _Refusal(code, message, reason)
 
 
-def _wrap(handler: Any, check: Callable[[Any], Identity]) -> Any:
-    """``handler`` with ``check(request)`` before its behaviour, the identity set meanwhile."""
+def _wrap(handler: Any, check: Callable[[Any, Any], Identity]) -> Any:
+    """``handler`` with ``check(request, context)`` before its behaviour, the identity set
+    meanwhile."""
 
     async def enter(request: Any, context: Any) -> contextvars.Token[Identity | None]:
         try:
-            identity = check(request)
+            identity = check(request, context)
         except _Refusal as refusal:
             await context.abort(refusal.code, refusal.message)
             raise AssertionError("unreachable: context.abort raises") from None
@@ -243,7 +266,10 @@ class _SyncCallDetails(_CallDetails, grpc.ClientCallDetails):  # type: ignore[mi
 
 
 class ClientAuth:
-    """This process's cluster credentials as a gRPC client: ``identity`` and the cluster key.
+    """This process's cluster credentials as a gRPC client: in secret mode ``identity`` and the
+    cluster key (the ``authorization`` metadata of every call), in TLS mode
+    (:meth:`from_tls`) its certificate (the channel's credentials; the identity is the
+    certificate's). Open channels with :func:`aio_channel` / :func:`blocking_channel`.
 
     ``clock`` (Unix seconds) stamps each call; injectable for tests."""
 
@@ -253,9 +279,18 @@ class ClientAuth:
         self._key = key
         self.identity = identity
         self._clock = clock
+        self.tls: TlsConfig | None = None
+
+    @classmethod
+    def from_tls(cls, tls: TlsConfig, role: str | None) -> ClientAuth:
+        """TLS-mode credentials of a component of ``role`` (CredentialError if the certificate
+        names another role; None: any role)."""
+        auth = cls(b"", tls.identity() if role is None else tls.check_role(role))
+        auth.tls = tls
+        return auth
 
     def __repr__(self) -> str:  # never the key
-        return f"ClientAuth({self.identity})"
+        return f"ClientAuth({self.identity}{', TLS' if self.tls is not None else ''})"
 
     @property
     def cluster_key(self) -> bytes:
@@ -264,6 +299,8 @@ class ClientAuth:
 
     def authorization(self, method: str | bytes) -> str:
         """The ``authorization`` value of one call to ``method`` (full name), made now."""
+        if self.tls is not None:
+            raise RuntimeError("TLS-mode credentials travel in the channel, not the metadata")
         name = method.decode() if isinstance(method, bytes) else method
         return rpc_authorization(self._key, self.identity, name, self._clock())
 
@@ -293,6 +330,40 @@ class ClientAuth:
             details.credentials,
             details.wait_for_ready,
         )
+
+
+def aio_channel(
+    target: str, auth: ClientAuth | None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """A ``grpc.aio`` channel to ``target`` with ``auth``'s credentials: mutual TLS in TLS mode,
+    the metadata on every call in secret mode, nothing without credentials."""
+    if auth is not None and auth.tls is not None:
+        credentials = auth.tls.grpc_channel_credentials()
+        return grpc.aio.secure_channel(target, credentials, options=list(options))
+    interceptors = None if auth is None else auth.aio_interceptors()
+    return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
+
+
+def blocking_channel(
+    target: str, auth: ClientAuth | None, options: Sequence[tuple[str, Any]] = ()
+) -> tuple[grpc.Channel, grpc.Channel]:
+    """(the channel to close, the channel to call through) to ``target`` with ``auth``'s
+    credentials, as :func:`aio_channel` but blocking."""
+    if auth is not None and auth.tls is not None:
+        credentials = auth.tls.grpc_channel_credentials()
+        channel = grpc.secure_channel(target, credentials, options=list(options))
+        return channel, channel
+    channel = grpc.insecure_channel(target, options=list(options))
+    return channel, channel if auth is None else auth.intercept(channel)
+
+
+def add_port(server: grpc.aio.Server, tls: TlsConfig | None) -> Callable[[str], int]:
+    """The ``add_*_port`` of ``server`` for ``tls`` (for :func:`strata_common.endpoints.bind_port`):
+    mutual TLS under the cluster CA, or plaintext without TLS."""
+    if tls is None or not tls.enabled:
+        return server.add_insecure_port  # type: ignore[no-any-return]
+    credentials = tls.grpc_server_credentials()
+    return lambda address: server.add_secure_port(address, credentials)
 
 
 class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]

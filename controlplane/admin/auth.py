@@ -1,6 +1,8 @@
 """Bearer-token authentication of the Admin service.
 
-Every Admin RPC must carry the metadata ``authorization: Bearer <token>``. Tokens are compared in
+Every Admin RPC must carry the metadata ``authorization: Bearer <token>``, or (with cluster
+credentials) come from a caller of role ``admin``: its TLS certificate, or in secret mode the
+cluster key's ``Strata-HMAC`` proof (:func:`admin_interceptor`). Tokens are compared in
 constant time (``compare_digest`` over SHA-256 digests, so not even the length leaks). A missing,
 malformed or wrong token gets UNAUTHENTICATED before any handler runs; the health service needs
 no token (it tells only SERVING or NOT_SERVING, as load balancers and probes expect).
@@ -17,9 +19,11 @@ from typing import Any
 import grpc
 
 from controlplane.admin.config import ADMIN_SERVICE_NAME
+from strata_common.grpc_auth import ServerAuthInterceptor, roles_only
 
 __all__ = [
     "BearerTokenInterceptor",
+    "admin_interceptor",
     "token_matches",
 ]
 
@@ -54,12 +58,20 @@ async def _deny(request: Any, context: Any) -> None:
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses every Admin RPC without the right token before its handler runs; other services
-    on the server (health) pass through."""
+    on the server (health) pass through.
+
+    With ``cluster`` (a :class:`strata_common.grpc_auth.ServerAuthInterceptor` whose policy lets
+    role ``admin`` only), a call without a bearer token is the cluster's to judge instead: a
+    caller proving ``admin/NAME`` (its TLS certificate, or in secret mode the cluster key's
+    proof) gets through without the token (docs/design/security.md §5.1)."""
 
     _PREFIX = f"/{ADMIN_SERVICE_NAME}/"
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str | None, cluster: ServerAuthInterceptor | None = None) -> None:
+        if token is None and cluster is None:
+            raise ValueError("the admin service needs a token or cluster credentials")
         self._token = token
+        self._cluster = cluster
         # Every Admin RPC is unary-unary, so one refusing handler fits all of them.
         self._deny_handler = grpc.unary_unary_rpc_method_handler(_deny)
 
@@ -68,7 +80,31 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Any:
         if not details.method.startswith(self._PREFIX):
             return await continuation(details)
-        if token_matches(details.invocation_metadata or (), self._token):
+        metadata = tuple(details.invocation_metadata or ())
+        if self._token is not None and token_matches(metadata, self._token):
             return await continuation(details)
+        if self._cluster is not None and not _bearer(metadata):
+            return await self._cluster.intercept_service(continuation, details)
         logger.warning("admin: refused %s (missing or wrong token)", details.method)
         return self._deny_handler
+
+
+def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
+    """Whether the call presents a bearer token (then the token alone decides)."""
+    return any(
+        k.lower() == "authorization" and isinstance(v, str) and v.lower().startswith("bearer ")
+        for k, v in metadata
+    )
+
+
+def admin_interceptor(
+    token: str | None, cluster_key: bytes | None, tls: bool
+) -> BearerTokenInterceptor:
+    """The admin service's check: ``token``, or role ``admin`` proved by a TLS certificate
+    (``tls``) or the cluster key's proof (``cluster_key``)."""
+    cluster = None
+    if tls:
+        cluster = ServerAuthInterceptor(None, roles_only("admin"))
+    elif cluster_key is not None:
+        cluster = ServerAuthInterceptor(cluster_key, roles_only("admin"))
+    return BearerTokenInterceptor(token, cluster)

@@ -10,13 +10,13 @@ loopback.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from strata_common.options import option
+from strata_common.tls import TlsConfig, is_loopback
 
 __all__ = [
     "ADMIN_SERVICE_NAME",
@@ -48,15 +48,6 @@ class AdminConfigError(ValueError):
     """The admin service cannot start with this configuration."""
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     """Where the admin service listens and how it authenticates; validated on construction."""
@@ -68,6 +59,11 @@ class AdminConfig:
     """The expected bearer token; see :meth:`resolve` for the environment fallback."""
     allow_unauthenticated: bool = False
     """Serve without a token. Only allowed on a loopback address, and only when no token is set."""
+    cluster_key: bytes | None = field(default=None, repr=False)
+    """Secret mode: callers proving ``admin/NAME`` with the cluster key are let in too."""
+    tls: TlsConfig | None = None
+    """TLS mode: serve mutual TLS under the cluster CA; a caller whose certificate names role
+    ``admin`` is let in without the token (docs/design/security.md §5.1)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -86,12 +82,18 @@ class AdminConfig:
                 )
             if any(c.isspace() for c in self.token) or not self.token.isprintable():
                 raise AdminConfigError("the admin token must be printable, without whitespace")
+        elif self.has_cluster_auth:
+            if self.allow_unauthenticated:
+                raise AdminConfigError(
+                    "cluster credentials are set and allow_unauthenticated is on: choose one"
+                )
         elif not self.allow_unauthenticated:
             raise AdminConfigError(
                 f"no admin token: set {ADMIN_TOKEN_ENV} (or the admin token in the gateway "
-                "config); to serve without one, bind to loopback and set allow_unauthenticated"
+                "config), or give cluster credentials (role admin); to serve without either, "
+                "bind to loopback and set allow_unauthenticated"
             )
-        elif not _is_loopback(self.host):
+        elif not is_loopback(self.host):
             raise AdminConfigError(
                 f"refusing to serve the admin API without a token on {self.host}: "
                 "allow_unauthenticated is only allowed on a loopback address"
@@ -100,6 +102,11 @@ class AdminConfig:
     @property
     def requires_token(self) -> bool:
         return self.token is not None
+
+    @property
+    def has_cluster_auth(self) -> bool:
+        """Whether callers of role ``admin`` (cluster credentials) are let in."""
+        return self.cluster_key is not None or (self.tls is not None and self.tls.enabled)
 
     @classmethod
     def resolve(
@@ -110,13 +117,22 @@ class AdminConfig:
         token: str | None = None,
         allow_unauthenticated: bool = False,
         environ: Mapping[str, str] | None = None,
+        cluster_key: bytes | None = None,
+        tls: TlsConfig | None = None,
     ) -> AdminConfig:
         """The config's own token wins; else ``STRATA_ADMIN_TOKEN`` (an empty value counts as
         unset); else none (which needs ``allow_unauthenticated``)."""
         env = os.environ if environ is None else environ
         if not token:
             token = env.get(ADMIN_TOKEN_ENV) or None
-        return cls(host=host, port=port, token=token, allow_unauthenticated=allow_unauthenticated)
+        return cls(
+            host=host,
+            port=port,
+            token=token,
+            allow_unauthenticated=allow_unauthenticated,
+            cluster_key=cluster_key,
+            tls=tls,
+        )
 
 
 def read_token_file(path: str) -> str:
@@ -157,11 +173,24 @@ class AdminApiConfig:
         if not self.host:
             raise AdminConfigError("admin_host must be non-empty")
 
-    def server_config(self, environ: Mapping[str, str] | None = None) -> AdminConfig | None:
+    def server_config(
+        self,
+        environ: Mapping[str, str] | None = None,
+        *,
+        cluster_key: bytes | None = None,
+        tls: TlsConfig | None = None,
+    ) -> AdminConfig | None:
         """The admin server's config (None while the API is off); the token is this config's,
-        else ``$STRATA_ADMIN_TOKEN``. Raises :class:`AdminConfigError` when none is usable."""
+        else ``$STRATA_ADMIN_TOKEN``; callers of role ``admin`` are let in too with the gateway's
+        cluster credentials (``cluster_key``, ``tls``). Raises :class:`AdminConfigError` when
+        nothing is usable."""
         if self.port is None:
             return None
         return AdminConfig.resolve(
-            host=self.host, port=self.port, token=self.token or None, environ=environ
+            host=self.host,
+            port=self.port,
+            token=self.token or None,
+            environ=environ,
+            cluster_key=cluster_key,
+            tls=tls if tls is not None and tls.enabled else None,
         )

@@ -9,8 +9,9 @@ Use from the gateway::
     ...
     await server.stop(grace_s=5.0)       # health: NOT_SERVING, then in-flight calls finish
 
-The channel is plaintext gRPC: bind the admin port to loopback or a private network, or put it
-behind a TLS-terminating proxy.
+With the gateway's TLS credentials the port serves mutual TLS under the cluster CA (callers need
+a certificate of the cluster; role ``admin`` needs no token); otherwise it is plaintext gRPC,
+for loopback.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from controlplane.admin.auth import BearerTokenInterceptor
+from controlplane.admin.auth import admin_interceptor
 from controlplane.admin.config import ADMIN_SERVICE_NAME, AdminConfig, AdminConfigError
 from controlplane.admin.service import AdminService
 from controlplane.instances.types import (
     AdminBackend,
 )
 from strata_common.endpoints import bind_port, format_endpoint
+from strata_common.grpc_auth import add_port
 from strata_proto import admin_pb2_grpc
 
 __all__ = [
@@ -58,9 +60,13 @@ class AdminServer:
         Raises :class:`AdminConfigError` when the address cannot be bound."""
         if self._server is not None:
             raise RuntimeError("admin server already started")
+        config = self.config
+        tls = config.tls if config.tls is not None and config.tls.enabled else None
         interceptors = []
-        if self.config.token is not None:
-            interceptors.append(BearerTokenInterceptor(self.config.token))
+        if config.token is not None or config.has_cluster_auth:
+            interceptors.append(
+                admin_interceptor(config.token, config.cluster_key, tls is not None)
+            )
         else:
             logger.warning(
                 "admin API on %s WITHOUT authentication (allow_unauthenticated, loopback only)",
@@ -76,7 +82,7 @@ class AdminServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = format_endpoint(self.config.host, self.config.port)
-        port = bind_port(server.add_insecure_port, address, "the admin API", AdminConfigError)
+        port = bind_port(add_port(server, tls), address, "the admin API", AdminConfigError)
         await server.start()
         self._server = server
         self.port = int(port)

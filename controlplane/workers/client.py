@@ -20,7 +20,7 @@ import grpc
 
 from controlplane.api.openai_protocol import SamplingOptions
 from controlplane.workers.roles import WorkerRole
-from strata_common.grpc_auth import ClientAuth
+from strata_common.grpc_auth import ClientAuth, aio_channel
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 __all__ = [
@@ -173,11 +173,7 @@ class WorkerClient:
         """``auth``: the gateway's cluster credentials, sent with every call (a worker started
         with a cluster key answers nothing without them; docs/design/security.md §5.1)."""
         self.endpoint = endpoint
-        self._channel = grpc.aio.insecure_channel(
-            endpoint,
-            options=_CHANNEL_OPTIONS,
-            interceptors=None if auth is None else auth.aio_interceptors(),
-        )
+        self._channel = aio_channel(endpoint, auth, _CHANNEL_OPTIONS)
         # Generated gRPC stubs are unannotated.
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)  # type: ignore[no-untyped-call]
 

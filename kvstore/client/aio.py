@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from typing import Any, TypeVar, cast
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockDType, BlockHeader, encode_header, verify
 from kvstore.blocks.tier import Tier
 from kvstore.errors import (
+    KVStoreAuthError,
     KVStoreConnectionLost,
     KVStoreCorruptError,
     KVStoreError,
@@ -74,8 +76,9 @@ from kvstore.wire.frame import (
 )
 from kvstore.wire.hello import ClientHello
 from kvstore.wire.types import NodeMatch, PutStatus
-from strata_common.credentials import ClusterCredentials
+from strata_common.credentials import ClusterCredentials, CredentialError
 from strata_common.endpoints import parse_endpoint
+from strata_common.tls import check_peer_role, ssl_peer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -511,19 +514,38 @@ class AsyncKVStoreClient:
             if protocol is not None and protocol.lost is None and not protocol.closed.done():
                 return protocol
             loop = asyncio.get_running_loop()
+            tls = None if self._credentials is None else self._credentials.tls
             try:
                 async with asyncio.timeout(self.timeout_s):
                     _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self.max_block_bytes), *self._address
+                        lambda: _Protocol(self.max_block_bytes),
+                        *self._address,
+                        ssl=None if tls is None else tls.client_context(),
+                        server_hostname=None if tls is None else self._address[0],
                     )
+                    if tls is not None:  # the node's certificate must name a store node
+                        self._check_node(protocol)
                     if self._credentials is not None:
                         await self._hello(protocol, self._credentials)
+            except ssl.SSLError as exc:  # refused certificates, a plaintext node
+                raise KVStoreAuthError(f"kvstore node {self.endpoint}: TLS: {exc}") from exc
             except (OSError, TimeoutError) as exc:
                 if protocol is not None and protocol.transport is not None:
                     protocol.transport.abort()
                 raise KVStoreUnavailable(f"cannot connect to {self.endpoint}: {exc}") from exc
             self._protocol = protocol
             return protocol
+
+    def _check_node(self, protocol: _Protocol) -> None:
+        assert protocol.transport is not None
+        try:
+            check_peer_role(
+                ssl_peer_identity(protocol.transport.get_extra_info("ssl_object")), "store"
+            )
+        except CredentialError as exc:
+            error = KVStoreAuthError(f"kvstore node {self.endpoint}: {exc}")
+            protocol.abort(error)
+            raise error from None
 
     async def _hello(self, protocol: _Protocol, credentials: ClusterCredentials) -> None:
         """The HELLO handshake (kvstore.wire.hello) on a new connection, before any request."""
@@ -535,6 +557,9 @@ class AsyncKVStoreClient:
             reply = cast(_Request, await first.future)
             assert reply.header is not None
             body = b"" if reply.body is None else bytes(reply.body)
+            if hello.tls:  # the TLS handshake proved both sides; the node accepted the identity
+                hello.accepted(reply.header, body)
+                return
             second = self._request(protocol, Op.HELLO_PROOF)
             protocol.transport.write(hello.answer(reply.header, body, second.request_id))
             done = cast(_Request, await second.future)

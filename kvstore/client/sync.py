@@ -57,6 +57,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import struct
 import threading
 from collections import deque
@@ -73,6 +74,7 @@ from kvstore.blocks.format import (
 from kvstore.blocks.tier import Tier
 from kvstore.client.onesided import OneSidedPaths, PutItem
 from kvstore.errors import (
+    KVStoreAuthError,
     KVStoreConnectionLost,
     KVStoreCorruptError,
     KVStoreError,
@@ -99,7 +101,7 @@ from kvstore.wire.frame import (
 from kvstore.wire.messages import SHM_LEASE
 from kvstore.wire.types import NodeMatch, PutStatus
 from strata_common.closing import Closeable
-from strata_common.credentials import ClusterCredentials
+from strata_common.credentials import ClusterCredentials, CredentialError
 from strata_common.endpoints import parse_endpoint
 
 __all__ = ["KVStoreClient"]
@@ -359,6 +361,18 @@ class KVStoreClient(OneSidedPaths, Closeable):
         except OSError as exc:
             raise KVStoreUnavailable(f"cannot connect to {self.endpoint}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = None if self._credentials is None else self._credentials.tls
+        if tls is not None:  # TLS mode: the node's certificate must name a store node
+            try:
+                sock = tls.connect_ssl(sock, self._address[0], "store")
+            except CredentialError as exc:
+                raise KVStoreAuthError(f"kvstore node {self.endpoint}: {exc}") from None
+            except TimeoutError as exc:
+                sock.close()
+                raise KVStoreTimeout(f"kvstore node {self.endpoint}: TLS handshake") from exc
+            except OSError as exc:  # ssl.SSLError: refused certificates, a plaintext node
+                sock.close()
+                raise KVStoreAuthError(f"kvstore node {self.endpoint}: TLS: {exc}") from exc
         self._sock = sock
         if self._credentials is not None:
             try:
@@ -468,6 +482,10 @@ class KVStoreClient(OneSidedPaths, Closeable):
     def _sendall(self, sock: socket.socket, parts: list[_Buffer]) -> None:
         views = [memoryview(p).cast("B") for p in parts]
         try:
+            if isinstance(sock, ssl.SSLSocket):  # TLS has no gathered send
+                for view in views:
+                    sock.sendall(view)
+                views = []
             while views:
                 sent = sock.sendmsg(views)
                 while views and sent >= views[0].nbytes:

@@ -30,7 +30,7 @@ import grpc
 from kvstore.metadata.base import MAX_BLOCK_S, MAX_MESSAGE_BYTES, MetadataServiceError
 from kvstore.metadata.messages import info_from_proto, info_to_proto
 from strata_common.endpoints import parse_endpoint
-from strata_common.grpc_auth import ClientAuth
+from strata_common.grpc_auth import ClientAuth, blocking_channel
 from strata_proto import metadata_pb2, metadata_pb2_grpc
 
 __all__ = ["DEFAULT_TIMEOUT_S", "RemoteMetadataStore"]
@@ -64,8 +64,7 @@ class RemoteMetadataStore:
             raise ValueError("timeout_s must be positive")
         self.endpoint = str(parse_endpoint(endpoint))
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
-        channel = self._channel if auth is None else auth.intercept(self._channel)
+        self._channel, channel = blocking_channel(self.endpoint, auth, _CHANNEL_OPTIONS)
         self._stub = metadata_pb2_grpc.MetadataStub(channel)  # type: ignore[no-untyped-call]
 
     # -- MetadataStore ----------------------------------------------------------------------

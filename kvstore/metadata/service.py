@@ -41,6 +41,8 @@ from kvstore.metadata.base import MAX_BLOCK_S, MAX_MESSAGE_BYTES, START, STRATA_
 from kvstore.metadata.embedded import EmbeddedMetadataStore
 from kvstore.metadata.messages import info_from_proto, info_to_proto
 from strata_common.endpoints import bind_port, format_endpoint
+from strata_common.grpc_auth import add_port
+from strata_common.tls import TlsConfig
 from strata_proto import metadata_pb2, metadata_pb2_grpc
 
 __all__ = ["METADATA_SERVICE_NAME", "MetadataServer", "MetadataService"]
@@ -285,10 +287,13 @@ class MetadataServer:
         port: int,
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        tls: TlsConfig | None = None,
     ) -> None:
         """``interceptors``: e.g. the secret-mode check of every call
         (:class:`strata_common.grpc_auth.ServerAuthInterceptor` with
-        :func:`kvstore.cluster.access.metadata_policy`); none: every caller is trusted."""
+        :func:`kvstore.cluster.access.metadata_policy`); none: every caller is trusted.
+        ``tls``: serve mutual TLS under the cluster CA (the interceptor then takes each caller's
+        identity from its certificate); None: plaintext."""
         self.host = host
         self.port = port
         """The port asked for; the bound one once started."""
@@ -296,6 +301,7 @@ class MetadataServer:
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
         self._interceptors = tuple(interceptors)
+        self._tls = tls
 
     @property
     def endpoint(self) -> str:
@@ -320,7 +326,7 @@ class MetadataServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = self.endpoint
-        port = bind_port(server.add_insecure_port, address, "the metadata service")
+        port = bind_port(add_port(server, self._tls), address, "the metadata service")
         self._service.open()
         await server.start()
         self._server, self.port = server, int(port)

@@ -19,8 +19,11 @@ from kvstore.wire.frame import FrameHeader, Op, Status, pack_frame_header
 from kvstore.wire.hello import decode_hello, hello_reply
 from kvstore.wire.messages import HELLO_NONCE_BYTES
 from strata_common.credentials import CredentialError, Identity, hello_proof
+from strata_common.tls import ssl_peer_identity
 
 if TYPE_CHECKING:
+    import asyncio
+
     from kvstore.server.connection import Connection
 
 __all__ = ["ALLOWED_OPS", "HANDLERS", "NO_REPLY_OPS", "ConnectionAuth", "admit", "allowed"]
@@ -54,9 +57,11 @@ _HANDSHAKE = frozenset({Op.HELLO, Op.HELLO_PROOF})
 class ConnectionAuth:
     """One connection's handshake state: who it claims to be, then who it proved to be."""
 
-    __slots__ = ("_challenge", "identity", "refused")
+    __slots__ = ("_challenge", "certificate", "identity", "refused")
 
     def __init__(self) -> None:
+        self.certificate: Identity | None = None
+        """TLS mode: the identity in the client's certificate (HELLO must name it)."""
         self.identity: Identity | None = None
         """Set once the connection proved it holds the cluster key."""
         self._challenge: tuple[Identity, bytes, bytes] | None = None
@@ -69,13 +74,28 @@ def allowed(identity: Identity | None, op: Op) -> bool:
     return identity is None or op in _HANDSHAKE or op in ALLOWED_OPS[identity.role]
 
 
+def connected(conn: Connection, transport: asyncio.BaseTransport) -> bool:
+    """TLS mode: note the identity in the client's certificate (verified by the handshake);
+    False (the connection is dropped) if it names none."""
+    if conn.server.tls is None:
+        return True
+    try:
+        conn.auth.certificate = ssl_peer_identity(transport.get_extra_info("ssl_object"))
+    except CredentialError as exc:
+        conn.server.log.warning(
+            "unauthenticated", "dropping a TLS connection from %s: %s", conn.peer, exc
+        )
+        return False
+    return True
+
+
 def admit(conn: Connection, header: FrameHeader) -> bool:
     """Whether the connection may go on to handle this request. A node with a key refuses every
     request but the handshake's until the connection is authenticated: UNAUTHENTICATED, and the
     connection is closed (nothing of the request is read or done)."""
     if conn.auth.refused:
         return False  # refused earlier: what it had already sent is not answered
-    if conn.server.cluster_key is None or header.opcode in _HANDSHAKE:
+    if not conn.server.authenticates or header.opcode in _HANDSHAKE:
         return True
     if conn.auth.identity is not None:
         return True
@@ -94,8 +114,8 @@ def _refuse(conn: Connection, header: FrameHeader, why: str) -> None:
 
 def _hello(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
     key = conn.server.cluster_key
-    if key is None:  # no credentials here: an empty OK (a keyed client refuses it)
-        conn.write(pack_frame_header(Op.HELLO, header.request_id, 0, 0))
+    if not conn.server.authenticates:  # no credentials here: an empty OK (a keyed client
+        conn.write(pack_frame_header(Op.HELLO, header.request_id, 0, 0))  # refuses it)
         return
     if conn.auth.identity is not None or conn.auth._challenge is not None:
         _refuse(conn, header, "a second HELLO")
@@ -105,6 +125,14 @@ def _hello(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
     except CredentialError as exc:
         _refuse(conn, header, f"malformed HELLO: {exc}")
         return
+    if conn.server.tls is not None:  # TLS mode: the certificate proved who it is
+        if identity != conn.auth.certificate:
+            _refuse(conn, header, f"HELLO as {identity}, certificate of {conn.auth.certificate}")
+            return
+        conn.auth.identity = identity
+        conn.write(pack_frame_header(Op.HELLO, header.request_id, 0, 0))
+        return
+    assert key is not None
     node_nonce = os.urandom(HELLO_NONCE_BYTES)
     conn.auth._challenge = (identity, client_nonce, node_nonce)
     proof = hello_proof(key, "node", identity, client_nonce, node_nonce)
@@ -113,7 +141,7 @@ def _hello(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
 
 def _hello_proof(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
     key, challenge = conn.server.cluster_key, conn.auth._challenge
-    if key is None or challenge is None:
+    if key is None or challenge is None or conn.server.tls is not None:
         _refuse(conn, header, "HELLO_PROOF without a HELLO")
         return
     identity, client_nonce, node_nonce = challenge

@@ -28,6 +28,7 @@ from kvstore.policy.factory import PolicyKind, make_policy
 from kvstore.server.config import StoreNodeConfig
 from kvstore.server.lifecycle import StoreServer
 from strata_common.endpoints import format_endpoint
+from strata_common.tls import insecure_warning
 
 __all__ = ["main"]
 
@@ -146,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s kvstore[{os.getpid()}] %(name)s: %(message)s",
     )
+    warning = insecure_warning(
+        config.host, "the store node", secured=config.tls.enabled, insecure=config.insecure
+    )
+    if warning is not None:
+        logger.warning("%s", warning)
     try:
         return int(uvloop.run(_serve(config)))
     except (OSError, SSDTierError) as exc:

@@ -54,18 +54,25 @@ class ClusterMember:
             return
         loop = asyncio.get_running_loop()
         endpoint = format_endpoint(host, port)
-        node_id = config.node_id or endpoint
-        # Secret mode (docs/design/security.md §5.1): this node is store/NODE_ID to another
-        # node's metadata service, and its own service checks every caller.
+        tls = config.tls if config.tls.enabled else None
+        node_id = config.node_id or (tls.identity().name if tls is not None else endpoint)
+        # TLS or secret mode (docs/design/security.md §5.1): this node is store/NODE_ID to
+        # another node's metadata service, and its own service checks every caller.
         key = self.cluster_key
-        auth = None if key is None else ClientAuth(key, Identity("store", node_id))
+        auth: ClientAuth | None = None
+        if tls is not None:
+            auth = ClientAuth.from_tls(tls, "store")
+        elif key is not None:
+            auth = ClientAuth(key, Identity("store", node_id))
         store = await loop.run_in_executor(
             None, partial(open_metadata_store, config.metadata, auth=auth)
         )
         if isinstance(store, EmbeddedMetadataStore):  # only an embedded store is served
-            interceptors = [] if key is None else [ServerAuthInterceptor(key, metadata_policy)]
+            interceptors = []
+            if auth is not None:  # TLS mode: the caller's certificate (key None)
+                interceptors = [ServerAuthInterceptor(None if tls else key, metadata_policy)]
             self.metadata_server = MetadataServer(
-                store, config.host, config.metadata_port, interceptors=interceptors
+                store, config.host, config.metadata_port, interceptors=interceptors, tls=tls
             )
             await self.metadata_server.start()
         info = {
@@ -88,7 +95,9 @@ class ClusterMember:
         self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
         await loop.run_in_executor(None, self.view.start)
         credentials = None
-        if self.cluster_key is not None:  # its peers hold the same key
+        if tls is not None:  # its peers' certificates must name store nodes
+            credentials = tls.credentials("store")
+        elif self.cluster_key is not None:  # its peers hold the same key
             credentials = ClusterCredentials(self.cluster_key, Identity("store", node_id))
         self.fetcher = PeerFetcher(
             credentials=credentials, max_block_bytes=self.config.max_block_bytes

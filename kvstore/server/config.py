@@ -19,7 +19,8 @@ from kvstore.metadata import parse_metadata_spec
 from kvstore.policy.factory import PolicyKind
 from kvstore.wire.frame import DEFAULT_MAX_BLOCK_BYTES
 from strata_common.credentials import Identity, read_cluster_key
-from strata_common.options import from_cli, option
+from strata_common.options import from_cli, group, option
+from strata_common.tls import INSECURE_HELP, TLS_FLAGS, TlsConfig, check_listen
 from strata_common.units import parse_duration, parse_size
 
 __all__ = ["StoreNodeConfig"]
@@ -185,7 +186,13 @@ class StoreNodeConfig:
         "holds it (HELLO) before any other request, and every call to the metadata service "
         "carries it; none = no credentials (loopback only)",
     )
-    node_id: str | None = option(None, help="node id in the cluster (default host:port)")
+    insecure: bool = option(False, help=INSECURE_HELP)
+    tls: TlsConfig = group(
+        TlsConfig, title="TLS mode (docs/design/security.md §3.1)", prefix="tls-"
+    )
+    node_id: str | None = option(
+        None, help="node id in the cluster (default: the TLS certificate's name, else host:port)"
+    )
     metadata: str | None = option(None, help="redis://HOST:PORT/DB, embedded, or none")
     metadata_port: int = option(0, help="gRPC port serving embedded metadata (0 = any)")
     heartbeat_interval_s: float = option(1.0, parse=parse_duration, help="heartbeat period")
@@ -264,6 +271,15 @@ class StoreNodeConfig:
             read_cluster_key(Path(self.cluster_key_file))  # CredentialError (a ValueError): why
             if self.node_id is not None:
                 Identity("store", self.node_id)  # the name this node is known by
+        check_listen(
+            self.host, "--host", secured=self.tls.enabled, insecure=self.insecure, needs=TLS_FLAGS
+        )
+        if self.tls.enabled:
+            name = self.tls.check_role("store").name  # its certificate names this node
+            if self.node_id is not None and self.node_id != name:
+                raise ValueError(
+                    f"node_id {self.node_id!r} differs from its certificate's store/{name}"
+                )
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.leave_policy not in LEAVE_POLICIES:

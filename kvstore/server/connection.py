@@ -147,14 +147,18 @@ class Connection(asyncio.BufferedProtocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self.peer = str(transport.get_extra_info("peername"))
-        if not self.server.admit(self):
+        if not auth.connected(self, transport) or not self.server.admit(self):
             self.closed = True
             transport.abort()
             return
         self._view = memoryview(mmap.mmap(-1, RECV_BUFFER_BYTES))
         # High-water mark 0: pause_writing as soon as a response is not fully handed to the kernel
         # (see "Leases while sending" in the module docstring).
-        transport.set_write_buffer_limits(high=0, low=0)
+        # TLS: the SSL layer encrypts (copies) a reply as it is written, so no arena view outlives
+        # the write; its default limits apply (a high-water mark of 0 would pause it for good:
+        # it pauses at size >= high, and checks again only on its own writes and reads).
+        if self.server.tls is None:
+            transport.set_write_buffer_limits(high=0, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -268,7 +272,7 @@ class Connection(asyncio.BufferedProtocol):
             t for t in (self._payload_started_at, self.transfer.reserved_since) if t is not None
         ]  # an open RESERVE_BATCH is a payload in flight
         frame_since = self._frame_since
-        if self.server.cluster_key is not None and self.auth.identity is None:
+        if self.server.authenticates and self.auth.identity is None:
             # Not authenticated yet: the handshake must be done within the header timeout.
             frame_since = min(frame_since or self._accepted_at, self._accepted_at)
         return Activity(

@@ -35,6 +35,7 @@ from kvstore.transport.rdma import RdmaNodeEndpoint
 from strata_common.credentials import read_cluster_key
 from strata_common.host import boot_id
 from strata_common.ratelog import RateLimitedLog
+from strata_common.tls import TlsConfig
 
 __all__ = ["PEER_LOG_INTERVAL_S", "StoreServer", "deadlines_of"]
 
@@ -65,6 +66,9 @@ class StoreServer(ClusterMember):
         None: no credentials (read from ``config.cluster_key_file``)."""
         if config.cluster_key_file is not None:
             self.cluster_key = read_cluster_key(Path(config.cluster_key_file))
+        self.tls: TlsConfig | None = config.tls if config.tls.enabled else None
+        """TLS mode (docs/design/security.md §3.1): connections are mutual TLS under the cluster
+        CA, and HELLO must name the client certificate's identity."""
         self.node = node
         self.tiers = tiers if tiers is not None else TierManager(node)
         self.connections: set[Connection] = set()
@@ -87,6 +91,11 @@ class StoreServer(ClusterMember):
         )
         self.log = RateLimitedLog(logger, PEER_LOG_INTERVAL_S)
         self._rdma: RdmaNodeEndpoint | str | None = None  # endpoint, or why there is none
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether every connection must pass HELLO before anything else (a key, or TLS)."""
+        return self.cluster_key is not None or self.tls is not None
 
     def rdma_endpoint(self) -> RdmaNodeEndpoint | str:
         """The arena registered for RDMA (on first use), or the reason RDMA is unavailable."""
@@ -112,6 +121,9 @@ class StoreServer(ClusterMember):
             self.config.port,
             reuse_address=True,
             backlog=1024,
+            ssl=None if self.tls is None else self.tls.server_context(),
+            # A client that never finishes the TLS handshake is dropped like a stalled header.
+            ssl_handshake_timeout=None if self.tls is None else self.config.header_timeout_s,
         )
         self._reaper = self._loop.create_task(self._reap())
         self.tiers.start()

@@ -40,6 +40,9 @@ def hello(sock: socket.socket, credentials: ClusterCredentials, request_id: int)
     raw = recv_bytes(sock, FRAME_HEADER_BYTES)
     header = replies.decode_reply_header(raw, 0, request_id, Op.HELLO)  # ≤ HELLO_REPLY_BYTES
     body = recv_bytes(sock, header.payload_len)
+    if handshake.tls:  # the TLS handshake proved both sides; the node accepted the identity
+        handshake.accepted(header, body)
+        return
     sock.sendall(handshake.answer(header, body, request_id + 1))
     raw = recv_bytes(sock, FRAME_HEADER_BYTES)
     ClientHello.finish(replies.decode_reply_header(raw, 0, request_id + 1, Op.HELLO_PROOF))

@@ -11,6 +11,10 @@ connects and before anything else::
 
 so both sides prove they hold the cluster key over fresh nonces: a node without the key cannot
 pass for one, a client without it gets nothing but UNAUTHENTICATED.
+
+In TLS mode (credentials with ``tls``) the TLS handshake has authenticated both sides; HELLO
+carries the identity, which the node checks equals the client certificate's, and its empty OK
+ends the handshake (:meth:`ClientHello.accepted`; there is no HELLO_PROOF).
 """
 
 from __future__ import annotations
@@ -82,6 +86,19 @@ class ClientHello:
         proof = hello_proof(key, "client", identity, self._nonce, node_nonce)
         assert len(proof) == HELLO_PROOF_BYTES
         return pack_frame_header(Op.HELLO_PROOF, request_id, 0, HELLO_PROOF_BYTES) + proof
+
+    @property
+    def tls(self) -> bool:
+        """TLS mode: the node's reply to HELLO ends the handshake (:meth:`accepted`)."""
+        return self._credentials.tls is not None
+
+    @staticmethod
+    def accepted(header: FrameHeader, body: bytes | bytearray | memoryview) -> None:
+        """TLS mode: check the node's reply to HELLO, an empty OK (it accepted the identity)."""
+        if header.status != Status.OK or len(body):
+            raise KVStoreAuthError(
+                f"bad HELLO reply in TLS mode (status {header.status}, {len(body)} bytes)"
+            )
 
     @staticmethod
     def finish(header: FrameHeader) -> None:

@@ -54,6 +54,11 @@ def test_flags_units_shorthands_and_environment(tmp_path: Path) -> None:
             "--api-keys-file /nonexistent/keys is not a file",
         ),
         (["--kv-ssd-write-through", "true", "--no-kv-ssd"], "needs the SSD tier"),
+        (
+            ["--host", "0.0.0.0"],
+            "refusing to listen on 0.0.0.0 (--host) without credentials: give API keys "
+            "(--api-keys-file), or --insecure true",
+        ),
     ],
 )
 def test_usage_errors_name_the_flag(

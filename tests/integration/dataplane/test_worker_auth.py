@@ -27,8 +27,9 @@ from controlplane.workers.client import (
 from dataplane.config import WorkerConfig, WorkerRole
 from dataplane.worker import Worker
 from strata_common.credentials import Identity, load_or_create_cluster_key, rpc_authorization
-from strata_common.grpc_auth import ClientAuth
+from strata_common.grpc_auth import ClientAuth, add_port
 from strata_proto import worker_pb2, worker_pb2_grpc
+from tests.tls_certs import Cluster, outsiders
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -238,3 +239,82 @@ def test_a_worker_config_refuses_an_unreadable_key_file_or_an_id_that_is_no_iden
     with pytest.raises(ValueError, match="bad identity name"):
         WorkerConfig(**base, cluster_key_file=key_file, instance_id="has space")
     assert WorkerConfig(**base, cluster_key_file=key_file, instance_id="w-1").instance_id == "w-1"
+
+
+# -- TLS mode (docs/design/security.md §3.1) ---------------------------------------------------
+
+
+async def _raw_tls(address: str, rpc: str, credentials: grpc.ChannelCredentials) -> None:
+    request = REQUESTS[rpc]
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        if rpc == "Decode":
+            call = channel.unary_stream(
+                SERVICE + rpc, request_serializer=type(request).SerializeToString
+            )(request, timeout=10)
+            async for _ in call:
+                pass
+        else:
+            await channel.unary_unary(
+                SERVICE + rpc, request_serializer=type(request).SerializeToString
+            )(request, timeout=10)
+
+
+def test_in_tls_mode_every_rpc_refuses_outsiders_and_other_roles_and_a_gateway_gets_through(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataplane.worker, "WorkerService", RecordingService)
+    cluster = Cluster(tmp_path / "ca")
+    worker = Worker(
+        WorkerConfig(
+            role=WorkerRole.BOTH,
+            model_dir=tiny_model_dir,
+            store_endpoint="127.0.0.1:1",
+            tls=cluster.tls("worker/w1"),
+        )
+    )
+    assert worker.config.instance_id == "w1"  # its certificate's name
+    gateway = cluster.tls("gateway/g1")
+    strangers = outsiders(cluster, tmp_path, "gateway/g1")
+
+    async def test(address: str) -> None:
+        for rpc in REQUESTS:
+            for files in strangers.values():  # the handshake fails: no call is made
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await _raw_tls(address, rpc, cluster.grpc_outsider(files))
+                assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            for role in ("worker", "store", "admin"):
+                files = cluster.files(f"{role}/x")
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await _raw_tls(address, rpc, cluster.grpc_outsider(files))
+                assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                assert f"{role}/x may not call" in (caught.value.details() or "")
+                assert "only role gateway" in (caught.value.details() or "")
+        assert RecordingService.runs == []  # no handler ran
+        client = WorkerClient(address, auth=ClientAuth.from_tls(gateway, "gateway"))
+        try:
+            assert (await client.health(timeout_s=10)).model == "m"
+        finally:
+            await client.close()
+        assert RecordingService.runs == ["Health"]
+
+    async def serving() -> None:
+        server = worker.create_service()
+        port = add_port(server, worker.tls())("127.0.0.1:0")
+        await server.start()
+        try:
+            await test(f"127.0.0.1:{port}")
+        finally:
+            await server.stop(None)
+
+    asyncio.run(serving())
+
+
+def test_a_worker_refuses_a_certificate_of_another_role_or_name(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cluster = Cluster(tmp_path / "ca")
+    base = {"role": WorkerRole.BOTH, "model_dir": tiny_model_dir, "store_endpoint": "h:1"}
+    with pytest.raises(ValueError, match="needs a worker/\\* certificate"):
+        WorkerConfig(**base, tls=cluster.tls("store/n1"))
+    with pytest.raises(ValueError, match="differs from its certificate's worker/w1"):
+        WorkerConfig(**base, tls=cluster.tls("worker/w1"), instance_id="w2")

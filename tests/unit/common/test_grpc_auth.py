@@ -227,7 +227,9 @@ def test_a_guarded_stream_closed_from_another_context_closes_cleanly() -> None:
     fail there: resetting the identity variable there once raised ValueError ("created in a
     different Context"), which grpc logged for cancelled Decodes."""
     echo = Echo()
-    handler = _wrap(grpc.unary_stream_rpc_method_handler(echo.endless), lambda request: GATEWAY)
+    handler = _wrap(
+        grpc.unary_stream_rpc_method_handler(echo.endless), lambda request, context: GATEWAY
+    )
 
     async def run() -> None:
         stream = handler.unary_stream(b"z", object())

@@ -50,7 +50,7 @@ def test_from_argv_all_flags(tmp_path: Path) -> None:
             "--served-model-name", "tiny",
             "--prefill", "[::1]:6000,10.0.0.2:6001",
             "--decode", "h2:6002",
-            "--host", "0.0.0.0", "--port", "0",
+            "--host", "0.0.0.0", "--port", "0", "--insecure", "true",
             "--request-timeout", "2m",
             "--worker-startup-timeout", "90",
             "--health-check-interval", "500ms",
@@ -157,7 +157,8 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--launch-restart", "--launch-restart-grace", "--launch-restart-backoff",
         "--launch-restart-backoff-max", "--launch-restart-reset-after", "--launch-restart-limit",
         "--launch-restart-window", "--cluster-key-file", "--api-key", "--api-keys-file",
-        "--api-keys-redis", "--api-keys-refresh",
+        "--api-keys-redis", "--api-keys-refresh", "--tls-cert", "--tls-key", "--tls-ca",
+        "--insecure",
     }  # fmt: skip
 
 
