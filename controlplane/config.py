@@ -426,7 +426,7 @@ class GatewayConfig:
 
     @property
     def has_api_keys(self) -> bool:
-        return bool(self.http.api_keys or self.http.api_keys_file)
+        return bool(self.http.api_keys or self.http.api_keys_file or self.http.api_keys_redis)
 
     def insecure_warnings(self) -> list[str]:
         """What the gateway logs at every start when ``--insecure`` lets it listen on a
@@ -451,7 +451,7 @@ class GatewayConfig:
         """This gateway's credentials for calls to workers and the KV metadata: its certificate
         in TLS mode, ``gateway/HOST:PORT`` and the cluster key in secret mode, else None."""
         if self.tls.enabled:
-            return ClientAuth.from_tls(self.tls, "gateway")
+            return ClientAuth.from_tls(self.tls, "gateway", self.cluster.key())
         return self.cluster.client_auth(self.cluster_name)
 
     @property

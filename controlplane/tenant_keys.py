@@ -156,6 +156,11 @@ class LiveApiKeys:
                     logger.error("API keys: cannot refresh, keeping the last table: %s", exc)
                 self._failing = True
                 continue
+            except Exception:  # a bug must not end the refresh (removed keys would stay valid)
+                if not self._failing:
+                    logger.exception("API keys: refresh failed, keeping the last table")
+                self._failing = True
+                continue
             if self._failing:
                 logger.warning("API keys: refreshed again (%s)", self._store.description)
             self._failing = False

@@ -108,10 +108,12 @@ class ApiKeys:
                 lines = keys_file.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
                 raise TenantError(f"cannot read {keys_file}: {exc}") from None
+            entries = 0
             for number, line in enumerate(lines, 1):
                 text = line.strip()
                 if not text or text.startswith("#"):
                     continue
+                entries += 1
                 where = f"{keys_file}:{number}"
                 parts = text.split()
                 if len(parts) != 2:
@@ -123,6 +125,9 @@ class ApiKeys:
                 if table.get(digest, tenant) != tenant:
                     raise TenantError(f"{where}: this key is given to two tenants")
                 table[digest] = tenant
+            if not entries:
+                # An empty file must not open the API (it was given to require keys).
+                raise TenantError(f"{keys_file} holds no API keys (`KEY TENANT` per line)")
         return cls(table)
 
     def tenant_of(self, authorization: str | None) -> str:

@@ -272,7 +272,7 @@ class Worker:
         in TLS mode, the cluster key in secret mode, None without either."""
         tls, key = self.tls(), self.cluster_key()
         if tls is not None:
-            return ClientAuth.from_tls(tls, "worker")
+            return ClientAuth.from_tls(tls, "worker", key)
         return None if key is None else ClientAuth(key, Identity("worker", self.instance_id))
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:

@@ -282,10 +282,11 @@ class ClientAuth:
         self.tls: TlsConfig | None = None
 
     @classmethod
-    def from_tls(cls, tls: TlsConfig, role: str | None) -> ClientAuth:
+    def from_tls(cls, tls: TlsConfig, role: str | None, key: bytes | None = None) -> ClientAuth:
         """TLS-mode credentials of a component of ``role`` (CredentialError if the certificate
-        names another role; None: any role)."""
-        auth = cls(b"", tls.identity() if role is None else tls.check_role(role))
+        names another role; None: any role); ``key``: the cluster key, when the component has
+        its file (TLS authenticates the calls; the key is for the MACs of Redis records)."""
+        auth = cls(key or b"", tls.identity() if role is None else tls.check_role(role))
         auth.tls = tls
         return auth
 
@@ -293,9 +294,10 @@ class ClientAuth:
         return f"ClientAuth({self.identity}{', TLS' if self.tls is not None else ''})"
 
     @property
-    def cluster_key(self) -> bytes:
-        """The cluster key (for what is not a call: the MACs of Redis records)."""
-        return self._key
+    def cluster_key(self) -> bytes | None:
+        """The cluster key (for what is not a call: the MACs of Redis records); None in TLS
+        mode without a key file."""
+        return self._key or None
 
     def authorization(self, method: str | bytes) -> str:
         """The ``authorization`` value of one call to ``method`` (full name), made now."""

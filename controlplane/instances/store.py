@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 _ROLE_BY_NAME = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 """What an instance id may look like (ids appear in logs, metrics labels and admin output)."""
+MAX_RECORD_CHARS = 4096
+"""The longest instance record read (one is a few hundred characters): parsed only below it."""
 
 
 class RegistryStoreError(RuntimeError):
@@ -88,9 +90,13 @@ class InstanceRecord:
     def from_json(cls, raw: str | bytes) -> InstanceRecord:
         """The record, validated field by field (a shared store is input like any other: a
         record anyone with write access to it wrote); RegistryStoreError says what is wrong."""
+        if len(raw) > MAX_RECORD_CHARS:
+            raise RegistryStoreError(
+                f"instance record of {len(raw)} characters (at most {MAX_RECORD_CHARS})"
+            )
         try:
             data = json.loads(raw)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:  # deep nesting: RecursionError
             raise RegistryStoreError(f"instance record is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise RegistryStoreError("instance record is not a JSON object")

@@ -361,18 +361,14 @@ class KVStoreClient(OneSidedPaths, Closeable):
         except OSError as exc:
             raise KVStoreUnavailable(f"cannot connect to {self.endpoint}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = None if self._credentials is None else self._credentials.tls
-        if tls is not None:  # TLS mode: the node's certificate must name a store node
-            try:
-                sock = tls.connect_ssl(sock, self._address[0], "store")
-            except CredentialError as exc:
-                raise KVStoreAuthError(f"kvstore node {self.endpoint}: {exc}") from None
-            except TimeoutError as exc:
-                sock.close()
-                raise KVStoreTimeout(f"kvstore node {self.endpoint}: TLS handshake") from exc
-            except OSError as exc:  # ssl.SSLError: refused certificates, a plaintext node
-                sock.close()
-                raise KVStoreAuthError(f"kvstore node {self.endpoint}: TLS: {exc}") from exc
+        try:  # TLS mode: the node's certificate must name a store node
+            sock = tcp.secure(sock, self._address[0], self._credentials)
+        except CredentialError as exc:
+            raise KVStoreAuthError(f"kvstore node {self.endpoint}: {exc}") from None
+        except TimeoutError as exc:
+            raise KVStoreTimeout(f"kvstore node {self.endpoint}: TLS handshake") from exc
+        except OSError as exc:  # ssl.SSLError: refused certificates, a plaintext node
+            raise KVStoreAuthError(f"kvstore node {self.endpoint}: TLS: {exc}") from exc
         self._sock = sock
         if self._credentials is not None:
             try:

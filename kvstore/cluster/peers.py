@@ -17,7 +17,7 @@ from typing import TypeVar
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, verify
 from kvstore.blocks.hashing import BlockKey
 from kvstore.errors import KVStoreError
-from kvstore.transport.tcp import hello, recv_bytes
+from kvstore.transport.tcp import hello, recv_bytes, secure
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import DEFAULT_MAX_BLOCK_BYTES, FRAME_HEADER_BYTES, FrameHeader, Op
 from strata_common.credentials import ClusterCredentials
@@ -78,6 +78,7 @@ class PeerFetcher:
         address = parse_endpoint(endpoint)
         sock = socket.create_connection((address.host, address.port), timeout=self._timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = secure(sock, address.host, self._credentials)  # TLS mode: the peer is a store/*
         if self._credentials is not None:
             try:
                 hello(sock, self._credentials, _HELLO_ID)
@@ -92,22 +93,28 @@ class PeerFetcher:
 
     def get_block(self, endpoint: str, key: BlockKey) -> tuple[bytes, int] | None:
         """The verified raw block (header + payload) and the tier that served it, or None."""
+        return self.get_blocks(endpoint, [key])[0]
 
-        def run(sock: socket.socket) -> tuple[FrameHeader, bytes]:
-            sock.sendall(requests.get(1, key, from_peer=True))
-            frame = self._read_header(sock, 1, Op.GET)
-            return frame, recv_bytes(sock, frame.payload_len)
+    def get_blocks(self, endpoint: str, keys: Sequence[BlockKey]) -> list[tuple[bytes, int] | None]:
+        """:meth:`get_block` of each key, pipelined: every GET sent at once, the replies read in
+        order (one round trip for the batch). None for a key the peer misses or sends damaged."""
 
-        frame, body = self._call(endpoint, run)
-        try:
-            if not replies.get_hit(frame):
-                return None
-            header = replies.decode_block_header(body[:BLOCK_HEADER_BYTES], len(body), key)
-        except KVStoreError:
-            return None
-        if not verify(header, memoryview(body)[BLOCK_HEADER_BYTES:]):
-            return None
-        return body, frame.count
+        def run(sock: socket.socket) -> list[tuple[FrameHeader, bytes]]:
+            sock.sendall(
+                b"".join(requests.get(i + 1, key, from_peer=True) for i, key in enumerate(keys))
+            )
+            replies_read = []
+            for i in range(len(keys)):
+                frame = self._read_header(sock, i + 1, Op.GET)
+                replies_read.append((frame, recv_bytes(sock, frame.payload_len)))
+            return replies_read
+
+        if not keys:
+            return []
+        return [
+            _verified(key, frame, body)
+            for key, (frame, body) in zip(keys, self._call(endpoint, run), strict=True)
+        ]
 
     def put_blocks(self, endpoint: str, blocks: Sequence[bytes | memoryview]) -> list[int]:
         """PUT raw blocks, pipelined; returns one status per block."""
@@ -143,3 +150,16 @@ class PeerFetcher:
             )
         except KVStoreError as exc:
             raise ConnectionError(f"bad frame from peer: {exc}") from exc
+
+
+def _verified(key: BlockKey, frame: FrameHeader, body: bytes) -> tuple[bytes, int] | None:
+    """The raw block of a GET reply and the tier it came from, if it is a hit that verifies."""
+    try:
+        if not replies.get_hit(frame):
+            return None
+        header = replies.decode_block_header(body[:BLOCK_HEADER_BYTES], len(body), key)
+    except KVStoreError:
+        return None
+    if not verify(header, memoryview(body)[BLOCK_HEADER_BYTES:]):
+        return None
+    return body, frame.count

@@ -106,7 +106,7 @@ def member_info(raw: Any) -> dict[str, Any]:
             raise ValueError(f"member info of {len(raw)} bytes (at most {MAX_MEMBER_INFO_CHARS})")
         try:
             raw = json.loads(raw)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:  # deep nesting: RecursionError
             raise ValueError(f"member info is not JSON: {exc}") from None
     if not isinstance(raw, Mapping):
         raise ValueError(f"member info is a {type(raw).__name__}, not an object")

@@ -10,12 +10,15 @@ import asyncio
 import logging
 import os
 import zlib
+from collections.abc import Sequence
 from functools import partial
 
+from kvstore.blocks.tier import Tier
 from kvstore.cluster.access import metadata_policy
 from kvstore.cluster.membership import NodeAgent
 from kvstore.cluster.peers import PeerFetcher
 from kvstore.cluster.view import ClusterView
+from kvstore.errors import KVStoreError
 from kvstore.metadata import EmbeddedMetadataStore, open_metadata_store
 from kvstore.metadata.service import MetadataServer
 from kvstore.node.store import StoreNode
@@ -61,7 +64,7 @@ class ClusterMember:
         key = self.cluster_key
         auth: ClientAuth | None = None
         if tls is not None:
-            auth = ClientAuth.from_tls(tls, "store")
+            auth = ClientAuth.from_tls(tls, "store", key)
         elif key is not None:
             auth = ClientAuth(key, Identity("store", node_id))
         store = await loop.run_in_executor(
@@ -118,6 +121,21 @@ class ClusterMember:
         me = self.agent.node_id
         return [live[n] for n, _tier in self.view.holders(key) if n != me and n in live]
 
+    def peer_prefix(self, keys: Sequence[bytes]) -> list[Tier]:
+        """The tier at which a live peer holds each leading key of ``keys`` (the fastest first;
+        stops at the first key no live peer holds): what this node can read through."""
+        if self.view is None or self.agent is None:
+            return []
+        live = self.view.live_nodes()
+        me = self.agent.node_id
+        tiers: list[Tier] = []
+        for key in keys:
+            held = [tier for n, tier in self.view.holders(key) if n != me and n in live]
+            if not held:
+                break
+            tiers.append(held[0])
+        return tiers
+
     def fetch_remote(self, key: bytes) -> asyncio.Future[tuple[bytes, int] | None]:
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(None, self._fetch_remote_blocking, key)
@@ -127,19 +145,59 @@ class ClusterMember:
         for endpoint in self.peers_holding(key):
             try:
                 found = self.fetcher.get_block(endpoint, key)
-            except (OSError, ValueError) as exc:  # ValueError: a member's endpoint is malformed
+            except (OSError, ValueError, KVStoreError) as exc:  # ValueError: a bad endpoint
                 logger.warning("read-through from %s failed: %s", endpoint, exc)
                 continue
             if found is not None:
                 if self.config.replicate_on_read and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._keep_copy, key, found[0])
+                    self._loop.call_soon_threadsafe(self.keep_copy, key, found[0])
                 return found
         return None
 
-    def _keep_copy(self, key: bytes, block: bytes) -> None:
-        if self.node.put(key, block) is PutStatus.OK:
+    def fetch_remote_many(
+        self, keys: list[bytes]
+    ) -> asyncio.Future[list[tuple[bytes, int] | None]]:
+        """Read-through of a batch (a LEASE_BATCH's keys that miss here): one pipelined round
+        trip per peer holding some of them, the next holder tried for what one misses."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self._fetch_remote_many_blocking, keys)
+
+    def _fetch_remote_many_blocking(self, keys: list[bytes]) -> list[tuple[bytes, int] | None]:
+        assert self.fetcher is not None
+        found: list[tuple[bytes, int] | None] = [None] * len(keys)
+        tried: list[set[str]] = [set() for _ in keys]
+        pending = list(range(len(keys)))
+        while pending:
+            by_peer: dict[str, list[int]] = {}
+            for i in pending:
+                holders = [e for e in self.peers_holding(keys[i]) if e not in tried[i]]
+                if holders:
+                    by_peer.setdefault(holders[0], []).append(i)
+            pending = []
+            for endpoint, indices in by_peer.items():
+                for i in indices:
+                    tried[i].add(endpoint)
+                try:
+                    blocks = self.fetcher.get_blocks(endpoint, [keys[i] for i in indices])
+                except (OSError, ValueError, KVStoreError) as exc:  # ValueError: a bad endpoint
+                    logger.warning("read-through from %s failed: %s", endpoint, exc)
+                    pending += indices
+                    continue
+                for i, block in zip(indices, blocks, strict=True):
+                    if block is None:
+                        pending.append(i)
+                    else:
+                        found[i] = block
+        return found
+
+    def keep_copy(self, key: bytes, block: bytes) -> bool:
+        """Store a block read through from a peer here (and announce it); whether it is here
+        now (stored, or already was)."""
+        status = self.node.put(key, block)
+        if status is PutStatus.OK:
             self.tiers.note_commit(key)
             self.note_changed([key])
+        return status in (PutStatus.OK, PutStatus.EXISTS)
 
     async def leave_cluster(self) -> None:
         """Graceful leave: migrate DRAM blocks if configured, then clear and deregister. Also

@@ -557,7 +557,9 @@ class Connection(asyncio.BufferedProtocol):
         self._last_progress = self.server.loop_time()
         if reply.lease is None:
             return
-        if self._transport.get_write_buffer_size():
+        # TLS: the SSL layer has encrypted (copied) the block in writelines; nothing refers to
+        # the arena any more. Plain TCP: the transport may still hold a view of it.
+        if self.server.tls is None and self._transport.get_write_buffer_size():
             self._unsent_leases.append(reply.lease)  # released by resume_writing/connection_lost
         else:
             self.node.release(reply.lease)

@@ -76,6 +76,7 @@ def _remote_done(
         conn.fill(reply, [pack_frame_header(Op.GET, request_id, 0, 0, Status.MISS)])
     else:
         block, tier = found
+        conn.server.transfers.read_through_blocks += 1
         conn.fill(reply, [pack_frame_header(Op.GET, request_id, tier, len(block)), block])
 
 
@@ -97,7 +98,13 @@ def get_shm(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
 
 
 def match_prefix(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
-    tiers = bytes(conn.tiers.match_prefix(split_keys(payload)))
+    """The leading keys this node can serve: those its tiers hold, then (a client's request,
+    not a peer's) those live peers hold, which a GET or LEASE_BATCH reads through."""
+    keys = split_keys(payload)
+    found = conn.tiers.match_prefix(keys)
+    if len(found) < len(keys) and not conn.no_forward:
+        found += conn.server.peer_prefix(keys[len(found) :])
+    tiers = bytes(found)
     conn.write(
         pack_frame_header(Op.MATCH_PREFIX, header.request_id, len(tiers), len(tiers)) + tiers
     )

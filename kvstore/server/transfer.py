@@ -71,6 +71,8 @@ logger = logging.getLogger("kvstore.server")
 
 MAX_SSD_READS_PER_BATCH = 8
 """SSD blocks one LEASE_BATCH reads into the arena (the rest are answered LEASE_DEFERRED)."""
+MAX_REMOTE_READS_PER_BATCH = 32
+"""Blocks one LEASE_BATCH reads through from peers into the arena (the rest: LEASE_DEFERRED)."""
 
 
 @dataclass(slots=True)
@@ -89,6 +91,8 @@ class TransferCounters:
 
     lease_batches: int = 0
     batch_leased_blocks: int = 0
+    read_through_blocks: int = 0
+    """Blocks read through from a peer (GET, and LEASE_BATCH into the arena)."""
     reserve_batches: int = 0
     reserve_batches_refused: int = 0
     reserved_blocks: int = 0
@@ -115,7 +119,7 @@ class TransferState:
     put_batches: dict[int, list[_Reserved]] = field(default_factory=dict)
     reserved_bytes: int = 0
     reserved_since: float | None = None
-    batch_fetches: set[asyncio.Future[list[Lease | None]]] = field(default_factory=set)
+    batch_fetches: set[asyncio.Future[dict[int, tuple[Lease, Tier]]]] = field(default_factory=set)
     rdma: object | None = None
 
     def new_batch_id(self) -> int:
@@ -154,6 +158,8 @@ def lease_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> N
     found: list[Lease | None] = []
     tiers = bytearray(len(keys))
     on_ssd: list[int] = []
+    remote: list[int] = []  # missed here, held by a peer: read through into the arena
+    forward = not conn.no_forward
     for i, key in enumerate(keys):
         result = conn.tiers.acquire(key)
         if isinstance(result, Lease):
@@ -165,27 +171,32 @@ def lease_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> N
                 on_ssd.append(i)
             elif result is Tier.SSD:
                 tiers[i] = LEASE_DEFERRED
+            elif forward and conn.server.peers_holding(key):
+                if len(remote) < MAX_REMOTE_READS_PER_BATCH:
+                    remote.append(i)
+                else:
+                    tiers[i] = LEASE_DEFERRED
     counters = conn.server.transfers
     counters.lease_batches += 1
-    if not on_ssd:
+    if not on_ssd and not remote:
         conn.write(_lease_batch_reply(conn, request_id, found, tiers))
         return
-    # Read the SSD blocks into the arena first; the reply keeps its place in line.
+    # Read the SSD and the peers' blocks into the arena first; the reply keeps its place.
     reply = conn.park()
-    fetches = [conn.tiers.fetch(keys[i]) for i in on_ssd]
-    gathered = asyncio.gather(*fetches)
-    state.batch_fetches.add(gathered)
+    fetched = asyncio.ensure_future(_fetch_into_arena(conn, keys, on_ssd, remote))
+    state.batch_fetches.add(fetched)
 
-    def done(future: asyncio.Future[list[Lease | None]]) -> None:
+    def done(future: asyncio.Future[dict[int, tuple[Lease, Tier]]]) -> None:
         state.batch_fetches.discard(future)
-        leases: list[Lease | None] = [None] * len(on_ssd)
+        got: dict[int, tuple[Lease, Tier]] = {}
         if not future.cancelled() and future.exception() is None:
-            leases = future.result()
+            got = future.result()
         elif not future.cancelled():
-            logger.error("SSD fetch failed", exc_info=future.exception())
-        for i, lease in zip(on_ssd, leases, strict=True):
+            logger.error("reading a LEASE_BATCH's blocks failed", exc_info=future.exception())
+        for i in (*on_ssd, *remote):
+            lease, tier = got.get(i, (None, 0))
             found[i] = lease
-            tiers[i] = Tier.SSD if lease is not None else 0
+            tiers[i] = tier
         if conn.closed:
             for lease in found:
                 if lease is not None:
@@ -193,7 +204,36 @@ def lease_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> N
             return
         conn.fill(reply, [_lease_batch_reply(conn, request_id, found, tiers)])
 
-    gathered.add_done_callback(done)
+    fetched.add_done_callback(done)
+
+
+async def _fetch_into_arena(
+    conn: Connection, keys: list[bytes], on_ssd: list[int], remote: list[int]
+) -> dict[int, tuple[Lease, Tier]]:
+    """Lease the batch's blocks that are not in this node's DRAM: the SSD ones read into the
+    arena, the ones peers hold read through (one pipelined round trip per peer) and stored here
+    (announced: later requests on this host hit them here). By index in ``keys``."""
+    loop = asyncio.get_running_loop()
+    from_peers: asyncio.Future[list[tuple[bytes, int] | None]] = loop.create_future()
+    if remote:
+        from_peers = conn.server.fetch_remote_many([keys[i] for i in remote])
+    else:
+        from_peers.set_result([])
+    ssd_leases, blocks = await asyncio.gather(
+        asyncio.gather(*(conn.tiers.fetch(keys[i]) for i in on_ssd)), from_peers
+    )
+    got: dict[int, tuple[Lease, Tier]] = {}
+    for i, lease in zip(on_ssd, ssd_leases, strict=True):
+        if lease is not None:
+            got[i] = (lease, Tier.SSD)
+    for i, block in zip(remote, blocks, strict=True):
+        if block is None or not conn.server.keep_copy(keys[i], block[0]):
+            continue
+        lease = conn.node.acquire(keys[i])
+        if lease is not None:
+            got[i] = (lease, Tier.DRAM)
+            conn.server.transfers.read_through_blocks += 1
+    return got
 
 
 def _lease_batch_reply(

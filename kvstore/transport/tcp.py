@@ -31,6 +31,21 @@ def recv_bytes(sock: socket.socket, nbytes: int) -> bytes:
     return bytes(buffer)
 
 
+def secure(sock: socket.socket, host: str, credentials: ClusterCredentials | None) -> socket.socket:
+    """A new blocking socket to a store node at ``host``, wrapped in TLS when ``credentials``
+    are TLS mode's (the node's certificate must name a ``store/*``), else as it is. On failure
+    the socket is closed and the error raised: CredentialError (the node's identity), OSError
+    (``ssl.SSLError`` for refused certificates or a plaintext node; a timeout)."""
+    tls = None if credentials is None else credentials.tls
+    if tls is None:
+        return sock
+    try:
+        return tls.connect_ssl(sock, host, "store")
+    except BaseException:
+        sock.close()
+        raise
+
+
 def hello(sock: socket.socket, credentials: ClusterCredentials, request_id: int) -> None:
     """The HELLO handshake (kvstore.wire.hello) on a new blocking socket, with request ids
     ``request_id`` and ``request_id + 1``: KVStoreAuthError if either side's proof fails,

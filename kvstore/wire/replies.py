@@ -236,7 +236,7 @@ def decode_json(header: FrameHeader, body: bytes | bytearray | memoryview) -> di
     check_ok(header)
     try:
         value = json.loads(bytes(body))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise KVStoreCorruptError(f"garbled {header.opcode.name} reply: {exc}") from exc
     if not isinstance(value, dict):
         raise KVStoreError(f"{header.opcode.name} reply is not a JSON object")

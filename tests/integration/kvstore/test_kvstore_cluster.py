@@ -19,6 +19,7 @@ from kvstore.client.sync import KVStoreClient
 from kvstore.cluster.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, MetadataStore, RedisMetadataStore, open_metadata_store
+from kvstore.transport.base import TransportKind
 from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.node_args import cluster_args, ssd_args
 from tests.integration.kvstore.valkey_fixture import valkey_url
@@ -77,6 +78,7 @@ def test_three_nodes_read_through_crash_and_restart(
                 5.0,
             )
             # A block put via A is read byte-exact through B (and C), B keeps no copy.
+            wait_until(lambda: b.match_prefix([key(0, NUM_A - 1)]) == 1)  # B's index too
             assert b.get(key(0, NUM_A - 1)) == payload(0, NUM_A - 1)
             assert c.get(key(1, 0)) == payload(1, 0)
             assert b.exists([key(0, NUM_A - 1)]) == [False]
@@ -346,7 +348,53 @@ def test_read_through_between_nodes_on_ipv6(start_node: NodeFactory, valkey_url:
         ):
             assert a.put(key(6, 0), payload(6, 0)) is PutStatus.OK
             assert view.wait_for(lambda v: v.holders(key(6, 0)) == [("A6", Tier.DRAM)], 5.0)
+            wait_until(lambda: b.match_prefix([key(6, 0)]) == 1)  # B's own index has it too
             assert b.get(key(6, 0)) == payload(6, 0)
     finally:
         view.stop()
         store.close()
+
+
+def test_a_shared_memory_reader_gets_a_peers_blocks_through_its_own_node(
+    start_node: NodeFactory, valkey_url: str
+) -> None:
+    """A decode worker on host B reads its node B over shared memory (LEASE_BATCH): blocks only
+    node A holds are read through, one pipelined round trip per peer, into B's arena, leased and
+    announced as B's, so the next reader on B's host finds them there."""
+    node_a = start_node(*cluster_args(valkey_url, "A"))
+    node_b = start_node(*cluster_args(valkey_url, "B"))
+    store = RedisMetadataStore(valkey_url)
+    view = ClusterView(store, poll_interval_s=0.05).start()
+    keys = [
+        key(0, n) for n in range(40)
+    ]  # beyond one batch's 32 read-throughs: deferred, asked again
+    try:
+        assert view.wait_for(lambda v: set(v.live_nodes()) == {"A", "B"}, 5.0)
+        with KVStoreClient(node_a.endpoint, use_shm=False) as a:
+            assert a.put_many([(k, payload(0, n)) for n, k in enumerate(keys)]) == (
+                [PutStatus.OK] * len(keys)
+            )
+        assert view.wait_for(lambda v: v.match(keys).depth == len(keys), 5.0)
+        with KVStoreClient(node_b.endpoint, transports=(TransportKind.SHM,)) as b:
+            wait_until(lambda: b.match_prefix(keys) == len(keys))  # B's index has A's blocks
+            outs = [bytearray(BLOCK_BYTES) for _ in keys]
+            assert b.get_many_into(keys, outs) == [BLOCK_BYTES] * len(keys)
+            assert b.transport == "shm"
+            assert [bytes(o) for o in outs] == [payload(0, n) for n in range(len(keys))]
+            stats = b.stats()
+        assert stats["transfers"]["read_through_blocks"] == len(keys)
+        assert view.wait_for(lambda v: all(("B", Tier.DRAM) in v.holders(k) for k in keys), 5.0)
+        with KVStoreClient(node_b.endpoint, transports=(TransportKind.SHM,)) as again:
+            outs = [bytearray(BLOCK_BYTES) for _ in keys]
+            assert again.get_many_into(keys, outs) == [BLOCK_BYTES] * len(keys)
+            assert again.stats()["transfers"]["read_through_blocks"] == len(keys)  # B's own now
+    finally:
+        view.stop()
+        store.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)

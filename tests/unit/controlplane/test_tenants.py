@@ -65,6 +65,8 @@ def test_missing_or_wrong_keys_are_refused(header: str | None, reason: str) -> N
         ("short team\n", "at least 16"),
         (f"{KEY_A} bad/tenant\n", "a tenant name"),
         (f"{KEY_A} a\n{KEY_A} b\n", "two tenants"),
+        ("", "holds no API keys"),  # an empty file must not leave the API open
+        ("# nobody yet\n\n", "holds no API keys"),
     ],
 )
 def test_a_bad_keys_file_names_the_line(tmp_path: Path, text: str, reason: str) -> None:

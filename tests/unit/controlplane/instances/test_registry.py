@@ -122,6 +122,8 @@ def test_record_json_round_trip() -> None:
         ('{"id": "w1", "role": "decode", "endpoint": "a:1", "draining": "no"}', "draining"),
         ('{"id": "w1", "role": "decode", "endpoint": "a:1", "launched": 1}', "launched"),
         ('{"id": "w1", "role": "decode", "endpoint": "\ud800:1"}', "bad endpoint"),
+        ("[" * 3000, "not JSON"),  # nesting past Python's recursion limit: skipped, not fatal
+        ('{"id": "w1", "pad": "' + "x" * 5000 + '"}', "of 5023 characters (at most 4096)"),
     ],
 )
 def test_each_field_of_a_record_is_validated(raw: str, reason: str) -> None:
