@@ -166,12 +166,8 @@ class WorkerConfig:
         check_listen(
             self.host, "--host", secured=self.tls.enabled, insecure=self.insecure, needs=TLS_FLAGS
         )
-        if self.tls.enabled:
-            name = self.tls.check_role("worker").name  # its certificate names this worker
-            if self.instance_id is not None and self.instance_id != name:
-                raise ValueError(
-                    f"instance_id {self.instance_id!r} differs from its certificate's worker/{name}"
-                )
+        if self.tls.enabled:  # its certificate names this worker
+            name = self.tls.name_for("worker", self.instance_id, "instance_id")
             object.__setattr__(self, "instance_id", name)
         if self.cluster_key_file is not None:
             read_cluster_key(self.cluster_key_file)  # CredentialError (a ValueError) says why

@@ -229,6 +229,14 @@ class TlsConfig:
             raise
         return wrapped
 
+    def name_for(self, role: str, configured: str | None, flag: str) -> str:
+        """This component's NAME: its certificate's, which must be of ``role``; ValueError if
+        the id configured with ``flag`` names another (a certificate names its component)."""
+        name = self.check_role(role).name
+        if configured is not None and configured != name:
+            raise ValueError(f"{flag} {configured!r} differs from its certificate's {role}/{name}")
+        return name
+
     def _files(self) -> tuple[str, str, str]:
         if self.cert is None or self.key is None or self.ca is None:
             raise CredentialError("TLS is not configured (--tls-cert, --tls-key, --tls-ca)")

@@ -274,12 +274,8 @@ class StoreNodeConfig:
         check_listen(
             self.host, "--host", secured=self.tls.enabled, insecure=self.insecure, needs=TLS_FLAGS
         )
-        if self.tls.enabled:
-            name = self.tls.check_role("store").name  # its certificate names this node
-            if self.node_id is not None and self.node_id != name:
-                raise ValueError(
-                    f"node_id {self.node_id!r} differs from its certificate's store/{name}"
-                )
+        if self.tls.enabled:  # its certificate names this node
+            self.tls.name_for("store", self.node_id, "node_id")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.leave_policy not in LEAVE_POLICIES:
