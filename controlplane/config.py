@@ -416,8 +416,13 @@ class GatewayConfig:
             ("prefill_endpoints", self.launch.prefill, "launch_prefill"),
             ("decode_endpoints", self.launch.decode, "launch_decode"),
         ):
-            if not getattr(self, name) and launched == 0:
-                raise ConfigError(f"{name} must name at least one HOST:PORT (or set {flag})")
+            if not getattr(self, name) and launched == 0 and not self.registry.url:
+                # With a shared registry, workers may come from it alone: announced
+                # (docs/design/multihost.md §3), added, or other gateways' records.
+                raise ConfigError(
+                    f"{name} must name at least one HOST:PORT (or set {flag}, or share a "
+                    "registry where workers announce themselves: --registry)"
+                )
             for endpoint in getattr(self, name):
                 try:
                     parse_endpoint(endpoint)

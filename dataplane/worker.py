@@ -312,9 +312,6 @@ class Worker:
         self.instance_id = self.config.instance_id or self.endpoint
         await asyncio.get_running_loop().run_in_executor(None, self.start_hbm_events)
         self.ready = True
-        announcement = announcement_loop(self.config, port, self.cluster_key())
-        if announcement is not None:
-            await announcement.start()
         self.startup.mark("serving")
         logger.info("start-up: %s", self.startup)
         print(
@@ -326,6 +323,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        announcement = announcement_loop(self.config, port, self.cluster_key())
+        if announcement is not None:  # serving: gateways may find it from now on
+            await announcement.start()
         await stop.wait()
         if announcement is not None:  # first: gateways drain this worker on their next round
             await announcement.stop()

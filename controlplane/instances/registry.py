@@ -188,6 +188,18 @@ class InstanceRegistry(Supervision):
             },
         )
 
+    async def _on_announcement_gone(self, instance: Instance) -> None:
+        """Its worker's announcement is gone (withdrawn at SIGTERM, or expired): drained here
+        (and, through the record, on every gateway), then deleted once idle, as scale-down
+        retires an instance."""
+        if instance.forgotten:
+            return
+        try:
+            await self.drain(instance.id)
+        except RegistryStoreError as exc:  # drained here all the same; others see it go
+            logger.warning("could not mark %s drained in the registry: %s", instance.id, exc)
+        await self._retire(instance)
+
     async def _retire(self, instance: Instance) -> None:
         await self._wait_idle(instance, self._drain_timeout_s)
         try:
