@@ -135,11 +135,19 @@ def check_listen(host: str, flag: str, *, secured: bool, insecure: bool, needs: 
     )
 
 
-def insecure_warning(host: str, what: str, *, secured: bool, insecure: bool) -> str | None:
+def insecure_warning(
+    host: str, what: str, *, secured: bool, insecure: bool, keyed: bool = False
+) -> str | None:
     """What a component logs at every start when ``--insecure`` lets it serve ``what`` on a
-    non-loopback ``host`` without credentials (None otherwise)."""
+    non-loopback ``host`` without TLS (None otherwise). ``keyed``: it checks the cluster key's
+    proofs (secret mode), which say who connects but protect nothing on the wire."""
     if not insecure or secured or is_loopback(host):
         return None
+    if keyed:
+        return (
+            f"--insecure: {what} on {host} WITHOUT TLS: the cluster key proves who connects, "
+            "but anyone on the network path can read and alter the traffic"
+        )
     return f"--insecure: {what} on {host} WITHOUT credentials: anyone who can reach it is trusted"
 
 

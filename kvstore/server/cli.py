@@ -148,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s kvstore[{os.getpid()}] %(name)s: %(message)s",
     )
     warning = insecure_warning(
-        config.host, "the store node", secured=config.tls.enabled, insecure=config.insecure
+        config.host,
+        "the store node",
+        secured=config.tls.enabled,
+        insecure=config.insecure,
+        keyed=config.cluster_key_file is not None,
     )
     if warning is not None:
         logger.warning("%s", warning)
