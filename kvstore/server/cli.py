@@ -71,7 +71,7 @@ async def _serve(config: StoreNodeConfig) -> int:
         server = StoreServer(config, node, tiers)
         try:  # stop() also closes the SSD tier, before the arena its threads read from
             host, port = await server.start()
-            await server.join_cluster(host, port)
+            await server.join_cluster(config.advertise_address or host, port)
             print(f"kvstore node listening on {format_endpoint(host, port)}", flush=True)
             logger.info(
                 "arena %s: %d bytes, page %d, max block %d",
