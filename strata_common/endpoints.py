@@ -71,10 +71,13 @@ def format_endpoint(host: str, port: int) -> str:
 
 
 def is_wildcard(host: str) -> bool:
-    """``0.0.0.0``, ``::`` (any spelling, brackets or not): an address to listen on every
-    interface, never one to dial."""
+    """``0.0.0.0``, ``::`` (any spelling, brackets or not) or ``""``: an address to listen on
+    every interface, never one to dial."""
+    bare = host.strip("[]")
+    if not bare:
+        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+        return ipaddress.ip_address(bare).is_unspecified
     except ValueError:
         return False  # a DNS name
 
