@@ -192,3 +192,62 @@ def _aio(url: str) -> redis.asyncio.Redis:
     import redis.asyncio as aioredis
 
     return aioredis.Redis.from_url(url)
+
+
+def test_a_worker_announces_once_serving_and_withdraws_first_on_sigterm(
+    tmp_path: Path, valkey_server: ValkeyServer
+) -> None:
+    """The worker's own serve() (no engine: the HBM event hook is a no-op): the announcement is
+    written once the gRPC server serves, names the advertised address, which is also the
+    default instance id, and is gone before the gRPC server starts to stop on SIGTERM."""
+    import os
+    import signal
+
+    import grpc
+    import redis.asyncio as aioredis
+
+    from dataplane.worker import Worker
+
+    config = _config(tmp_path, valkey_server.url, advertise_address="localhost")
+    seen: dict[str, object] = {}
+
+    class NoEngineWorker(Worker):
+        def start_hbm_events(self) -> None:
+            pass  # no engine, no events
+
+        def create_service(self) -> grpc.aio.Server:
+            server = super().create_service()
+            stop = server.stop
+
+            async def stop_recorded(grace: float | None) -> None:
+                async with aioredis.Redis.from_url(valkey_server.url) as client:
+                    seen["keys_at_server_stop"] = await client.keys("strata:registry:announce:*")
+                await stop(grace)
+
+            server.stop = stop_recorded  # type: ignore[method-assign]
+            return server
+
+    async def scenario() -> None:
+        worker = NoEngineWorker(config)
+        serving = asyncio.create_task(worker.serve())
+        async with aioredis.Redis.from_url(valkey_server.url) as client:
+            while not await client.keys("strata:registry:announce:*"):
+                assert not serving.done(), serving
+                await asyncio.sleep(0.02)
+            (key,) = await client.keys("strata:registry:announce:*")
+            seen["announcement"] = open_announcement(RecordSeal(None), key, await client.get(key))
+            seen["ready"] = worker.ready
+            seen["ids"] = (worker.endpoint, worker.instance_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker's handler stops it
+            await asyncio.wait_for(serving, 60)
+            seen["keys_after"] = await client.keys("strata:registry:announce:*")
+
+    asyncio.run(scenario())
+    announcement = seen["announcement"]
+    assert isinstance(announcement, Announcement)
+    assert announcement.endpoint.startswith("localhost:")
+    assert announcement.role is AnnouncedRole.PREFILL
+    assert seen["ready"] is True
+    assert seen["ids"] == (announcement.endpoint, announcement.endpoint)
+    assert seen["keys_at_server_stop"] == []  # withdrawn before the server stopped
+    assert seen["keys_after"] == []
