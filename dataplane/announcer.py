@@ -28,6 +28,10 @@ __all__ = ["AnnouncementLoop", "announcement_loop"]
 
 logger = logging.getLogger("strata.worker.announce")
 
+WITHDRAW_TIMEOUT_S = 2.0
+"""The longest a stopping worker waits for Redis to delete its announcement (an unreachable
+Redis must not hold up the drain; the announcement then expires within its TTL)."""
+
 
 class AnnouncementLoop:
     """Publishes ``announcer``'s announcement now and every ``interval_s``; withdraws it on
@@ -55,15 +59,19 @@ class AnnouncementLoop:
 
     async def stop(self) -> None:
         """Stop renewing and delete the announcement (if it is still this process's); a
-        failure is logged (the announcement then expires within its TTL)."""
+        failure, or no answer within ``WITHDRAW_TIMEOUT_S``, is logged (the announcement then
+        expires within its TTL)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         try:
-            deleted = await self.announcer.withdraw()
-        except AnnouncementStoreError as exc:
-            logger.warning("could not withdraw the announcement (it expires by itself): %s", exc)
+            deleted = await asyncio.wait_for(self.announcer.withdraw(), WITHDRAW_TIMEOUT_S)
+        except (AnnouncementStoreError, TimeoutError) as exc:
+            logger.warning(
+                "could not withdraw the announcement (it expires by itself): %s",
+                str(exc) or f"no answer within {WITHDRAW_TIMEOUT_S:g} s",
+            )
         else:
             endpoint = self.announcer.announcement.endpoint
             if deleted:

@@ -251,3 +251,26 @@ def test_a_worker_announces_once_serving_and_withdraws_first_on_sigterm(
     assert seen["ids"] == (announcement.endpoint, announcement.endpoint)
     assert seen["keys_at_server_stop"] == []  # withdrawn before the server stopped
     assert seen["keys_after"] == []
+
+
+def test_a_redis_that_never_answers_does_not_hold_up_the_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # accepts, reads, never answers (a black-holed Redis)
+
+        server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        announcement = Announcement("10.0.0.1:1", AnnouncedRole.DECODE, "m", "b")
+        announcer = Announcer(
+            f"redis://127.0.0.1:{port}/0", announcement, cluster_key=None, ttl_s=10.0
+        )
+        await AnnouncementLoop(announcer, interval_s=2.0).stop()
+        server.close()
+
+    with caplog.at_level(logging.WARNING, logger="strata.worker.announce"):
+        asyncio.run(scenario())
+    assert [r.getMessage() for r in caplog.records] == [
+        "could not withdraw the announcement (it expires by itself): no answer within 2 s"
+    ]
