@@ -3,7 +3,9 @@ line from deploy/ can be given to the component's own config (which checks them:
 certificate against its CA and role, the 0600 key files, the model directory).
 
 Paths are moved under the temporary root (``FakeRoot.path``); the credentials of a Kubernetes pod
-are made by running its init container's script, deploy/k8s/base/pod-credentials.sh, for real.
+are made by running its init container's script, deploy/k8s/base/pod-credentials.sh, for real;
+its Secrets are files of this user, 0600 (a Kubernetes Secret mount, root:fsGroup 0440, is what
+strata_common.credentials.owner_only also accepts; tests/unit/common/test_credentials.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 from strata.certs import init_ca
@@ -87,20 +89,11 @@ def make_ca(directory: Path) -> Path:
 
 
 def run_pod_credentials(
-    root: FakeRoot,
-    args: list[str],
-    secrets: Mapping[str, str],
-    ca_dir: Path,
-    work: Path,
+    root: FakeRoot, args: list[str], ca_dir: Path, work: Path
 ) -> subprocess.CompletedProcess[str]:
-    """pod-credentials.sh ARGS with the pod's mounts under ``root``: ``secrets`` (file name →
-    the name its content is known by) in /etc/strata/secrets, the CA in /etc/strata/ca."""
-    secrets_dir = root.path("/etc/strata/secrets")
-    for file_name, content_name in secrets.items():
-        secret_file(secrets_dir / file_name, content_name)
+    """pod-credentials.sh ARGS with the pod's mounts under ``root`` and the CA in ``ca_dir``."""
     env = strata_on_path(work / "bin")
     env.update(
-        STRATA_SECRETS_DIR=str(secrets_dir),
         STRATA_CA_DIR=str(ca_dir),
         STRATA_CREDENTIALS_DIR=str(root.path("/run/strata/credentials")),
         STRATA_CA_WORK_DIR=str(root.path("/run/strata-ca")),

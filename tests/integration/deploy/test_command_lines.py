@@ -146,20 +146,20 @@ def parse(command: str, argv: list[str], env: dict[str, str]) -> Parsed:
 # -- Kubernetes ----------------------------------------------------------------------------------
 
 
-def _secret_items(pod: dict[str, Any]) -> dict[str, str]:
-    """File name → content name of the pod's projected Secrets (/etc/strata/secrets)."""
-    names = {
-        "strata-cluster-key": "cluster.key",
-        "strata-api-keys": "api-keys",
-        "strata-admin-token": "admin-token",
-    }
-    items = {}
-    for volume in pod["volumes"]:
-        if volume["name"] == "secrets":
-            for source in volume["projected"]["sources"]:
-                file_name = names[source["secret"]["name"]]
-                items[file_name] = file_name
-    return items
+#: The file each Secret of a pod's projected volume `secrets` holds (deploy/k8s/secrets).
+SECRET_FILES = {
+    "strata-cluster-key": "cluster.key",
+    "strata-api-keys": "api-keys",
+    "strata-admin-token": "admin-token",
+}
+
+
+def _write_secrets(root: FakeRoot, pod: dict[str, Any]) -> None:
+    """The pod's projected Secrets, in /etc/strata/secrets."""
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "secrets"]
+    for source in volume["projected"]["sources"]:
+        name = SECRET_FILES[source["secret"]["name"]]
+        secret_file(root.path(f"/etc/strata/secrets/{name}"), name)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -176,12 +176,13 @@ def test_every_strata_command_line_in_the_overlays_parses(
         command, args = argv[0], argv[1:]
         root_dir = tmp_path / f"pod{number}"
         mounts = [m["mountPath"] for m in c.spec.get("volumeMounts", [])]
-        root = FakeRoot(root_dir, [*mounts, "/etc/strata", "/run/strata-ca"])
+        root = FakeRoot(root_dir, [*mounts, "/run/strata-ca"])
+        _write_secrets(root, c.pod)
         # The pod's init container `credentials`, for real: its certificate and key files.
         (init,) = [i for i in c.pod.get("initContainers", []) if i["name"] == "credentials"]
         init_env = container_env(Container(c.workload, init["name"], init, c.pod, True), objects)
         script_args = [expand(a, init_env) for a in init["command"][2:]]
-        done = run_pod_credentials(root, script_args, _secret_items(c.pod), ca_dir, root_dir)
+        done = run_pod_credentials(root, script_args, ca_dir, root_dir)
         assert done.returncode == 0, done.stderr
         env = {k: root.move(v) for k, v in container_env(c, objects).items()}
         args = [root.move(a) for a in args]
@@ -202,7 +203,8 @@ def _check_k8s(command: str, config: Any, pod: dict[str, Any]) -> None:
         assert config.tls.enabled and config.host == "0.0.0.0"
         assert config.store_endpoint == "192.0.2.10:7600"  # status.hostIP and the store's host port
     elif command == "store":
-        assert config.tls.enabled and config.host == "192.0.2.10" and config.port == 7600
+        assert config.tls.enabled and config.host == "0.0.0.0" and config.port == 7600
+        assert config.advertise_address == "192.0.2.10"  # status.hostIP, the host port's
         assert str(config.arena_dir).endswith("/dev/shm")
     else:
         assert config.has_api_keys and config.tls.enabled

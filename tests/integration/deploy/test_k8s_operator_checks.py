@@ -206,11 +206,13 @@ def test_gpus_are_requested_in_the_gpu_overlay_only(
 
 
 def test_the_workers_share_their_hosts_store_node(objects: list[dict[str, Any]]) -> None:
-    """Workers dial the store node on their host's address and the node's host port, and map
-    its arena: the same /dev/shm, the same user (the arena file is 0600)."""
+    """Workers dial the store node on their host's address and the node's host port (what the
+    node registers for its peers too), and map its arena: the same /dev/shm, the same user (the
+    arena file is 0600)."""
     store = find(objects, "DaemonSet", "strata-store")["spec"]["template"]["spec"]
-    assert store["hostNetwork"] is True
     (store_port,) = [p for p in store["containers"][0]["ports"] if p["name"] == "store"]
+    assert store_port["hostPort"] == store_port["containerPort"]
+    assert "--advertise-address=$(HOST_IP)" in store["containers"][0]["args"]
     shm = {v["name"]: v for v in store["volumes"]}["host-shm"]["hostPath"]["path"]
     for pool in POOLS:
         spec = find(objects, "Deployment", pool)["spec"]["template"]["spec"]
