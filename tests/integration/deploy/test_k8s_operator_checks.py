@@ -150,14 +150,13 @@ def test_each_pool_and_the_gateway_have_a_disruption_budget(objects: list[dict[s
         assert spec.get("maxUnavailable") == 1 or spec.get("minAvailable") == 1, name
 
 
-#: What the Kubernetes launcher calls (docs/design/multihost.md §7): the scale subresource of the
-#: two pool Deployments (read, replace; patch for a replica change without a read), the
-#: Deployments (their selector), and pods (list by the pool's labels, read, annotate with the
-#: deletion cost, delete a Pending one). Nothing cluster-wide, no Secrets, no other resource.
+#: What the Kubernetes launcher calls (docs/design/multihost.md §7, its RBAC table): the scale
+#: subresource of the two pool Deployments (GET, PUT with the resourceVersion read) and pods
+#: (list by the pool's selector, a strategic merge patch of the deletion-cost annotation, DELETE
+#: with a uid precondition). Nothing cluster-wide, no Deployment, no Secret, no other verb.
 SCALER_RULES = {
-    ("apps", "deployments/scale", ("strata-decode", "strata-prefill")): {"get", "update", "patch"},
-    ("apps", "deployments", ("strata-decode", "strata-prefill")): {"get"},
-    ("", "pods", ()): {"get", "list", "patch", "delete"},
+    ("apps", "deployments/scale", ("strata-decode", "strata-prefill")): {"get", "update"},
+    ("", "pods", ()): {"list", "patch", "delete"},
 }
 
 
