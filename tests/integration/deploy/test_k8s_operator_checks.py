@@ -270,3 +270,45 @@ def test_the_overlays_directory_holds_only_rendered_overlays() -> None:
     on_disk = {p.name for p in (K8S / "overlays").iterdir() if p.is_dir()}
     assert on_disk <= set(OVERLAYS)
     assert Path(K8S / "base" / "kustomization.yaml").is_file()
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_network_policies_admit_exactly_the_callers_of_each_port(
+    objects: list[dict[str, Any]],
+) -> None:
+    """Redis from every Strata component that uses it, workers' gRPC from gateways only; each
+    policy's port is one its pods listen on."""
+    pods = {
+        obj["metadata"]["name"]: template["metadata"]["labels"]
+        for obj, template in pod_templates(objects)
+    }
+    ports = {
+        obj["metadata"]["name"]: {
+            p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])
+        }
+        for obj, template in pod_templates(objects)
+    }
+    expected = {
+        "strata-redis": ({"strata-redis"}, {"strata-gateway", *POOLS, "strata-store"}),
+        "strata-workers": (set(POOLS), {"strata-gateway"}),
+    }
+    policies = {o["metadata"]["name"]: o for o in objects if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == set(expected)
+    for name, (targets, callers) in expected.items():
+        spec = policies[name]["spec"]
+        assert {p for p, labels in pods.items() if _selects(spec["podSelector"], labels)} == targets
+        (rule,) = spec["ingress"]
+        (peer,) = rule["from"]
+        admitted = {p for p, labels in pods.items() if _selects(peer["podSelector"], labels)}
+        assert admitted == callers, name
+        for target in targets:
+            assert {p["port"] for p in rule["ports"]} <= ports[target], name
