@@ -85,7 +85,9 @@ class FakeAdminBackend:
         self._get(instance_id)
         del self.instances[instance_id]
 
-    async def set_role(self, instance_id: str, role: WorkerRole) -> InstanceInfo:
+    async def set_role(
+        self, instance_id: str, role: WorkerRole, *, planned: list[str] | None = None
+    ) -> InstanceInfo:
         self._record("set_role", instance_id, role)
         info = self._get(instance_id)
         if info.state is InstanceState.DEAD:
@@ -94,7 +96,9 @@ class FakeAdminBackend:
         self.instances[instance_id] = info
         return info
 
-    async def scale(self, role: WorkerRole, replicas: int) -> Sequence[InstanceInfo]:
+    async def scale(
+        self, role: WorkerRole, replicas: int, *, planned: list[str] | None = None
+    ) -> Sequence[InstanceInfo]:
         self._record("scale", role, replicas)
         current = [i for i in self.instances.values() if i.role is role]
         for _ in range(replicas - len(current)):
