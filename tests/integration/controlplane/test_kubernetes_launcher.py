@@ -401,3 +401,25 @@ def test_dry_run_sends_no_write_and_changes_nothing(tmp_path: Path, tokenizer: T
             assert {i.state for i in c.registry.list_instances()} == {InstanceState.READY}
 
     run(test)
+
+
+def test_remove_of_a_pool_member_removes_its_pod(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    """Without its pod going too, the worker would announce itself again and come back."""
+
+    async def test() -> None:
+        ips = ["127.0.0.3", "127.0.0.4"]
+        async with cluster(tmp_path, tokenizer, prefill=["127.0.0.2"], decode=ips) as c:
+            rv = c.api.deployments["strata-decode"].resource_version
+            removed = c.instance_at("127.0.0.4")
+            await c.registry.remove(removed.id, wait_s=5.0)
+            assert c.requests() == [
+                get_scale("strata-decode"),  # its selector
+                list_pods("strata-decode"),
+                patch_cost(c.pods["127.0.0.4"]),
+                put_scale("strata-decode", rv, 1),
+                list_pods("strata-decode"),
+            ]
+            assert removed.forgotten
+            assert c.api.pod_names("strata-decode") == [c.pods["127.0.0.3"]]
+
+    run(test)
