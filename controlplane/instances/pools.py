@@ -126,8 +126,8 @@ class PoolScaling(Supervision):
             logger.info(
                 "scale-down of %s: draining %s (pod %s)", pool.describe(role), instance.id, pod.name
             )
-            self._removing[pod.name] = role
             await self._drain(instance)
+            self._removing[pod.name] = role
             self._spawn(self._retire_member(pool, instance, pod, self._drain_timeout_s))
         return planned
 
@@ -180,8 +180,8 @@ class PoolScaling(Supervision):
         if pool.dry_run:
             planned += await pool.remove(instance.role, pod)
         else:
-            self._removing[pod.name] = instance.role
             await self._drain(instance)
+            self._removing[pod.name] = instance.role
             await self._retire_member(pool, instance, pod, self._drain_timeout_s)
         planned += await pool.add_replicas(role, 1)
         detail = (
@@ -213,8 +213,8 @@ class PoolScaling(Supervision):
                 f"the gateway's launcher is a dry run: it would remove pod {pod.name} of "
                 f"{pool.describe(instance.role)}; nothing changed"
             )
-        self._removing[pod.name] = instance.role
         await self._drain(instance)
+        self._removing[pod.name] = instance.role
         await self._retire_member(pool, instance, pod, wait_s)
         return True
 

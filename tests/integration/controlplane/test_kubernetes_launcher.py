@@ -423,3 +423,38 @@ def test_remove_of_a_pool_member_removes_its_pod(tmp_path: Path, tokenizer: Toke
             assert c.api.pod_names("strata-decode") == [c.pods["127.0.0.3"]]
 
     run(test)
+
+
+def test_a_second_scale_down_counts_the_removals_under_way(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    """3 → 2 while the chosen worker still drains (replicas still 3), then 2 → 1: one more is
+    chosen, not two; and 1 → 2 meanwhile would set replicas to 2 plus the removals under way."""
+
+    async def test() -> None:
+        ips = ["127.0.0.3", "127.0.0.4", "127.0.0.5"]
+        async with cluster(tmp_path, tokenizer, prefill=["127.0.0.2"], decode=ips) as c:
+            rv = c.api.deployments["strata-decode"].resource_version
+            first, second = c.instance_at("127.0.0.3"), c.instance_at("127.0.0.4")
+            with busy(c, "127.0.0.3", 1), busy(c, "127.0.0.4", 2), busy(c, "127.0.0.5", 3):
+                await c.registry.scale(DECODE, 2)
+                await c.registry.scale(DECODE, 1)
+                assert (first.state, second.state) == (InstanceState.DRAINING,) * 2
+                assert c.instance_at("127.0.0.5").state is InstanceState.READY
+                assert c.requests() == [
+                    get_scale("strata-decode"),
+                    list_pods("strata-decode"),
+                    get_scale("strata-decode"),
+                    list_pods("strata-decode"),
+                ]
+                c.api.requests.clear()
+                await c.registry.scale(DECODE, 2)  # back up: 2 + the 2 being removed
+                assert c.requests() == [
+                    get_scale("strata-decode"),
+                    put_scale("strata-decode", rv, 4),
+                ]
+            await until(lambda: first.forgotten and second.forgotten)
+            assert c.instance_at("127.0.0.5").state is InstanceState.READY
+            assert c.api.deployments["strata-decode"].replicas == 2
+
+    run(test)
