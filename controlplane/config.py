@@ -456,6 +456,7 @@ class GatewayConfig:
                     "the admin API",
                     secured=self.tls.enabled,
                     insecure=self.insecure,
+                    keyed=self.cluster.key_file is not None,
                 )
             )
         return [w for w in warnings if w is not None]

@@ -22,7 +22,14 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
-from controlplane.tenants import ApiKeys, TenantError, api_key_digest, check_api_key, check_tenant
+from controlplane.tenants import (
+    MAX_TENANT_CHARS,
+    ApiKeys,
+    TenantError,
+    api_key_digest,
+    check_api_key,
+    check_tenant,
+)
 from strata_common.records import RecordSeal, SkippedRecords
 from strata_common.secrets import redact_url
 
@@ -65,7 +72,8 @@ class ApiKeyStore:
             try:
                 if not _DIGEST_HEX.fullmatch(field):
                     raise TenantError("the field is not a SHA-256 in lower-case hex")
-                tenant = self._seal.open((self.key, field), value).decode()
+                body = self._seal.open((self.key, field), value, max_body_bytes=MAX_TENANT_CHARS)
+                tenant = body.decode()
                 check_tenant(tenant, "tenant")
             except ValueError as exc:  # RecordError, TenantError, UnicodeDecodeError
                 self._skipped.note(field, str(exc))

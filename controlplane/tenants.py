@@ -27,6 +27,7 @@ from strata_common.credentials import owner_only
 
 __all__ = [
     "ANONYMOUS",
+    "MAX_TENANT_CHARS",
     "MIN_API_KEY_CHARS",
     "ApiKeys",
     "TenantError",
@@ -39,7 +40,7 @@ __all__ = [
 ANONYMOUS: Final = ""
 """The tenant of every request when no API key is configured."""
 MIN_API_KEY_CHARS: Final = 16
-_MAX_TENANT_CHARS: Final = 64
+MAX_TENANT_CHARS: Final = 64
 
 
 class TenantError(ValueError):
@@ -61,11 +62,11 @@ def check_api_key(key: str, where: str) -> None:
 
 
 def check_tenant(tenant: str, where: str) -> None:
-    if not (0 < len(tenant) <= _MAX_TENANT_CHARS) or not all(
+    if not (0 < len(tenant) <= MAX_TENANT_CHARS) or not all(
         c.isalnum() or c in "._-" for c in tenant
     ):
         raise TenantError(
-            f"{where}: a tenant name is 1..{_MAX_TENANT_CHARS} letters, digits, '.', '_' or '-'"
+            f"{where}: a tenant name is 1..{MAX_TENANT_CHARS} letters, digits, '.', '_' or '-'"
         )
 
 
@@ -132,7 +133,11 @@ class ApiKeys:
 
     def tenant_of(self, authorization: str | None) -> str:
         """The tenant of a request's ``Authorization`` header; TenantError when keys are
-        required and it is missing or wrong (every key is tried in constant time)."""
+        required and it is missing or wrong.
+
+        A lookup of the presented key's digest (O(1) with thousands of keys): the table is keyed
+        by one-way digests, so the time a lookup takes can tell a prober at most something about
+        the digest of what it sent, never about a stored key."""
         if not self.required:
             return ANONYMOUS
         if not authorization:
@@ -140,11 +145,7 @@ class ApiKeys:
         scheme, _, presented = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise TenantError("Malformed Authorization header: expected `Bearer KEY`.")
-        digest = api_key_digest(presented.strip())
-        found: str | None = None
-        for known, tenant in self.by_digest.items():
-            if hmac.compare_digest(known, digest):
-                found = tenant
+        found = self.by_digest.get(api_key_digest(presented.strip()))
         if found is None:
             raise TenantError("Incorrect API key provided.")
         return found

@@ -123,7 +123,11 @@ class Worker:
         )
         cfg = self.config
         warning = insecure_warning(
-            cfg.host, "the worker service", secured=cfg.tls.enabled, insecure=cfg.insecure
+            cfg.host,
+            "the worker service",
+            secured=cfg.tls.enabled,
+            insecure=cfg.insecure,
+            keyed=cfg.cluster_key_file is not None,
         )
         if warning is not None:
             logger.warning("%s", warning)

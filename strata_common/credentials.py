@@ -1,7 +1,8 @@
 """Cluster credentials in secret mode (docs/design/security.md §3.2-§3.3, §4.1, §5.1).
 
-- Secret files: :func:`owner_only` (a regular file of this user nobody else can read) and
-  :func:`write_secret_file` (atomic, mode 0600). The admin token and the cluster key use them.
+- Secret files: :func:`owner_only` (a file only this user can read; Kubernetes Secret mounts
+  included) and :func:`write_secret_file` (atomic, mode 0600). The admin token and the cluster
+  key use them.
 - The cluster key: 32 random bytes, kept in hex in a 0600 file (:func:`load_or_create_cluster_key`
   for `strata serve`, :func:`read_cluster_key` for a component given ``--cluster-key-file``) and
   the keys derived from it for one purpose each (:func:`derive_key`).
@@ -65,16 +66,26 @@ class CredentialError(ValueError):
 
 
 def owner_only(path: Path) -> bool:
-    """True for a regular file (not a link) of this user that group and others cannot access."""
+    """True for a secret file only this process's user can read:
+
+    - a regular file of this user that group and others cannot access (``chmod 600``); or
+    - a regular file of root that others cannot access and whose group — this process's own
+      group — may read but not write: how Kubernetes mounts a Secret for a non-root container
+      (``root:FSGROUP``, mode 0440, with the pod's ``fsGroup`` among the process's groups).
+
+    Links are followed (a Kubernetes Secret volume is links into a ``..data`` directory); what
+    is checked is the file they lead to."""
     try:
-        st = path.lstat()
+        st = path.stat()
     except OSError:
         return False
-    return (
-        stat.S_ISREG(st.st_mode)
-        and st.st_uid == os.getuid()
-        and stat.S_IMODE(st.st_mode) & 0o077 == 0
-    )
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode) or mode & 0o007:
+        return False
+    if st.st_uid == os.geteuid():  # the ids file access is checked against
+        return mode & 0o070 == 0
+    ours = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    return st.st_uid == 0 and ours and mode & 0o020 == 0
 
 
 def write_secret_file(path: Path, text: str) -> None:

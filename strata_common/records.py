@@ -48,6 +48,7 @@ NO_MAC: Final = "no MAC (written without the cluster key?)"
 BAD_MAC: Final = "wrong MAC (another cluster key, altered, or moved from another key or id)"
 MALFORMED: Final = "malformed MAC"
 UNEXPECTED: Final = "sealed with a cluster key, but this process has none (--cluster-key-file)"
+TOO_LARGE: Final = "larger than any record of its kind"
 
 
 class RecordError(ValueError):
@@ -96,10 +97,17 @@ class RecordSeal:
             return data
         return SEAL_PREFIX + self._mac(self._key, place, data) + b":" + data
 
-    def open(self, place: Place, stored: bytes | str) -> bytes:
+    def open(
+        self, place: Place, stored: bytes | str, *, max_body_bytes: int | None = None
+    ) -> bytes:
         """The body of the record read from ``place``, after checking its MAC (constant time);
         RecordError if there is none, it is malformed or wrong. Without a key: ``stored`` as
-        it is, unless it is sealed (RecordError: this process cannot check it)."""
+        it is, unless it is sealed (RecordError: this process cannot check it).
+
+        ``max_body_bytes``: the largest body of this kind of record; a longer one is refused
+        (TOO_LARGE) before its MAC is computed, so a huge value costs a reader nothing."""
+        if max_body_bytes is not None and len(stored) > max_body_bytes + _HEADER:
+            raise RecordError(TOO_LARGE)
         data = stored.encode() if isinstance(stored, str) else bytes(stored)
         sealed = data.startswith(SEAL_PREFIX)
         if self._key is None:

@@ -29,14 +29,16 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from strata_common.credentials import ClusterCredentials, CredentialError, Identity, owner_only
 from strata_common.options import option
+
+if TYPE_CHECKING:  # gRPC is imported where its credentials are made: the store's data path
+    import grpc  # (kvstore/server/auth.py) uses this module and never loads it
 
 __all__ = [
     "INSECURE_HELP",
@@ -135,11 +137,19 @@ def check_listen(host: str, flag: str, *, secured: bool, insecure: bool, needs: 
     )
 
 
-def insecure_warning(host: str, what: str, *, secured: bool, insecure: bool) -> str | None:
+def insecure_warning(
+    host: str, what: str, *, secured: bool, insecure: bool, keyed: bool = False
+) -> str | None:
     """What a component logs at every start when ``--insecure`` lets it serve ``what`` on a
-    non-loopback ``host`` without credentials (None otherwise)."""
+    non-loopback ``host`` without TLS (None otherwise). ``keyed``: it checks the cluster key's
+    proofs (secret mode), which say who connects but protect nothing on the wire."""
     if not insecure or secured or is_loopback(host):
         return None
+    if keyed:
+        return (
+            f"--insecure: {what} on {host} WITHOUT TLS: the cluster key proves who connects, "
+            "but anyone on the network path can read and alter the traffic"
+        )
     return f"--insecure: {what} on {host} WITHOUT credentials: anyone who can reach it is trusted"
 
 
@@ -266,6 +276,8 @@ class TlsConfig:
         return context
 
     def grpc_server_credentials(self) -> grpc.ServerCredentials:
+        import grpc
+
         cert, key, ca = self._files()
         pair = (Path(key).read_bytes(), Path(cert).read_bytes())
         return grpc.ssl_server_credentials(
@@ -273,6 +285,8 @@ class TlsConfig:
         )
 
     def grpc_channel_credentials(self) -> grpc.ChannelCredentials:
+        import grpc
+
         cert, key, ca = self._files()
         return grpc.ssl_channel_credentials(
             root_certificates=Path(ca).read_bytes(),

@@ -49,14 +49,13 @@ import contextlib
 import itertools
 import logging
 import ssl
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockDType, BlockHeader, encode_header, verify
+from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockDType, encode_header
 from kvstore.blocks.tier import Tier
+from kvstore.client.aio_protocol import PendingRequest, ReplyProtocol
 from kvstore.errors import (
     KVStoreAuthError,
     KVStoreConnectionLost,
@@ -68,9 +67,6 @@ from kvstore.errors import (
 from kvstore.wire import replies, requests
 from kvstore.wire.frame import (
     DEFAULT_MAX_BLOCK_BYTES,
-    FRAME_HEADER_BYTES,
-    FrameError,
-    FrameHeader,
     Op,
     Status,
 )
@@ -84,207 +80,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AsyncKVStoreClient"]
 
-_RECV_BUFFER_BYTES = 256 * 1024
-_WRITE_HIGH_WATER = 4 * 1024 * 1024
 _Buffer = bytes | bytearray | memoryview
 _T = TypeVar("_T")
-
-
-@dataclass(slots=True)
-class _Request:
-    """An outstanding request: how to receive its reply and where to deliver it."""
-
-    request_id: int
-    future: asyncio.Future[Any]
-    op: Op
-    asked: int = 1  # keys in the request: bounds its reply (kvstore.wire.replies.reply_limit)
-    key: bytes = b""
-    target: memoryview | None = None  # GET into a caller buffer
-    header: FrameHeader | None = None
-    block: BlockHeader | None = None
-    body: memoryview | None = None
-    error: KVStoreError | None = field(default=None)
-
-
-class _Protocol(asyncio.BufferedProtocol):
-    """Frame parser of one connection; replies are matched to requests in order."""
-
-    def __init__(self, max_block_bytes: int) -> None:
-        self.max_block_bytes = max_block_bytes
-        self.transport: asyncio.Transport | None = None
-        self.pending: deque[_Request] = deque()
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.lost: KVStoreError | None = None
-        self._can_write = asyncio.Event()
-        self._can_write.set()
-        self._buf = bytearray(_RECV_BUFFER_BYTES)
-        self._view = memoryview(self._buf)
-        self._start = self._end = 0
-        self._sink: memoryview | None = None  # rest of a payload goes straight here
-        self._sink_pos = 0
-        self._skip = 0  # payload bytes to drop (a block that did not fit)
-
-    # -- asyncio callbacks ----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        reason = f": {exc}" if exc else ""
-        self.fail(self.lost or KVStoreConnectionLost(f"connection to the node closed{reason}"))
-        self._can_write.set()
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._can_write.clear()
-
-    def resume_writing(self) -> None:
-        self._can_write.set()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._sink is not None:
-            return self._sink[self._sink_pos :]
-        if self._skip:
-            return self._view[: min(self._skip, _RECV_BUFFER_BYTES)]
-        if self._end == _RECV_BUFFER_BYTES:
-            remaining = self._end - self._start
-            self._buf[:remaining] = self._view[self._start : self._end]
-            self._start, self._end = 0, remaining
-        return self._view[self._end :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            if self._sink is not None:
-                self._sink_pos += nbytes
-                if self._sink_pos == self._sink.nbytes:
-                    self._sink = None
-                    self._complete(self.pending.popleft())
-                    self._parse()
-            elif self._skip:
-                self._skip -= nbytes
-                if not self._skip:
-                    self._complete(self.pending.popleft())
-                    self._parse()
-            else:
-                self._end += nbytes
-                self._parse()
-        except FrameError as exc:
-            self.abort(KVStoreError(f"garbled reply from the node: {exc}"))
-        except KVStoreError as exc:
-            self.abort(exc)
-
-    def eof_received(self) -> bool:
-        return False
-
-    # -- control --------------------------------------------------------------------------------
-
-    async def wait_writable(self) -> None:
-        await self._can_write.wait()
-
-    def fail(self, error: KVStoreError) -> None:
-        while self.pending:
-            future = self.pending.popleft().future
-            if not future.done():
-                future.set_exception(error)
-
-    def abort(self, error: KVStoreError) -> None:
-        """Drop the connection; every outstanding request fails with ``error``."""
-        if self.lost is None:
-            self.lost = error
-        self.fail(error)
-        if self.transport is not None:
-            self.transport.abort()
-
-    # -- parsing --------------------------------------------------------------------------------
-
-    def _parse(self) -> None:
-        while self._sink is None and not self._skip:
-            avail = self._end - self._start
-            if avail < FRAME_HEADER_BYTES:
-                break
-            if not self.pending:
-                raise KVStoreError("reply without a request")
-            request = self.pending[0]
-            header = replies.decode_reply_header(
-                self._view,
-                self._start,
-                request.request_id,
-                request.op,
-                max_block_bytes=self.max_block_bytes,
-                asked=request.asked,
-            )
-            body = self._start + FRAME_HEADER_BYTES
-            length = header.payload_len
-            request.header = header
-            if request.op is Op.GET and header.status != Status.MISS:
-                try:
-                    replies.get_hit(header)
-                except KVStoreError as exc:
-                    request.error = exc
-                    self._start = body
-                    self._receive_into(request, None, length)
-                    continue
-                # The block header first (small: wait for it in the buffer), then the payload.
-                if avail < FRAME_HEADER_BYTES + BLOCK_HEADER_BYTES:
-                    break
-                self._start = body + BLOCK_HEADER_BYTES
-                self._begin_block(request, length, body)
-            else:
-                self._start = body
-                request.body = memoryview(bytearray(length))
-                self._receive_into(request, request.body)
-
-    def _begin_block(self, request: _Request, length: int, header_at: int) -> None:
-        nbytes = length - BLOCK_HEADER_BYTES
-        raw = self._view[header_at : header_at + BLOCK_HEADER_BYTES]
-        try:
-            block = replies.decode_block_header(raw, length, request.key)
-        except KVStoreError as exc:
-            request.error = exc
-            self._receive_into(request, None, nbytes)
-            return
-        request.block = block
-        target = request.target
-        if target is None:
-            request.body = memoryview(bytearray(nbytes))
-            self._receive_into(request, request.body)
-        elif nbytes > target.nbytes:
-            request.error = replies.block_too_large(nbytes, target.nbytes)
-            self._receive_into(request, None, nbytes)
-        else:
-            request.body = target[:nbytes]
-            self._receive_into(request, request.body)
-
-    def _receive_into(self, request: _Request, sink: memoryview | None, nbytes: int = 0) -> None:
-        """Deliver the next payload bytes into ``sink`` (or drop ``nbytes`` if it is None)."""
-        length = sink.nbytes if sink is not None else nbytes
-        have = min(self._end - self._start, length)
-        if sink is not None:
-            sink[:have] = self._view[self._start : self._start + have]
-        self._start += have
-        if self._start == self._end:
-            self._start = self._end = 0
-        if have == length:
-            self._complete(self.pending.popleft())
-        elif sink is not None:
-            self._sink, self._sink_pos = sink, have
-        else:
-            self._skip = length - have
-
-    def _complete(self, request: _Request) -> None:
-        future = request.future
-        if future.done():  # cancelled by its caller; the reply is consumed all the same
-            return
-        if request.error is not None:
-            future.set_exception(request.error)
-            return
-        block, body = request.block, request.body
-        if block is not None and body is not None and not verify(block, body):
-            future.set_exception(replies.corrupt_block(request.key))
-            return
-        future.set_result(request)
 
 
 class AsyncKVStoreClient:
@@ -313,7 +110,7 @@ class AsyncKVStoreClient:
         self.corrupt_reads = 0
         """Blocks that failed verification on this client (each refetch and each drop counts)."""
         self._address = (address.host, address.port)
-        self._protocol: _Protocol | None = None
+        self._protocol: ReplyProtocol | None = None
         self._connecting = asyncio.Lock()
         self._ids = itertools.count(1)
 
@@ -442,7 +239,7 @@ class AsyncKVStoreClient:
 
     async def _get(
         self, keys: Sequence[bytes], targets: Sequence[memoryview | None]
-    ) -> list[_Request]:
+    ) -> list[PendingRequest]:
         """GETs with the sync client's rule for a block that fails verification: fetched once
         more, and deleted from the node if it fails again (``KVStoreClient._verified_call``)."""
         try:
@@ -464,7 +261,7 @@ class AsyncKVStoreClient:
 
     async def _get_once(
         self, keys: Sequence[bytes], targets: Sequence[memoryview | None]
-    ) -> list[_Request]:
+    ) -> list[PendingRequest]:
         """GETs, pipelined; each reply's ``body`` is the payload (None for a miss)."""
         protocol = await self._connection()
         pending = []
@@ -473,7 +270,7 @@ class AsyncKVStoreClient:
             if protocol.transport is not None and protocol.lost is None:
                 protocol.transport.write(requests.get(request.request_id, key))
             pending.append(request)
-        done: list[_Request] = await self._await(pending)
+        done: list[PendingRequest] = await self._await(pending)
         for reply in done:
             assert reply.header is not None
             if reply.header.status == Status.MISS:
@@ -505,7 +302,7 @@ class AsyncKVStoreClient:
             logger.info("connection to %s broke (%s); reconnecting once", self.endpoint, exc)
         return await call()
 
-    async def _connection(self) -> _Protocol:
+    async def _connection(self) -> ReplyProtocol:
         protocol = self._protocol
         if protocol is not None and protocol.lost is None and not protocol.closed.done():
             return protocol
@@ -518,7 +315,7 @@ class AsyncKVStoreClient:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self.max_block_bytes),
+                        lambda: ReplyProtocol(self.max_block_bytes),
                         *self._address,
                         ssl=None if tls is None else tls.client_context(),
                         server_hostname=None if tls is None else self._address[0],
@@ -536,7 +333,7 @@ class AsyncKVStoreClient:
             self._protocol = protocol
             return protocol
 
-    def _check_node(self, protocol: _Protocol) -> None:
+    def _check_node(self, protocol: ReplyProtocol) -> None:
         assert protocol.transport is not None
         try:
             check_peer_role(
@@ -547,14 +344,14 @@ class AsyncKVStoreClient:
             protocol.abort(error)
             raise error from None
 
-    async def _hello(self, protocol: _Protocol, credentials: ClusterCredentials) -> None:
+    async def _hello(self, protocol: ReplyProtocol, credentials: ClusterCredentials) -> None:
         """The HELLO handshake (kvstore.wire.hello) on a new connection, before any request."""
         hello = ClientHello(credentials)
         try:
             first = self._request(protocol, Op.HELLO)
             assert protocol.transport is not None
             protocol.transport.write(hello.request(first.request_id))
-            reply = cast(_Request, await first.future)
+            reply = cast(PendingRequest, await first.future)
             assert reply.header is not None
             body = b"" if reply.body is None else bytes(reply.body)
             if hello.tls:  # the TLS handshake proved both sides; the node accepted the identity
@@ -562,42 +359,44 @@ class AsyncKVStoreClient:
                 return
             second = self._request(protocol, Op.HELLO_PROOF)
             protocol.transport.write(hello.answer(reply.header, body, second.request_id))
-            done = cast(_Request, await second.future)
+            done = cast(PendingRequest, await second.future)
             assert done.header is not None
             ClientHello.finish(done.header)
         except KVStoreError as exc:
             protocol.abort(exc)
             raise
 
-    def _request(self, protocol: _Protocol, op: Op, **kwargs: Any) -> _Request:
+    def _request(self, protocol: ReplyProtocol, op: Op, **kwargs: Any) -> PendingRequest:
         future = asyncio.get_running_loop().create_future()
-        request = _Request(next(self._ids) & 0xFFFFFFFF, future, op, **kwargs)
+        request = PendingRequest(next(self._ids) & 0xFFFFFFFF, future, op, **kwargs)
         if protocol.lost is not None or protocol.transport is None:
             future.set_exception(protocol.lost or KVStoreConnectionLost("connection closed"))
         else:
             protocol.pending.append(request)
         return request
 
-    async def _keyed_all(self, op: Op, chunks: Sequence[Sequence[bytes]]) -> list[_Request]:
+    async def _keyed_all(self, op: Op, chunks: Sequence[Sequence[bytes]]) -> list[PendingRequest]:
         """One keyed (or empty) request per chunk, pipelined; their replies (retried once on a
         new connection if the open one turns out closed)."""
         return await self._retrying(lambda: self._await([self._keyed(op, c) for c in chunks]))
 
-    def _keyed(self, op: Op, keys: Sequence[bytes]) -> asyncio.Future[_Request]:
+    def _keyed(self, op: Op, keys: Sequence[bytes]) -> asyncio.Future[PendingRequest]:
         """Send one keyed (or empty) request once connected; a future of its reply."""
 
-        async def run() -> _Request:
+        async def run() -> PendingRequest:
             protocol = await self._connection()
             request = self._request(protocol, op, asked=len(keys))
             if protocol.transport is not None and protocol.lost is None:
                 protocol.transport.writelines(requests.keyed(op, request.request_id, keys))
-            return cast(_Request, await request.future)
+            return cast(PendingRequest, await request.future)
 
         return asyncio.ensure_future(run())
 
-    async def _await(self, pending: Sequence[_Request | asyncio.Future[_Request]]) -> list[Any]:
+    async def _await(
+        self, pending: Sequence[PendingRequest | asyncio.Future[PendingRequest]]
+    ) -> list[Any]:
         """Wait for every reply of one call, within the timeout; the first error wins."""
-        futures = [r.future if isinstance(r, _Request) else r for r in pending]
+        futures = [r.future if isinstance(r, PendingRequest) else r for r in pending]
         gathered = asyncio.gather(*futures, return_exceptions=True)
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -618,12 +417,12 @@ class AsyncKVStoreClient:
         return list(outcomes)
 
 
-def _status(reply: _Request) -> int:
+def _status(reply: PendingRequest) -> int:
     assert reply.header is not None
     return reply.header.status
 
 
-def _body(reply: _Request) -> bytes:
+def _body(reply: PendingRequest) -> bytes:
     if reply.header is not None and reply.header.status != Status.OK:
         raise KVStoreError(f"{reply.op.name} failed (status {reply.header.status})")
     return b"" if reply.body is None else bytes(reply.body)

@@ -16,7 +16,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
-from kvstore.metadata.base import DEFAULT_PREFIX, STREAM_MAXLEN, member_info
+from kvstore.metadata.base import (
+    DEFAULT_PREFIX,
+    MAX_MEMBER_INFO_CHARS,
+    STREAM_MAXLEN,
+    member_info,
+)
 from strata_common.ratelog import RateLimitedLog
 from strata_common.records import RecordError, RecordSeal, SkippedRecords
 
@@ -95,7 +100,9 @@ class RedisMetadataStore:
         with self._lock:
             for key, value in raw.items():
                 try:  # RecordError and UnicodeDecodeError are ValueErrors
-                    body = self._seal.open((self._members_key, key), value)
+                    body = self._seal.open(
+                        (self._members_key, key), value, max_body_bytes=MAX_MEMBER_INFO_CHARS
+                    )
                     members[key.decode()] = member_info(body)
                 except ValueError as exc:
                     self._skipped.note(key, str(exc))

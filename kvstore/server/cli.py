@@ -71,7 +71,7 @@ async def _serve(config: StoreNodeConfig) -> int:
         server = StoreServer(config, node, tiers)
         try:  # stop() also closes the SSD tier, before the arena its threads read from
             host, port = await server.start()
-            await server.join_cluster(host, port)
+            await server.join_cluster(config.advertise_address or host, port)
             print(f"kvstore node listening on {format_endpoint(host, port)}", flush=True)
             logger.info(
                 "arena %s: %d bytes, page %d, max block %d",
@@ -148,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s kvstore[{os.getpid()}] %(name)s: %(message)s",
     )
     warning = insecure_warning(
-        config.host, "the store node", secured=config.tls.enabled, insecure=config.insecure
+        config.host,
+        "the store node",
+        secured=config.tls.enabled,
+        insecure=config.insecure,
+        keyed=config.cluster_key_file is not None,
     )
     if warning is not None:
         logger.warning("%s", warning)

@@ -199,6 +199,20 @@ class ClusterMember:
             self.note_changed([key])
         return status in (PutStatus.OK, PutStatus.EXISTS)
 
+    def cluster_stats(self) -> dict[str, object] | None:
+        """This node's view of the cluster for STATS (None when standalone): its id, the live
+        store nodes, the index's sources (nodes and engines whose blocks it holds) and size.
+        A lost node leaves ``live_nodes`` and ``sources`` when its heartbeat expires."""
+        view, agent = self.view, self.agent
+        if view is None or agent is None:
+            return None
+        return {
+            "node_id": agent.node_id,
+            "live_nodes": sorted(view.live_nodes()),
+            "sources": sorted(view.sources()),
+            "index_blocks": view.num_blocks(),
+        }
+
     async def leave_cluster(self) -> None:
         """Graceful leave: migrate DRAM blocks if configured, then clear and deregister. Also
         undoes a join that failed half-way (whatever of it was started is stopped)."""

@@ -101,6 +101,8 @@ class StoreNodeConfig:
         promote: copy a block read from SSD into DRAM (inline, into the arena extent it is read
             into); if False, SSD hits are served from a transient arena extent.
         node_id: this node's id in the cluster (default ``host:port``, the bound port).
+        advertise_address: the address registered in the cluster for peers and workers to dial
+            (default ``host``; required with a cluster when ``host`` is a wildcard address).
         metadata: ``redis://HOST:PORT/DB``, ``"embedded"``, ``strata://HOST:PORT`` (another
             node's embedded metadata), or None (standalone; no events).
         metadata_port: with ``metadata="embedded"``, the port of the node's gRPC metadata service
@@ -193,6 +195,11 @@ class StoreNodeConfig:
     node_id: str | None = option(
         None, help="node id in the cluster (default: the TLS certificate's name, else host:port)"
     )
+    advertise_address: str | None = option(
+        None,
+        help="the address peers and workers dial, registered in the cluster (default: --host; "
+        "required when --host is a wildcard such as 0.0.0.0 and the node joins a cluster)",
+    )
     metadata: str | None = option(None, help="redis://HOST:PORT/DB, embedded, or none")
     metadata_port: int = option(0, help="gRPC port serving embedded metadata (0 = any)")
     heartbeat_interval_s: float = option(1.0, parse=parse_duration, help="heartbeat period")
@@ -261,6 +268,17 @@ class StoreNodeConfig:
             raise ValueError("node_id must be 1..255 bytes")
         if self.metadata is not None:
             parse_metadata_spec(self.metadata)  # raises ValueError saying what is wrong
+            if self.advertise_address is None and _is_wildcard(self.host):
+                raise ValueError(
+                    f"--host {self.host} listens on every address: give --advertise-address, "
+                    "the address this node's peers and workers dial"
+                )
+        if self.advertise_address is not None and (
+            not self.advertise_address or _is_wildcard(self.advertise_address)
+        ):
+            raise ValueError(
+                f"--advertise-address must be a dialable address, got {self.advertise_address!r}"
+            )
         if not 0 <= self.metadata_port <= 65535:
             raise ValueError(f"metadata_port out of range: {self.metadata_port}")
         if self.metadata_port and self.metadata != "embedded":
@@ -300,3 +318,7 @@ class StoreNodeConfig:
             prog="python -m kvstore.server",
             description="Run a Strata KV-cache store node.",
         )
+
+
+def _is_wildcard(host: str) -> bool:
+    return host.strip("[]") in ("0.0.0.0", "::", "")

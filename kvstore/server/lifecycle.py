@@ -191,6 +191,7 @@ class StoreServer(ClusterMember):
         stats["tiers"] = dataclasses.asdict(self.tiers.stats())
         ssd = self.tiers.ssd
         stats["ssd"] = dataclasses.asdict(ssd.stats()) if ssd is not None else None
+        stats["cluster"] = self.cluster_stats()
         return stats
 
     def shm_info(self) -> dict[str, object]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from strata_common.credentials import load_or_create_cluster_key
 from tests.conftest import REPO_ROOT
 from tests.integration.kvstore.node_process import NodeProcess, start_node_process
 from tests.tls_certs import Cluster
@@ -72,6 +73,14 @@ def test_with_tls_or_insecure_a_store_node_starts_on_any_address(tmp_path: Path)
     node = _node(tmp_path / "insecure.log", "--insecure", "true")
     try:
         assert "--insecure: the store node on 0.0.0.0 WITHOUT credentials" in node.log()
+    finally:
+        node.stop()
+    key = tmp_path / "cluster.key"
+    load_or_create_cluster_key(key)
+    node = _node(tmp_path / "keyed.log", "--insecure", "true", "--cluster-key-file", str(key))
+    try:  # secret mode off loopback: who connects is checked, the wire is not protected
+        assert "WITHOUT TLS: the cluster key proves who connects" in node.log()
+        assert "WITHOUT credentials" not in node.log()
     finally:
         node.stop()
     tls = Cluster(tmp_path / "ca").tls("store/n1")

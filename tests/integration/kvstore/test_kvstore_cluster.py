@@ -150,7 +150,7 @@ def test_a_crashed_node_is_reaped_from_the_registry_and_may_come_back(
 ) -> None:
     exact = ("--reconcile-interval", "1h")  # tier events only: no periodic diff
     node_a = start_node(*cluster_args(valkey_url, "A", *exact))
-    start_node(*cluster_args(valkey_url, "B", *exact))
+    node_b = start_node(*cluster_args(valkey_url, "B", *exact))
     store = RedisMetadataStore(valkey_url)
     try:
         with KVStoreClient(node_a.endpoint, use_shm=False) as a:
@@ -166,6 +166,14 @@ def test_a_crashed_node_is_reaped_from_the_registry_and_may_come_back(
         _, messages = store.read(START, 0.01, count=100_000)
         events_of_a = [e for e in map(decode_event, messages) if e.source == "A"]
         assert events_of_a[-1] == SourceCleared("A", SOURCE_GONE_SEQ)
+        # B's STATS shows its view without A (what an operator and the multi-host test read).
+        with KVStoreClient(node_b.endpoint, use_shm=False) as b:
+            assert b.stats()["cluster"] == {
+                "node_id": "B",
+                "live_nodes": ["B"],
+                "sources": ["B"],
+                "index_blocks": 0,
+            }
         assert events_of_a.count(SourceCleared("A", SOURCE_GONE_SEQ)) == 1  # reaped once
         # A view started now, replaying the stream from its start, never sees A.
         with ClusterView(store, poll_interval_s=0.05, reap_dead=False) as late:

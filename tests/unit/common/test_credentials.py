@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from strata_common.credentials import (
     derive_key,
     hello_proof,
     load_or_create_cluster_key,
+    owner_only,
     read_cluster_key,
     rpc_authorization,
 )
@@ -99,3 +101,54 @@ def test_rpc_authorization_round_trip_and_every_refusal() -> None:
     forged = value.replace("gateway/g1", "gateway/g2")
     with pytest.raises(CredentialError, match="wrong"):
         check_rpc_authorization(KEY, forged, METHOD, 1_000_000.0)
+
+
+def _owner_only_as(uid: int, gids: list[int], path: Path) -> bool:
+    """``owner_only(path)`` with effective user ``uid`` and groups ``gids`` (this process,
+    briefly: the real user stays root, so it can switch back)."""
+    groups, egid = os.getgroups(), os.getegid()
+    os.setgroups(gids)
+    os.setegid(gids[0])
+    os.seteuid(uid)
+    try:
+        return owner_only(path)
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make files of other users")
+def test_kubernetes_secret_mounts_count_as_owner_only() -> None:
+    """A Secret volume for a non-root pod: links into ``..data``, the file root:FSGROUP 0440."""
+    with tempfile.TemporaryDirectory() as mount:  # under /tmp: other users can reach it
+        os.chmod(mount, 0o755)
+        _check_secret_mount(Path(mount))
+
+
+def _check_secret_mount(tmp_path: Path) -> None:
+    data = tmp_path / "..2026_12_07_00_00_00.1"
+    data.mkdir(mode=0o755)
+    key = data / "cluster.key"
+    key.write_text("00" * 32 + "\n")
+    os.chown(key, 0, 2000)
+    key.chmod(0o440)
+    (tmp_path / "..data").symlink_to(data.name)
+    mounted = tmp_path / "cluster.key"
+    mounted.symlink_to("..data/cluster.key")
+    assert _owner_only_as(1000, [2000], mounted)  # fsGroup 2000 among the pod's groups
+    assert not _owner_only_as(1000, [3000], mounted)  # another group's file
+    key.chmod(0o444)
+    assert not _owner_only_as(1000, [2000], mounted)  # others may read it
+    key.chmod(0o460)
+    assert not _owner_only_as(1000, [2000], mounted)  # the group may write it
+    key.chmod(0o440)
+    os.chown(key, 1001, 2000)
+    assert not _owner_only_as(1000, [2000], mounted)  # another (non-root) user's file
+    os.chown(key, 1000, 2000)
+    assert not _owner_only_as(1000, [2000], mounted)  # our own file must be 0600
+    key.chmod(0o600)
+    assert _owner_only_as(1000, [2000], mounted)
+    mounted.unlink()
+    mounted.symlink_to("..data/missing")
+    assert not _owner_only_as(1000, [2000], mounted)  # a dangling link

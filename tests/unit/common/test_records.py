@@ -77,6 +77,19 @@ def test_open_refuses(stored: bytes, reason: str) -> None:
     assert isinstance(info.value, ValueError)
 
 
+def test_a_record_longer_than_its_kind_is_refused_before_its_mac() -> None:
+    seal = RecordSeal(K)
+    exact = seal.seal(PLACE, BODY)
+    assert seal.open(PLACE, exact, max_body_bytes=len(BODY)) == BODY  # the limit is inclusive
+    with pytest.raises(RecordError, match="larger than any record of its kind"):
+        seal.open(PLACE, exact, max_body_bytes=len(BODY) - 1)
+    huge = SEAL_PREFIX + b"00" * 32 + b":" + b"x" * (1 << 20)  # refused unread, MAC or not
+    with pytest.raises(RecordError, match="larger than any record of its kind"):
+        seal.open(PLACE, huge, max_body_bytes=4096)
+    with pytest.raises(RecordError, match="larger than any record of its kind"):
+        RecordSeal(None).open(PLACE, b"x" * 5000, max_body_bytes=4096)  # without a key too
+
+
 def test_places_are_unambiguous() -> None:
     seal = RecordSeal(K)
     assert seal.seal(("ab", "c"), BODY) != seal.seal(("a", "bc"), BODY)

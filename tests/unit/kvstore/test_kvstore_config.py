@@ -111,3 +111,15 @@ def test_the_open_files_limit_is_raised_for_max_connections(
     cli._raise_open_files_limit(512)
     assert calls == ([] if set_to is None else [set_to])
     assert ("open-files limit 300 is below" in caplog.text) is warned
+
+
+def test_a_node_on_every_address_advertises_a_dialable_one() -> None:
+    wildcard = {"host": "0.0.0.0", "insecure": True, "metadata": "redis://10.0.0.5:6379/0"}
+    with pytest.raises(ValueError, match="give --advertise-address"):
+        StoreNodeConfig(**wildcard)
+    config = StoreNodeConfig(**wildcard, advertise_address="10.0.0.7")
+    assert config.advertise_address == "10.0.0.7"
+    for bad in ("0.0.0.0", "[::]", ""):
+        with pytest.raises(ValueError, match="must be a dialable address"):
+            StoreNodeConfig(**wildcard, advertise_address=bad)
+    assert StoreNodeConfig(host="0.0.0.0", insecure=True).advertise_address is None  # standalone
