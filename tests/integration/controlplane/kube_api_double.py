@@ -16,7 +16,8 @@ can compare the exact list:
   ``controller.kubernetes.io/pod-deletion-cost``, then the newer); too few → new Pending pods
   (no IP yet);
 - RBAC: ``forbid`` holds (verb, resource) pairs answered 403 Forbidden with the API server's
-  message naming the service account ``SERVICE_ACCOUNT``.
+  message naming the service account ``SERVICE_ACCOUNT``;
+- ``fail_status``: every request answered with that status (e.g. 500, 503: a failing server).
 
 Every object change bumps one global resourceVersion, as etcd's revision does. Test code only.
 """
@@ -96,6 +97,7 @@ class KubeApiDouble:
         self.pods: dict[str, Pod] = {}
         self.forbid: set[tuple[str, str]] = set()
         self.conflicts = 0
+        self.fail_status: int | None = None
         self.url = ""
         self._revision = itertools.count(100)
         self.revision = ""
@@ -162,6 +164,8 @@ class KubeApiDouble:
         raw = await request.read()
         body = json.loads(raw) if raw else None
         self.requests.append(Request(request.method, request.path, dict(request.query), body))
+        if self.fail_status is not None:
+            return _status(self.fail_status, "InternalError", "etcdserver: request timed out")
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return _status(401, "Unauthorized", "Unauthorized")
         parts = request.path.strip("/").split("/")

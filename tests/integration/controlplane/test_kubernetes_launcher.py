@@ -458,3 +458,27 @@ def test_a_second_scale_down_counts_the_removals_under_way(
             assert c.api.deployments["strata-decode"].replicas == 2
 
     run(test)
+
+
+def test_a_failing_or_unreachable_api_server_is_unavailable(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    async def test() -> None:
+        async with cluster(tmp_path, tokenizer, prefill=["127.0.0.2"], decode=["127.0.0.3"]) as c:
+            c.api.fail_status = 500
+            with pytest.raises(LauncherUnavailable) as failed:
+                await c.registry.scale(DECODE, 2)
+            assert str(failed.value) == (
+                "Kubernetes API: get deployments/scale 'strata-decode' in namespace strata "
+                "failed: 500 Internal Server Error: etcdserver: request timed out"
+            )
+            url = c.api.url
+            await c.api.stop()  # gone: nothing listens there any more
+            with pytest.raises(LauncherUnavailable) as failed:
+                await c.registry.scale(DECODE, 2)
+            assert str(failed.value).startswith(
+                f"cannot reach the Kubernetes API at {url} (get deployments/scale in namespace "
+                "strata): ClientConnectorError"
+            )
+
+    run(test)
