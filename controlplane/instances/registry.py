@@ -93,6 +93,13 @@ class InstanceRegistry(PoolScaling):
         instance = self.get(instance_id)
         if await self._remove_pool_member(instance, wait_s):
             return
+        if instance.announced and instance.endpoint in (await self._store.announcements() or {}):
+            raise InstanceConflict(
+                f"instance {instance.id} ({instance.endpoint}) announces itself in the registry: "
+                "removed, it would be registered again at the next round; stop the worker (its "
+                "SIGTERM withdraws the announcement, and every gateway drains and removes it), "
+                "or drain it to keep it unused"
+            )
         await self.drain(instance_id)
         await self._wait_idle(instance, wait_s)
         await self._store.delete(instance.id)

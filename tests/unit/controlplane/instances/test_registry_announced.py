@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import InstanceRecord, LocalRegistryStore, RegistryStoreError
-from controlplane.instances.types import InstanceState
+from controlplane.instances.types import InstanceConflict, InstanceState
 from controlplane.metrics import GatewayMetrics
 from controlplane.workers.roles import WorkerRole
 from strata_common.announce import AnnouncedRole, Announcement
@@ -166,6 +168,28 @@ def test_the_local_store_has_no_announcements() -> None:
         await registry.register_configured(DECODE, ["127.0.0.1:10002"])
         await registry.sync()
         assert [i.id for i in registry.list_instances()] == ["w1"]
+        await registry.close()
+
+    asyncio.run(test())
+
+
+def test_removing_a_worker_that_still_announces_itself_is_refused() -> None:
+    async def test() -> None:
+        store = AnnouncingStore()
+        registry = make(store)
+        announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
+        await registry.sync()
+        with pytest.raises(InstanceConflict) as caught:
+            await registry.remove("w1", wait_s=0.0)
+        assert str(caught.value) == (
+            "instance w1 (10.0.0.2:5000) announces itself in the registry: removed, it would be "
+            "registered again at the next round; stop the worker (its SIGTERM withdraws the "
+            "announcement, and every gateway drains and removes it), or drain it to keep it unused"
+        )
+        assert registry.get("w1").state is InstanceState.STARTING  # untouched
+        store.announced.clear()  # the worker stopped, its instance not withdrawn yet
+        await registry.remove("w1", wait_s=0.0)
+        assert await store.load() == {}
         await registry.close()
 
     asyncio.run(test())
