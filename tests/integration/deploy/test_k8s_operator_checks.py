@@ -210,18 +210,30 @@ def test_gpus_are_requested_in_the_gpu_overlay_only(
 
 def test_the_workers_share_their_hosts_store_node(objects: list[dict[str, Any]]) -> None:
     """Workers dial the store node on their host's address and the node's host port (what the
-    node registers for its peers too), and map its arena: the same /dev/shm, the same user (the
-    arena file is 0600)."""
+    node registers for its peers too), and map its arena: the host's /dev/shm mounted where the
+    node's --arena-dir says, the same user (the arena file is 0600). The engines' own shared
+    memory is the pod's (an emptyDir at /dev/shm), never the host's: what a crashed engine
+    leaves there goes with its pod."""
     store = find(objects, "DaemonSet", "strata-store")["spec"]["template"]["spec"]
     (store_port,) = [p for p in store["containers"][0]["ports"] if p["name"] == "store"]
     assert store_port["hostPort"] == store_port["containerPort"]
     assert "--advertise-address=$(HOST_IP)" in store["containers"][0]["args"]
     shm = {v["name"]: v for v in store["volumes"]}["host-shm"]["hostPath"]["path"]
+    arena_dir = next(
+        a.split("=", 1)[1] for a in store["containers"][0]["args"] if a.startswith("--arena-dir=")
+    )
+    mounts = {m["name"]: m["mountPath"] for m in store["containers"][0]["volumeMounts"]}
+    assert mounts["host-shm"] == arena_dir
     for pool in POOLS:
         spec = find(objects, "Deployment", pool)["spec"]["template"]["spec"]
         worker = next(c for c in spec["containers"] if c["name"] == "worker")
         assert f"--store=$(HOST_IP):{store_port['hostPort']}" in worker["args"]
-        assert {v["name"]: v for v in spec["volumes"]}["host-shm"]["hostPath"]["path"] == shm
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["host-shm"]["hostPath"]["path"] == shm
+        mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+        assert mounts["host-shm"] == arena_dir  # the arena file at the path the node reports
+        shm_mount = next(name for name, path in mounts.items() if path == "/dev/shm")
+        assert volumes[shm_mount]["emptyDir"]["medium"] == "Memory"
         assert spec["securityContext"]["runAsUser"] == store["securityContext"]["runAsUser"]
 
 
