@@ -16,6 +16,7 @@ environment):
 * ``profiling``: :class:`~controlplane.workers.profiling.ProfileSettings` (``--no-profile``, ...);
 * ``admin``: :class:`~controlplane.admin.config.AdminApiConfig` (``--admin-port``, ...);
 * ``launch``: :class:`~controlplane.launch.launcher.LaunchConfig` (``--launch-store``, ...);
+* ``k8s``: :class:`~controlplane.launch.kubernetes.KubernetesConfig` (``--k8s-namespace``, ...);
 * ``cluster``: :class:`ClusterConfig` (``--cluster-key-file``).
 
 Every config is validated on construction (``ValueError``; :class:`ConfigError` here), so a
@@ -35,6 +36,7 @@ from controlplane.api.openai_protocol import (
     DEFAULT_MAX_STOP_CHARS,
     DEFAULT_MAX_STOP_STRINGS,
 )
+from controlplane.launch.kubernetes import KubernetesConfig
 from controlplane.launch.launcher import LaunchConfig
 from controlplane.scheduling.policies import PolicyKind
 from controlplane.scheduling.types import SchedulingConfig
@@ -363,6 +365,12 @@ class GatewayConfig:
     launch: LaunchConfig = group(
         LaunchConfig, title="launcher (workers started by this gateway)", prefix="launch-"
     )
+    k8s: KubernetesConfig = group(
+        KubernetesConfig,
+        title="Kubernetes launcher (scale the prefill and decode Deployments; "
+        "docs/design/multihost.md §7)",
+        prefix="k8s-",
+    )
     cluster: ClusterConfig = group(
         ClusterConfig, title="cluster credentials (docs/design/security.md)", prefix="cluster-"
     )
@@ -404,6 +412,11 @@ class GatewayConfig:
                 "TLS mode does not launch workers: start each with its own certificate "
                 "(--tls-cert/--tls-key/--tls-ca) and name them (--prefill/--decode)"
             )
+        if self.k8s.enabled and self.launch.enabled:
+            raise ConfigError(
+                "--k8s-namespace (scale Kubernetes Deployments) and --launch-store (start local "
+                "worker processes) exclude each other: give one launcher"
+            )
         if not self.model_dir.is_dir():
             raise ConfigError(f"model_dir {str(self.model_dir)!r} is not a directory")
         if not self.served_model_name:
@@ -416,8 +429,13 @@ class GatewayConfig:
             ("prefill_endpoints", self.launch.prefill, "launch_prefill"),
             ("decode_endpoints", self.launch.decode, "launch_decode"),
         ):
-            if not getattr(self, name) and launched == 0:
-                raise ConfigError(f"{name} must name at least one HOST:PORT (or set {flag})")
+            if not getattr(self, name) and launched == 0 and not self.registry.url:
+                # With a shared registry, workers may come from it alone: announced
+                # (docs/design/multihost.md §3), added, or other gateways' records.
+                raise ConfigError(
+                    f"{name} must name at least one HOST:PORT (or set {flag}, or share a "
+                    "registry where workers announce themselves: --registry)"
+                )
             for endpoint in getattr(self, name):
                 try:
                     parse_endpoint(endpoint)

@@ -30,7 +30,14 @@ from controlplane.config import ConfigError, GatewayConfig
 from controlplane.instances.instance import StartupError
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import RegistryStoreError, open_registry_store
-from controlplane.instances.types import InstanceConflict, InstanceState, Launcher
+from controlplane.instances.types import (
+    InstanceConflict,
+    InstanceState,
+    Launcher,
+    LauncherUnavailable,
+    PoolLauncher,
+)
+from controlplane.launch.kubernetes import KubernetesLauncher
 from controlplane.launch.launcher import LocalProcessLauncher
 from controlplane.launch.standby import StandbyLauncher
 from controlplane.metrics import GatewayMetrics
@@ -63,9 +70,11 @@ class GatewayServer:
     HTTP, shut down.
 
     ``launcher`` (optional) lets the registry start workers for `scale` and `set-role`; without
-    one, a config with ``launch.store`` gets a :class:`LocalProcessLauncher`. The server closes
-    the launcher at stop, which stops every worker it launched. A failed start stops whatever it
-    had started."""
+    one, a config with ``launch.store`` gets a :class:`LocalProcessLauncher`. ``pool_launcher``
+    (optional) scales pools that something else runs instead; without one, a config with
+    ``k8s.namespace`` gets a :class:`KubernetesLauncher`. The server closes the launcher at stop,
+    which stops every worker it launched (a pool launcher's pods keep running). A failed start
+    stops whatever it had started."""
 
     def __init__(
         self,
@@ -73,6 +82,7 @@ class GatewayServer:
         *,
         tokenizer: ModelTokenizer | None = None,
         launcher: Launcher | None = None,
+        pool_launcher: PoolLauncher | None = None,
     ) -> None:
         """Raises ConfigError for an admin or launcher setting that cannot work (e.g. the admin
         API on with no token)."""
@@ -91,6 +101,12 @@ class GatewayServer:
                     self._local_launcher, per_role=config.launch.standby
                 )
         self._launcher = launcher
+        self._k8s_launcher: KubernetesLauncher | None = None
+        if pool_launcher is None and config.k8s.enabled:
+            pool_launcher = self._k8s_launcher = KubernetesLauncher(config.k8s)
+        if pool_launcher is not None and launcher is not None:
+            raise ConfigError("a gateway has a process launcher or a pool launcher, not both")
+        self._pool_launcher = pool_launcher
         self._registry: InstanceRegistry | None = None
         self._cluster_view: ClusterView | None = None
         """The prefix index (with config.routing.kv_metadata), following the metadata store."""
@@ -136,6 +152,7 @@ class GatewayServer:
             health_check_timeout_s=config.registry.health_check_timeout_s,
             store=open_registry_store(config.registry.url, config.cluster.key()),
             launcher=self._launcher,
+            pool_launcher=self._pool_launcher,
             drain_timeout_s=config.registry.drain_timeout_s,
             restart=config.launch.restart_policy(),
             stall_floor_s=config.registry.stall_floor_s,
@@ -145,6 +162,11 @@ class GatewayServer:
             profile=replace(config.profiling, vocab_size=self._tokenizer.vocab_size),
             worker_auth=self._auth,
         )
+        if self._k8s_launcher is not None:
+            try:  # credentials now: a gateway that cannot scale says so at start
+                await self._k8s_launcher.open()
+            except LauncherUnavailable as exc:
+                raise StartupError(str(exc)) from None
         if self._admin_config is not None:
             # Up before the workers are: `strata admin list` shows them starting.
             self._admin = AdminServer(self._admin_config, registry)
@@ -324,6 +346,9 @@ class GatewayServer:
         if self._launcher is not None:
             await self._launcher.close()
             self._launcher = None
+        if self._pool_launcher is not None:
+            await self._pool_launcher.close()
+            self._pool_launcher = None
 
 
 def _scheduling_config(config: GatewayConfig) -> SchedulingConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 from dataplane.hardware import DTYPES
 from kvstore.metadata import parse_metadata_spec
 from strata_common.credentials import Identity, read_cluster_key
-from strata_common.endpoints import parse_endpoint
+from strata_common.endpoints import format_endpoint, is_wildcard, parse_endpoint
 from strata_common.options import add_options, group, option, parse_into
 from strata_common.secrets import redact_url
 from strata_common.tls import INSECURE_HELP, TLS_FLAGS, TlsConfig, check_listen
@@ -88,8 +88,11 @@ class WorkerConfig:
     )
     """Metadata store (``kvstore.metadata.open_metadata_store`` spec) that receives this worker's
     HBM events; None: no events."""
-    instance_id: str | None = option(None, help="event source id (default: HOST:PORT)")
-    """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint)."""
+    instance_id: str | None = option(
+        None, help="event source id (default: HOST:PORT, HOST the --advertise-address if given)"
+    )
+    """This worker's event source id; default ``HOST:PORT`` (the bound gRPC endpoint, with the
+    advertised host: two workers on 0.0.0.0 of two hosts must not share an id)."""
     reuse_port: bool = option(
         False,
         help="bind the gRPC port with SO_REUSEPORT: set by a launcher that holds the port "
@@ -125,6 +128,32 @@ class WorkerConfig:
     )
     """With ``kv_metadata``: a worker silent this long is reaped and its HBM entries leave the
     index (the same defaults as a store node's)."""
+    advertise_address: str | None = option(
+        None,
+        metavar="ADDR",
+        help="the address others dial to reach this worker (a pod's IP, the host's name); "
+        "default: --host; required with --announce when --host is 0.0.0.0 or ::",
+    )
+    """What gateways dial and this worker announces (with the bound port), and its default
+    instance id: ``ADDR:PORT``. A host, no port."""
+    announce: str | None = option(
+        None,
+        metavar="REDIS_URL",
+        help="announce this worker in the gateways' shared registry (their --registry: "
+        "redis://HOST:PORT/DB, rediss://, unix://), sealed with --cluster-key-file if given; "
+        "every gateway on that registry serves it (docs/design/multihost.md §3)",
+    )
+    """The Redis of the gateways' registry: the worker announces itself there once serving
+    (:mod:`dataplane.announcer`); a password belongs in ``STRATA_WORKER_ANNOUNCE``, not argv."""
+    announce_interval_s: float = option(
+        2.0, parse=parse_duration, help="with --announce: how often the announcement is renewed"
+    )
+    announce_ttl_s: float = option(
+        10.0,
+        parse=parse_duration,
+        help="with --announce: the announcement expires this long after its last renewal "
+        "(a worker that stopped without withdrawing it is drained then)",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir).resolve())
@@ -161,6 +190,7 @@ class WorkerConfig:
                 "need 0 < kv_heartbeat_interval_s < kv_heartbeat_timeout_s, got "
                 f"{self.kv_heartbeat_interval_s} and {self.kv_heartbeat_timeout_s}"
             )
+        self._check_announce()
         if self.instance_id is not None and not 0 < len(self.instance_id.encode()) <= 255:
             raise ValueError("instance_id must be 1..255 bytes of UTF-8")
         check_listen(
@@ -172,7 +202,48 @@ class WorkerConfig:
         if self.cluster_key_file is not None:
             read_cluster_key(self.cluster_key_file)  # CredentialError (a ValueError) says why
             # This worker's identity name (its event source id): checked now, not once serving.
-            Identity("worker", self.instance_id or f"{self.host}:{self.port or 1}")
+            Identity("worker", self.instance_id or self.advertised_endpoint(self.port or 1))
+
+    def _check_announce(self) -> None:
+        if self.advertise_address is not None:
+            host = self.advertise_address
+            try:
+                parse_endpoint(format_endpoint(host, 1))
+            except ValueError:
+                raise ValueError(
+                    f"advertise_address must be a host name or IP address (no port), got {host!r}"
+                ) from None
+            if is_wildcard(host):
+                raise ValueError(f"advertise_address {host!r} is a wildcard: nobody can dial it")
+        if self.announce is None:
+            return
+        if not self.announce.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"announce {redact_url(self.announce)!r} must be a redis://, rediss:// or "
+                "unix:// URL (the gateways' --registry)"
+            )
+        if not self.announce_ttl_s >= 1.0:
+            raise ValueError(f"announce_ttl_s must be >= 1 s, got {self.announce_ttl_s}")
+        if not 0 < self.announce_interval_s < self.announce_ttl_s:
+            raise ValueError(
+                "need 0 < announce_interval_s < announce_ttl_s (a renewal before the "
+                f"announcement expires), got {self.announce_interval_s} and {self.announce_ttl_s}"
+            )
+        if self.advertise_address is None and is_wildcard(self.host):
+            raise ValueError(
+                f"--announce with --host {self.host} needs --advertise-address: the address "
+                "gateways dial (e.g. the pod's IP)"
+            )
+
+    @property
+    def advertised_host(self) -> str:
+        """What others dial: ``advertise_address``, else ``host``."""
+        return self.advertise_address if self.advertise_address is not None else self.host
+
+    def advertised_endpoint(self, port: int) -> str:
+        """``ADVERTISED_HOST:PORT`` (IPv6 in brackets): what this worker announces, and its
+        default instance id."""
+        return format_endpoint(self.advertised_host, port)
 
     @property
     def rpc_limit(self) -> int:

@@ -13,7 +13,9 @@ which RPCs they accept):
 
 With a metadata store configured (`--kv-metadata`), the worker also publishes the blocks of its
 engine's prefix cache as kvstore events (`dataplane/hbm_events.py`): source id = its instance id,
-`SourceCleared` when it starts serving and after its engine stopped.
+`SourceCleared` when it starts serving and after its engine stopped. With `--announce` it
+announces itself in the gateways' shared registry once serving, and withdraws that first on
+SIGTERM (`dataplane/announcer.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from dataplane.announcer import announcement_loop
 from dataplane.config import WorkerConfig, WorkerRole
 from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
@@ -146,13 +149,13 @@ class Worker:
 
     def store_identity_name(self) -> str:
         """The NAME of this worker's identity ``worker/NAME`` at the store node: its instance id
-        when configured, else its configured HOST:PORT, else its process id (the engine starts
-        before the gRPC port is bound)."""
+        when configured, else its configured ADVERTISED_HOST:PORT, else its process id (the
+        engine starts before the gRPC port is bound)."""
         cfg = self.config
         if cfg.instance_id:
             return cfg.instance_id
         if cfg.port:
-            return f"{cfg.host}:{cfg.port}"
+            return cfg.advertised_endpoint(cfg.port)
         return f"pid-{os.getpid()}"
 
     def engine_args(self) -> Any:
@@ -310,7 +313,7 @@ class Worker:
         self.server = self.create_service()
         port = add_port(self.server, self.tls())(f"{self.config.host}:{self.config.port}")
         await self.server.start()
-        self.endpoint = f"{self.config.host}:{port}"
+        self.endpoint = self.config.advertised_endpoint(port)  # what others dial
         self.instance_id = self.config.instance_id or self.endpoint
         await asyncio.get_running_loop().run_in_executor(None, self.start_hbm_events)
         self.ready = True
@@ -325,7 +328,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        announcement = announcement_loop(self.config, port, self.cluster_key())
+        if announcement is not None:  # serving: gateways may find it from now on
+            await announcement.start()
         await stop.wait()
+        if announcement is not None:  # first: gateways drain this worker on their next round
+            await announcement.stop()
         self.ready = False
         await self.server.stop(grace=5.0)
 

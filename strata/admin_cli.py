@@ -169,6 +169,18 @@ def format_instances(infos: Sequence[InstanceInfo]) -> list[str]:
     ]
 
 
+def format_planned(planned: Sequence[str]) -> list[str]:
+    """A dry-run gateway's planned write requests (nothing changed), one per line, then a blank
+    line; nothing when there are none."""
+    if not planned:
+        return []
+    return [
+        "dry run: nothing changed; the gateway's launcher would send:",
+        *(f"  {line}" for line in planned),
+        "",
+    ]
+
+
 def instance_json(info: InstanceInfo) -> dict[str, Any]:
     d = asdict(info)
     d["role"] = role_name(info.role)
@@ -227,8 +239,11 @@ def _run(args: argparse.Namespace, stub: Any, metadata: list[tuple[str, str]]) -
         )
         infos = [instance_from_proto(m) for m in reply.instances]
         if args.json:
-            return [json.dumps([instance_json(i) for i in infos])]
-        return format_instances(infos)
+            listed = [instance_json(i) for i in infos]
+            if reply.planned:
+                return [json.dumps({"planned": list(reply.planned), "instances": listed})]
+            return [json.dumps(listed)]
+        return format_planned(reply.planned) + format_instances(infos)
     if args.command == "remove":
         request = admin_pb2.RemoveRequest(id=args.id)
         if args.wait is not None:
@@ -245,7 +260,16 @@ def _run(args: argparse.Namespace, stub: Any, metadata: list[tuple[str, str]]) -
         msg = call(stub.Drain, admin_pb2.DrainRequest(id=args.id)).instance
     elif args.command == "set-role":
         request = admin_pb2.SetRoleRequest(id=args.id, role=role_from_name(args.role).value)
-        msg = call(stub.SetRole, request).instance
+        set_role_reply = call(stub.SetRole, request)
+        info = instance_from_proto(set_role_reply.instance)
+        planned = list(set_role_reply.planned)
+        if args.json:
+            if planned:
+                return [json.dumps({"planned": planned, "instance": instance_json(info)})]
+            return [json.dumps(instance_json(info))]
+        if not info.id:  # a pool member: the new pod is not known yet (detail says where)
+            return [*format_planned(planned), f"{role_name(info.role)}: {info.detail}"]
+        return format_planned(planned) + format_instances([info])
     else:  # pragma: no cover - argparse only lets the commands above through
         raise AssertionError(args.command)
     info = instance_from_proto(msg)

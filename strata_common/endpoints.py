@@ -12,7 +12,14 @@ import re
 from collections.abc import Callable
 from typing import NamedTuple
 
-__all__ = ["Endpoint", "EndpointError", "bind_port", "format_endpoint", "parse_endpoint"]
+__all__ = [
+    "Endpoint",
+    "EndpointError",
+    "bind_port",
+    "format_endpoint",
+    "is_wildcard",
+    "parse_endpoint",
+]
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
 
@@ -61,6 +68,18 @@ def parse_endpoint(text: str, *, allow_zero: bool = False) -> Endpoint:
 def format_endpoint(host: str, port: int) -> str:
     """``("::1", 7600)`` → ``"[::1]:7600"``; other hosts as they are."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_wildcard(host: str) -> bool:
+    """``0.0.0.0``, ``::`` (any spelling, brackets or not) or ``""``: an address to listen on
+    every interface, never one to dial."""
+    bare = host.strip("[]")
+    if not bare:
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_unspecified
+    except ValueError:
+        return False  # a DNS name
 
 
 def bind_port(

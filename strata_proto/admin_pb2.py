@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from strata_proto import worker_pb2 as strata__proto_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18strata_proto/admin.proto\x12\x0fstrata.admin.v1\x1a\x19strata_proto/worker.proto\"\xee\x01\n\x08Instance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.strata.v1.Role\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.strata.admin.v1.InstanceState\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\r\x12\x11\n\tin_flight\x18\x08 \x01(\r\x12\x0c\n\x04load\x18\t \x01(\x01\x12\x10\n\x08launched\x18\n \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\"\r\n\x0bListRequest\"<\n\x0cListResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.strata.admin.v1.Instance\"=\n\nAddRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.strata.v1.Role\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\":\n\x0b\x41\x64\x64Response\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.strata.admin.v1.Instance\"\x1a\n\x0c\x44rainRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\rDrainResponse\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.strata.admin.v1.Instance\";\n\rRemoveRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x06wait_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_wait_s\"\x10\n\x0eRemoveResponse\"?\n\x0cScaleRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.strata.v1.Role\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"=\n\rScaleResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.strata.admin.v1.Instance\";\n\x0eSetRoleRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.strata.v1.Role\">\n\x0fSetRoleResponse\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.strata.admin.v1.Instance\" \n\x10SetPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x11SetPolicyResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\"\x0e\n\x0cStatsRequest\"\xfa\x02\n\rStatsResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12,\n\tinstances\x18\x02 \x03(\x0b\x32\x19.strata.admin.v1.Instance\x12\x16\n\x0erequests_total\x18\x03 \x01(\x04\x12\x19\n\x11requests_rejected\x18\x04 \x01(\x04\x12\x1c\n\x14requests_failed_over\x18\x05 \x01(\x04\x12 \n\x13predictor_ttft_mape\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13predictor_tpot_mape\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x38\n\x05\x65xtra\x18\x08 \x03(\x0b\x32).strata.admin.v1.StatsResponse.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x16\n\x14_predictor_ttft_mapeB\x16\n\x14_predictor_tpot_mape*\x9c\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x01\x12\x18\n\x14INSTANCE_STATE_READY\x10\x02\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x03\x12\x17\n\x13INSTANCE_STATE_DEAD\x10\x04\x32\xd3\x04\n\x05\x41\x64min\x12\x43\n\x04List\x12\x1c.strata.admin.v1.ListRequest\x1a\x1d.strata.admin.v1.ListResponse\x12@\n\x03\x41\x64\x64\x12\x1b.strata.admin.v1.AddRequest\x1a\x1c.strata.admin.v1.AddResponse\x12\x46\n\x05\x44rain\x12\x1d.strata.admin.v1.DrainRequest\x1a\x1e.strata.admin.v1.DrainResponse\x12I\n\x06Remove\x12\x1e.strata.admin.v1.RemoveRequest\x1a\x1f.strata.admin.v1.RemoveResponse\x12\x46\n\x05Scale\x12\x1d.strata.admin.v1.ScaleRequest\x1a\x1e.strata.admin.v1.ScaleResponse\x12L\n\x07SetRole\x12\x1f.strata.admin.v1.SetRoleRequest\x1a .strata.admin.v1.SetRoleResponse\x12R\n\tSetPolicy\x12!.strata.admin.v1.SetPolicyRequest\x1a\".strata.admin.v1.SetPolicyResponse\x12\x46\n\x05Stats\x12\x1d.strata.admin.v1.StatsRequest\x1a\x1e.strata.admin.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18strata_proto/admin.proto\x12\x0fstrata.admin.v1\x1a\x19strata_proto/worker.proto\"\xee\x01\n\x08Instance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.strata.v1.Role\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.strata.admin.v1.InstanceState\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\r\x12\x11\n\tin_flight\x18\x08 \x01(\r\x12\x0c\n\x04load\x18\t \x01(\x01\x12\x10\n\x08launched\x18\n \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\"\r\n\x0bListRequest\"<\n\x0cListResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.strata.admin.v1.Instance\"=\n\nAddRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.strata.v1.Role\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\":\n\x0b\x41\x64\x64Response\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.strata.admin.v1.Instance\"\x1a\n\x0c\x44rainRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\rDrainResponse\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.strata.admin.v1.Instance\";\n\rRemoveRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x06wait_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_wait_s\"\x10\n\x0eRemoveResponse\"?\n\x0cScaleRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.strata.v1.Role\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"N\n\rScaleResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.strata.admin.v1.Instance\x12\x0f\n\x07planned\x18\x02 \x03(\t\";\n\x0eSetRoleRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.strata.v1.Role\"O\n\x0fSetRoleResponse\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.strata.admin.v1.Instance\x12\x0f\n\x07planned\x18\x02 \x03(\t\" \n\x10SetPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x11SetPolicyResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\"\x0e\n\x0cStatsRequest\"\xfa\x02\n\rStatsResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12,\n\tinstances\x18\x02 \x03(\x0b\x32\x19.strata.admin.v1.Instance\x12\x16\n\x0erequests_total\x18\x03 \x01(\x04\x12\x19\n\x11requests_rejected\x18\x04 \x01(\x04\x12\x1c\n\x14requests_failed_over\x18\x05 \x01(\x04\x12 \n\x13predictor_ttft_mape\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13predictor_tpot_mape\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x38\n\x05\x65xtra\x18\x08 \x03(\x0b\x32).strata.admin.v1.StatsResponse.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x16\n\x14_predictor_ttft_mapeB\x16\n\x14_predictor_tpot_mape*\x9c\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17INSTANCE_STATE_STARTING\x10\x01\x12\x18\n\x14INSTANCE_STATE_READY\x10\x02\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x03\x12\x17\n\x13INSTANCE_STATE_DEAD\x10\x04\x32\xd3\x04\n\x05\x41\x64min\x12\x43\n\x04List\x12\x1c.strata.admin.v1.ListRequest\x1a\x1d.strata.admin.v1.ListResponse\x12@\n\x03\x41\x64\x64\x12\x1b.strata.admin.v1.AddRequest\x1a\x1c.strata.admin.v1.AddResponse\x12\x46\n\x05\x44rain\x12\x1d.strata.admin.v1.DrainRequest\x1a\x1e.strata.admin.v1.DrainResponse\x12I\n\x06Remove\x12\x1e.strata.admin.v1.RemoveRequest\x1a\x1f.strata.admin.v1.RemoveResponse\x12\x46\n\x05Scale\x12\x1d.strata.admin.v1.ScaleRequest\x1a\x1e.strata.admin.v1.ScaleResponse\x12L\n\x07SetRole\x12\x1f.strata.admin.v1.SetRoleRequest\x1a .strata.admin.v1.SetRoleResponse\x12R\n\tSetPolicy\x12!.strata.admin.v1.SetPolicyRequest\x1a\".strata.admin.v1.SetPolicyResponse\x12\x46\n\x05Stats\x12\x1d.strata.admin.v1.StatsRequest\x1a\x1e.strata.admin.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSRESPONSE_EXTRAENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_INSTANCESTATE']._serialized_start=1404
-  _globals['_INSTANCESTATE']._serialized_end=1560
+  _globals['_INSTANCESTATE']._serialized_start=1438
+  _globals['_INSTANCESTATE']._serialized_end=1594
   _globals['_INSTANCE']._serialized_start=73
   _globals['_INSTANCE']._serialized_end=311
   _globals['_LISTREQUEST']._serialized_start=313
@@ -57,21 +57,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCALEREQUEST']._serialized_start=682
   _globals['_SCALEREQUEST']._serialized_end=745
   _globals['_SCALERESPONSE']._serialized_start=747
-  _globals['_SCALERESPONSE']._serialized_end=808
-  _globals['_SETROLEREQUEST']._serialized_start=810
-  _globals['_SETROLEREQUEST']._serialized_end=869
-  _globals['_SETROLERESPONSE']._serialized_start=871
-  _globals['_SETROLERESPONSE']._serialized_end=933
-  _globals['_SETPOLICYREQUEST']._serialized_start=935
-  _globals['_SETPOLICYREQUEST']._serialized_end=967
-  _globals['_SETPOLICYRESPONSE']._serialized_start=969
-  _globals['_SETPOLICYRESPONSE']._serialized_end=1004
-  _globals['_STATSREQUEST']._serialized_start=1006
-  _globals['_STATSREQUEST']._serialized_end=1020
-  _globals['_STATSRESPONSE']._serialized_start=1023
-  _globals['_STATSRESPONSE']._serialized_end=1401
-  _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_start=1309
-  _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_end=1353
-  _globals['_ADMIN']._serialized_start=1563
-  _globals['_ADMIN']._serialized_end=2158
+  _globals['_SCALERESPONSE']._serialized_end=825
+  _globals['_SETROLEREQUEST']._serialized_start=827
+  _globals['_SETROLEREQUEST']._serialized_end=886
+  _globals['_SETROLERESPONSE']._serialized_start=888
+  _globals['_SETROLERESPONSE']._serialized_end=967
+  _globals['_SETPOLICYREQUEST']._serialized_start=969
+  _globals['_SETPOLICYREQUEST']._serialized_end=1001
+  _globals['_SETPOLICYRESPONSE']._serialized_start=1003
+  _globals['_SETPOLICYRESPONSE']._serialized_end=1038
+  _globals['_STATSREQUEST']._serialized_start=1040
+  _globals['_STATSREQUEST']._serialized_end=1054
+  _globals['_STATSRESPONSE']._serialized_start=1057
+  _globals['_STATSRESPONSE']._serialized_end=1435
+  _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_start=1343
+  _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_end=1387
+  _globals['_ADMIN']._serialized_start=1597
+  _globals['_ADMIN']._serialized_end=2192
 # @@protoc_insertion_point(module_scope)

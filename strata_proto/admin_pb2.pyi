@@ -104,10 +104,12 @@ class ScaleRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[_worker_pb2.Role, str]] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class ScaleResponse(_message.Message):
-    __slots__ = ("instances",)
+    __slots__ = ("instances", "planned")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    planned: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., planned: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("id", "role")
@@ -118,10 +120,12 @@ class SetRoleRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.Role, str]] = ...) -> None: ...
 
 class SetRoleResponse(_message.Message):
-    __slots__ = ("instance",)
+    __slots__ = ("instance", "planned")
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
     instance: Instance
-    def __init__(self, instance: _Optional[_Union[Instance, _Mapping]] = ...) -> None: ...
+    planned: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance: _Optional[_Union[Instance, _Mapping]] = ..., planned: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
     __slots__ = ("name",)

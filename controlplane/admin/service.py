@@ -10,7 +10,8 @@ to the health service: :mod:`controlplane.admin.server`.
 Status codes: bad arguments (checked here before the backend is called, and
 :class:`InvalidAdminRequest` from the backend) → INVALID_ARGUMENT; :class:`InstanceNotFound` →
 NOT_FOUND; :class:`InstanceConflict` → ALREADY_EXISTS for ``Add`` (the endpoint is registered
-already) and FAILED_PRECONDITION elsewhere; anything else → INTERNAL with the traceback logged.
+already) and FAILED_PRECONDITION elsewhere; :class:`LauncherUnavailable` (the Kubernetes API
+failing or unreachable) → UNAVAILABLE; anything else → INTERNAL with the traceback logged.
 The service keeps serving after every error.
 """
 
@@ -42,6 +43,7 @@ from controlplane.instances.types import (
     InstanceConflict,
     InstanceNotFound,
     InvalidAdminRequest,
+    LauncherUnavailable,
 )
 from strata_proto import admin_pb2, admin_pb2_grpc
 
@@ -77,6 +79,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             code, message = grpc.StatusCode.NOT_FOUND, str(exc)
         except InstanceConflict as exc:
             code, message = conflict, str(exc)
+        except LauncherUnavailable as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -128,9 +132,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ScaleResponse:
         async def work() -> admin_pb2.ScaleResponse:
             role = check_role(request.role, POOL_ROLES, "Scale")
-            infos = await self._backend.scale(role, check_replicas(request.replicas))
+            planned: list[str] = []
+            infos = await self._backend.scale(
+                role, check_replicas(request.replicas), planned=planned
+            )
             ordered = sorted(infos, key=lambda i: i.id)
-            return admin_pb2.ScaleResponse(instances=[instance_to_proto(i) for i in ordered])
+            return admin_pb2.ScaleResponse(
+                instances=[instance_to_proto(i) for i in ordered], planned=planned
+            )
 
         return await self._call(context, "Scale", work)
 
@@ -140,8 +149,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         async def work() -> admin_pb2.SetRoleResponse:
             instance_id = check_id(request.id)
             role = check_role(request.role, ANY_ROLE, "SetRole")
-            info = await self._backend.set_role(instance_id, role)
-            return admin_pb2.SetRoleResponse(instance=instance_to_proto(info))
+            planned: list[str] = []
+            info = await self._backend.set_role(instance_id, role, planned=planned)
+            return admin_pb2.SetRoleResponse(instance=instance_to_proto(info), planned=planned)
 
         return await self._call(context, "SetRole", work)
 

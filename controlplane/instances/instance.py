@@ -176,6 +176,7 @@ class Instance:
     """One worker as this gateway sees it. Read freely; only the registry writes the fields."""
 
     __slots__ = (
+        "announced",
         "client",
         "detail",
         "draining",
@@ -212,6 +213,8 @@ class Instance:
         self.host = parse_endpoint(record.endpoint).host
         """The endpoint's host: instances with the same one share memory (KV moves by shm)."""
         self.launched = record.launched
+        self.announced = record.announced
+        """Registered from the worker's announcement: removed once that is gone."""
         self.draining = record.draining
         self.client = WorkerClient(record.endpoint, auth=auth)
         self.state = InstanceState.DRAINING if record.draining else InstanceState.STARTING
@@ -297,7 +300,12 @@ class Instance:
 
     def record(self) -> InstanceRecord:
         return InstanceRecord(
-            self.id, self.role, self.endpoint, draining=self.draining, launched=self.launched
+            self.id,
+            self.role,
+            self.endpoint,
+            draining=self.draining,
+            launched=self.launched,
+            announced=self.announced,
         )
 
     def info(self) -> InstanceInfo:

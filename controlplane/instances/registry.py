@@ -6,7 +6,8 @@ reports what it saw through `report_failure`, the load trackers and `note_failov
 in layers, one file each: ``state`` (records, states and heartbeats: the state machine, written
 out in that module), ``load`` (in-flight counters), ``predictors`` (the policy, the latency
 models, their feeding and the start-up profiles), ``supervision`` (launching, and replacing
-launched workers that stop serving) and this module, the admin backend (add, drain, remove,
+launched workers that stop serving), ``pools`` (scaling pools that something else runs:
+Kubernetes Deployments) and this module, the admin backend (add, drain, remove,
 set-role, scale, policy, stats). :class:`InstanceRegistry` is the one object the gateway
 holds.
 """
@@ -18,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from controlplane.instances.instance import Instance
+from controlplane.instances.pools import PoolScaling
 from controlplane.instances.state import SERVING_ROLES
 from controlplane.instances.store import RegistryStoreError
-from controlplane.instances.supervision import Supervision
 from controlplane.instances.types import (
     ClusterStats,
     InstanceConflict,
@@ -37,13 +38,13 @@ __all__ = ["InstanceRegistry"]
 logger = logging.getLogger("controlplane.instances.registry")
 
 
-class InstanceRegistry(Supervision):
+class InstanceRegistry(PoolScaling):
     """The instances, their state and load; the gateway's `AdminBackend`.
 
     Keyword arguments: ``metrics``, ``health_check_timeout_s``, ``store``, ``launcher``,
     ``drain_timeout_s``, ``clock``, ``worker_auth`` (:class:`InstanceStates`); ``policy_names``,
     ``policy``, ``scheduling``, ``profile`` (:class:`SchedulingState`); ``restart``, ``sleep``
-    (:class:`Supervision`)."""
+    (:class:`Supervision`); ``pool_launcher`` (:class:`PoolScaling`)."""
 
     def list_instances(self) -> Sequence[InstanceInfo]:
         return [self._info_with_note(m) for m in self._instances.values()]
@@ -83,26 +84,36 @@ class InstanceRegistry(Supervision):
 
     async def drain(self, instance_id: str) -> InstanceInfo:
         instance = self.get(instance_id)
-        if not instance.draining:
-            instance.draining = True
-            await self._store.update(instance.record())
-            self._set_state(instance, InstanceState.DRAINING, "draining")
-        self._cancel_profile(instance)
+        await self._drain(instance)
         return instance.info()
 
     async def remove(self, instance_id: str, *, wait_s: float) -> None:
         if not wait_s >= 0:
             raise InvalidAdminRequest(f"wait_s must be >= 0, got {wait_s}")
         instance = self.get(instance_id)
+        if await self._remove_pool_member(instance, wait_s):
+            return
+        if instance.announced and instance.endpoint in (await self._store.announcements() or {}):
+            raise InstanceConflict(
+                f"instance {instance.id} ({instance.endpoint}) announces itself in the registry: "
+                "removed, it would be registered again at the next round; stop the worker (its "
+                "SIGTERM withdraws the announcement, and every gateway drains and removes it), "
+                "or drain it to keep it unused"
+            )
         await self.drain(instance_id)
         await self._wait_idle(instance, wait_s)
         await self._store.delete(instance.id)
         self._forget(instance, stop_after_s=0.0)
 
-    async def set_role(self, instance_id: str, role: WorkerRole) -> InstanceInfo:
+    async def set_role(
+        self, instance_id: str, role: WorkerRole, *, planned: list[str] | None = None
+    ) -> InstanceInfo:
         """Change the role an instance serves.
 
         - a worker started with ``--role both`` (it reports BOTH): switched in place;
+        - with a pool launcher, a pod of its role's pool: drained, its pod removed, the other
+          pool one larger; the new member *as planned* is returned (no id yet:
+          controlplane/instances/pools.py), and a dry run's writes are added to ``planned``;
         - a worker this gateway's launcher started: drained (up to the drain timeout), stopped,
           and a new worker of ``role`` launched; the new instance (new id) is returned;
         - any other (an external worker, whose role is its own ``--role`` flag, or one another
@@ -117,6 +128,11 @@ class InstanceRegistry(Supervision):
             await self._store.update(replace(instance.record(), role=role))
             self._change_role(instance, role)
             return instance.info()
+        if self._pool is not None:
+            info, writes = await self._set_pool_role(self._pool, instance, role)
+            if planned is not None:
+                planned += writes
+            return info
         handle = self._launched.get(instance.id)
         if handle is None or self._launcher is None:
             raise InstanceConflict(
@@ -132,15 +148,24 @@ class InstanceRegistry(Supervision):
         await handle.stop(timeout_s=10.0)
         return await self._launch(role)
 
-    async def scale(self, role: WorkerRole, replicas: int) -> Sequence[InstanceInfo]:
+    async def scale(
+        self, role: WorkerRole, replicas: int, *, planned: list[str] | None = None
+    ) -> Sequence[InstanceInfo]:
         """Launch, or drain and stop launched instances, until ``replicas`` of ``role`` are
         starting or ready (a launched worker being replaced after a failure counts as starting).
         Scaling down stops only workers this gateway launched (pending replacements first, then
         starting ones, then the least loaded); it returns at once, the drained ones stop when
-        their requests are done (or after the drain timeout)."""
+        their requests are done (or after the drain timeout). With a pool launcher the pool's
+        own size is what is scaled (controlplane/instances/pools.py); a dry run's writes are
+        added to ``planned``."""
         _check_role(role)
         if replicas < 0:
             raise InvalidAdminRequest(f"replicas must be >= 0, got {replicas}")
+        if self._pool is not None:
+            writes = await self._scale_pool(self._pool, role, replicas)
+            if planned is not None:
+                planned += writes
+            return [self._info_with_note(m) for m in self._instances.values() if m.role is role]
         active = [
             m
             for m in self._instances.values()
@@ -187,6 +212,18 @@ class InstanceRegistry(Supervision):
                 "workers_restarted": float(self._num_restarts),
             },
         )
+
+    async def _on_announcement_gone(self, instance: Instance) -> None:
+        """Its worker's announcement is gone (withdrawn at SIGTERM, or expired): drained here
+        (and, through the record, on every gateway), then deleted once idle, as scale-down
+        retires an instance."""
+        if instance.forgotten:
+            return
+        try:
+            await self.drain(instance.id)
+        except RegistryStoreError as exc:  # drained here all the same; others see it go
+            logger.warning("could not mark %s drained in the registry: %s", instance.id, exc)
+        await self._retire(instance)
 
     async def _retire(self, instance: Instance) -> None:
         await self._wait_idle(instance, self._drain_timeout_s)

@@ -35,9 +35,18 @@ State, per gateway (controlplane/instances/types.py draws the diagram). Health h
 - **draining**: an operator drained it (shared through the store, so every gateway stops picking
   it); requests already on it finish. `remove` waits for them, then forgets it.
 
-Records (id, role, endpoint, draining, launched) live in a `RegistryStore` — this process, or
-Redis when several gateways share one cluster; every gateway polls the store and health-checks
-every instance itself on each round, so the state above is each gateway's own.
+Records (id, role, endpoint, draining, launched, announced) live in a `RegistryStore` — this
+process, or Redis when several gateways share one cluster; every gateway polls the store and
+health-checks every instance itself on each round, so the state above is each gateway's own.
+
+Announced workers (docs/design/multihost.md §3; a shared registry only): each `sync` also reads
+the workers' announcements. An announced endpoint without a record is registered (the store's
+register: two gateways at once get one record) with ``announced`` set and the announced role —
+``both`` as decode (it prefills for itself when no prefill instance is ready; `set-role` switches
+it in place). An ``announced`` record whose announcement is gone (withdrawn on SIGTERM, or
+expired) is handed to `_on_announcement_gone`: the registry drains it and deletes its record once
+idle (or after the drain timeout), as scale-down does. If the announcements cannot be read, no
+record is added or withdrawn that round.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from contextlib import suppress
 from typing import Any
 
+from controlplane.instances.announced import AnnouncedWorkers
 from controlplane.instances.instance import (
     Instance,
     InstanceView,
@@ -116,6 +126,7 @@ class InstanceStates:
         self._limits: ModelLimits | None = None
         self._round_robin = {role: itertools.count() for role in SERVING_ROLES}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._announced = AnnouncedWorkers(self._store)
 
     def _on_ready(self, instance: Instance) -> None:
         """Called each time a Health answer finds ``instance`` ready (a later layer profiles
@@ -125,6 +136,11 @@ class InstanceStates:
         """Called once each time ``instance`` stops serving: it goes to dead from another state
         (unreachable, not ready, stalled). A later layer restarts a worker this gateway
         launched."""
+
+    async def _on_announcement_gone(self, instance: Instance) -> None:
+        """``instance`` was registered from its worker's announcement, which is gone: the
+        registry layer drains it and deletes its record once idle. Runs as a task of its own
+        (one per instance at a time)."""
 
     @property
     def limits(self) -> ModelLimits:
@@ -149,14 +165,23 @@ class InstanceStates:
         await self.sync()
 
     async def wait_until_ready(self, *, timeout_s: float, poll_interval_s: float) -> ModelLimits:
-        """Poll until every configured worker is ready, then fix the model limits."""
+        """Poll until every configured worker is ready, then fix the model limits. A gateway
+        with none configured (its workers come from a shared registry: announced, added, other
+        gateways') syncs the registry each poll and waits until a decode instance is ready; the
+        limits are then those of every instance ready by then."""
         deadline = time.monotonic() + timeout_s
         next_log = time.monotonic() + 10.0
         while True:
+            if not self._configured:
+                await self.sync()
             await self.check_all()
             self._raise_on_wrong_role()
             configured = [self._instances[i] for i in self._configured if i in self._instances]
-            if all(m.state is InstanceState.READY for m in configured):
+            if not self._configured:
+                configured = [m for m in self._instances.values() if m.state is InstanceState.READY]
+                if any(m.role is WorkerRole.DECODE for m in configured):
+                    break
+            elif all(m.state is InstanceState.READY for m in configured):
                 break
             now = time.monotonic()
             if now >= deadline:
@@ -229,6 +254,13 @@ class InstanceStates:
         except RegistryStoreError as exc:
             logger.warning("registry sync failed, keeping the instances known: %s", exc)
             return
+        try:
+            announcements = await self._store.announcements()
+        except RegistryStoreError as exc:
+            logger.warning("reading the workers' announcements failed (this round): %s", exc)
+            announcements = None
+        if announcements is not None:
+            await self._announced.register(records, announcements)
         for record in records.values():
             instance = self._instances.get(record.id)
             if instance is None:
@@ -250,6 +282,15 @@ class InstanceStates:
             if instance.id in known_before and instance.id not in records:
                 logger.info("instance %s (%s) was removed", instance.id, instance.endpoint)
                 self._forget(instance, stop_after_s=self._drain_timeout_s)
+        if announcements is not None:
+            for record in self._announced.gone(records, announcements, set(self._instances)):
+                self._spawn(self._withdraw(self._instances[record.id]))
+
+    async def _withdraw(self, instance: Instance) -> None:
+        try:
+            await self._on_announcement_gone(instance)
+        finally:
+            self._announced.withdrawn(instance.id)
 
     async def run_health_checks(self, *, interval_s: float) -> None:
         """Sync and check forever (the gateway cancels this task at shutdown)."""
@@ -501,6 +542,8 @@ class InstanceStates:
             f"{m.role.name.lower()} {m.endpoint}: {m.detail}"
             for m in self._instances.values()
             if m.state is not InstanceState.READY
+        ) or (
+            "none configured and no decode worker in the registry" if not self._configured else ""
         )
 
     @staticmethod

@@ -15,7 +15,9 @@ Two implementations of one protocol:
   Registration (after taking an id: a record is sealed with its id), update and deletion are Lua
   scripts, so two gateways registering the same endpoint at once get the same record, and an
   update never resurrects a deleted record.
-  Gateways read the whole hash on each health-check round (a few hundred bytes per instance).
+  Gateways read the whole hash on each health-check round (a few hundred bytes per instance),
+  and the workers' announcements (``announce:ENDPOINT``, strata_common/announce.py), which
+  ``InstanceStates.sync`` turns into ``announced`` records.
 
 Rejected: keyspace notifications or pub/sub for changes — a poll per health-check interval is
 already the latency of noticing a worker, and a poll cannot miss a message.
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from controlplane.workers.roles import WorkerRole
+from strata_common.announce import Announcement, AnnouncementReader, AnnouncementStoreError
 from strata_common.endpoints import parse_endpoint
 from strata_common.records import (
     SEAL_HEADER_BYTES,
@@ -73,6 +76,9 @@ class InstanceRecord:
     draining: bool = False
     launched: bool = False
     """A launcher started it (some gateway may stop it); False for configured or added ones."""
+    announced: bool = False
+    """Registered from the worker's announcement (docs/design/multihost.md §3): it is drained
+    and deleted once the announcement is gone. False in records written before announcements."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -82,6 +88,7 @@ class InstanceRecord:
                 "endpoint": self.endpoint,
                 "draining": self.draining,
                 "launched": self.launched,
+                "announced": self.announced,
             },
             sort_keys=True,
         )
@@ -115,7 +122,7 @@ class InstanceRecord:
             raise RegistryStoreError(
                 f"instance record {instance_id} has a bad endpoint {endpoint!r:.80}: {exc}"
             ) from None
-        flags = {name: data.get(name, False) for name in ("draining", "launched")}
+        flags = {name: data.get(name, False) for name in ("draining", "launched", "announced")}
         for name, value in flags.items():
             if not isinstance(value, bool):
                 raise RegistryStoreError(f"instance record {instance_id}: {name} is not a bool")
@@ -129,10 +136,15 @@ class RegistryStore(Protocol):
     def description(self) -> str: ...
 
     async def register(
-        self, role: WorkerRole, endpoint: str, *, launched: bool
+        self, role: WorkerRole, endpoint: str, *, launched: bool, announced: bool = False
     ) -> tuple[InstanceRecord, bool]:
         """The record of ``endpoint``, created with a new id if there was none; the bool says
         whether it was created."""
+        ...
+
+    async def announcements(self) -> dict[str, Announcement] | None:
+        """The workers' valid announcements by endpoint; None where a store has none (this
+        process's: only a shared registry has announcing workers)."""
         ...
 
     async def update(self, record: InstanceRecord) -> bool:
@@ -158,13 +170,15 @@ class LocalRegistryStore:
         return "local"
 
     async def register(
-        self, role: WorkerRole, endpoint: str, *, launched: bool
+        self, role: WorkerRole, endpoint: str, *, launched: bool, announced: bool = False
     ) -> tuple[InstanceRecord, bool]:
         for record in self._records.values():
             if record.endpoint == endpoint:
                 return record, False
         self._next_id += 1
-        record = InstanceRecord(f"w{self._next_id}", role, endpoint, launched=launched)
+        record = InstanceRecord(
+            f"w{self._next_id}", role, endpoint, launched=launched, announced=announced
+        )
         self._records[record.id] = record
         return record, True
 
@@ -179,6 +193,9 @@ class LocalRegistryStore:
 
     async def load(self) -> dict[str, InstanceRecord]:
         return dict(self._records)
+
+    async def announcements(self) -> dict[str, Announcement] | None:
+        return None  # workers announce themselves in a shared registry only
 
     async def close(self) -> None:
         pass
@@ -250,6 +267,7 @@ class RedisRegistryStore:
         self._delete = self._redis.register_script(_DELETE_LUA)
         self._seal = RecordSeal(cluster_key)
         self._skipped = SkippedRecords(logger, "registry record")
+        self._announcements = AnnouncementReader(self._redis, self._seal, namespace=namespace)
 
     @property
     def description(self) -> str:
@@ -272,7 +290,7 @@ class RedisRegistryStore:
         return record
 
     async def register(
-        self, role: WorkerRole, endpoint: str, *, launched: bool
+        self, role: WorkerRole, endpoint: str, *, launched: bool, announced: bool = False
     ) -> tuple[InstanceRecord, bool]:
         """The endpoint's record, or a new one. An existing record that is unusable (fails its
         MAC or validation, or is another endpoint's: the ``endpoints`` index is not sealed) is
@@ -296,7 +314,9 @@ class RedisRegistryStore:
             number = await self._redis.incr(self._next_id_key)
         except Exception as exc:
             raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
-        record = InstanceRecord(f"w{number}", role, endpoint, launched=launched)
+        record = InstanceRecord(
+            f"w{number}", role, endpoint, launched=launched, announced=announced
+        )
         args: list[str | bytes] = [endpoint, record.id, self._sealed(record), replace]
         reply = await self._call(self._register, keys, args)
         if reply[0] == 1:
@@ -340,6 +360,14 @@ class RedisRegistryStore:
             records[record.id] = record
         self._skipped.forget_except(skipped)
         return records
+
+    async def announcements(self) -> dict[str, Announcement]:
+        """Every valid announcement (strata_common/announce.py: a bad one is skipped and logged
+        once per key)."""
+        try:
+            return await self._announcements.read()
+        except AnnouncementStoreError as exc:
+            raise RegistryStoreError(f"registry {redact_url(self._url)}: {exc}") from exc
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -34,6 +34,9 @@ __all__ = [
     "InvalidAdminRequest",
     "LaunchedWorker",
     "Launcher",
+    "LauncherUnavailable",
+    "PoolLauncher",
+    "PoolPod",
 ]
 
 
@@ -96,6 +99,11 @@ class InstanceConflict(AdminError):
     (ALREADY_EXISTS / FAILED_PRECONDITION)."""
 
 
+class LauncherUnavailable(AdminError):
+    """The launcher's backend (e.g. the Kubernetes API server) failed or cannot be reached;
+    the message names the request and the status (UNAVAILABLE)."""
+
+
 class AdminBackend(Protocol):
     """What the admin gRPC service needs from the gateway; implemented by the registry side.
 
@@ -118,10 +126,18 @@ class AdminBackend(Protocol):
         when a launcher started it)."""
         ...
 
-    async def set_role(self, instance_id: str, role: WorkerRole) -> InstanceInfo: ...
+    async def set_role(
+        self, instance_id: str, role: WorkerRole, *, planned: list[str] | None = None
+    ) -> InstanceInfo:
+        """Change the role ``instance_id`` serves. With a dry-run launcher nothing changes and
+        the write requests it would have sent are appended to ``planned``."""
+        ...
 
-    async def scale(self, role: WorkerRole, replicas: int) -> Sequence[InstanceInfo]:
-        """Launch or drain-and-stop launched instances until ``replicas`` of ``role`` remain."""
+    async def scale(
+        self, role: WorkerRole, replicas: int, *, planned: list[str] | None = None
+    ) -> Sequence[InstanceInfo]:
+        """Launch or drain-and-stop launched instances until ``replicas`` of ``role`` remain
+        (with a dry-run launcher: nothing changes, ``planned`` gets the writes not sent)."""
         ...
 
     def set_policy(self, name: str) -> None: ...
@@ -156,3 +172,57 @@ class Launcher(Protocol):
     async def close(self) -> None:
         """Stop every worker this launcher started."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPod:
+    """One pod of a pool, as a :class:`PoolLauncher` sees it."""
+
+    name: str
+    uid: str
+    ip: str
+    """Its ``status.podIP`` ("" while unscheduled): the host of the endpoint it announces."""
+    phase: str
+    """``Pending``, ``Running``, ...: a pod the ReplicaSet removes before a running one."""
+
+
+class PoolLauncher(Protocol):
+    """A pool of workers that something else runs (Kubernetes Deployments): the launcher
+    changes a pool's size and removes chosen members; it starts no process and returns no
+    handle. New members announce themselves in the registry (docs/design/multihost.md §3);
+    the registry matches an instance to its pod by the endpoint's host (the pod's IP).
+
+    Write methods return the requests a dry-run launcher did not send (one human-readable
+    line each: method, path, body); empty when it sends them."""
+
+    @property
+    def dry_run(self) -> bool:
+        """True when writes are planned, not sent (the registry then changes nothing either)."""
+        ...
+
+    def describe(self, role: WorkerRole) -> str:
+        """The pool of ``role`` in words, e.g. ``Deployment strata/strata-decode``."""
+        ...
+
+    async def replicas(self, role: WorkerRole) -> int:
+        """The pool's desired size (``spec.replicas``)."""
+        ...
+
+    async def pods(self, role: WorkerRole) -> Sequence[PoolPod]:
+        """The pool's members that are not being deleted."""
+        ...
+
+    async def set_replicas(self, role: WorkerRole, replicas: int) -> Sequence[str]:
+        """Make the pool's desired size ``replicas``."""
+        ...
+
+    async def add_replicas(self, role: WorkerRole, delta: int) -> Sequence[str]:
+        """Change the desired size by ``delta`` (relative: a concurrent change is kept). When
+        it shrinks the pool chooses which members go (those not serving yet first)."""
+        ...
+
+    async def remove(self, role: WorkerRole, pod: PoolPod) -> Sequence[str]:
+        """Remove exactly ``pod`` and lower the desired size by one."""
+        ...
+
+    async def close(self) -> None: ...

@@ -327,15 +327,16 @@ def remove_stale_arenas(directory: str, min_age_s: float = _STALE_MIN_AGE_S) -> 
     """Delete arena files in ``directory`` left by nodes that died; returns the removed paths.
 
     Only automatically named files (``strata-kvstore-<pid>-<hex>``) are considered, and one is
-    stale only if all of these hold: no process holds its ``flock`` (every live :class:`Arena`
-    does), the pid in its name is not a live process (belt and braces, e.g. for a node too old to
-    lock), and it is older than ``min_age_s`` (a node between creating and locking its file).
+    stale only if no process holds its ``flock`` (every live :class:`Arena` does) and it is older
+    than ``min_age_s`` (a node between creating and locking its file). The pid in the name is not
+    consulted: in containers sharing the host's ``/dev/shm`` (Kubernetes: deploy/), a dead
+    node's pid is, more often than not, a live process of another pid namespace — this node's
+    own, even — and only the lock is right across namespaces.
     """
     removed = []
     now = time.time()
     for entry in os.scandir(directory):
-        pid = _owner_pid(entry.name)
-        if pid is None or _pid_alive(pid) or not entry.is_file(follow_symlinks=False):
+        if _owner_pid(entry.name) is None or not entry.is_file(follow_symlinks=False):
             continue
         try:
             if now - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
@@ -360,13 +361,3 @@ def _owner_pid(file_name: str) -> int | None:
         return None
     pid, sep, _token = file_name[len(ARENA_FILE_PREFIX) :].partition("-")
     return int(pid) if sep and pid.isdigit() else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -19,6 +19,7 @@ from kvstore.metadata import parse_metadata_spec
 from kvstore.policy.factory import PolicyKind
 from kvstore.wire.frame import DEFAULT_MAX_BLOCK_BYTES
 from strata_common.credentials import Identity, read_cluster_key
+from strata_common.endpoints import is_wildcard
 from strata_common.options import from_cli, group, option
 from strata_common.tls import INSECURE_HELP, TLS_FLAGS, TlsConfig, check_listen
 from strata_common.units import parse_duration, parse_size
@@ -278,13 +279,13 @@ class StoreNodeConfig:
             raise ValueError("node_id must be 1..255 bytes")
         if self.metadata is not None:
             parse_metadata_spec(self.metadata)  # raises ValueError saying what is wrong
-            if self.advertise_address is None and _is_wildcard(self.host):
+            if self.advertise_address is None and is_wildcard(self.host):
                 raise ValueError(
                     f"--host {self.host} listens on every address: give --advertise-address, "
                     "the address this node's peers and workers dial"
                 )
         if self.advertise_address is not None and (
-            not self.advertise_address or _is_wildcard(self.advertise_address)
+            not self.advertise_address or is_wildcard(self.advertise_address)
         ):
             raise ValueError(
                 f"--advertise-address must be a dialable address, got {self.advertise_address!r}"
@@ -330,7 +331,3 @@ class StoreNodeConfig:
             prog="python -m kvstore.server",
             description="Run a Strata KV-cache store node.",
         )
-
-
-def _is_wildcard(host: str) -> bool:
-    return host.strip("[]") in ("0.0.0.0", "::", "")

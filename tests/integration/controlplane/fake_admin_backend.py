@@ -8,7 +8,9 @@ exactly what reached the backend. Its behaviour is the documented contract, simp
   newest launched ones of that role (InstanceConflict when that would stop an instance added
   by hand); ``drain`` → draining; ``remove`` forgets the instance;
 - policies: round_robin, least_loaded, prefix_aware, slo_aware; another name → InvalidAdminRequest;
-- ``fail_with``: the next call raises that exception (to test the INTERNAL path).
+- ``fail_with``: the next call raises that exception (to test the INTERNAL path);
+- ``planned_writes``: what ``scale`` and ``set_role`` add to their ``planned`` list (a dry-run
+  launcher's requests not sent).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class FakeAdminBackend:
     policy: str = "slo_aware"
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     fail_with: BaseException | None = None
+    planned_writes: list[str] = field(default_factory=list)
     _next_n: int = 0
 
     def _record(self, name: str, *args: Any) -> None:
@@ -85,8 +88,12 @@ class FakeAdminBackend:
         self._get(instance_id)
         del self.instances[instance_id]
 
-    async def set_role(self, instance_id: str, role: WorkerRole) -> InstanceInfo:
+    async def set_role(
+        self, instance_id: str, role: WorkerRole, *, planned: list[str] | None = None
+    ) -> InstanceInfo:
         self._record("set_role", instance_id, role)
+        if planned is not None:
+            planned += self.planned_writes
         info = self._get(instance_id)
         if info.state is InstanceState.DEAD:
             raise InstanceConflict(f"{instance_id} is dead")
@@ -94,8 +101,12 @@ class FakeAdminBackend:
         self.instances[instance_id] = info
         return info
 
-    async def scale(self, role: WorkerRole, replicas: int) -> Sequence[InstanceInfo]:
+    async def scale(
+        self, role: WorkerRole, replicas: int, *, planned: list[str] | None = None
+    ) -> Sequence[InstanceInfo]:
         self._record("scale", role, replicas)
+        if planned is not None:
+            planned += self.planned_writes
         current = [i for i in self.instances.values() if i.role is role]
         for _ in range(replicas - len(current)):
             self._new(role, f"127.0.0.1:{7000 + self._next_n + 1}", launched=True)

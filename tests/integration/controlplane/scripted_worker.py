@@ -100,19 +100,26 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.port = 0
+        self.host = "127.0.0.1"
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     async def start(
-        self, port: int = 0, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+        self,
+        port: int = 0,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        *,
+        host: str = "127.0.0.1",
     ) -> str:
-        """Serve on ``port`` (0: any); ``interceptors``: e.g. the secret-mode check a real
-        worker with ``--cluster-key-file`` has."""
+        """Serve on ``host:port`` (0: any; another loopback address, e.g. 127.0.0.2, stands
+        for another pod's IP); ``interceptors``: e.g. the secret-mode check a real worker with
+        ``--cluster-key-file`` has."""
         self._server = grpc.aio.server(interceptors=interceptors)
         worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        self.host = host
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
         await self._server.start()
         return self.endpoint
 

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2
 
 from controlplane.admin.config import AdminConfig, AdminConfigError
 from controlplane.admin.server import AdminServer
-from controlplane.instances.types import InstanceInfo, InstanceState
+from controlplane.instances.types import InstanceInfo, InstanceState, LauncherUnavailable
+from controlplane.launch.kubernetes import KubernetesForbidden
 from controlplane.workers.roles import WorkerRole
 from strata_proto import admin_pb2, worker_pb2
 from tests.integration.controlplane.admin_harness import (
@@ -286,6 +287,32 @@ def test_conflicts_elsewhere_are_failed_precondition(admin: Admin) -> None:
     err = admin.error("Scale", admin_pb2.ScaleRequest(role=worker_pb2.ROLE_DECODE, replicas=0))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "decode-2" in admin.backend.instances
+
+
+def test_a_dry_run_launchers_planned_writes_reach_the_reply(admin: Admin) -> None:
+    _seed(admin)
+    admin.backend.planned_writes = ["PUT /apis/apps/v1/namespaces/s/deployments/d/scale {}"]
+    reply = admin.call("Scale", admin_pb2.ScaleRequest(role=worker_pb2.ROLE_DECODE, replicas=1))
+    assert list(reply.planned) == admin.backend.planned_writes
+    reply = admin.call(
+        "SetRole", admin_pb2.SetRoleRequest(id="prefill-1", role=worker_pb2.ROLE_BOTH)
+    )
+    assert list(reply.planned) == admin.backend.planned_writes
+
+
+def test_launcher_errors_are_failed_precondition_or_unavailable(admin: Admin) -> None:
+    admin.backend.fail_with = KubernetesForbidden("Kubernetes RBAC forbids x to update y")
+    err = admin.error("Scale", admin_pb2.ScaleRequest(role=worker_pb2.ROLE_DECODE, replicas=1))
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "Kubernetes RBAC forbids x to update y",
+    )
+    admin.backend.fail_with = LauncherUnavailable("Kubernetes API: update failed: 500 boom")
+    err = admin.error("Scale", admin_pb2.ScaleRequest(role=worker_pb2.ROLE_DECODE, replicas=1))
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "Kubernetes API: update failed: 500 boom",
+    )
 
 
 def test_an_unexpected_backend_error_is_internal_and_the_service_keeps_serving(

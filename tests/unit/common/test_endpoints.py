@@ -9,6 +9,7 @@ from strata_common.endpoints import (
     EndpointError,
     bind_port,
     format_endpoint,
+    is_wildcard,
     parse_endpoint,
 )
 
@@ -80,3 +81,21 @@ def test_bind_port_answers_the_bound_port_or_one_error_naming_what_and_where() -
     with pytest.raises(ValueError, match=r"^cannot bind the API to h:1: in use$") as caught:
         bind_port(refuse, "h:1", "the API", ValueError)
     assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("host", "wildcard"),
+    [
+        ("0.0.0.0", True),
+        ("::", True),
+        ("[::]", True),
+        ("0:0::0", True),
+        ("", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("10.0.0.7", False),
+        ("worker-3.pool.svc", False),
+    ],
+)
+def test_wildcard_addresses(host: str, wildcard: bool) -> None:
+    assert is_wildcard(host) is wildcard

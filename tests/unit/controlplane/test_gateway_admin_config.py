@@ -93,6 +93,15 @@ def test_bad_admin_or_launcher_flags_exit_with_status_2(tmp_path: Path, extra: l
     assert info.value.code == 2
 
 
+def test_with_a_shared_registry_no_worker_need_be_configured(tmp_path: Path) -> None:
+    # Workers announce themselves there (docs/design/multihost.md §3).
+    registry = ["--registry", "redis://127.0.0.1:6379/0"]
+    config = GatewayConfig.from_argv(["--model-dir", str(tmp_path), *registry])
+    assert (config.prefill_endpoints, config.decode_endpoints) == ((), ())
+    config = GatewayConfig.from_argv(["--model-dir", str(tmp_path), *registry, "--decode", "h:1"])
+    assert (config.prefill_endpoints, config.decode_endpoints) == ((), ("h:1",))
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -156,10 +156,63 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--launch-cores-per-engine", "--launch-cpus", "--launch-log-dir", "--launch-standby",
         "--launch-restart", "--launch-restart-grace", "--launch-restart-backoff",
         "--launch-restart-backoff-max", "--launch-restart-reset-after", "--launch-restart-limit",
-        "--launch-restart-window", "--cluster-key-file", "--api-key", "--api-keys-file",
+        "--launch-restart-window", "--k8s-namespace", "--k8s-prefill-deployment",
+        "--k8s-decode-deployment", "--k8s-dry-run", "--k8s-kubeconfig", "--k8s-removal-timeout",
+        "--k8s-request-timeout", "--cluster-key-file", "--api-key", "--api-keys-file",
         "--api-keys-redis", "--api-keys-refresh", "--tls-cert", "--tls-key", "--tls-ca",
         "--insecure",
     }  # fmt: skip
+
+
+def test_kubernetes_launcher_flags(tmp_path: Path) -> None:
+    config = GatewayConfig.from_argv(argv(tmp_path))
+    assert not config.k8s.enabled  # off by default
+    assert (config.k8s.prefill_deployment, config.k8s.decode_deployment) == (
+        "strata-prefill",
+        "strata-decode",
+    )
+    config = GatewayConfig.from_argv(
+        argv(
+            tmp_path,
+            "--k8s-namespace", "serving", "--k8s-prefill-deployment", "p",
+            "--k8s-decode-deployment", "d", "--k8s-dry-run", "true",
+            "--k8s-kubeconfig", str(tmp_path / "kubeconfig"), "--k8s-removal-timeout", "2m",
+            "--k8s-request-timeout", "3s",
+        )
+    )  # fmt: skip
+    k8s = config.k8s
+    assert (k8s.enabled, k8s.namespace, k8s.prefill_deployment, k8s.decode_deployment) == (
+        True,
+        "serving",
+        "p",
+        "d",
+    )
+    assert (k8s.dry_run, k8s.kubeconfig) == (True, tmp_path / "kubeconfig")
+    assert (k8s.removal_timeout_s, k8s.request_timeout_s) == (120.0, 3.0)
+    env = {"STRATA_GATEWAY_K8S_NAMESPACE": "from-env"}
+    assert GatewayConfig.from_argv(argv(tmp_path), environ=env).k8s.namespace == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--k8s-namespace", "Serving"], "k8s_namespace must be a Kubernetes name"),
+        (["--k8s-namespace", "s", "--k8s-decode-deployment", "strata-prefill"], "must differ"),
+        (["--k8s-decode-deployment", "a_b"], "k8s_decode_deployment must be a Kubernetes name"),
+        (["--k8s-removal-timeout", "0s"], "k8s_removal_timeout must be > 0"),
+        (
+            ["--k8s-namespace", "s", "--launch-store", "127.0.0.1:7000"],
+            "--k8s-namespace (scale Kubernetes Deployments) and --launch-store",
+        ),
+    ],
+)
+def test_kubernetes_launcher_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        GatewayConfig.from_argv(argv(tmp_path, *extra))
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_routing_flags(tmp_path: Path) -> None:

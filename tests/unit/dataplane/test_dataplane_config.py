@@ -180,3 +180,79 @@ def test_the_worker_grpc_server_caps_calls_and_does_not_share_its_port(
     assert alone["maximum_concurrent_rpcs"] == 48
     assert ("grpc.so_reuseport", 0) in alone["options"]  # type: ignore[operator]
     assert ("grpc.so_reuseport", 1) in launched["options"]  # type: ignore[operator]
+
+
+def test_announce_flags_reach_the_config(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    base = ["--role", "decode", "--model", str(tmp_path), "--store", "127.0.0.1:1"]
+    config = WorkerConfig.from_cli(base, environ={})
+    assert (config.announce, config.advertise_address) == (None, None)
+    assert (config.announce_interval_s, config.announce_ttl_s) == (2.0, 10.0)
+    assert config.advertised_endpoint(7001) == "127.0.0.1:7001"
+    argv = [*base, "--host", "0.0.0.0", "--insecure", "true", "--advertise-address", "10.1.2.3"]
+    argv += ["--announce-interval", "500ms", "--announce-ttl", "3s"]
+    env = {"STRATA_WORKER_ANNOUNCE": "redis://:pw@10.0.0.1:6379/0"}  # a password: not in argv
+    config = WorkerConfig.from_cli(argv, environ=env)
+    assert config.announce == "redis://:pw@10.0.0.1:6379/0"
+    assert (config.announce_interval_s, config.announce_ttl_s) == (0.5, 3.0)
+    assert config.advertised_host == "10.1.2.3"
+    assert config.advertised_endpoint(7001) == "10.1.2.3:7001"
+    assert make(tmp_path, advertise_address="fd00::7").advertised_endpoint(5) == "[fd00::7]:5"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"announce": "http://10.0.0.1:6379"},
+            "announce 'http://10.0.0.1:6379' must be a redis://, rediss:// or unix:// URL "
+            "(the gateways' --registry)",
+        ),
+        (
+            {"announce": "redis://h:1/0", "announce_interval_s": 10.0},
+            "need 0 < announce_interval_s < announce_ttl_s (a renewal before the announcement "
+            "expires), got 10.0 and 10.0",
+        ),
+        (
+            {"announce": "redis://h:1/0", "announce_interval_s": 0.0},
+            "need 0 < announce_interval_s < announce_ttl_s (a renewal before the announcement "
+            "expires), got 0.0 and 10.0",
+        ),
+        (
+            {"announce": "redis://h:1/0", "announce_interval_s": 0.1, "announce_ttl_s": 0.5},
+            "announce_ttl_s must be >= 1 s, got 0.5",
+        ),
+        (
+            {"announce": "redis://h:1/0", "host": "0.0.0.0", "insecure": True},
+            "--announce with --host 0.0.0.0 needs --advertise-address: the address gateways "
+            "dial (e.g. the pod's IP)",
+        ),
+        (
+            {"announce": "redis://h:1/0", "host": "::", "insecure": True},
+            "--announce with --host :: needs --advertise-address",
+        ),
+        (
+            {"advertise_address": "10.0.0.1:7000"},
+            "advertise_address must be a host name or IP address (no port), got '10.0.0.1:7000'",
+        ),
+        ({"advertise_address": ""}, "advertise_address must be a host name or IP address"),
+        ({"advertise_address": "0.0.0.0"}, "advertise_address '0.0.0.0' is a wildcard"),
+    ],
+)
+def test_bad_announce_settings_are_refused(
+    tmp_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        make(tmp_path, **kwargs)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_wildcard_host_with_an_advertised_address_announces_that(tmp_path: Path) -> None:
+    config = make(
+        tmp_path,
+        announce="redis://h:1/0",
+        host="0.0.0.0",
+        insecure=True,
+        advertise_address="worker-3.pool.svc",
+    )
+    assert config.advertised_endpoint(50051) == "worker-3.pool.svc:50051"

@@ -285,7 +285,10 @@ class FakeNode:
         self.endpoint = f"{host}:{port}"
 
     def _serve(self) -> None:
-        conn, _ = self.server.accept()
+        try:
+            conn, _ = self.server.accept()
+        except OSError:  # closed unused: a call refused before it connected
+            return
         first: Op | None = None
         with conn:
             raw = bytearray(FRAME_HEADER_BYTES)

@@ -195,6 +195,17 @@ def test_list_lines_are_aligned_one_per_instance() -> None:
     ]
 
 
+def test_planned_lines() -> None:
+    """A dry-run gateway's planned writes lead the CLI's output; none, nothing."""
+    assert admin_cli.format_planned([]) == []
+    assert admin_cli.format_planned(["PUT /a {}", "PATCH /b {}"]) == [
+        "dry run: nothing changed; the gateway's launcher would send:",
+        "  PUT /a {}",
+        "  PATCH /b {}",
+        "",
+    ]
+
+
 def test_stats_lines() -> None:
     stats = ClusterStats(
         policy="prefix_aware",

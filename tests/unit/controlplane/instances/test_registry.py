@@ -98,9 +98,12 @@ def test_record_json_round_trip() -> None:
     record = InstanceRecord("w7", DECODE, "10.0.0.1:5000", draining=True, launched=True)
     assert InstanceRecord.from_json(record.to_json()) == record
     assert record.to_json() == (
-        '{"draining": true, "endpoint": "10.0.0.1:5000", "id": "w7", "launched": true, '
-        '"role": "decode"}'
+        '{"announced": false, "draining": true, "endpoint": "10.0.0.1:5000", "id": "w7", '
+        '"launched": true, "role": "decode"}'
     )
+    announced = InstanceRecord("w8", PREFILL, "10.0.0.2:5000", announced=True)
+    assert InstanceRecord.from_json(announced.to_json()) == announced
+    assert '"announced": true' in announced.to_json()
 
 
 @pytest.mark.parametrize(
@@ -121,6 +124,7 @@ def test_record_json_round_trip() -> None:
         ('{"id": "w1", "role": "decode", "endpoint": "a:70000"}', "bad endpoint 'a:70000'"),
         ('{"id": "w1", "role": "decode", "endpoint": "a:1", "draining": "no"}', "draining"),
         ('{"id": "w1", "role": "decode", "endpoint": "a:1", "launched": 1}', "launched"),
+        ('{"id": "w1", "role": "decode", "endpoint": "a:1", "announced": "true"}', "announced"),
         ('{"id": "w1", "role": "decode", "endpoint": "\ud800:1"}', "bad endpoint"),
         ("[" * 3000, "not JSON"),  # nesting past Python's recursion limit: skipped, not fatal
         ('{"id": "w1", "pad": "' + "x" * 5000 + '"}', "of 5023 characters (at most 4096)"),
@@ -134,6 +138,11 @@ def test_each_field_of_a_record_is_validated(raw: str, reason: str) -> None:
 def test_a_record_may_omit_its_flags() -> None:
     raw = '{"id": "w1", "role": "prefill", "endpoint": "[::1]:7000"}'
     assert InstanceRecord.from_json(raw) == InstanceRecord("w1", PREFILL, "[::1]:7000")
+    # written before announcements: not announced
+    raw = '{"draining": true, "endpoint": "h:1", "id": "w2", "launched": true, "role": "decode"}'
+    old = InstanceRecord.from_json(raw)
+    assert old == InstanceRecord("w2", DECODE, "h:1", draining=True, launched=True)
+    assert old.announced is False
 
 
 def test_local_store_gives_one_record_per_endpoint() -> None:

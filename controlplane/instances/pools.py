@@ -1,0 +1,233 @@
+"""The registry's pool layer: `scale`, `set-role` and `remove` when the workers are members of
+pools that something else runs (Kubernetes Deployments), through a
+:class:`~controlplane.instances.types.PoolLauncher` (docs/design/multihost.md §7).
+
+The layer between ``supervision`` and ``registry`` (controlplane/instances/registry.py names
+the layers). A pool launcher starts nothing and hands out no process: it reads and changes a
+pool's desired size and removes chosen members. New members announce themselves
+(multihost.md §3) and the registry learns of them as of any announced worker. An instance is a
+member of a pool when its endpoint's host is the IP of one of the pool's pods (a pod runs one
+worker; its announced endpoint is ``POD_IP:PORT``).
+
+- **Scale up** (``replicas`` above the pool's size): the desired size becomes ``replicas``
+  plus the members still being removed (each removal lowers it by one when it happens).
+- **Scale down**: the size minus the members being removed is the pool's current size; of the
+  excess, the desired places no known instance fills (pods not yet announced, still Pending,
+  or not created yet) go first, by lowering the size by that many: the pool removes pods that
+  do not serve first (a ReplicaSet deletes unscheduled, then Pending, then not-ready pods
+  before ready ones). The rest are chosen among the pool's instances, the same preference as
+  the local launcher's scale-down with the ones that serve nothing ahead: dead and draining
+  ones, then starting ones, then the least loaded. Each is drained at once (the call returns),
+  and once idle (or after the drain timeout) the launcher removes exactly its pod; its record
+  is deleted once the pod is gone (a record deleted while the pod still announces itself would
+  be registered again by the next announcement scan).
+- **set-role**: the instance is drained, its pod removed as above (waiting for it), then the
+  other pool grows by one. The new instance is not known yet (its pod has to start and
+  announce itself), so the call returns an :class:`InstanceInfo` of the new member *as
+  planned*: no id, no endpoint, the new role, state ``starting``, ``launched`` and a detail
+  naming the pool it joins and its size (what ``strata admin set-role`` prints).
+- **remove** of a pool member removes its pod too (without that the pod, still running and
+  announcing itself, would come back at the next scan).
+- **Dry run** (:attr:`PoolLauncher.dry_run`): nothing changes, in the registry either (no
+  drain, no record deleted): the instances are chosen as above and the launcher's write
+  requests, not sent, are appended to the caller's ``planned`` list.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from controlplane.instances.instance import Instance
+from controlplane.instances.store import RegistryStoreError
+from controlplane.instances.supervision import Supervision
+from controlplane.instances.types import (
+    InstanceConflict,
+    InstanceInfo,
+    InstanceState,
+    PoolLauncher,
+    PoolPod,
+)
+from controlplane.workers.roles import WorkerRole, role_name
+from strata_common.endpoints import EndpointError, parse_endpoint
+
+__all__ = ["PoolScaling"]
+
+logger = logging.getLogger("controlplane.instances.registry")
+
+_REMOVAL_ORDER = {
+    InstanceState.DEAD: 0,
+    InstanceState.DRAINING: 0,
+    InstanceState.STARTING: 1,
+    InstanceState.READY: 2,
+}
+"""Scale-down takes the members that serve nothing first, then starting ones, then ready ones
+(the least loaded first within each)."""
+
+
+class PoolScaling(Supervision):
+    """Scaling through a :class:`PoolLauncher` (see the module docstring).
+
+    Keyword arguments: ``pool_launcher`` (None: no pools; it excludes ``launcher``); the rest go
+    to :class:`Supervision`."""
+
+    def __init__(self, *, pool_launcher: PoolLauncher | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if pool_launcher is not None and self._launcher is not None:
+            raise ValueError("a registry has a process launcher or a pool launcher, not both")
+        self._pool = pool_launcher
+        self._removing: dict[str, WorkerRole] = {}
+        """Pods being removed (their instance drained, waiting to be idle, or the pod going),
+        by pod name: the desired size still counts them."""
+
+    async def _drain(self, instance: Instance) -> None:
+        """No new requests to ``instance`` (in every gateway: the record says so); its
+        requests finish. The admin API's `drain`, and the first step of every removal."""
+        if not instance.draining:
+            instance.draining = True
+            await self._store.update(instance.record())
+            self._set_state(instance, InstanceState.DRAINING, "draining")
+        self._cancel_profile(instance)
+
+    # -- scale -------------------------------------------------------------------------------
+
+    async def _scale_pool(self, pool: PoolLauncher, role: WorkerRole, replicas: int) -> list[str]:
+        """Make the pool of ``role`` ``replicas`` members; returns the planned writes (dry run)."""
+        planned: list[str] = []
+        removing = sum(1 for r in self._removing.values() if r is role)
+        current = await pool.replicas(role) - removing
+        if replicas > current:
+            planned += await pool.set_replicas(role, replicas + removing)
+            logger.info("scaling %s %d → %d", pool.describe(role), current, replicas)
+            return planned
+        if replicas == current:
+            return planned
+        excess = current - replicas
+        members = await self._members(pool, role)
+        # Desired places no known instance fills: pods not announced yet, Pending, not created.
+        unfilled = max(0, current - len(members))
+        if unfilled:
+            count = min(excess, unfilled)
+            planned += await pool.add_replicas(role, -count)
+            logger.info("scaling %s down by %d members not serving yet", pool.describe(role), count)
+            excess -= count
+        if excess > len(members):  # only when pods are missing from the list: a race
+            raise InstanceConflict(
+                f"{pool.describe(role)} has {len(members)} members this gateway knows; it "
+                f"cannot remove {excess} of them"
+            )
+        chosen = sorted(
+            members, key=lambda m: (_REMOVAL_ORDER[m[0].state], m[0].num_requests, m[0].id)
+        )[:excess]
+        for instance, pod in chosen:
+            if pool.dry_run:
+                planned += await pool.remove(role, pod)
+                continue
+            logger.info(
+                "scale-down of %s: draining %s (pod %s)", pool.describe(role), instance.id, pod.name
+            )
+            await self._drain(instance)
+            self._removing[pod.name] = role
+            self._spawn(self._retire_member(pool, instance, pod, self._drain_timeout_s))
+        return planned
+
+    async def _members(
+        self, pool: PoolLauncher, role: WorkerRole
+    ) -> list[tuple[Instance, PoolPod]]:
+        """The instances of ``role`` that are pods of its pool (not being removed), with the
+        pod."""
+        by_ip = {pod.ip: pod for pod in await pool.pods(role) if pod.ip}
+        members = []
+        for instance in self._instances.values():
+            pod = by_ip.get(_host(instance.endpoint))
+            if instance.role is role and pod is not None and pod.name not in self._removing:
+                members.append((instance, pod))
+        return members
+
+    async def _retire_member(
+        self, pool: PoolLauncher, instance: Instance, pod: PoolPod, wait_s: float
+    ) -> None:
+        """Wait until ``instance`` is idle (at most ``wait_s``), remove its pod, then its
+        record."""
+        try:
+            await self._wait_idle(instance, wait_s)
+            await pool.remove(instance.role, pod)
+            try:
+                await self._store.delete(instance.id)
+            except RegistryStoreError:
+                logger.exception("could not delete %s from the registry", instance.id)
+            self._forget(instance, stop_after_s=0.0)
+            logger.info("instance %s removed with its pod %s", instance.id, pod.name)
+        finally:
+            self._removing.pop(pod.name, None)
+
+    # -- set-role, remove --------------------------------------------------------------------
+
+    async def _set_pool_role(
+        self, pool: PoolLauncher, instance: Instance, role: WorkerRole
+    ) -> tuple[InstanceInfo, list[str]]:
+        """Move ``instance``'s place to the pool of ``role``: its pod removed (after the
+        drain), the other pool one larger. Returns the new member as planned (module
+        docstring) and the planned writes (dry run)."""
+        pod = await self._pod_of(pool, instance)
+        if pod is None:
+            raise InstanceConflict(
+                f"instance {instance.id} ({instance.endpoint}) is not a pod of "
+                f"{pool.describe(instance.role)}: its role is fixed by its own --role; start a "
+                f"{role_name(role)} worker and `strata admin add` it instead"
+            )
+        planned: list[str] = []
+        if pool.dry_run:
+            planned += await pool.remove(instance.role, pod)
+        else:
+            await self._drain(instance)
+            self._removing[pod.name] = instance.role
+            await self._retire_member(pool, instance, pod, self._drain_timeout_s)
+        planned += await pool.add_replicas(role, 1)
+        detail = (
+            f"a new pod of {pool.describe(role)} (one more replica): listed once it announces "
+            "itself"
+        )
+        logger.info("instance %s moved: %s", instance.id, detail)
+        info = InstanceInfo(
+            id="",
+            role=role,
+            state=InstanceState.STARTING,
+            endpoint="",
+            launched=True,
+            detail=("dry run: " if pool.dry_run else "") + detail,
+        )
+        return info, planned
+
+    async def _remove_pool_member(self, instance: Instance, wait_s: float) -> bool:
+        """`remove` of a pool member: its pod goes too (after the drain, at most ``wait_s``).
+        False when ``instance`` is not a pool member (the caller forgets it as before)."""
+        pool = self._pool
+        if pool is None:
+            return False
+        pod = await self._pod_of(pool, instance)
+        if pod is None:
+            return False
+        if pool.dry_run:
+            raise InstanceConflict(
+                f"the gateway's launcher is a dry run: it would remove pod {pod.name} of "
+                f"{pool.describe(instance.role)}; nothing changed"
+            )
+        await self._drain(instance)
+        self._removing[pod.name] = instance.role
+        await self._retire_member(pool, instance, pod, wait_s)
+        return True
+
+    async def _pod_of(self, pool: PoolLauncher, instance: Instance) -> PoolPod | None:
+        host = _host(instance.endpoint)
+        for pod in await pool.pods(instance.role):
+            if pod.ip and pod.ip == host and pod.name not in self._removing:
+                return pod
+        return None
+
+
+def _host(endpoint: str) -> str:
+    try:
+        return parse_endpoint(endpoint).host
+    except EndpointError:
+        return ""

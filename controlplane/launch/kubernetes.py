@@ -1,0 +1,508 @@
+"""The Kubernetes launcher: `strata admin scale` and `set-role` change the prefill and decode
+Deployments (docs/design/multihost.md §7).
+
+A :class:`~controlplane.instances.types.PoolLauncher`: each pool is a Deployment whose pods run
+`strata worker --announce ...` and register themselves (multihost.md §3); this launcher only
+changes a Deployment's size through its ``scale`` subresource and removes chosen pods. The
+registry (controlplane/instances/pools.py) decides what to change; this module says how, in
+exactly these requests (namespace ``NS``, Deployment ``D``):
+
+- read a pool's size: ``GET /apis/apps/v1/namespaces/NS/deployments/D/scale`` (its
+  ``status.selector`` selects the pool's pods);
+- change it: ``PUT`` of the same path, the Scale last read (or written) with its
+  ``resourceVersion`` and the new ``spec.replicas``: a concurrent change makes it fail 409
+  Conflict, and the launcher reads again and retries (at most :data:`MAX_CONFLICT_RETRIES`
+  times, then an error); a relative change (one pod fewer, one more) is applied to what it
+  read last, so a concurrent change is kept;
+- the pool's pods: ``GET /api/v1/namespaces/NS/pods?labelSelector=SELECTOR``;
+- remove exactly one pod: ``PATCH`` it (merge patch) with the annotation
+  ``controller.kubernetes.io/pod-deletion-cost: "-2147483648"``, then lower ``replicas`` by one
+  as above: the ReplicaSet deletes the pod of lowest cost, this one. It deletes unscheduled,
+  Pending and not-ready pods before any ready one whatever their cost, so the launcher then
+  lists the pool until the pod is gone; when the pool is at its new size and the pod is still
+  there (another pod went first), it deletes it itself (``DELETE`` with a ``uid``
+  precondition) and logs so (the ReplicaSet then starts a replacement for the other).
+
+Errors: 403 Forbidden → :class:`KubernetesForbidden` (an
+:class:`~controlplane.instances.types.InstanceConflict`: FAILED_PRECONDITION on the admin API),
+its message naming the verb, the resource, the namespace and the account refused; 404 on a
+Deployment → :class:`KubernetesNotFound` (also a conflict: the flag names a Deployment that does
+not exist); any other status, or an API server that cannot be reached →
+:class:`~controlplane.instances.types.LauncherUnavailable` (UNAVAILABLE) with the status.
+
+**Dry run** (``--k8s-dry-run true``): reads are sent, writes are not; each write is logged and
+returned as one line ``METHOD PATH BODY`` (the body as compact JSON with sorted keys), which
+`strata admin` prints (the admin replies' ``planned`` list).
+
+Client library: ``kubernetes_asyncio`` (the official client's generated API, in asyncio on the
+aiohttp the gateway already runs; each call is exactly one request, with no discovery round
+trips). In a pod it uses the pod's service account (in-cluster config); elsewhere
+``--k8s-kubeconfig PATH``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from controlplane.instances.types import (
+    InstanceConflict,
+    LauncherUnavailable,
+    PoolPod,
+)
+from controlplane.workers.roles import WorkerRole, role_name
+from strata_common.options import option
+from strata_common.units import parse_duration
+
+__all__ = [
+    "DELETION_COST_ANNOTATION",
+    "MAX_CONFLICT_RETRIES",
+    "KubernetesConfig",
+    "KubernetesForbidden",
+    "KubernetesLauncher",
+    "KubernetesNotFound",
+]
+
+logger = logging.getLogger("controlplane.launch.kubernetes")
+
+T = TypeVar("T")
+
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+LOWEST_DELETION_COST = "-2147483648"
+"""The lowest cost there is (an int32): the ReplicaSet removes this pod before its peers."""
+MAX_CONFLICT_RETRIES = 5
+"""A scale write that meets a concurrent change (409) is read and retried this many times."""
+_POLL_INTERVAL_S = 1.0
+"""How often a removal looks whether the pod is gone."""
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_USER = re.compile(r'User "([^"]+)"')
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    """The gateway's Kubernetes launcher (its ``--k8s-*`` flags): off unless ``namespace`` is
+    set."""
+
+    namespace: str = option(
+        "",
+        metavar="NS",
+        help="namespace of the prefill and decode Deployments: `strata admin scale` and "
+        "`set-role` change them (enables the Kubernetes launcher; excludes --launch-store)",
+    )
+    prefill_deployment: str = option("strata-prefill", help="the prefill pool's Deployment")
+    decode_deployment: str = option("strata-decode", help="the decode pool's Deployment")
+    dry_run: bool = option(
+        False,
+        help="send no write to the API server: scale and set-role change nothing and reply "
+        "with the requests they would send (reads are sent)",
+    )
+    kubeconfig: Path | None = option(
+        None, help="kubeconfig file (none = the pod's service account: in-cluster config)"
+    )
+    removal_timeout_s: float = option(
+        300.0,
+        parse=parse_duration,
+        help="how long a removal waits for the drained worker's pod to be gone before "
+        "deleting its registry record anyway",
+    )
+    request_timeout_s: float = option(
+        10.0, parse=parse_duration, help="deadline of each request to the API server"
+    )
+
+    def __post_init__(self) -> None:
+        names = [("k8s_prefill_deployment", self.prefill_deployment, 253)]
+        names.append(("k8s_decode_deployment", self.decode_deployment, 253))
+        if self.namespace:
+            names.append(("k8s_namespace", self.namespace, 63))
+        for flag, name, limit in names:
+            if len(name) > limit or not _NAME.fullmatch(name):
+                raise ValueError(
+                    f"{flag} must be a Kubernetes name (lower-case letters, digits and '-', "
+                    f"at most {limit}), got {name!r}"
+                )
+        if self.prefill_deployment == self.decode_deployment:
+            raise ValueError("k8s_prefill_deployment and k8s_decode_deployment must differ")
+        for flag, value in (
+            ("k8s_removal_timeout", self.removal_timeout_s),
+            ("k8s_request_timeout", self.request_timeout_s),
+        ):
+            if not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.namespace)
+
+    def deployment(self, role: WorkerRole) -> str:
+        if role is WorkerRole.PREFILL:
+            return self.prefill_deployment
+        if role is WorkerRole.DECODE:
+            return self.decode_deployment
+        raise ValueError(f"no pool serves role {role_name(role)}")
+
+
+class KubernetesForbidden(InstanceConflict):
+    """RBAC refused a request (403): the message names the verb, resource, namespace and account."""
+
+
+class KubernetesNotFound(InstanceConflict):
+    """A configured Deployment does not exist (404)."""
+
+
+class _Conflict(Exception):
+    """409: the object changed since it was read."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Scale:
+    replicas: int
+    resource_version: str
+    selector: str
+
+
+class KubernetesLauncher:
+    """A :class:`~controlplane.instances.types.PoolLauncher` over two Deployments (see the
+    module docstring). ``sleep`` and ``clock`` time the wait for a removed pod to go (tests
+    inject them)."""
+
+    def __init__(
+        self,
+        config: KubernetesConfig,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not config.enabled:
+            raise ValueError("KubernetesLauncher needs k8s_namespace")
+        self._config = config
+        self._namespace = config.namespace
+        self._sleep = sleep
+        self._clock = clock
+        self._api_client: k8s.ApiClient | None = None
+        self._open_lock = asyncio.Lock()
+        self._selectors: dict[WorkerRole, str] = {}
+        """The pods of each pool (a Deployment's selector cannot change: cached once read)."""
+        self._scales: dict[WorkerRole, _Scale] = {}
+        """The last Scale read or written per pool: the next write starts from it (a stale one
+        meets 409 Conflict and is read again), so a read and the write that follows it are two
+        requests, not three."""
+
+    @property
+    def dry_run(self) -> bool:
+        return self._config.dry_run
+
+    def describe(self, role: WorkerRole) -> str:
+        return f"Deployment {self._namespace}/{self._config.deployment(role)}"
+
+    async def open(self) -> None:
+        """Load the credentials (kubeconfig or the service account); the gateway calls it at
+        start so that a missing config fails the start, not the first scale. Idempotent."""
+        await self._api()
+
+    async def close(self) -> None:
+        if self._api_client is not None:
+            await self._api_client.close()
+            self._api_client = None
+
+    # -- the PoolLauncher protocol ---------------------------------------------------------
+
+    async def replicas(self, role: WorkerRole) -> int:
+        return (await self._read_scale(role)).replicas
+
+    async def pods(self, role: WorkerRole) -> Sequence[PoolPod]:
+        return [_pool_pod(p) for p in await self._list_pods(role) if not _terminating(p)]
+
+    async def set_replicas(self, role: WorkerRole, replicas: int) -> Sequence[str]:
+        _, planned = await self._resize(role, lambda _current: replicas)
+        return planned
+
+    async def add_replicas(self, role: WorkerRole, delta: int) -> Sequence[str]:
+        _, planned = await self._resize(role, lambda current: max(0, current + delta))
+        return planned
+
+    async def remove(self, role: WorkerRole, pod: PoolPod) -> Sequence[str]:
+        planned: list[str] = []
+        patch = {"metadata": {"annotations": {DELETION_COST_ANNOTATION: LOWEST_DELETION_COST}}}
+        path = f"/api/v1/namespaces/{self._namespace}/pods/{pod.name}"
+        if self.dry_run:
+            planned.append(await self._plan("PATCH", path, patch))
+        else:
+            core = k8s.CoreV1Api(await self._api())
+            try:  # a strategic merge patch (the client's choice for an object body)
+                await self._call(
+                    "patch",
+                    "pods",
+                    pod.name,
+                    core.patch_namespaced_pod(
+                        pod.name,
+                        self._namespace,
+                        patch,
+                        _request_timeout=self._config.request_timeout_s,
+                    ),
+                )
+            except KubernetesNotFound:
+                logger.warning("pod %s is gone already; lowering %s", pod.name, self.describe(role))
+        replicas, writes = await self._resize(role, lambda current: max(0, current - 1))
+        planned += writes
+        if not self.dry_run:
+            await self._wait_gone(role, pod, replicas)
+        return planned
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _resize(
+        self, role: WorkerRole, target: Callable[[int], int]
+    ) -> tuple[int, list[str]]:
+        """Read the pool's Scale and write ``target(replicas read)`` with the resourceVersion
+        read; on 409 read and write again. Returns the replicas written and the planned write
+        (dry run)."""
+        name = self._config.deployment(role)
+        path = f"/apis/apps/v1/namespaces/{self._namespace}/deployments/{name}/scale"
+        for attempt in range(MAX_CONFLICT_RETRIES + 1):
+            scale = self._scales.pop(role, None) if attempt == 0 else None
+            if scale is None:
+                scale = await self._read_scale(role)
+            replicas = target(scale.replicas)
+            if replicas == scale.replicas:
+                return replicas, []
+            body = k8s.V1Scale(
+                api_version="autoscaling/v1",
+                kind="Scale",
+                metadata=k8s.V1ObjectMeta(
+                    name=name,
+                    namespace=self._namespace,
+                    resource_version=scale.resource_version,
+                ),
+                spec=k8s.V1ScaleSpec(replicas=replicas),
+            )
+            if self.dry_run:
+                return replicas, [await self._plan("PUT", path, body)]
+            apps = k8s.AppsV1Api(await self._api())
+            try:
+                written = await self._call(
+                    "update",
+                    "deployments/scale",
+                    name,
+                    apps.replace_namespaced_deployment_scale(
+                        name, self._namespace, body, _request_timeout=self._config.request_timeout_s
+                    ),
+                )
+            except _Conflict:
+                logger.info(
+                    "%s changed since read (409, attempt %d): reading it again",
+                    self.describe(role),
+                    attempt + 1,
+                )
+                continue
+            self._scales[role] = self._remember(role, written)
+            logger.info("%s: replicas %d → %d", self.describe(role), scale.replicas, replicas)
+            return replicas, []
+        raise LauncherUnavailable(
+            f"{self.describe(role)} changed under every one of {MAX_CONFLICT_RETRIES + 1} scale "
+            "writes (409 Conflict: another writer, e.g. an autoscaler, is changing it); try again"
+        )
+
+    async def _read_scale(self, role: WorkerRole) -> _Scale:
+        name = self._config.deployment(role)
+        apps = k8s.AppsV1Api(await self._api())
+        scale = await self._call(
+            "get",
+            "deployments/scale",
+            name,
+            apps.read_namespaced_deployment_scale(
+                name, self._namespace, _request_timeout=self._config.request_timeout_s
+            ),
+        )
+        self._scales[role] = read = self._remember(role, scale)
+        return read
+
+    def _remember(self, role: WorkerRole, scale: Any) -> _Scale:
+        """A Scale from the API server (its selector cached)."""
+        selector = (scale.status.selector if scale.status is not None else None) or ""
+        if selector:
+            self._selectors[role] = selector
+        spec_replicas = scale.spec.replicas if scale.spec is not None else None
+        return _Scale(
+            replicas=spec_replicas or 0,
+            resource_version=scale.metadata.resource_version or "",
+            selector=selector,
+        )
+
+    async def _list_pods(self, role: WorkerRole) -> list[Any]:
+        selector = self._selectors.get(role)
+        if selector is None:
+            selector = (await self._read_scale(role)).selector
+        if not selector:
+            raise LauncherUnavailable(f"{self.describe(role)} reports no pod selector yet")
+        core = k8s.CoreV1Api(await self._api())
+        pods = await self._call(
+            "list",
+            "pods",
+            "",
+            core.list_namespaced_pod(
+                self._namespace,
+                label_selector=selector,
+                _request_timeout=self._config.request_timeout_s,
+            ),
+        )
+        return list(pods.items or [])
+
+    async def _wait_gone(self, role: WorkerRole, pod: PoolPod, replicas: int) -> None:
+        """Until ``pod`` no longer exists (module docstring): deleted by the ReplicaSet, or by
+        this launcher when the pool reached ``replicas`` without it."""
+        deadline = self._clock() + self._config.removal_timeout_s
+        deleted = False
+        while True:
+            listed = await self._list_pods(role)
+            mine = next((p for p in listed if p.metadata.uid == pod.uid), None)
+            if mine is None:
+                return
+            live = [p for p in listed if not _terminating(p)]
+            if not _terminating(mine) and not deleted and len(live) <= replicas:
+                logger.warning(
+                    "%s is at %d pods but kept pod %s (another pod, not ready, went first): "
+                    "deleting it",
+                    self.describe(role),
+                    replicas,
+                    pod.name,
+                )
+                await self._delete_pod(pod)
+                deleted = True
+                continue
+            if self._clock() >= deadline:
+                logger.warning(
+                    "pod %s of %s still exists %g s after its removal",
+                    pod.name,
+                    self.describe(role),
+                    self._config.removal_timeout_s,
+                )
+                return
+            await self._sleep(_POLL_INTERVAL_S)
+
+    async def _delete_pod(self, pod: PoolPod) -> None:
+        core = k8s.CoreV1Api(await self._api())
+        try:
+            await self._call(
+                "delete",
+                "pods",
+                pod.name,
+                core.delete_namespaced_pod(
+                    pod.name,
+                    self._namespace,
+                    body=k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(uid=pod.uid)),
+                    _request_timeout=self._config.request_timeout_s,
+                ),
+            )
+        except (KubernetesNotFound, _Conflict):
+            return  # gone meanwhile (or a new pod of that name: not ours)
+
+    async def _call(self, verb: str, resource: str, name: str, request: Awaitable[T]) -> T:
+        """``request``, its failures mapped to the admin errors (module docstring)."""
+        try:
+            return await request
+        except ApiException as exc:
+            status = exc.status
+            message = _status_message(exc)
+            if status == 409:
+                raise _Conflict(message) from None
+            where = f"{resource} {name!r}" if name else resource
+            if status == 403:
+                user = _USER.search(message)
+                who = user.group(1) if user else self._account()
+                raise KubernetesForbidden(
+                    f"Kubernetes RBAC forbids {who} to {verb} {where} in namespace "
+                    f"{self._namespace}: the gateway's Role needs verb {verb!r} on {resource!r} "
+                    f"(docs/design/multihost.md §7); API server: {message}"
+                ) from None
+            if status == 404 and resource.startswith("deployments"):
+                raise KubernetesNotFound(
+                    f"no Deployment {name!r} in namespace {self._namespace} "
+                    f"(--k8s-namespace, --k8s-prefill-deployment, --k8s-decode-deployment): "
+                    f"{message}"
+                ) from None
+            if status == 404:
+                raise KubernetesNotFound(f"{where} not found: {message}") from None
+            raise LauncherUnavailable(
+                f"Kubernetes API: {verb} {where} in namespace {self._namespace} failed: "
+                f"{status} {exc.reason}: {message}"
+            ) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            host = self._api_client.configuration.host if self._api_client else "?"
+            raise LauncherUnavailable(
+                f"cannot reach the Kubernetes API at {host} ({verb} {resource} in namespace "
+                f"{self._namespace}): {type(exc).__name__}: {exc}"
+            ) from None
+
+    async def _api(self) -> k8s.ApiClient:
+        async with self._open_lock:
+            if self._api_client is None:
+                path = self._config.kubeconfig
+                try:
+                    if path is not None:
+                        self._api_client = await k8s_config.new_client_from_config(
+                            config_file=str(path), persist_config=False
+                        )
+                    else:
+                        configuration = k8s.Configuration()
+                        k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                            client_configuration=configuration
+                        )
+                        self._api_client = k8s.ApiClient(configuration=configuration)
+                except (ConfigException, OSError) as exc:
+                    where = f"kubeconfig {path}" if path else "in-cluster service account"
+                    raise LauncherUnavailable(
+                        f"Kubernetes credentials ({where}) unusable: {exc}; outside a pod give "
+                        "--k8s-kubeconfig PATH"
+                    ) from None
+            return self._api_client
+
+    def _account(self) -> str:
+        path = self._config.kubeconfig
+        return f"the user of kubeconfig {path}" if path else "the gateway's service account"
+
+    async def _plan(self, method: str, path: str, body: object) -> str:
+        """The line of a write not sent: its body as the client would serialize it."""
+        sent = (await self._api()).sanitize_for_serialization(body)
+        line = f"{method} {path} {json.dumps(sent, sort_keys=True, separators=(',', ':'))}"
+        logger.info("dry run: not sent: %s", line)
+        return line
+
+
+def _terminating(pod: Any) -> bool:
+    return pod.metadata.deletion_timestamp is not None
+
+
+def _pool_pod(pod: Any) -> PoolPod:
+    status = pod.status
+    return PoolPod(
+        name=pod.metadata.name,
+        uid=pod.metadata.uid or "",
+        ip=(status.pod_ip if status is not None else None) or "",
+        phase=(status.phase if status is not None else None) or "",
+    )
+
+
+def _status_message(exc: ApiException) -> str:
+    """The ``message`` of the API server's Status body, else the raw body."""
+    raw = exc.body
+    body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw or "")
+    try:
+        parsed = json.loads(body) if body else {}
+    except ValueError:
+        return str(body)[:500]
+    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
+        return str(parsed["message"])
+    return str(body)[:500]
