@@ -266,10 +266,8 @@ class KVStoreClient(OneSidedPaths, Closeable):
         return self._verified_call(run)
 
     def match_prefix(self, keys: Sequence[bytes], *, hint: str | None = None) -> int:
-        """Number of leading keys of a prompt's key chain that the node can serve (any tier;
-        in a cluster also what live peers hold, read through on the load). ``hint``: the
-        cluster node id that holds the blocks (the prefill's node), asked by the node for what
-        its own tiers and index lack (docs/design/kvstore.md §10.9)."""
+        """Number of leading keys of a prompt's key chain that the node can serve (any tier, or
+        live peers'); ``hint``: the node id holding them (docs/design/kvstore.md §10.9)."""
         return self.match_prefix_tiers(keys, hint=hint).depth
 
     def match_prefix_tiers(self, keys: Sequence[bytes], *, hint: str | None = None) -> NodeMatch:

@@ -9,6 +9,7 @@ it gets. docs/design/kvstore.md §10.9, docs/design/multihost.md §2.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from kvstore.blocks.tier import Tier
 from kvstore.client.sync import KVStoreClient
 from kvstore.transport.base import TransportKind
+from kvstore.wire.frame import FLAG_MATCH_HINT, Op, pack_frame_header
 from kvstore.wire.types import NodeMatch, PutStatus
 from tests.integration.kvstore.node_args import cluster_args
 from tests.integration.kvstore.valkey_fixture import valkey_url
@@ -127,3 +129,24 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def test_a_standalone_node_answers_a_hinted_match_and_refuses_a_malformed_hint(
+    start_node: NodeFactory,
+) -> None:
+    """No cluster: a hint has no live peer to name, the match is the node's own. A hint whose
+    length byte disagrees with its frame is a malformed frame: that connection is closed."""
+    node = start_node("--arena-size", "16MiB", "--prefault", "false")
+    keys = [key(n) for n in range(3)]
+    with KVStoreClient(node.endpoint, use_shm=False) as client:
+        assert client.put(keys[0], payload(0)) is PutStatus.OK
+        assert client.match_prefix_tiers(keys, hint="A") == NodeMatch(1, (Tier.DRAM,))
+        assert hint_counters(client) == (0, 0, 0, 1)
+        host, port = node.endpoint.rsplit(":", 1)
+        body = b"".join(keys) + b"\x05A"  # says 5 bytes of id, carries 1
+        frame = pack_frame_header(Op.MATCH_PREFIX, 1, 3, len(body), flags=FLAG_MATCH_HINT)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(frame + body)
+            assert sock.recv(64) == b""  # closed, unanswered
+        assert client.stats()["limits"]["malformed_frames"] == 1
+        assert client.match_prefix(keys) == 1  # the node serves on
