@@ -44,10 +44,19 @@ class Load:
     proc: subprocess.Popen[str]
 
     def results(self, timeout_s: float) -> list[dict[str, Any]]:
-        out, err = self.proc.communicate(timeout=timeout_s)
+        try:
+            out, err = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
         assert self.proc.returncode == 0, err[-3000:]
         results: list[dict[str, Any]] = json.loads(out)
         return results
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
 
 
 @dataclass
@@ -57,6 +66,7 @@ class Deployment:
     model: Path
     work: Path
     processes: dict[str, Process] = field(default_factory=dict)
+    loads: list[Load] = field(default_factory=list)
 
     @property
     def redis(self) -> str:
@@ -84,6 +94,14 @@ class Deployment:
         )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout)
+
+    def serves(self, prompt: str, max_tokens: int, gateway: str = "gw") -> bool:
+        """Whether ``gateway`` answers a completion with success (False on any failure)."""
+        try:
+            self.complete(prompt, max_tokens, gateway)
+        except AssertionError:
+            return False
+        return True
 
     def complete(self, prompt: str, max_tokens: int, gateway: str = "gw") -> dict[str, Any]:
         result: dict[str, Any] = self.tool(
@@ -161,7 +179,8 @@ class Deployment:
         proc = self.net["client"].popen(
             [*TOOL, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        return Load(proc)
+        self.loads.append(Load(proc))  # killed at teardown if a test fails before its results
+        return self.loads[-1]
 
     def wait_for(self, what: str, check: Any, timeout_s: float, interval_s: float = 0.5) -> float:
         """Poll ``check()`` until true; the seconds it took. Fails naming ``what``."""
@@ -257,5 +276,7 @@ def deploy(
                 )
             yield d
         finally:
+            for load in d.loads:
+                load.stop()
             for process in d.processes.values():
                 process.stop()
