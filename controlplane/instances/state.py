@@ -33,7 +33,11 @@ State, per gateway (controlplane/instances/types.py draws the diagram). Health h
   serving again (ready, and no stall beyond its bound): heartbeats keep going to dead
   instances; it gets a fresh tripwire.
 - **draining**: an operator drained it (shared through the store, so every gateway stops picking
-  it); requests already on it finish. `remove` waits for them, then forgets it.
+  it); requests already on it finish. `remove` waits for them, then forgets it. A worker whose
+  Health says ``draining`` (its SIGTERM: `dataplane/shutdown.py`) is draining too, on this
+  gateway's own evidence (not stored): nothing new goes to it, its requests are neither cut nor
+  failed over, and once it stops answering it stays draining (never dead); a Health without
+  ``draining`` (a new process at that endpoint) makes it ready again.
 
 Records (id, role, endpoint, draining, launched, announced) live in a `RegistryStore` — this
 process, or Redis when several gateways share one cluster; every gateway polls the store and
@@ -464,6 +468,9 @@ class InstanceStates:
         )
         if instance.draining:
             self._set_state(instance, InstanceState.DRAINING, problem or "draining")
+        elif health.draining:  # no new requests; those on it finish (never failed over)
+            self._set_state(instance, InstanceState.DRAINING, "the worker is shutting down")
+            self._cancel_profile(instance)
         elif problem is None:
             self._set_state(instance, InstanceState.READY, "ready")
             self._on_ready(instance)
