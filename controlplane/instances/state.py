@@ -47,10 +47,13 @@ Announced workers (docs/design/multihost.md §3; a shared registry only): each `
 the workers' announcements. An announced endpoint without a record is registered (the store's
 register: two gateways at once get one record) with ``announced`` set and the announced role —
 ``both`` as decode (it prefills for itself when no prefill instance is ready; `set-role` switches
-it in place). An ``announced`` record whose announcement is gone (withdrawn on SIGTERM, or
-expired) is handed to `_on_announcement_gone`: the registry drains it and deletes its record once
-idle (or after the drain timeout), as scale-down does. If the announcements cannot be read, no
-record is added or withdrawn that round.
+it in place). An ``announced`` record whose announcement has been gone for the announcement
+grace (withdrawn on SIGTERM, or expired; `announced.py` also says when an empty scan counts) is
+handed to `_on_announcement_gone`: the registry drains it and deletes its record once idle (or
+after the drain timeout), as scale-down does; if the endpoint announces itself again before
+that ended, the withdrawal is cancelled and the instance undrained when the withdrawal drained it
+(`_cancel_withdrawal`; other gateways follow the record). If the announcements cannot be read,
+no record is added or withdrawn that round.
 """
 
 from __future__ import annotations
