@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.strata-dev-installed
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test chaos install dev model lint typecheck proto clean-venv loadtest bench-serving bench-kvstore
+.PHONY: serve test chaos install dev model lint typecheck proto clean-venv loadtest bench-serving bench-kvstore multihost-demo bench-multihost
 
 serve: install
 	$(VENV)/bin/strata serve $(SERVE_ARGS)
@@ -69,3 +69,10 @@ bench-serving: dev
 
 bench-kvstore: dev
 	$(PY) benchmarks/bench_kvstore.py
+
+# Strata on network-namespace hosts on this machine (root, iproute2): docs/design/multihost.md.
+multihost-demo: dev
+	$(PY) scripts/multihost_demo.py --model "$$($(PY) -m strata.models prepare-default)"
+
+bench-multihost: dev
+	$(PY) benchmarks/bench_multihost.py --model "$$($(PY) -m strata.models prepare-default)"

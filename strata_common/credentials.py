@@ -69,12 +69,13 @@ def owner_only(path: Path) -> bool:
     """True for a secret file only this process's user can read:
 
     - a regular file of this user that group and others cannot access (``chmod 600``); or
-    - a regular file of root that others cannot access and whose group — this process's own
-      group — may read but not write: how Kubernetes mounts a Secret for a non-root container
-      (``root:FSGROUP``, mode 0440, with the pod's ``fsGroup`` among the process's groups).
+    - a Kubernetes Secret mounted for a non-root pod: ``path`` is a link into the volume's
+      ``..data`` directory (itself a link), leading to a root-owned file that others cannot
+      access and whose group — one of this process's groups, the pod's ``fsGroup`` — may read
+      but not write (mode 0440). Only that layout earns the group exception: elsewhere a
+      ``root:users`` 0440 file is readable by every member of the group.
 
-    Links are followed (a Kubernetes Secret volume is links into a ``..data`` directory); what
-    is checked is the file they lead to."""
+    Links are followed; what is checked is the file they lead to."""
     try:
         st = path.stat()
     except OSError:
@@ -85,7 +86,18 @@ def owner_only(path: Path) -> bool:
     if st.st_uid == os.geteuid():  # the ids file access is checked against
         return mode & 0o070 == 0
     ours = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
-    return st.st_uid == 0 and ours and mode & 0o020 == 0
+    return st.st_uid == 0 and ours and mode & 0o020 == 0 and _kubernetes_secret_mount(path)
+
+
+def _kubernetes_secret_mount(path: Path) -> bool:
+    """``path`` is laid out as the kubelet lays out a Secret volume: ``NAME -> ..data/NAME``
+    and ``..data -> ..TIMESTAMP`` (the atomic-update directories)."""
+    try:
+        target = os.readlink(path)
+        data = os.readlink(path.parent / "..data")
+    except OSError:
+        return False
+    return target == f"..data/{path.name}" and data.startswith("..") and "/" not in data
 
 
 def write_secret_file(path: Path, text: str) -> None:

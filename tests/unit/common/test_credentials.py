@@ -149,6 +149,14 @@ def _check_secret_mount(tmp_path: Path) -> None:
     assert not _owner_only_as(1000, [2000], mounted)  # our own file must be 0600
     key.chmod(0o600)
     assert _owner_only_as(1000, [2000], mounted)
+    key.chmod(0o440)
+    os.chown(key, 0, 2000)
+    # The group exception holds for the Secret volume's layout only: the same root:2000 0440
+    # file reached directly, or through a link that is not the kubelet's, is refused.
+    assert not _owner_only_as(1000, [2000], key)
+    direct = tmp_path / "direct.key"
+    direct.symlink_to(key)
+    assert not _owner_only_as(1000, [2000], direct)
     mounted.unlink()
     mounted.symlink_to("..data/missing")
     assert not _owner_only_as(1000, [2000], mounted)  # a dangling link
