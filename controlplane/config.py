@@ -262,6 +262,12 @@ class RegistryConfig:
         parse=parse_duration,
         help="how long scale-down and set-role wait for a drained worker's requests",
     )
+    announcement_grace_s: float = option(
+        10.0,
+        parse=parse_duration,
+        help="how long a worker's announcement may be missing from the registry before its "
+        "instance is drained and removed (at least the workers' --announce-ttl)",
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -269,6 +275,7 @@ class RegistryConfig:
             "health_check_interval_s",
             "health_check_timeout_s",
             "drain_timeout_s",
+            "announcement_grace_s",
             "stall_floor_s",
         ):
             if not getattr(self, name) > 0:

@@ -154,6 +154,7 @@ class GatewayServer:
             launcher=self._launcher,
             pool_launcher=self._pool_launcher,
             drain_timeout_s=config.registry.drain_timeout_s,
+            announcement_grace_s=config.registry.announcement_grace_s,
             restart=config.launch.restart_policy(),
             stall_floor_s=config.registry.stall_floor_s,
             stall_factor=config.registry.stall_factor,

@@ -154,6 +154,18 @@ class WorkerConfig:
         help="with --announce: the announcement expires this long after its last renewal "
         "(a worker that stopped without withdrawing it is drained then)",
     )
+    drain_notice_s: float = option(
+        3.0,
+        parse=parse_duration,
+        help="on SIGTERM: how long Health reports draining before the worker waits for its "
+        "requests (at least one gateway health round, so that no new request arrives after)",
+    )
+    drain_timeout_s: float = option(
+        60.0,
+        parse=parse_duration,
+        help="on SIGTERM: the longest wait for the requests in flight to end before the worker "
+        "stops (keep drain notice + this below a pod's terminationGracePeriodSeconds)",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir).resolve())
@@ -191,6 +203,11 @@ class WorkerConfig:
                 f"{self.kv_heartbeat_interval_s} and {self.kv_heartbeat_timeout_s}"
             )
         self._check_announce()
+        if not self.drain_notice_s >= 0 or not self.drain_timeout_s >= 0:
+            raise ValueError(
+                "need drain_notice_s >= 0 and drain_timeout_s >= 0, got "
+                f"{self.drain_notice_s} and {self.drain_timeout_s}"
+            )
         if self.instance_id is not None and not 0 < len(self.instance_id.encode()) <= 255:
             raise ValueError("instance_id must be 1..255 bytes of UTF-8")
         check_listen(

@@ -15,7 +15,7 @@ With a metadata store configured (`--kv-metadata`), the worker also publishes th
 engine's prefix cache as kvstore events (`dataplane/hbm_events.py`): source id = its instance id,
 `SourceCleared` when it starts serving and after its engine stopped. With `--announce` it
 announces itself in the gateways' shared registry once serving, and withdraws that first on
-SIGTERM (`dataplane/announcer.py`).
+SIGTERM (`dataplane/announcer.py`), then drains (`dataplane/shutdown.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from dataplane.config import WorkerConfig, WorkerRole
 from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
 from dataplane.kv_hint import KV_NODE_PARAM
+from dataplane.shutdown import drain_and_stop
 from kvstore.blocks.hashing import model_fingerprint
 from strata_common.credentials import Identity, read_cluster_key
 from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor, add_port, roles_only
@@ -108,6 +109,8 @@ class Worker:
         self.block_size = 0
         self.max_model_len = 0
         self.ready = False
+        self.draining = False
+        """SIGTERM received: Health says so, gateways send nothing new (dataplane/shutdown.py)."""
         self.instance_id = config.instance_id or ""
         self.hbm_events: Any = None  # HbmEventPublisher once serving, with kv_metadata set
         self.endpoint = ""  # HOST:PORT once the gRPC server is bound
@@ -332,10 +335,17 @@ class Worker:
         if announcement is not None:  # serving: gateways may find it from now on
             await announcement.start()
         await stop.wait()
-        if announcement is not None:  # first: gateways drain this worker on their next round
-            await announcement.stop()
-        self.ready = False
-        await self.server.stop(grace=5.0)
+        await drain_and_stop(
+            self,
+            self.server,
+            announcement,
+            notice_s=self.config.drain_notice_s,
+            timeout_s=self.config.drain_timeout_s,
+        )
+
+    def num_in_flight(self) -> int:
+        """Requests in the gRPC handlers, or still the engine's (until it processed their end)."""
+        return max(self.counters.num_running, self.progress.num_items)
 
     def clean_up(self) -> None:
         if self.engine is not None:
@@ -461,6 +471,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             num_engine_requests=w.progress.num_items,
             stalled_s=w.progress.stalled_s(),
             num_engine_steps=w.progress.num_steps,
+            draining=w.draining,
             **_kv_identity(w),
         )
 

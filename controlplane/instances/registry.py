@@ -42,7 +42,8 @@ class InstanceRegistry(PoolScaling):
     """The instances, their state and load; the gateway's `AdminBackend`.
 
     Keyword arguments: ``metrics``, ``health_check_timeout_s``, ``store``, ``launcher``,
-    ``drain_timeout_s``, ``clock``, ``worker_auth`` (:class:`InstanceStates`); ``policy_names``,
+    ``drain_timeout_s``, ``clock``, ``worker_auth``, ``announcement_grace_s``
+    (:class:`InstanceStates`); ``policy_names``,
     ``policy``, ``scheduling``, ``profile`` (:class:`SchedulingState`); ``restart``, ``sleep``
     (:class:`Supervision`); ``pool_launcher`` (:class:`PoolScaling`)."""
 

@@ -33,7 +33,11 @@ State, per gateway (controlplane/instances/types.py draws the diagram). Health h
   serving again (ready, and no stall beyond its bound): heartbeats keep going to dead
   instances; it gets a fresh tripwire.
 - **draining**: an operator drained it (shared through the store, so every gateway stops picking
-  it); requests already on it finish. `remove` waits for them, then forgets it.
+  it); requests already on it finish. `remove` waits for them, then forgets it. A worker whose
+  Health says ``draining`` (its SIGTERM: `dataplane/shutdown.py`) is draining too, on this
+  gateway's own evidence (not stored): nothing new goes to it, its requests are neither cut nor
+  failed over, and once it stops answering it stays draining (never dead); a Health without
+  ``draining`` (a new process at that endpoint) makes it ready again.
 
 Records (id, role, endpoint, draining, launched, announced) live in a `RegistryStore` — this
 process, or Redis when several gateways share one cluster; every gateway polls the store and
@@ -43,10 +47,13 @@ Announced workers (docs/design/multihost.md §3; a shared registry only): each `
 the workers' announcements. An announced endpoint without a record is registered (the store's
 register: two gateways at once get one record) with ``announced`` set and the announced role —
 ``both`` as decode (it prefills for itself when no prefill instance is ready; `set-role` switches
-it in place). An ``announced`` record whose announcement is gone (withdrawn on SIGTERM, or
-expired) is handed to `_on_announcement_gone`: the registry drains it and deletes its record once
-idle (or after the drain timeout), as scale-down does. If the announcements cannot be read, no
-record is added or withdrawn that round.
+it in place). An ``announced`` record whose announcement has been gone for the announcement
+grace (withdrawn on SIGTERM, or expired; `announced.py` also says when an empty scan counts) is
+handed to `_on_announcement_gone`: the registry drains it and deletes its record once idle (or
+after the drain timeout), as scale-down does; if the endpoint announces itself again before
+that ended, the withdrawal is cancelled and the instance undrained when the withdrawal drained it
+(`_cancel_withdrawal`; other gateways follow the record). If the announcements cannot be read,
+no record is added or withdrawn that round.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from contextlib import suppress
 from typing import Any
 
-from controlplane.instances.announced import AnnouncedWorkers
+from controlplane.instances.announced import DEFAULT_ANNOUNCEMENT_GRACE_S, AnnouncedWorkers
 from controlplane.instances.instance import (
     Instance,
     InstanceView,
@@ -108,6 +115,7 @@ class InstanceStates:
         stall_factor: float = DEFAULT_STALL_FACTOR,
         clock: Callable[[], float] = time.monotonic,
         worker_auth: ClientAuth | None = None,
+        announcement_grace_s: float = DEFAULT_ANNOUNCEMENT_GRACE_S,
     ) -> None:
         self._metrics = metrics
         self._worker_auth = worker_auth
@@ -126,7 +134,9 @@ class InstanceStates:
         self._limits: ModelLimits | None = None
         self._round_robin = {role: itertools.count() for role in SERVING_ROLES}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._announced = AnnouncedWorkers(self._store)
+        self._announced = AnnouncedWorkers(self._store, grace_s=announcement_grace_s, clock=clock)
+        self._withdrawals: dict[str, asyncio.Task[None]] = {}
+        """The withdrawals under way (`_withdraw`), by instance id."""
 
     def _on_ready(self, instance: Instance) -> None:
         """Called each time a Health answer finds ``instance`` ready (a later layer profiles
@@ -278,19 +288,54 @@ class InstanceStates:
                 instance.draining = True
                 self._set_state(instance, InstanceState.DRAINING, "draining")
                 self._cancel_profile(instance)
+            elif (
+                instance.draining
+                and not record.draining
+                and record.announced
+                and record.id not in self._announced.withdrawing
+            ):  # another gateway cancelled the withdrawal that drained it
+                self._undrained(instance)
         for instance in list(self._instances.values()):
             if instance.id in known_before and instance.id not in records:
                 logger.info("instance %s (%s) was removed", instance.id, instance.endpoint)
                 self._forget(instance, stop_after_s=self._drain_timeout_s)
         if announcements is not None:
+            for instance_id, drained in self._announced.returned(records, announcements):
+                await self._cancel_withdrawal(instance_id, undrain=drained)
             for record in self._announced.gone(records, announcements, set(self._instances)):
-                self._spawn(self._withdraw(self._instances[record.id]))
+                instance = self._instances[record.id]
+                self._withdrawals[record.id] = self._spawn(self._withdraw(instance))
 
     async def _withdraw(self, instance: Instance) -> None:
         try:
+            if not instance.draining:
+                self._announced.drained(instance.id)  # undone if the announcement comes back
             await self._on_announcement_gone(instance)
         finally:
             self._announced.withdrawn(instance.id)
+            self._withdrawals.pop(instance.id, None)
+
+    async def _cancel_withdrawal(self, instance_id: str, *, undrain: bool) -> None:
+        """The announcement of ``instance_id`` is back while its withdrawal runs: the withdrawal
+        is cancelled, and the instance undrained if the withdrawal drained it (never an
+        operator's drain)."""
+        task = self._withdrawals.pop(instance_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        instance = self._instances.get(instance_id)
+        if not undrain or instance is None or not instance.draining:
+            return
+        instance.draining = False
+        try:
+            await self._store.update(instance.record())
+        except RegistryStoreError as exc:
+            logger.warning("could not mark %s undrained in the registry: %s", instance_id, exc)
+        self._undrained(instance)
+
+    def _undrained(self, instance: Instance) -> None:
+        instance.draining = False
+        self._set_state(instance, InstanceState.STARTING, "undrained: waiting for its Health")
 
     async def run_health_checks(self, *, interval_s: float) -> None:
         """Sync and check forever (the gateway cancels this task at shutdown)."""
@@ -426,6 +471,9 @@ class InstanceStates:
         )
         if instance.draining:
             self._set_state(instance, InstanceState.DRAINING, problem or "draining")
+        elif health.draining:  # no new requests; those on it finish (never failed over)
+            self._set_state(instance, InstanceState.DRAINING, "the worker is shutting down")
+            self._cancel_profile(instance)
         elif problem is None:
             self._set_state(instance, InstanceState.READY, "ready")
             self._on_ready(instance)

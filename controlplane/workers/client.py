@@ -117,6 +117,8 @@ class WorkerHealth:
     it has no work."""
     num_engine_steps: int = 0
     """Engine steps completed since the engine started."""
+    draining: bool = False
+    """The worker is shutting down: no new request; those in flight run to their end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +204,7 @@ class WorkerClient:
             num_engine_requests=reply.num_engine_requests,
             stalled_s=reply.stalled_s,
             num_engine_steps=reply.num_engine_steps,
+            draining=reply.draining,
         )
 
     async def prefill(

@@ -135,7 +135,10 @@ def gateways(
         served_model_name=SERVED_MODEL_NAME,
         http=HttpConfig(port=0, shutdown_grace_s=1.0),
         registry=RegistryConfig(
-            worker_startup_timeout_s=20.0, health_check_interval_s=3600.0, url=valkey_url
+            worker_startup_timeout_s=20.0,
+            health_check_interval_s=3600.0,
+            url=valkey_url,
+            announcement_grace_s=GRACE_S,
         ),
         routing=RoutingConfig(policy=PolicyKind.ROUND_ROBIN),
         cluster=ClusterConfig(key_file=cluster_key[0]),
@@ -162,6 +165,17 @@ def sync_and_check(loop: LoopThread, *servers: GatewayServer) -> None:
 
     for server in servers:
         loop.run(round_(server))
+
+
+GRACE_S = 0.2
+"""The gateways' announcement grace: short, as the rounds here are the test's own."""
+
+
+def missing_for_the_grace(loop: LoopThread, *servers: GatewayServer) -> None:
+    """A round that finds an announcement missing, then one a grace later (withdrawn then)."""
+    sync_and_check(loop, *servers)
+    time.sleep(GRACE_S)
+    sync_and_check(loop, *servers)
 
 
 def listed(server: GatewayServer) -> dict[str, tuple[str, WorkerRole, InstanceState]]:
@@ -219,10 +233,10 @@ def test_a_withdrawn_or_expired_announcement_drains_then_removes_the_worker(
     on_a = a.registry.get(id2)
     a.registry._begin(on_a)
     assert loop_thread.run(announcer2.withdraw())
-    sync_and_check(loop_thread, a)
+    missing_for_the_grace(loop_thread, a)
     assert listed(a)[d2.endpoint][2] is InstanceState.DRAINING
     # B has nothing on it: B drains it and deletes its record at once.
-    sync_and_check(loop_thread, b)
+    missing_for_the_grace(loop_thread, b)
     _wait_until(lambda: d2.endpoint not in listed(b), "B did not remove the withdrawn worker")
     sync_and_check(loop_thread, a)  # the record is gone; A's request still runs
     assert not on_a.idle.is_set()
@@ -239,7 +253,7 @@ def test_a_withdrawn_or_expired_announcement_drains_then_removes_the_worker(
     raw.pexpire(announcer3.key, 1)
     _wait_until(lambda: not raw.exists(announcer3.key), "Redis did not expire it")
     raw.close()
-    sync_and_check(loop_thread, a, b)  # idle on both: removed at once
+    missing_for_the_grace(loop_thread, a, b)  # idle on both: removed at once
     for server in (a, b):
         _wait_until(lambda s=server: d3.endpoint not in listed(s), "expired worker kept")
     assert set(listed(a)) == set(listed(b)) == {w.endpoint for w in workers.workers[:2]}

@@ -199,7 +199,9 @@ def test_a_worker_announces_once_serving_and_withdraws_first_on_sigterm(
 ) -> None:
     """The worker's own serve() (no engine: the HBM event hook is a no-op): the announcement is
     written once the gRPC server serves, names the advertised address, which is also the
-    default instance id, and is gone before the gRPC server starts to stop on SIGTERM."""
+    default instance id, and is gone before the gRPC server starts to stop on SIGTERM; then
+    Health says draining (still ready), and the server stops only once the request in flight
+    ended (the drain timeout is far away)."""
     import os
     import signal
 
@@ -207,8 +209,15 @@ def test_a_worker_announces_once_serving_and_withdraws_first_on_sigterm(
     import redis.asyncio as aioredis
 
     from dataplane.worker import Worker
+    from strata_proto import worker_pb2, worker_pb2_grpc
 
-    config = _config(tmp_path, valkey_server.url, advertise_address="localhost")
+    config = _config(
+        tmp_path,
+        valkey_server.url,
+        advertise_address="localhost",
+        drain_notice_s=0.05,
+        drain_timeout_s=600.0,
+    )
     seen: dict[str, object] = {}
 
     class NoEngineWorker(Worker):
@@ -220,6 +229,7 @@ def test_a_worker_announces_once_serving_and_withdraws_first_on_sigterm(
             stop = server.stop
 
             async def stop_recorded(grace: float | None) -> None:
+                seen["in_flight_at_server_stop"] = self.num_in_flight()
                 async with aioredis.Redis.from_url(valkey_server.url) as client:
                     seen["keys_at_server_stop"] = await client.keys("strata:registry:announce:*")
                 await stop(grace)
@@ -238,7 +248,17 @@ def test_a_worker_announces_once_serving_and_withdraws_first_on_sigterm(
             seen["announcement"] = open_announcement(RecordSeal(None), key, await client.get(key))
             seen["ready"] = worker.ready
             seen["ids"] = (worker.endpoint, worker.instance_id)
+            worker.counters.num_running += 1  # a request in flight
             os.kill(os.getpid(), signal.SIGTERM)  # the worker's handler stops it
+            async with grpc.aio.insecure_channel(worker.endpoint) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                request = worker_pb2.HealthRequest()
+                while not (health := await stub.Health(request, timeout=10)).draining:
+                    await asyncio.sleep(0.02)
+                seen["health_draining"] = (health.ready, health.draining)
+            await asyncio.sleep(0.5)  # ten notices: a worker that did not wait would stop now
+            seen["stopped_with_a_request"] = "keys_at_server_stop" in seen or serving.done()
+            worker.counters.num_running -= 1  # it ends
             await asyncio.wait_for(serving, 60)
             seen["keys_after"] = await client.keys("strata:registry:announce:*")
 
@@ -250,6 +270,9 @@ def test_a_worker_announces_once_serving_and_withdraws_first_on_sigterm(
     assert seen["ready"] is True
     assert seen["ids"] == (announcement.endpoint, announcement.endpoint)
     assert seen["keys_at_server_stop"] == []  # withdrawn before the server stopped
+    assert seen["health_draining"] == (True, True)
+    assert seen["stopped_with_a_request"] is False
+    assert seen["in_flight_at_server_stop"] == 0
     assert seen["keys_after"] == []
 
 

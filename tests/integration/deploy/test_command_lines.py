@@ -34,6 +34,7 @@ from controlplane.config import ENV_PREFIX as GATEWAY_ENV
 from controlplane.config import GatewayConfig
 from dataplane.config import ENV_PREFIX as WORKER_ENV
 from dataplane.config import WorkerConfig
+from dataplane.shutdown import STOP_GRACE_S
 from kvstore.server.config import ENV_PREFIX as STORE_ENV
 from kvstore.server.config import StoreNodeConfig
 from strata_common.options import add_options, from_namespace
@@ -202,6 +203,9 @@ def _check_k8s(command: str, config: Any, pod: dict[str, Any]) -> None:
     if command == "worker":
         assert config.tls.enabled and config.host == "0.0.0.0"
         assert config.store_endpoint == "192.0.2.10:7600"  # status.hostIP and the store's host port
+        # Its SIGTERM drain (dataplane/shutdown.py) ends before the kubelet's SIGKILL.
+        drain_s = config.drain_notice_s + config.drain_timeout_s + STOP_GRACE_S
+        assert drain_s < pod["terminationGracePeriodSeconds"]
     elif command == "store":
         assert config.tls.enabled and config.host == "0.0.0.0" and config.port == 7600
         assert config.advertise_address == "192.0.2.10"  # status.hostIP, the host port's

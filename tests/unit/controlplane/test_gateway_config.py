@@ -144,7 +144,7 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--read-timeout", "--write-timeout", "--max-connections", "--health-details",
         "--registry", "--worker-startup-timeout", "--health-check-interval",
         "--health-check-timeout", "--drain-timeout", "--stall-floor", "--stall-factor",
-        "--policy", "--kv-metadata",
+        "--announcement-grace", "--policy", "--kv-metadata",
         "--local-prefill-threshold", "--conditional-disaggregation",
         "--no-conditional-disaggregation", "--ttft-slo", "--tpot-slo", "--slo-margin-quantile",
         "--profile", "--no-profile",

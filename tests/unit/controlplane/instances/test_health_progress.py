@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
@@ -383,6 +384,38 @@ def test_a_call_that_finishes_despite_the_trip_keeps_its_result() -> None:
         instance.tripwire.trip("stalled")
         assert await task == 7
         assert task.cancelling() == 0
+        await registry.close()
+
+    run(test)
+
+
+def test_a_worker_shutting_down_is_drained_never_dead_and_its_requests_are_not_cut() -> None:
+    async def test() -> None:
+        clock = FakeClock()
+        registry, instance, worker = await ready_instance(clock)
+        with registry.track_prefill(instance, 50):  # a request of this gateway runs on it
+            wire = instance.tripwire
+            worker.answer = replace(health(requests=1), draining=True)  # its SIGTERM
+            await registry.check_all()
+            assert (instance.state, instance.detail) == (
+                InstanceState.DRAINING,
+                "the worker is shutting down",
+            )
+            assert not instance.draining  # this gateway's evidence only, not the record's
+            with pytest.raises(WorkerError, match="no prefill worker is ready"):
+                registry.pick(PREFILL)
+            # Gone once its requests ended: refused, and still draining, never dead.
+            worker.answer = WorkerError(
+                WorkerErrorKind.UNAVAILABLE, "127.0.0.1:10001", "Health", "connection refused"
+            )
+            await registry.check_all()
+            assert instance.state is InstanceState.DRAINING
+            assert not wire.tripped and registry.unhealthy == []
+        # A new process at that endpoint serves again.
+        worker.answer = health()
+        await registry.check_all()
+        assert instance.state is InstanceState.READY
+        assert registry.pick(PREFILL) is instance
         await registry.close()
 
     run(test)

@@ -46,10 +46,37 @@ async def settle(registry: InstanceRegistry) -> None:
         await asyncio.gather(*list(registry._tasks))
 
 
-def make(store: LocalRegistryStore) -> InstanceRegistry:
+GRACE_S = 10.0
+
+
+class Clock:
+    """The registry's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    store: LocalRegistryStore, clock: Clock | None = None, *, drain_timeout_s: float = 600.0
+) -> InstanceRegistry:
     return InstanceRegistry(
-        metrics=GatewayMetrics(), health_check_timeout_s=1.0, store=store, drain_timeout_s=600.0
+        metrics=GatewayMetrics(),
+        health_check_timeout_s=1.0,
+        store=store,
+        drain_timeout_s=drain_timeout_s,
+        clock=clock or Clock(),
+        announcement_grace_s=GRACE_S,
     )
+
+
+async def gone_for_the_grace(registry: InstanceRegistry, clock: Clock) -> None:
+    """Two rounds: the first finds the announcement missing, the next one a grace later."""
+    await registry.sync()
+    clock.now += GRACE_S
+    await registry.sync()
 
 
 def test_announced_workers_are_registered_with_their_role() -> None:
@@ -90,14 +117,14 @@ def test_announced_workers_are_registered_with_their_role() -> None:
 
 def test_a_gone_announcement_drains_the_instance_then_removes_it_once_idle() -> None:
     async def test() -> None:
-        store = AnnouncingStore()
-        registry = make(store)
+        store, clock = AnnouncingStore(), Clock()
+        registry = make(store, clock)
         announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
         await registry.sync()
         instance = registry.get("w1")
         registry._begin(instance)  # a request of this gateway runs on it
         del store.announced["10.0.0.2:5000"]
-        await registry.sync()
+        await gone_for_the_grace(registry, clock)
         for _ in range(5):
             await asyncio.sleep(0)
         assert instance.state is InstanceState.DRAINING
@@ -123,19 +150,18 @@ def test_a_gone_announcement_drains_the_instance_then_removes_it_once_idle() -> 
 
 def test_a_withdrawal_waits_at_most_the_drain_timeout() -> None:
     async def test() -> None:
-        store = AnnouncingStore()
-        registry = InstanceRegistry(
-            metrics=GatewayMetrics(), health_check_timeout_s=1.0, store=store, drain_timeout_s=0.05
-        )
+        store, clock = AnnouncingStore(), Clock()
+        registry = make(store, clock, drain_timeout_s=0.05)
         announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
+        announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)
         await registry.sync()
         registry._begin(registry.get("w1"))  # never ends
-        store.announced.clear()
-        await registry.sync()
+        del store.announced["10.0.0.2:5000"]
+        await gone_for_the_grace(registry, clock)
         task = next(iter(registry._tasks))
         await task  # the withdrawal: drained, waited 50 ms, deleted
-        assert await store.load() == {}
-        assert registry.list_instances() == []
+        assert list(await store.load()) == ["w2"]
+        assert [i.id for i in registry.list_instances()] == ["w2"]
         for t in list(registry._tasks):
             t.cancel()  # the channel close still waits for the request
         await registry.close()
@@ -190,6 +216,129 @@ def test_removing_a_worker_that_still_announces_itself_is_refused() -> None:
         store.announced.clear()  # the worker stopped, its instance not withdrawn yet
         await registry.remove("w1", wait_s=0.0)
         assert await store.load() == {}
+        await registry.close()
+
+    asyncio.run(test())
+
+
+def test_a_gap_shorter_than_the_grace_withdraws_nothing() -> None:
+    async def test() -> None:
+        store, clock = AnnouncingStore(), Clock()
+        registry = make(store, clock)
+        announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
+        announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)
+        await registry.sync()
+        del store.announced["10.0.0.2:5000"]  # one round without it
+        await registry.sync()
+        clock.now += GRACE_S - 0.5
+        await registry.sync()
+        assert registry._tasks == set()
+        announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)  # renewed in time
+        await registry.sync()
+        del store.announced["10.0.0.2:5000"]  # missing again: its grace starts anew
+        clock.now += 1.0
+        await registry.sync()
+        clock.now += GRACE_S - 0.5
+        await registry.sync()
+        assert registry._tasks == set()
+        assert registry.get("w1").state is InstanceState.STARTING
+        assert not (await store.load())["w1"].draining
+        clock.now += 0.5  # the grace since the first round that missed it
+        await registry.sync()
+        assert registry._announced.withdrawing == {"w1"}
+        await settle(registry)
+        assert [i.id for i in registry.list_instances()] == ["w2"]
+        await registry.close()
+
+    asyncio.run(test())
+
+
+def test_an_announcement_back_during_its_withdrawal_cancels_it_and_undrains() -> None:
+    async def test() -> None:
+        store, clock = AnnouncingStore(), Clock()
+        registry = make(store, clock)
+        other = make(store, clock)  # a second gateway on the same store
+        announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
+        announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)
+        await registry.sync()
+        await other.sync()
+        instance = registry.get("w1")
+        registry._begin(instance)  # its drain waits for this request
+        del store.announced["10.0.0.2:5000"]
+        await gone_for_the_grace(registry, clock)
+        await asyncio.sleep(0)
+        assert instance.state is InstanceState.DRAINING
+        await other.sync()  # the other gateway sees the record drained
+        assert other.get("w1").state is InstanceState.DRAINING
+        announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)  # back before the drain ended
+        await registry.sync()
+        assert registry._tasks == set()
+        assert registry._announced.withdrawing == frozenset()
+        assert (await store.load())["w1"] == InstanceRecord(
+            "w1", DECODE, "10.0.0.2:5000", announced=True
+        )
+        assert instance.state is InstanceState.STARTING  # its next Health makes it ready
+        await other.sync()
+        assert other.get("w1").state is InstanceState.STARTING
+        registry._end(instance)
+        await registry.close()
+        await other.close()
+
+    asyncio.run(test())
+
+
+def test_an_operators_drain_is_kept_when_the_announcement_comes_back() -> None:
+    async def test() -> None:
+        store, clock = AnnouncingStore(), Clock()
+        registry = make(store, clock)
+        announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
+        announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)
+        await registry.sync()
+        instance = registry.get("w1")
+        await registry.drain("w1")  # `strata admin drain`
+        registry._begin(instance)
+        del store.announced["10.0.0.2:5000"]
+        await gone_for_the_grace(registry, clock)
+        assert registry._announced.withdrawing == {"w1"}
+        announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
+        await registry.sync()
+        assert registry._announced.withdrawing == frozenset()
+        assert instance.state is InstanceState.DRAINING
+        assert (await store.load())["w1"].draining
+        registry._end(instance)
+        await registry.close()
+
+    asyncio.run(test())
+
+
+def test_a_scan_that_finds_no_announcement_withdraws_nothing_for_a_grace() -> None:
+    async def test() -> None:
+        store, clock = AnnouncingStore(), Clock()
+        registry = make(store, clock)
+        announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
+        announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)
+        await registry.sync()
+        saved = dict(store.announced)
+        clock.now += 100.0  # Redis was down longer than the TTL (the scans failed meanwhile)
+        store.announced.clear()  # back, empty
+        await registry.sync()
+        clock.now += GRACE_S - 0.5
+        await registry.sync()
+        assert registry._tasks == set()
+        store.announced.update(saved)  # the workers' next renewals
+        await registry.sync()
+        clock.now += GRACE_S
+        await registry.sync()
+        assert registry._tasks == set()
+        assert not any(r.draining for r in (await store.load()).values())
+        # Empty for a whole grace: the workers are gone (the last of a pool stopped).
+        store.announced.clear()
+        await registry.sync()
+        clock.now += GRACE_S
+        await registry.sync()
+        assert registry._announced.withdrawing == {"w1", "w2"}
+        await settle(registry)
+        assert registry.list_instances() == []
         await registry.close()
 
     asyncio.run(test())
