@@ -24,11 +24,8 @@ from controlplane.instances.instance import Instance
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import LocalRegistryStore
 from controlplane.instances.types import InstanceState, LauncherUnavailable
-from controlplane.launch.kubernetes import (
-    KubernetesConfig,
-    KubernetesForbidden,
-    KubernetesLauncher,
-)
+from controlplane.launch.kubernetes import KubernetesForbidden, KubernetesLauncher
+from controlplane.launch.kubernetes_config import KubernetesConfig
 from controlplane.metrics import GatewayMetrics
 from controlplane.workers.roles import WorkerRole
 from tests.integration.controlplane.kube_api_double import (
