@@ -226,8 +226,8 @@ class PoolScaling(Supervision):
     async def _set_pool_role(
         self, pool: PoolLauncher, instance: Instance, role: WorkerRole
     ) -> tuple[InstanceInfo, list[str]]:
-        """Move ``instance``'s place to the pool of ``role``: its pod removed (after the
-        drain), the other pool one larger. Returns the new member as planned (module
+        """Move ``instance``'s place to the pool of ``role``: the other pool one larger
+        first, then its pod removed (after the drain). Returns the new member as planned (module
         docstring) and the planned writes (dry run)."""
         pod = await self._pod_of(pool, instance)
         if pod is None:
