@@ -11,8 +11,10 @@ Call sequence for one request (prefill role saves, decode role loads; `kv_both` 
   on_new_request         hash the prompt into block keys (kvstore.blocks.hashing,
                          namespace = cache_salt)
   get_num_new_matched_tokens
-                         ask the store how many leading keys it holds (loaders only); leave at least
-                         one prompt token to compute, as vLLM requires
+                         ask the store how many leading keys it holds (loaders only), passing the
+                         request's hint of which store node holds them (kv_transfer_params, see
+                         dataplane/kv_hint.py); leave at least one prompt token to compute, as
+                         vLLM requires
   update_state_after_alloc
                          remember (key, block id) pairs to load
   build_connector_meta   every step: loads planned above, and saves of the prompt's full blocks
@@ -26,7 +28,8 @@ Call sequence for one request (prefill role saves, decode role loads; `kv_both` 
                          after the step: blocks whose load failed (the worker side's
                          get_block_ids_with_load_errors) no longer count as loaded
   request_finished       report block keys, the number of loaded tokens and of tokens whose load
-                         failed (vLLM recomputed them) as kv_transfer_params
+                         failed (vLLM recomputed them) as kv_transfer_params; a saver also
+                         reports its store node's cluster id (the decode's hint)
 
 A stored block holds one engine block of every layer: shape [num_layers, *per-layer block shape].
 Loading is synchronous (CPU engines gain nothing from layer pipelining); a block that cannot be
@@ -54,6 +57,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.logger import init_logger
 
 from dataplane.counters import KV_COUNTERS
+from dataplane.kv_hint import KV_NODE_PARAM, StoreNodeId, hint_of
 from kvstore.blocks.hashing import block_hash_key, block_keys, root_key
 from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError
@@ -180,6 +184,7 @@ class _RequestState:
 
     keys: list[bytes]
     num_prompt_tokens: int
+    kv_node: str | None = None  # the hint: the store node that holds the blocks (a prefill's)
     block_ids: list[int] = field(default_factory=list)
     num_local_tokens: int = 0  # prefix-cache hit inside the engine, block aligned
     num_external_tokens: int = 0  # tokens loaded from the store
@@ -208,6 +213,7 @@ class StrataConnector(KVConnectorBase_V1):
         # Scheduler side.
         self._requests: dict[str, _RequestState] = {}
         self._roots: dict[str, bytes] = {}
+        self._node_id = StoreNodeId(self._client.stats)
         # Worker side.
         self._layers: list[torch.Tensor] = []
         self._stats = StrataConnectorStats()
@@ -232,7 +238,9 @@ class StrataConnector(KVConnectorBase_V1):
         prompt = list(request.prompt_token_ids or [])
         root = self._root(request.cache_salt or "")
         keys = block_keys(prompt, self._block_size, root, self._hash_key)
-        self._requests[request.request_id] = _RequestState(keys=keys, num_prompt_tokens=len(prompt))
+        self._requests[request.request_id] = _RequestState(
+            keys=keys, num_prompt_tokens=len(prompt), kv_node=hint_of(request.kv_transfer_params)
+        )
 
     def _state(self, request: Request) -> _RequestState:
         state = self._requests.get(request.request_id)
@@ -254,7 +262,7 @@ class StrataConnector(KVConnectorBase_V1):
         if max_blocks <= first:
             return 0, False
         try:
-            num_present = self._client.match_prefix(state.keys[:max_blocks])
+            num_present = self._client.match_prefix(state.keys[:max_blocks], hint=state.kv_node)
         except KVStoreError as exc:
             logger.warning("store unavailable for lookup, computing instead: %s", exc)
             return 0, False
@@ -373,6 +381,10 @@ class StrataConnector(KVConnectorBase_V1):
             "strata_num_external_tokens": state.num_external_tokens,
             "strata_num_failed_tokens": state.num_failed_tokens,
         }
+        if self._settings.can_save and state.keys:  # where its blocks went: the decode's hint
+            node_id = self._node_id.get()
+            if node_id is not None:
+                params[KV_NODE_PARAM] = node_id
         # Saves run synchronously inside the step, so the blocks can be freed right away.
         return False, params
 

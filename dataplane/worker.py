@@ -38,6 +38,7 @@ from dataplane.announcer import announcement_loop
 from dataplane.config import WorkerConfig, WorkerRole
 from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
+from dataplane.kv_hint import KV_NODE_PARAM
 from kvstore.blocks.hashing import model_fingerprint
 from strata_common.credentials import Identity, read_cluster_key
 from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor, add_port, roles_only
@@ -401,7 +402,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
-    def _sampling(self, sp: worker_pb2.SamplingParams, max_tokens: int, kind: Any) -> Any:
+    def _sampling(
+        self, sp: worker_pb2.SamplingParams, max_tokens: int, kind: Any, kv_node: str = ""
+    ) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -416,6 +419,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             # The gateway detokenizes the whole sequence itself
             # (controlplane/text/detokenizer.py); the engine needs text only to match stop strings.
             detokenize=bool(sp.stop),
+            # The request's params for its KV connector (vLLM's Request.kv_transfer_params): the
+            # store node holding the prompt's blocks, a hint for its match (multihost.md §2).
+            extra_args={"kv_transfer_params": {KV_NODE_PARAM: kv_node}} if kv_node else None,
         )
 
     def _prompt(self, token_ids: Any, cache_salt: str) -> dict[str, Any]:
@@ -526,6 +532,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=num_cached,
             engine_time_s=time.perf_counter() - t0,
+            kv_node=str(params.get(KV_NODE_PARAM) or ""),  # the connector's store node
         )
 
     async def Decode(
@@ -537,7 +544,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         max_tokens = request.sampling.max_tokens
         if max_tokens < 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be ≥ 1")
-        sp = self._sampling(request.sampling, max_tokens, RequestOutputKind.DELTA)
+        sp = self._sampling(request.sampling, max_tokens, RequestOutputKind.DELTA, request.kv_node)
         counters = self.worker.counters
         counters.num_requests += 1
         counters.num_running += 1

@@ -6,7 +6,9 @@ disaggregation: the decode instance computes the prompt itself (step 1 is skippe
 token is the request's first).
 
 Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"):
-  1. Prefill(prompt) on the assigned prefill instance -> first token, the saved block keys. An
+  1. Prefill(prompt) on the assigned prefill instance -> first token, the saved block keys and
+     the store node they were saved to (``kv_node``, passed to every Decode below as the hint of
+     where the blocks are: docs/design/multihost.md §2). An
      unreachable instance (UNAVAILABLE: dead, restarting) is marked dead and the prefill is
      retried on the next ready one; when none is left, the decode instance prefills itself
      (as a local route); nothing was sent to the client yet. The first token is yielded at once
@@ -177,6 +179,7 @@ class Generation:
         # Every token the caller has been given: a resumed decode continues after the last one.
         generated: list[int] = []
         block_keys: tuple[bytes, ...] = ()
+        kv_node = ""  # where the prefill saved the blocks: every decode attempt's hint
         last_token_s = 0.0
         prefilled = await self._prefill() if self._assign.prefill is not None else None
         if prefilled is not None:
@@ -199,6 +202,7 @@ class Generation:
             self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
             generated.append(prefill.first_token_id)
             block_keys = prefill.block_keys
+            kv_node = prefill.kv_node
 
         local = prefilled is None
         failed: set[str] = set()
@@ -232,6 +236,7 @@ class Generation:
                         cache_salt=req.cache_salt,
                         block_keys=block_keys,
                         timeout_s=self._remaining_s("Decode", instance.endpoint),
+                        kv_node=kv_node,
                     ),
                 )
                 attempt_external_tokens = 0

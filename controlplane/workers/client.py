@@ -151,6 +151,8 @@ class PrefillResult:
     num_prompt_tokens: int
     num_cached_tokens: int
     engine_time_s: float
+    kv_node: str = ""
+    """The store node (cluster node id) the prefill saved its blocks to; "" = unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,7 @@ class WorkerClient:
             num_prompt_tokens=reply.num_prompt_tokens,
             num_cached_tokens=reply.num_cached_tokens,
             engine_time_s=reply.engine_time_s,
+            kv_node=reply.kv_node,
         )
 
     async def decode(
@@ -240,14 +243,17 @@ class WorkerClient:
         cache_salt: str,
         block_keys: Sequence[bytes],
         timeout_s: float,
+        kv_node: str = "",
     ) -> AsyncGenerator[DecodeOutput, None]:
-        """Stream the decode; the call is cancelled when the generator is closed early."""
+        """Stream the decode; the call is cancelled when the generator is closed early.
+        ``kv_node``: the store node holding the prompt's blocks (the prefill's), a hint."""
         request = worker_pb2.DecodeRequest(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,
             sampling=sampling.to_proto(),
             cache_salt=cache_salt,
             block_keys=block_keys,
+            kv_node=kv_node,
         )
         call = self._stub.Decode(request, timeout=timeout_s)
         try:

@@ -173,17 +173,22 @@ class AsyncKVStoreClient:
             for reply in await self._get(keys, targets)
         ]
 
-    async def match_prefix(self, keys: Sequence[bytes]) -> int:
-        """Number of leading keys of a prompt's key chain that the node holds (any tier)."""
-        return (await self.match_prefix_tiers(keys)).depth
+    async def match_prefix(self, keys: Sequence[bytes], *, hint: str | None = None) -> int:
+        """Number of leading keys of a prompt's key chain that the node can serve (any tier;
+        in a cluster also what live peers hold); ``hint``: the cluster node id that holds the
+        blocks (docs/design/kvstore.md §10.9)."""
+        return (await self.match_prefix_tiers(keys, hint=hint)).depth
 
-    async def match_prefix_tiers(self, keys: Sequence[bytes]) -> NodeMatch:
+    async def match_prefix_tiers(
+        self, keys: Sequence[bytes], *, hint: str | None = None
+    ) -> NodeMatch:
         """:meth:`match_prefix` with the tier of each matched block (DRAM or SSD).
 
         A node without tier information (an older node) reports every block as DRAM.
         """
+        requests.check_hint(hint)
         chunks = requests.key_chunks(keys)
-        replies_ = await self._keyed_all(Op.MATCH_PREFIX, chunks)
+        replies_ = await self._keyed_all(Op.MATCH_PREFIX, chunks, hint)
         tiers: list[Tier] = []
         for chunk, reply in zip(chunks, replies_, strict=True):
             assert reply.header is not None
@@ -375,19 +380,23 @@ class AsyncKVStoreClient:
             protocol.pending.append(request)
         return request
 
-    async def _keyed_all(self, op: Op, chunks: Sequence[Sequence[bytes]]) -> list[PendingRequest]:
-        """One keyed (or empty) request per chunk, pipelined; their replies (retried once on a
-        new connection if the open one turns out closed)."""
-        return await self._retrying(lambda: self._await([self._keyed(op, c) for c in chunks]))
+    async def _keyed_all(
+        self, op: Op, chunks: Sequence[Sequence[bytes]], hint: str | None = None
+    ) -> list[PendingRequest]:
+        """One keyed (or empty) request per chunk (a MATCH_PREFIX's with ``hint``), pipelined;
+        their replies (retried once on a new connection if the open one turns out closed)."""
+        return await self._retrying(lambda: self._await([self._keyed(op, c, hint) for c in chunks]))
 
-    def _keyed(self, op: Op, keys: Sequence[bytes]) -> asyncio.Future[PendingRequest]:
+    def _keyed(
+        self, op: Op, keys: Sequence[bytes], hint: str | None = None
+    ) -> asyncio.Future[PendingRequest]:
         """Send one keyed (or empty) request once connected; a future of its reply."""
 
         async def run() -> PendingRequest:
             protocol = await self._connection()
             request = self._request(protocol, op, asked=len(keys))
             if protocol.transport is not None and protocol.lost is None:
-                protocol.transport.writelines(requests.keyed(op, request.request_id, keys))
+                protocol.transport.writelines(requests.keyed(op, request.request_id, keys, hint))
             return cast(PendingRequest, await request.future)
 
         return asyncio.ensure_future(run())

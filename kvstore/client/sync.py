@@ -265,24 +265,22 @@ class KVStoreClient(OneSidedPaths, Closeable):
 
         return self._verified_call(run)
 
-    def match_prefix(self, keys: Sequence[bytes]) -> int:
-        """Number of leading keys of a prompt's key chain that the node holds (any tier)."""
-        matched = 0
-        for chunk in requests.key_chunks(keys):
-            found = replies.decode_match_count(self._keyed(Op.MATCH_PREFIX, chunk)[0], len(chunk))
-            matched += found
-            if found < len(chunk):
-                break
-        return matched
+    def match_prefix(self, keys: Sequence[bytes], *, hint: str | None = None) -> int:
+        """Number of leading keys of a prompt's key chain that the node can serve (any tier, or
+        live peers'); ``hint``: the node id holding them (docs/design/kvstore.md §10.9)."""
+        return self.match_prefix_tiers(keys, hint=hint).depth
 
-    def match_prefix_tiers(self, keys: Sequence[bytes]) -> NodeMatch:
+    def match_prefix_tiers(self, keys: Sequence[bytes], *, hint: str | None = None) -> NodeMatch:
         """:meth:`match_prefix` with the tier of each matched block (DRAM or SSD).
 
         A node without tier information (an older node) reports every block as DRAM.
         """
+        requests.check_hint(hint)
         tiers: list[Tier] = []
         for chunk in requests.key_chunks(keys):
-            found = replies.decode_match_tiers(*self._keyed(Op.MATCH_PREFIX, chunk), len(chunk))
+            found = replies.decode_match_tiers(
+                *self._keyed(Op.MATCH_PREFIX, chunk, hint), len(chunk)
+            )
             tiers.extend(found)
             if len(found) < len(chunk):
                 break
@@ -590,12 +588,15 @@ class KVStoreClient(OneSidedPaths, Closeable):
         out = memoryview(bytearray(block.payload_nbytes)) if target is None else target
         return out[: self._recv_payload(sock, block, out)]
 
-    def _keyed(self, op: Op, keys: Sequence[bytes]) -> tuple[FrameHeader, bytearray]:
-        """One MATCH_PREFIX, EXISTS or DELETE round trip: the reply's header and body."""
+    def _keyed(
+        self, op: Op, keys: Sequence[bytes], hint: str | None = None
+    ) -> tuple[FrameHeader, bytearray]:
+        """One MATCH_PREFIX (with its ``hint``), EXISTS or DELETE round trip: the reply's
+        header and body."""
 
         def run(sock: socket.socket) -> tuple[FrameHeader, bytearray]:
             request_id = next(self._ids) & 0xFFFFFFFF
-            self._sendall(sock, requests.keyed(op, request_id, keys))
+            self._sendall(sock, requests.keyed(op, request_id, keys, hint))
             header = self._read_header(sock, request_id, op, len(keys))
             body = self._recv_body(sock, header)
             replies.check_ok(header)

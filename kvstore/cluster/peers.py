@@ -1,9 +1,12 @@
-"""``PeerFetcher``: raw-block GETs (read-through) and PUTs (migration) to other store nodes.
+"""``PeerFetcher``: raw-block GETs (read-through), MATCH_PREFIX (a hinted peer) and PUTs
+(migration) to other store nodes.
 
 Blocking sockets, pooled per endpoint, thread-safe; frames through :mod:`kvstore.wire` like every
 other client (a peer's GET carries ``FLAG_NO_FORWARD``, so the peer does not forward it again),
 with the same bounds on replies (a block beyond ``max_block_bytes`` is never read). A pooled
-socket the peer has closed meanwhile (its idle timeout) is replaced once, transparently.
+socket the peer has closed meanwhile (its idle timeout) is replaced once, transparently. A call
+may have a shorter timeout than the fetcher's (a hinted MATCH_PREFIX): the socket that timed out
+is closed, never pooled (its reply may still come).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import TypeVar
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, verify
 from kvstore.blocks.hashing import BlockKey
+from kvstore.blocks.tier import Tier
 from kvstore.errors import KVStoreError
 from kvstore.transport.tcp import hello, recv_bytes, secure
 from kvstore.wire import replies, requests
@@ -48,14 +52,19 @@ class PeerFetcher:
         self._lock = threading.Lock()
         self._idle: dict[str, list[socket.socket]] = {}
 
-    def _call(self, endpoint: str, fn: Callable[[socket.socket], _T]) -> _T:
+    def _call(
+        self, endpoint: str, fn: Callable[[socket.socket], _T], timeout_s: float | None = None
+    ) -> _T:
         """``fn`` on a pooled (or new) socket, given back afterwards; a pooled socket found
-        closed by the peer is replaced and ``fn`` retried once (every op here is idempotent)."""
+        closed by the peer is replaced and ``fn`` retried once (every op here is idempotent).
+        ``timeout_s``: this call's socket timeout (connecting included), if not the fetcher's."""
+        timeout = self._timeout if timeout_s is None else timeout_s
         with self._lock:
             pool = self._idle.get(endpoint)
             sock = pool.pop() if pool else None
         if sock is not None:
             try:
+                sock.settimeout(timeout)
                 result = fn(sock)
             except ConnectionError:
                 sock.close()
@@ -65,7 +74,7 @@ class PeerFetcher:
             else:
                 self._give_back(endpoint, sock)
                 return result
-        sock = self._connect(endpoint)
+        sock = self._connect(endpoint, timeout)
         try:
             result = fn(sock)
         except BaseException:
@@ -74,9 +83,9 @@ class PeerFetcher:
         self._give_back(endpoint, sock)
         return result
 
-    def _connect(self, endpoint: str) -> socket.socket:
+    def _connect(self, endpoint: str, timeout_s: float) -> socket.socket:
         address = parse_endpoint(endpoint)
-        sock = socket.create_connection((address.host, address.port), timeout=self._timeout)
+        sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = secure(sock, address.host, self._credentials)  # TLS mode: the peer is a store/*
         if self._credentials is not None:
@@ -88,6 +97,7 @@ class PeerFetcher:
         return sock
 
     def _give_back(self, endpoint: str, sock: socket.socket) -> None:
+        sock.settimeout(self._timeout)
         with self._lock:
             self._idle.setdefault(endpoint, []).append(sock)
 
@@ -116,6 +126,24 @@ class PeerFetcher:
             for key, (frame, body) in zip(keys, self._call(endpoint, run), strict=True)
         ]
 
+    def match_prefix(
+        self, endpoint: str, keys: Sequence[BlockKey], *, timeout_s: float
+    ) -> list[Tier]:
+        """The peer's tier of each leading key of ``keys`` it holds (at most MAX_KEYS_PER_FRAME
+        keys; its own tiers only: the request is a peer's, never forwarded), within
+        ``timeout_s`` (connecting included); OSError (TimeoutError) or KVStoreError else."""
+
+        def run(sock: socket.socket) -> list[Tier]:
+            sock.sendall(b"".join(requests.match_prefix(1, keys, from_peer=True)))
+            header = self._read_header(sock, 1, Op.MATCH_PREFIX, len(keys))
+            body = recv_bytes(sock, header.payload_len)
+            replies.check_ok(header)
+            return replies.decode_match_tiers(header, body, len(keys))
+
+        if not keys:
+            return []
+        return self._call(endpoint, run, timeout_s)
+
     def put_blocks(self, endpoint: str, blocks: Sequence[bytes | memoryview]) -> list[int]:
         """PUT raw blocks, pipelined; returns one status per block."""
 
@@ -140,13 +168,15 @@ class PeerFetcher:
                 with contextlib.suppress(OSError):
                     sock.close()
 
-    def _read_header(self, sock: socket.socket, request_id: int, op: Op) -> FrameHeader:
+    def _read_header(
+        self, sock: socket.socket, request_id: int, op: Op, asked: int = 1
+    ) -> FrameHeader:
         """The reply to ``request_id``; ConnectionError if the peer answers anything else (or
         claims a longer reply than ``op``'s can be)."""
         raw = recv_bytes(sock, FRAME_HEADER_BYTES)
         try:
             return replies.decode_reply_header(
-                raw, 0, request_id, op, max_block_bytes=self.max_block_bytes
+                raw, 0, request_id, op, max_block_bytes=self.max_block_bytes, asked=asked
             )
         except KVStoreError as exc:
             raise ConnectionError(f"bad frame from peer: {exc}") from exc

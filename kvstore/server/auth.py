@@ -46,7 +46,8 @@ _LOOKUPS = frozenset({Op.MATCH_PREFIX, Op.EXISTS, Op.STATS})
 ALLOWED_OPS: Final[dict[str, frozenset[Op]]] = {
     "worker": _DATA_OPS | _LOOKUPS | {Op.DELETE},  # DELETE: blocks that fail verification
     "gateway": _LOOKUPS,
-    "store": frozenset({Op.GET, Op.PUT, Op.EXISTS, Op.STATS}),  # read-through, migration
+    # read-through, a hinted MATCH_PREFIX, migration
+    "store": frozenset({Op.GET, Op.MATCH_PREFIX, Op.PUT, Op.EXISTS, Op.STATS}),
     "admin": frozenset({Op.STATS, Op.DELETE}),
 }
 """What each role may ask once authenticated (HELLO and HELLO_PROOF are always allowed)."""

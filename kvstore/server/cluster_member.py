@@ -1,4 +1,5 @@
-"""A store node's cluster side: join (register, publish, follow), read-through, leave (migrate).
+"""A store node's cluster side: join (register, publish, follow), read-through, the hinted
+peer of a MATCH_PREFIX, leave (migrate).
 
 Mixed into :class:`kvstore.server.lifecycle.StoreServer`; all of it is idle for a standalone node
 (no ``--metadata``). Design: docs/design/kvstore.md §10.
@@ -15,6 +16,7 @@ from functools import partial
 
 from kvstore.blocks.tier import Tier
 from kvstore.cluster.access import metadata_policy
+from kvstore.cluster.hints import HintedHolders
 from kvstore.cluster.membership import NodeAgent
 from kvstore.cluster.peers import PeerFetcher
 from kvstore.cluster.view import ClusterView
@@ -47,6 +49,8 @@ class ClusterMember:
     agent: NodeAgent | None
     view: ClusterView | None
     fetcher: PeerFetcher | None
+    hinted: HintedHolders | None = None
+    """Blocks hinted peers said they hold (docs/design/kvstore.md §10.9); None standalone."""
     _loop: asyncio.AbstractEventLoop | None
     _boot_id: str
 
@@ -95,6 +99,7 @@ class ClusterMember:
             reconcile_interval_s=config.reconcile_interval_s,
         )
         await self.agent.start()
+        self.hinted = HintedHolders()
         self.view = ClusterView(store, poll_interval_s=min(0.1, config.heartbeat_interval_s))
         await loop.run_in_executor(None, self.view.start)
         credentials = None
@@ -113,13 +118,23 @@ class ClusterMember:
         if self.agent is not None:
             self.agent.note_changed(keys)
 
+    def _live_holders(self, key: bytes, live: dict[str, str], me: str) -> list[tuple[str, Tier]]:
+        """``(node id, tier)`` of the live peers holding ``key``, fastest tier first: the
+        index's, else the one a hinted peer named (:meth:`match_hinted`) while still live."""
+        assert self.view is not None
+        held = [(n, tier) for n, tier in self.view.holders(key) if n != me and n in live]
+        if not held and self.hinted is not None:
+            hinted = self.hinted.holder(key)
+            if hinted is not None and hinted[0] != me and hinted[0] in live:
+                held = [hinted]
+        return held
+
     def peers_holding(self, key: bytes) -> list[str]:
         """Endpoints of live peers that hold ``key``, fastest tier first."""
         if self.view is None or self.agent is None:
             return []
         live = self.view.live_nodes()
-        me = self.agent.node_id
-        return [live[n] for n, _tier in self.view.holders(key) if n != me and n in live]
+        return [live[n] for n, _tier in self._live_holders(key, live, self.agent.node_id)]
 
     def peer_prefix(self, keys: Sequence[bytes]) -> list[Tier]:
         """The tier at which a live peer holds each leading key of ``keys`` (the fastest first;
@@ -130,10 +145,34 @@ class ClusterMember:
         me = self.agent.node_id
         tiers: list[Tier] = []
         for key in keys:
-            held = [tier for n, tier in self.view.holders(key) if n != me and n in live]
+            held = self._live_holders(key, live, me)
             if not held:
                 break
-            tiers.append(held[0])
+            tiers.append(held[0][1])
+        return tiers
+
+    def hinted_peer(self, node_id: str) -> str | None:
+        """The endpoint of the live store node a MATCH_PREFIX hint names, as this node's view
+        of the cluster has it; None for this node itself, an unknown or a dead one (never an
+        address from a request)."""
+        if self.view is None or self.agent is None or node_id == self.agent.node_id:
+            return None
+        return self.view.live_nodes().get(node_id)
+
+    def match_hinted(
+        self, node_id: str, endpoint: str, keys: list[bytes]
+    ) -> asyncio.Future[list[Tier]]:
+        """Ask the hinted peer (``node_id`` at ``endpoint``) MATCH_PREFIX of ``keys`` on a
+        thread, within ``--hint-timeout``; what it holds is remembered (``hinted``) so that the
+        LEASE_BATCH that follows reads them through before the index knows of them."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self._match_hinted_blocking, node_id, endpoint, keys)
+
+    def _match_hinted_blocking(self, node_id: str, endpoint: str, keys: list[bytes]) -> list[Tier]:
+        assert self.fetcher is not None and self.hinted is not None
+        tiers = self.fetcher.match_prefix(endpoint, keys, timeout_s=self.config.hint_timeout_s)
+        if tiers:
+            self.hinted.add(node_id, keys[: len(tiers)], tiers)
         return tiers
 
     def fetch_remote(self, key: bytes) -> asyncio.Future[tuple[bytes, int] | None]:

@@ -117,6 +117,11 @@ class StoreNodeConfig:
         heartbeat_interval_s / heartbeat_timeout_s: liveness (docs/design/kvstore.md §10.7).
         leave_policy: on graceful stop, ``"drop"`` the blocks or ``"migrate"`` DRAM to a peer.
         replicate_on_read: keep a local copy of a block read through from a peer.
+        hint_timeout_s: a MATCH_PREFIX whose hint names a live peer asks that peer for the
+            keys this node's tiers and index lack, and waits this long for its answer
+            (connecting included); beyond it, or on any error, the match is not extended. 250 ms
+            by default: one round trip between hosts takes well under a millisecond, and the
+            decode engine's scheduler waits for the match (docs/design/kvstore.md §10.9).
         event_flush_interval_s: KV events of PUT/DELETE are batched for this long.
         reconcile_interval_s: period of the full tier diff, a safety net behind the exact tier
             events (docs/design/kvstore.md §10.7).
@@ -207,6 +212,11 @@ class StoreNodeConfig:
     heartbeat_timeout_s: float = option(5.0, parse=parse_duration, help="dead after this")
     leave_policy: str = option("drop", help="on graceful stop: drop or migrate")
     replicate_on_read: bool = option(False, help="keep peers' blocks read through")
+    hint_timeout_s: float = option(
+        0.25,
+        parse=parse_duration,
+        help="how long a MATCH_PREFIX waits for the peer its hint names (then: no extension)",
+    )
     event_flush_interval_s: float = option(0.01, parse=parse_duration, help="KV event batching")
     reconcile_interval_s: float = option(60.0, parse=parse_duration, help="full tier diff period")
     eviction_policy: str = option("lru", help="DRAM eviction policy, e.g. lru")
@@ -299,6 +309,8 @@ class StoreNodeConfig:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.leave_policy not in LEAVE_POLICIES:
             raise ValueError(f"leave_policy must be one of {', '.join(LEAVE_POLICIES)}")
+        if self.hint_timeout_s <= 0:
+            raise ValueError("hint_timeout must be positive")
         if self.event_flush_interval_s <= 0 or self.reconcile_interval_s <= 0:
             raise ValueError("event_flush_interval and reconcile_interval must be positive")
         names = [kind.value for kind in PolicyKind]

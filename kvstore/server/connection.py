@@ -54,7 +54,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES, BlockFormatError, BlockHeader, verify
 from kvstore.blocks.tier import Tier
@@ -133,7 +133,7 @@ class Connection(asyncio.BufferedProtocol):
         # Responses held back behind a pending SSD read, in request order.
         self.queued: deque[Reply] = deque()
         self.fetches: set[asyncio.Task[Lease | None]] = set()
-        self.remote_fetches: set[asyncio.Future[tuple[bytes, int] | None]] = set()
+        self.remote_fetches: set[asyncio.Future[Any]] = set()  # read-through, hinted matches
         self.no_forward = False  # the frame being dispatched came from a peer
         self._reading = True
         # Transport ops: leases and reservations held per batch id; the RDMA queue pair.

@@ -8,7 +8,9 @@ handlers are in :mod:`kvstore.server.transfer`). A handler answers with ``conn.w
 GET and GET_SHM replies carry the tier that served the block in ``count`` (1 = DRAM, 2 = SSD);
 MATCH_PREFIX replies carry one byte per matched key, the fastest tier holding it. A GET that
 misses here is read through from a peer that holds the block (read-through), unless the frame is
-itself a peer's (``FLAG_NO_FORWARD``).
+itself a peer's (``FLAG_NO_FORWARD``). A MATCH_PREFIX with a hint (``FLAG_MATCH_HINT``: the node
+id the client says holds the blocks) whose keys this node's tiers and index do not all cover asks
+that peer -- if it is a live member -- for the rest, its reply parked meanwhile.
 """
 
 from __future__ import annotations
@@ -22,8 +24,16 @@ from kvstore.blocks.tier import Tier
 from kvstore.node.store import Lease
 from kvstore.server import auth, transfer
 from kvstore.server.limits import MAX_SHM_LEASES_PER_CONNECTION, split_keys
-from kvstore.wire.frame import FrameHeader, Op, Status, pack_frame_header
-from kvstore.wire.messages import LEASE_ID, encode_bitmap
+from kvstore.wire.frame import (
+    FLAG_MATCH_HINT,
+    KEY_BYTES,
+    FrameError,
+    FrameHeader,
+    Op,
+    Status,
+    pack_frame_header,
+)
+from kvstore.wire.messages import LEASE_ID, decode_match_hint, encode_bitmap
 
 if TYPE_CHECKING:
     from kvstore.server.connection import Connection, Reply
@@ -99,15 +109,68 @@ def get_shm(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
 
 def match_prefix(conn: Connection, header: FrameHeader, payload: memoryview) -> None:
     """The leading keys this node can serve: those its tiers hold, then (a client's request,
-    not a peer's) those live peers hold, which a GET or LEASE_BATCH reads through."""
-    keys = split_keys(payload)
-    found = conn.tiers.match_prefix(keys)
+    not a peer's) those live peers hold by the index, then those the hinted peer holds."""
+    keys_end = header.count * KEY_BYTES
+    keys = split_keys(payload[:keys_end])
+    hint = None
+    if header.flags & FLAG_MATCH_HINT:
+        try:
+            hint = decode_match_hint(payload[keys_end:])
+        except ValueError as exc:
+            raise FrameError(f"bad MATCH_PREFIX hint: {exc}") from None
+    found: list[Tier] = conn.tiers.match_prefix(keys)
     if len(found) < len(keys) and not conn.no_forward:
         found += conn.server.peer_prefix(keys[len(found) :])
+        if len(found) < len(keys) and hint is not None:
+            endpoint = conn.server.hinted_peer(hint)
+            if endpoint is not None:
+                _start_hinted_match(conn, header.request_id, keys, found, hint, endpoint)
+                return
+            conn.server.transfers.hints_ignored += 1
+    conn.write(_match_reply(header.request_id, found))
+
+
+def _match_reply(request_id: int, found: list[Tier]) -> bytes:
     tiers = bytes(found)
-    conn.write(
-        pack_frame_header(Op.MATCH_PREFIX, header.request_id, len(tiers), len(tiers)) + tiers
-    )
+    return pack_frame_header(Op.MATCH_PREFIX, request_id, len(tiers), len(tiers)) + tiers
+
+
+def _start_hinted_match(
+    conn: Connection,
+    request_id: int,
+    keys: list[bytes],
+    found: list[Tier],
+    hint: str,
+    endpoint: str,
+) -> None:
+    """Ask the hinted peer for ``keys`` past ``found`` on a thread; the reply keeps its place
+    and is ``found`` extended by what the peer holds (nothing on a timeout or an error)."""
+    reply = conn.park()
+    counters = conn.server.transfers
+    counters.hint_lookups += 1
+    future = conn.server.match_hinted(hint, endpoint, keys[len(found) :])
+    conn.remote_fetches.add(future)
+
+    def done(future: asyncio.Future[list[Tier]]) -> None:
+        conn.remote_fetches.discard(future)
+        more: list[Tier] = []
+        if not future.cancelled():
+            if future.exception() is not None:
+                counters.hint_failures += 1
+                conn.server.log.warning(
+                    "hinted match failed",
+                    "MATCH_PREFIX of hinted peer %s (%s) failed: %s",
+                    hint,
+                    endpoint,
+                    future.exception(),
+                )
+            else:
+                more = future.result()
+                counters.hint_blocks += len(more)
+        if not conn.closed:
+            conn.fill(reply, [_match_reply(request_id, [*found, *more])])
+
+    future.add_done_callback(done)
 
 
 def exists(conn: Connection, header: FrameHeader, payload: memoryview) -> None:

@@ -93,6 +93,15 @@ class TransferCounters:
     batch_leased_blocks: int = 0
     read_through_blocks: int = 0
     """Blocks read through from a peer (GET, and LEASE_BATCH into the arena)."""
+    hint_lookups: int = 0
+    """MATCH_PREFIXes that asked the peer their hint names (their keys were not all covered
+    by this node's tiers and index)."""
+    hint_blocks: int = 0
+    """Blocks those peers answered they hold, beyond what the tiers and index covered."""
+    hint_failures: int = 0
+    """Hinted peers that did not answer in time (``--hint-timeout``) or failed: no extension."""
+    hints_ignored: int = 0
+    """Hints that were needed but named no live peer (an unknown or dead node, or this one)."""
     reserve_batches: int = 0
     reserve_batches_refused: int = 0
     reserved_blocks: int = 0

@@ -15,7 +15,8 @@ for it -- no intermediate copy, no per-message allocation. Frame header (little-
      4      1   version      1
      5      1   opcode       Op
      6      1   status       Status (responses; 0 in requests)
-     7      1   flags        FrameFlag bits (FLAG_NO_FORWARD: a peer's GET); 0 otherwise
+     7      1   flags        FLAG_NO_FORWARD (a peer's request: never forwarded);
+                             FLAG_MATCH_HINT (a MATCH_PREFIX whose keys a hint follows); else 0
      8      4   request_id   chosen by the client, echoed in the response
     12      4   count        number of keys in a request; op-specific result in a response
     16      8   payload_len  bytes that follow
@@ -29,7 +30,10 @@ op            request payload (count)              response (status, count, payl
 PUT           block = 64-byte block header (it      OK | EXISTS | FULL | TOO_LARGE | CORRUPT |
               carries the key) + data (1)          BAD_REQUEST; no payload
 GET           key (1)                              OK + block (header + data) | MISS
-MATCH_PREFIX  keys of a prompt's chain (n)         OK, count = number of leading keys present
+MATCH_PREFIX  keys of a prompt's chain (n); with    OK, count = number of leading keys present,
+              FLAG_MATCH_HINT then a hint: u8 L,   payload = one tier byte per matched key
+              L bytes of UTF-8 (the node id that
+              holds the blocks)
 EXISTS        keys (n)                             OK, count = n, payload = bitmap, bit i = key i
                                                    present, LSB first, ceil(n / 8) bytes
 DELETE        keys (n)                             OK, count = number deleted
@@ -93,12 +97,14 @@ from kvstore.wire.messages import (
     HELLO_MIN_BYTES,
     HELLO_PROOF_BYTES,
     LEASE_ID,
+    MAX_HINT_BYTES,
     RDMA_INFO,
     RESERVE_ITEM,
 )
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_BYTES",
+    "FLAG_MATCH_HINT",
     "FLAG_NO_FORWARD",
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
@@ -122,7 +128,11 @@ FRAME_HEADER_BYTES = FRAME_HEADER.size
 assert FRAME_HEADER_BYTES == 24
 
 FLAG_NO_FORWARD = 0x01
-"""Frame flag: a peer's GET; the receiving node must not forward it to another peer."""
+"""Frame flag: a peer's request (GET, MATCH_PREFIX); the receiving node answers from its own
+tiers and never forwards it to another peer."""
+FLAG_MATCH_HINT = 0x02
+"""Frame flag of a MATCH_PREFIX request only: after its keys comes a hint, the cluster node id
+that holds the prompt's blocks (:func:`kvstore.wire.messages.encode_match_hint`)."""
 
 KEY_BYTES = BLOCK_KEY_BYTES
 MAX_KEYS_PER_FRAME = 4096
@@ -188,6 +198,8 @@ def _max_request_payload(op: Op) -> int:
     every request to exactly its count's length, and every count to these bounds."""
     if op in SINGLE_KEY_OPS:
         return KEY_BYTES
+    if op is Op.MATCH_PREFIX:
+        return MAX_KEYS_PER_FRAME * KEY_BYTES + 1 + MAX_HINT_BYTES
     if op in KEYED_OPS:
         return MAX_KEYS_PER_FRAME * KEY_BYTES
     if op is Op.LEASE_BATCH:
@@ -247,7 +259,14 @@ class FrameHeader:
     def check_request(self) -> None:
         """Check that a request's count and payload length agree with its opcode."""
         op, count, length = self.opcode, self.count, self.payload_len
-        if op is Op.PUT:
+        if self.flags & FLAG_MATCH_HINT:  # the keys, then a hint of 1..MAX_HINT_BYTES
+            keys = count * KEY_BYTES
+            ok = (
+                op is Op.MATCH_PREFIX
+                and count <= MAX_KEYS_PER_FRAME
+                and keys + 2 <= length <= keys + 1 + MAX_HINT_BYTES
+            )
+        elif op is Op.PUT:
             ok = count == 1
         elif op in SINGLE_KEY_OPS:
             ok = count == 1 and length == KEY_BYTES

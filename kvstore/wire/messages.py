@@ -24,6 +24,7 @@ __all__ = [
     "LEASE_ID",
     "LEASE_REFUSED",
     "LEASE_SPAN",
+    "MAX_HINT_BYTES",
     "MAX_IDENTITY_BYTES",
     "RDMA_INFO",
     "RESERVE_ITEM",
@@ -33,7 +34,9 @@ __all__ = [
     "RdmaEndpointInfo",
     "ReserveBatchReply",
     "decode_bitmap",
+    "decode_match_hint",
     "encode_bitmap",
+    "encode_match_hint",
 ]
 
 SHM_LEASE = struct.Struct("<QQQ")
@@ -50,6 +53,28 @@ connection's share of pinned arena space; ask again once earlier batches are rel
 LEASE_REFUSED = 0xFE
 """LEASE_BATCH tier byte: not leased because the node's cap on pinned arena space is reached
 (other connections hold it); read the block over TCP (a GET pins it only while it is sent)."""
+MAX_HINT_BYTES = 255
+"""Longest node id a MATCH_PREFIX hint names (UTF-8 bytes; node ids are 1..255 bytes)."""
+
+
+def encode_match_hint(node_id: str) -> bytes:
+    """A MATCH_PREFIX hint (after the keys, with ``FLAG_MATCH_HINT``): u8 length ``L``, then
+    ``L`` bytes of UTF-8, the cluster node id that holds the blocks (docs/design/kvstore.md
+    §10.9). ValueError for an empty or too long id."""
+    raw = node_id.encode()
+    if not 0 < len(raw) <= MAX_HINT_BYTES:
+        raise ValueError(f"a hint names a node id of 1..{MAX_HINT_BYTES} bytes, got {len(raw)}")
+    return bytes([len(raw)]) + raw
+
+
+def decode_match_hint(buf: bytes | bytearray | memoryview) -> str:
+    """The node id of a MATCH_PREFIX hint; ValueError unless ``buf`` is exactly one hint."""
+    raw = bytes(buf)
+    if len(raw) < 2 or raw[0] != len(raw) - 1:
+        raise ValueError(f"a MATCH_PREFIX hint of {len(raw)} bytes does not frame itself")
+    return raw[1:].decode()
+
+
 RESERVE_ITEM = struct.Struct(f"<{BLOCK_KEY_BYTES}sQ")
 """One RESERVE_BATCH request entry: the key and the block's size (64-byte header + payload). The
 header itself is written by the client into the reserved space, after the payload's checksum is

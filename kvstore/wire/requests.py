@@ -9,17 +9,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES
-from kvstore.wire.frame import FLAG_NO_FORWARD, KEY_BYTES, MAX_KEYS_PER_FRAME, Op, pack_frame_header
-from kvstore.wire.messages import BATCH_ID, LEASE_ID, RESERVE_ITEM, RdmaEndpointInfo
+from kvstore.wire.frame import (
+    FLAG_MATCH_HINT,
+    FLAG_NO_FORWARD,
+    KEY_BYTES,
+    MAX_KEYS_PER_FRAME,
+    Op,
+    pack_frame_header,
+)
+from kvstore.wire.messages import (
+    BATCH_ID,
+    LEASE_ID,
+    RESERVE_ITEM,
+    RdmaEndpointInfo,
+    encode_match_hint,
+)
 
 __all__ = [
     "as_bytes_view",
+    "check_hint",
     "check_key",
     "commit_batch",
     "empty",
     "get",
     "key_chunks",
     "keyed",
+    "match_prefix",
     "put",
     "rdma_connect",
     "release",
@@ -47,10 +62,28 @@ def get(request_id: int, key: bytes, *, from_peer: bool = False) -> bytes:
     return pack_frame_header(Op.GET, request_id, 1, KEY_BYTES, flags=flags) + key
 
 
-def keyed(op: Op, request_id: int, keys: Sequence[bytes]) -> list[Buffer]:
-    """MATCH_PREFIX, EXISTS, DELETE or LEASE_BATCH of ``keys`` (at most MAX_KEYS_PER_FRAME)."""
+def keyed(op: Op, request_id: int, keys: Sequence[bytes], hint: str | None = None) -> list[Buffer]:
+    """MATCH_PREFIX (with its ``hint``), EXISTS, DELETE or LEASE_BATCH of ``keys`` (at most
+    MAX_KEYS_PER_FRAME)."""
+    if op is Op.MATCH_PREFIX:
+        return match_prefix(request_id, keys, hint=hint)
     payload = b"".join(keys)  # one buffer: a gathered send takes at most IOV_MAX (1024)
     return [pack_frame_header(op, request_id, len(keys), len(payload)), payload]
+
+
+def match_prefix(
+    request_id: int, keys: Sequence[bytes], *, hint: str | None = None, from_peer: bool = False
+) -> list[Buffer]:
+    """A MATCH_PREFIX of ``keys`` (at most MAX_KEYS_PER_FRAME); ``hint``: the cluster node id
+    that holds them (``FLAG_MATCH_HINT``, the hint after the keys); ``from_peer``: a node asking
+    another, which answers from its own tiers only."""
+    payload = b"".join(keys)  # one buffer: a gathered send takes at most IOV_MAX (1024)
+    flags = FLAG_NO_FORWARD if from_peer else 0
+    if hint is not None:
+        payload += encode_match_hint(hint)
+        flags |= FLAG_MATCH_HINT
+    header = pack_frame_header(Op.MATCH_PREFIX, request_id, len(keys), len(payload), flags=flags)
+    return [header, payload]
 
 
 def empty(op: Op, request_id: int) -> bytes:
@@ -83,6 +116,12 @@ def commit_batch(request_id: int, batch_id: int) -> bytes:
 def rdma_connect(request_id: int, info: RdmaEndpointInfo) -> bytes:
     payload = info.encode()
     return pack_frame_header(Op.RDMA_CONNECT, request_id, 0, len(payload)) + payload
+
+
+def check_hint(hint: str | None) -> None:
+    """ValueError for a hint no frame can carry (None: no hint)."""
+    if hint is not None:
+        encode_match_hint(hint)
 
 
 def check_key(key: bytes) -> None:

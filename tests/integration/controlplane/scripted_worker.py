@@ -60,6 +60,8 @@ class Script:
     stall_after_decode_chunks: int | None = None
     """The next decode to send this many chunks (unfinished) hangs (no step) until cancelled;
     one-shot."""
+    kv_node: str = "store-a"
+    """The store node the prefill says it saved the blocks to (PrefillResponse.kv_node)."""
     prompt_lengths: dict[str, int] = field(default_factory=dict)
     """Prompt length of each prefilled request id: where a decode's generated tokens start."""
 
@@ -175,6 +177,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
             block_keys=[b"block-%d" % i for i in range(num_blocks)],
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=self.script.num_cached_tokens,
+            kv_node=self.script.kv_node,
         )
 
     async def Decode(self, request, context):

@@ -181,6 +181,8 @@ def test_decode_resumes_on_another_worker_with_no_token_lost(
     ]
     assert resumed.sampling.max_tokens == 100 - num_done
     assert resumed.request_id == first.request_id
+    # Both decodes get the prefill's hint of where the blocks are (multihost.md §2).
+    assert first.kv_node == resumed.kv_node == cluster.script.kv_node == "store-a"
 
 
 def _completion(raw: bytes) -> tuple[list[int], str, str | None]:

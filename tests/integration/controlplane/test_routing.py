@@ -373,6 +373,7 @@ def test_short_prompt_skips_the_prefill_pool(
         assert list(decode.prompt_token_ids) == prompt  # the prompt alone: no first token
         assert decode.sampling.max_tokens == 20
         assert list(decode.block_keys) == []
+        assert decode.kv_node == ""  # no prefill: no hint
         assert (
             routing.metric('strata_gateway_routes_total{policy="slo_aware",route="local_short"}')
             == 1

@@ -205,7 +205,7 @@ def _check_k8s(command: str, config: Any, pod: dict[str, Any]) -> None:
     elif command == "store":
         assert config.tls.enabled and config.host == "0.0.0.0" and config.port == 7600
         assert config.advertise_address == "192.0.2.10"  # status.hostIP, the host port's
-        assert str(config.arena_dir).endswith("/dev/shm")
+        assert str(config.arena_dir).endswith("/run/strata/arena")  # the host's /dev/shm
     else:
         assert config.has_api_keys and config.tls.enabled
         assert config.http.host == "0.0.0.0"

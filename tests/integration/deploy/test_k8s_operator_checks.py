@@ -131,10 +131,64 @@ def test_no_secret_is_in_the_manifests(objects: list[dict[str, Any]]) -> None:
                 if "secret" in source:
                     referenced.add(source["secret"]["name"])
     assert referenced == generated
-    # No credential is on a command line, and none in an env value but through a secretKeyRef.
     for c in containers(objects):
-        for var in c.spec.get("env", []):
-            assert "s3cret" not in str(var.get("value", ""))
+        assert_no_inline_credential(c.where, c.spec)
+
+
+SECRET_WORD = re.compile(r"password|passwd|secret|token|api-key", re.I)
+URL_PASSWORD = re.compile(r"://[^/@\s]*:([^/@\s]+)@")
+VAR_REF = re.compile(r"^\$\(([A-Za-z_][A-Za-z0-9_]*)\)$")
+
+
+def assert_no_inline_credential(where: str, spec: dict[str, Any]) -> None:
+    """No credential on a command line, and none in an env value: a password in a URL must be
+    ``$(VAR)`` with VAR an env var of the same container taken from a Secret (secretKeyRef), and
+    no argument is a password/token/secret/API-key flag (files or the environment carry those)."""
+    from_secret = {
+        var["name"] for var in spec.get("env", []) if "secretKeyRef" in var.get("valueFrom", {})
+    }
+    texts = [str(a) for a in [*spec.get("command", []), *spec.get("args", [])]]
+    for text in texts:
+        flag = text.split("=", 1)[0]
+        inline = flag.startswith("-") and not flag.endswith(("-file", "-dir", "-path"))
+        assert not (inline and SECRET_WORD.search(flag)), (
+            f"{where}: a credential flag on the command line: {text}"
+        )
+    texts += [str(var.get("value", "")) for var in spec.get("env", [])]
+    for text in texts:
+        for password in URL_PASSWORD.findall(text):
+            ref = VAR_REF.match(password)
+            assert ref is not None and ref.group(1) in from_secret, (
+                f"{where}: a URL with an inline password: {text}"
+            )
+
+
+@pytest.mark.parametrize(
+    ("spec", "bad"),
+    [
+        ({"args": ["--registry=redis://:hunter2@redis:6379/0"]}, True),
+        ({"env": [{"name": "R", "value": "redis://u:hunter2@redis:6379"}]}, True),
+        ({"args": ["--admin-token=abc"]}, True),
+        ({"args": ["--api-key", "sk-1"]}, True),
+        ({"args": ["--registry=redis://:$(PW)@redis:6379/0"]}, True),  # PW not from a Secret
+        (
+            {
+                "args": ["--registry=redis://:$(PW)@redis:6379/0", "--api-keys-file=/f"],
+                "env": [{"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+            },
+            False,
+        ),
+        ({"args": ["--registry=redis://redis:6379/0", "--cluster-key-file=/k"]}, False),
+    ],
+)
+def test_the_inline_credential_check_catches_what_it_should(
+    spec: dict[str, Any], bad: bool
+) -> None:
+    if bad:
+        with pytest.raises(AssertionError):
+            assert_no_inline_credential("test", spec)
+    else:
+        assert_no_inline_credential("test", spec)
 
 
 def test_every_configmap_a_pod_uses_is_rendered(objects: list[dict[str, Any]]) -> None:
@@ -265,18 +319,30 @@ def test_gpus_are_requested_in_the_gpu_overlay_only(
 
 def test_the_workers_share_their_hosts_store_node(objects: list[dict[str, Any]]) -> None:
     """Workers dial the store node on their host's address and the node's host port (what the
-    node registers for its peers too), and map its arena: the same /dev/shm, the same user (the
-    arena file is 0600)."""
+    node registers for its peers too), and map its arena: the host's /dev/shm mounted where the
+    node's --arena-dir says, the same user (the arena file is 0600). The engines' own shared
+    memory is the pod's (an emptyDir at /dev/shm), never the host's: what a crashed engine
+    leaves there goes with its pod."""
     store = find(objects, "DaemonSet", "strata-store")["spec"]["template"]["spec"]
     (store_port,) = [p for p in store["containers"][0]["ports"] if p["name"] == "store"]
     assert store_port["hostPort"] == store_port["containerPort"]
     assert "--advertise-address=$(HOST_IP)" in store["containers"][0]["args"]
     shm = {v["name"]: v for v in store["volumes"]}["host-shm"]["hostPath"]["path"]
+    arena_dir = next(
+        a.split("=", 1)[1] for a in store["containers"][0]["args"] if a.startswith("--arena-dir=")
+    )
+    mounts = {m["name"]: m["mountPath"] for m in store["containers"][0]["volumeMounts"]}
+    assert mounts["host-shm"] == arena_dir
     for pool in POOLS:
         spec = find(objects, "Deployment", pool)["spec"]["template"]["spec"]
         worker = next(c for c in spec["containers"] if c["name"] == "worker")
         assert f"--store=$(HOST_IP):{store_port['hostPort']}" in worker["args"]
-        assert {v["name"]: v for v in spec["volumes"]}["host-shm"]["hostPath"]["path"] == shm
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["host-shm"]["hostPath"]["path"] == shm
+        mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+        assert mounts["host-shm"] == arena_dir  # the arena file at the path the node reports
+        shm_mount = next(name for name, path in mounts.items() if path == "/dev/shm")
+        assert volumes[shm_mount]["emptyDir"]["medium"] == "Memory"
         assert spec["securityContext"]["runAsUser"] == store["securityContext"]["runAsUser"]
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -24,7 +25,16 @@ from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreConnectionLost, KVStoreCorruptError, KVStoreError
 from kvstore.transport.base import TransportKind
 from kvstore.transport.tcp import recv_exact
-from kvstore.wire.frame import FRAME_HEADER_BYTES, FrameHeader, Op, Status, pack_frame_header
+from kvstore.wire.frame import (
+    FLAG_MATCH_HINT,
+    FRAME_HEADER_BYTES,
+    MAX_KEYS_PER_FRAME,
+    FrameHeader,
+    Op,
+    Status,
+    pack_frame_header,
+)
+from kvstore.wire.messages import encode_match_hint
 from kvstore.wire.types import NodeMatch, PutStatus
 
 KEY = bytes(range(16))
@@ -59,6 +69,7 @@ class Case:
     args: tuple[Any, ...]
     reply: Reply
     expected: object  # a result, or an exception type
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 CASES = [
@@ -133,6 +144,22 @@ CASES = [
         ([KEY],),
         frame(Op.MATCH_PREFIX, Status.BAD_REQUEST),
         KVStoreError,
+    ),
+    Case(
+        "match with a hint",
+        "match_prefix_tiers",
+        ([KEY, OTHER],),
+        frame(Op.MATCH_PREFIX, count=2, body=bytes([Tier.DRAM, Tier.SSD])),
+        NodeMatch(2, (Tier.DRAM, Tier.SSD)),
+        {"hint": "node-a"},
+    ),
+    Case(
+        "match depth with a hint",
+        "match_prefix",
+        ([KEY, OTHER],),
+        frame(Op.MATCH_PREFIX, count=1, body=bytes([Tier.SSD])),
+        1,
+        {"hint": "node-a"},
     ),
     Case(
         "exists",
@@ -250,13 +277,18 @@ class FakeNode:
     def __init__(self, replies: Sequence[Reply]) -> None:
         self.replies = replies
         self.seen: list[Op] = []
+        self.requests: list[tuple[FrameHeader, bytes]] = []
+        """Every request (its header, request id 0, and its payload)."""
         self.server = socket.create_server(("127.0.0.1", 0))
         threading.Thread(target=self._serve, daemon=True).start()
         host, port = self.server.getsockname()
         self.endpoint = f"{host}:{port}"
 
     def _serve(self) -> None:
-        conn, _ = self.server.accept()
+        try:
+            conn, _ = self.server.accept()
+        except OSError:  # closed unused: a call refused before it connected
+            return
         first: Op | None = None
         with conn:
             raw = bytearray(FRAME_HEADER_BYTES)
@@ -264,8 +296,10 @@ class FakeNode:
                 while True:
                     recv_exact(conn, memoryview(raw))
                     header = FrameHeader.decode(raw)
-                    recv_exact(conn, memoryview(bytearray(header.payload_len)))
+                    payload = bytearray(header.payload_len)
+                    recv_exact(conn, memoryview(payload))
                     self.seen.append(header.opcode)
+                    self.requests.append((dataclasses.replace(header, request_id=0), payload))
                     first = first or header.opcode
                     if header.opcode is first:
                         answered = self.seen.count(first) - 1
@@ -300,13 +334,13 @@ def outcome(call: Callable[[], Any]) -> tuple[str, object]:
 
 def run_sync(endpoint: str, case: Case) -> tuple[str, object]:
     with KVStoreClient(endpoint, timeout_s=5, transports=(TransportKind.TCP,)) as client:
-        return outcome(lambda: getattr(client, case.method)(*case.args))
+        return outcome(lambda: getattr(client, case.method)(*case.args, **case.kwargs))
 
 
 def run_async(endpoint: str, case: Case) -> tuple[str, object]:
     async def call() -> Any:
         async with AsyncKVStoreClient(endpoint, timeout_s=5) as client:
-            return await getattr(client, case.method)(*case.args)
+            return await getattr(client, case.method)(*case.args, **case.kwargs)
 
     return outcome(lambda: asyncio.run(call()))
 
@@ -320,6 +354,45 @@ def test_both_clients_read_a_reply_alike(case: Case, fake_node: Callable[..., st
     )
     assert run_sync(fake_node(case.reply), case) == expected
     assert run_async(fake_node(case.reply), case) == expected
+
+
+@pytest.mark.parametrize("hint", [None, "node-a", "ä" * 127])
+def test_both_clients_send_the_same_match_prefix_frames(hint: str | None) -> None:
+    """Byte for byte (but the request id): the keys, then with a hint FLAG_MATCH_HINT and the
+    hint; a chain longer than one frame is split alike, the hint in every frame."""
+    keys = [n.to_bytes(16, "big") for n in range(MAX_KEYS_PER_FRAME + 3)]
+    sent = []
+    for run in (run_sync, run_async):
+        replies = [frame(Op.MATCH_PREFIX, count=MAX_KEYS_PER_FRAME), frame(Op.MATCH_PREFIX)]
+        node = FakeNode(replies)
+        case = Case("", "match_prefix", (keys,), replies[0], MAX_KEYS_PER_FRAME, {"hint": hint})
+        assert run(node.endpoint, case) == ("result", MAX_KEYS_PER_FRAME)
+        sent.append(node.requests)
+        node.server.close()
+    assert sent[0] == sent[1]
+    suffix = b"" if hint is None else encode_match_hint(hint)
+    flags = 0 if hint is None else FLAG_MATCH_HINT
+    assert [(h.flags, h.count, bytes(p)) for h, p in sent[0]] == [
+        (flags, MAX_KEYS_PER_FRAME, b"".join(keys[:MAX_KEYS_PER_FRAME]) + suffix),
+        (flags, 3, b"".join(keys[MAX_KEYS_PER_FRAME:]) + suffix),
+    ]
+
+
+@pytest.mark.parametrize("hint", ["", "x" * 256])
+def test_both_clients_refuse_a_hint_no_frame_can_carry(hint: str) -> None:
+    node = FakeNode([frame(Op.MATCH_PREFIX)])
+    client = KVStoreClient(node.endpoint, timeout_s=5, transports=(TransportKind.TCP,))
+    with client, pytest.raises(ValueError):
+        client.match_prefix([KEY], hint=hint)
+
+    async def call() -> None:
+        async with AsyncKVStoreClient(node.endpoint, timeout_s=5) as aio:
+            await aio.match_prefix_tiers([KEY], hint=hint)
+
+    with pytest.raises(ValueError):
+        asyncio.run(call())
+    assert node.seen == []  # refused before anything was sent
+    node.server.close()
 
 
 def test_the_clients_have_the_same_methods() -> None:

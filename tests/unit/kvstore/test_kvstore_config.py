@@ -33,6 +33,7 @@ def test_from_cli_with_env_defaults_and_cli_override() -> None:
         ["--max-pinned-per-connection", "0.6"],  # more than the node-wide 0.5
         ["--max-pinned-per-connection", "0"],
         ["--arena-dir", "/nonexistent-dir"],
+        ["--hint-timeout", "0s"],
     ],
 )
 def test_from_cli_rejects_invalid(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,6 +41,13 @@ def test_from_cli_rejects_invalid(argv: list[str], capsys: pytest.CaptureFixture
         StoreNodeConfig.from_cli(argv, env={})
     assert excinfo.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_the_hint_timeout_is_short_by_default_and_a_flag() -> None:
+    assert StoreNodeConfig.from_cli([], env={}).hint_timeout_s == 0.25
+    assert StoreNodeConfig.from_cli(["--hint-timeout", "80ms"], env={}).hint_timeout_s == 0.08
+    env = {"STRATA_KVSTORE_HINT_TIMEOUT": "1s"}
+    assert StoreNodeConfig.from_cli([], env=env).hint_timeout_s == 1.0
 
 
 def test_metadata_port_serves_embedded_metadata_only() -> None:

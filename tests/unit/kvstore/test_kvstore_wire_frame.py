@@ -6,7 +6,10 @@ import struct
 
 import pytest
 
+from kvstore.wire import requests
 from kvstore.wire.frame import (
+    FLAG_MATCH_HINT,
+    FLAG_NO_FORWARD,
     FRAME_HEADER_BYTES,
     MAX_BATCH_ITEMS,
     MAX_FRAME_PAYLOAD,
@@ -18,7 +21,13 @@ from kvstore.wire.frame import (
     Status,
     pack_frame_header,
 )
-from kvstore.wire.messages import decode_bitmap, encode_bitmap
+from kvstore.wire.messages import (
+    MAX_HINT_BYTES,
+    decode_bitmap,
+    decode_match_hint,
+    encode_bitmap,
+    encode_match_hint,
+)
 
 
 def test_header_layout() -> None:
@@ -108,8 +117,8 @@ def test_bitmap_roundtrip_lsb_first() -> None:
         decode_bitmap(b"\x01", 9)
 
 
-def test_the_largest_request_but_a_put_is_64_kib() -> None:
-    assert MAX_REQUEST_PAYLOAD == MAX_KEYS_PER_FRAME * 16 == 64 * 1024
+def test_the_largest_request_but_a_put_is_64_kib_and_a_hint() -> None:
+    assert MAX_REQUEST_PAYLOAD == MAX_KEYS_PER_FRAME * 16 + 1 + MAX_HINT_BYTES == 64 * 1024 + 256
     assert MAX_BATCH_ITEMS * 24 < MAX_REQUEST_PAYLOAD  # RESERVE_BATCH items are 24 bytes
 
 
@@ -131,6 +140,72 @@ def test_no_request_but_a_put_may_claim_more_than_64_kib(
     """Whatever count goes with it (one that matches the length included), a header of any op
     but PUT that claims more than MAX_REQUEST_PAYLOAD is malformed."""
     for count in (0, 1, claimed // item_bytes, min(claimed // item_bytes, 0xFFFFFFFF)):
-        header = FrameHeader(op, 0, 1, min(count, 0xFFFFFFFF), claimed)
+        for flags in (0, FLAG_MATCH_HINT):
+            header = FrameHeader(op, 0, 1, min(count, 0xFFFFFFFF), claimed, flags)
+            with pytest.raises(FrameError):
+                header.check_request()
+
+
+# -- MATCH_PREFIX's hint (docs/design/kvstore.md §4.1, §10.9) -----------------------------------
+
+
+def test_a_hinted_match_prefix_frame_is_exact() -> None:
+    k0, k1 = bytes(range(16)), bytes(range(1, 17))
+    header, payload = requests.match_prefix(9, [k0, k1], hint="node-a")
+    assert header == pack_frame_header(Op.MATCH_PREFIX, 9, 2, 32 + 7, flags=FLAG_MATCH_HINT)
+    assert payload == k0 + k1 + b"\x06node-a"
+    assert FrameHeader.decode(header).flags == FLAG_MATCH_HINT
+    # without a hint: the frame is what it always was; a peer's has FLAG_NO_FORWARD
+    assert (
+        b"".join(requests.match_prefix(9, [k0]))
+        == pack_frame_header(Op.MATCH_PREFIX, 9, 1, 16) + k0
+    )
+    assert requests.keyed(Op.MATCH_PREFIX, 9, [k0], "n") == requests.match_prefix(9, [k0], hint="n")
+    peer = requests.match_prefix(9, [k0], from_peer=True)[0]
+    assert FrameHeader.decode(peer).flags == FLAG_NO_FORWARD
+
+
+def test_hint_encoding_roundtrips_utf8_and_is_bounded() -> None:
+    for node_id in ("a", "store-ä.example:7600", "x" * MAX_HINT_BYTES):
+        raw = encode_match_hint(node_id)
+        assert raw[0] == len(node_id.encode()) and decode_match_hint(raw) == node_id
+    for bad in ("", "x" * (MAX_HINT_BYTES + 1), "ä" * 128):
+        with pytest.raises(ValueError):
+            encode_match_hint(bad)
+        with pytest.raises(ValueError):
+            requests.check_hint(bad)
+    requests.check_hint(None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"\x00", b"\x01", b"\x02a", b"\x01ab", b"\x01\xff"],
+    ids=["empty", "zero length", "missing byte", "short", "long", "not utf-8"],
+)
+def test_a_hint_that_does_not_frame_itself_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_match_hint(raw)
+
+
+@pytest.mark.parametrize(
+    ("op", "count", "length", "ok"),
+    [
+        (Op.MATCH_PREFIX, 2, 32 + 2, True),  # the shortest hint: one byte of id
+        (Op.MATCH_PREFIX, 2, 32 + 1 + MAX_HINT_BYTES, True),
+        (Op.MATCH_PREFIX, 0, 2, True),
+        (Op.MATCH_PREFIX, 2, 32, False),  # the flag, and no hint
+        (Op.MATCH_PREFIX, 2, 33, False),  # a length byte and no id
+        (Op.MATCH_PREFIX, 2, 32 + 2 + MAX_HINT_BYTES, False),
+        (Op.MATCH_PREFIX, MAX_KEYS_PER_FRAME + 1, (MAX_KEYS_PER_FRAME + 1) * 16 + 2, False),
+        (Op.EXISTS, 2, 34, False),  # the hint is MATCH_PREFIX's only
+        (Op.GET, 1, 16, False),
+        (Op.LEASE_BATCH, 2, 32, False),
+    ],
+)
+def test_check_request_with_the_hint_flag(op: Op, count: int, length: int, ok: bool) -> None:
+    header = FrameHeader(op, 0, 1, count, length, FLAG_MATCH_HINT)
+    if ok:
+        header.check_request()
+    else:
         with pytest.raises(FrameError):
             header.check_request()
