@@ -16,7 +16,8 @@ environment):
 * ``profiling``: :class:`~controlplane.workers.profiling.ProfileSettings` (``--no-profile``, ...);
 * ``admin``: :class:`~controlplane.admin.config.AdminApiConfig` (``--admin-port``, ...);
 * ``launch``: :class:`~controlplane.launch.launcher.LaunchConfig` (``--launch-store``, ...);
-* ``k8s``: :class:`~controlplane.launch.kubernetes.KubernetesConfig` (``--k8s-namespace``, ...);
+* ``k8s``: :class:`~controlplane.launch.kubernetes_config.KubernetesConfig`
+  (``--k8s-namespace``, ...);
 * ``cluster``: :class:`ClusterConfig` (``--cluster-key-file``).
 
 Every config is validated on construction (``ValueError``; :class:`ConfigError` here), so a
@@ -36,7 +37,7 @@ from controlplane.api.openai_protocol import (
     DEFAULT_MAX_STOP_CHARS,
     DEFAULT_MAX_STOP_STRINGS,
 )
-from controlplane.launch.kubernetes import KubernetesConfig
+from controlplane.launch.kubernetes_config import KubernetesConfig
 from controlplane.launch.launcher import LaunchConfig
 from controlplane.scheduling.policies import PolicyKind
 from controlplane.scheduling.types import SchedulingConfig

@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import uvloop
 from aiohttp import web
@@ -37,7 +38,6 @@ from controlplane.instances.types import (
     LauncherUnavailable,
     PoolLauncher,
 )
-from controlplane.launch.kubernetes import KubernetesLauncher
 from controlplane.launch.launcher import LocalProcessLauncher
 from controlplane.launch.standby import StandbyLauncher
 from controlplane.metrics import GatewayMetrics
@@ -56,6 +56,9 @@ from strata_common.grpc_auth import ClientAuth
 from strata_common.secrets import redact_url
 
 __all__ = ["GatewayServer", "main", "serve"]
+
+if TYPE_CHECKING:
+    from controlplane.launch.kubernetes import KubernetesLauncher
 
 logger = logging.getLogger("controlplane.gateway")
 
@@ -103,6 +106,9 @@ class GatewayServer:
         self._launcher = launcher
         self._k8s_launcher: KubernetesLauncher | None = None
         if pool_launcher is None and config.k8s.enabled:
+            # Imported here: a gateway without --k8s-namespace loads no Kubernetes client.
+            from controlplane.launch.kubernetes import KubernetesLauncher
+
             pool_launcher = self._k8s_launcher = KubernetesLauncher(config.k8s)
         if pool_launcher is not None and launcher is not None:
             raise ConfigError("a gateway has a process launcher or a pool launcher, not both")

@@ -17,13 +17,14 @@ find a worker unreachable, and from :class:`AdminBackend` calls; everything else
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from controlplane.workers.roles import WorkerRole
 
 __all__ = [
+    "MAX_CONFLICT_RETRIES",
     "AdminBackend",
     "AdminError",
     "ClusterStats",
@@ -35,6 +36,7 @@ __all__ = [
     "LaunchedWorker",
     "Launcher",
     "LauncherUnavailable",
+    "PoolChanged",
     "PoolLauncher",
     "PoolPod",
 ]
@@ -102,6 +104,15 @@ class InstanceConflict(AdminError):
 class LauncherUnavailable(AdminError):
     """The launcher's backend (e.g. the Kubernetes API server) failed or cannot be reached;
     the message names the request and the status (UNAVAILABLE)."""
+
+
+class PoolChanged(Exception):
+    """:meth:`PoolLauncher.set_replicas` met a concurrent change of the pool's size (409
+    Conflict): the size read is stale, the caller reads it again and decides again."""
+
+
+MAX_CONFLICT_RETRIES = 5
+"""A pool write that meets a concurrent change is read (and decided) again this many times."""
 
 
 class AdminBackend(Protocol):
@@ -205,7 +216,8 @@ class PoolLauncher(Protocol):
         ...
 
     async def replicas(self, role: WorkerRole) -> int:
-        """The pool's desired size (``spec.replicas``)."""
+        """The pool's desired size (``spec.replicas``), read now: the next
+        :meth:`set_replicas` writes against this read."""
         ...
 
     async def pods(self, role: WorkerRole) -> Sequence[PoolPod]:
@@ -213,7 +225,9 @@ class PoolLauncher(Protocol):
         ...
 
     async def set_replicas(self, role: WorkerRole, replicas: int) -> Sequence[str]:
-        """Make the pool's desired size ``replicas``."""
+        """Make the pool's desired size ``replicas`` if it is still what :meth:`replicas`
+        last read; :class:`PoolChanged` if another writer changed it since (nothing written:
+        the caller decides again against a new read)."""
         ...
 
     async def add_replicas(self, role: WorkerRole, delta: int) -> Sequence[str]:
@@ -221,8 +235,12 @@ class PoolLauncher(Protocol):
         it shrinks the pool chooses which members go (those not serving yet first)."""
         ...
 
-    async def remove(self, role: WorkerRole, pod: PoolPod) -> Sequence[str]:
-        """Remove exactly ``pod`` and lower the desired size by one."""
+    async def remove(
+        self, role: WorkerRole, pod: PoolPod, resized: Callable[[], None] | None = None
+    ) -> Sequence[str]:
+        """Remove exactly ``pod`` and lower the desired size by one; ``resized`` is called
+        once the lower size is written (before the pod is gone), so that the caller stops
+        counting the removal against the size."""
         ...
 
     async def close(self) -> None: ...

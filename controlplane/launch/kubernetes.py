@@ -11,9 +11,11 @@ exactly these requests (namespace ``NS``, Deployment ``D``):
   ``status.selector`` selects the pool's pods);
 - change it: ``PUT`` of the same path, the Scale last read (or written) with its
   ``resourceVersion`` and the new ``spec.replicas``: a concurrent change makes it fail 409
-  Conflict, and the launcher reads again and retries (at most :data:`MAX_CONFLICT_RETRIES`
-  times, then an error); a relative change (one pod fewer, one more) is applied to what it
-  read last, so a concurrent change is kept;
+  Conflict. A size the registry decided on that read (``set_replicas``) is then not written:
+  :class:`~controlplane.instances.types.PoolChanged` sends the registry back to read and decide
+  again; a relative change (one pod fewer, one more) is read again and applied to the new size,
+  so a concurrent change is kept (at most
+  :data:`~controlplane.instances.types.MAX_CONFLICT_RETRIES` retries, then an error);
 - the pool's pods: ``GET /api/v1/namespaces/NS/pods?labelSelector=SELECTOR``;
 - remove exactly one pod: ``PATCH`` it (merge patch) with the annotation
   ``controller.kubernetes.io/pod-deletion-cost: "-2147483648"``, then lower ``replicas`` by one
@@ -32,7 +34,10 @@ not exist); any other status, or an API server that cannot be reached →
 
 **Dry run** (``--k8s-dry-run true``): reads are sent, writes are not; each write is logged and
 returned as one line ``METHOD PATH BODY`` (the body as compact JSON with sorted keys), which
-`strata admin` prints (the admin replies' ``planned`` list).
+`strata admin` prints (the admin replies' ``planned`` list). The writes of one plan are
+cumulative: each planned size starts from the size the plan's earlier writes would have made
+(a 3 → 1 scale-down plans ``replicas: 2`` then ``1``); a plan starts at the registry's next read
+of a pool (its size or its pods).
 
 Client library: ``kubernetes_asyncio`` (the official client's generated API, in asyncio on the
 aiohttp the gateway already runs; each call is exactly one request, with no discovery round
@@ -49,7 +54,6 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -59,18 +63,17 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from controlplane.instances.types import (
+    MAX_CONFLICT_RETRIES,
     InstanceConflict,
     LauncherUnavailable,
+    PoolChanged,
     PoolPod,
 )
-from controlplane.workers.roles import WorkerRole, role_name
-from strata_common.options import option
-from strata_common.units import parse_duration
+from controlplane.launch.kubernetes_config import KubernetesConfig
+from controlplane.workers.roles import WorkerRole
 
 __all__ = [
     "DELETION_COST_ANNOTATION",
-    "MAX_CONFLICT_RETRIES",
-    "KubernetesConfig",
     "KubernetesForbidden",
     "KubernetesLauncher",
     "KubernetesNotFound",
@@ -83,75 +86,9 @@ T = TypeVar("T")
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 LOWEST_DELETION_COST = "-2147483648"
 """The lowest cost there is (an int32): the ReplicaSet removes this pod before its peers."""
-MAX_CONFLICT_RETRIES = 5
-"""A scale write that meets a concurrent change (409) is read and retried this many times."""
 _POLL_INTERVAL_S = 1.0
 """How often a removal looks whether the pod is gone."""
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _USER = re.compile(r'User "([^"]+)"')
-
-
-@dataclass(frozen=True, slots=True)
-class KubernetesConfig:
-    """The gateway's Kubernetes launcher (its ``--k8s-*`` flags): off unless ``namespace`` is
-    set."""
-
-    namespace: str = option(
-        "",
-        metavar="NS",
-        help="namespace of the prefill and decode Deployments: `strata admin scale` and "
-        "`set-role` change them (enables the Kubernetes launcher; excludes --launch-store)",
-    )
-    prefill_deployment: str = option("strata-prefill", help="the prefill pool's Deployment")
-    decode_deployment: str = option("strata-decode", help="the decode pool's Deployment")
-    dry_run: bool = option(
-        False,
-        help="send no write to the API server: scale and set-role change nothing and reply "
-        "with the requests they would send (reads are sent)",
-    )
-    kubeconfig: Path | None = option(
-        None, help="kubeconfig file (none = the pod's service account: in-cluster config)"
-    )
-    removal_timeout_s: float = option(
-        300.0,
-        parse=parse_duration,
-        help="how long a removal waits for the drained worker's pod to be gone before "
-        "deleting its registry record anyway",
-    )
-    request_timeout_s: float = option(
-        10.0, parse=parse_duration, help="deadline of each request to the API server"
-    )
-
-    def __post_init__(self) -> None:
-        names = [("k8s_prefill_deployment", self.prefill_deployment, 253)]
-        names.append(("k8s_decode_deployment", self.decode_deployment, 253))
-        if self.namespace:
-            names.append(("k8s_namespace", self.namespace, 63))
-        for flag, name, limit in names:
-            if len(name) > limit or not _NAME.fullmatch(name):
-                raise ValueError(
-                    f"{flag} must be a Kubernetes name (lower-case letters, digits and '-', "
-                    f"at most {limit}), got {name!r}"
-                )
-        if self.prefill_deployment == self.decode_deployment:
-            raise ValueError("k8s_prefill_deployment and k8s_decode_deployment must differ")
-        for flag, value in (
-            ("k8s_removal_timeout", self.removal_timeout_s),
-            ("k8s_request_timeout", self.request_timeout_s),
-        ):
-            if not value > 0:
-                raise ValueError(f"{flag} must be > 0, got {value}")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.namespace)
-
-    def deployment(self, role: WorkerRole) -> str:
-        if role is WorkerRole.PREFILL:
-            return self.prefill_deployment
-        if role is WorkerRole.DECODE:
-            return self.decode_deployment
-        raise ValueError(f"no pool serves role {role_name(role)}")
 
 
 class KubernetesForbidden(InstanceConflict):
@@ -195,6 +132,9 @@ class KubernetesLauncher:
         self._open_lock = asyncio.Lock()
         self._selectors: dict[WorkerRole, str] = {}
         """The pods of each pool (a Deployment's selector cannot change: cached once read)."""
+        self._simulated: dict[WorkerRole, int] = {}
+        """Dry run: the size each pool would have after the writes planned so far (module
+        docstring)."""
         self._scales: dict[WorkerRole, _Scale] = {}
         """The last Scale read or written per pool: the next write starts from it (a stale one
         meets 409 Conflict and is read again), so a read and the write that follows it are two
@@ -220,20 +160,24 @@ class KubernetesLauncher:
     # -- the PoolLauncher protocol ---------------------------------------------------------
 
     async def replicas(self, role: WorkerRole) -> int:
+        self._simulated.clear()  # a new plan (dry run)
         return (await self._read_scale(role)).replicas
 
     async def pods(self, role: WorkerRole) -> Sequence[PoolPod]:
+        self._simulated.clear()  # a new plan (dry run)
         return [_pool_pod(p) for p in await self._list_pods(role) if not _terminating(p)]
 
     async def set_replicas(self, role: WorkerRole, replicas: int) -> Sequence[str]:
-        _, planned = await self._resize(role, lambda _current: replicas)
+        _, planned = await self._resize(role, lambda _current: replicas, retry=False)
         return planned
 
     async def add_replicas(self, role: WorkerRole, delta: int) -> Sequence[str]:
         _, planned = await self._resize(role, lambda current: max(0, current + delta))
         return planned
 
-    async def remove(self, role: WorkerRole, pod: PoolPod) -> Sequence[str]:
+    async def remove(
+        self, role: WorkerRole, pod: PoolPod, resized: Callable[[], None] | None = None
+    ) -> Sequence[str]:
         planned: list[str] = []
         patch = {"metadata": {"annotations": {DELETION_COST_ANNOTATION: LOWEST_DELETION_COST}}}
         path = f"/api/v1/namespaces/{self._namespace}/pods/{pod.name}"
@@ -258,25 +202,31 @@ class KubernetesLauncher:
         replicas, writes = await self._resize(role, lambda current: max(0, current - 1))
         planned += writes
         if not self.dry_run:
+            if resized is not None:
+                resized()
             await self._wait_gone(role, pod, replicas)
         return planned
 
     # -- requests ----------------------------------------------------------------------------
 
     async def _resize(
-        self, role: WorkerRole, target: Callable[[int], int]
+        self, role: WorkerRole, target: Callable[[int], int], *, retry: bool = True
     ) -> tuple[int, list[str]]:
-        """Read the pool's Scale and write ``target(replicas read)`` with the resourceVersion
-        read; on 409 read and write again. Returns the replicas written and the planned write
-        (dry run)."""
+        """Write ``target(replicas)`` against the pool's Scale last read (else read now), with
+        its resourceVersion. On 409 Conflict: with ``retry`` (a relative ``target``) read and
+        write again; without (an absolute one, decided on the read) :class:`PoolChanged`.
+        Returns the replicas written and the planned write (dry run: planned against the
+        size the plan's earlier writes would have made)."""
         name = self._config.deployment(role)
         path = f"/apis/apps/v1/namespaces/{self._namespace}/deployments/{name}/scale"
         for attempt in range(MAX_CONFLICT_RETRIES + 1):
             scale = self._scales.pop(role, None) if attempt == 0 else None
             if scale is None:
                 scale = await self._read_scale(role)
-            replicas = target(scale.replicas)
-            if replicas == scale.replicas:
+            current = self._simulated.get(role, scale.replicas) if self.dry_run else scale.replicas
+            replicas = target(current)
+            if replicas == current:
+                self._scales[role] = scale
                 return replicas, []
             body = k8s.V1Scale(
                 api_version="autoscaling/v1",
@@ -289,6 +239,8 @@ class KubernetesLauncher:
                 spec=k8s.V1ScaleSpec(replicas=replicas),
             )
             if self.dry_run:
+                self._scales[role] = scale
+                self._simulated[role] = replicas
                 return replicas, [await self._plan("PUT", path, body)]
             apps = k8s.AppsV1Api(await self._api())
             try:
@@ -301,6 +253,8 @@ class KubernetesLauncher:
                     ),
                 )
             except _Conflict:
+                if not retry:
+                    raise PoolChanged(f"{self.describe(role)} changed since read") from None
                 logger.info(
                     "%s changed since read (409, attempt %d): reading it again",
                     self.describe(role),

@@ -7,7 +7,8 @@ can compare the exact list:
 
 - ``GET/PUT /apis/apps/v1/namespaces/NS/deployments/NAME/scale``: an ``autoscaling/v1`` Scale
   with ``status.selector``; a PUT whose ``metadata.resourceVersion`` is not the current one is
-  refused 409 Conflict (``conflicts``: that many next PUTs meet a concurrent writer first);
+  refused 409 Conflict (``conflicts``: that many next PUTs meet a concurrent writer first,
+  which sets ``replicas`` to ``concurrent_replicas`` when that is not None);
 - ``GET /api/v1/namespaces/NS/pods?labelSelector=k=v,...``: equality selectors;
 - ``PATCH /api/v1/namespaces/NS/pods/NAME`` (merge of ``metadata.annotations``) and
   ``DELETE`` of it (``preconditions.uid`` / ``resourceVersion`` checked: 409);
@@ -97,6 +98,7 @@ class KubeApiDouble:
         self.pods: dict[str, Pod] = {}
         self.forbid: set[tuple[str, str]] = set()
         self.conflicts = 0
+        self.concurrent_replicas: int | None = None
         self.fail_status: int | None = None
         self.url = ""
         self._revision = itertools.count(100)
@@ -203,6 +205,9 @@ class KubeApiDouble:
         if method == "PUT":
             if self.conflicts > 0:  # another writer got there first
                 self.conflicts -= 1
+                if self.concurrent_replicas is not None:
+                    deployment.replicas = self.concurrent_replicas
+                    self._reconcile(deployment)
                 deployment.resource_version = self._next_revision()
             wanted = body["metadata"].get("resourceVersion")
             if wanted and wanted != deployment.resource_version:

@@ -20,7 +20,7 @@ from controlplane.admin.config import AdminApiConfig
 from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig
 from controlplane.gateway import GatewayServer
 from controlplane.instances.instance import StartupError
-from controlplane.launch.kubernetes import KubernetesConfig
+from controlplane.launch.kubernetes_config import KubernetesConfig
 from controlplane.text.tokenizer import ModelTokenizer
 from strata.admin_cli import EXIT_CONFLICT, EXIT_OK
 from strata.admin_cli import main as admin_main

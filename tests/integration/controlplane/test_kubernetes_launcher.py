@@ -24,11 +24,8 @@ from controlplane.instances.instance import Instance
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import LocalRegistryStore
 from controlplane.instances.types import InstanceState, LauncherUnavailable
-from controlplane.launch.kubernetes import (
-    KubernetesConfig,
-    KubernetesForbidden,
-    KubernetesLauncher,
-)
+from controlplane.launch.kubernetes import KubernetesForbidden, KubernetesLauncher
+from controlplane.launch.kubernetes_config import KubernetesConfig
 from controlplane.metrics import GatewayMetrics
 from controlplane.workers.roles import WorkerRole
 from tests.integration.controlplane.kube_api_double import (
@@ -290,14 +287,14 @@ def test_set_role_moves_a_worker_to_the_other_pool(tmp_path: Path, tokenizer: To
             prefill_rv = c.api.deployments["strata-prefill"].resource_version
             moved = c.instance_at("127.0.0.3")
             info = await c.registry.set_role(moved.id, PREFILL)
-            assert c.requests() == [
+            assert c.requests() == [  # the other pool grows first
                 get_scale("strata-decode"),
-                list_pods("strata-decode"),
-                patch_cost(c.pods["127.0.0.3"]),
-                put_scale("strata-decode", decode_rv, 1),
                 list_pods("strata-decode"),
                 get_scale("strata-prefill"),
                 put_scale("strata-prefill", prefill_rv, 2),
+                patch_cost(c.pods["127.0.0.3"]),
+                put_scale("strata-decode", decode_rv, 1),
+                list_pods("strata-decode"),
             ]
             assert (info.id, info.role, info.state, info.endpoint) == (
                 "",
@@ -337,6 +334,61 @@ def test_a_conflict_is_read_again_and_retried(tmp_path: Path, tokenizer: Tokeniz
                 await c.registry.scale(DECODE, 3)
             assert [r[0] for r in c.requests()] == ["GET", "PUT"] * 6
             assert c.api.deployments["strata-decode"].replicas == 2
+
+    run(test)
+
+
+def test_a_size_changed_between_read_and_write_is_decided_again(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    """1 → 2 while another writer makes it 3 (two Pending pods): the absolute 2, decided on
+    the stale read, is not written; read again, the pool is above 2 and the excess is a
+    place no worker fills, lowered relative to the new size."""
+
+    async def test() -> None:
+        async with cluster(tmp_path, tokenizer, prefill=["127.0.0.2"], decode=["127.0.0.3"]) as c:
+            rv = c.api.deployments["strata-decode"].resource_version
+            c.api.conflicts, c.api.concurrent_replicas = 1, 3
+            await c.registry.scale(DECODE, 2)
+            newer = c.api.deployments["strata-decode"].resource_version
+            assert c.requests() == [
+                get_scale("strata-decode"),
+                put_scale("strata-decode", rv, 2),  # 409: the other writer made it 3
+                get_scale("strata-decode"),
+                list_pods("strata-decode"),
+                put_scale("strata-decode", str(int(newer) - 1), 2),
+            ]
+            assert c.api.deployments["strata-decode"].replicas == 2
+            assert c.instance_at("127.0.0.3").state is InstanceState.READY
+
+    run(test)
+
+
+def test_a_dry_run_plans_several_removals_cumulatively(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    async def test() -> None:
+        ips = ["127.0.0.3", "127.0.0.4", "127.0.0.5"]
+        async with cluster(
+            tmp_path, tokenizer, prefill=["127.0.0.2"], decode=ips, dry_run=True
+        ) as c:
+            rv = c.api.deployments["strata-decode"].resource_version
+            planned: list[str] = []
+            with busy(c, "127.0.0.5", 1):
+                await c.registry.scale(DECODE, 1, planned=planned)
+            assert planned == [
+                planned_line(patch_cost(c.pods["127.0.0.3"])),
+                planned_line(put_scale("strata-decode", rv, 2)),
+                planned_line(patch_cost(c.pods["127.0.0.4"])),
+                planned_line(put_scale("strata-decode", rv, 1)),
+            ]
+            planned = []
+            await c.registry.scale(DECODE, 2, planned=planned)  # a new plan: from the real 3
+            assert planned == [
+                planned_line(patch_cost(c.pods["127.0.0.3"])),
+                planned_line(put_scale("strata-decode", rv, 2)),
+            ]
+            assert not [r for r in c.requests() if r[0] in WRITES]
 
     run(test)
 
@@ -390,9 +442,9 @@ def test_dry_run_sends_no_write_and_changes_nothing(tmp_path: Path, tokenizer: T
             moved = c.instance_at("127.0.0.4").id
             info = await c.registry.set_role(moved, PREFILL, planned=planned)
             assert planned == [
+                planned_line(put_scale("strata-prefill", prefill_rv, 2)),
                 planned_line(patch_cost(c.pods["127.0.0.4"])),
                 planned_line(put_scale("strata-decode", decode_rv, 1)),
-                planned_line(put_scale("strata-prefill", prefill_rv, 2)),
             ]
             assert info.detail.startswith("dry run: a new pod of Deployment strata/strata-prefill")
 

@@ -22,7 +22,14 @@ from tests.integration.deploy.manifests import (
     pod_templates,
 )
 
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
 
 
 @pytest.fixture(params=OVERLAYS)
@@ -248,6 +255,54 @@ def test_the_scaler_role_grants_exactly_what_the_launcher_needs(
             assert spec["serviceAccountName"] == "strata-gateway"
         else:
             assert spec.get("automountServiceAccountToken") is False, obj["metadata"]["name"]
+
+
+def test_the_scalers_pod_patches_are_held_to_the_deletion_cost(
+    objects: list[dict[str, Any]],
+) -> None:
+    """`patch pods` would let the gateway rewrite any pod: an admission policy, bound to deny,
+    admits its pod updates only on pool pods and only when nothing but the pod-deletion-cost
+    annotation changes (deploy/k8s/base/scaler-admission.yaml)."""
+    (policy,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]
+    (binding,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert policy["apiVersion"] == binding["apiVersion"] == "admissionregistration.k8s.io/v1"
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["pods"]}
+    ]
+    # The scaler's account: the subject of the RoleBinding, in the namespace of the request.
+    (role_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    (subject,) = role_binding["subjects"]
+    (condition,) = spec["matchConditions"]
+    assert condition["expression"].split() == [
+        "request.userInfo.username",
+        "==",
+        '"system:serviceaccount:"',
+        "+",
+        "request.namespace",
+        "+",
+        f'":{subject["name"]}"',
+    ]
+    assert subject["namespace"] == "strata"
+    variables = {v["name"]: v["expression"] for v in spec["variables"]}
+    assert variables["cost"] == '"controller.kubernetes.io/pod-deletion-cost"'
+    pools, unchanged = (" ".join(v["expression"].split()) for v in spec["validations"])
+    assert '["prefill", "decode"]' in pools
+    for kept in ("object.spec == oldObject.spec", "variables.newLabels == variables.oldLabels"):
+        assert kept in unchanged
+    assert "k == variables.cost ||" in unchanged
+    assert binding["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "validationActions": ["Deny"],
+    }
+    # The pools' pods carry the labels the policy admits.
+    components = {
+        t["metadata"]["labels"]["app.kubernetes.io/component"]
+        for o, t in pod_templates(objects)
+        if o["metadata"]["name"] in POOLS
+    }
+    assert components == {"prefill", "decode"}
 
 
 def test_gpus_are_requested_in_the_gpu_overlay_only(

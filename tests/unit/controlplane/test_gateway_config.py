@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -271,3 +273,19 @@ def test_cluster_key_file_flag_env_identity_and_launched_workers(tmp_path: Path)
     key_file.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         replace(config.cluster, key_file=key_file)
+
+
+def test_parsing_a_gateway_config_loads_no_kubernetes_client(tmp_path: Path) -> None:
+    """kubernetes_asyncio (and its aiohttp client machinery) is loaded by the launcher only,
+    which the gateway imports only with --k8s-namespace (when it builds its launcher)."""
+    args = [*argv(tmp_path), "--k8s-namespace", "strata"]
+    code = (
+        "import sys\n"
+        "from controlplane.config import GatewayConfig\n"
+        "import controlplane.gateway\n"
+        f"assert GatewayConfig.from_argv({args!r}).k8s.enabled\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes_asyncio'"
+        " or m == 'controlplane.launch.kubernetes'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -17,7 +17,12 @@ import pytest
 
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.store import LocalRegistryStore
-from controlplane.instances.types import InstanceConflict, InstanceState, PoolPod
+from controlplane.instances.types import (
+    InstanceConflict,
+    InstanceState,
+    LauncherUnavailable,
+    PoolPod,
+)
 from controlplane.metrics import GatewayMetrics
 from controlplane.workers.roles import WorkerRole
 
@@ -33,6 +38,10 @@ class FakePool:
         self.sizes = {role: len(p) for role, p in pods.items()}
         self.calls: list[tuple[Any, ...]] = []
         self._dry_run = dry_run
+        self.fail_remove: BaseException | None = None
+        """Raised by remove before the size changes."""
+        self.pod_gone: asyncio.Event | None = None
+        """When set up, remove lowers the size at once and returns only once it is set."""
 
     @property
     def dry_run(self) -> bool:
@@ -55,12 +64,20 @@ class FakePool:
         self.calls.append(("add_replicas", role, delta))
         return self._write(role, self.sizes[role] + delta)
 
-    async def remove(self, role: WorkerRole, pod: PoolPod) -> Sequence[str]:
+    async def remove(
+        self, role: WorkerRole, pod: PoolPod, resized: Callable[[], None] | None = None
+    ) -> Sequence[str]:
         self.calls.append(("remove", role, pod.name))
         if self._dry_run:
             return [f"remove {pod.name}"]
-        self.pods_by_role[role].remove(pod)
+        if self.fail_remove is not None:
+            raise self.fail_remove
         self.sizes[role] -= 1
+        if resized is not None:
+            resized()
+        if self.pod_gone is not None:  # the pod goes later: between resize and pod gone
+            await self.pod_gone.wait()
+        self.pods_by_role[role].remove(pod)
         return []
 
     async def close(self) -> None:
@@ -161,13 +178,115 @@ def test_dry_run_changes_nothing_in_the_registry() -> None:
         assert planned == ["remove pod-2"]
         planned = []
         info = await registry.set_role(registry.list_instances()[2].id, PREFILL, planned=planned)
-        assert planned == ["remove pod-3", "prefill := 2"]
+        assert planned == ["prefill := 2", "remove pod-3"]
         assert (info.id, info.endpoint, info.state) == ("", "", InstanceState.STARTING)
         assert info.detail.startswith("dry run: a new pod of pool prefill")
         assert {i.state for i in registry.list_instances()} == {InstanceState.STARTING}
         with pytest.raises(InstanceConflict, match="dry run: it would remove pod pod-2"):
             await registry.remove(registry.list_instances()[1].id, wait_s=1.0)
         assert len(registry.list_instances()) == 3
+        await registry.close()
+
+    run(test)
+
+
+def test_a_removal_counts_against_the_size_only_until_its_resize() -> None:
+    """3 → 2: the chosen pod's removal lowers the size at once but its pod goes later; a
+    scale to 2 meanwhile is a no-op (the removal is not subtracted twice), a scale to 3 writes
+    3."""
+
+    async def test() -> None:
+        pool = FakePool({PREFILL: [pod(1)], DECODE: [pod(2), pod(3), pod(4)]})
+        pool.pod_gone = asyncio.Event()
+        registry = await make_registry(pool, [2, 3, 4])
+        await registry.scale(DECODE, 2)
+        await settle(registry, pool, 1)
+        assert pool.sizes[DECODE] == 2 and len(pool.pods_by_role[DECODE]) == 3
+        await registry.scale(DECODE, 2)
+        assert pool.calls == [("remove", DECODE, "pod-2")]
+        await registry.scale(DECODE, 3)
+        assert pool.calls[1:] == [("set_replicas", DECODE, 3)]
+        pool.pod_gone.set()
+        await settle(registry, pool, 1)
+        assert sorted(i.endpoint for i in registry.list_instances() if i.role is DECODE) == [
+            "10.0.0.3:9000",
+            "10.0.0.4:9000",
+        ]
+        await registry.close()
+
+    run(test)
+
+
+def test_a_failed_removal_takes_its_drain_back() -> None:
+    """The pool's size unchanged (the API server unavailable): the worker keeps its place and
+    serves again, in the registry's record too; a drain an admin made before stays."""
+
+    async def test() -> None:
+        pool = FakePool({PREFILL: [pod(1)], DECODE: [pod(2), pod(3)]})
+        store = LocalRegistryStore()
+        registry = InstanceRegistry(
+            metrics=GatewayMetrics(),
+            health_check_timeout_s=1.0,
+            store=store,
+            pool_launcher=pool,
+            drain_timeout_s=5.0,
+        )
+        await registry.register_configured(DECODE, ["10.0.0.2:9000", "10.0.0.3:9000"])
+        first, second = (registry.get(i.id) for i in registry.list_instances())
+        first.state = second.state = InstanceState.READY
+        pool.fail_remove = LauncherUnavailable("Kubernetes API: 503")
+        with pytest.raises(LauncherUnavailable):
+            await registry.remove(first.id, wait_s=1.0)
+        assert (first.state, first.draining, first.forgotten) == (InstanceState.READY, False, False)
+        assert not (await store.load())[first.id].draining
+        await registry.drain(second.id)
+        with pytest.raises(LauncherUnavailable):
+            await registry.remove(second.id, wait_s=1.0)
+        assert (second.state, second.draining) == (InstanceState.DRAINING, True)
+        assert pool.sizes[DECODE] == 2
+        await registry.close()
+
+    run(test)
+
+
+def test_a_cancelled_removal_takes_its_drain_back() -> None:
+    async def test() -> None:
+        pool = FakePool({PREFILL: [pod(1)], DECODE: [pod(2), pod(3)]})
+        registry = await make_registry(pool, [2, 3])
+        chosen = registry.get(registry.list_instances()[1].id)
+        chosen.state = InstanceState.READY
+        with registry.track_decode(chosen, 10, 10):  # the removal waits for it
+            removal = asyncio.create_task(registry.remove(chosen.id, wait_s=5.0))
+            while not chosen.draining:
+                await asyncio.sleep(0)
+            removal.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await removal
+        assert (chosen.state, chosen.draining) == (InstanceState.READY, False)
+        assert pool.calls == []
+        await registry.close()
+
+    run(test)
+
+
+def test_set_role_grows_the_other_pool_before_removing() -> None:
+    """A removal that fails then leaves a worker too many, not one too few."""
+
+    async def test() -> None:
+        pool = FakePool({PREFILL: [pod(1)], DECODE: [pod(2), pod(3)]})
+        registry = await make_registry(pool, [2, 3])
+        moved = registry.get(registry.list_instances()[1].id)
+        moved.state = InstanceState.READY
+        pool.fail_remove = LauncherUnavailable("Kubernetes API: 503")
+        with pytest.raises(LauncherUnavailable):
+            await registry.set_role(moved.id, PREFILL)
+        assert pool.calls == [("add_replicas", PREFILL, 1), ("remove", DECODE, "pod-2")]
+        assert (moved.state, moved.draining) == (InstanceState.READY, False)
+        pool.fail_remove = None
+        pool.calls.clear()
+        await registry.set_role(moved.id, PREFILL)
+        assert pool.calls == [("add_replicas", PREFILL, 1), ("remove", DECODE, "pod-2")]
+        assert moved.forgotten
         await registry.close()
 
     run(test)
