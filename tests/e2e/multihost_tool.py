@@ -39,19 +39,21 @@ KV_BATCH = 32
 """Blocks per read: a node reads at most 32 missing blocks from its peers per batch."""
 
 
-def complete(url: str, api_key: str, max_tokens: int, prompt: str) -> dict[str, object]:
-    body = {
-        "model": "tiny",
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
-    request = urllib.request.Request(
+def completion_request(
+    url: str, api_key: str, prompt: str, max_tokens: int, **fields: object
+) -> urllib.request.Request:
+    """A completion request: greedy (``temperature`` 0) unless ``fields`` says otherwise."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return urllib.request.Request(
         url + "/v1/completions",
-        data=json.dumps(body).encode(),
+        data=json.dumps(body | fields).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+    )
+
+
+def complete(url: str, api_key: str, max_tokens: int, prompt: str) -> dict[str, object]:
+    request = completion_request(
+        url, api_key, prompt, max_tokens, ignore_eos=True, return_token_ids=True
     )
     with urllib.request.urlopen(request, timeout=300) as response:
         answer = json.loads(response.read())
@@ -65,12 +67,7 @@ def complete(url: str, api_key: str, max_tokens: int, prompt: str) -> dict[str, 
 
 
 def one_request(url: str, api_key: str, prompt: str, timeout_s: float) -> dict[str, object]:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}
-    request = urllib.request.Request(
-        url + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
-    )
+    request = completion_request(url, api_key, prompt, 8)
     record: dict[str, object] = {"start": time.time(), "status": 0, "clean": False, "error": ""}
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -161,19 +158,7 @@ def kv_read(argv: list[str]) -> dict[str, object]:
 
 
 def stream(url: str, api_key: str, max_tokens: int, prompt: str) -> dict[str, object]:
-    body = {
-        "model": "tiny",
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    request = urllib.request.Request(
-        url + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
-    )
+    request = completion_request(url, api_key, prompt, max_tokens, ignore_eos=True, stream=True)
     token_s: list[float] = []
     start = time.monotonic()
     with urllib.request.urlopen(request, timeout=600) as response:
