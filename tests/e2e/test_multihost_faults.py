@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,11 @@ def deployment(
 
 
 def _summary(records: list[dict[str, Any]]) -> str:
+    """``ok/all succeeded`` and the failures counted by status and the start of their message."""
     ok = sum(r["status"] == 200 for r in records)
-    return f"{ok}/{len(records)} succeeded; failures: " + "; ".join(
-        f"{r['status']} {r['error'][:120]}" for r in records if r["status"] != 200
-    )
+    kinds = Counter(f"{r['status']} {r['error'][:80]}" for r in records if r["status"] != 200)
+    failures = "; ".join(f"{n} × {kind}" for kind, n in kinds.most_common())
+    return f"{ok}/{len(records)} succeeded" + (f"; failures: {failures}" if failures else "")
 
 
 def _in_view(d: Deployment, host: str, node: str) -> bool:
