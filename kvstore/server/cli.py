@@ -27,6 +27,7 @@ from kvstore.node.tiers import TierManager
 from kvstore.policy.factory import PolicyKind, make_policy
 from kvstore.server.config import StoreNodeConfig
 from kvstore.server.lifecycle import StoreServer
+from kvstore.server.metrics import MetricsServer
 from strata_common.endpoints import format_endpoint
 from strata_common.tls import insecure_warning
 
@@ -69,9 +70,13 @@ async def _serve(config: StoreNodeConfig) -> int:
             sweep_interval_s=config.ssd_sweep_interval_s,
         )
         server = StoreServer(config, node, tiers)
+        metrics = MetricsServer(server)
         try:  # stop() also closes the SSD tier, before the arena its threads read from
             host, port = await server.start()
             await server.join_cluster(config.advertise_address or host, port)
+            if config.metrics_port is not None:
+                bound = await metrics.start(config.host, config.metrics_port)
+                print(f"kvstore metrics on {format_endpoint(host, bound)}", flush=True)
             print(f"kvstore node listening on {format_endpoint(host, port)}", flush=True)
             logger.info(
                 "arena %s: %d bytes, page %d, max block %d",
@@ -83,6 +88,7 @@ async def _serve(config: StoreNodeConfig) -> int:
             await stop.wait()
             logger.info("stopping")
         finally:
+            await metrics.stop()
             await server.stop()
     finally:
         arena.close()

@@ -109,6 +109,10 @@ class StoreNodeConfig:
         metadata_port: with ``metadata="embedded"``, the port of the node's gRPC metadata service
             on ``host`` (``strata://HOST:METADATA_PORT`` for the host's other processes); 0 picks a
             free one, printed as ``kvstore metadata on strata://HOST:PORT`` before the ready line.
+        metrics_port: the port of ``GET /metrics`` (Prometheus text, kvstore/server/metrics.py) on
+            ``host``; 0 picks a free one, printed as ``kvstore metrics on HOST:PORT`` before the
+            ready line; None (the default): no metrics port. It serves counts only and has no
+            authentication, so unlike ``port`` it may listen off loopback without TLS.
         cluster_key_file: the cluster key (a 0600 file, docs/design/security.md §3.2): every
             store connection must prove it holds it (HELLO, §4) and the
             metadata service answers only callers holding it, by identity and RPC
@@ -208,6 +212,11 @@ class StoreNodeConfig:
     )
     metadata: str | None = option(None, help="redis://HOST:PORT/DB, embedded, or none")
     metadata_port: int = option(0, help="gRPC port serving embedded metadata (0 = any)")
+    metrics_port: int | None = option(
+        None,
+        help="HTTP port of GET /metrics (Prometheus; counts only, no authentication; 0 = any "
+        "free port); none: no metrics port",
+    )
     heartbeat_interval_s: float = option(1.0, parse=parse_duration, help="heartbeat period")
     heartbeat_timeout_s: float = option(5.0, parse=parse_duration, help="dead after this")
     leave_policy: str = option("drop", help="on graceful stop: drop or migrate")
@@ -296,6 +305,11 @@ class StoreNodeConfig:
             raise ValueError("metadata_port needs metadata 'embedded' (the metadata it serves)")
         if self.metadata_port and self.metadata_port == self.port:
             raise ValueError("metadata_port must differ from port")
+        if self.metrics_port is not None:
+            if not 0 <= self.metrics_port <= 65535:
+                raise ValueError(f"metrics_port out of range: {self.metrics_port}")
+            if self.metrics_port and self.metrics_port in (self.port, self.metadata_port):
+                raise ValueError("metrics_port must differ from port and metadata_port")
         if self.cluster_key_file is not None:
             read_cluster_key(Path(self.cluster_key_file))  # CredentialError (a ValueError): why
             if self.node_id is not None:

@@ -175,6 +175,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._last_progress = self.server.loop_time()
+        self.server.transfers.bytes_received += nbytes
         try:
             if self._sink is not None:
                 self._sink_pos += nbytes
@@ -501,6 +502,7 @@ class Connection(asyncio.BufferedProtocol):
             return pack_frame_header(Op.GET_SHM, request_id, 0, 0, Status.FULL)
         self.shm_leases[lease.lease_id] = lease
         self.shm_leased_bytes += lease.nbytes
+        self.server.transfers.leased_bytes += lease.nbytes
         self._shm_leased_at[lease.lease_id] = self.server.loop_time()
         body = SHM_LEASE.pack(lease.lease_id, lease.offset, lease.nbytes)
         return pack_frame_header(Op.GET_SHM, request_id, int(tier), len(body)) + body
@@ -555,6 +557,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._transport.writelines(reply.parts)
         self._last_progress = self.server.loop_time()
+        self.server.transfers.bytes_sent += sum(
+            part.nbytes if isinstance(part, memoryview) else len(part) for part in reply.parts
+        )
         if reply.lease is None:
             return
         # TLS: the SSL layer has encrypted (copied) the block in writelines; nothing refers to

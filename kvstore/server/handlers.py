@@ -87,6 +87,7 @@ def _remote_done(
     else:
         block, tier = found
         conn.server.transfers.read_through_blocks += 1
+        conn.server.transfers.read_through_bytes += len(block)
         conn.fill(reply, [pack_frame_header(Op.GET, request_id, tier, len(block)), block])
 
 

@@ -110,6 +110,18 @@ class TransferCounters:
     rdma_connections: int = 0
     lease_timeouts: int = 0
     """Connections closed for holding a lease past ``lease_timeout_s``."""
+    bytes_received: int = 0
+    """Bytes read on the node's connections: its clients' and its peers' requests, PUT payloads
+    (after TLS decryption). Blocks this node reads through from peers: ``read_through_bytes``."""
+    bytes_sent: int = 0
+    """Bytes written on the node's connections: replies, GET payloads (before TLS encryption)."""
+    leased_bytes: int = 0
+    """Block bytes leased to readers that copy them out of the arena themselves (GET_SHM and
+    LEASE_BATCH: shared memory or RDMA); no socket carries them."""
+    committed_bytes: int = 0
+    """Block bytes writers put straight into the arena (RESERVE_BATCH, then COMMIT_BATCH)."""
+    read_through_bytes: int = 0
+    """Block bytes read through from peers."""
 
 
 @dataclass(slots=True)
@@ -242,6 +254,7 @@ async def _fetch_into_arena(
         if lease is not None:
             got[i] = (lease, Tier.DRAM)
             conn.server.transfers.read_through_blocks += 1
+            conn.server.transfers.read_through_bytes += len(block[0])
     return got
 
 
@@ -268,6 +281,7 @@ def _lease_batch_reply(
         state.leased_at[batch_id] = conn.server.loop_time()
     state.num_batch_leases += len(leases)
     conn.server.transfers.batch_leased_blocks += len(leases)
+    conn.server.transfers.leased_bytes += sum(lease.nbytes for lease in leases)
     spans = tuple((0, 0) if f is None else (f.offset, f.nbytes) for f in found)
     body = LeaseBatchReply(batch_id, spans, bytes(tiers)).encode()
     return pack_frame_header(Op.LEASE_BATCH, request_id, len(found), len(body)) + body
@@ -375,6 +389,7 @@ def commit_batch(conn: Connection, header: FrameHeader, payload: memoryview) -> 
             conn.tiers.note_commit(pending.key)
             committed.append(pending.key)
             counters.committed_blocks += 1
+            counters.committed_bytes += pending.nbytes
             statuses.append(Status.OK)
         else:
             conn.node.revoke(pending)

@@ -6,11 +6,13 @@ dashboard and autoscaler reading series that Strata exports."""
 from __future__ import annotations
 
 import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.metrics import GatewayMetrics
 from tests.integration.deploy.manifests import (
@@ -21,6 +23,7 @@ from tests.integration.deploy.manifests import (
     find,
     pod_templates,
 )
+from tests.integration.kvstore.node_process import start_node_process
 
 CLUSTER_SCOPED = {
     "Namespace",
@@ -346,8 +349,8 @@ def test_the_workers_share_their_hosts_store_node(objects: list[dict[str, Any]])
         assert spec["securityContext"]["runAsUser"] == store["securityContext"]["runAsUser"]
 
 
-def _series_names() -> set[str]:
-    """Every series name the gateway exports (what Prometheus scrapes from /metrics)."""
+def _series_names(store_metrics: str) -> set[str]:
+    """Every series name the gateway exports, and those a real store node's /metrics serves."""
     names = set()
     for family in GatewayMetrics().registry.collect():
         if family.type == "counter":
@@ -356,6 +359,10 @@ def _series_names() -> set[str]:
             names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
         else:
             names.add(family.name)
+    with urllib.request.urlopen(f"http://{store_metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        names |= {sample.name for sample in family.samples}
     return names
 
 
@@ -363,8 +370,14 @@ def _queried(text: str) -> set[str]:
     return set(re.findall(r"\bstrata_[a-z0-9_]+", text))
 
 
-def test_the_dashboard_and_autoscaler_read_series_strata_exports() -> None:
-    exported = _series_names()
+def test_the_dashboard_and_autoscaler_read_series_strata_exports(tmp_path: Path) -> None:
+    node = start_node_process(tmp_path / "node.log", "--arena-size", "8MiB", "--metrics-port", "0")
+    try:
+        assert node.metrics is not None
+        exported = _series_names(node.metrics)
+    finally:
+        node.stop()
+    assert "strata_store_hits_total" in exported
     dashboard = (K8S / "components/monitoring/strata-dashboard.json").read_text()
     keda = (K8S / "components/keda/scaledobjects.yaml").read_text()
     for text in (dashboard, keda):

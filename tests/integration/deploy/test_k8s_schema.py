@@ -18,7 +18,11 @@ from tests.integration.deploy.manifests import OVERLAYS, POOLS, find, render
 #: The oldest and the newest Kubernetes minor versions the manifests are checked against: 1.32 is
 #: the kubectl (and kustomize) that renders them here, 1.37 the newest schema the package ships.
 K8S_VERSIONS = ("1.32.0", "1.37.0")
-CUSTOM_KINDS = {"monitoring.coreos.com/v1/ServiceMonitor", "keda.sh/v1alpha1/ScaledObject"}
+CUSTOM_KINDS = {
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "keda.sh/v1alpha1/ScaledObject",
+}
 
 
 def _custom(obj: dict[str, Any]) -> bool:
@@ -73,6 +77,26 @@ def test_the_service_monitor_scrapes_the_gateway_service(
     endpoints = monitor["spec"]["endpoints"]
     assert endpoints and all(e["port"] in ports and e["path"] == "/metrics" for e in endpoints)
     for endpoint in endpoints:
+        assert re.fullmatch(r"\d+s", endpoint["interval"])
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-keda"])
+def test_the_pod_monitor_scrapes_every_store_node(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    monitor = find(objects, "PodMonitor", "strata-store")
+    assert monitor["metadata"]["namespace"] == "strata"
+    store = find(objects, "DaemonSet", "strata-store")
+    template = store["spec"]["template"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= template["metadata"]["labels"].items()
+    container = next(c for c in template["spec"]["containers"] if c["name"] == "store")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoints and all(e["path"] == "/metrics" for e in endpoints)
+    for endpoint in endpoints:
+        assert f"--metrics-port={ports[endpoint['port']]}" in container["args"]
         assert re.fullmatch(r"\d+s", endpoint["interval"])
 
 

@@ -3,21 +3,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 READY_PREFIX = "kvstore node listening on "
 METADATA_PREFIX = "kvstore metadata on "
+METRICS_PREFIX = "kvstore metrics on "
 START_TIMEOUT_S = 60.0  # generous: five helpers share two cores here
 
 
@@ -30,6 +34,8 @@ class NodeProcess:
     log_path: Path
     metadata: str | None = None
     """``strata://HOST:PORT`` of its gRPC metadata service (``--metadata embedded`` only)."""
+    metrics: str | None = None
+    """``HOST:PORT`` of its ``GET /metrics`` (``--metrics-port`` only)."""
 
     @property
     def port(self) -> int:
@@ -74,8 +80,10 @@ def start_node_process(log_path: Path, *args: str) -> NodeProcess:
     )
     log.close()
     assert process.stdout is not None
+    lines = _pump_lines(process.stdout)
     deadline = time.monotonic() + START_TIMEOUT_S
     metadata: str | None = None
+    metrics: str | None = None
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or process.poll() is not None:
@@ -89,14 +97,31 @@ def start_node_process(log_path: Path, *args: str) -> NodeProcess:
             process.wait()
             why = f"exited with {exited}" if exited is not None else "not ready in time"
             raise RuntimeError(f"store node did not start ({why}):\n{log_path.read_text()}")
-        ready, _, _ = select.select([process.stdout], [], [], remaining)
-        if ready:
-            line = process.stdout.readline()
-            if line.startswith(METADATA_PREFIX):  # printed before the ready line
-                metadata = line[len(METADATA_PREFIX) :].strip()
-            if line.startswith(READY_PREFIX):
-                endpoint = line[len(READY_PREFIX) :].strip()
-                return NodeProcess(process, endpoint, log_path, metadata)
+        try:
+            line = lines.get(timeout=min(remaining, 1.0))
+        except queue.Empty:
+            continue
+        if line.startswith(METADATA_PREFIX):  # printed before the ready line
+            metadata = line[len(METADATA_PREFIX) :].strip()
+        if line.startswith(METRICS_PREFIX):  # printed before the ready line
+            metrics = line[len(METRICS_PREFIX) :].strip()
+        if line.startswith(READY_PREFIX):
+            endpoint = line[len(READY_PREFIX) :].strip()
+            return NodeProcess(process, endpoint, log_path, metadata, metrics)
+
+
+def _pump_lines(stream: IO[str]) -> queue.Queue[str]:
+    """The lines of ``stream``, read on a thread until it ends or is closed. (A ``select`` on the
+    pipe misses lines already in the file object's buffer: two lines printed together.)"""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        with contextlib.suppress(ValueError, OSError):  # closed by the test at teardown
+            for line in stream:
+                lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
 
 
 @pytest.fixture

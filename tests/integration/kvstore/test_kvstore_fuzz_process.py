@@ -150,7 +150,10 @@ def test_ten_thousand_random_frames(start_node: NodeFactory) -> None:
         assert good.put(bytes(range(16)), b"after") in (PutStatus.OK, PutStatus.EXISTS)
         assert good.get(bytes(range(16))) == b"after"
         stats = good.stats()
-    assert stats["limits"]["malformed_frames"] > FRAMES // 10  # most frames are malformed
+    # Most connections end on a malformed frame (the node closes them; frames the fuzzer sent
+    # into a closing connection are lost: how many depends on the host's speed, so the count is
+    # against the connections, not the frames).
+    assert stats["limits"]["malformed_frames"] >= fuzzer.connections // 2, fuzzer.connections
     assert "internal error" not in node.log()
     print(
         f"{FRAMES} frames on {fuzzer.connections} connections; RSS {before / MIB:.1f} -> peak "
