@@ -166,6 +166,12 @@ class WorkerConfig:
         help="on SIGTERM: the longest wait for the requests in flight to end before the worker "
         "stops (keep drain notice + this below a pod's terminationGracePeriodSeconds)",
     )
+    engine_heap_trim_interval_s: float = option(
+        60.0,
+        parse=parse_duration,
+        help="how often the engine's model runner returns its freed heap to the system "
+        "(malloc_trim between steps, glibc only; strata_common/heap.py); 0 = never",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir).resolve())
@@ -203,6 +209,10 @@ class WorkerConfig:
                 f"{self.kv_heartbeat_interval_s} and {self.kv_heartbeat_timeout_s}"
             )
         self._check_announce()
+        if not self.engine_heap_trim_interval_s >= 0:
+            raise ValueError(
+                f"engine_heap_trim_interval_s must be >= 0, got {self.engine_heap_trim_interval_s}"
+            )
         if not self.drain_notice_s >= 0 or not self.drain_timeout_s >= 0:
             raise ValueError(
                 "need drain_notice_s >= 0 and drain_timeout_s >= 0, got "

@@ -63,6 +63,7 @@ from kvstore.client.sync import KVStoreClient
 from kvstore.errors import KVStoreError
 from kvstore.wire.types import PutStatus
 from strata_common.credentials import ClusterCredentials, Identity, read_cluster_key
+from strata_common.heap import HeapTrimmer
 from strata_common.tls import TlsConfig
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class ConnectorSettings:
     credentials: ClusterCredentials | None = None
     """What the connector proves itself with to the store node (the worker's cluster key file
     and identity), or None."""
+    heap_trim_interval_s: float = 0.0
+    """How often the model runner returns its freed heap to the system (strata_common/heap.py)."""
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorSettings:
@@ -118,6 +121,7 @@ class ConnectorSettings:
             can_load=ktc.kv_role in ("kv_consumer", "kv_both"),
             can_save=ktc.kv_role in ("kv_producer", "kv_both"),
             credentials=credentials,
+            heap_trim_interval_s=float(extra.get("heap_trim_interval_s", 0.0)),
         )
 
 
@@ -220,6 +224,7 @@ class StrataConnector(KVConnectorBase_V1):
         self._stats_lock = threading.Lock()
         self._failed_block_ids: set[int] = set()
         self._staging: torch.Tensor | None = None
+        self._heap = HeapTrimmer(self._settings.heap_trim_interval_s)
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -473,6 +478,12 @@ class StrataConnector(KVConnectorBase_V1):
         assert isinstance(meta, StrataConnectorMetadata)
         for save in meta.saves:
             self._save(save)
+        trimmed = self._heap.maybe_trim()  # between steps: no forward pass waits on malloc
+        if trimmed is not None:
+            with self._stats_lock:
+                self._stats.data["heap_trims"] += 1
+                self._stats.data["heap_trimmed_bytes"] += trimmed.released_bytes
+                self._stats.data["heap_trim_time_s"] += trimmed.duration_s
 
     def _save(self, save: BlockTransfer) -> None:
         t0 = time.perf_counter()

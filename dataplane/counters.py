@@ -25,6 +25,10 @@ KV_COUNTERS = (
     "load_time_s",
     "load_failures",
     "save_failures",
+    # Not KV, but counted beside it in the model runner: its heap trims (strata_common/heap.py).
+    "heap_trims",
+    "heap_trimmed_bytes",
+    "heap_trim_time_s",
 )
 
 

@@ -28,37 +28,24 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
 
 from dataplane.announcer import announcement_loop
-from dataplane.config import WorkerConfig, WorkerRole
+from dataplane.config import WorkerConfig
 from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.hardware import host_compute, resolve_dtype
-from dataplane.kv_hint import KV_NODE_PARAM
+from dataplane.service import WorkerService
 from dataplane.shutdown import drain_and_stop
 from kvstore.blocks.hashing import model_fingerprint
 from strata_common.credentials import Identity, read_cluster_key
 from strata_common.grpc_auth import ClientAuth, ServerAuthInterceptor, add_port, roles_only
 from strata_common.tls import TlsConfig, insecure_warning
-from strata_proto import worker_pb2, worker_pb2_grpc
+from strata_proto import worker_pb2_grpc
 
 logger = logging.getLogger("strata.worker")
-
-_FINISH = {
-    "stop": worker_pb2.FINISH_REASON_STOP,
-    "length": worker_pb2.FINISH_REASON_LENGTH,
-    "abort": worker_pb2.FINISH_REASON_ABORT,
-    "error": worker_pb2.FINISH_REASON_ABORT,
-}
-_ROLE = {
-    WorkerRole.PREFILL: worker_pb2.ROLE_PREFILL,
-    WorkerRole.DECODE: worker_pb2.ROLE_DECODE,
-    WorkerRole.BOTH: worker_pb2.ROLE_BOTH,
-}
 
 
 def _stat_logger_factory(counters: WorkerCounters, progress: EngineProgress) -> Any:
@@ -175,6 +162,7 @@ class Worker:
             kv_connector_extra_config={
                 "store_endpoint": cfg.store_endpoint,
                 "model_fingerprint": fingerprint.hex(),
+                "heap_trim_interval_s": cfg.engine_heap_trim_interval_s,
                 # The key's file, never the key: vLLM logs its whole configuration.
                 **(
                     {
@@ -393,6 +381,20 @@ class Worker:
         finally:
             self.progress.end()
 
+    def kv_identity(self) -> dict[str, Any]:
+        """Health's KV identity: with it the gateway hashes prompts into the connector's block
+        keys and finds this engine's HBM blocks (events of source ``kv_source``) in the prefix
+        index. Empty until the engine is up."""
+        if self.engine is None or not self.ready:
+            return {}
+        from dataplane.connector import kv_layout_name
+
+        return {
+            "kv_source": self.instance_id,
+            "model_fingerprint": self._fingerprint,
+            "kv_layout": kv_layout_name(self.engine.vllm_config),
+        }
+
     # -- driver ------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -406,187 +408,6 @@ class Worker:
             asyncio.run(self.serve())
         finally:
             self.clean_up()
-
-
-class WorkerService(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    def _sampling(
-        self, sp: worker_pb2.SamplingParams, max_tokens: int, kind: Any, kv_node: str = ""
-    ) -> Any:
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=sp.temperature,
-            top_p=sp.top_p if sp.top_p > 0 else 1.0,
-            seed=sp.seed if sp.HasField("seed") else None,
-            stop=list(sp.stop) or None,
-            stop_token_ids=list(sp.stop_token_ids) or None,
-            ignore_eos=sp.ignore_eos,
-            output_kind=kind,
-            # The gateway detokenizes the whole sequence itself
-            # (controlplane/text/detokenizer.py); the engine needs text only to match stop strings.
-            detokenize=bool(sp.stop),
-            # The request's params for its KV connector (vLLM's Request.kv_transfer_params): the
-            # store node holding the prompt's blocks, a hint for its match (multihost.md §2).
-            extra_args={"kv_transfer_params": {KV_NODE_PARAM: kv_node}} if kv_node else None,
-        )
-
-    def _prompt(self, token_ids: Any, cache_salt: str) -> dict[str, Any]:
-        prompt: dict[str, Any] = {"prompt_token_ids": list(token_ids)}
-        if cache_salt:
-            prompt["cache_salt"] = cache_salt
-        return prompt
-
-    async def _check(self, context: grpc.aio.ServicerContext, rpc: str, token_ids: Any) -> None:
-        role = self.worker.config.role
-        if rpc == "Prefill" and role is WorkerRole.DECODE:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a decode worker")
-        if rpc == "Decode" and role is WorkerRole.PREFILL:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a prefill worker")
-        if not self.worker.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is not ready")
-        if len(token_ids) == 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        if len(token_ids) >= self.worker.max_model_len:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {len(token_ids)} tokens does not fit max_model_len "
-                f"{self.worker.max_model_len}",
-            )
-
-    async def Health(self, request: Any, context: Any) -> worker_pb2.HealthResponse:
-        w = self.worker
-        return worker_pb2.HealthResponse(
-            ready=w.ready,
-            role=_ROLE[w.config.role],
-            model=str(w.config.model_dir),
-            block_size=w.block_size,
-            max_model_len=w.max_model_len,
-            capacity=w.config.max_num_seqs,
-            dtype=w.dtype,
-            hardware=w.hardware,
-            num_engine_requests=w.progress.num_items,
-            stalled_s=w.progress.stalled_s(),
-            num_engine_steps=w.progress.num_steps,
-            draining=w.draining,
-            **_kv_identity(w),
-        )
-
-    async def Stats(self, request: Any, context: Any) -> worker_pb2.StatsResponse:
-        c = self.worker.counters
-        return worker_pb2.StatsResponse(
-            role=_ROLE[self.worker.config.role],
-            num_requests=c.num_requests,
-            num_running=c.num_running,
-            kv_blocks_saved=int(c.kv["blocks_saved"]),
-            kv_blocks_loaded=int(c.kv["blocks_loaded"]),
-            kv_bytes_saved=int(c.kv["bytes_saved"]),
-            kv_bytes_loaded=int(c.kv["bytes_loaded"]),
-            kv_tokens_loaded=c.kv_tokens_loaded,
-            prompt_tokens_computed=c.prompt_tokens_computed,
-            kv_save_time_s=c.kv["save_time_s"],
-            kv_load_time_s=c.kv["load_time_s"],
-            kv_load_failures=int(c.kv["load_failures"]),
-            kv_cache_blocks=c.kv_cache_blocks,
-            kv_blocks_in_use=c.kv_blocks_in_use,
-        )
-
-    async def Prefill(
-        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.PrefillResponse:
-        from vllm.sampling_params import RequestOutputKind
-
-        await self._check(context, "Prefill", request.prompt_token_ids)
-        sp = self._sampling(request.sampling, 1, RequestOutputKind.FINAL_ONLY)
-        counters = self.worker.counters
-        counters.num_requests += 1
-        counters.num_running += 1
-        t0 = time.perf_counter()
-        final = None
-        try:
-            async with aclosing(
-                self.worker.generate(
-                    self._prompt(request.prompt_token_ids, request.cache_salt),
-                    sp,
-                    request.request_id,
-                )
-            ) as outs:
-                async for out in outs:
-                    final = out
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        finally:
-            counters.num_running -= 1
-        if final is None or not final.outputs or not final.outputs[0].token_ids:
-            await context.abort(grpc.StatusCode.INTERNAL, "engine returned no token")
-        assert final is not None
-        comp = final.outputs[0]
-        params = final.kv_transfer_params or {}
-        num_cached = _num_cached_tokens(final, params)
-        counters.finish_request(
-            len(request.prompt_token_ids),
-            num_cached,
-            int(params.get("strata_num_external_tokens", 0)),
-        )
-        return worker_pb2.PrefillResponse(
-            first_token_id=comp.token_ids[0],
-            first_token_text=comp.text,
-            finish_reason=(
-                worker_pb2.FINISH_REASON_STOP
-                if comp.finish_reason == "stop"
-                else worker_pb2.FINISH_REASON_UNSPECIFIED
-            ),
-            block_keys=[bytes.fromhex(k) for k in params.get("strata_block_keys", [])],
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_cached_tokens=num_cached,
-            engine_time_s=time.perf_counter() - t0,
-            kv_node=str(params.get(KV_NODE_PARAM) or ""),  # the connector's store node
-        )
-
-    async def Decode(
-        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
-        from vllm.sampling_params import RequestOutputKind
-
-        await self._check(context, "Decode", request.prompt_token_ids)
-        max_tokens = request.sampling.max_tokens
-        if max_tokens < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be ≥ 1")
-        sp = self._sampling(request.sampling, max_tokens, RequestOutputKind.DELTA, request.kv_node)
-        counters = self.worker.counters
-        counters.num_requests += 1
-        counters.num_running += 1
-        try:
-            async with aclosing(
-                self.worker.generate(
-                    self._prompt(request.prompt_token_ids, request.cache_salt),
-                    sp,
-                    request.request_id,
-                )
-            ) as outs:
-                async for out in outs:
-                    comp = out.outputs[0]
-                    chunk = worker_pb2.DecodeChunk(token_ids=comp.token_ids, text=comp.text)
-                    if out.finished:
-                        params = out.kv_transfer_params or {}
-                        num_cached = _num_cached_tokens(out, params)
-                        num_external = int(params.get("strata_num_external_tokens", 0))
-                        chunk.finish_reason = _FINISH.get(
-                            comp.finish_reason or "", worker_pb2.FINISH_REASON_ABORT
-                        )
-                        chunk.num_cached_tokens = num_cached
-                        chunk.num_external_tokens = num_external
-                        counters.finish_request(
-                            len(request.prompt_token_ids), num_cached, num_external
-                        )
-                    yield chunk
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        finally:
-            counters.num_running -= 1
 
 
 class StartupTimeline:
@@ -625,27 +446,6 @@ def _num_engine_cores() -> int:
         if cores:
             return len(cores)
     return len(os.sched_getaffinity(0))
-
-
-def _num_cached_tokens(out: Any, params: dict[str, Any]) -> int:
-    """Prompt tokens not computed: vLLM counts a planned load at scheduling time, even when the
-    load then failed and the tokens were recomputed (the connector reports how many)."""
-    num_cached = int(out.num_cached_tokens or 0)
-    return max(0, num_cached - int(params.get("strata_num_failed_tokens", 0)))
-
-
-def _kv_identity(worker: Worker) -> dict[str, Any]:
-    """Health's KV identity: with it the gateway hashes prompts into the connector's block keys
-    and finds this engine's HBM blocks (events of source ``kv_source``) in the prefix index."""
-    if worker.engine is None or not worker.ready:
-        return {}
-    from dataplane.connector import kv_layout_name
-
-    return {
-        "kv_source": worker.instance_id,
-        "model_fingerprint": worker._fingerprint,
-        "kv_layout": kv_layout_name(worker.engine.vllm_config),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

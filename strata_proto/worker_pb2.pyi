@@ -152,7 +152,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "num_requests", "num_running", "kv_blocks_saved", "kv_blocks_loaded", "kv_bytes_saved", "kv_bytes_loaded", "kv_tokens_loaded", "prompt_tokens_computed", "kv_save_time_s", "kv_load_time_s", "kv_load_failures", "kv_cache_blocks", "kv_blocks_in_use")
+    __slots__ = ("role", "num_requests", "num_running", "kv_blocks_saved", "kv_blocks_loaded", "kv_bytes_saved", "kv_bytes_loaded", "kv_tokens_loaded", "prompt_tokens_computed", "kv_save_time_s", "kv_load_time_s", "kv_load_failures", "kv_cache_blocks", "kv_blocks_in_use", "engine_heap_trims", "engine_heap_trimmed_bytes", "engine_heap_trim_time_s")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,9 @@ class StatsResponse(_message.Message):
     KV_LOAD_FAILURES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_IN_USE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_HEAP_TRIMS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_HEAP_TRIMMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_HEAP_TRIM_TIME_S_FIELD_NUMBER: _ClassVar[int]
     role: Role
     num_requests: int
     num_running: int
@@ -181,4 +184,7 @@ class StatsResponse(_message.Message):
     kv_load_failures: int
     kv_cache_blocks: int
     kv_blocks_in_use: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_requests: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_saved: _Optional[int] = ..., kv_blocks_loaded: _Optional[int] = ..., kv_bytes_saved: _Optional[int] = ..., kv_bytes_loaded: _Optional[int] = ..., kv_tokens_loaded: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_save_time_s: _Optional[float] = ..., kv_load_time_s: _Optional[float] = ..., kv_load_failures: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_blocks_in_use: _Optional[int] = ...) -> None: ...
+    engine_heap_trims: int
+    engine_heap_trimmed_bytes: int
+    engine_heap_trim_time_s: float
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., num_requests: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_saved: _Optional[int] = ..., kv_blocks_loaded: _Optional[int] = ..., kv_bytes_saved: _Optional[int] = ..., kv_bytes_loaded: _Optional[int] = ..., kv_tokens_loaded: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_save_time_s: _Optional[float] = ..., kv_load_time_s: _Optional[float] = ..., kv_load_failures: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_blocks_in_use: _Optional[int] = ..., engine_heap_trims: _Optional[int] = ..., engine_heap_trimmed_bytes: _Optional[int] = ..., engine_heap_trim_time_s: _Optional[float] = ...) -> None: ...

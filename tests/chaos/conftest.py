@@ -72,7 +72,9 @@ class KneeCache:
                 base_url,
                 model,
                 workload or Workload(),
-                step_s=self._size.pick(6.0, 15.0),
+                # 10 s steps even in the short form: a step's p99 TTFT (the SLO of the overload
+                # row) from ~150 requests, not ~90, so one slow request does not make it.
+                step_s=self._size.pick(10.0, 15.0),
             )
         return self._knees[key]
 

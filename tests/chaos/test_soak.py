@@ -143,10 +143,11 @@ def test_soak(
 
     time.sleep(10.0)  # idle
     idle_store = store_stats(cluster.store.endpoint)
-    running = {
-        p.endpoint: stub(p.endpoint).Stats(worker_pb2.StatsRequest(), timeout=30).num_running
+    stats = {
+        p.endpoint: stub(p.endpoint).Stats(worker_pb2.StatsRequest(), timeout=30)
         for p in [*cluster.prefills, *cluster.decodes]
     }
+    running = {endpoint: s.num_running for endpoint, s in stats.items()}
     engines = engine_blocks_in_use([*cluster.prefills, *cluster.decodes])
 
     outside = [r for r in results if not _overlaps(r, windows)]
@@ -173,6 +174,13 @@ def test_soak(
         "idle_store_leases": idle_store["num_leases"],
         "idle_running": sum(running.values()),
         "idle_engine_blocks_in_use": {e: held for e, (held, _) in engines.items()},
+        # The model runners' heap trims (strata_common/heap.py) of the workers running at the end.
+        "engine_heap_trims": {e: s.engine_heap_trims for e, s in stats.items()},
+        "engine_heap_trimmed_mib": {e: s.engine_heap_trimmed_bytes >> 20 for e, s in stats.items()},
+        "engine_heap_trim_ms": {
+            e: round(1000 * s.engine_heap_trim_time_s / max(1, s.engine_heap_trims), 1)
+            for e, s in stats.items()
+        },
     }
     chaos_report(**figures)
     assert windows, "no fault was injected: the run is shorter than one fault interval"
