@@ -7,13 +7,15 @@ directly.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from kvstore.metadata.base import START, STREAM_MAXLEN
+from kvstore.metadata.base import START, STREAM_MAX_AGE_S, STREAM_MAXLEN
 
 __all__ = ["EmbeddedMetadataStore"]
 
@@ -22,15 +24,22 @@ class EmbeddedMetadataStore:
     """In-process metadata store; thread-safe; ``clock`` is injectable for tests."""
 
     def __init__(
-        self, clock: Callable[[], float] = time.monotonic, maxlen: int = STREAM_MAXLEN
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        maxlen: int = STREAM_MAXLEN,
+        max_age_s: float = STREAM_MAX_AGE_S,
     ) -> None:
+        if maxlen < 1 or not max_age_s > 0:
+            raise ValueError("need maxlen >= 1 and max_age_s > 0")
         self._clock = clock
         self._maxlen = maxlen
+        self._max_age_s = max_age_s
         self._cond = threading.Condition()
         self._members: dict[str, dict[str, Any]] = {}
         self._expires: dict[str, float] = {}
         self._resync: set[str] = set()
         self._messages: list[bytes] = []
+        self._appended_at: list[float] = []  # clock() of each message's append, ascending
         self._base = 0  # stream index of _messages[0] (earlier ones were trimmed)
         self._listeners: list[Callable[[], None]] = []
 
@@ -99,10 +108,14 @@ class EmbeddedMetadataStore:
             self._listeners = [c for c in self._listeners if c is not callback]
 
     def _append_locked(self, messages: Sequence[bytes]) -> None:
+        now = self._clock()
         self._messages.extend(bytes(m) for m in messages)
-        excess = len(self._messages) - self._maxlen
+        self._appended_at.extend(itertools.repeat(now, len(messages)))
+        expired = bisect.bisect_left(self._appended_at, now - self._max_age_s)
+        excess = max(len(self._messages) - self._maxlen, expired)
         if excess > 0:
             del self._messages[:excess]
+            del self._appended_at[:excess]
             self._base += excess
         self._cond.notify_all()
 

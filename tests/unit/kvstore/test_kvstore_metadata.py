@@ -100,6 +100,25 @@ def test_embedded_stream_trims_oldest() -> None:
     assert got == [b"\x02", b"\x03", b"\x04"] and cursor == "5"
 
 
+def test_embedded_stream_drops_what_is_older_than_its_age() -> None:
+    clock = FakeClock(100.0)
+    store = EmbeddedMetadataStore(clock=clock, max_age_s=60.0)
+    store.publish([b"a", b"b"])
+    clock.now += 30.0
+    store.publish([b"c"])
+    clock.now += 30.0  # a and b are 60 s old: still kept (older than the age goes)
+    store.publish([b"d"])
+    assert store.read(START, 0.01) == ("4", [b"a", b"b", b"c", b"d"])
+    clock.now += 0.5
+    store.publish([b"e"])  # trims on append: a and b are past the age
+    assert store.read(START, 0.01) == ("5", [b"c", b"d", b"e"])
+    assert store.read("1", 0.01) == ("5", [b"c", b"d", b"e"])  # a reader behind skips ahead
+    clock.now += 1000.0  # nothing appended: nothing trimmed
+    assert store.read("4", 0.01) == ("5", [b"e"])
+    with pytest.raises(ValueError, match="max_age_s"):
+        EmbeddedMetadataStore(max_age_s=0.0)
+
+
 def test_open_metadata_store() -> None:
     assert open_metadata_store("embedded") is open_metadata_store("embedded")
     with pytest.raises(ValueError):
