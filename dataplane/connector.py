@@ -478,7 +478,7 @@ class StrataConnector(KVConnectorBase_V1):
         assert isinstance(meta, StrataConnectorMetadata)
         for save in meta.saves:
             self._save(save)
-        trimmed = self._heap.maybe_trim()  # between steps: no forward pass waits on malloc
+        trimmed = self._heap.maybe_trim()  # the forward pass is done: none waits on malloc
         if trimmed is not None:
             with self._stats_lock:
                 self._stats.data["heap_trims"] += 1

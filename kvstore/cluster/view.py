@@ -37,6 +37,8 @@ logger = logging.getLogger("kvstore.cluster")
 
 _SNAPSHOT_KIND: Final = 4
 _RESYNC_RETRY_S: Final = 1.0
+_UNHEARD_WAIT_S: Final = 5.0
+"""A live member unknown to the index this long is asked for its snapshot (refresh_membership)."""
 
 
 class ClusterView:
@@ -64,6 +66,8 @@ class ClusterView:
         self._live: dict[str, tuple[MemberKind | None, str]] = {}  # member -> (kind, endpoint)
         self._members_seen: set[str] = set()
         self._owed: dict[str, float] = {}  # source -> when a snapshot was last requested
+        self._greeted: set[str] = set()  # live members known, or asked once (see refresh)
+        self._unheard: dict[str, float] = {}  # live member -> since when unknown to the index
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._changed = threading.Condition(self._lock)
@@ -176,7 +180,24 @@ class ClusterView:
                     self._index.remove_source(source)
                     self._owed.pop(source, None)
                     logger.info("node %s is gone; its blocks left the index", source)
+            # A live member this view has not heard from for a while (its events were trimmed
+            # off the stream before this view read it, and it has been quiet since): ask its
+            # state once, as after a gap -- else a late reader would not know a quiet source at
+            # all. (A member that just joined publishes its first event within the wait.)
             now = self._clock()
+            for member in list(self._unheard):
+                if member not in self._live or self._index.next_seq(member) > 0:
+                    del self._unheard[member]
+                elif now - self._unheard[member] >= _UNHEARD_WAIT_S:
+                    del self._unheard[member]
+                    self._greeted.add(member)
+                    self._owed.setdefault(member, float("-inf"))
+            self._greeted &= self._live.keys()
+            for member in self._live.keys() - self._greeted - self._unheard.keys():
+                if self._index.next_seq(member) > 0:
+                    self._greeted.add(member)
+                else:
+                    self._unheard[member] = now
             due = [s for s, at in self._owed.items() if now - at >= _RESYNC_RETRY_S]
             for source in due:
                 self._owed[source] = now

@@ -88,8 +88,10 @@ async def _serve(config: StoreNodeConfig) -> int:
             await stop.wait()
             logger.info("stopping")
         finally:
-            await metrics.stop()
-            await server.stop()
+            try:
+                await server.stop()
+            finally:
+                await metrics.stop()
     finally:
         arena.close()
     return 0

@@ -111,8 +111,9 @@ class StoreNodeConfig:
             free one, printed as ``kvstore metadata on strata://HOST:PORT`` before the ready line.
         metrics_port: the port of ``GET /metrics`` (Prometheus text, kvstore/server/metrics.py) on
             ``host``; 0 picks a free one, printed as ``kvstore metrics on HOST:PORT`` before the
-            ready line; None (the default): no metrics port. It serves counts only and has no
-            authentication, so unlike ``port`` it may listen off loopback without TLS.
+            ready line; None (the default): no metrics port. It serves counts only, in plain HTTP
+            without authentication (as a scraper expects), on ``host``, which the listen rule
+            governs for both ports (docs/design/security.md §2, §7, §8).
         cluster_key_file: the cluster key (a 0600 file, docs/design/security.md §3.2): every
             store connection must prove it holds it (HELLO, §4) and the
             metadata service answers only callers holding it, by identity and RPC

@@ -5,18 +5,19 @@ Every series is read from the node's own counters when scraped (a custom collect
 owner per figure -- the node -- and nothing to keep in step. The scrape runs on the node's event
 loop, the one thread that owns that state.
 
-The port serves counts and sizes only: no key, no block, no client or peer address. It has no
-authentication (as a gateway's ``/metrics``), so it may listen off loopback without TLS; a
-NetworkPolicy keeps it to the scraper on a cluster.
+The port serves counts and sizes only: no key, no block, no client or peer address, no node id.
+It has no authentication and no TLS (as a gateway's ``/metrics``: what a scraper expects), and is
+bounded as the store port is (:class:`MetricsServer`); on Kubernetes a NetworkPolicy
+(deploy/k8s/base/networkpolicy.yaml) admits only the monitoring namespace to it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -57,7 +58,9 @@ class StoreCollector(Collector):
         hits.add_metric(["ssd"], tiers.ssd_hits)
         hits.add_metric(["peer"], moved.read_through_blocks)
         yield hits
-        yield counter("misses", "Block reads no tier held", tiers.misses)
+        # The tiers count a miss before a peer is asked: a read a peer answered is its hit.
+        misses = max(0, tiers.misses - moved.read_through_blocks)
+        yield counter("misses", "Block reads neither this node's tiers nor a peer held", misses)
         blocks = GaugeMetricFamily(_PREFIX + "blocks", "Blocks held, by tier", labels=["tier"])
         blocks.add_metric(["dram"], tiers.dram_blocks)
         blocks.add_metric(["ssd"], tiers.ssd_blocks)
@@ -105,35 +108,71 @@ class StoreCollector(Collector):
             yield gauge("cluster_index_blocks", "Blocks in this node's cluster index", index)
 
 
+MAX_CONNECTIONS = 8
+"""Scrapes at once (a Prometheus pair scrapes one at a time); more are closed at accept."""
+REQUEST_TIMEOUT_S = 5.0
+"""A connection must have sent its whole request line and headers within this long."""
+MAX_REQUEST_BYTES = 8192
+"""Request line and headers, at most; a scrape sends a few hundred bytes."""
+
+
 class MetricsServer:
-    """``GET /metrics`` for one store node, on its event loop."""
+    """``GET /metrics`` for one store node, on its event loop: one request per connection,
+    answered and closed. Bounded like the store port (security.md §8): ``MAX_CONNECTIONS`` open
+    at once, the request within ``REQUEST_TIMEOUT_S`` and ``MAX_REQUEST_BYTES``; anything else
+    than ``GET /metrics`` gets 404 or 400."""
 
     def __init__(self, server: StoreServer) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(server))
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.Task[None]] = set()
+        self.refused = 0
+        """Connections closed at accept because ``MAX_CONNECTIONS`` were open."""
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); return the bound port."""
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound: int = runner.addresses[0][1]
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_BYTES)
+        bound: int = self._server.sockets[0].getsockname()[1]
         return bound
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._open):
+                task.cancel()
+            await asyncio.gather(*self._open, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._open) >= MAX_CONNECTIONS or task is None:
+            self.refused += 1
+            writer.close()
+            return
+        self._open.add(task)
+        try:
+            status, body = await asyncio.wait_for(self._answer(reader), REQUEST_TIMEOUT_S)
+            kind = CONTENT_TYPE_LATEST if status.startswith("200") else "text/plain; charset=utf-8"
+            head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + body)
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a slow, cut or oversized request: closed, nothing answered
+        finally:
+            self._open.discard(task)
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, bytes]:
+        head = await reader.readuntil(b"\r\n\r\n")  # LimitOverrunError past the limit
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return "400 Bad Request", b"bad request\n"
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if target != b"/metrics":
+            return "404 Not Found", b"not found: GET /metrics\n"
+        if method != b"GET":
+            return "405 Method Not Allowed", b"GET /metrics only\n"
+        return "200 OK", generate_latest(self.registry)

@@ -250,7 +250,7 @@ async def _fetch_into_arena(
     for i, block in zip(remote, blocks, strict=True):
         if block is None or not conn.server.keep_copy(keys[i], block[0]):
             continue
-        lease = conn.node.acquire(keys[i])
+        lease = conn.node.pin(keys[i])  # the read counts as a peer's hit, not a DRAM one
         if lease is not None:
             got[i] = (lease, Tier.DRAM)
             conn.server.transfers.read_through_blocks += 1

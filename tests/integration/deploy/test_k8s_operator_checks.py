@@ -440,7 +440,19 @@ def test_network_policies_admit_exactly_the_callers_of_each_port(
         "strata-workers": (set(POOLS), {"strata-gateway"}),
     }
     policies = {o["metadata"]["name"]: o for o in objects if o["kind"] == "NetworkPolicy"}
-    assert set(policies) == set(expected)
+    assert set(policies) == {*expected, "strata-store"}
+    # The store: its port open to all (TLS guards it: pod policies do not see host ports),
+    # its metrics port only from the monitoring namespace.
+    store = policies["strata-store"]["spec"]
+    assert {p for p, labels in pods.items() if _selects(store["podSelector"], labels)} == {
+        "strata-store"
+    }
+    open_rule, metrics_rule = store["ingress"]
+    assert "from" not in open_rule and [p["port"] for p in open_rule["ports"]] == [7600]
+    assert [p["port"] for p in metrics_rule["ports"]] == [7601]
+    assert {p["port"] for r in store["ingress"] for p in r["ports"]} <= ports["strata-store"]
+    (monitoring,) = metrics_rule["from"]
+    assert set(monitoring) == {"namespaceSelector"}
     for name, (targets, callers) in expected.items():
         spec = policies[name]["spec"]
         assert {p for p, labels in pods.items() if _selects(spec["podSelector"], labels)} == targets

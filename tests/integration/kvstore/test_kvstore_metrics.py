@@ -3,6 +3,9 @@ exports after known traffic, exact where the traffic fixes them."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvstore.blocks.format import BLOCK_HEADER_BYTES
 from kvstore.client.sync import KVStoreClient
+from kvstore.server.config import StoreNodeConfig
+from kvstore.server.metrics import MAX_CONNECTIONS
 from kvstore.wire.types import PutStatus
 
 pytestmark = pytest.mark.timeout(60)
@@ -84,3 +89,46 @@ def test_metrics_port_is_off_by_default_and_checked(start_node: NodeFactory) -> 
     node = start_node()
     assert node.metrics is None
     assert "metrics" not in node.log()
+
+
+def _ask(address: str, request: bytes) -> bytes:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):  # closed before reading it all
+            sock.sendall(request)
+            while chunk := sock.recv(65536):
+                reply += chunk
+    return reply
+
+
+def test_the_metrics_port_answers_only_get_metrics_and_is_bounded(start_node: NodeFactory) -> None:
+    node = start_node("--metrics-port", "0")
+    assert node.metrics is not None
+    assert _ask(node.metrics, b"GET /other HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert _ask(node.metrics, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert _ask(node.metrics, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert _ask(node.metrics, b"GET /metrics HTTP/1.1\r\n" + b"x" * 10_000) == b""  # too long
+    host, port = node.metrics.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.5)  # the node has accepted them all
+        with socket.create_connection((host, int(port)), timeout=10) as extra:
+            assert extra.recv(1) == b""  # one more is closed at once
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.5)
+    assert (
+        "strata_store_hits_total" in _ask(node.metrics, b"GET /metrics HTTP/1.0\r\n\r\n").decode()
+    )
+    with KVStoreClient(node.endpoint) as client:  # the store port never noticed
+        assert client.put(bytes(16), b"x") is PutStatus.OK
+
+
+def test_metrics_port_must_be_a_port_of_its_own() -> None:
+    StoreNodeConfig(metrics_port=0)
+    with pytest.raises(ValueError, match="metrics_port out of range"):
+        StoreNodeConfig(metrics_port=70_000)
+    with pytest.raises(ValueError, match="metrics_port must differ"):
+        StoreNodeConfig(port=7600, metrics_port=7600)

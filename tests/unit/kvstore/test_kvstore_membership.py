@@ -197,3 +197,41 @@ def test_reaping_can_be_turned_off() -> None:
     view = ClusterView(store, clock=clock, reap_dead=False)
     sync(view)
     assert view.num_reaped == 0 and set(store.members()) == {"a"} and view.live_nodes() == {}
+
+
+def test_a_late_view_asks_a_quiet_source_whose_events_were_trimmed() -> None:
+    clock = FakeClock()
+    store = EmbeddedMetadataStore(clock=clock, max_age_s=60.0)
+    join(store, "a", ttl=1e6)
+    join(store, "b", ttl=1e6)
+    store.publish(
+        [
+            encode_event(SourceCleared("a", 0)),
+            encode_event(BlocksStored("a", 1, Tier.DRAM, (k(1),))),
+            encode_event(SourceCleared("b", 0)),
+        ]
+    )
+    clock.now += 120.0  # a stays quiet; b's next event trims a's off the stream
+    store.publish([encode_event(BlocksStored("b", 1, Tier.DRAM, (k(2),)))])
+    view = ClusterView(store, clock=clock)
+    sync(view)  # b's event is a gap (its SourceCleared was trimmed too): b is owed at once
+    assert view.holders(k(1)) == []
+    assert store.take_resync_request("b") and not store.take_resync_request("a")
+    clock.now += 4.9  # a member just joined would have published its first event by now ...
+    sync(view)
+    assert not store.take_resync_request("a")
+    clock.now += 0.1  # ... a is quiet: asked for its state
+    sync(view)
+    assert store.take_resync_request("a")
+    assert store.take_resync_request("b")  # still owed meanwhile: asked again every second
+    store.publish(
+        [
+            encode_snapshot(SourceSnapshot.of("a", 1, {Tier.DRAM: [k(1)]})),
+            encode_snapshot(SourceSnapshot.of("b", 1, {Tier.DRAM: [k(2)]})),
+        ]
+    )
+    sync(view)
+    assert view.holders(k(1)) == [("a", Tier.DRAM)] and view.holders(k(2)) == [("b", Tier.DRAM)]
+    clock.now += 10.0
+    sync(view)  # known now: asked once, never again
+    assert not store.take_resync_request("a") and not store.take_resync_request("b")

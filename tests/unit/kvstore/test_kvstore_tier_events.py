@@ -382,7 +382,7 @@ def test_write_behind_events_and_restart_reannounces_ssd_blocks(
 def test_reaped_while_alive_rejoins_as_a_new_incarnation(node: StoreNode) -> None:
     async def scenario() -> None:
         clock = Clock()
-        store = EmbeddedMetadataStore(clock=clock)
+        store = EmbeddedMetadataStore(clock=clock, max_age_s=86400.0)  # keeps all 2 h
         tiers = TierManager(node)
         agent = make_agent(store, tiers)
         await agent.start()
