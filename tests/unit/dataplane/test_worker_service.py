@@ -1,0 +1,95 @@
+"""dataplane/service.py's handlers over a stand-in ServedWorker: what Health and Stats report,
+and the checks a Prefill or Decode passes before the engine sees it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from dataplane.config import WorkerConfig, WorkerRole
+from dataplane.counters import EngineProgress, WorkerCounters
+from dataplane.service import WorkerService
+from strata_proto import worker_pb2
+
+
+@dataclass
+class StandInWorker:
+    """A ServedWorker without an engine: generate must not be reached by these tests."""
+
+    config: WorkerConfig
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    progress: EngineProgress = field(default_factory=EngineProgress)
+    ready: bool = True
+    draining: bool = False
+    block_size: int = 16
+    max_model_len: int = 64
+    dtype: str = "float32"
+    hardware: str = "cpu/test"
+
+    async def generate(
+        self, prompt: dict[str, Any], sampling: Any, request_id: str
+    ) -> AsyncGenerator[Any, None]:
+        raise AssertionError("the engine was reached")
+        yield  # pragma: no cover
+
+    def kv_identity(self) -> dict[str, Any]:
+        return {"kv_source": "w1", "model_fingerprint": b"f" * 8, "kv_layout": "test"}
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    """The grpc.aio context's abort: raises with the status code and details."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+def worker(tmp_path: Path, role: WorkerRole = WorkerRole.BOTH) -> StandInWorker:
+    (tmp_path / "config.json").write_text("{}")
+    config = WorkerConfig(role=role, model_dir=tmp_path, store_endpoint="127.0.0.1:1")
+    return StandInWorker(config)
+
+
+def test_health_and_stats_report_the_worker(tmp_path: Path) -> None:
+    w = worker(tmp_path, WorkerRole.DECODE)
+    w.counters.add_kv({"blocks_loaded": 3, "heap_trims": 2, "heap_trimmed_bytes": 5 << 20})
+    w.draining = True
+    service = WorkerService(w)
+    health = asyncio.run(service.Health(worker_pb2.HealthRequest(), None))
+    assert (health.ready, health.role, health.draining) == (True, worker_pb2.ROLE_DECODE, True)
+    assert (health.block_size, health.max_model_len, health.capacity) == (16, 64, 32)
+    assert (health.kv_source, health.kv_layout, health.hardware) == ("w1", "test", "cpu/test")
+    stats = asyncio.run(service.Stats(worker_pb2.StatsRequest(), None))
+    assert (stats.kv_blocks_loaded, stats.engine_heap_trims) == (3, 2)
+    assert stats.engine_heap_trimmed_bytes == 5 << 20
+
+
+@pytest.mark.parametrize(
+    ("role", "rpc", "tokens", "ready", "code"),
+    [
+        (WorkerRole.DECODE, "Prefill", [1, 2], True, grpc.StatusCode.FAILED_PRECONDITION),
+        (WorkerRole.PREFILL, "Decode", [1, 2], True, grpc.StatusCode.FAILED_PRECONDITION),
+        (WorkerRole.BOTH, "Prefill", [1, 2], False, grpc.StatusCode.UNAVAILABLE),
+        (WorkerRole.BOTH, "Decode", [], True, grpc.StatusCode.INVALID_ARGUMENT),
+        (WorkerRole.BOTH, "Prefill", list(range(64)), True, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_requests_the_worker_cannot_serve_are_refused_before_the_engine(
+    tmp_path: Path, role: WorkerRole, rpc: str, tokens: list[int], ready: bool, code: Any
+) -> None:
+    w = worker(tmp_path, role)
+    w.ready = ready
+    service = WorkerService(w)
+    with pytest.raises(Aborted) as refused:
+        asyncio.run(service._check(Context(), rpc, tokens))  # type: ignore[arg-type]
+    assert refused.value.args[0] is code
+    assert w.counters.num_requests == 0
