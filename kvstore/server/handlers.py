@@ -80,6 +80,8 @@ def _remote_done(
             )
         else:
             found = future.result()
+    if found is not None:  # moved across the network, whatever becomes of the reply
+        conn.server.transfers.read_through_bytes += len(found[0])
     if conn.closed:
         return
     if found is None:
@@ -87,7 +89,6 @@ def _remote_done(
     else:
         block, tier = found
         conn.server.transfers.read_through_blocks += 1
-        conn.server.transfers.read_through_bytes += len(block)
         conn.fill(reply, [pack_frame_header(Op.GET, request_id, tier, len(block)), block])
 
 

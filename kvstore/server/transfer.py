@@ -121,7 +121,7 @@ class TransferCounters:
     committed_bytes: int = 0
     """Block bytes writers put straight into the arena (RESERVE_BATCH, then COMMIT_BATCH)."""
     read_through_bytes: int = 0
-    """Block bytes read through from peers."""
+    """Block bytes read from peers (whether or not the block was then kept or sent on)."""
 
 
 @dataclass(slots=True)
@@ -248,13 +248,14 @@ async def _fetch_into_arena(
         if lease is not None:
             got[i] = (lease, Tier.SSD)
     for i, block in zip(remote, blocks, strict=True):
+        if block is not None:  # moved across the network, whatever becomes of it here
+            conn.server.transfers.read_through_bytes += len(block[0])
         if block is None or not conn.server.keep_copy(keys[i], block[0]):
             continue
         lease = conn.node.pin(keys[i])  # the read counts as a peer's hit, not a DRAM one
         if lease is not None:
             got[i] = (lease, Tier.DRAM)
             conn.server.transfers.read_through_blocks += 1
-            conn.server.transfers.read_through_bytes += len(block[0])
     return got
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from kvstore.blocks.format import BLOCK_HEADER_BYTES
 from kvstore.blocks.tier import Tier
 from kvstore.client.sync import KVStoreClient
 from kvstore.cluster.events import SOURCE_GONE_SEQ, SourceCleared, decode_event
@@ -391,6 +392,9 @@ def test_a_shared_memory_reader_gets_a_peers_blocks_through_its_own_node(
             assert [bytes(o) for o in outs] == [payload(0, n) for n in range(len(keys))]
             stats = b.stats()
         assert stats["transfers"]["read_through_blocks"] == len(keys)
+        stored = BLOCK_BYTES + BLOCK_HEADER_BYTES  # what a node holds of a BLOCK_BYTES payload
+        assert stats["transfers"]["read_through_bytes"] == len(keys) * stored
+        assert stats["transfers"]["leased_bytes"] == len(keys) * stored  # B's reader copied them
         assert view.wait_for(lambda v: all(("B", Tier.DRAM) in v.holders(k) for k in keys), 5.0)
         with KVStoreClient(node_b.endpoint, transports=(TransportKind.SHM,)) as again:
             outs = [bytearray(BLOCK_BYTES) for _ in keys]
