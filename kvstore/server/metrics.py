@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -48,27 +48,20 @@ class StoreCollector(Collector):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(_PREFIX + name, doc, value=value)
 
-        hits = CounterMetricFamily(
-            _PREFIX + "hits",
-            "Block reads answered, by the tier that held the block (peer: read through from "
-            "another node)",
-            labels=["tier"],
-        )
-        hits.add_metric(["dram"], tiers.dram_hits)
-        hits.add_metric(["ssd"], tiers.ssd_hits)
-        hits.add_metric(["peer"], moved.read_through_blocks)
-        yield hits
+        hits_doc = "Block reads answered, by the tier that held it (peer: read through from one)"
+        hit_counts = {
+            "dram": tiers.dram_hits,
+            "ssd": tiers.ssd_hits,
+            "peer": moved.read_through_blocks,
+        }
+        yield _labelled(CounterMetricFamily, "hits", hits_doc, "tier", hit_counts)
         # The tiers count a miss before a peer is asked: a read a peer answered is its hit.
         misses = max(0, tiers.misses - moved.read_through_blocks)
         yield counter("misses", "Block reads neither this node's tiers nor a peer held", misses)
-        blocks = GaugeMetricFamily(_PREFIX + "blocks", "Blocks held, by tier", labels=["tier"])
-        blocks.add_metric(["dram"], tiers.dram_blocks)
-        blocks.add_metric(["ssd"], tiers.ssd_blocks)
-        yield blocks
-        held = GaugeMetricFamily(_PREFIX + "stored_bytes", "Bytes held, by tier", labels=["tier"])
-        held.add_metric(["dram"], tiers.dram_bytes)
-        held.add_metric(["ssd"], tiers.ssd_bytes)
-        yield held
+        blocks = {"dram": tiers.dram_blocks, "ssd": tiers.ssd_blocks}
+        yield _labelled(GaugeMetricFamily, "blocks", "Blocks held, by tier", "tier", blocks)
+        held = {"dram": tiers.dram_bytes, "ssd": tiers.ssd_bytes}
+        yield _labelled(GaugeMetricFamily, "stored_bytes", "Bytes held, by tier", "tier", held)
         yield gauge("arena_capacity_bytes", "Size of the DRAM arena", node.arena.capacity_bytes)
         yield gauge("arena_used_bytes", "Arena bytes allocated to blocks", node.arena.used_bytes)
         yield counter("puts", "Blocks stored (PUT and committed reservations)", node.puts)
@@ -77,20 +70,19 @@ class StoreCollector(Collector):
         yield counter("spills", "Blocks written from DRAM to SSD", tiers.spills)
         yield counter("spill_bytes", "Bytes written from DRAM to SSD", tiers.spill_bytes)
         yield counter("promotions", "Blocks read back from SSD into DRAM", tiers.promotions)
-
-        moved_bytes = CounterMetricFamily(
-            _PREFIX + "transfer_bytes",
+        moved_doc = (
             "Bytes moved, by path: socket_in/socket_out on the node's connections (TCP, TLS); "
             "shm_or_rdma_out leased to readers that copy from the arena; shm_or_rdma_in written "
-            "into the arena by reservation; peer_in read through from other nodes",
-            labels=["path"],
+            "into the arena by reservation; peer_in read from other nodes"
         )
-        moved_bytes.add_metric(["socket_in"], moved.bytes_received)
-        moved_bytes.add_metric(["socket_out"], moved.bytes_sent)
-        moved_bytes.add_metric(["shm_or_rdma_out"], moved.leased_bytes)
-        moved_bytes.add_metric(["shm_or_rdma_in"], moved.committed_bytes)
-        moved_bytes.add_metric(["peer_in"], moved.read_through_bytes)
-        yield moved_bytes
+        by_path = {
+            "socket_in": moved.bytes_received,
+            "socket_out": moved.bytes_sent,
+            "shm_or_rdma_out": moved.leased_bytes,
+            "shm_or_rdma_in": moved.committed_bytes,
+            "peer_in": moved.read_through_bytes,
+        }
+        yield _labelled(CounterMetricFamily, "transfer_bytes", moved_doc, "path", by_path)
         corrupt, timeouts = moved.corrupt_blocks, moved.lease_timeouts
         yield counter("corrupt_blocks", "Reserved blocks whose checksum failed", corrupt)
         yield counter("lease_timeouts", "Connections closed for holding a lease too long", timeouts)
@@ -106,6 +98,19 @@ class StoreCollector(Collector):
             index = cluster["index_blocks"]
             assert isinstance(index, int)
             yield gauge("cluster_index_blocks", "Blocks in this node's cluster index", index)
+
+
+_Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily)
+
+
+def _labelled(
+    kind: type[_Family], name: str, doc: str, label: str, values: Mapping[str, float]
+) -> _Family:
+    """One family of ``kind`` with a sample per value of its one ``label``."""
+    family = kind(_PREFIX + name, doc, labels=[label])
+    for value, sample in values.items():
+        family.add_metric([value], sample)
+    return family
 
 
 MAX_CONNECTIONS = 8
