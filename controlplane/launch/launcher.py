@@ -19,8 +19,9 @@ Implements :class:`~controlplane.instances.types.Launcher`. Each launch:
 4. returns at once with the endpoint; the registry then polls the worker's Health until ready
    (engine start-up takes ~20 s for the tiny model on CPU).
 
-``stop()`` sends SIGTERM to the worker's process group, waits ``timeout_s``, then SIGKILLs what is
-left and reaps the worker; its cores go back to the pool. ``close()`` stops every worker.
+``stop()`` sends SIGTERM to the worker (it drains, then stops its engine), waits ``timeout_s``,
+then SIGKILLs what is left of its process group and reaps the worker; its cores go back to the
+pool. ``close()`` stops every worker.
 
 More engines than cores (e.g. 2 prefill + 2 decode on this 2-core machine): with
 ``share_cores=True`` (the default) a launch that finds no free core takes the core(s) shared by
@@ -444,7 +445,11 @@ class LocalWorker:
     def _stop_blocking(self, timeout_s: float) -> None:
         pgid = self.proc.pid  # the worker leads its own process group (start_child)
         if self.proc.poll() is None:
-            killpg_quietly(pgid, signal.SIGTERM)
+            # The worker alone: it drains, then shuts its engine down itself. (SIGTERM to the
+            # group stopped vLLM's engine core at once, under the worker's drain: its requests
+            # still in flight failed, and its AsyncLLM logged EngineDeadError.)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout_s)
         # Whatever is left in the group (the worker or vLLM's engine core) is killed outright.
@@ -453,7 +458,7 @@ class LocalWorker:
             self.proc.wait(10)
 
     async def stop(self, *, timeout_s: float) -> None:
-        """SIGTERM to the worker's process group, SIGKILL after ``timeout_s``; on return the
+        """SIGTERM to the worker, SIGKILL to its process group after ``timeout_s``; on return the
         worker is reaped and its cores are back in the pool. Idempotent."""
         if self._stopped:
             return
