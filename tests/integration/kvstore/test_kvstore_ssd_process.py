@@ -102,7 +102,9 @@ def test_spilled_blocks_read_back_byte_exact_over_tcp_and_shm(
             outs
         )
         stats = tcp.stats()
-        assert stats["tiers"]["ssd_hits"] == stats["tiers"]["promotions"] == len(on_ssd)
+        # Every SSD block was read from SSD and promoted; under load one promoted early may be
+        # evicted (spilled clean) before the shared-memory batch reads it: read and promoted twice.
+        assert stats["tiers"]["ssd_hits"] == stats["tiers"]["promotions"] >= len(on_ssd)
         assert stats["ssd"]["corrupt_dropped"] == 0
         # Every block, wherever it is now, is still byte-exact (TCP and shm).
         for client in (tcp, shm):
