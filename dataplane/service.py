@@ -81,11 +81,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             extra_args={"kv_transfer_params": {KV_NODE_PARAM: kv_node}} if kv_node else None,
         )
 
-    def _prompt(self, token_ids: Any, cache_salt: str) -> dict[str, Any]:
-        prompt: dict[str, Any] = {"prompt_token_ids": list(token_ids)}
-        if cache_salt:
-            prompt["cache_salt"] = cache_salt
-        return prompt
+    def _outputs(
+        self, request: worker_pb2.PrefillRequest | worker_pb2.DecodeRequest, sampling: Any
+    ) -> aclosing[AsyncGenerator[Any, None]]:
+        """The engine's outputs for ``request``, closed (the request ended) on leaving."""
+        prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
+        if request.cache_salt:
+            prompt["cache_salt"] = request.cache_salt
+        return aclosing(self.worker.generate(prompt, sampling, request.request_id))
 
     async def _check(self, context: grpc.aio.ServicerContext, rpc: str, token_ids: Any) -> None:
         role = self.worker.config.role
@@ -157,13 +160,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         t0 = time.perf_counter()
         final = None
         try:
-            async with aclosing(
-                self.worker.generate(
-                    self._prompt(request.prompt_token_ids, request.cache_salt),
-                    sp,
-                    request.request_id,
-                )
-            ) as outs:
+            async with self._outputs(request, sp) as outs:
                 async for out in outs:
                     final = out
         except ValueError as exc:
@@ -210,13 +207,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         counters.num_requests += 1
         counters.num_running += 1
         try:
-            async with aclosing(
-                self.worker.generate(
-                    self._prompt(request.prompt_token_ids, request.cache_salt),
-                    sp,
-                    request.request_id,
-                )
-            ) as outs:
+            async with self._outputs(request, sp) as outs:
                 async for out in outs:
                     comp = out.outputs[0]
                     chunk = worker_pb2.DecodeChunk(token_ids=comp.token_ids, text=comp.text)
