@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 
 from strata_common.heap import HeapTrimmer, glibc_malloc_trim, resident_bytes
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.kvstore.fakes import FakeClock
 
 
 def test_trims_once_per_interval_and_reports_what_it_returned() -> None:
-    clock, calls, rss = Clock(), [], iter([900, 600, 700, 650])
+    clock, calls, rss = FakeClock(100.0), [], iter([900, 600, 700, 650])
 
     def trim(pad: int) -> int:
         calls.append(pad)
@@ -38,7 +31,7 @@ def test_trims_once_per_interval_and_reports_what_it_returned() -> None:
 
 
 def test_a_trim_that_returned_nothing_reports_zero() -> None:
-    clock, rss = Clock(), iter([500, 520])
+    clock, rss = FakeClock(100.0), iter([500, 520])
     heap = HeapTrimmer(1.0, trim=lambda pad: 0, clock=clock, rss=lambda: next(rss))
     clock.now += 1
     result = heap.maybe_trim()
@@ -46,7 +39,7 @@ def test_a_trim_that_returned_nothing_reports_zero() -> None:
 
 
 def test_interval_zero_never_trims() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     heap = HeapTrimmer(0.0, trim=lambda pad: pytest.fail("trimmed"), clock=clock)
     assert not heap.enabled
     clock.now += 1e6
