@@ -260,7 +260,12 @@ class WorkerClient:
         )
         call = self._stub.Decode(request, timeout=timeout_s)
         try:
-            async for chunk in call:
+            # `read()`, not `async for`: a call whose response iterator is left suspended (the
+            # caller stops at the final chunk, before the status arrives, or goes away mid-way)
+            # is never freed by grpc.aio (>= 1.83; 1-2 % of such calls measured, ~8 KiB each:
+            # the gateway grew 0.7 MiB a minute in the soak). Reads leave no iterator behind.
+            while (chunk := await call.read()) is not grpc.aio.EOF:
+                assert isinstance(chunk, worker_pb2.DecodeChunk)
                 yield DecodeOutput(
                     token_ids=tuple(chunk.token_ids),
                     text=chunk.text,
