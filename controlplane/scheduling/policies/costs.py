@@ -63,8 +63,14 @@ class RequestCosts:
         self.ttft_slo_s = (
             request.ttft_slo_s if request.ttft_slo_s is not None else config.default_ttft_slo_s
         )
+        # One token has no time per output token: the prefill's first token ends the request
+        # (the gateway asks no decode instance), so no TPOT SLO applies.
         self.tpot_slo_s = (
-            request.tpot_slo_s if request.tpot_slo_s is not None else config.default_tpot_slo_s
+            None
+            if request.max_tokens <= 1
+            else request.tpot_slo_s
+            if request.tpot_slo_s is not None
+            else config.default_tpot_slo_s
         )
 
     @property

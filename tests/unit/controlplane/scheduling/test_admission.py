@@ -126,6 +126,13 @@ CASES = [
     ),
     pytest.param(
         [instance("p0", P), instance("d0", D, running=8, capacity=8, remaining=800)],
+        RequestSnapshot(1000, 1, BLOCK, tpot_slo_s=0.0105),
+        {},
+        (ACCEPT, "p0", "d0"),
+        id="one-token-has-no-tpot",  # the prefill's token ends it: no step, no slot needed
+    ),
+    pytest.param(
+        [instance("p0", P), instance("d0", D, running=8, capacity=8, remaining=800)],
         RequestSnapshot(1000, 101, BLOCK, tpot_slo_s=0.05),
         {"min_retry_after_s": 0.1},
         (RejectReason.OVERLOADED, 2 * 100 * (1 - 7 / 8) * 0.018),
