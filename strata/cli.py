@@ -273,7 +273,7 @@ def serve(config: ServeConfig) -> int:
     return code
 
 
-_SUBCOMMANDS = ("worker", "store", "gateway", "models", "admin", "certs", "tenants")
+_SUBCOMMANDS = ("worker", "store", "gateway", "models", "admin", "certs", "tenants", "simulate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, add_help=False)
     if argv and argv[0] in _SUBCOMMANDS:
         command, rest = argv[0], argv[1:]
+        if command == "simulate":
+            from simulator.cli import main as simulate_main
+
+            return simulate_main(rest)
         if command == "tenants":
             from strata.tenants_cli import main as tenants_main
 

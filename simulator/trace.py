@@ -1,0 +1,123 @@
+"""Mooncake-format traces: requests with arrival times, lengths and prefix-block ids.
+
+Each line of the file is ``{"timestamp": ms, "input_length": n, "output_length": m,
+"hash_ids": [...]}``; ``hash_ids`` name the prompt's 512-token blocks, two requests sharing
+their first k ids share k·512 prompt tokens (../shared/traces/README.md). The simulator keys
+its prefix caches by these ids (docs/design/simulator.md §4): :func:`block_key` is the 16-byte
+key of an id, the same for every request that has it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvstore.blocks.hashing import BLOCK_KEY_BYTES, BlockKey
+
+__all__ = ["TRACE_BLOCK_TOKENS", "Trace", "TraceRequest", "block_key", "load_trace"]
+
+TRACE_BLOCK_TOKENS = 512
+"""Tokens per hash id in Mooncake's traces."""
+
+
+def block_key(hash_id: int) -> BlockKey:
+    """The key of the trace block ``hash_id`` (a digest, so keys spread over the index's table
+    like real block keys)."""
+    return hashlib.blake2b(hash_id.to_bytes(8, "little"), digest_size=BLOCK_KEY_BYTES).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    """One request of a trace; ``arrival_s`` from the trace's start at its own rate."""
+
+    index: int
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    keys: tuple[BlockKey, ...]
+    """Keys of the prompt's *whole* blocks, in order (a partial last block has none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    requests: tuple[TraceRequest, ...]
+    source: str
+
+    @property
+    def duration_s(self) -> float:
+        return self.requests[-1].arrival_s - self.requests[0].arrival_s if self.requests else 0.0
+
+    @property
+    def native_rate(self) -> float:
+        """Requests per second as recorded (over the span of arrivals)."""
+        span = self.duration_s
+        return (len(self.requests) - 1) / span if span > 0 else float("inf")
+
+    def at_rate(self, rate: float) -> tuple[TraceRequest, ...]:
+        """The requests with their arrival times scaled so that the trace runs at ``rate``
+        requests per second (its burstiness kept)."""
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0, got {rate}")
+        native = self.native_rate
+        if native == float("inf"):
+            return self.requests
+        scale = native / rate
+        start = self.requests[0].arrival_s
+        return tuple(
+            TraceRequest(
+                r.index, (r.arrival_s - start) * scale, r.input_tokens, r.output_tokens, r.keys
+            )
+            for r in self.requests
+        )
+
+
+def _request(index: int, line: str, block_tokens: int) -> TraceRequest:
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("a record is a JSON object")
+    timestamp = record["timestamp"]
+    input_tokens = record["input_length"]
+    output_tokens = record["output_length"]
+    hash_ids = record.get("hash_ids", [])
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in (input_tokens, output_tokens)
+    ):
+        raise ValueError("input_length and output_length must be integers")
+    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool) or timestamp < 0:
+        raise ValueError("timestamp must be a number >= 0 (ms)")
+    if input_tokens < 1 or output_tokens < 1:
+        raise ValueError("input_length and output_length must be >= 1")
+    if not isinstance(hash_ids, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in hash_ids
+    ):
+        raise ValueError("hash_ids must be a list of integers >= 0")
+    whole = min(len(hash_ids), input_tokens // block_tokens)
+    keys = tuple(block_key(h) for h in hash_ids[:whole])
+    return TraceRequest(index, timestamp / 1000.0, input_tokens, output_tokens, keys)
+
+
+def load_trace(path: Path, *, limit: int = 0, block_tokens: int = TRACE_BLOCK_TOKENS) -> Trace:
+    """Read a Mooncake-format trace (the first ``limit`` requests; 0 = all), ordered by arrival.
+    ValueError naming the line on a bad record."""
+    requests: list[TraceRequest] = []
+    try:
+        with path.open() as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    requests.append(_request(len(requests), line, block_tokens))
+                except (ValueError, KeyError, TypeError) as exc:
+                    what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+                    raise ValueError(f"{path}:{number}: {what}") from None
+                if limit and len(requests) >= limit:
+                    break
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the trace: {exc}") from None
+    if not requests:
+        raise ValueError(f"{path}: no requests")
+    ordered: Sequence[TraceRequest] = sorted(requests, key=lambda r: (r.arrival_s, r.index))
+    return Trace(tuple(ordered), str(path))
