@@ -55,6 +55,8 @@ class Setup:
     pool: bool = True
     local_prefill_threshold_tokens: int = 512
     conditional_disaggregation: bool = True
+    local_fallback: bool = False
+    """``SchedulingConfig.local_fallback`` (slo_aware)."""
     kv_load: Timing = Timing.ASYNC
     kv_save: Timing = Timing.ASYNC
 
@@ -204,6 +206,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, origin: str) -> Sim
                 pool=bool(s.get("pool", True)),
                 local_prefill_threshold_tokens=int(s.get("local_prefill_threshold_tokens", 512)),
                 conditional_disaggregation=bool(s.get("conditional_disaggregation", True)),
+                local_fallback=bool(s.get("local_fallback", False)),
                 kv_load=Timing(s.get("kv_load", "async")),
                 kv_save=Timing(s.get("kv_save", "async")),
             )

@@ -363,15 +363,20 @@ class SimEngine:
     # -- memory --------------------------------------------------------------------------------
 
     def _make_room(self, tokens: int) -> bool:
-        """Evict free cached blocks (least recently used first) until ``tokens`` fit."""
+        """Evict free cached blocks (least recently used first) until ``tokens`` fit (published
+        as one removal)."""
+        evicted: list[BlockKey] = []
+        fits = True
         while self.used_tokens + tokens > self.capacity_tokens:
             if not self._free_cached:
-                return False
+                fits = False
+                break
             key, _ = self._free_cached.popitem(last=False)
             self.used_tokens -= self.cache_block_tokens
-            if self._publish is not None:
-                self._publish((), (key,))
-        return True
+            evicted.append(key)
+        if evicted and self._publish is not None:
+            self._publish((), tuple(evicted))
+        return fits
 
     def _pin(self, key: BlockKey) -> None:
         refs = self._refs.get(key)

@@ -103,6 +103,7 @@ def scheduling_config(config: SimConfig, setup: Setup) -> SchedulingConfig:
             NEVER_DISAGGREGATE if colocated else setup.local_prefill_threshold_tokens
         ),
         conditional_disaggregation=colocated or setup.conditional_disaggregation,
+        local_fallback=setup.local_fallback,
         kv_bytes_per_token=config.profile.kv_bytes_per_token,
         default_ttft_slo_s=config.ttft_slo_s,
         default_tpot_slo_s=config.tpot_slo_s,

@@ -176,6 +176,10 @@ class Route(enum.Enum):
     """No prefill instance is ready: the decode instance prefills itself."""
     LOCAL_SAME_INSTANCE = "local_same_instance"
     """A BOTH instance was chosen for both sides."""
+    LOCAL_FALLBACK = "local_fallback"
+    """No disaggregated pair meets the SLOs, but the decode instance prefilling itself does
+    (``slo_aware`` with ``local_fallback`` on): e.g. a long prompt with a short output, whose KV
+    transfer alone would break the TPOT SLO, or prefill instances too busy for the TTFT SLO."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +238,11 @@ class SchedulingConfig:
         True,
         negative_flag="no-conditional-disaggregation",
         help="let the decode worker prefill short uncached prompts itself",
+    )
+    local_fallback: bool = option(
+        False,
+        help="slo_aware: when no prefill/decode pair meets the SLOs, let a decode worker that "
+        "would prefill the request itself take it rather than refuse it",
     )
     overlap_weight: float = 1.0
     kv_bytes_per_token: int = 131_072

@@ -182,6 +182,11 @@ class RequestCosts:
         """TPOT on ``decode``; ``transport``: how the KV arrives (None: it prefilled itself)."""
         return self.step_s(decode) + self.transfer_share_s(decode, transport)
 
+    @property
+    def local_fallback(self) -> bool:
+        """``SchedulingConfig.local_fallback``, with conditional disaggregation on."""
+        return self._config.conditional_disaggregation and self._config.local_fallback
+
     def local_route(self, decode: InstanceSnapshot) -> Route | None:
         """Conditional disaggregation: the route if ``decode`` should prefill itself."""
         if not self._config.conditional_disaggregation:

@@ -96,9 +96,46 @@ class SloAwarePolicy(CostPolicy):
                     self.name,
                 )
                 best = (ttft, tpot, order, assign)
+        if best is None and costs.local_fallback:
+            best = self._fallback(costs, remote, local, ttft_slo, tpot_slo, check_slots)
         if best is not None:
             return best[3]
         return self._reject(costs, ranked, tpot_by_route, local)
+
+    def _fallback(
+        self,
+        costs: RequestCosts,
+        remote: Sequence[tuple[int, InstanceSnapshot]],
+        local: list[tuple[float, float, int, Route, InstanceSnapshot]],
+        ttft_slo: float,
+        tpot_slo: float,
+        check_slots: bool,
+    ) -> tuple[float, float, int, Assign] | None:
+        """No pair and no conditional-disaggregation route meets the SLOs: the decode instance
+        with the lowest TTFT that meets both prefilling the request itself (no transfer, its
+        own queue), if any. The options it adds also count for the rejection's wait."""
+        best: tuple[float, float, int, Assign] | None = None
+        for order, decode in remote:
+            if decode.can_prefill():
+                continue  # a BOTH instance is a local option already
+            ttft, tpot = costs.ttft_s(decode, local=True), costs.tpot_s(decode, None)
+            local.append((ttft, tpot, order, Route.LOCAL_FALLBACK, decode))
+            if ttft > ttft_slo or not costs.meets_ttft_slo(decode, ttft) or tpot > tpot_slo:
+                continue
+            if check_slots and not costs.has_free_slot(decode):
+                continue
+            if best is None or (ttft, tpot, order) < best[:3]:
+                assign = Assign(
+                    None,
+                    decode.id,
+                    ttft,
+                    tpot,
+                    costs.cached_blocks(decode),
+                    Route.LOCAL_FALLBACK,
+                    self.name,
+                )
+                best = (ttft, tpot, order, assign)
+        return best
 
     def _reject(
         self,

@@ -147,7 +147,7 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--registry", "--worker-startup-timeout", "--health-check-interval",
         "--health-check-timeout", "--drain-timeout", "--stall-floor", "--stall-factor",
         "--announcement-grace", "--policy", "--kv-metadata",
-        "--local-prefill-threshold", "--conditional-disaggregation",
+        "--local-prefill-threshold", "--conditional-disaggregation", "--local-fallback",
         "--no-conditional-disaggregation", "--ttft-slo", "--tpot-slo", "--slo-margin-quantile",
         "--profile", "--no-profile",
         "--profile-max-model-len", "--profile-max-batch", "--profile-repeats", "--profile-budget",

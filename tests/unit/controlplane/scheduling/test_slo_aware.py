@@ -176,6 +176,32 @@ def test_slo_aware_uses_the_configured_slos_when_the_request_has_none() -> None:
     assert assigned(strict.decide(request(tpot_slo_s=0.05), cluster)) == ("p0", "d1")
 
 
+def test_local_fallback_takes_what_no_pair_can_meet() -> None:
+    # Two output tokens: the 1 MB of KV over TCP (10 ms) is all in the one gap, so the pair's
+    # TPOT is 11 + 10 ms against a 15 ms SLO; d0 prefilling itself has no transfer: 11 ms.
+    cluster = [instance("p0", P), instance("d0", D), instance("d1", D, running=3)]
+    short = request(max_tokens=2, tpot_slo_s=0.015)
+    refused = SloAwarePolicy(config()).decide(short, cluster)
+    assert isinstance(refused, Reject) and refused.reason is RejectReason.SLO_UNATTAINABLE
+    decision = SloAwarePolicy(config(local_fallback=True)).decide(short, cluster)
+    assert isinstance(decision, Assign), decision
+    assert (decision.prefill, decision.decode, decision.route) == (
+        None,
+        "d0",  # d1's running decodes make its TTFT and TPOT longer
+        Route.LOCAL_FALLBACK,
+    )
+    assert decision.predicted_ttft_s == pytest.approx(1.0)  # 1000 tokens, 1 ms each
+    assert decision.predicted_tpot_s == pytest.approx(0.011)
+    # A pair that meets the SLOs is still preferred; and the fallback needs conditional
+    # disaggregation.
+    assert assigned(SloAwarePolicy(config(local_fallback=True)).decide(request(), cluster)) == (
+        "p0",
+        "d0",
+    )
+    off = config(local_fallback=True, conditional_disaggregation=False)
+    assert isinstance(SloAwarePolicy(off).decide(short, cluster), Reject)
+
+
 # -- the worked example of docs/design/scheduling.md §6 --------------------------------------
 
 
