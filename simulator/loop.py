@@ -63,6 +63,8 @@ class RequestRecord:
     num_tokens: int = 0
     cached_tokens: int = 0
     """Prompt tokens the prefilling engine did not compute (its HBM hits and pool loads)."""
+    planned_cached_tokens: int = 0
+    """What the decision counted on using (``Assign.cached_blocks``): the most it loads."""
     # The gateway's bookkeeping of the request in flight.
     uncached_tokens: int = 0
     overlapped: bool = False
@@ -215,6 +217,9 @@ class Simulation:
                 if tokens <= 0:
                     return 0, 0.0
                 return tokens, self._bytes_s(self._transport(source.host, instance.host), tokens)
+            limit = min(limit, record.planned_cached_tokens - start)
+            if limit <= 0:
+                return 0, 0.0  # the policy chose to compute the rest (or has nothing to load)
             return self._load_from_pool(seq, start, limit, instance.host)
 
         return load
@@ -327,9 +332,9 @@ class Simulation:
         record.prefill, record.decode = decision.prefill, decision.decode
         record.predicted_ttft_s = decision.predicted_ttft_s
         record.predicted_tpot_s = decision.predicted_tpot_s
-        uncached = max(
-            1, request.input_tokens - decision.cached_blocks * self.config.cache_block_tokens
-        )
+        cached = decision.cached_blocks * self.config.cache_block_tokens
+        record.planned_cached_tokens = cached
+        uncached = max(1, request.input_tokens - cached)
         record.uncached_tokens = uncached
         if decision.prefill is not None:
             target = self.instances[decision.prefill]

@@ -1,9 +1,10 @@
 """Scheduling policies: which prefill and decode instance serve a request, or a rejection.
 
-One interface, :class:`SchedulingPolicy` (``decide(request, instances) -> Decision``), four
+One interface, :class:`SchedulingPolicy` (``decide(request, instances) -> Decision``), five
 implementations, one per module, chosen by :class:`PolicyKind` (its value is the name used on the
 command line and by `strata admin policy`; :func:`make_policy`): ``round_robin``,
-``least_loaded``, ``prefix_aware`` and ``slo_aware`` (the default; it is also the only one that
+``least_loaded``, ``prefix_aware``, ``conductor`` (a baseline: Mooncake's as published) and
+``slo_aware`` (the default; it is also the only one besides ``conductor`` that
 rejects work). docs/design/scheduling.md has the derivations and a worked example; the formulas:
 
 **Cached prefix on an instance X** (blocks of ``bs`` tokens; ``B = (prompt - 1) // bs`` blocks
@@ -40,6 +41,10 @@ picked for both sides.
 * ``prefix_aware`` (Dynamo's KV router): prefill: ``w·new(P)/bs + q(P)/bs`` (blocks to prefill
   plus queued blocks); decode: ``w·(prompt blocks not in D's HBM) + k(D)/bs`` (blocks to move in
   plus active blocks).
+* ``conductor``: Mooncake's Conductor as published (its module docstring), the baseline
+  ``slo_aware`` grew from: lowest TTFT over the prefill instances (each with its own HBM prefix,
+  fetching a much longer one from elsewhere), the decode instance with the lowest TBT, early
+  rejection when either misses its SLO.
 * ``slo_aware`` (Mooncake): the (P, D) pair (or local D) with the lowest predicted TTFT whose
   predicted TPOT meets the TPOT SLO (and D has a free sequence slot), the D with the lowest TPOT
   among equals. A busy option's TTFT meets the SLO only scaled by its instance's margin
@@ -63,6 +68,7 @@ from collections.abc import Callable
 from typing import Final
 
 from controlplane.scheduling.policies.base import SchedulingPolicy
+from controlplane.scheduling.policies.conductor import ConductorPolicy
 from controlplane.scheduling.policies.costs import RequestCosts
 from controlplane.scheduling.policies.least_loaded import LeastLoadedPolicy
 from controlplane.scheduling.policies.prefix_aware import PrefixAwarePolicy
@@ -73,6 +79,7 @@ from controlplane.scheduling.types import SchedulingConfig
 __all__ = [
     "DEFAULT_POLICY",
     "POLICY_NAMES",
+    "ConductorPolicy",
     "LeastLoadedPolicy",
     "PolicyKind",
     "PrefixAwarePolicy",
@@ -91,6 +98,7 @@ class PolicyKind(enum.Enum):
     LEAST_LOADED = "least_loaded"
     PREFIX_AWARE = "prefix_aware"
     SLO_AWARE = "slo_aware"
+    CONDUCTOR = "conductor"
 
 
 _POLICIES: Final[dict[PolicyKind, Callable[[SchedulingConfig | None], SchedulingPolicy]]] = {
@@ -98,6 +106,7 @@ _POLICIES: Final[dict[PolicyKind, Callable[[SchedulingConfig | None], Scheduling
     PolicyKind.LEAST_LOADED: LeastLoadedPolicy,
     PolicyKind.PREFIX_AWARE: PrefixAwarePolicy,
     PolicyKind.SLO_AWARE: SloAwarePolicy,
+    PolicyKind.CONDUCTOR: ConductorPolicy,
 }
 POLICY_NAMES: Final = tuple(kind.value for kind in PolicyKind)
 DEFAULT_POLICY: Final = PolicyKind.SLO_AWARE.value

@@ -23,6 +23,7 @@ from controlplane.scheduling import (
     make_policy,
 )
 from controlplane.scheduling.policies import (
+    ConductorPolicy,
     LeastLoadedPolicy,
     PrefixAwarePolicy,
     RoundRobinPolicy,
@@ -45,11 +46,17 @@ from tests.unit.controlplane.scheduling.scheduling_helpers import (
 
 
 def test_policies_are_selected_by_name() -> None:
-    assert POLICY_NAMES == ("round_robin", "least_loaded", "prefix_aware", "slo_aware")
+    assert POLICY_NAMES == (
+        "round_robin",
+        "least_loaded",
+        "prefix_aware",
+        "slo_aware",
+        "conductor",
+    )
     assert DEFAULT_POLICY == "slo_aware"
     for name, cls in zip(
         POLICY_NAMES,
-        (RoundRobinPolicy, LeastLoadedPolicy, PrefixAwarePolicy, SloAwarePolicy),
+        (RoundRobinPolicy, LeastLoadedPolicy, PrefixAwarePolicy, SloAwarePolicy, ConductorPolicy),
         strict=True,
     ):
         policy = make_policy(name)
@@ -184,7 +191,8 @@ DISAGGREGATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n != "conductor"])  # Mooncake's
+# Conductor always disaggregates (test_conductor.py)
 @pytest.mark.parametrize(
     ("prompt", "cache", "overrides", "cluster", "prefill", "route", "cached"), DISAGGREGATION_CASES
 )
@@ -211,7 +219,13 @@ def test_conditional_disaggregation(
 def test_policies_are_chosen_by_kind_or_name() -> None:
     from controlplane.scheduling.policies import POLICY_NAMES, PolicyKind
 
-    assert POLICY_NAMES == ("round_robin", "least_loaded", "prefix_aware", "slo_aware")
+    assert POLICY_NAMES == (
+        "round_robin",
+        "least_loaded",
+        "prefix_aware",
+        "slo_aware",
+        "conductor",
+    )
     for kind in PolicyKind:
         assert make_policy(kind).name == kind.value == make_policy(kind.value).name
     with pytest.raises(ValueError, match="unknown policy 'fifo'"):
