@@ -57,6 +57,8 @@ class Setup:
     conditional_disaggregation: bool = True
     local_fallback: bool = False
     """``SchedulingConfig.local_fallback`` (slo_aware)."""
+    baseline: bool = True
+    """A peer's system (counted in ``strata_vs_best_baseline``); false for Strata's variants."""
     kv_load: Timing = Timing.ASYNC
     kv_save: Timing = Timing.ASYNC
 
@@ -71,6 +73,10 @@ class Setup:
             raise ValueError(f"setup {self.name}: a colocated setup has no prefill_gpus")
         if self.shape is Shape.DISAGGREGATED and self.prefill_gpus < 1:
             raise ValueError(f"setup {self.name}: a disaggregated setup needs prefill_gpus >= 1")
+        if self.policy == "conductor" and self.shape is Shape.COLOCATED:
+            raise ValueError(
+                f"setup {self.name}: conductor disaggregates; use a disaggregated shape"
+            )
         if self.local_prefill_threshold_tokens < 0:
             raise ValueError(f"setup {self.name}: local_prefill_threshold_tokens must be >= 0")
 
@@ -207,6 +213,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, origin: str) -> Sim
                 local_prefill_threshold_tokens=int(s.get("local_prefill_threshold_tokens", 512)),
                 conditional_disaggregation=bool(s.get("conditional_disaggregation", True)),
                 local_fallback=bool(s.get("local_fallback", False)),
+                baseline=bool(s.get("baseline", True)),
                 kv_load=Timing(s.get("kv_load", "async")),
                 kv_save=Timing(s.get("kv_save", "async")),
             )

@@ -52,6 +52,8 @@ class SimSequence:
     """KV allocated to it alone (whole ``kv_block_tokens`` blocks)."""
     pinned: list[BlockKey] = field(default_factory=list)
     """Cache blocks it uses (shared, ref-counted)."""
+    hands_off: bool = False
+    """The loop's mark: a prefill whose first token hands the request to another instance."""
     added_at: float = 0.0
     ready_at: float = 0.0
     """An asynchronous load in progress until then: the sequence waits out of the batches."""
@@ -270,6 +272,7 @@ class SimEngine:
         plan: list[_Planned] = []
         self._step_load_s = 0.0
         index = 0
+        preempted = False
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             if seq.prefilling and seq.ready_at > self._now:
@@ -284,13 +287,20 @@ class SimEngine:
                     # No room for its next token: preempt from the back (maybe itself).
                     victim = self.running[-1]
                     self._preempt(victim)
+                    preempted = True
                     if victim is seq:
                         break
                     continue  # try again with the room the victim left
                 plan.append(_Planned(seq, 1, True))
                 budget -= 1
             index += 1
-        while self.waiting and budget > 0 and len(self.running) < self.profile.max_num_seqs:
+        # vLLM admits nothing in a step that had to preempt.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.profile.max_num_seqs
+        ):
             seq = self.waiting[0]
             if not self._admit(seq):
                 break

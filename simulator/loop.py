@@ -63,8 +63,9 @@ class RequestRecord:
     num_tokens: int = 0
     cached_tokens: int = 0
     """Prompt tokens the prefilling engine did not compute (its HBM hits and pool loads)."""
-    planned_cached_tokens: int = 0
-    """What the decision counted on using (``Assign.cached_blocks``): the most it loads."""
+    load_cap_tokens: int | None = None
+    """The most the prefilling engine loads: what the decision counted on using, when the
+    policy chose to compute part of what was cached; None: whatever the pool holds."""
     # The gateway's bookkeeping of the request in flight.
     uncached_tokens: int = 0
     overlapped: bool = False
@@ -217,9 +218,10 @@ class Simulation:
                 if tokens <= 0:
                     return 0, 0.0
                 return tokens, self._bytes_s(self._transport(source.host, instance.host), tokens)
-            limit = min(limit, record.planned_cached_tokens - start)
-            if limit <= 0:
-                return 0, 0.0  # the policy chose to compute the rest (or has nothing to load)
+            if record.load_cap_tokens is not None:
+                limit = min(limit, record.load_cap_tokens - start)
+                if limit <= 0:
+                    return 0, 0.0  # the policy chose to compute the rest
             return self._load_from_pool(seq, start, limit, instance.host)
 
         return load
@@ -321,7 +323,7 @@ class Simulation:
         if request.input_tokens + request.output_tokens > self._max_tokens:
             record.rejected = TOO_LONG
             return
-        decision, _ = self.gateway.decide(
+        decision, cached_prefix = self.gateway.decide(
             request.input_tokens, request.output_tokens, request.keys, self.now
         )
         if isinstance(decision, Reject):
@@ -332,8 +334,16 @@ class Simulation:
         record.prefill, record.decode = decision.prefill, decision.decode
         record.predicted_ttft_s = decision.predicted_ttft_s
         record.predicted_tpot_s = decision.predicted_tpot_s
-        cached = decision.cached_blocks * self.config.cache_block_tokens
-        record.planned_cached_tokens = cached
+        cb = self.config.cache_block_tokens
+        cached = decision.cached_blocks * cb
+        # The connector loads whatever the pool holds at admission, unless the policy chose to
+        # compute part of what was cached (conductor's recompute below its threshold).
+        target_id = decision.prefill if decision.prefill is not None else decision.decode
+        usable = (request.input_tokens - 1) // cb
+        available = min(
+            usable, max(cached_prefix.pool_blocks, cached_prefix.hbm_blocks.get(target_id, 0))
+        )
+        record.load_cap_tokens = cached if decision.cached_blocks < available else None
         uncached = max(1, request.input_tokens - cached)
         record.uncached_tokens = uncached
         if decision.prefill is not None:
@@ -343,7 +353,9 @@ class Simulation:
             record.prefill_starts = target.num_prefill_starts
             target.num_prefills += 1
             target.queued_prefill_tokens += uncached
-            target.engine.add(SimSequence(n, request.input_tokens, 1, request.keys), self.now)
+            target.engine.add(
+                SimSequence(n, request.input_tokens, 1, request.keys, hands_off=True), self.now
+            )
         else:
             target = self.instances[decision.decode]
             target.num_prefills += 1
@@ -368,7 +380,7 @@ class Simulation:
         for out in report.outputs:
             seq = out.sequence
             record = self.records[seq.request_id]
-            if instance.id == record.prefill:
+            if seq.hands_off:
                 if out.new_tokens:
                     self._prefilled(instance, record, seq)
                 continue
@@ -429,6 +441,9 @@ class Simulation:
         instance.num_prefills -= 1
         instance.queued_prefill_tokens -= record.uncached_tokens
         record.cached_tokens = seq.hit_tokens + seq.loaded_tokens
+        node = self.nodes.get(instance.host)
+        if node is not None and instance.role is WorkerRole.BOTH:  # it saved them (_saver)
+            node.put(self.requests[seq.request_id].keys)
         ttft = self.now - record.arrival_s
         instance.predictor.observe_ttft(record.predicted_ttft_s, ttft, self.now)
 

@@ -81,8 +81,9 @@ def summarize(
 
 
 def rate_at(points: Sequence[Point], target: float = ATTAINMENT_TARGET) -> float:
-    """The highest swept rate whose attainment is >= ``target``, interpolated linearly to the
-    crossing with the next rate; 0 if even the lowest rate misses it. ``points`` by rate."""
+    """Where attainment first falls below ``target`` as the rate grows: interpolated linearly
+    between the last swept rate that meets it and the next; the highest swept rate if all meet
+    it; 0 if even the lowest misses it."""
     ordered = sorted(points, key=lambda p: p.rate)
     best = 0.0
     for i, point in enumerate(ordered):
@@ -90,8 +91,6 @@ def rate_at(points: Sequence[Point], target: float = ATTAINMENT_TARGET) -> float
             if i == 0:
                 return 0.0
             below = ordered[i - 1]
-            if below.attainment < target:
-                return best
             span = below.attainment - point.attainment
             share = (below.attainment - target) / span if span > 0 else 0.0
             return below.rate + share * (point.rate - below.rate)

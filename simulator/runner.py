@@ -104,13 +104,13 @@ def results_json(
             "shape": setup.shape.value,
             "prefill_gpus": setup.prefill_gpus,
             "pool": setup.pool,
+            "baseline": setup.baseline and setup.name != config.strata_setup,
             "rate_at_90": round(rate_at(points, ATTAINMENT_TARGET), 4),
             "points": [p.to_json() for p in points],
         }
     strata = policies[config.strata_setup]["rate_at_90"]
-    best = max(
-        (v["rate_at_90"] for k, v in policies.items() if k != config.strata_setup), default=0.0
-    )
+    baselines = [s.name for s in config.setups if s.baseline and s.name != config.strata_setup]
+    best = max((policies[name]["rate_at_90"] for name in baselines), default=0.0)
     return {
         "strata_policy": config.strata_setup,
         "config": str(config_path),

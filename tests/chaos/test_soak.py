@@ -16,10 +16,11 @@ from the fault until 15 s after the cluster is whole again (the burst: until 15 
 ends); a request counts against the error budget if it overlaps no window.
 
 Memory: the RSS of each process tree (store, each worker with its engine, gateway) is read with
-psutil at the end of the warm-up (a restarted one: ``RSS_SETTLE_S`` after its restart: an
-engine's heap grows 10-15 % over its first minutes of serving, docs/reliability.md) and at the
-end; each one watched for at least one interval may grow by 5 % at most. Idle at the end: no
-sequence running in any engine, no lease or write held in the store.
+psutil at the end of the warm-up (a restarted worker: ``RSS_SETTLE_S`` after its restart, as an
+engine's heap grows 10-15 % over its first minutes of serving, docs/reliability.md; a restarted
+store node: 60 s after) and at the end; each one watched for at least one interval may grow by
+5 % at most. Idle at the end: no sequence running in any engine, no lease or write held in the
+store.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ DURATION_S = float(os.environ.get("STRATA_SOAK_DURATION_S", "7200"))
 FAULT_INTERVAL_S = float(os.environ.get("STRATA_SOAK_FAULT_INTERVAL_S", "600"))
 WINDOW_GRACE_S = 15.0
 RSS_SETTLE_S = min(420.0, 0.7 * FAULT_INTERVAL_S)
+"""A restarted worker's (engine's) start-up before its RSS baseline."""
+RSS_SETTLE_OTHER_S = 60.0
+"""A restarted store node's: it has no engine (and its last restart must leave it watched for
+an interval before the end)."""
 FAULTS = ("kill_decode", "kill_prefill", "kill_store", "overload")
 
 
@@ -110,9 +115,11 @@ def test_soak(
     def watch(now: float) -> None:
         """Take baselines that are due; start watching processes not watched yet."""
         known = {w.pid for w in watched}
-        settle = RSS_SETTLE_S if watched else 0.0  # the first call: the end of the warm-up
+        first = not watched  # the first call: the end of the warm-up
         for name, process in processes().items():
             if process.proc.pid not in known:
+                engine = name.startswith(("prefill", "decode"))
+                settle = 0.0 if first else RSS_SETTLE_S if engine else RSS_SETTLE_OTHER_S
                 watched.append(Watched(name, process.proc.pid, now + settle))
         for w in watched:
             if w.baseline is None and now >= w.baseline_at:

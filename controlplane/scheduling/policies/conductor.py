@@ -47,11 +47,12 @@ class ConductorPolicy(CostPolicy):
         bs = request.block_size
         usable = (request.num_prompt_tokens - 1) // bs
         pool = min(usable, request.cached.pool_blocks)
-        best = min(usable, max([pool, *request.cached.hbm_blocks.values()]))
+        # FindBestPrefixMatch: the pool (Mooncake's store) and the prefill instances' caches.
+        best = max([pool, *(costs.hbm_blocks(p) for p in prefills)])
         chosen: tuple[float, int, InstanceSnapshot, int] | None = None
         for order, prefill in enumerate(prefills):
             local = costs.hbm_blocks(prefill)
-            fetch = best > local and (local == 0 or best / local >= BALANCING_THRESHOLD)
+            fetch = best > local and (local == 0 or best / local > BALANCING_THRESHOLD)
             have = best if fetch else local
             predictor = prefill.predictor
             ttft = (
@@ -75,11 +76,18 @@ class ConductorPolicy(CostPolicy):
             )  # fmt: skip
         else:
             ttft, _, prefill, have = chosen
-            decode, tbt = min(
-                ((d, costs.tpot_s(d, transport_between(prefill, d))) for d in free),
-                key=lambda pair: pair[1],
-            )
-            assign = Assign(prefill.id, decode.id, ttft, tbt, have, Route.DISAGGREGATED, self.name)
+            others = [d for d in free if d.id != prefill.id]
+            if others:
+                decode, tbt = min(
+                    ((d, costs.tpot_s(d, transport_between(prefill, d))) for d in others),
+                    key=lambda pair: pair[1],
+                )
+                route = Route.DISAGGREGATED
+                assign = Assign(prefill.id, decode.id, ttft, tbt, have, route, self.name)
+            else:  # a BOTH instance, the only decode instance: it decodes what it prefilled
+                tbt = costs.tpot_s(prefill, None)
+                route = Route.LOCAL_SAME_INSTANCE
+                assign = Assign(None, prefill.id, ttft, tbt, have, route, self.name)
         ttft_slo = costs.ttft_slo_s if costs.ttft_slo_s is not None else INF
         tpot_slo = costs.tpot_slo_s if costs.tpot_slo_s is not None else INF
         if ttft > ttft_slo or tbt > tpot_slo:

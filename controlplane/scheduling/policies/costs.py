@@ -44,6 +44,7 @@ class RequestCosts:
         "_request",
         "_transfer_divisor",
         "_usable_blocks",
+        "needs_slot",
         "tpot_slo_s",
         "ttft_slo_s",
     )
@@ -63,15 +64,15 @@ class RequestCosts:
         self.ttft_slo_s = (
             request.ttft_slo_s if request.ttft_slo_s is not None else config.default_ttft_slo_s
         )
-        # One token has no time per output token: the prefill's first token ends the request
-        # (the gateway asks no decode instance), so no TPOT SLO applies.
-        self.tpot_slo_s = (
-            None
-            if request.max_tokens <= 1
-            else request.tpot_slo_s
-            if request.tpot_slo_s is not None
-            else config.default_tpot_slo_s
+        tpot_slo_s = (
+            request.tpot_slo_s if request.tpot_slo_s is not None else config.default_tpot_slo_s
         )
+        # With a TPOT SLO, a decode instance must have a free sequence slot: a local route
+        # runs the whole request there, one token or not.
+        self.needs_slot = tpot_slo_s is not None
+        # One token has no time per output token: after a prefill elsewhere its first token
+        # ends the request (the gateway asks no decode instance), so no TPOT SLO applies.
+        self.tpot_slo_s = None if request.max_tokens <= 1 else tpot_slo_s
 
     @property
     def request(self) -> RequestSnapshot:

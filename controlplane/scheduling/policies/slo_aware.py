@@ -31,7 +31,7 @@ class SloAwarePolicy(CostPolicy):
     def _choose(self, costs: RequestCosts, prefills: Candidates, decodes: Candidates) -> Decision:
         ttft_slo = costs.ttft_slo_s if costs.ttft_slo_s is not None else INF
         tpot_slo = costs.tpot_slo_s if costs.tpot_slo_s is not None else INF
-        check_slots = costs.tpot_slo_s is not None
+        check_slots = costs.needs_slot
 
         # Options where the decode instance prefills itself: (ttft, tpot, order, route, D).
         local: list[tuple[float, float, int, Route, InstanceSnapshot]] = []
@@ -55,7 +55,9 @@ class SloAwarePolicy(CostPolicy):
             ((costs.ttft_s(p, local=False), order, p) for order, p in enumerate(prefills)),
             key=lambda option: (option[0], option[1]),
         )
-        tpot_by_route = _DecodeTable(costs, remote, check_slots)
+        # A one-token request prefilled elsewhere never reaches its decode instance.
+        handoff = costs.request.max_tokens > 1
+        tpot_by_route = _DecodeTable(costs, remote, check_slots and handoff)
         best: tuple[float, float, int, Assign] | None = None
         for ttft, _, prefill in ranked:
             if ttft > ttft_slo:
@@ -113,8 +115,11 @@ class SloAwarePolicy(CostPolicy):
     ) -> tuple[float, float, int, Assign] | None:
         """No pair and no conditional-disaggregation route meets the SLOs: the decode instance
         with the lowest TTFT that meets both prefilling the request itself (no transfer, its
-        own queue), if any. The options it adds also count for the rejection's wait."""
+        own queue), if any, and whose running sequences still meet the TPOT SLO with the
+        prefill in their steps (its service time spread over their mean remaining tokens).
+        The options it adds also count for the rejection's wait."""
         best: tuple[float, float, int, Assign] | None = None
+        config = self.config
         for order, decode in remote:
             if decode.can_prefill():
                 continue  # a BOTH instance is a local option already
@@ -124,6 +129,18 @@ class SloAwarePolicy(CostPolicy):
                 continue
             if check_slots and not costs.has_free_slot(decode):
                 continue
+            load = decode.load
+            if load.running_decodes and tpot_slo < INF:
+                remaining = load.remaining_decode_tokens or (
+                    config.default_remaining_tokens * load.running_decodes
+                )
+                per_sequence = max(1.0, remaining / load.running_decodes)
+                others_s = (
+                    decode.predictor.decode_step_s(load.running_decodes, load.decode_context_tokens)
+                    + costs.service_ttft_s(decode, local=True) / per_sequence
+                )
+                if others_s > tpot_slo:
+                    continue  # the prefill would push the running sequences past the SLO
             if best is None or (ttft, tpot, order) < best[:3]:
                 assign = Assign(
                     None,

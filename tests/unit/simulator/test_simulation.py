@@ -210,3 +210,51 @@ def test_trace_and_config_files(tmp_path: Path) -> None:
     cfg.write_text(text.replace("gpus: 4\n", "gpus: 4\nspeed: 11\n"))
     with pytest.raises(ValueError, match=r"unknown fields \['speed'\]"):
         load_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        Setup(
+            "sync",
+            "slo_aware",
+            Shape.DISAGGREGATED,
+            prefill_gpus=1,
+            kv_load=Timing.SYNC,
+            kv_save=Timing.SYNC,
+        ),
+        Setup("async", "slo_aware", Shape.DISAGGREGATED, prefill_gpus=1),
+        Setup("fallback", "slo_aware", Shape.DISAGGREGATED, prefill_gpus=1, local_fallback=True),
+        Setup("conductor", "conductor", Shape.DISAGGREGATED, prefill_gpus=1),
+        Setup("colocated", "prefix_aware", Shape.COLOCATED),
+        Setup("no-pool", "round_robin", Shape.DISAGGREGATED, prefill_gpus=1, pool=False),
+    ],
+    ids=lambda s: s.name,
+)
+def test_everything_returns_when_the_run_ends(setup: Setup) -> None:
+    # A small HBM (256 tokens) forces preemptions; shared prefixes exercise hits and loads.
+    small = EngineProfile(
+        name="small", model="m", hardware="h", source="t", step=PROFILE.step,
+        kv_bytes_per_token=1000, hbm_kv_tokens=256, max_num_seqs=4,
+        max_num_batched_tokens=64, max_model_len=512,
+    )  # fmt: skip
+    cfg = config(setup, gpus=3, tpot_slo_s=1.0, ttft_slo_s=30.0, profile=small)
+    requests = [request(i, 0.02 * i, 40 + 7 * (i % 5), 30, range(i % 4)) for i in range(60)]
+    sim = Simulation(cfg, setup, requests)
+    records = sim.run()
+    assert all(r.finished or r.rejected is not None for r in records)
+    assert any(r.finished for r in records)
+    for instance in sim.gateway.instances:
+        counters = (
+            instance.num_prefills,
+            instance.queued_prefill_tokens,
+            instance.running_decodes,
+            instance.context_tokens,
+            instance.remaining_decode_tokens,
+        )
+        assert counters == (0, 0, 0, 0, 0), instance.id
+        engine = instance.engine
+        assert not engine.has_work and not engine.stepping
+        assert engine.used_tokens == engine.cache_block_tokens * len(engine._free_cached)
+    if setup.name == "sync":
+        assert sum(i.engine.num_preemptions for i in sim.gateway.instances) > 0

@@ -132,6 +132,13 @@ CASES = [
         id="one-token-has-no-tpot",  # the prefill's token ends it: no step, no slot needed
     ),
     pytest.param(
+        [instance("d0", D, running=8, capacity=8, remaining=800)],
+        RequestSnapshot(100, 1, BLOCK, tpot_slo_s=0.05),
+        {},
+        (RejectReason.OVERLOADED, 1.0),
+        id="one-token-on-a-full-decode-waits-for-a-slot",  # a local route runs it there
+    ),
+    pytest.param(
         [instance("p0", P), instance("d0", D, running=8, capacity=8, remaining=800)],
         RequestSnapshot(1000, 101, BLOCK, tpot_slo_s=0.05),
         {"min_retry_after_s": 0.1},

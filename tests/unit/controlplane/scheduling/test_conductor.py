@@ -11,7 +11,7 @@ import pytest
 
 from controlplane.scheduling import Assign, Reject, RejectReason, Route
 from controlplane.scheduling.policies import ConductorPolicy
-from tests.unit.controlplane.scheduling.scheduling_helpers import D, P, config, instance, request
+from tests.unit.controlplane.scheduling.scheduling_helpers import B, D, P, config, instance, request
 
 
 def decide(cluster: list, req: object, **overrides: object) -> object:  # type: ignore[type-arg]
@@ -38,7 +38,7 @@ def test_a_local_prefix_is_used_and_a_much_longer_one_fetched() -> None:
     cluster = [instance("p0", P, queued=300), instance("p1", P), instance("d0", D)]
     decision = decide(cluster, request(hbm={"p0": 40, "p1": 10}))
     assert isinstance(decision, Assign)
-    # p0: queue 0.3 s + 360 new tokens = 0.66 s. p1: 40 / 10 >= 1.5, so it fetches 30 blocks
+    # p0: queue 0.3 s + 360 new tokens = 0.66 s. p1: 40 / 10 > 1.5, so it fetches 30 blocks
     # (480 tokens, 0.48 MB over TCP: 4.8 ms) and computes 360: 0.3648 s. p1 wins.
     assert (decision.prefill, decision.cached_blocks) == ("p1", 40)
     assert decision.predicted_ttft_s == pytest.approx(0.36 + 0.0048)
@@ -66,3 +66,13 @@ def test_without_a_prefill_instance_the_decode_prefills() -> None:
         "d0",
         Route.LOCAL_NO_PREFILL,
     )
+
+
+def test_an_instance_that_prefills_and_decodes_is_not_its_own_pair() -> None:
+    cluster = [instance("b0", B), instance("b1", B, running=3)]
+    decision = decide(cluster, request())
+    assert isinstance(decision, Assign)
+    assert (decision.prefill, decision.decode) == ("b0", "b1")
+    alone = decide([instance("b0", B)], request())
+    assert isinstance(alone, Assign)
+    assert (alone.prefill, alone.decode, alone.route) == (None, "b0", Route.LOCAL_SAME_INSTANCE)

@@ -200,6 +200,11 @@ def test_local_fallback_takes_what_no_pair_can_meet() -> None:
     )
     off = config(local_fallback=True, conditional_disaggregation=False)
     assert isinstance(SloAwarePolicy(off).decide(short, cluster), Reject)
+    # Not at the running sequences' expense: d0 busy with 3 sequences of 10 tokens left each,
+    # the 1 s prefill spread over them adds 100 ms to their 13 ms steps: past the 15 ms SLO.
+    busy = [instance("p0", P), instance("d0", D, running=3, remaining=30)]
+    refused = SloAwarePolicy(config(local_fallback=True)).decide(short, busy)
+    assert isinstance(refused, Reject), refused
 
 
 # -- the worked example of docs/design/scheduling.md §6 --------------------------------------
