@@ -57,6 +57,8 @@ class SimSequence:
     added_at: float = 0.0
     ready_at: float = 0.0
     """An asynchronous load in progress until then: the sequence waits out of the batches."""
+    allocated: bool = False
+    """Admitted to the engine's KV (hits pinned, room taken); it may still be loading."""
     num_preemptions: int = 0
 
     @property
@@ -165,7 +167,7 @@ class SimEngine:
     def next_ready_at(self) -> float | None:
         """When the first asynchronous load in progress ends (the loop wakes the engine then,
         if it is idle), or None."""
-        loading = [s.ready_at for s in self.running if s.prefilling and s.ready_at > self._now]
+        loading = [s.ready_at for s in self.waiting if s.allocated and s.ready_at > self._now]
         return min(loading) if loading else None
 
     def cached_blocks(self, keys: tuple[BlockKey, ...]) -> int:
@@ -275,9 +277,6 @@ class SimEngine:
         preempted = False
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            if seq.prefilling and seq.ready_at > self._now:
-                index += 1  # its KV is still arriving
-                continue
             if seq.prefilling:
                 chunk = min(seq.prompt_tokens - seq.computed, budget)
                 plan.append(_Planned(seq, chunk, False))
@@ -294,23 +293,32 @@ class SimEngine:
                 plan.append(_Planned(seq, 1, True))
                 budget -= 1
             index += 1
-        # vLLM admits nothing in a step that had to preempt.
+        # vLLM admits nothing in a step that had to preempt. A sequence whose KV is still
+        # arriving (an asynchronous load: vLLM's WAITING_FOR_REMOTE_KVS) holds its KV but stays
+        # in the queue, skipped, and takes no sequence slot until the load is done.
+        # Once one cannot be given room, only those that have theirs (loaded since) may pass
+        # it: they hold KV that nothing else would free.
+        skipped: list[SimSequence] = []
+        full = False
         while (
             not preempted
             and self.waiting
             and budget > 0
             and len(self.running) < self.profile.max_num_seqs
         ):
-            seq = self.waiting[0]
-            if not self._admit(seq):
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
+            seq = self.waiting.popleft()
+            if not seq.allocated and (full or not self._admit(seq)):
+                full = True
+                skipped.append(seq)
+                continue
             if seq.ready_at > self._now:
-                continue  # loading: it joins a later step
+                skipped.append(seq)
+                continue
+            self.running.append(seq)
             chunk = min(seq.prompt_tokens - seq.computed, budget)
             plan.append(_Planned(seq, chunk, False))
             budget -= chunk
+        self.waiting.extendleft(reversed(skipped))  # back at the head, in their order
         return plan
 
     def _admit(self, seq: SimSequence) -> bool:
@@ -344,6 +352,7 @@ class SimEngine:
                 self._step_load_s += seconds
         seq.loaded_tokens = loaded
         seq.computed = hit_tokens + loaded
+        seq.allocated = True
         return True
 
     def _grow(self, seq: SimSequence) -> bool:
@@ -421,6 +430,7 @@ class SimEngine:
             self._publish(tuple(stored), ())
 
     def _release(self, seq: SimSequence) -> None:
+        seq.allocated = False
         for key in seq.pinned:
             self._unpin(key)
         seq.pinned = []
