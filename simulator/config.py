@@ -15,12 +15,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from controlplane.scheduling import POLICY_NAMES, TransferCoefficients, Transport
 from controlplane.scheduling.predictor.model import PRIOR_SSD_READ, PRIOR_TRANSFERS
 from kvstore.policy.factory import PolicyKind
-from simulator.profile import EngineProfile, load_profile
+from simulator.profile import EngineProfile, load_profile, read_mapping
 from strata_common.units import parse_duration, parse_size
 
 __all__ = ["Setup", "Shape", "SimConfig", "StoreConfig", "Timing", "load_config"]
@@ -254,10 +252,4 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, origin: str) -> Sim
 
 
 def load_config(path: Path) -> SimConfig:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the config: {exc}") from None
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: a config is a mapping")
-    return config_from_mapping(data, path.parent, str(path))
+    return config_from_mapping(read_mapping(path, "config"), path.parent, str(path))

@@ -169,12 +169,17 @@ def profile_from_mapping(data: Mapping[str, Any], origin: str) -> EngineProfile:
         raise ValueError(f"{origin}: {exc}") from None
 
 
-def load_profile(path: Path) -> EngineProfile:
-    """Read a profile file (ValueError with the path on a bad one)."""
+def read_mapping(path: Path, what: str) -> Mapping[str, Any]:
+    """A YAML file holding one mapping (a profile, a config); ValueError with the path."""
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the profile: {exc}") from None
+        raise ValueError(f"{path}: cannot read the {what}: {exc}") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: a profile is a mapping")
-    return profile_from_mapping(data, str(path))
+        raise ValueError(f"{path}: a {what} is a mapping")
+    return data
+
+
+def load_profile(path: Path) -> EngineProfile:
+    """Read a profile file (ValueError with the path on a bad one)."""
+    return profile_from_mapping(read_mapping(path, "profile"), str(path))
