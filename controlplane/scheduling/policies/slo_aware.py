@@ -88,21 +88,18 @@ class SloAwarePolicy(CostPolicy):
             if check_slots and not costs.has_free_slot(decode):
                 continue
             if best is None or (ttft, tpot, order) < best[:3]:
-                assign = Assign(
-                    None,
-                    decode.id,
-                    ttft,
-                    tpot,
-                    costs.cached_blocks(decode),
-                    route,
-                    self.name,
-                )
-                best = (ttft, tpot, order, assign)
+                best = (ttft, tpot, order, self._local(costs, decode, ttft, tpot, route))
         if best is None and costs.local_fallback:
             best = self._fallback(costs, remote, local, ttft_slo, tpot_slo, check_slots)
         if best is not None:
             return best[3]
         return self._reject(costs, ranked, tpot_by_route, local)
+
+    def _local(
+        self, costs: RequestCosts, decode: InstanceSnapshot, ttft: float, tpot: float, route: Route
+    ) -> Assign:
+        """``decode`` prefills the request itself."""
+        return Assign(None, decode.id, ttft, tpot, costs.cached_blocks(decode), route, self.name)
 
     def _fallback(
         self,
@@ -142,15 +139,7 @@ class SloAwarePolicy(CostPolicy):
                 if others_s > tpot_slo:
                     continue  # the prefill would push the running sequences past the SLO
             if best is None or (ttft, tpot, order) < best[:3]:
-                assign = Assign(
-                    None,
-                    decode.id,
-                    ttft,
-                    tpot,
-                    costs.cached_blocks(decode),
-                    Route.LOCAL_FALLBACK,
-                    self.name,
-                )
+                assign = self._local(costs, decode, ttft, tpot, Route.LOCAL_FALLBACK)
                 best = (ttft, tpot, order, assign)
         return best
 
