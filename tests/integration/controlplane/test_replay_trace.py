@@ -1,0 +1,46 @@
+"""loadtests/replay_trace.py against a gateway with scripted workers: shared trace blocks become
+shared token prefixes; every request is sent and measured; the report adds up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtests.replay_trace import TraceRecord, main, prompt_ids
+from tests.integration.controlplane.conftest import Stack
+
+
+def test_trace_blocks_become_shared_token_prefixes() -> None:
+    a = TraceRecord(0.0, 1100, 5, (7, 8, 9))
+    b = TraceRecord(1.0, 600, 5, (7, 11))
+    ids_a, ids_b = prompt_ids(0, a, 16, 100, 1100), prompt_ids(1, b, 16, 100, 1100)
+    assert len(ids_a) == 35 and len(ids_b) == 19  # 1100 and 600 tokens scaled by 16/512
+    assert ids_a[:16] == ids_b[:16]  # hash id 7
+    assert ids_a[16:32] != ids_b[16:32]
+    assert all(100 <= i < 1100 for i in ids_a + ids_b)
+    assert prompt_ids(0, a, 16, 100, 1100) == ids_a  # deterministic
+
+
+def test_replay_against_a_gateway(stack: Stack, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    records = [
+        {
+            "timestamp": 100 * i,
+            "input_length": 1024,
+            "output_length": 4,
+            "hash_ids": [i % 3, 50 + i],
+        }
+        for i in range(12)
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "report.json"
+    argv = ["--url", stack.url, "--trace", str(trace), "--time-scale", "4", "--out", str(out)]
+    assert main([*argv, "--slo-ttft-ms", "5000", "--slo-tpot-ms", "5000", "--per-request"]) == 0
+    report = json.loads(out.read_text())
+    assert report["requests"] == 12 and report["succeeded"] == 12
+    assert report["statuses"] == {"200": 12}
+    assert report["slo_attainment"] == 1.0
+    assert report["ttft_ms"]["p50"] > 0
+    prompts = [r.prompt_token_ids for r in stack.prefill.prefill_requests]
+    assert len(prompts) == 12 and {len(p) for p in prompts} == {32}  # 1024 tokens / 512 * 16
+    assert all(r["output_tokens"] >= 1 for r in report["per_request"])
