@@ -22,10 +22,10 @@ from kvstore.wire.types import PutStatus
 from strata_common.credentials import ClusterCredentials, Identity, write_secret_file
 from strata_common.grpc_auth import ClientAuth
 from strata_common.records import RecordSeal
+from tests.fakes import FakeClock
 from tests.integration.kvstore.node_args import cluster_args
 from tests.integration.kvstore.node_process import NodeFactory
 from tests.integration.kvstore.valkey_fixture import valkey_url
-from tests.unit.kvstore.fakes import FakeClock
 from tests.unit.kvstore.test_kvstore_metadata import exercise, exercise_reap
 
 __all__ = ["valkey_url"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from strata_common.heap import HeapTrimmer, glibc_malloc_trim, resident_bytes
-from tests.unit.kvstore.fakes import FakeClock
+from tests.fakes import FakeClock
 
 
 def test_trims_once_per_interval_and_reports_what_it_returned() -> None:

@@ -7,20 +7,13 @@ import logging
 import pytest
 
 from strata_common.ratelog import RateLimitedLog
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 def test_one_line_per_kind_per_interval_then_the_count_of_the_rest(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     log = RateLimitedLog(logging.getLogger("test.ratelog"), interval_s=10.0, clock=clock)
     caplog.set_level(logging.INFO, "test.ratelog")
     written = [log.warning("RELEASE", "unknown lease %d", i) for i in range(65536)]
@@ -42,7 +35,7 @@ def test_one_line_per_kind_per_interval_then_the_count_of_the_rest(
 
 
 def test_exception_tracebacks_and_validation(caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = FakeClock()
     log = RateLimitedLog(logging.getLogger("test.ratelog"), interval_s=1.0, clock=clock)
     caplog.set_level(logging.ERROR, "test.ratelog")
     error = RuntimeError("boom")

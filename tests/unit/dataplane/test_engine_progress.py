@@ -13,18 +13,11 @@ import pytest
 
 from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.worker import Worker, _stat_logger_factory
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 def test_idle_engine_is_not_stalled() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     progress = EngineProgress(clock)
     clock.now += 50
     assert progress.stalled_s() == 0.0
@@ -32,7 +25,7 @@ def test_idle_engine_is_not_stalled() -> None:
 
 
 def test_stall_clock_starts_when_work_arrives_not_at_the_last_step() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     progress = EngineProgress(clock)
     progress.step()  # the last step before idling, at 100
     clock.now = 130.0
@@ -58,7 +51,7 @@ def test_end_without_begin_is_an_error() -> None:
 
 
 def test_stat_logger_counts_one_step_per_record_with_scheduler_stats() -> None:
-    progress = EngineProgress(FakeClock())
+    progress = EngineProgress(FakeClock(100.0))
     counters = WorkerCounters()
     config = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=400))
     logger = _stat_logger_factory(counters, progress)(config)
@@ -91,7 +84,7 @@ class FakeEngine:
 
 def make_worker(engine: FakeEngine) -> Worker:
     worker = Worker.__new__(Worker)
-    worker.progress = EngineProgress(FakeClock())
+    worker.progress = EngineProgress(FakeClock(100.0))
     worker._abort_probes = set()
     worker.engine = engine
     return worker

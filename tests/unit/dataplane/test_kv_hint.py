@@ -9,6 +9,7 @@ import pytest
 
 from dataplane.kv_hint import KV_NODE_PARAM, NODE_ID_REFRESH_S, StoreNodeId, hint_of
 from kvstore.errors import KVStoreUnavailable
+from tests.fakes import FakeClock
 
 
 @pytest.mark.parametrize(
@@ -43,17 +44,9 @@ class FakeStore:
         return reply
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_node_id_is_read_once_per_refresh_period() -> None:
     store = FakeStore({"cluster": {"node_id": "A"}}, {"cluster": {"node_id": "A2"}})
-    clock = Clock()
+    clock = FakeClock(50.0)
     node_id = StoreNodeId(store.stats, clock)
     assert [node_id.get(), node_id.get()] == ["A", "A"]
     assert store.calls == 1
@@ -66,13 +59,15 @@ def test_the_node_id_is_read_once_per_refresh_period() -> None:
 
 def test_a_standalone_node_gives_no_hint() -> None:
     store = FakeStore({"cluster": None})
-    assert StoreNodeId(store.stats, Clock()).get() is None
-    assert StoreNodeId(FakeStore({"num_blocks": 3}).stats, Clock()).get() is None  # older node
+    assert StoreNodeId(store.stats, FakeClock(50.0)).get() is None
+    assert (
+        StoreNodeId(FakeStore({"num_blocks": 3}).stats, FakeClock(50.0)).get() is None
+    )  # older node
 
 
 def test_a_failed_stats_keeps_the_last_id_and_is_not_retried_at_once() -> None:
     store = FakeStore(KVStoreUnavailable("down"), {"cluster": {"node_id": "B"}})
-    clock = Clock()
+    clock = FakeClock(50.0)
     node_id = StoreNodeId(store.stats, clock)
     assert node_id.get() is None
     assert node_id.get() is None  # no second STATS within the period: the scheduler waits

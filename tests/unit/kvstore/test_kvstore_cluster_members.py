@@ -19,7 +19,8 @@ from kvstore.cluster.events import (
 from kvstore.cluster.membership import Membership
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, EmbeddedMetadataStore, MemberKind, member_kind
-from tests.unit.kvstore.fakes import FakeClock, k
+from tests.fakes import FakeClock
+from tests.unit.kvstore.fakes import k
 
 
 def sync(view: ClusterView) -> None:

@@ -6,14 +6,7 @@ import pytest
 
 from kvstore.blocks.tier import Tier
 from kvstore.cluster.hints import DEFAULT_HINT_CAPACITY, DEFAULT_HINT_TTL_S, HintedHolders
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 def key(n: int) -> bytes:
@@ -21,7 +14,7 @@ def key(n: int) -> bytes:
 
 
 def test_what_was_added_is_found_with_its_node_and_tier() -> None:
-    hinted = HintedHolders(clock=Clock())
+    hinted = HintedHolders(clock=FakeClock(100.0))
     hinted.add("a", [key(0), key(1)], [Tier.DRAM, Tier.SSD])
     assert hinted.holder(key(0)) == ("a", Tier.DRAM)
     assert hinted.holder(key(1)) == ("a", Tier.SSD)
@@ -40,7 +33,7 @@ def test_what_was_added_is_found_with_its_node_and_tier() -> None:
 
 
 def test_entries_expire_after_the_ttl() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     hinted = HintedHolders(ttl_s=30.0, clock=clock)
     hinted.add("a", [key(0)], [Tier.DRAM])
     clock.now += 10.0
@@ -58,7 +51,7 @@ def test_entries_expire_after_the_ttl() -> None:
 
 
 def test_re_adding_a_key_renews_it() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     hinted = HintedHolders(ttl_s=30.0, clock=clock)
     hinted.add("a", [key(0), key(1)], [Tier.DRAM, Tier.DRAM])
     clock.now += 20.0
@@ -69,7 +62,7 @@ def test_re_adding_a_key_renews_it() -> None:
 
 
 def test_the_oldest_keys_go_beyond_the_capacity() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     hinted = HintedHolders(capacity=3, clock=clock)
     hinted.add("a", [key(0), key(1)], [Tier.DRAM, Tier.DRAM])
     clock.now += 1.0

@@ -15,7 +15,8 @@ from kvstore.cluster.events import (
 )
 from kvstore.cluster.view import ClusterView
 from kvstore.metadata import START, EmbeddedMetadataStore
-from tests.unit.kvstore.fakes import FakeClock, k
+from tests.fakes import FakeClock
+from tests.unit.kvstore.fakes import k
 
 
 def join(store: EmbeddedMetadataStore, node: str, ttl: float = 5.0) -> None:

@@ -20,7 +20,7 @@ from kvstore.metadata.base import member_info
 from tests.integration.kvstore.valkey_fixture import valkey_url
 
 __all__ = ["valkey_url"]
-from tests.unit.kvstore.fakes import FakeClock
+from tests.fakes import FakeClock
 
 
 def exercise(store: MetadataStore) -> None:

@@ -13,6 +13,7 @@ from kvstore.blocks.format import BLOCK_HEADER_BYTES, encode_header
 from kvstore.node.ssd.files import SSD_FORMAT
 from kvstore.node.ssd.tier import SSDTier
 from kvstore.node.ssd.types import ReadStatus, SSDTierError
+from tests.fakes import FakeClock
 
 MIB = 1024 * 1024
 SIZE = 16 * MIB  # the smallest tier: budget 11 744 052 bytes
@@ -28,21 +29,13 @@ def block(n: int, nbytes: int = 10_000) -> bytes:
     return encode_header(key(n), payload) + payload
 
 
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_000_000.0)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def open_tier(tmp_path: Path, clock: Clock) -> Iterator[Callable[..., SSDTier]]:
+def open_tier(tmp_path: Path, clock: FakeClock) -> Iterator[Callable[..., SSDTier]]:
     """Factory for tiers on one directory; every tier it opened is closed at teardown."""
     opened: list[SSDTier] = []
 
@@ -96,7 +89,7 @@ def test_read_into_fills_the_destination_once(open_tier: Callable[..., SSDTier])
 
 
 def test_ttl_expires_blocks_and_the_sweep_removes_them(
-    open_tier: Callable[..., SSDTier], clock: Clock
+    open_tier: Callable[..., SSDTier], clock: FakeClock
 ) -> None:
     tier = open_tier(ttl_s=100.0)
     tier.put(key(0), block(0))
@@ -121,7 +114,7 @@ def test_ttl_expires_blocks_and_the_sweep_removes_them(
 
 
 def test_expired_blocks_are_removed_at_open_and_shorter_ttl_applies(
-    open_tier: Callable[..., SSDTier], clock: Clock
+    open_tier: Callable[..., SSDTier], clock: FakeClock
 ) -> None:
     tier = open_tier(ttl_s=100.0)
     tier.put(key(0), block(0))
@@ -239,7 +232,7 @@ def test_capacity_evicts_in_lru_order(open_tier: Callable[..., SSDTier]) -> None
 
 
 def test_restart_serves_blocks_again_in_the_same_order(
-    open_tier: Callable[..., SSDTier], clock: Clock
+    open_tier: Callable[..., SSDTier], clock: FakeClock
 ) -> None:
     tier = open_tier()
     for n in (3, 1, 2):

@@ -30,6 +30,7 @@ from kvstore.node.ssd.tier import SSDTier
 from kvstore.node.store import Lease, StoreNode
 from kvstore.node.tiers import TierManager
 from kvstore.wire.types import PutStatus
+from tests.fakes import FakeClock
 
 PAGE = 4096
 MIB = 1024 * 1024
@@ -53,14 +54,6 @@ def block(n: int, nbytes: int = PAGE) -> bytes:
 
 def run(coro: Coroutine[Any, Any, _T]) -> _T:
     return asyncio.run(coro)
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder:
@@ -92,7 +85,7 @@ def node(tmp_path: Path) -> Iterator[StoreNode]:
     arena.close()
 
 
-def make_tiers(node: StoreNode, tmp_path: Path, clock: Clock, **kwargs: Any) -> TierManager:
+def make_tiers(node: StoreNode, tmp_path: Path, clock: FakeClock, **kwargs: Any) -> TierManager:
     ssd = SSDTier(str(tmp_path / "ssd"), 16 * MIB, ttl_s=100.0, sync="none", clock=clock)
     options: dict[str, Any] = {"high_watermark": 0.5, "low_watermark": 0.25}
     options.update(kwargs)
@@ -143,7 +136,7 @@ def test_dram_commit_delete_eviction_and_nothing_for_revoked_puts(node: StoreNod
 def test_spill_promotion_delete_and_write_behind(node: StoreNode, tmp_path: Path) -> None:
     async def scenario() -> None:
         rec = Recorder()
-        tiers = make_tiers(node, tmp_path, Clock())
+        tiers = make_tiers(node, tmp_path, FakeClock(1_000_000.0))
         tiers.set_listener(rec)
         fill(node, 0, 1, 2, 3, 4)
         assert rec.take() == [(n, DRAM, True, True) for n in range(5)]
@@ -182,7 +175,9 @@ def test_spill_promotion_delete_and_write_behind(node: StoreNode, tmp_path: Path
 def test_write_behind_reports_the_ssd_copy(node: StoreNode, tmp_path: Path) -> None:
     async def scenario() -> None:
         rec = Recorder()
-        tiers = make_tiers(node, tmp_path, Clock(), high_watermark=1.0, write_behind=True)
+        tiers = make_tiers(
+            node, tmp_path, FakeClock(1_000_000.0), high_watermark=1.0, write_behind=True
+        )
         tiers.set_listener(rec)
         fill(node, 0, 1)
         for n in (0, 1):
@@ -200,7 +195,7 @@ def test_write_behind_reports_the_ssd_copy(node: StoreNode, tmp_path: Path) -> N
 
 
 def test_ssd_capacity_eviction_ttl_sweep_corruption_and_rewrite(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     rec = Recorder()
     with SSDTier(str(tmp_path / "ssd"), 16 * MIB, ttl_s=100.0, sync="none", clock=clock) as ssd:
         ssd.set_listener(rec)
@@ -250,7 +245,7 @@ def make_agent(store: EmbeddedMetadataStore, tiers: TierManager) -> NodeAgent:
 
 def test_agent_publishes_each_kind_of_change_exactly(node: StoreNode, tmp_path: Path) -> None:
     async def scenario() -> None:
-        clock = Clock()
+        clock = FakeClock(1_000_000.0)
         store = EmbeddedMetadataStore()
         tiers = make_tiers(node, tmp_path, clock)
         agent = make_agent(store, tiers)
@@ -339,7 +334,9 @@ def test_write_behind_events_and_restart_reannounces_ssd_blocks(
 ) -> None:
     async def scenario() -> None:
         store = EmbeddedMetadataStore()
-        tiers = make_tiers(node, tmp_path, Clock(), high_watermark=1.0, write_behind=True)
+        tiers = make_tiers(
+            node, tmp_path, FakeClock(1_000_000.0), high_watermark=1.0, write_behind=True
+        )
         agent = make_agent(store, tiers)
         await agent.start()
         fill(node, 0, 1)
@@ -363,7 +360,7 @@ def test_write_behind_events_and_restart_reannounces_ssd_blocks(
         arena = Arena(8 * PAGE, PAGE, directory=str(tmp_path), prefault=False)
         try:
             store = EmbeddedMetadataStore()
-            tiers = make_tiers(StoreNode(arena), tmp_path, Clock())
+            tiers = make_tiers(StoreNode(arena), tmp_path, FakeClock(1_000_000.0))
             agent = make_agent(store, tiers)
             await agent.start()
             await agent.drain()
@@ -381,7 +378,7 @@ def test_write_behind_events_and_restart_reannounces_ssd_blocks(
 
 def test_reaped_while_alive_rejoins_as_a_new_incarnation(node: StoreNode) -> None:
     async def scenario() -> None:
-        clock = Clock()
+        clock = FakeClock(1_000_000.0)
         store = EmbeddedMetadataStore(clock=clock, max_age_s=86400.0)  # keeps all 2 h
         tiers = TierManager(node)
         agent = make_agent(store, tiers)

@@ -8,18 +8,11 @@ import logging
 import pytest
 
 from kvstore.metadata import OutageLog
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 def test_an_outage_logs_its_start_every_30_s_and_its_end(caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     log = OutageLog(logging.getLogger("test.outage"), "heartbeat of A", every_s=30.0, clock=clock)
     caplog.set_level(logging.INFO, "test.outage")
     log.succeeded()  # nothing to say while it works

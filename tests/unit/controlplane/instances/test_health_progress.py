@@ -18,6 +18,7 @@ from controlplane.instances.types import InstanceState
 from controlplane.metrics import GatewayMetrics
 from controlplane.workers.client import WorkerError, WorkerErrorKind, WorkerHealth
 from controlplane.workers.roles import WorkerRole
+from tests.fakes import FakeClock
 
 T = TypeVar("T")
 PREFILL = WorkerRole.PREFILL
@@ -28,14 +29,6 @@ def run(test: Callable[[], Awaitable[T]]) -> T:
         return await test()
 
     return asyncio.run(main())
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def health(*, requests: int = 0, stalled_s: float = 0.0, ready: bool = True) -> WorkerHealth:

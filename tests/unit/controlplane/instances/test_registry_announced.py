@@ -15,6 +15,7 @@ from controlplane.instances.types import InstanceConflict, InstanceState
 from controlplane.metrics import GatewayMetrics
 from controlplane.workers.roles import WorkerRole
 from strata_common.announce import AnnouncedRole, Announcement
+from tests.fakes import FakeClock
 
 PREFILL, DECODE = WorkerRole.PREFILL, WorkerRole.DECODE
 
@@ -49,30 +50,20 @@ async def settle(registry: InstanceRegistry) -> None:
 GRACE_S = 10.0
 
 
-class Clock:
-    """The registry's clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make(
-    store: LocalRegistryStore, clock: Clock | None = None, *, drain_timeout_s: float = 600.0
+    store: LocalRegistryStore, clock: FakeClock | None = None, *, drain_timeout_s: float = 600.0
 ) -> InstanceRegistry:
     return InstanceRegistry(
         metrics=GatewayMetrics(),
         health_check_timeout_s=1.0,
         store=store,
         drain_timeout_s=drain_timeout_s,
-        clock=clock or Clock(),
+        clock=clock or FakeClock(),
         announcement_grace_s=GRACE_S,
     )
 
 
-async def gone_for_the_grace(registry: InstanceRegistry, clock: Clock) -> None:
+async def gone_for_the_grace(registry: InstanceRegistry, clock: FakeClock) -> None:
     """Two rounds: the first finds the announcement missing, the next one a grace later."""
     await registry.sync()
     clock.now += GRACE_S
@@ -117,7 +108,7 @@ def test_announced_workers_are_registered_with_their_role() -> None:
 
 def test_a_gone_announcement_drains_the_instance_then_removes_it_once_idle() -> None:
     async def test() -> None:
-        store, clock = AnnouncingStore(), Clock()
+        store, clock = AnnouncingStore(), FakeClock()
         registry = make(store, clock)
         announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
         await registry.sync()
@@ -150,7 +141,7 @@ def test_a_gone_announcement_drains_the_instance_then_removes_it_once_idle() -> 
 
 def test_a_withdrawal_waits_at_most_the_drain_timeout() -> None:
     async def test() -> None:
-        store, clock = AnnouncingStore(), Clock()
+        store, clock = AnnouncingStore(), FakeClock()
         registry = make(store, clock, drain_timeout_s=0.05)
         announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
         announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)
@@ -223,7 +214,7 @@ def test_removing_a_worker_that_still_announces_itself_is_refused() -> None:
 
 def test_a_gap_shorter_than_the_grace_withdraws_nothing() -> None:
     async def test() -> None:
-        store, clock = AnnouncingStore(), Clock()
+        store, clock = AnnouncingStore(), FakeClock()
         registry = make(store, clock)
         announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
         announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)
@@ -255,7 +246,7 @@ def test_a_gap_shorter_than_the_grace_withdraws_nothing() -> None:
 
 def test_an_announcement_back_during_its_withdrawal_cancels_it_and_undrains() -> None:
     async def test() -> None:
-        store, clock = AnnouncingStore(), Clock()
+        store, clock = AnnouncingStore(), FakeClock()
         registry = make(store, clock)
         other = make(store, clock)  # a second gateway on the same store
         announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
@@ -289,7 +280,7 @@ def test_an_announcement_back_during_its_withdrawal_cancels_it_and_undrains() ->
 
 def test_an_operators_drain_is_kept_when_the_announcement_comes_back() -> None:
     async def test() -> None:
-        store, clock = AnnouncingStore(), Clock()
+        store, clock = AnnouncingStore(), FakeClock()
         registry = make(store, clock)
         announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
         announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)
@@ -313,7 +304,7 @@ def test_an_operators_drain_is_kept_when_the_announcement_comes_back() -> None:
 
 def test_a_scan_that_finds_no_announcement_withdraws_nothing_for_a_grace() -> None:
     async def test() -> None:
-        store, clock = AnnouncingStore(), Clock()
+        store, clock = AnnouncingStore(), FakeClock()
         registry = make(store, clock)
         announce(store, "10.0.0.2:5000", AnnouncedRole.DECODE)
         announce(store, "10.0.0.3:5000", AnnouncedRole.DECODE)

@@ -19,6 +19,7 @@ from controlplane.instances.types import InstanceState
 from controlplane.metrics import GatewayMetrics
 from controlplane.workers.client import WorkerHealth
 from controlplane.workers.roles import WorkerRole
+from tests.fakes import FakeClock
 
 T = TypeVar("T")
 PREFILL, DECODE = WorkerRole.PREFILL, WorkerRole.DECODE
@@ -80,20 +81,12 @@ class FakeLauncher:
             worker.running = False
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Harness:
     """One registry with a fake launcher, clock and back-off sleep, supervising."""
 
     def __init__(self, *, restart: RestartPolicy | None = POLICY, **kwargs: Any) -> None:
         self.launcher = FakeLauncher()
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.waits: list[float] = []
         self.store: LocalRegistryStore = kwargs.pop("store", None) or LocalRegistryStore()
         self.metrics = GatewayMetrics()

@@ -13,6 +13,7 @@ import pytest
 
 from controlplane.launch.standby import StandbyLauncher
 from controlplane.workers.roles import WorkerRole
+from tests.fakes import FakeClock
 
 P, D = WorkerRole.PREFILL, WorkerRole.DECODE
 
@@ -59,14 +60,6 @@ class FakeStarter:
         self.closed = True
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -80,7 +73,7 @@ def run_async(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], Non
     return run
 
 
-def make(starter: FakeStarter, clock: Clock, per_role: int = 1) -> StandbyLauncher:
+def make(starter: FakeStarter, clock: FakeClock, per_role: int = 1) -> StandbyLauncher:
     return StandbyLauncher(
         starter, per_role=per_role, check_interval_s=3600.0, retry_s=5.0, clock=clock
     )
@@ -89,7 +82,7 @@ def make(starter: FakeStarter, clock: Clock, per_role: int = 1) -> StandbyLaunch
 @run_async
 async def test_launch_without_standbys_starts_a_worker() -> None:
     starter = FakeStarter()
-    standby = make(starter, Clock())  # not started: no reserve yet
+    standby = make(starter, FakeClock(100.0))  # not started: no reserve yet
     worker = await standby.launch(D)
     assert [w.standby for w in starter.launched] == [False]
     assert worker is starter.launched[0]
@@ -101,7 +94,7 @@ async def test_launch_without_standbys_starts_a_worker() -> None:
 @run_async
 async def test_reserve_is_filled_per_role_and_handed_out_ready_first() -> None:
     starter = FakeStarter()
-    standby = make(starter, Clock(), per_role=2)
+    standby = make(starter, FakeClock(100.0), per_role=2)
     standby.start()
     await settle()
     assert [(w.role, w.standby) for w in starter.launched] == [
@@ -128,7 +121,7 @@ async def test_reserve_is_filled_per_role_and_handed_out_ready_first() -> None:
 @run_async
 async def test_a_starting_standby_is_taken_when_none_is_ready() -> None:
     starter = FakeStarter()
-    standby = make(starter, Clock())
+    standby = make(starter, FakeClock(100.0))
     standby.start()
     await settle()
     (starting,) = standby.reserve(P)
@@ -138,7 +131,7 @@ async def test_a_starting_standby_is_taken_when_none_is_ready() -> None:
 
 @run_async
 async def test_dead_standby_is_replaced_after_a_back_off_that_doubles() -> None:
-    starter, clock = FakeStarter(), Clock()
+    starter, clock = FakeStarter(), FakeClock(100.0)
     standby = make(starter, clock)
     standby.start()
     await settle()
@@ -174,7 +167,7 @@ async def test_dead_standby_is_replaced_after_a_back_off_that_doubles() -> None:
 @run_async
 async def test_a_dead_standby_is_never_handed_out() -> None:
     starter = FakeStarter()
-    standby = make(starter, Clock())
+    standby = make(starter, FakeClock(100.0))
     standby.start()
     await settle()
     (worker,) = standby.reserve(P)
@@ -186,7 +179,7 @@ async def test_a_dead_standby_is_never_handed_out() -> None:
 
 @run_async
 async def test_launch_failures_do_not_stop_the_monitor() -> None:
-    starter, clock = FakeStarter(fail=True), Clock()
+    starter, clock = FakeStarter(fail=True), FakeClock(100.0)
     standby = make(starter, clock)
     standby.start()
     await settle()

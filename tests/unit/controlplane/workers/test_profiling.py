@@ -24,20 +24,13 @@ from controlplane.workers.client import (
 )
 from controlplane.workers.profiling import ProfileResult, ProfileSettings, plan_for, profile_worker
 from controlplane.workers.roles import WorkerRole
+from tests.fakes import FakeClock
 
 BLOCK = 16
 PER_TOKEN_S = 0.010
 """The simulated engine: 10 ms per new prompt token, 1 ms per cached one, 20 ms per step."""
 PER_CACHED_S = 0.001
 STEP_S = 0.020
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
