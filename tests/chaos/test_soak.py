@@ -16,10 +16,10 @@ from the fault until 15 s after the cluster is whole again (the burst: until 15 
 ends); a request counts against the error budget if it overlaps no window.
 
 Memory: the RSS of each process tree (store, each worker with its engine, gateway) is read with
-psutil at the end of the warm-up (a restarted worker: ``RSS_SETTLE_S`` after its restart, as an
-engine's heap grows 10-15 % over its first minutes of serving, docs/reliability.md; a restarted
-store node: 60 s after) and at the end; each one watched for at least one interval may grow by
-5 % at most. Idle at the end: no sequence running in any engine, no lease or write held in the
+psutil at the end of the warm-up (a restarted one: ``RSS_SETTLE_S`` after its restart) and then
+every 5 s while it lives; each one watched for at least one interval — from its baseline to the
+end, or to the fault that killed it — may grow by 5 % at most (from its baseline to its last
+sample). Idle at the end: no sequence running in any engine, no lease or write held in the
 store.
 """
 
@@ -54,22 +54,22 @@ DURATION_S = float(os.environ.get("STRATA_SOAK_DURATION_S", "7200"))
 FAULT_INTERVAL_S = float(os.environ.get("STRATA_SOAK_FAULT_INTERVAL_S", "600"))
 WINDOW_GRACE_S = 15.0
 RSS_SETTLE_S = min(420.0, 0.7 * FAULT_INTERVAL_S)
-"""A restarted worker's (engine's) start-up before its RSS baseline."""
-RSS_SETTLE_OTHER_S = 60.0
-"""A restarted store node's: it has no engine (and its last restart must leave it watched for
-an interval before the end)."""
+"""A restarted process's start-up before its RSS baseline: an engine's heap grows 10-15 % over
+its first minutes of serving, a store node's arena fills over ~6 minutes (docs/reliability.md)."""
 FAULTS = ("kill_decode", "kill_prefill", "kill_store", "overload")
 
 
 @dataclass
 class Watched:
-    """One process tree's RSS: at its baseline and at the end."""
+    """One process tree's RSS: at its baseline, and its last sample while alive (at the end,
+    or just before the test killed it)."""
 
     name: str
     pid: int
     baseline_at: float
     baseline: int | None = None
     final: int | None = None
+    final_at: float = 0.0
 
 
 def tree_rss(pid: int) -> int:
@@ -113,17 +113,18 @@ def test_soak(
         return found | {"gateway": cluster.gateway}
 
     def watch(now: float) -> None:
-        """Take baselines that are due; start watching processes not watched yet."""
+        """Take baselines that are due, sample the watched ones still alive; start watching
+        processes not watched yet."""
         known = {w.pid for w in watched}
-        first = not watched  # the first call: the end of the warm-up
+        settle = RSS_SETTLE_S if watched else 0.0  # the first call: the end of the warm-up
         for name, process in processes().items():
             if process.proc.pid not in known:
-                engine = name.startswith(("prefill", "decode"))
-                settle = 0.0 if first else RSS_SETTLE_S if engine else RSS_SETTLE_OTHER_S
                 watched.append(Watched(name, process.proc.pid, now + settle))
         for w in watched:
             if w.baseline is None and now >= w.baseline_at:
-                w.baseline = tree_rss(w.pid)
+                w.baseline = tree_rss(w.pid) or None
+            elif w.baseline is not None and (rss := tree_rss(w.pid)):
+                w.final, w.final_at = rss, now
 
     with BackgroundLoad(cluster.url, cluster.model, workload, rate, DURATION_S) as load:
         warmup_s = FAULT_INTERVAL_S / 2
@@ -144,9 +145,7 @@ def test_soak(
         while load.now() < DURATION_S - 5:
             watch(load.now())
             time.sleep(5.0)
-        for w in watched:
-            if psutil.pid_exists(w.pid):
-                w.final = tree_rss(w.pid)
+        watch(load.now())
     results = load.results()
 
     time.sleep(10.0)  # idle
@@ -160,11 +159,10 @@ def test_soak(
 
     outside = [r for r in results if not _overlaps(r, windows)]
     errors = [r for r in outside if not r.ok]
-    end = load.now()
     growth = {
         f"{w.name}:{w.pid}": round((w.final - w.baseline) / w.baseline, 4)
         for w in watched
-        if w.baseline and w.final and end - w.baseline_at >= min(FAULT_INTERVAL_S, 600)
+        if w.baseline and w.final and w.final_at - w.baseline_at >= min(FAULT_INTERVAL_S, 600)
     }
     figures: dict[str, Any] = {
         **knee.figures(),
