@@ -150,6 +150,6 @@ def run_reference(model_dir: Path, requests: list[dict[str, Any]]) -> list[dict[
     )
     marker = "@@RESULTS@@"
     if out.returncode != 0 or marker not in out.stdout:
-        raise RuntimeError(f"reference engine failed ({out.returncode}):\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"reference engine failed ({out.returncode}):\n{out.stderr[-20000:]}")
     results: list[dict[str, Any]] = json.loads(out.stdout.split(marker, 1)[1].splitlines()[0])
     return results
