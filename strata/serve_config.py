@@ -59,7 +59,7 @@ class ServeConfig:
     dtype: str = option(
         "auto",
         help="engine dtype (" + ", ".join(DTYPES) + "); auto: vLLM's choice on a GPU, bfloat16 on "
-        "a CPU with AVX-512 BF16/AMX, float32 on other CPUs (each worker logs its choice)",
+        "a CPU with AVX-512 BF16 and no AMX, float32 on other CPUs (each worker logs its choice)",
     )
     prefill_workers: int = option(1, help="prefill engines at start")
     decode_workers: int = option(1, help="decode engines at start")

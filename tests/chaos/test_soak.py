@@ -15,12 +15,15 @@ overload burst (2.3x the knee on top of the load, for a quarter interval). A fau
 from the fault until 15 s after the cluster is whole again (the burst: until 15 s after it
 ends); a request counts against the error budget if it overlaps no window.
 
-Memory: the RSS of each process tree (store, each worker with its engine, gateway) is read with
-psutil at the end of the warm-up (a restarted one: ``RSS_SETTLE_S`` after its restart) and then
-every 5 s while it lives; each one watched for at least one interval — from its baseline to the
-end, or to the fault that killed it — may grow by 5 % at most (from its baseline to its last
-sample). Idle at the end: no sequence running in any engine, no lease or write held in the
-store.
+Memory: the RSS of each process tree (store, each worker with its engine, gateway) is sampled
+with psutil every 5 s while it lives. Its baseline is taken once it is warm: a process running
+from the start when it has seen every fault once, the burst included (``FIRST_CYCLE_S`` after
+the warm-up: the gateway's allocator pools grow to the burst's concurrency once, then stay flat —
+docs/reliability.md), a restarted one ``RSS_SETTLE_S`` after its restart. Each one watched for
+at least one interval — from its baseline to the end, or to the fault that killed it — may grow
+by 5 % at most (from its baseline to its last sample). The report keeps each process's series
+(one sample a minute) so that a failed run shows when the memory grew. Idle at the end: no
+sequence running in any engine, no lease or write held in the store.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ RSS_SETTLE_S = min(420.0, 0.7 * FAULT_INTERVAL_S)
 """A restarted process's start-up before its RSS baseline: an engine's heap grows 10-15 % over
 its first minutes of serving, a store node's arena fills over ~6 minutes (docs/reliability.md)."""
 FAULTS = ("kill_decode", "kill_prefill", "kill_store", "overload")
+FIRST_CYCLE_S = (len(FAULTS) - 0.5) * FAULT_INTERVAL_S
+"""From the end of the warm-up to the baseline of a process running since the start: past the
+first overload burst (it lasts a quarter interval), before the second round of kills."""
+SERIES_STEP_S = 60.0
 
 
 @dataclass
@@ -70,6 +77,12 @@ class Watched:
     baseline: int | None = None
     final: int | None = None
     final_at: float = 0.0
+    series: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    """(seconds into the run, MiB), one sample per ``SERIES_STEP_S``, from its first sample."""
+
+    def sample(self, now: float, rss: int) -> None:
+        if not self.series or now - self.series[-1][0] >= SERIES_STEP_S:
+            self.series.append((round(now, 1), rss >> 20))
 
 
 def tree_rss(pid: int) -> int:
@@ -116,14 +129,19 @@ def test_soak(
         """Take baselines that are due, sample the watched ones still alive; start watching
         processes not watched yet."""
         known = {w.pid for w in watched}
-        settle = RSS_SETTLE_S if watched else 0.0  # the first call: the end of the warm-up
+        # The first call comes at the end of the warm-up.
+        settle = RSS_SETTLE_S if watched else FIRST_CYCLE_S
         for name, process in processes().items():
             if process.proc.pid not in known:
                 watched.append(Watched(name, process.proc.pid, now + settle))
         for w in watched:
+            rss = tree_rss(w.pid)
+            if not rss:
+                continue  # killed: its last sample stays its final one
+            w.sample(now, rss)
             if w.baseline is None and now >= w.baseline_at:
-                w.baseline = tree_rss(w.pid) or None
-            elif w.baseline is not None and (rss := tree_rss(w.pid)):
+                w.baseline = rss
+            elif w.baseline is not None:
                 w.final, w.final_at = rss, now
 
     with BackgroundLoad(cluster.url, cluster.model, workload, rate, DURATION_S) as load:
@@ -176,6 +194,8 @@ def test_soak(
         "error_rate_outside_windows": round(len(errors) / max(1, len(outside)), 5),
         "rss_growth": growth,
         "rss_baseline_mib": {f"{w.name}:{w.pid}": w.baseline >> 20 for w in watched if w.baseline},
+        "rss_baseline_at_s": {f"{w.name}:{w.pid}": round(w.baseline_at, 1) for w in watched},
+        "rss_series_mib": {f"{w.name}:{w.pid}": w.series for w in watched},
         "idle_store_writing": idle_store["num_writing"],
         "idle_store_leases": idle_store["num_leases"],
         "idle_running": sum(running.values()),
