@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -36,15 +37,7 @@ from typing import Any
 
 import aiohttp
 
-TRACE_BLOCK_TOKENS = 512
-
-
-@dataclass(frozen=True, slots=True)
-class TraceRecord:
-    arrival_s: float
-    input_length: int
-    output_length: int
-    hash_ids: tuple[int, ...]
+from simulator.trace import TRACE_BLOCK_TOKENS, TraceRequest, load_trace
 
 
 @dataclass(slots=True)
@@ -65,44 +58,17 @@ class Outcome:
         return self.ttft_s <= ttft_slo_s and (self.tpot_s is None or self.tpot_s <= tpot_slo_s)
 
 
-def read_trace(path: Path, limit: int) -> list[TraceRecord]:
-    records: list[TraceRecord] = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-                record = TraceRecord(
-                    float(raw["timestamp"]) / 1000.0,
-                    int(raw["input_length"]),
-                    int(raw["output_length"]),
-                    tuple(int(h) for h in raw.get("hash_ids", [])),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"{path}:{number}: not a trace record ({exc})") from None
-            if record.input_length < 1 or record.output_length < 1 or record.arrival_s < 0:
-                raise SystemExit(f"{path}:{number}: lengths must be >= 1, timestamps >= 0")
-            records.append(record)
-            if limit and len(records) >= limit:
-                break
-    if not records:
-        raise SystemExit(f"{path}: no requests")
-    records.sort(key=lambda r: r.arrival_s)
-    return records
-
-
 def block_tokens(hash_id: int, count: int, low: int, high: int) -> list[int]:
     """The ``count`` token ids that stand for trace block ``hash_id`` (always the same)."""
     rng = random.Random(hash_id)
     return [rng.randrange(low, high) for _ in range(count)]
 
 
-def prompt_ids(index: int, record: TraceRecord, per_block: int, low: int, high: int) -> list[int]:
+def prompt_ids(index: int, request: TraceRequest, per_block: int, low: int, high: int) -> list[int]:
     """The request's prompt: its trace blocks' tokens, then tokens of its own, scaled length."""
-    length = max(1, math.ceil(record.input_length * per_block / TRACE_BLOCK_TOKENS))
+    length = max(1, math.ceil(request.input_tokens * per_block / TRACE_BLOCK_TOKENS))
     ids: list[int] = []
-    for hash_id in record.hash_ids:
+    for hash_id in request.hash_ids:
         if len(ids) >= length:
             break
         ids += block_tokens(hash_id, per_block, low, high)
@@ -201,13 +167,20 @@ def report(
 
 
 async def replay(args: argparse.Namespace) -> dict[str, Any]:
-    records = read_trace(args.trace, args.num_requests)
-    start_s = records[0].arrival_s
-    span = records[-1].arrival_s - start_s
+    try:
+        trace = load_trace(args.trace, limit=args.num_requests)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if args.rate:
-        scale = (span / max(1, len(records) - 1)) * args.rate if span > 0 else 1.0
+        requests = trace.at_rate(args.rate)
+        scale = args.rate / trace.native_rate if trace.native_rate != float("inf") else 1.0
     else:
         scale = args.time_scale
+        start_s = trace.requests[0].arrival_s
+        requests = tuple(
+            dataclasses.replace(r, arrival_s=(r.arrival_s - start_s) / scale)
+            for r in trace.requests
+        )
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     outcomes: list[Outcome] = []
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
@@ -215,16 +188,15 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         clock0 = time.monotonic()
         tasks = []
-        for index, record in enumerate(records):
-            at = (record.arrival_s - start_s) / scale
-            delay = at - (time.monotonic() - clock0)
+        for index, request in enumerate(requests):
+            delay = request.arrival_s - (time.monotonic() - clock0)
             if delay > 0:
                 await asyncio.sleep(delay)
             body = {
                 "model": args.model,
-                "prompt": prompt_ids(index, record, args.block_tokens, args.token_low,
+                "prompt": prompt_ids(index, request, args.block_tokens, args.token_low,
                                      args.token_high),
-                "max_tokens": max(1, min(record.output_length, args.max_output_tokens)),
+                "max_tokens": max(1, min(request.output_tokens, args.max_output_tokens)),
                 "temperature": 0.0,
                 "ignore_eos": True,
                 "stream": True,

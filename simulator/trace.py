@@ -9,6 +9,7 @@ key of an id, the same for every request that has it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ class TraceRequest:
     output_tokens: int
     keys: tuple[BlockKey, ...]
     """Keys of the prompt's *whole* blocks, in order (a partial last block has none)."""
+    hash_ids: tuple[int, ...] = ()
+    """The trace's ids of the prompt's blocks, as recorded (a replay turns each into tokens)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +70,7 @@ class Trace:
         scale = native / rate
         start = self.requests[0].arrival_s
         return tuple(
-            TraceRequest(
-                r.index, (r.arrival_s - start) * scale, r.input_tokens, r.output_tokens, r.keys
-            )
-            for r in self.requests
+            dataclasses.replace(r, arrival_s=(r.arrival_s - start) * scale) for r in self.requests
         )
 
 
@@ -96,7 +96,9 @@ def _request(index: int, line: str, block_tokens: int) -> TraceRequest:
         raise ValueError("hash_ids must be a list of integers >= 0")
     whole = min(len(hash_ids), input_tokens // block_tokens)
     keys = tuple(block_key(h) for h in hash_ids[:whole])
-    return TraceRequest(index, timestamp / 1000.0, input_tokens, output_tokens, keys)
+    return TraceRequest(
+        index, timestamp / 1000.0, input_tokens, output_tokens, keys, tuple(hash_ids)
+    )
 
 
 def load_trace(path: Path, *, limit: int = 0, block_tokens: int = TRACE_BLOCK_TOKENS) -> Trace:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loadtests.replay_trace import TraceRecord, main, prompt_ids
+from loadtests.replay_trace import main, prompt_ids
+from simulator.trace import TraceRequest
 from tests.integration.controlplane.conftest import Stack
 
 
 def test_trace_blocks_become_shared_token_prefixes() -> None:
-    a = TraceRecord(0.0, 1100, 5, (7, 8, 9))
-    b = TraceRecord(1.0, 600, 5, (7, 11))
+    a = TraceRequest(0, 0.0, 1100, 5, (), (7, 8, 9))
+    b = TraceRequest(1, 1.0, 600, 5, (), (7, 11))
     ids_a, ids_b = prompt_ids(0, a, 16, 100, 1100), prompt_ids(1, b, 16, 100, 1100)
     assert len(ids_a) == 35 and len(ids_b) == 19  # 1100 and 600 tokens scaled by 16/512
     assert ids_a[:16] == ids_b[:16]  # hash id 7
