@@ -1,0 +1,34 @@
+"""The P:D planner: both pools sized from a load forecast with the scheduler's latency model
+(docs/design/planner.md). Pure: no I/O, no clock; the caller feeds samples and applies targets.
+
+Layers: ``planner`` > ``policies`` > ``forecast`` > ``types``.
+"""
+
+from controlplane.planning.forecast import ConstantForecast, Forecaster, HoltForecast
+from controlplane.planning.planner import PLANNER_NAMES, PoolPlanner, make_planner
+from controlplane.planning.policies import DynamoSla, FixedSizes, SizingPolicy, SloModel
+from controlplane.planning.types import (
+    LatencyModel,
+    LoadForecast,
+    LoadSample,
+    PlannerConfig,
+    PoolSizes,
+)
+
+__all__ = [
+    "PLANNER_NAMES",
+    "ConstantForecast",
+    "DynamoSla",
+    "FixedSizes",
+    "Forecaster",
+    "HoltForecast",
+    "LatencyModel",
+    "LoadForecast",
+    "LoadSample",
+    "PlannerConfig",
+    "PoolPlanner",
+    "PoolSizes",
+    "SizingPolicy",
+    "SloModel",
+    "make_planner",
+]

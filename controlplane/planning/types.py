@@ -1,0 +1,114 @@
+"""What the planner reads and returns (docs/design/planner.md §1)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["LatencyModel", "LoadForecast", "LoadSample", "PlannerConfig", "PoolSizes"]
+
+
+class LatencyModel(Protocol):
+    """What sizing needs of an instance's latency model (``LatencyPredictor`` is one)."""
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float: ...
+
+    def decode_step_s(self, batch_size: int, context_tokens: int) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSizes:
+    """Instances in each pool."""
+
+    prefill: int
+    decode: int
+
+    def __post_init__(self) -> None:
+        if self.prefill < 0 or self.decode < 0:
+            raise ValueError(f"pool sizes must be >= 0, got {self.prefill}, {self.decode}")
+
+    @property
+    def total(self) -> int:
+        return self.prefill + self.decode
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSample:
+    """One interval's load, as the gateway saw it: sums over the requests that arrived in it,
+    and (for the Dynamo baseline's correction factors) latencies observed in it."""
+
+    duration_s: float
+    requests: int
+    prompt_tokens: int
+    """Sum of the prompts' lengths."""
+    computed_tokens: int
+    """Sum of the prompt tokens that had to be computed (not cached in HBM or the pool)."""
+    output_tokens: int
+    ttft_s: float | None = None
+    """Mean TTFT of the requests whose first token came in the interval."""
+    itl_s: float | None = None
+    """Mean time between output tokens of the requests that finished in the interval."""
+    decode_batch: float | None = None
+    """Mean running sequences per decode instance."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
+        if min(self.requests, self.prompt_tokens, self.computed_tokens, self.output_tokens) < 0:
+            raise ValueError("counts must be >= 0")
+        if self.computed_tokens > self.prompt_tokens:
+            raise ValueError("computed_tokens cannot exceed prompt_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadForecast:
+    """The load expected when an engine started now would serve: a rate and per-request means."""
+
+    rate_rps: float
+    prompt_tokens: float
+    computed_tokens: float
+    output_tokens: float
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    """One validated config of the planner (docs/design/planner.md)."""
+
+    ttft_slo_s: float
+    tpot_slo_s: float
+    max_num_seqs: int
+    """An engine's most running sequences."""
+    kv_capacity_tokens: int
+    """KV tokens one engine holds."""
+    gpus_per_instance: int = 1
+    max_instances: int = 1 << 20
+    """Budget: prefill + decode instances at most."""
+    min_prefill: int = 1
+    min_decode: int = 1
+    interval_s: float = 60.0
+    engine_start_s: float = 60.0
+    """From asking for an engine to its first request: the forecast's horizon beyond the
+    interval."""
+    scale_down_after: int = 3
+    """Consecutive intervals that must all ask for a smaller pool before it shrinks."""
+    attainment: float = 0.9
+    """The quantile of TTFT the prefill pool is sized for."""
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_slo_s", "tpot_slo_s", "interval_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not (math.isfinite(self.engine_start_s) and self.engine_start_s >= 0):
+            raise ValueError(f"engine_start_s must be >= 0, got {self.engine_start_s}")
+        if self.max_num_seqs < 1 or self.kv_capacity_tokens < 1 or self.gpus_per_instance < 1:
+            raise ValueError("max_num_seqs, kv_capacity_tokens and gpus_per_instance must be >= 1")
+        if self.min_prefill < 0 or self.min_decode < 1:
+            raise ValueError("min_prefill must be >= 0 and min_decode >= 1")
+        if self.max_instances < self.min_prefill + self.min_decode:
+            raise ValueError("max_instances must hold min_prefill + min_decode")
+        if self.scale_down_after < 1:
+            raise ValueError("scale_down_after must be >= 1")
+        if not 0.0 < self.attainment < 1.0:
+            raise ValueError(f"attainment must be in (0, 1), got {self.attainment}")

@@ -1,0 +1,198 @@
+"""The planner's choices on a table of loads against hand-computed pool sizes
+(docs/design/planner.md §4), its forecasts, bounds and hysteresis."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from controlplane.planning import (
+    ConstantForecast,
+    DynamoSla,
+    HoltForecast,
+    LoadForecast,
+    LoadSample,
+    PlannerConfig,
+    PoolPlanner,
+    PoolSizes,
+    SloModel,
+    make_planner,
+)
+from controlplane.planning.policies import FixedSizes, best_decode_batch
+
+
+class LinearModel:
+    """prefill_s(new, cached) = 0.02 + 1e-4·new; decode_step_s(b, k) = 0.01 + 0.001·b + 1e-6·k."""
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
+        return 0.02 + 1e-4 * new_tokens
+
+    def decode_step_s(self, batch_size: int, context_tokens: int) -> float:
+        return 0.01 + 0.001 * batch_size + 1e-6 * context_tokens
+
+
+MODEL = LinearModel()
+CONFIG = PlannerConfig(
+    ttft_slo_s=2.0,
+    tpot_slo_s=0.05,
+    max_num_seqs=64,
+    kv_capacity_tokens=200_000,
+    interval_s=60.0,
+    engine_start_s=0.0,
+)
+
+
+def forecast(rate: float, prompt: float, computed: float, output: float) -> LoadForecast:
+    return LoadForecast(rate, prompt, computed, output)
+
+
+def sample(rate: float, prompt: int, computed: int, output: int, **kw: float) -> LoadSample:
+    n = round(rate * 60)
+    return LoadSample(60.0, n, n * prompt, n * computed, n * output, **kw)  # type: ignore[arg-type]
+
+
+# (rate, prompt, computed, output) -> (prefill, decode), computed by hand:
+#   prefill t = 0.02 + 1e-4·computed; rho* = 1 - ln(10)·t/2; n_P = ceil(rate·t/rho*)
+#   decode c = prompt + output/2; b* = largest b <= 64 with 0.01 + (0.001 + 1e-6·c)·b <= 0.05
+#          and b·(prompt + output) <= 200,000; n_D = ceil(rate·output·step(b*) / b*)
+SLO_TABLE = [
+    # the worked example: t = 0.12, rho* = 0.861845, 1.2/0.8618 -> 2; b* = 12, 94.4/12 -> 8
+    ((10.0, 2000, 1000, 200), (2, 8)),
+    # nothing cached: t = 0.22, rho* = 0.746716, 2.2/0.7467 = 2.946 -> 3; decode as above
+    ((10.0, 2000, 2000, 200), (3, 8)),
+    # short prompts: t = 0.03, rho* = 0.965461, 3/0.9655 = 3.107 -> 4;
+    #   c = 150, step = 0.01 + 0.00115·b <= 0.05 -> b <= 34.78, b* = 34, step 0.0491,
+    #   running 100·100·0.0491 = 491 -> 491/34 = 14.44 -> 15
+    ((100.0, 100, 100, 100), (4, 15)),
+    # long contexts: c = 20,500, step = 0.01 + 0.0215·b -> b* = 1 (0.0315); t = 0.02 + 2 =
+    #   2.02 > budget: rho* = 1 - ln(10)·1.01 < 0.05 -> 0.05, 1·2.02/0.05 = 40.4 -> 41;
+    #   running 1·1000·0.0315 = 31.5 -> 32
+    ((1.0, 20000, 20000, 1000), (41, 32)),
+    # no load
+    ((0.0, 2000, 1000, 200), (0, 0)),
+]
+
+
+@pytest.mark.parametrize(("load", "sizes"), SLO_TABLE)
+def test_slo_model_sizes_match_hand_computed_ones(
+    load: tuple[float, int, int, int], sizes: tuple[int, int]
+) -> None:
+    assert SloModel(CONFIG).size(forecast(*load), MODEL, None) == PoolSizes(*sizes)
+
+
+def test_the_prefill_utilization_is_the_mm1_tail_bound() -> None:
+    rule = SloModel(CONFIG)
+    assert rule.prefill_utilization(0.12) == pytest.approx(1 - math.log(10) * 0.06)
+    assert rule.prefill_utilization(5.0) == 0.05  # one prompt alone misses the SLO
+
+
+# Dynamo's formulas, no observation (corrections 1): n_P = ceil(rate·prefill_s(prompt, 0)),
+# n_D = ceil(rate·output / (b/step(b))) with b from the ITL SLO as above.
+DYNAMO_TABLE = [
+    # prefill_s(2000, 0) = 0.22 -> ceil(2.2) = 3; b = 12, 254.24 tokens/s -> ceil(7.87) = 8
+    ((10.0, 2000, 1000, 200), None, (3, 8)),
+    # observed TTFT half the expected: prefill load x0.5 -> ceil(1.1) = 2
+    ((10.0, 2000, 1000, 200), {"ttft_s": 0.11}, (2, 8)),
+    # observed TTFT twice the expected: min(1, 2) = 1 -> 3
+    ((10.0, 2000, 1000, 200), {"ttft_s": 0.44}, (3, 8)),
+    # observed ITL 1.25x the model's at batch 12 (0.059 vs 0.0472): ITL target 0.04 ->
+    #   0.01 + 0.0031·b <= 0.04 -> b = 9, step 0.0379, 237.47 tokens/s -> ceil(8.42) = 9
+    ((10.0, 2000, 1000, 200), {"itl_s": 0.059, "decode_batch": 12.0}, (3, 9)),
+]
+
+
+@pytest.mark.parametrize(("load", "observed", "sizes"), DYNAMO_TABLE)
+def test_dynamo_sla_sizes_match_hand_computed_ones(
+    load: tuple[float, int, int, int], observed: dict[str, float] | None, sizes: tuple[int, int]
+) -> None:
+    last = sample(*load, **observed) if observed is not None else None
+    assert DynamoSla(CONFIG).size(forecast(*load), MODEL, last) == PoolSizes(*sizes)
+
+
+def test_best_decode_batch_respects_the_step_limit_kv_and_max_num_seqs() -> None:
+    assert best_decode_batch(MODEL, 0.05, 2100, 2200, 64, 200_000) == 12
+    assert best_decode_batch(MODEL, 0.05, 2100, 2200, 64, 22_000) == 10  # KV: 10·2,200
+    assert best_decode_batch(MODEL, 0.05, 2100, 2200, 5, 200_000) == 5
+    assert best_decode_batch(MODEL, 0.001, 2100, 2200, 64, 200_000) == 1  # even one misses
+
+
+def test_holt_follows_a_ramp_and_projects_its_trend() -> None:
+    holt = HoltForecast(alpha=0.5, beta=0.3)
+    assert holt.forecast(60.0) is None
+    for rate in (10.0, 12.0, 14.0, 16.0, 18.0, 20.0):
+        holt.observe(sample(rate, 1000, 500, 100))
+    ahead = holt.forecast(120.0)  # two intervals ahead
+    assert ahead is not None
+    assert 20.0 < ahead.rate_rps < 26.0  # the ramp goes on (+2/interval)
+    assert ahead.prompt_tokens == pytest.approx(1000)
+    assert ahead.computed_tokens == pytest.approx(500)
+    constant = ConstantForecast()
+    constant.observe(sample(18.0, 1000, 500, 100))
+    constant.observe(sample(20.0, 1000, 500, 100))
+    assert constant.forecast(120.0) == LoadForecast(20.0, 1000.0, 500.0, 100.0)
+
+
+def test_the_forecast_never_goes_below_zero() -> None:
+    holt = HoltForecast(alpha=1.0, beta=1.0)
+    for rate in (30.0, 10.0, 0.0):
+        holt.observe(sample(rate, 1000, 500, 100))
+    ahead = holt.forecast(600.0)
+    assert ahead is not None and ahead.rate_rps == 0.0
+
+
+def test_bounds_keep_minimums_and_share_the_budget() -> None:
+    config = PlannerConfig(
+        ttft_slo_s=2.0, tpot_slo_s=0.05, max_num_seqs=64, kv_capacity_tokens=200_000,
+        max_instances=10, min_prefill=1, min_decode=2,
+    )  # fmt: skip
+    planner = PoolPlanner(config, FixedSizes(PoolSizes(0, 0)), ConstantForecast())
+    assert planner.bounded(PoolSizes(0, 0)) == PoolSizes(1, 2)
+    assert planner.bounded(PoolSizes(3, 4)) == PoolSizes(3, 4)
+    assert planner.bounded(PoolSizes(10, 30)) == PoolSizes(2, 8)  # 25 % of 10, rounded
+    assert planner.bounded(PoolSizes(30, 1)) == PoolSizes(8, 2)  # decode keeps its minimum
+
+
+def test_hysteresis_scales_up_at_once_and_down_after_a_settled_window() -> None:
+    config = PlannerConfig(
+        ttft_slo_s=2.0, tpot_slo_s=0.05, max_num_seqs=64, kv_capacity_tokens=200_000,
+        engine_start_s=0.0, scale_down_after=3,
+    )  # fmt: skip
+    planner = make_planner("strata", config)
+    planner.forecaster = ConstantForecast()  # exact sizes per interval for this test
+    current = PoolSizes(1, 1)
+    plans = []
+    for rate in (10.0, 10.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0):
+        current = planner.plan(sample(rate, 2000, 1000, 200), current, MODEL)
+        plans.append((current.prefill, current.decode))
+    # rate 10 -> (2, 8); rate 1 -> (1, 1); rate 5 -> (1, 4); each pool on its own:
+    assert plans == [
+        (2, 8),  # up at once
+        (2, 8),
+        (2, 8),  # down wanted, but the window [8, 8, 1] still holds a larger target
+        (2, 8),  # [8, 1, 1]
+        (1, 4),  # [1, 1, 4]: every target below the pools: down to the largest of them
+        (1, 4),  # [1, 4, 1]
+        (1, 4),  # [4, 1, 1]
+        (1, 1),  # [1, 1, 1]
+    ]
+
+
+def test_the_dynamo_planner_applies_each_target_at_once() -> None:
+    planner = make_planner("dynamo", CONFIG)
+    current = PoolSizes(1, 1)
+    current = planner.plan(sample(10.0, 2000, 1000, 200), current, MODEL)
+    assert current == PoolSizes(3, 8)
+    current = planner.plan(sample(1.0, 2000, 1000, 200), current, MODEL)
+    assert current == PoolSizes(1, 1)
+
+
+def test_config_and_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown planner"):
+        make_planner("magic", CONFIG)
+    with pytest.raises(ValueError, match="needs its pool sizes"):
+        make_planner("fixed", CONFIG)
+    with pytest.raises(ValueError, match="ttft_slo_s"):
+        PlannerConfig(ttft_slo_s=0.0, tpot_slo_s=0.05, max_num_seqs=1, kv_capacity_tokens=1)
+    with pytest.raises(ValueError, match="computed_tokens"):
+        LoadSample(60.0, 1, 10, 11, 1)
