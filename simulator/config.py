@@ -15,13 +15,23 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from controlplane.planning import PLANNER_NAMES
 from controlplane.scheduling import POLICY_NAMES, TransferCoefficients, Transport
 from controlplane.scheduling.predictor.model import PRIOR_SSD_READ, PRIOR_TRANSFERS
 from kvstore.policy.factory import PolicyKind
 from simulator.profile import EngineProfile, load_profile, read_mapping
+from simulator.trace import check_rate_profile
 from strata_common.units import parse_duration, parse_size
 
-__all__ = ["Setup", "Shape", "SimConfig", "StoreConfig", "Timing", "load_config"]
+__all__ = [
+    "PlanningSettings",
+    "Setup",
+    "Shape",
+    "SimConfig",
+    "StoreConfig",
+    "Timing",
+    "load_config",
+]
 
 
 class Timing(enum.Enum):
@@ -59,8 +69,21 @@ class Setup:
     """A peer's system (counted in ``strata_vs_best_baseline``); false for Strata's variants."""
     kv_load: Timing = Timing.ASYNC
     kv_save: Timing = Timing.ASYNC
+    decode_gpus: int = 0
+    """GPUs of the decode pool at the start (0: every GPU the prefill pool leaves)."""
+    planner: str | None = None
+    """``strata`` or ``dynamo`` (controlplane.planning): the pools are resized every planning
+    interval within the GPU budget; None: fixed pools."""
 
     def __post_init__(self) -> None:
+        if self.planner is not None and self.planner not in PLANNER_NAMES[:2]:
+            raise ValueError(
+                f"setup {self.name}: unknown planner {self.planner!r}; one of strata, dynamo"
+            )
+        if self.planner is not None and self.shape is Shape.COLOCATED:
+            raise ValueError(f"setup {self.name}: a planner sizes disaggregated pools")
+        if self.decode_gpus < 0 or (self.decode_gpus and self.shape is Shape.COLOCATED):
+            raise ValueError(f"setup {self.name}: decode_gpus is for disaggregated setups, >= 0")
         if not self.name:
             raise ValueError("a setup needs a name")
         if self.policy not in POLICY_NAMES:
@@ -93,6 +116,24 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanningSettings:
+    """How setups with a planner resize their pools (docs/design/planner.md)."""
+
+    interval_s: float = 60.0
+    engine_start_s: float = 60.0
+    """From the planner asking for an engine to its first request."""
+    scale_down_after: int = 3
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
+            raise ValueError("planner.interval must be > 0")
+        if not (math.isfinite(self.engine_start_s) and self.engine_start_s >= 0):
+            raise ValueError("planner.engine_start must be >= 0")
+        if self.scale_down_after < 1:
+            raise ValueError("planner.scale_down_after must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class SimConfig:
     name: str
     profile: EngineProfile
@@ -115,6 +156,9 @@ class SimConfig:
     trace: Path | None = None
     num_requests: int = 0
     """Requests of the trace to replay (0: all)."""
+    rate_profile: tuple[tuple[float, float], ...] = ()
+    """(seconds, multiplier) points: each swept rate varies over time (``Trace.at_rate``)."""
+    planning: PlanningSettings = PlanningSettings()
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.gpus_per_host < 1:
@@ -132,8 +176,12 @@ class SimConfig:
         for setup in self.setups:
             if setup.prefill_gpus >= self.gpus:
                 raise ValueError(f"setup {setup.name}: prefill_gpus must leave decode GPUs")
-            if setup.prefill_gpus % tp:
-                raise ValueError(f"setup {setup.name}: prefill_gpus must be a multiple of {tp}")
+            if setup.prefill_gpus % tp or setup.decode_gpus % tp:
+                raise ValueError(
+                    f"setup {setup.name}: prefill_gpus and decode_gpus must be multiples of {tp}"
+                )
+            if setup.prefill_gpus + setup.decode_gpus > self.gpus:
+                raise ValueError(f"setup {setup.name}: prefill_gpus + decode_gpus > gpus")
         if not self.rates or any(not (math.isfinite(r) and r > 0) for r in self.rates):
             raise ValueError("rates must be a non-empty list of numbers > 0")
         if list(self.rates) != sorted(set(self.rates)):
@@ -152,6 +200,8 @@ class SimConfig:
             raise ValueError("cache_block_tokens must be a multiple of kv_block_tokens")
         if self.num_requests < 0:
             raise ValueError("num_requests must be >= 0")
+        if self.rate_profile:
+            check_rate_profile(self.rate_profile)
 
     @property
     def num_instances(self) -> int:
@@ -183,10 +233,23 @@ def _transfer(value: Any, what: str) -> TransferCoefficients:
     )
 
 
+def _planning(value: Any) -> PlanningSettings:
+    if not isinstance(value, Mapping):
+        raise ValueError("planner: give interval, engine_start and scale_down_after")
+    unknown = set(value) - {"interval", "engine_start", "scale_down_after"}
+    if unknown:
+        raise ValueError(f"planner: unknown fields {sorted(unknown)}")
+    return PlanningSettings(
+        interval_s=parse_duration(str(value.get("interval", "60s"))),
+        engine_start_s=parse_duration(str(value.get("engine_start", "60s"))),
+        scale_down_after=int(value.get("scale_down_after", 3)),
+    )
+
+
 _TOP_KEYS = {
     "name", "profile", "gpus", "gpus_per_host", "network", "transfers", "ssd_read", "store",
     "cache_block_tokens", "kv_block_tokens", "gateway_overhead", "slo", "setups", "strata_setup",
-    "rates", "trace", "num_requests",
+    "rates", "trace", "num_requests", "rate_profile", "planner",
 }  # fmt: skip
 
 
@@ -214,6 +277,8 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, origin: str) -> Sim
                 baseline=bool(s.get("baseline", True)),
                 kv_load=Timing(s.get("kv_load", "async")),
                 kv_save=Timing(s.get("kv_save", "async")),
+                decode_gpus=int(s.get("decode_gpus", 0)),
+                planner=str(s["planner"]) if s.get("planner") is not None else None,
             )
             for s in data["setups"]
         )
@@ -244,6 +309,10 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, origin: str) -> Sim
             rates=tuple(float(r) for r in data["rates"]),
             trace=(base / str(trace)) if trace is not None else None,
             num_requests=int(data.get("num_requests", 0)),
+            rate_profile=tuple(
+                (float(parse_duration(str(t))), float(m)) for t, m in data.get("rate_profile", [])
+            ),
+            planning=_planning(data.get("planner", {})),
         )
     except KeyError as exc:
         raise ValueError(f"{origin}: missing field {exc.args[0]!r}") from None

@@ -181,6 +181,16 @@ class SimEngine:
 
     # -- the loop's calls ----------------------------------------------------------------------
 
+    def clear_cache(self) -> None:
+        """The engine stops: its prefix cache goes (published as removed). Only when idle."""
+        if self.has_work or self.stepping:
+            raise RuntimeError(f"{self.engine_id} still has work")
+        removed = tuple(self._free_cached)
+        self._free_cached.clear()
+        self.used_tokens = 0
+        if removed and self._publish is not None:
+            self._publish((), removed)
+
     def add(self, sequence: SimSequence, now: float) -> None:
         if sequence.prompt_tokens < 1 or sequence.max_new_tokens < 1:
             raise ValueError("a sequence needs a prompt and at least one token to sample")

@@ -52,11 +52,13 @@ class SimInstance:
         "id",
         "num_prefill_starts",
         "num_prefills",
+        "pending",
         "predictor",
         "queued_prefill_tokens",
         "remaining_decode_tokens",
         "role",
         "running_decodes",
+        "state",
     )
 
     def __init__(
@@ -74,12 +76,16 @@ class SimInstance:
         self.running_decodes = 0
         self.context_tokens = 0
         self.remaining_decode_tokens = 0
+        self.state = InstanceState.READY
+        """The registry's state: only READY instances get new work (simulator/pools.py)."""
+        self.pending = 0
+        """Requests decided onto this instance whose part here is not done yet."""
 
     def snapshot(self, now: float, margin_quantile: float, network: Transport) -> InstanceSnapshot:
         return InstanceSnapshot(
             id=self.id,
             role=self.role,
-            state=InstanceState.READY,
+            state=self.state,
             predictor=self.predictor,
             load=InstanceLoad(
                 self.queued_prefill_tokens,
@@ -144,5 +150,9 @@ class SimGateway:
             cached=cached,
         )
         quantile, network = self.scheduling.slo_margin_quantile, self.config.network
-        snapshots = [i.snapshot(now, quantile, network) for i in self.instances]
+        snapshots = [
+            i.snapshot(now, quantile, network)
+            for i in self.instances
+            if i.state is InstanceState.READY
+        ]
         return self.policy.decide(request, snapshots), cached

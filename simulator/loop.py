@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from controlplane.planning import PoolSizes
 from controlplane.scheduling import (
     Assign,
     LatencyPredictor,
@@ -31,12 +32,13 @@ from kvstore.cluster.index import PrefixIndex
 from simulator.config import Setup, Shape, SimConfig, Timing
 from simulator.engine import SimEngine, SimSequence, StepReport
 from simulator.gateway import SimGateway, SimInstance
+from simulator.pools import SimPools
 from simulator.store import SimStoreNode
 from simulator.trace import TraceRequest
 
 __all__ = ["TOO_LONG", "RequestRecord", "Simulation"]
 
-_DECIDE, _STEP_END, _WAKE, _HANDOFF = 0, 1, 2, 3
+_DECIDE, _STEP_END, _WAKE, _HANDOFF, _PLAN, _READY = 0, 1, 2, 3, 4, 5
 Keys = tuple[BlockKey, ...]
 TOO_LONG = "too_long"
 
@@ -129,14 +131,18 @@ class Simulation:
                 )
         prefill_samples, decode_samples = profile.calibration_samples(config.cache_block_tokens)
         instances: list[SimInstance] = []
-        num_prefills = setup.prefill_gpus // profile.tensor_parallel
-        for g in range(config.num_instances):
-            if setup.shape is Shape.COLOCATED:
-                role, name = WorkerRole.BOTH, f"c{g}"
-            elif g < num_prefills:
-                role, name = WorkerRole.PREFILL, f"p{g}"
-            else:
-                role, name = WorkerRole.DECODE, f"d{g - num_prefills}"
+        tp = profile.tensor_parallel
+        num_prefills = setup.prefill_gpus // tp
+        num_decodes = (setup.decode_gpus or config.gpus - setup.prefill_gpus) // tp
+        if setup.shape is Shape.COLOCATED:
+            slots = [(WorkerRole.BOTH, f"c{g}", g) for g in range(config.num_instances)]
+        elif setup.planner is None:
+            slots = [(WorkerRole.PREFILL, f"p{g}", g) for g in range(num_prefills)]
+            slots += [(WorkerRole.DECODE, f"d{g}", num_prefills + g) for g in range(num_decodes)]
+        else:  # every GPU may end up in either pool
+            slots = [(WorkerRole.PREFILL, f"p{g}", g) for g in range(config.num_instances)]
+            slots += [(WorkerRole.DECODE, f"d{g}", g) for g in range(config.num_instances)]
+        for role, name, g in slots:
             host = config.host_of(g)
             engine = SimEngine(
                 name,
@@ -155,6 +161,12 @@ class Simulation:
                 prefill_samples, decode_samples, ttft_overhead_s=config.gateway_overhead_s
             )
             instances.append(SimInstance(name, role, host, engine, predictor))
+        self.pools = SimPools(
+            config,
+            setup,
+            instances,
+            None if setup.planner is None else PoolSizes(num_prefills, num_decodes),
+        )
         self.gateway = SimGateway(config, setup, instances, self.index)
         self.instances = self.gateway.by_id
         self.records = [
@@ -295,6 +307,10 @@ class Simulation:
         self._numbers = numbers
         for n, request in enumerate(self.requests):
             self._push(request.arrival_s + self.config.gateway_overhead_s, _DECIDE, n)
+        planning = self.config.planning.interval_s
+        if self.pools.planner is not None and self.requests:
+            self._push(planning, _PLAN, 0)
+        last_arrival = max((r.arrival_s for r in self.requests), default=0.0)
         done = 0
         while self._events:
             at, _, kind, target = heapq.heappop(self._events)
@@ -308,12 +324,23 @@ class Simulation:
                 instance = self.gateway.instances[target]
                 self._step_end(instance, instance.engine.finish_step())
                 self._wake(instance, target)
+                self.pools.maybe_stop(instance, at)
+            elif kind == _PLAN:
+                for started in self.pools.plan(at):
+                    self._push(
+                        at + self.config.planning.engine_start_s, _READY, numbers[started.id]
+                    )
+                if at < last_arrival:
+                    self._push(at + planning, _PLAN, 0)
+            elif kind == _READY:
+                self.pools.ready(self.gateway.instances[target], at)
             elif kind == _WAKE:
                 if self._wakes.get(target) == at:
                     del self._wakes[target]
                 self._wake(self.gateway.instances[target], target)
             else:
                 self._hand_off(target)
+        self.pools.finish(self.now)
         return self.records
 
     # -- a request's life ----------------------------------------------------------------------
@@ -328,6 +355,7 @@ class Simulation:
         )
         if isinstance(decision, Reject):
             record.rejected = decision.reason.value
+            self.pools.arrived(request.input_tokens, request.input_tokens, request.output_tokens)
             return
         assert isinstance(decision, Assign)
         record.route = decision.route.value
@@ -346,6 +374,10 @@ class Simulation:
         record.load_cap_tokens = cached if decision.cached_blocks < available else None
         uncached = max(1, request.input_tokens - cached)
         record.uncached_tokens = uncached
+        self.pools.arrived(request.input_tokens, uncached, request.output_tokens)
+        for instance_id in {decision.prefill, decision.decode} - {None}:
+            assert instance_id is not None
+            self.instances[instance_id].pending += 1
         if decision.prefill is not None:
             target = self.instances[decision.prefill]
             record.overlapped = target.num_prefills > 0
@@ -408,6 +440,8 @@ class Simulation:
         record.first_token_s = record.last_token_s = now
         record.num_tokens = 1
         ttft = now - record.arrival_s
+        instance.pending -= 1
+        self.pools.first_token(ttft)
         predictor.observe_ttft_overhead(ttft - engine_s)
         predictor.observe_ttft(record.predicted_ttft_s, ttft, now)
         node = self.nodes.get(instance.host)
@@ -423,10 +457,12 @@ class Simulation:
         node = self.nodes.get(self.instances[record.prefill].host)
         if node is not None:
             node.put(request.keys)
-        if record.output_tokens == 1:
-            return
         assert record.decode is not None
         decode = self.instances[record.decode]
+        if record.output_tokens == 1:
+            decode.pending -= 1
+            self.pools.maybe_stop(decode, self.now)
+            return
         record.handoff = True
         self._start_decode(decode, record, request.input_tokens + 1, record.output_tokens - 1)
         decode.engine.add(
@@ -446,6 +482,7 @@ class Simulation:
             node.put(self.requests[seq.request_id].keys)
         ttft = self.now - record.arrival_s
         instance.predictor.observe_ttft(record.predicted_ttft_s, ttft, self.now)
+        self.pools.first_token(ttft)
 
     def _decoded(self, instance: SimInstance, record: RequestRecord, tokens: int) -> None:
         now = self.now
@@ -480,3 +517,6 @@ class Simulation:
         instance.running_decodes -= 1
         instance.context_tokens -= record.decode_context
         instance.remaining_decode_tokens -= record.decode_remaining
+        instance.pending -= 1
+        if record.num_tokens > 1:
+            self.pools.finished(record.tpot_s)

@@ -45,13 +45,21 @@ class Point:
     """Prompt tokens not computed by the engine that prefilled them (hits and loads)."""
     routes: dict[str, int]
     makespan_s: float
+    gpu_seconds: float = 0.0
+    """GPU time the pools held (an instance from asked for to stopped; fixed pools: all along)."""
+    gpu_s_per_1k_met: float | None = None
+    """GPU-seconds per 1,000 requests served within both SLOs."""
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
 def summarize(
-    records: Sequence[RequestRecord], rate: float, ttft_slo_s: float, tpot_slo_s: float
+    records: Sequence[RequestRecord],
+    rate: float,
+    ttft_slo_s: float,
+    tpot_slo_s: float,
+    gpu_seconds: float = 0.0,
 ) -> Point:
     if not records:
         raise ValueError("no records")
@@ -77,6 +85,8 @@ def summarize(
         cached_token_share=sum(r.cached_tokens for r in served) / prompt if prompt else 0.0,
         routes=dict(Counter(r.route for r in served)),
         makespan_s=(max(ends) - min(r.arrival_s for r in records)) if ends else 0.0,
+        gpu_seconds=gpu_seconds,
+        gpu_s_per_1k_met=1000 * gpu_seconds / met if met and gpu_seconds else None,
     )
 
 

@@ -31,6 +31,8 @@ class PointResult:
     point: Point
     ttfts_s: tuple[float, ...]
     tpots_s: tuple[float, ...]
+    pools: tuple[tuple[float, int, int], ...] = ()
+    """(seconds, prefill instances, decode instances) at each change of a planner's pools."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -49,14 +51,17 @@ def run_point(
     """One setup at one rate (in whatever process calls it)."""
     config, trace = _inputs(config_path, trace_path, num_requests)
     setup = config.setup(setup_name)
-    records = Simulation(config, setup, trace.at_rate(rate)).run()
-    point = summarize(records, rate, config.ttft_slo_s, config.tpot_slo_s)
+    simulation = Simulation(config, setup, trace.at_rate(rate, config.rate_profile))
+    records = simulation.run()
+    pools = simulation.pools
+    point = summarize(records, rate, config.ttft_slo_s, config.tpot_slo_s, pools.gpu_seconds)
     served = [r for r in records if r.finished]
     return PointResult(
         setup_name,
         point,
         tuple(r.ttft_s for r in served),
         tuple(r.tpot_s for r in served if r.num_tokens > 1),
+        tuple(pools.timeline) if setup.planner is not None else (),
     )
 
 
@@ -105,9 +110,16 @@ def results_json(
             "prefill_gpus": setup.prefill_gpus,
             "pool": setup.pool,
             "baseline": setup.baseline and setup.name != config.strata_setup,
+            "planner": setup.planner,
             "rate_at_90": round(rate_at(points, ATTAINMENT_TARGET), 4),
             "points": [p.to_json() for p in points],
         }
+        if setup.planner is not None:
+            policies[setup.name]["pools"] = {
+                str(r.point.rate): [list(t) for t in r.pools]
+                for r in results
+                if r.setup == setup.name
+            }
     strata = policies[config.strata_setup]["rate_at_90"]
     baselines = [s.name for s in config.setups if s.baseline and s.name != config.strata_setup]
     best = max((policies[name]["rate_at_90"] for name in baselines), default=0.0)
@@ -121,6 +133,7 @@ def results_json(
         "profile": config.profile.name,
         "slo": {"ttft_s": config.ttft_slo_s, "tpot_s": config.tpot_slo_s},
         "rates": list(config.rates),
+        "rate_profile": [list(p) for p in config.rate_profile],
         "strata_vs_best_baseline": round(strata / best, 4) if best > 0 else None,
         "policies": policies,
     }

@@ -12,13 +12,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kvstore.blocks.hashing import BLOCK_KEY_BYTES, BlockKey
 
-__all__ = ["TRACE_BLOCK_TOKENS", "Trace", "TraceRequest", "block_key", "load_trace"]
+__all__ = [
+    "TRACE_BLOCK_TOKENS",
+    "Trace",
+    "TraceRequest",
+    "block_key",
+    "check_rate_profile",
+    "load_trace",
+]
 
 TRACE_BLOCK_TOKENS = 512
 """Tokens per hash id in Mooncake's traces."""
@@ -59,19 +69,61 @@ class Trace:
         span = self.duration_s
         return (len(self.requests) - 1) / span if span > 0 else float("inf")
 
-    def at_rate(self, rate: float) -> tuple[TraceRequest, ...]:
+    def at_rate(
+        self, rate: float, profile: Sequence[tuple[float, float]] = ()
+    ) -> tuple[TraceRequest, ...]:
         """The requests with their arrival times scaled so that the trace runs at ``rate``
-        requests per second (its burstiness kept)."""
+        requests per second (its burstiness kept). With a ``profile`` of ``(seconds,
+        multiplier)`` points (piecewise linear from second 0 to the last point, where the run
+        ends: later requests are left out) the rate at time ``t`` is ``rate·multiplier(t)``: the
+        trace's arrivals are warped so that by ``t`` as many requests have come as that rate
+        brings (a day's swing compressed into minutes, each burst still there)."""
         if not rate > 0:
             raise ValueError(f"rate must be > 0, got {rate}")
         native = self.native_rate
         if native == float("inf"):
             return self.requests
-        scale = native / rate
         start = self.requests[0].arrival_s
+        if not profile:
+            scale = native / rate
+            return tuple(
+                dataclasses.replace(r, arrival_s=(r.arrival_s - start) * scale)
+                for r in self.requests
+            )
+        check_rate_profile(profile)
+        # Expected arrivals by each request's native time, then the time by which the profile
+        # brings as many: the inverse of its cumulative rate, on a grid fine enough to be exact
+        # to well under a step of any engine.
+        counts = np.array([(r.arrival_s - start) * native for r in self.requests])
+        times = np.array([t for t, _ in profile])
+        multipliers = np.array([m for _, m in profile])
+        horizon = float(times[-1]) + 1.0  # past it, arrivals clamp to the grid's end: cut
+        grid = np.arange(0.0, horizon + _GRID_S, _GRID_S)
+        rates = rate * np.interp(grid, times, multipliers)
+        cumulative = np.concatenate(([0.0], np.cumsum((rates[1:] + rates[:-1]) / 2 * _GRID_S)))
+        warped = np.interp(counts, cumulative, grid)
+        total = float(np.interp(times[-1], grid, cumulative)) + 1e-9  # arrivals by the end
         return tuple(
-            dataclasses.replace(r, arrival_s=(r.arrival_s - start) * scale) for r in self.requests
+            dataclasses.replace(r, arrival_s=float(min(t, times[-1])))
+            for r, t, count in zip(self.requests, warped, counts, strict=True)
+            if count <= total
         )
+
+
+_GRID_S = 0.01
+"""Resolution of a warped arrival time (seconds)."""
+
+
+def check_rate_profile(profile: Sequence[tuple[float, float]]) -> None:
+    """ValueError unless there are two points or more, from second 0 forward, and every
+    multiplier is > 0."""
+    if len(profile) < 2 or profile[0][0] != 0:
+        raise ValueError("rate_profile needs two points or more, the first at second 0")
+    seconds = [t for t, _ in profile]
+    if seconds != sorted(set(seconds)):
+        raise ValueError("rate_profile seconds must increase")
+    if any(not (math.isfinite(m) and m > 0) for _, m in profile):
+        raise ValueError("rate_profile multipliers must be > 0")
 
 
 def _request(index: int, line: str, block_tokens: int) -> TraceRequest:

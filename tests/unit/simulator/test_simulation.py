@@ -14,7 +14,15 @@ from types import MappingProxyType
 import pytest
 
 from controlplane.scheduling import TransferCoefficients, Transport
-from simulator.config import Setup, Shape, SimConfig, StoreConfig, Timing, load_config
+from simulator.config import (
+    PlanningSettings,
+    Setup,
+    Shape,
+    SimConfig,
+    StoreConfig,
+    Timing,
+    load_config,
+)
 from simulator.loop import Simulation
 from simulator.profile import EngineProfile, StepModel
 from simulator.results import Point, rate_at, summarize
@@ -228,6 +236,22 @@ def test_trace_and_config_files(tmp_path: Path) -> None:
         Setup("conductor", "conductor", Shape.DISAGGREGATED, prefill_gpus=1),
         Setup("colocated", "prefix_aware", Shape.COLOCATED),
         Setup("no-pool", "round_robin", Shape.DISAGGREGATED, prefill_gpus=1, pool=False),
+        Setup(
+            "planned",
+            "slo_aware",
+            Shape.DISAGGREGATED,
+            prefill_gpus=1,
+            decode_gpus=1,
+            planner="strata",
+        ),
+        Setup(
+            "dynamo-planned",
+            "slo_aware",
+            Shape.DISAGGREGATED,
+            prefill_gpus=1,
+            decode_gpus=1,
+            planner="dynamo",
+        ),
     ],
     ids=lambda s: s.name,
 )
@@ -238,7 +262,10 @@ def test_everything_returns_when_the_run_ends(setup: Setup) -> None:
         kv_bytes_per_token=1000, hbm_kv_tokens=256, max_num_seqs=4,
         max_num_batched_tokens=64, max_model_len=512,
     )  # fmt: skip
-    cfg = config(setup, gpus=3, tpot_slo_s=1.0, ttft_slo_s=30.0, profile=small)
+    cfg = config(
+        setup, gpus=3, tpot_slo_s=1.0, ttft_slo_s=30.0, profile=small,
+        planning=PlanningSettings(interval_s=0.2, engine_start_s=0.1, scale_down_after=1),
+    )  # fmt: skip
     requests = [request(i, 0.02 * i, 40 + 7 * (i % 5), 30, range(i % 4)) for i in range(60)]
     sim = Simulation(cfg, setup, requests)
     records = sim.run()
@@ -251,8 +278,9 @@ def test_everything_returns_when_the_run_ends(setup: Setup) -> None:
             instance.running_decodes,
             instance.context_tokens,
             instance.remaining_decode_tokens,
+            instance.pending,
         )
-        assert counters == (0, 0, 0, 0, 0), instance.id
+        assert counters == (0, 0, 0, 0, 0, 0), instance.id
         engine = instance.engine
         assert not engine.has_work and not engine.stepping
         assert engine.used_tokens == engine.cache_block_tokens * len(engine._free_cached)

@@ -1,0 +1,220 @@
+"""The pools of one run: which instances serve, start, drain and stop; the planner that resizes
+them; the GPU-seconds they cost (docs/design/planner.md, docs/design/simulator.md §7).
+
+Every instance that may ever serve exists from the start (a planner's run: the whole GPU budget
+in each role), in one of the states the real registry uses: ``STARTING`` (asked for, not serving
+yet: it costs GPU time), ``READY`` (the gateway sends it work), ``DRAINING`` (no new work; it
+finishes what it holds, then stops) and ``DEAD``, here "stopped" (no GPU). A stopped engine's
+prefix cache is gone: its blocks leave the prefix index.
+
+The planner is the real :class:`~controlplane.planning.PoolPlanner`. Each interval it gets the
+load the gateway saw (requests arrived, their prompt and computed tokens as the decision
+matched them, output tokens; TTFT and inter-token time observed; the decode batch) and the pools
+now (ready and starting); scale-ups start stopped instances (or take back draining ones at once),
+scale-downs cancel starting ones, then drain the least busy ready ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from controlplane.instances.types import InstanceState
+from controlplane.planning import LoadSample, PlannerConfig, PoolPlanner, PoolSizes, make_planner
+from controlplane.workers.roles import WorkerRole
+from simulator.config import Setup, SimConfig
+from simulator.gateway import SimInstance
+
+__all__ = ["PoolModel", "SimPools"]
+
+_SERVING = (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING)
+
+
+class PoolModel:
+    """The latency model the planner sizes with: a ready prefill instance's model for prefills,
+    a ready decode instance's for decode steps (the scheduler's own, refitted online)."""
+
+    def __init__(self, prefill: SimInstance, decode: SimInstance) -> None:
+        self._prefill, self._decode = prefill.predictor, decode.predictor
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
+        return self._prefill.prefill_s(new_tokens, cached_tokens)
+
+    def decode_step_s(self, batch_size: int, context_tokens: int) -> float:
+        return self._decode.decode_step_s(batch_size, context_tokens)
+
+
+class SimPools:
+    def __init__(
+        self,
+        config: SimConfig,
+        setup: Setup,
+        instances: Sequence[SimInstance],
+        initial: PoolSizes | None,
+    ) -> None:
+        """``initial``: the instances of each role that serve from the start (None: all)."""
+        self.config = config
+        self.setup = setup
+        self.instances = tuple(instances)
+        self.gpus_per_instance = config.profile.tensor_parallel
+        self._since: dict[str, float] = {}
+        self.gpu_seconds = 0.0
+        counts = {WorkerRole.PREFILL: 0, WorkerRole.DECODE: 0, WorkerRole.BOTH: 0}
+        limits = (
+            {WorkerRole.PREFILL: initial.prefill, WorkerRole.DECODE: initial.decode}
+            if (initial is not None)
+            else {}
+        )
+        for instance in self.instances:
+            role = instance.role
+            serving = counts[role] < limits.get(role, len(self.instances))
+            counts[role] += 1
+            instance.state = InstanceState.READY if serving else InstanceState.DEAD
+            if serving:
+                self._since[instance.id] = 0.0
+        self.planner: PoolPlanner | None = None
+        if setup.planner is not None:
+            profile = config.profile
+            self.planner = make_planner(
+                setup.planner,
+                PlannerConfig(
+                    ttft_slo_s=config.ttft_slo_s,
+                    tpot_slo_s=config.tpot_slo_s,
+                    max_num_seqs=profile.max_num_seqs,
+                    kv_capacity_tokens=min(i.engine.capacity_tokens for i in self.instances),
+                    gpus_per_instance=self.gpus_per_instance,
+                    max_instances=config.num_instances,
+                    interval_s=config.planning.interval_s,
+                    engine_start_s=config.planning.engine_start_s,
+                    scale_down_after=config.planning.scale_down_after,
+                ),
+            )
+        self.timeline: list[tuple[float, int, int]] = [(0.0, *self._active())]
+        self._reset_sample()
+
+    # -- what the loop reports -----------------------------------------------------------------
+
+    def _reset_sample(self) -> None:
+        self._requests = self._prompt = self._computed = self._output = 0
+        self._ttft_sum, self._ttfts = 0.0, 0
+        self._itl_sum, self._itls = 0.0, 0
+
+    def arrived(self, prompt_tokens: int, computed_tokens: int, output_tokens: int) -> None:
+        self._requests += 1
+        self._prompt += prompt_tokens
+        self._computed += min(prompt_tokens, computed_tokens)
+        self._output += output_tokens
+
+    def first_token(self, ttft_s: float) -> None:
+        self._ttft_sum += ttft_s
+        self._ttfts += 1
+
+    def finished(self, tpot_s: float) -> None:
+        self._itl_sum += tpot_s
+        self._itls += 1
+
+    # -- states --------------------------------------------------------------------------------
+
+    def serving(self) -> list[SimInstance]:
+        """The instances the gateway may send new work to."""
+        return [i for i in self.instances if i.state is InstanceState.READY]
+
+    def _active(self) -> tuple[int, int]:
+        """Prefill and decode instances ready or starting (what the planner counts)."""
+        prefill = decode = 0
+        for i in self.instances:
+            if i.state in (InstanceState.READY, InstanceState.STARTING):
+                if i.role is WorkerRole.PREFILL:
+                    prefill += 1
+                else:
+                    decode += 1
+        return prefill, decode
+
+    def _set(self, instance: SimInstance, state: InstanceState, now: float) -> None:
+        was = instance.state
+        if was in _SERVING and state not in _SERVING:
+            self.gpu_seconds += (now - self._since.pop(instance.id)) * self.gpus_per_instance
+        elif was not in _SERVING and state in _SERVING:
+            self._since[instance.id] = now
+        instance.state = state
+
+    def ready(self, instance: SimInstance, now: float) -> bool:
+        """A started engine is up; False if it was cancelled meanwhile."""
+        if instance.state is not InstanceState.STARTING:
+            return False
+        self._set(instance, InstanceState.READY, now)
+        return True
+
+    def maybe_stop(self, instance: SimInstance, now: float) -> None:
+        """A draining instance that holds nothing any more stops."""
+        if instance.state is not InstanceState.DRAINING:
+            return
+        engine = instance.engine
+        if instance.pending or engine.has_work or engine.stepping:
+            return
+        engine.clear_cache()
+        self._set(instance, InstanceState.DEAD, now)
+        self.timeline.append((now, *self._active()))
+
+    def finish(self, now: float) -> None:
+        """The run is over: every serving instance's GPU time up to ``now``."""
+        for instance in self.instances:
+            if instance.state in _SERVING:
+                self._set(instance, InstanceState.DEAD, now)
+
+    # -- the planner ---------------------------------------------------------------------------
+
+    def plan(self, now: float) -> list[SimInstance]:
+        """One planning interval ends: the planner's target applied. The instances started
+        (the loop makes each ready ``engine_start_s`` later)."""
+        assert self.planner is not None
+        ready = self.serving()
+        prefills = [i for i in ready if i.role is WorkerRole.PREFILL]
+        decodes = [i for i in ready if i.role is WorkerRole.DECODE]
+        sample = LoadSample(
+            duration_s=self.config.planning.interval_s,
+            requests=self._requests,
+            prompt_tokens=self._prompt,
+            computed_tokens=self._computed,
+            output_tokens=self._output,
+            ttft_s=self._ttft_sum / self._ttfts if self._ttfts else None,
+            itl_s=self._itl_sum / self._itls if self._itls else None,
+            decode_batch=(
+                sum(i.running_decodes for i in decodes) / len(decodes) if decodes else None
+            ),
+        )
+        self._reset_sample()
+        if not prefills or not decodes:
+            return []
+        current = PoolSizes(*self._active())
+        target = self.planner.plan(sample, current, PoolModel(prefills[0], decodes[0]))
+        started = self._resize(WorkerRole.PREFILL, target.prefill, now)
+        started += self._resize(WorkerRole.DECODE, target.decode, now)
+        self.timeline.append((now, *self._active()))
+        return started
+
+    def _resize(self, role: WorkerRole, target: int, now: float) -> list[SimInstance]:
+        mine = [i for i in self.instances if i.role is role]
+        active = [i for i in mine if i.state in (InstanceState.READY, InstanceState.STARTING)]
+        started: list[SimInstance] = []
+        if target > len(active):
+            need = target - len(active)
+            for instance in [i for i in mine if i.state is InstanceState.DRAINING][:need]:
+                self._set(instance, InstanceState.READY, now)  # taken back at once
+                need -= 1
+            for instance in [i for i in mine if i.state is InstanceState.DEAD][:need]:
+                self._set(instance, InstanceState.STARTING, now)
+                started.append(instance)
+        elif target < len(active):
+            extra = len(active) - target
+            starting = [i for i in active if i.state is InstanceState.STARTING]
+            for instance in starting[:extra]:
+                self._set(instance, InstanceState.DEAD, now)  # cancelled before serving
+                extra -= 1
+            ready = sorted(
+                (i for i in active if i.state is InstanceState.READY),
+                key=lambda i: (i.pending, i.engine.used_tokens),
+            )
+            for instance in ready[:extra]:
+                self._set(instance, InstanceState.DRAINING, now)
+                self.maybe_stop(instance, now)
+        return started
