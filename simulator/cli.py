@@ -65,11 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(trace.requests)} requests of {trace.source}; rate at 90 % SLO attainment:")
     for name, entry in data["policies"].items():
         mark = "  <- strata" if name == data["strata_policy"] else ""
-        print(f"  {name:<{width}}  {entry['rate_at_90']:8.3f} req/s{mark}")
+        costs = [p["gpu_s_per_1k_met"] for p in entry["points"]]
+        cost = " ".join("-" if c is None else f"{c:.0f}" for c in costs)
+        print(
+            f"  {name:<{width}}  {entry['rate_at_90']:8.3f} req/s   GPU-s per 1k met: {cost}{mark}"
+        )
     ratio = data["strata_vs_best_baseline"]
     if ratio is not None:
         print(f"strata / best baseline: {ratio:.3f}")
-    print(f"results: {args.out / 'results.json'}, plots: goodput.png, cdf.png")
+    planned = any("pools" in entry for entry in data["policies"].values())
+    plots = "goodput.png, cdf.png" + (", pools.png" if planned else "")
+    print(f"results: {args.out / 'results.json'}, plots: {plots}")
     return 0
 
 

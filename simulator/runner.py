@@ -201,3 +201,26 @@ def _plots(
     fig.tight_layout()
     fig.savefig(out / "cdf.png", dpi=110)
     plt.close(fig)
+
+    # Pool sizes over time of each planner's run at the highest rate.
+    planned = [r for r in results if r.pools and r.point.rate == config.rates[-1]]
+    if planned:
+        fig, axes = plt.subplots(1, len(planned), figsize=(6 * len(planned), 4), squeeze=False)
+        for axis, result in zip(axes[0], planned, strict=True):
+            times = [t for t, _, _ in result.pools]
+            axis.step(times, [p for _, p, _ in result.pools], where="post", label="prefill")
+            axis.step(times, [d for _, _, d in result.pools], where="post", label="decode")
+            axis.set(xlabel="time (s)", ylabel="instances (ready or starting)")
+            axis.set_title(f"{result.setup} at a peak of {config.rates[-1]:g} requests/s")
+            if config.rate_profile:
+                rates = axis.twinx()
+                rates.plot(
+                    [t for t, _ in config.rate_profile],
+                    [m * config.rates[-1] for _, m in config.rate_profile],
+                    color="grey", linestyle="--", linewidth=1,
+                )  # fmt: skip
+                rates.set_ylabel("arrival rate (requests/s)")
+            axis.legend(fontsize=8, loc="upper left")
+        fig.tight_layout()
+        fig.savefig(out / "pools.png", dpi=110)
+        plt.close(fig)

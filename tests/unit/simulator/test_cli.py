@@ -68,6 +68,37 @@ def test_simulate_writes_results_and_plots(
     assert "rate at 90 % SLO attainment" in capsys.readouterr().out
 
 
+def test_simulate_with_a_planner_reports_pools_and_gpu_seconds(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    planned = CONFIG.replace("rates: [1, 4]", "rates: [2, 6]\n" + (
+        "rate_profile: [[0, 0.2], [8s, 1.0], [15s, 0.2]]\n"
+        "planner: {interval: 2s, engine_start: 1s, scale_down_after: 2}"
+    )) + (
+        "  - {name: planned, shape: disaggregated, prefill_gpus: 1, decode_gpus: 1, "
+        "policy: slo_aware, planner: strata}\n"
+    )  # fmt: skip
+    (folder / "c.yaml").write_text(planned)
+    out = folder / "out"
+    code = main(["simulate", "--config", str(folder / "c.yaml"), "--out", str(out), "--jobs", "1"])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["rate_profile"] == [[0.0, 0.2], [8.0, 1.0], [15.0, 0.2]]
+    entry = data["policies"]["planned"]
+    assert entry["planner"] == "strata"
+    for rate in ("2.0", "6.0"):
+        timeline = entry["pools"][rate]
+        assert timeline[0] == [0.0, 1, 1]
+        assert all(p >= 1 and d >= 1 and p + d <= 4 for _, p, d in timeline)
+    fixed = data["policies"]["strata"]["points"]
+    for point, fixed_point in zip(entry["points"], fixed, strict=True):
+        # Fixed pools hold all 4 GPUs all along; the planner's are never larger.
+        assert point["gpu_seconds"] <= fixed_point["gpu_seconds"] + 1e-6
+        assert fixed_point["gpu_seconds"] == pytest.approx(4 * fixed_point["makespan_s"], rel=0.01)
+    assert (out / "pools.png").read_bytes()[:4] == b"\x89PNG"
+    assert "GPU-s per 1k met" in capsys.readouterr().out
+
+
 def test_simulate_names_what_is_wrong(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (folder / "c.yaml").write_text(CONFIG.replace("gpus: 4", "gpus: four"))
     assert main(["simulate", "--config", str(folder / "c.yaml"), "--out", str(folder)]) == 1
