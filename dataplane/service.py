@@ -45,6 +45,7 @@ class ServedWorker(Protocol):
     draining: bool
     block_size: int
     max_model_len: int
+    kv_capacity_tokens: int
     dtype: str
     hardware: str
 
@@ -116,6 +117,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             block_size=w.block_size,
             max_model_len=w.max_model_len,
             capacity=w.config.max_num_seqs,
+            kv_capacity_tokens=w.kv_capacity_tokens,
             dtype=w.dtype,
             hardware=w.hardware,
             num_engine_requests=w.progress.num_items,

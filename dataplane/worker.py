@@ -95,6 +95,8 @@ class Worker:
         self.server: grpc.aio.Server | None = None
         self.block_size = 0
         self.max_model_len = 0
+        self.kv_capacity_tokens = 0
+        """KV tokens the engine holds (its cache's blocks x block_size), once created."""
         self.ready = False
         self.draining = False
         """SIGTERM received: Health says so, gateways send nothing new (dataplane/shutdown.py)."""
@@ -262,6 +264,8 @@ class Worker:
         vllm_config = self.engine.vllm_config
         self.block_size = int(vllm_config.cache_config.block_size)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
+        blocks = vllm_config.cache_config.num_gpu_blocks or 0
+        self.kv_capacity_tokens = int(blocks) * self.block_size
 
     def cluster_key(self) -> bytes | None:
         """The cluster key (``--cluster-key-file``), or None: no authentication."""

@@ -355,7 +355,7 @@ class Simulation:
         )
         if isinstance(decision, Reject):
             record.rejected = decision.reason.value
-            self.pools.arrived(request.input_tokens, request.input_tokens, request.output_tokens)
+            self.pools.arrived(request.input_tokens, request.input_tokens)
             return
         assert isinstance(decision, Assign)
         record.route = decision.route.value
@@ -374,7 +374,7 @@ class Simulation:
         record.load_cap_tokens = cached if decision.cached_blocks < available else None
         uncached = max(1, request.input_tokens - cached)
         record.uncached_tokens = uncached
-        self.pools.arrived(request.input_tokens, uncached, request.output_tokens)
+        self.pools.arrived(request.input_tokens, uncached)
         for instance_id in {decision.prefill, decision.decode} - {None}:
             assert instance_id is not None
             self.instances[instance_id].pending += 1
@@ -461,6 +461,7 @@ class Simulation:
         decode = self.instances[record.decode]
         if record.output_tokens == 1:
             decode.pending -= 1
+            self.pools.finished(1, None)
             self.pools.maybe_stop(decode, self.now)
             return
         record.handoff = True
@@ -518,5 +519,4 @@ class Simulation:
         instance.context_tokens -= record.decode_context
         instance.remaining_decode_tokens -= record.decode_remaining
         instance.pending -= 1
-        if record.num_tokens > 1:
-            self.pools.finished(record.tpot_s)
+        self.pools.finished(record.num_tokens, record.tpot_s if record.num_tokens > 1 else None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.instances.types import InstanceState
-from controlplane.planning import LoadSample, PlannerConfig, PoolPlanner, PoolSizes, make_planner
+from controlplane.planning import LoadMeter, PlannerConfig, PoolPlanner, PoolSizes, make_planner
 from controlplane.workers.roles import WorkerRole
 from simulator.config import Setup, SimConfig
 from simulator.gateway import SimInstance
@@ -89,28 +89,19 @@ class SimPools:
                 ),
             )
         self.timeline: list[tuple[float, int, int]] = [(0.0, *self._active())]
-        self._reset_sample()
+        self.meter = LoadMeter()
+        """What the gateway saw of the requests this interval (the real gateway's meter)."""
 
     # -- what the loop reports -----------------------------------------------------------------
 
-    def _reset_sample(self) -> None:
-        self._requests = self._prompt = self._computed = self._output = 0
-        self._ttft_sum, self._ttfts = 0.0, 0
-        self._itl_sum, self._itls = 0.0, 0
-
-    def arrived(self, prompt_tokens: int, computed_tokens: int, output_tokens: int) -> None:
-        self._requests += 1
-        self._prompt += prompt_tokens
-        self._computed += min(prompt_tokens, computed_tokens)
-        self._output += output_tokens
+    def arrived(self, prompt_tokens: int, computed_tokens: int) -> None:
+        self.meter.arrived(prompt_tokens, computed_tokens)
 
     def first_token(self, ttft_s: float) -> None:
-        self._ttft_sum += ttft_s
-        self._ttfts += 1
+        self.meter.first_token(ttft_s)
 
-    def finished(self, tpot_s: float) -> None:
-        self._itl_sum += tpot_s
-        self._itls += 1
+    def finished(self, output_tokens: int, tpot_s: float | None) -> None:
+        self.meter.finished(output_tokens, tpot_s)
 
     # -- states --------------------------------------------------------------------------------
 
@@ -170,19 +161,8 @@ class SimPools:
         ready = self.serving()
         prefills = [i for i in ready if i.role is WorkerRole.PREFILL]
         decodes = [i for i in ready if i.role is WorkerRole.DECODE]
-        sample = LoadSample(
-            duration_s=self.config.planning.interval_s,
-            requests=self._requests,
-            prompt_tokens=self._prompt,
-            computed_tokens=self._computed,
-            output_tokens=self._output,
-            ttft_s=self._ttft_sum / self._ttfts if self._ttfts else None,
-            itl_s=self._itl_sum / self._itls if self._itls else None,
-            decode_batch=(
-                sum(i.running_decodes for i in decodes) / len(decodes) if decodes else None
-            ),
-        )
-        self._reset_sample()
+        batch = sum(i.running_decodes for i in decodes) / len(decodes) if decodes else None
+        sample = self.meter.take(self.config.planning.interval_s, batch)
         if not prefills or not decodes:
             return []
         current = PoolSizes(*self._active())

@@ -114,7 +114,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ready", "role", "model", "block_size", "max_model_len", "capacity", "kv_source", "model_fingerprint", "kv_layout", "dtype", "hardware", "num_engine_requests", "stalled_s", "num_engine_steps", "draining")
+    __slots__ = ("ready", "role", "model", "block_size", "max_model_len", "capacity", "kv_source", "model_fingerprint", "kv_layout", "dtype", "hardware", "num_engine_requests", "stalled_s", "num_engine_steps", "draining", "kv_capacity_tokens")
     READY_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class HealthResponse(_message.Message):
     STALLED_S_FIELD_NUMBER: _ClassVar[int]
     NUM_ENGINE_STEPS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     role: Role
     model: str
@@ -145,7 +146,8 @@ class HealthResponse(_message.Message):
     stalled_s: float
     num_engine_steps: int
     draining: bool
-    def __init__(self, ready: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., capacity: _Optional[int] = ..., kv_source: _Optional[str] = ..., model_fingerprint: _Optional[bytes] = ..., kv_layout: _Optional[str] = ..., dtype: _Optional[str] = ..., hardware: _Optional[str] = ..., num_engine_requests: _Optional[int] = ..., stalled_s: _Optional[float] = ..., num_engine_steps: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    kv_capacity_tokens: int
+    def __init__(self, ready: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., capacity: _Optional[int] = ..., kv_source: _Optional[str] = ..., model_fingerprint: _Optional[bytes] = ..., kv_layout: _Optional[str] = ..., dtype: _Optional[str] = ..., hardware: _Optional[str] = ..., num_engine_requests: _Optional[int] = ..., stalled_s: _Optional[float] = ..., num_engine_steps: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_capacity_tokens: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

@@ -1,10 +1,11 @@
 """The P:D planner: both pools sized from a load forecast with the scheduler's latency model
 (docs/design/planner.md). Pure: no I/O, no clock; the caller feeds samples and applies targets.
 
-Layers: ``planner`` > ``policies`` > ``forecast`` > ``types``.
+Layers: ``planner`` > ``policies`` > ``forecast`` | ``meter`` > ``types``.
 """
 
 from controlplane.planning.forecast import ConstantForecast, Forecaster, HoltForecast
+from controlplane.planning.meter import LoadMeter
 from controlplane.planning.planner import PLANNER_NAMES, PoolPlanner, make_planner
 from controlplane.planning.policies import DynamoSla, FixedSizes, SizingPolicy, SloModel
 from controlplane.planning.types import (
@@ -24,6 +25,7 @@ __all__ = [
     "HoltForecast",
     "LatencyModel",
     "LoadForecast",
+    "LoadMeter",
     "LoadSample",
     "PlannerConfig",
     "PoolPlanner",

@@ -35,16 +35,22 @@ class PoolSizes:
 
 @dataclass(frozen=True, slots=True)
 class LoadSample:
-    """One interval's load, as the gateway saw it: sums over the requests that arrived in it,
-    and (for the Dynamo baseline's correction factors) latencies observed in it."""
+    """One interval's load, as the gateway saw it: the requests that arrived in it (their
+    prompts, as the decision matched them against the caches), those that finished in it (their
+    outputs: a request's length is known when it ends), and, for the Dynamo baseline's
+    correction factors, latencies observed in it."""
 
     duration_s: float
     requests: int
+    """Requests that arrived (admitted or refused)."""
     prompt_tokens: int
-    """Sum of the prompts' lengths."""
+    """Sum of their prompts' lengths."""
     computed_tokens: int
-    """Sum of the prompt tokens that had to be computed (not cached in HBM or the pool)."""
+    """Sum of their prompt tokens that had to be computed (not cached in HBM or the pool)."""
     output_tokens: int
+    """Sum of the output tokens of the requests that finished."""
+    finished: int = 0
+    """Requests that finished."""
     ttft_s: float | None = None
     """Mean TTFT of the requests whose first token came in the interval."""
     itl_s: float | None = None
@@ -55,7 +61,8 @@ class LoadSample:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.duration_s) and self.duration_s > 0):
             raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
-        if min(self.requests, self.prompt_tokens, self.computed_tokens, self.output_tokens) < 0:
+        counts = (self.requests, self.prompt_tokens, self.computed_tokens, self.output_tokens)
+        if min(*counts, self.finished) < 0:
             raise ValueError("counts must be >= 0")
         if self.computed_tokens > self.prompt_tokens:
             raise ValueError("computed_tokens cannot exceed prompt_tokens")

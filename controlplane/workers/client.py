@@ -119,6 +119,8 @@ class WorkerHealth:
     """Engine steps completed since the engine started."""
     draining: bool = False
     """The worker is shutting down: no new request; those in flight run to their end."""
+    kv_capacity_tokens: int = 0
+    """KV tokens the engine holds; 0 when the worker does not say."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +207,7 @@ class WorkerClient:
             stalled_s=reply.stalled_s,
             num_engine_steps=reply.num_engine_steps,
             draining=reply.draining,
+            kv_capacity_tokens=reply.kv_capacity_tokens,
         )
 
     async def prefill(

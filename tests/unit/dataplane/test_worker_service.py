@@ -29,6 +29,7 @@ class StandInWorker:
     draining: bool = False
     block_size: int = 16
     max_model_len: int = 64
+    kv_capacity_tokens: int = 4096
     dtype: str = "float32"
     hardware: str = "cpu/test"
 
@@ -67,6 +68,7 @@ def test_health_and_stats_report_the_worker(tmp_path: Path) -> None:
     health = asyncio.run(service.Health(worker_pb2.HealthRequest(), None))
     assert (health.ready, health.role, health.draining) == (True, worker_pb2.ROLE_DECODE, True)
     assert (health.block_size, health.max_model_len, health.capacity) == (16, 64, 32)
+    assert health.kv_capacity_tokens == 4096
     assert (health.kv_source, health.kv_layout, health.hardware) == ("w1", "test", "cpu/test")
     stats = asyncio.run(service.Stats(worker_pb2.StatsRequest(), None))
     assert (stats.kv_blocks_loaded, stats.engine_heap_trims) == (3, 2)

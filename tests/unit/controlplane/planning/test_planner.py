@@ -12,6 +12,7 @@ from controlplane.planning import (
     DynamoSla,
     HoltForecast,
     LoadForecast,
+    LoadMeter,
     LoadSample,
     PlannerConfig,
     PoolPlanner,
@@ -49,7 +50,7 @@ def forecast(rate: float, prompt: float, computed: float, output: float) -> Load
 
 def sample(rate: float, prompt: int, computed: int, output: int, **kw: float) -> LoadSample:
     n = round(rate * 60)
-    return LoadSample(60.0, n, n * prompt, n * computed, n * output, **kw)  # type: ignore[arg-type]
+    return LoadSample(60.0, n, n * prompt, n * computed, n * output, n, **kw)  # type: ignore[arg-type]
 
 
 # (rate, prompt, computed, output) -> (prefill, decode), computed by hand:
@@ -185,6 +186,30 @@ def test_the_dynamo_planner_applies_each_target_at_once() -> None:
     assert current == PoolSizes(3, 8)
     current = planner.plan(sample(1.0, 2000, 1000, 200), current, MODEL)
     assert current == PoolSizes(1, 1)
+
+
+def test_the_meter_sums_an_interval_and_starts_the_next() -> None:
+    meter = LoadMeter()
+    meter.arrived(1000, 400)
+    meter.arrived(3000, 5000)  # more computed than prompt: capped
+    meter.first_token(0.5)
+    meter.first_token(1.5)
+    meter.finished(100, 0.02)
+    meter.finished(1, None)
+    sample = meter.take(30.0, decode_batch=3.0)
+    assert sample == LoadSample(30.0, 2, 4000, 3400, 101, 2, 1.0, 0.02, 3.0)
+    assert meter.take(30.0) == LoadSample(30.0, 0, 0, 0, 0, 0)
+
+
+def test_output_means_come_from_finished_requests() -> None:
+    # Requests arrive in one interval and finish in the next: the output mean is kept.
+    holt = HoltForecast()
+    holt.observe(LoadSample(60.0, 60, 60_000, 30_000, 0, 0))
+    holt.observe(LoadSample(60.0, 0, 0, 0, 6_000, 60))
+    ahead = holt.forecast(60.0)
+    assert ahead is not None
+    assert (ahead.prompt_tokens, ahead.computed_tokens) == (1000.0, 500.0)
+    assert ahead.output_tokens == 100.0  # first seen in the second interval
 
 
 def test_config_and_names_are_checked() -> None:
