@@ -39,6 +39,7 @@ from controlplane.api.openai_protocol import (
 )
 from controlplane.launch.kubernetes_config import KubernetesConfig
 from controlplane.launch.launcher import LaunchConfig
+from controlplane.planning import PlannerSettings
 from controlplane.scheduling.policies import PolicyKind
 from controlplane.scheduling.types import SchedulingConfig
 from controlplane.tenants import ApiKeys, TenantError
@@ -382,6 +383,11 @@ class GatewayConfig:
     cluster: ClusterConfig = group(
         ClusterConfig, title="cluster credentials (docs/design/security.md)", prefix="cluster-"
     )
+    planner: PlannerSettings = group(
+        PlannerSettings,
+        title="P:D planner (resizes the launched pools; docs/design/planner.md)",
+        prefix="planner-",
+    )
     insecure: bool = option(False, help=INSECURE_HELP)
     tls: TlsConfig = group(
         TlsConfig, title="TLS mode (docs/design/security.md §3.1)", prefix="tls-"
@@ -414,6 +420,13 @@ class GatewayConfig:
                 self.tls.check_role("gateway")
         except CredentialError as exc:
             raise ConfigError(str(exc)) from None
+        if self.planner.enabled:
+            if self.scheduling.default_ttft_slo_s is None or (
+                self.scheduling.default_tpot_slo_s is None
+            ):
+                raise ConfigError(
+                    "--planner sizes the pools for SLOs: give --ttft-slo and --tpot-slo"
+                )
         if self.tls.enabled and (self.launch.prefill or self.launch.decode):
             # A launched worker would need a certificate of its own (worker/INSTANCE_ID).
             raise ConfigError(

@@ -39,6 +39,7 @@ from controlplane.instances.types import (
     PoolLauncher,
 )
 from controlplane.launch.launcher import LocalProcessLauncher
+from controlplane.launch.planner import PlannerLoop
 from controlplane.launch.standby import StandbyLauncher
 from controlplane.metrics import GatewayMetrics
 from controlplane.request.routing import (
@@ -112,6 +113,11 @@ class GatewayServer:
             pool_launcher = self._k8s_launcher = KubernetesLauncher(config.k8s)
         if pool_launcher is not None and launcher is not None:
             raise ConfigError("a gateway has a process launcher or a pool launcher, not both")
+        if config.planner.enabled and launcher is None and pool_launcher is None:
+            raise ConfigError(
+                "--planner resizes pools this gateway launches: give --launch-store (local "
+                "workers) or --k8s-namespace (the Kubernetes Deployments)"
+            )
         self._pool_launcher = pool_launcher
         self._registry: InstanceRegistry | None = None
         self._cluster_view: ClusterView | None = None
@@ -124,6 +130,8 @@ class GatewayServer:
         """API keys from Redis (with ``http.api_keys_redis``)."""
         self.url = ""
         self.admin_port: int | None = None
+        self.planner: PlannerLoop | None = None
+        """The P:D planner's loop once serving, with ``--planner`` (docs/design/planner.md)."""
         """The admin API's bound port once started (None while it is off)."""
 
     @property
@@ -233,6 +241,17 @@ class GatewayServer:
         )
         if self._admin is not None:
             self._tasks.append(asyncio.create_task(self._publish_admin_health(self._admin)))
+        if config.planner.enabled:
+            scheduling = _scheduling_config(config)
+            assert scheduling.default_ttft_slo_s is not None  # GatewayConfig checks it
+            assert scheduling.default_tpot_slo_s is not None
+            self.planner = PlannerLoop(
+                registry,
+                config.planner,
+                ttft_slo_s=scheduling.default_ttft_slo_s,
+                tpot_slo_s=scheduling.default_tpot_slo_s,
+            )
+            self._tasks.append(asyncio.create_task(self.planner.run()))
         return self.url
 
     async def _launch_startup_workers(self) -> None:

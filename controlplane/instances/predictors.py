@@ -31,6 +31,7 @@ from controlplane.instances.types import (
     InstanceState,
     InvalidAdminRequest,
 )
+from controlplane.planning import LoadMeter, PoolSizes, PoolView
 from controlplane.scheduling import (
     DEFAULT_POLICY,
     POLICY_NAMES,
@@ -83,6 +84,8 @@ class SchedulingState(LoadTracking):
         self._accuracy = PredictionAccuracy()
         self._num_rejected = 0
         self._num_profiles = 0
+        self.load_meter = LoadMeter()
+        """What each request brings, summed per planning interval (controlplane/planning)."""
 
     def _on_ready(self, instance: Instance) -> None:
         self._maybe_profile(instance)
@@ -93,12 +96,43 @@ class SchedulingState(LoadTracking):
         quantile, now = self._scheduling.slo_margin_quantile, self._clock()
         instances = [m.scheduling_snapshot(quantile, now) for m in self._instances.values()]
         decision = self._policy.decide(request, instances)
+        prompt = request.num_prompt_tokens
         if isinstance(decision, Reject):
             self._num_rejected += 1
             self._metrics.requests_rejected.labels(decision.reason.value).inc()
+            self.load_meter.arrived(prompt, prompt)
         else:
             self._metrics.routes.labels(decision.policy, decision.route.value).inc()
+            self.load_meter.arrived(prompt, prompt - decision.cached_blocks * request.block_size)
         return decision
+
+    def note_finished(self, output_tokens: int, tpot_s: float | None) -> None:
+        """A request ended normally with ``output_tokens`` (its mean TPOT with two or more)."""
+        self.load_meter.finished(output_tokens, tpot_s)
+
+    def planning_view(self) -> PoolView:
+        """The pools as the planner sees them (controlplane/planning)."""
+        active = (InstanceState.STARTING, InstanceState.READY)
+        prefill = [m for m in self._instances.values() if m.role is WorkerRole.PREFILL]
+        decode = [m for m in self._instances.values() if m.role is WorkerRole.DECODE]
+        ready_prefill = [m for m in prefill if m.state is InstanceState.READY]
+        ready_decode = [m for m in decode if m.state is InstanceState.READY]
+        capacities = [m.capacity for m in ready_decode if m.capacity]
+        kv = [h.kv_capacity_tokens for m in ready_decode if (h := m.health) is not None]
+        return PoolView(
+            sizes=PoolSizes(
+                sum(m.state in active for m in prefill), sum(m.state in active for m in decode)
+            ),
+            prefill_model=ready_prefill[0].predictor if ready_prefill else None,
+            decode_model=ready_decode[0].predictor if ready_decode else None,
+            decode_batch=(
+                sum(m.num_running_decodes for m in ready_decode) / len(ready_decode)
+                if ready_decode
+                else None
+            ),
+            max_num_seqs=min(capacities, default=0),
+            kv_capacity_tokens=min((k for k in kv if k), default=0),
+        )
 
     def engine_sources(self) -> frozenset[str]:
         """KV source ids of the known engines (holders of HBM blocks in the prefix index)."""
@@ -167,6 +201,7 @@ class SchedulingState(LoadTracking):
             if instance.id == chosen:  # not a failover's: the prediction was of another
                 instance.predictor.observe_ttft(assign.predicted_ttft_s, observed_s, self._clock())
             self._metrics.predictor_ttft_mape.set(self._accuracy.ttft_mape or 0.0)
+            self.load_meter.first_token(observed_s)
 
     def observe_tpot(self, assign: Assign, instance: Instance, observed_s: float) -> None:
         if observed_s > 0:

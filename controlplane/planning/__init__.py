@@ -9,14 +9,18 @@ from controlplane.planning.meter import LoadMeter
 from controlplane.planning.planner import PLANNER_NAMES, PoolPlanner, make_planner
 from controlplane.planning.policies import DynamoSla, FixedSizes, SizingPolicy, SloModel
 from controlplane.planning.types import (
+    PLANNER_KINDS,
     LatencyModel,
     LoadForecast,
     LoadSample,
     PlannerConfig,
+    PlannerSettings,
     PoolSizes,
+    PoolView,
 )
 
 __all__ = [
+    "PLANNER_KINDS",
     "PLANNER_NAMES",
     "ConstantForecast",
     "DynamoSla",
@@ -28,8 +32,10 @@ __all__ = [
     "LoadMeter",
     "LoadSample",
     "PlannerConfig",
+    "PlannerSettings",
     "PoolPlanner",
     "PoolSizes",
+    "PoolView",
     "SizingPolicy",
     "SloModel",
     "make_planner",

@@ -169,8 +169,11 @@ class Generation:
         """The request ended normally: its mean TPOT against the prediction."""
         first = self._first_token_s
         num_gaps = self.num_completion_tokens - 1
+        tpot_s = None
         if first is not None and num_gaps >= 1 and last_token_s > first:
-            self._registry.observe_tpot(self._assign, instance, (last_token_s - first) / num_gaps)
+            tpot_s = (last_token_s - first) / num_gaps
+            self._registry.observe_tpot(self._assign, instance, tpot_s)
+        self._registry.note_finished(self.num_completion_tokens, tpot_s)
 
     async def _run(self) -> AsyncGenerator[GenerationDelta, None]:
         req = self.request
