@@ -420,13 +420,9 @@ class GatewayConfig:
                 self.tls.check_role("gateway")
         except CredentialError as exc:
             raise ConfigError(str(exc)) from None
-        if self.planner.enabled:
-            if self.scheduling.default_ttft_slo_s is None or (
-                self.scheduling.default_tpot_slo_s is None
-            ):
-                raise ConfigError(
-                    "--planner sizes the pools for SLOs: give --ttft-slo and --tpot-slo"
-                )
+        slos = (self.scheduling.default_ttft_slo_s, self.scheduling.default_tpot_slo_s)
+        if self.planner.enabled and None in slos:
+            raise ConfigError("--planner sizes the pools for SLOs: give --ttft-slo and --tpot-slo")
         if self.tls.enabled and (self.launch.prefill or self.launch.decode):
             # A launched worker would need a certificate of its own (worker/INSTANCE_ID).
             raise ConfigError(
