@@ -39,7 +39,7 @@ from controlplane.api.openai_protocol import (
 )
 from controlplane.launch.kubernetes_config import KubernetesConfig
 from controlplane.launch.launcher import LaunchConfig
-from controlplane.planning import PlannerSettings
+from controlplane.launch.planner import PlannerSettings
 from controlplane.scheduling.policies import PolicyKind
 from controlplane.scheduling.types import SchedulingConfig
 from controlplane.tenants import ApiKeys, TenantError

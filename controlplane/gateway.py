@@ -130,9 +130,9 @@ class GatewayServer:
         """API keys from Redis (with ``http.api_keys_redis``)."""
         self.url = ""
         self.admin_port: int | None = None
+        """The admin API's bound port once started (None while it is off)."""
         self.planner: PlannerLoop | None = None
         """The P:D planner's loop once serving, with ``--planner`` (docs/design/planner.md)."""
-        """The admin API's bound port once started (None while it is off)."""
 
     @property
     def registry(self) -> InstanceRegistry:

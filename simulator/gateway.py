@@ -55,6 +55,7 @@ class SimInstance:
         "pending",
         "predictor",
         "queued_prefill_tokens",
+        "ready_at",
         "remaining_decode_tokens",
         "role",
         "running_decodes",
@@ -80,6 +81,8 @@ class SimInstance:
         """The registry's state: only READY instances get new work (simulator/pools.py)."""
         self.pending = 0
         """Requests decided onto this instance whose part here is not done yet."""
+        self.ready_at = 0.0
+        """When its latest start ends (simulator/pools.py)."""
 
     def snapshot(self, now: float, margin_quantile: float, network: Transport) -> InstanceSnapshot:
         return InstanceSnapshot(

@@ -327,9 +327,7 @@ class Simulation:
                 self.pools.maybe_stop(instance, at)
             elif kind == _PLAN:
                 for started in self.pools.plan(at):
-                    self._push(
-                        at + self.config.planning.engine_start_s, _READY, numbers[started.id]
-                    )
+                    self._push(started.ready_at, _READY, numbers[started.id])
                 if at < last_arrival:
                     self._push(at + planning, _PLAN, 0)
             elif kind == _READY:
@@ -440,7 +438,6 @@ class Simulation:
         record.first_token_s = record.last_token_s = now
         record.num_tokens = 1
         ttft = now - record.arrival_s
-        instance.pending -= 1
         self.pools.first_token(ttft)
         predictor.observe_ttft_overhead(ttft - engine_s)
         predictor.observe_ttft(record.predicted_ttft_s, ttft, now)
@@ -454,7 +451,10 @@ class Simulation:
         """The prefill's KV is saved: in its host's store node, and to the decode instance."""
         request, record = self.requests[n], self.records[n]
         assert record.prefill is not None
-        node = self.nodes.get(self.instances[record.prefill].host)
+        prefill = self.instances[record.prefill]
+        prefill.pending -= 1  # its part ends once the KV is saved
+        self.pools.maybe_stop(prefill, self.now)
+        node = self.nodes.get(prefill.host)
         if node is not None:
             node.put(request.keys)
         assert record.decode is not None

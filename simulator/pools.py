@@ -10,8 +10,9 @@ prefix cache is gone: its blocks leave the prefix index.
 The planner is the real :class:`~controlplane.planning.PoolPlanner`. Each interval it gets the
 load the gateway saw (requests arrived, their prompt and computed tokens as the decision
 matched them, output tokens; TTFT and inter-token time observed; the decode batch) and the pools
-now (ready and starting); scale-ups start stopped instances (or take back draining ones at once),
-scale-downs cancel starting ones, then drain the least busy ready ones.
+now (ready and starting); scale-ups start stopped instances, cold (``engine_start_s`` until
+ready), as long as the GPU budget has a GPU no instance holds (a draining one still holds its
+own); scale-downs cancel starting ones, then drain the least busy ready ones.
 """
 
 from __future__ import annotations
@@ -19,28 +20,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controlplane.instances.types import InstanceState
-from controlplane.planning import LoadMeter, PlannerConfig, PoolPlanner, PoolSizes, make_planner
+from controlplane.planning import (
+    LoadMeter,
+    PlannerConfig,
+    PoolPlanner,
+    PoolSizes,
+    SplitLatencyModel,
+    make_planner,
+)
 from controlplane.workers.roles import WorkerRole
 from simulator.config import Setup, SimConfig
 from simulator.gateway import SimInstance
 
-__all__ = ["PoolModel", "SimPools"]
+__all__ = ["SimPools"]
 
 _SERVING = (InstanceState.STARTING, InstanceState.READY, InstanceState.DRAINING)
-
-
-class PoolModel:
-    """The latency model the planner sizes with: a ready prefill instance's model for prefills,
-    a ready decode instance's for decode steps (the scheduler's own, refitted online)."""
-
-    def __init__(self, prefill: SimInstance, decode: SimInstance) -> None:
-        self._prefill, self._decode = prefill.predictor, decode.predictor
-
-    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
-        return self._prefill.prefill_s(new_tokens, cached_tokens)
-
-    def decode_step_s(self, batch_size: int, context_tokens: int) -> float:
-        return self._decode.decode_step_s(batch_size, context_tokens)
 
 
 class SimPools:
@@ -129,8 +123,9 @@ class SimPools:
         instance.state = state
 
     def ready(self, instance: SimInstance, now: float) -> bool:
-        """A started engine is up; False if it was cancelled meanwhile."""
-        if instance.state is not InstanceState.STARTING:
+        """A started engine is up; False if that start was cancelled meanwhile (the instance
+        may have been started again since: its own start ends later)."""
+        if instance.state is not InstanceState.STARTING or instance.ready_at != now:
             return False
         self._set(instance, InstanceState.READY, now)
         return True
@@ -163,10 +158,13 @@ class SimPools:
         decodes = [i for i in ready if i.role is WorkerRole.DECODE]
         batch = sum(i.running_decodes for i in decodes) / len(decodes) if decodes else None
         sample = self.meter.take(self.config.planning.interval_s, batch)
-        if not prefills or not decodes:
+        if not decodes:
             return []
+        # A decode instance's model stands in for prefill when none is ready (the same model).
+        prefill_model = (prefills or decodes)[0].predictor
         current = PoolSizes(*self._active())
-        target = self.planner.plan(sample, current, PoolModel(prefills[0], decodes[0]))
+        model = SplitLatencyModel(prefill_model, decodes[0].predictor)
+        target = self.planner.plan(sample, current, model)
         started = self._resize(WorkerRole.PREFILL, target.prefill, now)
         started += self._resize(WorkerRole.DECODE, target.decode, now)
         self.timeline.append((now, *self._active()))
@@ -177,12 +175,13 @@ class SimPools:
         active = [i for i in mine if i.state in (InstanceState.READY, InstanceState.STARTING)]
         started: list[SimInstance] = []
         if target > len(active):
-            need = target - len(active)
-            for instance in [i for i in mine if i.state is InstanceState.DRAINING][:need]:
-                self._set(instance, InstanceState.READY, now)  # taken back at once
-                need -= 1
-            for instance in [i for i in mine if i.state is InstanceState.DEAD][:need]:
+            # A new engine starts cold (the registry launches a fresh worker; a draining one is
+            # not taken back), on a GPU no instance holds: draining ones hold theirs.
+            held = sum(i.state in _SERVING for i in self.instances)
+            need = min(target - len(active), self.config.num_instances - held)
+            for instance in [i for i in mine if i.state is InstanceState.DEAD][: max(0, need)]:
                 self._set(instance, InstanceState.STARTING, now)
+                instance.ready_at = now + self.config.planning.engine_start_s
                 started.append(instance)
         elif target < len(active):
             extra = len(active) - target

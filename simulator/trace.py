@@ -92,26 +92,37 @@ class Trace:
             )
         check_rate_profile(profile)
         # Expected arrivals by each request's native time, then the time by which the profile
-        # brings as many: the inverse of its cumulative rate, on a grid fine enough to be exact
-        # to well under a step of any engine.
+        # brings as many: the inverse of its cumulative rate, exact on each linear segment.
         counts = np.array([(r.arrival_s - start) * native for r in self.requests])
-        times = np.array([t for t, _ in profile])
-        multipliers = np.array([m for _, m in profile])
-        horizon = float(times[-1]) + 1.0  # past it, arrivals clamp to the grid's end: cut
-        grid = np.arange(0.0, horizon + _GRID_S, _GRID_S)
-        rates = rate * np.interp(grid, times, multipliers)
-        cumulative = np.concatenate(([0.0], np.cumsum((rates[1:] + rates[:-1]) / 2 * _GRID_S)))
-        warped = np.interp(counts, cumulative, grid)
-        total = float(np.interp(times[-1], grid, cumulative)) + 1e-9  # arrivals by the end
-        return tuple(
-            dataclasses.replace(r, arrival_s=float(min(t, times[-1])))
-            for r, t, count in zip(self.requests, warped, counts, strict=True)
-            if count <= total
+        times = np.array([t for t, _ in profile], dtype=float)
+        rates = rate * np.array([m for _, m in profile], dtype=float)
+        lengths = np.diff(times)
+        cumulative = np.concatenate(([0.0], np.cumsum((rates[1:] + rates[:-1]) / 2 * lengths)))
+        total = float(cumulative[-1])
+        if counts[-1] < total - 1.0:
+            raise ValueError(
+                f"the trace has {len(counts)} requests; its rate profile at {rate:g} requests/s "
+                f"needs {total:.0f}: lower the rate or shorten the profile"
+            )
+        keep = counts <= total + 1e-9
+        counts = counts[keep]
+        segment = np.clip(
+            np.searchsorted(cumulative, counts, side="right") - 1, 0, len(lengths) - 1
         )
-
-
-_GRID_S = 0.01
-"""Resolution of a warped arrival time (seconds)."""
+        r0, r1 = rates[segment], rates[segment + 1]
+        length = lengths[segment]
+        need = counts - cumulative[segment]
+        # Within a segment the rate goes r0 -> r1: arrivals by x are r0·x + (r1-r0)/(2L)·x².
+        a = (r1 - r0) / (2 * length)
+        flat = np.abs(a) < 1e-12
+        safe_a = np.where(flat, 1.0, a)
+        root = (-r0 + np.sqrt(np.maximum(0.0, r0 * r0 + 4 * safe_a * need))) / (2 * safe_a)
+        offset = np.where(flat, need / r0, root)
+        warped = times[segment] + np.clip(offset, 0.0, length)
+        kept = [r for r, k in zip(self.requests, keep, strict=True) if k]
+        return tuple(
+            dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(kept, warped, strict=True)
+        )
 
 
 def check_rate_profile(profile: Sequence[tuple[float, float]]) -> None:

@@ -31,7 +31,7 @@ from controlplane.instances.types import (
     InstanceState,
     InvalidAdminRequest,
 )
-from controlplane.planning import LoadMeter, PoolSizes, PoolView
+from controlplane.planning import LoadMeter, LoadSample, PoolSizes, PoolView
 from controlplane.scheduling import (
     DEFAULT_POLICY,
     POLICY_NAMES,
@@ -39,6 +39,7 @@ from controlplane.scheduling import (
     Decision,
     PredictionAccuracy,
     Reject,
+    RejectReason,
     RequestSnapshot,
     SchedulingConfig,
     make_policy,
@@ -100,7 +101,8 @@ class SchedulingState(LoadTracking):
         if isinstance(decision, Reject):
             self._num_rejected += 1
             self._metrics.requests_rejected.labels(decision.reason.value).inc()
-            self.load_meter.arrived(prompt, prompt)
+            if decision.reason is not RejectReason.SLO_UNATTAINABLE:  # more workers would not help
+                self.load_meter.arrived(prompt, prompt)
         else:
             self._metrics.routes.labels(decision.policy, decision.route.value).inc()
             self.load_meter.arrived(prompt, prompt - decision.cached_blocks * request.block_size)
@@ -110,20 +112,30 @@ class SchedulingState(LoadTracking):
         """A request ended normally with ``output_tokens`` (its mean TPOT with two or more)."""
         self.load_meter.finished(output_tokens, tpot_s)
 
+    def take_load_sample(self, duration_s: float, decode_batch: float | None) -> LoadSample:
+        """The planning interval's load (``load_meter``'s sums), and a new interval begins."""
+        return self.load_meter.take(duration_s, decode_batch)
+
     def planning_view(self) -> PoolView:
-        """The pools as the planner sees them (controlplane/planning)."""
+        """The pools as the planner sees them (controlplane/planning): workers ready or
+        starting (not draining), a ready worker's latency model per role (a calibrated one
+        first; a decode worker's stands in for prefill when no prefill worker is ready: same
+        model and hardware), the decode workers' limits."""
         active = (InstanceState.STARTING, InstanceState.READY)
         prefill = [m for m in self._instances.values() if m.role is WorkerRole.PREFILL]
         decode = [m for m in self._instances.values() if m.role is WorkerRole.DECODE]
         ready_prefill = [m for m in prefill if m.state is InstanceState.READY]
         ready_decode = [m for m in decode if m.state is InstanceState.READY]
+        ready_prefill.sort(key=lambda m: not m.predictor.calibrated)
+        ready_decode.sort(key=lambda m: not m.predictor.calibrated)
+        models = [m.predictor for m in (*ready_prefill, *ready_decode)]
         capacities = [m.capacity for m in ready_decode if m.capacity]
         kv = [h.kv_capacity_tokens for m in ready_decode if (h := m.health) is not None]
         return PoolView(
             sizes=PoolSizes(
                 sum(m.state in active for m in prefill), sum(m.state in active for m in decode)
             ),
-            prefill_model=ready_prefill[0].predictor if ready_prefill else None,
+            prefill_model=models[0] if models else None,
             decode_model=ready_decode[0].predictor if ready_decode else None,
             decode_batch=(
                 sum(m.num_running_decodes for m in ready_decode) / len(ready_decode)

@@ -1,53 +1,101 @@
 """The planner loop: every ``--planner-interval`` the P:D planner (controlplane/planning) sizes
 the prefill and decode pools from the interval's load and the scheduler's latency models, and
 the registry's ``scale`` acts on it through the launcher (local processes, or the Kubernetes
-Deployments): more workers are launched at once, fewer are drained — they take no new request,
-finish what they hold, then stop (docs/design/planner.md §1).
+Deployments): more workers are launched, fewer are drained — they take no new request, finish
+what they hold, then stop (docs/design/planner.md §1).
 
-Only workers this gateway launches are resized (``scale`` refuses to stop others); a failed
-resize is logged and the next interval tries again.
+Only workers this gateway launches are resized (``scale`` refuses to stop others); a pool that
+shrinks is resized before one that grows (its cores or GPUs go to the other); a failed resize
+is logged and the next interval tries again. One gateway of a cluster plans: its meter sees its
+own traffic (docs/design/planner.md §5).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from controlplane.instances.registry import InstanceRegistry
-from controlplane.instances.types import AdminError
 from controlplane.planning import (
-    LatencyModel,
-    PlannerSettings,
+    PLANNER_NAMES,
+    PlannerConfig,
     PoolPlanner,
     PoolSizes,
-    PoolView,
+    SplitLatencyModel,
     make_planner,
 )
 from controlplane.workers.roles import WorkerRole
+from strata_common.options import option
+from strata_common.units import parse_duration
 
-__all__ = ["DEFAULT_MAX_NUM_SEQS", "PlannerLoop"]
+__all__ = ["DEFAULT_MAX_NUM_SEQS", "PLANNER_KINDS", "PlannerLoop", "PlannerSettings"]
 
 logger = logging.getLogger(__name__)
 
+PLANNER_KINDS = ("off", *PLANNER_NAMES)
+"""The gateway's ``--planner`` choices (``off``: the pools keep the size the operator sets)."""
 DEFAULT_MAX_NUM_SEQS = 256
 """vLLM's default ``max_num_seqs``: the decode batch bound while no worker has said its own."""
 _UNKNOWN_KV = 1 << 40
 """The KV capacity while no worker has said its own (no KV bound on the batch)."""
 
 
-class _PoolModel:
-    """Prefill times from a prefill worker's model, decode steps from a decode worker's."""
+@dataclass(frozen=True, slots=True)
+class PlannerSettings:
+    """The gateway's ``--planner*`` flags (docs/design/planner.md): which planner resizes the
+    pools it launches, how often, within which bounds."""
 
-    def __init__(self, prefill: LatencyModel, decode: LatencyModel) -> None:
-        self._prefill, self._decode = prefill, decode
+    kind: str = option(
+        "off",
+        flag="--planner",
+        help="resize the launched prefill and decode pools from a load forecast: strata (the "
+        "scheduler's latency model), dynamo (Dynamo's SLA planner formulas) or off; needs "
+        "--ttft-slo and --tpot-slo",
+    )
+    interval_s: float = option(60.0, parse=parse_duration, help="how often the planner plans")
+    engine_start_s: float = option(
+        60.0,
+        parse=parse_duration,
+        help="from asking for a worker to its first request (the forecast looks this far ahead)",
+    )
+    scale_down_after: int = option(
+        3, help="planning intervals that must all want a smaller pool before it shrinks"
+    )
+    max_workers: int = option(8, help="prefill + decode workers the planner may run at most")
+    min_prefill: int = option(1, help="prefill workers the planner keeps at least")
+    min_decode: int = option(1, help="decode workers the planner keeps at least")
 
-    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
-        return self._prefill.prefill_s(new_tokens, cached_tokens)
+    def __post_init__(self) -> None:
+        if self.kind not in PLANNER_KINDS:
+            choices = ", ".join(PLANNER_KINDS)
+            raise ValueError(f"planner must be one of {choices}, got {self.kind!r}")
+        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
+            raise ValueError("planner_interval must be > 0")
+        self.config(1.0, 1.0, 1, 1)  # the remaining bounds are PlannerConfig's
 
-    def decode_step_s(self, batch_size: int, context_tokens: int) -> float:
-        return self._decode.decode_step_s(batch_size, context_tokens)
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "off"
+
+    def config(
+        self, ttft_slo_s: float, tpot_slo_s: float, max_num_seqs: int, kv_capacity_tokens: int
+    ) -> PlannerConfig:
+        return PlannerConfig(
+            ttft_slo_s=ttft_slo_s,
+            tpot_slo_s=tpot_slo_s,
+            max_num_seqs=max_num_seqs,
+            kv_capacity_tokens=kv_capacity_tokens,
+            max_instances=self.max_workers,
+            min_prefill=self.min_prefill,
+            min_decode=self.min_decode,
+            interval_s=self.interval_s,
+            engine_start_s=self.engine_start_s,
+            scale_down_after=self.scale_down_after,
+        )
 
 
 class PlannerLoop:
@@ -64,39 +112,29 @@ class PlannerLoop:
             raise ValueError("the planner is off")
         self._registry = registry
         self._settings = settings
-        self._slos = (ttft_slo_s, tpot_slo_s)
-        self._clock = clock
         self._last = clock()
-        self._planner: PoolPlanner | None = None
-        self._limits = (0, 0)
+        self._clock = clock
+        self.planner: PoolPlanner = make_planner(
+            settings.kind,
+            settings.config(ttft_slo_s, tpot_slo_s, DEFAULT_MAX_NUM_SEQS, _UNKNOWN_KV),
+        )
         self.last_target: PoolSizes | None = None
 
-    def _planner_for(self, view: PoolView) -> PoolPlanner:
-        """The planner, made once the workers' limits are known (again if they change; the
-        forecast starts over then)."""
-        limits = (view.max_num_seqs, view.kv_capacity_tokens)
-        if self._planner is None or limits != self._limits:
-            self._limits = limits
-            config = self._settings.config(
-                *self._slos,
-                max_num_seqs=view.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
-                kv_capacity_tokens=view.kv_capacity_tokens or _UNKNOWN_KV,
-            )
-            self._planner = make_planner(self._settings.kind, config)
-        return self._planner
-
     async def tick(self) -> PoolSizes | None:
-        """One planning interval ends: plan and resize. The target, or None when no prefill or
-        no decode worker is ready (nothing to take a latency model from)."""
+        """One planning interval ends: plan and resize. The target, or None when no worker is
+        ready (nothing to take a latency model from; the interval's load is still counted)."""
         now = self._clock()
         duration, self._last = max(1e-3, now - self._last), now
         view = self._registry.planning_view()
-        sample = self._registry.load_meter.take(duration, view.decode_batch)
+        sample = self._registry.take_load_sample(duration, view.decode_batch)
         if view.prefill_model is None or view.decode_model is None:
-            logger.info("planner: no ready prefill and decode worker yet; nothing planned")
+            logger.info("planner: no ready worker to take a latency model from; nothing planned")
             return None
-        planner = self._planner_for(view)
-        target = planner.plan(sample, view.sizes, _PoolModel(view.prefill_model, view.decode_model))
+        self.planner.set_limits(
+            view.max_num_seqs or DEFAULT_MAX_NUM_SEQS, view.kv_capacity_tokens or _UNKNOWN_KV
+        )
+        model = SplitLatencyModel(view.prefill_model, view.decode_model)
+        target = self.planner.plan(sample, view.sizes, model)
         self.last_target = target
         if target == view.sizes:
             return target
@@ -109,15 +147,20 @@ class PlannerLoop:
             view.sizes.decode,
             target.decode,
         )
-        for role, before, after in (
+        changes = [
             (WorkerRole.PREFILL, view.sizes.prefill, target.prefill),
             (WorkerRole.DECODE, view.sizes.decode, target.decode),
-        ):
-            if after != before:
-                try:
-                    await self._registry.scale(role, after)
-                except AdminError as exc:
-                    logger.warning("planner: cannot scale the %s pool to %d: %s", role, after, exc)
+        ]
+        changes.sort(key=lambda c: c[2] - c[1])  # the shrinking pool first
+        for role, before, after in changes:
+            if after == before:
+                continue
+            try:
+                await self._registry.scale(role, after)
+            except Exception as exc:  # each pool on its own; the next interval tries again
+                logger.warning(
+                    "planner: cannot scale the %s pool to %d: %s", role.name.lower(), after, exc
+                )
         return target
 
     async def run(self) -> None:

@@ -7,24 +7,21 @@ Layers: ``planner`` > ``policies`` > ``forecast`` | ``meter`` > ``types``.
 from controlplane.planning.forecast import ConstantForecast, Forecaster, HoltForecast
 from controlplane.planning.meter import LoadMeter
 from controlplane.planning.planner import PLANNER_NAMES, PoolPlanner, make_planner
-from controlplane.planning.policies import DynamoSla, FixedSizes, SizingPolicy, SloModel
+from controlplane.planning.policies import DynamoSla, SizingPolicy, SloModel
 from controlplane.planning.types import (
-    PLANNER_KINDS,
     LatencyModel,
     LoadForecast,
     LoadSample,
     PlannerConfig,
-    PlannerSettings,
     PoolSizes,
     PoolView,
+    SplitLatencyModel,
 )
 
 __all__ = [
-    "PLANNER_KINDS",
     "PLANNER_NAMES",
     "ConstantForecast",
     "DynamoSla",
-    "FixedSizes",
     "Forecaster",
     "HoltForecast",
     "LatencyModel",
@@ -32,11 +29,11 @@ __all__ = [
     "LoadMeter",
     "LoadSample",
     "PlannerConfig",
-    "PlannerSettings",
     "PoolPlanner",
     "PoolSizes",
     "PoolView",
     "SizingPolicy",
     "SloModel",
+    "SplitLatencyModel",
     "make_planner",
 ]

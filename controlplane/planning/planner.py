@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 from controlplane.planning.forecast import ConstantForecast, Forecaster, HoltForecast
-from controlplane.planning.policies import DynamoSla, FixedSizes, SizingPolicy, SloModel
+from controlplane.planning.policies import DynamoSla, SizingPolicy, SloModel
 from controlplane.planning.types import LatencyModel, LoadSample, PlannerConfig, PoolSizes
 
 __all__ = ["PLANNER_NAMES", "PoolPlanner", "make_planner"]
 
-PLANNER_NAMES = ("strata", "dynamo", "fixed")
+PLANNER_NAMES = ("strata", "dynamo")
 """``strata``: Holt forecast, ``slo_model`` sizing, hysteresis; ``dynamo``: Dynamo's SLA planner
-(constant forecast, its formulas, applied every interval); ``fixed``: the same pools always."""
+(constant forecast, its formulas, applied every interval). Fixed pools need no planner."""
 
 
 class PoolPlanner:
@@ -32,6 +33,13 @@ class PoolPlanner:
         self.hysteresis = hysteresis
         self._recent: deque[PoolSizes] = deque(maxlen=config.scale_down_after)
 
+    def set_limits(self, max_num_seqs: int, kv_capacity_tokens: int) -> None:
+        """The engines' limits changed (a worker of another size joined): the forecast and the
+        hysteresis window carry on."""
+        self.config = dataclasses.replace(
+            self.config, max_num_seqs=max_num_seqs, kv_capacity_tokens=kv_capacity_tokens
+        )
+
     def bounded(self, sizes: PoolSizes) -> PoolSizes:
         """Each pool within its minimum, the sum within the budget (both pools shrunk in
         proportion, each keeping its minimum)."""
@@ -50,39 +58,38 @@ class PoolPlanner:
     def plan(self, sample: LoadSample, current: PoolSizes, model: LatencyModel) -> PoolSizes:
         """The pools to have, given the interval just ended and the pools now (ready and
         starting, not draining)."""
+        c = self.config
         self.forecaster.observe(sample)
-        forecast = self.forecaster.forecast(self.config.interval_s + self.config.engine_start_s)
+        forecast = self.forecaster.forecast(c.interval_s + c.engine_start_s)
         if forecast is None:
-            return current
-        target = self.bounded(self.sizing.size(forecast, model, sample))
+            return self.bounded(current)
+        target = self.bounded(self.sizing.size(forecast, model, sample, c))
         if not self.hysteresis:
             return target
         self._recent.append(target)
         # Up at once; down only when every recent target asked for less, to the largest of them.
-        window = list(self._recent)
-        settled_prefill = max(t.prefill for t in window)
-        settled_decode = max(t.decode for t in window)
-        full = len(window) == self._recent.maxlen
-        prefill = (
-            target.prefill
-            if target.prefill >= current.prefill
-            else (min(current.prefill, settled_prefill) if full else current.prefill)
-        )
-        decode = (
-            target.decode
-            if target.decode >= current.decode
-            else (min(current.decode, settled_decode) if full else current.decode)
-        )
+        full = len(self._recent) == self._recent.maxlen
+        prefill = self._held(current.prefill, target.prefill, [t.prefill for t in self._recent])
+        decode = self._held(current.decode, target.decode, [t.decode for t in self._recent])
+        if not full:
+            prefill = max(prefill, current.prefill)
+            decode = max(decode, current.decode)
+        if prefill + decode > c.max_instances:
+            # The budget binds while one pool is held: the other grows into what is left.
+            if target.prefill > current.prefill:
+                prefill = max(c.min_prefill, c.max_instances - decode)
+            elif target.decode > current.decode:
+                decode = max(c.min_decode, c.max_instances - prefill)
         return self.bounded(PoolSizes(prefill, decode))
 
+    @staticmethod
+    def _held(current: int, target: int, window: list[int]) -> int:
+        return target if target >= current else min(current, max(window))
 
-def make_planner(name: str, config: PlannerConfig, fixed: PoolSizes | None = None) -> PoolPlanner:
+
+def make_planner(name: str, config: PlannerConfig) -> PoolPlanner:
     if name == "strata":
-        return PoolPlanner(config, SloModel(config), HoltForecast())
+        return PoolPlanner(config, SloModel(), HoltForecast())
     if name == "dynamo":
-        return PoolPlanner(config, DynamoSla(config), ConstantForecast(), hysteresis=False)
-    if name == "fixed":
-        if fixed is None:
-            raise ValueError("the fixed planner needs its pool sizes")
-        return PoolPlanner(config, FixedSizes(fixed), ConstantForecast(), hysteresis=False)
+        return PoolPlanner(config, DynamoSla(), ConstantForecast(), hysteresis=False)
     raise ValueError(f"unknown planner {name!r}; one of {', '.join(PLANNER_NAMES)}")

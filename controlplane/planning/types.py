@@ -6,30 +6,46 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from strata_common.options import option
-from strata_common.units import parse_duration
-
 __all__ = [
-    "PLANNER_KINDS",
     "LatencyModel",
     "LoadForecast",
     "LoadSample",
     "PlannerConfig",
-    "PlannerSettings",
     "PoolSizes",
     "PoolView",
+    "SplitLatencyModel",
 ]
-
-PLANNER_KINDS = ("off", "strata", "dynamo")
-"""The gateway's ``--planner`` choices (``off``: the pools keep the size the operator sets)."""
 
 
 class LatencyModel(Protocol):
     """What sizing needs of an instance's latency model (``LatencyPredictor`` is one)."""
 
+    @property
+    def ttft_overhead_s(self) -> float:
+        """What a request's TTFT adds beyond the engine's time (gateway, hand-off)."""
+        ...
+
     def prefill_s(self, new_tokens: int, cached_tokens: int) -> float: ...
 
     def decode_step_s(self, batch_size: int, context_tokens: int) -> float: ...
+
+
+class SplitLatencyModel:
+    """Prefill times (and the TTFT overhead) from a prefill instance's model, decode steps from
+    a decode instance's: what the planner sizes with."""
+
+    def __init__(self, prefill: LatencyModel, decode: LatencyModel) -> None:
+        self._prefill, self._decode = prefill, decode
+
+    @property
+    def ttft_overhead_s(self) -> float:
+        return self._prefill.ttft_overhead_s
+
+    def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
+        return self._prefill.prefill_s(new_tokens, cached_tokens)
+
+    def decode_step_s(self, batch_size: int, context_tokens: int) -> float:
+        return self._decode.decode_step_s(batch_size, context_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +159,8 @@ class PoolView:
     sizes: PoolSizes
     """Prefill and decode workers ready or starting."""
     prefill_model: LatencyModel | None
-    """A ready prefill worker's latency model (None: none is ready)."""
+    """A ready prefill worker's latency model (a calibrated one first); a ready decode worker's
+    when no prefill worker is ready (the same model and hardware); None: no worker is ready."""
     decode_model: LatencyModel | None
     decode_batch: float | None
     """Mean running sequences per ready decode worker (None: none is ready)."""
@@ -151,65 +168,3 @@ class PoolView:
     """The smallest capacity among ready decode workers (0: unknown)."""
     kv_capacity_tokens: int
     """The smallest KV capacity among ready decode workers (0: unknown)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PlannerSettings:
-    """The gateway's ``--planner*`` flags (docs/design/planner.md): which planner resizes the
-    pools it launches, how often, within which bounds."""
-
-    kind: str = option(
-        "off",
-        flag="--planner",
-        help="resize the launched prefill and decode pools from a load forecast: strata (the "
-        "scheduler's latency model), dynamo (Dynamo's SLA planner formulas) or off; needs "
-        "--ttft-slo and --tpot-slo",
-    )
-    interval_s: float = option(60.0, parse=parse_duration, help="how often the planner plans")
-    engine_start_s: float = option(
-        60.0,
-        parse=parse_duration,
-        help="from asking for a worker to its first request (the forecast looks this far ahead)",
-    )
-    scale_down_after: int = option(
-        3, help="planning intervals that must all want a smaller pool before it shrinks"
-    )
-    max_workers: int = option(8, help="prefill + decode workers the planner may run at most")
-    min_prefill: int = option(1, help="prefill workers the planner keeps at least")
-    min_decode: int = option(1, help="decode workers the planner keeps at least")
-
-    def __post_init__(self) -> None:
-        if self.kind not in PLANNER_KINDS:
-            raise ValueError(
-                f"planner must be one of {', '.join(PLANNER_KINDS)}, got {self.kind!r}"
-            )
-        if self.min_prefill < 0 or self.min_decode < 1:
-            raise ValueError("planner_min_prefill must be >= 0 and planner_min_decode >= 1")
-        if self.max_workers < self.min_prefill + self.min_decode:
-            raise ValueError("planner_max_workers must hold the minimums of both pools")
-        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
-            raise ValueError("planner_interval must be > 0")
-        if not (math.isfinite(self.engine_start_s) and self.engine_start_s >= 0):
-            raise ValueError("planner_engine_start must be >= 0")
-        if self.scale_down_after < 1:
-            raise ValueError("planner_scale_down_after must be >= 1")
-
-    @property
-    def enabled(self) -> bool:
-        return self.kind != "off"
-
-    def config(
-        self, ttft_slo_s: float, tpot_slo_s: float, max_num_seqs: int, kv_capacity_tokens: int
-    ) -> PlannerConfig:
-        return PlannerConfig(
-            ttft_slo_s=ttft_slo_s,
-            tpot_slo_s=tpot_slo_s,
-            max_num_seqs=max_num_seqs,
-            kv_capacity_tokens=kv_capacity_tokens,
-            max_instances=self.max_workers,
-            min_prefill=self.min_prefill,
-            min_decode=self.min_decode,
-            interval_s=self.interval_s,
-            engine_start_s=self.engine_start_s,
-            scale_down_after=self.scale_down_after,
-        )

@@ -165,14 +165,16 @@ class Generation:
         self._registry.observe_ttft(self._assign, instance, ttft_s)
         return now
 
-    def _finished(self, instance: Instance, last_token_s: float) -> None:
-        """The request ended normally: its mean TPOT against the prediction."""
+    def _finished(self, instance: Instance | None, last_token_s: float) -> None:
+        """The request ended normally (at its prefill, or after ``instance``'s decode): its
+        mean TPOT against the prediction, its length for the planner's meter."""
         first = self._first_token_s
         num_gaps = self.num_completion_tokens - 1
         tpot_s = None
         if first is not None and num_gaps >= 1 and last_token_s > first:
             tpot_s = (last_token_s - first) / num_gaps
-            self._registry.observe_tpot(self._assign, instance, tpot_s)
+            if instance is not None:
+                self._registry.observe_tpot(self._assign, instance, tpot_s)
         self._registry.note_finished(self.num_completion_tokens, tpot_s)
 
     async def _run(self) -> AsyncGenerator[GenerationDelta, None]:
@@ -197,9 +199,11 @@ class Generation:
                 if finish is None:
                     self._metrics.gateway_stop_hits.inc()
                 yield GenerationDelta(match.text, first_ids, "stop")
+                self._finished(None, last_token_s)
                 return
             if finish is not None:
                 yield GenerationDelta(match.text + matcher.flush(), first_ids, finish)
+                self._finished(None, last_token_s)
                 return
             yield GenerationDelta(match.text, first_ids, None)
             self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
@@ -219,6 +223,7 @@ class Generation:
                 num_left = req.max_tokens - len(generated)
                 if num_left <= 0:  # the failed worker had sent the last token, not the finish
                     yield GenerationDelta(matcher.flush(), (), "length")
+                    self._finished(None, last_token_s)
                     return
                 instance = self._decode_instance(failed, last_error)
                 if last_error is not None:

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from controlplane.planning.types import LatencyModel, LoadForecast, LoadSample, PoolSizes
+from controlplane.planning.types import (
+    LatencyModel,
+    LoadForecast,
+    LoadSample,
+    PlannerConfig,
+    PoolSizes,
+)
 
 __all__ = ["SizingPolicy", "best_decode_batch"]
 
 
 class SizingPolicy(Protocol):
     def size(
-        self, forecast: LoadForecast, model: LatencyModel, last: LoadSample | None
+        self,
+        forecast: LoadForecast,
+        model: LatencyModel,
+        last: LoadSample | None,
+        config: PlannerConfig,
     ) -> PoolSizes:
         """Pools for ``forecast`` (before the planner's bounds and hysteresis); ``last``: the
         interval just observed (for rules that correct themselves from it)."""

@@ -14,43 +14,54 @@ from controlplane.planning.types import (
     PoolSizes,
 )
 
-__all__ = ["MIN_UTILIZATION", "SloModel"]
+__all__ = ["MIN_UTILIZATION", "UNATTAINABLE_UTILIZATION", "SloModel"]
 
-MIN_UTILIZATION = 0.05
-"""The utilisation a prefill instance is sized for when one mean prompt alone nearly fills the
-TTFT budget."""
+MIN_UTILIZATION = 0.25
+"""The lowest utilisation a prefill instance is sized for: below it the TTFT tail would cost more
+than four times the GPUs the load needs."""
+UNATTAINABLE_UTILIZATION = 0.8
+"""The utilisation sized for when one mean prompt alone exceeds the TTFT budget: no pool size
+promises the SLO for it, so the pool carries the load and admission refuses what cannot meet
+it."""
 
 
 class SloModel:
-    def __init__(self, config: PlannerConfig) -> None:
-        self.config = config
-
-    def prefill_utilization(self, prefill_s: float) -> float:
-        """The largest utilisation at which an M/M/1 prefill instance meets the TTFT SLO at the
-        configured quantile: ``1 - ln(1/(1-q))·t/TTFT``."""
-        c = self.config
-        rho = 1.0 - math.log(1.0 / (1.0 - c.attainment)) * prefill_s / c.ttft_slo_s
+    @staticmethod
+    def prefill_utilization(prefill_s: float, budget_s: float, attainment: float) -> float:
+        """The largest utilisation at which an M/M/1 prefill instance answers within
+        ``budget_s`` at quantile ``attainment``: ``1 - ln(1/(1-q))·t/budget``, bounded below
+        by :data:`MIN_UTILIZATION`; :data:`UNATTAINABLE_UTILIZATION` when ``t >= budget``."""
+        if prefill_s >= budget_s:
+            return UNATTAINABLE_UTILIZATION
+        rho = 1.0 - math.log(1.0 / (1.0 - attainment)) * prefill_s / budget_s
         return max(MIN_UTILIZATION, rho)
 
     def size(
-        self, forecast: LoadForecast, model: LatencyModel, last: LoadSample | None
+        self,
+        forecast: LoadForecast,
+        model: LatencyModel,
+        last: LoadSample | None,
+        config: PlannerConfig,
     ) -> PoolSizes:
-        c = self.config
         rate = forecast.rate_rps
         if rate <= 0:
             return PoolSizes(0, 0)
         computed = max(1, round(forecast.computed_tokens))
         cached = max(0, round(forecast.prompt_tokens) - computed)
         prefill_s = model.prefill_s(computed, cached)
-        prefill = math.ceil(rate * prefill_s / self.prefill_utilization(prefill_s))
+        # The TTFT the engine may take: the SLO less what the model says every request adds
+        # beyond the engine (the gateway, the hand-off), as the scheduler predicts TTFT.
+        budget_s = max(1e-6, config.ttft_slo_s - model.ttft_overhead_s)
+        utilization = self.prefill_utilization(prefill_s, budget_s, config.attainment)
+        prefill = math.ceil(rate * prefill_s / utilization)
         context = forecast.prompt_tokens + forecast.output_tokens / 2
         batch = best_decode_batch(
             model,
-            c.tpot_slo_s,
+            config.tpot_slo_s,
             context,
             forecast.prompt_tokens + forecast.output_tokens,
-            c.max_num_seqs,
-            c.kv_capacity_tokens,
+            config.max_num_seqs,
+            config.kv_capacity_tokens,
         )
         step_s = model.decode_step_s(batch, round(batch * context))
         running = rate * forecast.output_tokens * step_s

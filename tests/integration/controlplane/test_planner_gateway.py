@@ -19,7 +19,8 @@ from tokenizers import Tokenizer
 from controlplane.config import GatewayConfig, HttpConfig, RegistryConfig
 from controlplane.gateway import GatewayServer
 from controlplane.instances.types import InstanceState
-from controlplane.planning import PlannerSettings, PoolSizes
+from controlplane.launch.planner import PlannerSettings
+from controlplane.planning import PoolSizes
 from controlplane.scheduling.types import SchedulingConfig
 from controlplane.text.tokenizer import ModelTokenizer
 from controlplane.workers.roles import WorkerRole

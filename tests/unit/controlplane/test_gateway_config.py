@@ -12,6 +12,7 @@ import pytest
 
 from controlplane.config import ConfigError, GatewayConfig
 from controlplane.gateway import main
+from controlplane.launch.planner import PlannerSettings
 from controlplane.scheduling.policies import PolicyKind
 from strata_common.options import add_options
 
@@ -162,7 +163,9 @@ def test_every_flag_of_the_cli(tmp_path: Path) -> None:
         "--k8s-decode-deployment", "--k8s-dry-run", "--k8s-kubeconfig", "--k8s-removal-timeout",
         "--k8s-request-timeout", "--cluster-key-file", "--api-key", "--api-keys-file",
         "--api-keys-redis", "--api-keys-refresh", "--tls-cert", "--tls-key", "--tls-ca",
-        "--insecure",
+        "--insecure", "--planner", "--planner-interval", "--planner-engine-start",
+        "--planner-scale-down-after", "--planner-max-workers", "--planner-min-prefill",
+        "--planner-min-decode",
     }  # fmt: skip
 
 
@@ -289,3 +292,14 @@ def test_parsing_a_gateway_config_loads_no_kubernetes_client(tmp_path: Path) -> 
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_planner_needs_slos(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="--ttft-slo and --tpot-slo"):
+        GatewayConfig(
+            model_dir=tmp_path,
+            prefill_endpoints=("127.0.0.1:1",),
+            decode_endpoints=("127.0.0.1:2",),
+            planner=PlannerSettings(kind="strata"),
+        )

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from controlplane.instances.types import InstanceConflict
-from controlplane.launch.planner import DEFAULT_MAX_NUM_SEQS, PlannerLoop
-from controlplane.planning import LoadMeter, PlannerSettings, PoolSizes, PoolView
+from controlplane.launch.planner import DEFAULT_MAX_NUM_SEQS, PlannerLoop, PlannerSettings
+from controlplane.planning import LoadMeter, LoadSample, PoolSizes, PoolView
 from controlplane.workers.roles import WorkerRole
 from tests.fakes import FakeClock
 from tests.unit.controlplane.planning.test_planner import MODEL
@@ -27,10 +27,13 @@ class StandInRegistry:
     def planning_view(self) -> PoolView:
         return self.view
 
+    def take_load_sample(self, duration_s: float, decode_batch: float | None) -> LoadSample:
+        return self.load_meter.take(duration_s, decode_batch)
+
     async def scale(self, role: WorkerRole, replicas: int) -> None:
+        self.scaled.append((role, replicas))
         if self.refuse:
             raise InstanceConflict("this gateway has no launcher")
-        self.scaled.append((role, replicas))
 
 
 SETTINGS = PlannerSettings(
@@ -94,7 +97,9 @@ def test_nothing_is_scaled_when_the_pools_are_right_or_no_worker_is_ready() -> N
     assert registry.scaled == []
 
 
-def test_a_refused_resize_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_refused_resize_is_logged_and_the_other_pool_still_resized(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     clock = FakeClock()
     registry = StandInRegistry(view(), refuse=True)
     planner = loop(registry, clock)
@@ -102,7 +107,37 @@ def test_a_refused_resize_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptu
     clock.now += 60.0
     with caplog.at_level(logging.WARNING, logger="controlplane.launch.planner"):
         assert asyncio.run(planner.tick()) == PoolSizes(2, 8)
-    assert "cannot scale the" in caplog.text and "no launcher" in caplog.text
+    assert registry.scaled == [(WorkerRole.PREFILL, 2), (WorkerRole.DECODE, 8)]  # both tried
+    assert caplog.text.count("no launcher") == 2
+
+
+def test_the_shrinking_pool_is_resized_first() -> None:
+    clock = FakeClock()
+    registry = StandInRegistry(view(prefill=6, decode=2))
+    planner = loop(registry, clock)
+    arrive(registry.load_meter, 600)
+    clock.now += 60.0
+    assert asyncio.run(planner.tick()) == PoolSizes(2, 8)  # scale_down_after is 1
+    assert registry.scaled == [(WorkerRole.PREFILL, 2), (WorkerRole.DECODE, 8)]
+    registry.view, registry.scaled = view(prefill=1, decode=12), []
+    arrive(registry.load_meter, 600)
+    clock.now += 60.0
+    asyncio.run(planner.tick())
+    assert registry.scaled == [(WorkerRole.DECODE, 8), (WorkerRole.PREFILL, 2)]
+
+
+def test_a_decode_workers_model_stands_in_when_no_prefill_worker_is_ready() -> None:
+    clock = FakeClock()
+    registry = StandInRegistry(
+        PoolView(PoolSizes(0, 1), MODEL, MODEL, 1.0, max_num_seqs=64, kv_capacity_tokens=200_000)
+    )
+    planner = loop(registry, clock)
+    arrive(registry.load_meter, 600)
+    clock.now += 60.0
+    assert asyncio.run(planner.tick()) == PoolSizes(2, 8)  # the prefill pool comes back
+    registry.view = view(ready=False)
+    clock.now += 60.0
+    assert asyncio.run(planner.tick()) is None
 
 
 def test_unknown_limits_fall_back_to_vllms_defaults() -> None:
@@ -114,8 +149,7 @@ def test_unknown_limits_fall_back_to_vllms_defaults() -> None:
     arrive(registry.load_meter, 600)
     clock.now += 60.0
     assert asyncio.run(planner.tick()) == PoolSizes(2, 8)  # the TPOT bound, not KV, sets b* = 12
-    assert planner._planner is not None
-    assert planner._planner.config.max_num_seqs == DEFAULT_MAX_NUM_SEQS
+    assert planner.planner.config.max_num_seqs == DEFAULT_MAX_NUM_SEQS
 
 
 def test_the_planner_must_be_on() -> None:

@@ -15,16 +15,18 @@ from controlplane.planning import (
     LoadMeter,
     LoadSample,
     PlannerConfig,
-    PoolPlanner,
     PoolSizes,
     SloModel,
     make_planner,
 )
-from controlplane.planning.policies import FixedSizes, best_decode_batch
+from controlplane.planning.policies import best_decode_batch
 
 
 class LinearModel:
-    """prefill_s(new, cached) = 0.02 + 1e-4·new; decode_step_s(b, k) = 0.01 + 0.001·b + 1e-6·k."""
+    """prefill_s(new, cached) = 0.02 + 1e-4·new; decode_step_s(b, k) = 0.01 + 0.001·b + 1e-6·k;
+    no TTFT overhead."""
+
+    ttft_overhead_s = 0.0
 
     def prefill_s(self, new_tokens: int, cached_tokens: int) -> float:
         return 0.02 + 1e-4 * new_tokens
@@ -67,9 +69,13 @@ SLO_TABLE = [
     #   running 100·100·0.0491 = 491 -> 491/34 = 14.44 -> 15
     ((100.0, 100, 100, 100), (4, 15)),
     # long contexts: c = 20,500, step = 0.01 + 0.0215·b -> b* = 1 (0.0315); t = 0.02 + 2 =
-    #   2.02 > budget: rho* = 1 - ln(10)·1.01 < 0.05 -> 0.05, 1·2.02/0.05 = 40.4 -> 41;
+    #   2.02 >= the 2 s budget: unattainable, sized at 0.8: 2.02/0.8 = 2.525 -> 3;
     #   running 1·1000·0.0315 = 31.5 -> 32
-    ((1.0, 20000, 20000, 1000), (41, 32)),
+    ((1.0, 20000, 20000, 1000), (3, 32)),
+    # slow prompts: t = 0.02 + 0.7 = 0.72, rho* = 1 - ln(10)·0.36 = 0.171 -> the 0.25 floor:
+    #   2·0.72/0.25 = 5.76 -> 6; c = 7,100, step = 0.01 + 0.0081·b -> b* = 4 (0.0424),
+    #   running 2·200·0.0424 = 16.96 -> 16.96/4 = 4.24 -> 5
+    ((2.0, 7000, 7000, 200), (6, 5)),
     # no load
     ((0.0, 2000, 1000, 200), (0, 0)),
 ]
@@ -79,13 +85,25 @@ SLO_TABLE = [
 def test_slo_model_sizes_match_hand_computed_ones(
     load: tuple[float, int, int, int], sizes: tuple[int, int]
 ) -> None:
-    assert SloModel(CONFIG).size(forecast(*load), MODEL, None) == PoolSizes(*sizes)
+    assert SloModel().size(forecast(*load), MODEL, None, CONFIG) == PoolSizes(*sizes)
 
 
 def test_the_prefill_utilization_is_the_mm1_tail_bound() -> None:
-    rule = SloModel(CONFIG)
-    assert rule.prefill_utilization(0.12) == pytest.approx(1 - math.log(10) * 0.06)
-    assert rule.prefill_utilization(5.0) == 0.05  # one prompt alone misses the SLO
+    rho = SloModel.prefill_utilization
+    assert rho(0.12, 2.0, 0.9) == pytest.approx(1 - math.log(10) * 0.06)
+    assert rho(0.72, 2.0, 0.9) == 0.25  # the floor: the tail would cost > 4x the GPUs
+    assert rho(2.5, 2.0, 0.9) == 0.8  # one prompt alone misses the budget: carry the load
+
+
+def test_the_ttft_budget_leaves_out_the_models_overhead() -> None:
+    class Slower(LinearModel):
+        ttft_overhead_s = 1.0  # half the SLO goes to the gateway and the hand-off
+
+    # t = 0.12 within a 1 s budget: rho* = 1 - ln(10)·0.12 = 0.7237, 1.2/0.7237 = 1.66 -> 2;
+    # at 20 requests/s: 2.4/0.7237 = 3.32 -> 4 (against 2.4/0.8618 = 2.78 -> 3 without it)
+    sized = SloModel().size(forecast(20.0, 2000, 1000, 200), Slower(), None, CONFIG)
+    assert sized.prefill == 4
+    assert SloModel().size(forecast(20.0, 2000, 1000, 200), MODEL, None, CONFIG).prefill == 3
 
 
 # Dynamo's formulas, no observation (corrections 1): n_P = ceil(rate·prefill_s(prompt, 0)),
@@ -108,7 +126,7 @@ def test_dynamo_sla_sizes_match_hand_computed_ones(
     load: tuple[float, int, int, int], observed: dict[str, float] | None, sizes: tuple[int, int]
 ) -> None:
     last = sample(*load, **observed) if observed is not None else None
-    assert DynamoSla(CONFIG).size(forecast(*load), MODEL, last) == PoolSizes(*sizes)
+    assert DynamoSla().size(forecast(*load), MODEL, last, CONFIG) == PoolSizes(*sizes)
 
 
 def test_best_decode_batch_respects_the_step_limit_kv_and_max_num_seqs() -> None:
@@ -147,11 +165,35 @@ def test_bounds_keep_minimums_and_share_the_budget() -> None:
         ttft_slo_s=2.0, tpot_slo_s=0.05, max_num_seqs=64, kv_capacity_tokens=200_000,
         max_instances=10, min_prefill=1, min_decode=2,
     )  # fmt: skip
-    planner = PoolPlanner(config, FixedSizes(PoolSizes(0, 0)), ConstantForecast())
+    planner = make_planner("strata", config)
     assert planner.bounded(PoolSizes(0, 0)) == PoolSizes(1, 2)
     assert planner.bounded(PoolSizes(3, 4)) == PoolSizes(3, 4)
     assert planner.bounded(PoolSizes(10, 30)) == PoolSizes(2, 8)  # 25 % of 10, rounded
     assert planner.bounded(PoolSizes(30, 1)) == PoolSizes(8, 2)  # decode keeps its minimum
+
+
+def test_a_held_pool_leaves_the_other_only_what_the_budget_has_left() -> None:
+    # Budget 10, pools (6, 4). The load turns decode-heavy: (2, 8) wanted. Prefill is held by
+    # hysteresis (its window is not settled), so decode may grow only into 10 - 6 = 4 now.
+    config = PlannerConfig(
+        ttft_slo_s=2.0, tpot_slo_s=0.05, max_num_seqs=64, kv_capacity_tokens=200_000,
+        max_instances=10, engine_start_s=0.0, scale_down_after=2,
+    )  # fmt: skip
+    planner = make_planner("strata", config)
+    planner.forecaster = ConstantForecast()
+    current = planner.plan(sample(10.0, 2000, 1000, 200), PoolSizes(6, 4), MODEL)
+    assert current == PoolSizes(6, 4)  # (2, 8) wanted; prefill held at 6: decode 4
+    current = planner.plan(sample(10.0, 2000, 1000, 200), current, MODEL)
+    assert current == PoolSizes(2, 8)  # settled: prefill down, decode up
+
+
+def test_limits_can_change_without_losing_the_forecast() -> None:
+    planner = make_planner("strata", CONFIG)
+    planner.plan(sample(10.0, 2000, 1000, 200), PoolSizes(1, 1), MODEL)
+    planner.set_limits(max_num_seqs=5, kv_capacity_tokens=200_000)
+    assert planner.config.max_num_seqs == 5
+    # b* = 5 now (was 12): step 0.0255, running 10·200·0.0255 = 51 -> 51/5 = 10.2 -> 11
+    assert planner.plan(sample(10.0, 2000, 1000, 200), PoolSizes(2, 8), MODEL).decode == 11
 
 
 def test_hysteresis_scales_up_at_once_and_down_after_a_settled_window() -> None:
@@ -215,8 +257,6 @@ def test_output_means_come_from_finished_requests() -> None:
 def test_config_and_names_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown planner"):
         make_planner("magic", CONFIG)
-    with pytest.raises(ValueError, match="needs its pool sizes"):
-        make_planner("fixed", CONFIG)
     with pytest.raises(ValueError, match="ttft_slo_s"):
         PlannerConfig(ttft_slo_s=0.0, tpot_slo_s=0.05, max_num_seqs=1, kv_capacity_tokens=1)
     with pytest.raises(ValueError, match="computed_tokens"):
