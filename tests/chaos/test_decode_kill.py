@@ -45,6 +45,7 @@ import pytest
 from tests.chaos.conftest import ChaosSize
 from tests.e2e.conftest import StrataServer, start_server
 from tests.proc_tree import descendants, wait_gone
+from tests.waiting import wait_until
 
 CLIENTS = 3
 MAX_TOKENS = 40
@@ -126,15 +127,6 @@ def ready_decodes(base_url: str) -> set[str]:
     return {
         w["endpoint"] for w in health.get("workers", []) if w["role"] == "decode" and w["ready"]
     }
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``condition`` every 0.25 s; the monotonic time it held."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not within {timeout_s:g} s"
-        time.sleep(0.25)
-    return time.monotonic()
 
 
 # -- the load --------------------------------------------------------------------------------

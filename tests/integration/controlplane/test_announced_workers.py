@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -48,18 +48,11 @@ from tests.integration.controlplane.conftest import (
 )
 from tests.integration.controlplane.scripted_worker import ScriptedWorker
 from tests.integration.kvstore.valkey_fixture import valkey_url
+from tests.waiting import wait_until
 
 __all__ = ["valkey_url"]
 
 OTHER_KEY = bytes(range(32))
-
-
-def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """For work the gateways' tasks do in the background (no pass criterion on its speed)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def _complete(url: str) -> str:
@@ -237,7 +230,11 @@ def test_a_withdrawn_or_expired_announcement_drains_then_removes_the_worker(
     assert listed(a)[d2.endpoint][2] is InstanceState.DRAINING
     # B has nothing on it: B drains it and deletes its record at once.
     missing_for_the_grace(loop_thread, b)
-    _wait_until(lambda: d2.endpoint not in listed(b), "B did not remove the withdrawn worker")
+    wait_until(
+        lambda: d2.endpoint not in listed(b),
+        what="B did not remove the withdrawn worker",
+        interval_s=0.02,
+    )
     sync_and_check(loop_thread, a)  # the record is gone; A's request still runs
     assert not on_a.idle.is_set()
     d2.decode_requests.clear()
@@ -246,16 +243,26 @@ def test_a_withdrawn_or_expired_announcement_drains_then_removes_the_worker(
             assert _complete(server.url) == "Hello world!"
     assert d2.decode_requests == []  # nothing new goes to a withdrawn worker
     a.registry._end(on_a)  # A's request ends
-    _wait_until(lambda: d2.endpoint not in listed(a), "A did not remove the withdrawn worker")
+    wait_until(
+        lambda: d2.endpoint not in listed(a),
+        what="A did not remove the withdrawn worker",
+        interval_s=0.02,
+    )
 
     # D3's announcement expires in Redis (the worker was killed, or lost Redis).
     raw = redis.Redis.from_url(valkey_url)
     raw.pexpire(announcer3.key, 1)
-    _wait_until(lambda: not raw.exists(announcer3.key), "Redis did not expire it")
+    wait_until(
+        lambda: not raw.exists(announcer3.key), what="Redis did not expire it", interval_s=0.02
+    )
     raw.close()
     missing_for_the_grace(loop_thread, a, b)  # idle on both: removed at once
     for server in (a, b):
-        _wait_until(lambda s=server: d3.endpoint not in listed(s), "expired worker kept")
+        wait_until(
+            lambda s=server: d3.endpoint not in listed(s),
+            what="expired worker kept",
+            interval_s=0.02,
+        )
     assert set(listed(a)) == set(listed(b)) == {w.endpoint for w in workers.workers[:2]}
     for server in (a, b):
         assert _complete(server.url) == "Hello world!"

@@ -8,8 +8,7 @@ the loop's own timer is an hour, so the test drives each tick.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -34,6 +33,7 @@ from tests.integration.controlplane.conftest import (
 )
 from tests.integration.controlplane.scripted_worker import ScriptedWorker
 from tests.integration.controlplane.test_admin_gateway import ScriptedLauncher
+from tests.waiting import wait_until
 
 MAX_WORKERS = 4
 
@@ -84,13 +84,6 @@ def _active(server: GatewayServer, state: InstanceState = InstanceState.READY) -
     )
 
 
-def _wait(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.05)
-
-
 def test_the_planner_grows_the_pools_for_load_and_drains_them_when_it_goes(
     planned: tuple[GatewayServer, ScriptedLauncher], loop_thread: LoopThread
 ) -> None:
@@ -103,7 +96,7 @@ def test_the_planner_grows_the_pools_for_load_and_drains_them_when_it_goes(
     target = loop_thread.run(server.planner.tick())
     assert target is not None and target.total == MAX_WORKERS
     assert min(target.prefill, target.decode) >= 1
-    _wait(lambda: _active(server) == target)
+    wait_until(lambda: _active(server) == target)
     assert len(launcher.handles) == MAX_WORKERS - 2  # the two configured ones stay
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     reply = client.completions.create(model=SERVED_MODEL_NAME, prompt="hello there", max_tokens=4)
@@ -111,7 +104,7 @@ def test_the_planner_grows_the_pools_for_load_and_drains_them_when_it_goes(
     # A quiet interval: back to one worker each; the launched ones drain and stop.
     target = loop_thread.run(server.planner.tick())
     assert target == PoolSizes(1, 1)
-    _wait(lambda: all(h.stopped for h in launcher.handles))
-    _wait(lambda: _active(server) == PoolSizes(1, 1))
+    wait_until(lambda: all(h.stopped for h in launcher.handles))
+    wait_until(lambda: _active(server) == PoolSizes(1, 1))
     configured = {i.endpoint for i in server.registry.list_instances() if not i.launched}
     assert len(configured) == 2

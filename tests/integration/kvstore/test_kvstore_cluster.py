@@ -24,6 +24,7 @@ from kvstore.transport.base import TransportKind
 from kvstore.wire.types import PutStatus
 from tests.integration.kvstore.node_args import cluster_args, ssd_args
 from tests.integration.kvstore.valkey_fixture import valkey_url
+from tests.waiting import wait_until
 
 __all__ = ["valkey_url"]
 
@@ -403,10 +404,3 @@ def test_a_shared_memory_reader_gets_a_peers_blocks_through_its_own_node(
     finally:
         view.stop()
         store.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)

@@ -23,6 +23,7 @@ from kvstore.wire.frame import FLAG_MATCH_HINT, Op, pack_frame_header
 from kvstore.wire.types import NodeMatch, PutStatus
 from tests.integration.kvstore.node_args import cluster_args
 from tests.integration.kvstore.valkey_fixture import valkey_url
+from tests.waiting import wait_until
 
 __all__ = ["valkey_url"]
 
@@ -65,7 +66,7 @@ def test_a_hint_finds_a_peers_blocks_the_index_does_not_know_yet(
     keys = [key(n) for n in range(NUM_KEYS)]
     blocks = [(k, payload(n)) for n, k in enumerate(keys)]
     with KVStoreClient(node_b.endpoint, use_shm=False, timeout_s=30) as b:
-        wait_until(lambda: set(cluster(b)["live_nodes"]) == {"A", "B", "C", "D"})
+        wait_until(lambda: set(cluster(b)["live_nodes"]) == {"A", "B", "C", "D"}, 15.0)
         with (
             KVStoreClient(node_a.endpoint, use_shm=False) as a,
             KVStoreClient(node_d.endpoint, use_shm=False) as d,
@@ -80,7 +81,7 @@ def test_a_hint_finds_a_peers_blocks_the_index_does_not_know_yet(
         assert b.match_prefix(keys, hint="nobody") == NUM_ON_B
         assert b.match_prefix(keys, hint="B") == NUM_ON_B  # the node itself
         node_d.stop(signal.SIGKILL)
-        wait_until(lambda: "D" not in cluster(b)["live_nodes"])
+        wait_until(lambda: "D" not in cluster(b)["live_nodes"], 15.0)
         assert b.match_prefix(keys, hint="D") == NUM_ON_B  # dead: its blocks are gone with it
         assert hint_counters(b) == (0, 0, 0, 3)
 
@@ -122,13 +123,6 @@ def hint_counters(client: KVStoreClient) -> tuple[int, int, int, int]:
     """STATS ``transfers``: hinted peers asked, blocks they added, failures, hints ignored."""
     t = client.stats()["transfers"]
     return t["hint_lookups"], t["hint_blocks"], t["hint_failures"], t["hints_ignored"]
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_a_standalone_node_answers_a_hinted_match_and_refuses_a_malformed_hint(
