@@ -108,3 +108,26 @@ def test_the_planner_grows_the_pools_for_load_and_drains_them_when_it_goes(
     wait_until(lambda: _active(server) == PoolSizes(1, 1))
     configured = {i.endpoint for i in server.registry.list_instances() if not i.launched}
     assert len(configured) == 2
+
+
+def test_each_request_feeds_the_meter_once(
+    planned: tuple[GatewayServer, ScriptedLauncher], loop_thread: LoopThread
+) -> None:
+    server, _ = planned
+    registry = server.registry
+    registry.take_load_sample(1.0, None)  # start a clean interval
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    lengths = []
+    for max_tokens in (1, 4, 4):  # one ends at its prefill: it is counted as finished too
+        reply = client.completions.create(
+            model=SERVED_MODEL_NAME, prompt="hello there", max_tokens=max_tokens
+        )
+        assert reply.usage is not None
+        lengths.append((reply.usage.prompt_tokens, reply.usage.completion_tokens))
+    sample = registry.take_load_sample(10.0, None)
+    assert (sample.requests, sample.finished) == (3, 3)
+    assert sample.prompt_tokens == sum(p for p, _ in lengths)
+    assert sample.computed_tokens == sample.prompt_tokens  # no prefix index: nothing cached
+    assert sample.output_tokens == sum(c for _, c in lengths)
+    assert sample.ttft_s is not None and sample.ttft_s > 0
+    assert sample.itl_s is not None  # the two 4-token requests
