@@ -137,6 +137,20 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...]
     ignore_eos: bool
 
+    @classmethod
+    def greedy(cls, max_tokens: int | None, *, ignore_eos: bool = False) -> SamplingOptions:
+        """Temperature 0, no stop strings or ids, no seed: what the gateway's own calls (the
+        start-up profile) and tests send."""
+        return cls(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            seed=None,
+            stop=(),
+            stop_token_ids=(),
+            ignore_eos=ignore_eos,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequestFields:

@@ -57,15 +57,7 @@ __all__ = ["ProfileResult", "ProfileSettings", "profile_worker"]
 
 _FIRST_TOKEN_ID: Final = 10
 """Synthetic prompts avoid the lowest ids (special tokens in most vocabularies)."""
-_PROFILE_SAMPLING: Final = SamplingOptions(
-    max_tokens=None,
-    temperature=0.0,
-    top_p=1.0,
-    seed=None,
-    stop=(),
-    stop_token_ids=(),
-    ignore_eos=True,
-)
+_PROFILE_SAMPLING: Final = SamplingOptions.greedy(None, ignore_eos=True)
 """Greedy and never stopping early: every timed call generates exactly what it asks for."""
 
 

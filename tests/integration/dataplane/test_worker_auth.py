@@ -35,15 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 
 SERVICE = "/strata.v1.Worker/"
 GATEWAY = Identity("gateway", "127.0.0.1:8000")
-OPTIONS = SamplingOptions(
-    max_tokens=1,
-    temperature=0.0,
-    top_p=1.0,
-    seed=None,
-    stop=(),
-    stop_token_ids=(),
-    ignore_eos=False,
-)
+OPTIONS = SamplingOptions.greedy(1)
 REQUESTS: dict[str, Any] = {
     "Health": worker_pb2.HealthRequest(),
     "Stats": worker_pb2.StatsRequest(),
