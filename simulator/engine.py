@@ -311,7 +311,7 @@ class SimEngine:
         skipped: list[SimSequence] = []
         full = False
         while (
-            not preempted
+            not (preempted and plan)  # a step that preempted everything admits, as the next would
             and self.waiting
             and budget > 0
             and len(self.running) < self.profile.max_num_seqs
@@ -354,11 +354,9 @@ class SimEngine:
         if self._load is not None and limit > 0:
             offered, seconds = self._load(seq, hit_tokens, limit)
             loaded = max(0, min(offered, limit))
-            if not loaded:
-                pass
-            elif self.async_load:
+            if loaded and self.async_load:
                 seq.ready_at = self._now + seconds
-            else:
+            elif loaded:
                 self._step_load_s += seconds
         seq.loaded_tokens = loaded
         seq.computed = hit_tokens + loaded
@@ -393,7 +391,11 @@ class SimEngine:
 
     def _make_room(self, tokens: int) -> bool:
         """Evict free cached blocks (least recently used first) until ``tokens`` fit (published
-        as one removal)."""
+        as one removal); False, evicting nothing, when even evicting them all would not make
+        the room (vLLM counts free plus evictable blocks first)."""
+        evictable = len(self._free_cached) * self.cache_block_tokens
+        if self.used_tokens - evictable + tokens > self.capacity_tokens:
+            return False
         evicted: list[BlockKey] = []
         fits = True
         while self.used_tokens + tokens > self.capacity_tokens:

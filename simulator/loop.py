@@ -339,6 +339,9 @@ class Simulation:
             else:
                 self._hand_off(target)
         self.pools.finish(self.now)
+        stuck = [r.index for r in self.records if not r.finished and r.rejected is None]
+        if stuck:  # an engine left with work and nothing to wake it: a bug, not a figure
+            raise RuntimeError(f"{len(stuck)} requests never finished (first: {stuck[:5]})")
         return self.records
 
     # -- a request's life ----------------------------------------------------------------------

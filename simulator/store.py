@@ -40,6 +40,8 @@ class SimStoreNode:
         self._dram = make_policy(eviction)
         self._ssd = make_policy(eviction)
         self._publish = publish
+        self._stored: list[BlockKey] = []
+        """DRAM inserts not published yet (:meth:`_insert_dram`)."""
         self.num_puts = 0
         self.num_promotions = 0
         self.num_dropped = 0
@@ -62,7 +64,7 @@ class SimStoreNode:
 
     def put(self, keys: Iterable[BlockKey]) -> int:
         """Store the keys this node lacks (in DRAM); the number stored."""
-        stored: list[BlockKey] = []
+        stored = 0
         for key in keys:
             if key in self._dram:
                 self._dram.on_access(key)
@@ -70,17 +72,15 @@ class SimStoreNode:
             if key in self._ssd:
                 continue  # a copy exists; the read path promotes it when it is wanted
             self._insert_dram(key)
-            stored.append(key)
-        if stored:
-            self.num_puts += len(stored)
-            self._emit(Tier.DRAM, tuple(stored), ())
-        return len(stored)
+            stored += 1
+        self._flush_stored()
+        self.num_puts += stored
+        return stored
 
     def read(self, keys: Iterable[BlockKey]) -> tuple[int, int]:
         """A reader fetches ``keys`` (each held here): (DRAM blocks, SSD-only blocks). SSD-only
         ones are promoted to DRAM."""
         dram = ssd = 0
-        promoted: list[BlockKey] = []
         for key in keys:
             if key in self._dram:
                 self._dram.on_access(key)
@@ -90,20 +90,28 @@ class SimStoreNode:
                 self._ssd.on_remove(key)
                 self._emit(Tier.SSD, (), (key,))
                 self._insert_dram(key)
-                promoted.append(key)
-        if promoted:
-            self.num_promotions += len(promoted)
-            self._emit(Tier.DRAM, tuple(promoted), ())
+                self.num_promotions += 1
+        self._flush_stored()
         return dram, ssd
 
     def _insert_dram(self, key: BlockKey) -> None:
+        """``key`` into DRAM, evicting a block if it is full. Stored keys are published in
+        batches, but a batch goes out before any removal: an eviction of a key of the same
+        batch must reach the index after its store, or the index keeps a block that is gone."""
         if len(self._dram) >= self.dram_blocks:
             victim = self._dram.select_victim(lambda _key: True)
             if victim is not None:
+                self._flush_stored()
                 self._dram.on_remove(victim)
                 self._emit(Tier.DRAM, (), (victim,))
                 self._demote(victim)
         self._dram.on_insert(key)
+        self._stored.append(key)
+
+    def _flush_stored(self) -> None:
+        if self._stored:
+            stored, self._stored = tuple(self._stored), []
+            self._emit(Tier.DRAM, stored, ())
 
     def _demote(self, key: BlockKey) -> None:
         if self.ssd_blocks == 0:

@@ -9,7 +9,7 @@ tests/chaos/test_soak.py --chaos-full``.
 
 Cluster (tests/chaos/cluster.py): one store node, one prefill and two decode workers, the gateway
 as its own process; the test restarts what it kills on the same ports. After a warm-up of half an
-interval, the faults come every interval, in turn: SIGKILL of a decode worker (engine included;
+interval, the faults come every interval, in turn: SIGKILL of the first decode worker (engine included;
 restarted), of the prefill worker (restarted), of the store node (restarted, empty), and an
 overload burst (2.3x the knee on top of the load, for a quarter interval). A fault's window runs
 from the fault until 15 s after the cluster is whole again (the burst: until 15 s after it
@@ -211,7 +211,11 @@ def test_soak(
     chaos_report(**figures)
     assert windows, "no fault was injected: the run is shorter than one fault interval"
     assert len(errors) <= 0.001 * len(outside), [(r.index, r.status, r.error) for r in errors][:10]
-    assert growth and all(g <= 0.05 for g in growth.values()), figures
+    judged = {key.split(":")[0] for key in growth}
+    # The gateway and the decode worker never killed are judged from their first fault cycle
+    # (a run too short to watch them an interval after it is no soak: it fails here).
+    assert {"gateway", "decode1"} <= judged, (judged, figures)
+    assert all(g <= 0.05 for g in growth.values()), figures
     assert idle_store["num_writing"] == 0 and idle_store["num_leases"] == 0, figures
     assert not any(running.values()), figures
     # Free KV blocks back to the baseline: an idle engine holds none.
@@ -225,7 +229,9 @@ def _overlaps(result: Result, windows: list[tuple[str, float, float]]) -> bool:
 def _inject(fault: str, k: int, cluster: Cluster, knee_rps: float, workload: Workload) -> None:
     """Inject ``fault`` and return once the cluster is whole again."""
     if fault == "kill_decode":
-        dead = cluster.decodes[k % len(cluster.decodes)]
+        # Always the first: the second decode worker runs the whole soak, the one engine whose
+        # memory is judged from the warm-up to the end.
+        dead = cluster.decodes[0]
         kill_tree(dead)
         cluster.restart_worker(dead)
     elif fault == "kill_prefill":

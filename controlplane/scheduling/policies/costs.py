@@ -45,6 +45,7 @@ class RequestCosts:
         "_transfer_divisor",
         "_usable_blocks",
         "needs_slot",
+        "running_tpot_slo_s",
         "tpot_slo_s",
         "ttft_slo_s",
     )
@@ -70,6 +71,9 @@ class RequestCosts:
         # With a TPOT SLO, a decode instance must have a free sequence slot: a local route
         # runs the whole request there, one token or not.
         self.needs_slot = tpot_slo_s is not None
+        self.running_tpot_slo_s = tpot_slo_s
+        """The TPOT SLO a local prefill must leave the decode instance's running sequences,
+        whatever this request's length (theirs is unknown: the request's or the default)."""
         # One token has no time per output token: after a prefill elsewhere its first token
         # ends the request (the gateway asks no decode instance), so no TPOT SLO applies.
         self.tpot_slo_s = None if request.max_tokens <= 1 else tpot_slo_s

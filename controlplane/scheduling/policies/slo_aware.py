@@ -127,7 +127,8 @@ class SloAwarePolicy(CostPolicy):
             if check_slots and not costs.has_free_slot(decode):
                 continue
             load = decode.load
-            if load.running_decodes and tpot_slo < INF:
+            running_slo = costs.running_tpot_slo_s  # theirs, even for a one-token request
+            if load.running_decodes and running_slo is not None:
                 remaining = load.remaining_decode_tokens or (
                     config.default_remaining_tokens * load.running_decodes
                 )
@@ -136,7 +137,7 @@ class SloAwarePolicy(CostPolicy):
                     decode.predictor.decode_step_s(load.running_decodes, load.decode_context_tokens)
                     + costs.service_ttft_s(decode, local=True) / per_sequence
                 )
-                if others_s > tpot_slo:
+                if others_s > running_slo:
                     continue  # the prefill would push the running sequences past the SLO
             if best is None or (ttft, tpot, order) < best[:3]:
                 assign = self._local(costs, decode, ttft, tpot, Route.LOCAL_FALLBACK)

@@ -147,3 +147,23 @@ def test_step_model_terms() -> None:
     assert model.step_s(8, 4, 68, 2, 200) == pytest.approx(0.01 + 8e-3 + 4e-4 + 68e-6 + 4e-3 + 2e-3)
     assert model.prefill_s(8, 4) == pytest.approx(0.01 + 8e-3 + 4e-4 + 68e-6)
     assert model.decode_step_s(2, 200) == pytest.approx(0.01 + 4e-3 + 2e-3)
+
+
+def test_a_prompt_that_cannot_fit_evicts_nothing() -> None:
+    # 16 tokens of HBM: blocks K1 and K2 cached (8 tokens, evictable), one 4-token sequence
+    # running (4 tokens). A 13-token prompt needs 16: even evicting both blocks leaves 12 —
+    # it waits, and the cache stays (vLLM counts free + evictable blocks before evicting).
+    e, events = engine(hbm_kv_tokens=16)
+    e.add(SimSequence(0, 8, 1, KEYS[:2]), 0.0)
+    run(e)
+    assert events == [("stored", 0), ("stored", 1)]
+    e.add(SimSequence(1, 3, 4, ()), 0.0)
+    assert e.start_step(0.0) is not None
+    e.finish_step()  # the 3-token sequence holds 4 tokens and decodes
+    e.add(SimSequence(2, 13, 1, ()), 0.0)
+    assert e.start_step(0.0) is not None
+    report = e.finish_step()
+    assert [o.sequence.request_id for o in report.outputs] == [1]  # only the running one
+    assert events == [("stored", 0), ("stored", 1)]  # nothing evicted, nothing published
+    assert e.cached_blocks(KEYS[:2]) == 2
+

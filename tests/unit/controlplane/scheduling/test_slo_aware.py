@@ -207,6 +207,20 @@ def test_local_fallback_takes_what_no_pair_can_meet() -> None:
     assert isinstance(refused, Reject), refused
 
 
+def test_a_one_token_fallback_still_spares_the_running_sequences() -> None:
+    # One output token has no TPOT SLO of its own, but the decode instance's running sequences
+    # do: p0's queue puts the pair past the 2 s TTFT SLO, d0 would prefill in 1 s — idle, it
+    # takes the request; with 3 sequences of 10 tokens left, the 1 s prefill would add 100 ms
+    # to their 13 ms steps (SLO 15 ms): refused.
+    one = request(max_tokens=1, ttft_slo_s=2.0, tpot_slo_s=0.015)
+    fallback = SloAwarePolicy(config(local_fallback=True))
+    idle = [instance("p0", P, queued=5000, requests=5), instance("d0", D)]
+    decision = fallback.decide(one, idle)
+    assert isinstance(decision, Assign) and decision.route is Route.LOCAL_FALLBACK, decision
+    busy = [instance("p0", P, queued=5000, requests=5), instance("d0", D, running=3, remaining=30)]
+    assert isinstance(fallback.decide(one, busy), Reject)
+
+
 # -- the worked example of docs/design/scheduling.md §6 --------------------------------------
 
 
