@@ -9,11 +9,11 @@ tests/chaos/test_soak.py --chaos-full``.
 
 Cluster (tests/chaos/cluster.py): one store node, one prefill and two decode workers, the gateway
 as its own process; the test restarts what it kills on the same ports. After a warm-up of half an
-interval, the faults come every interval, in turn: SIGKILL of the first decode worker (engine included;
-restarted), of the prefill worker (restarted), of the store node (restarted, empty), and an
-overload burst (2.3x the knee on top of the load, for a quarter interval). A fault's window runs
-from the fault until 15 s after the cluster is whole again (the burst: until 15 s after it
-ends); a request counts against the error budget if it overlaps no window.
+interval, the faults come every interval, in turn: SIGKILL of the first decode worker (engine
+included; restarted), of the prefill worker (restarted), of the store node (restarted, empty),
+and an overload burst (2.3x the knee on top of the load, for a quarter interval). A fault's
+window runs from the fault until 15 s after the cluster is whole again (the burst: until 15 s
+after it ends); a request counts against the error budget if it overlaps no window.
 
 Memory: the RSS of each process tree (store, each worker with its engine, gateway) is sampled
 with psutil every 5 s while it lives. Its baseline is taken once it is warm: a process running

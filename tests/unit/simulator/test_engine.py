@@ -166,4 +166,3 @@ def test_a_prompt_that_cannot_fit_evicts_nothing() -> None:
     assert [o.sequence.request_id for o in report.outputs] == [1]  # only the running one
     assert events == [("stored", 0), ("stored", 1)]  # nothing evicted, nothing published
     assert e.cached_blocks(KEYS[:2]) == 2
-
