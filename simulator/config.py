@@ -94,9 +94,12 @@ class Setup:
             raise ValueError(f"setup {self.name}: a colocated setup has no prefill_gpus")
         if self.shape is Shape.DISAGGREGATED and self.prefill_gpus < 1:
             raise ValueError(f"setup {self.name}: a disaggregated setup needs prefill_gpus >= 1")
-        if self.policy == "conductor" and self.shape is Shape.COLOCATED:
+        if self.policy == "conductor" and (self.shape is Shape.COLOCATED or not self.pool):
+            # Without a pool its fetches would come from other engines' HBM, which the
+            # simulator does not move (docs/design/simulator.md §5).
             raise ValueError(
-                f"setup {self.name}: conductor disaggregates; use a disaggregated shape"
+                f"setup {self.name}: conductor disaggregates over a KV pool; use a "
+                "disaggregated shape with pool: true"
             )
         if self.local_prefill_threshold_tokens < 0:
             raise ValueError(f"setup {self.name}: local_prefill_threshold_tokens must be >= 0")
@@ -233,6 +236,46 @@ def _transfer(value: Any, what: str) -> TransferCoefficients:
     )
 
 
+_SETUP_KEYS = {
+    "name", "policy", "shape", "prefill_gpus", "pool", "local_prefill_threshold_tokens",
+    "conditional_disaggregation", "local_fallback", "baseline", "kv_load", "kv_save",
+    "decode_gpus", "planner",
+}  # fmt: skip
+
+
+def _flag(value: Any, what: str) -> bool:
+    """A YAML boolean (``bool("false")`` would be True: a string is refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def _setup(s: Any) -> Setup:
+    if not isinstance(s, Mapping):
+        raise ValueError("each setup is a mapping")
+    where = f"setup {s.get('name', '?')}"
+    unknown = set(s) - _SETUP_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+    return Setup(
+        name=str(s["name"]),
+        policy=str(s["policy"]),
+        shape=Shape(s["shape"]),
+        prefill_gpus=int(s.get("prefill_gpus", 0)),
+        pool=_flag(s.get("pool", True), f"{where}: pool"),
+        local_prefill_threshold_tokens=int(s.get("local_prefill_threshold_tokens", 512)),
+        conditional_disaggregation=_flag(
+            s.get("conditional_disaggregation", True), f"{where}: conditional_disaggregation"
+        ),
+        local_fallback=_flag(s.get("local_fallback", False), f"{where}: local_fallback"),
+        baseline=_flag(s.get("baseline", True), f"{where}: baseline"),
+        kv_load=Timing(s.get("kv_load", "async")),
+        kv_save=Timing(s.get("kv_save", "async")),
+        decode_gpus=int(s.get("decode_gpus", 0)),
+        planner=str(s["planner"]) if s.get("planner") is not None else None,
+    )
+
+
 def _planning(value: Any) -> PlanningSettings:
     if not isinstance(value, Mapping):
         raise ValueError("planner: give interval, engine_start and scale_down_after")
@@ -264,24 +307,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, origin: str) -> Sim
         for name, value in dict(data.get("transfers", {})).items():
             transfers[Transport(name)] = _transfer(value, f"transfers.{name}")
         store = dict(data["store"])
-        setups = tuple(
-            Setup(
-                name=str(s["name"]),
-                policy=str(s["policy"]),
-                shape=Shape(s["shape"]),
-                prefill_gpus=int(s.get("prefill_gpus", 0)),
-                pool=bool(s.get("pool", True)),
-                local_prefill_threshold_tokens=int(s.get("local_prefill_threshold_tokens", 512)),
-                conditional_disaggregation=bool(s.get("conditional_disaggregation", True)),
-                local_fallback=bool(s.get("local_fallback", False)),
-                baseline=bool(s.get("baseline", True)),
-                kv_load=Timing(s.get("kv_load", "async")),
-                kv_save=Timing(s.get("kv_save", "async")),
-                decode_gpus=int(s.get("decode_gpus", 0)),
-                planner=str(s["planner"]) if s.get("planner") is not None else None,
-            )
-            for s in data["setups"]
-        )
+        setups = tuple(_setup(s) for s in data["setups"])
         slo = dict(data["slo"])
         trace = data.get("trace")
         return SimConfig(

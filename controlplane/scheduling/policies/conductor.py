@@ -3,15 +3,16 @@ simulator and a choice for the gateway.
 
 For each prefill instance P: its own cached prefix ``local(P)`` (blocks in its HBM), the longest
 prefix anywhere ``best`` (any engine's HBM, or the pool); if ``best`` is not much longer than
-``local(P)`` (``best / local(P) < BALANCING_THRESHOLD``) P recomputes the rest, otherwise it first
-fetches the ``best - local(P)`` blocks it lacks (Mooncake's KVCache balancing: from the pool
+``local(P)`` (``best / local(P) <= BALANCING_THRESHOLD``) P recomputes the rest, otherwise it
+first fetches the ``best - local(P)`` blocks it lacks (Mooncake's KVCache balancing: from the pool
 through its host's store node, or from another engine over the network)::
 
     TTFT(P) = overhead + queue_s(P) + prefill_s(prompt - bs·c, bs·c) [+ transfer of the fetched]
 
 with ``c`` the blocks it then has. The prefill instance with the lowest TTFT wins; the decode
 instance is the one with the lowest predicted TBT (its step with the request added, plus the KV
-transfer spread over the output) among those with a free slot. If the TTFT or the TBT misses its
+transfer spread over the output) among those with a free slot (all of them when none has one:
+the TBT check then decides). If the TTFT or the TBT misses its
 SLO the request is rejected (Mooncake's early rejection; Retry-After: the configured minimum —
 Mooncake predicts no wait). What it does not have that ``slo_aware`` has: the admission margin,
 the quiet-TTFT test, the SSD tier's read cost, conditional disaggregation, a wait estimate.

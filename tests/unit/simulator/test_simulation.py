@@ -218,6 +218,12 @@ def test_trace_and_config_files(tmp_path: Path) -> None:
     cfg.write_text(text.replace("gpus: 4\n", "gpus: 4\nspeed: 11\n"))
     with pytest.raises(ValueError, match=r"unknown fields \['speed'\]"):
         load_config(cfg)
+    cfg.write_text(text.replace("prefill_gpus: 2}", "prefill_gpus: 2, local_fallbak: true}"))
+    with pytest.raises(ValueError, match=r"setup s: unknown fields \['local_fallbak'\]"):
+        load_config(cfg)
+    cfg.write_text(text.replace("prefill_gpus: 2}", "prefill_gpus: 2, pool: 'false'}"))
+    with pytest.raises(ValueError, match="setup s: pool must be true or false"):
+        load_config(cfg)
 
 
 @pytest.mark.parametrize(
