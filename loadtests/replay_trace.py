@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from simulator.results import percentile
 from simulator.trace import TRACE_BLOCK_TOKENS, TraceRequest, load_trace
 
 
@@ -84,8 +85,11 @@ async def send(
     body: dict[str, Any],
     outcome: Outcome,
     headers: dict[str, str],
+    due: float,
 ) -> None:
-    start = time.monotonic()
+    """One request; its TTFT counts from ``due`` (its scheduled arrival, monotonic clock), so
+    that a client running late does not hide the server's queueing."""
+    start = due
     first: float | None = None
     last: float | None = None
     chunks = 0
@@ -130,17 +134,16 @@ async def send(
         outcome.tpot_s = (last - first) / (tokens - 1)
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
-
-
 def report(
-    outcomes: list[Outcome], span_s: float, ttft_slo_s: float, tpot_slo_s: float
+    outcomes: list[Outcome],
+    span_s: float,
+    ttft_slo_s: float,
+    tpot_slo_s: float,
+    replay_s: float | None = None,
 ) -> dict[str, Any]:
+    """``span_s``: from the first arrival to the last (goodput's denominator, as the
+    simulator's); ``replay_s``: the whole replay, the last answers included. Percentiles as the
+    simulator computes them (simulator/results.py)."""
     ok = [o for o in outcomes if o.status == 200 and not o.error]
     met = sum(o.met(ttft_slo_s, tpot_slo_s) for o in outcomes)
     ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
@@ -158,7 +161,8 @@ def report(
         "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
         "slo_attainment": round(met / len(outcomes), 4),
         "goodput_rps": round(met / span_s, 4) if span_s > 0 else None,
-        "replay_s": round(span_s, 2),
+        "arrival_span_s": round(span_s, 2),
+        "replay_s": round(replay_s if replay_s is not None else span_s, 2),
         "ttft_ms": {f"p{q}": ms(ttfts, q) for q in (50, 90, 99)},
         "tpot_ms": {f"p{q}": ms(tpots, q) for q in (50, 90, 99)},
         "cached_token_share": round(sum(o.cached_tokens for o in ok) / prompt, 4) if prompt else 0,
@@ -204,10 +208,15 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
             }  # fmt: skip
             outcome = Outcome(index, time.monotonic() - clock0)
             outcomes.append(outcome)
-            tasks.append(asyncio.create_task(send(session, args.url, body, outcome, headers)))
+            due = clock0 + request.arrival_s
+            task = send(session, args.url, body, outcome, headers, due)
+            tasks.append(asyncio.create_task(task))
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - clock0
-    result = report(outcomes, elapsed, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    span = requests[-1].arrival_s - requests[0].arrival_s if requests else 0.0
+    result = report(
+        outcomes, span, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3, replay_s=elapsed
+    )
     result["trace"] = str(args.trace)
     result["time_scale"] = round(scale, 4)
     result["block_tokens"] = args.block_tokens

@@ -12,12 +12,14 @@ import numpy as np
 
 from simulator.loop import TOO_LONG, RequestRecord
 
-__all__ = ["ATTAINMENT_TARGET", "Point", "rate_at", "summarize"]
+__all__ = ["ATTAINMENT_TARGET", "Point", "percentile", "rate_at", "summarize"]
 
 ATTAINMENT_TARGET = 0.9
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (numpy's linear interpolation) of the finite values; None if
+    there are none. The one the simulator and the trace replay both report."""
     finite = [v for v in values if math.isfinite(v)]
     return float(np.percentile(finite, q)) if finite else None
 
@@ -76,12 +78,12 @@ def summarize(
         goodput_rps=met / span if span > 0 else float(met),
         rejected=sum(r.rejected is not None for r in records),
         reject_reasons=dict(Counter(r.rejected for r in records if r.rejected is not None)),
-        ttft_p50_s=_percentile([r.ttft_s for r in served], 50),
-        ttft_p90_s=_percentile([r.ttft_s for r in served], 90),
-        ttft_p99_s=_percentile([r.ttft_s for r in served], 99),
-        tpot_p50_s=_percentile([r.tpot_s for r in served if r.num_tokens > 1], 50),
-        tpot_p90_s=_percentile([r.tpot_s for r in served if r.num_tokens > 1], 90),
-        tpot_p99_s=_percentile([r.tpot_s for r in served if r.num_tokens > 1], 99),
+        ttft_p50_s=percentile([r.ttft_s for r in served], 50),
+        ttft_p90_s=percentile([r.ttft_s for r in served], 90),
+        ttft_p99_s=percentile([r.ttft_s for r in served], 99),
+        tpot_p50_s=percentile([r.tpot_s for r in served if r.num_tokens > 1], 50),
+        tpot_p90_s=percentile([r.tpot_s for r in served if r.num_tokens > 1], 90),
+        tpot_p99_s=percentile([r.tpot_s for r in served if r.num_tokens > 1], 99),
         cached_token_share=sum(r.cached_tokens for r in served) / prompt if prompt else 0.0,
         routes=dict(Counter(r.route for r in served)),
         makespan_s=(max(ends) - min(r.arrival_s for r in records)) if ends else 0.0,
