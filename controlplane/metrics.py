@@ -21,6 +21,10 @@ _ITL_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
     5.0, 10.0,
 )  # fmt: skip
+_DECISION_BUCKETS_S = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512,
+    0.1,
+)  # fmt: skip
 _E2E_BUCKETS_S = (
     0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
     240.0, 480.0, 960.0,
@@ -53,6 +57,11 @@ class GatewayMetrics:
             "time_to_first_token_seconds", "Request arrival to first token ready to send",
             _TTFT_BUCKETS_S,
         )  # fmt: skip
+        self.scheduling_decision = histogram(
+            "scheduling_decision_seconds",
+            "Time one scheduling decision took: every instance's snapshot and the policy's choice",
+            _DECISION_BUCKETS_S,
+        )
         self.inter_token_latency = histogram(
             "inter_token_latency_seconds",
             "Gap between successive tokens (a chunk of n tokens counts n gaps of 1/n each)",

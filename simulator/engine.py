@@ -145,6 +145,8 @@ class SimEngine:
         """Cache blocks no sequence uses, least recently used first (evictable)."""
         self.used_tokens = 0
         self._plan: list[_Planned] = []
+        self._aborted: set[int] = set()
+        """Sequences of the running step aborted meanwhile (their request ids)."""
         self._step_started: float | None = None
         self._step_s = 0.0
         self._step_load_s = 0.0
@@ -163,6 +165,12 @@ class SimEngine:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def held_tokens(self) -> int:
+        """KV tokens sequences hold: what is allocated, less cache blocks no sequence uses
+        (evictable on demand; vLLM counts them as free)."""
+        return self.used_tokens - len(self._free_cached) * self.cache_block_tokens
 
     def next_ready_at(self) -> float | None:
         """When the first asynchronous load in progress ends (the loop wakes the engine then,
@@ -200,6 +208,19 @@ class SimEngine:
             )
         sequence.added_at = now
         self.waiting.append(sequence)
+
+    def abort(self, sequence: SimSequence) -> None:
+        """``sequence`` leaves the engine unfinished (its client went away): its KV is freed
+        now, or at the end of the step that is running if that step has it; then it is gone."""
+        if any(item.sequence is sequence for item in self._plan):
+            self._aborted.add(sequence.request_id)
+            return
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        elif sequence in self.running:
+            self.running.remove(sequence)
+        if sequence.allocated:
+            self._release(sequence)
 
     def start_step(self, now: float) -> float | None:
         """Compose the next step; its duration, or None with nothing to do."""
@@ -240,6 +261,11 @@ class SimEngine:
         outputs: list[StepOutput] = []
         for item in self._plan:
             seq = item.sequence
+            if seq.request_id in self._aborted:
+                self._aborted.discard(seq.request_id)
+                self.running.remove(seq)
+                self._release(seq)
+                continue
             prompt_done = False
             if item.decode:
                 seq.sampled += 1

@@ -2,6 +2,8 @@
 
     strata serve   [--model DIR] [--host H] [--port P] ...   everything on this host (default setup)
     strata worker  --role {prefill,decode,both} --model DIR --store HOST:PORT ...
+    strata worker  --engine simulated --role R --model DIR --profile YAML [--instances N] ...
+                   SIMULATED engines (simulator/worker.py), for control-plane load tests only
     strata store   --port P --arena-size 2GiB ...
     strata gateway --model-dir DIR --prefill HOST:PORT --decode HOST:PORT ...
     strata models  prepare-default | build-tiny OUT
@@ -273,6 +275,21 @@ def serve(config: ServeConfig) -> int:
     return code
 
 
+def _engine_flag(argv: list[str]) -> tuple[str, list[str]]:
+    """`strata worker`'s ``--engine vllm|simulated`` (default vllm), and the other arguments."""
+    rest: list[str] = []
+    engine = "vllm"
+    args = iter(argv)
+    for arg in args:
+        if arg == "--engine":
+            engine = next(args, "")
+        elif arg.startswith("--engine="):
+            engine = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    return engine, rest
+
+
 _SUBCOMMANDS = ("worker", "store", "gateway", "models", "admin", "certs", "tenants", "simulate")
 
 
@@ -303,6 +320,16 @@ def main(argv: list[str] | None = None) -> int:
 
             return admin_main(rest)
         if command == "worker":
+            engine, rest = _engine_flag(rest)
+            if engine == "simulated":  # never vLLM: simulator/worker.py
+                from simulator.worker import main as simulated_worker_main
+
+                return simulated_worker_main(rest)
+            if engine != "vllm":
+                print(
+                    f"strata worker: --engine is vllm or simulated, not {engine!r}", file=sys.stderr
+                )
+                return 2
             from dataplane.worker import main as worker_main
 
             return worker_main(rest)

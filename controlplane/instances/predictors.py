@@ -94,9 +94,11 @@ class SchedulingState(LoadTracking):
     def decide(self, request: RequestSnapshot) -> Decision:
         """The current policy's choice for ``request`` over every known instance (only ready
         ones can be chosen); counted in the route / rejection metrics."""
+        started = time.perf_counter()
         quantile, now = self._scheduling.slo_margin_quantile, self._clock()
         instances = [m.scheduling_snapshot(quantile, now) for m in self._instances.values()]
         decision = self._policy.decide(request, instances)
+        self._metrics.scheduling_decision.observe(time.perf_counter() - started)
         prompt = request.num_prompt_tokens
         if isinstance(decision, Reject):
             self._num_rejected += 1

@@ -346,6 +346,7 @@ def test_health_and_metrics(stack: Stack) -> None:
     assert samples['strata_gateway_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     assert samples["strata_gateway_time_to_first_token_seconds_count"] >= 1
     assert samples["strata_gateway_inter_token_latency_seconds_count"] >= 1
+    assert samples["strata_gateway_scheduling_decision_seconds_count"] >= 1
     assert samples["strata_gateway_kv_transfer_blocks_total"] >= 1
     assert samples["strata_gateway_kv_transfer_tokens_total"] >= BLOCK_SIZE
     assert samples["strata_gateway_completion_tokens_total"] >= 4

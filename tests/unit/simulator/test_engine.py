@@ -166,3 +166,32 @@ def test_a_prompt_that_cannot_fit_evicts_nothing() -> None:
     assert [o.sequence.request_id for o in report.outputs] == [1]  # only the running one
     assert events == [("stored", 0), ("stored", 1)]  # nothing evicted, nothing published
     assert e.cached_blocks(KEYS[:2]) == 2
+
+
+def test_abort_frees_a_sequence_waiting_running_or_in_the_step() -> None:
+    e, _ = engine()
+    a, b, c = SimSequence(0, 4, 5, ()), SimSequence(1, 4, 5, ()), SimSequence(2, 4, 5, ())
+    for seq in (a, b, c):
+        e.add(seq, 0.0)
+    e.start_step(0.0)  # A and B (2 sequences at most) compute their prompts; C waits
+    e.finish_step()
+    assert e.used_tokens == 8 and len(e.running) == 2 and list(e.waiting) == [c]
+    e.abort(c)  # waiting: gone, it held nothing
+    e.abort(b)  # running, between steps: its KV back now
+    assert list(e.waiting) == [] and e.running == [a] and e.used_tokens == 4
+    e.start_step(0.1)
+    e.abort(a)  # in the running step: it finishes the step, then leaves, its KV freed
+    assert e.running == [a]
+    report = e.finish_step()
+    assert report.outputs == () and e.running == [] and e.used_tokens == 0
+    assert not e.has_work
+
+
+def test_held_tokens_leave_out_cache_blocks_no_sequence_uses() -> None:
+    e, _ = engine()
+    e.add(SimSequence(0, 9, 2, KEYS[:2]), 0.0)
+    e.start_step(0.0)
+    e.finish_step()  # prompt computed: 2 whole blocks cached (pinned by it), 1 token private
+    assert (e.used_tokens, e.held_tokens) == (12, 12)
+    run(e)
+    assert (e.used_tokens, e.held_tokens) == (8, 0)  # the two cache blocks stay, unheld
