@@ -25,6 +25,7 @@ reports per rate and kind:
 rate; the CPU-bound projection is 1,000 / (CPU-s per 1,000 requests) requests/s per core. The
 load generator and the simulated workers share this machine's cores with the gateway, which
 the report prints beside the figures (their CPU-seconds too). Prints markdown on stdout.
+``--gateway-profile FILE`` runs the gateway under cProfile (``python -m pstats FILE``).
 """
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ def spawn(argv: list[str], ready: str, count: int, timeout_s: float) -> Started:
         started.lines.append(line)
         found += bool(re.search(ready, line))
     # Keep reading its output so that it never blocks on a full pipe.
-    threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+    threading.Thread(target=_drain, args=(proc.stdout, started.lines), daemon=True).start()
     return started
 
 
-def _drain(stream: Any) -> None:
-    for _ in stream:
-        pass
+def _drain(stream: Any, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
+        del lines[:-200]  # the last 200 lines, for a failure's report
 
 
 def start_workers(args: argparse.Namespace, role: str, count: int, key_file: Path) -> list[Started]:
@@ -123,6 +125,28 @@ def wait_ready(url: str, wanted: int, timeout_s: float) -> float:
             pass
         time.sleep(1.0)
     raise RuntimeError(f"not every instance ready within {timeout_s:.0f} s")
+
+
+def counter_sum(url: str, *names: str) -> float:
+    """The sum of every series of the counters ``names`` on ``url``/metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    pattern = "|".join(re.escape(n) for n in names)
+    return sum(
+        float(m.group(1)) for m in re.finditer(rf"^(?:{pattern})(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    )
+
+
+def wait_profiled(url: str, wanted: int, timeout_s: float) -> float:
+    """Wait until the gateway's start-up profile of every instance ended (calibrated or
+    rejected): the profiles' calls are work the measurement must not include."""
+    t0 = time.monotonic()
+    names = ("strata_gateway_profiled_instances_total", "strata_gateway_profiles_rejected_total")
+    while counter_sum(url, *names) < wanted:
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"the start-up profiles did not all end within {timeout_s:.0f} s")
+        time.sleep(1.0)
+    return time.monotonic() - t0
 
 
 def histogram(url: str, name: str) -> list[tuple[float, float]]:
@@ -263,6 +287,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=40.0)
     parser.add_argument("--prompt-words", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measured")
+    parser.add_argument(
+        "--gateway-profile",
+        type=Path,
+        default=None,
+        help="run the gateway under cProfile and write its stats here (where the CPU goes)",
+    )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     n_prefill = max(1, round(args.instances * args.prefill_share))
@@ -291,13 +322,23 @@ def main() -> int:
             started.append(gateway)
             url = re.search(r"listening on (\S+)", gateway.lines[-1]).group(1)  # type: ignore[union-attr]
             ready_s = wait_ready(url, args.instances, 900)
-            log(f"gateway {url}: {args.instances} instances ready after {ready_s:.0f} s")
-            time.sleep(5.0)  # the last profiles' follow-up work
+            ready_s += wait_profiled(url, args.instances, 900)
+            log(
+                f"gateway {url}: {args.instances} instances ready and profiled "
+                f"after {ready_s:.0f} s"
+            )
             others = [s.proc.pid for s in prefills + decodes]
+            # Idle, the gateway still health-checks every instance: its CPU without requests.
+            idle0, t_idle = cpu_s([gateway.proc.pid]), time.perf_counter()
+            time.sleep(args.idle)
+            idle_cores = (cpu_s([gateway.proc.pid]) - idle0) / (time.perf_counter() - t_idle)
+            log(f"idle gateway: {idle_cores:.3f} cores")
             rows = []
             for i, rate in enumerate(rates):
                 for max_tokens in (1, args.max_tokens):
                     row = measure(url, gateway.proc.pid, others, rate, args, max_tokens, i)
+                    net = row["gateway_cpu_s"] - idle_cores * row["wall_s"]
+                    row["net_cpu_s_per_1k"] = 1000 * net / max(1, row["ok"])
                     log(
                         json.dumps(
                             {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
@@ -309,15 +350,19 @@ def main() -> int:
                 s.proc.terminate()
             for s in started:
                 try:
-                    s.proc.wait(30)
+                    s.proc.wait(300 if args.gateway_profile is not None else 30)
                 except subprocess.TimeoutExpired:
                     s.proc.kill()
-    report(args, n_prefill, n_decode, ready_s, rows)
+            if args.gateway_profile is not None and not args.gateway_profile.exists():
+                log(
+                    "no profile written; the gateway's last lines:\n" + "".join(gateway.lines[-20:])
+                )
+    report(args, n_prefill, n_decode, ready_s, idle_cores, rows)
     return 0
 
 
 def report(
-    args: argparse.Namespace, n_prefill: int, n_decode: int, ready_s: float,
+    args: argparse.Namespace, n_prefill: int, n_decode: int, ready_s: float, idle_cores: float,
     rows: list[dict[str, Any]],
 ) -> None:  # fmt: skip
     info = host_info()
@@ -325,18 +370,21 @@ def report(
     print(
         f"Host: {info.get('cpu', '?')}, {info.get('cores', '?')} cores; load average "
         f"{load_avg()}. Profile {args.profile.name}; prompts of {args.prompt_words} words; "
-        f"{args.duration:.0f} s per point; every instance ready {ready_s:.0f} s after start.\n"
+        f"{args.duration:.0f} s per point; every instance ready and profiled "
+        f"{ready_s:.0f} s after start. Idle (health checks of every instance), the gateway "
+        f'uses {idle_cores:.3f} cores; "net" figures subtract that.\n'
     )
     print(
         "| rate (req/s) | max_tokens | sent | ok | refused | failed | achieved (req/s) | "
-        "gateway CPU-s / 1k req | decision p50 / p99 (us) | TTFT p50 / p99 (ms) | "
+        "gateway CPU-s / 1k req (net) | decision p50 / p99 (us) | TTFT p50 / p99 (ms) | "
         "workers' CPU-s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['rate']:.0f} | {r['max_tokens']} | {r['sent']} | {r['ok']} | {r['refused']} | "
-            f"{r['failed']} | {r['achieved_rps']:.1f} | {r['cpu_s_per_1k']:.3f} | "
+            f"{r['failed']} | {r['achieved_rps']:.1f} | {r['cpu_s_per_1k']:.3f} "
+            f"({r['net_cpu_s_per_1k']:.3f}) | "
             f"{r['decision_p50_us']:.0f} / {r['decision_p99_us']:.0f} | "
             f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | {r['others_cpu_s']:.1f} |"
         )
@@ -345,10 +393,13 @@ def report(
         short = next(r for r in rows if r["rate"] == rate and r["max_tokens"] == 1)
         long = next(r for r in rows if r["rate"] == rate and r["max_tokens"] != 1)
         extra_tokens = long["tokens"] / max(1, long["ok"]) - 1
-        per_token = (long["cpu_s_per_1k"] - short["cpu_s_per_1k"]) / 1000 / max(extra_tokens, 1)
+        per_token = (
+            (long["net_cpu_s_per_1k"] - short["net_cpu_s_per_1k"]) / 1000 / max(extra_tokens, 1)
+        )
+        net = short["net_cpu_s_per_1k"]
         print(
-            f"- {rate:.0f} req/s: {short['cpu_s_per_1k']:.3f} CPU-s per 1,000 requests alone "
-            f"(-> {1000 / max(short['cpu_s_per_1k'], 1e-9):.0f} req/s per core); "
+            f"- {rate:.0f} req/s: {net:.3f} net CPU-s per 1,000 requests alone "
+            f"(-> {1000 / max(net, 1e-9):.0f} req/s per core); "
             f"{100_000 * per_token:.2f} CPU-s per 100,000 streamed tokens (the decode call and "
             f"its {extra_tokens:.0f} more tokens per request)"
         )

@@ -176,6 +176,8 @@ class Instance:
     """One worker as this gateway sees it. Read freely; only the registry writes the fields."""
 
     __slots__ = (
+        "_snapshot",
+        "_snapshot_inputs",
         "announced",
         "client",
         "detail",
@@ -250,6 +252,9 @@ class Instance:
         self.profile_task: asyncio.Task[None] | None = None
         """The start-up profile while it runs: control-plane work on the worker that draining
         cancels and waits for, like a request."""
+        self._snapshot: InstanceSnapshot | None = None
+        self._snapshot_inputs: tuple[object, ...] = ()
+        """What the last scheduling snapshot was built from (it is reused while they hold)."""
 
     @property
     def kv_source(self) -> str | None:
@@ -260,8 +265,29 @@ class Instance:
         self, margin_quantile: float = 0.0, now: float = 0.0
     ) -> InstanceSnapshot:
         """What the policy sees of it; ``margin_quantile``: the quantile of its recent TTFT
-        ratios that admission scales its predictions by (its ``ttft_margin``, at ``now``)."""
-        return InstanceSnapshot(
+        ratios that admission scales its predictions by (its ``ttft_margin``, at ``now``).
+
+        Every decision takes one of every instance, and most instances have not changed since
+        the last (a snapshot cost ~2.7 us, 0.7 ms a decision at 256 instances): the last one is
+        reused while everything it was built from is the same — the predictor's object too (a
+        snapshot holds it, not its coefficients)."""
+        margin = self.predictor.ttft_margin(margin_quantile, now)
+        inputs = (
+            self.state,
+            self.role,
+            self.health,
+            self.predictor,
+            margin,
+            self.num_queued_prefill_tokens,
+            self.num_prefills,
+            self.num_running_decodes,
+            self.num_context_tokens,
+            self.num_remaining_decode_tokens,
+        )
+        snapshot = self._snapshot
+        if snapshot is not None and inputs == self._snapshot_inputs:
+            return snapshot
+        snapshot = InstanceSnapshot(
             id=self.id,
             role=self.role,
             state=self.state,
@@ -270,8 +296,10 @@ class Instance:
             capacity=self.capacity,
             host=self.host,
             kv_source=self.kv_source,
-            ttft_margin=self.predictor.ttft_margin(margin_quantile, now),
+            ttft_margin=margin,
         )
+        self._snapshot, self._snapshot_inputs = snapshot, inputs
+        return snapshot
 
     def predicted_step_s(self) -> float:
         """The longest engine step its latency model predicts for the work this gateway has on
