@@ -177,6 +177,7 @@ class Instance:
 
     __slots__ = (
         "_snapshot",
+        "_snapshot_health",
         "_snapshot_inputs",
         "announced",
         "client",
@@ -254,6 +255,7 @@ class Instance:
         cancels and waits for, like a request."""
         self._snapshot: InstanceSnapshot | None = None
         self._snapshot_inputs: tuple[object, ...] = ()
+        self._snapshot_health: WorkerHealth | None = None
         """What the last scheduling snapshot was built from (it is reused while they hold)."""
 
     @property
@@ -275,8 +277,6 @@ class Instance:
         inputs = (
             self.state,
             self.role,
-            self.health,
-            self.predictor,
             margin,
             self.num_queued_prefill_tokens,
             self.num_prefills,
@@ -285,7 +285,12 @@ class Instance:
             self.num_remaining_decode_tokens,
         )
         snapshot = self._snapshot
-        if snapshot is not None and inputs == self._snapshot_inputs:
+        if (
+            snapshot is not None
+            and snapshot.predictor is self.predictor
+            and self._snapshot_health is self.health  # by identity: == compares every field
+            and inputs == self._snapshot_inputs
+        ):
             return snapshot
         snapshot = InstanceSnapshot(
             id=self.id,
@@ -299,6 +304,7 @@ class Instance:
             ttft_margin=margin,
         )
         self._snapshot, self._snapshot_inputs = snapshot, inputs
+        self._snapshot_health = self.health
         return snapshot
 
     def predicted_step_s(self) -> float:
