@@ -16,9 +16,10 @@ block keys as for a real one; the block keys of a prefill's saved blocks in its 
 decode side then "loads" (timed as bytes over ``--kv-bandwidth``, the whole batch waiting, as
 Strata's connector does today); cancellation (a call the gateway cancels leaves the engine);
 the cluster key on every call; drain on SIGTERM. What it does not model: a KV store (nothing is
-stored; HBM events are not published, so the gateway's prefix index stays empty), sampling
-parameters other than ``max_tokens``, stop token ids and stop strings, and EOS (every answer
-runs to its length unless stopped).
+stored, so a prefill never loads from the pool and only the prefill role "saves"; HBM events are
+not published, so the gateway's prefix index stays empty), sampling parameters other than
+``max_tokens`` and stop token ids (stop strings are left to the gateway, which checks them too),
+and EOS (every answer runs to its length unless stopped).
 
 Many instances share one process (``--instances N``, ports from ``--port`` up, or free ones):
 one event loop steps them all.
@@ -46,7 +47,7 @@ from strata_common.credentials import read_cluster_key
 from strata_common.endpoints import bind_port, format_endpoint
 from strata_common.grpc_auth import ServerAuthInterceptor, roles_only
 from strata_common.options import from_cli, option
-from strata_common.units import parse_size
+from strata_common.units import parse_duration, parse_size
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 __all__ = ["SimWorkerArgs", "SimulatedWorker", "main", "next_token"]
@@ -60,7 +61,8 @@ _ROLES = {
     "both": worker_pb2.ROLE_BOTH,
 }
 FIRST_TOKEN_ID = 1000
-"""Generated tokens stay in [FIRST_TOKEN_ID, vocabulary): clear of the special tokens."""
+"""Generated tokens stay in [FIRST_TOKEN_ID, the tokenizer's base vocabulary): clear of the
+special tokens at the bottom (Llama's, SmolLM's) and of the added ones at the top."""
 
 
 def next_token(previous: int, before: int, vocab_size: int) -> int:
@@ -87,7 +89,15 @@ class SimWorkerArgs:
     cluster_key_file: Path | None = option(
         None, help="answer only callers holding this cluster key (as `strata worker`)"
     )
-    drain_timeout_s: float = option(30.0, help="on SIGTERM, wait this long for requests")
+    drain_notice_s: float = option(
+        3.0,
+        parse=parse_duration,
+        help="on SIGTERM: how long Health reports draining, requests still served, before "
+        "the instance waits for its requests (as `strata worker`)",
+    )
+    drain_timeout_s: float = option(
+        30.0, parse=parse_duration, help="on SIGTERM: the longest wait for requests in flight"
+    )
 
     def __post_init__(self) -> None:
         if self.role not in _ROLES:
@@ -98,6 +108,8 @@ class SimWorkerArgs:
             raise ValueError(f"--port must be 0-65535, got {self.port}")
         if parse_size(self.kv_bandwidth) < 1:
             raise ValueError("--kv-bandwidth must be > 0")
+        if not (self.drain_notice_s >= 0 and self.drain_timeout_s >= 0):
+            raise ValueError("--drain-notice and --drain-timeout must be >= 0")
 
 
 @dataclass(slots=True, eq=False)
@@ -140,6 +152,8 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
             save_s=self._save_s,
         )
         self.endpoint = ""
+        self.serving = False
+        """Ready: the server is up and the engine steps (False again if its task dies)."""
         self.draining = False
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count()
@@ -247,8 +261,8 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a decode worker")
         if rpc == "Decode" and self.role == worker_pb2.ROLE_PREFILL:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a prefill worker")
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        if not self.serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the simulated engine stopped")
         if len(tokens) == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         if len(tokens) >= self.profile.max_model_len:
@@ -262,7 +276,7 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         since = self._work_since
         return worker_pb2.HealthResponse(
-            ready=self.endpoint != "",
+            ready=self.serving,
             role=self.role,
             model=str(self.args.model),
             block_size=self.args.block_size,
@@ -304,6 +318,8 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
             token, _ = await call.outputs.get()
         finally:
             self._leave(call)
+        if token < 0:
+            await context.abort(grpc.StatusCode.INTERNAL, "the simulated engine died")
         seq = call.sequence
         stop = token in request.sampling.stop_token_ids
         return worker_pb2.PrefillResponse(
@@ -334,6 +350,8 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
             emitted = 0
             while True:
                 token, finished = await call.outputs.get()
+                if token < 0:
+                    await context.abort(grpc.StatusCode.INTERNAL, "the simulated engine died")
                 emitted += 1
                 chunk = worker_pb2.DecodeChunk(token_ids=[token])
                 reason = worker_pb2.FINISH_REASON_UNSPECIFIED
@@ -363,11 +381,27 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
         bound = bind_port(self.server.add_insecure_port, address, "the simulated worker")
         await self.server.start()
         self._stepper = asyncio.create_task(self.run_engine())
+        self._stepper.add_done_callback(self._engine_ended)
         self.endpoint = format_endpoint(self.args.host, bound)
+        self.serving = True
         return bound
 
-    async def stop(self, timeout_s: float) -> None:
+    def _engine_ended(self, task: asyncio.Task[None]) -> None:
+        """The stepping task never ends but by cancellation: if it dies, the instance says it
+        is not ready (the gateway fails its requests over) and its calls end with an error."""
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("%s: the simulated engine died", self.endpoint, exc_info=task.exception())
+        self.serving = False
+        for call in list(self._calls.values()):
+            call.outputs.put_nowait((-1, True))  # the handlers answer INTERNAL
+
+    async def stop(self, notice_s: float, timeout_s: float) -> None:
+        """Drain as `strata worker` does: Health says draining for ``notice_s`` while requests
+        are still served (gateways stop picking it), then wait up to ``timeout_s`` for those
+        in flight, then stop."""
         self.draining = True
+        await asyncio.sleep(notice_s)
         deadline = time.monotonic() + timeout_s
         while self._calls and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -378,10 +412,17 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
 
 
 def _vocab_size(model_dir: Path) -> int:
-    import json
+    """The tokenizer's own vocabulary, without its added (special) tokens: what the generated
+    ids are drawn below (config.json's ``vocab_size`` may be padded past the tokenizer)."""
+    from tokenizers import Tokenizer
 
-    config = json.loads((model_dir / "config.json").read_text())
-    return int(config.get("vocab_size", 32_000))
+    size = int(Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size(False))
+    if size <= FIRST_TOKEN_ID:
+        raise ValueError(
+            f"{model_dir}: a vocabulary of {size} tokens; the simulated engine draws its tokens "
+            f"from ids {FIRST_TOKEN_ID} and up"
+        )
+    return size
 
 
 async def serve(args: SimWorkerArgs) -> int:
@@ -407,7 +448,7 @@ async def serve(args: SimWorkerArgs) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await asyncio.gather(*(w.stop(args.drain_timeout_s) for w in workers))
+    await asyncio.gather(*(w.stop(args.drain_notice_s, args.drain_timeout_s) for w in workers))
     return 0
 
 
