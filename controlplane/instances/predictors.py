@@ -81,6 +81,8 @@ class SchedulingState(LoadTracking):
             )
         self._scheduling = scheduling if scheduling is not None else SchedulingConfig()
         self._profile = profile if profile is not None else ProfileSettings(enabled=False)
+        self._profile_slots = asyncio.Semaphore(self._profile.concurrency)
+        """Start-up profiles running at once (``--profile-concurrency``)."""
         self._policy = make_policy(policy, self._scheduling)
         self._accuracy = PredictionAccuracy()
         self._num_rejected = 0
@@ -257,17 +259,24 @@ class SchedulingState(LoadTracking):
             instance.profile_state = "skipped"  # e.g. a worker that does not report its limits
             return
         instance.profile_state = "running"
-        siblings = self._calibrated_siblings(instance)
-        sibling = siblings[0] if siblings else None
-        if sibling is not None:
-            instance.predictor.adopt(sibling.predictor)
-            logger.info(
-                "instance %s starts with the profile of %s (same model and hardware: %s)",
-                instance.id,
-                sibling.id,
-                health.hardware,
-            )
+        self._adopt_sibling(instance, health)
         instance.profile_task = self._spawn(self._profile_instance(instance, health))
+
+    def _adopt_sibling(self, instance: Instance, health: WorkerHealth) -> None:
+        """Start ``instance`` with a calibrated sibling's profile, if it has none and one has."""
+        if instance.predictor.calibrated:
+            return
+        siblings = self._calibrated_siblings(instance)
+        if not siblings:
+            return
+        sibling = siblings[0]
+        instance.predictor.adopt(sibling.predictor)
+        logger.info(
+            "instance %s starts with the profile of %s (same model and hardware: %s)",
+            instance.id,
+            sibling.id,
+            health.hardware,
+        )
 
     def _calibrated_siblings(self, instance: Instance) -> list[Instance]:
         """The profiled instances of the same role and model on the same hardware (the roles'
@@ -321,6 +330,19 @@ class SchedulingState(LoadTracking):
         return wait
 
     async def _profile_instance(self, instance: Instance, health: WorkerHealth) -> None:
+        """Its start-up profile, once one of the ``--profile-concurrency`` slots is free (while
+        it waits it is scheduled with its priors, or with the first sibling's profile to land)."""
+        try:
+            async with self._profile_slots:
+                self._adopt_sibling(instance, health)
+                await self._run_profile(instance, health)
+        except asyncio.CancelledError:  # drained or stopped while it waited for a slot
+            if instance.profile_task is not None:
+                instance.profile_state = "cancelled"
+                instance.profile_task = None
+            raise
+
+    async def _run_profile(self, instance: Instance, health: WorkerHealth) -> None:
         plan = plan_for(self._profile, health.max_model_len, health.block_size, health.capacity)
         seed = hash((instance.id, instance.endpoint, time.time_ns()))
         try:

@@ -116,6 +116,14 @@ class ProfileSettings:
         help="a profile whose predictions are off the instance's and its siblings' observed "
         "prefills or decode steps by more than this factor (median) is rejected",
     )
+    concurrency: int = option(
+        4,
+        help="start-up profiles run at once; the others wait, and one that waits starts with a "
+        "sibling's profile (same role, model and hardware) as soon as one is done",
+    )
+    """At 256 instances starting together, profiling them all at once loads the gateway's event
+    loop (and workers sharing a host) so much that every call runs slow: the profiles came out
+    6-8x too slow or were rejected as non-physical (docs/benchmarks.md, "Gateway at scale")."""
     max_fit_error: float = 0.5
     """A profile whose fit misses its own points by more than this (median relative residual)
     is rejected as non-physical (random timings)."""
@@ -135,6 +143,8 @@ class ProfileSettings:
             raise ValueError("profile max_share must be in (0, 1]")
         if not (self.sibling_factor > 1.0 and self.observed_factor > 1.0):
             raise ValueError("profile sibling_factor and observed_factor must be > 1")
+        if self.concurrency < 1:
+            raise ValueError(f"profile concurrency must be >= 1, got {self.concurrency}")
         if self.max_model_len < 4 or self.max_batch < 1 or self.repeats < 1:
             raise ValueError(
                 "need profile_max_model_len >= 4, profile_max_batch >= 1, profile_repeats >= 1"

@@ -519,3 +519,45 @@ def test_a_partial_profile_does_not_replace_a_siblings_full_one() -> None:
         await registry.close()
 
     run(test)
+
+
+def test_start_up_profiles_run_a_few_at_a_time_and_waiters_adopt_a_sibling(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def test() -> None:
+        from controlplane.workers.profiling import ProfileSettings
+
+        registry = InstanceRegistry(
+            metrics=GatewayMetrics(),
+            health_check_timeout_s=1.0,
+            store=LocalRegistryStore(),
+            profile=ProfileSettings(
+                max_model_len=256, max_batch=4, vocab_size=1000, budget_s=2.0, concurrency=1
+            ),
+        )
+        await registry.register_configured(PREFILL, [f"127.0.0.1:{10001 + i}" for i in range(3)])
+        instances = [registry.get(f"w{n}") for n in (1, 2, 3)]
+        workers = [ProfiledWorker(registry, m.id) for m in instances]
+        for instance, worker in zip(instances, workers, strict=True):
+            instance.client = worker  # type: ignore[assignment]
+        await registry.check_all()  # all three ready at once: their profiles start
+        most_at_once = 0
+        for _ in range(1000):
+            if all(m.profile_state != "running" for m in instances):
+                break
+            before = [w.calls for w in workers]
+            await asyncio.sleep(0.01)
+            calling = sum(w.calls > b for w, b in zip(workers, before, strict=True))
+            most_at_once = max(most_at_once, calling)
+        assert [m.profile_state for m in instances] == ["done", "done", "done"]
+        assert most_at_once == 1  # one profile at a time (--profile-concurrency 1)
+        assert registry.stats().extra["profiles_run"] == 3
+        await registry.close()
+
+    with caplog.at_level("INFO", logger="controlplane.instances.registry"):
+        run(test)
+    adopted = [
+        r.getMessage() for r in caplog.records if "starts with the profile of" in r.getMessage()
+    ]
+    # The two that waited started with the first one's profile as soon as it landed.
+    assert len(adopted) == 2 and all("of w1 " in m for m in adopted), adopted
