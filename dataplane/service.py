@@ -18,6 +18,7 @@ import grpc
 from dataplane.config import WorkerConfig, WorkerRole
 from dataplane.counters import EngineProgress, WorkerCounters
 from dataplane.kv_hint import KV_NODE_PARAM
+from strata_common.worker_requests import request_refusal
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 __all__ = ["ServedWorker", "WorkerService"]
@@ -92,21 +93,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return aclosing(self.worker.generate(prompt, sampling, request.request_id))
 
     async def _check(self, context: grpc.aio.ServicerContext, rpc: str, token_ids: Any) -> None:
-        role = self.worker.config.role
-        if rpc == "Prefill" and role is WorkerRole.DECODE:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a decode worker")
-        if rpc == "Decode" and role is WorkerRole.PREFILL:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a prefill worker")
-        if not self.worker.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is not ready")
-        if len(token_ids) == 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        if len(token_ids) >= self.worker.max_model_len:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {len(token_ids)} tokens does not fit max_model_len "
-                f"{self.worker.max_model_len}",
-            )
+        w = self.worker
+        refusal = request_refusal(
+            rpc,
+            w.config.role.value,
+            ready=w.ready,
+            num_tokens=len(token_ids),
+            max_model_len=w.max_model_len,
+        )
+        if refusal is not None:
+            await context.abort(*refusal)
 
     async def Health(self, request: Any, context: Any) -> worker_pb2.HealthResponse:
         w = self.worker

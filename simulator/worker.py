@@ -48,6 +48,7 @@ from strata_common.endpoints import bind_port, format_endpoint
 from strata_common.grpc_auth import ServerAuthInterceptor, roles_only
 from strata_common.options import from_cli, option
 from strata_common.units import parse_duration, parse_size
+from strata_common.worker_requests import request_refusal
 from strata_proto import worker_pb2, worker_pb2_grpc
 
 __all__ = ["SimWorkerArgs", "SimulatedWorker", "main", "next_token"]
@@ -257,20 +258,15 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
     # -- the service -----------------------------------------------------------------------------
 
     async def _check(self, context: grpc.aio.ServicerContext, rpc: str, tokens: Any) -> None:
-        if rpc == "Prefill" and self.role == worker_pb2.ROLE_DECODE:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a decode worker")
-        if rpc == "Decode" and self.role == worker_pb2.ROLE_PREFILL:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this is a prefill worker")
-        if not self.serving:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the simulated engine stopped")
-        if len(tokens) == 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        if len(tokens) >= self.profile.max_model_len:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {len(tokens)} tokens does not fit max_model_len "
-                f"{self.profile.max_model_len}",
-            )
+        refusal = request_refusal(
+            rpc,
+            self.args.role,
+            ready=self.serving,
+            num_tokens=len(tokens),
+            max_model_len=self.profile.max_model_len,
+        )
+        if refusal is not None:
+            await context.abort(*refusal)
 
     async def Health(self, request: Any, context: Any) -> worker_pb2.HealthResponse:
         loop = asyncio.get_running_loop()
