@@ -44,7 +44,7 @@ class RollingMedian:
     additive term is what minimises the absolute error of the sum.
     """
 
-    __slots__ = ("_min_count", "_seed", "_values")
+    __slots__ = ("_median", "_min_count", "_seed", "_values")
 
     def __init__(self, window: int, min_count: int = 1) -> None:
         if not 1 <= min_count <= window:
@@ -52,6 +52,9 @@ class RollingMedian:
         self._values: deque[float] = deque(maxlen=window)
         self._min_count = min_count
         self._seed = 0.0
+        self._median: float | None = None
+        """The median of ``_values``, until the next value (read in every decision, for every
+        instance: sorting the window each time cost ~0.7 ms a decision at 256 instances)."""
 
     def seed(self, value: float) -> None:
         if not math.isfinite(value):
@@ -62,17 +65,21 @@ class RollingMedian:
         if not math.isfinite(value):
             raise ValueError(f"observation must be finite, got {value}")
         self._values.append(value)
+        self._median = None
 
     @property
     def value(self) -> float:
         values = self._values
         if len(values) < self._min_count:
             return self._seed
-        ordered = sorted(values)
-        middle = len(ordered) // 2
-        if len(ordered) % 2:
-            return max(0.0, ordered[middle])
-        return max(0.0, (ordered[middle - 1] + ordered[middle]) / 2.0)
+        if self._median is None:
+            ordered = sorted(values)
+            middle = len(ordered) // 2
+            if len(ordered) % 2:
+                self._median = max(0.0, ordered[middle])
+            else:
+                self._median = max(0.0, (ordered[middle - 1] + ordered[middle]) / 2.0)
+        return self._median
 
     @property
     def floor(self) -> float:

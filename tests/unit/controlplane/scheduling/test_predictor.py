@@ -399,3 +399,17 @@ def test_the_level_never_makes_a_fixed_cost_negative() -> None:
         predictor.observe_prefill(100, 0, 0.008)
     assert predictor.prefill_level_s() == pytest.approx(-0.012, rel=1e-9)
     assert predictor.prefill == PrefillCoefficients(0.0, 1e-4, 0.0, 0.0)
+
+
+def test_rolling_median_follows_every_new_value_though_it_keeps_the_last_one() -> None:
+    median = RollingMedian(window=3, min_count=1)
+    median.add(5.0)
+    assert median.value == 5.0
+    median.add(1.0)
+    assert median.value == 3.0  # recomputed after the new value, not the kept 5.0
+    median.add(2.0)
+    assert median.value == median.value == 2.0
+    median.add(9.0)  # 5.0 leaves the window: 1, 2, 9
+    assert median.value == 2.0
+    median.add(10.0)  # 2, 9, 10
+    assert median.value == 9.0
