@@ -92,7 +92,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             prompt["cache_salt"] = request.cache_salt
         return aclosing(self.worker.generate(prompt, sampling, request.request_id))
 
-    async def _check(self, context: grpc.aio.ServicerContext, rpc: str, token_ids: Any) -> None:
+    async def _check(
+        self,
+        context: grpc.aio.ServicerContext,
+        rpc: str,
+        token_ids: Any,
+        max_tokens: int | None = None,
+    ) -> None:
         w = self.worker
         refusal = request_refusal(
             rpc,
@@ -100,6 +106,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             ready=w.ready,
             num_tokens=len(token_ids),
             max_model_len=w.max_model_len,
+            max_tokens=max_tokens,
         )
         if refusal is not None:
             await context.abort(*refusal)
@@ -196,10 +203,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         from vllm.sampling_params import RequestOutputKind
 
-        await self._check(context, "Decode", request.prompt_token_ids)
         max_tokens = request.sampling.max_tokens
-        if max_tokens < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be ≥ 1")
+        await self._check(context, "Decode", request.prompt_token_ids, max_tokens)
         sp = self._sampling(request.sampling, max_tokens, RequestOutputKind.DELTA, request.kv_node)
         counters = self.worker.counters
         counters.num_requests += 1

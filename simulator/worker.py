@@ -257,13 +257,20 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
 
     # -- the service -----------------------------------------------------------------------------
 
-    async def _check(self, context: grpc.aio.ServicerContext, rpc: str, tokens: Any) -> None:
+    async def _check(
+        self,
+        context: grpc.aio.ServicerContext,
+        rpc: str,
+        tokens: Any,
+        max_tokens: int | None = None,
+    ) -> None:
         refusal = request_refusal(
             rpc,
             self.args.role,
             ready=self.serving,
             num_tokens=len(tokens),
             max_model_len=self.profile.max_model_len,
+            max_tokens=max_tokens,
         )
         if refusal is not None:
             await context.abort(*refusal)
@@ -332,10 +339,8 @@ class SimulatedWorker(worker_pb2_grpc.WorkerServicer):
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
-        await self._check(context, "Decode", request.prompt_token_ids)
         max_tokens = request.sampling.max_tokens
-        if max_tokens < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
+        await self._check(context, "Decode", request.prompt_token_ids, max_tokens)
         prompt = list(request.prompt_token_ids)
         loadable = len(request.block_keys) * self.args.block_size
         stops = set(request.sampling.stop_token_ids)

@@ -10,11 +10,17 @@ __all__ = ["request_refusal"]
 
 
 def request_refusal(
-    rpc: str, role: str, *, ready: bool, num_tokens: int, max_model_len: int
+    rpc: str,
+    role: str,
+    *,
+    ready: bool,
+    num_tokens: int,
+    max_model_len: int,
+    max_tokens: int | None = None,
 ) -> tuple[grpc.StatusCode, str] | None:
     """Why a worker of ``role`` ("prefill", "decode" or "both") refuses the ``rpc`` ("Prefill"
-    or "Decode") of a prompt of ``num_tokens`` tokens, as a gRPC status and its details; None
-    when it takes it."""
+    or "Decode") of a prompt of ``num_tokens`` tokens (a Decode: asking for ``max_tokens``), as
+    a gRPC status and its details; None when it takes it."""
     if rpc == "Prefill" and role == "decode":
         return grpc.StatusCode.FAILED_PRECONDITION, "this is a decode worker"
     if rpc == "Decode" and role == "prefill":
@@ -28,4 +34,6 @@ def request_refusal(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"prompt of {num_tokens} tokens does not fit max_model_len {max_model_len}",
         )
+    if max_tokens is not None and max_tokens < 1:
+        return grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1"
     return None

@@ -34,3 +34,12 @@ def test_refusals(
     rpc: str, role: str, ready: bool, tokens: int, expected: tuple[C, str] | None
 ) -> None:
     assert request_refusal(rpc, role, ready=ready, num_tokens=tokens, max_model_len=100) == expected
+
+
+def test_a_decode_must_ask_for_a_token() -> None:
+    kw = {"ready": True, "num_tokens": 5, "max_model_len": 100}
+    assert request_refusal("Decode", "decode", max_tokens=1, **kw) is None
+    assert request_refusal("Decode", "decode", max_tokens=0, **kw) == (
+        C.INVALID_ARGUMENT,
+        "max_tokens must be >= 1",
+    )
