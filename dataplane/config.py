@@ -172,6 +172,16 @@ class WorkerConfig:
         help="how often the engine's model runner returns its freed heap to the system "
         "(malloc_trim between steps, glibc only; strata_common/heap.py); 0 = never",
     )
+    engine_onednn_cache: int | None = option(
+        None,
+        metavar="N",
+        help="the most oneDNN primitives the engine's model runner keeps compiled (one per "
+        "linear layer shape and step token count; sets ONEDNN_PRIMITIVE_CACHE_CAPACITY); "
+        "default: oneDNN's 1024; 0 = none kept (dataplane/README.md, \"The engine's memory\")",
+    )
+    """Bounds the model runner's memory for compiled kernels: oneDNN JIT-compiles a primitive for
+    every new token count a step has and keeps up to this many (process-wide, least recently
+    used out). Fewer costs recompiles where a load's step shapes are many."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir).resolve())
@@ -213,6 +223,8 @@ class WorkerConfig:
             raise ValueError(
                 f"engine_heap_trim_interval_s must be >= 0, got {self.engine_heap_trim_interval_s}"
             )
+        if self.engine_onednn_cache is not None and self.engine_onednn_cache < 0:
+            raise ValueError(f"engine_onednn_cache must be >= 0, got {self.engine_onednn_cache}")
         if not self.drain_notice_s >= 0 or not self.drain_timeout_s >= 0:
             raise ValueError(
                 "need drain_notice_s >= 0 and drain_timeout_s >= 0, got "

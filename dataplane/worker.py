@@ -28,7 +28,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import grpc
@@ -140,10 +140,8 @@ class Worker:
                 compute.name,
                 AMX_BF16_DEFECT,
             )
-        # Without this vLLM's CPU backend wants 92 % of RAM for its KV cache.
-        os.environ.setdefault(
-            "VLLM_CPU_KVCACHE_SPACE", str(max(1, self.config.kv_cache_bytes >> 30))
-        )
+        # Read by the engine's processes, which inherit this environment.
+        os.environ.update(engine_environment(self.config, os.environ))
 
     def store_identity_name(self) -> str:
         """The NAME of this worker's identity ``worker/NAME`` at the store node: its instance id
@@ -441,6 +439,17 @@ class StartupTimeline:
             parts.append(f"{phase} {at - last:.1f} s")
             last = at
         return ", ".join(parts) + f" (total {last:.1f} s since the process started)"
+
+
+def engine_environment(config: WorkerConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables the worker sets for its engine's processes, given its own ``environ``."""
+    env: dict[str, str] = {}
+    if "VLLM_CPU_KVCACHE_SPACE" not in environ:
+        # Without it vLLM's CPU backend wants 92 % of RAM for its KV cache.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, config.kv_cache_bytes >> 30))
+    if config.engine_onednn_cache is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(config.engine_onednn_cache)
+    return env
 
 
 def _num_engine_cores() -> int:

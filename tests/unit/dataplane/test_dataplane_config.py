@@ -256,3 +256,24 @@ def test_a_wildcard_host_with_an_advertised_address_announces_that(tmp_path: Pat
         advertise_address="worker-3.pool.svc",
     )
     assert config.advertised_endpoint(50051) == "worker-3.pool.svc:50051"
+
+
+def test_the_engine_environment_sizes_its_kv_cache_and_caps_onednn(tmp_path: Path) -> None:
+    from dataplane.worker import engine_environment
+
+    config = make(tmp_path, kv_cache_bytes=3 << 30)
+    assert engine_environment(config, {}) == {"VLLM_CPU_KVCACHE_SPACE": "3"}
+    # An operator's own setting of the KV cache's size wins; oneDNN's default stays oneDNN's.
+    assert engine_environment(config, {"VLLM_CPU_KVCACHE_SPACE": "8"}) == {}
+    capped = make(tmp_path, kv_cache_bytes=3 << 30, engine_onednn_cache=256)
+    assert engine_environment(capped, {"VLLM_CPU_KVCACHE_SPACE": "8"}) == {
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"
+    }
+    assert (
+        engine_environment(make(tmp_path, engine_onednn_cache=0), {})[
+            "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+        ]
+        == "0"
+    )
+    with pytest.raises(ValueError, match="engine_onednn_cache must be >= 0, got -1"):
+        make(tmp_path, engine_onednn_cache=-1)
