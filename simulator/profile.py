@@ -10,11 +10,13 @@ with — as the real gateway's start-up profile times a real engine (docs/design
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import yaml
 
 from controlplane.scheduling import (
@@ -24,8 +26,20 @@ from controlplane.scheduling import (
     PrefillSample,
     ProfilePlan,
 )
+from controlplane.scheduling.predictor.fitting import fit_nonnegative, relative, validate_samples
 
-__all__ = ["EngineProfile", "StepModel", "attention_pairs", "load_profile"]
+FloatArray = npt.NDArray[np.float64]
+
+__all__ = [
+    "EngineProfile",
+    "StepFit",
+    "StepModel",
+    "attention_pairs",
+    "fit_step_model",
+    "fit_step_rows",
+    "load_profile",
+    "profile_yaml",
+]
 
 
 def attention_pairs(new_tokens: int, earlier_tokens: int) -> int:
@@ -183,3 +197,76 @@ def read_mapping(path: Path, what: str) -> Mapping[str, Any]:
 def load_profile(path: Path) -> EngineProfile:
     """Read a profile file (ValueError with the path on a bad one)."""
     return profile_from_mapping(read_mapping(path, "profile"), str(path))
+
+
+@dataclass(frozen=True, slots=True)
+class StepFit:
+    """A :class:`StepModel` fitted to measured points, with how well it reproduces them."""
+
+    step: StepModel
+    mape: float
+    """Mean of ``|fitted / measured - 1|`` over the points."""
+    max_error: float
+    """Largest ``|fitted / measured - 1|``."""
+    num_points: int
+
+
+def fit_step_rows(features: FloatArray, targets: FloatArray) -> StepFit:
+    """The step model whose ``features`` (one row per step: 1, P, C, A, D, K — the terms of
+    :class:`StepModel`) reproduce ``targets`` (seconds) with the smallest relative errors, every
+    coefficient >= 0."""
+    if features.ndim != 2 or features.shape[1] != len(fields(StepModel)):
+        raise ValueError(f"step features are rows of {len(fields(StepModel))} terms")
+    solution = fit_nonnegative(*relative(features, targets))
+    errors = np.abs(features @ solution / targets - 1.0)
+    step = StepModel(*(float(v) for v in solution))
+    return StepFit(step, float(errors.mean()), float(errors.max()), len(targets))
+
+
+def fit_step_model(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample]) -> StepFit:
+    """The step model of measured prompts alone in a step (``prefill``: seconds of ``new``
+    tokens after ``cached`` ones) and decode-only steps (``decode``: a batch's step at its total
+    context), one fixed cost shared by both (:func:`fit_step_rows`). ValueError with too few
+    points (4 prefill, 3 decode) or a bad one."""
+    validate_samples(prefill, 4, "prefill")
+    validate_samples(decode, 3, "decode")
+    rows = [(1, n, c, attention_pairs(n, c), 0, 0, s) for n, c, s in prefill]
+    rows += [(1, 0, 0, 0, b, k, s) for b, k, s in decode]
+    table = np.array(rows, dtype=float)
+    return fit_step_rows(table[:, :-1], table[:, -1])
+
+
+def _number(value: float) -> str:
+    return "0.0" if value == 0.0 else f"{value:.6g}"
+
+
+def profile_yaml(
+    profile: EngineProfile, fit: StepFit | None = None, extra: Sequence[str] = ()
+) -> str:
+    """A profile file's text (what :func:`load_profile` reads): the profile's fields, its
+    ``source`` as a literal block, the fit's quality under ``fit:`` and ``extra`` lines (other
+    top-level keys the reader ignores, e.g. the measured points) at the end."""
+    source = "\n".join("  " + line for line in profile.source.strip().splitlines())
+    lines = [
+        f"name: {profile.name}",
+        f"model: {profile.model}",
+        f"hardware: {profile.hardware}",
+        "source: |",
+        source,
+        f"kv_bytes_per_token: {profile.kv_bytes_per_token}",
+        f"hbm_kv_tokens: {profile.hbm_kv_tokens}",
+        f"max_num_seqs: {profile.max_num_seqs}",
+        f"max_num_batched_tokens: {profile.max_num_batched_tokens}",
+        f"max_model_len: {profile.max_model_len}",
+        f"tensor_parallel: {profile.tensor_parallel}",
+        "step:",
+        *(f"  {f.name}: {_number(getattr(profile.step, f.name))}" for f in fields(StepModel)),
+    ]
+    if fit is not None:
+        lines += [
+            "fit:",
+            f"  grid_points: {fit.num_points}",
+            f"  mape: {fit.mape:.4f}",
+            f"  max_error: {fit.max_error:.4f}",
+        ]
+    return "\n".join([*lines, *extra, ""])

@@ -6,6 +6,9 @@
                    SIMULATED engines (simulator/worker.py), for control-plane load tests only
     strata store   --port P --arena-size 2GiB ...
     strata gateway --model-dir DIR --prefill HOST:PORT --decode HOST:PORT ...
+    strata simulate --config FILE [--trace PATH] [--out DIR]   the simulator (simulator/)
+    strata profile --worker HOST:PORT [--worker HOST:PORT] --model-dir DIR --out FILE.yaml
+                   times running workers' engines into a simulator profile (simulator/measure.py)
     strata models  prepare-default | build-tiny OUT
     strata admin   [--address HOST:PORT] [--token T] list | stats | scale ... (strata/admin_cli.py)
     strata tenants --redis URL --cluster-key-file F add | remove | remove-key | list (API keys)
@@ -290,7 +293,17 @@ def _engine_flag(argv: list[str]) -> tuple[str, list[str]]:
     return engine, rest
 
 
-_SUBCOMMANDS = ("worker", "store", "gateway", "models", "admin", "certs", "tenants", "simulate")
+_SUBCOMMANDS = (
+    "worker",
+    "store",
+    "gateway",
+    "models",
+    "admin",
+    "certs",
+    "tenants",
+    "simulate",
+    "profile",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             from simulator.cli import main as simulate_main
 
             return simulate_main(rest)
+        if command == "profile":
+            from simulator.measure import main as profile_main
+
+            return profile_main(rest)
         if command == "tenants":
             from strata.tenants_cli import main as tenants_main
 

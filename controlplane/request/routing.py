@@ -128,9 +128,9 @@ def rejection_error(reject: Reject, registry: InstanceRegistry) -> RejectedReque
     )
 
 
-def kv_bytes_per_token(model_dir: Path, default: int) -> int:
-    """KV bytes of one token (all layers, K and V) from the model's config.json, at 2 bytes per
-    value (bf16/fp16); ``default`` when the config does not say enough."""
+def kv_bytes_per_token(model_dir: Path, default: int, bytes_per_value: int = 2) -> int:
+    """KV bytes of one token (all layers, K and V) from the model's config.json, at
+    ``bytes_per_value`` (2: bf16/fp16); ``default`` when the config does not say enough."""
     try:
         config = json.loads((model_dir / "config.json").read_text())
         config = config.get("text_config", config)
@@ -140,7 +140,7 @@ def kv_bytes_per_token(model_dir: Path, default: int) -> int:
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         return default
-    value = 2 * layers * kv_heads * head_dim * 2
+    value = 2 * layers * kv_heads * head_dim * bytes_per_value
     return value if value > 0 else default
 
 

@@ -34,14 +34,15 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Final
 
 import numpy as np
-import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.float64]
+import simulator.profile
+from controlplane.scheduling.predictor.fitting import fit_nonnegative, relative
+from simulator.profile import EngineProfile, FloatArray, StepFit, fit_step_rows
 
 VIDUR_REPO: Final = "https://github.com/microsoft/vidur"
 
@@ -358,45 +359,6 @@ def all_reduce_curve(data: VidurData, gpu: str, model: ModelSpec, tp: int) -> Cu
     return Curve.of(zip([x for x, _ in points], smooth, strict=True))
 
 
-# -- non-negative least squares ----------------------------------------------------------------
-
-
-def nnls(a: FloatArray, b: FloatArray, max_iter: int = 200) -> FloatArray:
-    """Lawson-Hanson active-set solution of ``min ||a x - b||`` subject to ``x >= 0``."""
-    n = a.shape[1]
-    x = np.zeros(n)
-    passive = np.zeros(n, dtype=bool)
-    tol = 1e-12 * max(1.0, float(np.abs(a).max())) * max(1.0, float(np.abs(b).max()))
-    for _ in range(max_iter):
-        gradient = a.T @ (b - a @ x)
-        candidates = np.where(~passive & (gradient > tol))[0]
-        if candidates.size == 0:
-            break
-        passive[candidates[np.argmax(gradient[candidates])]] = True
-        while True:
-            z = np.zeros(n)
-            cols = np.where(passive)[0]
-            z[cols] = np.linalg.lstsq(a[:, cols], b, rcond=None)[0]
-            if np.all(z[cols] > 0):
-                x = z
-                break
-            negative = cols[z[cols] <= 0]
-            alpha = float(np.min(x[negative] / (x[negative] - z[negative])))
-            x = x + alpha * (z - x)
-            passive &= x > tol
-            x[~passive] = 0.0
-    return x
-
-
-def relative_nnls(features: FloatArray, target: FloatArray) -> FloatArray:
-    """NNLS of relative errors (each row divided by its target), columns scaled to unit norm."""
-    weighted = features / target[:, None]
-    scale = np.linalg.norm(weighted, axis=0)
-    scale[scale == 0.0] = 1.0
-    solution = nnls(weighted / scale, np.ones_like(target))
-    return np.asarray(solution / scale, dtype=np.float64)
-
-
 # -- the attention kernels -----------------------------------------------------------------------
 
 
@@ -424,10 +386,10 @@ class AttentionModel:
 def fit_attention(samples: AttentionSamples) -> AttentionModel:
     dec = np.array(samples.decode, dtype=np.float64)
     dec_x = np.column_stack([np.ones(len(dec)), dec[:, 0], dec[:, 0] * dec[:, 1]])
-    d = relative_nnls(dec_x, dec[:, 2])
+    d = fit_nonnegative(*relative(dec_x, dec[:, 2]))
     pre = np.array(samples.prefill, dtype=np.float64)
     pre_x = np.column_stack([np.ones(len(pre)), pre[:, 0], pre[:, 0] * pre[:, 1], pre[:, 0] ** 2])
-    p = relative_nnls(pre_x, pre[:, 2])
+    p = fit_nonnegative(*relative(pre_x, pre[:, 2]))
     return AttentionModel(
         (float(d[0]), float(d[1]), float(d[2])),
         (float(p[0]), float(p[1]), float(p[2]), float(p[3])),
@@ -563,25 +525,10 @@ def grid(kv_capacity: int) -> list[Step]:
     ]
 
 
-@dataclass(frozen=True)
-class Fit:
-    coefficients: tuple[float, float, float, float, float, float]
-    """Seconds: fixed, per prefill token, per cached token, per pair, per sequence, per context
-    token."""
-    points: int
-    mape: float
-    max_error: float
-
-
-def fit_steps(composer: Composer, steps: Sequence[Step]) -> Fit:
+def fit_steps(composer: Composer, steps: Sequence[Step]) -> StepFit:
     x = np.array([s.features() for s in steps], dtype=np.float64)
     y = np.array([composer.step_ms(s) / 1e3 for s in steps], dtype=np.float64)
-    coef = relative_nnls(x, y)
-    error = np.abs(x @ coef / y - 1.0)
-    c = tuple(float(v) for v in coef)
-    return Fit(
-        (c[0], c[1], c[2], c[3], c[4], c[5]), len(steps), float(error.mean()), float(error.max())
-    )
+    return fit_step_rows(x, y)
 
 
 # -- profile assembly --------------------------------------------------------------------------
@@ -617,7 +564,7 @@ def speedups(data: VidurData, model: ModelSpec, tp: int) -> tuple[float, float]:
 @dataclass(frozen=True)
 class Derived:
     spec: ProfileSpec
-    fit: Fit
+    fit: StepFit
     attention: AttentionModel
     transfer: Transfer
     kv_tokens: int
@@ -709,7 +656,7 @@ def source_text(d: Derived, vidur_commit: str) -> str:
         "Ops the data lacks: the LM head, ASSUMED = the measured mlp_up_proj at one token per"
         " sequence x vocab / (2 x intermediate); sampling; the KV-cache write (not in these"
         " older tables; 0, as Vidur does).",
-        f"Fit: {d.fit.points} grid steps (prefill-only, 1-4 prompts of 128-8192 new tokens"
+        f"Fit: {d.fit.num_points} grid steps (prefill-only, 1-4 prompts of 128-8192 new tokens"
         " after 0-16k cached; decode-only, batch 1-256 x 128-16k context; mixed) within"
         " max_num_batched_tokens and the KV capacity; NNLS of relative errors; fit.mape and"
         " fit.max_error are fractions (mean and max of |fit/grid - 1|).",
@@ -731,42 +678,26 @@ LLaMA2-70B-like model. Past 4,096 the step model extrapolates (see the source no
 
 
 def profile_yaml(d: Derived, vidur_commit: str) -> str:
-    c = d.fit.coefficients
-    source = "\n".join("  " + line for line in source_text(d, vidur_commit).splitlines())
-    return "\n".join(
-        [
-            f"name: {d.spec.name}",
-            f"model: {d.spec.model.hf_name}",
-            f"hardware: {d.spec.hardware}",
-            "source: |",
-            source,
-            f"kv_bytes_per_token: {kv_bytes_per_token(d.spec.model, d.spec.tp)}",
-            f"hbm_kv_tokens: {d.kv_tokens}",
-            f"max_num_seqs: {MAX_NUM_SEQS}",
-            f"max_num_batched_tokens: {MAX_NUM_BATCHED_TOKENS}",
-            f"max_model_len: {SIMULATED_MAX_MODEL_LEN[d.spec.tp]}",
-            f"tensor_parallel: {d.spec.tp}",
-            "step:",
-            f"  fixed_s: {_g(c[0])}",
-            f"  per_prefill_token_s: {_g(c[1])}",
-            f"  per_cached_token_s: {_g(c[2])}",
-            f"  per_attention_pair_s: {_g(c[3])}",
-            f"  per_decode_sequence_s: {_g(c[4])}",
-            f"  per_context_token_s: {_g(c[5])}",
-            "fit:",
-            f"  grid_points: {d.fit.points}",
-            f"  mape: {d.fit.mape:.4f}",
-            f"  max_error: {d.fit.max_error:.4f}",
-            "",
-        ]
+    profile = EngineProfile(
+        name=d.spec.name,
+        model=d.spec.model.hf_name,
+        hardware=d.spec.hardware,
+        source=source_text(d, vidur_commit),
+        step=d.fit.step,
+        kv_bytes_per_token=kv_bytes_per_token(d.spec.model, d.spec.tp),
+        hbm_kv_tokens=d.kv_tokens,
+        max_num_seqs=MAX_NUM_SEQS,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        max_model_len=SIMULATED_MAX_MODEL_LEN[d.spec.tp],
+        tensor_parallel=d.spec.tp,
     )
+    return simulator.profile.profile_yaml(profile, d.fit)
 
 
 def summary(d: Derived) -> str:
-    c = d.fit.coefficients
     lines = [
-        f"{d.spec.name}: points={d.fit.points} mape={d.fit.mape:.4f} max={d.fit.max_error:.4f}",
-        "  coef " + " ".join(_g(v) for v in c),
+        f"{d.spec.name}: points={d.fit.num_points} mape={d.fit.mape:.4f} max={d.fit.max_error:.4f}",
+        "  coef " + " ".join(_g(v) for v in astuple(d.fit.step)),
         "  attention decode "
         + " ".join(_g(v) for v in d.attention.decode_coef)
         + " prefill "

@@ -19,22 +19,8 @@ from strata_common.credentials import Identity, load_or_create_cluster_key
 from strata_common.grpc_auth import ClientAuth
 from strata_proto import worker_pb2, worker_pb2_grpc
 from tests.e2e.dataplane_processes import Process, spawn
+from tests.integration.simulator.processes import endpoints, start_simulated
 from tests.waiting import wait_until
-
-PROFILE = Path(__file__).resolve().parents[3] / "simulator/profiles/llama2-7b-h100.yaml"
-READY = r"strata worker ready .* instance=(\S+)"
-
-
-def start_simulated(model: Path, role: str, key_file: Path, *args: str) -> Process:
-    argv = [sys.executable, "-m", "strata.cli", "worker", "--engine", "simulated"]
-    argv += ["--role", role, "--model", str(model), "--profile", str(PROFILE)]
-    return spawn([*argv, "--cluster-key-file", str(key_file), *args], READY, 60)
-
-
-def endpoints(process: Process, count: int) -> list[str]:
-    """Every instance's endpoint, from the ready lines a process printed."""
-    wait_until(lambda: sum("strata worker ready" in line for line in process.lines) >= count, 30)
-    return [line.rsplit("instance=", 1)[1].split()[0] for line in process.lines if "ready" in line]
 
 
 def start_gateway(
@@ -61,13 +47,6 @@ def start_gateway(
 def gateway_stub(endpoint: str, key: bytes) -> worker_pb2_grpc.WorkerStub:
     auth = ClientAuth(key, Identity("gateway", "test"))
     return worker_pb2_grpc.WorkerStub(auth.intercept(grpc.insecure_channel(endpoint)))
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "cluster.key"
-    load_or_create_cluster_key(path)
-    return path
 
 
 @pytest.fixture
