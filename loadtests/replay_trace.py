@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import math
 import random
 import sys
 import time
@@ -38,7 +37,7 @@ from typing import Any
 import aiohttp
 
 from simulator.results import percentile
-from simulator.trace import TRACE_BLOCK_TOKENS, TraceRequest, load_trace
+from simulator.trace import ReplayScale, TraceRequest, load_trace
 
 
 @dataclass(slots=True)
@@ -65,18 +64,18 @@ def block_tokens(hash_id: int, count: int, low: int, high: int) -> list[int]:
     return [rng.randrange(low, high) for _ in range(count)]
 
 
-def prompt_ids(index: int, request: TraceRequest, per_block: int, low: int, high: int) -> list[int]:
-    """The request's prompt: its trace blocks' tokens, then tokens of its own, scaled length."""
-    length = max(1, math.ceil(request.input_tokens * per_block / TRACE_BLOCK_TOKENS))
+def prompt_ids(
+    index: int, request: TraceRequest, scale: ReplayScale, low: int, high: int
+) -> list[int]:
+    """The request's prompt: its whole trace blocks' tokens, then tokens of its own, to the
+    scaled length (``scale``; the simulator scales a trace the same way)."""
+    length = scale.input_tokens(request.input_tokens)
     ids: list[int] = []
-    for hash_id in request.hash_ids:
-        if len(ids) >= length:
-            break
-        ids += block_tokens(hash_id, per_block, low, high)
-    if len(ids) < length:
-        own = random.Random(f"request-{index}")
-        ids += [own.randrange(low, high) for _ in range(length - len(ids))]
-    return ids[:length]
+    for hash_id in request.hash_ids[: scale.whole_blocks(request)]:
+        ids += block_tokens(hash_id, scale.block_tokens, low, high)
+    own = random.Random(f"request-{index}")
+    ids += [own.randrange(low, high) for _ in range(length - len(ids))]
+    return ids
 
 
 async def send(
@@ -186,21 +185,22 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
             for r in trace.requests
         )
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    scale_to = ReplayScale(args.block_tokens, args.max_output_tokens)
     outcomes: list[Outcome] = []
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     connector = aiohttp.TCPConnector(limit=args.max_connections)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         clock0 = time.monotonic()
         tasks = []
-        for index, request in enumerate(requests):
+        for request in requests:
+            index = request.index  # the trace's (what the simulator's records are keyed by)
             delay = request.arrival_s - (time.monotonic() - clock0)
             if delay > 0:
                 await asyncio.sleep(delay)
             body = {
                 "model": args.model,
-                "prompt": prompt_ids(index, request, args.block_tokens, args.token_low,
-                                     args.token_high),
-                "max_tokens": max(1, min(request.output_tokens, args.max_output_tokens)),
+                "prompt": prompt_ids(index, request, scale_to, args.token_low, args.token_high),
+                "max_tokens": scale_to.output_tokens(request.output_tokens),
                 "temperature": 0.0,
                 "ignore_eos": True,
                 "stream": True,

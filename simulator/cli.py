@@ -23,6 +23,9 @@ class SimulateArgs:
     out: Path = option(Path("simulation"), help="folder for results.json and the plots")
     jobs: int = option(0, help="processes to run points in (0: one per CPU)")
     num_requests: int = option(0, help="replay only the first N requests (0: the config's)")
+    per_request: bool = option(
+        False, help="every request's TTFT and TPOT in results.json (policies.NAME.requests)"
+    )
 
     def __post_init__(self) -> None:
         if self.jobs < 0 or self.num_requests < 0:
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 trace_path=args.trace,
                 num_requests=args.num_requests,
                 jobs=args.jobs,
+                per_request=args.per_request,
                 progress=advance,
             )
         data = write_results(args.out, config, trace, args.config, results)

@@ -20,7 +20,7 @@ from controlplane.scheduling import POLICY_NAMES, TransferCoefficients, Transpor
 from controlplane.scheduling.predictor.model import PRIOR_SSD_READ, PRIOR_TRANSFERS
 from kvstore.policy.factory import PolicyKind
 from simulator.profile import EngineProfile, load_profile, read_mapping
-from simulator.trace import check_rate_profile
+from simulator.trace import ReplayScale, check_rate_profile
 from strata_common.units import parse_duration, parse_size
 
 __all__ = [
@@ -162,6 +162,9 @@ class SimConfig:
     rate_profile: tuple[tuple[float, float], ...] = ()
     """(seconds, multiplier) points: each swept rate varies over time (``Trace.at_rate``)."""
     planning: PlanningSettings = PlanningSettings()
+    replay: ReplayScale | None = None
+    """Scale the trace's requests as loadtests/replay_trace.py does (a simulation of a replay
+    against a small engine: docs/benchmarks.md, simulator vs reality)."""
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.gpus_per_host < 1:
@@ -205,6 +208,11 @@ class SimConfig:
             raise ValueError("num_requests must be >= 0")
         if self.rate_profile:
             check_rate_profile(self.rate_profile)
+        if self.replay is not None and self.cache_block_tokens != self.replay.block_tokens:
+            raise ValueError(
+                f"with replay, cache_block_tokens must be replay.block_tokens "
+                f"({self.replay.block_tokens}): a trace block is that many tokens"
+            )
 
     @property
     def num_instances(self) -> int:
@@ -289,10 +297,19 @@ def _planning(value: Any) -> PlanningSettings:
     )
 
 
+def _replay(value: Any) -> ReplayScale:
+    if not isinstance(value, Mapping) or set(value) - {"block_tokens", "max_output_tokens"}:
+        raise ValueError("replay: give block_tokens and max_output_tokens")
+    return ReplayScale(
+        block_tokens=int(value.get("block_tokens", 16)),
+        max_output_tokens=int(value.get("max_output_tokens", 64)),
+    )
+
+
 _TOP_KEYS = {
     "name", "profile", "gpus", "gpus_per_host", "network", "transfers", "ssd_read", "store",
     "cache_block_tokens", "kv_block_tokens", "gateway_overhead", "slo", "setups", "strata_setup",
-    "rates", "trace", "num_requests", "rate_profile", "planner",
+    "rates", "trace", "num_requests", "rate_profile", "planner", "replay",
 }  # fmt: skip
 
 
@@ -339,6 +356,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, origin: str) -> Sim
                 (float(parse_duration(str(t))), float(m)) for t, m in data.get("rate_profile", [])
             ),
             planning=_planning(data.get("planner", {})),
+            replay=_replay(data["replay"]) if "replay" in data else None,
         )
     except KeyError as exc:
         raise ValueError(f"{origin}: missing field {exc.args[0]!r}") from None

@@ -33,6 +33,9 @@ class PointResult:
     tpots_s: tuple[float, ...]
     pools: tuple[tuple[float, int, int], ...] = ()
     """(seconds, prefill instances, decode instances) at each change of a planner's pools."""
+    requests: tuple[tuple[int, float | None, float | None], ...] = ()
+    """With ``per_request``: (trace index, TTFT, TPOT) of every request, None where it has none
+    (refused, unfinished; TPOT of one token)."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,13 +45,20 @@ def _inputs(config_path: str, trace_path: str | None, num_requests: int) -> tupl
     if trace_file is None:
         raise ValueError(f"{config_path}: no trace (give trace: in the file or --trace)")
     limit = num_requests or config.num_requests
-    return config, load_trace(trace_file, limit=limit, block_tokens=config.cache_block_tokens)
+    trace = load_trace(trace_file, limit=limit, block_tokens=config.cache_block_tokens)
+    return config, trace.scaled(config.replay) if config.replay is not None else trace
 
 
 def run_point(
-    config_path: str, trace_path: str | None, num_requests: int, setup_name: str, rate: float
+    config_path: str,
+    trace_path: str | None,
+    num_requests: int,
+    setup_name: str,
+    rate: float,
+    per_request: bool = False,
 ) -> PointResult:
-    """One setup at one rate (in whatever process calls it)."""
+    """One setup at one rate (in whatever process calls it); ``per_request``: keep every
+    request's TTFT and TPOT."""
     config, trace = _inputs(config_path, trace_path, num_requests)
     setup = config.setup(setup_name)
     simulation = Simulation(config, setup, trace.at_rate(rate, config.rate_profile))
@@ -62,6 +72,16 @@ def run_point(
         tuple(r.ttft_s for r in served),
         tuple(r.tpot_s for r in served if r.num_tokens > 1),
         tuple(pools.timeline) if setup.planner is not None else (),
+        tuple(
+            (
+                r.index,
+                r.ttft_s if r.finished else None,
+                r.tpot_s if r.finished and r.num_tokens > 1 else None,
+            )
+            for r in records
+        )
+        if per_request
+        else (),
     )
 
 
@@ -71,9 +91,11 @@ def sweep(
     trace_path: Path | None = None,
     num_requests: int = 0,
     jobs: int = 0,
+    per_request: bool = False,
     progress: Callable[[PointResult], None] | None = None,
 ) -> tuple[SimConfig, Trace, list[PointResult]]:
-    """Every setup of the config at every rate; ``jobs`` processes (0: one per CPU)."""
+    """Every setup of the config at every rate; ``jobs`` processes (0: one per CPU);
+    ``per_request``: every request's TTFT and TPOT in the results."""
     config, trace = _inputs(str(config_path), str(trace_path) if trace_path else None, num_requests)
     tasks = [(s.name, rate) for s in config.setups for rate in config.rates]
     args = (str(config_path), str(trace_path) if trace_path else None, num_requests)
@@ -81,13 +103,15 @@ def sweep(
     results: list[PointResult] = []
     if workers <= 1:
         for name, rate in tasks:
-            result = run_point(*args, name, rate)
+            result = run_point(*args, name, rate, per_request)
             results.append(result)
             if progress is not None:
                 progress(result)
     else:
         with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(run_point, *args, name, rate) for name, rate in tasks]
+            futures = [
+                pool.submit(run_point, *args, name, rate, per_request) for name, rate in tasks
+            ]
             for future in as_completed(futures):
                 result = future.result()
                 results.append(result)
@@ -114,6 +138,12 @@ def results_json(
             "rate_at_90": round(rate_at(points, ATTAINMENT_TARGET), 4),
             "points": [p.to_json() for p in points],
         }
+        per_request = [r for r in results if r.setup == setup.name and r.requests]
+        if per_request:
+            # [trace index, TTFT s, TPOT s] of each request by rate (simulate --per-request)
+            policies[setup.name]["requests"] = {
+                str(r.point.rate): [list(t) for t in r.requests] for r in per_request
+            }
         if setup.planner is not None:
             policies[setup.name]["pools"] = {
                 str(r.point.rate): [list(t) for t in r.pools]
@@ -134,6 +164,14 @@ def results_json(
         "slo": {"ttft_s": config.ttft_slo_s, "tpot_s": config.tpot_slo_s},
         "rates": list(config.rates),
         "rate_profile": [list(p) for p in config.rate_profile],
+        "replay": (
+            None
+            if config.replay is None
+            else {
+                "block_tokens": config.replay.block_tokens,
+                "max_output_tokens": config.replay.max_output_tokens,
+            }
+        ),
         "strata_vs_best_baseline": round(strata / best, 4) if best > 0 else None,
         "policies": policies,
     }

@@ -23,6 +23,7 @@ from kvstore.blocks.hashing import BLOCK_KEY_BYTES, BlockKey
 
 __all__ = [
     "TRACE_BLOCK_TOKENS",
+    "ReplayScale",
     "Trace",
     "TraceRequest",
     "block_key",
@@ -55,9 +56,51 @@ class TraceRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayScale:
+    """How a replay shrinks a trace's requests to what a small engine serves
+    (loadtests/replay_trace.py; a simulation of that replay scales them the same way): each
+    512-token trace block becomes ``block_tokens`` tokens, the prompt's length is scaled alike,
+    the output is capped at ``max_output_tokens``."""
+
+    block_tokens: int = 16
+    max_output_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.block_tokens < 1 or self.max_output_tokens < 1:
+            raise ValueError("block_tokens and max_output_tokens must be >= 1")
+
+    def input_tokens(self, trace_tokens: int) -> int:
+        return max(1, math.ceil(trace_tokens * self.block_tokens / TRACE_BLOCK_TOKENS))
+
+    def output_tokens(self, trace_tokens: int) -> int:
+        return max(1, min(trace_tokens, self.max_output_tokens))
+
+    def whole_blocks(self, request: TraceRequest) -> int:
+        """How many of the request's trace blocks its scaled prompt holds whole (its first
+        tokens; the rest of the prompt is the request's own)."""
+        return min(
+            len(request.hash_ids), self.input_tokens(request.input_tokens) // self.block_tokens
+        )
+
+    def scale(self, request: TraceRequest) -> TraceRequest:
+        """The request as the replay sends it: scaled lengths, keys of its whole blocks."""
+        keys = tuple(block_key(h) for h in request.hash_ids[: self.whole_blocks(request)])
+        return dataclasses.replace(
+            request,
+            input_tokens=self.input_tokens(request.input_tokens),
+            output_tokens=self.output_tokens(request.output_tokens),
+            keys=keys,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Trace:
     requests: tuple[TraceRequest, ...]
     source: str
+
+    def scaled(self, scale: ReplayScale) -> Trace:
+        """The trace as a replay at ``scale`` sends it (arrival times unchanged)."""
+        return Trace(tuple(scale.scale(r) for r in self.requests), self.source)
 
     @property
     def duration_s(self) -> float:

@@ -7,19 +7,26 @@ import json
 from pathlib import Path
 
 from loadtests.replay_trace import main, prompt_ids
-from simulator.trace import TraceRequest
+from simulator.trace import ReplayScale, TraceRequest, block_key
 from tests.integration.controlplane.conftest import Stack
 
 
 def test_trace_blocks_become_shared_token_prefixes() -> None:
     a = TraceRequest(0, 0.0, 1100, 5, (), (7, 8, 9))
     b = TraceRequest(1, 1.0, 600, 5, (), (7, 11))
-    ids_a, ids_b = prompt_ids(0, a, 16, 100, 1100), prompt_ids(1, b, 16, 100, 1100)
+    scale = ReplayScale(block_tokens=16)
+    ids_a, ids_b = prompt_ids(0, a, scale, 100, 1100), prompt_ids(1, b, scale, 100, 1100)
     assert len(ids_a) == 35 and len(ids_b) == 19  # 1100 and 600 tokens scaled by 16/512
     assert ids_a[:16] == ids_b[:16]  # hash id 7
     assert ids_a[16:32] != ids_b[16:32]
     assert all(100 <= i < 1100 for i in ids_a + ids_b)
-    assert prompt_ids(0, a, 16, 100, 1100) == ids_a  # deterministic
+    assert prompt_ids(0, a, scale, 100, 1100) == ids_a  # deterministic
+    # Whole blocks only (what a prefix cache can share, and what the simulator keys): the 3
+    # tokens after a's two whole blocks are its own, not block 9's first three.
+    c = TraceRequest(2, 2.0, 1600, 5, (), (7, 8, 9))
+    assert prompt_ids(2, c, scale, 100, 1100)[32:35] != ids_a[32:35]
+    assert scale.scale(a).keys == tuple(block_key(h) for h in (7, 8))
+    assert (scale.scale(a).input_tokens, scale.scale(a).output_tokens) == (35, 5)
 
 
 def test_replay_against_a_gateway(stack: Stack, tmp_path: Path) -> None:

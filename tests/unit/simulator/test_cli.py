@@ -109,3 +109,32 @@ def test_simulate_names_what_is_wrong(folder: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as exc:
         main(["simulate", "--config", str(folder / "c.yaml"), "--jobs", "-1"])
     assert exc.value.code == 2
+
+
+def test_a_replay_simulation_scales_the_trace_and_keeps_every_request(folder: Path) -> None:
+    """``replay:`` shrinks the requests as loadtests/replay_trace.py sends them (1,200 trace
+    tokens = 38 tokens at 16 per 512-token block, outputs capped); ``--per-request true`` keeps
+    each request's TTFT and TPOT by its trace index."""
+    replay = "replay: {block_tokens: 16, max_output_tokens: 8}\ncache_block_tokens: 16\n"
+    (folder / "c.yaml").write_text(CONFIG + replay)
+    out = folder / "out"
+    argv = ["simulate", "--config", str(folder / "c.yaml"), "--out", str(out), "--jobs", "1"]
+    assert main([*argv, "--per-request", "true"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["replay"] == {"block_tokens": 16, "max_output_tokens": 8}
+    strata = data["policies"]["strata"]
+    assert set(strata["requests"]) == {"1.0", "4.0"}
+    rows = strata["requests"]["1.0"]
+    assert [index for index, _, _ in rows] == list(range(60))
+    assert all(ttft > 0 and tpot > 0 for _, ttft, tpot in rows)
+    # A 38-token prompt: a few milliseconds of prefill, not the 1,200 tokens' 120 ms.
+    assert strata["points"][0]["ttft_p50_s"] < 0.05
+    (folder / "c.yaml").write_text(CONFIG + replay.replace("cache_block_tokens: 16\n", ""))
+    assert main(argv) == 1  # cache blocks of 512 tokens while a trace block is 16
+
+
+def test_without_per_request_the_results_keep_no_request_list(folder: Path) -> None:
+    out = folder / "out"
+    argv = ["simulate", "--config", str(folder / "c.yaml"), "--out", str(out), "--jobs", "1"]
+    assert main(argv) == 0
+    assert "requests" not in json.loads((out / "results.json").read_text())["policies"]["strata"]
