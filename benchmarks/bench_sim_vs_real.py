@@ -79,7 +79,7 @@ def replay(
 
 
 def rig_config(profile: Path, args: argparse.Namespace) -> str:
-    rates = ", ".join(f"{r:g}" for r in args.rates)
+    rates = ", ".join(repr(r) for r in args.rates)  # results.json keys them by str(rate)
     return f"""# This host's rig as `strata serve` runs it (bench_sim_vs_real.py).
 name: cpu-rig
 profile: {profile}
@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-max-batch", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None, help="keep everything here")
     args = ap.parse_args(argv)
-    if len(args.rates) + 1 > len(TOKEN_RANGES) or sorted(args.rates) != args.rates:
-        ap.error(f"--rates: 1 to {len(TOKEN_RANGES) - 1} increasing rates")
+    increasing = all(a < b for a, b in zip(args.rates, args.rates[1:], strict=False))
+    if len(args.rates) + 1 > len(TOKEN_RANGES) or not increasing or args.rates[0] <= 0:
+        ap.error(f"--rates: 1 to {len(TOKEN_RANGES) - 1} rates > 0, strictly increasing")
     out = args.out or Path(tempfile.mkdtemp(prefix="strata-sim-vs-real-"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="strata-sim-vs-real-serve-"))

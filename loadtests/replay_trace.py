@@ -249,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rate < 0 or args.time_scale <= 0 or args.block_tokens < 1:
         parser.error("--rate must be >= 0, --time-scale and --block-tokens > 0")
+    if args.max_output_tokens < 1:
+        parser.error("--max-output-tokens must be >= 1")
     if not 0 <= args.token_low < args.token_high:
         parser.error("need 0 <= --token-low < --token-high")
     return args

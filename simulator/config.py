@@ -299,7 +299,7 @@ def _planning(value: Any) -> PlanningSettings:
 
 def _replay(value: Any) -> ReplayScale:
     if not isinstance(value, Mapping) or set(value) - {"block_tokens", "max_output_tokens"}:
-        raise ValueError("replay: give block_tokens and max_output_tokens")
+        raise ValueError("replay: a mapping of block_tokens (16) and max_output_tokens (64)")
     return ReplayScale(
         block_tokens=int(value.get("block_tokens", 16)),
         max_output_tokens=int(value.get("max_output_tokens", 64)),

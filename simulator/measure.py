@@ -20,7 +20,6 @@ flags.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import textwrap
 import time
@@ -29,8 +28,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from controlplane.request.routing import kv_bytes_per_token
+from controlplane.text.tokenizer import ModelTokenizer
 from controlplane.workers.client import WorkerClient, WorkerError, WorkerHealth
-from controlplane.workers.profiling import ProfileResult, ProfileSettings, plan_for, profile_worker
+from controlplane.workers.profiling import (
+    ProfileResult,
+    ProfileSettings,
+    plan_context,
+    plan_for,
+    profile_worker,
+)
 from controlplane.workers.roles import WorkerRole
 from simulator.profile import EngineProfile, StepFit, fit_step_model, profile_yaml
 from strata_common.credentials import Identity, read_cluster_key
@@ -120,11 +126,12 @@ async def _ready(client: WorkerClient, wait_s: float) -> WorkerHealth:
 
 
 def _vocab_size(model_dir: Path) -> int:
+    """The tokenizer's vocabulary, as the gateway's profile draws token ids (a config's
+    ``vocab_size`` can be larger than what the tokenizer, and so the engine, accepts)."""
     try:
-        config = json.loads((model_dir / "config.json").read_text())
-        return int(config.get("text_config", config)["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{model_dir}/config.json: no vocab_size ({exc})") from None
+        return ModelTokenizer.from_model_dir(model_dir).vocab_size
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{model_dir}: cannot load its tokenizer ({exc})") from None
 
 
 def _pick(healths: dict[str, WorkerHealth], roles: set[WorkerRole], what: str) -> str:
@@ -167,8 +174,10 @@ async def measure(args: MeasureArgs) -> Measured:
         for endpoint in dict.fromkeys((prefill_at, decode_at)):
             health = healths[endpoint]
             plan = plan_for(settings, health.max_model_len, health.block_size, health.capacity)
+            context = plan_context(plan)
             # Prefill points on the prefill worker, decode steps on the decode one (a decode
-            # worker still runs the smallest prompt first: a fresh engine's one-time costs).
+            # worker still runs the smallest prompt first: a fresh engine's one-time costs; its
+            # streams' contexts are still the whole plan's).
             if endpoint != decode_at:
                 plan = replace(plan, decode_points=(), handoff_points=())
             elif endpoint != prefill_at:
@@ -176,7 +185,12 @@ async def measure(args: MeasureArgs) -> Measured:
                 plan = replace(plan, prefill_points=(smallest,), handoff_points=())
             try:
                 results[endpoint] = await profile_worker(
-                    clients[endpoint], health.role, plan, settings, seed=len(results)
+                    clients[endpoint],
+                    health.role,
+                    plan,
+                    settings,
+                    seed=len(results),
+                    context_limit=context,
                 )
             except (WorkerError, ValueError) as exc:
                 raise ValueError(f"worker {endpoint}: {exc}") from None
@@ -193,19 +207,23 @@ async def measure(args: MeasureArgs) -> Measured:
         raise ValueError(f"worker {decode_at}: fewer than 3 decode points ran (raise --budget)")
     fit = fit_step_model(prefill.prefill, decode.decode)
     return Measured(
-        _profile(args, healths[prefill_at], healths[decode_at], fit), fit, prefill, decode
+        _profile(args, healths[prefill_at], (decode_at, healths[decode_at]), fit),
+        fit,
+        prefill,
+        decode,
     )
 
 
 def _profile(
-    args: MeasureArgs, prefill: WorkerHealth, decode: WorkerHealth, fit: StepFit
+    args: MeasureArgs, prefill: WorkerHealth, decode_at: tuple[str, WorkerHealth], fit: StepFit
 ) -> EngineProfile:
+    endpoint, decode = decode_at
     dtype = decode.dtype or "bfloat16"
     kv_bytes = kv_bytes_per_token(args.model_dir, 0, BYTES_PER_VALUE.get(dtype, 2))
     if kv_bytes <= 0:
         raise ValueError(f"{args.model_dir}/config.json does not give the KV size of a token")
     if decode.kv_capacity_tokens <= 0:
-        raise ValueError(f"worker {args.worker[-1]} does not report its KV capacity")
+        raise ValueError(f"worker {endpoint} does not report its KV capacity")
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     source = (
         f"Measured by `strata profile` on {when}: prefill points on the {prefill.role.name.lower()}"

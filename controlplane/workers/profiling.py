@@ -15,9 +15,11 @@ waits behind the profile for one call at most.
   actually hit) and ``engine_time_s`` (no gateway or RPC time). A decode-role worker has no
   Prefill rpc: it is timed as a Decode of one token (what a local route costs it), wall time at
   the gateway.
-* **Decode** points ``(batch b, context k)``: ``b`` concurrent Decode streams of ``k / b``
-  prompt tokens each, ``decode_tokens`` greedy tokens (EOS ignored); the sample is the mean gap
-  between chunks after each stream's first one, at the mean context over those steps.
+* **Decode** points ``(batch b, context k)``: ``b`` prompts of ``k / b`` tokens run first with
+  one token each (so that the engine's prefix cache holds them), then ``b`` concurrent Decode
+  streams of the same prompts, ``decode_tokens`` greedy tokens (EOS ignored); the sample is the
+  mean gap between chunks once every stream has its first token (steps with no prefill left in
+  them; if none, every gap after each stream's first), at the mean context over those steps.
 * A prefill-role worker never decodes for the gateway: its decode model keeps the priors (the
   samples given to the fit are the prior's own predictions at the plan's points).
 * **Overheads** that the engine's time leaves out (docs/design/scheduling.md §2.2): on a
@@ -53,7 +55,7 @@ from controlplane.workers.roles import WorkerRole
 from strata_common.options import option
 from strata_common.units import parse_duration
 
-__all__ = ["ProfileResult", "ProfileSettings", "profile_worker"]
+__all__ = ["ProfileResult", "ProfileSettings", "plan_context", "plan_for", "profile_worker"]
 
 _FIRST_TOKEN_ID: Final = 10
 """Synthetic prompts avoid the lowest ids (special tokens in most vocabularies)."""
@@ -251,8 +253,9 @@ class _Costs:
         batch, context = point
         tokens = self._decode_tokens
         per_sequence = _per_sequence(batch, context, tokens, context_limit)
-        prefill = batch * self.prefill_s(per_sequence, 0)
-        return [prefill + tokens * self.step_s(batch, batch * (per_sequence + tokens))]
+        prompts = batch * self.prefill_s(per_sequence, 0)
+        tails = batch * self.prefill_s(1, per_sequence - 1)  # the cached prompts' last token
+        return [prompts, tails + tokens * self.step_s(batch, batch * (per_sequence + tokens))]
 
 
 def _per_sequence(batch: int, context: int, tokens: int, context_limit: int) -> int:
@@ -271,6 +274,7 @@ async def profile_worker(
     yield_to: YieldTo | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    context_limit: int | None = None,
 ) -> ProfileResult:
     """Time ``plan`` on the worker behind ``client``, within the settings' bounds.
 
@@ -279,14 +283,15 @@ async def profile_worker(
     not end within ``budget_s`` of the start, is skipped; before every call the profile pauses
     (``sleep``) as long as it takes for its calls to stay within ``max_share`` of the time since
     its start, then ``yield_to`` lets the instance's client requests finish first (pauses and
-    waits count against the budget). Raises WorkerError if a call fails.
+    waits count against the budget). ``context_limit``: the longest prompt + output of a decode
+    stream (default: the plan's, from its prefill points). Raises WorkerError if a call fails.
     """
     started = clock()
     deadline = started + settings.budget_s
     base = base if base is not None else LatencyPredictor()
     costs = _Costs(base, settings.decode_tokens)
     profiler = _Profiler(client, settings, seed, clock, deadline)
-    context_limit = plan_context(plan)
+    context_limit = context_limit if context_limit is not None else plan_context(plan)
     pending: list[tuple[_Kind, tuple[int, int]]] = []
     for _ in range(plan.repeats):
         pending += [(_Kind.PREFILL, point) for point in plan.prefill_points]
@@ -550,10 +555,19 @@ class _Profiler:
         tokens = self._settings.decode_tokens
         per_sequence = _per_sequence(batch, context, tokens, context_limit)
         prompts = [self._prompt(per_sequence) for _ in range(batch)]
+        # The prompts first, one token each: the timed streams then find them in the engine's
+        # prefix cache and start decoding within a step or two of each other, instead of
+        # decoding beside the later streams' (chunked) prefills.
+        if not await self._pass(gate):
+            return None
+        await asyncio.gather(*(self._run_decode(p, 1) for p in prompts))
         if not await self._pass(gate):
             return None
         runs = await asyncio.gather(*(self._run_decode(p, tokens) for p in prompts))
-        gaps = [b - a for times, _ in runs for a, b in itertools.pairwise(times[1:])]
+        # Steps once every stream has its first token: no prefill left in them.
+        started = max((times[0] for times, _ in runs if times), default=0.0)
+        pairs = [(a, b) for times, _ in runs for a, b in itertools.pairwise(times[1:])]
+        gaps = [b - a for a, b in pairs if a >= started] or [b - a for a, b in pairs]
         mean_gap_s = sum(gaps) / len(gaps) if gaps else 0.0
         if mean_gap_s <= 0.0:
             return None

@@ -4,8 +4,9 @@ outside the fault windows, RSS growth <= 5 % per process after warm-up, no KV he
 
 Full length only (``make chaos``). Its length and fault interval are parameters, for a shorter
 manual run: ``STRATA_SOAK_DURATION_S`` (default 7200) and ``STRATA_SOAK_FAULT_INTERVAL_S``
-(default 600), e.g. ``STRATA_SOAK_DURATION_S=300 STRATA_SOAK_FAULT_INTERVAL_S=60 pytest
-tests/chaos/test_soak.py --chaos-full``.
+(default 600), e.g. ``STRATA_SOAK_DURATION_S=480 STRATA_SOAK_FAULT_INTERVAL_S=60 pytest
+tests/chaos/test_soak.py --chaos-full`` (at least ~7 intervals: every process is judged, the
+store node restarted after its kill included, an interval after the burst that follows it).
 
 Cluster (tests/chaos/cluster.py): one store node, one prefill and two decode workers, the gateway
 as its own process; the test restarts what it kills on the same ports. After a warm-up of half an
@@ -242,8 +243,8 @@ def _overlaps(result: Result, windows: list[tuple[str, float, float]]) -> bool:
 def _inject(fault: str, k: int, cluster: Cluster, knee_rps: float, workload: Workload) -> None:
     """Inject ``fault`` and return once the cluster is whole again."""
     if fault == "kill_decode":
-        # Always the first: the second decode worker runs the whole soak, the one engine whose
-        # memory is judged from the warm-up to the end.
+        # Always the first: the second decode worker runs the whole soak, its memory judged from
+        # its first burst to the end.
         dead = cluster.decodes[0]
         kill_tree(dead)
         cluster.restart_worker(dead)

@@ -37,8 +37,9 @@ def fit_nonnegative(features: FloatArray, targets: FloatArray) -> FloatArray:
     """Least squares ``min ||features·x - targets||`` subject to ``x >= 0``.
 
     Exact for the few features used here: the optimum is the unconstrained least-squares solution
-    on its own support, so solving every subset of columns (2^p - 1 of them, p <= 4) and keeping
-    the feasible one with the smallest residual finds it. Columns are scaled to unit norm first,
+    on its own support, so solving every subset of columns (2^p - 1 of them, p <= 6: the
+    simulator's step model has six terms) and keeping the feasible one with the smallest
+    residual finds it. Columns are scaled to unit norm first,
     since they differ by up to ten orders of magnitude (1 against n·c).
     """
     if features.ndim != 2 or targets.shape != (features.shape[0],):

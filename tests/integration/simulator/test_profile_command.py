@@ -62,6 +62,9 @@ def test_profile_writes_a_profile_the_simulator_reads(
     assert data["fit"]["grid_points"] == len(samples["prefill"]) + len(samples["decode"])
     assert len(samples["prefill"]) >= 4 and len(samples["decode"]) >= 3
     assert {b for b, _, _ in samples["decode"]} == {1, 2, 4, 8}
+    # The decode worker's streams span the plan's contexts (up to 512 tokens with the output),
+    # although it ran one prefill point only.
+    assert max(k / b for b, k, _ in samples["decode"]) > 400
     assert max(n + c for n, c, _ in samples["prefill"]) < 512
     assert "prefill points on the prefill worker" in profile.source
 

@@ -177,6 +177,27 @@ def test_the_whole_profile_ends_within_its_budget() -> None:
     assert len(result.prefill) >= 4 and result.measured_prefill
 
 
+def test_a_decode_point_runs_its_prompts_first_and_times_the_steps_after() -> None:
+    """Each decode point's prompts run once with one token, then again timed: the timed
+    streams hit the engine's prefix cache, so their steps hold no prefill: a batch's step time
+    does not grow with its prompts (10 ms per uncached token here)."""
+    engine, result = run_profile(
+        WorkerRole.DECODE, settings(budget_s=1e6, max_step_s=1e6), base=exact_base()
+    )
+    assert result.measured_decode and result.num_skipped == 0
+    runs: dict[tuple[int, ...], int] = {}
+    for prompt in engine.seen:
+        runs[prompt] = runs.get(prompt, 0) + 1
+    twice = [prompt for prompt, count in runs.items() if count == 2]
+    assert max(runs.values()) == 2
+    assert len(twice) == sum(s.batch_size for s in result.decode)
+    by_batch: dict[int, set[float]] = {}
+    for sample in result.decode:
+        by_batch.setdefault(sample.batch_size, set()).add(round(sample.seconds, 9))
+    assert set(by_batch) == {1, 2, 4} and all(len(times) == 1 for times in by_batch.values())
+    assert by_batch[1] == {STEP_S}
+
+
 def test_the_scale_learned_from_the_first_calls_bounds_the_rest() -> None:
     """Priors ~60x too fast (an H100 model on a CPU): once the first call measured the real
     speed, no call goes past the step bound (but for the cached tokens' share, which the
