@@ -160,6 +160,27 @@ def cpu_s(pids: list[int]) -> float:
     return total
 
 
+def idle_cores(pid: int, seconds: float) -> float:
+    """Cores the process ``pid`` uses over ``seconds`` of no requests (health checks, timers)."""
+    cpu0, t0 = cpu_s([pid]), time.perf_counter()
+    time.sleep(seconds)
+    return (cpu_s([pid]) - cpu0) / (time.perf_counter() - t0)
+
+
+def per_rate_costs(rows: list[dict[str, Any]]) -> list[tuple[float, float, float, float]]:
+    """``(rate, net CPU-s per 1,000 requests alone, CPU-s per 100,000 streamed tokens, tokens
+    per request beyond the first)`` for each rate measured with ``max_tokens`` 1 and more: the
+    tokens' cost is the difference of the two, per token beyond the first."""
+    costs = []
+    for rate in sorted({r["rate"] for r in rows}):
+        short = next(r for r in rows if r["rate"] == rate and r["max_tokens"] == 1)
+        long = next(r for r in rows if r["rate"] == rate and r["max_tokens"] != 1)
+        extra = long["tokens"] / max(1, long["ok"]) - 1
+        per_token = (long["net_cpu_s_per_1k"] - short["net_cpu_s_per_1k"]) / 1000 / max(extra, 1)
+        costs.append((rate, short["net_cpu_s_per_1k"], 100_000 * per_token, extra))
+    return costs
+
+
 @dataclass
 class Outcome:
     status: int = 0
@@ -303,15 +324,13 @@ def main() -> int:
             log(f"gateway {url}: {args.instances} instances ready, profiled after {ready_s:.0f} s")
             others = [s.proc.pid for s in prefills + decodes if s.proc is not None]
             # Idle, the gateway still health-checks every instance: its CPU without requests.
-            idle0, t_idle = cpu_s([gateway_pid]), time.perf_counter()
-            time.sleep(args.idle)
-            idle_cores = (cpu_s([gateway_pid]) - idle0) / (time.perf_counter() - t_idle)
-            log(f"idle gateway: {idle_cores:.3f} cores")
+            idle = idle_cores(gateway_pid, args.idle)
+            log(f"idle gateway: {idle:.3f} cores")
             rows = []
             for i, rate in enumerate(rates):
                 for max_tokens in (1, args.max_tokens):
                     row = measure(url, gateway_pid, others, rate, args, max_tokens, i)
-                    net = row["gateway_cpu_s"] - idle_cores * row["wall_s"]
+                    net = row["gateway_cpu_s"] - idle * row["wall_s"]
                     row["net_cpu_s_per_1k"] = 1000 * net / max(1, row["ok"])
                     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
                     log(json.dumps(shown))
@@ -319,12 +338,12 @@ def main() -> int:
         finally:
             for server in reversed(started):  # the gateway first: it stops calling them
                 server.stop(grace_s=300 if args.gateway_profile is not None else 60)
-    report(args, n_prefill, n_decode, ready_s, idle_cores, rows)
+    report(args, n_prefill, n_decode, ready_s, idle, rows)
     return 0
 
 
 def report(
-    args: argparse.Namespace, n_prefill: int, n_decode: int, ready_s: float, idle_cores: float,
+    args: argparse.Namespace, n_prefill: int, n_decode: int, ready_s: float, idle: float,
     rows: list[dict[str, Any]],
 ) -> None:  # fmt: skip
     info = host_info()
@@ -334,7 +353,7 @@ def report(
         f"{load_avg()}. Profile {args.profile.name}; prompts of {args.prompt_words} words; "
         f"{args.duration:.0f} s per point; every instance ready and profiled "
         f"{ready_s:.0f} s after start. Idle (health checks of every instance), the gateway "
-        f'uses {idle_cores:.3f} cores; "net" figures subtract that.\n'
+        f'uses {idle:.3f} cores; "net" figures subtract that.\n'
     )
     print(
         "| rate (req/s) | max_tokens | sent | ok | refused | failed | achieved (req/s) | "
@@ -351,18 +370,11 @@ def report(
             f"{r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | {r['others_cpu_s']:.1f} |"
         )
     print()
-    for rate in sorted({r["rate"] for r in rows}):
-        short = next(r for r in rows if r["rate"] == rate and r["max_tokens"] == 1)
-        long = next(r for r in rows if r["rate"] == rate and r["max_tokens"] != 1)
-        extra_tokens = long["tokens"] / max(1, long["ok"]) - 1
-        per_token = (
-            (long["net_cpu_s_per_1k"] - short["net_cpu_s_per_1k"]) / 1000 / max(extra_tokens, 1)
-        )
-        net = short["net_cpu_s_per_1k"]
+    for rate, net, per_100k_tokens, extra_tokens in per_rate_costs(rows):
         print(
             f"- {rate:.0f} req/s: {net:.3f} net CPU-s per 1,000 requests alone "
             f"(-> {1000 / max(net, 1e-9):.0f} req/s per core); "
-            f"{100_000 * per_token:.2f} CPU-s per 100,000 streamed tokens (the decode call and "
+            f"{per_100k_tokens:.2f} CPU-s per 100,000 streamed tokens (the decode call and "
             f"its {extra_tokens:.0f} more tokens per request)"
         )
     sustained = [

@@ -34,7 +34,12 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.bench_gateway_scale import cpu_s, run_load  # noqa: E402
+from benchmarks.bench_gateway_scale import (  # noqa: E402
+    cpu_s,
+    idle_cores,
+    per_rate_costs,
+    run_load,
+)
 from benchmarks.harness import Server, free_port, host_info, load_avg, log, percentile  # noqa: E402
 
 BACKEND_READY = re.compile(r"simulated engines ready")
@@ -134,9 +139,7 @@ def main() -> int:
                     wait_serving(url, 600)
                     assert router.proc is not None
                     pid = router.proc.pid
-                    idle0, t_idle = cpu_s([pid]), time.perf_counter()
-                    time.sleep(args.idle)
-                    idle = (cpu_s([pid]) - idle0) / (time.perf_counter() - t_idle)
+                    idle = idle_cores(pid, args.idle)
                     log(f"{kind}-router idle: {idle:.3f} cores")
                     rows = []
                     for i, rate in enumerate(rates):
@@ -174,16 +177,9 @@ def report(
                   f"{r['ttft_p50_ms']:.1f} |")  # fmt: skip
     print()
     for kind, rows in results.items():
-        for rate in sorted({r["rate"] for r in rows}):
-            short = next(r for r in rows if r["rate"] == rate and r["max_tokens"] == 1)
-            long = next(r for r in rows if r["rate"] == rate and r["max_tokens"] != 1)
-            extra = long["tokens"] / max(1, long["ok"]) - 1
-            per_token = (
-                (long["net_cpu_s_per_1k"] - short["net_cpu_s_per_1k"]) / 1000 / max(extra, 1)
-            )
-            print(f"- {kind} at {rate:.0f} req/s: {short['net_cpu_s_per_1k']:.3f} net CPU-s per "
-                  f"1,000 requests alone; {100_000 * per_token:.2f} CPU-s per 100,000 streamed "
-                  "tokens")  # fmt: skip
+        for rate, net, per_100k_tokens, _ in per_rate_costs(rows):
+            print(f"- {kind} at {rate:.0f} req/s: {net:.3f} net CPU-s per 1,000 requests alone; "
+                  f"{per_100k_tokens:.2f} CPU-s per 100,000 streamed tokens")  # fmt: skip
 
 
 if __name__ == "__main__":
