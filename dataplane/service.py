@@ -74,6 +74,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             stop=list(sp.stop) or None,
             stop_token_ids=list(sp.stop_token_ids) or None,
             ignore_eos=sp.ignore_eos,
+            # vLLM's extensions: each field's zero value is "off" (worker.proto).
+            **({"top_k": sp.top_k} if sp.top_k > 0 else {}),
+            min_p=sp.min_p,
+            repetition_penalty=sp.repetition_penalty if sp.repetition_penalty > 0 else 1.0,
+            min_tokens=min(sp.min_tokens, max_tokens),
             output_kind=kind,
             # The gateway detokenizes the whole sequence itself
             # (controlplane/text/detokenizer.py); the engine needs text only to match stop strings.

@@ -4,10 +4,10 @@ Every rejection is an `OpenAIError` carrying the HTTP status and the OpenAI erro
 param, code), so the HTTP layer turns it into `{"error": {...}}` without knowing why it happened.
 
 Rules follow OpenAI's API, with vLLM's extensions where they matter for serving (`ignore_eos`,
-`stop_token_ids`, `cache_salt`). Unknown fields are ignored (as OpenAI and vLLM do), but fields
-that ask for a feature this server does not implement (logprobs, tools, penalties, ...) are
-rejected with 400 unless they carry their "off" value: silently dropping them would return an
-answer the client did not ask for.
+`stop_token_ids`, `cache_salt`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`). Unknown
+fields are ignored (as OpenAI and vLLM do), but fields that ask for a feature this server does
+not implement (logprobs, tools, penalties, ...) are rejected with 400 unless they carry their
+"off" value: silently dropping them would return an answer the client did not ask for.
 
 What is checked beyond the fields (the body's bytes, the prompt's length before and after
 tokenization) lives in `controlplane.api.request_checks`.
@@ -136,6 +136,15 @@ class SamplingOptions:
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
     ignore_eos: bool
+    top_k: int = 0
+    """vLLM's extension: sample among the k most likely tokens; 0 = all (the client's -1 too)."""
+    min_p: float = 0.0
+    """vLLM's extension: drop tokens less likely than min_p x the most likely one; 0 = off."""
+    repetition_penalty: float = 1.0
+    """vLLM's extension: divide (or multiply, when negative) the logits of tokens already in the
+    prompt or the output; 1 = off."""
+    min_tokens: int = 0
+    """vLLM's extension: EOS and ``stop_token_ids`` cannot end the output before this many."""
 
     @classmethod
     def greedy(cls, max_tokens: int | None, *, ignore_eos: bool = False) -> SamplingOptions:
@@ -190,6 +199,9 @@ class SamplingDefaults:
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 def parse_completion_request(
@@ -381,6 +393,9 @@ def _parse_sampling(
     )
     top_p = _opt_float(obj, "top_p", default=defaults.top_p, minimum=0, maximum=1, open_min=True)
     seed = _opt_int(obj, "seed", minimum=_INT64_MIN, maximum=_INT64_MAX)
+    # vLLM's extensions, with its bounds: top_k -1 (or 0) means all tokens.
+    top_k = _opt_int(obj, "top_k", minimum=-1, maximum=limits.vocab_size)
+    min_tokens = _opt_int(obj, "min_tokens", minimum=0, maximum=max_tokens or limits.max_model_len)
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -389,6 +404,19 @@ def _parse_sampling(
         stop=_parse_stop(obj, limits),
         stop_token_ids=_parse_stop_token_ids(obj, limits),
         ignore_eos=_opt_bool(obj, "ignore_eos", default=False),
+        top_k=max(0, top_k if top_k is not None else defaults.top_k),
+        min_p=_opt_float(
+            obj, "min_p", default=defaults.min_p, minimum=0, maximum=1, open_min=False
+        ),
+        repetition_penalty=_opt_float(
+            obj,
+            "repetition_penalty",
+            default=defaults.repetition_penalty,
+            minimum=0,
+            maximum=2**31,
+            open_min=True,
+        ),
+        min_tokens=min_tokens or 0,
     )
 
 

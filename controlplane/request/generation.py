@@ -240,7 +240,9 @@ class Generation:
                     instance.client.decode(
                         request_id=req.request_id,
                         prompt_token_ids=[*req.prompt_token_ids, *generated],
-                        sampling=self._worker_sampling(max_tokens=num_left),
+                        sampling=self._worker_sampling(
+                            max_tokens=num_left, generated=len(generated)
+                        ),
                         cache_salt=req.cache_salt,
                         block_keys=block_keys,
                         timeout_s=self._remaining_s("Decode", instance.endpoint),
@@ -416,8 +418,8 @@ class Generation:
             return step(token_ids[0])
         return "".join([step(t) for t in token_ids])
 
-    def _worker_sampling(self, *, max_tokens: int) -> WorkerSampling:
-        return WorkerSampling(max_tokens, self.request.sampling)
+    def _worker_sampling(self, *, max_tokens: int, generated: int = 0) -> WorkerSampling:
+        return WorkerSampling(max_tokens, self.request.sampling, generated)
 
     def _remaining_s(self, rpc: str, endpoint: str) -> float:
         remaining = self.request.arrival_s + self.request.timeout_s - time.monotonic()

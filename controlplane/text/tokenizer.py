@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -175,19 +176,23 @@ def _read_generation_config_eos(model_dir: Path) -> tuple[int, ...]:
 
 
 def read_sampling_defaults(model_dir: Path) -> SamplingDefaults:
-    """temperature / top_p defaults from the model's generation_config.json, as vLLM applies them.
-
-    vLLM (`--generation-config auto`, its default) also takes top_k, min_p and the penalties from
-    there; the worker contract has no fields for those yet, so they are reported and dropped.
-    """
+    """Sampling defaults from the model's generation_config.json, as vLLM applies them
+    (`--generation-config auto`, its default): temperature, top_p, top_k, min_p and
+    repetition_penalty. The penalties on output counts (presence, frequency) are not passed on
+    (the request fields are refused too): reported and dropped."""
     config = _read_generation_config(model_dir)
-    unsupported = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-    dropped = sorted(k for k in unsupported if config.get(k) is not None)
+    dropped = sorted(k for k in ("presence_penalty", "frequency_penalty") if config.get(k))
     if dropped:
         logger.warning("generation_config.json sets %s, which the gateway cannot pass on", dropped)
     defaults = SamplingDefaults()
-    temperature = config.get("temperature", defaults.temperature)
-    top_p = config.get("top_p", defaults.top_p)
-    if not isinstance(temperature, int | float) or not isinstance(top_p, int | float):
-        return defaults
-    return SamplingDefaults(temperature=float(temperature), top_p=float(top_p))
+    values: dict[str, float] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            logger.warning("generation_config.json: %s=%r is not a number; ignored", name, value)
+            continue
+        values[name] = value
+    top_k = int(values.pop("top_k", defaults.top_k))
+    return replace(defaults, top_k=max(0, top_k), **{k: float(v) for k, v in values.items()})

@@ -126,10 +126,13 @@ class WorkerHealth:
 @dataclass(frozen=True, slots=True)
 class WorkerSampling:
     """Sampling for one worker call: `max_tokens` is what this call may generate; the rest is
-    the request's `options` (whose own `max_tokens`, what the client asked for, is not sent)."""
+    the request's `options` (whose own `max_tokens`, what the client asked for, is not sent).
+    `generated`: output tokens the request already has before this call (the prefill's first
+    token, a failed decode's tokens): `min_tokens` counts them."""
 
     max_tokens: int
     options: SamplingOptions
+    generated: int = 0
 
     def to_proto(self) -> worker_pb2.SamplingParams:
         o = self.options
@@ -140,6 +143,10 @@ class WorkerSampling:
             stop=o.stop,
             stop_token_ids=o.stop_token_ids,
             ignore_eos=o.ignore_eos,
+            top_k=o.top_k,
+            min_p=o.min_p,
+            repetition_penalty=o.repetition_penalty,
+            min_tokens=max(0, min(o.min_tokens - self.generated, self.max_tokens)),
         )
         if o.seed is not None:
             params.seed = o.seed

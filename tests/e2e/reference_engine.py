@@ -4,7 +4,8 @@ Run as a subprocess (vLLM wants a fresh process and a main guard):
     python tests/e2e/reference_engine.py MODEL_DIR < requests.json > results.json
 Each request is {"kind": "completion", "prompt": str}, {"kind": "chat", "messages": [...]} or
 {"kind": "tokens", "prompt_token_ids": [...]},
-plus "max_tokens" and optional "ignore_eos"; each result is {"token_ids": [...], "text": str}.
+plus "max_tokens", optional "ignore_eos" and optional "sampling" (more SamplingParams fields,
+e.g. {"repetition_penalty": 1.5}; greedy always); each result is {"token_ids": [...], "text": str}.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
             temperature=0.0,
             max_tokens=req["max_tokens"],
             ignore_eos=req.get("ignore_eos", False),
+            **req.get("sampling", {}),
         )
         if req["kind"] == "chat":
             out = llm.chat(req["messages"], sp, use_tqdm=False)[0]

@@ -48,8 +48,17 @@ def reference(tiny_model_dir: Path) -> dict[str, list[dict[str, Any]]]:
     ] + [
         {"kind": "chat", "messages": m, "max_tokens": MAX_TOKENS, "ignore_eos": True} for m in CHATS
     ]
+    requests += [
+        {"kind": "completion", "prompt": p, "max_tokens": MAX_TOKENS, "sampling": s}
+        for p, s in zip(PROMPTS[1:3], SAMPLING_EXTENSIONS, strict=True)
+    ]
     results = run_reference(tiny_model_dir, requests)
-    return {"completions": results[: len(PROMPTS)], "chats": results[len(PROMPTS) :]}
+    chats_end = len(PROMPTS) + len(CHATS)
+    return {
+        "completions": results[: len(PROMPTS)],
+        "chats": results[len(PROMPTS) : chats_end],
+        "extensions": results[chats_end:],
+    }
 
 
 def _client(server: StrataServer) -> OpenAI:
@@ -57,6 +66,13 @@ def _client(server: StrataServer) -> OpenAI:
 
 
 EXTRA = {"ignore_eos": True, "return_token_ids": True}
+SAMPLING_EXTENSIONS: list[dict[str, Any]] = [
+    # Changes greedy output (the prompt's words are penalized), and through the split: the
+    # decode engine sees the first token in its prompt, one engine in its output; both count.
+    {"repetition_penalty": 1.8, "top_k": 5, "min_p": 0.05},
+    # EOS suppressed until 20 tokens, the first of them sampled by the prefill engine.
+    {"min_tokens": 20, "repetition_penalty": 0.7},
+]
 
 
 def test_prompts_span_several_blocks(reference: dict[str, list[dict[str, Any]]]) -> None:
@@ -101,6 +117,27 @@ def test_completions_match_single_engine(
             assert resp.usage.completion_tokens == MAX_TOKENS
         assert token_ids == ref["token_ids"]
         assert text == ref["text"]
+
+
+def test_vllm_sampling_extensions_match_single_engine(
+    tiny_server: StrataServer, reference: dict[str, list[dict[str, Any]]]
+) -> None:
+    """top_k, min_p, repetition_penalty and min_tokens reach both engines and the answer is one
+    engine's, token for token (greedy)."""
+    client = _client(tiny_server)
+    refs = reference["extensions"]
+    for prompt, extension, ref in zip(PROMPTS[1:3], SAMPLING_EXTENSIONS, refs, strict=True):
+        resp = client.completions.create(
+            model=tiny_server.model,
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_body={"return_token_ids": True, **extension},
+        )
+        assert list(getattr(resp.choices[0], "token_ids", None) or []) == ref["token_ids"]
+    # The penalty changed the answer (else this test could not fail).
+    plain = reference["completions"][1]["token_ids"]
+    assert refs[0]["token_ids"] != plain[: len(refs[0]["token_ids"])]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])

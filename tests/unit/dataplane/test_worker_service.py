@@ -95,3 +95,26 @@ def test_requests_the_worker_cannot_serve_are_refused_before_the_engine(
         asyncio.run(service._check(Context(), rpc, tokens))  # type: ignore[arg-type]
     assert refused.value.args[0] is code
     assert w.counters.num_requests == 0
+
+
+def test_the_sampling_extensions_reach_the_engine(tmp_path: Path) -> None:
+    """worker.proto's zero values are "off"; the rest become vLLM's SamplingParams fields."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    service = WorkerService(worker(tmp_path))
+    kind = RequestOutputKind.DELTA
+    off = service._sampling(worker_pb2.SamplingParams(max_tokens=4), 4, kind)
+    default = SamplingParams(max_tokens=4)
+    assert (off.top_k, off.min_p, off.repetition_penalty, off.min_tokens) == (
+        default.top_k,
+        0.0,
+        1.0,
+        0,
+    )
+    on = worker_pb2.SamplingParams(  # not greedy: vLLM turns top_k and min_p off for greedy
+        max_tokens=4, temperature=0.5, top_k=40, min_p=0.25, repetition_penalty=1.5, min_tokens=9
+    )
+    params = service._sampling(on, 4, kind)
+    assert (params.top_k, params.min_p, params.repetition_penalty) == (40, 0.25, 1.5)
+    assert params.min_tokens == 4  # never more than the call may generate

@@ -281,3 +281,49 @@ def test_stop_strings_at_their_limits_are_accepted() -> None:
         parse_chat_completion_request(chat(stop=["a", "b"]), served_model_name=M, limits=tight)
     with pytest.raises(OpenAIError, match="at most 3 characters long, got one of 4"):
         parse_chat_completion_request(chat(stop="abcd"), served_model_name=M, limits=tight)
+
+
+def test_vllm_sampling_extensions_are_parsed_not_ignored() -> None:
+    plain = parse_completion_request(completion(), served_model_name=M, limits=LIMITS).sampling
+    assert (plain.top_k, plain.min_p, plain.repetition_penalty, plain.min_tokens) == (0, 0, 1, 0)
+    body = completion(top_k=40, min_p=0.1, repetition_penalty=1.3, min_tokens=5, max_tokens=8)
+    s = parse_completion_request(body, served_model_name=M, limits=LIMITS).sampling
+    assert (s.top_k, s.min_p, s.repetition_penalty, s.min_tokens) == (40, 0.1, 1.3, 5)
+    # vLLM's "all tokens" is -1 (or 0).
+    all_tokens = parse_chat_completion_request(chat(top_k=-1), served_model_name=M, limits=LIMITS)
+    assert all_tokens.sampling.top_k == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 501}, "top_k"),  # more than the vocabulary
+        ({"top_k": 1.5}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": "high"}, "repetition_penalty"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 9, "max_tokens": 8}, "min_tokens"),  # more than it may generate
+    ],
+)
+def test_bad_sampling_extensions_are_400_naming_the_field(
+    fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(OpenAIError) as info:
+        parse_completion_request(completion(**fields), served_model_name=M, limits=LIMITS)
+    _assert_rejected(info.value, 400, param, None)
+
+
+def test_generation_config_defaults_of_the_extensions() -> None:
+    defaults = SamplingDefaults(top_k=20, min_p=0.05, repetition_penalty=1.1)
+    unset = parse_chat_completion_request(
+        chat(), served_model_name=M, limits=LIMITS, defaults=defaults
+    ).sampling
+    assert (unset.top_k, unset.min_p, unset.repetition_penalty) == (20, 0.05, 1.1)
+    explicit = parse_chat_completion_request(
+        chat(top_k=-1, min_p=0, repetition_penalty=1), served_model_name=M, limits=LIMITS,
+        defaults=defaults,
+    ).sampling  # fmt: skip
+    assert (explicit.top_k, explicit.min_p, explicit.repetition_penalty) == (0, 0, 1)

@@ -116,9 +116,13 @@ def test_no_chat_template_is_a_400(with_template: MakeTokenizer) -> None:
 def test_sampling_defaults_from_generation_config(tmp_path: Path) -> None:
     assert read_sampling_defaults(tmp_path) == SamplingDefaults()
     (tmp_path / "generation_config.json").write_text(
-        json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": 20})
+        json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05})
     )
-    assert read_sampling_defaults(tmp_path) == SamplingDefaults(temperature=0.6, top_p=0.9)
+    assert read_sampling_defaults(tmp_path) == SamplingDefaults(
+        temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.05
+    )
+    (tmp_path / "generation_config.json").write_text(json.dumps({"min_p": "low", "top_k": -1}))
+    assert read_sampling_defaults(tmp_path) == SamplingDefaults()  # not a number; -1: all
     (tmp_path / "generation_config.json").write_text("{broken")
     assert read_sampling_defaults(tmp_path) == SamplingDefaults()
 
