@@ -18,7 +18,6 @@ HTTP status; after the first token the status line is gone, so it gets an error 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -29,6 +28,13 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 from aiohttp import hdrs, web
 
+from controlplane.api.errors import (
+    HTTP_ERROR_CODES,
+    answer_and_close,
+    error_response,
+    json_response,
+    worker_error_to_openai,
+)
 from controlplane.api.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatMessage,
@@ -51,15 +57,19 @@ from controlplane.api.responses import (
     CompletionFormatter,
     StreamFormatter,
     Usage,
-    dumps,
     sse_event,
+)
+from controlplane.api.tokenize import (
+    parse_detokenize_request,
+    parse_tokenize_request,
+    strata_version,
+    tokenize_answer,
 )
 from controlplane.config import GatewayConfig
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
 from controlplane.request.generation import Generation, GenerationDelta, GenerationRequest
 from controlplane.request.routing import (
-    RejectedRequest,
     Router,
     parse_slo_headers,
     rejection_error,
@@ -67,10 +77,10 @@ from controlplane.request.routing import (
 from controlplane.scheduling import Reject
 from controlplane.tenants import ANONYMOUS, ApiKeys, TenantError, tenant_namespace
 from controlplane.text.tokenizer import ModelTokenizer
-from controlplane.workers.client import WorkerError, WorkerErrorKind
+from controlplane.workers.client import WorkerError
 from strata_common.credentials import CLUSTER_KEY_BYTES, derive_key
 
-__all__ = ["Gateway", "error_response", "json_response", "worker_error_to_openai"]
+__all__ = ["Gateway"]
 
 logger = logging.getLogger("controlplane.gateway")  # the gateway's one log name
 
@@ -80,62 +90,8 @@ _Parsed = TypeVar("_Parsed", bound=GenerationRequestFields)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
-_WORKER_ERROR_STATUS = {
-    WorkerErrorKind.UNAVAILABLE: (503, "server_error", "worker_unavailable"),
-    WorkerErrorKind.OVERLOADED: (503, "server_error", "worker_overloaded"),
-    WorkerErrorKind.TIMEOUT: (504, "server_error", "worker_timeout"),
-    WorkerErrorKind.REJECTED: (400, "invalid_request_error", "worker_rejected_request"),
-    WorkerErrorKind.FAILED: (502, "server_error", "worker_failed"),
-}
-_HTTP_ERROR_CODES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-}
-
-
-_WORKER_ERROR_MESSAGES = {
-    WorkerErrorKind.UNAVAILABLE: "no worker could serve it now; retry later",
-    WorkerErrorKind.OVERLOADED: "the worker is overloaded; retry later",
-    WorkerErrorKind.TIMEOUT: "the request's deadline passed",
-    WorkerErrorKind.REJECTED: "the worker rejected the input",
-    WorkerErrorKind.FAILED: "the worker failed (logged by the gateway)",
-}
-
-
-def worker_error_to_openai(exc: WorkerError) -> OpenAIError:
-    """The client's view of a worker failure: what kind, never which worker (its endpoint) nor
-    the worker's own detail (addresses, paths), which the gateway logs; a rejected input keeps
-    the worker's reason, which is about the request."""
-    status, error_type, code = _WORKER_ERROR_STATUS[exc.kind]
-    message = f"{exc.rpc} failed: {_WORKER_ERROR_MESSAGES[exc.kind]}"
-    if exc.kind is WorkerErrorKind.REJECTED:
-        message += f": {exc.detail}"
-    return OpenAIError(message + ".", status=status, type=error_type, code=code)
-
-
-def error_response(exc: OpenAIError) -> web.Response:
-    # ASCII JSON: a message quoting the client's input can always be encoded and parsed back.
-    response = web.Response(
-        status=exc.status, text=json.dumps(exc.to_dict()), content_type="application/json"
-    )
-    if isinstance(exc, RejectedRequest) and exc.retry_after_s is not None:
-        response.headers[hdrs.RETRY_AFTER] = str(exc.retry_after_s)
-    return response
-
-
-async def _answer_and_close(request: web.Request, response: web.Response) -> None:
-    """Send `response`, then close the connection: aiohttp would otherwise linger reading the
-    rest of the request's body (up to its lingering_time) before closing."""
-    await response.prepare(request)
-    await response.write_eof()
-    request.protocol.force_close()
-
-
-def json_response(obj: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=dumps(obj), content_type="application/json")
-
-
+_KEYED_ROUTES = frozenset({"/tokenize", "/detokenize"})
+"""Routes outside /v1 that need the API key too (they run the tokenizer: tokenize.py)."""
 _TENANT: Final = web.RequestKey("strata_tenant", str)
 """The request's tenant (set by the tenant middleware on /v1 routes)."""
 
@@ -199,6 +155,9 @@ class Gateway:
         app.router.add_post(
             "/v1/chat/completions", self._chat_completions, expect_handler=self._expect
         )
+        app.router.add_post("/tokenize", self._tokenize_route)
+        app.router.add_post("/detokenize", self._detokenize_route)
+        app.router.add_get("/version", self._version)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics_text)
         return app
@@ -238,7 +197,7 @@ class Gateway:
         except OpenAIError as exc:
             response = error_response(exc)
             if exc.status == 408:  # the rest of a body this slow is not waited for
-                await _answer_and_close(request, response)
+                await answer_and_close(request, response)
             return response
         except WorkerError as exc:
             logger.warning("%s %s: %s", request.method, request.path, exc)
@@ -250,7 +209,7 @@ class Gateway:
                 OpenAIError(
                     f"{exc.reason}: {request.method} {request.path}",
                     status=exc.status,
-                    code=_HTTP_ERROR_CODES.get(exc.status),
+                    code=HTTP_ERROR_CODES.get(exc.status),
                 )
             )
             if hdrs.ALLOW in exc.headers:
@@ -273,10 +232,11 @@ class Gateway:
     async def _tenant_middleware(
         self, request: web.Request, handler: Handler
     ) -> web.StreamResponse:
-        """The /v1 routes need a valid API key when keys are configured: 401 (OpenAI's
-        ``invalid_api_key``) before anything else; the request's tenant is kept for its KV
-        namespace. /health and /metrics are for probes and operators."""
-        if request.path.startswith("/v1/"):
+        """The /v1 routes, /tokenize and /detokenize need a valid API key when keys are
+        configured: 401 (OpenAI's ``invalid_api_key``) before anything else; the request's
+        tenant is kept for its KV namespace. /health, /metrics and /version are for probes and
+        operators."""
+        if request.path.startswith("/v1/") or request.path in _KEYED_ROUTES:
             try:
                 request[_TENANT] = self._api_keys.tenant_of(request.headers.get(hdrs.AUTHORIZATION))
             except TenantError as exc:
@@ -295,6 +255,24 @@ class Gateway:
             "max_model_len": self._limits.max_model_len,
         }
         return json_response({"object": "list", "data": [model]})
+
+    async def _tokenize_route(self, request: web.Request) -> web.Response:
+        name = self._config.served_model_name
+        parsed = parse_tokenize_request(await self._read_json(request), served_model_name=name)
+        answer = await tokenize_answer(parsed, self._tokenizer, self._limits, self._tokenize)
+        return json_response(answer)
+
+    async def _detokenize_route(self, request: web.Request) -> web.Response:
+        parsed = parse_detokenize_request(
+            await self._read_json(request),
+            served_model_name=self._config.served_model_name,
+            limits=self._limits,
+        )
+        text = await self._tokenize(self._tokenizer.decode, list(parsed.tokens))
+        return json_response({"prompt": text})
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return json_response({"version": strata_version()})
 
     async def _health(self, request: web.Request) -> web.Response:
         # Public: each instance's id, role and state only. Endpoints, load and the reason an
@@ -471,7 +449,7 @@ class Gateway:
         too_large = self._body_too_large(request)
         if too_large is not None:
             response = error_response(too_large)
-            await _answer_and_close(request, response)  # its body will not come
+            await answer_and_close(request, response)  # its body will not come
             return response
         if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
             return error_response(

@@ -34,8 +34,16 @@ __all__ = [
     "OpenAIError",
     "RequestLimits",
     "SamplingOptions",
+    "invalid",
+    "is_int",
+    "opt_bool",
+    "opt_int",
     "parse_chat_completion_request",
     "parse_completion_request",
+    "parse_messages",
+    "parse_model",
+    "require_object",
+    "type_name",
 ]
 
 _INT64_MIN: Final = -(2**63)
@@ -213,7 +221,7 @@ def parse_completion_request(
 ) -> CompletionRequest:
     obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_COMPLETION)
     prompt = _parse_prompt(obj, limits)
-    max_tokens = _opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
+    max_tokens = opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
     return CompletionRequest(
         prompt=prompt, **_parse_common(obj, model, max_tokens, limits, defaults)
     )
@@ -227,12 +235,12 @@ def parse_chat_completion_request(
     defaults: SamplingDefaults | None = None,
 ) -> ChatCompletionRequest:
     obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_CHAT)
-    messages = _parse_messages(obj)
+    messages = parse_messages(obj)
     # max_completion_tokens replaced max_tokens in OpenAI's chat API; both are accepted.
-    max_completion_tokens = _opt_int(
+    max_completion_tokens = opt_int(
         obj, "max_completion_tokens", minimum=1, maximum=limits.max_model_len
     )
-    max_tokens = _opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
+    max_tokens = opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
     if max_completion_tokens is not None:
         max_tokens = max_completion_tokens
     return ChatCompletionRequest(
@@ -244,8 +252,8 @@ def _parse_head(
     body: object, served_model_name: str, unsupported: dict[str, tuple[object, ...]]
 ) -> tuple[dict[str, Any], str]:
     """The body as an object, and its model; rejects features this server does not implement."""
-    obj = _require_object(body)
-    model = _parse_model(obj, served_model_name)
+    obj = require_object(body)
+    model = parse_model(obj, served_model_name)
     _reject_unsupported(obj, unsupported)
     return obj, model
 
@@ -268,7 +276,7 @@ def _parse_common(
         stream=stream,
         include_usage=include_usage,
         cache_salt=_parse_cache_salt(obj),
-        return_token_ids=_opt_bool(obj, "return_token_ids", default=False),
+        return_token_ids=opt_bool(obj, "return_token_ids", default=False),
     )
 
 
@@ -276,31 +284,29 @@ def _parse_common(
 # Field parsers. Each raises OpenAIError(400, param=<field>) with a message naming the field.
 
 
-def _invalid(param: str, message: str, code: str | None = None) -> OpenAIError:
+def invalid(param: str, message: str, code: str | None = None) -> OpenAIError:
     return OpenAIError(message, param=param, code=code)
 
 
-def _type_name(value: object) -> str:
+def type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _require_object(body: object) -> dict[str, Any]:
+def require_object(body: object) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise OpenAIError(
-            f"The request body must be a JSON object, got {_type_name(body)}.",
+            f"The request body must be a JSON object, got {type_name(body)}.",
             code="invalid_body",
         )
     return body
 
 
-def _parse_model(obj: dict[str, Any], served_model_name: str) -> str:
+def parse_model(obj: dict[str, Any], served_model_name: str) -> str:
     model = obj.get("model")
     if model is None:
-        raise _invalid(
-            "model", "Missing required parameter: 'model'.", "missing_required_parameter"
-        )
+        raise invalid("model", "Missing required parameter: 'model'.", "missing_required_parameter")
     if not isinstance(model, str):
-        raise _invalid("model", f"'model' must be a string, got {_type_name(model)}.")
+        raise invalid("model", f"'model' must be a string, got {type_name(model)}.")
     if model != served_model_name:
         raise OpenAIError(
             f"The model '{model}' does not exist. This server serves '{served_model_name}'.",
@@ -314,7 +320,7 @@ def _parse_model(obj: dict[str, Any], served_model_name: str) -> str:
 def _reject_unsupported(obj: dict[str, Any], table: dict[str, tuple[object, ...]]) -> None:
     for name, off_values in table.items():
         if name in obj and not any(_is_off_value(obj[name], off) for off in off_values):
-            raise _invalid(
+            raise invalid(
                 name,
                 f"'{name}' is not supported by this server (only its default value is accepted).",
                 "unsupported_parameter",
@@ -328,20 +334,20 @@ def _is_off_value(value: object, off: object) -> bool:
     return value == off
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _opt_int(obj: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+def opt_int(obj: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
     value = obj.get(name)
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not _is_int(value):
-        raise _invalid(name, f"'{name}' must be an integer, got {_type_name(value)}.")
+    if not is_int(value):
+        raise invalid(name, f"'{name}' must be an integer, got {type_name(value)}.")
     if not minimum <= value <= maximum:
-        raise _invalid(name, f"'{name}' must be between {minimum} and {maximum}, got {value}.")
+        raise invalid(name, f"'{name}' must be between {minimum} and {maximum}, got {value}.")
     return int(value)
 
 
@@ -358,23 +364,21 @@ def _opt_float(
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(name, f"'{name}' must be a number, got {_type_name(value)}.")
+        raise invalid(name, f"'{name}' must be a number, got {type_name(value)}.")
     number = float(value)
     too_low = number <= minimum if open_min else number < minimum
     if not math.isfinite(number) or too_low or number > maximum:
         bracket = "(" if open_min else "["
-        raise _invalid(
-            name, f"'{name}' must be in {bracket}{minimum:g}, {maximum:g}], got {value}."
-        )
+        raise invalid(name, f"'{name}' must be in {bracket}{minimum:g}, {maximum:g}], got {value}.")
     return number
 
 
-def _opt_bool(obj: dict[str, Any], name: str, *, default: bool) -> bool:
+def opt_bool(obj: dict[str, Any], name: str, *, default: bool) -> bool:
     value = obj.get(name)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise _invalid(name, f"'{name}' must be a boolean, got {_type_name(value)}.")
+        raise invalid(name, f"'{name}' must be a boolean, got {type_name(value)}.")
     return value
 
 
@@ -386,16 +390,16 @@ def _parse_sampling(
     defaults: SamplingDefaults,
 ) -> SamplingOptions:
     n = obj.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise _invalid("n", f"Only n=1 is supported, got {n!r}.", "unsupported_parameter")
+    if n is not None and (not is_int(n) or n != 1):
+        raise invalid("n", f"Only n=1 is supported, got {n!r}.", "unsupported_parameter")
     temperature = _opt_float(
         obj, "temperature", default=defaults.temperature, minimum=0, maximum=2, open_min=False
     )
     top_p = _opt_float(obj, "top_p", default=defaults.top_p, minimum=0, maximum=1, open_min=True)
-    seed = _opt_int(obj, "seed", minimum=_INT64_MIN, maximum=_INT64_MAX)
+    seed = opt_int(obj, "seed", minimum=_INT64_MIN, maximum=_INT64_MAX)
     # vLLM's extensions, with its bounds: top_k -1 (or 0) means all tokens.
-    top_k = _opt_int(obj, "top_k", minimum=-1, maximum=limits.vocab_size)
-    min_tokens = _opt_int(obj, "min_tokens", minimum=0, maximum=max_tokens or limits.max_model_len)
+    top_k = opt_int(obj, "top_k", minimum=-1, maximum=limits.vocab_size)
+    min_tokens = opt_int(obj, "min_tokens", minimum=0, maximum=max_tokens or limits.max_model_len)
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -403,7 +407,7 @@ def _parse_sampling(
         seed=seed,
         stop=_parse_stop(obj, limits),
         stop_token_ids=_parse_stop_token_ids(obj, limits),
-        ignore_eos=_opt_bool(obj, "ignore_eos", default=False),
+        ignore_eos=opt_bool(obj, "ignore_eos", default=False),
         top_k=max(0, top_k if top_k is not None else defaults.top_k),
         min_p=_opt_float(
             obj, "min_p", default=defaults.min_p, minimum=0, maximum=1, open_min=False
@@ -426,17 +430,17 @@ def _parse_stop(obj: dict[str, Any], limits: RequestLimits) -> tuple[str, ...]:
         return ()
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _invalid("stop", "'stop' must be a string or a list of strings.")
+        raise invalid("stop", "'stop' must be a string or a list of strings.")
     if len(stops) > limits.max_stop_strings:
-        raise _invalid(
+        raise invalid(
             "stop",
             f"'stop' may hold at most {limits.max_stop_strings} strings, got {len(stops)}.",
         )
     if any(s == "" for s in stops):
-        raise _invalid("stop", "'stop' strings must not be empty.")
+        raise invalid("stop", "'stop' strings must not be empty.")
     longest = max((len(s) for s in stops), default=0)
     if longest > limits.max_stop_chars:
-        raise _invalid(
+        raise invalid(
             "stop",
             f"'stop' strings may be at most {limits.max_stop_chars} characters long, "
             f"got one of {longest}.",
@@ -448,11 +452,11 @@ def _parse_stop_token_ids(obj: dict[str, Any], limits: RequestLimits) -> tuple[i
     value = obj.get("stop_token_ids")
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(_is_int(t) for t in value):
-        raise _invalid("stop_token_ids", "'stop_token_ids' must be a list of integers.")
+    if not isinstance(value, list) or not all(is_int(t) for t in value):
+        raise invalid("stop_token_ids", "'stop_token_ids' must be a list of integers.")
     for token_id in value:
         if not 0 <= token_id < limits.vocab_size:
-            raise _invalid(
+            raise invalid(
                 "stop_token_ids",
                 f"Token id {token_id} in 'stop_token_ids' is out of the vocabulary "
                 f"(size {limits.vocab_size}).",
@@ -461,19 +465,19 @@ def _parse_stop_token_ids(obj: dict[str, Any], limits: RequestLimits) -> tuple[i
 
 
 def _parse_stream(obj: dict[str, Any]) -> tuple[bool, bool]:
-    stream = _opt_bool(obj, "stream", default=False)
+    stream = opt_bool(obj, "stream", default=False)
     options = obj.get("stream_options")
     if options is None:
         return stream, False
     if not isinstance(options, dict):
-        raise _invalid("stream_options", "'stream_options' must be an object.")
+        raise invalid("stream_options", "'stream_options' must be an object.")
     if not stream:
-        raise _invalid("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+        raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true.")
     include_usage = options.get("include_usage")
     if include_usage is None:
         return stream, False
     if not isinstance(include_usage, bool):
-        raise _invalid("stream_options.include_usage", "'include_usage' must be a boolean.")
+        raise invalid("stream_options.include_usage", "'include_usage' must be a boolean.")
     return stream, include_usage
 
 
@@ -482,9 +486,9 @@ def _parse_cache_salt(obj: dict[str, Any]) -> str:
     if value is None:
         return ""
     if not isinstance(value, str) or not value:
-        raise _invalid("cache_salt", "'cache_salt' must be a non-empty string.")
+        raise invalid("cache_salt", "'cache_salt' must be a non-empty string.")
     if len(value) > MAX_CACHE_SALT_CHARS:
-        raise _invalid(
+        raise invalid(
             "cache_salt", f"'cache_salt' must be at most {MAX_CACHE_SALT_CHARS} characters."
         )
     return value
@@ -492,7 +496,7 @@ def _parse_cache_salt(obj: dict[str, Any]) -> str:
 
 def _parse_prompt(obj: dict[str, Any], limits: RequestLimits) -> str | tuple[int, ...]:
     if "prompt" not in obj or obj["prompt"] is None:
-        raise _invalid(
+        raise invalid(
             "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
         )
     prompt = obj["prompt"]
@@ -501,69 +505,69 @@ def _parse_prompt(obj: dict[str, Any], limits: RequestLimits) -> str | tuple[int
         prompt = prompt[0]
     if isinstance(prompt, str):
         if not prompt:
-            raise _invalid("prompt", "'prompt' must not be empty.")
+            raise invalid("prompt", "'prompt' must not be empty.")
         return prompt
     if not isinstance(prompt, list) or not prompt:
-        raise _invalid(
+        raise invalid(
             "prompt",
             "'prompt' must be a non-empty string or a non-empty list of token ids.",
         )
     if all(isinstance(p, str | list) for p in prompt):
-        raise _invalid(
+        raise invalid(
             "prompt",
             f"Batched prompts ({len(prompt)} prompts) are not supported yet; send one per request.",
             "unsupported_parameter",
         )
-    if not all(_is_int(t) for t in prompt):
-        raise _invalid("prompt", "'prompt' as a list must contain only integer token ids.")
+    if not all(is_int(t) for t in prompt):
+        raise invalid("prompt", "'prompt' as a list must contain only integer token ids.")
     for token_id in prompt:
         if not 0 <= token_id < limits.vocab_size:
-            raise _invalid(
+            raise invalid(
                 "prompt",
                 f"Token id {token_id} is out of the vocabulary (size {limits.vocab_size}).",
             )
     return tuple(prompt)
 
 
-def _parse_messages(obj: dict[str, Any]) -> tuple[ChatMessage, ...]:
+def parse_messages(obj: dict[str, Any]) -> tuple[ChatMessage, ...]:
     if "messages" not in obj or obj["messages"] is None:
-        raise _invalid(
+        raise invalid(
             "messages", "Missing required parameter: 'messages'.", "missing_required_parameter"
         )
     raw = obj["messages"]
     if not isinstance(raw, list):
-        raise _invalid("messages", f"'messages' must be a list, got {_type_name(raw)}.")
+        raise invalid("messages", f"'messages' must be a list, got {type_name(raw)}.")
     if not raw:
-        raise _invalid("messages", "'messages' must contain at least one message.")
+        raise invalid("messages", "'messages' must contain at least one message.")
     return tuple(_parse_message(i, m) for i, m in enumerate(raw))
 
 
 def _parse_message(index: int, raw: object) -> ChatMessage:
     where = f"messages[{index}]"
     if not isinstance(raw, dict):
-        raise _invalid(where, f"'{where}' must be an object, got {_type_name(raw)}.")
+        raise invalid(where, f"'{where}' must be an object, got {type_name(raw)}.")
     role = raw.get("role")
     if not isinstance(role, str) or role not in CHAT_ROLES:
-        raise _invalid(
+        raise invalid(
             f"{where}.role",
             f"'{where}.role' must be one of {sorted(CHAT_ROLES)}, got {role!r}.",
         )
     if raw.get("tool_calls") or raw.get("function_call"):
-        raise _invalid(
+        raise invalid(
             f"{where}.tool_calls", "Tool calls are not supported by this server.", "unsupported"
         )
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
-        raise _invalid(f"{where}.name", f"'{where}.name' must be a string.")
+        raise invalid(f"{where}.name", f"'{where}.name' must be a string.")
     content = raw.get("content")
     if content is None:
         if role != "assistant":
-            raise _invalid(f"{where}.content", f"'{where}.content' is required for role {role}.")
+            raise invalid(f"{where}.content", f"'{where}.content' is required for role {role}.")
         content = ""
     if isinstance(content, str):
         return ChatMessage(role=role, content=content, name=name)
     if not isinstance(content, list):
-        raise _invalid(
+        raise invalid(
             f"{where}.content",
             f"'{where}.content' must be a string or a list of content parts.",
         )
@@ -571,15 +575,15 @@ def _parse_message(index: int, raw: object) -> ChatMessage:
     for j, part in enumerate(content):
         part_where = f"{where}.content[{j}]"
         if not isinstance(part, dict):
-            raise _invalid(part_where, f"'{part_where}' must be an object.")
+            raise invalid(part_where, f"'{part_where}' must be an object.")
         if part.get("type") != "text":
-            raise _invalid(
+            raise invalid(
                 f"{part_where}.type",
                 f"Only text content parts are supported, got type {part.get('type')!r}.",
                 "unsupported_content_type",
             )
         text = part.get("text")
         if not isinstance(text, str):
-            raise _invalid(f"{part_where}.text", f"'{part_where}.text' must be a string.")
+            raise invalid(f"{part_where}.text", f"'{part_where}.text' must be a string.")
         texts.append(text)
     return ChatMessage(role=role, content=tuple(texts), name=name)

@@ -82,13 +82,32 @@ class ModelTokenizer:
     def new_detokenizer(self, prompt_token_ids: list[int]) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self._tokenizer.backend_tokenizer, prompt_token_ids)
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a completions prompt, special tokens added as vLLM does."""
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=True)
+    def encode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a completions prompt, special tokens added as vLLM does (unless
+        ``add_special_tokens`` is False: /tokenize's option)."""
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return ids
 
-    def render_chat(self, messages: tuple[ChatMessage, ...]) -> str:
-        """The prompt text the chat template makes of `messages`, ending with the assistant cue."""
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each id's vocabulary entry (byte-level BPE spells a space as "Ġ"): /tokenize's
+        ``return_token_strs``."""
+        strings: list[str] = self._tokenizer.convert_ids_to_tokens(token_ids)
+        return strings
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``, special tokens included (as vLLM's /detokenize)."""
+        text: str = self._tokenizer.decode(token_ids)
+        return text
+
+    def render_chat(
+        self,
+        messages: tuple[ChatMessage, ...],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> str:
+        """The prompt text the chat template makes of `messages`, ending with the assistant cue
+        (or, with ``continue_final_message``, open at the end of the last message)."""
         if self._chat_template is None:
             raise OpenAIError(
                 "This model's tokenizer has no chat template; use /v1/completions instead.",
@@ -100,7 +119,8 @@ class ModelTokenizer:
             text = self._tokenizer.apply_chat_template(
                 conversation,
                 chat_template=self._chat_template,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 tokenize=False,
             )
         except jinja2.TemplateError as exc:

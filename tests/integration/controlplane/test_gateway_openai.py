@@ -5,7 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from typing import Any
 
 import grpc
@@ -369,3 +371,76 @@ def _wait_for(condition, timeout_s: float = 3.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def _post_json(stack: Stack, path: str, body: object) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        stack.url + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_tokenize_counts_what_a_request_would_send(
+    stack: Stack, model_tokenizer: ModelTokenizer
+) -> None:
+    status, body = _post_json(stack, "/tokenize", {"model": SERVED_MODEL_NAME, "prompt": PROMPT})
+    assert status == 200
+    ids = model_tokenizer.encode_prompt(PROMPT)
+    assert body["tokens"] == ids and body["count"] == len(ids) and body["token_strs"] is None
+    assert body["max_model_len"] > 0
+    # Without special tokens, and each token's vocabulary entry.
+    status, bare = _post_json(
+        stack,
+        "/tokenize",
+        {"prompt": PROMPT, "add_special_tokens": False, "return_token_strs": True},
+    )
+    assert status == 200 and bare["tokens"] == model_tokenizer.encode_prompt(
+        PROMPT, add_special_tokens=False
+    )
+    assert len(bare["token_strs"]) == bare["count"]
+    # A chat: the template's prompt, as /v1/chat/completions sends it.
+    messages = [{"role": "user", "content": PROMPT}]
+    status, chat = _post_json(stack, "/tokenize", {"messages": messages})
+    assert status == 200
+    assert chat["tokens"] == model_tokenizer.encode_chat((ChatMessage("user", PROMPT, None),))
+
+
+def test_detokenize_gives_the_text_back(stack: Stack, model_tokenizer: ModelTokenizer) -> None:
+    ids = model_tokenizer.encode_prompt(PROMPT, add_special_tokens=False)
+    status, body = _post_json(stack, "/detokenize", {"model": SERVED_MODEL_NAME, "tokens": ids})
+    assert (status, body) == (200, {"prompt": PROMPT})
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+        ("/tokenize", {}, "messages"),
+        ("/tokenize", {"prompt": 3}, "prompt"),
+        ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+        ("/tokenize", {"prompt": "x", "chat_template": "{{ x }}"}, "chat_template"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}],
+                       "continue_final_message": True}, "continue_final_message"),
+        ("/detokenize", {"tokens": [10**9]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+        ("/detokenize", {}, "tokens"),
+    ],
+)  # fmt: skip
+def test_bad_tokenize_requests_name_the_field(
+    stack: Stack, path: str, body: dict[str, Any], param: str
+) -> None:
+    status, answer = _post_json(stack, path, body)
+    assert status in (400, 404) and answer["error"]["param"] == param, answer
+
+
+def test_version_is_strata_s(stack: Stack) -> None:
+    from importlib import metadata
+
+    with urllib.request.urlopen(f"{stack.url}/version", timeout=10) as response:
+        assert json.loads(response.read()) == {"version": metadata.version("strata-serve")}

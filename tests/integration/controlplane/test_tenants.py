@@ -99,6 +99,29 @@ def test_a_missing_or_wrong_key_is_401_before_any_work(
         client.models.list()
 
 
+def test_tokenize_and_detokenize_need_a_key_version_does_not(keyed: Stack) -> None:
+    """They run the tokenizer (CPU a stranger could spend): keyed like /v1, unlike vLLM's."""
+    for path, body in (("/tokenize", {"prompt": "Hi"}), ("/detokenize", {"tokens": [1, 2]})):
+        for key in (None, "sk-not-a-known-key-000"):
+            headers = {"Content-Type": "application/json"}
+            if key is not None:
+                headers["Authorization"] = f"Bearer {key}"
+            request = urllib.request.Request(
+                keyed.url + path, data=json.dumps(body).encode(), headers=headers
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 401, path
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY_A}"}
+        request = urllib.request.Request(
+            keyed.url + path, data=json.dumps(body).encode(), headers=headers
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200, path
+    with urllib.request.urlopen(f"{keyed.url}/version", timeout=10) as response:
+        assert response.status == 200
+
+
 def test_each_tenant_gets_its_own_namespace(keyed: Stack) -> None:
     def salts() -> list[str]:
         requests = [
