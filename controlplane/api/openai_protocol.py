@@ -4,10 +4,12 @@ Every rejection is an `OpenAIError` carrying the HTTP status and the OpenAI erro
 param, code), so the HTTP layer turns it into `{"error": {...}}` without knowing why it happened.
 
 Rules follow OpenAI's API, with vLLM's extensions where they matter for serving (`ignore_eos`,
-`stop_token_ids`, `cache_salt`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`). Unknown
-fields are ignored (as OpenAI and vLLM do), but fields that ask for a feature this server does
-not implement (logprobs, tools, penalties, ...) are rejected with 400 unless they carry their
-"off" value: silently dropping them would return an answer the client did not ask for.
+`stop_token_ids`, `cache_salt`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`). Fields
+that ask for a feature this server does not implement (logprobs, tools, penalties, ...) are
+rejected with 400 unless they carry their "off" value, and so are fields it does not know (vLLM
+and OpenAI ignore those): silently dropping either would return an answer the client did not
+ask for. OpenAI's metadata fields (`user`; on chat also `metadata`, `store`, `service_tier`)
+change no answer and are accepted.
 
 What is checked beyond the fields (the body's bytes, the prompt's length before and after
 tokenization) lives in `controlplane.api.request_checks`.
@@ -21,9 +23,21 @@ them; real stop strings are delimiters of a few characters).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Final
+
+from controlplane.api.fields import (
+    OpenAIError,
+    invalid,
+    is_int,
+    opt_bool,
+    opt_float,
+    opt_int,
+    parse_model,
+    reject_unsupported,
+    require_object,
+    type_name,
+)
 
 __all__ = [
     "COMPLETIONS_DEFAULT_MAX_TOKENS",
@@ -34,16 +48,9 @@ __all__ = [
     "OpenAIError",
     "RequestLimits",
     "SamplingOptions",
-    "invalid",
-    "is_int",
-    "opt_bool",
-    "opt_int",
     "parse_chat_completion_request",
     "parse_completion_request",
     "parse_messages",
-    "parse_model",
-    "require_object",
-    "type_name",
 ]
 
 _INT64_MIN: Final = -(2**63)
@@ -83,41 +90,28 @@ _UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
     "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "prediction": (None,),
+    "parallel_tool_calls": (None,),
+    "modalities": (None, ["text"]),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
 }
+# OpenAI fields that do not change the answer, accepted as they are (OpenAI's own metadata).
+_METADATA: Final = frozenset({"user", "metadata", "store", "service_tier"})
+_SERVED: Final = frozenset(
+    {
+        "model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
+        "stream_options", "ignore_eos", "stop_token_ids", "cache_salt", "return_token_ids",
+        "top_k", "min_p", "repetition_penalty", "min_tokens",
+    }
+)  # fmt: skip
+_COMPLETION_FIELDS: Final = _SERVED | {"prompt"} | frozenset(_UNSUPPORTED_COMPLETION) | {"user"}
+_CHAT_FIELDS: Final = (
+    _SERVED | {"messages", "max_completion_tokens"} | frozenset(_UNSUPPORTED_CHAT) | _METADATA
+)
 
 
 MAX_CACHE_SALT_CHARS = 256
 """A cache salt names a namespace; every worker keeps a memo of the roots of the salts it saw."""
-
-
-class OpenAIError(Exception):
-    """A request the server answers with an OpenAI-shaped error body and a non-2xx status."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +213,7 @@ def parse_completion_request(
     limits: RequestLimits,
     defaults: SamplingDefaults | None = None,
 ) -> CompletionRequest:
-    obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_COMPLETION)
+    obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_COMPLETION, _COMPLETION_FIELDS)
     prompt = _parse_prompt(obj, limits)
     max_tokens = opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
     return CompletionRequest(
@@ -234,7 +228,7 @@ def parse_chat_completion_request(
     limits: RequestLimits,
     defaults: SamplingDefaults | None = None,
 ) -> ChatCompletionRequest:
-    obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_CHAT)
+    obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_CHAT, _CHAT_FIELDS)
     messages = parse_messages(obj)
     # max_completion_tokens replaced max_tokens in OpenAI's chat API; both are accepted.
     max_completion_tokens = opt_int(
@@ -249,12 +243,25 @@ def parse_chat_completion_request(
 
 
 def _parse_head(
-    body: object, served_model_name: str, unsupported: dict[str, tuple[object, ...]]
+    body: object,
+    served_model_name: str,
+    unsupported: dict[str, tuple[object, ...]],
+    known: frozenset[str],
 ) -> tuple[dict[str, Any], str]:
-    """The body as an object, and its model; rejects features this server does not implement."""
+    """The body as an object, and its model; rejects features this server does not implement
+    and fields it does not know (vLLM's extensions not served yet among them: a field that
+    would be ignored is refused, naming it)."""
     obj = require_object(body)
     model = parse_model(obj, served_model_name)
-    _reject_unsupported(obj, unsupported)
+    reject_unsupported(obj, unsupported)
+    for name in obj:
+        if name not in known:
+            raise invalid(
+                name,
+                f"'{name}' is not supported by this server: it would be ignored, so the request "
+                "is refused (docs/openai-parity.md lists what is served).",
+                "unsupported_parameter",
+            )
     return obj, model
 
 
@@ -284,104 +291,6 @@ def _parse_common(
 # Field parsers. Each raises OpenAIError(400, param=<field>) with a message naming the field.
 
 
-def invalid(param: str, message: str, code: str | None = None) -> OpenAIError:
-    return OpenAIError(message, param=param, code=code)
-
-
-def type_name(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def require_object(body: object) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise OpenAIError(
-            f"The request body must be a JSON object, got {type_name(body)}.",
-            code="invalid_body",
-        )
-    return body
-
-
-def parse_model(obj: dict[str, Any], served_model_name: str) -> str:
-    model = obj.get("model")
-    if model is None:
-        raise invalid("model", "Missing required parameter: 'model'.", "missing_required_parameter")
-    if not isinstance(model, str):
-        raise invalid("model", f"'model' must be a string, got {type_name(model)}.")
-    if model != served_model_name:
-        raise OpenAIError(
-            f"The model '{model}' does not exist. This server serves '{served_model_name}'.",
-            status=404,
-            param="model",
-            code="model_not_found",
-        )
-    return model
-
-
-def _reject_unsupported(obj: dict[str, Any], table: dict[str, tuple[object, ...]]) -> None:
-    for name, off_values in table.items():
-        if name in obj and not any(_is_off_value(obj[name], off) for off in off_values):
-            raise invalid(
-                name,
-                f"'{name}' is not supported by this server (only its default value is accepted).",
-                "unsupported_parameter",
-            )
-
-
-def _is_off_value(value: object, off: object) -> bool:
-    # Booleans only match booleans: 0 must not pass as False, nor True as 1.
-    if isinstance(value, bool) or isinstance(off, bool):
-        return value is off
-    return value == off
-
-
-def is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def opt_int(obj: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
-    value = obj.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not is_int(value):
-        raise invalid(name, f"'{name}' must be an integer, got {type_name(value)}.")
-    if not minimum <= value <= maximum:
-        raise invalid(name, f"'{name}' must be between {minimum} and {maximum}, got {value}.")
-    return int(value)
-
-
-def _opt_float(
-    obj: dict[str, Any],
-    name: str,
-    *,
-    default: float,
-    minimum: float,
-    maximum: float,
-    open_min: bool,
-) -> float:
-    value = obj.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid(name, f"'{name}' must be a number, got {type_name(value)}.")
-    number = float(value)
-    too_low = number <= minimum if open_min else number < minimum
-    if not math.isfinite(number) or too_low or number > maximum:
-        bracket = "(" if open_min else "["
-        raise invalid(name, f"'{name}' must be in {bracket}{minimum:g}, {maximum:g}], got {value}.")
-    return number
-
-
-def opt_bool(obj: dict[str, Any], name: str, *, default: bool) -> bool:
-    value = obj.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(name, f"'{name}' must be a boolean, got {type_name(value)}.")
-    return value
-
-
 def _parse_sampling(
     obj: dict[str, Any],
     *,
@@ -392,10 +301,10 @@ def _parse_sampling(
     n = obj.get("n")
     if n is not None and (not is_int(n) or n != 1):
         raise invalid("n", f"Only n=1 is supported, got {n!r}.", "unsupported_parameter")
-    temperature = _opt_float(
+    temperature = opt_float(
         obj, "temperature", default=defaults.temperature, minimum=0, maximum=2, open_min=False
     )
-    top_p = _opt_float(obj, "top_p", default=defaults.top_p, minimum=0, maximum=1, open_min=True)
+    top_p = opt_float(obj, "top_p", default=defaults.top_p, minimum=0, maximum=1, open_min=True)
     seed = opt_int(obj, "seed", minimum=_INT64_MIN, maximum=_INT64_MAX)
     # vLLM's extensions, with its bounds: top_k -1 (or 0) means all tokens.
     top_k = opt_int(obj, "top_k", minimum=-1, maximum=limits.vocab_size)
@@ -409,10 +318,8 @@ def _parse_sampling(
         stop_token_ids=_parse_stop_token_ids(obj, limits),
         ignore_eos=opt_bool(obj, "ignore_eos", default=False),
         top_k=max(0, top_k if top_k is not None else defaults.top_k),
-        min_p=_opt_float(
-            obj, "min_p", default=defaults.min_p, minimum=0, maximum=1, open_min=False
-        ),
-        repetition_penalty=_opt_float(
+        min_p=opt_float(obj, "min_p", default=defaults.min_p, minimum=0, maximum=1, open_min=False),
+        repetition_penalty=opt_float(
             obj,
             "repetition_penalty",
             default=defaults.repetition_penalty,

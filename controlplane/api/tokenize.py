@@ -24,17 +24,15 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Final
 
-from controlplane.api.openai_protocol import (
-    ChatMessage,
-    RequestLimits,
+from controlplane.api.fields import (
     invalid,
     is_int,
     opt_bool,
-    parse_messages,
     parse_model,
     require_object,
     type_name,
 )
+from controlplane.api.openai_protocol import ChatMessage, RequestLimits, parse_messages
 from controlplane.text.tokenizer import ModelTokenizer
 
 __all__ = [

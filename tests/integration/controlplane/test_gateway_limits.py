@@ -88,7 +88,8 @@ UNICODE_CASES = [
      "cache_salt"),
     ("user", "/v1/chat/completions",
      '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "user": "%s"}', "user"),
-    ("unknown-field", "/v1/completions", '{"model": "%s", "prompt": "x", "metadata": {"k": "%s"}}',
+    ("metadata", "/v1/chat/completions",
+     '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "metadata": {"k": "%s"}}',
      "metadata"),
 ]  # fmt: skip
 

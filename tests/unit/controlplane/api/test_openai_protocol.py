@@ -185,7 +185,7 @@ def test_chat_fields() -> None:
         user="someone",
         logprobs=False,
         tools=None,
-        unknown_future_field={"a": 1},
+        metadata={"a": "1"},
     )  # fmt: skip
     request = parse_chat_completion_request(body, served_model_name=M, limits=LIMITS)
     assert request.messages == (
@@ -327,3 +327,30 @@ def test_generation_config_defaults_of_the_extensions() -> None:
         defaults=defaults,
     ).sampling  # fmt: skip
     assert (explicit.top_k, explicit.min_p, explicit.repetition_penalty) == (0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("parse", "field", "value"),
+    [
+        (parse_chat_completion_request, "unknown_future_field", {"a": 1}),
+        (parse_chat_completion_request, "guided_json", {"type": "object"}),
+        (parse_chat_completion_request, "chat_template", "{{ x }}"),
+        (parse_chat_completion_request, "reasoning_effort", "low"),
+        (parse_chat_completion_request, "parallel_tool_calls", True),
+        (parse_completion_request, "use_beam_search", True),
+        (parse_completion_request, "skip_special_tokens", False),
+        (parse_completion_request, "include_stop_str_in_output", True),
+        (parse_completion_request, "allowed_token_ids", [1, 2]),
+        (parse_completion_request, "prompt_logprobs", 1),
+        (parse_completion_request, "metadata", {"a": "1"}),  # chat's only
+        (parse_completion_request, "truncate_prompt_tokens", 10),
+    ],
+)
+def test_a_field_that_would_be_ignored_is_refused_naming_it(
+    parse: Any, field: str, value: object
+) -> None:
+    body = (chat if parse is parse_chat_completion_request else completion)(**{field: value})
+    with pytest.raises(OpenAIError) as info:
+        parse(body, served_model_name=M, limits=LIMITS)
+    _assert_rejected(info.value, 400, field, "unsupported_parameter")
+    assert f"'{field}'" in info.value.message
