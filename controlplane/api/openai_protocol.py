@@ -148,6 +148,13 @@ class SamplingOptions:
     min_tokens: int = 0
     """vLLM's extension: EOS and ``stop_token_ids`` cannot end the output before this many."""
 
+    @property
+    def decode_samples_first(self) -> bool:
+        """Whether the decode engine samples the first token itself (the prefill's is dropped):
+        sampling whose state runs from the first token on, which one engine would carry, here a
+        seeded generator's position (docs/design/openai-surface.md §2)."""
+        return self.seed is not None and self.temperature > 0.0
+
     @classmethod
     def greedy(cls, max_tokens: int | None, *, ignore_eos: bool = False) -> SamplingOptions:
         """Temperature 0, no stop strings or ids, no seed: what the gateway's own calls (the

@@ -14,6 +14,11 @@ Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"
      (as a local route); nothing was sent to the client yet. The first token is yielded at once
      (the request's TTFT). The request ends here if the prefill finished it (EOS or stop:
      "stop") or if max_tokens == 1 ("length").
+  1b. Sampling whose state runs from the first token on (a seeded generator:
+     `SamplingOptions.decode_samples_first`) is one engine's only if one engine samples every
+     token: the prefill's token is dropped (nothing is yielded) and step 2 starts from the prompt
+     alone, the decode instance loading the prefill's blocks and sampling the first token
+     (docs/design/openai-surface.md §2). TTFT then includes the hand-off.
   2. Decode(prompt + generated, max_tokens - len(generated)) on the assigned decode instance,
      where `generated` is every token already yielded (the prefill's, or none). If the decode
      instance becomes unreachable mid-stream, or the registry marks it dead meanwhile (stalled,
@@ -153,8 +158,12 @@ class Generation:
         finally:
             self._metrics.completion_tokens.inc(self.num_completion_tokens)
 
-    def _first_token(self, instance: Instance, num_cached_tokens: int) -> float:
-        """Bookkeeping of the request's first token; returns its time."""
+    def _first_token(
+        self, instance: Instance, num_cached_tokens: int, *, observe: bool = True
+    ) -> float:
+        """Bookkeeping of the request's first token; returns its time. ``observe``: feed the
+        TTFT to the latency model (not when the decode sampled the first token after a prefill:
+        a route the scheduler does not predict)."""
         now = time.monotonic()
         self._first_token_s = now
         ttft_s = now - self.request.arrival_s
@@ -162,7 +171,8 @@ class Generation:
         self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
         self._metrics.cached_prompt_tokens.inc(num_cached_tokens)
         self.num_cached_tokens = num_cached_tokens
-        self._registry.observe_ttft(self._assign, instance, ttft_s)
+        if observe:
+            self._registry.observe_ttft(self._assign, instance, ttft_s)
         return now
 
     def _finished(self, instance: Instance | None, last_token_s: float) -> None:
@@ -187,7 +197,16 @@ class Generation:
         kv_node = ""  # where the prefill saved the blocks: every decode attempt's hint
         last_token_s = 0.0
         prefilled = await self._prefill() if self._assign.prefill is not None else None
-        if prefilled is not None:
+        # Sampling with state from the first token on: the decode engine samples the first token
+        # itself from the prefill's saved blocks, the prefill's token is dropped (step 1b).
+        decode_first = prefilled is not None and req.sampling.decode_samples_first
+        prefill_cached = 0
+        if prefilled is not None and decode_first:
+            prefill, _ = prefilled
+            self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
+            block_keys, kv_node = prefill.block_keys, prefill.kv_node
+            prefill_cached = prefill.num_cached_tokens
+        elif prefilled is not None:
             prefill, prefill_instance = prefilled
             last_token_s = self._first_token(prefill_instance, prefill.num_cached_tokens)
             finish = self._check_finish(prefill.finish_reason, prefill_instance.endpoint, "Prefill")
@@ -268,8 +287,10 @@ class Generation:
                                 num_tokens = len(ids)
                                 if num_tokens:
                                     now = time.monotonic()
-                                    if not generated:  # a local route: the first token
-                                        self._first_token(instance, 0)
+                                    if not generated:  # a local route, or step 1b
+                                        self._first_token(
+                                            instance, prefill_cached, observe=not decode_first
+                                        )
                                     else:
                                         gap_s = (now - last_token_s) / num_tokens
                                         for _ in range(num_tokens):

@@ -5,7 +5,8 @@ Run as a subprocess (vLLM wants a fresh process and a main guard):
 Each request is {"kind": "completion", "prompt": str}, {"kind": "chat", "messages": [...]} or
 {"kind": "tokens", "prompt_token_ids": [...]},
 plus "max_tokens", optional "ignore_eos" and optional "sampling" (more SamplingParams fields,
-e.g. {"repetition_penalty": 1.5}; greedy always); each result is {"token_ids": [...], "text": str}.
+e.g. {"repetition_penalty": 1.5}, or {"temperature": 0.9, "seed": 7}; greedy unless it says);
+each result is {"token_ids": [...], "text": str}.
 """
 
 from __future__ import annotations
@@ -32,12 +33,9 @@ def main() -> None:
     )
     results = []
     for req in requests:
-        sp = SamplingParams(
-            temperature=0.0,
-            max_tokens=req["max_tokens"],
-            ignore_eos=req.get("ignore_eos", False),
-            **req.get("sampling", {}),
-        )
+        fields = {"temperature": 0.0, "max_tokens": req["max_tokens"]}
+        fields["ignore_eos"] = req.get("ignore_eos", False)
+        sp = SamplingParams(**(fields | req.get("sampling", {})))
         if req["kind"] == "chat":
             out = llm.chat(req["messages"], sp, use_tqdm=False)[0]
         elif req["kind"] == "tokens":

@@ -50,7 +50,7 @@ def reference(tiny_model_dir: Path) -> dict[str, list[dict[str, Any]]]:
     ]
     requests += [
         {"kind": "completion", "prompt": p, "max_tokens": MAX_TOKENS, "sampling": s}
-        for p, s in zip(PROMPTS[1:3], SAMPLING_EXTENSIONS, strict=True)
+        for p, s in zip(PROMPTS[1:4], SAMPLING_EXTENSIONS, strict=True)
     ]
     results = run_reference(tiny_model_dir, requests)
     chats_end = len(PROMPTS) + len(CHATS)
@@ -72,6 +72,8 @@ SAMPLING_EXTENSIONS: list[dict[str, Any]] = [
     {"repetition_penalty": 1.8, "top_k": 5, "min_p": 0.05},
     # EOS suppressed until 20 tokens, the first of them sampled by the prefill engine.
     {"min_tokens": 20, "repetition_penalty": 0.7},
+    # A seeded sample: the decode engine samples every token (the seed's draws from the first).
+    {"temperature": 0.9, "top_p": 0.95, "seed": 7, "ignore_eos": True},
 ]
 
 
@@ -123,16 +125,15 @@ def test_vllm_sampling_extensions_match_single_engine(
     tiny_server: StrataServer, reference: dict[str, list[dict[str, Any]]]
 ) -> None:
     """top_k, min_p, repetition_penalty and min_tokens reach both engines and the answer is one
-    engine's, token for token (greedy)."""
+    engine's, token for token (greedy); so is a seeded sample's."""
     client = _client(tiny_server)
     refs = reference["extensions"]
-    for prompt, extension, ref in zip(PROMPTS[1:3], SAMPLING_EXTENSIONS, refs, strict=True):
+    for prompt, extension, ref in zip(PROMPTS[1:4], SAMPLING_EXTENSIONS, refs, strict=True):
         resp = client.completions.create(
             model=tiny_server.model,
             prompt=prompt,
             max_tokens=MAX_TOKENS,
-            temperature=0,
-            extra_body={"return_token_ids": True, **extension},
+            extra_body={"return_token_ids": True, "temperature": 0, **extension},
         )
         assert list(getattr(resp.choices[0], "token_ids", None) or []) == ref["token_ids"]
     # The penalty changed the answer (else this test could not fail).

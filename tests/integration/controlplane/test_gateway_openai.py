@@ -444,3 +444,34 @@ def test_version_is_strata_s(stack: Stack) -> None:
 
     with urllib.request.urlopen(f"{stack.url}/version", timeout=10) as response:
         assert json.loads(response.read()) == {"version": metadata.version("strata-serve")}
+
+
+def test_a_seeded_sample_s_first_token_comes_from_the_decode_engine(
+    stack: Stack, model_tokenizer: ModelTokenizer
+) -> None:
+    """A seeded generator's draws run from the first token on: the prefill still computes and
+    saves the prompt's blocks, but the decode engine samples every token (its prompt is the
+    prompt alone), as one engine would (docs/design/openai-surface.md §2)."""
+    stack.script.num_cached_tokens = 16
+    result = stack.client().completions.create(
+        model=SERVED_MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0.7, seed=1234
+    )
+    assert result.choices[0].text == "Hello world!"  # every scripted token, once
+    assert result.usage is not None and result.usage.completion_tokens == 8
+    assert result.usage.prompt_tokens_details is not None
+    assert result.usage.prompt_tokens_details.cached_tokens == 16  # the prefill's hits
+    prompt_ids = model_tokenizer.encode_prompt(PROMPT)
+    (prefill,) = stack.prefill.prefill_requests
+    assert list(prefill.prompt_token_ids) == prompt_ids  # computed and saved, its token dropped
+    (decode,) = stack.decode.decode_requests
+    assert list(decode.prompt_token_ids) == prompt_ids  # not prompt + first token
+    assert decode.sampling.max_tokens == 10 and decode.sampling.seed == 1234
+    assert len(decode.block_keys) == len(prompt_ids) // BLOCK_SIZE
+    # Greedy with a seed has no generator state: the prefill's token is used as before.
+    stack.prefill.prefill_requests.clear()
+    stack.decode.decode_requests.clear()
+    stack.client().completions.create(
+        model=SERVED_MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0, seed=1234
+    )
+    (greedy,) = stack.decode.decode_requests
+    assert list(greedy.prompt_token_ids) == [*prompt_ids, stack.script.token_ids[0]]
