@@ -483,6 +483,12 @@ class Gateway:
             param=param,
             default_max_tokens=default_max_tokens,
         )
+        if sampling.min_tokens > max_tokens:  # max_tokens left out: its default is smaller
+            raise OpenAIError(
+                f"'min_tokens' ({sampling.min_tokens}) must be at most the tokens this request "
+                f"may generate ({max_tokens}).",
+                param="min_tokens",
+            )
         # Scheduling, before any work: the instances, or a refusal (429 / 503).
         ttft_slo_s, tpot_slo_s = parse_slo_headers(http_request.headers)
         decision = self._router.decide(

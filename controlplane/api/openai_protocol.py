@@ -68,8 +68,32 @@ averages about 4, code 3, CJK 1 to 2; a text denser than 32 is runs of whitespac
 CHAT_ROLES: Final = frozenset({"system", "developer", "user", "assistant"})
 
 # Field -> the values that mean "feature off", which are accepted and ignored.
+_VLLM_DEFAULTS: Final[dict[str, tuple[object, ...]]] = {
+    # vLLM's extensions not served yet: accepted at their defaults only.
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "prompt_logprobs": (None,),
+    "priority": (None, 0),
+    "return_tokens_as_token_ids": (None, False),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structural_tag": (None,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    "mm_processor_kwargs": (None,),
+}
 _UNSUPPORTED_COMPLETION: Final[dict[str, tuple[object, ...]]] = {
-    "logprobs": (None, 0),
+    **_VLLM_DEFAULTS,
+    "add_special_tokens": (None, True),
+    "logprobs": (None,),  # 0 still asks for the sampled token's logprob
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -78,6 +102,14 @@ _UNSUPPORTED_COMPLETION: Final[dict[str, tuple[object, ...]]] = {
     "frequency_penalty": (None, 0),
 }
 _UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
+    **_VLLM_DEFAULTS,
+    "add_special_tokens": (None, False),
+    "echo": (None, False),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None,),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
@@ -90,13 +122,15 @@ _UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
     "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "prediction": (None,),
-    "parallel_tool_calls": (None,),
+    "parallel_tool_calls": (None, True, False),  # no tools: nothing to call in parallel
     "modalities": (None, ["text"]),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
 }
 # OpenAI fields that do not change the answer, accepted as they are (OpenAI's own metadata).
-_METADATA: Final = frozenset({"user", "metadata", "store", "service_tier"})
+_METADATA: Final = frozenset(
+    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+)
 _SERVED: Final = frozenset(
     {
         "model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
@@ -314,8 +348,16 @@ def _parse_sampling(
     top_p = opt_float(obj, "top_p", default=defaults.top_p, minimum=0, maximum=1, open_min=True)
     seed = opt_int(obj, "seed", minimum=_INT64_MIN, maximum=_INT64_MAX)
     # vLLM's extensions, with its bounds: top_k -1 (or 0) means all tokens.
-    top_k = opt_int(obj, "top_k", minimum=-1, maximum=limits.vocab_size)
+    top_k = opt_int(obj, "top_k", minimum=-1, maximum=2**31 - 1)
     min_tokens = opt_int(obj, "min_tokens", minimum=0, maximum=max_tokens or limits.max_model_len)
+    if min_tokens and obj.get("stop"):
+        # The engines look for stop strings only past min_tokens; the gateway's matcher (over
+        # the whole output, across the split) does not yet: refused rather than inexact.
+        raise invalid(
+            "min_tokens",
+            "'min_tokens' together with 'stop' strings is not supported yet.",
+            "unsupported_parameter",
+        )
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -387,6 +429,15 @@ def _parse_stream(obj: dict[str, Any]) -> tuple[bool, bool]:
         raise invalid("stream_options", "'stream_options' must be an object.")
     if not stream:
         raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true.")
+    for key, value in options.items():
+        if key == "continuous_usage_stats" and value in (None, False):
+            continue  # vLLM's usage on every chunk: off
+        if key != "include_usage":
+            raise invalid(
+                f"stream_options.{key}",
+                f"'stream_options.{key}' is not supported by this server.",
+                "unsupported_parameter",
+            )
     include_usage = options.get("include_usage")
     if include_usage is None:
         return stream, False

@@ -475,3 +475,12 @@ def test_a_seeded_sample_s_first_token_comes_from_the_decode_engine(
     )
     (greedy,) = stack.decode.decode_requests
     assert list(greedy.prompt_token_ids) == [*prompt_ids, stack.script.token_ids[0]]
+
+
+def test_min_tokens_beyond_the_default_max_tokens_is_400(stack: Stack) -> None:
+    """Completions generate 16 tokens when max_tokens is left out: min_tokens 100 cannot hold."""
+    status, body = _post_json(
+        stack, "/v1/completions", {"model": SERVED_MODEL_NAME, "prompt": "x", "min_tokens": 100}
+    )
+    assert status == 400 and body["error"]["param"] == "min_tokens", body
+    assert stack.prefill.prefill_requests == []
