@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="strata-sim-vs-real-serve-"))
     port, admin_port = free_port(), free_port()
     serve = [sys.executable, "-m", "strata", "serve", "--port", str(port), "--no-kv-ssd"]
-    serve += ["--admin-port", str(admin_port), "--cache-dir", str(work)]
-    if args.model_dir is not None:
-        serve += ["--model", str(args.model_dir)]
     model_dir = args.model_dir or REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
+    if not (model_dir / "config.json").is_file():
+        ap.error(f"{model_dir}: no model there (make serve prepares the default one)")
+    serve += ["--admin-port", str(admin_port), "--cache-dir", str(work), "--model", str(model_dir)]
     server = Server("serve", serve, {}, out / "serve.log")
     log(f"host: {host_info()}")
     server.start()
