@@ -73,6 +73,7 @@ def replay(
     argv += ["--num-requests", str(args.num_requests), "--rate", str(rate), "--per-request"]
     argv += ["--token-low", str(tokens[0]), "--token-high", str(tokens[1]), "--out", str(out)]
     argv += ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]
+    argv += ["--slo-headers"]  # the simulated gateway admits by the config's SLOs: the same here
     run(argv, f"replay at {rate:g} req/s")
     data: dict[str, Any] = json.loads(out.read_text())
     return data

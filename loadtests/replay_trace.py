@@ -185,6 +185,9 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
             for r in trace.requests
         )
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.slo_headers:  # Strata's admission then judges each request by these SLOs
+        headers["x-strata-ttft-slo-ms"] = f"{args.slo_ttft_ms:g}"
+        headers["x-strata-tpot-slo-ms"] = f"{args.slo_tpot_ms:g}"
     scale_to = ReplayScale(args.block_tokens, args.max_output_tokens)
     outcomes: list[Outcome] = []
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
@@ -242,6 +245,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
     parser.add_argument("--api-key", default="")
+    parser.add_argument(
+        "--slo-headers",
+        action="store_true",
+        help="send the SLOs as Strata's x-strata-*-slo-ms headers (its admission uses them)",
+    )
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--max-connections", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON")
