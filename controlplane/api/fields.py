@@ -8,6 +8,7 @@ from typing import Any
 
 __all__ = [
     "OpenAIError",
+    "check_in_vocabulary",
     "invalid",
     "is_int",
     "is_off_value",
@@ -147,3 +148,13 @@ def opt_bool(obj: dict[str, Any], name: str, *, default: bool) -> bool:
     if not isinstance(value, bool):
         raise invalid(name, f"'{name}' must be a boolean, got {type_name(value)}.")
     return value
+
+
+def check_in_vocabulary(token_ids: list[int], vocab_size: int, param: str) -> None:
+    """Every id of ``token_ids`` (integers already) is a token of the vocabulary."""
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise invalid(
+                param,
+                f"Token id {token_id} in '{param}' is out of the vocabulary (size {vocab_size}).",
+            )

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from controlplane.api.fields import (
     OpenAIError,
+    check_in_vocabulary,
     invalid,
     is_int,
     opt_bool,
@@ -410,13 +411,7 @@ def _parse_stop_token_ids(obj: dict[str, Any], limits: RequestLimits) -> tuple[i
         return ()
     if not isinstance(value, list) or not all(is_int(t) for t in value):
         raise invalid("stop_token_ids", "'stop_token_ids' must be a list of integers.")
-    for token_id in value:
-        if not 0 <= token_id < limits.vocab_size:
-            raise invalid(
-                "stop_token_ids",
-                f"Token id {token_id} in 'stop_token_ids' is out of the vocabulary "
-                f"(size {limits.vocab_size}).",
-            )
+    check_in_vocabulary(value, limits.vocab_size, "stop_token_ids")
     return tuple(value)
 
 
@@ -485,12 +480,7 @@ def _parse_prompt(obj: dict[str, Any], limits: RequestLimits) -> str | tuple[int
         )
     if not all(is_int(t) for t in prompt):
         raise invalid("prompt", "'prompt' as a list must contain only integer token ids.")
-    for token_id in prompt:
-        if not 0 <= token_id < limits.vocab_size:
-            raise invalid(
-                "prompt",
-                f"Token id {token_id} is out of the vocabulary (size {limits.vocab_size}).",
-            )
+    check_in_vocabulary(prompt, limits.vocab_size, "prompt")
     return tuple(prompt)
 
 

@@ -25,6 +25,7 @@ from importlib import metadata
 from typing import Any, Final
 
 from controlplane.api.fields import (
+    check_in_vocabulary,
     invalid,
     is_int,
     opt_bool,
@@ -124,12 +125,7 @@ def parse_detokenize_request(
         )
     if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
         raise invalid("tokens", "'tokens' must be a list of integer token ids.")
-    for token_id in tokens:
-        if not 0 <= token_id < limits.vocab_size:
-            raise invalid(
-                "tokens",
-                f"Token id {token_id} is out of the vocabulary (size {limits.vocab_size}).",
-            )
+    check_in_vocabulary(tokens, limits.vocab_size, "tokens")
     return DetokenizeRequest(tuple(tokens))
 
 
