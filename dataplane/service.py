@@ -57,36 +57,67 @@ class ServedWorker(Protocol):
     def kv_identity(self) -> dict[str, Any]: ...
 
 
+def _refused_input() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses (a value out of range, a token id out of the
+    vocabulary): ValueError, and its own client errors, which are not ValueErrors."""
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
+def sampling_params(
+    sp: worker_pb2.SamplingParams, max_tokens: int, kind: Any, kv_node: str = ""
+) -> Any:
+    """vLLM's SamplingParams of a call; raises one of `_refused_input` for a value vLLM (or
+    this) refuses."""
+    from vllm import SamplingParams
+
+    if any(not -100.0 <= bias <= 100.0 for bias in sp.logit_bias.values()):  # NaN too
+        raise ValueError("logit_bias values must be in [-100, 100]")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=sp.temperature,
+        top_p=sp.top_p if sp.top_p > 0 else 1.0,
+        seed=sp.seed if sp.HasField("seed") else None,
+        stop=list(sp.stop) or None,
+        stop_token_ids=list(sp.stop_token_ids) or None,
+        ignore_eos=sp.ignore_eos,
+        # vLLM's extensions: each field's zero value is "off" (worker.proto).
+        **({"top_k": sp.top_k} if sp.top_k > 0 else {}),
+        min_p=sp.min_p,
+        repetition_penalty=sp.repetition_penalty if sp.repetition_penalty > 0 else 1.0,
+        min_tokens=min(sp.min_tokens, max_tokens),
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        logit_bias=dict(sp.logit_bias) or None,
+        output_kind=kind,
+        # The gateway detokenizes the whole sequence itself
+        # (controlplane/text/detokenizer.py); the engine needs text only to match stop strings.
+        detokenize=bool(sp.stop),
+        # The request's params for its KV connector (vLLM's Request.kv_transfer_params): the
+        # store node holding the prompt's blocks, a hint for its match (multihost.md §2).
+        extra_args={"kv_transfer_params": {KV_NODE_PARAM: kv_node}} if kv_node else None,
+    )
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, worker: ServedWorker) -> None:
         self.worker = worker
 
-    def _sampling(
-        self, sp: worker_pb2.SamplingParams, max_tokens: int, kind: Any, kv_node: str = ""
+    async def _sampling(
+        self,
+        context: grpc.aio.ServicerContext,
+        sp: worker_pb2.SamplingParams,
+        max_tokens: int,
+        kind: Any,
+        kv_node: str = "",
     ) -> Any:
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=sp.temperature,
-            top_p=sp.top_p if sp.top_p > 0 else 1.0,
-            seed=sp.seed if sp.HasField("seed") else None,
-            stop=list(sp.stop) or None,
-            stop_token_ids=list(sp.stop_token_ids) or None,
-            ignore_eos=sp.ignore_eos,
-            # vLLM's extensions: each field's zero value is "off" (worker.proto).
-            **({"top_k": sp.top_k} if sp.top_k > 0 else {}),
-            min_p=sp.min_p,
-            repetition_penalty=sp.repetition_penalty if sp.repetition_penalty > 0 else 1.0,
-            min_tokens=min(sp.min_tokens, max_tokens),
-            output_kind=kind,
-            # The gateway detokenizes the whole sequence itself
-            # (controlplane/text/detokenizer.py); the engine needs text only to match stop strings.
-            detokenize=bool(sp.stop),
-            # The request's params for its KV connector (vLLM's Request.kv_transfer_params): the
-            # store node holding the prompt's blocks, a hint for its match (multihost.md §2).
-            extra_args={"kv_transfer_params": {KV_NODE_PARAM: kv_node}} if kv_node else None,
-        )
+        """:func:`sampling_params`; a value vLLM refuses aborts the call with INVALID_ARGUMENT
+        (the gateway checked each one: a call that gets here came from elsewhere)."""
+        try:
+            return sampling_params(sp, max_tokens, kind, kv_node)
+        except _refused_input() as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     def _outputs(
         self, request: worker_pb2.PrefillRequest | worker_pb2.DecodeRequest, sampling: Any
@@ -163,7 +194,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         from vllm.sampling_params import RequestOutputKind
 
         await self._check(context, "Prefill", request.prompt_token_ids)
-        sp = self._sampling(request.sampling, 1, RequestOutputKind.FINAL_ONLY)
+        sp = await self._sampling(context, request.sampling, 1, RequestOutputKind.FINAL_ONLY)
         counters = self.worker.counters
         counters.num_requests += 1
         counters.num_running += 1
@@ -173,7 +204,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             async with self._outputs(request, sp) as outs:
                 async for out in outs:
                     final = out
-        except ValueError as exc:
+        except _refused_input() as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             counters.num_running -= 1
@@ -210,7 +241,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
         max_tokens = request.sampling.max_tokens
         await self._check(context, "Decode", request.prompt_token_ids, max_tokens)
-        sp = self._sampling(request.sampling, max_tokens, RequestOutputKind.DELTA, request.kv_node)
+        sp = await self._sampling(
+            context, request.sampling, max_tokens, RequestOutputKind.DELTA, request.kv_node
+        )
         counters = self.worker.counters
         counters.num_requests += 1
         counters.num_running += 1
@@ -232,7 +265,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                             len(request.prompt_token_ids), num_cached, num_external
                         )
                     yield chunk
-        except ValueError as exc:
+        except _refused_input() as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             counters.num_running -= 1

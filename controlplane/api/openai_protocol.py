@@ -23,6 +23,7 @@ them; real stop strings are delimiters of a few characters).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -98,9 +99,6 @@ _UNSUPPORTED_COMPLETION: Final[dict[str, tuple[object, ...]]] = {
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
 }
 _UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
     **_VLLM_DEFAULTS,
@@ -113,9 +111,6 @@ _UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
     "documents": (None,),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -136,7 +131,8 @@ _SERVED: Final = frozenset(
     {
         "model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
         "stream_options", "ignore_eos", "stop_token_ids", "cache_salt", "return_token_ids",
-        "top_k", "min_p", "repetition_penalty", "min_tokens",
+        "top_k", "min_p", "repetition_penalty", "min_tokens", "presence_penalty",
+        "frequency_penalty", "logit_bias",
     }
 )  # fmt: skip
 _COMPLETION_FIELDS: Final = _SERVED | {"prompt"} | frozenset(_UNSUPPORTED_COMPLETION) | {"user"}
@@ -182,13 +178,22 @@ class SamplingOptions:
     prompt or the output; 1 = off."""
     min_tokens: int = 0
     """vLLM's extension: EOS and ``stop_token_ids`` cannot end the output before this many."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already in the output; 0 = off."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it is in the output; 0 = off."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """OpenAI's: (token id, added to its logit), clamped to [-100, 100] as vLLM does."""
 
     @property
     def decode_samples_first(self) -> bool:
         """Whether the decode engine samples the first token itself (the prefill's is dropped):
-        sampling whose state runs from the first token on, which one engine would carry, here a
-        seeded generator's position (docs/design/openai-surface.md §2)."""
-        return self.seed is not None and self.temperature > 0.0
+        sampling whose state runs from the first token on, which one engine would carry — a
+        seeded generator's position, the output's token counts of presence and frequency
+        penalties (a first token handed over would be in the decode engine's prompt, not its
+        output) (docs/design/openai-surface.md §2)."""
+        seeded = self.seed is not None and self.temperature > 0.0
+        return seeded or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @classmethod
     def greedy(cls, max_tokens: int | None, *, ignore_eos: bool = False) -> SamplingOptions:
@@ -246,6 +251,8 @@ class SamplingDefaults:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 def parse_completion_request(
@@ -378,7 +385,46 @@ def _parse_sampling(
             open_min=True,
         ),
         min_tokens=min_tokens or 0,
+        presence_penalty=_penalty(obj, "presence_penalty", defaults.presence_penalty),
+        frequency_penalty=_penalty(obj, "frequency_penalty", defaults.frequency_penalty),
+        logit_bias=_parse_logit_bias(obj, limits),
     )
+
+
+def _penalty(obj: dict[str, Any], name: str, default: float) -> float:
+    return opt_float(obj, name, default=default, minimum=-2.0, maximum=2.0, open_min=False)
+
+
+MAX_LOGIT_BIAS_ENTRIES = 1024
+"""Tokens one request may bias: a bound on what the gateway passes to the engines (OpenAI
+documents none; vLLM's server has none)."""
+
+
+def _parse_logit_bias(obj: dict[str, Any], limits: RequestLimits) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids (as strings, or integers) to a bias; each bias clamped to
+    [-100, 100] as vLLM's server does."""
+    value = obj.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise invalid("logit_bias", "'logit_bias' must be an object of token ids to numbers.")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise invalid(
+            "logit_bias",
+            f"'logit_bias' may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(value)}.",
+        )
+    biases: dict[int, float] = {}
+    for key, bias in value.items():
+        token = key.strip() if isinstance(key, str) else ""
+        if not token.isdecimal() or not token.isascii():
+            raise invalid("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}.")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+            raise invalid(
+                "logit_bias", f"'logit_bias' values must be numbers, got {bias!r} for {key}."
+            )
+        biases[int(token)] = min(100.0, max(-100.0, float(bias)))
+    check_in_vocabulary(list(biases), limits.vocab_size, "logit_bias")
+    return tuple(sorted(biases.items()))
 
 
 def _parse_stop(obj: dict[str, Any], limits: RequestLimits) -> tuple[str, ...]:

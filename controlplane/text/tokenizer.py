@@ -195,18 +195,26 @@ def _read_generation_config_eos(model_dir: Path) -> tuple[int, ...]:
     return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
 
 
+_GENERATION_DEFAULTS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+"""The generation_config.json fields vLLM takes as a request's defaults (its
+``ModelConfig.get_diff_sampling_param``), ``max_new_tokens`` aside."""
+
+
 def read_sampling_defaults(model_dir: Path) -> SamplingDefaults:
     """Sampling defaults from the model's generation_config.json, as vLLM applies them
-    (`--generation-config auto`, its default): temperature, top_p, top_k, min_p and
-    repetition_penalty. The penalties on output counts (presence, frequency) are not passed on
-    (the request fields are refused too): reported and dropped."""
+    (`--generation-config auto`, its default): `_GENERATION_DEFAULTS`."""
     config = _read_generation_config(model_dir)
-    dropped = sorted(k for k in ("presence_penalty", "frequency_penalty") if config.get(k))
-    if dropped:
-        logger.warning("generation_config.json sets %s, which the gateway cannot pass on", dropped)
     defaults = SamplingDefaults()
     values: dict[str, float] = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+    for name in _GENERATION_DEFAULTS:
         value = config.get(name)
         if value is None:
             continue

@@ -147,6 +147,9 @@ class WorkerSampling:
             min_p=o.min_p,
             repetition_penalty=o.repetition_penalty,
             min_tokens=max(0, min(o.min_tokens - self.generated, self.max_tokens)),
+            presence_penalty=o.presence_penalty,
+            frequency_penalty=o.frequency_penalty,
+            logit_bias=dict(o.logit_bias),
         )
         if o.seed is not None:
             params.seed = o.seed

@@ -35,7 +35,10 @@ def main() -> None:
     for req in requests:
         fields = {"temperature": 0.0, "max_tokens": req["max_tokens"]}
         fields["ignore_eos"] = req.get("ignore_eos", False)
-        sp = SamplingParams(**(fields | req.get("sampling", {})))
+        sampling = dict(req.get("sampling", {}))
+        if "logit_bias" in sampling:  # JSON's keys are strings; vLLM's server makes them ids
+            sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"].items()}
+        sp = SamplingParams(**(fields | sampling))
         if req["kind"] == "chat":
             out = llm.chat(req["messages"], sp, use_tqdm=False)[0]
         elif req["kind"] == "tokens":

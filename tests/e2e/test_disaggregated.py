@@ -50,7 +50,7 @@ def reference(tiny_model_dir: Path) -> dict[str, list[dict[str, Any]]]:
     ]
     requests += [
         {"kind": "completion", "prompt": p, "max_tokens": MAX_TOKENS, "sampling": s}
-        for p, s in zip(PROMPTS[1:4], SAMPLING_EXTENSIONS, strict=True)
+        for p, s in zip(EXTENSION_PROMPTS, SAMPLING_EXTENSIONS, strict=True)
     ]
     results = run_reference(tiny_model_dir, requests)
     chats_end = len(PROMPTS) + len(CHATS)
@@ -74,7 +74,13 @@ SAMPLING_EXTENSIONS: list[dict[str, Any]] = [
     {"min_tokens": 20, "repetition_penalty": 0.7},
     # A seeded sample: the decode engine samples every token (the seed's draws from the first).
     {"temperature": 0.9, "top_p": 0.95, "seed": 7, "ignore_eos": True},
+    # Penalties on the output's token counts: the decode engine samples every token (the first
+    # one handed over would be in its prompt, not counted).
+    {"presence_penalty": 1.5, "frequency_penalty": 1.0, "ignore_eos": True},
+    # A bias has no state: both engines apply it.
+    {"logit_bias": {"17": 8.0, "42": 6.0, "99": -100.0}, "ignore_eos": True},
 ]
+EXTENSION_PROMPTS = [PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[1], PROMPTS[2]]
 
 
 def test_prompts_span_several_blocks(reference: dict[str, list[dict[str, Any]]]) -> None:
@@ -124,11 +130,13 @@ def test_completions_match_single_engine(
 def test_vllm_sampling_extensions_match_single_engine(
     tiny_server: StrataServer, reference: dict[str, list[dict[str, Any]]]
 ) -> None:
-    """top_k, min_p, repetition_penalty and min_tokens reach both engines and the answer is one
-    engine's, token for token (greedy); so is a seeded sample's."""
+    """top_k, min_p, repetition_penalty, min_tokens, presence and frequency penalties and
+    logit_bias reach both engines and the answer is one engine's, token for token (greedy); so
+    is a seeded sample's."""
     client = _client(tiny_server)
     refs = reference["extensions"]
-    for prompt, extension, ref in zip(PROMPTS[1:4], SAMPLING_EXTENSIONS, refs, strict=True):
+    cases = zip(EXTENSION_PROMPTS, SAMPLING_EXTENSIONS, refs, strict=True)
+    for prompt, extension, ref in cases:
         resp = client.completions.create(
             model=tiny_server.model,
             prompt=prompt,
@@ -136,9 +144,10 @@ def test_vllm_sampling_extensions_match_single_engine(
             extra_body={"return_token_ids": True, "temperature": 0, **extension},
         )
         assert list(getattr(resp.choices[0], "token_ids", None) or []) == ref["token_ids"]
-    # The penalty changed the answer (else this test could not fail).
-    plain = reference["completions"][1]["token_ids"]
-    assert refs[0]["token_ids"] != plain[: len(refs[0]["token_ids"])]
+    # Each penalty and the bias changed the answer (else this test could not fail).
+    for i in (0, 3, 4):
+        plain = reference["completions"][PROMPTS.index(EXTENSION_PROMPTS[i])]["token_ids"]
+        assert refs[i]["token_ids"] != plain[: len(refs[i]["token_ids"])], SAMPLING_EXTENSIONS[i]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])

@@ -14,7 +14,7 @@ import pytest
 
 from dataplane.config import WorkerConfig, WorkerRole
 from dataplane.counters import EngineProgress, WorkerCounters
-from dataplane.service import WorkerService
+from dataplane.service import WorkerService, sampling_params
 from strata_proto import worker_pb2
 
 
@@ -102,9 +102,8 @@ def test_the_sampling_extensions_reach_the_engine(tmp_path: Path) -> None:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    service = WorkerService(worker(tmp_path))
     kind = RequestOutputKind.DELTA
-    off = service._sampling(worker_pb2.SamplingParams(max_tokens=4), 4, kind)
+    off = sampling_params(worker_pb2.SamplingParams(max_tokens=4), 4, kind)
     default = SamplingParams(max_tokens=4)
     assert (off.top_k, off.min_p, off.repetition_penalty, off.min_tokens) == (
         default.top_k,
@@ -112,9 +111,41 @@ def test_the_sampling_extensions_reach_the_engine(tmp_path: Path) -> None:
         1.0,
         0,
     )
+    assert (off.presence_penalty, off.frequency_penalty, off.logit_bias) == (0.0, 0.0, None)
     on = worker_pb2.SamplingParams(  # not greedy: vLLM turns top_k and min_p off for greedy
         max_tokens=4, temperature=0.5, top_k=40, min_p=0.25, repetition_penalty=1.5, min_tokens=9
     )
-    params = service._sampling(on, 4, kind)
+    params = sampling_params(on, 4, kind)
     assert (params.top_k, params.min_p, params.repetition_penalty) == (40, 0.25, 1.5)
     assert params.min_tokens == 4  # never more than the call may generate
+    penalized = worker_pb2.SamplingParams(
+        max_tokens=4, presence_penalty=-1.5, frequency_penalty=0.25, logit_bias={7: -100.0, 9: 2.5}
+    )
+    params = sampling_params(penalized, 4, kind)
+    assert (params.presence_penalty, params.frequency_penalty) == (-1.5, 0.25)
+    assert params.logit_bias == {7: -100.0, 9: 2.5}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"logit_bias": {3: 101.0}},
+        {"logit_bias": {3: float("nan")}},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": float("-inf")},
+        {"repetition_penalty": float("inf")},
+        {"top_p": 1.5},
+    ],
+)
+def test_sampling_values_vllm_refuses_are_invalid_argument(
+    tmp_path: Path, fields: dict[str, Any]
+) -> None:
+    """A call from elsewhere than the gateway, with values it would have refused: the call ends
+    with INVALID_ARGUMENT, not an error inside the servicer."""
+    from vllm.sampling_params import RequestOutputKind
+
+    service = WorkerService(worker(tmp_path))
+    sp = worker_pb2.SamplingParams(max_tokens=4, temperature=0.5, **fields)
+    with pytest.raises(Aborted) as refused:
+        asyncio.run(service._sampling(Context(), sp, 4, RequestOutputKind.DELTA))  # type: ignore[arg-type]
+    assert refused.value.args[0] is grpc.StatusCode.INVALID_ARGUMENT

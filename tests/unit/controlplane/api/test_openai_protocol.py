@@ -98,8 +98,15 @@ BAD_CHAT = [
     ("tools", chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
     ("json-mode", chat(response_format={"type": "json_object"}), 400, "response_format",
      "unsupported_parameter"),
-    ("presence-penalty", chat(presence_penalty=0.5), 400, "presence_penalty",
-     "unsupported_parameter"),
+    ("presence-penalty-too-high", chat(presence_penalty=2.5), 400, "presence_penalty", None),
+    ("frequency-penalty-text", chat(frequency_penalty="x"), 400, "frequency_penalty", None),
+    ("logit-bias-list", chat(logit_bias=[1, 2]), 400, "logit_bias", None),
+    ("logit-bias-word-key", chat(logit_bias={"hello": 1}), 400, "logit_bias", None),
+    ("logit-bias-negative-key", chat(logit_bias={"-1": 1}), 400, "logit_bias", None),
+    ("logit-bias-out-of-vocab", chat(logit_bias={"1000000": 1}), 400, "logit_bias", None),
+    ("logit-bias-text-value", chat(logit_bias={"5": "up"}), 400, "logit_bias", None),
+    ("logit-bias-too-many", chat(logit_bias={str(i): 1 for i in range(1025)}), 400,
+     "logit_bias", None),
 ]  # fmt: skip
 
 BAD_COMPLETION = [
@@ -289,6 +296,22 @@ def test_vllm_sampling_extensions_are_parsed_not_ignored() -> None:
     body = completion(top_k=40, min_p=0.1, repetition_penalty=1.3, min_tokens=5, max_tokens=8)
     s = parse_completion_request(body, served_model_name=M, limits=LIMITS).sampling
     assert (s.top_k, s.min_p, s.repetition_penalty, s.min_tokens) == (40, 0.1, 1.3, 5)
+    assert (plain.presence_penalty, plain.frequency_penalty, plain.logit_bias) == (0, 0, ())
+    assert not plain.decode_samples_first
+    body = completion(presence_penalty=-2, frequency_penalty=1.5, logit_bias={"9": 150, "3": -0.5})
+    s = parse_completion_request(body, served_model_name=M, limits=LIMITS).sampling
+    # vLLM's server clamps a bias to [-100, 100]; ids as sent (strings), sorted.
+    assert (s.presence_penalty, s.frequency_penalty, s.logit_bias) == (
+        -2,
+        1.5,
+        ((3, -0.5), (9, 100)),
+    )
+    # Penalties count the output's tokens: the decode engine samples the first one too.
+    assert s.decode_samples_first
+    biased = parse_completion_request(
+        completion(logit_bias={"3": 5}), served_model_name=M, limits=LIMITS
+    )
+    assert not biased.sampling.decode_samples_first  # a bias has no state: both engines apply it
     # vLLM's "all tokens" is -1 (or 0).
     all_tokens = parse_chat_completion_request(chat(top_k=-1), served_model_name=M, limits=LIMITS)
     assert all_tokens.sampling.top_k == 0

@@ -121,6 +121,12 @@ def test_sampling_defaults_from_generation_config(tmp_path: Path) -> None:
     assert read_sampling_defaults(tmp_path) == SamplingDefaults(
         temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.05
     )
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"presence_penalty": 0.5, "frequency_penalty": -0.25})
+    )
+    assert read_sampling_defaults(tmp_path) == SamplingDefaults(
+        presence_penalty=0.5, frequency_penalty=-0.25
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"min_p": "low", "top_k": -1}))
     assert read_sampling_defaults(tmp_path) == SamplingDefaults()  # not a number; -1: all
     (tmp_path / "generation_config.json").write_text("{broken")

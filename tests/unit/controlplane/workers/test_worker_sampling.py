@@ -24,3 +24,18 @@ def test_the_extensions_are_sent_and_their_off_values_are_zero() -> None:
     options = replace(SamplingOptions.greedy(3), top_k=7, min_p=0.5, repetition_penalty=1.25)
     sent = WorkerSampling(3, options).to_proto()
     assert (sent.top_k, sent.min_p, sent.repetition_penalty) == (7, 0.5, 1.25)
+
+
+def test_penalties_and_logit_bias_are_sent() -> None:
+    plain = WorkerSampling(3, SamplingOptions.greedy(3)).to_proto()
+    assert (plain.presence_penalty, plain.frequency_penalty, dict(plain.logit_bias)) == (0, 0, {})
+    options = replace(
+        SamplingOptions.greedy(3),
+        presence_penalty=0.7,
+        frequency_penalty=-1.1,
+        logit_bias=((4, -100.0), (11, 0.3)),
+    )
+    sent = WorkerSampling(3, options).to_proto()
+    # Doubles on the wire: the engines get the client's values exactly.
+    assert (sent.presence_penalty, sent.frequency_penalty) == (0.7, -1.1)
+    assert dict(sent.logit_bias) == {4: -100.0, 11: 0.3}
