@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.admin.config import AdminApiConfig
-from controlplane.api.openai_protocol import (
+from controlplane.api.sampling import (
     DEFAULT_MAX_CHARS_PER_TOKEN,
     DEFAULT_MAX_STOP_CHARS,
     DEFAULT_MAX_STOP_STRINGS,

@@ -9,7 +9,7 @@ tokens of prompt + what was generated so far (the connector loads the stored blo
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -90,6 +90,7 @@ def sampling_params(
         presence_penalty=sp.presence_penalty,
         frequency_penalty=sp.frequency_penalty,
         logit_bias=dict(sp.logit_bias) or None,
+        logprobs=sp.logprobs if sp.HasField("logprobs") else None,
         output_kind=kind,
         # The gateway detokenizes the whole sequence itself
         # (controlplane/text/detokenizer.py); the engine needs text only to match stop strings.
@@ -98,6 +99,29 @@ def sampling_params(
         # store node holding the prompt's blocks, a hint for its match (multihost.md §2).
         extra_args={"kv_transfer_params": {KV_NODE_PARAM: kv_node}} if kv_node else None,
     )
+
+
+def token_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[Any] | None, num_top: int
+) -> list[worker_pb2.TokenLogprobs]:
+    """The wire form of vLLM's per-token logprobs (a dict per position: the sampled token's
+    entry, and the ``num_top`` most likely tokens' with their ranks); none when not asked for."""
+    if not logprobs:
+        return []
+    out = []
+    for token_id, step in zip(token_ids, logprobs, strict=True):
+        top = sorted(
+            ((t, lp) for t, lp in step.items() if lp.rank is not None and lp.rank <= num_top),
+            key=lambda item: item[1].rank,
+        )
+        out.append(
+            worker_pb2.TokenLogprobs(
+                logprob=step[token_id].logprob,
+                top_token_ids=[t for t, _ in top],
+                top_logprobs=[lp.logprob for _, lp in top],
+            )
+        )
+    return out
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -219,8 +243,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_cached,
             int(params.get("strata_num_external_tokens", 0)),
         )
+        logprobs = token_logprobs(comp.token_ids[:1], comp.logprobs, request.sampling.logprobs)
         return worker_pb2.PrefillResponse(
             first_token_id=comp.token_ids[0],
+            first_token_logprobs=logprobs[0] if logprobs else None,
             first_token_text=comp.text,
             finish_reason=(
                 worker_pb2.FINISH_REASON_STOP
@@ -244,6 +270,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         sp = await self._sampling(
             context, request.sampling, max_tokens, RequestOutputKind.DELTA, request.kv_node
         )
+        num_top = request.sampling.logprobs
         counters = self.worker.counters
         counters.num_requests += 1
         counters.num_running += 1
@@ -251,7 +278,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             async with self._outputs(request, sp) as outs:
                 async for out in outs:
                     comp = out.outputs[0]
-                    chunk = worker_pb2.DecodeChunk(token_ids=comp.token_ids, text=comp.text)
+                    chunk = worker_pb2.DecodeChunk(
+                        token_ids=comp.token_ids,
+                        text=comp.text,
+                        logprobs=token_logprobs(comp.token_ids, comp.logprobs, num_top),
+                    )
                     if out.finished:
                         params = out.kv_transfer_params or {}
                         num_cached = _num_cached_tokens(out, params)

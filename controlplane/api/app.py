@@ -3,7 +3,7 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics.
 A handler parses the body (:mod:`controlplane.api.openai_protocol`), tokenizes the prompt, asks the
 router for a decision, runs the :class:`~controlplane.request.generation.Generation` and writes the
-answer (:mod:`controlplane.api.responses`).
+answer (:mod:`controlplane.api.answer`, in the shapes of :mod:`controlplane.api.responses`).
 
 Prompts are tokenized on a pool of `tokenizer_threads` threads, never on the event loop (the
 tokenizers library releases the GIL while it encodes): a megabyte prompt takes about a second to
@@ -21,13 +21,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
 from typing import Any, Final, ParamSpec, TypeVar
 
 from aiohttp import hdrs, web
 
+from controlplane.api import answer
 from controlplane.api.errors import (
     HTTP_ERROR_CODES,
     answer_and_close,
@@ -35,14 +35,12 @@ from controlplane.api.errors import (
     json_response,
     worker_error_to_openai,
 )
+from controlplane.api.logprobs import ChatLogprobs, CompletionLogprobs, LogprobsWriter
 from controlplane.api.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatMessage,
     GenerationRequestFields,
     OpenAIError,
-    RequestLimits,
-    SamplingDefaults,
-    SamplingOptions,
     parse_chat_completion_request,
     parse_completion_request,
 )
@@ -52,13 +50,11 @@ from controlplane.api.request_checks import (
     parse_json_body,
 )
 from controlplane.api.responses import (
-    SSE_DONE,
     ChatFormatter,
     CompletionFormatter,
     StreamFormatter,
-    Usage,
-    sse_event,
 )
+from controlplane.api.sampling import RequestLimits, SamplingDefaults, SamplingOptions
 from controlplane.api.tokenize import (
     parse_detokenize_request,
     parse_tokenize_request,
@@ -68,7 +64,7 @@ from controlplane.api.tokenize import (
 from controlplane.config import GatewayConfig
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
-from controlplane.request.generation import Generation, GenerationDelta, GenerationRequest
+from controlplane.request.generation import Generation, GenerationRequest
 from controlplane.request.routing import (
     Router,
     parse_slo_headers,
@@ -324,7 +320,7 @@ class Gateway:
             arrival_s,
             parsed,
             prompt_ids,
-            CompletionFormatter,
+            (CompletionFormatter, CompletionLogprobs),
             "cmpl",
             param="prompt",
             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -337,7 +333,13 @@ class Gateway:
             self._encode_chat, parsed.messages, parsed.sampling.max_tokens
         )
         return await self._serve(
-            request, arrival_s, parsed, prompt_ids, ChatFormatter, "chatcmpl", param="messages"
+            request,
+            arrival_s,
+            parsed,
+            prompt_ids,
+            (ChatFormatter, ChatLogprobs),
+            "chatcmpl",
+            param="messages",
         )
 
     async def _tokenize(self, encode: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -366,13 +368,18 @@ class Gateway:
         arrival_s: float,
         parsed: GenerationRequestFields,
         prompt_ids: list[int],
-        formatter_type: type[StreamFormatter],
+        shapes: tuple[type[StreamFormatter], type[LogprobsWriter]],
         id_prefix: str,
         *,
         param: str,
         default_max_tokens: int | None = None,
     ) -> web.StreamResponse:
-        """Run a parsed, tokenized request; answer as one body or as a stream."""
+        """Run a parsed, tokenized request; answer as one body or as a stream, in the
+        endpoint's ``shapes`` (its bodies and chunks, its logprobs objects)."""
+        formatter_type, logprobs_type = shapes
+        logprobs = None
+        if parsed.sampling.logprobs is not None:
+            logprobs = logprobs_type(self._tokenizer.token_texts)
         formatter = formatter_type(
             f"{id_prefix}-{uuid.uuid4().hex}",
             int(time.time()),
@@ -397,8 +404,8 @@ class Gateway:
             default_max_tokens=default_max_tokens,
         )
         if parsed.stream:
-            return await self._stream(request, generation, formatter)
-        return await self._complete(generation, formatter)
+            return await answer.stream(request, generation, formatter, logprobs)
+        return await answer.complete(generation, formatter, logprobs)
 
     async def _read_json(self, request: web.Request) -> Any:
         # A missing Content-Type is tolerated (curl -d without -H); a wrong one is not.
@@ -508,76 +515,3 @@ class Gateway:
         )
         detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
         return Generation(request, self._registry, self._metrics, detokenizer, decision)
-
-    async def _complete(self, generation: Generation, formatter: StreamFormatter) -> web.Response:
-        parts: list[str] = []
-        token_ids: list[int] = []
-        async with aclosing(generation.stream()) as deltas:
-            async for delta in deltas:
-                parts.append(delta.text)
-                token_ids += delta.token_ids
-        if generation.finish_reason is None:  # stream() raises rather than end unfinished
-            raise RuntimeError("generation ended without a finish reason")
-        usage = _usage(generation)
-        return json_response(
-            formatter.body("".join(parts), generation.finish_reason, usage, token_ids)
-        )
-
-    async def _stream(
-        self, request: web.Request, generation: Generation, formatter: StreamFormatter
-    ) -> web.StreamResponse:
-        async with aclosing(generation.stream()) as deltas:
-            # Wait for the first token before sending the status line: a request that fails in
-            # prefill still gets a proper 4xx/5xx.
-            first = await anext(deltas)
-            response = web.StreamResponse(
-                headers={
-                    hdrs.CONTENT_TYPE: "text/event-stream",
-                    hdrs.CACHE_CONTROL: "no-cache",
-                    "X-Accel-Buffering": "no",  # tell proxies not to buffer the stream
-                }
-            )
-            await response.prepare(request)
-            try:
-                for chunk in formatter.opening_chunks():
-                    await response.write(sse_event(chunk))
-                await self._write_deltas(response, formatter, first, deltas)
-                if formatter.include_usage:
-                    await response.write(sse_event(formatter.usage_chunk(_usage(generation))))
-            except (OpenAIError, WorkerError) as exc:
-                error = exc if isinstance(exc, OpenAIError) else worker_error_to_openai(exc)
-                logger.warning(
-                    "stream %s failed after its first token: %s", formatter.request_id, exc
-                )
-                await response.write(sse_event(error.to_dict()))
-            except ConnectionResetError:
-                logger.debug("client of %s went away", formatter.request_id)
-                return response
-            await response.write(SSE_DONE)
-            await response.write_eof()
-            return response
-
-    @staticmethod
-    async def _write_deltas(
-        response: web.StreamResponse,
-        formatter: StreamFormatter,
-        first: GenerationDelta,
-        rest: AsyncIterator[GenerationDelta],
-    ) -> None:
-        with_ids = formatter.return_token_ids
-        delta: GenerationDelta | None = first
-        while delta is not None:
-            # Text held back by the stop matcher leaves a delta with tokens but no text: sent
-            # only if the client wants the token ids.
-            if delta.text or delta.finish_reason is not None or (with_ids and delta.token_ids):
-                chunk = formatter.text_chunk(delta.text, delta.finish_reason, delta.token_ids)
-                await response.write(sse_event(chunk))
-            delta = await anext(rest, None)
-
-
-def _usage(generation: Generation) -> Usage:
-    return Usage(
-        prompt_tokens=generation.num_prompt_tokens,
-        completion_tokens=generation.num_completion_tokens,
-        cached_tokens=generation.num_cached_tokens,
-    )

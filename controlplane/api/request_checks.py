@@ -18,7 +18,8 @@ import json
 import re
 from typing import Any, Final
 
-from controlplane.api.openai_protocol import OpenAIError, RequestLimits
+from controlplane.api.openai_protocol import OpenAIError
+from controlplane.api.sampling import RequestLimits
 
 __all__ = [
     "check_context_length",

@@ -92,9 +92,16 @@ class StreamFormatter:
         self._prompt_ids_pending = return_token_ids
 
     def body(
-        self, text: str, finish_reason: str, usage: Usage, token_ids: Sequence[int] = ()
+        self,
+        text: str,
+        finish_reason: str,
+        usage: Usage,
+        token_ids: Sequence[int] = (),
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """``logprobs``: the choice's (controlplane/api/logprobs.py), when asked for."""
         choice = self._body_choice(text, finish_reason)
+        choice["logprobs"] = logprobs
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids)
         body = {
@@ -113,9 +120,14 @@ class StreamFormatter:
         return []
 
     def text_chunk(
-        self, text: str, finish_reason: str | None, token_ids: Sequence[int] = ()
+        self,
+        text: str,
+        finish_reason: str | None,
+        token_ids: Sequence[int] = (),
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         choice = self._chunk_choice(text, finish_reason)
+        choice["logprobs"] = logprobs
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids)
         chunk = self._chunk([choice])

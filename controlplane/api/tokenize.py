@@ -33,7 +33,8 @@ from controlplane.api.fields import (
     require_object,
     type_name,
 )
-from controlplane.api.openai_protocol import ChatMessage, RequestLimits, parse_messages
+from controlplane.api.openai_protocol import ChatMessage, parse_messages
+from controlplane.api.sampling import RequestLimits
 from controlplane.text.tokenizer import ModelTokenizer
 
 __all__ = [

@@ -58,7 +58,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from controlplane.api.openai_protocol import SamplingOptions
+from controlplane.api.sampling import SamplingOptions
 from controlplane.instances.instance import Instance, call_while_up, stream_while_up
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.instances.types import InstanceNotFound, InstanceState
@@ -69,6 +69,7 @@ from controlplane.text.stop import StopStringMatcher
 from controlplane.workers.client import (
     FinishReason,
     PrefillResult,
+    TokenLogprob,
     WorkerError,
     WorkerErrorKind,
     WorkerSampling,
@@ -104,6 +105,8 @@ class GenerationDelta:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None  # "stop" | "length" on the last delta only
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per token of ``token_ids`` when the request asked for logprobs."""
 
 
 class Generation:
@@ -213,18 +216,19 @@ class Generation:
             if finish is None and req.max_tokens == 1:
                 finish = "length"
             first_ids = (prefill.first_token_id,)
+            first_lp = (prefill.first_token_logprob,) if prefill.first_token_logprob else ()
             match = matcher.feed(self._text(first_ids, finish))
             if match.stopped:
                 if finish is None:
                     self._metrics.gateway_stop_hits.inc()
-                yield GenerationDelta(match.text, first_ids, "stop")
+                yield GenerationDelta(match.text, first_ids, "stop", first_lp)
                 self._finished(None, last_token_s)
                 return
             if finish is not None:
-                yield GenerationDelta(match.text + matcher.flush(), first_ids, finish)
+                yield GenerationDelta(match.text + matcher.flush(), first_ids, finish, first_lp)
                 self._finished(None, last_token_s)
                 return
-            yield GenerationDelta(match.text, first_ids, None)
+            yield GenerationDelta(match.text, first_ids, None, first_lp)
             self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
             generated.append(prefill.first_token_id)
             block_keys = prefill.block_keys
@@ -311,15 +315,17 @@ class Generation:
                                 if match.stopped:
                                     if finish is None:  # the worker missed it (across workers)
                                         self._metrics.gateway_stop_hits.inc()
-                                    yield GenerationDelta(match.text, ids, "stop")
+                                    yield GenerationDelta(match.text, ids, "stop", chunk.logprobs)
                                     self._finished(instance, last_token_s)
                                     return  # leaving the `async with` cancels the decode rpc
                                 if finish is not None:
-                                    yield GenerationDelta(match.text + matcher.flush(), ids, finish)
+                                    yield GenerationDelta(
+                                        match.text + matcher.flush(), ids, finish, chunk.logprobs
+                                    )
                                     self._finished(instance, last_token_s)
                                     return
                                 if num_tokens or match.text:
-                                    yield GenerationDelta(match.text, ids, None)
+                                    yield GenerationDelta(match.text, ids, None, chunk.logprobs)
                 except WorkerError as exc:
                     self._leave(instance, exc, failed)
                     last_error = exc

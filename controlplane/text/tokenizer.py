@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from controlplane.api.openai_protocol import ChatMessage, OpenAIError, SamplingDefaults
+from controlplane.api.openai_protocol import ChatMessage, OpenAIError
+from controlplane.api.sampling import SamplingDefaults
 from controlplane.text.detokenizer import IncrementalDetokenizer
 
 __all__ = ["ModelTokenizer", "read_sampling_defaults"]
@@ -45,6 +47,7 @@ class ModelTokenizer:
         "_chat_template",
         "_content_as_parts",
         "_has_developer_role",
+        "_space_marker",
         "_tokenizer",
         "eos_token_ids",
         "max_token_chars",
@@ -64,6 +67,7 @@ class ModelTokenizer:
         self._has_developer_role = "developer" in source
         self.max_token_chars: int = _longest_token(tokenizer)
         """No token of the vocabulary stands for more characters than this (0: unknown)."""
+        self._space_marker = _metaspace_marker(tokenizer)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> ModelTokenizer:
@@ -93,6 +97,22 @@ class ModelTokenizer:
         ``return_token_strs``."""
         strings: list[str] = self._tokenizer.convert_ids_to_tokens(token_ids)
         return strings
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's text alone, as vLLM names tokens in logprobs: the id decoded by itself,
+        with the leading spaces a SentencePiece (Metaspace) vocabulary entry stands for, which
+        decoding a lone token strips."""
+        texts: list[str] = [self._tokenizer.decode([t]) or "" for t in token_ids]
+        marker = self._space_marker
+        if marker is None:
+            return texts
+        pieces = self._tokenizer.convert_ids_to_tokens(list(token_ids))
+        for i, piece in enumerate(pieces):
+            spaces = len(piece) - len(piece.lstrip(marker)) if piece else 0
+            missing = spaces - (len(texts[i]) - len(texts[i].lstrip(" ")))
+            if missing > 0:
+                texts[i] = " " * missing + texts[i]
+        return texts
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of ``token_ids``, special tokens included (as vLLM's /detokenize)."""
@@ -163,6 +183,22 @@ class ModelTokenizer:
         if message.name is not None:
             result["name"] = message.name
         return result
+
+
+def _metaspace_marker(tokenizer: Any) -> str | None:
+    """The character a SentencePiece-style (Metaspace) pre-tokenizer writes for a space (None
+    for byte-level and other vocabularies, whose lone tokens decode with their spaces)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        config = json.loads(backend.to_str()) if backend is not None else {}
+    except (ValueError, AttributeError):
+        return None
+    pre = config.get("pre_tokenizer") or {}
+    for step in [pre, *(pre.get("pretokenizers") or [])]:
+        if isinstance(step, dict) and step.get("type") == "Metaspace":
+            marker = step.get("replacement", "\u2581")
+            return marker if isinstance(marker, str) and marker else None
+    return None
 
 
 def _longest_token(tokenizer: Any) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from controlplane.api.openai_protocol import SamplingOptions
+from controlplane.api.sampling import SamplingOptions
 from controlplane.workers.roles import WorkerRole
 from strata_common.grpc_auth import ClientAuth, aio_channel
 from strata_proto import worker_pb2, worker_pb2_grpc
@@ -153,7 +153,18 @@ class WorkerSampling:
         )
         if o.seed is not None:
             params.seed = o.seed
+        if o.logprobs is not None:
+            params.logprobs = o.logprobs
         return params
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's logprob and the most likely tokens' at its step, by rank."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    """(token id, logprob), most likely first; as many as the request's ``logprobs``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +178,8 @@ class PrefillResult:
     engine_time_s: float
     kv_node: str = ""
     """The store node (cluster node id) the prefill saved its blocks to; "" = unknown."""
+    first_token_logprob: TokenLogprob | None = None
+    """When the request asked for logprobs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +191,8 @@ class DecodeOutput:
     finish_reason: FinishReason | None
     num_cached_tokens: int
     num_external_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per token, when the request asked for logprobs."""
 
 
 class WorkerClient:
@@ -239,7 +254,9 @@ class WorkerClient:
             reply = await self._stub.Prefill(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error("Prefill", exc) from None
+        logprobs = self._logprobs("Prefill", sampling, 1, [reply.first_token_logprobs])
         return PrefillResult(
+            first_token_logprob=logprobs[0] if logprobs else None,
             first_token_id=reply.first_token_id,
             first_token_text=reply.first_token_text,
             finish_reason=self._finish("Prefill", reply.finish_reason),
@@ -280,6 +297,9 @@ class WorkerClient:
         try:
             async for chunk in responses:
                 yield DecodeOutput(
+                    logprobs=self._logprobs(
+                        "Decode", sampling, len(chunk.token_ids), chunk.logprobs
+                    ),
                     token_ids=tuple(chunk.token_ids),
                     text=chunk.text,
                     finish_reason=self._finish("Decode", chunk.finish_reason),
@@ -295,6 +315,33 @@ class WorkerClient:
     def _error(self, rpc: str, exc: grpc.aio.AioRpcError) -> WorkerError:
         kind = _KIND_BY_CODE.get(exc.code(), WorkerErrorKind.FAILED)
         return WorkerError(kind, self.endpoint, rpc, f"{exc.code().name}: {exc.details()}")
+
+    def _logprobs(
+        self,
+        rpc: str,
+        sampling: WorkerSampling,
+        num_tokens: int,
+        sent: Sequence[worker_pb2.TokenLogprobs],
+    ) -> tuple[TokenLogprob, ...]:
+        """The logprobs of ``num_tokens`` tokens as the worker sent them: one per token with
+        ``sampling``'s top count, or none when the request asked for none."""
+        wanted = sampling.options.logprobs
+        if wanted is None or not num_tokens:
+            return ()
+        out = []
+        for item in sent:
+            top = tuple(zip(item.top_token_ids, item.top_logprobs, strict=False))
+            if len(item.top_token_ids) != len(item.top_logprobs) or len(top) > wanted:
+                break
+            out.append(TokenLogprob(item.logprob, top))
+        if len(out) != num_tokens or len(sent) != num_tokens:
+            raise WorkerError(
+                WorkerErrorKind.FAILED,
+                self.endpoint,
+                rpc,
+                f"logprobs malformed: {len(sent)} for {num_tokens} tokens, top {wanted} asked",
+            )
+        return tuple(out)
 
     def _finish(self, rpc: str, value: int) -> FinishReason | None:
         try:

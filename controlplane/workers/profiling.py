@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from controlplane.api.openai_protocol import SamplingOptions
+from controlplane.api.sampling import SamplingOptions
 from controlplane.scheduling.predictor.fitting import DecodeSample, PrefillSample
 from controlplane.scheduling.predictor.plan import HANDOFF_DECODE_TOKENS, ProfilePlan
 from controlplane.scheduling.predictor.plausibility import PlausibilityBounds

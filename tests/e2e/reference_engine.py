@@ -6,7 +6,8 @@ Each request is {"kind": "completion", "prompt": str}, {"kind": "chat", "message
 {"kind": "tokens", "prompt_token_ids": [...]},
 plus "max_tokens", optional "ignore_eos" and optional "sampling" (more SamplingParams fields,
 e.g. {"repetition_penalty": 1.5}, or {"temperature": 0.9, "seed": 7}; greedy unless it says);
-each result is {"token_ids": [...], "text": str}.
+each result is {"token_ids": [...], "text": str}, and "logprobs" when the sampling asks for
+them ([logprob, [[top id, its logprob], ...]] per token, the top by rank).
 """
 
 from __future__ import annotations
@@ -47,13 +48,25 @@ def main() -> None:
         else:
             out = llm.generate(req["prompt"], sp, use_tqdm=False)[0]
         comp = out.outputs[0]
-        results.append(
-            {
-                "token_ids": list(comp.token_ids),
-                "text": comp.text,
-                "prompt_token_ids": list(out.prompt_token_ids or []),
-            }
-        )
+        result = {
+            "token_ids": list(comp.token_ids),
+            "text": comp.text,
+            "prompt_token_ids": list(out.prompt_token_ids or []),
+        }
+        if sp.logprobs is not None:
+            # Per token: its logprob, and the top sp.logprobs (id, logprob) by rank.
+            result["logprobs"] = [
+                [
+                    step[token_id].logprob,
+                    [
+                        (t, lp.logprob)
+                        for t, lp in sorted(step.items(), key=lambda item: item[1].rank)
+                        if lp.rank <= sp.logprobs
+                    ],
+                ]
+                for token_id, step in zip(comp.token_ids, comp.logprobs or [], strict=True)
+            ]
+        results.append(result)
     sys.stdout.write("\n@@RESULTS@@" + json.dumps(results) + "\n")
     sys.stdout.flush()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from tokenizers import Tokenizer
@@ -67,6 +68,21 @@ class Script:
 
     def token(self, index: int) -> int:
         return self.token_ids[index] if index < len(self.token_ids) else EOS_TOKEN_ID
+
+    def logprobs(self, index: int, sampling: worker_pb2.SamplingParams) -> list[Any]:
+        """Scripted logprobs of output token ``index`` when ``sampling`` asks for them: the
+        token's own -(index + 1) / 4, the most likely; then ids after it, 1 lower each."""
+        if not sampling.HasField("logprobs"):
+            return []
+        own = -(index + 1) / 4
+        top = range(sampling.logprobs)
+        return [
+            worker_pb2.TokenLogprobs(
+                logprob=own,
+                top_token_ids=[(self.token(index) + k) % 1000 for k in top],
+                top_logprobs=[own - k for k in top],
+            )
+        ]
 
 
 class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
@@ -170,7 +186,9 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         token_id = self.script.token(0)
         text, finish = self._next_output(stream, "", token_id, request.sampling)
         num_blocks = len(request.prompt_token_ids) // self.block_size
+        (logprobs,) = self.script.logprobs(0, request.sampling) or [None]
         return worker_pb2.PrefillResponse(
+            first_token_logprobs=logprobs,
             first_token_id=token_id,
             first_token_text=text,
             finish_reason=finish,
@@ -207,7 +225,9 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                     finish = worker_pb2.FINISH_REASON_ABORT  # ended, but not by the client
                     await context.abort(script.decode_error, "scripted decode failure")
                 ids: list[int] = []
+                logprobs = []
                 while len(ids) < script.decode_chunk_size and not finish:
+                    logprobs += script.logprobs(index, sampling)
                     token_id = script.token(index)
                     index += 1
                     ids.append(token_id)
@@ -215,7 +235,10 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                     if not finish and index - start >= sampling.max_tokens:
                         finish = worker_pb2.FINISH_REASON_LENGTH
                 chunk = worker_pb2.DecodeChunk(
-                    token_ids=ids, text=output[num_sent_chars:], finish_reason=finish
+                    token_ids=ids,
+                    text=output[num_sent_chars:],
+                    finish_reason=finish,
+                    logprobs=logprobs,
                 )
                 num_sent_chars = max(num_sent_chars, len(output))
                 num_chunks += 1

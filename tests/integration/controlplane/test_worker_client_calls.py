@@ -15,7 +15,7 @@ from pathlib import Path
 from grpc.aio import _call as aio_call
 from tokenizers import Tokenizer
 
-from controlplane.api.openai_protocol import SamplingOptions
+from controlplane.api.sampling import SamplingOptions
 from controlplane.workers.client import WorkerClient, WorkerSampling
 from strata_proto import worker_pb2
 from tests.integration.controlplane.scripted_worker import ScriptedWorker, default_script

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 import dataplane.worker
-from controlplane.api.openai_protocol import SamplingOptions
+from controlplane.api.sampling import SamplingOptions
 from controlplane.workers.client import (
     FinishReason,
     WorkerClient,

@@ -149,3 +149,22 @@ def test_sampling_values_vllm_refuses_are_invalid_argument(
     with pytest.raises(Aborted) as refused:
         asyncio.run(service._sampling(Context(), sp, 4, RequestOutputKind.DELTA))  # type: ignore[arg-type]
     assert refused.value.args[0] is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_token_logprobs_are_the_sampled_token_s_and_the_top_ones_by_rank() -> None:
+    from vllm.logprobs import Logprob
+
+    from dataplane.service import token_logprobs
+
+    # vLLM's dict per position: the sampled token first (here rank 3), then the top ranks.
+    steps = [
+        {9: Logprob(-2.5, 3), 4: Logprob(-0.25, 1), 7: Logprob(-1.0, 2)},
+        {4: Logprob(-0.5, 1)},
+    ]
+    sent = token_logprobs([9, 4], steps, num_top=2)
+    assert [(s.logprob, list(s.top_token_ids), list(s.top_logprobs)) for s in sent] == [
+        (-2.5, [4, 7], [-0.25, -1.0]),
+        (-0.5, [4], [-0.5]),
+    ]
+    assert token_logprobs([9], None, num_top=2) == []  # not asked for
+    assert [list(s.top_token_ids) for s in token_logprobs([9], steps[:1], num_top=0)] == [[]]

@@ -9,12 +9,11 @@ import pytest
 from controlplane.api.openai_protocol import (
     ChatMessage,
     OpenAIError,
-    RequestLimits,
-    SamplingDefaults,
     parse_chat_completion_request,
     parse_completion_request,
 )
 from controlplane.api.request_checks import check_context_length
+from controlplane.api.sampling import RequestLimits, SamplingDefaults
 
 M = "served"
 LIMITS = RequestLimits(max_model_len=1000, vocab_size=500)
@@ -94,7 +93,9 @@ BAD_CHAT = [
     ("cache-salt-empty", chat(cache_salt=""), 400, "cache_salt", None),
     ("cache-salt-too-long", chat(cache_salt="x" * 257), 400, "cache_salt", None),
     ("return-token-ids-not-bool", chat(return_token_ids="yes"), 400, "return_token_ids", None),
-    ("logprobs", chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    ("logprobs-not-bool", chat(logprobs=1), 400, "logprobs", None),
+    ("top-logprobs-alone", chat(top_logprobs=2), 400, "top_logprobs", None),
+    ("top-logprobs-too-many", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
     ("tools", chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
     ("json-mode", chat(response_format={"type": "json_object"}), 400, "response_format",
      "unsupported_parameter"),
@@ -121,7 +122,8 @@ BAD_COMPLETION = [
     ("prompt-token-out-of-vocab", completion(prompt=[500]), 400, "prompt", None),
     ("prompt-token-bool", completion(prompt=[True]), 400, "prompt", None),
     ("echo", completion(echo=True), 400, "echo", "unsupported_parameter"),
-    ("logprobs", completion(logprobs=1), 400, "logprobs", "unsupported_parameter"),
+    ("logprobs-bool", completion(logprobs=True), 400, "logprobs", None),
+    ("logprobs-too-many", completion(logprobs=21), 400, "logprobs", None),
     ("best-of", completion(best_of=2), 400, "best_of", "unsupported_parameter"),
     ("suffix", completion(suffix="x"), 400, "suffix", "unsupported_parameter"),
     ("max-tokens-zero", completion(max_tokens=0), 400, "max_tokens", None),
@@ -392,9 +394,31 @@ def test_vllm_and_openai_defaults_written_out_are_accepted() -> None:
         completion(logprobs=None, add_special_tokens=True, best_of=1), served_model_name=M,
         limits=LIMITS,
     )  # fmt: skip
-    with pytest.raises(OpenAIError) as info:  # 0 still asks for the sampled token's logprob
-        parse_completion_request(completion(logprobs=0), served_model_name=M, limits=LIMITS)
-    assert info.value.param == "logprobs"
+
+
+def test_logprobs_fields() -> None:
+    def completions(**fields: Any) -> int | None:
+        body = completion(**fields)
+        return parse_completion_request(body, served_model_name=M, limits=LIMITS).sampling.logprobs
+
+    def chats(**fields: Any) -> int | None:
+        body = chat(**fields)
+        return parse_chat_completion_request(
+            body, served_model_name=M, limits=LIMITS
+        ).sampling.logprobs
+
+    # Completions' logprobs is the top count, 0 the sampled token's logprob alone.
+    assert (completions(), completions(logprobs=None), completions(logprobs=0)) == (None, None, 0)
+    assert completions(logprobs=20) == 20
+    # Chat's is a switch, top_logprobs the count.
+    assert (chats(), chats(logprobs=False), chats(logprobs=True)) == (None, None, 0)
+    assert chats(logprobs=True, top_logprobs=5) == 5
+    assert chats(logprobs=False, top_logprobs=0) is None
+    # Logprobs have no sampling state: the prefill's first token is kept.
+    body = completion(logprobs=3, temperature=0.5)
+    assert not parse_completion_request(
+        body, served_model_name=M, limits=LIMITS
+    ).sampling.decode_samples_first
 
 
 def test_refusals_of_what_is_not_exact_yet_name_the_field() -> None:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from controlplane.api.openai_protocol import OpenAIError, RequestLimits
+from controlplane.api.openai_protocol import OpenAIError
 from controlplane.api.request_checks import check_prompt_chars, parse_json_body
+from controlplane.api.sampling import RequestLimits
 
 
 def test_valid_bodies_parse_as_json() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.api.openai_protocol import ChatMessage, OpenAIError, RequestLimits
+from controlplane.api.openai_protocol import ChatMessage, OpenAIError
+from controlplane.api.sampling import RequestLimits
 from controlplane.api.tokenize import parse_detokenize_request, parse_tokenize_request
 
 M = "m"

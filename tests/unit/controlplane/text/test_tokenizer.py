@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.api.openai_protocol import ChatMessage, OpenAIError, SamplingDefaults
+from controlplane.api.openai_protocol import ChatMessage, OpenAIError
+from controlplane.api.sampling import SamplingDefaults
 from controlplane.text.tokenizer import ModelTokenizer, read_sampling_defaults
 
 PARTS_TEMPLATE = (
@@ -171,3 +172,30 @@ def test_chat_encoding_in_two_steps_is_the_same(hf_tokenizer: Any) -> None:
     messages = (ChatMessage("user", "Hi there", None),)
     rendered = tokenizer.render_chat(messages)
     assert tokenizer.encode_rendered_chat(rendered) == tokenizer.encode_chat(messages)
+
+
+def _metaspace_tokenizer() -> Any:
+    """A SentencePiece-style vocabulary (Metaspace pre-tokenizer: "▁" stands for a space),
+    whose lone tokens lose their leading space when decoded alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁the": 1, "▁cat": 2, "s": 3, "▁": 4, "▁▁x": 5, "at": 6}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_token_texts_name_tokens_as_vllm_does(hf_tokenizer: Any, kind: str) -> None:
+    """The names logprobs give tokens: vLLM's own per-token detokenization, compared here on
+    a byte-level vocabulary (the tiny model's) and a SentencePiece one."""
+    from vllm.tokenizers.detokenizer_utils import convert_ids_list_to_tokens
+
+    hf = hf_tokenizer if kind == "byte-level" else _metaspace_tokenizer()
+    ids = list(range(len(hf))) if kind == "metaspace" else list(range(0, len(hf), 13))
+    texts = ModelTokenizer(hf).token_texts(ids)
+    assert texts == convert_ids_list_to_tokens(hf, ids)
+    if kind == "metaspace":
+        assert texts[1:3] == [" the", " cat"]  # the space a lone decode drops, restored

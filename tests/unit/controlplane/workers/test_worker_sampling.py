@@ -1,11 +1,17 @@
-"""WorkerSampling: what one worker call is asked to sample."""
+"""WorkerSampling: what one worker call is asked to sample; the client's checks of what the
+worker sends back."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
+from typing import Any
 
-from controlplane.api.openai_protocol import SamplingOptions
-from controlplane.workers.client import WorkerSampling
+import pytest
+
+from controlplane.api.sampling import SamplingOptions
+from controlplane.workers.client import TokenLogprob, WorkerClient, WorkerError, WorkerSampling
+from strata_proto import worker_pb2
 
 
 def test_min_tokens_counts_the_tokens_the_request_already_has() -> None:
@@ -39,3 +45,32 @@ def test_penalties_and_logit_bias_are_sent() -> None:
     # Doubles on the wire: the engines get the client's values exactly.
     assert (sent.presence_penalty, sent.frequency_penalty) == (0.7, -1.1)
     assert dict(sent.logit_bias) == {4: -100.0, 11: 0.3}
+
+
+def _checked(options: SamplingOptions, num_tokens: int, sent: list[Any]) -> Any:
+    async def run() -> Any:
+        client = WorkerClient("127.0.0.1:1")  # never called: only its checks run
+        try:
+            return client._logprobs("Decode", WorkerSampling(4, options), num_tokens, sent)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def test_logprobs_from_a_worker_are_checked_against_the_request() -> None:
+    top2 = replace(SamplingOptions.greedy(4), logprobs=2)
+    good = worker_pb2.TokenLogprobs(logprob=-0.5, top_token_ids=[3, 4], top_logprobs=[-0.5, -1])
+    assert _checked(top2, 1, [good]) == (TokenLogprob(-0.5, ((3, -0.5), (4, -1.0))),)
+    assert _checked(SamplingOptions.greedy(4), 1, []) == ()  # not asked for
+    assert _checked(top2, 0, []) == ()  # a chunk with no tokens (the finish)
+    malformed = [
+        (1, []),  # missing
+        (1, [good, good]),  # one too many
+        (2, [good]),  # one too few
+        (1, [worker_pb2.TokenLogprobs(top_token_ids=[3, 4], top_logprobs=[-1])]),  # ragged
+        (1, [worker_pb2.TokenLogprobs(top_token_ids=[1, 2, 3], top_logprobs=[0, 0, 0])]),  # > 2
+    ]
+    for num_tokens, sent in malformed:
+        with pytest.raises(WorkerError, match="logprobs malformed"):
+            _checked(top2, num_tokens, sent)
