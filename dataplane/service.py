@@ -91,6 +91,7 @@ def sampling_params(
         frequency_penalty=sp.frequency_penalty,
         logit_bias=dict(sp.logit_bias) or None,
         logprobs=sp.logprobs if sp.HasField("logprobs") else None,
+        structured_outputs=_structured(sp.structured) if sp.HasField("structured") else None,
         output_kind=kind,
         # The gateway detokenizes the whole sequence itself
         # (controlplane/text/detokenizer.py); the engine needs text only to match stop strings.
@@ -98,6 +99,22 @@ def sampling_params(
         # The request's params for its KV connector (vLLM's Request.kv_transfer_params): the
         # store node holding the prompt's blocks, a hint for its match (multihost.md §2).
         extra_args={"kv_transfer_params": {KV_NODE_PARAM: kv_node}} if kv_node else None,
+    )
+
+
+def _structured(so: worker_pb2.StructuredOutput) -> Any:
+    """vLLM's StructuredOutputsParams of a call's constraint (ValueError: none set)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind = so.WhichOneof("constraint")
+    if kind is None:
+        raise ValueError("structured output without a constraint")
+    value: Any = getattr(so, kind)
+    names = {"json_schema": "json", "choice": "choice"}
+    return StructuredOutputsParams(
+        **{names.get(kind, kind): list(value.values) if kind == "choice" else value},
+        disable_any_whitespace=so.disable_any_whitespace,
+        disable_additional_properties=so.disable_additional_properties,
     )
 
 

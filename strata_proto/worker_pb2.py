@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19strata_proto/worker.proto\x12\tstrata.v1\"\xb5\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05top_k\x18\x08 \x01(\x05\x12\r\n\x05min_p\x18\t \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x01\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x01\x12<\n\nlogit_bias\x18\x0e \x03(\x0b\x32(.strata.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x01\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x01\"\x7f\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\x9d\x02\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x18\n\x10\x66irst_token_text\x18\x02 \x01(\t\x12\x36\n\x14\x66irst_token_logprobs\x18\t \x01(\x0b\x32\x18.strata.v1.TokenLogprobs\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.strata.v1.FinishReason\x12\x12\n\nblock_keys\x18\x04 \x03(\x0c\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x15\n\rengine_time_s\x18\x07 \x01(\x01\x12\x0f\n\x07kv_node\x18\x08 \x01(\t\"\xa3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x12\n\nblock_keys\x18\x05 \x03(\x0c\x12\x0f\n\x07kv_node\x18\x06 \x01(\t\"\xc2\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.strata.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x1b\n\x13num_external_tokens\x18\x05 \x01(\r\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.strata.v1.TokenLogprobs\"\x0f\n\rHealthRequest\"\xe4\x02\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.strata.v1.Role\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x11\n\tkv_source\x18\x07 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x08 \x01(\x0c\x12\x11\n\tkv_layout\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x10\n\x08hardware\x18\x0b \x01(\t\x12\x1b\n\x13num_engine_requests\x18\x0c \x01(\r\x12\x11\n\tstalled_s\x18\r \x01(\x01\x12\x18\n\x10num_engine_steps\x18\x0e \x01(\x04\x12\x10\n\x08\x64raining\x18\x0f \x01(\x08\x12\x1a\n\x12kv_capacity_tokens\x18\x10 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xd3\x03\n\rStatsResponse\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.strata.v1.Role\x12\x14\n\x0cnum_requests\x18\x02 \x01(\x04\x12\x13\n\x0bnum_running\x18\x03 \x01(\x04\x12\x17\n\x0fkv_blocks_saved\x18\x04 \x01(\x04\x12\x18\n\x10kv_blocks_loaded\x18\x05 \x01(\x04\x12\x16\n\x0ekv_bytes_saved\x18\x06 \x01(\x04\x12\x17\n\x0fkv_bytes_loaded\x18\x07 \x01(\x04\x12\x18\n\x10kv_tokens_loaded\x18\x08 \x01(\x04\x12\x1e\n\x16prompt_tokens_computed\x18\t \x01(\x04\x12\x16\n\x0ekv_save_time_s\x18\n \x01(\x01\x12\x16\n\x0ekv_load_time_s\x18\x0b \x01(\x01\x12\x18\n\x10kv_load_failures\x18\x0c \x01(\x04\x12\x17\n\x0fkv_cache_blocks\x18\r \x01(\x04\x12\x18\n\x10kv_blocks_in_use\x18\x0e \x01(\x04\x12\x19\n\x11\x65ngine_heap_trims\x18\x0f \x01(\x04\x12!\n\x19\x65ngine_heap_trimmed_bytes\x18\x10 \x01(\x04\x12\x1f\n\x17\x65ngine_heap_trim_time_s\x18\x11 \x01(\x01*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\r\n\tROLE_BOTH\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x83\x02\n\x06Worker\x12=\n\x06Health\x12\x18.strata.v1.HealthRequest\x1a\x19.strata.v1.HealthResponse\x12:\n\x05Stats\x12\x17.strata.v1.StatsRequest\x1a\x18.strata.v1.StatsResponse\x12@\n\x07Prefill\x12\x19.strata.v1.PrefillRequest\x1a\x1a.strata.v1.PrefillResponse\x12<\n\x06\x44\x65\x63ode\x12\x18.strata.v1.DecodeRequest\x1a\x16.strata.v1.DecodeChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19strata_proto/worker.proto\x12\tstrata.v1\"\xe6\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05top_k\x18\x08 \x01(\x05\x12\r\n\x05min_p\x18\t \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x01\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x01\x12<\n\nlogit_bias\x18\x0e \x03(\x0b\x32(.strata.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x01\x88\x01\x01\x12/\n\nstructured\x18\x10 \x01(\x0b\x32\x1b.strata.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xe2\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.strata.v1.StringListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x12%\n\x1d\x64isable_additional_properties\x18\x07 \x01(\x08\x42\x0c\n\nconstraint\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x01\"\x7f\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\x9d\x02\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x18\n\x10\x66irst_token_text\x18\x02 \x01(\t\x12\x36\n\x14\x66irst_token_logprobs\x18\t \x01(\x0b\x32\x18.strata.v1.TokenLogprobs\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.strata.v1.FinishReason\x12\x12\n\nblock_keys\x18\x04 \x03(\x0c\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x15\n\rengine_time_s\x18\x07 \x01(\x01\x12\x0f\n\x07kv_node\x18\x08 \x01(\t\"\xa3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x12\n\nblock_keys\x18\x05 \x03(\x0c\x12\x0f\n\x07kv_node\x18\x06 \x01(\t\"\xc2\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.strata.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x1b\n\x13num_external_tokens\x18\x05 \x01(\r\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.strata.v1.TokenLogprobs\"\x0f\n\rHealthRequest\"\xe4\x02\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.strata.v1.Role\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x11\n\tkv_source\x18\x07 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x08 \x01(\x0c\x12\x11\n\tkv_layout\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x10\n\x08hardware\x18\x0b \x01(\t\x12\x1b\n\x13num_engine_requests\x18\x0c \x01(\r\x12\x11\n\tstalled_s\x18\r \x01(\x01\x12\x18\n\x10num_engine_steps\x18\x0e \x01(\x04\x12\x10\n\x08\x64raining\x18\x0f \x01(\x08\x12\x1a\n\x12kv_capacity_tokens\x18\x10 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xd3\x03\n\rStatsResponse\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.strata.v1.Role\x12\x14\n\x0cnum_requests\x18\x02 \x01(\x04\x12\x13\n\x0bnum_running\x18\x03 \x01(\x04\x12\x17\n\x0fkv_blocks_saved\x18\x04 \x01(\x04\x12\x18\n\x10kv_blocks_loaded\x18\x05 \x01(\x04\x12\x16\n\x0ekv_bytes_saved\x18\x06 \x01(\x04\x12\x17\n\x0fkv_bytes_loaded\x18\x07 \x01(\x04\x12\x18\n\x10kv_tokens_loaded\x18\x08 \x01(\x04\x12\x1e\n\x16prompt_tokens_computed\x18\t \x01(\x04\x12\x16\n\x0ekv_save_time_s\x18\n \x01(\x01\x12\x16\n\x0ekv_load_time_s\x18\x0b \x01(\x01\x12\x18\n\x10kv_load_failures\x18\x0c \x01(\x04\x12\x17\n\x0fkv_cache_blocks\x18\r \x01(\x04\x12\x18\n\x10kv_blocks_in_use\x18\x0e \x01(\x04\x12\x19\n\x11\x65ngine_heap_trims\x18\x0f \x01(\x04\x12!\n\x19\x65ngine_heap_trimmed_bytes\x18\x10 \x01(\x04\x12\x1f\n\x17\x65ngine_heap_trim_time_s\x18\x11 \x01(\x01*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\r\n\tROLE_BOTH\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x83\x02\n\x06Worker\x12=\n\x06Health\x12\x18.strata.v1.HealthRequest\x1a\x19.strata.v1.HealthResponse\x12:\n\x05Stats\x12\x17.strata.v1.StatsRequest\x1a\x18.strata.v1.StatsResponse\x12@\n\x07Prefill\x12\x19.strata.v1.PrefillRequest\x1a\x1a.strata.v1.PrefillResponse\x12<\n\x06\x44\x65\x63ode\x12\x18.strata.v1.DecodeRequest\x1a\x16.strata.v1.DecodeChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2201
-  _globals['_ROLE']._serialized_end=2279
-  _globals['_FINISHREASON']._serialized_start=2281
-  _globals['_FINISHREASON']._serialized_end=2401
+  _globals['_ROLE']._serialized_start=2509
+  _globals['_ROLE']._serialized_end=2587
+  _globals['_FINISHREASON']._serialized_start=2589
+  _globals['_FINISHREASON']._serialized_end=2709
   _globals['_SAMPLINGPARAMS']._serialized_start=41
-  _globals['_SAMPLINGPARAMS']._serialized_end=478
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=408
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=456
-  _globals['_TOKENLOGPROBS']._serialized_start=480
-  _globals['_TOKENLOGPROBS']._serialized_end=557
-  _globals['_PREFILLREQUEST']._serialized_start=559
-  _globals['_PREFILLREQUEST']._serialized_end=686
-  _globals['_PREFILLRESPONSE']._serialized_start=689
-  _globals['_PREFILLRESPONSE']._serialized_end=974
-  _globals['_DECODEREQUEST']._serialized_start=977
-  _globals['_DECODEREQUEST']._serialized_end=1140
-  _globals['_DECODECHUNK']._serialized_start=1143
-  _globals['_DECODECHUNK']._serialized_end=1337
-  _globals['_HEALTHREQUEST']._serialized_start=1339
-  _globals['_HEALTHREQUEST']._serialized_end=1354
-  _globals['_HEALTHRESPONSE']._serialized_start=1357
-  _globals['_HEALTHRESPONSE']._serialized_end=1713
-  _globals['_STATSREQUEST']._serialized_start=1715
-  _globals['_STATSREQUEST']._serialized_end=1729
-  _globals['_STATSRESPONSE']._serialized_start=1732
-  _globals['_STATSRESPONSE']._serialized_end=2199
-  _globals['_WORKER']._serialized_start=2404
-  _globals['_WORKER']._serialized_end=2663
+  _globals['_SAMPLINGPARAMS']._serialized_end=527
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=457
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=505
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=530
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=756
+  _globals['_STRINGLIST']._serialized_start=758
+  _globals['_STRINGLIST']._serialized_end=786
+  _globals['_TOKENLOGPROBS']._serialized_start=788
+  _globals['_TOKENLOGPROBS']._serialized_end=865
+  _globals['_PREFILLREQUEST']._serialized_start=867
+  _globals['_PREFILLREQUEST']._serialized_end=994
+  _globals['_PREFILLRESPONSE']._serialized_start=997
+  _globals['_PREFILLRESPONSE']._serialized_end=1282
+  _globals['_DECODEREQUEST']._serialized_start=1285
+  _globals['_DECODEREQUEST']._serialized_end=1448
+  _globals['_DECODECHUNK']._serialized_start=1451
+  _globals['_DECODECHUNK']._serialized_end=1645
+  _globals['_HEALTHREQUEST']._serialized_start=1647
+  _globals['_HEALTHREQUEST']._serialized_end=1662
+  _globals['_HEALTHRESPONSE']._serialized_start=1665
+  _globals['_HEALTHRESPONSE']._serialized_end=2021
+  _globals['_STATSREQUEST']._serialized_start=2023
+  _globals['_STATSREQUEST']._serialized_end=2037
+  _globals['_STATSRESPONSE']._serialized_start=2040
+  _globals['_STATSRESPONSE']._serialized_end=2507
+  _globals['_WORKER']._serialized_start=2712
+  _globals['_WORKER']._serialized_end=2971
 # @@protoc_insertion_point(module_scope)

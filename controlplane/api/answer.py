@@ -1,5 +1,10 @@
 """Writing one generation's answer: a body once it finished, or server-sent events as it goes.
 
+A request's ``n`` samples run at once; their deltas are taken as they come (`_merged`), each
+written as a chunk of its choice's index, or gathered into the body's choices. The first failure
+of any sample ends the answer (the others are cancelled): as one engine's request with ``n``
+children, an answer has all its choices or none.
+
 A stream waits for the first token before its status line, so a request that fails in prefill
 still gets a real 4xx/5xx; after that a failure is an error event, then `data: [DONE]`. Text the
 stop-string matcher holds back leaves a delta with tokens and no text: it is sent only when the
@@ -8,8 +13,9 @@ client asked for something per token (its ids, its logprobs).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 from aiohttp import hdrs, web
@@ -17,48 +23,49 @@ from aiohttp import hdrs, web
 from controlplane.api.errors import json_response, worker_error_to_openai
 from controlplane.api.fields import OpenAIError
 from controlplane.api.logprobs import LogprobsWriter
-from controlplane.api.responses import SSE_DONE, StreamFormatter, Usage, sse_event
+from controlplane.api.responses import SSE_DONE, Choice, StreamFormatter, Usage, sse_event
 from controlplane.request.generation import Generation, GenerationDelta
 from controlplane.workers.client import TokenLogprob, WorkerError
 
-__all__ = ["complete", "stream"]
+__all__ = ["LogprobsFactory", "complete", "stream"]
 
 logger = logging.getLogger("controlplane.gateway")  # the gateway's one log name
 
+LogprobsFactory = Callable[[], LogprobsWriter]
+"""A new writer of one choice's logprobs objects (None where the request asked for none)."""
+
 
 async def complete(
-    generation: Generation, formatter: StreamFormatter, logprobs: LogprobsWriter | None
+    generations: Sequence[Generation],
+    formatter: StreamFormatter,
+    new_logprobs: LogprobsFactory | None,
 ) -> web.Response:
-    """The whole answer as one body, once the generation finished."""
-    parts: list[str] = []
-    token_ids: list[int] = []
-    token_logprobs: list[TokenLogprob] = []
-    async with aclosing(generation.stream()) as deltas:
-        async for delta in deltas:
-            parts.append(delta.text)
-            token_ids += delta.token_ids
-            token_logprobs += delta.logprobs
-    if generation.finish_reason is None:  # stream() raises rather than end unfinished
-        raise RuntimeError("generation ended without a finish reason")
-    usage = _usage(generation)
-    return json_response(
-        formatter.body(
-            "".join(parts),
-            generation.finish_reason,
-            usage,
-            token_ids,
-            logprobs.next(token_ids, token_logprobs) if logprobs else None,
-        )
-    )
+    """The whole answer as one body, once every sample finished."""
+    n = len(generations)
+    parts: list[list[str]] = [[] for _ in range(n)]
+    token_ids: list[list[int]] = [[] for _ in range(n)]
+    token_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    async with aclosing(_merged(generations)) as deltas:
+        async for index, delta in deltas:
+            parts[index].append(delta.text)
+            token_ids[index] += delta.token_ids
+            token_logprobs[index] += delta.logprobs
+    choices = []
+    for i, generation in enumerate(generations):
+        if generation.finish_reason is None:  # stream() raises rather than end unfinished
+            raise RuntimeError("generation ended without a finish reason")
+        logprobs = new_logprobs().next(token_ids[i], token_logprobs[i]) if new_logprobs else None
+        choices.append(Choice("".join(parts[i]), generation.finish_reason, token_ids[i], logprobs))
+    return json_response(formatter.body(choices, _usage(generations)))
 
 
 async def stream(
     request: web.Request,
-    generation: Generation,
+    generations: Sequence[Generation],
     formatter: StreamFormatter,
-    logprobs: LogprobsWriter | None,
+    new_logprobs: LogprobsFactory | None,
 ) -> web.StreamResponse:
-    async with aclosing(generation.stream()) as deltas:
+    async with aclosing(_merged(generations)) as deltas:
         # Wait for the first token before sending the status line: a request that fails in
         # prefill still gets a proper 4xx/5xx.
         first = await anext(deltas)
@@ -71,11 +78,12 @@ async def stream(
         )
         await response.prepare(request)
         try:
-            for chunk in formatter.opening_chunks():
+            for chunk in formatter.opening_chunks(len(generations)):
                 await response.write(sse_event(chunk))
-            await _write_deltas(response, formatter, logprobs, first, deltas)
+            writers = [new_logprobs() for _ in generations] if new_logprobs else None
+            await _write_deltas(response, formatter, writers, first, deltas)
             if formatter.include_usage:
-                await response.write(sse_event(formatter.usage_chunk(_usage(generation))))
+                await response.write(sse_event(formatter.usage_chunk(_usage(generations))))
         except (OpenAIError, WorkerError) as exc:
             error = exc if isinstance(exc, OpenAIError) else worker_error_to_openai(exc)
             logger.warning("stream %s failed after its first token: %s", formatter.request_id, exc)
@@ -91,13 +99,14 @@ async def stream(
 async def _write_deltas(
     response: web.StreamResponse,
     formatter: StreamFormatter,
-    logprobs: LogprobsWriter | None,
-    first: GenerationDelta,
-    rest: AsyncIterator[GenerationDelta],
+    writers: list[LogprobsWriter] | None,
+    first: tuple[int, GenerationDelta],
+    rest: AsyncIterator[tuple[int, GenerationDelta]],
 ) -> None:
-    per_token = formatter.return_token_ids or logprobs is not None
-    delta: GenerationDelta | None = first
-    while delta is not None:
+    per_token = formatter.return_token_ids or writers is not None
+    item: tuple[int, GenerationDelta] | None = first
+    while item is not None:
+        index, delta = item
         # Text held back by the stop matcher leaves a delta with tokens but no text: sent
         # only if the client wants something of each token (its id, its logprob).
         if delta.text or delta.finish_reason is not None or (per_token and delta.token_ids):
@@ -105,17 +114,62 @@ async def _write_deltas(
                 delta.text,
                 delta.finish_reason,
                 delta.token_ids,
-                logprobs.next(delta.token_ids, delta.logprobs)
-                if logprobs and delta.token_ids
+                writers[index].next(delta.token_ids, delta.logprobs)
+                if writers and delta.token_ids
                 else None,
+                index=index,
             )
             await response.write(sse_event(chunk))
-        delta = await anext(rest, None)
+        item = await anext(rest, None)
 
 
-def _usage(generation: Generation) -> Usage:
+async def _merged(
+    generations: Sequence[Generation],
+) -> AsyncGenerator[tuple[int, GenerationDelta], None]:
+    """Every sample's deltas, each with its sample's index, as they come. The first error of
+    any sample is raised; leaving early (or an error) cancels and closes every sample."""
+    if len(generations) == 1:
+        async with aclosing(generations[0].stream()) as deltas:
+            async for delta in deltas:
+                yield 0, delta
+        return
+    # One slot per sample: a sample runs at most one delta ahead of the writer, as one does.
+    queue: asyncio.Queue[tuple[int, GenerationDelta | Exception | None]] = asyncio.Queue(
+        len(generations)
+    )
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async with aclosing(generation.stream()) as deltas:
+                async for delta in deltas:
+                    await queue.put((index, delta))
+        except Exception as exc:  # handed to the writer, which raises it
+            await queue.put((index, exc))
+            return
+        await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(generations: Sequence[Generation]) -> Usage:
+    """The prompt once (the samples share it), every sample's output tokens."""
+    first = generations[0]
     return Usage(
-        prompt_tokens=generation.num_prompt_tokens,
-        completion_tokens=generation.num_completion_tokens,
-        cached_tokens=generation.num_cached_tokens,
+        prompt_tokens=first.num_prompt_tokens,
+        completion_tokens=sum(g.num_completion_tokens for g in generations),
+        cached_tokens=first.num_cached_tokens,
     )

@@ -23,6 +23,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from functools import partial
 from typing import Any, Final, ParamSpec, TypeVar
 
 from aiohttp import hdrs, web
@@ -64,7 +66,7 @@ from controlplane.api.tokenize import (
 from controlplane.config import GatewayConfig
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
-from controlplane.request.generation import Generation, GenerationRequest
+from controlplane.request.generation import Generation, GenerationRequest, SharedPrefill
 from controlplane.request.routing import (
     Router,
     parse_slo_headers,
@@ -379,7 +381,7 @@ class Gateway:
         formatter_type, logprobs_type = shapes
         logprobs = None
         if parsed.sampling.logprobs is not None:
-            logprobs = logprobs_type(self._tokenizer.token_texts)
+            logprobs = partial(logprobs_type, self._tokenizer.token_texts)
         formatter = formatter_type(
             f"{id_prefix}-{uuid.uuid4().hex}",
             int(time.time()),
@@ -393,7 +395,7 @@ class Gateway:
         cache_salt = tenant_namespace(
             self._tenants_key, request.get(_TENANT, ANONYMOUS), parsed.cache_salt
         )
-        generation = self._generation(
+        generations = self._generations(
             request,
             formatter,
             prompt_ids,
@@ -404,8 +406,8 @@ class Gateway:
             default_max_tokens=default_max_tokens,
         )
         if parsed.stream:
-            return await answer.stream(request, generation, formatter, logprobs)
-        return await answer.complete(generation, formatter, logprobs)
+            return await answer.stream(request, generations, formatter, logprobs)
+        return await answer.complete(generations, formatter, logprobs)
 
     async def _read_json(self, request: web.Request) -> Any:
         # A missing Content-Type is tolerated (curl -d without -H); a wrong one is not.
@@ -471,7 +473,7 @@ class Gateway:
             request.writer.output_size = 0  # (as aiohttp's own handler: no body started yet)
         return None
 
-    def _generation(
+    def _generations(
         self,
         http_request: web.Request,
         formatter: StreamFormatter,
@@ -482,7 +484,8 @@ class Gateway:
         *,
         param: str,
         default_max_tokens: int | None = None,
-    ) -> Generation:
+    ) -> list[Generation]:
+        """The request's samples (``n``; one decision: their instances), or a refusal."""
         max_tokens = check_context_length(
             len(prompt_ids),
             sampling.max_tokens,
@@ -503,15 +506,34 @@ class Gateway:
         )
         if isinstance(decision, Reject):
             raise rejection_error(decision, self._registry)
-        request = GenerationRequest(
-            request_id=formatter.request_id,
-            prompt_token_ids=prompt_ids,
-            sampling=sampling,
-            max_tokens=max_tokens,
-            cache_salt=cache_salt,
-            arrival_s=arrival_s,
-            timeout_s=self._config.http.request_timeout_s,
-            stop_token_ids=self._tokenizer.eos_token_ids.union(sampling.stop_token_ids),
-        )
-        detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
-        return Generation(request, self._registry, self._metrics, detokenizer, decision)
+        n = sampling.n
+        shared = SharedPrefill() if n > 1 else None
+        generations = []
+        for i in range(n):
+            request = GenerationRequest(
+                # vLLM's children of a request with n > 1 are told apart the same way.
+                request_id=formatter.request_id if n == 1 else f"{formatter.request_id}-{i}",
+                prompt_token_ids=prompt_ids,
+                # Sample i draws with seed + i, as vLLM's child i does: each equals one engine's.
+                sampling=sampling
+                if sampling.seed is None
+                else replace(sampling, seed=sampling.seed + i),
+                max_tokens=max_tokens,
+                cache_salt=cache_salt,
+                arrival_s=arrival_s,
+                timeout_s=self._config.http.request_timeout_s,
+                stop_token_ids=self._tokenizer.eos_token_ids.union(sampling.stop_token_ids),
+            )
+            detokenizer = self._tokenizer.new_detokenizer(prompt_ids)
+            generations.append(
+                Generation(
+                    request,
+                    self._registry,
+                    self._metrics,
+                    detokenizer,
+                    decision,
+                    sample=i,
+                    shared=shared,
+                )
+            )
+        return generations

@@ -80,7 +80,6 @@ _VLLM_DEFAULTS: Final[dict[str, tuple[object, ...]]] = {
     "guided_regex": (None,),
     "guided_choice": (None,),
     "guided_grammar": (None,),
-    "structural_tag": (None,),
     "kv_transfer_params": (None,),
     "vllm_xargs": (None,),
     "mm_processor_kwargs": (None,),
@@ -105,7 +104,6 @@ _UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "prediction": (None,),
     "parallel_tool_calls": (None, True, False),  # no tools: nothing to call in parallel
@@ -122,7 +120,7 @@ _SERVED: Final = frozenset(
         "model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
         "stream_options", "ignore_eos", "stop_token_ids", "cache_salt", "return_token_ids",
         "top_k", "min_p", "repetition_penalty", "min_tokens", "presence_penalty",
-        "frequency_penalty", "logit_bias", "logprobs",
+        "frequency_penalty", "logit_bias", "logprobs", "response_format", "structured_outputs",
     }
 )  # fmt: skip
 _COMPLETION_FIELDS: Final = _SERVED | {"prompt"} | frozenset(_UNSUPPORTED_COMPLETION) | {"user"}

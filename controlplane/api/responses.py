@@ -18,6 +18,7 @@ from typing import Any, Final
 __all__ = [
     "SSE_DONE",
     "ChatFormatter",
+    "Choice",
     "CompletionFormatter",
     "StreamFormatter",
     "Usage",
@@ -50,6 +51,17 @@ class Usage:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One finished answer of a body (``n`` > 1: one of several)."""
+
+    text: str
+    finish_reason: str
+    token_ids: Sequence[int] = ()
+    logprobs: dict[str, Any] | None = None
+    """Its ``logprobs`` object (controlplane/api/logprobs.py), when asked for."""
 
 
 class StreamFormatter:
@@ -91,32 +103,32 @@ class StreamFormatter:
         self.prompt_token_ids = prompt_token_ids
         self._prompt_ids_pending = return_token_ids
 
-    def body(
-        self,
-        text: str,
-        finish_reason: str,
-        usage: Usage,
-        token_ids: Sequence[int] = (),
-        logprobs: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """``logprobs``: the choice's (controlplane/api/logprobs.py), when asked for."""
-        choice = self._body_choice(text, finish_reason)
-        choice["logprobs"] = logprobs
-        if self.return_token_ids:
-            choice["token_ids"] = list(token_ids)
+    def body(self, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
+        """The answer's body: its choices, indexed in order."""
+        out = []
+        for index, c in enumerate(choices):
+            choice = self._body_choice(c.text, c.finish_reason)
+            choice["index"] = index
+            choice["logprobs"] = c.logprobs
+            if self.return_token_ids:
+                choice["token_ids"] = list(c.token_ids)
+            out.append(choice)
         body = {
             "id": self.request_id,
             "object": self.body_object,
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": out,
             "usage": usage.to_dict(),
         }
-        self._add_prompt_token_ids(body, choice)
+        for choice in out:  # the prompt's ids with each choice (completions) or once (chat)
+            self._prompt_ids_pending = self.return_token_ids
+            self._add_prompt_token_ids(body, choice)
         return body
 
-    def opening_chunks(self) -> list[dict[str, Any]]:
-        """Chunks sent before the first text (chat: the assistant role)."""
+    def opening_chunks(self, n: int = 1) -> list[dict[str, Any]]:
+        """Chunks sent before the first text of each of ``n`` choices (chat: the assistant
+        role)."""
         return []
 
     def text_chunk(
@@ -125,8 +137,12 @@ class StreamFormatter:
         finish_reason: str | None,
         token_ids: Sequence[int] = (),
         logprobs: dict[str, Any] | None = None,
+        *,
+        index: int = 0,
     ) -> dict[str, Any]:
+        """The next piece of choice ``index``."""
         choice = self._chunk_choice(text, finish_reason)
+        choice["index"] = index
         choice["logprobs"] = logprobs
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids)
@@ -186,16 +202,19 @@ class ChatFormatter(StreamFormatter):
     body_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def opening_chunks(self) -> list[dict[str, Any]]:
-        choice = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        chunk = self._chunk([choice])
-        self._add_prompt_token_ids(chunk, choice)
-        return [chunk]
+    def opening_chunks(self, n: int = 1) -> list[dict[str, Any]]:
+        chunks = []
+        for index in range(n):
+            choice = {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            chunk = self._chunk([choice])
+            self._add_prompt_token_ids(chunk, choice)
+            chunks.append(chunk)
+        return chunks
 
     def _prompt_ids_holder(self, top: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
         return top

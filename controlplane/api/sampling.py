@@ -27,9 +27,11 @@ from controlplane.api.fields import (
     opt_float,
     opt_int,
 )
+from controlplane.api.structured import StructuredOutput, parse_structured
 
 __all__ = [
     "MAX_LOGPROBS",
+    "MAX_N",
     "RequestLimits",
     "SamplingDefaults",
     "SamplingOptions",
@@ -45,6 +47,8 @@ DEFAULT_MAX_STOP_CHARS: Final = 256
 DEFAULT_MAX_CHARS_PER_TOKEN: Final = 32
 """Bound on the characters one token stands for (`request_checks.check_prompt_chars`): English
 averages about 4, code 3, CJK 1 to 2; a text denser than 32 is runs of whitespace or repeats."""
+MAX_N: Final = 16
+"""Most answers (``n``) one request may ask for: each is a decode sequence of its own."""
 MAX_LOGPROBS: Final = 20
 """Top tokens a request may ask logprobs of: OpenAI's bound, and vLLM's ``--max-logprobs``
 default, which the workers run with."""
@@ -92,6 +96,10 @@ class SamplingOptions:
     logprobs: int | None = None
     """Return each token's logprob and this many top tokens' (chat's ``top_logprobs``,
     completions' ``logprobs``); None = no logprobs."""
+    n: int = 1
+    """Answers to generate for the prompt (choices); sample i draws with ``seed + i``."""
+    structured: StructuredOutput | None = None
+    """A constraint on the output (``response_format``, ``structured_outputs``)."""
 
     @property
     def decode_samples_first(self) -> bool:
@@ -99,9 +107,11 @@ class SamplingOptions:
         sampling whose state runs from the first token on, which one engine would carry — a
         seeded generator's position, the output's token counts of presence and frequency
         penalties (a first token handed over would be in the decode engine's prompt, not its
-        output) (docs/design/openai-surface.md §2)."""
+        output); each of ``n`` > 1 samples, all decoded from the one prefill's blocks; a
+        grammar's state (docs/design/openai-surface.md §2)."""
         seeded = self.seed is not None and self.temperature > 0.0
-        return seeded or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        penalized = self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return seeded or penalized or self.n > 1 or self.structured is not None
 
     @classmethod
     def greedy(cls, max_tokens: int | None, *, ignore_eos: bool = False) -> SamplingOptions:
@@ -139,14 +149,13 @@ def parse_sampling(
     defaults: SamplingDefaults,
     logprobs: int | None,
 ) -> SamplingOptions:
-    n = obj.get("n")
-    if n is not None and (not is_int(n) or n != 1):
-        raise invalid("n", f"Only n=1 is supported, got {n!r}.", "unsupported_parameter")
+    n = opt_int(obj, "n", minimum=1, maximum=MAX_N) or 1
     temperature = opt_float(
         obj, "temperature", default=defaults.temperature, minimum=0, maximum=2, open_min=False
     )
     top_p = opt_float(obj, "top_p", default=defaults.top_p, minimum=0, maximum=1, open_min=True)
-    seed = opt_int(obj, "seed", minimum=_INT64_MIN, maximum=_INT64_MAX)
+    # Sample i of n draws with seed + i (vLLM's children's seeds): each must be an int64 too.
+    seed = opt_int(obj, "seed", minimum=_INT64_MIN, maximum=_INT64_MAX - (n - 1))
     # vLLM's extensions, with its bounds: top_k -1 (or 0) means all tokens.
     top_k = opt_int(obj, "top_k", minimum=-1, maximum=2**31 - 1)
     min_tokens = opt_int(obj, "min_tokens", minimum=0, maximum=max_tokens or limits.max_model_len)
@@ -181,6 +190,8 @@ def parse_sampling(
         frequency_penalty=_penalty(obj, "frequency_penalty", defaults.frequency_penalty),
         logit_bias=_parse_logit_bias(obj, limits),
         logprobs=logprobs,
+        n=n,
+        structured=parse_structured(obj),
     )
 
 

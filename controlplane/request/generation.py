@@ -14,11 +14,12 @@ Call sequence (docs/design/gateway.md, "Prefill/decode stitching" and "Failover"
      (as a local route); nothing was sent to the client yet. The first token is yielded at once
      (the request's TTFT). The request ends here if the prefill finished it (EOS or stop:
      "stop") or if max_tokens == 1 ("length").
-  1b. Sampling whose state runs from the first token on (a seeded generator:
-     `SamplingOptions.decode_samples_first`) is one engine's only if one engine samples every
-     token: the prefill's token is dropped (nothing is yielded) and step 2 starts from the prompt
-     alone, the decode instance loading the prefill's blocks and sampling the first token
-     (docs/design/openai-surface.md §2). TTFT then includes the hand-off.
+  1b. Sampling whose state runs from the first token on (a seeded generator, penalties on
+     output counts, one of ``n`` > 1 samples: `SamplingOptions.decode_samples_first`) is one
+     engine's only if one engine samples every token: the prefill's token is dropped (nothing
+     is yielded) and step 2 starts from the prompt alone, the decode instance loading the
+     prefill's blocks and sampling the first token (docs/design/openai-surface.md §2). TTFT then
+     includes the hand-off. A request's ``n`` samples share one prefill (`SharedPrefill`).
   2. Decode(prompt + generated, max_tokens - len(generated)) on the assigned decode instance,
      where `generated` is every token already yielded (the prefill's, or none). If the decode
      instance becomes unreachable mid-stream, or the registry marks it dead meanwhile (stalled,
@@ -52,9 +53,10 @@ codes, formatting, and what to do with an error after the first token was sent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -76,7 +78,7 @@ from controlplane.workers.client import (
 )
 from controlplane.workers.roles import WorkerRole
 
-__all__ = ["Generation", "GenerationDelta", "GenerationRequest"]
+__all__ = ["Generation", "GenerationDelta", "GenerationRequest", "SharedPrefill"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +111,41 @@ class GenerationDelta:
     """One per token of ``token_ids`` when the request asked for logprobs."""
 
 
+class SharedPrefill:
+    """The one prefill of a request's ``n`` > 1 samples: the first sample to need it runs it
+    (with its failover), the others wait for its outcome — the result, None (no prefill
+    instance was left: each decode prefills itself), or its error. Every sample's decode
+    samples its first token itself (`SamplingOptions.decode_samples_first`)."""
+
+    __slots__ = ("_outcome",)
+
+    def __init__(self) -> None:
+        self._outcome: asyncio.Future[tuple[PrefillResult, Instance] | None] | None = None
+
+    async def get(
+        self, run: Callable[[], Awaitable[tuple[PrefillResult, Instance] | None]]
+    ) -> tuple[PrefillResult, Instance] | None:
+        if self._outcome is not None:
+            return await asyncio.shield(self._outcome)
+        outcome = self._outcome = asyncio.get_running_loop().create_future()
+        try:
+            result = await run()
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except Exception as exc:
+            outcome.set_exception(exc)
+            outcome.exception()  # retrieved: the samples that wait for it raise it themselves
+            raise
+        outcome.set_result(result)
+        return result
+
+
 class Generation:
     """Runs one GenerationRequest on the instances of `assign`; `stream()` yields its deltas,
-    counters fill in as it goes."""
+    counters fill in as it goes. One of a request's ``n`` samples: ``sample`` (its index) and
+    ``shared`` (the prefill the samples share); sample 0 counts the request's own metrics
+    (its arrival, TTFT, prompt tokens)."""
 
     __slots__ = (
         "_assign",
@@ -119,10 +153,12 @@ class Generation:
         "_first_token_s",
         "_metrics",
         "_registry",
+        "_shared",
         "finish_reason",
         "num_cached_tokens",
         "num_completion_tokens",
         "request",
+        "sample",
     )
 
     def __init__(
@@ -132,8 +168,13 @@ class Generation:
         metrics: GatewayMetrics,
         detokenizer: IncrementalDetokenizer,
         assign: Assign,
+        *,
+        sample: int = 0,
+        shared: SharedPrefill | None = None,
     ) -> None:
         self.request = request
+        self.sample = sample
+        self._shared = shared
         self._assign = assign
         self._detokenizer = detokenizer
         self._registry = registry
@@ -169,11 +210,13 @@ class Generation:
         a route the scheduler does not predict)."""
         now = time.monotonic()
         self._first_token_s = now
+        self.num_cached_tokens = num_cached_tokens
+        if self.sample:
+            return now  # the request's first token, prompt and TTFT are sample 0's
         ttft_s = now - self.request.arrival_s
         self._metrics.time_to_first_token.observe(ttft_s)
         self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
         self._metrics.cached_prompt_tokens.inc(num_cached_tokens)
-        self.num_cached_tokens = num_cached_tokens
         if observe:
             self._registry.observe_ttft(self._assign, instance, ttft_s)
         return now
@@ -192,14 +235,17 @@ class Generation:
 
     async def _run(self) -> AsyncGenerator[GenerationDelta, None]:
         req = self.request
-        self._registry.note_request()
+        if not self.sample:
+            self._registry.note_request()
         matcher = StopStringMatcher(req.sampling.stop)
         # Every token the caller has been given: a resumed decode continues after the last one.
         generated: list[int] = []
         block_keys: tuple[bytes, ...] = ()
         kv_node = ""  # where the prefill saved the blocks: every decode attempt's hint
         last_token_s = 0.0
-        prefilled = await self._prefill() if self._assign.prefill is not None else None
+        prefilled = None
+        if self._assign.prefill is not None:
+            prefilled = await (self._shared.get(self._prefill) if self._shared else self._prefill())
         # Sampling with state from the first token on: the decode engine samples the first token
         # itself from the prefill's saved blocks, the prefill's token is dropped (step 1b).
         decode_first = prefilled is not None and req.sampling.decode_samples_first
@@ -310,7 +356,10 @@ class Generation:
                                     self.num_cached_tokens = min(
                                         chunk.num_cached_tokens, self.num_prompt_tokens
                                     )
-                                    self._metrics.cached_prompt_tokens.inc(self.num_cached_tokens)
+                                    if not self.sample:
+                                        self._metrics.cached_prompt_tokens.inc(
+                                            self.num_cached_tokens
+                                        )
                                 match = matcher.feed(self._text(ids, finish))
                                 if match.stopped:
                                     if finish is None:  # the worker missed it (across workers)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from controlplane.api.sampling import SamplingOptions
+from controlplane.api.structured import StructuredOutput
 from controlplane.workers.roles import WorkerRole
 from strata_common.grpc_auth import ClientAuth, aio_channel
 from strata_proto import worker_pb2, worker_pb2_grpc
@@ -155,7 +156,25 @@ class WorkerSampling:
             params.seed = o.seed
         if o.logprobs is not None:
             params.logprobs = o.logprobs
+        if o.structured is not None:
+            params.structured.CopyFrom(_structured_proto(o.structured))
         return params
+
+
+def _structured_proto(so: StructuredOutput) -> worker_pb2.StructuredOutput:
+    out = worker_pb2.StructuredOutput(
+        disable_any_whitespace=so.disable_any_whitespace,
+        disable_additional_properties=so.disable_additional_properties,
+    )
+    if so.kind == "json":
+        out.json_schema = str(so.value)
+    elif so.kind == "json_object":
+        out.json_object = True
+    elif so.kind == "choice":
+        out.choice.values.extend(so.value if isinstance(so.value, tuple) else ())
+    else:  # regex, grammar: the oneof's fields of those names
+        setattr(out, so.kind, str(so.value))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ Each request is {"kind": "completion", "prompt": str}, {"kind": "chat", "message
 plus "max_tokens", optional "ignore_eos" and optional "sampling" (more SamplingParams fields,
 e.g. {"repetition_penalty": 1.5}, or {"temperature": 0.9, "seed": 7}; greedy unless it says);
 each result is {"token_ids": [...], "text": str}, and "logprobs" when the sampling asks for
-them ([logprob, [[top id, its logprob], ...]] per token, the top by rank).
+them ([logprob, [[top id, its logprob], ...]] per token, the top by rank), and "samples" (each
+sample's token ids) for n > 1.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> None:
     requests = json.load(sys.stdin)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     from dataplane.hardware import resolve_dtype
 
@@ -39,6 +41,10 @@ def main() -> None:
         sampling = dict(req.get("sampling", {}))
         if "logit_bias" in sampling:  # JSON's keys are strings; vLLM's server makes them ids
             sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"].items()}
+        if "structured_outputs" in sampling:
+            sampling["structured_outputs"] = StructuredOutputsParams(
+                **sampling["structured_outputs"]
+            )
         sp = SamplingParams(**(fields | sampling))
         if req["kind"] == "chat":
             out = llm.chat(req["messages"], sp, use_tqdm=False)[0]
@@ -53,6 +59,10 @@ def main() -> None:
             "text": comp.text,
             "prompt_token_ids": list(out.prompt_token_ids or []),
         }
+        if sp.n > 1:  # every sample's tokens, in the order of their index
+            result["samples"] = [
+                list(o.token_ids) for o in sorted(out.outputs, key=lambda o: o.index)
+            ]
         if sp.logprobs is not None:
             # Per token: its logprob, and the top sp.logprobs (id, logprob) by rank.
             result["logprobs"] = [

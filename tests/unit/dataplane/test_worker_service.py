@@ -168,3 +168,45 @@ def test_token_logprobs_are_the_sampled_token_s_and_the_top_ones_by_rank() -> No
     ]
     assert token_logprobs([9], None, num_top=2) == []  # not asked for
     assert [list(s.top_token_ids) for s in token_logprobs([9], steps[:1], num_top=0)] == [[]]
+
+
+def test_structured_output_reaches_the_engine_as_vllm_s_params() -> None:
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.DELTA
+    schema = worker_pb2.StructuredOutput(
+        json_schema='{"type":"object"}', disable_any_whitespace=True
+    )
+    choice = worker_pb2.StructuredOutput(choice=worker_pb2.StringList(values=["a", "b"]))
+    cases = [
+        (schema, ("json", '{"type":"object"}')),
+        (worker_pb2.StructuredOutput(json_object=True), ("json_object", True)),
+        (worker_pb2.StructuredOutput(regex="[0-9]+"), ("regex", "[0-9]+")),
+        (choice, ("choice", ["a", "b"])),
+        (worker_pb2.StructuredOutput(grammar='root ::= "x"'), ("grammar", 'root ::= "x"')),
+    ]
+    for structured, (name, value) in cases:
+        sp = worker_pb2.SamplingParams(max_tokens=4, structured=structured)
+        params = sampling_params(sp, 4, kind).structured_outputs
+        assert getattr(params, name) == value
+    assert (
+        sampling_params(worker_pb2.SamplingParams(max_tokens=4), 4, kind).structured_outputs is None
+    )
+    assert (
+        sampling_params(
+            worker_pb2.SamplingParams(max_tokens=4, structured=structured), 4, kind
+        ).structured_outputs.disable_any_whitespace
+        is False
+    )
+    # A constraint-less message (from elsewhere than the gateway) is refused.
+    with pytest.raises(ValueError):
+        sampling_params(
+            worker_pb2.SamplingParams(
+                max_tokens=4, structured=worker_pb2.StructuredOutput(disable_any_whitespace=True)
+            ),
+            4,
+            kind,
+        )
+    assert sampling_params(
+        worker_pb2.SamplingParams(max_tokens=4, structured=schema), 4, kind
+    ).structured_outputs.disable_any_whitespace

@@ -71,8 +71,10 @@ BAD_CHAT = [
     ("temperature-nan", chat(temperature=float("nan")), 400, "temperature", None),
     ("top-p-zero", chat(top_p=0), 400, "top_p", None),
     ("top-p-over-1", chat(top_p=1.5), 400, "top_p", None),
-    ("n-two", chat(n=2), 400, "n", "unsupported_parameter"),
-    ("n-zero", chat(n=0), 400, "n", "unsupported_parameter"),
+    ("n-zero", chat(n=0), 400, "n", None),
+    ("n-too-many", chat(n=17), 400, "n", None),
+    ("n-text", chat(n="2"), 400, "n", None),
+    ("seed-overflows-with-n", chat(n=3, seed=2**63 - 2), 400, "seed", None),
     ("seed-string", chat(seed="1"), 400, "seed", None),
     ("seed-over-int64", chat(seed=2**63), 400, "seed", None),
     ("stop-number", chat(stop=3), 400, "stop", None),
@@ -97,7 +99,7 @@ BAD_CHAT = [
     ("top-logprobs-alone", chat(top_logprobs=2), 400, "top_logprobs", None),
     ("top-logprobs-too-many", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
     ("tools", chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
-    ("json-mode", chat(response_format={"type": "json_object"}), 400, "response_format",
+    ("json-mode-unknown-type", chat(response_format={"type": "yaml"}), 400, "response_format",
      "unsupported_parameter"),
     ("presence-penalty-too-high", chat(presence_penalty=2.5), 400, "presence_penalty", None),
     ("frequency-penalty-text", chat(frequency_penalty="x"), 400, "frequency_penalty", None),
@@ -394,6 +396,30 @@ def test_vllm_and_openai_defaults_written_out_are_accepted() -> None:
         completion(logprobs=None, add_special_tokens=True, best_of=1), served_model_name=M,
         limits=LIMITS,
     )  # fmt: skip
+
+
+def test_n_samples() -> None:
+    one = parse_completion_request(completion(), served_model_name=M, limits=LIMITS).sampling
+    assert (one.n, one.decode_samples_first) == (1, False)
+    three = parse_chat_completion_request(chat(n=3), served_model_name=M, limits=LIMITS).sampling
+    # Each sample's first token is its own: the decode engines sample every token.
+    assert (three.n, three.decode_samples_first) == (3, True)
+    top = parse_chat_completion_request(
+        chat(n=16, seed=2**63 - 16), served_model_name=M, limits=LIMITS
+    )
+    assert top.sampling.seed == 2**63 - 16  # the last sample's seed + 15 still an int64
+
+
+def test_structured_output_is_parsed_on_both_endpoints() -> None:
+    fmt = {"type": "json_object"}
+    c = parse_completion_request(
+        completion(response_format=fmt), served_model_name=M, limits=LIMITS
+    )
+    assert c.sampling.structured is not None and c.sampling.structured.kind == "json_object"
+    assert c.sampling.decode_samples_first  # the grammar starts at the first token
+    body = chat(structured_outputs={"choice": ["a", "b"]})
+    ch = parse_chat_completion_request(body, served_model_name=M, limits=LIMITS)
+    assert ch.sampling.structured is not None and ch.sampling.structured.value == ("a", "b")
 
 
 def test_logprobs_fields() -> None:

@@ -7,6 +7,7 @@ import json
 from controlplane.api.responses import (
     SSE_DONE,
     ChatFormatter,
+    Choice,
     CompletionFormatter,
     Usage,
     dumps,
@@ -34,7 +35,7 @@ def test_sse_framing() -> None:
 
 def test_completion_body_and_chunks() -> None:
     f = CompletionFormatter("cmpl-1", 1700000000, "m", include_usage=False)
-    assert f.body("hi", "length", USAGE) == {
+    assert f.body([Choice("hi", "length")], USAGE) == {
         "id": "cmpl-1",
         "object": "text_completion",
         "created": 1700000000,
@@ -54,7 +55,7 @@ def test_completion_body_and_chunks() -> None:
 
 def test_chat_body() -> None:
     f = ChatFormatter("chatcmpl-1", 5, "m", include_usage=False)
-    body = f.body("hello", "stop", USAGE)
+    body = f.body([Choice("hello", "stop")], USAGE)
     assert body["object"] == "chat.completion"
     assert body["choices"] == [
         {
@@ -104,7 +105,7 @@ def test_token_ids_where_vllm_puts_them() -> None:
     completion = CompletionFormatter(
         "cmpl-1", 5, "m", include_usage=False, return_token_ids=True, prompt_token_ids=[1, 2]
     )
-    body = completion.body("hi", "stop", USAGE, [7, 8])
+    body = completion.body([Choice("hi", "stop", [7, 8])], USAGE)
     assert body["choices"][0]["token_ids"] == [7, 8]
     assert body["choices"][0]["prompt_token_ids"] == [1, 2]
     stream = CompletionFormatter(
@@ -127,11 +128,31 @@ def test_token_ids_where_vllm_puts_them() -> None:
     assert "prompt_token_ids" not in chat.text_chunk("y", None, [10])
     chat_body = ChatFormatter(
         "chatcmpl-1", 5, "m", include_usage=False, return_token_ids=True, prompt_token_ids=[3]
-    ).body("xy", "length", USAGE, [9, 10])
+    ).body([Choice("xy", "length", [9, 10])], USAGE)
     assert (chat_body["prompt_token_ids"], chat_body["choices"][0]["token_ids"]) == ([3], [9, 10])
 
 
 def test_no_token_ids_unless_asked() -> None:
     f = CompletionFormatter("cmpl-1", 5, "m", include_usage=False, prompt_token_ids=[1])
-    choice = f.body("hi", "stop", USAGE, [7])["choices"][0]
+    choice = f.body([Choice("hi", "stop", [7])], USAGE)["choices"][0]
     assert "token_ids" not in choice and "prompt_token_ids" not in choice
+
+
+def test_n_choices_are_indexed_in_bodies_and_chunks() -> None:
+    completion = CompletionFormatter(
+        "cmpl-1", 5, "m", include_usage=False, return_token_ids=True, prompt_token_ids=[1]
+    )
+    body = completion.body([Choice("a", "stop", [4]), Choice("b", "length", [5])], USAGE)
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "a", "stop"),
+        (1, "b", "length"),
+    ]
+    # The prompt's ids go with every completions choice (vLLM: with each prompt's choices).
+    assert [c["prompt_token_ids"] for c in body["choices"]] == [[1], [1]]
+    assert completion.text_chunk("x", None, index=3)["choices"][0]["index"] == 3
+    chat = ChatFormatter("chatcmpl-1", 5, "m", include_usage=False)
+    openings = chat.opening_chunks(2)
+    assert [o["choices"][0]["index"] for o in openings] == [0, 1]
+    assert all(o["choices"][0]["delta"] == {"role": "assistant", "content": ""} for o in openings)
+    chat_body = chat.body([Choice("x", "stop"), Choice("y", "stop")], USAGE)
+    assert [c["message"]["content"] for c in chat_body["choices"]] == ["x", "y"]

@@ -1,0 +1,97 @@
+"""``n`` > 1 through the gateway (scripted workers): one prefill, ``n`` decodes that each sample
+every token from the prompt's blocks, sample i with seed + i (docs/design/openai-surface.md)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import grpc
+import openai
+import pytest
+
+from controlplane.text.tokenizer import ModelTokenizer
+from tests.integration.controlplane.conftest import SERVED_MODEL_NAME, Stack
+from tests.integration.controlplane.scripted_worker import DEFAULT_TEXT
+
+PROMPT = "The capital of France is a city with a river and a tower and many bridges"
+
+
+def test_n_completions_share_one_prefill(stack: Stack, model_tokenizer: ModelTokenizer) -> None:
+    result = stack.client().completions.create(
+        model=SERVED_MODEL_NAME, prompt=PROMPT, max_tokens=10, n=3, temperature=0.8, seed=40
+    )
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    assert [c.text for c in result.choices] == [DEFAULT_TEXT] * 3
+    assert result.usage is not None and result.usage.completion_tokens == 3 * 8
+    assert result.usage.prompt_tokens == len(model_tokenizer.encode_prompt(PROMPT))
+    (prefill,) = stack.prefill.prefill_requests  # one prefill for the three samples
+    decodes = sorted(stack.decode.decode_requests, key=lambda d: d.request_id)
+    assert [d.request_id for d in decodes] == [f"{result.id}-{i}" for i in range(3)]
+    assert [d.sampling.seed for d in decodes] == [40, 41, 42]  # vLLM's children's seeds
+    for decode in decodes:  # each samples its first token itself
+        assert list(decode.prompt_token_ids) == list(prefill.prompt_token_ids)
+        assert decode.sampling.max_tokens == 10
+
+
+def test_n_chat_stream_interleaves_indexed_choices(stack: Stack) -> None:
+    stack.script.decode_chunk_size = 2
+    texts: dict[int, str] = defaultdict(str)
+    finishes: dict[int, str | None] = {}
+    roles = []
+    for chunk in stack.client().chat.completions.create(
+        model=SERVED_MODEL_NAME,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=10,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        for choice in chunk.choices:
+            if choice.delta.role:
+                roles.append(choice.index)
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        if chunk.usage is not None:
+            assert chunk.usage.completion_tokens == 2 * 8
+    assert roles == [0, 1]
+    assert dict(texts) == {0: DEFAULT_TEXT, 1: DEFAULT_TEXT}
+    assert finishes == {0: "stop", 1: "stop"}
+    assert len(stack.prefill.prefill_requests) == 1
+    assert len(stack.decode.decode_requests) == 2
+
+
+def test_a_failed_sample_fails_the_request(stack: Stack) -> None:
+    """All choices or none: a decode that fails (not a worker death: no failover) ends it."""
+    stack.script.decode_error = grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(openai.APIStatusError):
+        stack.client().completions.create(
+            model=SERVED_MODEL_NAME, prompt=PROMPT, max_tokens=10, n=3
+        )
+    stack.script.decode_error = None
+    assert (
+        stack.client()
+        .completions.create(model=SERVED_MODEL_NAME, prompt=PROMPT, max_tokens=10, n=2)
+        .choices[1]
+        .text
+        == DEFAULT_TEXT
+    )
+
+
+def test_structured_output_is_the_decode_engine_s_from_the_first_token(stack: Stack) -> None:
+    """A grammar's state starts at the first token: the decode engine samples every token under
+    the constraint (docs/design/openai-surface.md §2)."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    stack.client().chat.completions.create(
+        model=SERVED_MODEL_NAME,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=10,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    (prefill,) = stack.prefill.prefill_requests
+    (decode,) = stack.decode.decode_requests
+    assert list(decode.prompt_token_ids) == list(prefill.prompt_token_ids)
+    assert decode.sampling.structured.WhichOneof("constraint") == "json_schema"
+    assert decode.sampling.structured.json_schema == (
+        '{"type":"object","properties":{"a":{"type":"integer"}}}'
+    )

@@ -1,0 +1,100 @@
+"""response_format and structured_outputs into one StructuredOutput: exact results, and 400s
+naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controlplane.api.fields import OpenAIError
+from controlplane.api.structured import MAX_CHOICES, StructuredOutput, parse_structured
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+SCHEMA_TEXT = '{"type":"object","properties":{"ok":{"type":"boolean"}},"required":["ok"]}'
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, None),
+        ({"response_format": {"type": "text"}}, None),
+        ({"response_format": {"type": "json_object"}}, StructuredOutput("json_object", True)),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": SCHEMA, "strict": True},
+                }
+            },
+            StructuredOutput("json", SCHEMA_TEXT),
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            StructuredOutput("json", "{}"),
+        ),
+        ({"structured_outputs": {"json": SCHEMA}}, StructuredOutput("json", SCHEMA_TEXT)),
+        ({"structured_outputs": {"json": SCHEMA_TEXT}}, StructuredOutput("json", SCHEMA_TEXT)),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, StructuredOutput("regex", "[a-z]+")),
+        (
+            {"structured_outputs": {"choice": ["yes", "no"]}},
+            StructuredOutput("choice", ("yes", "no")),
+        ),
+        (
+            {"structured_outputs": {"grammar": 'root ::= "a"'}},
+            StructuredOutput("grammar", 'root ::= "a"'),
+        ),
+        (
+            {"structured_outputs": {"json_object": True, "disable_any_whitespace": True}},
+            StructuredOutput("json_object", True, disable_any_whitespace=True),
+        ),
+        # Both: response_format's constraint, structured_outputs' options (as vLLM).
+        (
+            {
+                "structured_outputs": {"regex": "a", "disable_additional_properties": True},
+                "response_format": {"type": "json_object"},
+            },
+            StructuredOutput("json_object", True, disable_additional_properties=True),
+        ),
+    ],
+)
+def test_constraints(body: dict[str, Any], expected: StructuredOutput | None) -> None:
+    assert parse_structured(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"response_format": "json"}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+            "response_format",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "json_object", "extra": 1}}, "response_format"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"json": "{not json"}}, "structured_outputs"),
+        ({"structured_outputs": {"json": "[1]"}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": ["a"] * (MAX_CHOICES + 1)}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a" * 70000}}, "structured_outputs"),
+        ({"structured_outputs": {"grammar": ""}}, "structured_outputs"),
+        ({"structured_outputs": {"json_object": "yes"}}, "structured_outputs"),
+        ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "mystery": 1}}, "structured_outputs"),
+        (
+            {"structured_outputs": {"regex": "a", "disable_any_whitespace": "no"}},
+            "disable_any_whitespace",
+        ),
+    ],
+)
+def test_bad_constraints_are_400_naming_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(OpenAIError) as info:
+        parse_structured(body)
+    assert (info.value.status, info.value.param) == (400, param)
