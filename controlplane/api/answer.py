@@ -39,8 +39,10 @@ async def complete(
     generations: Sequence[Generation],
     formatter: StreamFormatter,
     new_logprobs: LogprobsFactory | None,
+    echo: Sequence[str] | None = None,
 ) -> web.Response:
-    """The whole answer as one body, once every sample finished."""
+    """The whole answer as one body, once every sample finished. ``echo``: the text each
+    choice starts with (completions' ``echo``: its prompt's)."""
     n = len(generations)
     parts: list[list[str]] = [[] for _ in range(n)]
     token_ids: list[list[int]] = [[] for _ in range(n)]
@@ -55,7 +57,8 @@ async def complete(
         if generation.finish_reason is None:  # stream() raises rather than end unfinished
             raise RuntimeError("generation ended without a finish reason")
         logprobs = new_logprobs().next(token_ids[i], token_logprobs[i]) if new_logprobs else None
-        choices.append(Choice("".join(parts[i]), generation.finish_reason, token_ids[i], logprobs))
+        text = (echo[i] if echo else "") + "".join(parts[i])
+        choices.append(Choice(text, generation.finish_reason, token_ids[i], logprobs))
     return json_response(formatter.body(choices, _usage(generations)))
 
 
@@ -64,6 +67,7 @@ async def stream(
     generations: Sequence[Generation],
     formatter: StreamFormatter,
     new_logprobs: LogprobsFactory | None,
+    echo: Sequence[str] | None = None,
 ) -> web.StreamResponse:
     async with aclosing(_merged(generations)) as deltas:
         # Wait for the first token before sending the status line: a request that fails in
@@ -80,6 +84,8 @@ async def stream(
         try:
             for chunk in formatter.opening_chunks(len(generations)):
                 await response.write(sse_event(chunk))
+            for index, text in enumerate(echo or ()):  # each choice's text starts with it
+                await response.write(sse_event(formatter.text_chunk(text, None, index=index)))
             writers = [new_logprobs() for _ in generations] if new_logprobs else None
             await _write_deltas(response, formatter, writers, first, deltas)
             if formatter.include_usage:
@@ -166,10 +172,11 @@ async def _merged(
 
 
 def _usage(generations: Sequence[Generation]) -> Usage:
-    """The prompt once (the samples share it), every sample's output tokens."""
-    first = generations[0]
+    """Each prompt once (its samples share it: sample 0 stands for it), every sample's output
+    tokens."""
+    prompts = [g for g in generations if g.sample == 0]
     return Usage(
-        prompt_tokens=first.num_prompt_tokens,
+        prompt_tokens=sum(g.num_prompt_tokens for g in prompts),
         completion_tokens=sum(g.num_completion_tokens for g in generations),
-        cached_tokens=first.num_cached_tokens,
+        cached_tokens=sum(g.num_cached_tokens for g in prompts),
     )

@@ -309,23 +309,33 @@ class Gateway:
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         arrival_s = time.monotonic()
         parsed = self._parse(parse_completion_request, await self._read_json(request))
-        if isinstance(parsed.prompt, str):
-            max_tokens = parsed.sampling.max_tokens
-            check_prompt_chars(len(parsed.prompt), max_tokens, self._limits, param="prompt")
-            prompt_ids = await self._tokenize(self._tokenizer.encode_prompt, parsed.prompt)
-        else:
-            prompt_ids = list(parsed.prompt)
-        if not prompt_ids:
-            raise OpenAIError("'prompt' tokenizes to no tokens.", param="prompt")
+        prompts: list[list[int]] = []
+        for prompt in parsed.prompts:
+            if isinstance(prompt, str):
+                max_tokens = parsed.sampling.max_tokens
+                check_prompt_chars(len(prompt), max_tokens, self._limits, param="prompt")
+                prompt_ids = await self._tokenize(self._tokenizer.encode_prompt, prompt)
+            else:
+                prompt_ids = list(prompt)
+            if not prompt_ids:
+                raise OpenAIError("'prompt' tokenizes to no tokens.", param="prompt")
+            prompts.append(prompt_ids)
+        echo = None
+        if parsed.echo:  # each choice's text starts with its prompt's (token ids: decoded)
+            texts = [
+                p if isinstance(p, str) else self._tokenizer.decode(list(p)) for p in parsed.prompts
+            ]
+            echo = [text for text in texts for _ in range(parsed.sampling.n)]
         return await self._serve(
             request,
             arrival_s,
             parsed,
-            prompt_ids,
+            prompts,
             (CompletionFormatter, CompletionLogprobs),
             "cmpl",
             param="prompt",
             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+            echo=echo,
         )
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -338,7 +348,7 @@ class Gateway:
             request,
             arrival_s,
             parsed,
-            prompt_ids,
+            [prompt_ids],
             (ChatFormatter, ChatLogprobs),
             "chatcmpl",
             param="messages",
@@ -369,15 +379,18 @@ class Gateway:
         request: web.Request,
         arrival_s: float,
         parsed: GenerationRequestFields,
-        prompt_ids: list[int],
+        prompts: list[list[int]],
         shapes: tuple[type[StreamFormatter], type[LogprobsWriter]],
         id_prefix: str,
         *,
         param: str,
         default_max_tokens: int | None = None,
+        echo: list[str] | None = None,
     ) -> web.StreamResponse:
-        """Run a parsed, tokenized request; answer as one body or as a stream, in the
-        endpoint's ``shapes`` (its bodies and chunks, its logprobs objects)."""
+        """Run a parsed, tokenized request (one prompt, or a batch); answer as one body or as a
+        stream, in the endpoint's ``shapes`` (its bodies and chunks, its logprobs objects).
+        Choice ``i * n + j`` is prompt i's sample j, as vLLM numbers them; ``echo``: the text
+        each choice starts with."""
         formatter_type, logprobs_type = shapes
         logprobs = None
         if parsed.sampling.logprobs is not None:
@@ -388,26 +401,29 @@ class Gateway:
             parsed.model,
             include_usage=parsed.include_usage,
             return_token_ids=parsed.return_token_ids,
-            prompt_token_ids=prompt_ids,
+            prompt_token_ids=prompts,
+            n=parsed.sampling.n,
         )
         # The tenant's namespace, subdivided by the client's own salt: no request of one
         # tenant can hit, or time, another's blocks (in vLLM's cache, the store, the index).
         cache_salt = tenant_namespace(
             self._tenants_key, request.get(_TENANT, ANONYMOUS), parsed.cache_salt
         )
-        generations = self._generations(
-            request,
-            formatter,
-            prompt_ids,
-            parsed.sampling,
-            cache_salt,
-            arrival_s,
-            param=param,
-            default_max_tokens=default_max_tokens,
-        )
+        generations = []
+        for i, prompt_ids in enumerate(prompts):
+            generations += self._generations(
+                request,
+                formatter.request_id if len(prompts) == 1 else f"{formatter.request_id}-{i}",
+                prompt_ids,
+                parsed.sampling,
+                cache_salt,
+                arrival_s,
+                param=param,
+                default_max_tokens=default_max_tokens,
+            )
         if parsed.stream:
-            return await answer.stream(request, generations, formatter, logprobs)
-        return await answer.complete(generations, formatter, logprobs)
+            return await answer.stream(request, generations, formatter, logprobs, echo)
+        return await answer.complete(generations, formatter, logprobs, echo)
 
     async def _read_json(self, request: web.Request) -> Any:
         # A missing Content-Type is tolerated (curl -d without -H); a wrong one is not.
@@ -476,7 +492,7 @@ class Gateway:
     def _generations(
         self,
         http_request: web.Request,
-        formatter: StreamFormatter,
+        request_id: str,
         prompt_ids: list[int],
         sampling: SamplingOptions,
         cache_salt: str,
@@ -512,7 +528,7 @@ class Gateway:
         for i in range(n):
             request = GenerationRequest(
                 # vLLM's children of a request with n > 1 are told apart the same way.
-                request_id=formatter.request_id if n == 1 else f"{formatter.request_id}-{i}",
+                request_id=request_id if n == 1 else f"{request_id}-{i}",
                 prompt_token_ids=prompt_ids,
                 # Sample i draws with seed + i, as vLLM's child i does: each equals one engine's.
                 sampling=sampling

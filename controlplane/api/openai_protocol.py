@@ -87,7 +87,6 @@ _VLLM_DEFAULTS: Final[dict[str, tuple[object, ...]]] = {
 _UNSUPPORTED_COMPLETION: Final[dict[str, tuple[object, ...]]] = {
     **_VLLM_DEFAULTS,
     "add_special_tokens": (None, True),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
@@ -123,7 +122,9 @@ _SERVED: Final = frozenset(
         "frequency_penalty", "logit_bias", "logprobs", "response_format", "structured_outputs",
     }
 )  # fmt: skip
-_COMPLETION_FIELDS: Final = _SERVED | {"prompt"} | frozenset(_UNSUPPORTED_COMPLETION) | {"user"}
+_COMPLETION_FIELDS: Final = (
+    _SERVED | {"prompt", "echo", "user"} | frozenset(_UNSUPPORTED_COMPLETION)
+)
 _CHAT_FIELDS: Final = (
     _SERVED
     | {"messages", "max_completion_tokens", "top_logprobs"}
@@ -131,6 +132,11 @@ _CHAT_FIELDS: Final = (
     | _METADATA
 )
 
+
+Prompt = str | tuple[int, ...]
+"""A completions prompt: a text, or token ids."""
+MAX_PROMPTS: Final = 64
+"""Prompts one completions request may batch: each is a generation of its own (times ``n``)."""
 
 MAX_CACHE_SALT_CHARS = 256
 """A cache salt names a namespace; every worker keeps a memo of the roots of the salts it saw."""
@@ -151,8 +157,10 @@ class GenerationRequestFields:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompletionRequest(GenerationRequestFields):
-    prompt: str | tuple[int, ...]
-    """Text to tokenize, or token ids used as they are."""
+    prompts: tuple[Prompt, ...]
+    """One or more (a batch): each a text to tokenize, or token ids used as they are."""
+    echo: bool = False
+    """Each choice's text starts with its prompt's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +184,20 @@ def parse_completion_request(
     defaults: SamplingDefaults | None = None,
 ) -> CompletionRequest:
     obj, model = _parse_head(body, served_model_name, _UNSUPPORTED_COMPLETION, _COMPLETION_FIELDS)
-    prompt = _parse_prompt(obj, limits)
+    prompts = _parse_prompts(obj, limits)
     max_tokens = opt_int(obj, "max_tokens", minimum=1, maximum=limits.max_model_len)
     # Completions' logprobs is the top count: 0 still returns the sampled token's logprob.
     logprobs = opt_int(obj, "logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    echo = opt_bool(obj, "echo", default=False)
+    if echo and logprobs is not None:
+        # vLLM then returns the prompt's logprobs too, which the workers do not compute yet.
+        raise invalid(
+            "echo", "'echo' together with 'logprobs' is not supported yet.", "unsupported_parameter"
+        )
     return CompletionRequest(
-        prompt=prompt, **_parse_common(obj, model, max_tokens, limits, defaults, logprobs)
+        prompts=prompts,
+        echo=echo,
+        **_parse_common(obj, model, max_tokens, limits, defaults, logprobs),
     )
 
 
@@ -305,15 +321,24 @@ def _parse_cache_salt(obj: dict[str, Any]) -> str:
     return value
 
 
-def _parse_prompt(obj: dict[str, Any], limits: RequestLimits) -> str | tuple[int, ...]:
+def _parse_prompts(obj: dict[str, Any], limits: RequestLimits) -> tuple[Prompt, ...]:
+    """One prompt (a string, or a list of token ids), or a batch of them (a list of strings or
+    of lists of token ids): each its own generation, as vLLM's server runs a batch."""
     if "prompt" not in obj or obj["prompt"] is None:
         raise invalid(
             "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
         )
     prompt = obj["prompt"]
-    # A batch of exactly one prompt is the same request as that prompt.
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise invalid(
+                "prompt", f"'prompt' may batch at most {MAX_PROMPTS} prompts, got {len(prompt)}."
+            )
+        return tuple(_parse_one_prompt(p, limits) for p in prompt)
+    return (_parse_one_prompt(prompt, limits),)
+
+
+def _parse_one_prompt(prompt: object, limits: RequestLimits) -> Prompt:
     if isinstance(prompt, str):
         if not prompt:
             raise invalid("prompt", "'prompt' must not be empty.")
@@ -321,13 +346,8 @@ def _parse_prompt(obj: dict[str, Any], limits: RequestLimits) -> str | tuple[int
     if not isinstance(prompt, list) or not prompt:
         raise invalid(
             "prompt",
-            "'prompt' must be a non-empty string or a non-empty list of token ids.",
-        )
-    if all(isinstance(p, str | list) for p in prompt):
-        raise invalid(
-            "prompt",
-            f"Batched prompts ({len(prompt)} prompts) are not supported yet; send one per request.",
-            "unsupported_parameter",
+            "'prompt' must be a non-empty string or a non-empty list of token ids (or a list "
+            "of those).",
         )
     if not all(is_int(t) for t in prompt):
         raise invalid("prompt", "'prompt' as a list must contain only integer token ids.")

@@ -78,6 +78,7 @@ class StreamFormatter:
         "created",
         "include_usage",
         "model",
+        "n",
         "prompt_token_ids",
         "request_id",
         "return_token_ids",
@@ -93,15 +94,29 @@ class StreamFormatter:
         *,
         include_usage: bool,
         return_token_ids: bool = False,
-        prompt_token_ids: Sequence[int] = (),
+        prompt_token_ids: Sequence[int] | Sequence[Sequence[int]] = (),
+        n: int = 1,
     ) -> None:
+        """``prompt_token_ids``: the prompt's ids, or each prompt's of a batch; choice ``i``
+        is prompt ``i // n``'s (``n`` samples per prompt)."""
         self.request_id = request_id
         self.created = created
         self.model = model
         self.include_usage = include_usage
         self.return_token_ids = return_token_ids
-        self.prompt_token_ids = prompt_token_ids
-        self._prompt_ids_pending = return_token_ids
+        self.prompt_token_ids: list[list[int]] = []
+        for item in prompt_token_ids:
+            if isinstance(item, int):  # one prompt's ids
+                self.prompt_token_ids = [[int(t) for t in prompt_token_ids]]  # type: ignore[arg-type]
+                break
+            self.prompt_token_ids.append(list(item))
+        if not self.prompt_token_ids:
+            self.prompt_token_ids = [[]]
+        self.n = n
+        self._prompt_ids_pending: set[int] = set()
+        """Choices whose stream has not had its prompt's ids yet."""
+        if return_token_ids:
+            self._prompt_ids_pending = set(range(len(self.prompt_token_ids) * n))
 
     def body(self, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
         """The answer's body: its choices, indexed in order."""
@@ -121,9 +136,10 @@ class StreamFormatter:
             "choices": out,
             "usage": usage.to_dict(),
         }
-        for choice in out:  # the prompt's ids with each choice (completions) or once (chat)
-            self._prompt_ids_pending = self.return_token_ids
-            self._add_prompt_token_ids(body, choice)
+        if self.return_token_ids:  # with each choice (completions) or once (chat)
+            self._prompt_ids_pending = set(range(len(out)))
+            for index, choice in enumerate(out):
+                self._add_prompt_token_ids(body, choice, index)
         return body
 
     def opening_chunks(self, n: int = 1) -> list[dict[str, Any]]:
@@ -147,7 +163,7 @@ class StreamFormatter:
         if self.return_token_ids:
             choice["token_ids"] = list(token_ids)
         chunk = self._chunk([choice])
-        self._add_prompt_token_ids(chunk, choice)
+        self._add_prompt_token_ids(chunk, choice, index)
         return chunk
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
@@ -167,10 +183,13 @@ class StreamFormatter:
             chunk["usage"] = None
         return chunk
 
-    def _add_prompt_token_ids(self, top: dict[str, Any], choice: dict[str, Any]) -> None:
-        if self._prompt_ids_pending:
-            self._prompt_ids_pending = False
-            self._prompt_ids_holder(top, choice)["prompt_token_ids"] = list(self.prompt_token_ids)
+    def _add_prompt_token_ids(
+        self, top: dict[str, Any], choice: dict[str, Any], index: int
+    ) -> None:
+        if index in self._prompt_ids_pending:
+            self._prompt_ids_pending.discard(index)
+            prompt = self.prompt_token_ids[min(index // self.n, len(self.prompt_token_ids) - 1)]
+            self._prompt_ids_holder(top, choice)["prompt_token_ids"] = list(prompt)
 
     def _prompt_ids_holder(self, top: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -212,7 +231,7 @@ class ChatFormatter(StreamFormatter):
                 "finish_reason": None,
             }
             chunk = self._chunk([choice])
-            self._add_prompt_token_ids(chunk, choice)
+            self._add_prompt_token_ids(chunk, choice, index)
             chunks.append(chunk)
         return chunks
 

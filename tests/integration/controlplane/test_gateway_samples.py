@@ -95,3 +95,47 @@ def test_structured_output_is_the_decode_engine_s_from_the_first_token(stack: St
     assert decode.sampling.structured.json_schema == (
         '{"type":"object","properties":{"a":{"type":"integer"}}}'
     )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_a_batch_of_prompts_with_n_and_echo(
+    stack: Stack, model_tokenizer: ModelTokenizer, stream: bool
+) -> None:
+    """Two prompts (one as token ids) x n = 2: choice i * 2 + j is prompt i's sample j, its text
+    starting with its prompt's (echo); usage counts each prompt once."""
+    second = model_tokenizer.encode_prompt("A second prompt about rivers and bridges")
+    kwargs = dict(
+        model=SERVED_MODEL_NAME,
+        prompt=[PROMPT, second],
+        max_tokens=10,
+        n=2,
+        echo=True,
+        extra_body={"return_token_ids": True},
+    )
+    texts: dict[int, str] = defaultdict(str)
+    prompt_ids: dict[int, list[int]] = {}
+    if stream:
+        usage = None
+        for chunk in stack.client().completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs
+        ):
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                if getattr(choice, "prompt_token_ids", None):
+                    prompt_ids[choice.index] = choice.prompt_token_ids
+    else:
+        result = stack.client().completions.create(**kwargs)
+        usage = result.usage
+        for choice in result.choices:
+            texts[choice.index] = choice.text
+            prompt_ids[choice.index] = getattr(choice, "prompt_token_ids", None)
+    first = model_tokenizer.encode_prompt(PROMPT)
+    echoed = [PROMPT, model_tokenizer.decode(second)]
+    assert dict(texts) == {i: echoed[i // 2] + DEFAULT_TEXT for i in range(4)}
+    assert prompt_ids == {0: first, 1: first, 2: second, 3: second}
+    assert usage is not None
+    assert usage.prompt_tokens == len(first) + len(second)
+    assert usage.completion_tokens == 4 * 8
+    assert len(stack.prefill.prefill_requests) == 2  # one per prompt
+    assert len(stack.decode.decode_requests) == 4

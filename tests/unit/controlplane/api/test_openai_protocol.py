@@ -117,13 +117,15 @@ BAD_COMPLETION = [
     ("prompt-empty-string", completion(prompt=""), 400, "prompt", None),
     ("prompt-empty-list", completion(prompt=[]), 400, "prompt", None),
     ("prompt-number", completion(prompt=7), 400, "prompt", None),
-    ("prompt-batch", completion(prompt=["a", "b"]), 400, "prompt", "unsupported_parameter"),
-    ("prompt-token-batch", completion(prompt=[[1], [2]]), 400, "prompt", "unsupported_parameter"),
+    ("prompt-batch-too-big", completion(prompt=["a"] * 65), 400, "prompt", None),
+    ("prompt-batch-empty-item", completion(prompt=["a", ""]), 400, "prompt", None),
+    ("prompt-batch-bad-ids", completion(prompt=[[1], [-2]]), 400, "prompt", None),
+    ("echo-with-logprobs", completion(echo=True, logprobs=1), 400, "echo", "unsupported_parameter"),
     ("prompt-mixed", completion(prompt=[1, "a"]), 400, "prompt", None),
     ("prompt-token-negative", completion(prompt=[1, -1]), 400, "prompt", None),
     ("prompt-token-out-of-vocab", completion(prompt=[500]), 400, "prompt", None),
     ("prompt-token-bool", completion(prompt=[True]), 400, "prompt", None),
-    ("echo", completion(echo=True), 400, "echo", "unsupported_parameter"),
+    ("echo-not-bool", completion(echo="yes"), 400, "echo", None),
     ("logprobs-bool", completion(logprobs=True), 400, "logprobs", None),
     ("logprobs-too-many", completion(logprobs=21), 400, "logprobs", None),
     ("best-of", completion(best_of=2), 400, "best_of", "unsupported_parameter"),
@@ -220,13 +222,21 @@ def test_chat_fields() -> None:
 
 def test_completion_defaults_and_prompt_forms() -> None:
     request = parse_completion_request(completion(), served_model_name=M, limits=LIMITS)
-    assert request.prompt == "hi"
+    assert (request.prompts, request.echo) == (("hi",), False)
     assert request.sampling.max_tokens is None  # not given: 16 at the context check
-    for prompt, expected in [([1, 2], (1, 2)), ([[3, 4]], (3, 4)), (["one"], "one")]:
+    forms = [
+        ([1, 2], ((1, 2),)),
+        ([[3, 4]], ((3, 4),)),
+        (["one"], ("one",)),
+        (["one", "two"], ("one", "two")),  # a batch: one generation each
+        ([[3], [4, 5]], ((3,), (4, 5))),
+        (["one", [4]], ("one", (4,))),
+    ]
+    for prompt, expected in forms:
         parsed = parse_completion_request(
             completion(prompt=prompt), served_model_name=M, limits=LIMITS
         )
-        assert parsed.prompt == expected
+        assert parsed.prompts == expected
     stops = parse_completion_request(
         completion(stop=["a", "b", "a"], max_tokens=3.0), served_model_name=M, limits=LIMITS
     ).sampling
