@@ -23,7 +23,15 @@ from aiohttp import hdrs, web
 from controlplane.api.errors import json_response, worker_error_to_openai
 from controlplane.api.fields import OpenAIError
 from controlplane.api.logprobs import LogprobsWriter
-from controlplane.api.responses import SSE_DONE, Choice, StreamFormatter, Usage, sse_event
+from controlplane.api.responses import (
+    SSE_DONE,
+    ChatFormatter,
+    Choice,
+    StreamFormatter,
+    Usage,
+    sse_event,
+)
+from controlplane.api.tools import ToolCalls, ToolsRequest
 from controlplane.request.generation import Generation, GenerationDelta
 from controlplane.workers.client import TokenLogprob, WorkerError
 
@@ -40,6 +48,7 @@ async def complete(
     formatter: StreamFormatter,
     new_logprobs: LogprobsFactory | None,
     echo: Sequence[str] | None = None,
+    tools: ToolsRequest | None = None,
 ) -> web.Response:
     """The whole answer as one body, once every sample finished. ``echo``: the text each
     choice starts with (completions' ``echo``: its prompt's)."""
@@ -58,7 +67,13 @@ async def complete(
             raise RuntimeError("generation ended without a finish reason")
         logprobs = new_logprobs().next(token_ids[i], token_logprobs[i]) if new_logprobs else None
         text = (echo[i] if echo else "") + "".join(parts[i])
-        choices.append(Choice(text, generation.finish_reason, token_ids[i], logprobs))
+        finish = generation.finish_reason
+        calls = ToolCalls(tools) if tools else None
+        made = calls.body(text) if calls and calls.forced else None
+        if calls is not None and made is not None:  # the answer is the calls
+            choices.append(Choice("", calls.finish_reason(finish), token_ids[i], logprobs, made))
+        else:
+            choices.append(Choice(text, finish, token_ids[i], logprobs))
     return json_response(formatter.body(choices, _usage(generations)))
 
 
@@ -68,6 +83,7 @@ async def stream(
     formatter: StreamFormatter,
     new_logprobs: LogprobsFactory | None,
     echo: Sequence[str] | None = None,
+    tools: ToolsRequest | None = None,
 ) -> web.StreamResponse:
     async with aclosing(_merged(generations)) as deltas:
         # Wait for the first token before sending the status line: a request that fails in
@@ -87,7 +103,10 @@ async def stream(
             for index, text in enumerate(echo or ()):  # each choice's text starts with it
                 await response.write(sse_event(formatter.text_chunk(text, None, index=index)))
             writers = [new_logprobs() for _ in generations] if new_logprobs else None
-            await _write_deltas(response, formatter, writers, first, deltas)
+            calls = [ToolCalls(tools) for _ in generations] if tools else None
+            if calls and not calls[0].forced:
+                calls = None
+            await _write_deltas(response, formatter, writers, calls, first, deltas)
             if formatter.include_usage:
                 await response.write(sse_event(formatter.usage_chunk(_usage(generations))))
         except (OpenAIError, WorkerError) as exc:
@@ -106,13 +125,31 @@ async def _write_deltas(
     response: web.StreamResponse,
     formatter: StreamFormatter,
     writers: list[LogprobsWriter] | None,
+    calls: list[ToolCalls] | None,
     first: tuple[int, GenerationDelta],
     rest: AsyncIterator[tuple[int, GenerationDelta]],
 ) -> None:
+    """``calls``: each choice's tool calls, when a call is forced (chat's ``tool_choice``)."""
     per_token = formatter.return_token_ids or writers is not None
     item: tuple[int, GenerationDelta] | None = first
     while item is not None:
         index, delta = item
+        if calls is not None and isinstance(formatter, ChatFormatter):
+            finish = delta.finish_reason
+            made = calls[index].stream(delta.text, finish is not None)
+            if made or finish is not None or (per_token and delta.token_ids):
+                chunk = formatter.tool_calls_chunk(
+                    made,
+                    calls[index].finish_reason(finish) if finish is not None else None,
+                    index=index,
+                    token_ids=delta.token_ids,
+                    logprobs=writers[index].next(delta.token_ids, delta.logprobs)
+                    if writers and delta.token_ids
+                    else None,
+                )
+                await response.write(sse_event(chunk))
+            item = await anext(rest, None)
+            continue
         # Text held back by the stop matcher leaves a delta with tokens but no text: sent
         # only if the client wants something of each token (its id, its logprob).
         if delta.text or delta.finish_reason is not None or (per_token and delta.token_ids):

@@ -63,6 +63,7 @@ from controlplane.api.tokenize import (
     strata_version,
     tokenize_answer,
 )
+from controlplane.api.tools import ToolsRequest
 from controlplane.config import GatewayConfig
 from controlplane.instances.registry import InstanceRegistry
 from controlplane.metrics import PROMETHEUS_CONTENT_TYPE, GatewayMetrics
@@ -342,7 +343,10 @@ class Gateway:
         arrival_s = time.monotonic()
         parsed = self._parse(parse_chat_completion_request, await self._read_json(request))
         prompt_ids = await self._tokenize(
-            self._encode_chat, parsed.messages, parsed.sampling.max_tokens
+            self._encode_chat,
+            parsed.messages,
+            parsed.sampling.max_tokens,
+            parsed.tools.template_tools() if parsed.tools else None,
         )
         return await self._serve(
             request,
@@ -352,6 +356,7 @@ class Gateway:
             (ChatFormatter, ChatLogprobs),
             "chatcmpl",
             param="messages",
+            tools=parsed.tools,
         )
 
     async def _tokenize(self, encode: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -359,10 +364,15 @@ class Gateway:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenize_pool, lambda: encode(*args, **kwargs))
 
-    def _encode_chat(self, messages: tuple[ChatMessage, ...], max_tokens: int | None) -> list[int]:
+    def _encode_chat(
+        self,
+        messages: tuple[ChatMessage, ...],
+        max_tokens: int | None,
+        tools: list[dict[str, Any]] | None,
+    ) -> list[int]:
         """Render and tokenize a chat prompt (on the pool); the rendered text's length is
         checked before it is tokenized."""
-        text = self._tokenizer.render_chat(messages)
+        text = self._tokenizer.render_chat(messages, tools=tools)
         check_prompt_chars(len(text), max_tokens, self._limits, param="messages")
         return self._tokenizer.encode_rendered_chat(text)
 
@@ -386,6 +396,7 @@ class Gateway:
         param: str,
         default_max_tokens: int | None = None,
         echo: list[str] | None = None,
+        tools: ToolsRequest | None = None,
     ) -> web.StreamResponse:
         """Run a parsed, tokenized request (one prompt, or a batch); answer as one body or as a
         stream, in the endpoint's ``shapes`` (its bodies and chunks, its logprobs objects).
@@ -422,8 +433,8 @@ class Gateway:
                 default_max_tokens=default_max_tokens,
             )
         if parsed.stream:
-            return await answer.stream(request, generations, formatter, logprobs, echo)
-        return await answer.complete(generations, formatter, logprobs, echo)
+            return await answer.stream(request, generations, formatter, logprobs, echo, tools)
+        return await answer.complete(generations, formatter, logprobs, echo, tools)
 
     async def _read_json(self, request: web.Request) -> Any:
         # A missing Content-Type is tolerated (curl -d without -H); a wrong one is not.

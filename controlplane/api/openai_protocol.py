@@ -20,7 +20,7 @@ defaults live in `controlplane.api.sampling`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from controlplane.api.fields import (
@@ -42,6 +42,7 @@ from controlplane.api.sampling import (
     SamplingOptions,
     parse_sampling,
 )
+from controlplane.api.tools import ToolsRequest, parse_tools
 
 __all__ = [
     "COMPLETIONS_DEFAULT_MAX_TOKENS",
@@ -60,7 +61,7 @@ __all__ = [
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
 """OpenAI's (and vLLM's) default for legacy completions; chat fills the context window."""
 
-CHAT_ROLES: Final = frozenset({"system", "developer", "user", "assistant"})
+CHAT_ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 # Field -> the values that mean "feature off", which are accepted and ignored.
 _VLLM_DEFAULTS: Final[dict[str, tuple[object, ...]]] = {
@@ -99,13 +100,10 @@ _UNSUPPORTED_CHAT: Final[dict[str, tuple[object, ...]]] = {
     "chat_template": (None,),
     "chat_template_kwargs": (None, {}),
     "documents": (None,),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "audio": (None,),
     "prediction": (None,),
-    "parallel_tool_calls": (None, True, False),  # no tools: nothing to call in parallel
     "modalities": (None, ["text"]),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
@@ -127,7 +125,8 @@ _COMPLETION_FIELDS: Final = (
 )
 _CHAT_FIELDS: Final = (
     _SERVED
-    | {"messages", "max_completion_tokens", "top_logprobs"}
+    | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"}
+    | {"parallel_tool_calls"}
     | frozenset(_UNSUPPORTED_CHAT)
     | _METADATA
 )
@@ -169,11 +168,16 @@ class ChatMessage:
     content: str | tuple[str, ...]
     """A string, or the texts of a list of {"type": "text"} parts, in order."""
     name: str | None
+    tool_calls: tuple[tuple[str, str, str], ...] = ()
+    """An assistant's calls: (id, function name, arguments as JSON text)."""
+    tool_call_id: str | None = None
+    """A tool message: the call it answers."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChatCompletionRequest(GenerationRequestFields):
     messages: tuple[ChatMessage, ...]
+    tools: ToolsRequest | None = None
 
 
 def parse_completion_request(
@@ -223,9 +227,18 @@ def parse_chat_completion_request(
     logprobs = (top_logprobs or 0) if opt_bool(obj, "logprobs", default=False) else None
     if logprobs is None and top_logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs' set to true.")
-    return ChatCompletionRequest(
-        messages=messages, **_parse_common(obj, model, max_tokens, limits, defaults, logprobs)
-    )
+    tools = parse_tools(obj)
+    common = _parse_common(obj, model, max_tokens, limits, defaults, logprobs)
+    constraint = tools.constraint() if tools else None
+    if constraint is not None:
+        if common["sampling"].structured is not None:
+            raise invalid(
+                "tool_choice",
+                "A forced 'tool_choice' and a 'response_format' (or 'structured_outputs') "
+                "cannot both constrain the answer.",
+            )
+        common["sampling"] = replace(common["sampling"], structured=constraint)
+    return ChatCompletionRequest(messages=messages, tools=tools, **common)
 
 
 def _parse_head(
@@ -378,10 +391,18 @@ def _parse_message(index: int, raw: object) -> ChatMessage:
             f"{where}.role",
             f"'{where}.role' must be one of {sorted(CHAT_ROLES)}, got {role!r}.",
         )
-    if raw.get("tool_calls") or raw.get("function_call"):
+    if raw.get("function_call"):
         raise invalid(
-            f"{where}.tool_calls", "Tool calls are not supported by this server.", "unsupported"
+            f"{where}.function_call",
+            "'function_call' (deprecated) is not supported: send 'tool_calls'.",
+            "unsupported_parameter",
         )
+    tool_calls = _parse_tool_calls(where, raw.get("tool_calls"), role)
+    tool_call_id = raw.get("tool_call_id")
+    if role == "tool" and not isinstance(tool_call_id, str):
+        raise invalid(f"{where}.tool_call_id", f"'{where}.tool_call_id' must be a string.")
+    if role != "tool":
+        tool_call_id = None
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
         raise invalid(f"{where}.name", f"'{where}.name' must be a string.")
@@ -391,7 +412,7 @@ def _parse_message(index: int, raw: object) -> ChatMessage:
             raise invalid(f"{where}.content", f"'{where}.content' is required for role {role}.")
         content = ""
     if isinstance(content, str):
-        return ChatMessage(role=role, content=content, name=name)
+        return ChatMessage(role, content, name, tool_calls, tool_call_id)
     if not isinstance(content, list):
         raise invalid(
             f"{where}.content",
@@ -412,4 +433,31 @@ def _parse_message(index: int, raw: object) -> ChatMessage:
         if not isinstance(text, str):
             raise invalid(f"{part_where}.text", f"'{part_where}.text' must be a string.")
         texts.append(text)
-    return ChatMessage(role=role, content=tuple(texts), name=name)
+    return ChatMessage(role, tuple(texts), name, tool_calls, tool_call_id)
+
+
+def _parse_tool_calls(where: str, raw: object, role: str) -> tuple[tuple[str, str, str], ...]:
+    """An assistant message's ``tool_calls``: (id, name, arguments) each."""
+    if raw is None or raw == []:
+        return ()
+    param = f"{where}.tool_calls"
+    if role != "assistant" or not isinstance(raw, list):
+        raise invalid(param, f"'{param}' must be a list, on an assistant message.")
+    calls = []
+    for call in raw:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise invalid(param, f"Each of '{param}' must have a 'function' object.")
+        call_id, name, arguments = (
+            call.get("id", ""),
+            function.get("name"),
+            function.get("arguments"),
+        )
+        if (
+            not isinstance(call_id, str)
+            or not isinstance(name, str)
+            or not isinstance(arguments, str)
+        ):
+            raise invalid(param, f"Each of '{param}' needs a string id, name and arguments.")
+        calls.append((call_id, name, arguments))
+    return tuple(calls)

@@ -62,6 +62,8 @@ class Choice:
     token_ids: Sequence[int] = ()
     logprobs: dict[str, Any] | None = None
     """Its ``logprobs`` object (controlplane/api/logprobs.py), when asked for."""
+    tool_calls: list[dict[str, Any]] | None = None
+    """Chat: the calls it made (controlplane/api/tools.py), its text then being empty."""
 
 
 class StreamFormatter:
@@ -125,6 +127,9 @@ class StreamFormatter:
             choice = self._body_choice(c.text, c.finish_reason)
             choice["index"] = index
             choice["logprobs"] = c.logprobs
+            if c.tool_calls is not None:
+                choice["message"]["tool_calls"] = c.tool_calls
+                choice["message"]["content"] = c.text or None
             if self.return_token_ids:
                 choice["token_ids"] = list(c.token_ids)
             out.append(choice)
@@ -249,3 +254,19 @@ class ChatFormatter(StreamFormatter):
     def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         delta = {"content": text} if text or finish_reason is None else {}
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def tool_calls_chunk(
+        self,
+        tool_calls: list[dict[str, Any]] | None,
+        finish_reason: str | None,
+        *,
+        index: int = 0,
+        token_ids: Sequence[int] = (),
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The next piece of a choice whose output is tool calls: their delta (OpenAI's
+        ``delta.tool_calls``, each with its ``index``) instead of content."""
+        chunk = self.text_chunk("", finish_reason, token_ids, logprobs, index=index)
+        if tool_calls:
+            chunk["choices"][0]["delta"] = {"tool_calls": tool_calls}
+        return chunk

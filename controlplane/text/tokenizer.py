@@ -125,9 +125,11 @@ class ModelTokenizer:
         *,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """The prompt text the chat template makes of `messages`, ending with the assistant cue
-        (or, with ``continue_final_message``, open at the end of the last message)."""
+        (or, with ``continue_final_message``, open at the end of the last message); ``tools``
+        (OpenAI's form) go to the template as its ``tools``, as vLLM passes them."""
         if self._chat_template is None:
             raise OpenAIError(
                 "This model's tokenizer has no chat template; use /v1/completions instead.",
@@ -142,6 +144,7 @@ class ModelTokenizer:
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 tokenize=False,
+                tools=tools,
             )
         except jinja2.TemplateError as exc:
             # Templates reject conversations with raise_exception(...), e.g. roles that do not
@@ -155,9 +158,11 @@ class ModelTokenizer:
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
         return text
 
-    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+    def encode_chat(
+        self, messages: tuple[ChatMessage, ...], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Token ids of a chat prompt: the rendered template, no extra special tokens."""
-        return self.encode_rendered_chat(self.render_chat(messages))
+        return self.encode_rendered_chat(self.render_chat(messages, tools=tools))
 
     def encode_rendered_chat(self, text: str) -> list[int]:
         """Token ids of a chat prompt that `render_chat` made."""
@@ -182,7 +187,28 @@ class ModelTokenizer:
         result: dict[str, Any] = {"role": role, "content": content}
         if message.name is not None:
             result["name"] = message.name
+        if message.tool_calls:
+            result["tool_calls"] = [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": _arguments(arguments)},
+                }
+                for call_id, name, arguments in message.tool_calls
+            ]
+        if message.tool_call_id is not None:
+            result["tool_call_id"] = message.tool_call_id
         return result
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as chat templates read them: the JSON object itself (templates write
+    ``arguments | tojson``; vLLM's server hands them the object too), else the text as sent."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def _metaspace_marker(tokenizer: Any) -> str | None:

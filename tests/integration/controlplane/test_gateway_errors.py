@@ -27,6 +27,7 @@ M = SERVED_MODEL_NAME
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 JSON = {"Content-Type": "application/json"}
+F = {"name": "f"}
 USER = [{"role": "user", "content": "Hi"}]
 LONG_PROMPT = "seven " * (MAX_MODEL_LEN + 10)
 
@@ -114,9 +115,9 @@ BAD_REQUESTS = [
      "stream_options", None),
     ("top-logprobs-without-logprobs", "POST", CHAT,
      _json({"model": M, "messages": USER, "top_logprobs": 2}), JSON, 400, "top_logprobs", None),
-    ("tools-unsupported", "POST", CHAT,
-     _json({"model": M, "messages": USER, "tools": [{"type": "function"}]}), JSON, 400, "tools",
-     "unsupported_parameter"),
+    ("tool-choice-auto-unsupported", "POST", CHAT,
+     _json({"model": M, "messages": USER, "tools": [{"type": "function", "function": F}]}), JSON,
+     400, "tool_choice", "unsupported_parameter"),
     ("wrong-content-type", "POST", CHAT, _json({"model": M, "messages": USER}),
      {"Content-Type": "text/plain"}, 415, None, "unsupported_media_type"),
     ("body-too-large", "POST", COMPLETIONS, _json({"model": M, "prompt": "x" * 100_000}), JSON, 413,
