@@ -133,7 +133,10 @@ def opt_float(
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise invalid(name, f"'{name}' must be a number, got {type_name(value)}.")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
     too_low = number <= minimum if open_min else number < minimum
     if not math.isfinite(number) or too_low or number > maximum:
         bracket = "(" if open_min else "["

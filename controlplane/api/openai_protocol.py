@@ -5,7 +5,7 @@ param, code), so the HTTP layer turns it into `{"error": {...}}` without knowing
 
 Rules follow OpenAI's API, with vLLM's extensions where they matter for serving (`ignore_eos`,
 `stop_token_ids`, `cache_salt`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`). Fields
-that ask for a feature this server does not implement (tools, `n` > 1, ...) are
+that ask for a feature this server does not implement (`best_of`, `suffix`, ...) are
 rejected with 400 unless they carry their "off" value, and so are fields it does not know (vLLM
 and OpenAI ignore those): silently dropping either would return an answer the client did not
 ask for. OpenAI's metadata fields (`user`; on chat also `metadata`, `store`, `service_tier`)

@@ -220,13 +220,14 @@ def _parse_logit_bias(obj: dict[str, Any], limits: RequestLimits) -> tuple[tuple
     biases: dict[int, float] = {}
     for key, bias in value.items():
         token = key.strip() if isinstance(key, str) else ""
-        if not token.isdecimal() or not token.isascii():
-            raise invalid("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}.")
-        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
-            raise invalid(
-                "logit_bias", f"'logit_bias' values must be numbers, got {bias!r} for {key}."
-            )
-        biases[int(token)] = min(100.0, max(-100.0, float(bias)))
+        if not token.isdecimal() or not token.isascii() or len(token) > 12:
+            raise invalid("logit_bias", f"'logit_bias' keys must be token ids, got {key[:20]!r}.")
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise invalid("logit_bias", f"'logit_bias' values must be numbers, got one for {key}.")
+        if isinstance(bias, float) and math.isnan(bias):
+            raise invalid("logit_bias", f"'logit_bias' values must be numbers, got NaN for {key}.")
+        # Clamped as vLLM's server does; an integer beyond any float compares fine as an int.
+        biases[int(token)] = float(min(100, max(-100, bias)))
     check_in_vocabulary(list(biases), limits.vocab_size, "logit_bias")
     return tuple(sorted(biases.items()))
 

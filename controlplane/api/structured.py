@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from controlplane.api.fields import invalid, opt_bool, type_name
+from controlplane.api.fields import invalid, type_name
 
 __all__ = ["MAX_CHOICES", "MAX_CONSTRAINT_CHARS", "StructuredOutput", "parse_structured"]
 
@@ -28,6 +28,8 @@ MAX_CONSTRAINT_CHARS: Final = 65536
 """The longest schema (as JSON text), regex or grammar a request may send: the engine compiles
 it for every request (a cost the gateway bounds)."""
 MAX_CHOICES: Final = 256
+MAX_SCHEMA_DEPTH: Final = 64
+"""Deepest nesting of a schema (grammar compilers recurse over it)."""
 
 _KINDS: Final = ("json", "json_object", "regex", "choice", "grammar")
 _OPTIONS: Final = ("disable_any_whitespace", "disable_additional_properties")
@@ -107,15 +109,22 @@ def _parse_structured_outputs(value: object) -> StructuredOutput | None:
         raise invalid(param, f"'{param}' needs exactly one of {list(_KINDS)}, got {given}.")
     (kind,) = given
     raw = value[kind]
-    options = {name: opt_bool(value, name, default=False) for name in _OPTIONS}
+    options = {}
+    for name in _OPTIONS:
+        option = value.get(name, False)
+        if not isinstance(option, bool):
+            raise invalid(param, f"'{param}.{name}' must be a boolean.")
+        options[name] = option
     where = f"{param}.{kind}"
     parsed: str | bool | tuple[str, ...]
     if kind == "json":
         schema = raw
         if isinstance(raw, str):
+            if len(raw) > MAX_CONSTRAINT_CHARS:
+                raise invalid(param, f"'{where}' is longer than {MAX_CONSTRAINT_CHARS} characters.")
             try:
                 schema = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise invalid(param, f"'{where}' is not valid JSON.") from None
         parsed = _schema_text(schema, where, raw)
     elif kind == "json_object":
@@ -144,9 +153,26 @@ def _schema_text(schema: object, where: str, raw: object = None) -> str:
     if not isinstance(schema, dict) and schema is not True:
         shown = type_name(raw if raw is not None else schema)
         raise invalid(param, f"'{where}' must be a JSON schema (an object), got {shown}.")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise invalid(param, f"'{where}' nests deeper than {MAX_SCHEMA_DEPTH} levels.")
     text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
     _check_length(text, where, param)
     return text
+
+
+def _depth(value: object) -> int:
+    """How deep ``value`` nests (stops counting past `MAX_SCHEMA_DEPTH`: no recursion limit)."""
+    depth, level = 0, [value]
+    while level and depth <= MAX_SCHEMA_DEPTH:
+        depth += 1
+        nested: list[object] = []
+        for item in level:
+            if isinstance(item, dict):
+                nested += item.values()
+            elif isinstance(item, list):
+                nested += item
+        level = nested
+    return depth - 1 if not level else depth
 
 
 def _check_length(text: str, where: str, param: str) -> None:

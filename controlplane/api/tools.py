@@ -35,8 +35,9 @@ _ANY_OBJECT: Final = '{"type":"object"}'
 class ToolFunction:
     name: str
     description: str | None
-    parameters: str
-    """Its arguments' JSON schema, as JSON text."""
+    parameters: str | None
+    """Its arguments' JSON schema, as JSON text (None: not given, any object)."""
+    strict: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +51,18 @@ class ToolsRequest:
     parallel: bool = True
 
     def template_tools(self) -> list[dict[str, Any]]:
-        """The tools as chat templates take them (OpenAI's form, parameters as objects)."""
+        """The tools as chat templates take them: as vLLM's server hands them over (its
+        models' dump: name, description and parameters, None when not given; strict when
+        given), so that the prompt is the one vLLM's server renders."""
         out = []
         for tool in self.tools:
             function: dict[str, Any] = {
                 "name": tool.name,
-                "parameters": json.loads(tool.parameters),
+                "description": tool.description,
+                "parameters": json.loads(tool.parameters) if tool.parameters else None,
             }
-            if tool.description is not None:
-                function["description"] = tool.description
+            if tool.strict is not None:
+                function["strict"] = tool.strict
             out.append({"type": "function", "function": function})
         return out
 
@@ -66,7 +70,7 @@ class ToolsRequest:
         """The grammar the answer is sampled under (None: free text)."""
         if self.choice == "named":
             (tool,) = (t for t in self.tools if t.name == self.named)
-            return StructuredOutput("json", tool.parameters)
+            return StructuredOutput("json", tool.parameters or _ANY_OBJECT)
         if self.choice == "required":
             calls = {
                 "anyOf": [
@@ -74,7 +78,7 @@ class ToolsRequest:
                         "type": "object",
                         "properties": {
                             "name": {"type": "string", "enum": [t.name]},
-                            "parameters": json.loads(t.parameters),
+                            "parameters": json.loads(t.parameters or _ANY_OBJECT),
                         },
                         "required": ["name", "parameters"],
                     }
@@ -105,7 +109,7 @@ def parse_tools(obj: dict[str, Any]) -> ToolsRequest | None:
     tools = tuple(_parse_tool(i, t) for i, t in enumerate(raw_tools))
     if len({t.name for t in tools}) != len(tools):
         raise invalid("tools", "'tools' names a function twice.")
-    if sum(len(t.parameters) for t in tools) > MAX_CONSTRAINT_CHARS:
+    if sum(len(t.parameters or "") for t in tools) > MAX_CONSTRAINT_CHARS:
         raise invalid("tools", f"The tools' schemas exceed {MAX_CONSTRAINT_CHARS} characters.")
     if choice is None or choice == "auto":
         raise invalid(
@@ -145,13 +149,15 @@ def _parse_tool(index: int, raw: object) -> ToolFunction:
     if description is not None and not isinstance(description, str):
         raise invalid("tools", f"'{where}.function.description' must be a string.")
     parameters = function.get("parameters")
-    if parameters is None:
-        text = _ANY_OBJECT
-    elif isinstance(parameters, dict):
+    text = None
+    if isinstance(parameters, dict):
         text = json.dumps(parameters, ensure_ascii=False, separators=(",", ":"))
-    else:
+    elif parameters is not None:
         raise invalid("tools", f"'{where}.function.parameters' must be a JSON schema (an object).")
-    return ToolFunction(name, description, text)
+    strict = function.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid("tools", f"'{where}.function.strict' must be a boolean.")
+    return ToolFunction(name, description, text, strict)
 
 
 class ToolCalls:

@@ -131,7 +131,13 @@ class SharedPrefill:
         try:
             result = await run()
         except asyncio.CancelledError:
-            outcome.cancel()
+            # The samples waiting for it were not cancelled: each fails as a failed prefill.
+            outcome.set_exception(
+                WorkerError(
+                    WorkerErrorKind.FAILED, "", "Prefill", "the shared prefill was cancelled"
+                )
+            )
+            outcome.exception()
             raise
         except Exception as exc:
             outcome.set_exception(exc)
@@ -294,6 +300,11 @@ class Generation:
                     yield GenerationDelta(matcher.flush(), (), "length")
                     self._finished(None, last_token_s)
                     return
+                if last_error is not None and generated and req.sampling.structured is not None:
+                    # A resumed decode's grammar would start over after the tokens the client
+                    # already has (its prompt): the answer would break its constraint. The
+                    # failure is the request's (docs/design/openai-surface.md §2).
+                    raise last_error
                 instance = self._decode_instance(failed, last_error)
                 if last_error is not None:
                     self._failover(

@@ -273,7 +273,8 @@ class WorkerClient:
             reply = await self._stub.Prefill(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error("Prefill", exc) from None
-        logprobs = self._logprobs("Prefill", sampling, 1, [reply.first_token_logprobs])
+        sent = [reply.first_token_logprobs] if reply.HasField("first_token_logprobs") else []
+        logprobs = self._logprobs("Prefill", sampling, 1, sent)
         return PrefillResult(
             first_token_logprob=logprobs[0] if logprobs else None,
             first_token_id=reply.first_token_id,

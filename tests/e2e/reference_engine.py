@@ -2,7 +2,8 @@
 
 Run as a subprocess (vLLM wants a fresh process and a main guard):
     python tests/e2e/reference_engine.py MODEL_DIR < requests.json > results.json
-Each request is {"kind": "completion", "prompt": str}, {"kind": "chat", "messages": [...]} or
+Each request is {"kind": "completion", "prompt": str}, {"kind": "chat", "messages": [...]}
+(optional "tools", given to the chat template) or
 {"kind": "tokens", "prompt_token_ids": [...]},
 plus "max_tokens", optional "ignore_eos" and optional "sampling" (more SamplingParams fields,
 e.g. {"repetition_penalty": 1.5}, or {"temperature": 0.9, "seed": 7}; greedy unless it says);
@@ -47,7 +48,7 @@ def main() -> None:
             )
         sp = SamplingParams(**(fields | sampling))
         if req["kind"] == "chat":
-            out = llm.chat(req["messages"], sp, use_tqdm=False)[0]
+            out = llm.chat(req["messages"], sp, use_tqdm=False, tools=req.get("tools"))[0]
         elif req["kind"] == "tokens":
             prompt = {"prompt_token_ids": req["prompt_token_ids"]}
             out = llm.generate(prompt, sp, use_tqdm=False)[0]  # type: ignore[arg-type]

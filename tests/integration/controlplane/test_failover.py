@@ -261,3 +261,14 @@ def test_load_counters_follow_requests(cluster: Cluster) -> None:
     for view in cluster.loop.run(snapshot()):
         assert view.info.in_flight == 0
         assert view.load == InstanceLoad()
+
+
+def test_a_structured_answer_is_not_resumed_mid_way(cluster: Cluster) -> None:
+    """A resumed decode's grammar would start over after the tokens already sent: the request
+    fails instead of breaking its constraint (docs/design/openai-surface.md §2)."""
+    cluster.script.die_after_decode_chunks = 5
+    body = {**_body(False), "structured_outputs": {"regex": "[a-z ]+"}}
+    status, raw = _post(cluster, body)
+    assert status >= 500, raw
+    assert _failovers(cluster, "decode") == 0
+    assert sum(len(w.decode_requests) for w in cluster.decodes) == 1

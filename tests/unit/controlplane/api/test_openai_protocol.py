@@ -416,6 +416,27 @@ def test_vllm_and_openai_defaults_written_out_are_accepted() -> None:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"logit_bias": {"9" * 5000: 1}},
+        {"presence_penalty": 10**400},
+        {"frequency_penalty": -(10**400)},
+        {"temperature": 10**400},
+    ],
+)
+def test_huge_numbers_are_400_not_500(fields: dict[str, Any]) -> None:
+    with pytest.raises(OpenAIError) as info:
+        parse_completion_request(completion(**fields), served_model_name=M, limits=LIMITS)
+    assert (info.value.status, info.value.param) == (400, next(iter(fields)))
+
+
+def test_a_huge_bias_is_clamped_as_vllm_does() -> None:
+    body = completion(logit_bias={"5": 10**400, "6": -(10**400)})
+    parsed = parse_completion_request(body, served_model_name=M, limits=LIMITS)
+    assert parsed.sampling.logit_bias == ((5, 100.0), (6, -100.0))
+
+
 def test_n_samples() -> None:
     one = parse_completion_request(completion(), served_model_name=M, limits=LIMITS).sampling
     assert (one.n, one.decode_samples_first) == (1, False)

@@ -62,6 +62,30 @@ def test_constraints(body: dict[str, Any], expected: StructuredOutput | None) ->
     assert parse_structured(body) == expected
 
 
+def _nested(depth: int) -> dict[str, object]:
+    schema: dict[str, object] = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_deep_or_huge_schemas_are_400_not_500() -> None:
+    for body in (
+        {"structured_outputs": {"json": "[" * 5000 + "]" * 5000}},
+        {"structured_outputs": {"json": _nested(200)}},
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": _nested(990)},
+            }
+        },
+    ):
+        with pytest.raises(OpenAIError) as info:
+            parse_structured(body)
+        assert info.value.status == 400
+    assert parse_structured({"structured_outputs": {"json": _nested(20)}}) is not None
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -90,7 +114,7 @@ def test_constraints(body: dict[str, Any], expected: StructuredOutput | None) ->
         ({"structured_outputs": {"regex": "a", "mystery": 1}}, "structured_outputs"),
         (
             {"structured_outputs": {"regex": "a", "disable_any_whitespace": "no"}},
-            "disable_any_whitespace",
+            "structured_outputs",
         ),
     ],
 )

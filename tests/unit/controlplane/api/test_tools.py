@@ -28,10 +28,21 @@ def test_named_choice_is_the_function_s_parameters() -> None:
     constraint = tools.constraint()
     assert constraint is not None
     assert (constraint.kind, constraint.value) == ("json", '{"type":"object"}')  # the default
-    assert tools.template_tools()[0] == {
-        "type": "function",
-        "function": {"name": "get_weather", "parameters": {"type": "object"}, "description": "d"},
-    }
+    # As vLLM's server hands tools to the template: every field, None when not given.
+    assert tools.template_tools() == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "d",
+                "parameters": {"type": "object"},
+            },
+        },
+        {
+            "type": "function",
+            "function": {"name": "get_time", "description": None, "parameters": None},
+        },
+    ]
 
 
 @pytest.mark.parametrize("parallel", [True, False])
