@@ -255,11 +255,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         comp = final.outputs[0]
         params = final.kv_transfer_params or {}
         num_cached = _num_cached_tokens(final, params)
-        counters.finish_request(
-            len(request.prompt_token_ids),
-            num_cached,
-            int(params.get("strata_num_external_tokens", 0)),
-        )
+        num_external = int(params.get("strata_num_external_tokens", 0))
+        counters.finish_request(len(request.prompt_token_ids), num_cached, num_external)
         logprobs = token_logprobs(comp.token_ids[:1], comp.logprobs, request.sampling.logprobs)
         return worker_pb2.PrefillResponse(
             first_token_id=comp.token_ids[0],
@@ -273,6 +270,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             block_keys=[bytes.fromhex(k) for k in params.get("strata_block_keys", [])],
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=num_cached,
+            num_external_tokens=min(num_external, num_cached),
             engine_time_s=time.perf_counter() - t0,
             kv_node=str(params.get(KV_NODE_PARAM) or ""),  # the connector's store node
         )

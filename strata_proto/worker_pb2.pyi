@@ -119,10 +119,11 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_token_text", "first_token_logprobs", "finish_reason", "block_keys", "num_prompt_tokens", "num_cached_tokens", "engine_time_s", "kv_node")
+    __slots__ = ("first_token_id", "first_token_text", "first_token_logprobs", "num_external_tokens", "finish_reason", "block_keys", "num_prompt_tokens", "num_cached_tokens", "engine_time_s", "kv_node")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXTERNAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -132,13 +133,14 @@ class PrefillResponse(_message.Message):
     first_token_id: int
     first_token_text: str
     first_token_logprobs: TokenLogprobs
+    num_external_tokens: int
     finish_reason: FinishReason
     block_keys: _containers.RepeatedScalarFieldContainer[bytes]
     num_prompt_tokens: int
     num_cached_tokens: int
     engine_time_s: float
     kv_node: str
-    def __init__(self, first_token_id: _Optional[int] = ..., first_token_text: _Optional[str] = ..., first_token_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., block_keys: _Optional[_Iterable[bytes]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., engine_time_s: _Optional[float] = ..., kv_node: _Optional[str] = ...) -> None: ...
+    def __init__(self, first_token_id: _Optional[int] = ..., first_token_text: _Optional[str] = ..., first_token_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_external_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., block_keys: _Optional[_Iterable[bytes]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., engine_time_s: _Optional[float] = ..., kv_node: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "cache_salt", "block_keys", "kv_node")

@@ -216,4 +216,5 @@ def _usage(generations: Sequence[Generation]) -> Usage:
         prompt_tokens=sum(g.num_prompt_tokens for g in prompts),
         completion_tokens=sum(g.num_completion_tokens for g in generations),
         cached_tokens=sum(g.num_cached_tokens for g in prompts),
+        store_tokens=sum(g.num_store_tokens for g in prompts),
     )

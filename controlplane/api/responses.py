@@ -43,13 +43,22 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    store_tokens: int = 0
+    """Of ``cached_tokens``: loaded from Strata's KV store (DRAM or SSD tier); the rest hit the
+    engine's own prefix cache (HBM)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """OpenAI's usage; ``prompt_tokens_details.strata_cached_tokens_by_tier`` is Strata's
+        extension beside the standard ``cached_tokens`` (docs/openai-parity.md)."""
+        by_tier = {"engine": self.cached_tokens - self.store_tokens, "kv_store": self.store_tokens}
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "prompt_tokens_details": {
+                "cached_tokens": self.cached_tokens,
+                "strata_cached_tokens_by_tier": by_tier,
+            },
         }
 
 

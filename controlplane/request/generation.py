@@ -163,6 +163,7 @@ class Generation:
         "finish_reason",
         "num_cached_tokens",
         "num_completion_tokens",
+        "num_store_tokens",
         "request",
         "sample",
     )
@@ -187,6 +188,9 @@ class Generation:
         self._metrics = metrics
         self._first_token_s: float | None = None
         self.num_cached_tokens = 0
+        self.num_store_tokens = 0
+        """Of ``num_cached_tokens``: loaded from the KV store (the rest hit the engine's own
+        prefix cache)."""
         self.num_completion_tokens = 0
         self.finish_reason: str | None = None
 
@@ -261,8 +265,10 @@ class Generation:
             self._metrics.kv_transfer_blocks.inc(len(prefill.block_keys))
             block_keys, kv_node = prefill.block_keys, prefill.kv_node
             prefill_cached = prefill.num_cached_tokens
+            self.num_store_tokens = prefill.num_external_tokens
         elif prefilled is not None:
             prefill, prefill_instance = prefilled
+            self.num_store_tokens = prefill.num_external_tokens
             last_token_s = self._first_token(prefill_instance, prefill.num_cached_tokens)
             finish = self._check_finish(prefill.finish_reason, prefill_instance.endpoint, "Prefill")
             if finish is None and req.max_tokens == 1:
@@ -366,6 +372,9 @@ class Generation:
                                 if finish is not None and local:  # reported on the last chunk
                                     self.num_cached_tokens = min(
                                         chunk.num_cached_tokens, self.num_prompt_tokens
+                                    )
+                                    self.num_store_tokens = min(
+                                        chunk.num_external_tokens, self.num_cached_tokens
                                     )
                                     if not self.sample:
                                         self._metrics.cached_prompt_tokens.inc(

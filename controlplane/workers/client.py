@@ -199,6 +199,8 @@ class PrefillResult:
     """The store node (cluster node id) the prefill saved its blocks to; "" = unknown."""
     first_token_logprob: TokenLogprob | None = None
     """When the request asked for logprobs."""
+    num_external_tokens: int = 0
+    """Of ``num_cached_tokens``: loaded from the KV store (the rest: the engine's own cache)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +285,7 @@ class WorkerClient:
             block_keys=tuple(reply.block_keys),
             num_prompt_tokens=reply.num_prompt_tokens,
             num_cached_tokens=reply.num_cached_tokens,
+            num_external_tokens=min(reply.num_external_tokens, reply.num_cached_tokens),
             engine_time_s=reply.engine_time_s,
             kv_node=reply.kv_node,
         )

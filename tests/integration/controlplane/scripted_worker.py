@@ -53,6 +53,8 @@ class Script:
     decode_error: grpc.StatusCode | None = None
     decode_error_after_chunks: int = 0
     num_cached_tokens: int = 0
+    num_external_tokens: int = 0
+    """Of the prefill's cached tokens: loaded from the store."""
     die_after_decode_chunks: int | None = None
     """The next decode to send this many chunks (unfinished) stops its worker's server, so that
     every call to it fails UNAVAILABLE; one-shot (reset when it fires)."""
@@ -195,6 +197,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
             block_keys=[b"block-%d" % i for i in range(num_blocks)],
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=self.script.num_cached_tokens,
+            num_external_tokens=self.script.num_external_tokens,
             kv_node=self.script.kv_node,
         )
 

@@ -33,6 +33,7 @@ def test_completion_stitches_prefill_and_decode(
     stack: Stack, model_tokenizer: ModelTokenizer
 ) -> None:
     stack.script.num_cached_tokens = 16
+    stack.script.num_external_tokens = 12
     result = stack.client().completions.create(
         model=SERVED_MODEL_NAME, prompt=PROMPT, max_tokens=10
     )
@@ -49,6 +50,9 @@ def test_completion_stitches_prefill_and_decode(
     assert result.usage.total_tokens == len(prompt_ids) + 8
     assert result.usage.prompt_tokens_details is not None
     assert result.usage.prompt_tokens_details.cached_tokens == 16
+    # Strata's extension: where the cached tokens came from.
+    by_tier = result.usage.prompt_tokens_details.model_extra["strata_cached_tokens_by_tier"]
+    assert by_tier == {"engine": 4, "kv_store": 12}
 
     (prefill,) = stack.prefill.prefill_requests
     assert list(prefill.prompt_token_ids) == prompt_ids

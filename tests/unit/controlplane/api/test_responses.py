@@ -14,12 +14,16 @@ from controlplane.api.responses import (
     sse_event,
 )
 
-USAGE = Usage(prompt_tokens=7, completion_tokens=3, cached_tokens=4)
+USAGE = Usage(prompt_tokens=7, completion_tokens=3, cached_tokens=4, store_tokens=3)
 USAGE_DICT = {
     "prompt_tokens": 7,
     "completion_tokens": 3,
     "total_tokens": 10,
-    "prompt_tokens_details": {"cached_tokens": 4},
+    # The standard field, and Strata's split of it beside it.
+    "prompt_tokens_details": {
+        "cached_tokens": 4,
+        "strata_cached_tokens_by_tier": {"engine": 1, "kv_store": 3},
+    },
 }
 
 
