@@ -159,14 +159,6 @@ def parse_sampling(
     # vLLM's extensions, with its bounds: top_k -1 (or 0) means all tokens.
     top_k = opt_int(obj, "top_k", minimum=-1, maximum=2**31 - 1)
     min_tokens = opt_int(obj, "min_tokens", minimum=0, maximum=max_tokens or limits.max_model_len)
-    if min_tokens and obj.get("stop"):
-        # The engines look for stop strings only past min_tokens; the gateway's matcher (over
-        # the whole output, across the split) does not yet: refused rather than inexact.
-        raise invalid(
-            "min_tokens",
-            "'min_tokens' together with 'stop' strings is not supported yet.",
-            "unsupported_parameter",
-        )
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=temperature,

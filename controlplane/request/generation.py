@@ -67,7 +67,7 @@ from controlplane.instances.types import InstanceNotFound, InstanceState
 from controlplane.metrics import GatewayMetrics
 from controlplane.scheduling import Assign
 from controlplane.text.detokenizer import IncrementalDetokenizer
-from controlplane.text.stop import StopStringMatcher
+from controlplane.text.stop import StopMatch, StopStringMatcher
 from controlplane.workers.client import (
     FinishReason,
     PrefillResult,
@@ -275,7 +275,7 @@ class Generation:
                 finish = "length"
             first_ids = (prefill.first_token_id,)
             first_lp = (prefill.first_token_logprob,) if prefill.first_token_logprob else ()
-            match = matcher.feed(self._text(first_ids, finish))
+            match = self._match(matcher, first_ids, finish, 0)
             if match.stopped:
                 if finish is None:
                     self._metrics.gateway_stop_hits.inc()
@@ -380,7 +380,9 @@ class Generation:
                                         self._metrics.cached_prompt_tokens.inc(
                                             self.num_cached_tokens
                                         )
-                                match = matcher.feed(self._text(ids, finish))
+                                match = self._match(
+                                    matcher, ids, finish, len(generated) - num_tokens
+                                )
                                 if match.stopped:
                                     if finish is None:  # the worker missed it (across workers)
                                         self._metrics.gateway_stop_hits.inc()
@@ -504,6 +506,26 @@ class Generation:
             if last_error is not None:
                 raise last_error from None
             raise
+
+    def _match(
+        self,
+        matcher: StopStringMatcher,
+        token_ids: tuple[int, ...],
+        finish: str | None,
+        num_before: int,
+    ) -> StopMatch:
+        """Feed the text of output tokens ``num_before``... to ``matcher``. Those within
+        ``min_tokens`` cannot complete a stop string (vLLM checks stop strings once the output
+        is past ``min_tokens``, over the text of the tokens after it)."""
+        quiet = max(0, min(len(token_ids), self.request.sampling.min_tokens - num_before))
+        if not quiet:
+            return matcher.feed(self._text(token_ids, finish))
+        last = quiet == len(token_ids)
+        head = matcher.feed(self._text(token_ids[:quiet], finish if last else None), can_stop=False)
+        if last:
+            return head
+        rest = matcher.feed(self._text(token_ids[quiet:], finish))
+        return StopMatch(head.text + rest.text, rest.stopped)
 
     def _text(self, token_ids: tuple[int, ...], finish: str | None) -> str:
         """Text of new tokens; a final stop token's own text is left out (vLLM does the same)."""

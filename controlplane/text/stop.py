@@ -17,8 +17,12 @@ comparison per occurrence of the stop string's first character in its last len(s
 characters; both in C (no per-character Python loop).
 
 A stop is detected as soon as a piece completes one, like the engine's own per-step check; the
-text is cut where the earliest match in the text so far starts, and the stop string is not part
-of the output (OpenAI's and vLLM's default).
+text is cut where the stop string that completes earliest starts (ties: the first in the
+request's list, as vLLM's engine chooses), and the stop string is not part of the output
+(OpenAI's and vLLM's default). A piece fed with ``can_stop=False`` (the tokens
+within ``min_tokens``) cannot complete one: its complete matches are released as text, and only
+the hold-back carries over, so a stop string that begins there and ends in a later piece still
+matches — vLLM's window over the text of the tokens past ``min_tokens``.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ class StopMatch:
 class StopStringMatcher:
     """Incremental stop-string detection with hold-back; one instance per generated sequence."""
 
-    __slots__ = ("_pending", "_stopped", "_stops")
+    __slots__ = ("_pending", "_quiet", "_stopped", "_stops")
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         self._stops = stops
         self._pending = ""
+        self._quiet = 0
+        """How much of the held-back text came with ``can_stop=False``: no match ends in it."""
         self._stopped = False
 
     @property
@@ -53,14 +59,17 @@ class StopStringMatcher:
         """Text received but not yet released (it might be the start of a stop string)."""
         return self._pending
 
-    def feed(self, text: str) -> StopMatch:
-        """Add newly generated text; return what can be released and whether generation stops."""
+    def feed(self, text: str, *, can_stop: bool = True) -> StopMatch:
+        """Add newly generated text; return what can be released and whether generation stops.
+        ``can_stop`` False: no stop string may end in this text (vLLM's ``min_tokens``: stop
+        strings count once they end in the text of a token past it); one that begins in it and
+        ends in text fed later still does, as held-back text."""
         if self._stopped:
             raise RuntimeError("feed() after a stop string matched")
         if not self._stops:
             return StopMatch(text, False)
         pending = self._pending + text
-        cut = self._earliest_match(pending)
+        cut = self._earliest_match(pending, self._quiet) if can_stop else None
         if cut is not None:
             self._pending = ""
             self._stopped = True
@@ -68,19 +77,24 @@ class StopStringMatcher:
         hold = self._longest_partial_suffix(pending)
         release_end = len(pending) - hold
         self._pending = pending[release_end:]
+        quiet = len(pending) if not can_stop else self._quiet
+        self._quiet = max(0, quiet - release_end)
         return StopMatch(pending[:release_end], False)
 
     def flush(self) -> str:
         """Release the held-back text (the generation ended without a stop string)."""
-        text, self._pending = self._pending, ""
+        text, self._pending, self._quiet = self._pending, "", 0
         return text
 
-    def _earliest_match(self, text: str) -> int | None:
+    def _earliest_match(self, text: str, min_end: int) -> int | None:
+        """Where the stop string that completes earliest, after ``min_end``, starts (ties: the
+        first in the request's list), as vLLM's engine chooses."""
         best: int | None = None
+        best_end = 0
         for stop in self._stops:
-            index = text.find(stop)
-            if index != -1 and (best is None or index < best):
-                best = index
+            index = text.find(stop, max(0, min_end - len(stop) + 1))
+            if index != -1 and (best is None or index + len(stop) < best_end):
+                best, best_end = index, index + len(stop)
         return best
 
     def _longest_partial_suffix(self, text: str) -> int:

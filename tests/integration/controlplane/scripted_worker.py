@@ -216,6 +216,7 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         start = num_prompt - script.prompt_lengths[request.request_id]
         index = start
         num_chunks = 0
+        window = 0
         finish = worker_pb2.FINISH_REASON_UNSPECIFIED
         try:
             while not finish:
@@ -232,9 +233,13 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                 while len(ids) < script.decode_chunk_size and not finish:
                     logprobs += script.logprobs(index, sampling)
                     token_id = script.token(index)
+                    if index - start == sampling.min_tokens:
+                        window = len(output)  # stop strings end past here (vLLM's rule)
                     index += 1
                     ids.append(token_id)
-                    output, finish = self._next_output(stream, output, token_id, sampling)
+                    output, finish = self._next_output(
+                        stream, output, token_id, sampling, index - start - 1, window
+                    )
                     if not finish and index - start >= sampling.max_tokens:
                         finish = worker_pb2.FINISH_REASON_LENGTH
                 chunk = worker_pb2.DecodeChunk(
@@ -265,15 +270,32 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
                 self.num_decodes_cancelled += 1
 
     def _next_output(
-        self, stream: DecodeStream, output: str, token_id: int, sampling
+        self,
+        stream: DecodeStream,
+        output: str,
+        token_id: int,
+        sampling,
+        num_done: int = 0,
+        window: int = 0,
     ) -> tuple[str, int]:
-        """(output text after this token, finish reason), as a vLLM worker computes them."""
-        if token_id == EOS_TOKEN_ID and not sampling.ignore_eos:
+        """(output text after this token, finish reason), as a vLLM worker computes them:
+        ``num_done`` tokens made before it by this call; stop strings count once past
+        ``min_tokens``, ending after ``window`` (where the text of the tokens past it starts)."""
+        quiet = num_done < sampling.min_tokens
+        if token_id == EOS_TOKEN_ID and not sampling.ignore_eos and not quiet:
             return output, worker_pb2.FINISH_REASON_STOP
-        if token_id in sampling.stop_token_ids:
+        if token_id in sampling.stop_token_ids and not quiet:
             return output, worker_pb2.FINISH_REASON_STOP
         candidate = output + (stream.step(self.tokenizer, token_id) or "")
-        hits = [at for at in (candidate.find(stop) for stop in sampling.stop) if at != -1]
+        if quiet:
+            return candidate, worker_pb2.FINISH_REASON_UNSPECIFIED
+        hits = [
+            at
+            for at in (
+                candidate.find(stop, max(0, window - len(stop) + 1)) for stop in sampling.stop
+            )
+            if at != -1
+        ]
         if hits:
             return candidate[: min(hits)], worker_pb2.FINISH_REASON_STOP
         return candidate, worker_pb2.FINISH_REASON_UNSPECIFIED

@@ -139,3 +139,22 @@ def test_a_batch_of_prompts_with_n_and_echo(
     assert usage.completion_tokens == 4 * 8
     assert len(stack.prefill.prefill_requests) == 2  # one per prompt
     assert len(stack.decode.decode_requests) == 4
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_stop_strings_wait_for_min_tokens(stack: Stack, stream: bool) -> None:
+    """vLLM's rule: a stop string counts once it ends in the text of a token past min_tokens
+    (He|ll|o| w|or|ld|!: "l" in token 1 is too early with min_tokens 3, the one in token 5
+    is not)."""
+    kwargs = dict(model=SERVED_MODEL_NAME, prompt=PROMPT, max_tokens=10, stop=["l"])
+    plain = stack.client().completions.create(**kwargs)
+    assert plain.choices[0].text == "He"
+    body = {**kwargs, "extra_body": {"min_tokens": 3}}
+    if stream:
+        chunks = list(stack.client().completions.create(stream=True, **body))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        answer = stack.client().completions.create(**body).choices[0]
+        text, finish = answer.text, answer.finish_reason
+    assert (text, finish) == ("Hello wor", "stop")

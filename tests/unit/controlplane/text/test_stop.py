@@ -53,13 +53,14 @@ def test_stop_matcher(
 
 def reference(stops: tuple[str, ...], pieces: list[str]) -> tuple[str, bool]:
     """What an engine checking after every piece produces: the text up to the first piece that
-    completes a stop string, cut where the earliest stop string in it starts."""
+    completes a stop string, cut where the one that completes earliest starts (ties: the first
+    in the list), as vLLM's engine does."""
     text = ""
     for piece in pieces:
         text += piece
-        hits = [i for i in (text.find(s) for s in stops) if i != -1]
+        hits = [(i + len(s), n, i) for n, s in enumerate(stops) if (i := text.find(s)) != -1]
         if hits:
-            return text[: min(hits)], True
+            return text[: min(hits)[2]], True
     return text, False
 
 
@@ -128,3 +129,54 @@ def test_bounded_stop_strings_at_their_limit() -> None:
     assert matcher.held_back == "a" * 255
     match = matcher.feed("d")
     assert match == StopMatch("", True)
+
+
+def _vllm_stop(stops: tuple[str, ...], tokens: list[str], min_tokens: int) -> tuple[str, bool]:
+    """vLLM's engine, token by token: once the output is past ``min_tokens`` tokens, a stop
+    string counts if it ends in the text of a token past them; the text is cut at its start."""
+    text = ""
+    offsets = []
+    for n, token in enumerate(tokens, start=1):
+        offsets.append(len(text))
+        text += token
+        if n <= min_tokens:
+            continue
+        window_start = offsets[min_tokens]
+        best = None
+        for stop in stops:
+            at = text.find(stop, max(0, window_start - len(stop) + 1))
+            while at != -1 and at + len(stop) <= window_start:
+                at = text.find(stop, at + 1)
+            if at != -1 and (best is None or at + len(stop) < best[1]):
+                best = (at, at + len(stop))
+        if best is not None:
+            return text[: best[0]], True
+    return text, False
+
+
+def test_min_tokens_stop_strings_match_vllm() -> None:
+    """Tokens within min_tokens are fed with can_stop=False: the result is vLLM's for any
+    tokens, stops and min_tokens."""
+    rng = random.Random(1)
+    alphabet = "ab c"
+    for _ in range(2000):
+        tokens = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3)))
+            for _ in range(rng.randint(1, 12))
+        ]
+        stops = tuple(
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+            for _ in range(rng.randint(1, 3))
+        )
+        min_tokens = rng.randint(0, 8)
+        matcher = StopStringMatcher(stops)
+        out, stopped = "", False
+        for i, token in enumerate(tokens):
+            match = matcher.feed(token, can_stop=i >= min_tokens)
+            out += match.text
+            if match.stopped:
+                stopped = True
+                break
+        if not stopped:
+            out += matcher.flush()
+        assert (out, stopped) == _vllm_stop(stops, tokens, min_tokens), (stops, tokens, min_tokens)
