@@ -79,8 +79,10 @@ SAMPLING_EXTENSIONS: list[dict[str, Any]] = [
     {"presence_penalty": 1.5, "frequency_penalty": 1.0, "ignore_eos": True},
     # A bias has no state: both engines apply it.
     {"logit_bias": {"17": 8.0, "42": 6.0, "99": -100.0}, "ignore_eos": True},
+    # Stop strings count once they end past min_tokens (the gateway's matcher, vLLM's rule).
+    {"min_tokens": 6, "stop": ["e", "a"], "ignore_eos": True},
 ]
-EXTENSION_PROMPTS = [PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[1], PROMPTS[2]]
+EXTENSION_PROMPTS = [PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[1], PROMPTS[2], PROMPTS[3]]
 
 
 def test_prompts_span_several_blocks(reference: dict[str, list[dict[str, Any]]]) -> None:
@@ -144,6 +146,8 @@ def test_vllm_sampling_extensions_match_single_engine(
             extra_body={"return_token_ids": True, "temperature": 0, **extension},
         )
         assert list(getattr(resp.choices[0], "token_ids", None) or []) == ref["token_ids"]
+        assert resp.choices[0].text == ref["text"]
+    assert 6 < len(refs[5]["token_ids"]) < MAX_TOKENS  # a stop string ended it past min_tokens
     # Each penalty and the bias changed the answer (else this test could not fail).
     for i in (0, 3, 4):
         plain = reference["completions"][PROMPTS.index(EXTENSION_PROMPTS[i])]["token_ids"]
