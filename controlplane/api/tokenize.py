@@ -35,6 +35,7 @@ from controlplane.api.fields import (
 )
 from controlplane.api.openai_protocol import ChatMessage, parse_messages
 from controlplane.api.sampling import RequestLimits
+from controlplane.api.tools import ToolsRequest, parse_tool_list
 from controlplane.text.tokenizer import ModelTokenizer
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
     "tokenize_answer",
 ]
 
-_UNHONOURED: Final = ("chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs")
+_UNHONOURED: Final = ("chat_template", "chat_template_kwargs", "mm_processor_kwargs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,8 @@ class TokenizeRequest:
     add_generation_prompt: bool
     continue_final_message: bool
     return_token_strs: bool
+    tools: list[dict[str, Any]] | None = None
+    """For ``messages``: the tools the chat template renders (as a chat request's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +107,13 @@ def parse_tokenize_request(body: object, *, served_model_name: str) -> TokenizeR
             "continue_final_message",
             "'continue_final_message' and 'add_generation_prompt' cannot both be true.",
         )
+    raw_tools = obj.get("tools")
+    tools = None
+    if raw_tools:
+        tools = ToolsRequest(parse_tool_list(raw_tools), "none").template_tools()
     return TokenizeRequest(
         prompt=None,
+        tools=tools,
         messages=parse_messages(obj),
         add_special_tokens=opt_bool(obj, "add_special_tokens", default=False),
         add_generation_prompt=add_generation_prompt,
@@ -149,6 +157,7 @@ async def tokenize_answer(
                 request.messages,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
+                tools=request.tools,
             )
             ids = tokenizer.encode_prompt(text, add_special_tokens=request.add_special_tokens)
         return ids, tokenizer.token_strings(ids) if request.return_token_strs else None

@@ -24,7 +24,14 @@ from typing import Any, Final
 from controlplane.api.fields import invalid, opt_bool, type_name
 from controlplane.api.structured import MAX_CONSTRAINT_CHARS, StructuredOutput
 
-__all__ = ["MAX_TOOLS", "ToolCalls", "ToolFunction", "ToolsRequest", "parse_tools"]
+__all__ = [
+    "MAX_TOOLS",
+    "ToolCalls",
+    "ToolFunction",
+    "ToolsRequest",
+    "parse_tool_list",
+    "parse_tools",
+]
 
 MAX_TOOLS: Final = 128
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -102,15 +109,7 @@ def parse_tools(obj: dict[str, Any]) -> ToolsRequest | None:
         if choice not in (None, "none"):
             raise invalid("tool_choice", "'tool_choice' needs 'tools'.")
         return None
-    if not isinstance(raw_tools, list):
-        raise invalid("tools", f"'tools' must be a list, got {type_name(raw_tools)}.")
-    if len(raw_tools) > MAX_TOOLS:
-        raise invalid("tools", f"'tools' may hold at most {MAX_TOOLS} tools.")
-    tools = tuple(_parse_tool(i, t) for i, t in enumerate(raw_tools))
-    if len({t.name for t in tools}) != len(tools):
-        raise invalid("tools", "'tools' names a function twice.")
-    if sum(len(t.parameters or "") for t in tools) > MAX_CONSTRAINT_CHARS:
-        raise invalid("tools", f"The tools' schemas exceed {MAX_CONSTRAINT_CHARS} characters.")
+    tools = parse_tool_list(raw_tools)
     if choice is None or choice == "auto":
         raise invalid(
             "tool_choice",
@@ -131,6 +130,20 @@ def parse_tools(obj: dict[str, Any]) -> ToolsRequest | None:
     if not any(t.name == name for t in tools):
         raise invalid("tool_choice", f"'tool_choice' names {name!r}, which is not in 'tools'.")
     return ToolsRequest(tools, "named", named=name, parallel=parallel)
+
+
+def parse_tool_list(raw_tools: object) -> tuple[ToolFunction, ...]:
+    """A request's ``tools`` (a list of functions; chat, /tokenize)."""
+    if not isinstance(raw_tools, list):
+        raise invalid("tools", f"'tools' must be a list, got {type_name(raw_tools)}.")
+    if len(raw_tools) > MAX_TOOLS:
+        raise invalid("tools", f"'tools' may hold at most {MAX_TOOLS} tools.")
+    tools = tuple(_parse_tool(i, t) for i, t in enumerate(raw_tools))
+    if len({t.name for t in tools}) != len(tools):
+        raise invalid("tools", "'tools' names a function twice.")
+    if sum(len(t.parameters or "") for t in tools) > MAX_CONSTRAINT_CHARS:
+        raise invalid("tools", f"The tools' schemas exceed {MAX_CONSTRAINT_CHARS} characters.")
+    return tools
 
 
 def _parse_tool(index: int, raw: object) -> ToolFunction:

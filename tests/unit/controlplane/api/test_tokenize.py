@@ -44,3 +44,22 @@ def test_detokenize_takes_ids_of_the_vocabulary() -> None:
     with pytest.raises(OpenAIError) as info:
         parse_detokenize_request({"tokens": [True]}, served_model_name=M, limits=limits)
     assert info.value.param == "tokens"
+
+
+def test_a_chat_s_tools_go_to_its_template() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    chat = parse_tokenize_request(
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}, served_model_name=M
+    )
+    assert chat.tools == [
+        {
+            "type": "function",
+            "function": {"name": "f", "description": None, "parameters": {"type": "object"}},
+        }
+    ]
+    with pytest.raises(OpenAIError) as info:
+        parse_tokenize_request(
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "x"}]},
+            served_model_name=M,
+        )
+    assert info.value.param == "tools"
