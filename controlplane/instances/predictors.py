@@ -112,9 +112,12 @@ class SchedulingState(LoadTracking):
             self.load_meter.arrived(prompt, prompt - decision.cached_blocks * request.block_size)
         return decision
 
-    def note_finished(self, output_tokens: int, tpot_s: float | None) -> None:
-        """A request ended normally with ``output_tokens`` (its mean TPOT with two or more)."""
-        self.load_meter.finished(output_tokens, tpot_s)
+    def note_finished(
+        self, output_tokens: int, tpot_s: float | None, *, request: bool = True
+    ) -> None:
+        """A request ended normally with ``output_tokens`` (its mean TPOT with two or more);
+        ``request`` False: a sample after a request's first (n > 1) ended."""
+        self.load_meter.finished(output_tokens, tpot_s, request=request)
 
     def take_load_sample(self, duration_s: float, decode_batch: float | None) -> LoadSample:
         """The planning interval's load (``load_meter``'s sums), and a new interval begins."""

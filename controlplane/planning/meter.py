@@ -33,10 +33,11 @@ class LoadMeter:
         self._ttft_s += ttft_s
         self._ttfts += 1
 
-    def finished(self, output_tokens: int, itl_s: float | None) -> None:
+    def finished(self, output_tokens: int, itl_s: float | None, *, request: bool = True) -> None:
         """A request ended with ``output_tokens``; ``itl_s``: its mean time between tokens
-        (None with fewer than two)."""
-        self._finished += 1
+        (None with fewer than two). ``request`` False: another of a request's ``n`` samples
+        ended (its tokens count, the request was counted by its first sample)."""
+        self._finished += int(request)
         self._output += max(0, output_tokens)
         if itl_s is not None:
             self._itl_s += itl_s

@@ -241,7 +241,7 @@ class Generation:
             tpot_s = (last_token_s - first) / num_gaps
             if instance is not None:
                 self._registry.observe_tpot(self._assign, instance, tpot_s)
-        self._registry.note_finished(self.num_completion_tokens, tpot_s)
+        self._registry.note_finished(self.num_completion_tokens, tpot_s, request=not self.sample)
 
     async def _run(self) -> AsyncGenerator[GenerationDelta, None]:
         req = self.request

@@ -243,6 +243,16 @@ def test_the_meter_sums_an_interval_and_starts_the_next() -> None:
     assert meter.take(30.0) == LoadSample(30.0, 0, 0, 0, 0, 0)
 
 
+def test_a_request_s_samples_are_one_request_of_their_summed_output() -> None:
+    meter = LoadMeter()
+    meter.arrived(100, 100)  # one request with n = 3
+    meter.finished(10, 0.02)  # its first sample
+    meter.finished(12, 0.02, request=False)
+    meter.finished(8, None, request=False)
+    sample = meter.take(30.0)
+    assert (sample.requests, sample.output_tokens, sample.finished) == (1, 30, 1)
+
+
 def test_output_means_come_from_finished_requests() -> None:
     # Requests arrive in one interval and finish in the next: the output mean is kept.
     holt = HoltForecast()
