@@ -137,6 +137,10 @@ async def _write_deltas(
         if calls is not None and isinstance(formatter, ChatFormatter):
             finish = delta.finish_reason
             made = calls[index].stream(delta.text, finish is not None)
+            leftover = calls[index].leftover() if finish is not None and not made else ""
+            if leftover:  # no call parsed: the text, as a body would carry it
+                chunk = formatter.text_chunk(leftover, None, index=index)
+                await response.write(sse_event(chunk))
             if made or finish is not None or (per_token and delta.token_ids):
                 chunk = formatter.tool_calls_chunk(
                     made,

@@ -22,7 +22,13 @@ from typing import Any, Final
 
 from controlplane.api.fields import invalid, type_name
 
-__all__ = ["MAX_CHOICES", "MAX_CONSTRAINT_CHARS", "StructuredOutput", "parse_structured"]
+__all__ = [
+    "MAX_CHOICES",
+    "MAX_CONSTRAINT_CHARS",
+    "StructuredOutput",
+    "parse_structured",
+    "schema_text",
+]
 
 MAX_CONSTRAINT_CHARS: Final = 65536
 """The longest schema (as JSON text), regex or grammar a request may send: the engine compiles
@@ -87,7 +93,7 @@ def _parse_response_format(value: object) -> StructuredOutput | None:
     if extra:
         raise invalid(param, f"'{param}.json_schema' has unknown fields: {extra}.")
     schema = spec.get("schema", {})  # OpenAI: no schema is any object matching "{}"
-    return StructuredOutput("json", _schema_text(schema, f"{param}.json_schema.schema"))
+    return StructuredOutput("json", schema_text(schema, f"{param}.json_schema.schema"))
 
 
 def _parse_structured_outputs(value: object) -> StructuredOutput | None:
@@ -126,7 +132,7 @@ def _parse_structured_outputs(value: object) -> StructuredOutput | None:
                 schema = json.loads(raw)
             except (ValueError, RecursionError):
                 raise invalid(param, f"'{where}' is not valid JSON.") from None
-        parsed = _schema_text(schema, where, raw)
+        parsed = schema_text(schema, where, raw)
     elif kind == "json_object":
         if raw is not True:
             raise invalid(param, f"'{where}' must be true.")
@@ -147,15 +153,20 @@ def _parse_structured_outputs(value: object) -> StructuredOutput | None:
     return StructuredOutput(kind, parsed, **options)
 
 
-def _schema_text(schema: object, where: str, raw: object = None) -> str:
-    """A JSON schema (an object, or true) as the JSON text the engine compiles."""
-    param = where.split(".")[0]
+def schema_text(schema: object, where: str, raw: object = None) -> str:
+    """A JSON schema (an object, or true) as the JSON text the engine compiles; 400 naming the
+    field (``where``'s first part) for one that is not, nests too deep, holds NaN or infinities
+    (not JSON) or is too long."""
+    param = where.split(".")[0].split("[")[0]
     if not isinstance(schema, dict) and schema is not True:
         shown = type_name(raw if raw is not None else schema)
         raise invalid(param, f"'{where}' must be a JSON schema (an object), got {shown}.")
     if _depth(schema) > MAX_SCHEMA_DEPTH:
         raise invalid(param, f"'{where}' nests deeper than {MAX_SCHEMA_DEPTH} levels.")
-    text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise invalid(param, f"'{where}' holds a number JSON cannot write (NaN).") from None
     _check_length(text, where, param)
     return text
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from controlplane.api.fields import invalid, opt_bool, type_name
-from controlplane.api.structured import MAX_CONSTRAINT_CHARS, StructuredOutput
+from controlplane.api.structured import MAX_CONSTRAINT_CHARS, StructuredOutput, schema_text
 
 __all__ = [
     "MAX_TOOLS",
@@ -34,8 +34,8 @@ __all__ = [
 ]
 
 MAX_TOOLS: Final = 128
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_ANY_OBJECT: Final = '{"type":"object"}'
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ANY_OBJECT: Final = '{"type":"object","properties":{}}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,25 +77,38 @@ class ToolsRequest:
         """The grammar the answer is sampled under (None: free text)."""
         if self.choice == "named":
             (tool,) = (t for t in self.tools if t.name == self.named)
-            return StructuredOutput("json", tool.parameters or _ANY_OBJECT)
+            return StructuredOutput("json", _object_schema(tool.parameters))
         if self.choice == "required":
-            calls = {
-                "anyOf": [
+            # Each tool's "$defs" go to the top, where its "#/$defs/..." references look for
+            # them (as vLLM's server builds this schema); one name defined two ways is a 400.
+            defs: dict[str, Any] = {}
+            calls = []
+            for t in self.tools:
+                parameters = json.loads(_object_schema(t.parameters))
+                for name, definition in parameters.pop("$defs", {}).items():
+                    if defs.setdefault(name, definition) != definition:
+                        raise invalid("tools", f"The tools define '$defs/{name}' two ways.")
+                calls.append(
                     {
                         "type": "object",
                         "properties": {
                             "name": {"type": "string", "enum": [t.name]},
-                            "parameters": json.loads(t.parameters or _ANY_OBJECT),
+                            "parameters": parameters,
                         },
                         "required": ["name", "parameters"],
                     }
-                    for t in self.tools
-                ]
-            }
-            schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": calls}
+                )
+            schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
             if not self.parallel:
                 schema["maxItems"] = 1
-            return StructuredOutput("json", json.dumps(schema, separators=(",", ":")))
+            if defs:
+                schema["$defs"] = defs
+            text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+            if len(text) > MAX_CONSTRAINT_CHARS:
+                raise invalid(
+                    "tools", f"The tools' schemas exceed {MAX_CONSTRAINT_CHARS} characters."
+                )
+            return StructuredOutput("json", text)
         return None
 
 
@@ -154,7 +167,7 @@ def _parse_tool(index: int, raw: object) -> ToolFunction:
     if not isinstance(function, dict):
         raise invalid("tools", f"'{where}.function' must be an object.")
     name = function.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise invalid(
             "tools", f"'{where}.function.name' must be 1-64 letters, digits, '_', '.' or '-'."
         )
@@ -164,7 +177,7 @@ def _parse_tool(index: int, raw: object) -> ToolFunction:
     parameters = function.get("parameters")
     text = None
     if isinstance(parameters, dict):
-        text = json.dumps(parameters, ensure_ascii=False, separators=(",", ":"))
+        text = schema_text(parameters, f"tools[{index}].function.parameters")
     elif parameters is not None:
         raise invalid("tools", f"'{where}.function.parameters' must be a JSON schema (an object).")
     strict = function.get("strict")
@@ -177,12 +190,13 @@ class ToolCalls:
     """The ``tool_calls`` of one answer made under a forced call: for a body from the whole
     text, for a stream delta by delta."""
 
-    __slots__ = ("_id", "_request", "_started", "_text")
+    __slots__ = ("_id", "_made", "_request", "_started", "_text")
 
     def __init__(self, request: ToolsRequest) -> None:
         self._request = request
         self._id = _new_id()
         self._started = False
+        self._made = False
         self._text: list[str] = []
 
     @property
@@ -190,26 +204,31 @@ class ToolCalls:
         return self._request.choice in ("named", "required")
 
     def finish_reason(self, finish: str) -> str:
-        """OpenAI's: "tool_calls" when "required" made the calls, else the generation's."""
-        return "tool_calls" if self._request.choice == "required" and finish == "stop" else finish
+        """OpenAI's: "tool_calls" when "required" made calls (the answer ended, and parsed),
+        else the generation's."""
+        required = self._request.choice == "required"
+        return "tool_calls" if required and self._made and finish == "stop" else finish
 
     def body(self, text: str) -> list[dict[str, Any]] | None:
         """The calls of the whole ``text`` (None: they do not parse, e.g. cut by max_tokens)."""
         if self._request.choice == "named":
+            self._made = True
             return [self._call(self._id, self._request.named or "", text)]
         try:
             calls = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(calls, list):
             return None
-        return [
+        made = [
             self._call(
                 f"chatcmpl-tool-{uuid.uuid4().hex}", str(c["name"]), json.dumps(c["parameters"])
             )
             for c in calls
             if isinstance(c, dict) and "name" in c and "parameters" in c
         ]
+        self._made = bool(made)
+        return made or None
 
     def stream(self, text: str, finished: bool) -> list[dict[str, Any]] | None:
         """The ``tool_calls`` delta for the next ``text`` (None: nothing to send yet). A named
@@ -230,6 +249,11 @@ class ToolCalls:
             return None
         return [{"index": i, **call} for i, call in enumerate(calls)]
 
+    def leftover(self) -> str:
+        """A streamed "required" answer that made no call (cut short: it does not parse): its
+        text, sent as content at the end as a body would carry it."""
+        return "" if self._made else "".join(self._text)
+
     @staticmethod
     def _call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
         return {
@@ -237,6 +261,14 @@ class ToolCalls:
             "type": "function",
             "function": {"name": name, "arguments": arguments},
         }
+
+
+def _object_schema(parameters: str | None) -> str:
+    """A function's parameters schema; none, or an empty one, is any object (vLLM's rule: the
+    arguments are always an object)."""
+    if not parameters or parameters in ("{}", "true"):
+        return _ANY_OBJECT
+    return parameters
 
 
 def _new_id() -> str:

@@ -146,7 +146,7 @@ class ModelTokenizer:
                 tokenize=False,
                 tools=tools,
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError) as exc:
             # Templates reject conversations with raise_exception(...), e.g. roles that do not
             # alternate: that is the client's request, not a server fault.
             raise OpenAIError(
@@ -174,7 +174,11 @@ class ModelTokenizer:
         if role == "developer" and not self._has_developer_role:
             role = "system"
         content: str | list[dict[str, str]]
-        if isinstance(message.content, str):
+        if message.role == "tool":  # always text, as vLLM's server gives a tool's result
+            content = (
+                message.content if isinstance(message.content, str) else "\n".join(message.content)
+            )
+        elif isinstance(message.content, str):
             content = (
                 [{"type": "text", "text": message.content}]
                 if self._content_as_parts
@@ -201,14 +205,15 @@ class ModelTokenizer:
         return result
 
 
-def _arguments(text: str) -> Any:
+def _arguments(text: str) -> dict[str, Any]:
     """A call's arguments as chat templates read them: the JSON object itself (templates write
-    ``arguments | tojson``; vLLM's server hands them the object too), else the text as sent."""
+    ``arguments | tojson`` or iterate ``arguments.items()``); anything else an empty object, as
+    vLLM's server hands them over."""
     try:
         value = json.loads(text)
-    except ValueError:
-        return text
-    return value if isinstance(value, dict) else text
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _metaspace_marker(tokenizer: Any) -> str | None:

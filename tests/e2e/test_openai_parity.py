@@ -117,7 +117,7 @@ SERVED: list[Row] = [
         "chat",
         {
             "messages": CHAT,
-            "max_tokens": 64,
+            "max_tokens": 320,
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {
@@ -158,7 +158,7 @@ SERVED: list[Row] = [
         "chat",
         {
             "messages": CHAT,
-            "max_tokens": 64,
+            "max_tokens": 320,
             "tools": [
                 {
                     "type": "function",

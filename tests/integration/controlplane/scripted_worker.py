@@ -289,15 +289,14 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         candidate = output + (stream.step(self.tokenizer, token_id) or "")
         if quiet:
             return candidate, worker_pb2.FINISH_REASON_UNSPECIFIED
+        # vLLM's choice: the stop string that completes earliest, then the first listed.
         hits = [
-            at
-            for at in (
-                candidate.find(stop, max(0, window - len(stop) + 1)) for stop in sampling.stop
-            )
-            if at != -1
+            (at + len(stop), n, at)
+            for n, stop in enumerate(sampling.stop)
+            if (at := candidate.find(stop, max(0, window - len(stop) + 1))) != -1
         ]
         if hits:
-            return candidate[: min(hits)], worker_pb2.FINISH_REASON_STOP
+            return candidate[: min(hits)[2]], worker_pb2.FINISH_REASON_STOP
         return candidate, worker_pb2.FINISH_REASON_UNSPECIFIED
 
 

@@ -27,7 +27,7 @@ def test_named_choice_is_the_function_s_parameters() -> None:
     assert tools is not None and (tools.choice, tools.named) == ("named", "get_time")
     constraint = tools.constraint()
     assert constraint is not None
-    assert (constraint.kind, constraint.value) == ("json", '{"type":"object"}')  # the default
+    assert (constraint.kind, constraint.value) == ("json", '{"type":"object","properties":{}}')
     # As vLLM's server hands tools to the template: every field, None when not given.
     assert tools.template_tools() == [
         {
@@ -115,3 +115,76 @@ def test_bad_tools_are_400_naming_the_field(body: dict[str, object], param: str)
     with pytest.raises(OpenAIError) as info:
         parse_tools(body)
     assert (info.value.status, info.value.param) == (400, param)
+
+
+def test_required_hoists_each_tool_s_defs_where_references_find_them() -> None:
+    """Pydantic-made tools refer to "#/$defs/...": nested under items, they would not resolve."""
+    loc = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "go",
+            "parameters": {
+                "type": "object",
+                "properties": {"to": {"$ref": "#/$defs/Loc"}},
+                "$defs": {"Loc": loc},
+            },
+        },
+    }
+    tools = parse_tools({"tools": [tool, TIME], "tool_choice": "required"})
+    assert tools is not None
+    constraint = tools.constraint()
+    assert constraint is not None
+    schema = json.loads(str(constraint.value))
+    assert schema["$defs"] == {"Loc": loc}
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    other = json.loads(json.dumps(tool))
+    other["function"]["name"] = "go2"
+    other["function"]["parameters"]["$defs"]["Loc"] = {"type": "string"}  # the same name, redefined
+    clash = parse_tools({"tools": [tool, other], "tool_choice": "required"})
+    assert clash is not None
+    with pytest.raises(OpenAIError) as info:
+        clash.constraint()
+    assert info.value.param == "tools"
+
+
+def test_no_or_empty_parameters_are_any_object() -> None:
+    empty = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for tool in (empty, TIME):
+        name = tool["function"]["name"]  # type: ignore[index]
+        choice = {"type": "function", "function": {"name": name}}
+        tools = parse_tools({"tools": [tool], "tool_choice": choice})
+        assert tools is not None
+        constraint = tools.constraint()
+        assert constraint is not None
+        assert json.loads(str(constraint.value)) == {"type": "object", "properties": {}}
+
+
+def test_a_required_answer_cut_short_is_text_and_not_tool_calls() -> None:
+    calls = ToolCalls(ToolsRequest((), "required"))
+    assert calls.body('[{"name": "g", "param') is None
+    assert calls.finish_reason("stop") == "stop"  # no call was made
+    streamed = ToolCalls(ToolsRequest((), "required"))
+    assert streamed.stream('[{"name": "g", ', finished=False) is None
+    assert streamed.stream('"param', finished=True) is None
+    assert streamed.leftover() == '[{"name": "g", "param'
+    assert streamed.finish_reason("length") == "length"
+
+
+def test_bad_schemas_in_tools_are_400() -> None:
+    for parameters in ({"type": "object", "x": float("nan")}, _deep(100)):
+        tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+        with pytest.raises(OpenAIError) as info:
+            parse_tools({"tools": [tool], "tool_choice": "none"})
+        assert info.value.param == "tools"
+    with pytest.raises(OpenAIError):  # a name ending in a newline
+        parse_tools(
+            {"tools": [{"type": "function", "function": {"name": "f\n"}}], "tool_choice": "none"}
+        )
+
+
+def _deep(depth: int) -> dict[str, object]:
+    schema: dict[str, object] = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
