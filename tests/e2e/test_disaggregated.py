@@ -80,7 +80,7 @@ SAMPLING_EXTENSIONS: list[dict[str, Any]] = [
     # A bias has no state: both engines apply it.
     {"logit_bias": {"17": 8.0, "42": 6.0, "99": -100.0}, "ignore_eos": True},
     # Stop strings count once they end past min_tokens (the gateway's matcher, vLLM's rule).
-    {"min_tokens": 6, "stop": ["e", "a"], "ignore_eos": True},
+    {"min_tokens": 6, "stop": [" ", "e", "a"], "ignore_eos": True},
 ]
 EXTENSION_PROMPTS = [PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[1], PROMPTS[2], PROMPTS[3]]
 

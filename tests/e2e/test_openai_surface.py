@@ -228,6 +228,9 @@ def test_json_schema_answers_validate(tiny_server: StrataServer, stream: bool) -
             temperature=0.7,
             seed=i,
             response_format=RESPONSE_FORMAT,
+            # vLLM's option beside it (response_format's schema replaces this constraint, its
+            # options stay): a gibberish model would pad with whitespace until max_tokens.
+            extra_body={"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
         )
         if stream:
             text = "".join(

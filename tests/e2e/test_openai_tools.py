@@ -74,7 +74,8 @@ def server(tool_model_dir: Path) -> Iterator[StrataServer]:
 
 @pytest.fixture(scope="module")
 def reference(tool_model_dir: Path) -> list[dict[str, Any]]:
-    named = {"structured_outputs": {"json": WEATHER_PARAMETERS}}
+    # The grammar Strata forces a named call with: its parameters, no free whitespace.
+    named = {"structured_outputs": {"json": WEATHER_PARAMETERS, "disable_any_whitespace": True}}
     # The tools as vLLM's server hands them to the template (its models' dump: every field).
     dumped = [
         {"type": "function", "function": {"description": None, "parameters": None, **t["function"]}}
