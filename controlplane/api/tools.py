@@ -9,10 +9,11 @@ each (at least one; one at most when ``parallel_tool_calls`` is false; finish_re
 decode engine samples every token under it. Unlike vLLM's, the grammar allows no free
 whitespace (``disable_any_whitespace``: the JSON separators only): a model, or an untrained one,
 cannot pad a call with whitespace until ``max_tokens`` cuts it. ``"none"`` renders the tools
-into the prompt (the chat template's ``tools``) and lets the model answer in text. ``"auto"`` — the model decides,
-its output parsed by a model-specific tool parser (vLLM's ``--enable-auto-tool-choice
---tool-call-parser``) — is not served: refused with 400 naming ``tool_choice``, as vLLM's server
-refuses it without those flags; it is the default when ``tools`` are given without a choice.
+into the prompt (the chat template's ``tools``) and lets the model answer in text. ``"auto"``
+— the model decides, its output parsed by a model-specific tool parser (vLLM's
+``--enable-auto-tool-choice --tool-call-parser``) — is not served: refused with 400 naming
+``tool_choice``, as vLLM's server refuses it without those flags; it is the default when
+``tools`` are given without a choice.
 """
 
 from __future__ import annotations
