@@ -5,8 +5,9 @@ one `StructuredOutput` (vLLM's StructuredOutputsParams, as the workers pass it t
   object), ``{"type": "json_schema", "json_schema": {"name", "schema", "strict",
   "description"}}`` (the schema);
 - ``structured_outputs`` (vLLM's extension): exactly one of ``json`` (a schema: an object, or
-  its JSON text), ``json_object``, ``regex``, ``choice`` (a list of strings), ``grammar``, with
-  the options ``disable_any_whitespace`` and ``disable_additional_properties``.
+  its JSON text), ``json_object``, ``regex``, ``choice`` (a list of strings), ``grammar``; the
+  options ``disable_any_whitespace`` and ``disable_additional_properties`` only false (vLLM's
+  engine takes them from its configuration, not from the request).
 
 Given both, ``response_format``'s constraint replaces the other's and keeps its options, as
 vLLM's server does. The engine compiles the constraint; one it cannot compile fails the request
@@ -120,6 +121,15 @@ def _parse_structured_outputs(value: object) -> StructuredOutput | None:
         option = value.get(name, False)
         if not isinstance(option, bool):
             raise invalid(param, f"'{param}.{name}' must be a boolean.")
+        if option:
+            # vLLM's engine reads both from its own config (structured_outputs_config), never
+            # from the request: its server accepts them and ignores them.
+            raise invalid(
+                param,
+                f"'{param}.{name}' is not honoured per request by the engine (vLLM takes it "
+                "from the engine's configuration), so it is refused.",
+                "unsupported_parameter",
+            )
         options[name] = option
     where = f"{param}.{kind}"
     parsed: str | bool | tuple[str, ...]

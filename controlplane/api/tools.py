@@ -6,9 +6,7 @@ constrains the output to that function's ``parameters`` schema (the arguments; f
 "stop"), ``"required"`` to a JSON array of ``{"name", "parameters"}`` objects, one of the tools
 each (at least one; one at most when ``parallel_tool_calls`` is false; finish_reason
 "tool_calls"). The constraint is a structured output (controlplane/api/structured.py): the
-decode engine samples every token under it. Unlike vLLM's, the grammar allows no free
-whitespace (``disable_any_whitespace``: the JSON separators only): a model, or an untrained one,
-cannot pad a call with whitespace until ``max_tokens`` cuts it. ``"none"`` renders the tools
+decode engine samples every token under it. ``"none"`` renders the tools
 into the prompt (the chat template's ``tools``) and lets the model answer in text. ``"auto"``
 — the model decides, its output parsed by a model-specific tool parser (vLLM's
 ``--enable-auto-tool-choice --tool-call-parser``) — is not served: refused with 400 naming
@@ -80,9 +78,7 @@ class ToolsRequest:
         """The grammar the answer is sampled under (None: free text)."""
         if self.choice == "named":
             (tool,) = (t for t in self.tools if t.name == self.named)
-            return StructuredOutput(
-                "json", _object_schema(tool.parameters), disable_any_whitespace=True
-            )
+            return StructuredOutput("json", _object_schema(tool.parameters))
         if self.choice == "required":
             # Each tool's "$defs" go to the top, where its "#/$defs/..." references look for
             # them (as vLLM's server builds this schema); one name defined two ways is a 400.
@@ -113,7 +109,7 @@ class ToolsRequest:
                 raise invalid(
                     "tools", f"The tools' schemas exceed {MAX_CONSTRAINT_CHARS} characters."
                 )
-            return StructuredOutput("json", text, disable_any_whitespace=True)
+            return StructuredOutput("json", text)
         return None
 
 

@@ -105,9 +105,6 @@ SERVED: list[Row] = [
             "messages": CHAT,
             "max_tokens": 64,
             "response_format": {"type": "json_object"},
-            "extra_body": {
-                "structured_outputs": {"json_object": True, "disable_any_whitespace": True}
-            },
         },
         # The grammar's first character (64 tokens of a gibberish model may not close it).
         lambda a: _text(a).startswith("{"),

