@@ -90,7 +90,7 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, str], Any, int, str | None]] =
         400,
         None,
     ),
-    ("n-unsupported", "POST", "/v1/chat/completions", JSON, _chat(n=3), 400, "n"),
+    ("n-too-many", "POST", "/v1/chat/completions", JSON, _chat(n=17), 400, "n"),
     (
         "wrong-content-type",
         "POST",
